@@ -1,0 +1,1 @@
+"""Power flow: OpenDSS engine contexts, snapshot and QSTS studies, linearised sensitivities."""

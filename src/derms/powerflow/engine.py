@@ -1,0 +1,222 @@
+"""One OpenDSS engine context per model, compiled from a private copy of the feeder folder.
+
+The OpenDSS engine (dss-python) is used through a *new context* per engine, never the
+process-wide singleton, so several models can live in one process. The feeder folder is
+copied to a temporary directory before ``compile`` because some feeders write files when
+solved (e.g. debug traces of regulators) and must never write into shared or bundled data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from derms.errors import ConvergenceError, InputError, ModelError
+
+log = logging.getLogger(__name__)
+
+ControlMode = Literal["static", "time", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class SolveSettings:
+    """Solver settings applied after compiling a feeder.
+
+    ``max_iterations`` is the Newton/fixed-point iteration cap of one power flow;
+    ``max_control_iterations`` the cap on control (regulator/capacitor) rounds;
+    ``control_mode`` is OpenDSS's ``controlmode`` ("off" freezes taps and capacitor states).
+    """
+
+    max_iterations: int = 100
+    max_control_iterations: int = 100
+    tolerance: float = 1e-4
+    control_mode: ControlMode = "static"
+
+
+def _dss_module():
+    from dss import DSS  # imported lazily: importing dss loads a native library
+
+    return DSS
+
+
+class OpenDSSEngine:
+    """An OpenDSS engine context holding one compiled feeder.
+
+    Parameters
+    ----------
+    master:
+        Path of the feeder's master ``.dss`` file. Its folder is copied to a private
+        temporary folder, which is compiled instead (see module docstring).
+    settings:
+        Solve settings applied after compile (the master's own ``set`` commands run first).
+    """
+
+    def __init__(self, master: str | Path, settings: SolveSettings | None = None) -> None:
+        self.source_master = _check_master(master)
+        self.settings = settings or SolveSettings()
+        self._tmp = Path(tempfile.mkdtemp(prefix="derms-dss-"))
+        self.ctx = _dss_module().NewContext()
+        self.ctx.AllowChangeDir = False
+        self.ctx.AllowForms = False
+        try:
+            self.master = _stage_copy(self.source_master, self._tmp, full=False)
+            try:
+                self.command(f'compile "{self.master}"')
+            except ModelError as exc:
+                if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
+                    raise
+                # a reference reaches a sibling folder: stage the whole tree and retry once
+                shutil.rmtree(self._tmp / "feeder", ignore_errors=True)
+                self.master = _stage_copy(self.source_master, self._tmp, full=True)
+                self.command(f'compile "{self.master}"')
+        except ModelError as exc:
+            self.close()
+            raise ModelError(f"{self.source_master}: cannot compile: {exc}") from None
+        if self.ctx.ActiveCircuit is None or self.ctx.NumCircuits == 0:
+            self.close()
+            raise ModelError(f"{self.source_master}: no circuit defined (no 'New Circuit' line)")
+        self.apply_settings(self.settings)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the engine's circuit and delete the private feeder copy."""
+        try:
+            self.ctx.ClearAll()
+        except Exception:  # noqa: BLE001 - closing must never raise
+            pass
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> OpenDSSEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commands --------------------------------------------------------------------------
+    @property
+    def circuit(self):
+        """The engine's active circuit (dss-python ``ICircuit``)."""
+        return self.ctx.ActiveCircuit
+
+    def command(self, text: str) -> str:
+        """Run one OpenDSS text command; engine errors become :class:`ModelError`."""
+        from dss import DSSException
+
+        try:
+            self.ctx.Text.Command = text
+            return self.ctx.Text.Result
+        except DSSException as exc:
+            raise ModelError(str(exc)) from None
+
+    def apply_settings(self, settings: SolveSettings) -> None:
+        """Apply solver settings (iteration caps, tolerance, control mode)."""
+        self.settings = settings
+        sol = self.circuit.Solution
+        sol.MaxIterations = settings.max_iterations
+        sol.MaxControlIterations = settings.max_control_iterations
+        sol.Tolerance = settings.tolerance
+        self.command(f"set controlmode={settings.control_mode}")
+
+    def set_control_mode(self, mode: ControlMode) -> None:
+        """Switch regulator/capacitor controls: "static", "time" or "off" (frozen)."""
+        self.apply_settings(
+            SolveSettings(
+                self.settings.max_iterations,
+                self.settings.max_control_iterations,
+                self.settings.tolerance,
+                mode,
+            )
+        )
+
+    def solve_snapshot(self) -> None:
+        """Solve one snapshot power flow; raise :class:`ConvergenceError` if it fails."""
+        self.command("set mode=snapshot")
+        self.solve()
+
+    def solve(self) -> None:
+        """Solve in the current mode; raise :class:`ConvergenceError` if not converged."""
+        sol = self.circuit.Solution
+        try:
+            sol.Solve()
+        except Exception as exc:  # noqa: BLE001 - engine errors carry the reason in text
+            raise ConvergenceError(f"{self.source_master.name}: solve failed: {exc}") from None
+        if not sol.Converged:
+            raise ConvergenceError(
+                f"{self.source_master.name}: power flow did not converge after "
+                f"{sol.Iterations} iterations (max_iterations={sol.MaxIterations}); "
+                "try a larger max_iterations or check the model"
+            )
+
+    # -- vectorised getters ----------------------------------------------------------------
+    def node_names(self) -> list[str]:
+        """Node names "bus.node" in the engine's node order (lower case)."""
+        return [n.lower() for n in self.circuit.AllNodeNames]
+
+    def node_voltages_v(self) -> np.ndarray:
+        """Complex node voltages [V] (line-to-ground) in :meth:`node_names` order."""
+        return _complex(self.circuit.AllBusVolts)
+
+    def node_voltages_pu(self) -> np.ndarray:
+        """Node voltage magnitudes [pu of each bus's base] in :meth:`node_names` order."""
+        return np.asarray(self.circuit.AllBusVmagPu, dtype=float)
+
+
+def _complex(values) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    return arr[0::2] + 1j * arr[1::2]
+
+
+_UP_REF = re.compile(r"(?:\.\.[/\\])+")
+
+
+def _stage_copy(master: Path, tmp: Path, *, full: bool) -> Path:
+    """Copy the feeder folder (and what its scripts reach with ``../``) below ``tmp``.
+
+    Returns the path of the master file inside the copy. ``full`` copies the whole tree
+    from the highest folder referenced; otherwise only that folder's top-level files and
+    the master's own folder are copied.
+    """
+    depth = 0
+    for f in master.parent.rglob("*"):
+        if f.is_file() and f.suffix.lower() in {".dss", ".txt"} and f.stat().st_size < 5_000_000:
+            for m in _UP_REF.finditer(f.read_text(errors="replace")):
+                depth = max(depth, m.group(0).count(".."))
+    root = master.parent
+    for _ in range(depth):
+        root = root.parent
+    rel = master.parent.relative_to(root)
+    work = tmp / "feeder"
+    if full and depth:
+        shutil.copytree(root, work)
+    else:
+        level, dest = root, work
+        for part in rel.parts:
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in level.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, dest / f.name)
+            level, dest = level / part, dest / part
+        shutil.copytree(master.parent, work / rel)
+    return work / rel / master.name
+
+
+def _check_master(master: str | Path) -> Path:
+    path = Path(master).expanduser()
+    if not path.exists():
+        raise InputError(f"feeder file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"feeder path is not a file: {path}")
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError as exc:
+        raise InputError(f"cannot read feeder file {path}: {exc.strerror}") from None
+    if b"\x00" in head:
+        raise InputError(f"feeder file {path} is binary, not an OpenDSS script")
+    return path.resolve()
