@@ -120,7 +120,7 @@ class Profiles:
 def _regular_step(index: pd.DatetimeIndex) -> timedelta:
     if len(index) == 1:
         return timedelta(hours=1)
-    diffs = np.diff(index.values).astype("timedelta64[us]").astype(np.int64)
+    diffs = np.diff(index.tz_convert(None).to_numpy()).astype("timedelta64[us]").astype(np.int64)
     if not (diffs == diffs[0]).all() or diffs[0] <= 0:
         raise InputError("profile index is not regular and increasing")
     return timedelta(microseconds=int(diffs[0]))

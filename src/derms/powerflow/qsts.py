@@ -67,7 +67,7 @@ class QSTSResult:
         """Tidy table ``t, bus, phase, v_pu``."""
         n_t, n_n = self.v_pu.shape
         return pd.DataFrame({
-            "t": np.repeat(self.t.values, n_n),
+            "t": self.t.repeat(n_n),
             "bus": np.tile(self.index.node_bus, n_t),
             "phase": np.tile(self.index.node_phase, n_t),
             "v_pu": self.v_pu.ravel(),
@@ -77,7 +77,7 @@ class QSTSResult:
         """Tidy table ``t, element, phase, i_a, loading_pct``."""
         n_t, n_b = self.i_a.shape
         return pd.DataFrame({
-            "t": np.repeat(self.t.values, n_b),
+            "t": self.t.repeat(n_b),
             "element": np.tile(self.index.branch_element, n_t),
             "phase": np.tile(self.index.branch_phase, n_t),
             "i_a": self.i_a.ravel(),
@@ -88,7 +88,7 @@ class QSTSResult:
         """Tidy table ``t, phase, p_kw, q_kvar`` at the feeder head (import positive)."""
         n_t, n_p = self.head_p_kw.shape
         return pd.DataFrame({
-            "t": np.repeat(self.t.values, n_p),
+            "t": self.t.repeat(n_p),
             "phase": np.tile(np.arange(1, n_p + 1), n_t),
             "p_kw": self.head_p_kw.ravel(),
             "q_kvar": self.head_q_kvar.ravel(),

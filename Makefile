@@ -1,0 +1,41 @@
+# derms — `make demo` and `make test` work on a fresh machine (Python >= 3.11 on PATH).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_OUT ?= demo-out
+
+.PHONY: demo test test-all bench clean venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+venv: $(VENV)/.installed
+
+## demo: one-week 15-min QSTS study of the bundled IEEE 123 feeder with 30 % PV
+demo: $(VENV)/.installed
+	$(BIN)/derms study ieee123 --days 7 --step 15min --pv-penetration 0.3 --out $(DEMO_OUT)
+
+## test: the CI suite (no slow studies)
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+## test-all: everything, slow studies included
+test-all: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ""
+
+## bench: performance tables (see bench/README.md)
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/bench_qsts.py
+	$(BIN)/python bench/bench_linear.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,207 @@
+"""The ``derms`` command line. Thin: parses arguments, calls the layers below, prints.
+
+Every :class:`~derms.errors.DermsError` becomes a one-line message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from derms.errors import DermsError, InputError
+
+app = typer.Typer(
+    help="derms: Distributed Energy Resource Management System (feeder studies).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+MasterArg = Annotated[str, typer.Argument(
+    help="OpenDSS master .dss file, or a bundled feeder: ieee13, ieee123, ieee8500.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")]
+
+
+def _handle_errors(func):
+    """Turn derms errors into a clear message and exit code 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except DermsError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(code=2) from None
+        except OSError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+_STEP_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|hour)?\s*$", re.IGNORECASE)
+
+
+def parse_step(text: str) -> timedelta:
+    """Parse "15min", "1h", "60s", "5m" into a timedelta (InputError when malformed)."""
+    m = _STEP_RE.match(text)
+    if not m:
+        raise InputError(f"--step {text!r}: expected a duration like 15min, 1h or 300s")
+    value, unit = float(m.group(1)), (m.group(2) or "min").lower()
+    seconds = value * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600,
+                       "hour": 3600}[unit]
+    return timedelta(seconds=seconds)
+
+
+def _parse_start(text: str) -> datetime:
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"--start {text!r}: expected an ISO 8601 date or datetime") from None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+@app.command()
+@_handle_errors
+def feeders() -> None:
+    """List the feeders bundled with derms."""
+    from derms.grid.bundled import BUNDLED_FEEDERS, data_dir
+
+    for name, rel in BUNDLED_FEEDERS.items():
+        out_console.print(f"{name:10s} {data_dir() / 'feeders' / rel}", highlight=False)
+
+
+@app.command()
+@_handle_errors
+def model(
+    master: MasterArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Load a feeder and print its element counts, total load and notes."""
+    from derms.grid.bundled import resolve_master
+    from derms.grid.opendss_import import read_feeder
+    from derms.powerflow.engine import OpenDSSEngine
+
+    with OpenDSSEngine(resolve_master(master)) as engine:
+        fm = read_feeder(engine.ctx, engine.source_master)
+    info = {"name": fm.name, **fm.counts(), "total_load_kw": round(fm.total_load_kw, 3),
+            "total_load_kvar": round(fm.total_load_kvar, 3), "source_bus": fm.head.bus,
+            "notes": list(fm.notes)}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    table = Table(title=f"feeder {fm.name}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for k, v in info.items():
+        if k != "notes":
+            table.add_row(k, str(v))
+    out_console.print(table)
+    for note in fm.notes:
+        out_console.print(f"note: {note}", highlight=False)
+
+
+@app.command()
+@_handle_errors
+def powerflow(
+    master: MasterArg,
+    out: OutOpt,
+    controls: Annotated[str, typer.Option(
+        help="Regulator/capacitor controls: static, time or off (frozen).")] = "static",
+) -> None:
+    """Solve a snapshot power flow; write voltages.csv, branches.csv, transformers.csv,
+    head.csv and summary.json to OUT."""
+    from derms.grid.bundled import resolve_master
+    from derms.powerflow.engine import OpenDSSEngine
+    from derms.powerflow.snapshot import solve_snapshot
+
+    mode = _control_mode(controls)
+    with OpenDSSEngine(resolve_master(master)) as engine:
+        engine.set_control_mode(mode)
+        res = solve_snapshot(engine)
+    out.mkdir(parents=True, exist_ok=True)
+    res.voltages.to_csv(out / "voltages.csv", index=False)
+    res.branches.to_csv(out / "branches.csv", index=False)
+    res.transformers.to_csv(out / "transformers.csv", index=False)
+    res.head.to_csv(out / "head.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(res.totals, indent=2))
+    t = res.totals
+    out_console.print(
+        f"solved in {t['iterations']:.0f} iterations: head {t['head_p_kw']:.1f} kW "
+        f"{t['head_q_kvar']:.1f} kvar, losses {t['losses_kw']:.1f} kW, "
+        f"V {t['v_min_pu']:.4f}..{t['v_max_pu']:.4f} pu; results in {out}", highlight=False)
+
+
+def _control_mode(text: str):
+    mode = text.strip().lower()
+    if mode not in ("static", "time", "off"):
+        raise InputError(f"--controls {text!r}: expected static, time or off")
+    return mode
+
+
+@app.command()
+@_handle_errors
+def study(
+    master: MasterArg,
+    out: OutOpt,
+    days: Annotated[float, typer.Option(help="Length of the study in days.")] = 1.0,
+    step: Annotated[str, typer.Option(help="Time step, 1min .. 1h (e.g. 15min, 1h).")] = "15min",
+    pv_penetration: Annotated[float, typer.Option(
+        help="Share of customers (loads) that get PV, 0..1.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for profile and PV draws.")] = 0,
+    start: Annotated[str, typer.Option(help="Start, ISO 8601 (UTC if no zone).")] = "2026-07-01",
+    controls: Annotated[str, typer.Option(help="static, time or off.")] = "static",
+    voltage_range: Annotated[str, typer.Option(
+        "--range", help="ANSI C84.1 voltage range: A (0.95-1.05) or B.")] = "A",
+    reverse_power: Annotated[bool, typer.Option(
+        help="Flag reverse power flow at the substation as a violation.")] = False,
+) -> None:
+    """Run a QSTS study with load profiles (and PV); write an HTML report, CSV and Parquet."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from derms.analysis.constraints import Limits
+    from derms.grid.bundled import resolve_master
+    from derms.reports.study_outputs import write_study_outputs
+    from derms.studies.qsts_study import StudyConfig, run_study
+
+    rng = voltage_range.strip().upper()
+    if rng not in ("A", "B"):
+        raise InputError(f"--range {voltage_range!r}: expected A or B")
+    limit_kw = {"reverse_power_kw": 0.0} if reverse_power else {}
+    limits = Limits.ansi_range_a(**limit_kw) if rng == "A" else Limits.ansi_range_b(**limit_kw)
+    config = StudyConfig(days=days, step=parse_step(step), start=_parse_start(start),
+                         pv_penetration=pv_penetration, seed=seed,
+                         control_mode=_control_mode(controls), limits=limits)
+    path = resolve_master(master)
+    runs = 2 if pv_penetration > 0 else 1
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} steps"), TimeRemainingColumn(),
+                  console=err_console, transient=False) as progress:
+        task = progress.add_task(f"QSTS {path.name}", total=config.n_steps * runs)
+        result = run_study(path, config, on_step=lambda _k: progress.advance(task))
+    paths = write_study_outputs(result, out)
+    c = result.violations.counts
+    out_console.print(
+        f"{result.result.n_steps} steps in {result.runtime_s:.1f} s; violations: "
+        f"{c['violations_voltage']} voltage, {c['violations_thermal']} thermal "
+        f"(pre-existing: {c['pre_existing_voltage']} voltage, {c['pre_existing_thermal']} "
+        f"thermal)", highlight=False)
+    out_console.print(f"report: {paths['report'].resolve()}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
