@@ -106,6 +106,13 @@ class Case:
 # --------------------------------------------------------------------------------------
 # (a) through derms
 # --------------------------------------------------------------------------------------
+def import_derms() -> None:
+    """Import the derms modules used below, so that import time is not in any timing."""
+    import derms.powerflow.engine  # noqa: F401
+    import derms.powerflow.profiles  # noqa: F401
+    import derms.powerflow.qsts  # noqa: F401
+
+
 def derms_compile(master: Path):
     from derms.powerflow.engine import OpenDSSEngine
 
@@ -214,7 +221,8 @@ def native_run(nf: NativeFeeder, shapes: np.ndarray, assign: dict[str, int],
     offsets = np.concatenate([[0], np.cumsum(n_vals)])
     pos = []
     for e, full in enumerate(names):
-        pd.Name = full
+        # SetActiveElement is a hashed lookup; ``pd.Name = full`` scans the PD list (O(n))
+        c.SetActiveElement(full)
         if ckt.NumTerminals < 2 or pd.IsShunt:
             continue
         pos.extend(int(offsets[e]) + 2 * k for k in range(ckt.NumPhases))
@@ -268,6 +276,8 @@ class CaseResult:
     distinct_shapes: int
     derms_s: list[float] = field(default_factory=list)
     native_s: list[float] = field(default_factory=list)
+    derms_cpu_s: list[float] = field(default_factory=list)
+    native_cpu_s: list[float] = field(default_factory=list)
     derms_compile_s: list[float] = field(default_factory=list)
     native_compile_s: list[float] = field(default_factory=list)
     max_dv_pu: float = 0.0
@@ -288,22 +298,45 @@ class CaseResult:
     def ratio(self) -> float:
         return self.derms_median_s / self.native_median_s
 
+    @property
+    def cpu_ratio(self) -> float:
+        return statistics.median(self.derms_cpu_s) / statistics.median(self.native_cpu_s)
+
     def summary(self) -> dict:
         d = asdict(self)
         d.update(
             derms_median_s=self.derms_median_s, native_median_s=self.native_median_s,
-            ratio=self.ratio,
+            ratio=self.ratio, cpu_ratio=self.cpu_ratio,
+            derms_cpu_median_s=statistics.median(self.derms_cpu_s),
+            native_cpu_median_s=statistics.median(self.native_cpu_s),
             derms_compile_median_s=statistics.median(self.derms_compile_s),
             native_compile_median_s=statistics.median(self.native_compile_s),
         )
         return d
 
 
-def _timed(fn: Callable[[], dict]) -> tuple[float, dict]:
+def _timed(fn: Callable[[], dict]) -> tuple[float, float, dict]:
+    """Wall-clock and process CPU seconds of ``fn()``, and its result."""
     gc.collect()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     out = fn()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def import_time_s() -> float:
+    """Seconds to import derms' QSTS module (pulls in pandas) in a fresh interpreter.
+
+    Not part of the timed study (the benchmark imports derms before timing); reported so
+    that the cost of a cold ``derms`` command is visible.
+    """
+    code = ("import time; t=time.perf_counter(); import derms.powerflow.qsts; "
+            "print(time.perf_counter()-t)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, timeout=120).stdout
+        return float(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return float("nan")
 
 
 def _maxdiff(a: np.ndarray, b: np.ndarray) -> float:
@@ -333,10 +366,11 @@ def run_case(case: Case, repeats: int, log: Callable[[str], None]) -> CaseResult
                 "native": lambda: native_run(nf, shapes, assign, case.step),
             }
             order = ("derms", "native") if rep % 2 == 0 else ("native", "derms")
-            out, secs = {}, {}
+            out, secs, cpu = {}, {}, {}
             for side in order:
-                secs[side], out[side] = _timed(runs[side])
-                log(f"  {case.key} rep {rep + 1}/{repeats}: {side:6s} {secs[side]:7.3f} s")
+                secs[side], cpu[side], out[side] = _timed(runs[side])
+                log(f"  {case.key} rep {rep + 1}/{repeats}: {side:6s} {secs[side]:7.3f} s "
+                    f"(cpu {cpu[side]:.3f} s)")
         finally:
             engine.close()
             nf.close()
@@ -352,6 +386,8 @@ def run_case(case: Case, repeats: int, log: Callable[[str], None]) -> CaseResult
             )
         res.derms_s.append(secs["derms"])
         res.native_s.append(secs["native"])
+        res.derms_cpu_s.append(cpu["derms"])
+        res.native_cpu_s.append(cpu["native"])
         res.derms_compile_s.append(t_dc)
         res.native_compile_s.append(t_nc)
         res.max_dv_pu = max(res.max_dv_pu, _maxdiff(a["v_pu"], b["v_pu"]))
@@ -397,8 +433,8 @@ def print_table(results: list[CaseResult], meta: dict) -> None:
     except ImportError:  # plain text fallback
         Console = None  # noqa: N806
 
-    header = ["case", "steps", "nodes", "derms (a) s", "native (b) s", "a/b", "target",
-              "max |dV| pu", "compile a / b s"]
+    header = ["case", "steps", "nodes", "derms (a) s", "native (b) s", "a/b", "a/b cpu",
+              "target", "max |dV| pu", "compile a / b s"]
     rows = []
     for r in results:
         if r.key == "ieee8500_week":
@@ -409,8 +445,8 @@ def print_table(results: list[CaseResult], meta: dict) -> None:
             ok = r.derms_median_s <= TARGET_123_YEAR_S
         rows.append([
             r.title, str(r.steps), str(r.nodes), f"{r.derms_median_s:.3f}",
-            f"{r.native_median_s:.3f}", f"{r.ratio:.3f}", f"{target} {'ok' if ok else 'MISSED'}",
-            f"{r.max_dv_pu:.1e}",
+            f"{r.native_median_s:.3f}", f"{r.ratio:.3f}", f"{r.cpu_ratio:.3f}",
+            f"{target} {'ok' if ok else 'MISSED'}", _diff(r.max_dv_pu),
             f"{statistics.median(r.derms_compile_s):.2f} / "
             f"{statistics.median(r.native_compile_s):.2f}",
         ])
@@ -418,15 +454,27 @@ def print_table(results: list[CaseResult], meta: dict) -> None:
         f"date {meta['date']}; CPU {meta['machine']['cpu']} ({meta['machine']['cores']} cores); "
         f"Python {meta['machine']['python']}, dss-python {meta['machine']['dss_python']}",
         f"median of {meta['repeats']} runs each, alternating order, feeder compiled beforehand "
-        "(compile excluded, shown separately)",
+        "(compile excluded, shown separately); wall-clock seconds, 'a/b cpu' = ratio of "
+        "process CPU seconds",
+        f"derms import (cold, not in the timings): {meta['derms_import_s']:.2f} s",
         f"load average at start {_la(meta['start'])}, at end {_la(meta['end'])}",
     ]
+    cores = meta["machine"]["cores"] or 1
+    if max(meta["start"]["loadavg"][0], meta["end"]["loadavg"][0]) > cores - 0.5:
+        foot.append(
+            f"NOTE: 1-min load average near or above the {cores} cores -- other processes "
+            "competed for the CPU; wall-clock figures are inflated and noisy, compare "
+            "'a/b cpu'."
+        )
     for r in results:
         foot.append(
             f"{r.key}: {r.loads} loads, {r.distinct_shapes} shapes, {r.branch_conductors} "
-            f"branch conductors; max |dI| {r.max_di_a:.1e} A, |dP head| {r.max_dp_kw:.1e} kW, "
-            f"|dLoss| {r.max_dloss_kw:.1e} kW; non-converged steps {r.nonconverged_steps}; "
-            f"runs a {_fmt(r.derms_s)} b {_fmt(r.native_s)}"
+            f"branch conductors; max |dI| {_diff(r.max_di_a)} A, |dP head| {_diff(r.max_dp_kw)} "
+            f"kW, |dLoss| {_diff(r.max_dloss_kw)} kW; non-converged steps "
+            f"{r.nonconverged_steps}; "
+            f"runs a {_fmt(r.derms_s)} b {_fmt(r.native_s)}; "
+            f"per step a {r.derms_median_s / r.steps * 1e3:.2f} ms, "
+            f"b {r.native_median_s / r.steps * 1e3:.2f} ms"
         )
     if Console is not None:
         table = Table(title="derms QSTS benchmarks", show_lines=False)
@@ -445,6 +493,10 @@ def print_table(results: list[CaseResult], meta: dict) -> None:
         for row in rows:
             print(" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
         print("\n".join(foot))
+
+
+def _diff(x: float) -> str:
+    return "0 (exact)" if x == 0 else f"{x:.1e}"
 
 
 def _la(u: dict) -> str:
@@ -480,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(), "repeats": args.repeats, "start": uptime()}
     log(f"start: {meta['start']['uptime']}")
+    meta["derms_import_s"] = import_time_s()
+    import_derms()
     results = [run_case(c, args.repeats, log) for c in cases]
     meta["end"] = uptime()
     log(f"end:   {meta['end']['uptime']}")

@@ -30,6 +30,8 @@ err_console = Console(stderr=True)
 MasterArg = Annotated[str, typer.Argument(
     help="OpenDSS master .dss file, or a bundled feeder: ieee13, ieee123, ieee8500.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")]
+MaxIterOpt = Annotated[int, typer.Option(
+    min=1, max=10000, help="Power-flow iteration cap per solve.")]
 
 
 def _handle_errors(func):
@@ -118,16 +120,19 @@ def powerflow(
     out: OutOpt,
     controls: Annotated[str, typer.Option(
         help="Regulator/capacitor controls: static, time or off (frozen).")] = "static",
+    max_iterations: MaxIterOpt = 100,
 ) -> None:
-    """Solve a snapshot power flow; write voltages.csv, branches.csv, transformers.csv,
-    head.csv and summary.json to OUT."""
+    """Solve a snapshot power flow and write its tables to OUT.
+
+    Files: voltages.csv (bus, phase, v_pu, ...), branches.csv (element, phase, loading_pct,
+    ...), transformers.csv, head.csv and summary.json.
+    """
     from derms.grid.bundled import resolve_master
-    from derms.powerflow.engine import OpenDSSEngine
+    from derms.powerflow.engine import OpenDSSEngine, SolveSettings
     from derms.powerflow.snapshot import solve_snapshot
 
-    mode = _control_mode(controls)
-    with OpenDSSEngine(resolve_master(master)) as engine:
-        engine.set_control_mode(mode)
+    settings = SolveSettings(max_iterations=max_iterations, control_mode=_control_mode(controls))
+    with OpenDSSEngine(resolve_master(master), settings) as engine:
         res = solve_snapshot(engine)
     out.mkdir(parents=True, exist_ok=True)
     res.voltages.to_csv(out / "voltages.csv", index=False)
@@ -165,6 +170,11 @@ def study(
         "--range", help="ANSI C84.1 voltage range: A (0.95-1.05) or B.")] = "A",
     reverse_power: Annotated[bool, typer.Option(
         help="Flag reverse power flow at the substation as a violation.")] = False,
+    max_iterations: MaxIterOpt = 100,
+    profiles: Annotated[Path | None, typer.Option(
+        help="CSV of profiles: 'timestamp' + one column per element (load.x, pvsystem.y, "
+             "generator.z) with multipliers of the base value; sets --start, and must "
+             "cover --days at --step.")] = None,
 ) -> None:
     """Run a QSTS study with load profiles (and PV); write an HTML report, CSV and Parquet."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -172,6 +182,7 @@ def study(
     from derms.analysis.constraints import Limits
     from derms.grid.bundled import resolve_master
     from derms.reports.study_outputs import write_study_outputs
+    from derms.studies.profile_files import read_profiles_csv
     from derms.studies.qsts_study import StudyConfig, run_study
 
     rng = voltage_range.strip().upper()
@@ -179,9 +190,12 @@ def study(
         raise InputError(f"--range {voltage_range!r}: expected A or B")
     limit_kw = {"reverse_power_kw": 0.0} if reverse_power else {}
     limits = Limits.ansi_range_a(**limit_kw) if rng == "A" else Limits.ansi_range_b(**limit_kw)
-    config = StudyConfig(days=days, step=parse_step(step), start=_parse_start(start),
+    user = read_profiles_csv(profiles) if profiles is not None else None
+    config = StudyConfig(days=days, step=parse_step(step),
+                         start=user.start if user else _parse_start(start), profiles=user,
                          pv_penetration=pv_penetration, seed=seed,
-                         control_mode=_control_mode(controls), limits=limits)
+                         control_mode=_control_mode(controls), limits=limits,
+                         max_iterations=max_iterations)
     path = resolve_master(master)
     runs = 2 if pv_penetration > 0 else 1
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
@@ -196,6 +210,9 @@ def study(
         f"{c['violations_voltage']} voltage, {c['violations_thermal']} thermal "
         f"(pre-existing: {c['pre_existing_voltage']} voltage, {c['pre_existing_thermal']} "
         f"thermal)", highlight=False)
+    bad = int((~result.result.converged).sum())
+    if bad:
+        err_console.print(f"[yellow]warning:[/] {bad} steps did not converge (see summary.json)")
     out_console.print(f"report: {paths['report'].resolve()}", highlight=False)
 
 

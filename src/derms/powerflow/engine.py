@@ -66,16 +66,8 @@ class OpenDSSEngine:
         self.ctx.AllowChangeDir = False
         self.ctx.AllowForms = False
         try:
-            self.master = _stage_copy(self.source_master, self._tmp, full=False)
-            try:
-                self.command(f'compile "{self.master}"')
-            except ModelError as exc:
-                if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
-                    raise
-                # a reference reaches a sibling folder: stage the whole tree and retry once
-                shutil.rmtree(self._tmp / "feeder", ignore_errors=True)
-                self.master = _stage_copy(self.source_master, self._tmp, full=True)
-                self.command(f'compile "{self.master}"')
+            self.master = _stage_copy(self.source_master, self._tmp)
+            self.command(f'compile "{self.master}"')
         except ModelError as exc:
             self.close()
             raise ModelError(f"{self.source_master}: cannot compile: {exc}") from None
@@ -174,36 +166,41 @@ def _complex(values) -> np.ndarray:
 
 
 _UP_REF = re.compile(r"(?:\.\.[/\\])+")
+_SCRIPT_SUFFIXES = {".dss", ".txt"}
+_MAX_FILE_BYTES = 200_000_000
 
 
-def _stage_copy(master: Path, tmp: Path, *, full: bool) -> Path:
-    """Copy the feeder folder (and what its scripts reach with ``../``) below ``tmp``.
+def _stage_copy(master: Path, tmp: Path) -> Path:
+    """Copy what the feeder's scripts can reach below ``tmp``; return the master's copy.
 
-    Returns the path of the master file inside the copy. ``full`` copies the whole tree
-    from the highest folder referenced; otherwise only that folder's top-level files and
-    the master's own folder are copied.
+    Copied: the top-level files of the master's folder and of each folder its scripts reach
+    with ``../``, plus the sub-folders that the scripts name (``name/``). Never a whole
+    unrelated tree (a master in a crowded folder such as /tmp stays cheap).
     """
-    depth = 0
-    for f in master.parent.rglob("*"):
-        if f.is_file() and f.suffix.lower() in {".dss", ".txt"} and f.stat().st_size < 5_000_000:
-            for m in _UP_REF.finditer(f.read_text(errors="replace")):
-                depth = max(depth, m.group(0).count(".."))
+    texts = []
+    for f in master.parent.iterdir():
+        if f.is_file() and f.suffix.lower() in _SCRIPT_SUFFIXES and \
+                f.stat().st_size < 20_000_000:
+            texts.append(f.read_text(errors="replace").lower())
+    blob = "\n".join(texts)
+    depth = max((m.group(0).count("..") for m in _UP_REF.finditer(blob)), default=0)
     root = master.parent
     for _ in range(depth):
         root = root.parent
     rel = master.parent.relative_to(root)
     work = tmp / "feeder"
-    if full and depth:
-        shutil.copytree(root, work)
-    else:
-        level, dest = root, work
-        for part in rel.parts:
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in level.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, dest / f.name)
-            level, dest = level / part, dest / part
-        shutil.copytree(master.parent, work / rel)
+    level, dest = root, work
+    for part in (*rel.parts, None):
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in level.iterdir():
+            if f.is_file() and f.stat().st_size < _MAX_FILE_BYTES:
+                shutil.copy2(f, dest / f.name)
+            elif f.is_dir() and f.name != part and (
+                    f"{f.name.lower()}/" in blob or f"{f.name.lower()}\\" in blob):
+                shutil.copytree(f, dest / f.name, dirs_exist_ok=True)
+        if part is None:
+            break
+        level, dest = level / part, dest / part
     return work / rel / master.name
 
 

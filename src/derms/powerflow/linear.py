@@ -49,7 +49,7 @@ from derms.powerflow.linear_loads import branch_jacobian, branch_voltage, read_b
 
 log = logging.getLogger(__name__)
 
-_BATCH_COLS = 512  # right-hand sides per triangular solve (bounds temporary memory)
+_BATCH_NODES = 128  # injection nodes per solve: 2 x 128 RHS columns (≈ 35 MB on IEEE 8500)
 _AC_PREFIX = "dlin__"
 
 
@@ -123,58 +123,149 @@ def build_linear_model(engine, injection_nodes: Sequence[str] | None = None) -> 
     ckt = engine.circuit
     if not ckt.Solution.Converged:
         raise ConvergenceError("build_linear_model needs a solved engine (solve it first)")
-    names_y = [s.lower() for s in ckt.YNodeOrder]
     names = engine.node_names()
-    pos_y = {s: k for k, s in enumerate(names_y)}
-    y_of_out = np.fromiter((pos_y[s] for s in names), dtype=np.int64, count=len(names))
+    pos = {s: k for k, s in enumerate(names)}
+    y_of_out = np.fromiter((pos[s.lower()] for s in ckt.YNodeOrder), dtype=np.int64)
+    y_of_out = np.argsort(y_of_out)  # Y index of each node in engine order
     v_y = _complex(ckt.YNodeVarray)
     n = v_y.size
+    v0 = v_y[y_of_out]  # from here on, everything is in engine node order
 
     br = read_branches(engine, v_y)
     if injection_nodes is None:
-        nodes_y = np.unique(np.r_[br.node_i, br.node_j])
-        out_of_y = np.empty(n, dtype=np.int64)
-        out_of_y[y_of_out] = np.arange(n)
-        inj_out = np.sort(out_of_y[nodes_y[nodes_y >= 0]])
-        inj_names = [names[k] for k in inj_out]
+        ends = np.r_[br.node_i, br.node_j]
+        inj = np.sort(np.argsort(y_of_out)[np.unique(ends[ends >= 0])])
+        inj_names = [names[k] for k in inj]
     else:
         inj_names = [str(s).strip().lower() for s in injection_nodes]
-        unknown = [s for s in inj_names if s not in pos_y]
+        unknown = [s for s in inj_names if s not in pos]
         if unknown:
             more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
             raise ModelError(f"unknown node {unknown[0]!r}{more} (expected 'bus.node')")
         if len(set(inj_names)) != len(inj_names):
             raise InputError("injection_nodes has duplicates")
-    inj_y = np.fromiter((pos_y[s] for s in inj_names), dtype=np.int64, count=len(inj_names))
+        inj = np.fromiter((pos[s] for s in inj_names), dtype=np.int64, count=len(inj_names))
 
-    jac = _jacobian(engine, v_y, br)
-    try:
-        lu = spla.splu(jac.tocsc())
-    except RuntimeError as exc:  # singular: isolated nodes or a floating subnetwork
-        raise ModelError(f"network Jacobian is singular ({exc}); isolated nodes?") from None
+    perm2 = np.empty(2 * n, dtype=np.int64)
+    perm2[0::2], perm2[1::2] = 2 * y_of_out, 2 * y_of_out + 1
+    jac = _jacobian(engine, v_y, br)[perm2][:, perm2].tocsr()
+    bus = np.unique([s.rsplit(".", 1)[0] for s in names], return_inverse=True)[1]
+    solver = _LeafSolver(jac, np.repeat(bus, 2))
 
-    base_v = _node_bases_v(engine)[np.argsort(y_of_out)]  # in Y order
-    v0_pu_y = np.abs(v_y) / base_v
+    base_v = _node_bases_v(engine)
     with np.errstate(divide="ignore", invalid="ignore"):
-        proj = np.where(np.abs(v_y) > 0, np.conj(v_y) / (np.abs(v_y) * base_v), 0)
-    dvp = np.empty((n, inj_y.size))
-    dvq = np.empty((n, inj_y.size))
-    # RHS: import dS at node k injects -conj(dS / V0_k); 1 kW = 1000 W.
-    cur_p = -1000.0 / np.conj(v_y[inj_y])
-    cur_q = 1000.0j / np.conj(v_y[inj_y])
-    for lo in range(0, inj_y.size, _BATCH_COLS // 2):
-        cols = slice(lo, min(lo + _BATCH_COLS // 2, inj_y.size))
-        k = inj_y[cols]
-        m = k.size
-        rhs = np.zeros((2 * n, 2 * m), order="F")
+        proj = np.where(np.abs(v0) > 0, np.conj(v0) / (np.abs(v0) * base_v), 0)
+    node_perm = solver.perm[0::2] // 2  # solver keeps (Re, Im) of a node adjacent
+    pr, pi = proj.real[node_perm, None], -proj.imag[node_perm, None]
+    dvp = np.empty((n, inj.size))
+    dvq = np.empty((n, inj.size))
+    # RHS: an import dS at node k injects the current -conj(dS / V0_k); 1 kW = 1000 W.
+    cur_p = -1000.0 / np.conj(v0[inj])
+    cur_q = 1000.0j / np.conj(v0[inj])
+    re_pos = solver.pos[2 * inj]
+    for lo in range(0, inj.size, _BATCH_NODES):
+        hi = min(lo + _BATCH_NODES, inj.size)
+        k, m = re_pos[lo:hi], hi - lo
         c = np.arange(m)
-        rhs[2 * k, c], rhs[2 * k + 1, c] = cur_p[cols].real, cur_p[cols].imag
-        rhs[2 * k, m + c], rhs[2 * k + 1, m + c] = cur_q[cols].real, cur_q[cols].imag
-        x = lu.solve(rhs)
-        sens = proj.real[:, None] * x[0::2] - proj.imag[:, None] * x[1::2]
-        dvp[:, cols] = sens[y_of_out, :m]
-        dvq[:, cols] = sens[y_of_out, m:]
-    return LinearModel(names, v0_pu_y[y_of_out], inj_names, dvp, dvq)
+        b = np.zeros((2 * n, 2 * m))
+        b[k, c], b[k + 1, c] = cur_p[lo:hi].real, cur_p[lo:hi].imag
+        b[k, m + c], b[k + 1, m + c] = cur_q[lo:hi].real, cur_q[lo:hi].imag
+        x = solver.solve(b).reshape(n, 2, 2 * m)
+        sens = pr * x[:, 0]
+        sens += pi * x[:, 1]
+        dvp[node_perm, lo:hi] = sens[:, :m]
+        dvq[node_perm, lo:hi] = sens[:, m:]
+    return LinearModel(names, np.abs(v0) / base_v, inj_names, dvp, dvq)
+
+
+class _LeafSolver:
+    """Solve ``J x = b`` for many right-hand sides at once.
+
+    Buses that hang off the rest by a single neighbour (services, secondaries, lateral
+    ends) are eliminated first, in rounds, by vectorised block Schur complements; the
+    remaining core is factorised by SuperLU. Same arithmetic as a sparse LU, but the
+    eliminated buses are recovered by one sparse x dense product per round over all
+    right-hand sides, instead of SuperLU's column-by-column sweeps (≈ 3x faster on IEEE
+    8500, whose secondaries are more than half its nodes). Rows and columns are kept in a
+    permuted order: ``perm[p]`` is the original dimension at position ``p``, ``pos`` its
+    inverse; dimensions of one bus stay together and in their original order.
+    """
+
+    def __init__(self, jac: sp.csr_matrix, bus_of_dim: np.ndarray, max_rounds: int = 6) -> None:
+        n, nb = jac.shape[0], int(bus_of_dim.max()) + 1
+        g = sp.csr_matrix((np.ones(n), (np.arange(n), bus_of_dim)), shape=(n, nb))
+        pattern = sp.csr_matrix((np.ones(jac.nnz), jac.indices, jac.indptr), shape=jac.shape)
+        adj = (g.T @ pattern @ g).tocsr()
+        adj.setdiag(0)
+        adj.eliminate_zeros()
+        adj.data[:] = 1.0
+        rnd = np.full(nb, max_rounds)
+        alive = np.ones(nb, dtype=bool)
+        for r in range(max_rounds):
+            leaf = alive & (adj @ alive == 1)
+            leaf &= adj @ leaf == 0  # not two leaves facing each other
+            if leaf.sum() < 0.05 * alive.sum():
+                break
+            rnd[leaf], alive = r, alive & ~leaf
+        self.perm = perm = np.lexsort((np.arange(n), bus_of_dim, rnd[bus_of_dim]))
+        self.pos = np.empty(n, dtype=np.int64)
+        self.pos[perm] = np.arange(n)
+        cur = jac[perm][:, perm].tocsr()
+        bus_p = bus_of_dim[perm]
+        edges = np.searchsorted(rnd[bus_p], np.arange(max_rounds + 1))
+        self.rounds = []
+        for a, b in zip(edges[:-1], edges[1:]):
+            if b == a:
+                continue
+            inv = _block_inverse(cur[: b - a, : b - a].tocoo(), bus_p[a:b])
+            jsr, jrs = cur[: b - a, b - a :], cur[b - a :, : b - a]
+            m_mat, f_mat = (inv @ jsr).tocsr(), (jrs @ inv).tocsr()
+            f_rows = np.flatnonzero(np.diff(f_mat.indptr))
+            self.rounds.append((a, b, inv.tocsr(), m_mat, f_rows + b, f_mat[f_rows]))
+            cur = (cur[b - a :, b - a :] - jrs @ m_mat).tocsr()
+        self.core = n - cur.shape[0]
+        try:
+            self.lu = spla.splu(cur.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.1)
+        except RuntimeError as exc:
+            raise ModelError(f"network Jacobian is singular ({exc}); isolated nodes?") from None
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        """Solve in place for ``b`` (2n x k, permuted order); returns ``b``."""
+        for a, c, _, _, rows, f in self.rounds:
+            b[rows] -= f @ b[a:c]
+        core = b[self.core :]
+        for lo in range(0, b.shape[1], 32):
+            core[:, lo : lo + 32] = self.lu.solve(np.asfortranarray(core[:, lo : lo + 32]))
+        for a, c, inv, m_mat, _, _ in reversed(self.rounds):
+            b[a:c] = inv @ b[a:c] - m_mat @ b[c:]
+        return b
+
+
+def _block_inverse(jss: sp.coo_matrix, bus: np.ndarray) -> sp.coo_matrix:
+    """Inverse of a block-diagonal matrix whose blocks are the runs of equal ``bus``."""
+    start = np.flatnonzero(np.r_[True, bus[1:] != bus[:-1]])
+    size = np.diff(np.r_[start, bus.size])
+    blk = np.repeat(np.arange(start.size), size)
+    rows, cols, vals = [], [], []
+    for d in np.unique(size):
+        sel = np.flatnonzero(size == d)
+        slot = np.full(start.size, -1)
+        slot[sel] = np.arange(sel.size)
+        dense = np.zeros((sel.size, d, d))
+        e = slot[blk[jss.row]] >= 0
+        dense[slot[blk[jss.row[e]]], jss.row[e] - start[blk[jss.row[e]]],
+              jss.col[e] - start[blk[jss.row[e]]]] = jss.data[e]
+        try:
+            inv = np.linalg.inv(dense)
+        except np.linalg.LinAlgError:
+            raise ModelError("network Jacobian is singular at a leaf bus") from None
+        li, lj = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
+        rows.append((start[sel][:, None, None] + li).ravel())
+        cols.append((start[sel][:, None, None] + lj).ravel())
+        vals.append(inv.ravel())
+    n = bus.size
+    return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(n, n))
 
 
 def _jacobian(engine, v_y: np.ndarray, br) -> sp.csr_matrix:

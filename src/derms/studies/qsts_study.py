@@ -22,7 +22,7 @@ from derms.analysis.constraints import Limits, ViolationReport, detect_violation
 from derms.errors import InputError
 from derms.grid.model import FeederModel
 from derms.grid.opendss_import import read_feeder
-from derms.powerflow.engine import ControlMode, OpenDSSEngine
+from derms.powerflow.engine import ControlMode, OpenDSSEngine, SolveSettings
 from derms.powerflow.profiles import Profiles
 from derms.powerflow.qsts import QSTSResult, run_qsts
 from derms.studies.profiles_library import clear_sky_pv, load_shapes_at
@@ -46,6 +46,12 @@ class StudyConfig:
     latitude_deg: float = 37.0
     longitude_deg: float = -120.0
     utc_offset_h: float = -8.0
+    max_iterations: int = 100
+    profiles: Profiles | None = None  # user profiles; override the bundled shapes per element
+
+    @property
+    def solve_settings(self) -> SolveSettings:
+        return SolveSettings(max_iterations=self.max_iterations, control_mode=self.control_mode)
 
     def __post_init__(self) -> None:
         if not timedelta(minutes=1) <= self.step <= timedelta(hours=1):
@@ -58,6 +64,13 @@ class StudyConfig:
             raise InputError("study start must be timezone-aware")
         if not 0 < self.pv_size_min <= self.pv_size_max:
             raise InputError("PV size factors must satisfy 0 < min <= max")
+        p = self.profiles
+        if p is not None:
+            if p.step != self.step:
+                raise InputError(f"profiles have a {p.step} step; the study's step is {self.step}")
+            if p.n_steps != self.n_steps:
+                raise InputError(f"profiles have {p.n_steps} steps; the study needs "
+                                 f"{self.n_steps} ({self.days:g} days of {self.step})")
 
     @property
     def n_steps(self) -> int:
@@ -86,10 +99,15 @@ def study_profiles(model: FeederModel, config: StudyConfig) -> tuple[Profiles, n
     if not loads:
         raise InputError(f"feeder {model.name} has no enabled loads to give profiles to")
     pick = rng.integers(0, shapes.shape[1], size=len(loads))
-    profiles = Profiles(
-        start=config.start, step=config.step, elements=tuple(ld.name for ld in loads),
-        p_mult=shapes[:, pick],
-    )
+    user = config.profiles
+    given = set(user.elements) if user is not None else set()
+    keep = [i for i, ld in enumerate(loads) if ld.name not in given]
+    elements = tuple(loads[i].name for i in keep)
+    p_mult = shapes[:, pick[keep]]
+    if user is not None:
+        elements += user.elements
+        p_mult = np.column_stack([p_mult, user.p_mult])
+    profiles = Profiles(start=config.start, step=config.step, elements=elements, p_mult=p_mult)
     pv = clear_sky_pv(times, config.step.total_seconds() / 3600, config.latitude_deg,
                       config.longitude_deg)
     return profiles, pv
@@ -134,7 +152,7 @@ def run_study(
     """Run the study on the feeder ``master``; ``on_step`` advances a progress bar
     (called once per solved step, for the base case and the PV case)."""
     t0 = time.perf_counter()
-    base_engine = OpenDSSEngine(master)
+    base_engine = OpenDSSEngine(master, config.solve_settings)
     try:
         model = read_feeder(base_engine.ctx, base_engine.source_master)
         base_engine.solve_snapshot()  # a case that cannot converge fails here, clearly
@@ -146,7 +164,7 @@ def run_study(
         base_engine.close()
     result, base_case = base, None
     if len(pv):
-        with OpenDSSEngine(master) as engine:
+        with OpenDSSEngine(master, config.solve_settings) as engine:
             add_pv(engine, pv)
             pv_prof = Profiles(
                 start=profiles.start, step=profiles.step,

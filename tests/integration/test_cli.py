@@ -1,0 +1,137 @@
+"""The derms command run as a user runs it: a real subprocess, real files, real engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+COMMANDS = ["feeders", "model", "powerflow", "study"]
+
+
+def derms(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "derms.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    text = " ".join((proc.stderr + proc.stdout).split())
+    assert "Traceback" not in text
+    for frag in fragments:
+        assert frag in text, text
+
+
+@pytest.mark.parametrize("cmd", [None, *COMMANDS])
+def test_help_everywhere(cmd):
+    proc = derms(*([cmd] if cmd else []), "--help")
+    assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+def test_powerflow_writes_tables(tmp_path):
+    proc = derms("powerflow", "ieee13", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    v = pd.read_csv(tmp_path / "voltages.csv")
+    assert {"bus", "phase", "v_pu"} <= set(v.columns)
+    assert len(v) == 41 and v.phase.isin([1, 2, 3]).all()
+    b = pd.read_csv(tmp_path / "branches.csv")
+    assert {"element", "loading_pct"} <= set(b.columns)
+    assert json.loads((tmp_path / "summary.json").read_text())["head_p_kw"] > 3000
+
+
+def test_model_json():
+    proc = derms("model", "ieee13", "--json")
+    info = json.loads(proc.stdout)
+    assert info["loads"] == 15 and info["total_load_kw"] == pytest.approx(3466.0)
+
+
+def test_missing_file(tmp_path):
+    assert_clean_error(derms("powerflow", tmp_path / "nope.dss", "--out", tmp_path / "o"),
+                       "not found", "nope.dss")
+
+
+def test_malformed_file(tmp_path):
+    bad = tmp_path / "bad.dss"
+    bad.write_text("this is ((( not an OpenDSS script\n")
+    assert_clean_error(derms("powerflow", bad, "--out", tmp_path / "o"), "bad.dss",
+                       "cannot compile")
+
+
+def test_binary_file(tmp_path):
+    bad = tmp_path / "bin.dss"
+    bad.write_bytes(b"\x00\x01\x02garbage")
+    assert_clean_error(derms("powerflow", bad, "--out", tmp_path / "o"), "binary")
+
+
+def test_unknown_element_in_feeder_file(tmp_path):
+    bad = tmp_path / "unk.dss"
+    bad.write_text("new circuit.t basekv=12.47\nnew line.l1 bus1=sourcebus bus2=b nosuchprop=3\n")
+    assert_clean_error(derms("powerflow", bad, "--out", tmp_path / "o"), "nosuchprop")
+
+
+def test_non_convergence(tmp_path):
+    assert_clean_error(derms("powerflow", "ieee123", "--max-iterations", "1", "--out",
+                             tmp_path), "did not converge")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--step", "2h"], "outside 1 minute"),
+    (["--step", "fast"], "--step"),
+    (["--pv-penetration", "1.5"], "penetration"),
+    (["--start", "yesterday"], "--start"),
+    (["--controls", "maybe"], "--controls"),
+    (["--range", "C"], "--range"),
+])
+def test_study_bad_options(tmp_path, args, fragment):
+    assert_clean_error(derms("study", "ieee13", "--out", tmp_path, *args), fragment)
+
+
+def _profiles_csv(path, n, columns):
+    t = pd.date_range("2026-07-01", periods=n, freq="15min", tz="UTC")
+    df = pd.DataFrame({"timestamp": t.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    for c in columns:
+        df[c] = np.linspace(0.5, 1.0, n)
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_study_profiles_wrong_length(tmp_path):
+    csv = _profiles_csv(tmp_path / "p.csv", 50, ["load.671"])
+    assert_clean_error(derms("study", "ieee13", "--profiles", csv, "--out", tmp_path / "o"),
+                       "50 steps", "96")
+
+
+def test_study_profiles_unknown_element(tmp_path):
+    csv = _profiles_csv(tmp_path / "p.csv", 96, ["load.nosuch"])
+    assert_clean_error(derms("study", "ieee13", "--profiles", csv, "--out", tmp_path / "o"),
+                       "load.nosuch")
+
+
+def test_study_profiles_bad_value(tmp_path):
+    csv = _profiles_csv(tmp_path / "p.csv", 96, ["load.671"])
+    text = csv.read_text().splitlines()
+    text[5] = text[5].rsplit(",", 1)[0] + ",lots"
+    csv.write_text("\n".join(text))
+    assert_clean_error(derms("study", "ieee13", "--profiles", csv, "--out", tmp_path / "o"),
+                       "load.671", "row 6", "lots")
+
+
+def test_study_end_to_end(tmp_path):
+    csv = _profiles_csv(tmp_path / "p.csv", 96, ["load.671"])
+    proc = derms("study", "ieee13", "--pv-penetration", "0.5", "--profiles", csv,
+                 "--out", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "o"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 96 and summary["pv_systems"] == 8
+    html = (out / "report.html").read_text()
+    assert "Voltage profile" in html and "Feeder map" in html
+    v = pd.read_parquet(out / "voltages.parquet")
+    assert len(v) == 96 * 41
+    assert "report:" in proc.stdout
+    pv = pd.read_csv(out / "pv_systems.csv")
+    assert (pv.pmpp_kw > 0).all() and len(pv) == 8
