@@ -180,7 +180,7 @@ class FeederHead:
     frequency_hz: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: cached_property needs __dict__
 class FeederModel:
     """One feeder as loaded from a model file. Immutable: studies never write into it."""
 
