@@ -9,7 +9,7 @@ from derms.errors import InputError
 
 BUNDLED_FEEDERS: dict[str, str] = {
     "ieee13": "ieee13/IEEE13Nodeckt.dss",
-    "ieee123": "ieee123/IEEE123Master.dss",
+    "ieee123": "ieee123/derms_ieee123.dss",
     "ieee8500": "ieee8500/Master.dss",
 }
 
