@@ -68,7 +68,7 @@ def build_index(engine: OpenDSSEngine) -> NetworkIndex:
     n_values = 2 * np.asarray(pd.AllNumTerminals) * np.asarray(pd.AllNumConductors)
     offsets = np.concatenate([[0], np.cumsum(n_values)])
     for e, full in enumerate(names):
-        pd.Name = full
+        c.SetActiveElement(full)  # hashed lookup; PDElements.Name would scan: O(n^2)
         nterm, nph = ckt.NumTerminals, ckt.NumPhases
         if nterm < 2 or pd.IsShunt:
             continue
@@ -106,6 +106,7 @@ def _transformer_rating(c, name: str, nphases: int) -> tuple[float, float]:
     if not name.startswith("transformer."):
         return np.nan, np.nan
     tr = c.Transformers
+    tr.Name = name.split(".", 1)[1]
     tr.Wdg = 1
     kva, kv = tr.kVA, tr.kV
     kv_phase = kv if nphases == 1 else kv / _SQRT3

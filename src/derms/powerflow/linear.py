@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _BATCH_NODES = 128  # injection nodes per solve: 2 x 128 RHS columns (≈ 35 MB on IEEE 8500)
 _AC_PREFIX = "dlin__"
+_FLOATING_PU_PER_KW = 1.0  # own-node sensitivity that betrays an ungrounded island
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,9 @@ class LinearModel:
         return (self.v0_pu[:, None] + dv) if p.ndim == 2 else self.v0_pu + dv
 
 
-def build_linear_model(engine, injection_nodes: Sequence[str] | None = None) -> LinearModel:
+def build_linear_model(
+    engine, injection_nodes: Sequence[str] | None = None, *, load_band_pu: float = 0.05
+) -> LinearModel:
     """Linearise a solved engine around its operating point.
 
     Parameters
@@ -148,7 +151,7 @@ def build_linear_model(engine, injection_nodes: Sequence[str] | None = None) -> 
 
     perm2 = np.empty(2 * n, dtype=np.int64)
     perm2[0::2], perm2[1::2] = 2 * y_of_out, 2 * y_of_out + 1
-    jac = _jacobian(engine, v_y, br)[perm2][:, perm2].tocsr()
+    jac = _jacobian(engine, v_y, br, load_band_pu)[perm2][:, perm2].tocsr()
     bus = np.unique([s.rsplit(".", 1)[0] for s in names], return_inverse=True)[1]
     solver = _LeafSolver(jac, np.repeat(bus, 2))
 
@@ -175,6 +178,14 @@ def build_linear_model(engine, injection_nodes: Sequence[str] | None = None) -> 
         sens += pi * x[:, 1]
         dvp[node_perm, lo:hi] = sens[:, :m]
         dvq[node_perm, lo:hi] = sens[:, m:]
+    own = np.maximum(np.abs(dvp[inj, np.arange(inj.size)]), np.abs(dvq[inj, np.arange(inj.size)]))
+    if (own > _FLOATING_PU_PER_KW).any():
+        log.warning(
+            "linear_model floating_nodes=%s driving_point_pu_per_kw=%.3g: no path to ground?"
+            " a node-to-ground injection there is ill-posed",
+            ",".join(inj_names[k] for k in np.flatnonzero(own > _FLOATING_PU_PER_KW)),
+            own.max(),
+        )
     return LinearModel(names, np.abs(v0) / base_v, inj_names, dvp, dvq)
 
 
@@ -268,12 +279,12 @@ def _block_inverse(jss: sp.coo_matrix, bus: np.ndarray) -> sp.coo_matrix:
                          shape=(n, n))
 
 
-def _jacobian(engine, v_y: np.ndarray, br) -> sp.csr_matrix:
+def _jacobian(engine, v_y: np.ndarray, br, band_pu: float) -> sp.csr_matrix:
     """Real 2n x 2n Jacobian of the current balance, rows/cols (Re V0, Im V0, Re V1, ...)."""
     data, indices, indptr = engine.ctx.YMatrix.GetCompressedYMatrix(factor=False)
     n = v_y.size
     y = sp.csc_matrix((data, indices, indptr), shape=(n, n))
-    a, b = branch_jacobian(br, branch_voltage(v_y, br))
+    a, b = branch_jacobian(br, branch_voltage(v_y, br), band_pu)
     i, j = br.node_i, br.node_j
     ok_i, ok_j, ok = i >= 0, j >= 0, (i >= 0) & (j >= 0)
     rows = np.r_[i[ok_i], j[ok_j], i[ok], j[ok]]
@@ -314,23 +325,27 @@ def _node_bases_v(engine) -> np.ndarray:
 
 
 def solve_ac_with_injections(
-    engine, nodes: Sequence[str], p_kw: np.ndarray, q_kvar: np.ndarray
+    engine, nodes: Sequence[str], p_kw: np.ndarray, q_kvar: np.ndarray, *, restore: bool = True
 ) -> np.ndarray:
     """Full AC check: add constant-power changes at nodes, solve, return |V| [pu].
 
     Each node gets a 1-phase wye load (node to ground) named ``dlin__<bus>__<node>``,
     constant PQ over the whole voltage range (``vlowpu=0 vminpu=0 vmaxpu=1000``,
-    ``status=fixed`` so load multipliers do not scale it). The loads are disabled again
-    after the solve; the engine keeps the perturbed solution. Controls are whatever the
-    engine's control mode says (use ``set_control_mode("off")`` to freeze them).
+    ``status=fixed`` so load multipliers do not scale it), disabled again afterwards.
+    Controls act as the engine's control mode says (``set_control_mode("off")`` freezes
+    them, as the linear model assumes).
 
     Parameters
     ----------
     engine : OpenDSSEngine
+        A compiled engine in the mode to solve (e.g. snapshot).
     nodes : sequence of str
         "bus.node" names.
-    p_kw, q_kvar : array_like, (n_nodes_given,)
+    p_kw, q_kvar : array_like, (len(nodes),)
         Net import added at each node [kW], [kvar], consumption positive.
+    restore : bool
+        Re-solve without the added loads afterwards, so the engine is back at its
+        operating point (one more solve); otherwise it keeps the perturbed solution.
 
     Returns
     -------
@@ -340,9 +355,13 @@ def solve_ac_with_injections(
     ckt = engine.circuit
     known = set(engine.node_names())
     loads, el = ckt.Loads, ckt.ActiveCktElement
+    p = np.asarray(p_kw, dtype=float)
+    q = np.asarray(q_kvar, dtype=float)
+    if p.shape != (len(nodes),) or q.shape != (len(nodes),):
+        raise InputError(f"p_kw {p.shape} and q_kvar {q.shape} must be ({len(nodes)},)")
     names = []
     for node in nodes:
-        node = str(node).lower()
+        node = str(node).strip().lower()
         if node not in known:
             raise ModelError(f"unknown node {node!r} (expected 'bus.node')")
         bus, phase = node.rsplit(".", 1)
@@ -355,17 +374,17 @@ def solve_ac_with_injections(
                 "model=1 vlowpu=0 vminpu=0 vmaxpu=1000 status=fixed"
             )
         names.append(name)
-    p = np.asarray(p_kw, dtype=float)
-    q = np.asarray(q_kvar, dtype=float)
-    for name, pk, qk in zip(names, p, q, strict=True):
-        loads.Name = name
-        el.Enabled = True
-        loads.kW = float(pk)
-        loads.kvar = float(qk)
     try:
+        for name, pk, qk in zip(names, p, q):
+            loads.Name = name
+            el.Enabled = True
+            loads.kW = float(pk)  # kW first: setting kW re-derives kvar from the pf
+            loads.kvar = float(qk)
         engine.solve()
         return engine.node_voltages_pu()
     finally:
         for name in names:
             loads.Name = name
             el.Enabled = False
+        if restore:
+            engine.solve()

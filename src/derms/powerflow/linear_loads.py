@@ -282,7 +282,9 @@ def branch_power(br: Branches, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, ds
 
 
-def branch_jacobian(br: Branches, vd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def branch_jacobian(
+    br: Branches, vd: np.ndarray, band_pu: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Linearised branch currents: ``dI = A dV + B conj(dV)`` net of the system-Y stamp.
 
     Parameters
@@ -290,6 +292,10 @@ def branch_jacobian(br: Branches, vd: np.ndarray) -> tuple[np.ndarray, np.ndarra
     br : Branches
     vd : ndarray of complex, (n_branch,)
         Branch voltages [V] at the operating point.
+    band_pu : float
+        0 for the tangent. Otherwise ``dS/dm`` is replaced by the central secant over
+        ``m0 ± band_pu * Vbase``: identical for the PQ, Z and I laws (polynomials of degree
+        <= 2), but it bridges the switches to constant Z at ``Vminpu``/``Vmaxpu``.
 
     Returns
     -------
@@ -299,6 +305,9 @@ def branch_jacobian(br: Branches, vd: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """
     m = np.abs(vd)
     s, ds = branch_power(br, m)
+    if band_pu > 0 and m.size:
+        h = np.minimum(band_pu * br.v_base_v, 0.5 * m)
+        ds = (branch_power(br, m + h)[0] - branch_power(br, m - h)[0]) / (2 * h)
     cv = np.conj(vd)
     a = np.conj(ds) / (2 * m)
     b = np.conj(ds) * vd / (2 * m * cv) - np.conj(s) / cv**2
