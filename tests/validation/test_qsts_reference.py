@@ -76,3 +76,23 @@ def test_unknown_profile_element_raises():
                         elements=("load.nosuch",), p_mult=np.ones((2, 1)))
         with pytest.raises(ModelError, match="load.nosuch"):
             run_qsts(eng, prof)
+
+
+def test_tidy_tables_shapes_and_units():
+    master = resolve_master("ieee13")
+    with OpenDSSEngine(master) as eng:
+        prof = Profiles(start=datetime(2026, 1, 1, tzinfo=UTC), step=timedelta(minutes=1),
+                        elements=("load.671",), p_mult=np.linspace(0.5, 1.0, 5)[:, None])
+        res = run_qsts(eng, prof, control_mode="off")
+    v = res.voltages_long()
+    assert len(v) == 5 * 41 and str(v.t.dt.tz) == "UTC"
+    row = v[(v.bus == "650") & (v.phase == 1)].iloc[0]
+    assert row.v_v == pytest.approx(row.v_pu * 4160 / np.sqrt(3), rel=1e-9)
+    b = res.branches_long()
+    assert (b.loading_emerg_pct <= b.loading_pct + 1e-9).all()
+    x = res.transformers_long()
+    assert set(x.element) == {"transformer.sub", "transformer.reg1", "transformer.reg2",
+                              "transformer.reg3", "transformer.xfm1"}
+    tot = res.totals()
+    assert len(tot) == 5 and tot.converged.all()
+    assert np.all(np.diff(tot.head_p_kw) > 0)  # load 671 ramps up, so does the head

@@ -64,17 +64,18 @@ class QSTSResult:
             return self.i_a / self.index.xfmr_rated_a * 100.0
 
     def voltages_long(self) -> pd.DataFrame:
-        """Tidy table ``t, bus, phase, v_pu``."""
+        """Tidy table ``t, bus, phase, v_pu, v_v`` (v_v line-to-ground magnitude [V])."""
         n_t, n_n = self.v_pu.shape
         return pd.DataFrame({
             "t": self.t.repeat(n_n),
             "bus": np.tile(self.index.node_bus, n_t),
             "phase": np.tile(self.index.node_phase, n_t),
             "v_pu": self.v_pu.ravel(),
+            "v_v": (self.v_pu * (self.index.node_kv_base_ln * 1e3)).ravel(),
         })
 
     def branches_long(self) -> pd.DataFrame:
-        """Tidy table ``t, element, phase, i_a, loading_pct``."""
+        """Tidy table ``t, element, phase, i_a, loading_pct, loading_emerg_pct``."""
         n_t, n_b = self.i_a.shape
         return pd.DataFrame({
             "t": self.t.repeat(n_b),
@@ -82,6 +83,27 @@ class QSTSResult:
             "phase": np.tile(self.index.branch_phase, n_t),
             "i_a": self.i_a.ravel(),
             "loading_pct": self.loading_pct().ravel(),
+            "loading_emerg_pct": self.loading_pct("emergency").ravel(),
+        })
+
+    def transformers_long(self) -> pd.DataFrame:
+        """Tidy table ``t, element, phase, i_a, loading_pct`` (% of nameplate current)."""
+        is_x = ~np.isnan(self.index.xfmr_rated_a)
+        n_t, n_x = self.n_steps, int(is_x.sum())
+        return pd.DataFrame({
+            "t": self.t.repeat(n_x),
+            "element": np.tile(self.index.branch_element[is_x], n_t),
+            "phase": np.tile(self.index.branch_phase[is_x], n_t),
+            "i_a": self.i_a[:, is_x].ravel(),
+            "loading_pct": self.transformer_loading_pct()[:, is_x].ravel(),
+        })
+
+    def totals(self) -> pd.DataFrame:
+        """Per step: ``t, head_p_kw, head_q_kvar, losses_kw, losses_kvar, converged``."""
+        return pd.DataFrame({
+            "t": self.t, "head_p_kw": self.head_p_kw.sum(axis=1),
+            "head_q_kvar": self.head_q_kvar.sum(axis=1), "losses_kw": self.losses_kw,
+            "losses_kvar": self.losses_kvar, "converged": self.converged,
         })
 
     def head_long(self) -> pd.DataFrame:
