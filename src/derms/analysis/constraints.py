@@ -10,11 +10,15 @@ base-case value instead of the limit (it may not get worse) and is reported sepa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from derms.errors import InputError
+
+if TYPE_CHECKING:
+    from derms.powerflow.snapshot import SnapshotResult
 
 VIOLATION_COLUMNS = [
     "kind", "element", "phase", "start", "end", "duration_h", "n_steps", "worst", "limit",
@@ -200,3 +204,14 @@ def detect_violations(
         summary["violations_reverse_power"] = counts["reverse"][0]
         summary["pre_existing_reverse_power"] = counts["reverse"][1]
     return ViolationReport(events=events, counts=summary)
+
+
+def snapshot_violations(res: SnapshotResult, limits: Limits = Limits()) -> ViolationReport:
+    """Voltage and thermal violations of one solved snapshot (one interval of 0 h)."""
+    ix = res.index
+    t = pd.DatetimeIndex([pd.Timestamp.now(tz="UTC").floor("s")])
+    return detect_violations(
+        t, 0.0, v_pu=res.voltages["v_pu"].to_numpy()[None, :], node_names=ix.node_bus,
+        node_phases=ix.node_phase, loading_pct=res.branches["loading_pct"].to_numpy()[None, :],
+        branch_names=ix.branch_element, branch_phases=ix.branch_phase, limits=limits,
+    )

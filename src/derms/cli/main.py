@@ -125,10 +125,12 @@ def powerflow(
     """Solve a snapshot power flow and write its tables to OUT.
 
     Files: voltages.csv (bus, phase, v_pu, ...), branches.csv (element, phase, loading_pct,
-    ...), transformers.csv, head.csv and summary.json.
+    ...), transformers.csv, head.csv, violations.csv (ANSI Range A, 100 % of normal rating)
+    and summary.json.
     """
     from derms.grid.bundled import resolve_master
     from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+    from derms.analysis.constraints import Limits, snapshot_violations
     from derms.powerflow.snapshot import solve_snapshot
 
     settings = SolveSettings(max_iterations=max_iterations, control_mode=_control_mode(controls))
@@ -139,12 +141,16 @@ def powerflow(
     res.branches.to_csv(out / "branches.csv", index=False)
     res.transformers.to_csv(out / "transformers.csv", index=False)
     res.head.to_csv(out / "head.csv", index=False)
-    (out / "summary.json").write_text(json.dumps(res.totals, indent=2))
+    report = snapshot_violations(res, Limits.ansi_range_a())
+    report.events.to_csv(out / "violations.csv", index=False)
+    (out / "summary.json").write_text(json.dumps({**res.totals, **report.counts}, indent=2))
     t = res.totals
     out_console.print(
         f"solved in {t['iterations']:.0f} iterations: head {t['head_p_kw']:.1f} kW "
         f"{t['head_q_kvar']:.1f} kvar, losses {t['losses_kw']:.1f} kW, "
-        f"V {t['v_min_pu']:.4f}..{t['v_max_pu']:.4f} pu; results in {out}", highlight=False)
+        f"V {t['v_min_pu']:.4f}..{t['v_max_pu']:.4f} pu; violations (ANSI A, 100 % rating): "
+        f"{report.counts['violations_voltage']} voltage, {report.counts['violations_thermal']} "
+        f"thermal; results in {out}", highlight=False)
 
 
 def _control_mode(text: str):
