@@ -110,7 +110,8 @@ def read_branches(engine, v_y: np.ndarray) -> Branches:
                 p = np.asarray(el.Powers, dtype=float)
                 s = 1000.0 * complex(p[0::2].sum(), p[1::2].sum()) / nph  # consumption sign
                 law = (1, 1.0, 0.0, 0.0, np.inf, s.real, s.imag, s.imag, 1.0, 2.0, np.zeros(7))
-                s_elem.append(_add(rows, el, el.Name.lower(), nph, conn.startswith(("d", "l")), law))
+                delta = conn.startswith(("d", "l"))
+                s_elem.append(_add(rows, el, el.Name.lower(), nph, delta, law))
             idx = iface.Next
     br = _to_arrays(rows)
     _calibrate(br, np.abs(branch_voltage(v_y, br)), np.asarray(s_elem, dtype=complex))
@@ -168,9 +169,8 @@ def _calibrate(br: Branches, m: np.ndarray, s_elem: np.ndarray) -> None:
         return
     first = np.r_[True, br.element[1:] != br.element[:-1]]
     elem = np.cumsum(first) - 1
-    s_law = np.bincount(elem, branch_power(br, m)[0].real, s_elem.size) + 1j * np.bincount(
-        elem, branch_power(br, m)[0].imag, s_elem.size
-    )
+    s_b = branch_power(br, m)[0]
+    s_law = np.bincount(elem, s_b.real, s_elem.size) + 1j * np.bincount(elem, s_b.imag, s_elem.size)
     with np.errstate(divide="ignore", invalid="ignore"):
         kp = np.where(np.abs(s_law.real) > 1e-9, s_elem.real / s_law.real, 1.0)
         kq = np.where(np.abs(s_law.imag) > 1e-9, s_elem.imag / s_law.imag, 1.0)
@@ -216,8 +216,6 @@ def branch_power(br: Branches, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mid = ~low & (m <= v95)
     high = ~low & ~mid & (m > v105)
     norm = ~low & ~mid & ~high
-    if model.size and (m <= 0).any():
-        raise ModelError(f"{br.element[np.argmax(m <= 0)]}: zero voltage across a load branch")
 
     a0 = np.zeros(m.size, complex)
     a1 = np.zeros(m.size, complex)
@@ -303,6 +301,8 @@ def branch_jacobian(
         [S]. ``A`` already has ``y_sys_s`` subtracted, so adding the stamps of ``A, B``
         to OpenDSS's system Y gives the Jacobian of the network's current balance.
     """
+    dead = vd == 0  # de-energised: OpenDSS keeps such loads at Yeq (below Vlowpu)
+    vd = np.where(dead, 1.0, vd)
     m = np.abs(vd)
     s, ds = branch_power(br, m)
     if band_pu > 0 and m.size:
@@ -311,4 +311,4 @@ def branch_jacobian(
     cv = np.conj(vd)
     a = np.conj(ds) / (2 * m)
     b = np.conj(ds) * vd / (2 * m * cv) - np.conj(s) / cv**2
-    return a - br.y_sys_s, b
+    return np.where(dead, 0.0, a - br.y_sys_s), np.where(dead, 0.0, b)

@@ -1,0 +1,158 @@
+"""Linearised model benchmark: build time and linearisation error against OpenDSS.
+
+Per feeder (IEEE 123, IEEE 8500), with the feeder compiled and solved once, controls then
+frozen (``controlmode=off``) at that operating point:
+
+* **build s**: wall time of ``build_linear_model(engine, nodes)`` for 10 % of the nodes
+  (min of 3; the median and the CPU time are in the notes), everything the caller waits for.
+* **max err pu**: linearisation error (DESIGN.md): per draw, 10 % of the nodes (seeded,
+  not the source bus, not ungrounded), totals up to ±``share`` of the feeder's total load
+  in P and Q; the largest node |V| difference between ``LinearModel.predict_v_pu`` and the
+  AC solve with the injections added as constant-PQ node-to-ground loads (tolerance 1e-8).
+  *same-sign*: every node pushes the same way, the net total is the drawn share;
+  *mixed*: each node has its own random sign, the sum of magnitudes is the drawn share.
+  ``|V0|+u`` is the error of the plain first-order readout, for comparison.
+* **AC s**: median time of one OpenDSS solve with the injections (reference), and the
+  ratio build / AC.
+
+Run: ``.venv/bin/python bench/bench_linear.py [--draws 20] [--share 0.5] [--only 8500]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from derms.powerflow.engine import OpenDSSEngine, SolveSettings  # noqa: E402
+from derms.powerflow.linear import build_linear_model, solve_ac_with_injections  # noqa: E402
+
+FEEDERS = {
+    "123": "/work/shared/feeders/IEEETestCases/123Bus/IEEE123Master.dss",
+    "8500": "/work/shared/feeders/IEEETestCases/8500-Node/Master.dss",
+}
+
+
+def _total_load(engine) -> tuple[float, float]:
+    loads = engine.circuit.Loads
+    p = q = 0.0
+    idx = loads.First
+    while idx:
+        p, q, idx = p + loads.kW, q + loads.kvar, loads.Next
+    return p, q
+
+
+def _nodes(engine, rng, excluded: set[str]) -> list[str]:
+    ckt = engine.circuit
+    ckt.Vsources.First
+    source_bus = ckt.ActiveCktElement.BusNames[0].split(".")[0].lower()
+    names = engine.node_names()
+    cands = [s for s in names if s.rsplit(".", 1)[0] != source_bus and s not in excluded]
+    return [str(s) for s in rng.choice(cands, size=round(0.1 * len(names)), replace=False)]
+
+
+def _draw(engine, seed: int, share: float, mixed: bool, excluded: set[str]):
+    """(model, p_kw, q_kvar) for one seeded draw; redraws nodes on ungrounded islands."""
+    rng = np.random.default_rng(seed)
+    names = engine.node_names()
+    while True:
+        nodes = _nodes(engine, rng, excluded)
+        model = build_linear_model(engine, nodes)
+        rows = [names.index(s) for s in nodes]
+        cols = np.arange(len(nodes))
+        own = np.maximum(np.abs(model.dv_dp_pu_per_kw[rows, cols]),
+                         np.abs(model.dv_dq_pu_per_kvar[rows, cols]))
+        if (own < 1.0).all():
+            break
+        excluded |= {s for s, o in zip(nodes, own) if o >= 1.0}
+    p_total, q_total = _total_load(engine)
+    wp, wq = rng.random(len(nodes)), rng.random(len(nodes))
+    up, uq = rng.uniform(-share, share, 2)
+    p, q = up * p_total * wp / wp.sum(), uq * q_total * wq / wq.sum()
+    if mixed:
+        p, q = p * rng.choice([-1, 1], len(nodes)), q * rng.choice([-1, 1], len(nodes))
+    return model, p, q
+
+
+def run_feeder(key: str, draws: int, share: float) -> dict:
+    engine = OpenDSSEngine(FEEDERS[key], SolveSettings(tolerance=1e-8))
+    engine.solve_snapshot()
+    engine.set_control_mode("off")
+    engine.solve_snapshot()
+    n = len(engine.node_names())
+    excluded: set[str] = set()
+    nodes = _draw(engine, 0, share, False, excluded)[0].injection_nodes
+    walls, cpus = [], []
+    for _ in range(3):
+        t0, c0 = time.perf_counter(), time.process_time()
+        build_linear_model(engine, nodes)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    out = {"feeder": f"IEEE {key}", "nodes": n, "inj": len(nodes), "build": min(walls),
+           "build_med": statistics.median(walls), "build_cpu": min(cpus), "ac": []}
+    for mixed in (False, True):
+        err, err_taylor = [], []
+        for seed in range(draws):
+            model, p, q = _draw(engine, seed, share, mixed, excluded)
+            t0 = time.perf_counter()
+            v_ac = solve_ac_with_injections(engine, model.injection_nodes, p, q, restore=False)
+            out["ac"].append(time.perf_counter() - t0)
+            engine.solve()  # back to the operating point (untimed)
+            err.append(np.abs(v_ac - model.predict_v_pu(p, q)).max())
+            u = model.dv_dp_pu_per_kw @ p + model.dv_dq_pu_per_kvar @ q
+            err_taylor.append(np.abs(v_ac - model.v0_pu - u).max())
+            print(f"  {key} {'mixed' if mixed else 'same'} seed {seed}: err {err[-1]:.5f} "
+                  f"(|V0|+u {err_taylor[-1]:.5f})", file=sys.stderr)
+        tag = "mixed" if mixed else "same"
+        out[tag], out[tag + "_taylor"] = max(err), max(err_taylor)
+        out[tag + "_seed"] = int(np.argmax(err))
+    out["excluded"] = sorted(excluded)
+    engine.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--draws", type=int, default=20)
+    ap.add_argument("--share", type=float, default=0.5, help="max |total| / feeder load")
+    ap.add_argument("--only", choices=sorted(FEEDERS), action="append")
+    args = ap.parse_args()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), "?")
+    load0 = os.getloadavg()[0]
+    rows = [run_feeder(k, args.draws, args.share) for k in (args.only or ["123", "8500"])]
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    print(f"commit {commit}, {cpu} ({os.cpu_count()} cores), load avg {load0:.2f} -> "
+          f"{os.getloadavg()[0]:.2f}; {args.draws} draws per column, totals up to "
+          f"±{args.share:.0%} of the feeder load")
+    print()
+    print("| feeder | nodes | inj. nodes | build s | max err pu same-sign (|V0|+u) "
+          "| max err pu mixed (|V0|+u) | AC s | build / AC |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ac = statistics.median(r["ac"])
+        print(f"| {r['feeder']} | {r['nodes']} | {r['inj']} | {r['build']:.3f} | "
+              f"{r['same']:.4f} ({r['same_taylor']:.4f}) | {r['mixed']:.4f} "
+              f"({r['mixed_taylor']:.4f}) | {ac:.3f} | {r['build'] / ac:.1f} |")
+    print()
+    for r in rows:
+        print(f"- {r['feeder']}: build wall min {r['build']:.3f} s, median "
+              f"{r['build_med']:.3f} s, CPU {r['build_cpu']:.3f} s; worst draws: same-sign "
+              f"seed {r['same_seed']}, mixed seed {r['mixed_seed']}; nodes left out as "
+              f"ungrounded: {', '.join(r['excluded']) or 'none'}")
+    if load0 > 1.5:
+        print("- NOTE: load average near the core count; wall times include other jobs.")
+
+
+if __name__ == "__main__":
+    main()
