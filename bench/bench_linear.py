@@ -35,52 +35,22 @@ sys.path.insert(0, str(REPO / "src"))
 
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings  # noqa: E402
 from derms.powerflow.linear import build_linear_model, solve_ac_with_injections  # noqa: E402
+from derms.powerflow.linear_check import draw_injections  # noqa: E402
 
-FEEDERS = {
-    "123": "/work/shared/feeders/IEEETestCases/123Bus/IEEE123Master.dss",
-    "8500": "/work/shared/feeders/IEEETestCases/8500-Node/Master.dss",
+_SHARED = REPO.parent / "shared" / "feeders" / "IEEETestCases"
+_BUNDLED = REPO / "src" / "derms" / "data" / "feeders"
+FEEDERS = {  # the shared reference copies, else the identical bundled ones
+    "123": next(p for p in (_SHARED / "123Bus/IEEE123Master.dss",
+                            _BUNDLED / "ieee123/IEEE123Master.dss") if p.exists()),
+    "8500": next(p for p in (_SHARED / "8500-Node/Master.dss",
+                             _BUNDLED / "ieee8500/Master.dss") if p.exists()),
 }
 
 
-def _total_load(engine) -> tuple[float, float]:
-    loads = engine.circuit.Loads
-    p = q = 0.0
-    idx = loads.First
-    while idx:
-        p, q, idx = p + loads.kW, q + loads.kvar, loads.Next
-    return p, q
-
-
-def _nodes(engine, rng, excluded: set[str]) -> list[str]:
-    ckt = engine.circuit
-    ckt.Vsources.First
-    source_bus = ckt.ActiveCktElement.BusNames[0].split(".")[0].lower()
-    names = engine.node_names()
-    cands = [s for s in names if s.rsplit(".", 1)[0] != source_bus and s not in excluded]
-    return [str(s) for s in rng.choice(cands, size=round(0.1 * len(names)), replace=False)]
-
-
 def _draw(engine, seed: int, share: float, mixed: bool, excluded: set[str]):
-    """(model, p_kw, q_kvar) for one seeded draw; redraws nodes on ungrounded islands."""
-    rng = np.random.default_rng(seed)
-    names = engine.node_names()
-    while True:
-        nodes = _nodes(engine, rng, excluded)
-        model = build_linear_model(engine, nodes)
-        rows = [names.index(s) for s in nodes]
-        cols = np.arange(len(nodes))
-        own = np.maximum(np.abs(model.dv_dp_pu_per_kw[rows, cols]),
-                         np.abs(model.dv_dq_pu_per_kvar[rows, cols]))
-        if (own < 1.0).all():
-            break
-        excluded |= {s for s, o in zip(nodes, own) if o >= 1.0}
-    p_total, q_total = _total_load(engine)
-    wp, wq = rng.random(len(nodes)), rng.random(len(nodes))
-    up, uq = rng.uniform(-share, share, 2)
-    p, q = up * p_total * wp / wp.sum(), uq * q_total * wq / wq.sum()
-    if mixed:
-        p, q = p * rng.choice([-1, 1], len(nodes)), q * rng.choice([-1, 1], len(nodes))
-    return model, p, q
+    """(model, p_kw, q_kvar) for one seeded draw (derms.powerflow.linear_check)."""
+    return draw_injections(engine, np.random.default_rng(seed), share=share, mixed=mixed,
+                           excluded=excluded)
 
 
 def run_feeder(key: str, draws: int, share: float) -> dict:

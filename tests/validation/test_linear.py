@@ -22,6 +22,7 @@ import pytest
 
 from derms.errors import ModelError
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+from derms.powerflow.linear_check import draw_injections, linearisation_error
 from derms.powerflow.linear import build_linear_model, solve_ac_with_injections
 from tests.conftest import shared_master
 
@@ -48,44 +49,12 @@ def ieee123():
     engine.close()
 
 
-def _total_load(engine) -> tuple[float, float]:
-    loads = engine.circuit.Loads
-    p = q = 0.0
-    idx = loads.First
-    while idx:
-        p, q, idx = p + loads.kW, q + loads.kvar, loads.Next
-    return p, q
-
-
 def _draw(engine, rng, *, share: float = 0.5, mixed: bool):
-    """Model on 10 % of the nodes (not the source bus, not ungrounded) and one draw [kW]."""
-    ckt = engine.circuit
-    ckt.Vsources.First
-    source_bus = ckt.ActiveCktElement.BusNames[0].split(".")[0].lower()
-    names = engine.node_names()
-    excluded: set[str] = set()
-    while True:
-        cands = [s for s in names if s.rsplit(".", 1)[0] != source_bus and s not in excluded]
-        nodes = list(rng.choice(cands, size=round(0.1 * len(names)), replace=False))
-        model = build_linear_model(engine, nodes)
-        rows = [names.index(s) for s in nodes]
-        own = np.maximum(np.abs(model.dv_dp_pu_per_kw[rows, range(len(rows))]),
-                         np.abs(model.dv_dq_pu_per_kvar[rows, range(len(rows))]))
-        if (own < 1.0).all():
-            break
-        excluded |= {s for s, o in zip(nodes, own) if o >= 1.0}  # e.g. delta-delta island
-    p_total, q_total = _total_load(engine)
-    wp, wq = rng.random(len(nodes)), rng.random(len(nodes))
-    up, uq = rng.uniform(-share, share, 2)
-    p, q = up * p_total * wp / wp.sum(), uq * q_total * wq / wq.sum()
-    if mixed:
-        p, q = p * rng.choice([-1, 1], len(nodes)), q * rng.choice([-1, 1], len(nodes))
-    return model, p, q
+    return draw_injections(engine, rng, share=share, mixed=mixed)
 
 
 def _error(engine, model, p, q) -> float:
-    v_ac = solve_ac_with_injections(engine, model.injection_nodes, p, q)
-    return float(np.abs(v_ac - model.predict_v_pu(p, q)).max())
+    return linearisation_error(engine, model, p, q)
 
 
 def test_unknown_node_raises_model_error(ieee13):
