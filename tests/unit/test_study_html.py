@@ -10,11 +10,11 @@ import pytest
 
 from derms.errors import InputError
 from derms.reports.study_html import (
-    MAX_VIOLATION_ROWS,
     SECTION_TITLES,
     StudyReportData,
     write_study_report,
 )
+from derms.reports.violations_html import MAX_VIOLATION_ROWS
 
 BUSES = ["sourcebus", "b1", "b2", "b3", "b4"]
 T0 = pd.Timestamp("2024-06-01T00:00:00Z")

@@ -22,8 +22,8 @@ import pytest
 
 from derms.errors import ModelError
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
-from derms.powerflow.linear_check import draw_injections, linearisation_error
 from derms.powerflow.linear import build_linear_model, solve_ac_with_injections
+from derms.powerflow.linear_check import draw_injections, linearisation_error
 from tests.conftest import shared_master
 
 

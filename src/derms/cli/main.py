@@ -128,9 +128,9 @@ def powerflow(
     ...), transformers.csv, head.csv, violations.csv (ANSI Range A, 100 % of normal rating)
     and summary.json.
     """
+    from derms.analysis.constraints import Limits, snapshot_violations
     from derms.grid.bundled import resolve_master
     from derms.powerflow.engine import OpenDSSEngine, SolveSettings
-    from derms.analysis.constraints import Limits, snapshot_violations
     from derms.powerflow.snapshot import solve_snapshot
 
     settings = SolveSettings(max_iterations=max_iterations, control_mode=_control_mode(controls))

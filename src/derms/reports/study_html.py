@@ -20,10 +20,13 @@ from plotly.colors import sample_colorscale
 from plotly.offline import get_plotlyjs
 
 from derms.errors import InputError
+from derms.reports.html_format import fmt_value as _fmt_value
+from derms.reports.html_format import is_empty as _is_empty
+from derms.reports.html_format import note as _note
+from derms.reports.violations_html import violations_html
 
 __all__ = ["StudyReportData", "write_study_report"]
 
-MAX_VIOLATION_ROWS = 500
 GL_POINT_THRESHOLD = 5000  # above this many points a trace uses WebGL (scattergl)
 PHASE_NAMES = {1: "A", 2: "B", 3: "C"}
 PHASE_COLOURS = {1: "#d55e00", 2: "#0072b2", 3: "#009e73"}  # Okabe-Ito, colour-blind safe
@@ -39,13 +42,6 @@ LOADING_BINS = [
     ("100–120 %", 100.0, 120.0, 110.0, 3.5),
     ("≥ 120 %", 120.0, np.inf, 120.0, 4.5),
 ]
-KIND_ORDER = ["undervoltage", "overvoltage", "thermal", "reverse_power"]
-KIND_UNITS = {
-    "undervoltage": "pu",
-    "overvoltage": "pu",
-    "thermal": "% of normal rating",
-    "reverse_power": "kW (import +)",
-}
 SECTION_TITLES = {
     "voltage": "Voltage profile against distance",
     "head": "Feeder head load over time",
@@ -161,7 +157,7 @@ def _page(data: StudyReportData) -> str:
     for key, fig in figures.items():
         body = _figure_html(fig, key) if fig is not None else _note(empty_notes[key])
         sections.append(f"<h2>{html.escape(SECTION_TITLES[key])}</h2>\n{body}")
-    sections.append(f"<h2>{SECTION_TITLES['violations']}</h2>\n{_violations_html(data.violations)}")
+    sections.append(f"<h2>{SECTION_TITLES['violations']}</h2>\n{violations_html(data.violations)}")
     sections.append(f"<h2>Notes</h2>\n{_notes_html(data.notes)}")
     any_figure = any(fig is not None for fig in figures.values())
     return _html_document(data.title, data.feeder, "\n".join(sections), any_figure)
@@ -209,10 +205,6 @@ def _notes_html(notes: list[str]) -> str:
         return _note("No notes.")
     items = "".join(f"<li>{html.escape(str(n))}</li>" for n in notes)
     return f"<ul class=\"notes\">{items}</ul>"
-
-
-def _note(text: str) -> str:
-    return f"<p class=\"note\">{html.escape(text)}</p>"
 
 
 # ----------------------------------------------------------------------------- figures
@@ -384,62 +376,6 @@ def _base_layout(height: int) -> dict:
             "legend": {"orientation": "h", "y": 1.08, "x": 0}}
 
 
-# ----------------------------------------------------------------------------- violations
-
-
-def _violations_html(violations: pd.DataFrame) -> str:
-    """Counts by kind, then new and pre-existing violations as two capped tables."""
-    if _is_empty(violations):
-        return _note("No violations")
-    frame = _sorted_violations(violations)
-    pre = frame["pre_existing"].fillna(False).astype(bool)
-    counts = ", ".join(f"{html.escape(str(k))}: {n}"
-                       for k, n in frame["kind"].value_counts(sort=False).items())
-    parts = [f"<p>{len(frame)} violation(s) — {int((~pre).sum())} new, "
-             f"{int(pre.sum())} pre-existing (already in the base case). By kind: {counts}.</p>"]
-    for heading, subset in (("New violations", frame[~pre]),
-                            ("Pre-existing violations (present in the base case)", frame[pre])):
-        parts.append(f"<h3>{heading}</h3>")
-        parts.append(_violation_table(subset) if len(subset) else _note("None."))
-    return "\n".join(parts)
-
-
-def _sorted_violations(violations: pd.DataFrame) -> pd.DataFrame:
-    """Sorted by kind (fixed order, unknown kinds last) then by distance beyond the limit."""
-    rank = {k: i for i, k in enumerate(KIND_ORDER)}
-    worst = pd.to_numeric(violations["worst"], errors="coerce")
-    limit = pd.to_numeric(violations["limit"], errors="coerce")
-    frame = violations.assign(
-        _rank=violations["kind"].map(rank).fillna(len(rank)),
-        _severity=(worst - limit).abs().fillna(-np.inf),
-    )
-    return frame.sort_values(["_rank", "kind", "_severity"], ascending=[True, True, False],
-                             kind="stable")
-
-
-def _violation_table(frame: pd.DataFrame) -> str:
-    header = ("<tr><th>kind</th><th>element</th><th>phase</th><th>start (UTC)</th>"
-              "<th>end (UTC)</th><th>duration [h]</th><th>worst</th><th>limit</th>"
-              "<th>unit</th></tr>")
-    rows = [_violation_row(r) for r in frame.head(MAX_VIOLATION_ROWS).itertuples(index=False)]
-    more = len(frame) - MAX_VIOLATION_ROWS
-    tail = _note(f"… and {more} more not shown ({len(frame)} in total).") if more > 0 else ""
-    return f"<table><thead>{header}</thead><tbody>{''.join(rows)}</tbody></table>{tail}"
-
-
-def _violation_row(row) -> str:
-    text = [str(row.kind), str(row.element), _fmt_value(row.phase),
-            _fmt_time(row.start), _fmt_time(row.end)]
-    decimals = 4 if KIND_UNITS.get(str(row.kind)) == "pu" else 1
-    numbers = [_fmt_fixed(row.duration_h, 2), _fmt_fixed(row.worst, decimals),
-               _fmt_fixed(row.limit, decimals)]
-    unit = KIND_UNITS.get(str(row.kind), "")
-    cells = [f"<td>{html.escape(t)}</td>" for t in text]
-    cells += [f"<td class=\"num\">{html.escape(n)}</td>" for n in numbers]
-    cells.append(f"<td>{html.escape(unit)}</td>")
-    return f"<tr>{''.join(cells)}</tr>"
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -451,10 +387,6 @@ def _check_columns(frame: pd.DataFrame, name: str, columns: tuple[str, ...]) -> 
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise InputError(f"StudyReportData.{name} lacks column(s) {missing}")
-
-
-def _is_empty(frame: pd.DataFrame) -> bool:
-    return frame is None or frame.empty
 
 
 def _bus_key(buses: pd.Series) -> pd.Series:
@@ -480,45 +412,3 @@ def _as_int(value) -> int | None:
 
 def _phase_name(phase) -> str:
     return PHASE_NAMES.get(_as_int(phase), f"phase {phase}")
-
-
-def _fmt_time(value) -> str:
-    """UTC ISO 8601 with a trailing Z; naive input taken as UTC; missing -> ''."""
-    if value is None or pd.isna(value):
-        return ""
-    ts = pd.Timestamp(value)
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return ts.isoformat().replace("+00:00", "Z")
-
-
-def _fmt_value(value) -> str:
-    """Numbers with a precision suited to their size; datetimes as UTC ISO; others as str."""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        return _fmt_float(float(value))
-    if isinstance(value, (pd.Timestamp, np.datetime64)) or hasattr(value, "tzinfo"):
-        return _fmt_time(value)
-    return "" if value is None else str(value)
-
-
-def _fmt_fixed(value, decimals: int) -> str:
-    """A number with fixed decimals (aligned table columns); missing or non-numeric -> str."""
-    number = pd.to_numeric(value, errors="coerce")
-    if pd.isna(number):
-        return "" if value is None or pd.isna(value) else str(value)
-    return f"{float(number):,.{decimals}f}"
-
-
-def _fmt_float(value: float) -> str:
-    if np.isnan(value):
-        return ""
-    if value == int(value) and abs(value) < 1e15:
-        return f"{int(value):,}"
-    if abs(value) >= 100:
-        return f"{value:,.1f}"
-    if abs(value) >= 10:
-        return f"{value:.2f}"
-    return f"{value:.4f}".rstrip("0").rstrip(".")
