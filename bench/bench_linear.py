@@ -12,6 +12,8 @@ frozen (``controlmode=off``) at that operating point:
   *same-sign*: every node pushes the same way, the net total is the drawn share;
   *mixed*: each node has its own random sign, the sum of magnitudes is the drawn share.
   ``|V0|+u`` is the error of the plain first-order readout, for comparison.
+* **build with branches**: the same with ``branches=True`` (branch-current sensitivities
+  too), in the notes under the table.
 * **AC s**: median time of one OpenDSS solve with the injections (reference), and the
   ratio build / AC.
 
@@ -67,8 +69,14 @@ def run_feeder(key: str, draws: int, share: float) -> dict:
         build_linear_model(engine, nodes)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
+    br_walls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        build_linear_model(engine, nodes, branches=True)
+        br_walls.append(time.perf_counter() - t0)
     out = {"feeder": f"IEEE {key}", "nodes": n, "inj": len(nodes), "build": min(walls),
-           "build_med": statistics.median(walls), "build_cpu": min(cpus), "ac": []}
+           "build_med": statistics.median(walls), "build_cpu": min(cpus), "ac": [],
+           "build_br": min(br_walls)}
     for mixed in (False, True):
         err, err_taylor = [], []
         for seed in range(draws):
@@ -117,7 +125,8 @@ def main() -> None:
     print()
     for r in rows:
         print(f"- {r['feeder']}: build wall min {r['build']:.3f} s, median "
-              f"{r['build_med']:.3f} s, CPU {r['build_cpu']:.3f} s; worst draws: same-sign "
+              f"{r['build_med']:.3f} s, CPU {r['build_cpu']:.3f} s; with branch-current "
+              f"sensitivities (branches=True) {r['build_br']:.3f} s; worst draws: same-sign "
               f"seed {r['same_seed']}, mixed seed {r['mixed_seed']}; nodes left out as "
               f"ungrounded: {', '.join(r['excluded']) or 'none'}")
     if load0 > 1.5:

@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import pytest
 
-from derms.errors import ModelError
+from derms.errors import InputError, ModelError
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
 from derms.powerflow.linear import build_linear_model, solve_ac_with_injections
 from derms.powerflow.linear_check import draw_injections, linearisation_error
@@ -176,3 +176,43 @@ def test_ieee8500_same_sign_target(ieee8500):
     errors = [_error(ieee8500, *_draw(ieee8500, np.random.default_rng(seed), mixed=False))
               for seed in (4, 9)]
     assert max(errors) <= 0.01, errors
+
+
+@pytest.mark.parametrize("feeder", ["ieee13", "ieee123"])
+def test_branch_currents_at_operating_point_match_engine(feeder, request):
+    """I0 = M V0 reproduces the engine's own terminal currents: M is the network's."""
+    from derms.powerflow.collect import StepCollector, build_index
+
+    engine = request.getfixturevalue(feeder)
+    index = build_index(engine)
+    col = StepCollector(engine, index, 1)
+    col.collect(0)
+    model = build_linear_model(engine, engine.node_names()[3:6], branches=True)
+    assert list(model.branches.element) == list(index.branch_element.astype(str))
+    np.testing.assert_allclose(model.branches.i0_a, col.i_a[0], atol=2e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("node", ["48.1", "65.3", "300.2"])
+def test_branch_current_sensitivity_matches_finite_difference(ieee123, node):
+    from derms.powerflow.collect import StepCollector, build_index
+
+    model = build_linear_model(ieee123, [node], branches=True, load_band_pu=0.0)
+    index = build_index(ieee123)
+    before, after = StepCollector(ieee123, index, 1), StepCollector(ieee123, index, 1)
+    before.collect(0)
+    p, q = np.array([-0.5]), np.array([0.2])  # small: loads at 1.0497 pu switch law at 1.05
+    solve_ac_with_injections(ieee123, [node], p, q, restore=False)
+    after.collect(0)
+    ieee123.solve()
+    di_ac = after.i_a[0].astype(float) - before.i_a[0]
+    di_lin = model.predict_i_a(p, q) - model.branches.i0_a
+    carrying = model.branches.i0_a > 1.0  # |I| is not differentiable where I passes 0
+    assert np.abs(di_ac[carrying]).max() > 0.1
+    # float32 storage of ~650 A currents quantises the AC figure to ~6e-5 A
+    np.testing.assert_allclose(di_lin[carrying], di_ac[carrying], rtol=1e-2, atol=3e-4)
+
+
+def test_predict_i_a_needs_branches(ieee13):
+    model = build_linear_model(ieee13, ["671.1"])
+    with pytest.raises(InputError, match="branches=True"):
+        model.predict_i_a(np.zeros(1), np.zeros(1))

@@ -48,7 +48,8 @@ Limits
   an ungrounded island (e.g. IEEE 123 bus 610 behind a delta-delta transformer) that is
   ill-posed; such injection nodes are logged as ``floating_nodes``.
 * The Vsource stays a Norton equivalent as in OpenDSS (source-bus voltages move a little).
-* Branch-current sensitivities are not provided yet.
+* Branch-current sensitivities (``branches=True``) are first order in ``|I|``: a branch
+  whose current passes through zero (reverses) is not linear in ``|I|`` there.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from derms.errors import ConvergenceError, InputError, ModelError
+from derms.powerflow.linear_branches import branch_current_matrix
 from derms.powerflow.linear_loads import branch_jacobian, branch_voltage, read_branches
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,23 @@ log = logging.getLogger(__name__)
 _BATCH_NODES = 128  # injection nodes per solve: 2 x 128 RHS columns (≈ 35 MB on IEEE 8500)
 _AC_PREFIX = "dlin__"
 _FLOATING_PU_PER_KW = 1.0  # own-node sensitivity that betrays an ungrounded island
+
+
+@dataclass(frozen=True, slots=True)
+class BranchSensitivities:
+    """Current-magnitude sensitivities of branch conductors (terminal 1, per phase).
+
+    Rows follow :class:`derms.powerflow.collect.NetworkIndex` (``element``, ``phase``);
+    ``i0_a`` is the operating-point current [A]; ``di_dp_a_per_kw`` / ``di_dq_a_per_kvar``
+    (n_conductors, n_inj) are ``d|I| / dp`` [A/kW] and ``d|I| / dq`` [A/kvar] for the
+    same net-import powers as the voltage blocks.
+    """
+
+    element: np.ndarray
+    phase: np.ndarray
+    i0_a: np.ndarray
+    di_dp_a_per_kw: np.ndarray
+    di_dq_a_per_kvar: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +114,20 @@ class LinearModel:
     injection_nodes: list[str]
     dv_dp_pu_per_kw: np.ndarray
     dv_dq_pu_per_kvar: np.ndarray
+    branches: BranchSensitivities | None = None
+
+    def predict_i_a(self, p_kw: np.ndarray, q_kvar: np.ndarray) -> np.ndarray:
+        """Branch conductor current magnitudes [A] after the power changes (first order).
+
+        Needs a model built with ``branches=True``; shapes as in :meth:`predict_v_pu`.
+        """
+        if self.branches is None:
+            raise InputError("this linear model was built without branches=True")
+        b = self.branches
+        p = np.asarray(p_kw, dtype=float)
+        q = np.asarray(q_kvar, dtype=float)
+        i0 = b.i0_a[:, None] if p.ndim == 2 else b.i0_a
+        return np.maximum(i0 + b.di_dp_a_per_kw @ p + b.di_dq_a_per_kvar @ q, 0.0)
 
     def predict_v_pu(self, p_kw: np.ndarray, q_kvar: np.ndarray) -> np.ndarray:
         """Node voltage magnitudes [pu] after power changes at the injection nodes.
@@ -131,7 +164,8 @@ class LinearModel:
 
 
 def build_linear_model(
-    engine, injection_nodes: Sequence[str] | None = None, *, load_band_pu: float = 0.05
+    engine, injection_nodes: Sequence[str] | None = None, *, load_band_pu: float = 0.05,
+    branches: bool = False,
 ) -> LinearModel:
     """Linearise a solved engine around its operating point.
 
@@ -145,6 +179,9 @@ def build_linear_model(
     load_band_pu : float
         Half-width [pu of each load's base] of the secant used for the loads' voltage
         dependence; 0 = tangent (exact Jacobian). See the module docstring.
+    branches : bool
+        Also compute branch-current sensitivities (:class:`BranchSensitivities`; memory:
+        16 bytes x branch conductors per injection node).
 
     Returns
     -------
@@ -199,6 +236,14 @@ def build_linear_model(
     pr, pi = proj.real[node_perm, None], -proj.imag[node_perm, None]
     dvp = np.empty((n, inj.size))
     dvq = np.empty((n, inj.size))
+    if branches:
+        m_br, index = branch_current_matrix(engine)
+        i0 = m_br @ v0
+        i0_a = np.abs(i0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            proj_i = np.where(i0_a > 0, np.conj(i0) / i0_a, 0)
+        dip = np.empty((m_br.shape[0], inj.size))
+        diq = np.empty((m_br.shape[0], inj.size))
     # RHS: an import dS at node k injects the current -conj(dS / V0_k); 1 kW = 1000 W.
     cur_p = -1000.0 / np.conj(v0[inj])
     cur_q = 1000.0j / np.conj(v0[inj])
@@ -215,6 +260,11 @@ def build_linear_model(
         sens += pi * x[:, 1]
         dvp[node_perm, lo:hi] = sens[:, :m]
         dvq[node_perm, lo:hi] = sens[:, m:]
+        if branches:
+            dv = np.empty((n, 2 * m), dtype=complex)
+            dv[node_perm] = x[:, 0] + 1j * x[:, 1]
+            di = (proj_i[:, None] * (m_br @ dv)).real
+            dip[:, lo:hi], diq[:, lo:hi] = di[:, :m], di[:, m:]
     own = np.maximum(np.abs(dvp[inj, np.arange(inj.size)]), np.abs(dvq[inj, np.arange(inj.size)]))
     if (own > _FLOATING_PU_PER_KW).any():
         log.warning(
@@ -223,7 +273,11 @@ def build_linear_model(
             ",".join(inj_names[k] for k in np.flatnonzero(own > _FLOATING_PU_PER_KW)),
             own.max(),
         )
-    return LinearModel(names, np.abs(v0) / base_v, inj_names, dvp, dvq)
+    sens_br = None
+    if branches:
+        sens_br = BranchSensitivities(index.branch_element.astype(str), index.branch_phase,
+                                      i0_a, dip, diq)
+    return LinearModel(names, np.abs(v0) / base_v, inj_names, dvp, dvq, sens_br)
 
 
 class _LeafSolver:
