@@ -9,7 +9,9 @@ solved (e.g. debug traces of regulators) and must never write into shared or bun
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from derms.errors import ConvergenceError, InputError, ModelError
 log = logging.getLogger(__name__)
 
 ControlMode = Literal["static", "time", "off"]
+_CWD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +66,10 @@ class OpenDSSEngine:
         self.settings = settings or SolveSettings()
         self._tmp = Path(tempfile.mkdtemp(prefix="derms-dss-"))
         self.ctx = _dss_module().NewContext()
-        self.ctx.AllowChangeDir = False
         self.ctx.AllowForms = False
         try:
             self.master = _stage_copy(self.source_master, self._tmp)
-            self.command(f'compile "{self.master}"')
+            self._compile()
         except ModelError as exc:
             self.close()
             raise ModelError(f"{self.source_master}: cannot compile: {exc}") from None
@@ -75,6 +77,19 @@ class OpenDSSEngine:
             self.close()
             raise ModelError(f"{self.source_master}: no circuit defined (no 'New Circuit' line)")
         self.apply_settings(self.settings)
+
+    def _compile(self) -> None:
+        """Compile the staged copy. OpenDSS resolves some relative paths (e.g. ``uuids``)
+        against the working directory, so it may change directory into the copy while
+        compiling; the process's directory is restored afterwards, under a lock."""
+        with _CWD_LOCK:
+            cwd = os.getcwd()
+            self.ctx.AllowChangeDir = True
+            try:
+                self.command(f'compile "{self.master}"')
+            finally:
+                self.ctx.AllowChangeDir = False
+                os.chdir(cwd)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
