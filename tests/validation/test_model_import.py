@@ -78,3 +78,14 @@ def test_compile_never_writes_into_the_source_folder(tmp_path):
         eng.solve()
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     assert after == before
+
+
+def test_compile_restores_the_working_directory(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    with OpenDSSEngine(resolve_master("ieee13")) as eng:
+        assert os.getcwd() == str(tmp_path)
+        eng.solve_snapshot()
+    assert os.getcwd() == str(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written where the user stands
