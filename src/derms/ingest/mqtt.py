@@ -1,0 +1,184 @@
+"""MQTT telemetry subscriber: at-least-once delivery into an idempotent sink.
+
+Topic scheme (QoS 1)
+--------------------
+``derms/v1/telemetry/<source>`` — payload: a JSON batch in any shape that
+:func:`derms.ingest.parse.parse_json` accepts (one reading object, a list of them, or
+columns). ``<source>`` (e.g. ``scada``, ``ami``, ``der``, an aggregator id) is stored as the
+readings' source. A rejected payload is reported on ``derms/v1/errors/<source>`` (JSON:
+``{"mid": …, "detail": …, "errors": [{"row", "field", "detail"}]}``) and acknowledged, so
+it is not redelivered forever.
+
+Delivery: the client uses a persistent session (``clean_session=False``, fixed client id)
+and ``manual_ack``: the network thread only queues messages; a writer thread drains the
+queue in batches, writes them through the sink in one transaction and only then
+acknowledges every message of the batch. A crash before the commit leaves the messages
+unacknowledged, and the broker redelivers them; the sink must be idempotent (the store
+drops duplicates on its natural key), so redelivery never duplicates a reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from derms.errors import InputError
+from derms.ingest.parse import BatchError, ReadingBatch, parse_json
+
+log = logging.getLogger(__name__)
+
+TOPIC_PREFIX = "derms/v1/telemetry/"
+ERROR_PREFIX = "derms/v1/errors/"
+
+Sink = Callable[[ReadingBatch], int]
+"""Writes a batch durably (commits) and returns how many readings were new."""
+
+
+@dataclass
+class IngestStats:
+    """Counters of the subscriber (messages and readings)."""
+
+    messages: int = 0
+    rejected: int = 0
+    readings: int = 0
+    inserted: int = 0
+    batches: int = 0
+
+
+def concat(batches: list[ReadingBatch]) -> ReadingBatch:
+    """One batch from several (sources kept per reading is not needed: same source)."""
+    return ReadingBatch(
+        series=np.concatenate([b.series for b in batches]),
+        quantity=np.concatenate([b.quantity for b in batches]),
+        t_us=np.concatenate([b.t_us for b in batches]),
+        value=np.concatenate([b.value for b in batches]),
+        quality=np.concatenate([b.quality for b in batches]),
+        source=batches[0].source,
+    )
+
+
+class MqttIngest:
+    """Subscribe to ``derms/v1/telemetry/#`` and write readings through ``sink``.
+
+    ``known_series`` (callable returning a set, or None) rejects readings of unknown series.
+    ``max_batch`` readings or ``max_delay_s`` seconds, whichever first, close a write batch.
+    """
+
+    def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 1883,
+                 client_id: str = "derms-ingest", known_series: Callable[[], set[str]] | None
+                 = None, max_batch: int = 50_000, max_delay_s: float = 0.2) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.sink, self.known_series = sink, known_series
+        self.max_batch, self.max_delay_s = max_batch, max_delay_s
+        self.stats = IngestStats()
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  clean_session=False, manual_ack=True)
+        self.client.max_inflight_messages_set(1000)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda _c, _u, msg: self._queue.put(msg)
+        self.host, self.port = host, port
+        self._writer = threading.Thread(target=self._run_writer, name="mqtt-ingest-writer",
+                                        daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Connect, subscribe and start the writer; raises InputError if the broker is
+        unreachable within ``timeout_s``."""
+        try:
+            self.client.connect(self.host, self.port, keepalive=30)
+        except OSError as exc:
+            raise InputError(f"MQTT broker {self.host}:{self.port} unreachable: {exc}") from None
+        self.client.loop_start()
+        if not self._connected.wait(timeout_s):
+            self.client.loop_stop()
+            raise InputError(f"MQTT broker {self.host}:{self.port} did not accept the session")
+        self._writer.start()
+
+    def stop(self) -> None:
+        """Drain what is queued, acknowledge it, disconnect."""
+        self._stop.set()
+        if self._writer.is_alive():
+            self._writer.join(timeout=30)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, _userdata, _flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            log.error("mqtt_connect_failed reason=%s", reason_code)
+            return
+        client.subscribe(TOPIC_PREFIX + "#", qos=1)
+        self._connected.set()
+
+    # -- writer ---------------------------------------------------------------------------
+    def _run_writer(self) -> None:
+        while not (self._stop.is_set() and self._queue.empty()):
+            msgs = self._take_batch()
+            if not msgs:
+                continue
+            try:
+                self._write(msgs)
+            except Exception:  # noqa: BLE001 - the sink failed: keep the messages, retry
+                log.exception("mqtt_sink_failed messages=%d; retrying", len(msgs))
+                for msg in msgs:
+                    self._queue.put(msg)
+                time.sleep(1.0)
+
+    def _take_batch(self) -> list:
+        msgs, n = [], 0
+        deadline = time.monotonic() + self.max_delay_s
+        while n < self.max_batch:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            try:
+                msg = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                break
+            msgs.append(msg)
+            n += 1 + msg.payload.count(b"},{")  # rough size: readings per message
+        return msgs
+
+    def _write(self, msgs: list) -> None:
+        known = self.known_series() if self.known_series else None
+        by_source: dict[str, list[ReadingBatch]] = {}
+        good = []
+        for msg in msgs:
+            source = msg.topic[len(TOPIC_PREFIX):] or "mqtt"
+            try:
+                batch = parse_json(msg.payload, source=source, known_series=known)
+            except InputError as exc:
+                self._reject(msg, source, exc)
+                continue
+            by_source.setdefault(source, []).append(batch)
+            good.append(msg)
+        for batches in by_source.values():
+            batch = concat(batches)
+            self.stats.inserted += self.sink(batch)  # commits; raises -> no ack, redelivery
+            self.stats.readings += len(batch)
+        self.stats.batches += 1
+        self.stats.messages += len(msgs)
+        for msg in msgs:
+            self.client.ack(msg.mid, msg.qos)
+
+    def _reject(self, msg, source: str, exc: InputError) -> None:
+        self.stats.rejected += 1
+        errors = [vars(e) if not hasattr(e, "__slots__") else
+                  {"row": e.row, "field": e.field, "detail": e.detail}
+                  for e in getattr(exc, "errors", [])][:100]
+        report = {"mid": msg.mid, "topic": msg.topic, "detail": str(exc), "errors": errors}
+        log.warning("mqtt_rejected topic=%s detail=%s", msg.topic, exc)
+        self.client.publish(ERROR_PREFIX + source, json.dumps(report), qos=1)
+
+
+__all__ = ["ERROR_PREFIX", "TOPIC_PREFIX", "BatchError", "IngestStats", "MqttIngest", "Sink"]
