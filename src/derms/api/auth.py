@@ -1,0 +1,86 @@
+"""API tokens with scopes: ``read`` < ``operate`` < ``admin`` (each includes the ones before).
+
+A token is ``derms_<id>_<secret>``; only ``sha256(secret)`` is stored, with its scopes.
+Requests carry ``Authorization: Bearer <token>``. Missing or malformed → 401 (with
+``WWW-Authenticate``), unknown or revoked → 401, insufficient scope → 403; there are no
+anonymous writes (every route but health, readiness and metrics needs a token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from derms.api.problems import Problem
+
+SCOPES = ("read", "operate", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A stored token: public id, secret hash, scope, revoked flag."""
+
+    token_id: str
+    secret_sha256: str
+    scope: str
+    revoked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: token id and its scope."""
+
+    token_id: str
+    scope: str
+
+    def allows(self, needed: str) -> bool:
+        return SCOPES.index(self.scope) >= SCOPES.index(needed)
+
+
+def new_token(scope: str) -> tuple[str, TokenRecord]:
+    """Mint a token: the plain text (shown once) and the record to store."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
+    token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(24)
+    record = TokenRecord(token_id, hashlib.sha256(secret.encode()).hexdigest(), scope)
+    return f"derms_{token_id}_{secret}", record
+
+
+def _parse(token: str) -> tuple[str, str] | None:
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != "derms" or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+def authenticate(header: str | None, lookup: Callable[[str], TokenRecord | None]) -> Principal:
+    """The principal for an ``Authorization`` header value (raises 401 problems)."""
+    challenge = {"WWW-Authenticate": 'Bearer realm="derms"'}
+    if not header or not header.lower().startswith("bearer "):
+        raise Problem(401, "missing bearer token", headers=challenge)
+    parsed = _parse(header[7:].strip())
+    if parsed is None:
+        raise Problem(401, "malformed token", headers=challenge)
+    record = lookup(parsed[0])
+    digest = hashlib.sha256(parsed[1].encode()).hexdigest()
+    if record is None or record.revoked or not hmac.compare_digest(digest, record.secret_sha256):
+        raise Problem(401, "unknown or revoked token", headers=challenge)
+    return Principal(record.token_id, record.scope)
+
+
+def require(scope: str):
+    """FastAPI dependency: the caller's :class:`Principal`, with at least ``scope``."""
+
+    def dependency(request: Request) -> Principal:
+        lookup = request.app.state.token_lookup
+        principal = authenticate(request.headers.get("authorization"), lookup)
+        if not principal.allows(scope):
+            raise Problem(403, f"token scope {principal.scope!r} does not allow {scope!r}")
+        return principal
+
+    return dependency
