@@ -45,21 +45,26 @@ ARGS = _args() if __name__ == "__main__" else None
 if ARGS is not None:
     os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.blas_threads)
 
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import statistics
+import subprocess
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from derms.analysis.state_estimation import estimate_state  # noqa: E402
-from derms.powerflow.collect import build_index  # noqa: E402
-from tests.validation.test_state_estimation import (  # noqa: E402
-    HEAD_BUS, NOISE, load_table, make_engine, make_scenario, meter_nodes_service_transformers,
+from derms.analysis.state_estimation import estimate_state
+from derms.powerflow.collect import build_index
+from tests.validation.test_state_estimation import (
+    HEAD_BUS,
+    NOISE,
+    load_table,
+    make_engine,
+    make_scenario,
+    meter_nodes_service_transformers,
     set_loads,
 )
 
@@ -93,18 +98,18 @@ def run(seeds: int) -> list[dict]:
             m = len(sc.meas.v_nodes) + 2 * est.head_p_kw.size
             set_loads(engine, p0, q0)
             engine.solve()
-        rows.append(dict(
-            noise=noise, nodes=n_nodes, meas=m, pseudo=2 * len(names), iters=iters,
-            t_med=statistics.median(times), t_max=max(times), err_max=max(errs),
-            err_mean=float(np.mean(means)), ac=statistics.median(ac), conv=all(conv),
-            errs=errs,
-        ))
+        rows.append({
+            "noise": noise, "nodes": n_nodes, "meas": m, "pseudo": 2 * len(names),
+            "iters": iters, "t_med": statistics.median(times), "t_max": max(times),
+            "err_max": max(errs), "err_mean": float(np.mean(means)),
+            "ac": statistics.median(ac), "conv": all(conv), "errs": errs,
+        })
     engine.close()
     return rows
 
 
 def main() -> None:
-    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}",
+    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True, check=False).stdout.strip()}",
           file=sys.stderr)
     rows = run(ARGS.seeds)
     print(f"\nState estimation, IEEE 8500, {ARGS.seeds} seeds per row, "
@@ -122,7 +127,7 @@ def main() -> None:
     for r in rows:
         print(f"- sigma {100 * r['noise']:.2f} %: max time {r['t_max']:.3f} s; per-seed max "
               f"error {', '.join(f'{e:.4f}' for e in r['errs'])} pu; all converged: {r['conv']}")
-    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}",
+    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True, check=False).stdout.strip()}",
           file=sys.stderr)
 
 

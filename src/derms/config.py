@@ -27,12 +27,19 @@ class Settings(BaseSettings):
     database_url
         SQLAlchemy URL of the store (``DERMS_DATABASE_URL``). Default: the SQLite file
         ``<data_dir>/derms.db``. PostgreSQL URLs (``postgresql://...``) use psycopg 3.
+    max_body_bytes
+        Largest API request body; larger ones get 413 (``DERMS_MAX_BODY_BYTES``).
+    mqtt_host, mqtt_port
+        Broker of the MQTT telemetry subscriber (``DERMS_MQTT_HOST``, ``DERMS_MQTT_PORT``).
     """
 
     model_config = SettingsConfigDict(env_prefix="DERMS_", extra="ignore")
 
     data_dir: Path = Field(default_factory=_default_data_dir)
     database_url: str = ""
+    max_body_bytes: int = 32 * 1024 * 1024  # largest request body the API accepts
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -32,55 +32,12 @@ from derms.store.models import (
     Protocol,
 )
 from derms.store.timeseries import Quality, ReadingRow, read_readings, write_readings, write_series
+from tests.integration.conftest import pg_create as _pg_create
+from tests.integration.conftest import pg_drop as _pg_drop
+from tests.integration.conftest import pg_url as _pg_url
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
-
-def _pg_admin():
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        return psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test",
-                               autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
-
-
-def _pg_create() -> str:
-    name = f"derms_test_{uuid.uuid4().hex[:12]}"
-    with _pg_admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name
-
-
-def _pg_drop(name: str) -> None:
-    with _pg_admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _pg_url(name: str) -> str:
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def backend(request):
-    return request.param
-
-
-@pytest.fixture(scope="session")
-def db_url(backend, tmp_path_factory):
-    """A migrated database per backend, shared by the tests of the session."""
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'derms.db'}"
-        upgrade(url)
-        yield url
-        return
-    name = _pg_create()
-    try:
-        upgrade(_pg_url(name))
-        yield _pg_url(name)
-    finally:
-        _pg_drop(name)
 
 
 @pytest.fixture(scope="session")

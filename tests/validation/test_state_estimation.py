@@ -18,6 +18,7 @@ import pytest
 from derms.analysis.state_estimation import Measurements, estimate_state
 from derms.errors import InputError, ModelError
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+from derms.powerflow.network_jacobian import complex_pairs
 from tests.conftest import shared_master
 
 HEAD_BUS = {"ieee13": "650", "ieee123": "150r", "ieee8500": "regxfmr_hvmv_sub_lsb"}
@@ -239,7 +240,7 @@ def test_branch_currents_with_index(ieee13):
     assert np.isfinite(est.branch_i_a).all() and est.branch_i_a.max() > 0
     # the engine is left at the estimate: its voltages are the estimate's
     np.testing.assert_allclose(ieee13.node_voltages_pu(), est.v_pu)
-    names, p0, q0 = load_table(ieee13)
+    names, p0, _ = load_table(ieee13)
     np.testing.assert_allclose(p0, est.load_p_kw)
     set_loads(ieee13, sc.base[: len(names)], sc.base[len(names):])
     ieee13.solve()
@@ -315,7 +316,7 @@ def test_measurement_jacobian_matches_finite_differences(ieee123):
     mv_e = np.array([epos[s] for s in sc.meas.v_nodes])
     x = np.r_[p0, q0]
     k = len(names)
-    v_y = se._complex(ckt.YNodeVarray)
+    v_y = complex_pairs(ckt.YNodeVarray)
     h = se._measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, np.asarray(names, object),
                                  x, 3)
     h0 = se._measure(engine, mv_e, 3)

@@ -56,7 +56,13 @@ Assumptions and limits
 * The Vsource is the head: head P/Q are its terminal powers. Head voltage is an ordinary
   voltage measurement at whichever head nodes are named.
 * The engine is left solved at the estimate (loads set to the estimated kW/kvar), unless
-  ``restore=True``.
+  ``restore=True`` or the estimate fails (then the loads are put back).
+* Noise-limited where each meter is alone: one AMI meter per service transformer and
+  50 % priors leave no redundancy at the customer bus, so with sigma = 1 % per meter the
+  largest node error on IEEE 8500 is 0.012-0.019 pu (mean 0.0014 pu), at sigma = 1/3 %
+  0.007-0.009 pu; without noise 0.0002-0.0023 pu (bench/bench_state_estimation.py).
+* Cost on IEEE 8500 (1,186 meter/head rows, 2,354 states): the adjoint solves
+  (≈ 0.4 s) and the dense m x m algebra (≈ 0.2 s) dominate; each AC solve ≈ 0.02 s.
 """
 
 from __future__ import annotations
@@ -72,8 +78,8 @@ from scipy.stats import chi2 as _chi2
 
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector
-from derms.powerflow.linear import _complex, _jacobian, _LeafSolver
 from derms.powerflow.linear_loads import branch_power, branch_voltage, read_branches
+from derms.powerflow.network_jacobian import LeafSolver, complex_pairs, network_jacobian
 
 log = logging.getLogger(__name__)
 
@@ -217,11 +223,12 @@ def estimate_state(
     orig = _read_loads(loads, load_idx)
     settings = engine.settings
     engine.set_control_mode("off")
+    done = False
     try:
         x = xp.copy()
         _write_loads(loads, load_idx, x)
         engine.solve()
-        v_y = _complex(ckt.YNodeVarray)
+        v_y = complex_pairs(ckt.YNodeVarray)
         mv_y = np.fromiter((ypos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
         if (np.abs(v_y[mv_y]) == 0).any():
             dead = v_nodes[int(np.flatnonzero(np.abs(v_y[mv_y]) == 0)[0])]
@@ -277,8 +284,8 @@ def estimate_state(
             with np.errstate(divide="ignore", invalid="ignore"):
                 load_pct = np.where(index.branch_norm_a > 0, 100 * i_a / index.branch_norm_a,
                                     np.nan)
-            br = dict(branch_element=index.branch_element, branch_phase=index.branch_phase,
-                      branch_i_a=i_a, branch_loading_pct=load_pct)
+            br = {"branch_element": index.branch_element, "branch_phase": index.branch_phase,
+                  "branch_i_a": i_a, "branch_loading_pct": load_pct}
         labels = ([f"v:{s}" for s in v_nodes]
                   + [f"head_p:{p + 1}" for p in range(n_ph if z_h.size else 0)]
                   + [f"head_q:{p + 1}" for p in range(n_ph if z_h.size else 0)]
@@ -297,12 +304,18 @@ def estimate_state(
             largest_nr_row=int(np.nanargmax(np.abs(nr))), lnr_threshold=lnr_threshold,
             iterations=it, converged=converged, notes=notes, **br,
         )
+        done = True
     finally:
-        if restore:
+        back = restore or not done  # on an error, never leave the loads half-estimated
+        if back:
             _write_loads(loads, load_idx, orig)
         engine.apply_settings(settings)
-        if restore:
-            engine.solve()
+        if back:
+            try:
+                engine.solve()
+            except ConvergenceError:
+                if done:
+                    raise
     return result
 
 
@@ -334,12 +347,11 @@ def _activate_source(ckt) -> None:
 def _measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: int
                           ) -> np.ndarray:
     """H (m_meas x 2 n_loads): d(meters, head P, head Q) / d(load kW, load kvar)."""
-    ckt = engine.circuit
     br = read_branches(engine, v_y)
-    jac = _jacobian(engine, v_y, br, 0.0)
+    jac = network_jacobian(engine, v_y, br, 0.0)
     n = len(y_names)
     bus = np.unique([s.rsplit(".", 1)[0] for s in y_names], return_inverse=True)[1]
-    solver = _LeafSolver(jac.T.tocsr(), np.repeat(bus, 2), max_rounds=10)
+    solver = LeafSolver(jac.T.tocsr(), np.repeat(bus, 2), max_rounds=10)
 
     # functionals c (2n x m) over (Re dV, Im dV) in Y order
     base = _y_bases_v(engine, y_of_e)
@@ -355,10 +367,10 @@ def _measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: i
     return _adjoint_rows(solver, c, e_mat)
 
 
-def _adjoint_rows(solver: _LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -> np.ndarray:
+def _adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -> np.ndarray:
     """``(J^-T c)^T E`` for sparse functionals ``c`` (2n x m): one adjoint solve per column.
 
-    Same arithmetic as ``_LeafSolver.solve`` but the forward elimination of the leaf
+    Same arithmetic as ``LeafSolver.solve`` but the forward elimination of the leaf
     rounds runs on the *sparse* right-hand sides (a meter's functional touches one node
     and stays local until it reaches the core), and only ``E``'s rows are read back.
     """
@@ -378,9 +390,7 @@ def _adjoint_rows(solver: _LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -
         for (a, cc, _, _, _, f), s_r in zip(solver.rounds, sel):
             b = (b - s_r @ (f @ b[a:cc])).tocsr()
         y = b.toarray()
-        core = y[solver.core:]
-        for j in range(0, hi - lo, 128):
-            core[:, j:j + 128] = solver.lu.solve(np.asfortranarray(core[:, j:j + 128]))
+        y[solver.core:] = solver.lu.solve(b[solver.core:].toarray(order="F"))
         for r, (a, cc, inv, m_mat, _, _) in enumerate(reversed(solver.rounds)):
             if r == len(solver.rounds) - 1 and a == 0:  # outermost leaves: E's rows only
                 y[need] = inv[need] @ y[a:cc] - m_mat[need] @ y[cc:]
@@ -404,7 +414,7 @@ def _head_functionals(engine, v_y, n: int, n_ph: int) -> np.ndarray:
     refs = np.asarray(el.NodeRef, dtype=int) - 1
     yp = np.asarray(el.Yprim, dtype=float)
     ymat = (yp[0::2] + 1j * yp[1::2]).reshape(ncond, ncond)
-    cur = _complex(el.Currents)
+    cur = complex_pairs(el.Currents)
     out = np.zeros((2 * n, 2 * n_ph))
     for p in range(n_ph):
         if refs[p] < 0:
@@ -552,4 +562,4 @@ def _check_head(engine, meas: Measurements) -> tuple[np.ndarray, np.ndarray, int
     return z, s, nph
 
 
-__all__ = ["Measurements", "StateEstimate", "estimate_state", "ConvergenceError"]
+__all__ = ["Measurements", "StateEstimate", "estimate_state"]

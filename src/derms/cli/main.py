@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from derms.errors import DermsError, InputError
+from derms.timeutil import parse_duration
 
 app = typer.Typer(
     help="derms: Distributed Energy Resource Management System (feeder studies).",
@@ -51,18 +51,9 @@ def _handle_errors(func):
     return wrapper
 
 
-_STEP_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|hour)?\s*$", re.IGNORECASE)
-
-
 def parse_step(text: str) -> timedelta:
     """Parse "15min", "1h", "60s", "5m" into a timedelta (InputError when malformed)."""
-    m = _STEP_RE.match(text)
-    if not m:
-        raise InputError(f"--step {text!r}: expected a duration like 15min, 1h or 300s")
-    value, unit = float(m.group(1)), (m.group(2) or "min").lower()
-    seconds = value * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600,
-                       "hour": 3600}[unit]
-    return timedelta(seconds=seconds)
+    return parse_duration(text, "--step")
 
 
 def _parse_start(text: str) -> datetime:
@@ -220,6 +211,85 @@ def study(
     if bad:
         err_console.print(f"[yellow]warning:[/] {bad} steps did not converge (see summary.json)")
     out_console.print(f"report: {paths['report'].resolve()}", highlight=False)
+
+
+db_app = typer.Typer(help="Database: migrations.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
+
+
+@db_app.command("upgrade")
+@_handle_errors
+def db_upgrade() -> None:
+    """Create or migrate the database at DERMS_DATABASE_URL (default: SQLite in the data dir)."""
+    from derms.config import get_settings
+    from derms.store.migrate import current_revision, upgrade
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    out_console.print(f"database at revision {current_revision(settings.database_url)}",
+                      highlight=False)
+
+
+@token_app.command("create")
+@_handle_errors
+def token_create(
+    scope: Annotated[str, typer.Option(help="read, operate or admin.")] = "read",
+    name: Annotated[str, typer.Option(help="What the token is for.")] = "",
+) -> None:
+    """Mint an API token; it is printed once and stored only as a hash."""
+    from derms.api.auth import SCOPES, new_token
+    from derms.config import get_settings
+    from derms.store.db import make_engine, make_session_factory
+    from derms.store.models import ApiToken
+
+    if scope not in SCOPES:
+        raise InputError(f"--scope {scope!r}: expected one of {', '.join(SCOPES)}")
+    text, rec = new_token(scope)
+    engine = make_engine(get_settings().database_url)
+    try:
+        with make_session_factory(engine).begin() as s:
+            s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256,
+                           scope=scope, name=name))
+    finally:
+        engine.dispose()
+    typer.echo(text)
+
+
+@app.command()
+@_handle_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    mqtt: Annotated[bool, typer.Option(help="Run the MQTT telemetry subscriber.")] = True,
+) -> None:
+    """Run the API (and the MQTT ingest) on the database at DERMS_DATABASE_URL."""
+    import logging
+
+    import uvicorn
+
+    from derms.api.app import create_app
+    from derms.config import get_settings
+    from derms.ingest.mqtt import MqttIngest
+    from derms.store.migrate import upgrade
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    settings = get_settings()
+    upgrade(settings.database_url)
+    api = create_app(settings)
+    ingest = None
+    if mqtt:
+        sink = api.state.sink
+        ingest = MqttIngest(sink, host=settings.mqtt_host, port=settings.mqtt_port,
+                            known_series=sink.is_known)
+        ingest.start()
+    try:
+        uvicorn.run(api, host=host, port=port, log_level="info")
+    finally:
+        if ingest is not None:
+            ingest.stop()
 
 
 def main() -> None:  # pragma: no cover - console entry point

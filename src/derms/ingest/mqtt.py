@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from derms.errors import InputError
-from derms.ingest.parse import BatchError, ReadingBatch, parse_json
+from derms.ingest.parse import BatchError, KnownSeries, ReadingBatch, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,14 @@ def concat(batches: list[ReadingBatch]) -> ReadingBatch:
 class MqttIngest:
     """Subscribe to ``derms/v1/telemetry/#`` and write readings through ``sink``.
 
-    ``known_series`` (callable returning a set, or None) rejects readings of unknown series.
+    ``known_series`` (a set, or a function giving a mask of known ids; None accepts any id)
+    rejects readings of unknown series.
     ``max_batch`` readings or ``max_delay_s`` seconds, whichever first, close a write batch.
     """
 
     def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 1883,
-                 client_id: str = "derms-ingest", known_series: Callable[[], set[str]] | None
-                 = None, max_batch: int = 50_000, max_delay_s: float = 0.2) -> None:
+                 client_id: str = "derms-ingest", known_series: KnownSeries = None,
+                 max_batch: int = 50_000, max_delay_s: float = 0.2) -> None:
         import paho.mqtt.client as mqtt
 
         self.sink, self.known_series = sink, known_series
@@ -150,7 +151,7 @@ class MqttIngest:
         return msgs
 
     def _write(self, msgs: list) -> None:
-        known = self.known_series() if self.known_series else None
+        known = self.known_series
         by_source: dict[str, list[ReadingBatch]] = {}
         good = []
         for msg in msgs:

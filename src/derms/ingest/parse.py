@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +31,8 @@ from derms.errors import InputError
 from derms.ingest.units import QUANTITIES, canonical
 
 MAX_ROWS = 1_000_000
+KnownSeries = Collection[str] | Callable[[np.ndarray], np.ndarray] | None
+"""Ids a batch may name: a collection, or a function giving a mask of the known ids."""
 _ZONE = r"(?:Z|z|[+-]\d{2}:?\d{2})$"
 _ALIASES = {"device": "series", "meter": "series", "series_id": "series", "timestamp": "t",
             "time": "t"}
@@ -86,7 +88,7 @@ class _Checker:
 
 
 def parse_json(body: bytes | str, *, source: str = "api",
-               known_series: Collection[str] | None = None) -> ReadingBatch:
+               known_series: KnownSeries = None) -> ReadingBatch:
     """Parse a JSON batch (rows or columns); raises :class:`BatchError` / InputError."""
     try:
         doc = json.loads(body)
@@ -110,7 +112,7 @@ def parse_json(body: bytes | str, *, source: str = "api",
 
 
 def parse_csv(text: str | bytes, *, source: str = "api",
-              known_series: Collection[str] | None = None) -> ReadingBatch:
+              known_series: KnownSeries = None) -> ReadingBatch:
     """Parse a CSV batch (header required); raises :class:`BatchError` / InputError."""
     if isinstance(text, bytes):
         try:
@@ -126,7 +128,7 @@ def parse_csv(text: str | bytes, *, source: str = "api",
 
 
 def validate(frame: pd.DataFrame, *, source: str = "api",
-             known_series: Collection[str] | None = None) -> ReadingBatch:
+             known_series: KnownSeries = None) -> ReadingBatch:
     """Validate a frame of raw readings into a :class:`ReadingBatch` (all or nothing)."""
     frame = frame.rename(columns={c: _ALIASES.get(str(c).strip().lower(), str(c).strip().lower())
                                   for c in frame.columns})
@@ -140,8 +142,11 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
     series = frame["series"].astype(str).str.strip().to_numpy(dtype=object)
     blank = (frame["series"].isna() | (frame["series"].astype(str).str.strip() == "")).to_numpy()
     chk.flag(blank, "series", lambda r: "missing series id")
-    if known_series is not None:
+    if callable(known_series):
+        known = np.asarray(known_series(series), dtype=bool)
+    elif known_series is not None:
         known = pd.Series(series).isin(known_series).to_numpy()  # hashed, not np.isin
+    if known_series is not None:
         chk.flag(~known & ~blank, "series", lambda r: f"unknown series id {series[r]!r}")
 
     unit = frame["unit"] if "unit" in frame.columns else pd.Series([""] * n)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal

@@ -12,7 +12,7 @@ line-to-line across two nodes), following each load's OpenDSS model and voltage 
 (:mod:`derms.powerflow.linear_loads`), linearised as ``dI = A dV + B conj(dV)``. The
 ``conj`` term makes the Jacobian real-linear only, so it is one sparse real ``2n x 2n``
 matrix, factorised once (leaf buses by vectorised block elimination, the rest by
-``scipy.sparse.linalg.splu``, see :class:`_LeafSolver`) and solved only for the chosen
+``scipy.sparse.linalg.splu``, see :class:`~derms.powerflow.network_jacobian.LeafSolver`) and solved only for the chosen
 nodes' right-hand sides, as batched matrix RHS. No nodes x nodes matrix is formed.
 
 A power change ``dS`` at node ``k`` (wye, node to ground) adds the current
@@ -59,12 +59,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.linear_branches import branch_current_matrix
-from derms.powerflow.linear_loads import branch_jacobian, branch_voltage, read_branches
+from derms.powerflow.linear_loads import read_branches
+from derms.powerflow.network_jacobian import LeafSolver, complex_pairs, network_jacobian
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +200,7 @@ def build_linear_model(
     pos = {s: k for k, s in enumerate(names)}
     y_of_out = np.fromiter((pos[s.lower()] for s in ckt.YNodeOrder), dtype=np.int64)
     y_of_out = np.argsort(y_of_out)  # Y index of each node in engine order
-    v_y = _complex(ckt.YNodeVarray)
+    v_y = complex_pairs(ckt.YNodeVarray)
     n = v_y.size
     v0 = v_y[y_of_out]  # from here on, everything is in engine node order
 
@@ -225,9 +224,9 @@ def build_linear_model(
         raise ModelError(f"injection node {dead!r} is de-energised (0 V at the operating point)")
     perm2 = np.empty(2 * n, dtype=np.int64)
     perm2[0::2], perm2[1::2] = 2 * y_of_out, 2 * y_of_out + 1
-    jac = _jacobian(engine, v_y, br, load_band_pu)[perm2][:, perm2].tocsr()
+    jac = network_jacobian(engine, v_y, br, load_band_pu)[perm2][:, perm2].tocsr()
     bus = np.unique([s.rsplit(".", 1)[0] for s in names], return_inverse=True)[1]
-    solver = _LeafSolver(jac, np.repeat(bus, 2))
+    solver = LeafSolver(jac, np.repeat(bus, 2))
 
     base_v = _node_bases_v(engine)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -278,126 +277,6 @@ def build_linear_model(
         sens_br = BranchSensitivities(index.branch_element.astype(str), index.branch_phase,
                                       i0_a, dip, diq)
     return LinearModel(names, np.abs(v0) / base_v, inj_names, dvp, dvq, sens_br)
-
-
-class _LeafSolver:
-    """Solve ``J x = b`` for many right-hand sides at once.
-
-    Buses that hang off the rest by a single neighbour (services, secondaries, lateral
-    ends) are eliminated first, in rounds, by vectorised block Schur complements; the
-    remaining core is factorised by SuperLU. Same arithmetic as a sparse LU, but the
-    eliminated buses are recovered by one sparse x dense product per round over all
-    right-hand sides, instead of SuperLU's column-by-column sweeps (≈ 3x faster on IEEE
-    8500, whose secondaries are more than half its nodes). Rows and columns are kept in a
-    permuted order: ``perm[p]`` is the original dimension at position ``p``, ``pos`` its
-    inverse; dimensions of one bus stay together and in their original order.
-    """
-
-    def __init__(self, jac: sp.csr_matrix, bus_of_dim: np.ndarray, max_rounds: int = 6) -> None:
-        n, nb = jac.shape[0], int(bus_of_dim.max()) + 1
-        g = sp.csr_matrix((np.ones(n), (np.arange(n), bus_of_dim)), shape=(n, nb))
-        pattern = sp.csr_matrix((np.ones(jac.nnz), jac.indices, jac.indptr), shape=jac.shape)
-        adj = (g.T @ pattern @ g).tocsr()
-        adj.setdiag(0)
-        adj.eliminate_zeros()
-        adj.data[:] = 1.0
-        rnd = np.full(nb, max_rounds)
-        alive = np.ones(nb, dtype=bool)
-        for r in range(max_rounds):
-            leaf = alive & (adj @ alive == 1)
-            leaf &= adj @ leaf == 0  # not two leaves facing each other
-            if leaf.sum() < 0.05 * alive.sum():
-                break
-            rnd[leaf], alive = r, alive & ~leaf
-        self.perm = perm = np.lexsort((np.arange(n), bus_of_dim, rnd[bus_of_dim]))
-        self.pos = np.empty(n, dtype=np.int64)
-        self.pos[perm] = np.arange(n)
-        cur = jac[perm][:, perm].tocsr()
-        bus_p = bus_of_dim[perm]
-        edges = np.searchsorted(rnd[bus_p], np.arange(max_rounds + 1))
-        self.rounds = []
-        for a, b in zip(edges[:-1], edges[1:]):
-            if b == a:
-                continue
-            inv = _block_inverse(cur[: b - a, : b - a].tocoo(), bus_p[a:b])
-            jsr, jrs = cur[: b - a, b - a :], cur[b - a :, : b - a]
-            m_mat, f_mat = (inv @ jsr).tocsr(), (jrs @ inv).tocsr()
-            f_rows = np.flatnonzero(np.diff(f_mat.indptr))
-            self.rounds.append((a, b, inv.tocsr(), m_mat, f_rows + b, f_mat[f_rows]))
-            cur = (cur[b - a :, b - a :] - jrs @ m_mat).tocsr()
-        self.core = n - cur.shape[0]
-        try:
-            self.lu = spla.splu(cur.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.1)
-        except RuntimeError as exc:
-            raise ModelError(f"network Jacobian is singular ({exc}); isolated nodes?") from None
-
-    def solve(self, b: np.ndarray) -> np.ndarray:
-        """Solve in place for ``b`` (2n x k, permuted order); returns ``b``."""
-        for a, c, _, _, rows, f in self.rounds:
-            b[rows] -= f @ b[a:c]
-        core = b[self.core :]
-        for lo in range(0, b.shape[1], 32):
-            core[:, lo : lo + 32] = self.lu.solve(np.asfortranarray(core[:, lo : lo + 32]))
-        for a, c, inv, m_mat, _, _ in reversed(self.rounds):
-            b[a:c] = inv @ b[a:c] - m_mat @ b[c:]
-        return b
-
-
-def _block_inverse(jss: sp.coo_matrix, bus: np.ndarray) -> sp.coo_matrix:
-    """Inverse of a block-diagonal matrix whose blocks are the runs of equal ``bus``."""
-    start = np.flatnonzero(np.r_[True, bus[1:] != bus[:-1]])
-    size = np.diff(np.r_[start, bus.size])
-    blk = np.repeat(np.arange(start.size), size)
-    rows, cols, vals = [], [], []
-    for d in np.unique(size):
-        sel = np.flatnonzero(size == d)
-        slot = np.full(start.size, -1)
-        slot[sel] = np.arange(sel.size)
-        dense = np.zeros((sel.size, d, d))
-        e = slot[blk[jss.row]] >= 0
-        dense[slot[blk[jss.row[e]]], jss.row[e] - start[blk[jss.row[e]]],
-              jss.col[e] - start[blk[jss.row[e]]]] = jss.data[e]
-        try:
-            inv = np.linalg.inv(dense)
-        except np.linalg.LinAlgError:
-            raise ModelError("network Jacobian is singular at a leaf bus") from None
-        li, lj = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
-        rows.append((start[sel][:, None, None] + li).ravel())
-        cols.append((start[sel][:, None, None] + lj).ravel())
-        vals.append(inv.ravel())
-    n = bus.size
-    return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                         shape=(n, n))
-
-
-def _jacobian(engine, v_y: np.ndarray, br, band_pu: float) -> sp.csr_matrix:
-    """Real 2n x 2n Jacobian of the current balance, rows/cols (Re V0, Im V0, Re V1, ...)."""
-    data, indices, indptr = engine.ctx.YMatrix.GetCompressedYMatrix(factor=False)
-    n = v_y.size
-    y = sp.csc_matrix((data, indices, indptr), shape=(n, n))
-    a, b = branch_jacobian(br, branch_voltage(v_y, br), band_pu)
-    i, j = br.node_i, br.node_j
-    ok_i, ok_j, ok = i >= 0, j >= 0, (i >= 0) & (j >= 0)
-    rows = np.r_[i[ok_i], j[ok_j], i[ok], j[ok]]
-    cols = np.r_[i[ok_i], j[ok_j], j[ok], i[ok]]
-
-    def stamp(v):
-        vals = np.r_[v[ok_i], v[ok_j], -v[ok], -v[ok]]
-        return sp.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsr()
-
-    ya, sb = (y + stamp(a)).tocsr(), stamp(b)
-    rot = sp.csr_matrix(np.array([[0.0, -1.0], [1.0, 0.0]]))
-    swap = sp.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))
-    eye, flip = sp.identity(2, format="csr"), sp.diags([1.0, -1.0])
-    return (
-        sp.kron(ya.real, eye) + sp.kron(ya.imag, rot) + sp.kron(sb.real, flip)
-        + sp.kron(sb.imag, swap)
-    ).tocsr()
-
-
-def _complex(values) -> np.ndarray:
-    arr = np.asarray(values, dtype=float)
-    return arr[0::2] + 1j * arr[1::2]
 
 
 def _node_bases_v(engine) -> np.ndarray:

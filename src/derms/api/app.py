@@ -1,0 +1,119 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; nothing is built at import.
+
+Routes (``/v1``): readings (bulk ingest JSON/CSV, time-range query with downsampling),
+devices and feeders (registry), plus ``/health``, ``/ready`` and ``/metrics``. Every
+route but those three needs a bearer token (:mod:`derms.api.auth`); every error is
+problem+json (:mod:`derms.api.problems`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy import text
+
+from derms.api import problems
+from derms.api.auth import TokenRecord
+from derms.api.routes_readings import router as readings_router
+from derms.api.routes_registry import router as registry_router
+from derms.config import Settings
+from derms.ingest.store_sink import StoreSink
+from derms.store.db import make_engine, make_session_factory
+from derms.store.migrate import current_revision, head_revision
+from derms.store.models import ApiToken
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """Prometheus metrics of one app (own registry: several apps may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("derms_http_requests_total", "HTTP requests",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("derms_http_request_seconds", "HTTP request latency",
+                                 ["route"], registry=self.registry)
+        self.readings = Counter("derms_readings_ingested_total", "Readings accepted",
+                                ["path"], registry=self.registry)
+        self.inserted = Counter("derms_readings_inserted_total", "Readings newly stored",
+                                ["path"], registry=self.registry)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the API for ``settings`` (database URL, limits)."""
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="derms", version="0.1.0", lifespan=lifespan,
+                  description="Distributed Energy Resource Management System API")
+    problems.install(app)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_session_factory(engine)
+    app.state.sink = StoreSink(engine)
+    app.state.metrics = metrics = Metrics()
+
+    def token_lookup(token_id: str) -> TokenRecord | None:
+        with app.state.sessions() as session:
+            tok = session.get(ApiToken, token_id)
+            if tok is None:
+                return None
+            return TokenRecord(tok.token_id, tok.secret_sha256, tok.scope, bool(tok.revoked))
+
+    app.state.token_lookup = token_lookup
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - t0)
+        return response
+
+    @app.get("/health", tags=["operations"])
+    def health() -> dict:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"])
+    def ready() -> dict:
+        """Readiness: the database answers and its schema is at this version's head."""
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            rev, head = current_revision(settings.database_url), head_revision()
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            raise problems.Problem(503, f"database not reachable: {type(exc).__name__}") from None
+        if rev != head:
+            raise problems.Problem(503, f"database schema at {rev}, expected {head}: "
+                                        "run `derms db upgrade`")
+        return {"status": "ready", "schema": rev, "time": datetime.now().astimezone().isoformat()}
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        """Prometheus metrics."""
+        return PlainTextResponse(generate_latest(metrics.registry),
+                                 media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(readings_router, prefix="/v1")
+    app.include_router(registry_router, prefix="/v1")
+    return app

@@ -1,0 +1,153 @@
+"""Registry: feeders and DER devices (list with pagination, get, create). Writes are audited."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from derms.api.auth import Principal, require
+from derms.api.problems import Problem
+from derms.store.audit import append_audit
+from derms.store.models import (
+    DerDevice,
+    DerSite,
+    DerType,
+    DeviceStatus,
+    Feeder,
+    Meter,
+    Phase,
+    Protocol,
+)
+
+router = APIRouter(tags=["registry"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+class FeederIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    feeder_id: str = Field(min_length=1, max_length=64)
+    name: str = ""
+    substation: str | None = None
+
+
+class DeviceIn(BaseModel):
+    """A DER device. Powers: ``p_gen_max_kw`` (output) and ``p_charge_max_kw`` (charging)
+    are >= 0; ``q_max_kvar`` >= 0 >= ``q_min_kvar``."""
+
+    model_config = ConfigDict(extra="forbid")
+    der_id: str = Field(min_length=1, max_length=64)
+    site_id: str = Field(min_length=1, max_length=64)
+    feeder_id: str | None = None
+    der_type: DerType
+    s_max_kva: float = Field(gt=0)
+    p_gen_max_kw: float = Field(default=0.0, ge=0)
+    p_charge_max_kw: float = Field(default=0.0, ge=0)
+    e_max_kwh: float | None = Field(default=None, ge=0)
+    q_max_kvar: float = Field(default=0.0, ge=0)
+    q_min_kvar: float = Field(default=0.0, le=0)
+    phase: Phase = Phase.ABC
+    bus: str | None = None
+    service_transformer: str | None = None
+    owner: str | None = None
+    aggregator: str | None = None
+    protocol: Protocol = Protocol.NONE
+    endpoint: str | None = None
+    status: DeviceStatus = DeviceStatus.COMMISSIONING
+
+
+class MeterIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    meter_id: str = Field(min_length=1, max_length=64)
+    feeder_id: str | None = None
+    bus: str | None = None
+    service_transformer: str | None = None
+    phase: Phase | None = None
+
+
+def _page(session, model, order, limit: int, offset: int) -> dict:
+    total = session.scalar(select(func.count()).select_from(model))
+    rows = session.scalars(select(model).order_by(order).limit(limit).offset(offset)).all()
+    return {"total": total, "limit": limit, "offset": offset, "items": rows}
+
+
+def _columns(obj) -> dict:
+    return {c.key: getattr(obj, c.key) for c in obj.__table__.columns}
+
+
+@router.get("/feeders")
+def list_feeders(request: Request, _p: Annotated[Principal, Depends(require("read"))],
+                 limit: Limit = 100, offset: Offset = 0) -> dict:
+    with request.app.state.sessions() as s:
+        page = _page(s, Feeder, Feeder.feeder_id, limit, offset)
+        page["items"] = [_columns(f) for f in page["items"]]
+        return page
+
+
+@router.post("/feeders", status_code=201)
+def create_feeder(request: Request, body: FeederIn,
+                  principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
+    with request.app.state.sessions.begin() as s:
+        if s.get(Feeder, body.feeder_id) is not None:
+            raise Problem(409, f"feeder {body.feeder_id!r} exists")
+        s.add(Feeder(**body.model_dump()))
+        append_audit(s, actor=principal.token_id, action="create", entity="feeder",
+                     entity_id=body.feeder_id, detail=body.model_dump())
+    return body.model_dump()
+
+
+@router.get("/devices")
+def list_devices(request: Request, _p: Annotated[Principal, Depends(require("read"))],
+                 limit: Limit = 100, offset: Offset = 0) -> dict:
+    with request.app.state.sessions() as s:
+        page = _page(s, DerDevice, DerDevice.der_id, limit, offset)
+        page["items"] = [_columns(d) for d in page["items"]]
+        return page
+
+
+@router.get("/devices/{der_id}")
+def get_device(request: Request, der_id: str,
+               _p: Annotated[Principal, Depends(require("read"))]) -> dict:
+    with request.app.state.sessions() as s:
+        dev = s.get(DerDevice, der_id)
+        if dev is None:
+            raise Problem(404, f"unknown device {der_id!r}")
+        return _columns(dev)
+
+
+@router.post("/devices", status_code=201)
+def create_device(request: Request, body: DeviceIn,
+                  principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
+    """Register a device; its site is created on first use."""
+    data = body.model_dump()
+    feeder_id = data.pop("feeder_id")
+    with request.app.state.sessions.begin() as s:
+        if s.get(DerDevice, body.der_id) is not None:
+            raise Problem(409, f"device {body.der_id!r} exists")
+        if feeder_id is not None and s.get(Feeder, feeder_id) is None:
+            raise Problem(422, f"unknown feeder {feeder_id!r}")
+        if s.get(DerSite, body.site_id) is None:
+            s.add(DerSite(site_id=body.site_id, feeder_id=feeder_id, bus=body.bus,
+                          service_transformer=body.service_transformer, owner=body.owner))
+            s.flush()
+        s.add(DerDevice(**data))
+        append_audit(s, actor=principal.token_id, action="create", entity="der_device",
+                     entity_id=body.der_id, detail=body.model_dump(mode="json"))
+    return body.model_dump(mode="json")
+
+
+@router.post("/meters", status_code=201)
+def create_meter(request: Request, body: MeterIn,
+                 principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
+    with request.app.state.sessions.begin() as s:
+        if s.get(Meter, body.meter_id) is not None:
+            raise Problem(409, f"meter {body.meter_id!r} exists")
+        if body.feeder_id is not None and s.get(Feeder, body.feeder_id) is None:
+            raise Problem(422, f"unknown feeder {body.feeder_id!r}")
+        s.add(Meter(**body.model_dump()))
+        append_audit(s, actor=principal.token_id, action="create", entity="meter",
+                     entity_id=body.meter_id, detail=body.model_dump(mode="json"))
+    return body.model_dump(mode="json")
