@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = 32 * 1024 * 1024  # largest request body the API accepts
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    mqtt_client_id: str = "derms-ingest"  # fixed: the broker keeps its session across restarts
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -12,6 +12,7 @@ import pytest
 
 from derms.ingest.mqtt import ERROR_PREFIX, TOPIC_PREFIX, MqttIngest
 from derms.ingest.parse import ReadingBatch
+from tests.integration.test_crash_recovery import drop_session
 
 paho = pytest.importorskip("paho.mqtt.client")
 
@@ -54,7 +55,8 @@ def _publisher():
 
 def test_every_reading_arrives_once_and_bad_payloads_are_reported():
     sink = KeyedSink()
-    ingest = MqttIngest(sink, client_id=f"derms-test-{uuid.uuid4().hex[:8]}", max_delay_s=0.05)
+    client_id = f"derms-test-{uuid.uuid4().hex[:8]}"
+    ingest = MqttIngest(sink, client_id=client_id, max_delay_s=0.05)
     ingest.start()
     pub = _publisher()
     errors: list[dict] = []
@@ -79,6 +81,7 @@ def test_every_reading_arrives_once_and_bad_payloads_are_reported():
     ingest.stop()
     pub.loop_stop()
     pub.disconnect()
+    drop_session(client_id)
     assert len(sink.rows) == n_msg * per_msg  # nothing lost
     assert sink.writes == (n_msg + 1) * per_msg  # the resent message was written again ...
     assert ingest.stats.inserted == n_msg * per_msg  # ... but inserted nothing new

@@ -283,7 +283,7 @@ def serve(
     if mqtt:
         sink = api.state.sink
         ingest = MqttIngest(sink, host=settings.mqtt_host, port=settings.mqtt_port,
-                            known_series=sink.is_known)
+                            client_id=settings.mqtt_client_id, known_series=sink.is_known)
         ingest.start()
     try:
         uvicorn.run(api, host=host, port=port, log_level="info")
