@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
+from derms.analysis.se_jacobian import measurement_jacobian
 from derms.analysis.state_estimation import Measurements, estimate_state
 from derms.errors import InputError, ModelError
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
@@ -317,7 +318,7 @@ def test_measurement_jacobian_matches_finite_differences(ieee123):
     x = np.r_[p0, q0]
     k = len(names)
     v_y = complex_pairs(ckt.YNodeVarray)
-    h = se._measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, np.asarray(names, object),
+    h = measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, np.asarray(names, object),
                                  x, 3)
     h0 = se._measure(engine, mv_e, 3)
     for j in (0, 5, k + 3, 2 * k - 1):

@@ -73,17 +73,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg as sla
-import scipy.sparse as sp
 from scipy.stats import chi2 as _chi2
 
+from derms.analysis.se_jacobian import activate_source, measurement_jacobian
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector
-from derms.powerflow.linear_loads import branch_power, branch_voltage, read_branches
-from derms.powerflow.network_jacobian import LeafSolver, complex_pairs, network_jacobian
+from derms.powerflow.network_jacobian import complex_pairs
 
 log = logging.getLogger(__name__)
 
-_SOLVE_BATCH = 256  # adjoint right-hand sides per leaf-solver call
 
 
 @dataclass(frozen=True)
@@ -234,7 +232,7 @@ def estimate_state(
             dead = v_nodes[int(np.flatnonzero(np.abs(v_y[mv_y]) == 0)[0])]
             raise ModelError(f"meter node {dead!r} is de-energised")
         y_of_e = np.fromiter((ypos[t] for t in names), dtype=np.int64, count=n)
-        h_mat = _measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph)
+        h_mat = measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph)
         r_diag = np.r_[s_v, s_h] ** 2
         p_diag = sp_**2
         g = h_mat * sp_  # H P^(1/2)
@@ -331,154 +329,12 @@ def _measure(engine, mv_e: np.ndarray, n_ph: int) -> np.ndarray:
 
 def _head_now(engine, n_ph: int) -> tuple[np.ndarray, np.ndarray]:
     ckt = engine.circuit
-    _activate_source(ckt)
+    activate_source(ckt)
     pw = np.asarray(ckt.ActiveCktElement.Powers, dtype=float)
     nph = int(ckt.ActiveCktElement.NumPhases)
     return -pw[0: 2 * nph: 2], -pw[1: 2 * nph: 2]
 
 
-def _activate_source(ckt) -> None:
-    vs = ckt.Vsources
-    if not vs.First:
-        raise ModelError("the circuit has no Vsource: no feeder head")
-    ckt.SetActiveElement(f"vsource.{vs.Name}")
-
-
-def _measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: int
-                          ) -> np.ndarray:
-    """H (m_meas x 2 n_loads): d(meters, head P, head Q) / d(load kW, load kvar)."""
-    br = read_branches(engine, v_y)
-    jac = network_jacobian(engine, v_y, br, 0.0)
-    n = len(y_names)
-    bus = np.unique([s.rsplit(".", 1)[0] for s in y_names], return_inverse=True)[1]
-    solver = LeafSolver(jac.T.tocsr(), np.repeat(bus, 2), max_rounds=10)
-
-    # functionals c (2n x m) over (Re dV, Im dV) in Y order
-    base = _y_bases_v(engine, y_of_e)
-    vm = v_y[mv_y]
-    a = np.abs(vm) * base[mv_y]
-    rows = np.r_[2 * mv_y, 2 * mv_y + 1]
-    cols = np.r_[np.arange(mv_y.size), np.arange(mv_y.size)]
-    vals = np.r_[vm.real / a, vm.imag / a]
-    c = sp.coo_matrix((vals, (rows, cols)), shape=(2 * n, mv_y.size)).tocsc()
-    if n_ph:
-        c = sp.hstack([c, sp.csc_matrix(_head_functionals(engine, v_y, n, n_ph))]).tocsc()
-    e_mat = _load_injections(br, v_y, lnames, x, n)
-    return _adjoint_rows(solver, c, e_mat)
-
-
-def _adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -> np.ndarray:
-    """``(J^-T c)^T E`` for sparse functionals ``c`` (2n x m): one adjoint solve per column.
-
-    Same arithmetic as ``LeafSolver.solve`` but the forward elimination of the leaf
-    rounds runs on the *sparse* right-hand sides (a meter's functional touches one node
-    and stays local until it reaches the core), and only ``E``'s rows are read back.
-    """
-    m = c.shape[1]
-    c_p = c.tocsr()[solver.perm]
-    e_p = e_mat.tocsr()[solver.perm].T.tocsr()  # (2k x 2n), columns in solver positions
-    n2 = c.shape[0]
-    sel = [sp.csr_matrix((np.ones(r.size), (r, np.arange(r.size))), shape=(n2, r.size))
-           for *_, r, _ in solver.rounds]
-    h_mat = np.empty((m, e_mat.shape[1]))
-    need = np.unique(e_p.indices)
-    if solver.rounds:
-        need = need[need < solver.rounds[0][1]]
-    for lo in range(0, m, _SOLVE_BATCH):
-        hi = min(lo + _SOLVE_BATCH, m)
-        b = c_p[:, lo:hi].tocsr()
-        for (a, cc, _, _, _, f), s_r in zip(solver.rounds, sel):
-            b = (b - s_r @ (f @ b[a:cc])).tocsr()
-        y = b.toarray()
-        y[solver.core:] = solver.lu.solve(b[solver.core:].toarray(order="F"))
-        for r, (a, cc, inv, m_mat, _, _) in enumerate(reversed(solver.rounds)):
-            if r == len(solver.rounds) - 1 and a == 0:  # outermost leaves: E's rows only
-                y[need] = inv[need] @ y[a:cc] - m_mat[need] @ y[cc:]
-            else:
-                y[a:cc] = inv @ y[a:cc] - m_mat @ y[cc:]
-        h_mat[lo:hi] = (e_p @ y).T
-    return h_mat
-
-
-def _head_functionals(engine, v_y, n: int, n_ph: int) -> np.ndarray:
-    """Rows of d(head P [kW]), d(head Q [kvar]) per phase over (Re dV, Im dV), as columns.
-
-    The Vsource is a Norton equivalent: its terminal current is ``I = Yprim V - I_inj``
-    with a constant ``I_inj``, so ``dS_p = conj(I_p) dV_p + V_p sum_q conj(Y_pq) conj(dV_q)``;
-    the head power is ``-S`` (power delivered into the feeder).
-    """
-    ckt = engine.circuit
-    _activate_source(ckt)
-    el = ckt.ActiveCktElement
-    ncond = int(el.NumConductors) * int(el.NumTerminals)
-    refs = np.asarray(el.NodeRef, dtype=int) - 1
-    yp = np.asarray(el.Yprim, dtype=float)
-    ymat = (yp[0::2] + 1j * yp[1::2]).reshape(ncond, ncond)
-    cur = complex_pairs(el.Currents)
-    out = np.zeros((2 * n, 2 * n_ph))
-    for p in range(n_ph):
-        if refs[p] < 0:
-            continue
-        a = np.zeros(n, complex)
-        b = np.zeros(n, complex)
-        a[refs[p]] += np.conj(cur[p])
-        live = refs >= 0
-        np.add.at(b, refs[live], v_y[refs[p]] * np.conj(ymat[p, live]))
-        a, b = -a / 1000.0, -b / 1000.0
-        # Re f: x (ar + br), y (bi - ai); Im f: x (ai + bi), y (ar - br)
-        out[0::2, p] = a.real + b.real
-        out[1::2, p] = b.imag - a.imag
-        out[0::2, n_ph + p] = a.imag + b.imag
-        out[1::2, n_ph + p] = a.real - b.real
-    return out
-
-
-def _load_injections(br, v_y, lnames, x: np.ndarray, n: int) -> sp.csc_matrix:
-    """E (2n x 2 n_loads): injected current (Re, Im per Y node) per kW and per kvar.
-
-    A branch from node i to node j drawing ``dS`` injects ``-conj(dS / Vd)`` at i and
-    ``+conj(dS / Vd)`` at j (``Vd = V_i - V_j``). Every OpenDSS load law is proportional to
-    the kW (and kvar) property, so ``dS/dkW`` of a branch is its solved P / kW (its law at
-    the present voltage, ``LoadMult`` included); 1000 W / phases where kW is 0.
-    """
-    k = lnames.size
-    col = {f"load.{s}": c for c, s in enumerate(lnames)}
-    sel = np.fromiter((col.get(e, -1) for e in br.element), dtype=np.int64,
-                      count=br.element.size)
-    keep = sel >= 0
-    vd = branch_voltage(v_y, br)[keep]
-    s_b = branch_power(br, np.abs(vd))[0][keep]
-    li = sel[keep]
-    nb = np.bincount(li, minlength=k)[li]
-    kw, kvar = x[:k][li], x[k:][li]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dsp = np.where(np.abs(kw) > 1e-9, s_b.real / kw, 1000.0 / nb)
-        dsq = 1j * np.where(np.abs(kvar) > 1e-9, s_b.imag / kvar, 1000.0 / nb)
-    ni, nj = br.node_i[keep], br.node_j[keep]
-    rows, cols, vals = [], [], []
-    for ds, off in ((dsp, 0), (dsq, k)):
-        inj = -np.conj(ds / vd)
-        for node, sign in ((ni, 1.0), (nj, -1.0)):
-            ok = node >= 0
-            rows += [2 * node[ok], 2 * node[ok] + 1]
-            cols += [li[ok] + off, li[ok] + off]
-            vals += [sign * inj[ok].real, sign * inj[ok].imag]
-    return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                         shape=(2 * n, 2 * k)).tocsc()
-
-
-def _y_bases_v(engine, y_of_e: np.ndarray) -> np.ndarray:
-    """Voltage base [V] of every node in Y order (``y_of_e``: Y index of each engine node)."""
-    ckt = engine.circuit
-    vmag = np.asarray(ckt.AllBusVmag, dtype=float)
-    vpu = np.asarray(ckt.AllBusVmagPu, dtype=float)
-    base = np.ones(vmag.size)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        base[y_of_e] = np.where(vpu > 0, vmag / vpu, 1.0)
-    return base
-
-
-# -- engine load access --------------------------------------------------------------------
 def _read_loads(loads, idx: np.ndarray) -> np.ndarray:
     p, q = np.empty(idx.size), np.empty(idx.size)
     for j, i in enumerate(idx):
@@ -554,7 +410,7 @@ def _check_head(engine, meas: Measurements) -> tuple[np.ndarray, np.ndarray, int
     if not all(given):
         raise InputError("head_p_kw, head_q_kvar and their sigmas go together")
     ckt = engine.circuit
-    _activate_source(ckt)
+    activate_source(ckt)
     nph = int(ckt.ActiveCktElement.NumPhases)
     z = np.r_[_arr("head_p_kw", meas.head_p_kw, nph), _arr("head_q_kvar", meas.head_q_kvar, nph)]
     s = np.r_[_sigma("head_p_sigma_kw", meas.head_p_sigma_kw, nph),
