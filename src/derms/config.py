@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_client_id: str = "derms-ingest"  # fixed: the broker keeps its session across restarts
+    mqtt_topic_root: str = "derms/v1"  # telemetry on <root>/telemetry/<source>
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

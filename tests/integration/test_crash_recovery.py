@@ -31,7 +31,8 @@ def _free_port() -> int:
 
 class Server:
     def __init__(self, env: dict, mqtt: bool, client_id: str) -> None:
-        self.env = {**env, "DERMS_MQTT_CLIENT_ID": client_id}
+        self.env = {**env, "DERMS_MQTT_CLIENT_ID": client_id,
+                    "DERMS_MQTT_TOPIC_ROOT": f"test/{client_id}"}
         self.port, self.mqtt, self.proc = _free_port(), mqtt, None
 
     def start(self) -> None:
@@ -159,8 +160,8 @@ def test_mqtt_ingest_survives_kill(db_url, tmp_path):
     try:
         infos = []
         for k in range(n_batches):
-            infos.append(pub.publish("derms/v1/telemetry/der", json.dumps(_batch(prefix, k)),
-                                     qos=1))
+            infos.append(pub.publish(f"test/derms-{prefix}/telemetry/der",
+                                     json.dumps(_batch(prefix, k)), qos=1))
             if k == 40:
                 server.kill()  # the subscriber's persistent session queues the rest
         for info in infos:

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from derms.ingest.mqtt import ERROR_PREFIX, TOPIC_PREFIX, MqttIngest
+from derms.ingest.mqtt import MqttIngest
 from derms.ingest.parse import ReadingBatch
 from tests.integration.test_crash_recovery import drop_session
 
@@ -56,11 +56,12 @@ def _publisher():
 def test_every_reading_arrives_once_and_bad_payloads_are_reported():
     sink = KeyedSink()
     client_id = f"derms-test-{uuid.uuid4().hex[:8]}"
-    ingest = MqttIngest(sink, client_id=client_id, max_delay_s=0.05)
+    root = f"test/{client_id}"  # own topics: other tests may use the broker at the same time
+    ingest = MqttIngest(sink, client_id=client_id, max_delay_s=0.05, topic_root=root)
     ingest.start()
     pub = _publisher()
     errors: list[dict] = []
-    pub.subscribe(ERROR_PREFIX + "#", qos=1)
+    pub.subscribe(root + "/errors/#", qos=1)
     pub.on_message = lambda _c, _u, m: errors.append(json.loads(m.payload))
     time.sleep(0.3)
     n_msg, per_msg = 200, 100
@@ -69,10 +70,10 @@ def test_every_reading_arrives_once_and_bad_payloads_are_reported():
         rows = [{"series": f"dev-{k}", "quantity": "p", "unit": "kW",
                  "t": f"2026-11-25T10:{m // 60:02d}:{m % 60:02d}Z", "value": k + m / 1000}
                 for k in range(per_msg)]
-        infos.append(pub.publish(TOPIC_PREFIX + "der", json.dumps(rows), qos=1))
+        infos.append(pub.publish(root + "/telemetry/der", json.dumps(rows), qos=1))
     # the same message twice (a retry by a device) must not duplicate anything
-    infos.append(pub.publish(TOPIC_PREFIX + "der", json.dumps(rows), qos=1))
-    infos.append(pub.publish(TOPIC_PREFIX + "der", b'[{"series": "x", "value": 1}]', qos=1))
+    infos.append(pub.publish(root + "/telemetry/der", json.dumps(rows), qos=1))
+    infos.append(pub.publish(root + "/telemetry/der", b'[{"series": "x", "value": 1}]', qos=1))
     for info in infos:
         info.wait_for_publish(timeout=10)
     deadline = time.monotonic() + 20

@@ -28,6 +28,7 @@ from derms.api import problems
 from derms.api.auth import TokenRecord
 from derms.api.routes_readings import router as readings_router
 from derms.api.routes_registry import router as registry_router
+from derms.api.routes_state import router as state_router
 from derms.config import Settings
 from derms.ingest.store_sink import StoreSink
 from derms.store.db import make_engine, make_session_factory
@@ -69,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.sessions = make_session_factory(engine)
     app.state.sink = StoreSink(engine)
     app.state.metrics = metrics = Metrics()
+    app.state.monitor = None  # a derms.monitoring.MonitorLoop when `derms serve` runs one
 
     def token_lookup(token_id: str) -> TokenRecord | None:
         with app.state.sessions() as session:
@@ -116,4 +118,5 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(readings_router, prefix="/v1")
     app.include_router(registry_router, prefix="/v1")
+    app.include_router(state_router, prefix="/v1")
     return app

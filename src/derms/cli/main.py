@@ -263,8 +263,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     mqtt: Annotated[bool, typer.Option(help="Run the MQTT telemetry subscriber.")] = True,
+    monitor_period_s: Annotated[float, typer.Option(
+        help="Seconds between feeder state estimates (0: no monitoring).")] = 60.0,
 ) -> None:
-    """Run the API (and the MQTT ingest) on the database at DERMS_DATABASE_URL."""
+    """Run the API, the MQTT ingest and the monitoring cycle (a state estimate per feeder
+    with an OpenDSS model version registered) on the database at DERMS_DATABASE_URL."""
     import logging
 
     import uvicorn
@@ -283,13 +286,23 @@ def serve(
     if mqtt:
         sink = api.state.sink
         ingest = MqttIngest(sink, host=settings.mqtt_host, port=settings.mqtt_port,
-                            client_id=settings.mqtt_client_id, known_series=sink.is_known)
+                            client_id=settings.mqtt_client_id, known_series=sink.is_known,
+                            topic_root=settings.mqtt_topic_root)
         ingest.start()
+    loop = None
+    if monitor_period_s > 0:
+        from derms.monitoring import MonitorLoop, monitors_from_store
+
+        loop = MonitorLoop(monitors_from_store(api.state.engine), period_s=monitor_period_s)
+        api.state.monitor = loop
+        loop.start()
     try:
         uvicorn.run(api, host=host, port=port, log_level="info")
     finally:
         if ingest is not None:
             ingest.stop()
+        if loop is not None:
+            loop.close()
 
 
 def main() -> None:  # pragma: no cover - console entry point

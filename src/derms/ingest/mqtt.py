@@ -34,8 +34,9 @@ from derms.ingest.parse import BatchError, KnownSeries, ReadingBatch, parse_json
 
 log = logging.getLogger(__name__)
 
-TOPIC_PREFIX = "derms/v1/telemetry/"
-ERROR_PREFIX = "derms/v1/errors/"
+TOPIC_ROOT = "derms/v1"
+TOPIC_PREFIX = TOPIC_ROOT + "/telemetry/"
+ERROR_PREFIX = TOPIC_ROOT + "/errors/"
 
 Sink = Callable[[ReadingBatch], int]
 """Writes a batch durably (commits) and returns how many readings were new."""
@@ -70,11 +71,13 @@ class MqttIngest:
     ``known_series`` (a set, or a function giving a mask of known ids; None accepts any id)
     rejects readings of unknown series.
     ``max_batch`` readings or ``max_delay_s`` seconds, whichever first, close a write batch.
+    ``topic_root`` replaces ``derms/v1`` (e.g. one root per site or per test run).
     """
 
     def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 1883,
                  client_id: str = "derms-ingest", known_series: KnownSeries = None,
-                 max_batch: int = 50_000, max_delay_s: float = 0.2) -> None:
+                 max_batch: int = 50_000, max_delay_s: float = 0.2,
+                 topic_root: str = TOPIC_ROOT) -> None:
         import paho.mqtt.client as mqtt
 
         self.sink, self.known_series = sink, known_series
@@ -89,6 +92,8 @@ class MqttIngest:
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda _c, _u, msg: self._queue.put(msg)
         self.host, self.port = host, port
+        self.telemetry_prefix = topic_root.rstrip("/") + "/telemetry/"
+        self.error_prefix = topic_root.rstrip("/") + "/errors/"
         self._writer = threading.Thread(target=self._run_writer, name="mqtt-ingest-writer",
                                         daemon=True)
 
@@ -118,7 +123,7 @@ class MqttIngest:
         if reason_code.is_failure:
             log.error("mqtt_connect_failed reason=%s", reason_code)
             return
-        client.subscribe(TOPIC_PREFIX + "#", qos=1)
+        client.subscribe(self.telemetry_prefix + "#", qos=1)
         self._connected.set()
 
     # -- writer ---------------------------------------------------------------------------
@@ -155,7 +160,7 @@ class MqttIngest:
         by_source: dict[str, list[ReadingBatch]] = {}
         good = []
         for msg in msgs:
-            source = msg.topic[len(TOPIC_PREFIX):] or "mqtt"
+            source = msg.topic[len(self.telemetry_prefix):] or "mqtt"
             try:
                 batch = parse_json(msg.payload, source=source, known_series=known)
             except InputError as exc:
@@ -179,7 +184,8 @@ class MqttIngest:
                   for e in getattr(exc, "errors", [])][:100]
         report = {"mid": msg.mid, "topic": msg.topic, "detail": str(exc), "errors": errors}
         log.warning("mqtt_rejected topic=%s detail=%s", msg.topic, exc)
-        self.client.publish(ERROR_PREFIX + source, json.dumps(report), qos=1)
+        self.client.publish(self.error_prefix + source, json.dumps(report), qos=1)
 
 
-__all__ = ["ERROR_PREFIX", "TOPIC_PREFIX", "BatchError", "IngestStats", "MqttIngest", "Sink"]
+__all__ = ["ERROR_PREFIX", "TOPIC_PREFIX", "TOPIC_ROOT", "BatchError", "IngestStats",
+           "MqttIngest", "Sink"]

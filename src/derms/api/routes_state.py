@@ -1,0 +1,71 @@
+"""Monitoring results: the latest state of a feeder (from the monitor loop in memory) and
+alarms (from the store)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy import func, select
+
+from derms.api.auth import Principal, require
+from derms.api.problems import Problem
+from derms.store.models import Alarm
+
+router = APIRouter(tags=["monitoring"])
+
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+def _monitor(request: Request):
+    monitor = getattr(request.app.state, "monitor", None)
+    if monitor is None:
+        raise Problem(503, "monitoring is not running on this server")
+    return monitor
+
+
+@router.get("/feeders/{feeder_id}/state")
+def get_feeder_state(request: Request, feeder_id: str,
+                     principal: Annotated[Principal, Depends(require("read"))],
+                     nodes: bool = True) -> dict[str, Any]:
+    """The latest monitoring state of a feeder: node voltages (per node when ``nodes``),
+    branch loading, violations, DER availability and headroom, estimation statistics."""
+    monitor = _monitor(request)
+    state = monitor.latest(feeder_id)
+    if state is None:
+        known = feeder_id in monitor.monitors
+        err = monitor.last_error(feeder_id) if known else None
+        detail = (f"feeder {feeder_id!r} is not monitored" if not known else
+                  f"feeder {feeder_id!r}: no state computed yet"
+                  + (f" (last run failed: {err.error})" if err else ""))
+        raise Problem(404, detail)
+    return state.to_dict(nodes=nodes)
+
+
+def _alarm(a: Alarm) -> dict[str, Any]:
+    return {
+        "id": a.id, "kind": a.kind, "severity": str(a.severity.value), "feeder_id": a.feeder_id,
+        "der_id": a.der_id, "meter_id": a.meter_id, "message": a.message,
+        "t_raised": a.t_raised.isoformat(),
+        "t_cleared": a.t_cleared.isoformat() if a.t_cleared else None,
+        "t_acked": a.t_acked.isoformat() if a.t_acked else None, "acked_by": a.acked_by,
+    }
+
+
+@router.get("/alarms")
+def list_alarms(request: Request, principal: Annotated[Principal, Depends(require("read"))],
+                open: bool | None = None, feeder_id: str | None = None,
+                limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+    """Alarms, newest first; ``open=true`` only uncleared ones, ``open=false`` only cleared."""
+    where = []
+    if open is not None:
+        where.append(Alarm.t_cleared.is_(None) if open else Alarm.t_cleared.is_not(None))
+    if feeder_id is not None:
+        where.append(Alarm.feeder_id == feeder_id)
+    with request.app.state.sessions() as s:
+        total = s.scalar(select(func.count()).select_from(Alarm).where(*where))
+        rows = s.scalars(select(Alarm).where(*where).order_by(Alarm.t_raised.desc(), Alarm.id.desc())
+                         .limit(limit).offset(offset)).all()
+        items = [_alarm(a) for a in rows]
+    return {"total": total, "limit": limit, "offset": offset, "items": items}

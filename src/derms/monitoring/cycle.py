@@ -1,0 +1,192 @@
+"""The monitoring cycle: every registered feeder's :meth:`FeederMonitor.run_once` every
+``period_s`` in one background thread, and at once after ``notify_topology_change``.
+
+One thread runs every monitor, so each OpenDSS engine is only ever used by that thread. The
+latest :class:`FeederState` per feeder (and the last error, if a run failed) is kept in
+memory for the API. A failing feeder is logged and keeps its previous state; the others run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from derms.errors import DermsError
+from derms.grid.bundled import resolve_master
+from derms.monitoring.feeder_monitor import FeederMonitor, FeederState, MonitorConfig
+from derms.store.models import FeederModelVersion
+from derms.store.types import utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunError:
+    t: datetime
+    error: str
+
+
+class MonitorLoop:
+    """Runs the feeder monitors on a cycle (see module docstring).
+
+    ``clock`` returns the aware UTC time used as ``now`` for each run (tests pass their own).
+    """
+
+    def __init__(self, monitors: dict[str, FeederMonitor] | None = None, *,
+                 period_s: float = 60.0, clock: Callable[[], datetime] = utcnow) -> None:
+        self.monitors: dict[str, FeederMonitor] = dict(monitors or {})
+        self.period_s = float(period_s)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: set[str] = set()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._states: dict[str, FeederState] = {}
+        self._errors: dict[str, RunError] = {}
+        self._runs: dict[str, int] = {}
+
+    # -- registry and results -------------------------------------------------------------
+    def add(self, monitor: FeederMonitor) -> None:
+        with self._cond:
+            self.monitors[monitor.feeder_id] = monitor
+            self._pending.add(monitor.feeder_id)
+            self._cond.notify_all()
+
+    def latest(self, feeder_id: str) -> FeederState | None:
+        with self._lock:
+            return self._states.get(feeder_id)
+
+    def last_error(self, feeder_id: str) -> RunError | None:
+        with self._lock:
+            return self._errors.get(feeder_id)
+
+    def runs(self, feeder_id: str) -> int:
+        """Completed runs (successful or not) of a feeder."""
+        with self._lock:
+            return self._runs.get(feeder_id, 0)
+
+    def notify_topology_change(self, feeder_id: str) -> None:
+        """Re-estimate ``feeder_id`` now (e.g. a switch changed); unknown ids are ignored."""
+        with self._cond:
+            if feeder_id in self.monitors:
+                self._pending.add(feeder_id)
+                self._cond.notify_all()
+
+    def wait_for_runs(self, feeder_id: str, count: int, timeout: float) -> bool:
+        """Block until ``feeder_id`` has completed ``count`` runs (False on timeout)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._runs.get(feeder_id, 0) >= count, timeout)
+
+    # -- running --------------------------------------------------------------------------
+    def run_feeder(self, feeder_id: str) -> FeederState | None:
+        """Run one feeder now in the calling thread; record its state or error."""
+        monitor = self.monitors[feeder_id]
+        now = self.clock()
+        state = None
+        try:
+            state = monitor.run_once(now)
+        except Exception as exc:
+            log.exception("monitor_run_failed feeder=%s", feeder_id)
+            err = RunError(now, f"{type(exc).__name__}: {exc}" if isinstance(exc, DermsError)
+                           else type(exc).__name__)
+        with self._cond:
+            if state is not None:
+                self._states[feeder_id] = state
+                self._errors.pop(feeder_id, None)
+            else:
+                self._errors[feeder_id] = err
+            self._runs[feeder_id] = self._runs.get(feeder_id, 0) + 1
+            self._cond.notify_all()
+        return state
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        with self._cond:
+            self._stop = False
+            self._pending.update(self.monitors)  # first cycle at once
+        self._thread = threading.Thread(target=self._run, name="derms-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        """Stop the loop and join its thread (a run in progress finishes first)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop and release every engine."""
+        self.stop()
+        for m in self.monitors.values():
+            m.close()
+
+    def _run(self) -> None:
+        deadline: dict[str, float] = {}
+        while True:
+            with self._cond:
+                while not self._stop:
+                    now = time.monotonic()
+                    for f in self.monitors:
+                        if now >= deadline.get(f, 0.0):
+                            self._pending.add(f)
+                    if self._pending:
+                        break
+                    wait = min((deadline.get(f, 0.0) for f in self.monitors),
+                               default=now + self.period_s) - now
+                    self._cond.wait(max(wait, 0.01))
+                if self._stop:
+                    return
+                todo = sorted(self._pending)
+                self._pending.clear()
+            for f in todo:
+                deadline[f] = time.monotonic() + self.period_s
+                self.run_feeder(f)
+
+
+def model_path_of(db: Engine, feeder_id: str, now: datetime | None = None) -> Path | None:
+    """The OpenDSS master of a feeder: ``source_uri`` of its latest ``FeederModelVersion``
+    (highest version with ``valid_from <= now`` and ``source_format == "opendss"``); a file
+    path (``file://`` allowed) or a bundled feeder name ("ieee13"). None if there is none."""
+    now = now or utcnow()
+    stmt = (select(FeederModelVersion.source_uri).where(
+        FeederModelVersion.feeder_id == feeder_id, FeederModelVersion.valid_from <= now,
+        FeederModelVersion.source_format == "opendss")
+        .order_by(FeederModelVersion.version.desc()).limit(1))
+    with db.connect() as conn:
+        uri = conn.execute(stmt).scalar()
+    if not uri:
+        return None
+    return resolve_master(uri.removeprefix("file://")).resolve()
+
+
+def monitors_from_store(db: Engine, config: MonitorConfig | None = None
+                        ) -> dict[str, FeederMonitor]:
+    """A monitor for every feeder whose latest OpenDSS model version resolves to a file;
+    feeders whose model cannot be found or compiled are logged and left out."""
+    with db.connect() as conn:
+        ids = conn.execute(select(func.distinct(FeederModelVersion.feeder_id))).scalars().all()
+    out = {}
+    for fid in sorted(ids):
+        try:
+            path = model_path_of(db, fid)
+            if path is None:
+                continue
+            out[fid] = FeederMonitor(fid, path, db, config)
+        except DermsError as exc:
+            log.warning("monitor_feeder_skipped feeder=%s error=%s", fid, exc)
+    return out
+
+
+__all__ = ["MonitorLoop", "RunError", "model_path_of", "monitors_from_store"]

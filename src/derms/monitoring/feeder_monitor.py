@@ -1,0 +1,402 @@
+"""Monitoring of one feeder: state estimate from the latest telemetry, AMI and the grid model;
+limit violations; DER availability; alarms in the store.
+
+Inputs read from the store at each :meth:`FeederMonitor.run_once`:
+
+* **AMI voltages**: the feeder's meters (``Meter.feeder_id``), quantity ``v_pu`` (preferred)
+  or ``v_v``, the latest good reading within ``meter_window_s`` before ``now`` (any
+  source). A meter maps to model nodes by ``Meter.bus`` (lower-cased, the OpenDSS bus name)
+  and ``Meter.phase``: ``a``/``b``/``c`` → nodes ``bus.1``/``bus.2``/``bus.3``. A
+  single-phase meter reports ``v_pu`` or ``v_v`` (or the per-phase name below); a
+  multi-phase meter (``ab``, ``bc``, ``ca``, ``abc``) reports one line-to-neutral magnitude
+  per phase, ``v_a_pu``/``v_b_pu``/``v_c_pu`` (or ``v_a_v``, ...); a plain ``v_pu`` from a
+  multi-phase meter is ambiguous on an unbalanced feeder and is not used. ``v_v`` is divided by the node's
+  line-to-neutral voltage base from the model (so a meter on a primary bus reports primary
+  volts). A meter without bus or phase, or at a bus the model does not have, is skipped
+  with a logged warning; several readings on one node are averaged (sigma / sqrt(n)).
+* **Feeder head (SCADA)**: the meter with id ``<feeder_id>-head`` (:func:`head_meter_id`):
+  per-phase ``p_a_kw``, ``p_b_kw``, ``p_c_kw``, ``q_a_kvar``, ``q_b_kvar``, ``q_c_kvar``
+  (power the feeder draws from the substation, **import positive**), used only when all
+  phases of the source are present and fresh; its ``v_pu``/``v_v`` with bus and phase is an
+  ordinary voltage measurement.
+* **Pseudo-measurements**: every load of the model at its base kW/kvar × ``load_multiplier``
+  (a number or a function of time, e.g. a profile), sigma ``pseudo_sigma_frac`` of the value.
+* **Topology**: the latest ``TopologyEvent`` per switch (``t <= now``) is applied to the
+  engine (``open``/``close`` of the switch's line, terminal 1) before estimating.
+* **DER devices**: devices of the sites on the feeder (``DerSite.feeder_id``) with their
+  latest ``p_kw`` (import positive at the device, see :mod:`.availability`).
+
+Regulator taps and capacitor states are those of the model's base-case solve, then frozen
+(OpenDSS ``controlmode=off``): the estimator needs them known (SCADA would supply them).
+Limits are absolute (:class:`~derms.analysis.constraints.Limits`): a feeder that breaks a
+limit in its base case keeps an alarm open for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from derms.analysis.constraints import Limits, detect_violations
+from derms.analysis.state_estimation import Measurements, estimate_state
+from derms.errors import ModelError
+from derms.monitoring.alarms import AlarmCondition, sync_alarms
+from derms.monitoring.availability import (
+    OFFLINE,
+    ONLINE,
+    AvailabilityThresholds,
+    classify_availability,
+)
+from derms.monitoring.state import FeederState
+from derms.monitoring.telemetry import latest_readings, series_of
+from derms.powerflow.collect import StepCollector, build_index
+from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+from derms.store.db import make_session_factory
+from derms.store.models import (
+    DerDevice,
+    DerSite,
+    DeviceStatus,
+    Meter,
+    Severity,
+    SwitchState,
+    TopologyEvent,
+)
+from derms.store.types import ensure_utc
+
+log = logging.getLogger(__name__)
+
+PHASE_NODE = {"a": 1, "b": 2, "c": 3}
+HEAD_P = ("p_a_kw", "p_b_kw", "p_c_kw")
+HEAD_Q = ("q_a_kvar", "q_b_kvar", "q_c_kvar")
+VOLTAGE_QUANTITIES = ("v_pu", "v_v")  # single-phase meters
+PHASE_VOLTAGE_QUANTITIES = tuple(f"v_{p}_{u}" for p in "abc" for u in ("pu", "v"))
+
+
+def head_meter_id(feeder_id: str) -> str:
+    """Id of the meter that carries a feeder's head SCADA (``<feeder_id>-head``)."""
+    return f"{feeder_id}-head"
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Settings of a feeder monitor (units in the names; sigmas are standard deviations)."""
+
+    meter_window_s: float = 900.0  # AMI readings older than this are not used (and alarm)
+    v_sigma_pu: float = 0.01
+    head_sigma_frac: float = 0.01
+    head_sigma_min_kw: float = 1.0
+    pseudo_sigma_frac: float = 0.5
+    pseudo_sigma_min_kw: float = 0.1
+    load_multiplier: float | Callable[[datetime], float] = 1.0
+    limits: Limits = field(default_factory=Limits)
+    availability: AvailabilityThresholds = field(default_factory=AvailabilityThresholds)
+    critical_v_low_pu: float = 0.90  # beyond these an alarm is critical, else warning
+    critical_v_high_pu: float = 1.10
+    critical_loading_pct: float = 120.0
+    alarms: bool = True
+
+    def multiplier(self, now: datetime) -> float:
+        m = self.load_multiplier
+        return float(m(now) if callable(m) else m)
+
+
+class FeederMonitor:
+    """Monitor of one feeder: an OpenDSS engine of its model and the network index.
+
+    Parameters
+    ----------
+    feeder_id : str
+        The feeder's id in the store.
+    master : path
+        The feeder's OpenDSS master file (compiled from a private copy).
+    db : sqlalchemy Engine
+        The store.
+    config : MonitorConfig
+    """
+
+    def __init__(self, feeder_id: str, master: str | Path, db: Engine,
+                 config: MonitorConfig | None = None) -> None:
+        self.feeder_id = feeder_id
+        self.db = db
+        self.sessions = make_session_factory(db)
+        self.config = config or MonitorConfig()
+        self.engine = OpenDSSEngine(master, SolveSettings(tolerance=1e-6))
+        self.engine.solve_snapshot()  # controls settle once on the base case, then freeze
+        self.engine.set_control_mode("off")
+        self.engine.solve_snapshot()
+        self.index = build_index(self.engine)
+        self.node_names = self.engine.node_names()
+        self._node_pos = {s: i for i, s in enumerate(self.node_names)}
+        self._node_base_v = self.index.node_kv_base_ln * 1000.0
+        self.branch_names = [f"{e}.{p}" for e, p in
+                             zip(self.index.branch_element, self.index.branch_phase)]
+        self.load_names, self.base_p_kw, self.base_q_kvar = _load_table(self.engine)
+        self.topology: dict[str, str] = {}
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # -- one cycle ------------------------------------------------------------------------
+    def run_once(self, now: datetime) -> FeederState:
+        """Estimate, check limits and availability at ``now``; sync alarms; return the state."""
+        now = ensure_utc(now, "now")
+        t0 = time.perf_counter()
+        cfg = self.config
+        notes: list[str] = []
+        self._apply_topology(now, notes)
+        with self.db.connect() as conn:
+            meters = conn.execute(select(Meter.meter_id, Meter.bus, Meter.phase).where(
+                Meter.feeder_id == self.feeder_id)).all()
+            devices = conn.execute(
+                select(DerDevice.der_id, DerDevice.status, DerDevice.p_gen_max_kw,
+                       DerDevice.p_charge_max_kw).join(DerSite, DerDevice.site_id == DerSite.site_id)
+                .where(DerSite.feeder_id == self.feeder_id).order_by(DerDevice.der_id)).all()
+            meter_ids = [m.meter_id for m in meters]
+            m_series = series_of(conn, meter_ids=meter_ids,
+                                 quantities=VOLTAGE_QUANTITIES + PHASE_VOLTAGE_QUANTITIES
+                                 + HEAD_P + HEAD_Q)
+            m_last = latest_readings(conn, m_series["series_id"].tolist(),
+                                     now - timedelta(seconds=cfg.meter_window_s), now)
+            d_series = series_of(conn, der_ids=[d.der_id for d in devices], quantities=("p_kw",))
+            d_last = latest_readings(conn, d_series["series_id"].tolist(),
+                                     now - timedelta(seconds=cfg.availability.offline_after_s),
+                                     now)
+        m_last = m_last.merge(m_series, on="series_id")
+        d_last = d_last.merge(d_series, on="series_id")
+
+        v_nodes, v_pu, v_sigma, stale_meters = self._voltage_rows(meters, m_series, m_last, notes)
+        head = self._head_rows(m_last, notes)
+        mult = cfg.multiplier(now)
+        xp, xq = self.base_p_kw * mult, self.base_q_kvar * mult
+        sp = np.maximum(cfg.pseudo_sigma_frac * np.abs(xp), cfg.pseudo_sigma_min_kw)
+        sq = np.maximum(cfg.pseudo_sigma_frac * np.abs(xq), cfg.pseudo_sigma_min_kw)
+        estimation: dict[str, Any] = {"load_multiplier": mult, "n_voltage": len(v_nodes),
+                                      "n_head": 0 if head is None else len(head[0])}
+        if len(v_nodes) or head is not None:
+            meas = Measurements(
+                v_nodes=v_nodes, v_pu=v_pu, v_sigma_pu=v_sigma, load_names=self.load_names,
+                load_p_kw=xp, load_q_kvar=xq, load_p_sigma_kw=sp, load_q_sigma_kvar=sq,
+                **({} if head is None else {
+                    "head_p_kw": head[0], "head_q_kvar": head[1],
+                    "head_p_sigma_kw": head[2], "head_q_sigma_kvar": head[3]}))
+            est = estimate_state(self.engine, meas, index=self.index, restore=True)
+            v_est, loading = est.v_pu, est.branch_loading_pct
+            estimation.update(
+                method="wls", converged=est.converged, iterations=est.iterations,
+                chi2=est.chi2, chi2_dof=est.chi2_dof, chi2_threshold=est.chi2_threshold,
+                bad_data=est.bad_data, largest_nr_row=est.largest_nr_label,
+                head_p_kw=[float(x) for x in est.head_p_kw])
+        else:
+            notes.append("no fresh telemetry: power flow of the pseudo-measurements only")
+            v_est, loading, head_p = self._pseudo_flow(xp, xq)
+            estimation.update(method="pseudo_power_flow", converged=True, iterations=0,
+                              head_p_kw=[float(x) for x in head_p])
+
+        report = detect_violations(
+            pd.DatetimeIndex([now]), 0.0, v_pu=v_est[None, :], node_names=self.index.node_bus,
+            node_phases=self.index.node_phase, loading_pct=loading[None, :],
+            branch_names=self.index.branch_element, branch_phases=self.index.branch_phase,
+            limits=cfg.limits)
+        avail = self._availability(devices, d_last, now)
+
+        alarm_info: dict[str, Any] = {}
+        if cfg.alarms:
+            conds = self._conditions(report.events, avail, devices, stale_meters)
+            with self.sessions.begin() as session:
+                sync = sync_alarms(session, self.feeder_id, conds, now)
+            alarm_info = {"raised": sync.raised, "cleared": sync.cleared, "open": sync.open}
+        estimation["duration_s"] = time.perf_counter() - t0
+        return FeederState(
+            feeder_id=self.feeder_id, t=now, node_names=list(self.node_names), v_pu=v_est,
+            branch_names=self.branch_names, branch_loading_pct=loading,
+            violations=report.events, availability=avail, estimation=estimation,
+            alarms=alarm_info, topology=dict(self.topology), notes=notes)
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _apply_topology(self, now: datetime, notes: list[str]) -> None:
+        """Apply the latest switch state of each switch (events with ``t <= now``)."""
+        last = (select(TopologyEvent.switch, func.max(TopologyEvent.t).label("t"))
+                .where(TopologyEvent.feeder_id == self.feeder_id, TopologyEvent.t <= now)
+                .group_by(TopologyEvent.switch).subquery())
+        stmt = (select(TopologyEvent.switch, TopologyEvent.state, TopologyEvent.id)
+                .join(last, (TopologyEvent.switch == last.c.switch) & (TopologyEvent.t == last.c.t))
+                .where(TopologyEvent.feeder_id == self.feeder_id).order_by(TopologyEvent.id))
+        with self.db.connect() as conn:
+            latest = {r.switch.lower(): r.state for r in conn.execute(stmt)}
+        changed = False
+        for switch, state in latest.items():
+            state = SwitchState(state)
+            if self.topology.get(switch) == state.value:
+                continue
+            verb = "open" if state == SwitchState.OPEN else "close"
+            element = switch if "." in switch else f"line.{switch}"
+            try:
+                self.engine.command(f"{verb} {element} term=1")
+            except ModelError as exc:
+                log.warning("monitor_topology feeder=%s switch=%s error=%s",
+                            self.feeder_id, switch, exc)
+                notes.append(f"switch {switch!r} not applied: {exc}")
+                continue
+            self.topology[switch] = state.value
+            changed = True
+        if changed:
+            self.engine.solve()  # energised nodes of the new topology (meters on dead ones skip)
+
+    def _voltage_rows(self, meters, m_series: pd.DataFrame, m_last: pd.DataFrame,
+                      notes: list[str]):
+        """AMI voltage measurements per node, and the meters with a voltage series but no
+        fresh reading (see the module docstring for the mapping)."""
+        is_v = m_last["quantity"].isin(VOLTAGE_QUANTITIES + PHASE_VOLTAGE_QUANTITIES)
+        last = {(r.meter_id, r.quantity): float(r.value)
+                for r in m_last[is_v].sort_values("t").itertuples(index=False)}
+        has_series = set(m_series.loc[m_series["quantity"].isin(
+            VOLTAGE_QUANTITIES + PHASE_VOLTAGE_QUANTITIES), "meter_id"])
+        fresh = {m for m, _ in last}
+        live = self.engine.node_voltages_pu() >= 0.1  # de-energised nodes cannot be metered
+        rows: dict[str, list[float]] = {}
+        skipped, stale = [], []
+        for m in meters:
+            if m.meter_id not in fresh:
+                if m.meter_id in has_series:
+                    stale.append(m.meter_id)
+                continue
+            if not m.bus or m.phase is None:
+                log.warning("monitor_meter_skipped feeder=%s meter=%s reason=no_bus_or_phase",
+                            self.feeder_id, m.meter_id)
+                skipped.append(m.meter_id)
+                continue
+            phase = str(getattr(m.phase, "value", m.phase))
+            for letter in phase:
+                name = f"{m.bus.strip().lower()}.{PHASE_NODE[letter]}"
+                wanted = (f"v_{letter}_pu", f"v_{letter}_v")
+                if len(phase) == 1:
+                    wanted = ("v_pu", "v_v", *wanted)
+                q = next((q for q in wanted if (m.meter_id, q) in last), None)
+                if q is None:
+                    log.warning("monitor_meter_skipped feeder=%s meter=%s node=%s "
+                                "reason=no_phase_voltage", self.feeder_id, m.meter_id, name)
+                    skipped.append(m.meter_id)
+                    continue
+                i = self._node_pos.get(name)
+                if i is None or not live[i]:
+                    log.warning("monitor_meter_skipped feeder=%s meter=%s node=%s reason=%s",
+                                self.feeder_id, m.meter_id, name,
+                                "unknown_node" if i is None else "de_energised")
+                    skipped.append(m.meter_id)
+                    continue
+                v = last[(m.meter_id, q)]
+                rows.setdefault(name, []).append(v if q.endswith("_pu")
+                                                 else v / self._node_base_v[i])
+        if skipped:
+            notes.append(f"meters skipped (no bus/phase, no per-phase value, unknown or dead "
+                         f"node): {sorted(set(skipped))[:20]}")
+        names = list(rows)
+        v = np.array([np.mean(rows[s]) for s in names])
+        sig = np.array([self.config.v_sigma_pu / np.sqrt(len(rows[s])) for s in names])
+        return names, v, sig, stale
+
+    def _head_rows(self, m_last: pd.DataFrame, notes: list[str]):
+        nph = self.index.source_phases
+        head = m_last[m_last["meter_id"] == head_meter_id(self.feeder_id)]
+        latest = head.sort_values("t").groupby("quantity")["value"].last()
+        want = HEAD_P[:nph] + HEAD_Q[:nph]
+        if head.empty:
+            return None
+        if not all(q in latest.index for q in want):
+            notes.append(f"head SCADA incomplete (need {', '.join(want)}): not used")
+            return None
+        p = latest[list(HEAD_P[:nph])].to_numpy(float)
+        q = latest[list(HEAD_Q[:nph])].to_numpy(float)
+        cfg = self.config
+        sp = np.maximum(cfg.head_sigma_frac * np.abs(p), cfg.head_sigma_min_kw)
+        sq = np.maximum(cfg.head_sigma_frac * np.abs(q), cfg.head_sigma_min_kw)
+        return p, q, sp, sq
+
+    def _pseudo_flow(self, p: np.ndarray, q: np.ndarray):
+        loads = self.engine.circuit.Loads
+        try:
+            _set_loads(loads, p, q)
+            self.engine.solve()
+            col = StepCollector(self.engine, self.index, 1)
+            col.collect(0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                loading = np.where(self.index.branch_norm_a > 0,
+                                   100 * col.i_a[0] / self.index.branch_norm_a, np.nan)
+            return col.v_pu[0].astype(float), loading, col.head_p_kw[0].astype(float)
+        finally:
+            _set_loads(loads, self.base_p_kw, self.base_q_kvar)
+            self.engine.solve()
+
+    def _availability(self, devices, d_last: pd.DataFrame, now: datetime) -> pd.DataFrame:
+        last = d_last.sort_values("t").groupby("der_id").tail(1).set_index("der_id")
+        ids = [d.der_id for d in devices]
+        t_last = last["t"].reindex(ids)
+        age = np.array([(now - t).total_seconds() if isinstance(t, datetime) else np.nan
+                        for t in t_last], dtype=float)
+        return classify_availability(
+            ids, active=[DeviceStatus(d.status) == DeviceStatus.ACTIVE for d in devices],
+            p_gen_max_kw=[d.p_gen_max_kw for d in devices],
+            p_charge_max_kw=[d.p_charge_max_kw for d in devices],
+            age_s=age, p_kw=last["value"].reindex(ids).to_numpy(float),
+            thresholds=self.config.availability)
+
+    def _conditions(self, events: pd.DataFrame, avail: pd.DataFrame, devices,
+                    stale_meters: list[str]) -> list[AlarmCondition]:
+        cfg = self.config
+        out = []
+        for e in events.itertuples(index=False):
+            worst = float(e.worst)
+            if e.kind in ("undervoltage", "overvoltage"):
+                crit = worst < cfg.critical_v_low_pu or worst > cfg.critical_v_high_pu
+                msg = f"{e.kind} at {e.element}.{e.phase}: {worst:.4f} pu (limit {e.limit} pu)"
+            else:
+                crit = worst > cfg.critical_loading_pct
+                msg = f"{e.kind} on {e.element} phase {e.phase}: {worst:.1f} % (limit {e.limit} %)"
+            out.append(AlarmCondition(
+                kind=f"{e.kind}:{e.element}.{e.phase}",
+                severity=Severity.CRITICAL if crit else Severity.WARNING, message=msg))
+        active = {d.der_id for d in devices if DeviceStatus(d.status) == DeviceStatus.ACTIVE}
+        for r in avail.itertuples(index=False):
+            if r.der_id in active and r.state != ONLINE:
+                age = "no reading" if np.isnan(r.age_s) else f"last reading {r.age_s:.0f} s ago"
+                out.append(AlarmCondition(
+                    kind="telemetry_stale", der_id=r.der_id,
+                    severity=Severity.CRITICAL if r.state == OFFLINE else Severity.WARNING,
+                    message=f"device {r.der_id} telemetry {r.state}: {age}"))
+        for m in stale_meters:
+            out.append(AlarmCondition(
+                kind="telemetry_stale", meter_id=m, severity=Severity.WARNING,
+                message=f"meter {m}: no voltage reading in the last {cfg.meter_window_s:.0f} s"))
+        return out
+
+
+def _load_table(engine: OpenDSSEngine) -> tuple[list[str], np.ndarray, np.ndarray]:
+    loads = engine.circuit.Loads
+    names = [s.lower() for s in loads.AllNames]
+    if names == ["none"]:
+        return [], np.zeros(0), np.zeros(0)
+    p, q = np.empty(len(names)), np.empty(len(names))
+    for i in range(len(names)):
+        loads.idx = i + 1
+        p[i], q[i] = loads.kW, loads.kvar
+    return names, p, q
+
+
+def _set_loads(loads, p: np.ndarray, q: np.ndarray) -> None:
+    for i in range(p.size):
+        loads.idx = i + 1
+        loads.kW = float(p[i])  # kW first: setting kW re-derives kvar from the pf
+        loads.kvar = float(q[i])
+
+
+__all__ = ["FeederMonitor", "FeederState", "MonitorConfig", "head_meter_id"]
