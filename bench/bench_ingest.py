@@ -41,7 +41,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -284,9 +283,11 @@ def run_cli(args: list[str], env: dict, timeout: float = 120) -> str:
     return res.stdout
 
 
-def start_server(env: dict, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(env: dict, port: int, log_path: Path, serve_cmd: list[str] | None = None
+                 ) -> subprocess.Popen:
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([str(VENV_BIN / "derms"), "serve", "--port", str(port)],
+    cmd = serve_cmd or [str(VENV_BIN / "derms")]
+    proc = subprocess.Popen([*cmd, "serve", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     proc._bench_log = log  # type: ignore[attr-defined]
@@ -307,6 +308,19 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 60) -> No
             pass
         time.sleep(0.2)
     raise RuntimeError(f"derms serve not ready within {timeout} s")
+
+
+def end_mqtt_session(client_id: str, host: str = "127.0.0.1", port: int = 1883) -> None:
+    """Delete the server's persistent broker session (else the broker keeps queueing
+    telemetry for it: up to max_queued_messages per id)."""
+    import paho.mqtt.client as paho
+
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    c.connect(host, port, keepalive=10)
+    c.loop_start()
+    time.sleep(0.5)
+    c.disconnect()
+    c.loop_stop()
 
 
 def stop_server(proc: subprocess.Popen | None) -> None:
@@ -363,7 +377,7 @@ def rest_run(base_url: str, token: str, load: Load, seconds: int, conns: int,
             for body in load.bodies(T_REST + timedelta(seconds=k), k):
                 futures.append((k, due, pool.submit(post, body)))
         gen_done = time.monotonic()
-        done, pending = cf.wait([f for _, _, f in futures],
+        _done, pending = cf.wait([f for _, _, f in futures],
                                 timeout=max(1.0, drain_timeout - (time.monotonic() - gen_done)))
         if pending:
             for f in pending:
@@ -576,6 +590,9 @@ def main() -> int:
     ap.add_argument("--keep-server", type=float, default=0.0,
                     help="seconds to pause before the runs (attach a profiler)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--serve-cmd", default="",
+                    help="command replacing `.venv/bin/derms` for `serve` only (experiments, "
+                         "e.g. a patched server); split on spaces")
     a = ap.parse_args()
     if not (1 <= a.seconds <= 600 and 1 <= a.devices <= 100_000):
         ap.error("--seconds 1..600, --devices 1..100000")
@@ -588,18 +605,21 @@ def main() -> int:
             "seconds": a.seconds, "loadavg_start": os.getloadavg(),
             "started": datetime.now(UTC).isoformat(), "args": {k: str(v) for k, v in vars(a).items()}}
     dbname = proc = db = None
+    mqtt_client_id = f"derms-bench-{uuid.uuid4().hex[:8]}"
     results: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="derms_bench_ingest_"))
     try:
         dbname = create_db()
         url = f"postgresql://postgres@127.0.0.1:5432/{dbname}"
         env = {**os.environ, "DERMS_DATABASE_URL": url, "DERMS_DATA_DIR": str(tmp),
-               "DERMS_MQTT_HOST": "127.0.0.1", "DERMS_MQTT_PORT": "1883"}
+               "DERMS_MQTT_HOST": "127.0.0.1", "DERMS_MQTT_PORT": "1883",
+               # own persistent session: the default id is shared by every `derms serve`
+               "DERMS_MQTT_CLIENT_ID": mqtt_client_id}
         run_cli(["db", "upgrade"], env)
         reg_s = register_devices(url, device_ids)
         token = run_cli(["token", "create", "--scope", "operate", "--name", "bench"], env).strip()
         port = free_port()
-        proc = start_server(env, port, tmp / "serve.log")
+        proc = start_server(env, port, tmp / "serve.log", a.serve_cmd.split() or None)
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url, proc)
         meta.update({"database": dbname, "register_s": round(reg_s, 2), "server_pid": proc.pid,
@@ -625,6 +645,12 @@ def main() -> int:
         if db is not None:
             db.close()
         stop_server(proc)
+        if proc is not None:
+            try:
+                end_mqtt_session(mqtt_client_id)
+            except Exception as exc:  # noqa: BLE001 - report, keep going
+                print(f"warning: could not end MQTT session {mqtt_client_id}: {exc}",
+                      file=sys.stderr)
         if dbname is not None:
             try:
                 drop_db(dbname)

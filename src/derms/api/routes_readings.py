@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
 from derms.api.problems import Problem
@@ -42,15 +43,19 @@ async def post_readings(request: Request,
     body = await _body(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     sink = request.app.state.sink
-    known = sink.is_known  # refreshes its cache once when an id is new
     if ctype in ("application/json", ""):
-        batch = parse_json(body, source=source, known_series=known)
+        parse = parse_json
     elif ctype in ("text/csv", "application/csv"):
-        batch = parse_csv(body, source=source, known_series=known)
+        parse = parse_csv
     else:
         raise Problem(415, f"unsupported content type {ctype!r}: use application/json or "
                            "text/csv")
-    result = sink.write(batch)
+
+    def parse_and_write():  # CPU and database work off the event loop
+        batch = parse(body, source=source, known_series=sink.is_known)
+        return batch, sink.write(batch)
+
+    batch, result = await run_in_threadpool(parse_and_write)
     metrics = request.app.state.metrics
     metrics.readings.labels("rest").inc(len(batch))
     metrics.inserted.labels("rest").inc(result.inserted)

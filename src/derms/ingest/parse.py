@@ -149,20 +149,20 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
     if known_series is not None:
         chk.flag(~known & ~blank, "series", lambda r: f"unknown series id {series[r]!r}")
 
-    unit = frame["unit"] if "unit" in frame.columns else pd.Series([""] * n)
-    pairs = pd.Series(list(zip(frame["quantity"].astype(str), unit.fillna("").astype(str),
-                               strict=True)))
-    lookup: dict[tuple[str, str], tuple[str, float] | None] = {}
-    for pair in pairs.unique():
+    unit = frame["unit"] if "unit" in frame.columns else pd.Series([""] * n, index=frame.index)
+    q_raw = frame["quantity"].astype(str).to_numpy(dtype=object)
+    u_raw = unit.fillna("").astype(str).to_numpy(dtype=object)
+    codes, uniq = pd.factorize(pd.Series(q_raw, dtype=object) + "\x1f" +
+                               pd.Series(u_raw, dtype=object))  # one lookup per distinct pair
+    names, factors = np.empty(len(uniq), dtype=object), np.full(len(uniq), np.nan)
+    for i, key in enumerate(uniq):
         try:
-            lookup[pair] = canonical(*pair)
+            names[i], factors[i] = canonical(*str(key).split("\x1f", 1))
         except InputError:
-            lookup[pair] = None
-    mapped = pairs.map(lookup)
-    bad_q = mapped.isna().to_numpy()
-    chk.flag(bad_q, "unit", lambda r: f"unknown quantity/unit {pairs[r][0]!r}/{pairs[r][1]!r}")
-    quantity = np.array([m[0] if m else "" for m in mapped], dtype=object)
-    factor = np.array([m[1] if m else np.nan for m in mapped], dtype=float)
+            names[i] = ""
+    quantity, factor = names[codes], factors[codes]
+    bad_q = np.isnan(factor)
+    chk.flag(bad_q, "unit", lambda r: f"unknown quantity/unit {q_raw[r]!r}/{u_raw[r]!r}")
 
     raw_v = pd.to_numeric(frame["value"], errors="coerce").to_numpy(dtype=float)
     bad_v = ~np.isfinite(raw_v)

@@ -27,7 +27,9 @@ class StoreSink:
         self._lock = threading.Lock()
         self._devices: set[str] = set()
         self._meters: set[str] = set()
+        self._known: set[str] = set()
         self._loaded = -1e9
+        self._series: dict[tuple[str, str, str, str], int] = {}
         self.last: WriteResult | None = None
 
     def _refresh(self, force: bool = False) -> None:
@@ -37,21 +39,24 @@ class StoreSink:
             with self.engine.connect() as conn:
                 self._devices = set(conn.scalars(select(DerDevice.der_id)))
                 self._meters = set(conn.scalars(select(Meter.meter_id)))
+            self._known = self._devices | self._meters
             self._loaded = time.monotonic()
 
     def known(self) -> set[str]:
         """Ids readings may name (devices and meters)."""
         self._refresh()
-        return self._devices | self._meters
+        return self._known
 
     def is_known(self, ids: np.ndarray) -> np.ndarray:
-        """Mask of ids that name a device or meter (refreshing the cache once on a miss)."""
+        """Mask of ids that name a device or meter (refreshing the cache once on a miss).
+
+        Plain set lookups: pandas' ``isin`` on Arrow strings converts the whole known set on
+        every call (measured 78 ms per call with 10,000 devices)."""
         self._refresh()
-        s = pd.Series(np.asarray(ids, dtype=object))
-        mask = (s.isin(self._devices) | s.isin(self._meters)).to_numpy()
+        mask = _member(ids, self._known)
         if not mask.all():
             self._refresh(force=True)
-            mask = (s.isin(self._devices) | s.isin(self._meters)).to_numpy()
+            mask = _member(ids, self._known)
         return mask
 
     def owner(self, series: str) -> dict[str, str] | None:
@@ -63,16 +68,21 @@ class StoreSink:
     def write(self, batch: ReadingBatch) -> WriteResult:
         """Write ``batch`` in one transaction; returns inserted and duplicate counts."""
         self._refresh()
-        ids = pd.Series(batch.series)
-        is_dev = ids.isin(self._devices).to_numpy()
+        is_dev = _member(batch.series, self._devices)
         frame = pd.DataFrame({
             "t": batch.t, "value": batch.value, "quantity": batch.quantity,
             "der_id": np.where(is_dev, batch.series, None),
             "meter_id": np.where(is_dev, None, batch.series),
             "source": batch.source, "quality": batch.quality,
         })
-        self.last = write_readings(self.engine, frame)
+        self.last = write_readings(self.engine, frame, series_cache=self._series)
         return self.last
 
     def __call__(self, batch: ReadingBatch) -> int:
         return self.write(batch).inserted
+
+
+def _member(ids, known: set[str]) -> np.ndarray:
+    """Boolean mask: which of ``ids`` are in ``known`` (set lookups, one pass)."""
+    ids = np.asarray(ids, dtype=object)
+    return np.fromiter((x in known for x in ids), dtype=bool, count=len(ids))

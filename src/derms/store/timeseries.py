@@ -174,10 +174,16 @@ def write_series(engine: Engine, t: Any, value: Any, *, quantity: str,
         return _write_arrays(conn, ids, t_us, v, q)
 
 
-def write_readings(engine: Engine, readings: pd.DataFrame | Iterable[ReadingRow]) -> WriteResult:
+def write_readings(engine: Engine, readings: pd.DataFrame | Iterable[ReadingRow],
+                   series_cache: dict[tuple[str, str, str, str], int] | None = None
+                   ) -> WriteResult:
     """Write many series at once from ReadingRow objects or a tidy DataFrame with columns
     ``t`` (tz-aware), ``value``, ``quantity``, ``der_id`` and/or ``meter_id`` (exactly one
-    set per row), optional ``source`` (default "telemetry") and ``quality`` (default 0)."""
+    set per row), optional ``source`` (default "telemetry") and ``quality`` (default 0).
+
+    ``series_cache`` (owned by a long-lived writer) maps series keys to ids; keys it lacks
+    are resolved (and created) in the write's transaction and added after the commit.
+    Series ids never change, so the cache stays valid unless series are deleted."""
     frame = readings if isinstance(readings, pd.DataFrame) else _rows_frame(readings)
     n = len(frame)
     if n == 0:
@@ -195,10 +201,15 @@ def write_readings(engine: Engine, readings: pd.DataFrame | Iterable[ReadingRow]
     t_us = times_to_epoch_us(frame["t"])
     v = _values(frame["value"].to_numpy(), n)
     q = _qualities(frame["quality"].to_numpy() if "quality" in frame.columns else None, n)
+    cached = series_cache if series_cache is not None else {}
+    missing = [k for k in ukeys if k not in cached]
     with engine.begin() as conn:
-        found = resolve_series(conn, ukeys)
-        lut = np.array([found[k] for k in ukeys], dtype=np.int32)
-        return _write_arrays(conn, lut[codes], t_us, v, q)
+        found = resolve_series(conn, missing) if missing else {}
+        lut = np.array([cached[k] if k in cached else found[k] for k in ukeys], dtype=np.int32)
+        result = _write_arrays(conn, lut[codes], t_us, v, q)
+    if series_cache is not None:
+        series_cache.update(found)  # only after the commit: never an id that was rolled back
+    return result
 
 
 def _factorize(column: Any) -> tuple[np.ndarray, np.ndarray]:
