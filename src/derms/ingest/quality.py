@@ -22,23 +22,12 @@ A flag never drops a reading: flagged data are stored and can be filtered later.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntFlag
 
 import numpy as np
 import pandas as pd
 
 from derms.ingest.units import QUANTITIES
-
-
-class Quality(IntFlag):
-    """Bits of the ``quality`` column."""
-
-    GOOD = 0
-    GAP = 1
-    STUCK = 2
-    OUT_OF_RANGE = 4
-    SPIKE = 8
-    ESTIMATED = 16
+from derms.store.timeseries import Quality  # the column's bits are defined by the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +86,6 @@ def quality_flags(series: np.ndarray, quantity: np.ndarray, t_us: np.ndarray,
 
     flags[order] = out
     return flags
+
+
+__all__ = ["Quality", "QualityRules", "quality_flags"]
