@@ -10,9 +10,9 @@ readings' source. A rejected payload is reported on ``derms/v1/errors/<source>``
 it is not redelivered forever.
 
 Delivery: the client uses a persistent session (``clean_session=False``, fixed client id)
-and ``manual_ack``: the network thread only queues messages; a writer thread drains the
-queue in batches, writes them through the sink in one transaction and only then
-acknowledges every message of the batch. A crash before the commit leaves the messages
+and ``manual_ack``: the network thread only queues messages; a parser thread validates them
+in batches while a writer thread writes the previous batch through the sink in one
+transaction and only then acknowledges every message of it. A crash before the commit leaves the messages
 unacknowledged, and the broker redelivers them; the sink must be idempotent (the store
 drops duplicates on its natural key), so redelivery never duplicates a reading.
 """
@@ -94,6 +94,9 @@ class MqttIngest:
         self.host, self.port = host, port
         self.telemetry_prefix = topic_root.rstrip("/") + "/telemetry/"
         self.error_prefix = topic_root.rstrip("/") + "/errors/"
+        self._parsed: queue.Queue = queue.Queue(maxsize=4)  # parsed batches awaiting a write
+        self._parser = threading.Thread(target=self._run_parser, name="mqtt-ingest-parser",
+                                        daemon=True)
         self._writer = threading.Thread(target=self._run_writer, name="mqtt-ingest-writer",
                                         daemon=True)
 
@@ -109,13 +112,15 @@ class MqttIngest:
         if not self._connected.wait(timeout_s):
             self.client.loop_stop()
             raise InputError(f"MQTT broker {self.host}:{self.port} did not accept the session")
+        self._parser.start()
         self._writer.start()
 
     def stop(self) -> None:
         """Drain what is queued, acknowledge it, disconnect."""
         self._stop.set()
-        if self._writer.is_alive():
-            self._writer.join(timeout=30)
+        for thread in (self._parser, self._writer):
+            if thread.is_alive():
+                thread.join(timeout=30)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -126,19 +131,25 @@ class MqttIngest:
         client.subscribe(self.telemetry_prefix + "#", qos=1)
         self._connected.set()
 
-    # -- writer ---------------------------------------------------------------------------
-    def _run_writer(self) -> None:
+    # -- pipeline: parser thread -> writer thread ----------------------------------------
+    def _run_parser(self) -> None:
+        """Parse batches of messages while the writer waits on the database."""
         while not (self._stop.is_set() and self._queue.empty()):
             msgs = self._take_batch()
-            if not msgs:
-                continue
-            try:
-                self._write(msgs)
-            except Exception:  # noqa: BLE001 - the sink failed: keep the messages, retry
-                log.exception("mqtt_sink_failed messages=%d; retrying", len(msgs))
-                for msg in msgs:
-                    self._queue.put(msg)
-                time.sleep(1.0)
+            if msgs:
+                self._parsed.put(self._parse(msgs))
+        self._parsed.put(None)
+
+    def _run_writer(self) -> None:
+        while (item := self._parsed.get()) is not None:
+            msgs, by_source = item
+            while True:
+                try:
+                    self._write(msgs, by_source)
+                    break
+                except Exception:  # noqa: BLE001 - the sink failed: keep the batch, retry
+                    log.exception("mqtt_sink_failed messages=%d; retrying", len(msgs))
+                    time.sleep(1.0)
 
     def _take_batch(self) -> list:
         msgs, n = [], 0
@@ -155,19 +166,21 @@ class MqttIngest:
             n += 1 + msg.payload.count(b"},{")  # rough size: readings per message
         return msgs
 
-    def _write(self, msgs: list) -> None:
-        known = self.known_series
+    def _parse(self, msgs: list) -> tuple[list, dict[str, list[ReadingBatch]]]:
+        """Valid batches grouped by source; invalid messages reported (and acknowledged
+        with the rest, after the write)."""
         by_source: dict[str, list[ReadingBatch]] = {}
-        good = []
         for msg in msgs:
             source = msg.topic[len(self.telemetry_prefix):] or "mqtt"
             try:
-                batch = parse_json(msg.payload, source=source, known_series=known)
+                batch = parse_json(msg.payload, source=source, known_series=self.known_series)
             except InputError as exc:
                 self._reject(msg, source, exc)
                 continue
             by_source.setdefault(source, []).append(batch)
-            good.append(msg)
+        return msgs, by_source
+
+    def _write(self, msgs: list, by_source: dict[str, list[ReadingBatch]]) -> None:
         for batches in by_source.values():
             batch = concat(batches)
             self.stats.inserted += self.sink(batch)  # commits; raises -> no ack, redelivery
