@@ -36,6 +36,9 @@ test-all: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_qsts.py
 	$(BIN)/python bench/bench_linear.py
+	$(BIN)/python bench/bench_state_estimation.py
+	$(BIN)/python bench/bench_store.py
+	$(BIN)/python bench/bench_ingest.py --seconds 60 --devices 15000
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
