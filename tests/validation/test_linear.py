@@ -25,28 +25,7 @@ from derms.powerflow.engine import OpenDSSEngine, SolveSettings
 from derms.powerflow.linear import build_linear_model, solve_ac_with_injections
 from derms.powerflow.linear_check import draw_injections, linearisation_error
 from tests.conftest import shared_master
-
-
-def _engine(name: str) -> OpenDSSEngine:
-    engine = OpenDSSEngine(shared_master(name), SolveSettings(tolerance=1e-8))
-    engine.solve_snapshot()  # controls act once, then freeze at that operating point
-    engine.set_control_mode("off")
-    engine.solve_snapshot()
-    return engine
-
-
-@pytest.fixture(scope="module")
-def ieee13():
-    engine = _engine("ieee13")
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def ieee123():
-    engine = _engine("ieee123")
-    yield engine
-    engine.close()
+from tests.validation.conftest import frozen_engine
 
 
 def _draw(engine, rng, *, share: float = 0.5, mixed: bool):
@@ -153,7 +132,7 @@ def test_ungrounded_node_is_logged(ieee123, caplog):
 
 @pytest.fixture(scope="module")
 def ieee8500():
-    engine = _engine("ieee8500")
+    engine = frozen_engine("ieee8500")
     yield engine
     engine.close()
 

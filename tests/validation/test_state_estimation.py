@@ -18,9 +18,8 @@ import pytest
 from derms.analysis.se_jacobian import measurement_jacobian
 from derms.analysis.state_estimation import Measurements, estimate_state
 from derms.errors import InputError, ModelError
-from derms.powerflow.engine import OpenDSSEngine, SolveSettings
 from derms.powerflow.network_jacobian import complex_pairs
-from tests.conftest import shared_master
+from tests.validation.conftest import frozen_engine
 
 HEAD_BUS = {"ieee13": "650", "ieee123": "150r", "ieee8500": "regxfmr_hvmv_sub_lsb"}
 NOISE = 0.01
@@ -35,14 +34,6 @@ class Scenario:
     p_true_kw: np.ndarray
     q_true_kvar: np.ndarray
     base: np.ndarray  # (2k,) base kW, kvar (restore the engine with set_loads)
-
-
-def make_engine(name: str) -> OpenDSSEngine:
-    engine = OpenDSSEngine(shared_master(name), SolveSettings(tolerance=1e-8))
-    engine.solve_snapshot()  # controls act once on the base case, then stay frozen
-    engine.set_control_mode("off")
-    engine.solve_snapshot()
-    return engine
 
 
 def load_table(engine) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -150,20 +141,6 @@ def make_scenario(engine, meter_nodes: list[str], seed: int, head_bus: str,
 
 def max_error(est, sc: Scenario) -> float:
     return float(np.max(np.abs(est.v_pu - sc.v_true_pu)[sc.energised]))
-
-
-@pytest.fixture(scope="module")
-def ieee13():
-    engine = make_engine("ieee13")
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def ieee123():
-    engine = make_engine("ieee123")
-    yield engine
-    engine.close()
 
 
 def mean_error(est, sc: Scenario) -> float:
@@ -279,7 +256,7 @@ def test_ieee8500_ami_at_every_service_transformer():
     at 0.025 / 0.002 pu. A +10 % gross error on one meter is the largest normalised residual.
     About 5 s here (compile included), so not marked slow.
     """
-    engine = make_engine("ieee8500")
+    engine = frozen_engine("ieee8500")
     try:
         meters = meter_nodes_service_transformers(engine)
         assert len(meters) == 1177  # one per service transformer

@@ -77,6 +77,7 @@ from scipy.stats import chi2 as _chi2
 
 from derms.analysis.se_jacobian import activate_source, measurement_jacobian
 from derms.errors import ConvergenceError, InputError, ModelError
+from derms.naming import require_known
 from derms.powerflow.collect import NetworkIndex, StepCollector
 from derms.powerflow.network_jacobian import complex_pairs
 
@@ -371,29 +372,19 @@ def _sigma(name: str, v, size: int) -> np.ndarray:
 
 
 def _check_voltages(meas: Measurements, pos: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
-    nodes = [str(s).strip().lower() for s in meas.v_nodes]
-    unknown = [s for s in nodes if s not in pos]
-    if unknown:
-        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
-        raise ModelError(f"unknown meter node {unknown[0]!r}{more} (expected 'bus.node')")
-    if len(set(nodes)) != len(nodes):
-        raise InputError("v_nodes has duplicates")
+    nodes = require_known(meas.v_nodes, pos, kind="meter node", field="v_nodes",
+                          hint=" (expected 'bus.node')")
     return nodes, _arr("v_pu", meas.v_pu, len(nodes)), _sigma("v_sigma_pu", meas.v_sigma_pu,
                                                               len(nodes))
 
 
 def _check_loads(engine, meas: Measurements):
-    names = [str(s).strip().lower().removeprefix("load.") for s in meas.load_names]
     all_loads = [s.lower() for s in engine.circuit.Loads.AllNames]
     if all_loads == ["none"]:
         all_loads = []
     at = {s: i + 1 for i, s in enumerate(all_loads)}
-    unknown = [s for s in names if s not in at]
-    if unknown:
-        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
-        raise ModelError(f"unknown load {unknown[0]!r}{more}")
-    if len(set(names)) != len(names):
-        raise InputError("load_names has duplicates")
+    names = require_known((str(s).strip().lower().removeprefix("load.")
+                           for s in meas.load_names), at, kind="load", field="load_names")
     k = len(names)
     xp = np.r_[_arr("load_p_kw", meas.load_p_kw, k), _arr("load_q_kvar", meas.load_q_kvar, k)]
     sp_ = np.r_[_sigma("load_p_sigma_kw", meas.load_p_sigma_kw, k),

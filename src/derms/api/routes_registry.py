@@ -68,10 +68,13 @@ class MeterIn(BaseModel):
     phase: Phase | None = None
 
 
-def _page(session, model, order, limit: int, offset: int) -> dict:
-    total = session.scalar(select(func.count()).select_from(model))
-    rows = session.scalars(select(model).order_by(order).limit(limit).offset(offset)).all()
-    return {"total": total, "limit": limit, "offset": offset, "items": rows}
+def _page(request: Request, model, order, limit: int, offset: int) -> dict:
+    """One page of ``model`` rows in ``order``, as plain dicts, with the total count."""
+    with request.app.state.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(model))
+        rows = session.scalars(select(model).order_by(order).limit(limit).offset(offset))
+        items = [_columns(r) for r in rows]
+    return {"total": total, "limit": limit, "offset": offset, "items": items}
 
 
 def _columns(obj) -> dict:
@@ -81,10 +84,7 @@ def _columns(obj) -> dict:
 @router.get("/feeders")
 def list_feeders(request: Request, _p: Annotated[Principal, Depends(require("read"))],
                  limit: Limit = 100, offset: Offset = 0) -> dict:
-    with request.app.state.sessions() as s:
-        page = _page(s, Feeder, Feeder.feeder_id, limit, offset)
-        page["items"] = [_columns(f) for f in page["items"]]
-        return page
+    return _page(request, Feeder, Feeder.feeder_id, limit, offset)
 
 
 @router.post("/feeders", status_code=201)
@@ -102,10 +102,7 @@ def create_feeder(request: Request, body: FeederIn,
 @router.get("/devices")
 def list_devices(request: Request, _p: Annotated[Principal, Depends(require("read"))],
                  limit: Limit = 100, offset: Offset = 0) -> dict:
-    with request.app.state.sessions() as s:
-        page = _page(s, DerDevice, DerDevice.der_id, limit, offset)
-        page["items"] = [_columns(d) for d in page["items"]]
-        return page
+    return _page(request, DerDevice, DerDevice.der_id, limit, offset)
 
 
 @router.get("/devices/{der_id}")

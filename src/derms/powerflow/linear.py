@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from derms.errors import ConvergenceError, InputError, ModelError
+from derms.naming import require_known
 from derms.powerflow.linear_branches import branch_current_matrix
 from derms.powerflow.linear_loads import read_branches
 from derms.powerflow.network_jacobian import LeafSolver, complex_pairs, network_jacobian
@@ -210,13 +211,8 @@ def build_linear_model(
         inj = np.sort(np.argsort(y_of_out)[np.unique(ends[ends >= 0])])
         inj_names = [names[k] for k in inj]
     else:
-        inj_names = [str(s).strip().lower() for s in injection_nodes]
-        unknown = [s for s in inj_names if s not in pos]
-        if unknown:
-            more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
-            raise ModelError(f"unknown node {unknown[0]!r}{more} (expected 'bus.node')")
-        if len(set(inj_names)) != len(inj_names):
-            raise InputError("injection_nodes has duplicates")
+        inj_names = require_known(injection_nodes, pos, kind="node",
+                                   field="injection_nodes", hint=" (expected 'bus.node')")
         inj = np.fromiter((pos[s] for s in inj_names), dtype=np.int64, count=len(inj_names))
 
     if (np.abs(v0[inj]) == 0).any():
