@@ -5,18 +5,24 @@ Every :class:`~derms.errors.DermsError` becomes a one-line message on stderr and
 
 from __future__ import annotations
 
-import functools
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from derms.errors import DermsError, InputError
-from derms.timeutil import parse_duration
+from derms.cli.common import (  # shared with the sub-command modules
+    MasterArg,
+    MaxIterOpt,
+    OutOpt,
+    err_console,
+    out_console,
+    parse_step,
+)
+from derms.cli.common import handle_errors as _handle_errors
+from derms.errors import InputError
 
 app = typer.Typer(
     help="derms: Distributed Energy Resource Management System (feeder studies).",
@@ -24,36 +30,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out_console = Console()
-err_console = Console(stderr=True)
-
-MasterArg = Annotated[str, typer.Argument(
-    help="OpenDSS master .dss file, or a bundled feeder: ieee13, ieee123, ieee8500.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")]
-MaxIterOpt = Annotated[int, typer.Option(
-    min=1, max=10000, help="Power-flow iteration cap per solve.")]
-
-
-def _handle_errors(func):
-    """Turn derms errors into a clear message and exit code 2 (no traceback)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except DermsError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-            raise typer.Exit(code=2) from None
-        except OSError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
-
-
-def parse_step(text: str) -> timedelta:
-    """Parse "15min", "1h", "60s", "5m" into a timedelta (InputError when malformed)."""
-    return parse_duration(text, "--step")
 
 
 def _parse_start(text: str) -> datetime:

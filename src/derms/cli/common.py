@@ -1,0 +1,45 @@
+"""Helpers shared by the ``derms`` sub-command modules: consoles, common options, error handling."""
+
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from derms.errors import DermsError
+from derms.timeutil import parse_duration
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+MasterArg = Annotated[str, typer.Argument(
+    help="OpenDSS master .dss file, or a bundled feeder: ieee13, ieee123, ieee8500.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")]
+MaxIterOpt = Annotated[int, typer.Option(
+    min=1, max=10000, help="Power-flow iteration cap per solve.")]
+
+
+def handle_errors(func):
+    """Turn derms errors into a clear message and exit code 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except DermsError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(code=2) from None
+        except OSError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def parse_step(text: str) -> timedelta:
+    """Parse "15min", "1h", "60s", "5m" into a timedelta (InputError when malformed)."""
+    return parse_duration(text, "--step")
