@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from derms.errors import DermsError
 from derms.timeutil import parse_duration
@@ -31,10 +32,12 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except DermsError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                              emoji=False)
             raise typer.Exit(code=2) from None
         except OSError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                              emoji=False)
             raise typer.Exit(code=2) from None
 
     return wrapper

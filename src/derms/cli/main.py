@@ -282,6 +282,12 @@ def serve(
             loop.close()
 
 
+from derms.cli import forecast_cmd, growth_cmd  # sub-commands, registered on `app`
+
+app.add_typer(forecast_cmd.app, name="forecast")
+app.command(name="growth")(growth_cmd.growth)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,186 @@
+"""Forecasting: input repair, no look-ahead, metrics definitions, model persistence."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from derms.errors import InputError
+from derms.forecast import ForecastSpec, ForecastWarning, backtest, clean_series, forecast_quantiles
+from derms.forecast.metrics import metrics_from_table, pinball
+from derms.forecast.model import QuantileModel
+
+
+def daily_load(days: int, step: str = "1h", tz: str = "UTC", seed: int = 0,
+               start: str = "2024-01-01") -> pd.Series:
+    """A load with a daily and weekly pattern plus noise (kW)."""
+    idx = pd.date_range(start, periods=int(days * pd.Timedelta("1D") / pd.Timedelta(step)),
+                        freq=step, tz=tz)
+    rng = np.random.default_rng(seed)
+    local = idx.tz_convert(tz)
+    hour = local.hour.to_numpy() + local.minute.to_numpy() / 60
+    weekend = (local.day_of_week.to_numpy() >= 5).astype(float)
+    p = 100 + 40 * np.sin((hour - 6) / 24 * 2 * np.pi) - 15 * weekend
+    return pd.Series(p + rng.normal(0, 4, len(idx)), index=idx)
+
+
+# ------------------------------------------------------------------ input repair
+def test_naive_timestamps_are_refused():
+    s = daily_load(3)
+    s.index = s.index.tz_localize(None)
+    with pytest.raises(InputError, match="no time zone"):
+        clean_series(s)
+
+
+def test_duplicates_are_averaged_with_a_warning():
+    s = daily_load(3)
+    dup = pd.concat([s, s.iloc[:5] + 10.0])
+    clean = clean_series(dup)
+    assert len(clean.values) == len(s)
+    assert clean.values.iloc[0] == pytest.approx(s.iloc[0] + 5.0)
+    assert any("duplicate" in w for w in clean.warnings)
+
+
+def test_gaps_and_non_finite_values_become_missing_intervals():
+    s = daily_load(3)
+    s.iloc[10] = np.inf
+    s = s.drop(s.index[20:26])
+    clean = clean_series(s)
+    assert clean.values.isna().sum() == 7
+    assert any("missing intervals" in w and "longest gap 0 days 06:00:00" in w
+               for w in clean.warnings)
+    assert any("infinite" in w for w in clean.warnings)
+
+
+def test_dst_transition_local_series_is_regular_in_utc():
+    # Europe/Paris 2024-03-31: the local day has 23 hours; UTC grid stays regular
+    idx = pd.date_range("2024-03-25", "2024-04-05", freq="15min", tz="Europe/Paris",
+                        inclusive="left")
+    s = pd.Series(np.arange(len(idx), dtype=float), index=idx)
+    clean = clean_series(s)
+    assert clean.step == pd.Timedelta("15min")
+    assert clean.values.isna().sum() == 0 and not clean.warnings
+
+
+def test_constant_series_warns_and_forecasts_the_constant():
+    s = daily_load(30) * 0 + 42.0
+    with pytest.warns(ForecastWarning, match="every value is 42"):
+        fc = forecast_quantiles(s, kind="load", origin=s.index[-1] + pd.Timedelta("1h"),
+                                n_rounds=20)
+    assert np.allclose(fc[["p10", "p50", "p90"]].to_numpy(), 42.0, atol=1e-6)
+
+
+def test_too_short_history_is_a_clear_error():
+    s = daily_load(10)
+    with pytest.raises(InputError, match="needs at least"):
+        forecast_quantiles(s, kind="load", origin=s.index[-1] + pd.Timedelta("1h"))
+
+
+def test_step_that_does_not_divide_a_day_is_refused():
+    idx = pd.date_range("2024-01-01", periods=50, freq="7min", tz="UTC")
+    with pytest.raises(InputError, match="does not divide a day"):
+        clean_series(pd.Series(1.0, index=idx))
+
+
+def test_origin_off_grid_and_naive_origin_are_refused():
+    s = daily_load(30)
+    with pytest.raises(InputError, match="time zone"):
+        forecast_quantiles(s, kind="load", origin=pd.Timestamp("2024-01-29"))
+    with pytest.raises(InputError, match="not on the series"):
+        forecast_quantiles(s, kind="load", origin=pd.Timestamp("2024-01-29 00:20", tz="UTC"))
+
+
+# ------------------------------------------------------------------ forecasting
+def test_forecast_uses_only_data_before_the_origin():
+    s = daily_load(40)
+    origin = pd.Timestamp("2024-02-01", tz="UTC")
+    a = forecast_quantiles(s, kind="load", origin=origin, n_rounds=30)
+    changed = s.copy()
+    changed[changed.index >= origin] *= 10.0
+    b = forecast_quantiles(changed, kind="load", origin=origin, n_rounds=30)
+    pd.testing.assert_frame_equal(a, b)
+    assert a.index[0] == origin and len(a) == 24
+    assert (a["p10"] <= a["p50"]).all() and (a["p50"] <= a["p90"]).all()
+
+
+def test_forecast_beats_persistence_on_a_patterned_load():
+    s = daily_load(60, seed=3)
+    origin = pd.Timestamp("2024-02-25", tz="UTC")
+    fc = forecast_quantiles(s, kind="load", origin=origin, n_rounds=80)
+    actual = s.reindex(fc.index)
+    mae_model = (fc["p50"] - actual).abs().mean()
+    mae_persist = (s[s.index < origin].iloc[-1] - actual).abs().mean()
+    assert mae_model < 0.5 * mae_persist
+
+
+def test_pv_forecast_is_zero_at_night_and_non_negative():
+    idx = pd.date_range("2024-05-01", periods=40 * 96, freq="15min", tz="UTC")
+    hours = (idx.hour + idx.minute / 60).to_numpy()
+    sun = np.clip(np.sin((hours - 13) / 12 * np.pi + np.pi / 2), 0, None)  # noon at 19 UTC
+    rng = np.random.default_rng(1)
+    cloud = np.repeat(rng.uniform(0.3, 1.0, 40), 96)
+    s = pd.Series(5.0 * sun * cloud, index=idx)
+    fc = forecast_quantiles(s, kind="pv", origin=pd.Timestamp("2024-06-05", tz="UTC"),
+                            capacity=5.0, n_rounds=30)
+    night = fc.index.hour.isin([2, 3, 4, 5, 6])
+    assert (fc.loc[night].to_numpy() == 0).all()
+    assert (fc.to_numpy() >= 0).all() and fc["p90"].max() <= 5.5
+
+
+# ------------------------------------------------------------------ metrics
+def test_pinball_and_crps_of_a_point_forecast_is_its_mae():
+    y = np.array([1.0, 2.0, 4.0])
+    assert pinball(y, np.array([2.0, 2.0, 2.0]), 0.5).mean() == pytest.approx(0.5)
+    t = pd.date_range("2024-01-01", periods=3, freq="h", tz="UTC")
+    table = pd.DataFrame({"origin": t[0], "timestamp": t, "method": "m", "p50": 2.0,
+                          "actual": y, "daylight": True})
+    m = metrics_from_table(table, "load")["m"]
+    assert m["crps"] == pytest.approx(m["mae"]) == pytest.approx(1.0)
+    assert m["nrmse"] == pytest.approx(np.sqrt(5 / 3) / 4.0)
+    assert m["coverage_p10_p90"] is None
+
+
+def test_coverage_counts_actuals_inside_the_band():
+    t = pd.date_range("2024-01-01", periods=4, freq="h", tz="UTC")
+    table = pd.DataFrame({"origin": t[0], "timestamp": t, "method": "m",
+                          "p10": [0, 0, 0, 0.0], "p50": [1, 1, 1, 1.0], "p90": [2, 2, 2, 2.0],
+                          "actual": [1, 3, 2, -1.0], "daylight": True})
+    assert metrics_from_table(table, "load")["m"]["coverage_p10_p90"] == pytest.approx(0.5)
+
+
+def test_backtest_metrics_are_recomputable_from_the_table():
+    s = daily_load(50, seed=5)
+    r = backtest(s, ForecastSpec(kind="load", n_rounds=30), test_length=pd.Timedelta(days=10))
+    assert set(r.metrics) >= {"lightgbm_quantile", "persistence", "seasonal_naive_day",
+                              "seasonal_naive_week"}
+    again = metrics_from_table(r.forecasts, "load")
+    assert again == r.metrics
+    assert (r.forecasts["origin"] < r.forecasts["timestamp"] + pd.Timedelta("1ns")).all()
+    assert r.forecasts["origin"].dt.hour.eq(0).all()
+
+
+def test_short_series_backtest_warns_about_the_test_period():
+    s = daily_load(60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = backtest(s, ForecastSpec(kind="load", n_rounds=20))
+    assert any("test period" in w for w in r.warnings)
+
+
+def test_model_round_trips_through_its_files(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 3)).astype(np.float32)
+    y = x[:, 0] * 2 + rng.normal(0, 0.1, 500)
+    m = QuantileModel(quantiles=(0.1, 0.5, 0.9), feature_names=("a", "b", "c"), n_rounds=20)
+    m.fit(x, y)
+    m.offsets = {0.1: 0.05, 0.9: -0.01}
+    version = m.save(tmp_path / "model")
+    back, meta = QuantileModel.load(tmp_path / "model")
+    assert meta["version"] == version
+    for q in (0.1, 0.5, 0.9):
+        np.testing.assert_allclose(back.predict(x)[q], m.predict(x)[q])
+    with pytest.raises(InputError, match="not a saved"):
+        QuantileModel.load(tmp_path)
