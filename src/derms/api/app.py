@@ -26,11 +26,13 @@ from sqlalchemy import text
 
 from derms.api import problems
 from derms.api.auth import TokenRecord
+from derms.api.routes_forecasts import router as forecasts_router
 from derms.api.routes_readings import router as readings_router
 from derms.api.routes_registry import router as registry_router
 from derms.api.routes_state import router as state_router
 from derms.config import Settings
 from derms.ingest.store_sink import StoreSink
+from derms.monitoring.forecasting import ForecastService
 from derms.store.db import make_engine, make_session_factory
 from derms.store.migrate import current_revision, head_revision
 from derms.store.models import ApiToken
@@ -71,6 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.sink = StoreSink(engine)
     app.state.metrics = metrics = Metrics()
     app.state.monitor = None  # a derms.monitoring.MonitorLoop when `derms serve` runs one
+    app.state.forecasts = ForecastService(settings, engine)  # shared by the API and the schedule
+    app.state.forecast_schedule = None  # a ForecastSchedule when `derms serve` runs one
 
     def token_lookup(token_id: str) -> TokenRecord | None:
         with app.state.sessions() as session:
@@ -119,4 +123,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(readings_router, prefix="/v1")
     app.include_router(registry_router, prefix="/v1")
     app.include_router(state_router, prefix="/v1")
+    app.include_router(forecasts_router, prefix="/v1")
     return app

@@ -273,6 +273,14 @@ def serve(
         loop = MonitorLoop(monitors_from_store(api.state.engine), period_s=monitor_period_s)
         api.state.monitor = loop
         loop.start()
+    from derms.monitoring.forecasting import ForecastSchedule
+
+    # None unless DERMS_FORECAST_PERIOD_S > 0 and DERMS_FORECAST_TARGETS are set
+    forecast_schedule = ForecastSchedule.from_settings(settings, api.state.engine,
+                                                       service=api.state.forecasts)
+    if forecast_schedule is not None:
+        api.state.forecast_schedule = forecast_schedule
+        forecast_schedule.start()
     try:
         uvicorn.run(api, host=host, port=port, log_level="info")
     finally:
@@ -280,6 +288,8 @@ def serve(
             ingest.stop()
         if loop is not None:
             loop.close()
+        if forecast_schedule is not None:
+            forecast_schedule.stop()
 
 
 from derms.cli import forecast_cmd, growth_cmd  # sub-commands, registered on `app`
