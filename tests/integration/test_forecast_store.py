@@ -16,8 +16,8 @@ from sqlalchemy import inspect
 from derms.config import get_settings
 from derms.errors import InputError
 from derms.forecast import ForecastSpec
+from derms.monitoring.forecast_schedule import ForecastSchedule
 from derms.monitoring.forecasting import (
-    ForecastSchedule,
     ForecastService,
     ForecastTarget,
     UnknownModelError,

@@ -273,7 +273,7 @@ def serve(
         loop = MonitorLoop(monitors_from_store(api.state.engine), period_s=monitor_period_s)
         api.state.monitor = loop
         loop.start()
-    from derms.monitoring.forecasting import ForecastSchedule
+    from derms.monitoring.forecast_schedule import ForecastSchedule
 
     # None unless DERMS_FORECAST_PERIOD_S > 0 and DERMS_FORECAST_TARGETS are set
     forecast_schedule = ForecastSchedule.from_settings(settings, api.state.engine,
