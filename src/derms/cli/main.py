@@ -292,9 +292,10 @@ def serve(
             forecast_schedule.stop()
 
 
-from derms.cli import forecast_cmd, growth_cmd  # sub-commands, registered on `app`
+from derms.cli import constraints_cmd, forecast_cmd, growth_cmd  # sub-commands on `app`
 
 app.add_typer(forecast_cmd.app, name="forecast")
+app.add_typer(constraints_cmd.app, name="constraints")
 app.command(name="growth")(growth_cmd.growth)
 
 

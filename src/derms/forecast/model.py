@@ -42,7 +42,13 @@ DEFAULT_PARAMS = {
 
 @dataclass
 class QuantileModel:
-    """Boosters per quantile plus conformal offsets (normalised units, + widens the band)."""
+    """Boosters per quantile, a shrink factor and conformal offsets (normalised units).
+
+    Prediction per quantile = ``shrink`` × booster output, then the offset (+ widens the
+    band). ``shrink`` in [0, 1] pulls a model whose target is a change from a reference
+    (see :mod:`derms.forecast.forecaster`) toward that reference when the change is
+    mostly noise.
+    """
 
     quantiles: tuple[float, ...]
     feature_names: tuple[str, ...]
@@ -50,6 +56,7 @@ class QuantileModel:
     params: dict = field(default_factory=lambda: dict(DEFAULT_PARAMS))
     boosters: dict = field(default_factory=dict)
     offsets: dict = field(default_factory=dict)
+    shrink: float = 1.0
     trained_at: str = ""
     n_train_rows: int = 0
 
@@ -73,7 +80,7 @@ class QuantileModel:
     def _raw(self, x: np.ndarray) -> dict[float, np.ndarray]:
         if not self.boosters:
             raise InputError("the forecast model is not fitted")
-        return {q: b.predict(x, num_threads=self.params.get("num_threads", 2))
+        return {q: self.shrink * b.predict(x, num_threads=self.params.get("num_threads", 2))
                 for q, b in self.boosters.items()}
 
     def predict(self, x: np.ndarray, envelope: np.ndarray | None = None
@@ -102,7 +109,7 @@ class QuantileModel:
         version = digest.hexdigest()[:16]
         info = {"version": version, "quantiles": list(self.quantiles),
                 "feature_names": list(self.feature_names), "n_rounds": self.n_rounds,
-                "params": self.params, "offsets": {str(q): c for q, c in self.offsets.items()},
+                "params": self.params, "offsets": {str(q): c for q, c in self.offsets.items()}, "shrink": self.shrink,
                 "trained_at": self.trained_at, "n_train_rows": self.n_train_rows,
                 **(meta or {})}
         (folder / "model.json").write_text(json.dumps(info, indent=2))
@@ -124,6 +131,7 @@ class QuantileModel:
             path = folder / f"booster_q{round(q * 100):02d}.txt"
             model.boosters[q] = lgb.Booster(model_str=path.read_text())
         model.offsets = {float(q): c for q, c in info["offsets"].items()}
+        model.shrink = float(info.get("shrink", 1.0))
         model.trained_at = info["trained_at"]
         model.n_train_rows = info["n_train_rows"]
         return model, info

@@ -1,0 +1,143 @@
+"""``derms constraints forecast``: predicted voltage/thermal violations over the next hours.
+
+Reads a load history and a PV history (CSV ``timestamp,value``, timestamps with a zone),
+forecasts both (quantiles, data before the origin only), places PV on a share of the
+feeder's loads, pushes the forecast scenarios through QSTS and writes
+``violations_forecast.csv``, ``hourly.csv`` and ``report.html`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+
+from derms.cli.common import MasterArg, OutOpt, handle_errors, out_console
+from derms.errors import InputError
+from derms.timeutil import parse_duration
+
+app = typer.Typer(help="Constraint forecasts (predicted violations).", no_args_is_help=True)
+
+
+def read_series_csv(path: Path, name: str) -> pd.Series:
+    """A ``timestamp,value`` CSV as a UTC-indexed float Series (InputError naming the file,
+    field and value at fault)."""
+    try:
+        df = pd.read_csv(path, dtype={"timestamp": str})
+    except FileNotFoundError:
+        raise InputError(f"{name} file not found: {path}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{name} file {path}: not a readable CSV ({exc})") from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    for col in ("timestamp", "value"):
+        if col not in df.columns:
+            raise InputError(f"{name} file {path}: no {col!r} column (columns: "
+                             f"{', '.join(df.columns[:5])})")
+    if df.empty:
+        raise InputError(f"{name} file {path}: no rows")
+    text = df["timestamp"].astype(str).str.strip()
+    zoned = text.str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True)
+    if not zoned.all():
+        row = int((~zoned).to_numpy().argmax())
+        raise InputError(f"{name} file {path}: timestamp {text.iloc[row]!r} (row {row + 2}) "
+                         "has no time zone; write e.g. 2024-06-01T00:00:00Z or +02:00")
+    try:
+        t = pd.to_datetime(text, utc=True, format="ISO8601")
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{name} file {path}: bad timestamp ({exc})") from None
+    values = pd.to_numeric(df["value"], errors="coerce")
+    bad = values.isna() & df["value"].notna()
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise InputError(f"{name} file {path}: value {df['value'].iloc[row]!r} "
+                         f"(row {row + 2}) is not a number")
+    s = pd.Series(values.to_numpy(dtype=float), index=pd.DatetimeIndex(t), name=name)
+    if s.index.has_duplicates:
+        raise InputError(f"{name} file {path}: duplicate timestamp "
+                         f"{s.index[s.index.duplicated()][0]}")
+    return s.sort_index()
+
+
+def _parse_origin(text: str | None, load: pd.Series, pv: pd.Series) -> pd.Timestamp:
+    """Given origin (UTC if no zone) or, by default, the end of the shorter history."""
+    if text is None:
+        end = min(load.index[-1], pv.index[-1])
+        step = load.index[-1] - load.index[-2]
+        return end + step
+    try:
+        ts = pd.Timestamp(text)
+    except ValueError:
+        raise InputError(f"--origin {text!r}: expected an ISO 8601 datetime") from None
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+@app.command("forecast")
+@handle_errors
+def forecast(
+    master: MasterArg,
+    out: OutOpt,
+    load_history: Annotated[Path, typer.Option(
+        help="CSV timestamp,value of the feeder's load (any power unit, import positive); "
+             "normalised by its peak to a multiplier of each load's base kW.")],
+    pv_history: Annotated[Path, typer.Option(
+        help="CSV timestamp,value of measured PV output (any unit); normalised by "
+             "--pv-capacity to per unit of each PV system's rating.")],
+    pv_penetration: Annotated[float, typer.Option(
+        help="Share of customers (loads) with PV, 0..1, sized as in `derms study`.")] = 0.5,
+    origin: Annotated[str | None, typer.Option(
+        help="Forecast origin, ISO 8601 (UTC if no zone); default: end of the histories.")
+    ] = None,
+    horizon: Annotated[str, typer.Option(help="Horizon, e.g. 24h or 48h.")] = "24h",
+    pv_capacity: Annotated[float | None, typer.Option(
+        help="PV capacity in the history's unit; default its 99.9th percentile.")] = None,
+    latitude: Annotated[float | None, typer.Option(help="PV site latitude [deg].")] = None,
+    longitude: Annotated[float | None, typer.Option(help="PV site longitude [deg].")] = None,
+    tz: Annotated[str, typer.Option(help="Local time zone for calendar features.")] = "UTC",
+    method: Annotated[str, typer.Option(help="Scenarios: grid (3x3) or copula.")] = "grid",
+    samples: Annotated[int, typer.Option(help="Samples of the copula method.")] = 100,
+    threshold: Annotated[float, typer.Option(
+        help="Probability at or above which an hour is predicted in violation.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed for PV placement and samples.")] = 0,
+) -> None:
+    """Forecast violations (over/undervoltage, thermal) with their probability."""
+    from derms.analysis.constraint_forecast import forecast_constraints_from_history
+    from derms.grid.bundled import resolve_master
+    from derms.grid.opendss_import import read_feeder
+    from derms.powerflow.engine import OpenDSSEngine
+    from derms.reports.constraint_forecast_html import write_constraint_forecast_report
+    from derms.studies.qsts_study import StudyConfig, add_pv, place_pv
+
+    if method not in ("grid", "copula"):
+        raise InputError(f"--method {method!r}: expected grid or copula")
+    load = read_series_csv(load_history, "load history")
+    pv_s = read_series_csv(pv_history, "pv history")
+    if len(load) < 2 or len(pv_s) < 2:
+        raise InputError("histories need at least 2 values each")
+    t0 = _parse_origin(origin, load, pv_s)
+    h = pd.Timedelta(parse_duration(horizon, "--horizon"))
+    if not pd.Timedelta("1h") <= h <= pd.Timedelta("7D"):
+        raise InputError(f"--horizon {horizon!r}: expected between 1h and 168h")
+    path = resolve_master(master)
+    kw = {"n_samples": samples, "seed": seed} if method == "copula" else {}
+    with OpenDSSEngine(path) as engine:
+        model = read_feeder(engine.ctx, engine.source_master)
+        pv = place_pv(model, StudyConfig(pv_penetration=pv_penetration, seed=seed))
+        add_pv(engine, pv)
+        engine.solve_snapshot()
+        fc = forecast_constraints_from_history(
+            engine, load, pv_s, list(pv["pv"]), origin=t0, horizon=h,
+            pv_capacity=pv_capacity, latitude=latitude, longitude=longitude, tz=tz,
+            method=method, threshold=threshold, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    fc.violations.to_csv(out / "violations_forecast.csv", index=False)
+    fc.hourly.to_csv(out / "hourly.csv", index=False)
+    report = write_constraint_forecast_report(fc, out / "report.html", feeder=model.name)
+    hot = fc.hourly[fc.hourly["probability"] >= threshold]
+    by_kind = ", ".join(f"{k}: {n}" for k, n in hot.groupby("kind").size().items()) or "none"
+    out_console.print(
+        f"{len(pv)} PV systems; {len(fc.scenarios)} scenarios over {len(fc.t)} intervals "
+        f"from {fc.t[0].isoformat()} in {fc.runtime_s:.1f} s; hours with probability >= "
+        f"{threshold:g}: {by_kind}", highlight=False)
+    out_console.print(f"report: {report.resolve()}", highlight=False)

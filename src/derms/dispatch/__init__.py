@@ -1,0 +1,1 @@
+"""Network-constrained DER dispatch: sparse LP (HiGHS), AC verification, ledger, baselines."""

@@ -1,0 +1,319 @@
+"""Sparse LP of the multi-period DER dispatch, assembled in whole blocks, solved by HiGHS.
+
+Columns are laid out interval by interval: block ``t`` holds ``nv`` variables (PV output
+``pv_p`` [kW >= 0], PV reactive absorption/injection ``pv_qa``/``pv_qi`` [kvar >= 0],
+battery ``bat_ch``/``bat_dis`` [kW >= 0] and end-of-interval energy ``bat_e`` [kWh], EV
+charge ``ev_c`` [kW], flexible-load ``fl_shed``/``fl_rec`` [kW], generator ``gen_p``
+[kW], the curtailment share ``share`` of the fairness policy); the last column is the
+peak epigraph ``z`` [kW]. Every DER's net import (consumption positive, DESIGN sign
+convention) is affine in the columns: ``p_t = Ep @ x_t + cp_t`` and ``q_t = Eq @ x_t``.
+
+Rows are built with vectorised COO index arithmetic (never row by row) and handed to
+``highspy.Highs`` once (CSR); later rounds only add rows or change bounds in place so the
+solver warm-starts from its last basis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import highspy
+import numpy as np
+import scipy.sparse as sp
+
+from derms.der.models import Fleet, FleetArrays
+from derms.errors import InfeasibleError
+
+INF = highspy.kHighsInf
+Policy = Literal["cost_minimal", "equal_proportional", "proportional_to_capacity"]
+BLOCKS = ("pv_p", "pv_qa", "pv_qi", "bat_ch", "bat_dis", "bat_e", "ev_c", "fl_shed", "fl_rec",
+          "gen_p", "share")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Column layout: ``index(name)`` -> (T, n) column numbers of one variable block."""
+
+    T: int
+    sizes: dict[str, int]
+    offsets: dict[str, int]
+    nv: int
+
+    @classmethod
+    def of(cls, a: FleetArrays, T: int) -> Layout:
+        n_pv, n_bat = a.pv_s_kva.size, a.bat_p_max_kw.size
+        n_ev, n_fl, n_gen = a.ev_p_max_kw.size, a.flex_rebound_frac.size, a.gen_p_max_kw.size
+        sizes = dict(zip(BLOCKS, (n_pv, n_pv, n_pv, n_bat, n_bat, n_bat, n_ev, n_fl, n_fl,
+                                  n_gen, 1)))
+        offsets, k = {}, 0
+        for name in BLOCKS:
+            offsets[name] = k
+            k += sizes[name]
+        return cls(T, sizes, offsets, k)
+
+    @property
+    def n_cols(self) -> int:
+        return self.T * self.nv + 1
+
+    @property
+    def z(self) -> int:
+        return self.T * self.nv
+
+    def index(self, name: str) -> np.ndarray:
+        return (np.arange(self.T)[:, None] * self.nv + self.offsets[name]
+                + np.arange(self.sizes[name])[None, :])
+
+    def local(self, name: str) -> np.ndarray:
+        return self.offsets[name] + np.arange(self.sizes[name])
+
+
+def net_import_maps(lay: Layout, a: FleetArrays) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """``Ep`` (n_der, nv), ``Eq`` (n_der, nv) and ``cp`` (T, n_der): net import of every DER
+    [kW], [kvar] = ``Ep @ x_t + cp_t``, ``Eq @ x_t`` in the fleet's DER order."""
+    s = lay.sizes
+    n_pv, n_bat, n_ev, n_fl, n_gen = s["pv_p"], s["bat_ch"], s["ev_c"], s["fl_shed"], s["gen_p"]
+    rows, cols, vals = [], [], []
+
+    def put(der0, block, sign):
+        n = s[block]
+        rows.append(der0 + np.arange(n))
+        cols.append(lay.local(block))
+        vals.append(np.full(n, sign, dtype=float))
+
+    put(0, "pv_p", -1.0)
+    put(n_pv, "bat_ch", 1.0)
+    put(n_pv, "bat_dis", -1.0)
+    put(n_pv + n_bat, "ev_c", 1.0)
+    put(n_pv + n_bat + n_ev, "fl_shed", -1.0)
+    put(n_pv + n_bat + n_ev, "fl_rec", 1.0)
+    put(n_pv + n_bat + n_ev + n_fl, "gen_p", -1.0)
+    n_der = n_pv + n_bat + n_ev + n_fl + n_gen
+    ep = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                       shape=(n_der, lay.nv))
+    eq = sp.csr_matrix((np.r_[np.ones(n_pv), -np.ones(n_pv)],
+                        (np.r_[np.arange(n_pv), np.arange(n_pv)],
+                         np.r_[lay.local("pv_qa"), lay.local("pv_qi")])), shape=(n_der, lay.nv))
+    cp = np.zeros((lay.T, n_der))
+    cp[:, n_pv + n_bat + n_ev: n_pv + n_bat + n_ev + n_fl] = a.flex_base_kw
+    return ep, eq, cp
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Objective weights (money-like units; only their ratios matter). ``peak`` per kW of
+    the largest head import; the rest per kWh (``ev_delay`` per kWh and hour of delay,
+    ``q`` per kvarh). ``price_per_kwh`` (T,) prices the head import when given."""
+
+    peak: float = 1.0
+    curtailment: float = 0.02
+    throughput: float = 0.002
+    q: float = 0.001
+    ev_delay: float = 0.0005
+    shed: float = 0.01
+    price_per_kwh: np.ndarray | None = None
+
+
+def _coo(r, c, v):
+    r, c = np.broadcast_arrays(r, c)
+    return r.ravel(), c.ravel(), np.broadcast_to(v, r.shape).ravel().astype(float)
+
+
+def der_columns(lay: Layout, a: FleetArrays, w: Weights, *, policy: Policy, allow_q: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Costs, lower and upper bounds of every column (n_cols,)."""
+    T, dt = lay.T, a.dt_h
+    lo = np.zeros((T, lay.nv))
+    hi = np.zeros((T, lay.nv))
+    c = np.zeros((T, lay.nv))
+    price = (np.zeros(T) if w.price_per_kwh is None
+             else np.broadcast_to(np.asarray(w.price_per_kwh, dtype=float), (T,)))[:, None]
+    L = lay.local
+    hi[:, L("pv_p")] = a.pv_avail_kw
+    c[:, L("pv_p")] = -(w.curtailment + a.pv_curtail_cost) * dt - price * dt
+    for b in ("pv_qa", "pv_qi"):
+        hi[:, L(b)] = a.pv_q_max_kvar if allow_q else 0.0
+        c[:, L(b)] = w.q * dt
+    for b, sign in (("bat_ch", 1.0), ("bat_dis", -1.0)):
+        hi[:, L(b)] = a.bat_p_max_kw
+        c[:, L(b)] = (w.throughput + a.bat_cycle_cost) * dt + sign * price * dt
+    lo[:, L("bat_e")] = a.bat_e_min_kwh
+    hi[:, L("bat_e")] = a.bat_e_max_kwh
+    lo[-1, L("bat_e")] = np.maximum(a.bat_e_min_kwh, np.minimum(a.bat_e_end_min_kwh,
+                                                                a.bat_e_max_kwh))
+    hi[:, L("ev_c")] = a.ev_p_max_kw * a.ev_window
+    hours = (np.arange(T) * dt)[:, None]
+    c[:, L("ev_c")] = price * dt + w.ev_delay * dt * hours
+    hi[:, L("fl_shed")] = a.flex_shed_max_kw
+    hi[:, L("fl_rec")] = a.flex_rebound_max_kw
+    c[:, L("fl_shed")] = (w.shed + a.flex_shed_cost) * dt - price * dt
+    c[:, L("fl_rec")] = price * dt
+    lo[:, L("gen_p")] = a.gen_p_min_kw
+    hi[:, L("gen_p")] = a.gen_p_max_kw
+    c[:, L("gen_p")] = a.gen_cost * dt - price * dt
+    hi[:, L("share")] = {"cost_minimal": 0.0, "equal_proportional": 1.0,
+                         "proportional_to_capacity": INF}[policy]
+    return (np.r_[c.ravel(), w.peak], np.r_[lo.ravel(), -INF], np.r_[hi.ravel(), INF])
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows in CSR with bounds and tags: ``kind`` (str), ``element`` (str), ``t`` (int)."""
+
+    A: sp.csr_matrix
+    lo: np.ndarray
+    hi: np.ndarray
+    kind: np.ndarray
+    element: np.ndarray
+    t: np.ndarray
+
+
+def der_rows(lay: Layout, a: FleetArrays, fleet: Fleet, ep: sp.csr_matrix, cp: np.ndarray,
+             *, policy: Policy) -> RowBlock:
+    """Battery energy balance, EV energy by departure, flexible-load rebound, fairness
+    policy and group requests, as one CSR block."""
+    T, dt, X = lay.T, a.dt_h, lay.index
+    rs, cs, vs, lo, hi, kind, elem, tt = [], [], [], [], [], [], [], []
+    n0 = 0
+
+    def block(r, c, v, lo_, hi_, kind_, elem_, t_):
+        nonlocal n0
+        r_, c_, v_ = _coo(r, c, v)
+        rs.append(r_ + n0)
+        cs.append(c_)
+        vs.append(v_)
+        m = len(lo_)
+        lo.append(lo_)
+        hi.append(hi_)
+        kind.append(np.full(m, kind_, dtype=object))
+        elem.append(np.asarray(elem_, dtype=object))
+        tt.append(np.asarray(t_, dtype=int))
+        n0 += m
+
+    ids = np.array(fleet.der_ids, dtype=object)
+    n_pv, n_bat, n_ev = lay.sizes["pv_p"], lay.sizes["bat_ch"], lay.sizes["ev_c"]
+    if n_bat:  # e_t - e_{t-1} - eta_c dt ch_t + dt / eta_d dis_t = (e0 at t = 0)
+        r = np.arange(T * n_bat).reshape(T, n_bat)
+        rhs = np.zeros((T, n_bat))
+        rhs[0] = a.bat_e0_kwh
+        ones = np.ones((T, n_bat))
+        block(np.r_[r.ravel(), r.ravel(), r.ravel(), r[1:].ravel()],
+              np.r_[X("bat_e").ravel(), X("bat_ch").ravel(), X("bat_dis").ravel(),
+                    X("bat_e")[:-1].ravel()],
+              np.r_[ones.ravel(), (-a.bat_eta_ch * dt * ones).ravel(),
+                    (dt / a.bat_eta_dis * ones).ravel(), -ones[1:].ravel()],
+              rhs.ravel(), rhs.ravel(), "battery_energy",
+              np.tile(ids[n_pv:n_pv + n_bat], T), np.repeat(np.arange(T), n_bat))
+    if n_ev:  # sum_t eta dt c_t = required energy
+        r = np.broadcast_to(np.arange(n_ev), (T, n_ev))
+        win = a.ev_window
+        block(r[win], X("ev_c")[win], (a.ev_eta * dt * np.ones((T, 1)))[win],
+              a.ev_e_required_kwh, a.ev_e_required_kwh, "ev_energy",
+              ids[n_pv + n_bat:n_pv + n_bat + n_ev], np.full(n_ev, T - 1))
+    n_fl = lay.sizes["fl_shed"]
+    if n_fl:  # sum rec - rebound_frac * sum shed = 0
+        r = np.broadcast_to(np.arange(n_fl), (T, n_fl))
+        block(np.c_[r, r], np.c_[X("fl_rec"), X("fl_shed")],
+              np.c_[np.ones((T, n_fl)), -np.broadcast_to(a.flex_rebound_frac, (T, n_fl))],
+              np.zeros(n_fl), np.zeros(n_fl), "flex_rebound",
+              ids[n_pv + n_bat + n_ev:n_pv + n_bat + n_ev + n_fl], np.full(n_fl, T - 1))
+    if n_pv and policy != "cost_minimal":  # p + coef * share_t = avail
+        coef = a.pv_avail_kw if policy == "equal_proportional" else np.broadcast_to(
+            a.pv_s_kva, (T, n_pv))
+        keep = a.pv_avail_kw.ravel() > 0 if policy == "equal_proportional" else np.ones(
+            T * n_pv, bool)
+        m = int(keep.sum())
+        r = np.arange(m)
+        share = np.broadcast_to(X("share"), (T, n_pv)).ravel()[keep]
+        block(np.c_[r, r], np.c_[X("pv_p").ravel()[keep], share],
+              np.c_[np.ones(m), coef.ravel()[keep]], a.pv_avail_kw.ravel()[keep],
+              a.pv_avail_kw.ravel()[keep], f"policy_{policy}",
+              np.tile(ids[:n_pv], T)[keep], np.repeat(np.arange(T), n_pv)[keep])
+    if fleet.requests:  # -(sum of members' net import) >= p_export
+        from derms.der.models import _window_mask
+        pos = {d: k for k, d in enumerate(fleet.der_ids)}
+        groups = {g.group_id: g for g in fleet.groups}
+        epd = ep.toarray()
+        for req in fleet.requests:
+            sel = [pos[m] for m in groups[req.group_id].members]
+            row = -epd[sel].sum(axis=0)
+            ts = np.flatnonzero(_window_mask(fleet.horizon, req.start, req.end))
+            nz = np.flatnonzero(row)
+            r = np.repeat(np.arange(ts.size), nz.size)
+            c = (ts[:, None] * lay.nv + nz[None, :]).ravel()
+            block(r, c, np.tile(row[nz], ts.size),
+                  req.p_export_kw + cp[ts][:, sel].sum(axis=1), np.full(ts.size, INF),
+                  "group_request", [req.group_id] * ts.size, ts)
+    if not lo:
+        return RowBlock(sp.csr_matrix((0, lay.n_cols)), *(np.zeros(0),) * 2,
+                        *(np.zeros(0, dtype=object),) * 2, np.zeros(0, dtype=int))
+    A = sp.csr_matrix((np.concatenate(vs), (np.concatenate(rs), np.concatenate(cs))),
+                      shape=(n0, lay.n_cols))
+    return RowBlock(A, np.concatenate(lo).astype(float), np.concatenate(hi).astype(float),
+                    np.concatenate(kind), np.concatenate(elem), np.concatenate(tt))
+
+
+class HighsLP:
+    """One HiGHS model kept across re-solves: rows are added and bounds/costs changed in
+    place, so every solve after the first starts from the previous basis."""
+
+    def __init__(self, cost: np.ndarray, col_lo: np.ndarray, col_hi: np.ndarray,
+                 rows: RowBlock) -> None:
+        self.h = highspy.Highs()
+        self.h.setOptionValue("output_flag", False)
+        self.h.setOptionValue("threads", 1)
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = cost.size, rows.A.shape[0]
+        lp.col_cost_, lp.col_lower_, lp.col_upper_ = cost, col_lo, col_hi
+        lp.row_lower_, lp.row_upper_ = rows.lo, rows.hi
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.start_ = rows.A.indptr
+        lp.a_matrix_.index_ = rows.A.indices
+        lp.a_matrix_.value_ = rows.A.data
+        self.h.passModel(lp)
+        self.kind, self.element, self.t = rows.kind, rows.element, rows.t
+        self.n_solves = 0
+        self.solve_s = 0.0
+
+    @property
+    def n_rows(self) -> int:
+        return self.kind.size
+
+    def add_rows(self, rows: RowBlock) -> np.ndarray:
+        """Append rows; return their indices."""
+        A = rows.A.tocsr()
+        first = self.n_rows
+        if A.shape[0]:
+            self.h.addRows(A.shape[0], rows.lo, rows.hi, A.nnz, A.indptr[:-1].astype(np.int32),
+                           A.indices.astype(np.int32), A.data)
+            self.kind = np.concatenate([self.kind, rows.kind])
+            self.element = np.concatenate([self.element, rows.element])
+            self.t = np.concatenate([self.t, rows.t])
+        return np.arange(first, self.n_rows)
+
+    def set_row_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        if idx.size:
+            self.h.changeRowsBounds(idx.size, idx.astype(np.int32), lo, hi)
+
+    def set_col_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        if idx.size:
+            self.h.changeColsBounds(idx.size, idx.astype(np.int32), lo, hi)
+
+    def set_costs(self, idx: np.ndarray, cost: np.ndarray) -> None:
+        if idx.size:
+            self.h.changeColsCost(idx.size, idx.astype(np.int32), cost)
+
+    def solve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Solve; return (x, row activities, row duals). Raise :class:`InfeasibleError`
+        (without naming elements; callers diagnose) when HiGHS finds no optimum."""
+        import time
+        t0 = time.perf_counter()
+        self.h.run()
+        self.solve_s += time.perf_counter() - t0
+        self.n_solves += 1
+        status = self.h.getModelStatus()
+        if status != highspy.HighsModelStatus.kOptimal:
+            raise InfeasibleError(f"dispatch LP: {self.h.modelStatusToString(status)}")
+        sol = self.h.getSolution()
+        return (np.asarray(sol.col_value), np.asarray(sol.row_value),
+                np.asarray(sol.row_dual))

@@ -1,0 +1,224 @@
+"""AC verification: simulate a schedule on the full OpenDSS model, re-plan until clean.
+
+:class:`ACNetwork` holds one compiled engine with the customer load profiles and one
+OpenDSS ``Load`` per DER (constant P/Q at all voltages, ``kW = kvar = 1`` scaled by its
+own load shape = the DER's net import, consumption positive; a generating DER is a
+negative load). Simulating a schedule rewrites those shapes and steps the engine's
+yearly mode (controls as ``control_mode``; "static": regulators and capacitors act).
+
+:func:`plan_and_verify`: solve the LP (network rows centred on the uncontrolled AC
+result), simulate, and while the AC check finds violations (DESIGN.md definitions,
+pre-existing ones held to the base case) re-centre the rows on the plan's AC result, add
+rows for the violating (interval, element) pairs, tighten rows that were violated twice,
+and re-solve warm — at most ``max_ac_rounds`` times; then report what still binds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from derms.analysis.constraints import Limits, ViolationReport, detect_violations
+from derms.der.models import Fleet
+from derms.dispatch.network import Reference, der_sensitivity, network_limits
+from derms.dispatch.plan import (
+    GridContext,
+    ObjectiveConfig,
+    Planner,
+    Schedule,
+    uncontrolled_schedule,
+)
+from derms.errors import InputError
+from derms.powerflow.collect import StepCollector, build_index
+from derms.powerflow.engine import ControlMode, OpenDSSEngine
+from derms.powerflow.linear import build_linear_model
+from derms.powerflow.profiles import Profiles
+from derms.powerflow.qsts import QSTSResult, load_profiles_into_engine
+
+log = logging.getLogger(__name__)
+_PREFIX = "der_"
+EXPORT_TOL_KW = 0.5  # AC head export beyond the limit that triggers another round
+
+
+class ACNetwork:
+    """A compiled feeder prepared for a fleet (see module docstring).
+
+    Parameters
+    ----------
+    engine : OpenDSSEngine
+        Freshly compiled, not yet modified; the caller closes it.
+    fleet : Fleet
+        The DERs (their connections) and the horizon.
+    customer_profiles : Profiles
+        Multipliers of the feeder's own loads over the horizon (same start, step, length).
+    """
+
+    def __init__(self, engine: OpenDSSEngine, fleet: Fleet, customer_profiles: Profiles, *,
+                 control_mode: ControlMode = "static", limits: Limits | None = None) -> None:
+        h = fleet.horizon
+        if customer_profiles.n_steps != h.n_steps or customer_profiles.step != h.step:
+            raise InputError(f"customer profiles ({customer_profiles.n_steps} x "
+                             f"{customer_profiles.step}) do not match the horizon "
+                             f"({h.n_steps} x {h.step})")
+        self.engine, self.fleet, self.control_mode = engine, fleet, control_mode
+        self.limits = limits or Limits()
+        engine.solve_snapshot()  # operating point of the sensitivities: base (peak) load
+        engine.set_control_mode("off")
+        engine.solve_snapshot()
+        nodes = sorted({n for d in fleet.ders for n in d.connection.injection_nodes})
+        self.lin = build_linear_model(engine, nodes, branches=True)
+        engine.set_control_mode(control_mode)
+        self.shapes = []
+        for k, d in enumerate(fleet.ders):
+            c = d.connection
+            bus = ".".join([c.bus, *(str(int(n)) for n in c.nodes)])
+            engine.command(f"new load.{_PREFIX}{k} bus1={bus} phases={c.phases} kv={c.kv} "
+                           f"conn={c.conn} model=1 kw=1 kvar=1 vminpu=0 vmaxpu=1000 vlowpu=0")
+            self.shapes.append(f"{_PREFIX}{k}")
+        load_profiles_into_engine(engine, customer_profiles)
+        sec = h.step.total_seconds()
+        for k, name in enumerate(self.shapes):
+            engine.command(f"new loadshape.{name} npts={h.n_steps} sinterval={sec}")
+            engine.command(f"edit load.{name} yearly={name}")
+        self.index = build_index(engine)
+        if self.index.n_nodes != len(self.lin.node_names):
+            raise InputError("node count changed after adding the DER loads")
+        T, n = h.n_steps, len(fleet.ders)
+        self.base_result = self.simulate(np.zeros((T, n)), np.zeros((T, n)))
+        self.base = self._reference(self.base_result, np.zeros((T, n)), np.zeros((T, n)))
+        self.net_limits = network_limits(self.base, self.index.node_phase,
+                                         self.index.branch_norm_a, self.limits)
+
+    def simulate(self, p_kw: np.ndarray, q_kvar: np.ndarray) -> QSTSResult:
+        """AC QSTS of a schedule: DER net import ``p_kw``/``q_kvar`` (T, n_der)."""
+        c = self.engine.circuit
+        ls = c.LoadShapes
+        for k, name in enumerate(self.shapes):
+            ls.Name = name
+            ls.Pmult = np.ascontiguousarray(p_kw[:, k], dtype=float)
+            ls.Qmult = np.ascontiguousarray(q_kvar[:, k], dtype=float)
+        h = self.fleet.horizon
+        self.engine.set_control_mode(self.control_mode)
+        self.engine.command(f"set mode=yearly stepsize={h.step.total_seconds()}s number=1")
+        self.engine.command("set time=(0,0)")
+        col = StepCollector(self.engine, self.index, h.n_steps)
+        sol = c.Solution
+        for k in range(h.n_steps):
+            sol.Solve()
+            col.collect(k)
+        t = pd.date_range(h.start, periods=h.n_steps, freq=h.step)
+        return QSTSResult(t=t, step=h.step, index=self.index, v_pu=col.v_pu, i_a=col.i_a,
+                          head_p_kw=col.head_p_kw, head_q_kvar=col.head_q_kvar,
+                          losses_kw=col.losses_kw, losses_kvar=col.losses_kvar,
+                          converged=col.converged, control_mode=self.control_mode)
+
+    @staticmethod
+    def _reference(res: QSTSResult, p_kw, q_kvar) -> Reference:
+        return Reference(p_kw, q_kvar, res.v_pu, res.i_a.astype(float),
+                         res.head_p_kw.sum(axis=1))
+
+    def reference(self, sched: Schedule, res: QSTSResult | None = None
+                  ) -> tuple[Reference, QSTSResult]:
+        res = res or self.simulate(sched.p_kw, sched.q_kvar)
+        return self._reference(res, sched.p_kw, sched.q_kvar), res
+
+    def violations(self, res: QSTSResult) -> ViolationReport:
+        """DESIGN.md violations of a simulated schedule, pre-existing held to the base."""
+        ix, b = res.index, self.base_result
+        return detect_violations(
+            res.t, res.dt_h, v_pu=res.v_pu, node_names=ix.node_bus, node_phases=ix.node_phase,
+            loading_pct=res.loading_pct(), branch_names=ix.branch_element,
+            branch_phases=ix.branch_phase, limits=self.limits, base_v_pu=b.v_pu,
+            base_loading_pct=b.loading_pct())
+
+    def over_limit(self, res: QSTSResult) -> dict[str, np.ndarray]:
+        """(T, n) masks of AC values beyond the LP's limits (no tolerance) per row kind."""
+        lim = self.net_limits
+        live = lim.node_ok[None, :]
+        return {"v_max": live & (res.v_pu > lim.v_max + 1e-5),
+                "v_min": live & (res.v_pu < lim.v_min - 1e-5),
+                "i_max": res.i_a > lim.i_max * (1 + 1e-4)}
+
+    def grid_context(self, uncontrolled: Reference) -> GridContext:
+        return GridContext(der_sensitivity(self.lin, self.fleet), self.net_limits,
+                           np.array([f"{b}.{p}" for b, p in zip(self.index.node_bus,
+                                                                self.index.node_phase)]),
+                           np.array([f"{e}.{p}" for e, p in zip(self.index.branch_element,
+                                                                self.index.branch_phase)]),
+                           uncontrolled)
+
+
+@dataclass
+class VerifiedPlan:
+    """A plan and its AC verification: ``counts`` from the final AC simulation,
+    ``rounds`` (AC simulations of plans), timing [s]."""
+
+    planner: Planner
+    schedule: Schedule
+    result: QSTSResult
+    violations: ViolationReport
+    rounds: int
+    timing_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        c = self.violations.counts
+        return c["violations_voltage"] + c["violations_thermal"] == 0
+
+
+def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
+                    fleet: Fleet | None = None, uncontrolled: tuple | None = None,
+                    max_ac_rounds: int = 6) -> VerifiedPlan:
+    """Plan the fleet's dispatch and verify it on the AC model (see module docstring).
+
+    ``uncontrolled``: (Reference, QSTSResult) of the uncontrolled schedule when already
+    simulated. Raises :class:`~derms.errors.InfeasibleError` naming what binds when no
+    plan meets the constraints.
+    """
+    objective = objective or ObjectiveConfig()
+    fleet = fleet or ac.fleet
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if uncontrolled is None:
+        uncontrolled = ac.reference(uncontrolled_schedule(fleet))
+    timing["uncontrolled_ac_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    planner = Planner(fleet, ac.grid_context(uncontrolled[0]), objective)
+    timing["build_s"] = time.perf_counter() - t1
+    planner.solve_linear()
+    ac_s, seen = 0.0, {k: np.zeros(m.shape, dtype=bool) for k, m in planner.net.margin.items()}
+    for rounds in range(1, max_ac_rounds + 1):
+        sched = planner.schedule()
+        t2 = time.perf_counter()
+        ref, res = ac.reference(sched)
+        ac_s += time.perf_counter() - t2
+        rep = ac.violations(res)
+        export_over = 0.0 if objective.export_limit_kw is None else float(
+            np.max(-ref.head_kw) - objective.export_limit_kw)
+        if (rep.counts["violations_voltage"] + rep.counts["violations_thermal"] == 0
+                and export_over <= EXPORT_TOL_KW):
+            break
+        if rounds == max_ac_rounds:
+            log.warning("dispatch ac_rounds=%d still_violating=%s", rounds, rep.counts)
+            break
+        planner.recenter(ref)
+        over = ac.over_limit(res)
+        for kind, mask in over.items():
+            again = mask & seen[kind]  # the linear model was optimistic here twice
+            if again.any():
+                val = res.v_pu if kind != "i_max" else res.i_a
+                lim = getattr(ac.net_limits, kind)
+                planner.net.margin[kind][again] += np.abs(val - lim)[again] + (
+                    5e-4 if kind != "i_max" else 0.5)
+            seen[kind] |= mask
+            planner.net.add(kind, mask)
+        planner.recenter(ref)  # margins enter the bounds
+        planner.solve_linear()
+    timing["solve_s"] = planner.lp.solve_s
+    timing["ac_verify_s"] = ac_s
+    timing["total_s"] = time.perf_counter() - t0
+    return VerifiedPlan(planner, sched, res, rep, rounds, timing)
