@@ -137,6 +137,23 @@ def truth_hours(feeder: Feeder, load: pd.Series, pv: pd.Series, origin: pd.Times
     return res.predicted_hours(kind)
 
 
+def daily_clearness() -> pd.DataFrame:
+    """Observed daily clearness index (PSM3 GHI / clear-sky GHI per local day), 30-min.
+
+    A stand-in for a day-ahead weather forecast of the day's cloudiness (an oracle: the
+    observed value), used by ``--weather`` to show what a weather forecast adds.
+    """
+    w = pd.read_parquet(data_dir() / "measured" / "pvdaq_system50_psm3_weather.parquet")
+    w.index = pd.DatetimeIndex(pd.to_datetime(w["index"])).tz_convert("UTC")
+    day = (w.index + LOCAL_OFFSET).date
+    kt = (w["ghi"].groupby(day).transform("sum")
+          / w["ghi_clear"].groupby(day).transform("sum")).clip(0, 1.2)
+    return pd.DataFrame({"daily_clearness": kt.astype(float)})
+
+
+WEATHER: pd.DataFrame | None = None   # set by --weather
+
+
 def quantile_forecasts(load: pd.Series, pv: pd.Series, origin: pd.Timestamp,
                        horizon: pd.Timedelta = DAY
                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -152,7 +169,7 @@ def quantile_forecasts(load: pd.Series, pv: pd.Series, origin: pd.Timestamp,
                                 horizon=horizon, tz="Etc/GMT+7")
         pq = forecast_quantiles(pv.loc[window], kind="pv", origin=origin,
                                 horizon=horizon, latitude=LATITUDE, longitude=LONGITUDE,
-                                capacity=1.0, tz="Etc/GMT+7")
+                                capacity=1.0, tz="Etc/GMT+7", weather=WEATHER)
     return lq.clip(lower=0.0), pq.clip(lower=0.0)
 
 
@@ -217,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--days", type=int, default=30)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--method", default="grid")
+    ap.add_argument("--weather", action="store_true",
+                    help="give the PV forecaster the observed daily clearness (oracle)")
+    ap.add_argument("--history-days", type=int, default=90)
     args = ap.parse_args(argv)
+    global WEATHER, HISTORY
+    WEATHER = daily_clearness() if args.weather else None
+    HISTORY = pd.Timedelta(days=args.history_days)
     load, pv = load_mult_series(), pv_pu_series()
     feeder = build_feeder()
     start = pd.Timestamp(args.start, tz="UTC") - LOCAL_OFFSET
@@ -236,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     n_pred = sum(len(d.predicted_hours) for d in scores)
     print(f"\ndays {len(scores)}  overvoltage hours true {n_true} predicted {n_pred}  "
           f"precision {p:.3f}  recall {r:.3f}  threshold {args.threshold:g}  "
-          f"method {args.method}")
+          f"method {args.method}  weather {'observed daily clearness' if args.weather else 'none'}"
+          f"  history {args.history_days} d")
     for th in (0.3, 0.4, 0.5, 0.6, 0.7):
         pt, rt = precision_recall([d.at(th) for d in scores])
         print(f"  threshold {th:.1f}: precision {pt:.3f} recall {rt:.3f}")

@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from derms.api.app import create_app
 from derms.api.auth import new_token
-from derms.api.routes_forecasts import router as forecasts_router
 from derms.config import get_settings
 from derms.store.db import make_engine, make_session_factory
 from derms.store.models import ApiToken
@@ -33,8 +32,6 @@ def _mint(url: str, scope: str) -> dict:
 def api(db_url, tmp_path_factory):
     settings = get_settings(database_url=db_url, data_dir=tmp_path_factory.mktemp("data"))
     app = create_app(settings)
-    if not any(getattr(r, "path", "") == "/v1/forecasts/latest" for r in app.routes):
-        app.include_router(forecasts_router, prefix="/v1")  # until app.py includes it
     client = TestClient(app, raise_server_exceptions=False)
     client.reader, client.operator = _mint(db_url, "read"), _mint(db_url, "operate")
     uid = uuid.uuid4().hex[:6]

@@ -26,6 +26,7 @@ from sqlalchemy import text
 
 from derms.api import problems
 from derms.api.auth import TokenRecord
+from derms.api.routes_constraints import router as constraints_router
 from derms.api.routes_forecasts import router as forecasts_router
 from derms.api.routes_readings import router as readings_router
 from derms.api.routes_registry import router as registry_router
@@ -124,4 +125,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(registry_router, prefix="/v1")
     app.include_router(state_router, prefix="/v1")
     app.include_router(forecasts_router, prefix="/v1")
+    app.include_router(constraints_router, prefix="/v1")
     return app

@@ -16,48 +16,10 @@ import typer
 
 from derms.cli.common import MasterArg, OutOpt, handle_errors, out_console
 from derms.errors import InputError
+from derms.studies.series_files import read_series_csv
 from derms.timeutil import parse_duration
 
 app = typer.Typer(help="Constraint forecasts (predicted violations).", no_args_is_help=True)
-
-
-def read_series_csv(path: Path, name: str) -> pd.Series:
-    """A ``timestamp,value`` CSV as a UTC-indexed float Series (InputError naming the file,
-    field and value at fault)."""
-    try:
-        df = pd.read_csv(path, dtype={"timestamp": str})
-    except FileNotFoundError:
-        raise InputError(f"{name} file not found: {path}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{name} file {path}: not a readable CSV ({exc})") from None
-    df.columns = [str(c).strip().lower() for c in df.columns]
-    for col in ("timestamp", "value"):
-        if col not in df.columns:
-            raise InputError(f"{name} file {path}: no {col!r} column (columns: "
-                             f"{', '.join(df.columns[:5])})")
-    if df.empty:
-        raise InputError(f"{name} file {path}: no rows")
-    text = df["timestamp"].astype(str).str.strip()
-    zoned = text.str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True)
-    if not zoned.all():
-        row = int((~zoned).to_numpy().argmax())
-        raise InputError(f"{name} file {path}: timestamp {text.iloc[row]!r} (row {row + 2}) "
-                         "has no time zone; write e.g. 2024-06-01T00:00:00Z or +02:00")
-    try:
-        t = pd.to_datetime(text, utc=True, format="ISO8601")
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"{name} file {path}: bad timestamp ({exc})") from None
-    values = pd.to_numeric(df["value"], errors="coerce")
-    bad = values.isna() & df["value"].notna()
-    if bad.any():
-        row = int(bad.to_numpy().argmax())
-        raise InputError(f"{name} file {path}: value {df['value'].iloc[row]!r} "
-                         f"(row {row + 2}) is not a number")
-    s = pd.Series(values.to_numpy(dtype=float), index=pd.DatetimeIndex(t), name=name)
-    if s.index.has_duplicates:
-        raise InputError(f"{name} file {path}: duplicate timestamp "
-                         f"{s.index[s.index.duplicated()][0]}")
-    return s.sort_index()
 
 
 def _parse_origin(text: str | None, load: pd.Series, pv: pd.Series) -> pd.Timestamp:
@@ -102,17 +64,14 @@ def forecast(
     seed: Annotated[int, typer.Option(help="Seed for PV placement and samples.")] = 0,
 ) -> None:
     """Forecast violations (over/undervoltage, thermal) with their probability."""
-    from derms.analysis.constraint_forecast import forecast_constraints_from_history
     from derms.grid.bundled import resolve_master
-    from derms.grid.opendss_import import read_feeder
-    from derms.powerflow.engine import OpenDSSEngine
     from derms.reports.constraint_forecast_html import write_constraint_forecast_report
-    from derms.studies.qsts_study import StudyConfig, add_pv, place_pv
+    from derms.studies.constraint_study import run_constraint_forecast
 
     if method not in ("grid", "copula"):
         raise InputError(f"--method {method!r}: expected grid or copula")
-    load = read_series_csv(load_history, "load history")
-    pv_s = read_series_csv(pv_history, "pv history")
+    load = read_series_csv(load_history).dropna()
+    pv_s = read_series_csv(pv_history).dropna()
     if len(load) < 2 or len(pv_s) < 2:
         raise InputError("histories need at least 2 values each")
     t0 = _parse_origin(origin, load, pv_s)
@@ -121,23 +80,18 @@ def forecast(
         raise InputError(f"--horizon {horizon!r}: expected between 1h and 168h")
     path = resolve_master(master)
     kw = {"n_samples": samples, "seed": seed} if method == "copula" else {}
-    with OpenDSSEngine(path) as engine:
-        model = read_feeder(engine.ctx, engine.source_master)
-        pv = place_pv(model, StudyConfig(pv_penetration=pv_penetration, seed=seed))
-        add_pv(engine, pv)
-        engine.solve_snapshot()
-        fc = forecast_constraints_from_history(
-            engine, load, pv_s, list(pv["pv"]), origin=t0, horizon=h,
-            pv_capacity=pv_capacity, latitude=latitude, longitude=longitude, tz=tz,
-            method=method, threshold=threshold, **kw)
+    fc, feeder_name, n_pv = run_constraint_forecast(
+        path, load, pv_s, pv_penetration=pv_penetration, seed=seed, origin=t0, horizon=h,
+        pv_capacity=pv_capacity, latitude=latitude, longitude=longitude, tz=tz,
+        method=method, threshold=threshold, **kw)
     out.mkdir(parents=True, exist_ok=True)
     fc.violations.to_csv(out / "violations_forecast.csv", index=False)
     fc.hourly.to_csv(out / "hourly.csv", index=False)
-    report = write_constraint_forecast_report(fc, out / "report.html", feeder=model.name)
+    report = write_constraint_forecast_report(fc, out / "report.html", feeder=feeder_name)
     hot = fc.hourly[fc.hourly["probability"] >= threshold]
     by_kind = ", ".join(f"{k}: {n}" for k, n in hot.groupby("kind").size().items()) or "none"
     out_console.print(
-        f"{len(pv)} PV systems; {len(fc.scenarios)} scenarios over {len(fc.t)} intervals "
+        f"{n_pv} PV systems; {len(fc.scenarios)} scenarios over {len(fc.t)} intervals "
         f"from {fc.t[0].isoformat()} in {fc.runtime_s:.1f} s; hours with probability >= "
         f"{threshold:g}: {by_kind}", highlight=False)
     out_console.print(f"report: {report.resolve()}", highlight=False)
