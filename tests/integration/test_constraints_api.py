@@ -8,11 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from derms.api.app import create_app
-from derms.api.auth import new_token
 from derms.config import get_settings
-from derms.store.db import make_engine, make_session_factory
 from derms.store.migrate import upgrade
-from derms.store.models import ApiToken
+from tests.integration.conftest import mint_token
 
 PROBLEM = "application/problem+json"
 
@@ -22,14 +20,10 @@ def api(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     url = f"sqlite:///{data / 'derms.db'}"
     upgrade(url)
-    text, rec = new_token("read")
-    engine = make_engine(url)
-    with make_session_factory(engine).begin() as s:
-        s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope="read"))
-    engine.dispose()
+    headers = mint_token(url, "read")
     client = TestClient(create_app(get_settings(database_url=url, data_dir=data)),
                         raise_server_exceptions=False)
-    client.headers_ok = {"Authorization": f"Bearer {text}"}
+    client.headers_ok = headers
     with client:
         yield client
 

@@ -10,22 +10,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from derms.api.app import create_app
-from derms.api.auth import new_token
 from derms.config import get_settings
-from derms.store.db import make_engine, make_session_factory
-from derms.store.models import ApiToken
+from derms.store.db import make_engine
+from tests.integration.conftest import mint_token
 from tests.integration.test_forecast_store import END, add_meters, write_history
 
 PROBLEM = "application/problem+json"
 
 
-def _mint(url: str, scope: str) -> dict:
-    text, rec = new_token(scope)
-    engine = make_engine(url)
-    with make_session_factory(engine).begin() as s:
-        s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope=scope))
-    engine.dispose()
-    return {"Authorization": f"Bearer {text}"}
+_mint = mint_token
 
 
 @pytest.fixture(scope="module")

@@ -60,8 +60,8 @@ def test_backtest_writes_recomputable_outputs(tmp_path):
     ("timestamp,value\n2024-01-01T00:00:00Z,abc\n", "'abc' is not a number"),
     ("time,value\n2024-01-01T00:00:00Z,1\n", "missing column(s) timestamp"),
     ("timestamp,value\nnot-a-date+01:00,1\n", "bad timestamp"),
-    ("timestamp,value\n2024-01-01T00:00:00Z,1\n2024-01-01T01:00:00Z,2\n"
-     "2024-01-01T02:00:00Z,3\n", "a backtest needs at least"),
+    (("timestamp,value\n2024-01-01T00:00:00Z,1\n2024-01-01T01:00:00Z,2\n"
+      "2024-01-01T02:00:00Z,3\n"), "a backtest needs at least"),
 ])
 def test_bad_series_files_exit_2_with_a_clear_message(tmp_path, content, message):
     csv = tmp_path / "bad.csv"

@@ -9,7 +9,6 @@ memory for the API. A failing feeder is logged and keeps its previous state; the
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from derms.errors import DermsError
 from derms.grid.bundled import resolve_master
+from derms.monitoring.background import BackgroundLoop
 from derms.monitoring.feeder_monitor import FeederMonitor, FeederState, MonitorConfig
 from derms.store.models import FeederModelVersion
 from derms.store.types import utcnow
@@ -34,22 +34,21 @@ class RunError:
     error: str
 
 
-class MonitorLoop:
+class MonitorLoop(BackgroundLoop):
     """Runs the feeder monitors on a cycle (see module docstring).
 
     ``clock`` returns the aware UTC time used as ``now`` for each run (tests pass their own).
     """
+
+    thread_name = "derms-monitor"
 
     def __init__(self, monitors: dict[str, FeederMonitor] | None = None, *,
                  period_s: float = 60.0, clock: Callable[[], datetime] = utcnow) -> None:
         self.monitors: dict[str, FeederMonitor] = dict(monitors or {})
         self.period_s = float(period_s)
         self.clock = clock
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        super().__init__()
         self._pending: set[str] = set()
-        self._stop = False
-        self._thread: threading.Thread | None = None
         self._states: dict[str, FeederState] = {}
         self._errors: dict[str, RunError] = {}
         self._runs: dict[str, int] = {}
@@ -108,23 +107,8 @@ class MonitorLoop:
             self._cond.notify_all()
         return state
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        with self._cond:
-            self._stop = False
-            self._pending.update(self.monitors)  # first cycle at once
-        self._thread = threading.Thread(target=self._run, name="derms-monitor", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 60.0) -> None:
-        """Stop the loop and join its thread (a run in progress finishes first)."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _on_start(self) -> None:
+        self._pending.update(self.monitors)  # first cycle at once
 
     def close(self) -> None:
         """Stop and release every engine."""

@@ -7,7 +7,6 @@ Periods come from settings (``DERMS_FORECAST_PERIOD_S``, ``DERMS_FORECAST_RETRAI
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from derms.config import Settings
 from derms.forecast.forecaster import ForecastSpec
+from derms.monitoring.background import BackgroundLoop
 from derms.monitoring.forecasting import (
     ForecastService,
     ForecastTarget,
@@ -38,7 +38,7 @@ class CycleError:
     error: str
 
 
-class ForecastSchedule:
+class ForecastSchedule(BackgroundLoop):
     """Re-issues every ``issue_period_s`` and retrains every ``retrain_period_s`` (0 = never)
     in one background thread, one model per kind of target (named ``<prefix>-<kind>``).
 
@@ -46,6 +46,8 @@ class ForecastSchedule:
     issue. Errors are logged and counted (``errors``, ``last_error``), never fatal. An issue
     whose origin was already issued by this schedule is skipped.
     """
+
+    thread_name = "derms-forecast"
 
     def __init__(self, service: ForecastService, targets: Sequence[ForecastTarget | str], *,
                  issue_period_s: float, retrain_period_s: float = 0.0,
@@ -65,9 +67,7 @@ class ForecastSchedule:
         self.issues = self.retrains = self.errors = 0
         self.last_error: CycleError | None = None
         self._last_origin: dict[str, datetime] = {}
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine,
@@ -137,23 +137,6 @@ class ForecastSchedule:
                 self._cond.notify_all()
 
     # -- thread ---------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        with self._cond:
-            self._stop = False
-        self._thread = threading.Thread(target=self._run, name="derms-forecast", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 60.0) -> None:
-        """Stop and join the thread (a retrain or issue in progress finishes first)."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
     def wait_for(self, *, issues: int = 0, retrains: int = 0, errors: int = 0,
                  timeout: float = 30.0) -> bool:
         """Block until the counters reach the given values (False on timeout)."""
