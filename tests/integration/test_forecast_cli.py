@@ -84,3 +84,67 @@ def test_bad_options_exit_2(tmp_path):
     res = runner.invoke(app, ["forecast", "backtest", "--series", str(tmp_path / "nope.csv"),
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_metrics_json_recomputed_with_plain_pandas(tmp_path):
+    """Issue 11: MAE, nRMSE, CRPS and coverage from forecasts.csv alone, to 1e-9."""
+    csv = _write_series(tmp_path / "load.csv", days=45)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["forecast", "backtest", "--series", str(csv), "--out", str(out),
+                              "--rounds", "20", "--test-days", "7"])
+    assert res.exit_code == 0, res.output
+    methods = json.loads((out / "metrics.json").read_text())["methods"]
+    f = pd.read_csv(out / "forecasts.csv")
+    peak = f.drop_duplicates("timestamp")["actual"].max()
+    for name, g in f.groupby("method"):
+        g = g.dropna(subset=["actual", "p50"])
+        err = g["p50"] - g["actual"]
+        mae, rmse = err.abs().mean(), (err ** 2).mean() ** 0.5
+        qs = [(q, g[c]) for q, c in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90"))
+              if g[c].notna().any()]
+        pin = [(((g["actual"] - p) * q).where(g["actual"] >= p,
+                                              (g["actual"] - p) * (q - 1))).mean()
+               for q, p in qs]
+        m = methods[name]
+        assert abs(m["mae"] - mae) <= 1e-9
+        assert abs(m["nrmse"] - rmse / peak) <= 1e-9
+        assert abs(m["crps"] - 2 * sum(pin) / len(pin)) <= 1e-9
+        if g["p10"].notna().any():
+            inside = ((g["actual"] >= g["p10"]) & (g["actual"] <= g["p90"])).mean()
+            assert abs(m["coverage_p10_p90"] - inside) <= 1e-9
+
+
+def test_output_folder_rules(tmp_path):
+    """Issue 11: a non-empty --out is refused without --force; unwritable → exit 2;
+    nothing half-written (outputs appear only complete, by rename)."""
+    csv = _write_series(tmp_path / "load.csv", days=45)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["forecast", "backtest", "--series", str(csv), "--rounds", "20", "--test-days", "5"]
+    res = runner.invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 2 and "--force" in " ".join(res.output.split())
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    res = runner.invoke(app, [*args, "--out", str(out), "--force"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["forecasts.csv", "forecasts.parquet",
+                                                     "metrics.json", "report.html"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = runner.invoke(app, [*args, "--out", str(blocker / "out")])
+    assert res.exit_code == 2 and "cannot write there" in " ".join(res.output.split())
+    assert not list(tmp_path.glob(".out.*"))    # no temporary folder left behind
+
+
+def test_outputs_match_the_data_formats_doc(tmp_path):
+    from tests.data_formats import check_file
+
+    csv = _write_series(tmp_path / "load.csv", days=45)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["forecast", "backtest", "--series", str(csv), "--out", str(out),
+                              "--rounds", "20", "--test-days", "5"])
+    assert res.exit_code == 0, res.output
+    for name in ("forecasts.csv", "forecasts.parquet"):
+        check_file(out / name)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert {"methods", "test_start", "test_end", "warnings", "fits"} <= set(doc)

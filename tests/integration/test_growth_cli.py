@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from derms.cli.growth_cmd import app
+from tests.data_formats import check_file
 
 runner = CliRunner()
 
@@ -25,6 +26,8 @@ def test_growth_writes_tables_and_report(tmp_path):
         csv = pd.read_csv(tmp_path / f"{name}.csv")
         pq = pd.read_parquet(tmp_path / f"{name}.parquet")
         assert len(csv) == len(pq) > 0
+        check_file(tmp_path / f"{name}.csv")
+        check_file(tmp_path / f"{name}.parquet")
     peaks = pd.read_parquet(tmp_path / "peaks.parquet")
     assert set(peaks["year"]) == set(range(2026, 2031))
     assert {"year", "element", "kind", "peak_kw", "peak_time", "rating", "loading_pct"} <= \

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from derms.errors import DermsError
+from derms.errors import DermsError, InputError
 from derms.timeutil import parse_duration
 
 out_console = Console()
@@ -46,3 +49,33 @@ def handle_errors(func):
 def parse_step(text: str) -> timedelta:
     """Parse "15min", "1h", "60s", "5m" into a timedelta (InputError when malformed)."""
     return parse_duration(text, "--step")
+
+
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Replace an output folder that exists and is not empty.")]
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, force: bool = False):
+    """Write a command's outputs atomically: yield a temporary sibling folder, then rename.
+
+    An existing non-empty ``out`` is refused without ``force`` (InputError → exit 2); an
+    unwritable parent is a clear error; on any failure nothing is left half-written.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -14,7 +14,14 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from derms.cli.common import MasterArg, OutOpt, handle_errors, out_console
+from derms.cli.common import (
+    ForceOpt,
+    MasterArg,
+    OutOpt,
+    handle_errors,
+    out_console,
+    output_folder,
+)
 from derms.errors import InputError
 from derms.studies.series_files import read_series_csv
 from derms.timeutil import parse_duration
@@ -62,12 +69,15 @@ def forecast(
     threshold: Annotated[float, typer.Option(
         help="Probability at or above which an hour is predicted in violation.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed for PV placement and samples.")] = 0,
+    force: ForceOpt = False,
 ) -> None:
     """Forecast violations (over/undervoltage, thermal) with their probability."""
     from derms.grid.bundled import resolve_master
     from derms.reports.constraint_forecast_html import write_constraint_forecast_report
     from derms.studies.constraint_study import run_constraint_forecast
 
+    if out.exists() and any(out.iterdir()) and not force:   # fail before the long work
+        raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
     if method not in ("grid", "copula"):
         raise InputError(f"--method {method!r}: expected grid or copula")
     load = read_series_csv(load_history).dropna()
@@ -84,10 +94,11 @@ def forecast(
         path, load, pv_s, pv_penetration=pv_penetration, seed=seed, origin=t0, horizon=h,
         pv_capacity=pv_capacity, latitude=latitude, longitude=longitude, tz=tz,
         method=method, threshold=threshold, **kw)
-    out.mkdir(parents=True, exist_ok=True)
-    fc.violations.to_csv(out / "violations_forecast.csv", index=False)
-    fc.hourly.to_csv(out / "hourly.csv", index=False)
-    report = write_constraint_forecast_report(fc, out / "report.html", feeder=feeder_name)
+    with output_folder(out, force) as tmp:
+        fc.violations.to_csv(tmp / "violations_forecast.csv", index=False)
+        fc.hourly.to_csv(tmp / "hourly.csv", index=False)
+        write_constraint_forecast_report(fc, tmp / "report.html", feeder=feeder_name)
+    report = out / "report.html"
     hot = fc.hourly[fc.hourly["probability"] >= threshold]
     by_kind = ", ".join(f"{k}: {n}" for k, n in hot.groupby("kind").size().items()) or "none"
     out_console.print(

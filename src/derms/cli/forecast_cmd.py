@@ -10,7 +10,14 @@ import pandas as pd
 import typer
 from rich.progress import Progress
 
-from derms.cli.common import OutOpt, err_console, handle_errors, out_console
+from derms.cli.common import (
+    ForceOpt,
+    OutOpt,
+    err_console,
+    handle_errors,
+    out_console,
+    output_folder,
+)
 from derms.errors import InputError
 from derms.forecast import ForecastSpec, backtest
 from derms.reports.forecast_html import write_backtest_outputs
@@ -40,6 +47,7 @@ def backtest_cmd(
     weather: Annotated[Path | None, typer.Option(
         help="CSV: timestamp + weather columns at target times (forecasts, not observations, "
              "for an honest backtest).")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Rolling-origin backtest; writes metrics.json, forecasts.csv/.parquet and report.html."""
     if kind not in ("load", "pv"):
@@ -48,6 +56,8 @@ def backtest_cmd(
     spec = ForecastSpec(kind=kind, horizon=pd.Timedelta(parse_duration(horizon, "--horizon")),
                         tz=tz, latitude=latitude, longitude=longitude, holidays=holidays,
                         n_rounds=rounds)
+    if out.exists() and any(out.iterdir()) and not force:   # fail before the long work
+        raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
     values = read_series_csv(series)
     exog = read_weather_csv(weather) if weather is not None else None
     with warnings.catch_warnings(), Progress(console=err_console, transient=True) as bar:
@@ -59,14 +69,15 @@ def backtest_cmd(
                           weather=exog)
     for msg in result.warnings:
         err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, markup=True)
-    paths = write_backtest_outputs(result, out, kind, "value", capacity_kw, str(series))
+    with output_folder(out, force) as tmp:
+        write_backtest_outputs(result, tmp, kind, "value", capacity_kw, str(series))
     for name, m in result.metrics.items():
         if m.get("n"):
             cov = m.get("coverage_p10_p90")
             out_console.print(f"{name:24s} MAE {m['mae']:.4g}  nRMSE {m['nrmse']:.3%}  "
                               f"CRPS {m['crps']:.4g}" + (f"  P10–P90 coverage {cov:.1%}"
                                                          if cov is not None else ""))
-    out_console.print(f"report: {paths['report']}")
+    out_console.print(f"report: {out / 'report.html'}")
 
 
 def _check_tz(tz: str) -> None:

@@ -30,7 +30,7 @@ def write_backtest_outputs(result: BacktestResult, out: Path, kind: str, unit: s
         table[col] = table[col].dt.strftime("%Y-%m-%dT%H:%M:%SZ")
     paths = {"forecasts_csv": out / "forecasts.csv", "forecasts_parquet": out / "forecasts.parquet",
              "metrics": out / "metrics.json", "report": out / "report.html"}
-    table.to_csv(paths["forecasts_csv"], index=False, float_format="%.9g")
+    table.to_csv(paths["forecasts_csv"], index=False, float_format="%.17g")
     result.forecasts.to_parquet(paths["forecasts_parquet"], index=False)
     doc = {
         "source": source, "kind": kind, "unit": unit, "capacity": capacity,
