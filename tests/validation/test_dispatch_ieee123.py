@@ -99,3 +99,18 @@ def test_group_asked_beyond_capability_is_explained(case):
     e_req = replace(fleet, requests=(GroupRequest("vpp1", h.start, h.end, 0.9 * cap),))
     with pytest.raises(InfeasibleError, match=r"group_request vpp1"):
         Planner(e_req, ac.grid_context(ref), ObjectiveConfig()).solve_linear()
+
+
+def test_losses_and_element_peak_objectives(case):
+    _scenario, ac, unc, (ref, res) = case
+    base = plan_and_verify(ac, ObjectiveConfig(), uncontrolled=(ref, res))
+    lossy = plan_and_verify(ac, ObjectiveConfig(loss_weight=0.5), uncontrolled=(ref, res))
+    assert lossy.clean
+    assert lossy.result.losses_kw.sum() < base.result.losses_kw.sum()
+    el = "line.l67"
+    vp = plan_and_verify(ac, ObjectiveConfig(peak_element=el, peak_element_weight=5.0),
+                         uncontrolled=(ref, res))
+    assert vp.clean
+    ref_u, _ = ac.reference(unc)
+    ref_p, _ = ac.reference(vp.schedule, vp.result)
+    assert ref_p.element_kw[el].max() < ref_u.element_kw[el].max() - 10.0

@@ -26,7 +26,9 @@ from sqlalchemy import text
 
 from derms.api import problems
 from derms.api.auth import TokenRecord
+from derms.api.engine_pool import EnginePool
 from derms.api.routes_constraints import router as constraints_router
+from derms.api.routes_dispatch import router as dispatch_router
 from derms.api.routes_forecasts import router as forecasts_router
 from derms.api.routes_readings import router as readings_router
 from derms.api.routes_registry import router as registry_router
@@ -63,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
+        pool.close()
         engine.dispose()
 
     app = FastAPI(title="derms", version="0.1.0", lifespan=lifespan,
@@ -70,6 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.engine_pool = pool = EnginePool()  # OpenDSS work of requests, in a process
     app.state.sessions = make_session_factory(engine)
     app.state.sink = StoreSink(engine)
     app.state.metrics = metrics = Metrics()
@@ -126,4 +130,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(state_router, prefix="/v1")
     app.include_router(forecasts_router, prefix="/v1")
     app.include_router(constraints_router, prefix="/v1")
+    app.include_router(dispatch_router, prefix="/v1")
     return app

@@ -11,9 +11,8 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import pandas as pd
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
 from derms.api.problems import Problem
@@ -98,7 +97,7 @@ def _run(body: ConstraintForecastBody) -> dict[str, Any]:
 
 @router.post("/constraints/forecast")
 async def post_constraint_forecast(
-        body: ConstraintForecastBody,
+        request: Request, body: ConstraintForecastBody,
         principal: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
     """Predicted violations over the horizon with their probability (read scope: it computes,
     it stores nothing).
@@ -106,7 +105,7 @@ async def post_constraint_forecast(
     Histories too short or inconsistent → 422 problem+json with the reason.
     """
     try:
-        return await run_in_threadpool(_run, body)
+        return await request.app.state.engine_pool.run(_run, body)
     except InputError as exc:
         raise Problem(422, str(exc)) from None
     except DermsError as exc:

@@ -55,6 +55,14 @@ ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Replace an output folder that exists and is not empty.")]
 
 
+def refuse_non_empty(out: Path, force: bool) -> None:
+    """InputError when ``out`` exists and is not empty and ``force`` is off (check early,
+    before long work)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
+
+
 @contextlib.contextmanager
 def output_folder(out: Path, force: bool = False):
     """Write a command's outputs atomically: yield a temporary sibling folder, then rename.
@@ -63,8 +71,7 @@ def output_folder(out: Path, force: bool = False):
     unwritable parent is a clear error; on any failure nothing is left half-written.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
+    refuse_non_empty(out, force)
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from derms.cli.common import (
     handle_errors,
     out_console,
     output_folder,
+    refuse_non_empty,
 )
 from derms.errors import InputError
 from derms.studies.series_files import read_series_csv
@@ -76,8 +77,7 @@ def forecast(
     from derms.reports.constraint_forecast_html import write_constraint_forecast_report
     from derms.studies.constraint_study import run_constraint_forecast
 
-    if out.exists() and any(out.iterdir()) and not force:   # fail before the long work
-        raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
+    refuse_non_empty(out, force)   # fail before the long work
     if method not in ("grid", "copula"):
         raise InputError(f"--method {method!r}: expected grid or copula")
     load = read_series_csv(load_history).dropna()

@@ -17,6 +17,7 @@ from derms.cli.common import (
     handle_errors,
     out_console,
     output_folder,
+    refuse_non_empty,
 )
 from derms.errors import InputError
 from derms.forecast import ForecastSpec, backtest
@@ -56,8 +57,7 @@ def backtest_cmd(
     spec = ForecastSpec(kind=kind, horizon=pd.Timedelta(parse_duration(horizon, "--horizon")),
                         tz=tz, latitude=latitude, longitude=longitude, holidays=holidays,
                         n_rounds=rounds)
-    if out.exists() and any(out.iterdir()) and not force:   # fail before the long work
-        raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
+    refuse_non_empty(out, force)   # fail before the long work
     values = read_series_csv(series)
     exog = read_weather_csv(weather) if weather is not None else None
     with warnings.catch_warnings(), Progress(console=err_console, transient=True) as bar:

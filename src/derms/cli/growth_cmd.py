@@ -9,7 +9,17 @@ from typing import Annotated
 
 import typer
 
-from derms.cli.common import MasterArg, MaxIterOpt, OutOpt, err_console, handle_errors, out_console
+from derms.cli.common import (
+    ForceOpt,
+    MasterArg,
+    MaxIterOpt,
+    OutOpt,
+    err_console,
+    handle_errors,
+    out_console,
+    output_folder,
+    refuse_non_empty,
+)
 from derms.errors import InputError
 
 app = typer.Typer(help="Load-growth planning study.", no_args_is_help=True,
@@ -56,9 +66,11 @@ def growth(
              "customers.")] = 10.0,
     connect: ConnectOpt = None,
     max_iterations: MaxIterOpt = 100,
+    force: ForceOpt = False,
 ) -> None:
     """Run a load-growth study; write peaks, first_exceeded and extremes (CSV + Parquet) and
     report.html to OUT."""
+    refuse_non_empty(out, force)
     from rich.progress import BarColumn, Progress, TextColumn
 
     from derms.grid.bundled import resolve_master
@@ -81,7 +93,9 @@ def growth(
 
         result = run_load_growth(path, scenario, max_iterations=max_iterations,
                                  on_progress=progress)
-    paths = write_growth_outputs(result, out)
+    with output_folder(out, force) as tmp:
+        paths = write_growth_outputs(result, tmp)
+    paths = {k: out / p.name for k, p in paths.items()}
     fe = result.first_exceeded
     hit = fe[fe["year"].notna() & (fe["kind"] != "bus")]
     out_console.print(

@@ -14,12 +14,15 @@ import typer
 from rich.table import Table
 
 from derms.cli.common import (  # shared with the sub-command modules
+    ForceOpt,
     MasterArg,
     MaxIterOpt,
     OutOpt,
     err_console,
     out_console,
+    output_folder,
     parse_step,
+    refuse_non_empty,
 )
 from derms.cli.common import handle_errors as _handle_errors
 from derms.errors import InputError
@@ -148,8 +151,10 @@ def study(
         help="CSV of profiles: 'timestamp' + one column per element (load.x, pvsystem.y, "
              "generator.z) with multipliers of the base value; sets --start, and must "
              "cover --days at --step.")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Run a QSTS study with load profiles (and PV); write an HTML report, CSV and Parquet."""
+    refuse_non_empty(out, force)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from derms.analysis.constraints import Limits
@@ -176,7 +181,9 @@ def study(
                   console=err_console, transient=False) as progress:
         task = progress.add_task(f"QSTS {path.name}", total=config.n_steps * runs)
         result = run_study(path, config, on_step=lambda _k: progress.advance(task))
-    paths = write_study_outputs(result, out)
+    with output_folder(out, force) as tmp:
+        paths = write_study_outputs(result, tmp)
+    paths = {k: out / p.name for k, p in paths.items()}
     c = result.violations.counts
     out_console.print(
         f"{result.result.n_steps} steps in {result.runtime_s:.1f} s; violations: "
@@ -292,11 +299,17 @@ def serve(
             forecast_schedule.stop()
 
 
-from derms.cli import constraints_cmd, forecast_cmd, growth_cmd  # sub-commands on `app`
+from derms.cli import (  # sub-commands on `app`
+    constraints_cmd,
+    dispatch_cmd,
+    forecast_cmd,
+    growth_cmd,
+)
 
 app.add_typer(forecast_cmd.app, name="forecast")
 app.add_typer(constraints_cmd.app, name="constraints")
 app.command(name="growth")(growth_cmd.growth)
+app.command(name="dispatch")(dispatch_cmd.dispatch)
 
 
 def main() -> None:  # pragma: no cover - console entry point

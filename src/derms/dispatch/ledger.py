@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from derms.dispatch.network import rows_dense
 from derms.dispatch.plan import Planner, Schedule
 from derms.powerflow.qsts import QSTSResult
 
@@ -62,7 +63,7 @@ def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
                           zip(t, sel[m])])
             lim = getattr(net.lim, kind)[t, e]
             val = (result.i_a if kind == "i_max" else result.v_pu)[t, e]
-            sens[m] = (net.sens.hi_p if kind == "i_max" else net.sens.hv_p)[e].toarray()
+            sens[m] = rows_dense(net.sens.hi_p if kind == "i_max" else net.sens.hv_p, e)
         elif kind == "peak":
             lim, val = np.full(t.size, z), head[t]
             sens[m] = 1.0

@@ -204,9 +204,10 @@ def der_rows(lay: Layout, a: FleetArrays, fleet: Fleet, ep: sp.csr_matrix, cp: n
                     (dt / a.bat_eta_dis * ones).ravel(), -ones[1:].ravel()],
               rhs.ravel(), rhs.ravel(), "battery_energy",
               np.tile(ids[n_pv:n_pv + n_bat], T), np.repeat(np.arange(T), n_bat))
-    if n_ev:  # sum_t eta dt c_t = required energy
+    if n_ev:  # sum_t eta dt c_t = required energy (every interval: the plug-in window is
+        # in the column bounds, so a re-plan changes bounds only)
         r = np.broadcast_to(np.arange(n_ev), (T, n_ev))
-        win = a.ev_window
+        win = np.ones((T, n_ev), dtype=bool)
         block(r[win], X("ev_c")[win], (a.ev_eta * dt * np.ones((T, 1)))[win],
               a.ev_e_required_kwh, a.ev_e_required_kwh, "ev_energy",
               ids[n_pv + n_bat:n_pv + n_bat + n_ev], np.full(n_ev, T - 1))
@@ -290,6 +291,14 @@ class HighsLP:
             self.element = np.concatenate([self.element, rows.element])
             self.t = np.concatenate([self.t, rows.t])
         return np.arange(first, self.n_rows)
+
+    def add_cols(self, cost: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Append empty columns (rows reference them later); return their indices."""
+        first = self.h.getNumCol()
+        n = cost.size
+        self.h.addCols(n, cost, lo, hi, 0, np.zeros(0, np.int32), np.zeros(0, np.int32),
+                       np.zeros(0))
+        return np.arange(first, first + n)
 
     def set_row_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
         if idx.size:

@@ -13,7 +13,7 @@ linear prediction or in the AC check (added lazily).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,18 +26,41 @@ from derms.powerflow.linear import LinearModel
 V_KINDS = ("v_max", "v_min")
 
 
+Sens = np.ndarray | sp.csr_matrix
+_DENSE_ABOVE = 2_000_000  # nodes x DERs above which sensitivities are kept dense
+
+
 @dataclass(frozen=True)
 class DerSensitivity:
     """Sensitivities per DER (columns in fleet order) of node |V| [pu/kW, u-form] and branch
     |I| [A/kW] to net import (consumption positive); a DER's power is shared equally by
-    its phase nodes. Stored as CSR: products with them then never go through the
+    its phase nodes. Small feeders keep them as CSR (products then never go through the
     multi-threaded BLAS, which on a loaded 2-core machine made 100 x 300 products take
-    15 ms each."""
+    15 ms each); large ones (nodes x DERs above ``_DENSE_ABOVE``) as dense C arrays, where
+    one BLAS product of (T, n_der) x (n_der, n_nodes) is far cheaper than CSR with dense
+    rows. Radial-feeder sensitivities are dense by nature: this is nodes x DERs, never
+    nodes x nodes."""
 
-    hv_p: sp.csr_matrix
-    hv_q: sp.csr_matrix
-    hi_p: sp.csr_matrix
-    hi_q: sp.csr_matrix
+    hv_p: Sens
+    hv_q: Sens
+    hi_p: Sens
+    hi_q: Sens
+
+    @property
+    def n_der(self) -> int:
+        return self.hv_p.shape[1]
+
+
+def times_t(x: np.ndarray, m: Sens) -> np.ndarray:
+    """``x @ m.T`` as an ndarray for dense or CSR ``m``: (k, n_der) x (n, n_der) -> (k, n)."""
+    if sp.issparse(m):
+        return np.asarray((m @ x.T).T)
+    return x @ m.T
+
+
+def rows_dense(m: Sens, e: np.ndarray) -> np.ndarray:
+    """Rows ``e`` of ``m`` as a dense (len(e), n_der) array."""
+    return m[e].toarray() if sp.issparse(m) else np.asarray(m[e])
 
 
 def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
@@ -52,12 +75,14 @@ def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
     W = sp.csr_matrix((vals, (rows, cols)), shape=(len(lin.injection_nodes), len(fleet.ders)))
     b = lin.branches
     W = W.tocsc()
+    dense = lin.dv_dp_pu_per_kw.shape[0] * W.shape[1] > _DENSE_ABOVE
 
-    def sparse(m: np.ndarray) -> sp.csr_matrix:  # sparse products: no threaded BLAS calls
-        return sp.csr_matrix((W.T @ m.T).T)
+    def conv(m: np.ndarray) -> Sens:
+        out = (W.T @ m.T).T  # sparse W: no threaded BLAS call
+        return np.ascontiguousarray(out) if dense else sp.csr_matrix(out)
 
-    return DerSensitivity(sparse(lin.dv_dp_pu_per_kw), sparse(lin.dv_dq_pu_per_kvar),
-                          sparse(b.di_dp_a_per_kw), sparse(b.di_dq_a_per_kvar))
+    return DerSensitivity(conv(lin.dv_dp_pu_per_kw), conv(lin.dv_dq_pu_per_kvar),
+                          conv(b.di_dp_a_per_kw), conv(b.di_dq_a_per_kvar))
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,7 @@ class Reference:
     v_pu: np.ndarray
     i_a: np.ndarray
     head_kw: np.ndarray
+    element_kw: dict[str, np.ndarray] = field(default_factory=dict)  # watched flows (T,)
 
 
 @dataclass(frozen=True)
@@ -118,25 +144,23 @@ class NetworkRows:
     """The reference-centred rows of one LP and their bookkeeping (see module docstring).
 
     ``margin`` arrays (T, n) tighten single rows [pu or A] where the AC check found the
-    linear model optimistic.
+    linear model optimistic. Row coefficients are formed only for the rows added (from
+    the sensitivities, on demand); ``drop_rel`` drops coefficients below that share of
+    a row's largest one (0 keeps all; the AC check catches what that costs).
     """
 
     def __init__(self, lp: HighsLP, lay: Layout, sens: DerSensitivity, ep: sp.csr_matrix,
                  eq: sp.csr_matrix, cp: np.ndarray, lim: NetworkLimits,
                  box: tuple[np.ndarray, ...], export_limit_kw: float | None,
                  node_names: np.ndarray, branch_names: np.ndarray, near_pu: float = 0.01,
-                 near_frac: float = 0.1) -> None:
+                 near_frac: float = 0.1, drop_rel: float = 0.0) -> None:
         self.lp, self.lay, self.cp, self.lim = lp, lay, cp, lim
         self.sens, self.near_pu, self.near_frac = sens, near_pu, near_frac
-        self.g = {"v": sp.csr_matrix(sens.hv_p @ ep + sens.hv_q @ eq),
-                  "i": sp.csr_matrix(sens.hi_p @ ep + sens.hi_q @ eq)}
-        self.g["v"].eliminate_zeros()
-        self.g["i"].eliminate_zeros()
+        self.ep, self.eq, self.drop_rel = ep, eq, drop_rel
         self.names = {"v_max": node_names, "v_min": node_names, "i_max": branch_names}
         T = lay.T
         self.row = {k: np.full((T, len(n)), -1, dtype=np.int64) for k, n in self.names.items()}
         self.margin = {k: np.zeros((T, len(n))) for k, n in self.names.items()}
-        self.box = box
         self.export_limit_kw = export_limit_kw
         g_head = np.asarray(ep.sum(axis=0)).ravel()
         t = np.arange(T)
@@ -157,22 +181,82 @@ class NetworkRows:
                                                     np.full(T, "export_limit", dtype=object),
                                                     np.full(T, "feeder_head", dtype=object), t))
         self.ref: Reference | None = None
+        self._at_ref: dict[str, np.ndarray] = {}
+        self.set_box(box)
+
+    # -- sensitivities ---------------------------------------------------------------------
+    def _s(self, kind: str) -> tuple[Sens, Sens]:
+        s = self.sens
+        return (s.hi_p, s.hi_q) if kind == "i_max" else (s.hv_p, s.hv_q)
+
+    def _lin(self, kind: str, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Linear row quantity (T, n) of DER net import changes ``p``/``q`` (T, n_der)."""
+        sp_, sq = self._s(kind)
+        out = times_t(p, sp_)
+        if np.any(q):
+            out += times_t(q, sq)
+        return out
+
+    def set_box(self, box: tuple[np.ndarray, ...]) -> None:
+        """The DERs' range (p_lo, p_hi, q_lo, q_hi) (T, n_der); precomputes the largest and
+        smallest linear value every row can take over it (for screening)."""
+        self.box = box
+        p_lo, p_hi, q_lo, q_hi = box
+        p_lo, p_hi = p_lo - self.cp, p_hi - self.cp  # rows act on the columns, not on cp
+        self._range: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for key, kind in (("v", "v_max"), ("i", "i_max")):
+            sp_, sq = self._s(kind)
+            hi = np.zeros((p_lo.shape[0], sp_.shape[0]))
+            lo = np.zeros_like(hi)
+            for m, a_lo, a_hi in ((sp_, p_lo, p_hi), (sq, q_lo, q_hi)):
+                if not (np.any(a_lo) or np.any(a_hi)):
+                    continue
+                pos, neg = m.maximum(0) if sp.issparse(m) else np.maximum(m, 0), \
+                    m.minimum(0) if sp.issparse(m) else np.minimum(m, 0)
+                hi += times_t(a_hi, pos) + times_t(a_lo, neg)
+                lo += times_t(a_lo, pos) + times_t(a_hi, neg)
+            self._range[key] = (lo, hi)
+
+    def g_rows(self, kind: str, e: np.ndarray) -> sp.csr_matrix:
+        """Row coefficients (len(e), nv) of elements ``e`` on one interval's columns."""
+        sp_, sq = self._s(kind)
+        if sp.issparse(sp_):
+            g = sp.csr_matrix(sp_[e] @ self.ep + sq[e] @ self.eq)
+        else:
+            g = np.asarray((self.ep.T @ sp_[e].T).T + (self.eq.T @ sq[e].T).T)
+            if self.drop_rel > 0:
+                big = np.abs(g).max(axis=1, keepdims=True)
+                g[np.abs(g) < self.drop_rel * big] = 0.0
+            g = sp.csr_matrix(g)
+        g.eliminate_zeros()
+        return g
 
     # -- reference and bounds ------------------------------------------------------------
-    def rhs(self, kind: str) -> np.ndarray:
-        """Right-hand side (T, n) of every potential row of ``kind`` at the reference."""
+    def at_ref(self, kind: str) -> np.ndarray:
+        """Linear row value (T, n) at the reference schedule (columns without ``cp``)."""
+        key = "i" if kind == "i_max" else "v"
+        if key not in self._at_ref:
+            ref = self.ref
+            self._at_ref[key] = self._lin(kind, ref.p_kw - self.cp, ref.q_kvar)
+        return self._at_ref[key]
+
+    def limit_term(self, kind: str) -> np.ndarray:
+        """Distance (T, n) from the reference to the limit in row units (u [pu] or A)."""
         ref, lim, m = self.ref, self.lim, self.margin[kind]
         if kind == "i_max":
-            off = (ref.p_kw - self.cp) @ self.sens.hi_p.T + ref.q_kvar @ self.sens.hi_q.T
-            return lim.i_max - m - ref.i_a + off
-        off = (ref.p_kw - self.cp) @ self.sens.hv_p.T + ref.q_kvar @ self.sens.hv_q.T
+            return lim.i_max - m - ref.i_a
         v0 = np.maximum(ref.v_pu, 1e-6)
         v_lim = lim.v_max - m if kind == "v_max" else lim.v_min + m
-        return (v_lim**2 - v0**2) / (2 * v0) + off
+        return (v_lim**2 - v0**2) / (2 * v0)
+
+    def rhs(self, kind: str) -> np.ndarray:
+        """Right-hand side (T, n) of every potential row of ``kind`` at the reference."""
+        return self.limit_term(kind) + self.at_ref(kind)
 
     def set_reference(self, ref: Reference) -> None:
         """Re-centre every network row at an AC-solved schedule (bounds only)."""
         self.ref = ref
+        self._at_ref = {}
         for kind, rows in self.row.items():
             sel = rows >= 0
             if sel.any():
@@ -191,23 +275,14 @@ class NetworkRows:
     def lhs(self, kind: str, x: np.ndarray) -> np.ndarray:
         """Linear row values (T, n) of every potential row at solution ``x``."""
         xt = x[: self.lay.z].reshape(self.lay.T, self.lay.nv)
-        return (self.g["i" if kind == "i_max" else "v"] @ xt.T).T
+        return self._lin(kind, (self.ep @ xt.T).T, (self.eq @ xt.T).T)
 
     def reachable(self, kind: str) -> np.ndarray:
-        """(T, n) rows whose limit the DER box can reach (linear model, from the reference)."""
-        p_lo, p_hi, q_lo, q_hi = self.box
-        ref = self.ref
-        dp_lo, dp_hi, dq_lo, dq_hi = p_lo - ref.p_kw, p_hi - ref.p_kw, q_lo - ref.q_kvar, \
-            q_hi - ref.q_kvar
-        hp, hq = ((self.sens.hi_p, self.sens.hi_q) if kind == "i_max"
-                  else (self.sens.hv_p, self.sens.hv_q))
-        sign = -1.0 if kind == "v_min" else 1.0
-        hp, hq = sign * hp, sign * hq
-        reach = (dp_hi @ hp.maximum(0).T + dp_lo @ hp.minimum(0).T
-                 + dq_hi @ hq.maximum(0).T + dq_lo @ hq.minimum(0).T)
-        slack = self._slack_at_ref(kind)
+        """(T, n) rows whose limit the DER box can reach (linear model)."""
+        lo, hi = self._range["i" if kind == "i_max" else "v"]
+        b = self.rhs(kind)
         ok = self._ok(kind)
-        return ok & (reach >= slack - 1e-9)
+        return ok & ((lo <= b + 1e-9) if kind == "v_min" else (hi >= b - 1e-9))
 
     def _ok(self, kind: str) -> np.ndarray:
         if kind == "i_max":
@@ -216,12 +291,8 @@ class NetworkRows:
 
     def _slack_at_ref(self, kind: str) -> np.ndarray:
         """Distance to the limit at the reference, in row units (u [pu] or A), >= 0 inside."""
-        ref = self.ref
-        off = self.rhs(kind)
-        at_ref = ((ref.p_kw - self.cp) @ (self.sens.hi_p if kind == "i_max" else
-                                          self.sens.hv_p).T
-                  + ref.q_kvar @ (self.sens.hi_q if kind == "i_max" else self.sens.hv_q).T)
-        return at_ref - off if kind == "v_min" else off - at_ref
+        d = self.limit_term(kind)
+        return -d if kind == "v_min" else d
 
     def initial_rows(self) -> int:
         """Add the reachable rows that are near their limit at the reference."""
@@ -242,7 +313,8 @@ class NetworkRows:
         t, e = np.nonzero(mask)
         if t.size == 0:
             return 0
-        G = self.g["i" if kind == "i_max" else "v"][e].tocsr()
+        ue, inv = np.unique(e, return_inverse=True)
+        G = self.g_rows(kind, ue)[inv].tocsr()
         G.indices = (G.indices + np.repeat(t * self.lay.nv, np.diff(G.indptr))).astype(np.int32)
         G = sp.csr_matrix((G.data, G.indices, G.indptr), shape=(t.size, self.lay.n_cols))
         b = self.rhs(kind)[t, e]

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from derms.analysis.constraints import Limits
 from derms.der.models import Fleet, check_group_requests, fleet_arrays
 from derms.dispatch.lp import (
+    INF,
     HighsLP,
     Layout,
     Policy,
+    RowBlock,
     Weights,
     der_columns,
     der_rows,
@@ -35,7 +38,7 @@ from derms.dispatch.network import (
     Reference,
     der_box,
 )
-from derms.errors import InfeasibleError
+from derms.errors import InfeasibleError, InputError
 
 log = logging.getLogger(__name__)
 _DIAG_TOL = 1e-5
@@ -53,6 +56,16 @@ class ObjectiveConfig:
     PV curtailed by the same share of its available power in an interval) or
     ``"proportional_to_capacity"`` (curtailment kW proportional to inverter kVA).
     ``allow_pv_q``: PV inverters may absorb/inject reactive power within their rating.
+    ``loss_weight`` [per kWh of losses]: prices network losses with a linear proxy, the
+    marginal loss factor of each DER (``GridContext.loss_p``/``loss_q``: kW of losses per
+    kW/kvar of its net import, ``sum_k 2 R_k I0_k d|I_k|/dp`` over branch conductors,
+    ``R_k`` from each element's losses at the linearisation point) scaled in each
+    interval by the reference head import over the head import at that point (marginal
+    losses grow with the current and change sign with reverse flow); 0 leaves it out.
+    ``peak_element`` (an OpenDSS element, e.g. "transformer.t1"): also minimise the
+    peak power into that element's terminal 1, weighted by ``peak_element_weight`` per
+    kW (linear: the DERs downstream of it move its flow 1:1, losses left out). All
+    terms add up; set ``weights.peak`` to 0 to optimise only the element's peak.
     """
 
     weights: Weights = field(default_factory=Weights)
@@ -61,6 +74,9 @@ class ObjectiveConfig:
     allow_pv_q: bool = True
     limits: Limits = field(default_factory=Limits)
     max_linear_rounds: int = 8
+    loss_weight: float = 0.0
+    peak_element: str | None = None
+    peak_element_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,10 @@ class GridContext:
     node_names: np.ndarray
     branch_names: np.ndarray
     uncontrolled: Reference
+    loss_p: np.ndarray | None = None  # (n_der,) kW of losses per kW of net import
+    loss_q: np.ndarray | None = None  # (n_der,) kW of losses per kvar
+    head_lin_kw: float = 0.0  # head import at the linearisation point [kW]
+    element_coef: dict[str, np.ndarray] = field(default_factory=dict)  # (n_der,) 1 downstream
 
 
 @dataclass(frozen=True)
@@ -125,17 +145,60 @@ class Planner:
         self.ep, self.eq, self.cp = net_import_maps(lay, a)
         cost, lo, hi = der_columns(lay, a, objective.weights, policy=objective.curtailment_policy,
                                    allow_q=objective.allow_pv_q)
+        self._ref_for_costs = grid.uncontrolled
+        cost = self._extra_costs(cost)
         rows = der_rows(lay, a, fleet, self.ep, self.cp, policy=objective.curtailment_policy)
         self.lp = HighsLP(cost, lo, hi, rows)
+        big = len(grid.node_names) * len(fleet.ders) > 2_000_000
         self.net = NetworkRows(self.lp, lay, grid.sens, self.ep, self.eq, self.cp, grid.limits,
                                der_box(a, objective.allow_pv_q), objective.export_limit_kw,
-                               grid.node_names, grid.branch_names)
+                               grid.node_names, grid.branch_names,
+                               near_pu=0.0 if big else 0.01, near_frac=0.0 if big else 0.1,
+                               drop_rel=0.02 if big else 0.0)
+        self._add_element_peak()
         self.net.set_reference(grid.uncontrolled)
+        self._set_extra_bounds()
         self.n_initial_rows = self.net.initial_rows()
         self.build_s = time.perf_counter() - t0
         self.x: np.ndarray | None = None
         self.duals: np.ndarray | None = None
         self.row_values: np.ndarray | None = None
+
+    def update(self, fleet: Fleet, reference: Reference | None = None,
+               limits: NetworkLimits | None = None) -> None:
+        """Warm re-plan input: the same DERs (same order and kinds) and horizon length with
+        new forecasts, initial SOCs, EV needs or windows, and optionally a new reference.
+        Only column bounds, costs and row bounds change in the kept HiGHS model (its basis
+        is reused); network rows already added stay, new near-limit ones are added.
+        Raises :class:`InputError` when the LP's structure would change (another number
+        of DERs or steps, group requests, the "equal_proportional" policy)."""
+        t0 = time.perf_counter()
+        a = fleet_arrays(fleet)
+        lay = Layout.of(a, fleet.horizon.n_steps)
+        if (lay.sizes != self.lay.sizes or lay.T != self.lay.T or fleet.requests
+                or self.objective.curtailment_policy == "equal_proportional"):
+            raise InputError("Planner.update needs the same DERs and steps, no group requests "
+                             "and a policy other than equal_proportional; build a new Planner")
+        obj = self.objective
+        self.fleet, self.arrays = fleet, a
+        _ep, _eq, self.cp = net_import_maps(lay, a)
+        cost, lo, hi = der_columns(lay, a, obj.weights, policy=obj.curtailment_policy,
+                                   allow_q=obj.allow_pv_q)
+        self._ref_for_costs = reference or self.net.ref
+        cost = self._extra_costs(cost)
+        cols = np.arange(lay.n_cols)
+        self.lp.set_col_bounds(cols, lo, hi)
+        self.lp.set_costs(cols, cost)
+        rows = der_rows(lay, a, fleet, self.ep, self.cp, policy=obj.curtailment_policy)
+        self.lp.set_row_bounds(np.arange(rows.lo.size), rows.lo, rows.hi)
+        self.net.cp = self.cp
+        if limits is not None:
+            self.net.lim = limits
+        self.net.set_box(der_box(a, obj.allow_pv_q))
+        self.net.set_reference(reference or self.net.ref)
+        self._set_extra_bounds()
+        self.n_initial_rows += self.net.initial_rows()
+        self.update_s = time.perf_counter() - t0
 
     def solve_linear(self) -> np.ndarray:
         """Solve, then add rows the linear model says are violated and re-solve (warm),
@@ -183,6 +246,64 @@ class Planner:
     def recenter(self, ref: Reference) -> None:
         """Re-linearise around an AC-solved plan (row bounds change in place)."""
         self.net.set_reference(ref)
+        self._set_extra_bounds()
+
+    # -- optional objective terms --------------------------------------------------------
+    def _extra_costs(self, cost: np.ndarray) -> np.ndarray:
+        """Add the loss proxy (see :class:`ObjectiveConfig`) to the column costs."""
+        obj, g, lay = self.objective, self.grid, self.lay
+        if obj.loss_weight == 0 or g.loss_p is None:
+            return cost
+        mlf = np.asarray(self.ep.T @ g.loss_p).ravel()
+        if g.loss_q is not None:
+            mlf = mlf + np.asarray(self.eq.T @ g.loss_q).ravel()
+        head = np.asarray(self._ref_for_costs.head_kw, dtype=float)
+        scale = np.clip(head / max(g.head_lin_kw, 1e-6), -2.0, 2.0)
+        add = obj.loss_weight * self.arrays.dt_h * scale[:, None] * mlf[None, :]
+        cost = cost.copy()
+        cost[: lay.z] += add.ravel()
+        return cost
+
+    def _add_element_peak(self) -> None:
+        """Epigraph column ``z_e`` and one row per interval for ``peak_element``."""
+        self.elem_col = self.elem_rows = None
+        name = self.objective.peak_element
+        if name is None:
+            return
+        coef = self.grid.element_coef.get(name.lower())
+        if coef is None:
+            raise InputError(f"peak_element {name!r} is not watched by the AC network "
+                             "(ACNetwork.watch it before planning)")
+        lay, T = self.lay, self.lay.T
+        col = self.lp.add_cols(np.array([self.objective.peak_element_weight]),
+                               np.array([-INF]), np.array([INF]))
+        g = np.asarray(self.ep.T @ coef).ravel()
+        nz = np.flatnonzero(g)
+        t = np.arange(T)
+        r = np.repeat(t, nz.size + 1)
+        c = np.c_[t[:, None] * lay.nv + nz[None, :], np.full(T, col[0])].ravel()
+        v = np.tile(np.r_[g[nz], -1.0], T)
+        A = sp.csr_matrix((v, (r, c)), shape=(T, int(col[0]) + 1))
+        self.elem_col = int(col[0])
+        self.elem_rows = self.lp.add_rows(RowBlock(
+            A, np.full(T, -INF), np.zeros(T), np.full(T, "peak_element", dtype=object),
+            np.full(T, name.lower(), dtype=object), t))
+        self._elem_coef = coef
+
+    def _set_extra_bounds(self) -> None:
+        if self.elem_rows is None:
+            return
+        ref = self.net.ref
+        flow = ref.element_kw.get(self.objective.peak_element.lower())
+        if flow is None:
+            raise InputError(f"reference has no flow of {self.objective.peak_element!r}")
+        h0 = flow - (ref.p_kw - self.cp) @ self._elem_coef
+        self.lp.set_row_bounds(self.elem_rows, np.full(self.lay.T, -INF), -h0)
+
+    def element_peak_kw(self, x: np.ndarray | None = None) -> float:
+        """Linear prediction of the peak at ``peak_element`` [kW] (nan without one)."""
+        x = self.x if x is None else x
+        return float(x[self.elem_col]) if self.elem_col is not None else float("nan")
 
     def schedule(self, x: np.ndarray | None = None) -> Schedule:
         x = self.x if x is None else x

@@ -24,7 +24,12 @@ import pandas as pd
 
 from derms.analysis.constraints import Limits, ViolationReport, detect_violations
 from derms.der.models import Fleet
-from derms.dispatch.network import Reference, der_sensitivity, network_limits
+from derms.dispatch.network import (
+    Reference,
+    der_sensitivity,
+    network_limits,
+    rows_dense,
+)
 from derms.dispatch.plan import (
     GridContext,
     ObjectiveConfig,
@@ -71,6 +76,10 @@ class ACNetwork:
         engine.solve_snapshot()
         nodes = sorted({n for d in fleet.ders for n in d.connection.injection_nodes})
         self.lin = build_linear_model(engine, nodes, branches=True)
+        self._loss_w = self._loss_weights()  # at the linearisation point (control off)
+        self.head_lin_kw = float(-np.sum(np.asarray(engine.circuit.TotalPower)[0]))
+        self.watched: list[str] = []
+        self._last_flows: tuple[object, dict[str, np.ndarray]] = (None, {})
         engine.set_control_mode(control_mode)
         self.shapes = []
         for k, d in enumerate(fleet.ders):
@@ -93,6 +102,44 @@ class ACNetwork:
         self.net_limits = network_limits(self.base, self.index.node_phase,
                                          self.index.branch_norm_a, self.limits)
 
+    def _loss_weights(self) -> np.ndarray:
+        """Per branch conductor ``2 R_k I0_k / 1000`` [kW of losses per A of |I| change]:
+        ``R`` of each element from its losses and currents at the operating point (all
+        its terminal-1 conductors share one R; transformer no-load losses are folded in,
+        so the proxy slightly overstates them)."""
+        c = self.engine.circuit
+        names = [n.lower() for n in c.AllElementNames]
+        loss = np.asarray(c.AllElementLosses, dtype=float)[0::2]  # kW per element
+        pos = {n: k for k, n in enumerate(names)}
+        b = self.lin.branches
+        el = np.array([e.lower() for e in b.element])
+        ue, inv = np.unique(el, return_inverse=True)
+        le = np.array([loss[pos[e]] if e in pos else 0.0 for e in ue])
+        i2 = np.bincount(inv, weights=b.i0_a**2, minlength=ue.size)
+        r_ohm = np.where(i2 > 0, le * 1e3 / np.maximum(i2, 1e-12), 0.0)[inv]
+        return 2.0 * r_ohm * b.i0_a / 1e3
+
+    def watch(self, element: str) -> None:
+        """Record the active power into ``element``'s terminal 1 [kW, from its source
+        side] at every simulated step (for ``ObjectiveConfig.peak_element``)."""
+        name = element.lower()
+        self.engine.circuit.SetActiveElement(name)
+        if self.engine.circuit.ActiveCktElement.Name.lower() != name:
+            raise InputError(f"element {element!r} is not in the circuit")
+        if name not in self.watched:
+            self.watched.append(name)
+
+    def element_coef(self, element: str, sens) -> np.ndarray:
+        """(n_der,) 1 for the DERs downstream of ``element`` (their |I| sensitivity on its
+        terminal-1 conductors is at least 20 % of the largest), else 0."""
+        b = self.lin.branches
+        k = np.flatnonzero(np.char.lower(b.element.astype(str)) == element.lower())
+        if k.size == 0:
+            raise InputError(f"element {element!r} is not a branch of the linear model")
+        score = np.abs(rows_dense(sens.hi_p, k)).sum(axis=0)
+        return (score >= 0.2 * max(score.max(), 1e-12)).astype(float) if score.max() > 1e-9 \
+            else np.zeros(score.size)
+
     def simulate(self, p_kw: np.ndarray, q_kvar: np.ndarray) -> QSTSResult:
         """AC QSTS of a schedule: DER net import ``p_kw``/``q_kvar`` (T, n_der)."""
         c = self.engine.circuit
@@ -107,22 +154,34 @@ class ACNetwork:
         self.engine.command("set time=(0,0)")
         col = StepCollector(self.engine, self.index, h.n_steps)
         sol = c.Solution
+        flows = {e: np.empty(h.n_steps) for e in self.watched}
         for k in range(h.n_steps):
             sol.Solve()
             col.collect(k)
+            for e, f in flows.items():
+                c.SetActiveElement(e)
+                pw = np.asarray(c.ActiveCktElement.Powers)
+                nc = c.ActiveCktElement.NumConductors
+                f[k] = pw[0:2 * nc:2].sum()
         t = pd.date_range(h.start, periods=h.n_steps, freq=h.step)
-        return QSTSResult(t=t, step=h.step, index=self.index, v_pu=col.v_pu, i_a=col.i_a,
+        out = QSTSResult(t=t, step=h.step, index=self.index, v_pu=col.v_pu, i_a=col.i_a,
                           head_p_kw=col.head_p_kw, head_q_kvar=col.head_q_kvar,
                           losses_kw=col.losses_kw, losses_kvar=col.losses_kvar,
                           converged=col.converged, control_mode=self.control_mode)
+        self._last_flows = (out, flows)
+        return out
 
-    @staticmethod
-    def _reference(res: QSTSResult, p_kw, q_kvar) -> Reference:
+    def _reference(self, res: QSTSResult, p_kw, q_kvar) -> Reference:
+        flows = self._last_flows[1] if self._last_flows[0] is res else {}
         return Reference(p_kw, q_kvar, res.v_pu, res.i_a.astype(float),
-                         res.head_p_kw.sum(axis=1))
+                         res.head_p_kw.sum(axis=1), dict(flows))
 
     def reference(self, sched: Schedule, res: QSTSResult | None = None
                   ) -> tuple[Reference, QSTSResult]:
+        """AC reference of a schedule (simulated unless ``res`` is given; a given result
+        is re-simulated when watched element flows are missing for it)."""
+        if res is not None and self.watched and self._last_flows[0] is not res:
+            res = None
         res = res or self.simulate(sched.p_kw, sched.q_kvar)
         return self._reference(res, sched.p_kw, sched.q_kvar), res
 
@@ -144,12 +203,22 @@ class ACNetwork:
                 "i_max": res.i_a > lim.i_max * (1 + 1e-4)}
 
     def grid_context(self, uncontrolled: Reference) -> GridContext:
-        return GridContext(der_sensitivity(self.lin, self.fleet), self.net_limits,
-                           np.array([f"{b}.{p}" for b, p in zip(self.index.node_bus,
-                                                                self.index.node_phase)]),
+        """Everything the planner needs (sensitivities computed once and cached)."""
+        if getattr(self, "_sens", None) is None:
+            self._sens = der_sensitivity(self.lin, self.fleet)
+            w = self._loss_w
+            self._loss = (np.asarray(self._sens.hi_p.T @ w).ravel(),
+                          np.asarray(self._sens.hi_q.T @ w).ravel())
+            self._names = (np.array([f"{b}.{p}" for b, p in zip(self.index.node_bus,
+                                                                 self.index.node_phase)]),
                            np.array([f"{e}.{p}" for e, p in zip(self.index.branch_element,
-                                                                self.index.branch_phase)]),
-                           uncontrolled)
+                                                                 self.index.branch_phase)]))
+        sens = self._sens
+        coef = {e: self.element_coef(e, sens) for e in self.watched}
+        return GridContext(sens, self.net_limits, *self._names, uncontrolled,
+                           loss_p=np.asarray(self._loss[0]).ravel(),
+                           loss_q=np.asarray(self._loss[1]).ravel(),
+                           head_lin_kw=self.head_lin_kw, element_coef=coef)
 
 
 @dataclass
@@ -183,7 +252,11 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     fleet = fleet or ac.fleet
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    if uncontrolled is None:
+    if objective.peak_element is not None and objective.peak_element.lower() not in ac.watched:
+        ac.watch(objective.peak_element)
+        uncontrolled = None  # its element flow is needed
+    if uncontrolled is None or (ac.watched and not all(
+            e in uncontrolled[0].element_kw for e in ac.watched)):
         uncontrolled = ac.reference(uncontrolled_schedule(fleet))
     timing["uncontrolled_ac_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -74,6 +74,22 @@ def summary_figures(study: StudyResult) -> dict[str, float | int | str]:
     return out
 
 
+def violations_long(events: pd.DataFrame, step) -> pd.DataFrame:
+    """One row per (interval, kind, element, phase) in violation, expanded from the events.
+
+    Columns ``t, kind, element, phase, limit, pre_existing, worsened``; ``t`` is the UTC
+    interval start. The values themselves are in voltages.parquet / branch_loading.parquet.
+    """
+    cols = ["t", "kind", "element", "phase", "limit", "pre_existing", "worsened"]
+    if events.empty:
+        return pd.DataFrame(columns=cols)
+    n = events["n_steps"].to_numpy(int)
+    rep = events.loc[events.index.repeat(n)].reset_index(drop=True)
+    offset = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    rep["t"] = pd.to_datetime(rep["start"], utc=True) + pd.to_timedelta(step) * offset
+    return rep[cols]
+
+
 def write_study_outputs(study: StudyResult, out: Path) -> dict[str, Path]:
     """Write every output of ``study`` below ``out``; return the paths by name."""
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +100,7 @@ def write_study_outputs(study: StudyResult, out: Path) -> dict[str, Path]:
         "branches": out / "branches.csv", "head": out / "head.csv",
         "violations": out / "violations.csv", "pv": out / "pv_systems.csv",
         "voltages": out / "voltages.parquet", "loading": out / "branch_loading.parquet",
-        "report": out / "report.html",
+        "violations_long": out / "violations.parquet", "report": out / "report.html",
     }
     summary = summary_figures(study)
     paths["summary"].write_text(json.dumps(summary, indent=2, default=str))
@@ -96,13 +112,15 @@ def write_study_outputs(study: StudyResult, out: Path) -> dict[str, Path]:
     study.pv.to_csv(paths["pv"], index=False)
     r.voltages_long().to_parquet(paths["voltages"], index=False)
     r.branches_long().to_parquet(paths["loading"], index=False)
+    violations_long(study.violations.events, r.step).to_parquet(paths["violations_long"],
+                                                                index=False)
     xy = pd.DataFrame(
         [(b.name, b.x, b.y) for b in study.model.buses if b.x is not None and (b.x or b.y)],
         columns=["bus", "x", "y"],
     )
     notes = list(study.model.notes) + [
-        "Loading is % of each element's normal rating in the model (OpenDSS NormAmps); "
-        "transformers' normal rating is OpenDSS's normhkVA (110 % of kVA unless given).",
+        ("Loading is % of each element's normal rating in the model (OpenDSS NormAmps); "
+        "transformers' normal rating is OpenDSS's normhkVA (110 % of kVA unless given)."),
         "Load profiles: bundled 8760-h shapes (one per load, seeded); PV: clear-sky shape.",
     ]
     if study.base is not None:

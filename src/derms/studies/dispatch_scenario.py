@@ -15,7 +15,9 @@ peak ``P`` (the load's base kW; the bundled shapes peak at 1):
   sheddable up to 100 % in 14:00-22:00 local, energy taken back in the same window.
 
 The default horizon is 24 h x 15 min from local noon, so the evening peak, the EV
-sessions and both PV middays lie inside it.
+sessions and both PV middays lie inside it. A longer horizon (``n_steps``) gives every EV
+customer one session per night (ids ``ev_<load>_n<k>`` after the first night, drawn
+from their own generator so the first night's draws do not change).
 """
 
 from __future__ import annotations
@@ -140,6 +142,26 @@ def generate_scenario(model: FeederModel, config: ScenarioConfig | None = None
         e_need = min(float(rng.uniform(8, 25)), 0.9 * rate * 0.92 * hours)
         ev.append(EVSession(f"ev_{tag(ld)}", _connection(ld), arr, dep, round(e_need, 3), rate))
         rows.append((ev[-1].der_id, "ev", ld.name, ld.bus, rate, e_need))
+    # later nights of a multi-day horizon: one more session per EV customer and night,
+    # drawn from their own generator so the first night's draws never change
+    rng_ev = np.random.default_rng(cfg.seed + 11)
+    first = list(ev)
+    night = 1
+    while day0 + timedelta(days=night, hours=17) < h.end:
+        for e0 in first:
+            arr = day0 + timedelta(days=night, hours=float(rng_ev.uniform(17, 20)))
+            dep = day0 + timedelta(days=night + 1, hours=float(rng_ev.uniform(6, 8)))
+            arr = h.start + h.step * h.step_at(arr, ceil=True)
+            dep = h.start + h.step * h.step_at(dep, ceil=False)
+            if arr >= h.end:
+                continue
+            hours = (dep - arr).total_seconds() / 3600
+            e_need = min(float(rng_ev.uniform(8, 25)), 0.9 * e0.p_max_kw * 0.92 * hours)
+            ev.append(EVSession(f"{e0.der_id}_n{night}", e0.connection, arr, dep,
+                                round(e_need, 3), e0.p_max_kw))
+            rows.append((ev[-1].der_id, "ev", rows[[r[0] for r in rows].index(e0.der_id)][2],
+                         e0.connection.bus, e0.p_max_kw, e_need))
+        night += 1
     flex = []
     for i in _pick(rng, len(loads), cfg.flex_penetration):
         ld = loads[i]

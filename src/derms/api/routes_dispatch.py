@@ -1,0 +1,101 @@
+"""Dispatch planning on demand: ``POST /dispatch/plan`` (operate scope).
+
+Thin: the body names a bundled feeder and a seeded scenario; the work is
+:func:`derms.reports.dispatch_outputs.run_dispatch_study` (the same as ``derms dispatch``),
+run in the threadpool. The answer is the study's summary, its DERs and the optimised
+schedule as columns (``der_id, kind, timestamp, p_kw, q_kvar, soc_frac, curtail_kw``;
+net import, consumption positive; timestamps UTC ISO 8601, interval starts), a page of
+at most ``schedule_limit`` rows from ``schedule_offset``. No plan meeting the
+constraints → 422 problem+json (type ``infeasible``) naming what binds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from derms.api.auth import Principal, require
+from derms.api.problems import Problem
+from derms.errors import InfeasibleError, InputError
+
+router = APIRouter(tags=["dispatch"])
+
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class PlanBody(BaseModel):
+    """A dispatch study request. Penetrations are shares of the feeder's customers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feeder: Literal["ieee13", "ieee123", "ieee8500"] = Field(
+        description="Bundled feeder name.")
+    pv_penetration: Share = 0.3
+    battery_penetration: Share = 0.25
+    ev_penetration: Share = 0.2
+    seed: int = Field(1, ge=0, le=2**31 - 1)
+    horizon: str = Field("24h", description="Planning horizon, e.g. 24h (whole steps).")
+    step: str = Field("15min", description="Interval length, e.g. 15min or 1h.")
+    policy: Literal["cost_minimal", "equal_proportional", "proportional_to_capacity"] = \
+        "cost_minimal"
+    export_limit_kw: float | None = Field(
+        None, allow_inf_nan=False,
+        description="Largest substation export [kW]: head import >= -X (a negative X asks "
+                    "for a minimum import). None: no limit.")
+    forecast: Literal["noisy", "perfect"] = "noisy"
+    schedule_offset: int = Field(0, ge=0)
+    schedule_limit: int = Field(5000, ge=0, le=100_000)
+
+
+def _clean(values: list) -> list:
+    """NaN -> None (JSON)."""
+    return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
+
+
+def _plan(body: PlanBody) -> dict[str, Any]:
+    from derms.dispatch.plan import ObjectiveConfig
+    from derms.reports.dispatch_outputs import (
+        ders_table,
+        parse_horizon,
+        replace_nan,
+        run_dispatch_study,
+        schedule_table,
+    )
+    from derms.studies.dispatch_scenario import ScenarioConfig
+
+    step, n_steps = parse_horizon(body.horizon, body.step)
+    cfg = ScenarioConfig(pv_penetration=body.pv_penetration,
+                         battery_penetration=body.battery_penetration,
+                         ev_penetration=body.ev_penetration, seed=body.seed, step=step,
+                         n_steps=n_steps)
+    objective = ObjectiveConfig(export_limit_kw=body.export_limit_kw,
+                                curtailment_policy=body.policy)
+    study = run_dispatch_study(body.feeder, cfg, objective, forecast=body.forecast)
+    sched = schedule_table(study.optimised.schedule)
+    page = sched.iloc[body.schedule_offset: body.schedule_offset + body.schedule_limit]
+    ders = ders_table(study.scenario)
+    return {
+        "summary": replace_nan(study.summary),
+        "ders": [replace_nan(r) for r in ders.to_dict(orient="records")],
+        "schedule": {"total": len(sched), "offset": body.schedule_offset,
+                     "limit": body.schedule_limit, "rows": len(page),
+                     **{c: _clean(page[c].tolist()) for c in page.columns}},
+    }
+
+
+@router.post("/dispatch/plan")
+async def post_dispatch_plan(request: Request, body: PlanBody,
+                             principal: Annotated[Principal, Depends(require("operate"))]
+                             ) -> dict[str, Any]:
+    """Plan a seeded dispatch scenario on a bundled feeder and verify it on the AC model:
+    the summary (peaks [kW], violation counts, timings [s]), the DERs and a page of the
+    optimised schedule."""
+    try:
+        return await request.app.state.engine_pool.run(_plan, body)
+    except InfeasibleError as exc:
+        raise Problem(422, str(exc), type_="infeasible") from None
+    except InputError as exc:
+        raise Problem(422, str(exc), errors=[{"field": "body", "detail": str(exc)}]) from None

@@ -1,0 +1,349 @@
+"""Rolling (receding-horizon) re-planning with forecasts, executed against the truth.
+
+:func:`run_rolling` walks through ``days`` simulated days. At every re-plan origin
+(every ``replan_every``) the optimiser sees, for the next ``lookahead`` (default 24 h):
+
+* forecasts of the non-DER head import (customer load + losses) and of every PV's
+  available power, and of the energy of EV sessions that have not arrived yet;
+* the actual state: battery energy and the energy each EV session has received so far
+  (sessions that are plugged in are known exactly: declared need and departure).
+
+It keeps one HiGHS model (:meth:`Planner.update`: bounds and costs change in place, warm
+start; the peak already reached is a lower bound of the plan's peak), then *executes*
+the first interval(s) with the actual load and PV: EVs follow the plan (charge capped at
+what the session still needs), a PV output the plan curtails is capped at the planned
+value, otherwise it produces its actual available power; batteries follow the plan plus
+a real-time correction (:func:`_correct`) that holds the metered head import at the
+plan's peak target (less charging / more discharging when above it, within power and
+energy; planned discharge given back when below it). The executed schedule is simulated once on the AC model at the end.
+
+Forecast "noisy" (:class:`NoisyForecast`): truth x (1 + e_k), ``e_k`` an AR(1) path in the
+lead time ``k`` (``e_0 ~ N(0, s^2)``, ``e_k = phi e_{k-1} + N(0, s^2)``,
+``s = sigma sqrt(1 - phi^2)``), so the error's standard deviation grows with the lead
+from ``sigma sqrt(1 - phi^2)`` to ``sigma``; one path per origin for the feeder's load and
+one for all PV (weather errors are common), fresh draws at each origin (seeded). EV
+sessions not yet plugged in: energy x (1 + N(0, ev_sigma^2)), clipped to what the session
+can take. "perfect": the truth. A callable ``f(k0, n, truth) -> (head0_kw (n,),
+pv_avail_kw (n, n_pv))`` gives custom forecasts for intervals ``[k0, k0 + n)``.
+
+Network rows are centred on the AC solve of the uncontrolled schedule with the actual
+load (the state an estimator would give; only the objective and the DER bounds see the
+forecasts); the executed schedule's violations come from the final AC simulation.
+
+Peaks (head import [kW], import positive) are over the executed ``days``: uncontrolled,
+rule-based (:func:`~derms.dispatch.baselines.rule_based_peak_shaving`, threshold 0.9 x the
+uncontrolled peak), perfect foresight (one plan over the whole scenario horizon with the
+actual data, AC-verified) and the executed rolling schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+
+from derms.analysis.constraints import detect_violations
+from derms.der.models import Fleet, Horizon, fleet_arrays
+from derms.dispatch import baselines
+from derms.dispatch.lp import INF
+from derms.dispatch.network import NetworkLimits, Reference
+from derms.dispatch.plan import ObjectiveConfig, Planner, Schedule, uncontrolled_schedule
+from derms.dispatch.verify import ACNetwork, plan_and_verify
+from derms.errors import InfeasibleError, InputError
+
+log = logging.getLogger(__name__)
+
+ForecastFn = Callable[[int, int, "Truth"], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class NoisyForecast:
+    """AR(1) relative forecast errors (see module docstring). ``phi`` per 15 min."""
+
+    load_sigma: float = 0.10
+    pv_sigma: float = 0.25
+    ev_sigma: float = 0.20
+    phi: float = 0.95
+
+    def path(self, rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
+        """One AR(1) error path of ``n`` leads (std grows to ``sigma``)."""
+        s = sigma * np.sqrt(1 - self.phi**2)
+        eta = rng.normal(0.0, s, n)
+        k = np.arange(n)
+        # e_k = sum_j phi^(k-j) eta_j, vectorised as a lower-triangular product
+        w = np.tril(self.phi ** np.maximum(k[:, None] - k[None, :], 0))
+        return w @ eta
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What actually happens over the scenario horizon: non-DER head import ``head0_kw``
+    (N,) [kW, customer load + losses of the uncontrolled AC solve] and available PV power
+    ``pv_avail_kw`` (N, n_pv)."""
+
+    head0_kw: np.ndarray
+    pv_avail_kw: np.ndarray
+
+
+@dataclass
+class RollingResult:
+    """Outcome of :func:`run_rolling`. Schedules are (n_exec, n_der), fleet order, net
+    import (consumption positive); ``e_kwh`` battery energy at the end of each interval.
+    ``soc0_frac_at_replan`` (n_replans, n_bat) and ``ev_delivered_kwh_at_replan``
+    (n_replans, n_ev) are the actual states each re-plan started from."""
+
+    executed: Schedule
+    peak_kw: float
+    peak_perfect_kw: float
+    peak_uncontrolled_kw: float
+    peak_rule_based_kw: float
+    replan_s: list[float]
+    n_replans: int
+    violations: dict[str, int]
+    violations_uncontrolled: dict[str, int]
+    head_kw: np.ndarray
+    soc0_frac_at_replan: np.ndarray
+    ev_delivered_kwh_at_replan: np.ndarray
+    forecast: str
+    fallbacks: int = 0
+    timing_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reduction_ratio(self) -> float:
+        """(uncontrolled - executed) / (uncontrolled - perfect foresight) peak reduction."""
+        den = self.peak_uncontrolled_kw - self.peak_perfect_kw
+        return (self.peak_uncontrolled_kw - self.peak_kw) / den if den > 0 else float("nan")
+
+
+def _steps(td, step) -> int:
+    n = pd.Timedelta(td) / pd.Timedelta(step)
+    if n < 1 or abs(n - round(n)) > 1e-9:
+        raise InputError(f"{td} is not a whole number (>= 1) of {step} intervals")
+    return round(n)
+
+
+def _window_fleet(fleet: Fleet, k0: int, n: int, pv_kw: np.ndarray, e_kwh: np.ndarray,
+                  ev_need_kwh: np.ndarray) -> Fleet:
+    """The fleet over ``[k0, k0 + n)`` with forecasts, actual battery energy and EV needs."""
+    h = fleet.horizon
+    hw = Horizon(h.start + k0 * h.step, h.step, n)
+    bats = tuple(replace(b, soc0_frac=float(np.clip(e_kwh[j] / b.e_max_kwh,
+                                                    b.e_min_kwh / b.e_max_kwh,
+                                                    b.soc_max_frac)),
+                         soc_end_min_frac=(b.soc0_frac if b.soc_end_min_frac is None
+                                           else b.soc_end_min_frac))
+                 for j, b in enumerate(fleet.batteries))
+    evs = tuple(replace(e, e_needed_kwh=float(ev_need_kwh[j])) for j, e in enumerate(fleet.evs))
+    flex = tuple(replace(f, p_base_kw=f.p_base_kw[k0:k0 + n]) for f in fleet.flex)
+    pv = tuple(replace(p, p_avail_kw=pv_kw[:, j]) for j, p in enumerate(fleet.pv))
+    return replace(fleet, horizon=hw, pv=pv, batteries=bats, evs=evs, flex=flex,
+                   requests=())
+
+
+def _slice_ref(ref: Reference, k0: int, n: int, head0_kw: np.ndarray) -> Reference:
+    p = ref.p_kw[k0:k0 + n]
+    return Reference(p, ref.q_kvar[k0:k0 + n], ref.v_pu[k0:k0 + n], ref.i_a[k0:k0 + n],
+                     head0_kw + p.sum(axis=1))
+
+
+def _slice_limits(lim: NetworkLimits, k0: int, n: int) -> NetworkLimits:
+    return NetworkLimits(lim.v_max[k0:k0 + n], lim.v_min[k0:k0 + n], lim.i_max[k0:k0 + n],
+                         lim.node_ok)
+
+
+def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = None, *,
+                forecast: str | ForecastFn = "noisy", replan_every="15min", days: float = 3,
+                seed: int = 0, lookahead="24h",
+                noise: NoisyForecast | None = None, sunk_peak: bool = True
+                ) -> RollingResult:
+    """Re-plan every ``replan_every`` over ``days`` days and execute (module docstring).
+
+    ``ac``/``scenario`` from :func:`~derms.studies.dispatch_scenario.open_dispatch_case`
+    with a horizon of at least ``days + lookahead`` (e.g. ``ScenarioConfig(n_steps=
+    96 * (days + 1))``). Raises :class:`InputError` when it is shorter.
+    """
+    objective = objective or ObjectiveConfig()
+    noise = noise or NoisyForecast()
+    t_all = time.perf_counter()
+    fleet = ac.fleet
+    h = fleet.horizon
+    N, dt = h.n_steps, h.dt_h
+    k_re = _steps(replan_every, h.step)
+    W = _steps(lookahead, h.step)
+    n_exec = _steps(pd.Timedelta(days=days), h.step)
+    if n_exec + W > N:
+        raise InputError(f"scenario horizon has {N} intervals; rolling over {n_exec} with a "
+                         f"{W}-interval lookahead needs {n_exec + W} (set ScenarioConfig."
+                         "n_steps)")
+    a = fleet_arrays(fleet)
+    unc = uncontrolled_schedule(fleet)
+    ref_u, res_u = ac.reference(unc)
+    truth = Truth(ref_u.head_kw - unc.p_kw.sum(axis=1), a.pv_avail_kw)
+    n_pv, n_bat, n_ev = len(fleet.pv), len(fleet.batteries), len(fleet.evs)
+    ev_e = np.array([e.e_needed_kwh for e in fleet.evs])
+    ev_arr = np.array([h.step_at(e.arrival, ceil=True) for e in fleet.evs], dtype=int)
+    ev_dep = np.array([h.step_at(e.departure, ceil=False) for e in fleet.evs], dtype=int)
+    ev_pmax, ev_eta = a.ev_p_max_kw, a.ev_eta
+    q_cap = a.pv_q_max_kvar
+
+    def fc(k0: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if callable(forecast):
+            h0, pv = forecast(k0, W, truth)
+            return np.asarray(h0, float), np.asarray(pv, float), np.zeros(n_ev)
+        h0, pv = truth.head0_kw[k0:k0 + W], truth.pv_avail_kw[k0:k0 + W]
+        if forecast == "perfect":
+            return h0, pv, np.zeros(n_ev)
+        if forecast != "noisy":
+            raise InputError(f"forecast must be 'noisy', 'perfect' or a callable, got "
+                             f"{forecast!r}")
+        e_l = noise.path(rng, W, noise.load_sigma)
+        e_p = noise.path(rng, W, noise.pv_sigma)
+        s_kva = a.pv_s_kva[None, :]
+        return (h0 * (1 + e_l), np.clip(pv * (1 + e_p)[:, None], 0.0, s_kva),
+                rng.normal(0.0, noise.ev_sigma, n_ev))
+
+    e_kwh = a.bat_e0_kwh.copy()
+    bmax = np.array([b.e_max_kwh for b in fleet.batteries], dtype=float)  # nameplate
+    done = np.zeros(n_ev)
+    n_der = len(fleet.ders)
+    P, Q = np.zeros((n_exec, n_der)), np.zeros((n_exec, n_der))
+    pv_x, ch_x, dis_x = np.zeros((n_exec, n_pv)), np.zeros((n_exec, n_bat)), np.zeros((n_exec,
+                                                                                        n_bat))
+    e_x, ev_x = np.zeros((n_exec, n_bat)), np.zeros((n_exec, n_ev))
+    n_fl = len(fleet.flex)
+    sh_x, rb_x = np.zeros((n_exec, n_fl)), np.zeros((n_exec, n_fl))
+    gen_x = np.broadcast_to(a.gen_p_min_kw, (n_exec, a.gen_p_min_kw.size)).copy()
+    planner: Planner | None = None
+    replan_s, soc_log, ev_log = [], [], []
+    fallbacks = 0
+    grid = None
+    peak_so_far = -np.inf
+    for k0 in range(0, n_exec, k_re):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([seed, k0])
+        h0_fc, pv_fc, ev_err = fc(k0, rng)
+        # EV needs: plugged-in or past sessions known; future ones forecast
+        future = ev_arr > k0
+        need = np.where(future, ev_e * (1 + ev_err), ev_e) - done
+        start = np.maximum(ev_arr, k0)
+        can = ev_pmax * ev_eta * dt * np.maximum(ev_dep - start, 0)
+        need = np.clip(need, 0.0, 0.999 * can)
+        soc_log.append(e_kwh / bmax)
+        ev_log.append(done.copy())
+        fw = _window_fleet(fleet, k0, W, pv_fc, e_kwh, need)
+        ref_w = _slice_ref(ref_u, k0, W, h0_fc)
+        lim_w = _slice_limits(ac.net_limits, k0, W)
+        try:
+            if planner is None:
+                grid = ac.grid_context(ref_u)
+                grid = replace(grid, limits=lim_w, uncontrolled=ref_w)
+                planner = Planner(fw, grid, objective)
+            else:
+                planner.update(fw, ref_w, limits=lim_w)
+            if k0 and sunk_peak:  # the peak already reached is sunk: plan no lower than it
+                planner.lp.set_col_bounds(np.array([planner.lay.z]), np.array([peak_so_far]),
+                                          np.array([INF]))
+            x = planner.solve_linear()
+            s = planner.schedule()
+            target = float(x[planner.lay.z])
+        except InfeasibleError as err:  # keep going: this block runs uncontrolled
+            log.warning("rolling k0=%d infeasible, block runs uncontrolled: %s", k0, err)
+            fallbacks += 1
+            s = uncontrolled_schedule(fw)
+            target = float("inf")
+        replan_s.append(time.perf_counter() - t0)
+        for k in range(min(k_re, n_exec - k0)):  # execute with the actual data
+            t = k0 + k
+            avail = truth.pv_avail_kw[t]
+            curtailed = s.pv_kw[k] < pv_fc[k] - 1e-6
+            pv = np.where(curtailed, np.minimum(avail, s.pv_kw[k]), avail)
+            q_pv = np.clip(s.q_kvar[k, :n_pv], -q_cap[t], q_cap[t])
+            ch, dis = s.charge_kw[k].copy(), s.discharge_kw[k].copy()
+            if n_bat and np.isfinite(target):  # real-time correction toward the target
+                ev_plan = np.where((ev_arr <= t) & (t < ev_dep), s.ev_kw[k], 0.0)
+                head = (truth.head0_kw[t] - pv.sum() + (ch - dis).sum() + ev_plan.sum()
+                        + (a.flex_base_kw[t] - s.shed_kw[k] + s.rebound_kw[k]).sum())
+                ch, dis = _correct(head - target, ch, dis, e_kwh, a, dt)
+            e_kwh = np.clip(e_kwh + (a.bat_eta_ch * ch - dis / a.bat_eta_dis) * dt,
+                            a.bat_e_min_kwh, a.bat_e_max_kwh)
+            plugged = (ev_arr <= t) & (t < ev_dep)
+            ev = np.where(plugged, np.minimum(s.ev_kw[k], np.maximum(ev_e - done, 0.0)
+                                              / (ev_eta * dt)), 0.0)
+            done = done + ev * ev_eta * dt
+            pv_x[t], ch_x[t], dis_x[t], e_x[t], ev_x[t] = pv, ch, dis, e_kwh, ev
+            sh_x[t], rb_x[t] = s.shed_kw[k], s.rebound_kw[k]
+            fl = a.flex_base_kw[t] - s.shed_kw[k] + s.rebound_kw[k]
+            P[t] = np.r_[-pv, ch - dis, ev, fl, -gen_x[t]]
+            peak_so_far = max(peak_so_far, truth.head0_kw[t] + P[t].sum())
+            Q[t, :n_pv] = q_pv
+    t_ac = time.perf_counter()
+    p_full, q_full = unc.p_kw.copy(), unc.q_kvar.copy()
+    p_full[:n_exec], q_full[:n_exec] = P, Q
+    res_x = ac.simulate(p_full, q_full)
+    head_x = res_x.head_p_kw.sum(axis=1)[:n_exec]
+    ac_s = time.perf_counter() - t_ac
+
+    viol_x = _counts(ac, res_x, n_exec)
+    viol_u = _counts(ac, res_u, n_exec)
+    head_u = ref_u.head_kw[:n_exec]
+    t_pf = time.perf_counter()
+    pf = plan_and_verify(ac, objective, uncontrolled=(ref_u, res_u))
+    pf_s = time.perf_counter() - t_pf
+    rb = baselines.rule_based_peak_shaving(fleet, ref_u.head_kw, 0.9 * head_u.max())
+    res_rb = ac.simulate(rb.p_kw, rb.q_kvar)
+    fx = replace(fleet, horizon=Horizon(h.start, h.step, n_exec), requests=(),
+                 pv=tuple(replace(p, p_avail_kw=p.p_avail_kw[:n_exec]) for p in fleet.pv),
+                 flex=tuple(replace(f, p_base_kw=f.p_base_kw[:n_exec]) for f in fleet.flex))
+    ex = Schedule(fx, P, Q, pv_x,
+                  truth.pv_avail_kw[:n_exec] - pv_x, ch_x, dis_x, e_x, ev_x, sh_x, rb_x, gen_x)
+    return RollingResult(
+        executed=ex, peak_kw=float(head_x.max()),
+        peak_perfect_kw=float(pf.result.head_p_kw.sum(axis=1)[:n_exec].max()),
+        peak_uncontrolled_kw=float(head_u.max()),
+        peak_rule_based_kw=float(res_rb.head_p_kw.sum(axis=1)[:n_exec].max()),
+        replan_s=replan_s, n_replans=len(replan_s), violations=viol_x,
+        violations_uncontrolled=viol_u, head_kw=head_x,
+        soc0_frac_at_replan=np.array(soc_log).reshape(len(soc_log), n_bat),
+        ev_delivered_kwh_at_replan=np.array(ev_log).reshape(len(ev_log), n_ev),
+        forecast=forecast if isinstance(forecast, str) else "callable", fallbacks=fallbacks,
+        timing_s={"total_s": time.perf_counter() - t_all, "ac_executed_s": ac_s,
+                  "perfect_foresight_s": pf_s, "replan_mean_s": float(np.mean(replan_s)),
+                  "replan_max_s": float(np.max(replan_s))},
+    )
+
+
+def _correct(excess_kw: float, ch: np.ndarray, dis: np.ndarray, e_kwh: np.ndarray, a,
+             dt: float) -> tuple[np.ndarray, np.ndarray]:
+    """Real-time battery correction of one interval: when the metered head import would
+    exceed the plan's peak target by ``excess_kw`` > 0, charge less and discharge more
+    (shared by headroom, within power and energy); when it is below the target, give
+    back planned discharge (never beyond it) to keep the energy for later."""
+    if excess_kw > 0:
+        cut = np.minimum(ch, excess_kw * ch / max(ch.sum(), 1e-12))
+        ch = ch - cut
+        left = excess_kw - cut.sum()
+        room = np.minimum(a.bat_p_max_kw - dis,
+                          np.maximum((e_kwh - a.bat_e_min_kwh) * a.bat_eta_dis / dt - dis, 0))
+        room = np.maximum(room, 0.0)
+        if left > 0 and room.sum() > 0:
+            dis = dis + room * min(1.0, left / room.sum())
+    elif excess_kw < 0 and dis.sum() > 0:
+        give = min(-excess_kw, dis.sum())
+        dis = dis - dis * (give / dis.sum())
+    return ch, dis
+
+
+def _counts(ac: ACNetwork, res, n: int) -> dict[str, int]:
+    """Violation counts (DESIGN.md, pre-existing held to the base case) of ``res`` over
+    its first ``n`` intervals."""
+    ix, b = res.index, ac.base_result
+    rep = detect_violations(
+        res.t[:n], res.dt_h, v_pu=res.v_pu[:n], node_names=ix.node_bus,
+        node_phases=ix.node_phase, loading_pct=res.loading_pct()[:n],
+        branch_names=ix.branch_element, branch_phases=ix.branch_phase, limits=ac.limits,
+        base_v_pu=b.v_pu[:n], base_loading_pct=b.loading_pct()[:n])
+    return {k: int(v) for k, v in rep.counts.items()}

@@ -1,0 +1,125 @@
+"""``derms dispatch`` through its Typer app (registered in main.py by the lead): real IEEE 123
+feeder, real OpenDSS, real files; bad input and infeasible plans exit 2 with a message."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from derms.cli.dispatch_cmd import app
+
+runner = CliRunner()
+SUMMARY_KEYS = ("peak_uncontrolled_kw", "peak_rule_based_kw", "peak_optimised_kw",
+                "peak_perfect_foresight_kw", "violations_uncontrolled", "violations_optimised",
+                "solve_s", "ac_verify_s", "n_controllable_ders")
+
+
+def _run(*args) -> tuple[int, str]:
+    res = runner.invoke(app, [str(a) for a in args])
+    return res.exit_code, " ".join(res.output.split())
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dispatch")
+    code, text = _run("ieee123", "--horizon", "12h", "--step", "30min", "--seed", "1",
+                      "--policy", "equal_proportional", "--out", path)
+    assert code == 0, text
+    assert "report:" in text and "peak kW" in text
+    return path
+
+
+def test_summary(out):
+    s = json.loads((out / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert key in s and s[key] is not None, key
+    assert s["n_steps"] == 24 and s["step_s"] == 1800 and s["curtailment_policy"] == \
+        "equal_proportional"
+    assert s["n_controllable_ders"] == s["n_pv"] + s["n_battery"] + s["n_ev"] > 0
+    assert s["violations_optimised"] == 0
+    assert s["peak_optimised_kw"] <= s["peak_uncontrolled_kw"] + 1e-6
+    assert s["horizon_start"].endswith("Z")
+    if s["optimised_mode"] == "perfect_foresight":
+        assert s["peak_optimised_kw"] == s["peak_perfect_foresight_kw"]
+
+
+def test_tables(out):
+    s = json.loads((out / "summary.json").read_text())
+    n, T = s["n_controllable_ders"], s["n_steps"]
+    ders = pd.read_csv(out / "ders.csv")
+    assert len(ders) == n and ders["der_id"].is_unique
+    assert {"der_id", "kind", "bus", "phases", "p_max_kw", "e_max_kwh"} <= set(ders.columns)
+    assert (ders.loc[ders["kind"] == "battery", "e_max_kwh"] > 0).all()
+    for name in ("schedule", "schedule_rule_based", "schedule_uncontrolled"):
+        sched = pd.read_csv(out / f"{name}.csv")
+        assert list(sched.columns[:3]) == ["der_id", "kind", "timestamp"]
+        assert {"p_kw", "q_kvar", "soc_frac"} <= set(sched.columns)
+        assert len(sched) == n * T
+        assert sched["timestamp"].str.endswith("Z").all()
+        soc = sched.loc[sched["kind"] == "battery", "soc_frac"]
+        assert soc.between(0.0, 1.0).all()
+        assert sched.loc[sched["kind"] != "battery", "soc_frac"].isna().all()
+    # PV net import is export (<= 0): the DESIGN sign convention
+    pv = pd.read_csv(out / "schedule.csv").query("kind == 'pv'")
+    assert (pv["p_kw"] <= 1e-9).all()
+    head = pd.read_csv(out / "head.csv")
+    assert np.isclose(head["p_uncontrolled_kw"].max(), s["peak_uncontrolled_kw"])
+    assert np.isclose(head["p_optimised_kw"].max(), s["peak_perfect_foresight_kw"])
+    moves = pd.read_csv(out / "ledger_moves.csv")
+    assert {"timestamp", "der_id", "delta_kw", "reason"} <= set(moves.columns) and len(moves)
+    assert set(moves["der_id"]) <= set(ders["der_id"])
+    assert len(pd.read_csv(out / "ledger_binding.csv"))
+    readme = (out / "README.md").read_text()
+    assert "import (consumption) is positive" in readme and "schedule.csv" in readme
+
+
+def test_report_and_opendss_set(out):
+    html = (out / "report.html").read_text()
+    for text in ("Substation import", "Battery state of charge", "EV charging",
+                 "Curtailment per PV", "Ledger: per interval", "Ledger: cumulative per DER"):
+        assert text in html, text
+    assert "<script src=" not in html  # self-contained
+    for name in ("run_uncontrolled.dss", "run_optimised.dss", "apply_schedule.dss",
+                 "der_elements.dss", "settings.dss", "customer_shapes.dss"):
+        assert (out / "opendss" / name).is_file(), name
+    assert any((out / "opendss" / "feeder").rglob("*.dss"))
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--pv", "1.5"], "--pv"),
+    (["--horizon", "25min"], "whole number"),
+    (["--step", "fortnight"], "--step"),
+    (["--policy", "random"], "random"),
+    (["--horizon", "30d", "--step", "1h"], "--horizon"),
+    (["--pv", "0", "--battery", "0", "--ev", "0"], "nothing to dispatch"),
+])
+def test_bad_input_exits_2(tmp_path, args, fragment):
+    code, text = _run("ieee123", *args, "--out", tmp_path)
+    assert code == 2, text
+    assert fragment in text and "Traceback" not in text
+
+
+def test_missing_feeder_exits_2(tmp_path):
+    code, text = _run(tmp_path / "nosuch.dss", "--out", tmp_path / "o")
+    assert code == 2 and "not found" in text
+
+
+def test_infeasible_exits_2_with_explanation(tmp_path):
+    code, text = _run("ieee13", "--horizon", "6h", "--step", "1h", "--export-limit-kw",
+                      "-20000", "--out", tmp_path)
+    assert code == 2, text
+    assert "no dispatch meets every constraint" in text and "export_limit" in text
+
+
+def test_non_empty_out_needs_force(tmp_path):
+    (tmp_path / "old.txt").write_text("x")
+    code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--out", tmp_path)
+    assert code == 2 and "--force" in text
+    code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--force", "--out",
+                      tmp_path)
+    assert code == 0, text
+    assert not (tmp_path / "old.txt").exists() and (tmp_path / "summary.json").is_file()
