@@ -95,8 +95,14 @@ def main() -> None:
     engine.close()
     # rolling re-plans over `--days` days with forecasts (hourly), against the baselines
     engine, sc3, ac3 = open_dispatch_case(master, ScenarioConfig(n_steps=96 * (args.days + 1)))
-    for fc in ("perfect", "noisy"):
-        r = run_rolling(ac3, sc3, ObjectiveConfig(), forecast=fc, replan_every="1h",
+    from derms.grid.opendss_import import read_feeder
+    from derms.studies.dispatch_forecast import model_forecast
+
+    model_fc = model_forecast(read_feeder(ac3.engine.ctx, ac3.engine.source_master),
+                              ScenarioConfig(n_steps=96 * (args.days + 1)))
+    for fc in ("perfect", "noisy", "model"):
+        r = run_rolling(ac3, sc3, ObjectiveConfig(), forecast=model_fc if fc == "model" else fc,
+                        replan_every="1h",
                         days=args.days, seed=0)
         out[f"rolling_{fc}"] = {
             "days": args.days, "replans": r.n_replans, "peak_uncontrolled_kw": r.peak_uncontrolled_kw,

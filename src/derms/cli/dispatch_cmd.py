@@ -42,6 +42,7 @@ class ForecastChoice(str, Enum):
     """Knowledge of PV and load the optimised case plans with."""
 
     noisy = "noisy"
+    model = "model"
     perfect = "perfect"
 
 
@@ -69,8 +70,9 @@ def dispatch(
         "--export-limit-kw", help="Largest export at the substation [kW] (head import >= "
                                   "-X). Default: none.")] = None,
     forecast: Annotated[ForecastChoice, typer.Option(
-        help="'noisy': the optimised case re-plans with forecasts (when available); "
-             "'perfect': plan with perfect knowledge.")] = ForecastChoice.noisy,
+        help="'noisy': the optimised case re-plans hourly with noisy forecasts (AR(1) "
+             "errors); 'model': with derms's own load forecasts; 'perfect': one plan with "
+             "perfect knowledge.")] = ForecastChoice.noisy,
     force: ForceOpt = False,
 ) -> None:
     """Plan the DERs' dispatch within voltage and thermal limits, verify it on the AC

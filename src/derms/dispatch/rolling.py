@@ -15,7 +15,8 @@ what the session still needs), a PV output the plan curtails is capped at the pl
 value, otherwise it produces its actual available power; batteries follow the plan plus
 a real-time correction (:func:`_correct`) that holds the metered head import at the
 plan's peak target (less charging / more discharging when above it, within power and
-energy; planned discharge given back when below it). The executed schedule is simulated once on the AC model at the end.
+energy; planned discharge given back when below it), and EV charging above the target is
+deferred where the session can still finish by departure (:func:`_defer_ev`). The executed schedule is simulated once on the AC model at the end.
 
 Forecast "noisy" (:class:`NoisyForecast`): truth x (1 + e_k), ``e_k`` an AR(1) path in the
 lead time ``k`` (``e_0 ~ N(0, s^2)``, ``e_k = phi e_{k-1} + N(0, s^2)``,
@@ -158,13 +159,18 @@ def _slice_limits(lim: NetworkLimits, k0: int, n: int) -> NetworkLimits:
 def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = None, *,
                 forecast: str | ForecastFn = "noisy", replan_every="15min", days: float = 3,
                 seed: int = 0, lookahead="24h",
-                noise: NoisyForecast | None = None, sunk_peak: bool = True
-                ) -> RollingResult:
+                noise: NoisyForecast | None = None, sunk_peak: bool = True,
+                valley_price: float = 0.01) -> RollingResult:
     """Re-plan every ``replan_every`` over ``days`` days and execute (module docstring).
 
     ``ac``/``scenario`` from :func:`~derms.studies.dispatch_scenario.open_dispatch_case`
     with a horizon of at least ``days + lookahead`` (e.g. ``ScenarioConfig(n_steps=
     96 * (days + 1))``). Raises :class:`InputError` when it is shorter.
+    ``valley_price`` [per kWh, relative to the peak weight per kW]: a small price on head
+    import proportional to the forecast load, so that among plans with the same peak the
+    one that charges in the forecast valleys wins (a min-max plan is otherwise free to
+    charge anywhere below its target, and a forecast error then makes a new peak); 0
+    leaves it out.
     """
     objective = objective or ObjectiveConfig()
     noise = noise or NoisyForecast()
@@ -218,6 +224,9 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
     sh_x, rb_x = np.zeros((n_exec, n_fl)), np.zeros((n_exec, n_fl))
     gen_x = np.broadcast_to(a.gen_p_min_kw, (n_exec, a.gen_p_min_kw.size)).copy()
     planner: Planner | None = None
+    # a warm update keeps the LP's structure: not with group requests or a policy that
+    # ties PVs together per interval (their rows change with the window); then cold
+    warm = not fleet.requests and objective.curtailment_policy != "equal_proportional"
     replan_s, soc_log, ev_log = [], [], []
     fallbacks = 0
     grid = None
@@ -237,11 +246,17 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
         fw = _window_fleet(fleet, k0, W, pv_fc, e_kwh, need)
         ref_w = _slice_ref(ref_u, k0, W, h0_fc)
         lim_w = _slice_limits(ac.net_limits, k0, W)
+        obj_k = objective
+        if valley_price > 0:   # tie-break toward charging where the forecast load is low
+            w = objective.weights
+            price = valley_price * h0_fc / max(float(np.mean(np.abs(h0_fc))), 1e-9)
+            obj_k = replace(objective, weights=replace(w, price_per_kwh=price))
+            if planner is not None:
+                planner.objective = obj_k
         try:
-            if planner is None:
-                grid = ac.grid_context(ref_u)
-                grid = replace(grid, limits=lim_w, uncontrolled=ref_w)
-                planner = Planner(fw, grid, objective)
+            if planner is None or not warm:
+                grid = replace(ac.grid_context(ref_u), limits=lim_w, uncontrolled=ref_w)
+                planner = Planner(fw, grid, obj_k)
             else:
                 planner.update(fw, ref_w, limits=lim_w)
             if k0 and sunk_peak:  # the peak already reached is sunk: plan no lower than it
@@ -273,6 +288,11 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
             plugged = (ev_arr <= t) & (t < ev_dep)
             ev = np.where(plugged, np.minimum(s.ev_kw[k], np.maximum(ev_e - done, 0.0)
                                               / (ev_eta * dt)), 0.0)
+            if np.isfinite(target) and ev.sum() > 0:  # defer EV charging above the target
+                head = (truth.head0_kw[t] - pv.sum() + (ch - dis).sum() + ev.sum()
+                        + (a.flex_base_kw[t] - s.shed_kw[k] + s.rebound_kw[k]).sum())
+                ev = _defer_ev(head - target, ev, ev_e - done, ev_dep - t - 1, ev_pmax,
+                               ev_eta, dt)
             done = done + ev * ev_eta * dt
             pv_x[t], ch_x[t], dis_x[t], e_x[t], ev_x[t] = pv, ch, dis, e_kwh, ev
             sh_x[t], rb_x[t] = s.shed_kw[k], s.rebound_kw[k]
@@ -321,7 +341,9 @@ def _correct(excess_kw: float, ch: np.ndarray, dis: np.ndarray, e_kwh: np.ndarra
     """Real-time battery correction of one interval: when the metered head import would
     exceed the plan's peak target by ``excess_kw`` > 0, charge less and discharge more
     (shared by headroom, within power and energy); when it is below the target, give
-    back planned discharge (never beyond it) to keep the energy for later."""
+    back planned discharge (never beyond it) to keep the energy for later. (Charging into
+    the headroom below a forecast-based target was tried and removed: with an
+    over-forecast the target sits above the actual peak and charging made a new one.)"""
     if excess_kw > 0:
         cut = np.minimum(ch, excess_kw * ch / max(ch.sum(), 1e-12))
         ch = ch - cut
@@ -335,6 +357,22 @@ def _correct(excess_kw: float, ch: np.ndarray, dis: np.ndarray, e_kwh: np.ndarra
         give = min(-excess_kw, dis.sum())
         dis = dis - dis * (give / dis.sum())
     return ch, dis
+
+
+def _defer_ev(excess_kw: float, ev_kw: np.ndarray, need_kwh: np.ndarray, steps_left: np.ndarray,
+              p_max_kw: np.ndarray, eta: np.ndarray, dt: float) -> np.ndarray:
+    """Real-time EV deferral of one interval: when the metered head import would exceed
+    the plan's peak target by ``excess_kw`` > 0, reduce the charging of sessions that can
+    still finish by departure at full rate afterwards (their laxity), most lax first in
+    proportion to what each can give. Never defers energy a session could no longer get."""
+    if excess_kw <= 0:
+        return ev_kw
+    later_kwh = np.maximum(steps_left, 0) * p_max_kw * eta * dt   # reachable after this one
+    must_kw = np.clip((need_kwh - later_kwh) / (eta * dt), 0.0, None)
+    give = np.maximum(ev_kw - must_kw, 0.0)
+    if give.sum() <= 0:
+        return ev_kw
+    return ev_kw - give * min(1.0, excess_kw / give.sum())
 
 
 def _counts(ac: ACNetwork, res, n: int) -> dict[str, int]:

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +41,7 @@ from derms.studies.dispatch_scenario import DispatchScenario, ScenarioConfig, op
 from derms.timeutil import parse_duration
 
 log = logging.getLogger(__name__)
-Forecast = Literal["noisy", "perfect"]
+Forecast = Literal["noisy", "model", "perfect"]
 RULE_BASED_THRESHOLD_FRAC = 0.9  # rule-based baseline discharges above 90 % of the peak
 MAX_STEPS = 7 * 96
 
@@ -123,15 +123,46 @@ def _rebase(ac, state) -> None:
                                    ac.limits)
 
 
-def _rolling_peak_kw(ac, scenario: DispatchScenario, objective: ObjectiveConfig,
-                     forecast: Forecast, seed: int) -> tuple[float | None, str]:
-    """Peak of the executed schedule of a rolling re-plan with forecasts, when
-    :mod:`derms.dispatch.rolling` exists; else ``(None, "perfect_foresight")``."""
+def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: int,
+             forecast: str = "noisy") -> tuple[float, str, dict[str, Any]]:
+    """Rolling hourly re-plans with noisy forecasts over the study horizon.
+
+    Runs on the same scenario drawn over twice the horizon (the second half is the
+    lookahead of the last re-plans; the first half is the study's horizon, same draws).
+    Returns the executed peak, the mode name and a summary block (its own uncontrolled
+    and perfect-foresight peaks over the same window, the reduction ratio, violations of
+    the executed schedule from the AC simulation, re-plan times).
+    """
+    from derms.dispatch.rolling import run_rolling
+
+    horizon = cfg.step * cfg.n_steps
+    long_cfg = replace(cfg, n_steps=2 * cfg.n_steps)
+    engine, scenario, ac = open_dispatch_case(path, long_cfg)
     try:
-        from derms.dispatch.rolling import run_rolling  # noqa: F401 - optional, in progress
-    except ImportError:
-        return None, "perfect_foresight"
-    return None, "perfect_foresight"  # wired by the lead once run_rolling is final
+        fc: Any = forecast
+        if forecast == "model":
+            from derms.grid.opendss_import import read_feeder
+            from derms.studies.dispatch_forecast import model_forecast
+
+            fc = model_forecast(read_feeder(engine.ctx, engine.source_master), long_cfg,
+                                lookahead=horizon)
+        r = run_rolling(ac, scenario, objective, forecast=fc, replan_every="1h",
+                        days=horizon / pd.Timedelta(days=1), lookahead=horizon, seed=seed)
+    finally:
+        engine.close()
+    label = {"noisy": "noisy (AR(1) relative errors, see derms.dispatch.rolling)",
+             "model": "derms.forecast LightGBM load forecast re-issued at each re-plan "
+                      "(see derms.studies.dispatch_forecast)"}[forecast]
+    info = {"forecast": label,
+            "replan_every": "1h", "n_replans": r.n_replans,
+            "peak_executed_kw": float(r.peak_kw), "peak_perfect_foresight_kw":
+            float(r.peak_perfect_kw), "peak_uncontrolled_kw": float(r.peak_uncontrolled_kw),
+            "peak_rule_based_kw": float(r.peak_rule_based_kw),
+            "reduction_ratio": float(r.reduction_ratio),
+            "violations_executed": int(r.violations.get("violations_voltage", 0)
+                                       + r.violations.get("violations_thermal", 0)),
+            "replan_s_median": float(np.median(r.replan_s)) if r.replan_s else None}
+    return float(r.peak_kw), f"rolling_{forecast}_forecast", info
 
 
 def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
@@ -178,11 +209,11 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         opt = _case(ac, vp.schedule, state)
         stage("ledger")
         ledger = build_ledger(vp.planner, vp.schedule, unc.schedule, opt.result)
-        rolling_peak, mode = None, "perfect_foresight"
-        if forecast == "noisy":
+        rolling_peak, mode, rolling_info = None, "perfect_foresight", None
+        if forecast in ("noisy", "model"):
             stage("rolling re-plan with forecasts")
-            rolling_peak, mode = _rolling_peak_kw(ac, scenario, objective, forecast,
-                                                  scenario_config.seed)
+            rolling_peak, mode, rolling_info = _rolling(path, scenario_config, objective,
+                                                        scenario_config.seed, forecast)
         paths: dict[str, Path] = {}
         if opendss_dir is not None:
             stage("write OpenDSS replay set")
@@ -197,6 +228,8 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         engine.close()
     summary = _summary(feeder, scenario, scenario_config, objective, unc, rb, opt, vp,
                        rolling_peak, mode, forecast)
+    if rolling_info is not None:
+        summary["rolling"] = rolling_info
     summary["master"] = str(master)
     summary["setup_s"] = setup_s
     summary["runtime_s"] = time.perf_counter() - t_start
