@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.data_formats import check_file
+
 COMMANDS = ["feeders", "model", "powerflow", "study"]
 
 
@@ -135,3 +137,6 @@ def test_study_end_to_end(tmp_path):
     assert "report:" in proc.stdout
     pv = pd.read_csv(out / "pv_systems.csv")
     assert (pv.pmpp_kw > 0).all() and len(pv) == 8
+    for name in ("violations.csv", "violations.parquet", "voltages.parquet",
+                 "branch_loading.parquet", "nodes.csv", "branches.csv", "head.csv"):
+        check_file(out / name, "derms study")

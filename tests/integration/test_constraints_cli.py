@@ -32,10 +32,10 @@ def test_constraint_forecast_cli_writes_documented_files(tmp_path):
                               "--pv-history", str(pv), "--pv-penetration", "0.8",
                               "--horizon", "6h", "--pv-capacity", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    check_file(out / "hourly.csv")
+    check_file(out / "hourly.csv", "derms constraints forecast")
     viol = pd.read_csv(out / "violations_forecast.csv")
     if len(viol.columns):
-        check_file(out / "violations_forecast.csv")
+        check_file(out / "violations_forecast.csv", "derms constraints forecast")
     assert (out / "report.html").exists()
     res = runner.invoke(app, ["constraints", "forecast", "ieee13", "--load-history", str(load),
                               "--pv-history", str(pv), "--out", str(out)])

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from derms.cli.dispatch_cmd import app
+from tests.data_formats import check_file
 
 runner = CliRunner()
 SUMMARY_KEYS = ("peak_uncontrolled_kw", "peak_rule_based_kw", "peak_optimised_kw",
@@ -75,6 +76,13 @@ def test_tables(out):
     assert len(pd.read_csv(out / "ledger_binding.csv"))
     readme = (out / "README.md").read_text()
     assert "import (consumption) is positive" in readme and "schedule.csv" in readme
+
+
+def test_files_match_the_data_formats_doc(out):
+    for name in ("ders.csv", "schedule.csv", "schedule_rule_based.csv",
+                 "schedule_uncontrolled.csv", "head.csv", "ledger_binding.csv",
+                 "ledger_moves.csv", "ledger_curtailment.csv"):
+        check_file(out / name, "derms dispatch")
 
 
 def test_report_and_opendss_set(out):

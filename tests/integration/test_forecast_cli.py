@@ -145,6 +145,6 @@ def test_outputs_match_the_data_formats_doc(tmp_path):
                               "--rounds", "20", "--test-days", "5"])
     assert res.exit_code == 0, res.output
     for name in ("forecasts.csv", "forecasts.parquet"):
-        check_file(out / name)
+        check_file(out / name, "derms forecast backtest")
     doc = json.loads((out / "metrics.json").read_text())
     assert {"methods", "test_start", "test_end", "warnings", "fits"} <= set(doc)

@@ -26,8 +26,8 @@ def test_growth_writes_tables_and_report(tmp_path):
         csv = pd.read_csv(tmp_path / f"{name}.csv")
         pq = pd.read_parquet(tmp_path / f"{name}.parquet")
         assert len(csv) == len(pq) > 0
-        check_file(tmp_path / f"{name}.csv")
-        check_file(tmp_path / f"{name}.parquet")
+        check_file(tmp_path / f"{name}.csv", "derms growth")
+        check_file(tmp_path / f"{name}.parquet", "derms growth")
     peaks = pd.read_parquet(tmp_path / "peaks.parquet")
     assert set(peaks["year"]) == set(range(2026, 2031))
     assert {"year", "element", "kind", "peak_kw", "peak_time", "rating", "loading_pct"} <= \

@@ -45,7 +45,7 @@ class PlanBody(BaseModel):
         None, allow_inf_nan=False,
         description="Largest substation export [kW]: head import >= -X (a negative X asks "
                     "for a minimum import). None: no limit.")
-    forecast: Literal["noisy", "model", "perfect"] = "noisy"
+    forecast: Literal["noisy", "model", "perfect"] = "perfect"
     schedule_offset: int = Field(0, ge=0)
     schedule_limit: int = Field(5000, ge=0, le=100_000)
 

@@ -70,9 +70,10 @@ def dispatch(
         "--export-limit-kw", help="Largest export at the substation [kW] (head import >= "
                                   "-X). Default: none.")] = None,
     forecast: Annotated[ForecastChoice, typer.Option(
-        help="'noisy': the optimised case re-plans hourly with noisy forecasts (AR(1) "
-             "errors); 'model': with derms's own load forecasts; 'perfect': one plan with "
-             "perfect knowledge.")] = ForecastChoice.noisy,
+        help="'perfect': one plan with perfect knowledge (exported as schedule.csv and the "
+             "OpenDSS replay); 'noisy' / 'model': also re-plan hourly with noisy forecasts "
+             "(AR(1) errors) or derms's own load forecasts and report that executed peak as "
+             "peak_optimised_kw (summary 'rolling' block).")] = ForecastChoice.perfect,
     force: ForceOpt = False,
 ) -> None:
     """Plan the DERs' dispatch within voltage and thermal limits, verify it on the AC

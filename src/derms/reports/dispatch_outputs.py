@@ -166,7 +166,7 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
 
 
 def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
-                       objective: ObjectiveConfig, *, forecast: Forecast = "noisy",
+                       objective: ObjectiveConfig, *, forecast: Forecast = "perfect",
                        opendss_dir: Path | None = None,
                        on_stage: Callable[[str], None] | None = None) -> DispatchStudy:
     """Run a dispatch study on ``master`` (a path or bundled name; see module docstring).
@@ -294,8 +294,14 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
                                 "(tol 1 %), pre-existing held to the base case (no DER)",
     }
     if mode == "perfect_foresight":
-        s["optimised_note"] = ("peak_optimised_kw is the perfect-knowledge plan (rolling "
-                               "re-plan with forecasts not available in this build)")
+        s["optimised_note"] = ("peak_optimised_kw is the perfect-knowledge plan, the one in "
+                               "schedule.csv and opendss/ (run with --forecast noisy or "
+                               "model for a rolling re-plan with forecasts)")
+    else:
+        s["optimised_note"] = ("peak_optimised_kw is the executed peak of hourly re-plans "
+                               "with forecasts (block 'rolling'); schedule.csv, "
+                               "violations_optimised and opendss/ are the perfect-knowledge "
+                               "plan, whose peak is peak_perfect_foresight_kw")
     return s
 
 
