@@ -124,3 +124,22 @@ def _regular_step(index: pd.DatetimeIndex) -> timedelta:
     if not (diffs == diffs[0]).all() or diffs[0] <= 0:
         raise InputError("profile index is not regular and increasing")
     return timedelta(microseconds=int(diffs[0]))
+
+
+def shared_shapes(profiles: Profiles) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
+    """Distinct (p, q) multiplier columns of ``profiles`` and, per element, the index of its
+    column: elements with identical profiles share one OpenDSS load shape."""
+    q_all = profiles.q_mult if profiles.q_mult is not None else profiles.p_mult
+    index: dict[bytes, int] = {}
+    shapes: list[tuple[np.ndarray, np.ndarray]] = []
+    of_element: list[int] = []
+    for j in range(len(profiles.elements)):
+        p = np.ascontiguousarray(profiles.p_mult[:, j], dtype=float)
+        q = np.ascontiguousarray(q_all[:, j], dtype=float)
+        key = p.tobytes() + q.tobytes()
+        if key not in index:
+            index[key] = len(shapes)
+            shapes.append((p, q))
+        of_element.append(index[key])
+    return shapes, of_element
+

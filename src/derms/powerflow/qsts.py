@@ -18,7 +18,7 @@ import pandas as pd
 from derms.errors import ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector, build_index
 from derms.powerflow.engine import ControlMode, OpenDSSEngine
-from derms.powerflow.profiles import SUPPORTED_CLASSES, Profiles
+from derms.powerflow.profiles import SUPPORTED_CLASSES, Profiles, shared_shapes
 
 _FLAT = "derms_flat"
 
@@ -134,22 +134,15 @@ def load_profiles_into_engine(engine: OpenDSSEngine, profiles: Profiles) -> None
     for cls in SUPPORTED_CLASSES:
         if any(n.startswith(cls + ".") for n in known):
             engine.command(f"batchedit {cls}..* yearly={_FLAT}")
-    q = profiles.q_mult if profiles.q_mult is not None else profiles.p_mult
-    shapes: dict[bytes, str] = {}
-    for j, element in enumerate(profiles.elements):
-        p_col = np.ascontiguousarray(profiles.p_mult[:, j], dtype=float)
-        q_col = np.ascontiguousarray(q[:, j], dtype=float)
-        key = p_col.tobytes() + q_col.tobytes()
-        name = shapes.get(key)
-        if name is None:
-            name = f"derms_p{len(shapes)}"
-            shapes[key] = name
-            engine.command(f"new loadshape.{name} npts={profiles.n_steps} sinterval={sec}")
-            ls = c.LoadShapes
-            ls.Name = name
-            ls.Pmult = p_col
-            ls.Qmult = q_col
-        engine.command(f"edit {element} yearly={name}")
+    shapes, of_element = shared_shapes(profiles)
+    for i, (p_col, q_col) in enumerate(shapes):
+        engine.command(f"new loadshape.derms_p{i} npts={profiles.n_steps} sinterval={sec}")
+        ls = c.LoadShapes
+        ls.Name = f"derms_p{i}"
+        ls.Pmult = p_col
+        ls.Qmult = q_col
+    for element, i in zip(profiles.elements, of_element, strict=True):
+        engine.command(f"edit {element} yearly=derms_p{i}")
 
 
 def run_qsts(

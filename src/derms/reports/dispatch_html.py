@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from derms.reports.html_format import fmt_time, fmt_value, note
+from derms.reports.html_format import fmt_time, fmt_value, note, write_html
 from derms.reports.study_html import CSS, PLOT_CONFIG
 
 if TYPE_CHECKING:
@@ -35,10 +35,7 @@ NUM_CELL = '<td class="num">'
 
 def write_dispatch_report(path: Path, study: DispatchStudy) -> Path:
     """Write the report of ``study`` at ``path`` (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_page(study), encoding="utf-8")
-    return path
+    return write_html(path, _page(study))
 
 
 def _page(st: DispatchStudy) -> str:

@@ -42,7 +42,7 @@ import numpy as np
 
 from derms.der.models import Fleet
 from derms.powerflow.engine import OpenDSSEngine, _stage_copy
-from derms.powerflow.profiles import SUPPORTED_CLASSES, Profiles
+from derms.powerflow.profiles import SUPPORTED_CLASSES, Profiles, shared_shapes
 
 __all__ = ["HEAD_MONITOR", "ControlState", "capture_control_state", "der_load_name",
            "restore_control_state", "write_opendss_replay"]
@@ -131,16 +131,10 @@ def _customer_shapes(engine: OpenDSSEngine, profiles: Profiles) -> str:
            "! kvar); elements without a profile are held at their base value (flat).",
            f"New LoadShape.{_FLAT} npts=1 sinterval={sec:g} mult=[1] qmult=[1] useactual=no"]
     out += [f"BatchEdit {cls}..* yearly={_FLAT}" for cls in SUPPORTED_CLASSES if cls in known]
-    q_all = profiles.q_mult if profiles.q_mult is not None else profiles.p_mult
-    names: dict[bytes, str] = {}
-    for j, element in enumerate(profiles.elements):
-        p = np.ascontiguousarray(profiles.p_mult[:, j], dtype=float)
-        q = np.ascontiguousarray(q_all[:, j], dtype=float)
-        key = p.tobytes() + q.tobytes()
-        if key not in names:
-            names[key] = f"cust_shape{len(names)}"
-            out.append(_shape(names[key], p, q, sec).rstrip("\n"))
-        out.append(f"Edit {element} yearly={names[key]}")
+    shapes, of_element = shared_shapes(profiles)
+    out += [_shape(f"cust_shape{i}", p, q, sec).rstrip("\n") for i, (p, q) in enumerate(shapes)]
+    out += [f"Edit {element} yearly=cust_shape{i}"
+            for element, i in zip(profiles.elements, of_element, strict=True)]
     return "\n".join(out) + "\n"
 
 

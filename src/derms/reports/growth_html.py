@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from derms.reports.html_format import fmt_value, note
+from derms.reports.html_format import fmt_value, note, write_html
 from derms.reports.study_html import CSS, PLOT_CONFIG
 from derms.studies.load_growth import GrowthResult
 
@@ -48,10 +48,7 @@ def write_growth_outputs(result: GrowthResult, out: Path) -> dict[str, Path]:
 
 def write_growth_report(path: Path, result: GrowthResult) -> Path:
     """Write the study's HTML report at ``path`` (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_page(result), encoding="utf-8")
-    return path
+    return write_html(path, _page(result))
 
 
 def _page(r: GrowthResult) -> str:

@@ -56,3 +56,14 @@ def fmt_float(value: float) -> str:
     if abs(value) >= 10:
         return f"{value:.2f}"
     return f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def write_html(path, text: str):
+    """Write an HTML page at ``path`` (parents created); returns the path."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+

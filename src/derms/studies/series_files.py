@@ -19,14 +19,19 @@ from derms.errors import InputError
 _ZONE = re.compile(r"(?:Z|[+-]\d{2}:?\d{2})$")
 
 
+def _read_strings(path: Path, what: str) -> pd.DataFrame:
+    """The CSV at ``path`` as strings (empty cells stay ""); InputError naming the file."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{what} file not found: {path}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} file {path}: not a readable CSV ({exc})") from None
+
+
 def read_series_csv(path: Path) -> pd.Series:
     """Read ``path`` into a float Series indexed by UTC timestamps (InputError on problems)."""
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"series file not found: {path}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"series file {path}: not a readable CSV ({exc})") from None
+    df = _read_strings(path, "series")
     df.columns = [str(c).strip().lower() for c in df.columns]
     missing = {"timestamp", "value"} - set(df.columns)
     if missing:
@@ -41,12 +46,7 @@ def read_weather_csv(path: Path) -> pd.DataFrame:
     Returns a DataFrame indexed by UTC timestamps; InputError naming the file, row and
     column on any problem.
     """
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"weather file not found: {path}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"weather file {path}: not a readable CSV ({exc})") from None
+    df = _read_strings(path, "weather")
     df.columns = [str(c).strip() for c in df.columns]
     if "timestamp" not in df.columns or len(df.columns) < 2:
         raise InputError(f"weather file {path}: expected a 'timestamp' column and at least "
