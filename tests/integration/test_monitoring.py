@@ -297,15 +297,15 @@ def test_estimate_availability_alarms_and_api(feeder, db_url):
         truth.close()
 
 
-@pytest.mark.slow  # known issue: an OpenDSS context used from the loop's thread segfaulted once
-# under pytest-xdist (dss-python 0.15.7); kept out of CI until that is understood
 def test_loop_runs_and_reacts_to_topology(feeder):
     fid, db = feeder
     truth = Truth()
     rng = np.random.default_rng(1)
     truth.solve(np.ones(len(truth.base)))
     write_readings(db, _prefixed(telemetry(fid, truth, T0 - timedelta(seconds=30), rng), fid))
-    loop = MonitorLoop({fid: FeederMonitor(fid, MASTER, db)}, period_s=3600, clock=lambda: T0)
+    # the factory builds the monitor (its OpenDSS engine) on the loop's own thread
+    loop = MonitorLoop(period_s=3600, clock=lambda: T0,
+                       factory=lambda: {fid: FeederMonitor(fid, MASTER, db)})
     try:
         loop.start()
         assert loop.wait_for_runs(fid, 1, timeout=120)

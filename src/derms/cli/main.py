@@ -277,7 +277,8 @@ def serve(
     if monitor_period_s > 0:
         from derms.monitoring import MonitorLoop, monitors_from_store
 
-        loop = MonitorLoop(monitors_from_store(api.state.engine), period_s=monitor_period_s)
+        db = api.state.engine
+        loop = MonitorLoop(period_s=monitor_period_s, factory=lambda: monitors_from_store(db))
         api.state.monitor = loop
         loop.start()
     from derms.monitoring.forecast_schedule import ForecastSchedule

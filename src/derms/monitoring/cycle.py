@@ -43,8 +43,14 @@ class MonitorLoop(BackgroundLoop):
     thread_name = "derms-monitor"
 
     def __init__(self, monitors: dict[str, FeederMonitor] | None = None, *,
-                 period_s: float = 60.0, clock: Callable[[], datetime] = utcnow) -> None:
+                 period_s: float = 60.0, clock: Callable[[], datetime] = utcnow,
+                 factory: Callable[[], dict[str, FeederMonitor]] | None = None) -> None:
         self.monitors: dict[str, FeederMonitor] = dict(monitors or {})
+        # ``factory`` builds the monitors on the loop's own thread when it starts, so
+        # that every OpenDSS engine is created, used and closed by that one thread
+        # (dss-python contexts used across threads crashed; see docs/ARCHITECTURE.md)
+        self._factory = factory
+        self._owned: list[FeederMonitor] = []
         self.period_s = float(period_s)
         self.clock = clock
         super().__init__()
@@ -111,12 +117,31 @@ class MonitorLoop(BackgroundLoop):
         self._pending.update(self.monitors)  # first cycle at once
 
     def close(self) -> None:
-        """Stop and release every engine."""
+        """Stop and release every engine (those the factory built are closed by the loop's
+        thread as it ends)."""
         self.stop()
         for m in self.monitors.values():
-            m.close()
+            if m not in self._owned:
+                m.close()
 
     def _run(self) -> None:
+        if self._factory is not None:
+            try:
+                built = self._factory()
+            except Exception:  # a bad store must not kill the thread silently
+                log.exception("monitor_factory_failed")
+                built = {}
+            with self._cond:
+                self._owned = list(built.values())
+                self.monitors.update(built)
+                self._pending.update(built)
+        try:
+            self._loop()
+        finally:
+            for m in self._owned:
+                m.close()
+
+    def _loop(self) -> None:
         deadline: dict[str, float] = {}
         while True:
             with self._cond:
