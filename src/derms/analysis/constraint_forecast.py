@@ -35,6 +35,7 @@ from derms.analysis.constraint_scenarios import ScenarioSet, build_scenarios
 from derms.analysis.constraints import Limits, detect_violations
 from derms.errors import InputError
 from derms.powerflow.collect import build_index
+from derms.powerflow.control_state import capture_control_state, restore_control_state
 from derms.powerflow.engine import ControlMode, OpenDSSEngine
 from derms.powerflow.profiles import Profiles
 from derms.powerflow.qsts import QSTSResult, run_qsts
@@ -75,35 +76,6 @@ class ConstraintForecast:
         h = self.hourly[(self.hourly["kind"] == kind)
                         & (self.hourly["probability"] >= self.threshold)]
         return pd.DatetimeIndex(h["hour"])
-
-
-@dataclass
-class _ControlState:
-    """Regulator taps and capacitor states, restored before every scenario run."""
-
-    taps: dict[str, int]
-    caps: dict[str, list[int]]
-
-    @classmethod
-    def capture(cls, engine: OpenDSSEngine) -> _ControlState:
-        rc, cp = engine.circuit.RegControls, engine.circuit.Capacitors
-        taps, caps = {}, {}
-        for n in rc.AllNames if rc.Count else []:
-            rc.Name = n
-            taps[n] = int(rc.TapNumber)
-        for n in cp.AllNames if cp.Count else []:
-            cp.Name = n
-            caps[n] = list(cp.States)
-        return cls(taps, caps)
-
-    def restore(self, engine: OpenDSSEngine) -> None:
-        rc, cp = engine.circuit.RegControls, engine.circuit.Capacitors
-        for n, tap in self.taps.items():
-            rc.Name = n
-            rc.TapNumber = tap
-        for n, st in self.caps.items():
-            cp.Name = n
-            cp.States = st
 
 
 def _masks(res: QSTSResult, base: QSTSResult, limits: Limits
@@ -224,11 +196,11 @@ def forecast_constraints(
     load_elements = [(f"load.{n}", group_pos.get(lg.get(f"load.{n}", sc.groups[0]), 0))
                      for n in loads]
     pv_elements = [p.lower() for p in pv_elements]
-    state = _ControlState.capture(engine)
+    state = capture_control_state(engine)
     index = build_index(engine)
 
     def run(s: int, pv_on: bool) -> QSTSResult:
-        state.restore(engine)
+        restore_control_state(engine, state)
         return run_qsts(engine, _profiles(sc, s, load_elements, pv_elements, pv_on),
                         control_mode=control_mode, index=index)
 

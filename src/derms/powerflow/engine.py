@@ -68,7 +68,7 @@ class OpenDSSEngine:
         self.ctx = _dss_module().NewContext()
         self.ctx.AllowForms = False
         try:
-            self.master = _stage_copy(self.source_master, self._tmp)
+            self.master = stage_copy(self.source_master, self._tmp)
             self._compile()
         except ModelError as exc:
             self.close()
@@ -185,7 +185,7 @@ _SCRIPT_SUFFIXES = {".dss", ".txt"}
 _MAX_FILE_BYTES = 200_000_000
 
 
-def _stage_copy(master: Path, tmp: Path) -> Path:
+def stage_copy(master: Path, tmp: Path) -> Path:
     """Copy what the feeder's scripts can reach below ``tmp``; return the master's copy.
 
     Copied: the top-level files of the master's folder and of each folder its scripts reach

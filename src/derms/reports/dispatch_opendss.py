@@ -35,13 +35,17 @@ simulates the exported cases from the same state (:func:`restore_control_state`)
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from derms.der.models import Fleet
-from derms.powerflow.engine import OpenDSSEngine, _stage_copy
+from derms.powerflow.control_state import (  # re-exported for callers of this module
+    ControlState,
+    capture_control_state,
+    restore_control_state,
+)
+from derms.powerflow.engine import OpenDSSEngine, stage_copy
 from derms.powerflow.profiles import SUPPORTED_CLASSES, Profiles, shared_shapes
 
 __all__ = ["HEAD_MONITOR", "ControlState", "capture_control_state", "der_load_name",
@@ -49,50 +53,6 @@ __all__ = ["HEAD_MONITOR", "ControlState", "capture_control_state", "der_load_na
 
 HEAD_MONITOR = "derms_head"  # monitor of the source's power (mode 1, P/Q per phase)
 _FLAT = "derms_flat"
-
-
-@dataclass(frozen=True)
-class ControlState:
-    """Tap of every transformer winding (per unit) and state of every capacitor step."""
-
-    taps: tuple[tuple[str, int, float], ...]  # (transformer, winding, tap_pu)
-    capacitors: tuple[tuple[str, tuple[int, ...]], ...]  # (capacitor, step states 0/1)
-
-
-def capture_control_state(engine: OpenDSSEngine) -> ControlState:
-    """The engine's present transformer taps and capacitor states."""
-    c = engine.circuit
-    taps: list[tuple[str, int, float]] = []
-    tr = c.Transformers
-    for name in tr.AllNames:
-        if name.lower() == "none":
-            continue
-        tr.Name = name
-        for w in range(1, tr.NumWindings + 1):
-            tr.Wdg = w
-            taps.append((name.lower(), w, float(tr.Tap)))
-    caps: list[tuple[str, tuple[int, ...]]] = []
-    cp = c.Capacitors
-    for name in cp.AllNames:
-        if name.lower() == "none":
-            continue
-        cp.Name = name
-        caps.append((name.lower(), tuple(int(s) for s in cp.States)))
-    return ControlState(tuple(taps), tuple(caps))
-
-
-def restore_control_state(engine: OpenDSSEngine, state: ControlState) -> None:
-    """Set taps and capacitor states back to ``state`` (before a simulation to replay)."""
-    c = engine.circuit
-    tr = c.Transformers
-    for name, w, tap in state.taps:
-        tr.Name = name
-        tr.Wdg = w
-        tr.Tap = tap
-    cp = c.Capacitors
-    for name, states in state.capacitors:
-        cp.Name = name
-        cp.States = list(states)
 
 
 def der_load_name(der_id: str) -> str:
@@ -203,7 +163,7 @@ def write_opendss_replay(out: Path, engine: OpenDSSEngine, fleet: Fleet,
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    master = _stage_copy(engine.source_master, out)  # out/feeder/<…>/master.dss
+    master = stage_copy(engine.source_master, out)  # out/feeder/<…>/master.dss
     master_rel = master.relative_to(out).as_posix()
     (out / "settings.dss").write_text(_settings(engine, state, control_mode))
     (out / "customer_shapes.dss").write_text(_customer_shapes(engine, customer_profiles))

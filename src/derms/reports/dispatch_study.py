@@ -1,0 +1,309 @@
+"""A dispatch study end to end: scenario → baselines → plan → AC check → ledger (→ rolling).
+
+:func:`run_dispatch_study` is what ``derms dispatch`` and ``POST /v1/dispatch/plan`` run:
+compile the feeder, draw the seeded scenario, simulate (full AC QSTS, OpenDSS) the
+uncontrolled schedule, the rule-based peak-shaving baseline and the optimised plan,
+and build the ledger. Every case is simulated from the same regulator/capacitor state
+(taps carry over between runs of one engine), the state the OpenDSS replay set starts
+from, so the exported folder reproduces the numbers reported here. Its files are written
+by :mod:`derms.reports.dispatch_outputs`.
+
+Sign convention (DESIGN.md): at a connection point and at the substation import
+(consumption) is positive [kW, kvar]; a PV exporting 5 kW has ``p_kw = -5``. Times are
+UTC; a timestamp is the start of its interval ``[t, t + step)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from derms.analysis.constraints import ViolationReport
+from derms.dispatch import baselines
+from derms.dispatch.ledger import Ledger, build_ledger
+from derms.dispatch.plan import ObjectiveConfig, Schedule, uncontrolled_schedule
+from derms.dispatch.verify import VerifiedPlan, plan_and_verify
+from derms.errors import InputError
+from derms.powerflow.qsts import QSTSResult
+from derms.studies.dispatch_scenario import DispatchScenario, ScenarioConfig, open_dispatch_case
+from derms.timeutil import parse_duration
+
+log = logging.getLogger(__name__)
+Forecast = Literal["noisy", "model", "perfect"]
+RULE_BASED_THRESHOLD_FRAC = 0.9  # rule-based baseline discharges above 90 % of the peak
+MAX_STEPS = 7 * 96
+
+
+def parse_horizon(horizon: str, step: str) -> tuple[timedelta, int]:
+    """``("24h", "15min")`` -> (step, n_steps); InputError unless the horizon is a whole
+    number (1 … 672) of steps."""
+    h, s = parse_duration(horizon, "--horizon"), parse_duration(step, "--step")
+    if s <= timedelta(0) or h <= timedelta(0):
+        raise InputError(f"--horizon {horizon!r} and --step {step!r} must be positive")
+    n = h / s
+    if abs(n - round(n)) > 1e-9:
+        raise InputError(f"--horizon {horizon!r} is not a whole number of --step {step!r}")
+    if not 1 <= round(n) <= MAX_STEPS:
+        raise InputError(f"--horizon {horizon!r} / --step {step!r} gives {round(n)} intervals;"
+                         f" expected 1 to {MAX_STEPS}")
+    return s, round(n)
+
+
+@dataclass
+class CaseResult:
+    """One simulated schedule: DER schedule, AC result, its violations and head import."""
+
+    schedule: Schedule
+    result: QSTSResult
+    violations: ViolationReport
+
+    @property
+    def head_kw(self) -> np.ndarray:
+        """Substation import per interval [kW], import positive (T,)."""
+        return self.result.head_p_kw.sum(axis=1)
+
+    @property
+    def n_violations(self) -> int:
+        c = self.violations.counts
+        return int(c["violations_voltage"] + c["violations_thermal"])
+
+
+@dataclass
+class DispatchStudy:
+    """Everything a dispatch study produced (see module docstring)."""
+
+    feeder: str
+    scenario: DispatchScenario
+    objective: ObjectiveConfig
+    uncontrolled: CaseResult
+    rule_based: CaseResult
+    optimised: CaseResult
+    plan: VerifiedPlan
+    ledger: Ledger
+    summary: dict[str, Any]
+    opendss_paths: dict[str, Path] = field(default_factory=dict)
+
+
+def _case(ac, sched: Schedule, state) -> CaseResult:
+    from derms.powerflow.control_state import restore_control_state
+
+    restore_control_state(ac.engine, state)
+    res = ac.simulate(sched.p_kw, sched.q_kvar)
+    return CaseResult(sched, res, ac.violations(res))
+
+
+def _rebase(ac, state) -> None:
+    """Re-simulate the base case (no DER) from ``state`` and re-derive the limits held for
+    pre-existing violations from it. Workaround: :class:`~derms.dispatch.verify.ACNetwork`
+    simulates its base from the taps of its set-up snapshot and every later simulation
+    from the taps the previous one left (measured on IEEE 123: the same schedule
+    simulated twice differs by up to 10 kW at the head), so base and cases would not
+    share a starting point. Remove when ACNetwork restores its control state itself."""
+    from derms.dispatch.network import network_limits
+    from derms.powerflow.control_state import restore_control_state
+
+    restore_control_state(ac.engine, state)
+    h = ac.fleet.horizon
+    zero = np.zeros((h.n_steps, len(ac.fleet.ders)))
+    ac.base_result = ac.simulate(zero, zero)
+    ac.base = ac._reference(ac.base_result, zero, zero)
+    ac.net_limits = network_limits(ac.base, ac.index.node_phase, ac.index.branch_norm_a,
+                                   ac.limits)
+
+
+def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: int,
+             forecast: str = "noisy") -> tuple[float, str, dict[str, Any]]:
+    """Rolling hourly re-plans with noisy forecasts over the study horizon.
+
+    Runs on the same scenario drawn over twice the horizon (the second half is the
+    lookahead of the last re-plans; the first half is the study's horizon, same draws).
+    Returns the executed peak, the mode name and a summary block (its own uncontrolled
+    and perfect-foresight peaks over the same window, the reduction ratio, violations of
+    the executed schedule from the AC simulation, re-plan times).
+    """
+    from derms.dispatch.rolling import run_rolling
+
+    horizon = cfg.step * cfg.n_steps
+    long_cfg = replace(cfg, n_steps=2 * cfg.n_steps)
+    engine, scenario, ac = open_dispatch_case(path, long_cfg)
+    try:
+        fc: Any = forecast
+        if forecast == "model":
+            from derms.grid.opendss_import import read_feeder
+            from derms.studies.dispatch_forecast import model_forecast
+
+            fc = model_forecast(read_feeder(engine.ctx, engine.source_master), long_cfg,
+                                lookahead=horizon)
+        r = run_rolling(ac, scenario, objective, forecast=fc, replan_every="1h",
+                        days=horizon / pd.Timedelta(days=1), lookahead=horizon, seed=seed)
+    finally:
+        engine.close()
+    label = {"noisy": "noisy (AR(1) relative errors, see derms.dispatch.rolling)",
+             "model": "derms.forecast LightGBM load forecast re-issued at each re-plan "
+                      "(see derms.studies.dispatch_forecast)"}[forecast]
+    info = {"forecast": label,
+            "replan_every": "1h", "n_replans": r.n_replans,
+            "peak_executed_kw": float(r.peak_kw), "peak_perfect_foresight_kw":
+            float(r.peak_perfect_kw), "peak_uncontrolled_kw": float(r.peak_uncontrolled_kw),
+            "peak_rule_based_kw": float(r.peak_rule_based_kw),
+            "reduction_ratio": float(r.reduction_ratio),
+            "violations_executed": int(r.violations.get("violations_voltage", 0)
+                                       + r.violations.get("violations_thermal", 0)),
+            "replan_s_median": float(np.median(r.replan_s)) if r.replan_s else None}
+    return float(r.peak_kw), f"rolling_{forecast}_forecast", info
+
+
+def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
+                       objective: ObjectiveConfig, *, forecast: Forecast = "perfect",
+                       opendss_dir: Path | None = None,
+                       on_stage: Callable[[str], None] | None = None) -> DispatchStudy:
+    """Run a dispatch study on ``master`` (a path or bundled name; see module docstring).
+
+    ``opendss_dir``: where to write the OpenDSS replay set (None: not written).
+    ``on_stage(name)`` is called before each stage (progress display). Raises
+    :class:`~derms.errors.InfeasibleError` (with the binding constraints) when no plan
+    meets the constraints, :class:`~derms.errors.InputError` on bad input.
+    """
+    from derms.grid.bundled import resolve_master
+    from derms.powerflow.control_state import capture_control_state
+    from derms.reports.dispatch_opendss import write_opendss_replay
+
+    def stage(name: str) -> None:
+        if on_stage is not None:
+            on_stage(name)
+
+    t_start = time.perf_counter()
+    path = resolve_master(master)
+    stage("compile feeder and draw scenario")
+    t0 = time.perf_counter()
+    engine, scenario, ac = open_dispatch_case(path, scenario_config)
+    setup_s = time.perf_counter() - t0
+    try:
+        fleet = scenario.fleet
+        if not fleet.ders:
+            raise InputError(f"the penetrations place no DER on {path.name}: nothing to "
+                             "dispatch (raise --pv, --battery or --ev)")
+        state = capture_control_state(engine)
+        _rebase(ac, state)
+        stage("simulate uncontrolled")
+        unc = _case(ac, uncontrolled_schedule(fleet), state)
+        stage("simulate rule-based baseline")
+        head = unc.head_kw
+        rb_sched = baselines.rule_based_peak_shaving(fleet, head,
+                                                     RULE_BASED_THRESHOLD_FRAC * head.max())
+        rb = _case(ac, rb_sched, state)
+        stage("plan and verify on the AC model")
+        vp = plan_and_verify(ac, objective,
+                             uncontrolled=ac.reference(unc.schedule, unc.result))
+        opt = _case(ac, vp.schedule, state)
+        stage("ledger")
+        ledger = build_ledger(vp.planner, vp.schedule, unc.schedule, opt.result)
+        rolling_peak, mode, rolling_info = None, "perfect_foresight", None
+        if forecast in ("noisy", "model"):
+            stage("rolling re-plan with forecasts")
+            rolling_peak, mode, rolling_info = _rolling(path, scenario_config, objective,
+                                                        scenario_config.seed, forecast)
+        paths: dict[str, Path] = {}
+        if opendss_dir is not None:
+            stage("write OpenDSS replay set")
+            paths = write_opendss_replay(
+                opendss_dir, engine, fleet, scenario.customer_profiles, state,
+                uncontrolled=(unc.schedule.p_kw, unc.schedule.q_kvar),
+                optimised=(opt.schedule.p_kw, opt.schedule.q_kvar),
+                rule_based=(rb.schedule.p_kw, rb.schedule.q_kvar),
+                control_mode=ac.control_mode, source=ac.index.source)
+        feeder = engine.circuit.Name
+    finally:
+        engine.close()
+    summary = _summary(feeder, scenario, scenario_config, objective, unc, rb, opt, vp,
+                       rolling_peak, mode, forecast)
+    if rolling_info is not None:
+        summary["rolling"] = rolling_info
+    summary["master"] = str(master)
+    summary["setup_s"] = setup_s
+    summary["runtime_s"] = time.perf_counter() - t_start
+    return DispatchStudy(feeder, scenario, objective, unc, rb, opt, vp, ledger, summary, paths)
+
+
+def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
+             objective: ObjectiveConfig, unc: CaseResult, rb: CaseResult, opt: CaseResult,
+             vp: VerifiedPlan, rolling_peak: float | None, mode: str,
+             forecast: Forecast) -> dict[str, Any]:
+    f = scenario.fleet
+    h = f.horizon
+    dt = h.dt_h
+    t = pd.date_range(h.start, periods=h.n_steps, freq=h.step)
+    pf_peak = float(opt.head_kw.max())
+    curtailed = float(opt.schedule.curtail_kw.sum() * dt)
+    avail = float(sum(p.p_avail_kw.sum() for p in f.pv) * dt)
+    plan_counts = vp.violations.counts
+    s: dict[str, Any] = {
+        "feeder": feeder,
+        "horizon_start": _iso(h.start),
+        "step_s": h.step.total_seconds(),
+        "n_steps": h.n_steps,
+        "seed": cfg.seed,
+        "pv_penetration": cfg.pv_penetration,
+        "battery_penetration": cfg.battery_penetration,
+        "ev_penetration": cfg.ev_penetration,
+        "curtailment_policy": objective.curtailment_policy,
+        "export_limit_kw": objective.export_limit_kw,
+        "forecast": forecast,
+        "optimised_mode": mode,
+        "peak_uncontrolled_kw": float(unc.head_kw.max()),
+        "peak_rule_based_kw": float(rb.head_kw.max()),
+        "peak_optimised_kw": rolling_peak if rolling_peak is not None else pf_peak,
+        "peak_perfect_foresight_kw": pf_peak,
+        "peak_uncontrolled_at": _iso(t[int(unc.head_kw.argmax())]),
+        "peak_optimised_at": _iso(t[int(opt.head_kw.argmax())]),
+        "min_import_optimised_kw": float(opt.head_kw.min()),
+        "violations_uncontrolled": unc.n_violations,
+        "violations_rule_based": rb.n_violations,
+        "violations_optimised": opt.n_violations,
+        "violations_optimised_voltage": int(opt.violations.counts["violations_voltage"]),
+        "violations_optimised_thermal": int(opt.violations.counts["violations_thermal"]),
+        "violations_in_verify_loop": int(plan_counts["violations_voltage"]
+                                         + plan_counts["violations_thermal"]),
+        "pre_existing_voltage": int(opt.violations.counts["pre_existing_voltage"]),
+        "pre_existing_thermal": int(opt.violations.counts["pre_existing_thermal"]),
+        "solve_s": float(vp.timing_s.get("solve_s", math.nan)),
+        "ac_verify_s": float(vp.timing_s.get("ac_verify_s", math.nan)),
+        "build_s": float(vp.timing_s.get("build_s", math.nan)),
+        "plan_total_s": float(vp.timing_s.get("total_s", math.nan)),
+        "ac_rounds": int(vp.rounds),
+        "n_controllable_ders": len(f.ders),
+        "n_pv": len(f.pv), "n_battery": len(f.batteries), "n_ev": len(f.evs),
+        "n_flex": len(f.flex), "n_generator": len(f.generators),
+        "pv_available_kwh": avail,
+        "pv_curtailed_kwh": curtailed,
+        "energy_uncontrolled_kwh": float(unc.head_kw.sum() * dt),
+        "energy_optimised_kwh": float(opt.head_kw.sum() * dt),
+        "violation_definition": "node-phase or branch-conductor x interval pairs outside "
+                                "[0.95, 1.05] pu (tol 0.001) or above 100 % of normal rating "
+                                "(tol 1 %), pre-existing held to the base case (no DER)",
+    }
+    if mode == "perfect_foresight":
+        s["optimised_note"] = ("peak_optimised_kw is the perfect-knowledge plan, the one in "
+                               "schedule.csv and opendss/ (run with --forecast noisy or "
+                               "model for a rolling re-plan with forecasts)")
+    else:
+        s["optimised_note"] = ("peak_optimised_kw is the executed peak of hourly re-plans "
+                               "with forecasts (block 'rolling'); schedule.csv, "
+                               "violations_optimised and opendss/ are the perfect-knowledge "
+                               "plan, whose peak is peak_perfect_foresight_kw")
+    return s
+
+
+def _iso(t) -> str:
+    return pd.Timestamp(t).tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
