@@ -39,6 +39,9 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_state_estimation.py
 	$(BIN)/python bench/bench_store.py
 	$(BIN)/python bench/bench_ingest.py --seconds 60 --devices 15000
+	$(BIN)/python bench/bench_forecast.py all
+	$(BIN)/python bench/bench_constraint_forecast.py --start 2012-06-01 --days 30
+	$(BIN)/python bench/bench_dispatch.py --repeats 3 --days 3
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
