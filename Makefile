@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 
 ## demo: one-week 15-min QSTS study of the bundled IEEE 123 feeder with 30 % PV
 demo: $(VENV)/.installed
-	$(BIN)/derms study ieee123 --days 7 --step 15min --pv-penetration 0.3 --out $(DEMO_OUT)
+	$(BIN)/derms study ieee123 --days 7 --step 15min --pv-penetration 0.3 --out $(DEMO_OUT) --force
 
 ## test: the CI suite (no slow studies)
 test: $(VENV)/.installed-test
