@@ -305,12 +305,14 @@ from derms.cli import (  # sub-commands on `app`
     dispatch_cmd,
     forecast_cmd,
     growth_cmd,
+    hosting_cmd,
 )
 
 app.add_typer(forecast_cmd.app, name="forecast")
 app.add_typer(constraints_cmd.app, name="constraints")
 app.command(name="growth")(growth_cmd.growth)
 app.command(name="dispatch")(dispatch_cmd.dispatch)
+app.command(name="hosting-capacity")(hosting_cmd.hosting_capacity)
 
 
 def main() -> None:  # pragma: no cover - console entry point

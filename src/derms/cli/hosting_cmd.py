@@ -1,0 +1,148 @@
+"""``derms hosting-capacity``: snapshot hosting capacity per bus (and phase) for PV and load.
+
+Register in main.py with
+``app.command(name="hosting-capacity")(hosting_cmd.hosting_capacity)``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from derms.cli.common import (
+    ForceOpt,
+    MasterArg,
+    MaxIterOpt,
+    OutOpt,
+    err_console,
+    handle_errors,
+    out_console,
+    output_folder,
+    refuse_non_empty,
+)
+from derms.errors import InputError
+
+app = typer.Typer(help="Snapshot hosting capacity.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+METHODS = ("fast", "brute-force", "linear")
+
+
+def parse_buses(text: str | None) -> list[str] | None:
+    """``"671,675.1,611.3"`` -> ["671", "675.1", "611.3"]; None/"" = every primary bus."""
+    if text is None or not text.strip():
+        return None
+    items = [s.strip() for s in text.replace(";", ",").split(",")]
+    if any(not s for s in items):
+        raise InputError(f"--buses {text!r}: empty item in the list")
+    return items
+
+
+@app.command()
+@handle_errors
+def hosting_capacity(
+    master: MasterArg,
+    out: OutOpt,
+    kind: Annotated[str, typer.Option(
+        help="pv (generation: export), load (EV charging: import) or both.")] = "pv",
+    method: Annotated[str, typer.Option(
+        help="fast (linear sensitivities, AC-verified near the limit), brute-force (AC "
+             "bisection, the reference) or linear (no AC verification).")] = "fast",
+    buses: Annotated[str | None, typer.Option(
+        help="Comma-separated buses, optionally with phases: 671,611.3,684.1.3 (default: "
+             "every energised primary bus, >= 1 kV line-to-neutral, but the source bus).")
+    ] = None,
+    max_kw: Annotated[float, typer.Option(
+        help="Largest size searched [kW] (total over the site's phases).")] = 10_000.0,
+    tol_kw: Annotated[float, typer.Option(help="Resolution of the search [kW].")] = 1.0,
+    v_deviation_pu: Annotated[float, typer.Option(
+        help="Largest voltage change from the base case [pu]; 0 = not checked.")] = 0.03,
+    reverse_flow: Annotated[bool, typer.Option(
+        "--reverse-flow", help="Also forbid export at the feeder head.")] = False,
+    skip_default_ratings: Annotated[bool, typer.Option(
+        "--skip-default-ratings",
+        help="Leave lines with OpenDSS's default rating (400/600 A) out of the thermal "
+             "criterion.")] = False,
+    max_iterations: MaxIterOpt = 100,
+    force: ForceOpt = False,
+) -> None:
+    """Hosting capacity per bus: write hosting_capacity.csv/.parquet/.geojson,
+    pre_existing.csv and report.html (feeder map coloured by hc_kw) to OUT.
+
+    hc_kw is the total over the site's phases (three-phase kW at a three-phase bus, the sum
+    over the phases present or named otherwise), a balanced unity-power-factor injection
+    with regulators and capacitors frozen at the base case. Limits: 0.95-1.05 pu
+    (tolerance 0.001), the deviation limit, 100 % of normal ratings (tolerance 1 %);
+    base-case violations are held to their base value.
+    """
+    kinds = {"pv": ["pv"], "load": ["load"], "both": ["pv", "load"]}.get(kind.strip().lower())
+    if kinds is None:
+        raise InputError(f"--kind {kind!r}: expected pv, load or both")
+    method = method.strip().lower()
+    if method not in METHODS:
+        raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if not max_kw > 0:
+        raise InputError(f"--max-kw {max_kw}: the largest size must be positive")
+    if not tol_kw > 0:
+        raise InputError(f"--tol-kw {tol_kw}: the resolution must be positive")
+    if v_deviation_pu < 0:
+        raise InputError(f"--v-deviation-pu {v_deviation_pu}: must be >= 0 (0 = not checked)")
+    refuse_non_empty(out, force)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from derms.analysis.constraints import Limits
+    from derms.analysis.hosting_brute import hosting_capacity_brute
+    from derms.analysis.hosting_capacity import (
+        HostingCriteria,
+        freeze_base_case,
+        hosting_capacity_fast,
+        resolve_sites,
+    )
+    from derms.grid.bundled import resolve_master
+    from derms.grid.opendss_import import read_feeder
+    from derms.powerflow.collect import build_index
+    from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+    from derms.reports.hosting_html import HostingReport, write_hosting_outputs
+
+    criteria = HostingCriteria(
+        limits=Limits(reverse_power_kw=0.0 if reverse_flow else None),
+        v_deviation_pu=v_deviation_pu or None, skip_default_ratings=skip_default_ratings,
+        reverse_flow=reverse_flow, p_max_kw=max_kw, tol_kw=tol_kw)
+    bus_list = parse_buses(buses)
+    path = resolve_master(master)
+    results = {}
+    with OpenDSSEngine(path, SolveSettings(max_iterations=max_iterations)) as engine:
+        feeder = read_feeder(engine.ctx, engine.source_master)
+        freeze_base_case(engine)
+        sites = resolve_sites(engine, bus_list)
+        index = build_index(engine)
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=err_console) as bar:
+            for k in kinds:
+                task = bar.add_task(f"{k} sites ({method})", total=len(sites))
+
+                def progress(done: int, total: int, task=task) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                if method == "brute-force":
+                    results[k] = hosting_capacity_brute(engine, sites, k, criteria, index=index,
+                                                        on_progress=progress)
+                else:
+                    results[k] = hosting_capacity_fast(engine, sites, k, criteria,
+                                                       verify=method == "fast", index=index,
+                                                       on_progress=progress)
+    report = HostingReport(feeder, results, method, str(path))
+    with output_folder(out, force) as tmp:
+        paths = write_hosting_outputs(report, tmp)
+    paths = {k: out / p.name for k, p in paths.items()}
+    for k, res in results.items():
+        hc = res.table["hc_kw"]
+        out_console.print(
+            f"{feeder.name} {k}: {len(sites)} sites, {res.n_ac_solves} AC solves in "
+            f"{res.runtime_s:.1f} s; hc_kw min {hc.min():,.0f}, median {hc.median():,.0f}, "
+            f"max {hc.max():,.0f}; {len(res.pre_existing)} pre-existing violations held at "
+            "their base value", highlight=False)
+    out_console.print(f"table: {paths['csv'].resolve()}", highlight=False)
+    out_console.print(f"report: {paths['report'].resolve()}", highlight=False)
