@@ -150,3 +150,15 @@ def test_layout_is_vectorised_blocks():
     p = Planner(fleet, empty_grid(fleet, load), ObjectiveConfig())
     assert p.lay.n_cols == 96 * p.lay.nv + 1
     assert p.lp.n_rows == 96 * 1 + 1 + 96  # battery balance, EV energy, peak rows
+
+
+def test_row_thinning_keeps_the_most_violated_row_per_interval_and_cluster():
+    from derms.dispatch.network import direction_clusters, thin_mask
+    s = np.array([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.0]])
+    cl = direction_clusters(s)
+    assert cl[0] == cl[1] and len({cl[0], cl[2], cl[3]}) == 3  # parallel rows share one
+    mask = np.array([[True, True, True, False], [True, False, False, False]])
+    score = np.array([[0.1, 0.5, 0.2, 0.0], [0.3, 0.0, 0.0, 0.0]])
+    out = thin_mask(mask, score, cl)
+    np.testing.assert_array_equal(out, [[False, True, True, False],
+                                        [True, False, False, False]])

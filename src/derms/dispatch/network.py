@@ -147,16 +147,30 @@ class NetworkRows:
     linear model optimistic. Row coefficients are formed only for the rows added (from
     the sensitivities, on demand); ``drop_rel`` drops coefficients below that share of
     a row's largest one (0 keeps all; the AC check catches what that costs).
+
+    ``thin`` (large feeders): rows whose sensitivities point the same way (elements of a
+    lateral, the phases of a secondary) form one cluster; rows are then added at most one
+    per (interval, cluster) and round, the most violated first, and the lazy rounds add the
+    next ones only if the first did not already pull the others inside their limits.
     """
 
     def __init__(self, lp: HighsLP, lay: Layout, sens: DerSensitivity, ep: sp.csr_matrix,
                  eq: sp.csr_matrix, cp: np.ndarray, lim: NetworkLimits,
                  box: tuple[np.ndarray, ...], export_limit_kw: float | None,
                  node_names: np.ndarray, branch_names: np.ndarray, near_pu: float = 0.01,
-                 near_frac: float = 0.1, drop_rel: float = 0.0) -> None:
+                 near_frac: float = 0.1, drop_rel: float = 0.0, thin: bool = False) -> None:
         self.lp, self.lay, self.cp, self.lim = lp, lay, cp, lim
         self.sens, self.near_pu, self.near_frac = sens, near_pu, near_frac
         self.ep, self.eq, self.drop_rel = ep, eq, drop_rel
+        self.cluster: dict[str, np.ndarray] | None = None
+        self.n_unfixable = 0  # (t, element) rows skipped: beyond reach of every DER
+        # large feeders: network rows are elastic (slack priced per pu of u and per A), so
+        # a row the linear model cannot meet leaves the LP feasible and the AC check
+        # reports what is left
+        self.elastic: tuple[float, float] | None = (1e6, 1e3) if thin else None
+        if thin:
+            cv, ci = direction_clusters(sens.hv_p), direction_clusters(sens.hi_p)
+            self.cluster = {"v_max": cv, "v_min": cv, "i_max": ci}
         self.names = {"v_max": node_names, "v_min": node_names, "i_max": branch_names}
         T = lay.T
         self.row = {k: np.full((T, len(n)), -1, dtype=np.int64) for k, n in self.names.items()}
@@ -295,21 +309,34 @@ class NetworkRows:
         return -d if kind == "v_min" else d
 
     def initial_rows(self) -> int:
-        """Add the reachable rows that are near their limit at the reference."""
+        """Add the reachable rows that are near their limit at the reference (with
+        ``near_pu < 0``: only those beyond it)."""
         n = 0
         for kind in self.row:
             slack = self._slack_at_ref(kind)
             if kind == "i_max":
-                near = slack <= self.near_frac * np.where(np.isfinite(self.lim.i_max),
-                                                          self.lim.i_max, 0.0)
+                lim = np.where(np.isfinite(self.lim.i_max), self.lim.i_max, 0.0)
+                near = slack <= self.near_frac * lim if self.near_frac >= 0 else \
+                    slack < self.near_frac * lim
             else:
-                near = slack <= self.near_pu
-            n += self.add(kind, self.reachable(kind) & near)
+                near = slack <= self.near_pu if self.near_pu >= 0 else slack < self.near_pu
+            n += self.add(kind, self.reachable(kind) & near, score=-slack)
         return n
 
-    def add(self, kind: str, mask: np.ndarray) -> int:
-        """Add rows for the (t, element) pairs in ``mask`` that are not in the LP yet."""
+    def add(self, kind: str, mask: np.ndarray, score: np.ndarray | None = None) -> int:
+        """Add rows for the (t, element) pairs in ``mask`` that are not in the LP yet;
+        with clusters (``thin``) only the highest ``score`` (T, n) (how far beyond the
+        limit, row units) of each (interval, cluster)."""
         mask = mask & (self.row[kind] < 0) & self._ok(kind)
+        if self.cluster is not None:  # rows no DER setting can satisfy (linear model): a
+            # control action (a regulator tap) moved them; left to the AC check
+            lo, hi = self._range["i" if kind == "i_max" else "v"]
+            b = self.rhs(kind)
+            fix = (hi >= b - 1e-9) if kind == "v_min" else (lo <= b + 1e-9)
+            self.n_unfixable += int((mask & ~fix).sum())
+            mask &= fix
+        if self.cluster is not None and score is not None:
+            mask = thin_mask(mask, score, self.cluster[kind])
         t, e = np.nonzero(mask)
         if t.size == 0:
             return 0
@@ -317,6 +344,14 @@ class NetworkRows:
         G = self.g_rows(kind, ue)[inv].tocsr()
         G.indices = (G.indices + np.repeat(t * self.lay.nv, np.diff(G.indptr))).astype(np.int32)
         G = sp.csr_matrix((G.data, G.indices, G.indptr), shape=(t.size, self.lay.n_cols))
+        if self.elastic is not None:  # slack column per row, priced per pu or A beyond
+            pen = self.elastic[1] if kind == "i_max" else self.elastic[0]
+            cols = self.lp.add_cols(np.full(t.size, pen), np.zeros(t.size),
+                                    np.full(t.size, INF))
+            n = int(cols[-1]) + 1
+            G = sp.csr_matrix((G.data, G.indices, G.indptr), shape=(t.size, n)) + sp.csr_matrix(
+                (np.full(t.size, 1.0 if kind == "v_min" else -1.0), (np.arange(t.size), cols)),
+                shape=(t.size, n))
         b = self.rhs(kind)[t, e]
         lo, hi = (b, np.full(b.size, INF)) if kind == "v_min" else (np.full(b.size, -INF), b)
         idx = self.lp.add_rows(RowBlock(G, lo, hi, np.full(t.size, kind, dtype=object),
@@ -329,6 +364,33 @@ class NetworkRows:
         n = 0
         for kind in self.row:
             val, b = self.lhs(kind, x), self.rhs(kind)
-            bad = (val < b - tol) if kind == "v_min" else (val > b + tol)
-            n += self.add(kind, bad)
+            over = (b - val) if kind == "v_min" else (val - b)
+            n += self.add(kind, over > tol, score=over)
         return n
+
+
+def direction_clusters(m: Sens, n_proj: int = 8, width: float = 0.05, seed: int = 0
+                       ) -> np.ndarray:
+    """Cluster id (n,) of the rows of ``m`` (n, n_der) by direction: rows projected on
+    ``n_proj`` random directions, normalised, and binned at ``width``; rows that share
+    every bin (near-parallel sensitivities) share an id, all-zero rows get their own."""
+    r = np.random.default_rng(seed).standard_normal((m.shape[1], n_proj))
+    proj = np.asarray(m @ r)
+    norm = np.linalg.norm(proj, axis=1, keepdims=True)
+    key = np.floor(proj / np.maximum(norm, 1e-300) / width).astype(np.int64)
+    _u, cid = np.unique(key, axis=0, return_inverse=True)
+    return cid.ravel()
+
+
+def thin_mask(mask: np.ndarray, score: np.ndarray, cluster: np.ndarray) -> np.ndarray:
+    """Keep, of the True entries of ``mask`` (T, n), only the highest ``score`` per
+    (interval, ``cluster`` of the column)."""
+    t, e = np.nonzero(mask)
+    if t.size == 0:
+        return mask
+    key = t * (int(cluster.max()) + 1) + cluster[e]
+    o = np.lexsort((-score[t, e], key))
+    first = np.r_[True, key[o][1:] != key[o][:-1]]
+    out = np.zeros_like(mask)
+    out[t[o][first], e[o][first]] = True
+    return out

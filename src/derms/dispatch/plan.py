@@ -153,8 +153,9 @@ class Planner:
         self.net = NetworkRows(self.lp, lay, grid.sens, self.ep, self.eq, self.cp, grid.limits,
                                der_box(a, objective.allow_pv_q), objective.export_limit_kw,
                                grid.node_names, grid.branch_names,
-                               near_pu=0.0 if big else 0.01, near_frac=0.0 if big else 0.1,
-                               drop_rel=0.02 if big else 0.0)
+                               near_pu=-1e-6 if big else 0.01,
+                               near_frac=-1e-6 if big else 0.1,
+                               drop_rel=0.02 if big else 0.0, thin=big)
         self._add_element_peak()
         self.net.set_reference(grid.uncontrolled)
         self._set_extra_bounds()

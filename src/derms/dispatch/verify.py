@@ -281,14 +281,14 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         planner.recenter(ref)
         over = ac.over_limit(res)
         for kind, mask in over.items():
+            val = res.v_pu if kind != "i_max" else res.i_a
+            lim = getattr(ac.net_limits, kind)
             again = mask & seen[kind]  # the linear model was optimistic here twice
             if again.any():
-                val = res.v_pu if kind != "i_max" else res.i_a
-                lim = getattr(ac.net_limits, kind)
                 planner.net.margin[kind][again] += np.abs(val - lim)[again] + (
                     5e-4 if kind != "i_max" else 0.5)
             seen[kind] |= mask
-            planner.net.add(kind, mask)
+            planner.net.add(kind, mask, score=np.abs(val - lim))
         planner.recenter(ref)  # margins enter the bounds
         planner.solve_linear()
     timing["solve_s"] = planner.lp.solve_s
