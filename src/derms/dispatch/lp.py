@@ -260,7 +260,7 @@ class HighsLP:
 
     def __init__(self, cost: np.ndarray, col_lo: np.ndarray, col_hi: np.ndarray,
                  rows: RowBlock) -> None:
-        self.h = highspy.Highs()
+        self.h = _quiet_highs()
         self.h.setOptionValue("output_flag", False)
         self.h.setOptionValue("threads", 1)
         lp = highspy.HighsLp()
@@ -326,3 +326,23 @@ class HighsLP:
         sol = self.h.getSolution()
         return (np.asarray(sol.col_value), np.asarray(sol.row_value),
                 np.asarray(sol.row_dual))
+
+
+def _quiet_highs():
+    """A ``highspy.Highs`` without its banner: HiGHS prints it to the process's stdout (fd 1)
+    while constructing, before any option can be set, which polluted the CLI's output."""
+    import os
+    import sys
+
+    import highspy
+
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(devnull)
+        os.close(saved)
+
