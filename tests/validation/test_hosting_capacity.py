@@ -107,3 +107,20 @@ def test_bad_sites_are_input_errors(ieee13):
 @pytest.mark.parametrize("kind", ["pv", "load"])
 def test_ieee123_every_primary_bus(ieee123, kind):
     _compare(ieee123, resolve_sites(ieee123), kind)
+
+
+def test_grouped_verification_tracks_brute_force_on_ieee13(ieee13):
+    """One AC-verified site per binding constraint, its correction applied to the group:
+    within 5 % / 10 kW of the AC bisection on the IEEE 13 buses."""
+    from derms.analysis.hosting_brute import hosting_capacity_brute
+    from derms.analysis.hosting_capacity import hosting_capacity_fast, resolve_sites
+
+    sites = resolve_sites(ieee13)
+    for kind in ("pv", "load"):
+        g = hosting_capacity_fast(ieee13, sites, kind, verify="groups").table
+        b = hosting_capacity_brute(ieee13, sites, kind).table
+        err = (g["hc_kw"] - b["hc_kw"]).abs()
+        ok = err <= (0.05 * b["hc_kw"]).clip(lower=10.0)
+        assert ok.mean() >= 0.9, (kind, err.max())
+        assert (g["method"] == "fast-groups").all()
+        assert g["n_ac_solves"].sum() < b["n_ac_solves"].sum() / 3

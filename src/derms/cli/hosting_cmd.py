@@ -26,7 +26,7 @@ from derms.errors import InputError
 app = typer.Typer(help="Snapshot hosting capacity.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 
-METHODS = ("fast", "brute-force", "linear")
+METHODS = ("fast", "fast-groups", "brute-force", "linear")
 
 
 def parse_buses(text: str | None) -> list[str] | None:
@@ -47,8 +47,10 @@ def hosting_capacity(
     kind: Annotated[str, typer.Option(
         help="pv (generation: export), load (EV charging: import) or both.")] = "pv",
     method: Annotated[str, typer.Option(
-        help="fast (linear sensitivities, AC-verified near the limit), brute-force (AC "
-             "bisection, the reference) or linear (no AC verification).")] = "fast",
+        help="fast (linear sensitivities, every site AC-verified near the limit), fast-groups "
+             "(one AC-verified site per binding constraint, its correction applied to the "
+             "group), brute-force (AC bisection, the reference) or linear (no AC "
+             "verification).")] = "fast",
     buses: Annotated[str | None, typer.Option(
         help="Comma-separated buses, optionally with phases: 671,611.3,684.1.3 (default: "
              "every energised primary bus, >= 1 kV line-to-neutral, but the source bus).")
@@ -131,7 +133,9 @@ def hosting_capacity(
                                                         on_progress=progress)
                 else:
                     results[k] = hosting_capacity_fast(engine, sites, k, criteria,
-                                                       verify=method == "fast", index=index,
+                                                       verify={"fast": True, "fast-groups": "groups",
+                                                               "linear": False}[method],
+                                                       index=index,
                                                        on_progress=progress)
     report = HostingReport(feeder, results, method, str(path))
     with output_folder(out, force) as tmp:
