@@ -344,3 +344,30 @@ def test_without_telemetry_power_flow_of_pseudo_measurements(feeder):
             f"{fid}-pv", f"{fid}-bat", f"{fid}-ev"}
     finally:
         monitor.close()
+
+
+def test_monitor_process_runs_and_reacts_to_topology(feeder, db_url):
+    """What `derms serve --monitor-period-s` runs: the cycle in a child process (its engines
+    never touch the server's threads), results pumped back; a topology notice re-runs."""
+    from derms.monitoring.process import MonitorProcess
+
+    fid, db = feeder
+    proc = MonitorProcess(db.url.render_as_string(hide_password=False), period_s=3600)
+    try:
+        proc.start()
+        assert proc.wait_for_runs(fid, 1, timeout=180), proc.last_error(fid)
+        first = proc.latest(fid)
+        assert first is not None and first.topology == {}
+        assert fid in proc.monitors
+        with make_session_factory(db).begin() as s:
+            s.add(TopologyEvent(feeder_id=fid, switch="671692", state=SwitchState.OPEN,
+                                t=first.t - timedelta(seconds=1)))
+        proc.notify_topology_change(fid)
+        assert proc.wait_for_runs(fid, 2, timeout=180)
+        second = proc.latest(fid)
+        assert second.topology == {"671692": "open"}
+        dead = dict(zip(second.node_names, second.v_pu))
+        assert dead["675.1"] < 0.1 and dead["692.1"] < 0.1
+    finally:
+        proc.close()
+    assert not proc.alive

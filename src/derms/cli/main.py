@@ -275,10 +275,10 @@ def serve(
         ingest.start()
     loop = None
     if monitor_period_s > 0:
-        from derms.monitoring import MonitorLoop, monitors_from_store
+        from derms.monitoring.process import MonitorProcess
 
-        db = api.state.engine
-        loop = MonitorLoop(period_s=monitor_period_s, factory=lambda: monitors_from_store(db))
+        # the cycle's OpenDSS engines live in a child process (see docs/ARCHITECTURE.md)
+        loop = MonitorProcess(settings.database_url, monitor_period_s)
         api.state.monitor = loop
         loop.start()
     from derms.monitoring.forecast_schedule import ForecastSchedule

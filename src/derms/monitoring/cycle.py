@@ -44,12 +44,15 @@ class MonitorLoop(BackgroundLoop):
 
     def __init__(self, monitors: dict[str, FeederMonitor] | None = None, *,
                  period_s: float = 60.0, clock: Callable[[], datetime] = utcnow,
-                 factory: Callable[[], dict[str, FeederMonitor]] | None = None) -> None:
+                 factory: Callable[[], dict[str, FeederMonitor]] | None = None,
+                 on_result: Callable[[str, FeederState | None, RunError | None], None]
+                 | None = None) -> None:
         self.monitors: dict[str, FeederMonitor] = dict(monitors or {})
         # ``factory`` builds the monitors on the loop's own thread when it starts, so
         # that every OpenDSS engine is created, used and closed by that one thread
         # (dss-python contexts used across threads crashed; see docs/ARCHITECTURE.md)
         self._factory = factory
+        self._on_result = on_result  # called on the loop's thread after every run
         self._owned: list[FeederMonitor] = []
         self.period_s = float(period_s)
         self.clock = clock
@@ -111,6 +114,11 @@ class MonitorLoop(BackgroundLoop):
                 self._errors[feeder_id] = err
             self._runs[feeder_id] = self._runs.get(feeder_id, 0) + 1
             self._cond.notify_all()
+        if self._on_result is not None:
+            try:
+                self._on_result(feeder_id, state, None if state is not None else err)
+            except Exception:  # a listener must not stop the cycle
+                log.exception("monitor_on_result_failed feeder=%s", feeder_id)
         return state
 
     def _on_start(self) -> None:

@@ -1,0 +1,132 @@
+"""The monitoring cycle in its own process (what ``derms serve --monitor-period-s`` runs).
+
+dss-python contexts created on more than one thread of a process crashed (see
+docs/ARCHITECTURE.md). The server's threads therefore never touch an engine: a spawned
+child process runs :class:`~derms.monitoring.cycle.MonitorLoop` (whose one loop thread is
+the only engine user there) and sends every result back over a queue; a pump thread in
+the server keeps the latest state and error per feeder for the API, with the same read
+interface as the loop (``latest``, ``last_error``, ``runs``, ``monitors``,
+``notify_topology_change``, ``close``). If the child dies, the server stays up and the
+API answers that monitoring is not running for the feeders it lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+from datetime import datetime
+
+from derms.monitoring.cycle import RunError
+from derms.monitoring.feeder_monitor import FeederState
+
+log = logging.getLogger(__name__)
+
+
+def _child(database_url: str, period_s: float, out_q, cmd_q) -> None:
+    """Child process: build the monitors on the loop's thread, forward results, obey commands."""
+    from derms.monitoring.cycle import MonitorLoop, monitors_from_store
+    from derms.store.db import make_engine
+
+    db = make_engine(database_url)
+    loop = MonitorLoop(period_s=period_s, factory=lambda: monitors_from_store(db),
+                       on_result=lambda fid, state, err: out_q.put((fid, state, err)))
+    loop.start()
+    try:
+        while True:
+            cmd = cmd_q.get()
+            if cmd[0] == "stop":
+                break
+            if cmd[0] == "topology":
+                loop.notify_topology_change(cmd[1])
+    finally:
+        loop.close()
+        db.dispose()
+
+
+class MonitorProcess:
+    """Read side of a monitoring cycle running in a child process (see module docstring)."""
+
+    def __init__(self, database_url: str, period_s: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._out, self._cmd = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_child, args=(database_url, period_s, self._out,
+                                                      self._cmd), name="derms-monitor",
+                                 daemon=True)
+        self._lock = threading.Lock()
+        self._states: dict[str, FeederState] = {}
+        self._errors: dict[str, RunError] = {}
+        self._runs: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._pump = threading.Thread(target=self._receive, name="derms-monitor-pump",
+                                      daemon=True)
+
+    @property
+    def monitors(self) -> set[str]:
+        """Feeders with at least one result so far."""
+        with self._lock:
+            return set(self._runs)
+
+    def start(self) -> None:
+        self._proc.start()
+        self._pump.start()
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fid, state, err = self._out.get(timeout=0.5)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    log.error("monitor_process_died exitcode=%s", self._proc.exitcode)
+                    return
+                continue
+            with self._lock:
+                if state is not None:
+                    self._states[fid] = state
+                    self._errors.pop(fid, None)
+                else:
+                    self._errors[fid] = err
+                self._runs[fid] = self._runs.get(fid, 0) + 1
+
+    def latest(self, feeder_id: str) -> FeederState | None:
+        with self._lock:
+            return self._states.get(feeder_id)
+
+    def last_error(self, feeder_id: str) -> RunError | None:
+        with self._lock:
+            return self._errors.get(feeder_id)
+
+    def runs(self, feeder_id: str) -> int:
+        with self._lock:
+            return self._runs.get(feeder_id, 0)
+
+    def wait_for_runs(self, feeder_id: str, count: int, timeout: float) -> bool:
+        """True once ``feeder_id`` has ``count`` results (polls; for tests and start-up)."""
+        deadline = datetime.now().timestamp() + timeout
+        while datetime.now().timestamp() < deadline:
+            if self.runs(feeder_id) >= count:
+                return True
+            self._stop.wait(0.1)
+        return False
+
+    def notify_topology_change(self, feeder_id: str) -> None:
+        self._cmd.put(("topology", feeder_id))
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the child (its engines are closed by its loop thread) and the pump."""
+        if self._proc.is_alive():
+            self._cmd.put(("stop",))
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                self._proc.terminate()
+        self._stop.set()
+        if self._pump.is_alive():
+            self._pump.join(5)
+        for q in (self._out, self._cmd):
+            q.close()
+            q.join_thread()
