@@ -9,6 +9,7 @@ memory for the API. A failing feeder is logged and keeps its previous state; the
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,49 @@ log = logging.getLogger(__name__)
 class RunError:
     t: datetime
     error: str
+
+
+class MonitorResults:
+    """Latest state, last error and run count per feeder, thread-safe (the read side of the
+    monitoring cycle, in process or in a child process)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._states: dict[str, FeederState] = {}
+        self._errors: dict[str, RunError] = {}
+        self._runs: dict[str, int] = {}
+
+    def record(self, feeder_id: str, state: FeederState | None, err: RunError | None) -> None:
+        with self._cond:
+            if state is not None:
+                self._states[feeder_id] = state
+                self._errors.pop(feeder_id, None)
+            else:
+                self._errors[feeder_id] = err
+            self._runs[feeder_id] = self._runs.get(feeder_id, 0) + 1
+            self._cond.notify_all()
+
+    def latest(self, feeder_id: str) -> FeederState | None:
+        with self._cond:
+            return self._states.get(feeder_id)
+
+    def last_error(self, feeder_id: str) -> RunError | None:
+        with self._cond:
+            return self._errors.get(feeder_id)
+
+    def runs(self, feeder_id: str) -> int:
+        """Completed runs (successful or not) of a feeder."""
+        with self._cond:
+            return self._runs.get(feeder_id, 0)
+
+    def feeders(self) -> set[str]:
+        with self._cond:
+            return set(self._runs)
+
+    def wait_for_runs(self, feeder_id: str, count: int, timeout: float) -> bool:
+        """Block until ``feeder_id`` has completed ``count`` runs (False on timeout)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._runs.get(feeder_id, 0) >= count, timeout)
 
 
 class MonitorLoop(BackgroundLoop):
@@ -58,9 +102,9 @@ class MonitorLoop(BackgroundLoop):
         self.clock = clock
         super().__init__()
         self._pending: set[str] = set()
-        self._states: dict[str, FeederState] = {}
-        self._errors: dict[str, RunError] = {}
-        self._runs: dict[str, int] = {}
+        self.results = MonitorResults()
+        self.latest, self.last_error = self.results.latest, self.results.last_error
+        self.runs, self.wait_for_runs = self.results.runs, self.results.wait_for_runs
 
     # -- registry and results -------------------------------------------------------------
     def add(self, monitor: FeederMonitor) -> None:
@@ -69,19 +113,6 @@ class MonitorLoop(BackgroundLoop):
             self._pending.add(monitor.feeder_id)
             self._cond.notify_all()
 
-    def latest(self, feeder_id: str) -> FeederState | None:
-        with self._lock:
-            return self._states.get(feeder_id)
-
-    def last_error(self, feeder_id: str) -> RunError | None:
-        with self._lock:
-            return self._errors.get(feeder_id)
-
-    def runs(self, feeder_id: str) -> int:
-        """Completed runs (successful or not) of a feeder."""
-        with self._lock:
-            return self._runs.get(feeder_id, 0)
-
     def notify_topology_change(self, feeder_id: str) -> None:
         """Re-estimate ``feeder_id`` now (e.g. a switch changed); unknown ids are ignored."""
         with self._cond:
@@ -89,12 +120,6 @@ class MonitorLoop(BackgroundLoop):
                 self._pending.add(feeder_id)
                 self._cond.notify_all()
 
-    def wait_for_runs(self, feeder_id: str, count: int, timeout: float) -> bool:
-        """Block until ``feeder_id`` has completed ``count`` runs (False on timeout)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._runs.get(feeder_id, 0) >= count, timeout)
-
-    # -- running --------------------------------------------------------------------------
     def run_feeder(self, feeder_id: str) -> FeederState | None:
         """Run one feeder now in the calling thread; record its state or error."""
         monitor = self.monitors[feeder_id]
@@ -106,14 +131,7 @@ class MonitorLoop(BackgroundLoop):
             log.exception("monitor_run_failed feeder=%s", feeder_id)
             err = RunError(now, f"{type(exc).__name__}: {exc}" if isinstance(exc, DermsError)
                            else type(exc).__name__)
-        with self._cond:
-            if state is not None:
-                self._states[feeder_id] = state
-                self._errors.pop(feeder_id, None)
-            else:
-                self._errors[feeder_id] = err
-            self._runs[feeder_id] = self._runs.get(feeder_id, 0) + 1
-            self._cond.notify_all()
+        self.results.record(feeder_id, state, None if state is not None else err)
         if self._on_result is not None:
             try:
                 self._on_result(feeder_id, state, None if state is not None else err)

@@ -16,10 +16,8 @@ import logging
 import multiprocessing
 import queue
 import threading
-from datetime import datetime
 
-from derms.monitoring.cycle import RunError
-from derms.monitoring.feeder_monitor import FeederState
+from derms.monitoring.cycle import MonitorResults
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +52,9 @@ class MonitorProcess:
         self._proc = ctx.Process(target=_child, args=(database_url, period_s, self._out,
                                                       self._cmd), name="derms-monitor",
                                  daemon=True)
-        self._lock = threading.Lock()
-        self._states: dict[str, FeederState] = {}
-        self._errors: dict[str, RunError] = {}
-        self._runs: dict[str, int] = {}
+        self.results = MonitorResults()
+        self.latest, self.last_error = self.results.latest, self.results.last_error
+        self.runs, self.wait_for_runs = self.results.runs, self.results.wait_for_runs
         self._stop = threading.Event()
         self._pump = threading.Thread(target=self._receive, name="derms-monitor-pump",
                                       daemon=True)
@@ -65,8 +62,7 @@ class MonitorProcess:
     @property
     def monitors(self) -> set[str]:
         """Feeders with at least one result so far."""
-        with self._lock:
-            return set(self._runs)
+        return self.results.feeders()
 
     def start(self) -> None:
         self._proc.start()
@@ -81,34 +77,7 @@ class MonitorProcess:
                     log.error("monitor_process_died exitcode=%s", self._proc.exitcode)
                     return
                 continue
-            with self._lock:
-                if state is not None:
-                    self._states[fid] = state
-                    self._errors.pop(fid, None)
-                else:
-                    self._errors[fid] = err
-                self._runs[fid] = self._runs.get(fid, 0) + 1
-
-    def latest(self, feeder_id: str) -> FeederState | None:
-        with self._lock:
-            return self._states.get(feeder_id)
-
-    def last_error(self, feeder_id: str) -> RunError | None:
-        with self._lock:
-            return self._errors.get(feeder_id)
-
-    def runs(self, feeder_id: str) -> int:
-        with self._lock:
-            return self._runs.get(feeder_id, 0)
-
-    def wait_for_runs(self, feeder_id: str, count: int, timeout: float) -> bool:
-        """True once ``feeder_id`` has ``count`` results (polls; for tests and start-up)."""
-        deadline = datetime.now().timestamp() + timeout
-        while datetime.now().timestamp() < deadline:
-            if self.runs(feeder_id) >= count:
-                return True
-            self._stop.wait(0.1)
-        return False
+            self.results.record(fid, state, err)
 
     def notify_topology_change(self, feeder_id: str) -> None:
         self._cmd.put(("topology", feeder_id))
