@@ -28,12 +28,12 @@ import numpy as np
 
 from derms.analysis.hosting_brute import hosting_capacity_brute
 from derms.analysis.hosting_capacity import (
-    freeze_base_case,
     hosting_capacity_fast,
     resolve_sites,
 )
 from derms.grid.bundled import resolve_master
 from derms.powerflow.collect import build_index
+from derms.powerflow.control_state import freeze_base_case
 from derms.powerflow.engine import OpenDSSEngine
 
 

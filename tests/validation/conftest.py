@@ -11,10 +11,10 @@ from tests.conftest import shared_master
 
 def frozen_engine(name: str) -> OpenDSSEngine:
     """A reference feeder solved once with controls acting, then controls frozen."""
+    from derms.powerflow.control_state import freeze_base_case
+
     engine = OpenDSSEngine(shared_master(name), SolveSettings(tolerance=1e-8))
-    engine.solve_snapshot()
-    engine.set_control_mode("off")
-    engine.solve_snapshot()
+    freeze_base_case(engine)
     return engine
 
 

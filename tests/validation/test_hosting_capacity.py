@@ -11,33 +11,12 @@ import pytest
 from derms.analysis.hosting_brute import hosting_capacity_brute
 from derms.analysis.hosting_capacity import (
     HostingCriteria,
-    freeze_base_case,
     hosting_capacity_fast,
     resolve_sites,
 )
 from derms.errors import InputError
-from derms.grid.bundled import resolve_master
-from derms.powerflow.engine import OpenDSSEngine
 
-
-def _engine(name: str) -> OpenDSSEngine:
-    engine = OpenDSSEngine(resolve_master(name))
-    freeze_base_case(engine)
-    return engine
-
-
-@pytest.fixture(scope="module")
-def ieee13():
-    engine = _engine("ieee13")
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def ieee123():
-    engine = _engine("ieee123")
-    yield engine
-    engine.close()
+# ieee13 / ieee123: the frozen reference feeders of tests/validation/conftest.py
 
 
 def _within(fast, brute) -> np.ndarray:

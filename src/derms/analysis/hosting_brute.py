@@ -59,7 +59,7 @@ def hosting_capacity_brute(
     on_progress: Progress | None = None,
 ) -> HostingResult:
     """Reference hosting capacity of ``sites`` by AC bisection (engine frozen and solved,
-    see :func:`derms.analysis.hosting_capacity.freeze_base_case`; left at its base case)."""
+    see :func:`derms.powerflow.control_state.freeze_base_case`; left at its base case)."""
     t0 = time.perf_counter()
     criteria = criteria or HostingCriteria()
     sign = _sign(kind)

@@ -137,15 +137,6 @@ class HostingResult:
 # ----------------------------------------------------------------------------- base case
 
 
-def freeze_base_case(engine: OpenDSSEngine) -> None:
-    """Solve the base case with controls acting, then freeze them (taps, capacitors) and
-    solve again at that state (ConvergenceError when it does not converge)."""
-    engine.set_control_mode("static")
-    engine.solve_snapshot()
-    engine.set_control_mode("off")
-    engine.solve_snapshot()
-
-
 def resolve_sites(engine: OpenDSSEngine, buses: Sequence[str] | None = None, *,
                   primary_kv_min: float = 1.0) -> list[Site]:
     """Sites from bus specs: ``"671"`` (all its phases 1-3), ``"611.3"`` or ``"671.1.2"``.
@@ -485,7 +476,7 @@ def hosting_capacity_fast(
     ``verify``: True verifies every site; "groups" one site per binding constraint (see
     :func:`_verify_groups`); False returns the linear estimates.
 
-    ``engine`` must be solved with controls frozen (:func:`freeze_base_case`); it is left
+    ``engine`` must be solved with controls frozen (:func:`derms.powerflow.control_state.freeze_base_case`); it is left
     at its base-case solution. ``kind`` "pv" (export, net import -P) or "load" (+P).
     """
     t0 = time.perf_counter()

@@ -97,13 +97,13 @@ def hosting_capacity(
     from derms.analysis.hosting_brute import hosting_capacity_brute
     from derms.analysis.hosting_capacity import (
         HostingCriteria,
-        freeze_base_case,
         hosting_capacity_fast,
         resolve_sites,
     )
     from derms.grid.bundled import resolve_master
     from derms.grid.opendss_import import read_feeder
     from derms.powerflow.collect import build_index
+    from derms.powerflow.control_state import freeze_base_case
     from derms.powerflow.engine import OpenDSSEngine, SolveSettings
     from derms.reports.hosting_html import HostingReport, write_hosting_outputs
 

@@ -55,3 +55,13 @@ def restore_control_state(engine: OpenDSSEngine, state: ControlState) -> None:
     for name, states in state.capacitors:
         cp.Name = name
         cp.States = list(states)
+
+
+def freeze_base_case(engine: OpenDSSEngine) -> None:
+    """Solve the base case with controls acting, then freeze them (taps, capacitors) and
+    solve again at that state (ConvergenceError when it does not converge)."""
+    engine.set_control_mode("static")
+    engine.solve_snapshot()
+    engine.set_control_mode("off")
+    engine.solve_snapshot()
+
