@@ -476,8 +476,9 @@ def hosting_capacity_fast(
     ``verify``: True verifies every site; "groups" one site per binding constraint (see
     :func:`_verify_groups`); False returns the linear estimates.
 
-    ``engine`` must be solved with controls frozen (:func:`derms.powerflow.control_state.freeze_base_case`); it is left
-    at its base-case solution. ``kind`` "pv" (export, net import -P) or "load" (+P).
+    ``engine`` must be solved with controls frozen
+    (:func:`derms.powerflow.control_state.freeze_base_case`); it is left at its base-case
+    solution. ``kind`` "pv" (export, net import -P) or "load" (+P).
     """
     t0 = time.perf_counter()
     criteria = criteria or HostingCriteria()
