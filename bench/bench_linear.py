@@ -12,12 +12,17 @@ frozen (``controlmode=off``) at that operating point:
   *same-sign*: every node pushes the same way, the net total is the drawn share;
   *mixed*: each node has its own random sign, the sum of magnitudes is the drawn share.
   ``|V0|+u`` is the error of the plain first-order readout, for comparison.
+* **mirror / bound** (notes; off with ``--no-mirror``): each draw is solved again with every
+  sign flipped (an equally likely draw), and :func:`~derms.powerflow.linear_check.mirror_bound`
+  gives the least error *any* model linear in ``|V|^2`` and exact at zero injection (the
+  form the optimisers use) must make on one of the two: the curvature of the AC solution.
 * **build with branches**: the same with ``branches=True`` (branch-current sensitivities
   too), in the notes under the table.
 * **AC s**: median time of one OpenDSS solve with the injections (reference), and the
   ratio build / AC.
 
-Run: ``.venv/bin/python bench/bench_linear.py [--draws 20] [--share 0.5] [--only 8500]``
+Run: ``.venv/bin/python bench/bench_linear.py [--draws 40] [--share 0.5] [--only 8500]
+[--no-mirror]``
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings  # noqa: E402
 from derms.powerflow.linear import build_linear_model, solve_ac_with_injections  # noqa: E402
-from derms.powerflow.linear_check import draw_injections  # noqa: E402
+from derms.powerflow.linear_check import draw_injections, mirror_bound  # noqa: E402
 
 _SHARED = REPO.parent / "shared" / "feeders" / "IEEETestCases"
 _BUNDLED = REPO / "src" / "derms" / "data" / "feeders"
@@ -55,7 +60,7 @@ def _draw(engine, seed: int, share: float, mixed: bool, excluded: set[str]):
                            excluded=excluded)
 
 
-def run_feeder(key: str, draws: int, share: float) -> dict:
+def run_feeder(key: str, draws: int, share: float, mirror: bool) -> dict:
     engine = OpenDSSEngine(FEEDERS[key], SolveSettings(tolerance=1e-8))
     engine.solve_snapshot()
     engine.set_control_mode("off")
@@ -77,22 +82,35 @@ def run_feeder(key: str, draws: int, share: float) -> dict:
     out = {"feeder": f"IEEE {key}", "nodes": n, "inj": len(nodes), "build": min(walls),
            "build_med": statistics.median(walls), "build_cpu": min(cpus), "ac": [],
            "build_br": min(br_walls)}
+    ok = None
     for mixed in (False, True):
-        err, err_taylor = [], []
+        err, err_taylor, err_mirror, bound = [], [], [], []
         for seed in range(draws):
             model, p, q = _draw(engine, seed, share, mixed, excluded)
+            ok = model.v0_pu > 0 if ok is None else ok
             t0 = time.perf_counter()
             v_ac = solve_ac_with_injections(engine, model.injection_nodes, p, q, restore=False)
             out["ac"].append(time.perf_counter() - t0)
             engine.solve()  # back to the operating point (untimed)
-            err.append(np.abs(v_ac - model.predict_v_pu(p, q)).max())
+            err.append(np.abs(v_ac - model.predict_v_pu(p, q))[ok].max())
             u = model.dv_dp_pu_per_kw @ p + model.dv_dq_pu_per_kvar @ q
-            err_taylor.append(np.abs(v_ac - model.v0_pu - u).max())
+            err_taylor.append(np.abs(v_ac - model.v0_pu - u)[ok].max())
+            if mirror:  # the same draw with every sign flipped, and the class bound
+                _, e_b, lb = mirror_bound(engine, model, p, q)
+                err_mirror.append(e_b)
+                bound.append(lb)
             print(f"  {key} {'mixed' if mixed else 'same'} seed {seed}: err {err[-1]:.5f} "
-                  f"(|V0|+u {err_taylor[-1]:.5f})", file=sys.stderr)
+                  f"(|V0|+u {err_taylor[-1]:.5f})"
+                  + (f" mirror {err_mirror[-1]:.5f} bound {bound[-1]:.5f}" if mirror else ""),
+                  file=sys.stderr)
         tag = "mixed" if mixed else "same"
         out[tag], out[tag + "_taylor"] = max(err), max(err_taylor)
         out[tag + "_seed"] = int(np.argmax(err))
+        out[tag + "_le01"] = sum(e <= 0.01 for e in err)
+        if mirror:
+            out[tag + "_mirror"], out[tag + "_bound"] = max(err_mirror), max(bound)
+            out[tag + "_bound_seed"] = int(np.argmax(bound))
+            out[tag + "_bound_gt01"] = sum(b > 0.01 for b in bound)
     out["excluded"] = sorted(excluded)
     engine.close()
     return out
@@ -100,14 +118,17 @@ def run_feeder(key: str, draws: int, share: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--draws", type=int, default=20)
+    ap.add_argument("--draws", type=int, default=40)
+    ap.add_argument("--no-mirror", action="store_true",
+                    help="skip the mirrored draws and the lower bound (half the AC solves)")
     ap.add_argument("--share", type=float, default=0.5, help="max |total| / feeder load")
     ap.add_argument("--only", choices=sorted(FEEDERS), action="append")
     args = ap.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), "?")
     load0 = os.getloadavg()[0]
-    rows = [run_feeder(k, args.draws, args.share) for k in (args.only or ["123", "8500"])]
+    rows = [run_feeder(k, args.draws, args.share, not args.no_mirror)
+            for k in (args.only or ["123", "8500"])]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     print(f"commit {commit}, {cpu} ({os.cpu_count()} cores), load avg {load0:.2f} -> "
@@ -127,8 +148,16 @@ def main() -> None:
         print(f"- {r['feeder']}: build wall min {r['build']:.3f} s, median "
               f"{r['build_med']:.3f} s, CPU {r['build_cpu']:.3f} s; with branch-current "
               f"sensitivities (branches=True) {r['build_br']:.3f} s; worst draws: same-sign "
-              f"seed {r['same_seed']}, mixed seed {r['mixed_seed']}; nodes left out as "
-              f"ungrounded: {', '.join(r['excluded']) or 'none'}")
+              f"seed {r['same_seed']}, mixed seed {r['mixed_seed']}; draws <= 0.01 pu: "
+              f"same-sign {r['same_le01']}, mixed {r['mixed_le01']} of {args.draws}; nodes "
+              f"left out as ungrounded: {', '.join(r['excluded']) or 'none'}")
+        if "mixed_bound" in r:
+            print(f"  - mirrored draws (-p, -q): max err same-sign {r['same_mirror']:.4f}, "
+                  f"mixed {r['mixed_mirror']:.4f}; least error any model linear in |V|^2 "
+                  f"allows on a draw and its mirror (linear_check.mirror_bound): same-sign "
+                  f"{r['same_bound']:.4f} (seed {r['same_bound_seed']}, "
+                  f"{r['same_bound_gt01']} draws > 0.01), mixed {r['mixed_bound']:.4f} (seed "
+                  f"{r['mixed_bound_seed']}, {r['mixed_bound_gt01']} draws > 0.01)")
     if load0 > 1.5:
         print("- NOTE: load average near the core count; wall times include other jobs.")
 

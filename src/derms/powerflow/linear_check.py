@@ -70,3 +70,27 @@ def linearisation_error(engine: OpenDSSEngine, model: LinearModel, p_kw: np.ndar
     """Largest node |V| difference [pu] between the linear prediction and the AC solve."""
     v_ac = solve_ac_with_injections(engine, model.injection_nodes, p_kw, q_kvar)
     return float(np.abs(v_ac - model.predict_v_pu(p_kw, q_kvar)).max())
+
+
+def mirror_bound(engine: OpenDSSEngine, model: LinearModel, p_kw: np.ndarray,
+                 q_kvar: np.ndarray) -> tuple[float, float, float]:
+    """Errors on a draw and its mirror, and the least error any squared-magnitude model allows.
+
+    A model linear in ``|V|^2`` and exact at zero injection (as :class:`LinearModel` and
+    the optimisers that take its ``u`` rows) predicts ``|V(s)|^2 + |V(-s)|^2 = 2 |V0|^2``
+    for the draw ``s`` and its mirror ``-s``. The AC solves ``a``, ``b`` break that by
+    their curvature, so at every node one of the two errors is at least about
+    ``|(a^2 + b^2) / 2 - |V0|^2| / (a + b)`` [pu], whatever the sensitivities.
+
+    Returns
+    -------
+    (error on s, error on -s, lower bound) [pu], maxima over the energised nodes.
+    """
+    v0 = model.v0_pu
+    ok = v0 > 0
+    a = solve_ac_with_injections(engine, model.injection_nodes, p_kw, q_kvar)
+    b = solve_ac_with_injections(engine, model.injection_nodes, -p_kw, -q_kvar)
+    e_a = np.abs(a - model.predict_v_pu(p_kw, q_kvar))[ok].max()
+    e_b = np.abs(b - model.predict_v_pu(-p_kw, -q_kvar))[ok].max()
+    bound = np.abs(((a**2 + b**2) / 2 - v0**2) / (a + b))[ok].max()
+    return float(e_a), float(e_b), float(bound)
