@@ -1,30 +1,40 @@
 """State estimation benchmark: IEEE 8500 with AMI at every service transformer + SCADA head.
 
-Scenario (as ``tests/validation/test_state_estimation.py``): the feeder is compiled and
-solved once with controls acting, then taps and capacitors are frozen. Per seed: every
-load's P and Q is drawn as base x U(0.5, 1.5); the AC solve is the truth. Measurements:
-one AMI voltage per service transformer (1,177 meters, at the customer bus it feeds),
-SCADA head voltage (3 phases at the LTC output) and head P/Q per phase, each the truth +
-Gaussian noise of sigma = ``noise`` x value; pseudo-measurements: the base loads with
-sigma = 50 %. Two noise levels: sigma = 1 % and sigma = 1/3 % (1 % read as 3 sigma).
+Scenario (``make_scenario`` of ``tests/validation/test_state_estimation.py``): the feeder is
+compiled and solved once with controls acting, then taps and capacitors are frozen. Per
+seed: every load's P and Q is drawn as base x U(1 - s, 1 + s), s = ``--spread`` (0.5); the
+AC solve is the truth. Measurements: one AMI voltage per service transformer (1,177 meters,
+at the customer bus it feeds), SCADA head voltage (3 phases at the LTC output) and head P/Q
+per phase, each the truth + Gaussian noise of sigma = ``noise`` x value. Configurations
+(``--configs``): ``v`` (AMI voltage only: the acceptance wording), ``v+p`` (+ AMI kW of every
+load, meter sigma = ``noise`` x reading), ``v+pq`` (+ kvar). Pseudo-measurements: the base
+loads with sigma = ``prior`` x value; ``--priors`` takes fractions or ``truth`` = the
+standard deviation of the truth's distribution, s / sqrt(3) (28.9 % at s = 0.5: a correctly
+specified prior). Two noise levels: sigma = 1 % and 1/3 % (1 % read as 3 sigma). The same
+seed gives the same truth and voltage noise in every configuration and prior.
 
 Columns:
 
-* **time s**: wall time of one ``estimate_state`` call (median over the seeds; max in the
-  notes): everything the user waits for after the feeder is compiled -- the first AC
-  solve at the pseudo loads, the linearisation, the adjoint solves, the Gauss-Newton AC
-  solves, residual statistics and the branch currents (the ``NetworkIndex`` is built once
-  per compiled feeder, before timing).
+* **wall s / cpu s**: wall and process CPU time of one ``estimate_state`` call (median over
+  the seeds; max wall in the notes): everything the user waits for after the feeder is
+  compiled -- the first AC solve at the pseudo loads, the linearisation, the adjoint solves,
+  the Gauss-Newton AC solves, residual statistics and the branch currents (the
+  ``NetworkIndex`` is built once per compiled feeder, before timing). On a shared machine
+  CPU time is the figure less disturbed by other jobs; ``uptime`` is printed before/after.
 * **max err / mean err pu**: ``|V_est - V_true|`` over all energised phase nodes (<= 3,
   > 0.1 pu), the largest over the seeds and the mean.
-* **AC s**: median time of one plain OpenDSS solve after a load change (the truth solves),
-  and the ratio estimate / AC.
+* **chi2/dof**: mean over the seeds; near 1 when the prior and noise sigmas are right
+  (the statistic a utility can use to check its own profile sigma, without a truth).
+
+``--sensitivity``: voltages only, sigma = 1 %, truth spreads s = 0.2 / 0.3 / 0.5 against
+assumed prior sigmas 10-50 % (max and mean error over the seeds).
 
 BLAS threads: OpenBLAS is pinned to 1 thread by default (``--blas-threads``); on this
 shared 2-core machine 2 threads made the dense Cholesky/products 2-10x slower and erratic
 whenever another process held a core. The variable is set before numpy is imported.
 
-Run: ``.venv/bin/python bench/bench_state_estimation.py [--seeds 5] [--blas-threads 1]``
+Run: ``.venv/bin/python bench/bench_state_estimation.py [--seeds 5] [--configs v,v+p,v+pq]
+[--priors truth,0.5] [--sensitivity]``
 """
 
 from __future__ import annotations
@@ -38,6 +48,10 @@ def _args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--blas-threads", type=int, default=1)
+    ap.add_argument("--configs", default="v,v+p,v+pq")
+    ap.add_argument("--priors", default="truth,0.5")
+    ap.add_argument("--spread", type=float, default=0.5)
+    ap.add_argument("--sensitivity", action="store_true")
     return ap.parse_args()
 
 
@@ -58,77 +72,98 @@ sys.path.insert(0, str(REPO))
 
 from derms.analysis.state_estimation import estimate_state
 from derms.powerflow.collect import build_index
+from tests.validation.conftest import frozen_engine
 from tests.validation.test_state_estimation import (
     HEAD_BUS,
     NOISE,
     load_table,
-    make_engine,
     make_scenario,
     meter_nodes_service_transformers,
     set_loads,
 )
 
 
-def run(seeds: int) -> list[dict]:
-    engine = make_engine("ieee8500")
-    index = build_index(engine)
-    meters = meter_nodes_service_transformers(engine)
-    names, p0, q0 = load_table(engine)
-    n_nodes = len(engine.node_names())
-    rows = []
-    for noise in (NOISE, NOISE / 3):
-        times, errs, means, iters, ac, conv, m = [], [], [], [], [], [], 0
-        for seed in range(seeds):
-            sc = make_scenario(engine, meters, seed, HEAD_BUS["ieee8500"], noise)
-            # reference: one plain AC solve after a load change (the truth solve again)
-            set_loads(engine, sc.p_true_kw, sc.q_true_kvar)
-            t0 = time.perf_counter()
-            engine.solve()
-            ac.append(time.perf_counter() - t0)
-            set_loads(engine, p0, q0)
-            engine.solve()
-            t0 = time.perf_counter()
-            est = estimate_state(engine, sc.meas, index=index)
-            times.append(time.perf_counter() - t0)
-            err = np.abs(est.v_pu - sc.v_true_pu)[sc.energised]
-            errs.append(err.max())
-            means.append(err.mean())
-            iters.append(est.iterations)
-            conv.append(est.converged)
-            m = len(sc.meas.v_nodes) + 2 * est.head_p_kw.size
-            set_loads(engine, p0, q0)
-            engine.solve()
-        rows.append({
-            "noise": noise, "nodes": n_nodes, "meas": m, "pseudo": 2 * len(names),
-            "iters": iters, "t_med": statistics.median(times), "t_max": max(times),
-            "err_max": max(errs), "err_mean": float(np.mean(means)),
-            "ac": statistics.median(ac), "conv": all(conv), "errs": errs,
-        })
-    engine.close()
-    return rows
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def _prior(text: str, spread: float) -> float:
+    return spread / np.sqrt(3) if text == "truth" else float(text)
+
+
+def run_case(engine, index, meters, p0, q0, seeds, noise, *, spread, prior, ami) -> dict:
+    walls, cpus, errs, means, iters, chi, conv = [], [], [], [], [], [], []
+    for seed in range(seeds):
+        sc = make_scenario(engine, meters, seed, HEAD_BUS["ieee8500"], noise, spread=spread,
+                           pseudo_sigma=prior, ami=ami.replace("v", "").replace("+", ""))
+        t0, c0 = time.perf_counter(), time.process_time()
+        est = estimate_state(engine, sc.meas, index=index)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        err = np.abs(est.v_pu - sc.v_true_pu)[sc.energised]
+        errs.append(err.max())
+        means.append(err.mean())
+        iters.append(est.iterations)
+        chi.append(est.chi2 / est.chi2_dof)
+        conv.append(est.converged)
+        set_loads(engine, p0, q0)
+        engine.solve()
+    return {"noise": noise, "prior": prior, "config": ami, "iters": iters,
+            "wall": statistics.median(walls), "wall_max": max(walls),
+            "cpu": statistics.median(cpus), "err_max": max(errs),
+            "err_mean": float(np.mean(means)), "chi": float(np.mean(chi)), "conv": all(conv),
+            "errs": errs}
 
 
 def main() -> None:
-    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True, check=False).stdout.strip()}",
-          file=sys.stderr)
-    rows = run(ARGS.seeds)
-    print(f"\nState estimation, IEEE 8500, {ARGS.seeds} seeds per row, "
-          f"OPENBLAS_NUM_THREADS={ARGS.blas_threads}\n")
-    hdr = ("| feeder | noise sigma | nodes | meas | pseudo | iterations | time s | "
-           "max err pu | mean err pu | AC s | time/AC |")
+    print(f"uptime: {_uptime()}", file=sys.stderr)
+    engine = frozen_engine("ieee8500")
+    index = build_index(engine)
+    meters = meter_nodes_service_transformers(engine)
+    _, p0, q0 = load_table(engine)
+    seeds = ARGS.seeds
+    if ARGS.sensitivity:
+        print(f"\nSensitivity, IEEE 8500, voltages only, sigma 1 %, {seeds} seeds: "
+              "max err pu (mean err pu)\n")
+        priors = (0.1, 0.15, 0.2, 0.289, 0.5)
+        print("| truth spread s (sd) | " + " | ".join(f"prior {100 * p:.0f} %" for p in priors)
+              + " |")
+        print("|---" * (len(priors) + 1) + "|")
+        for spread in (0.2, 0.3, 0.5):
+            cells = []
+            for prior in priors:
+                r = run_case(engine, index, meters, p0, q0, seeds, NOISE, spread=spread,
+                             prior=prior, ami="v")
+                cells.append(f"{r['err_max']:.4f} ({r['err_mean']:.5f})")
+            print(f"| ±{100 * spread:.0f} % ({100 * spread / np.sqrt(3):.1f} %) | "
+                  + " | ".join(cells) + " |", flush=True)
+        print(f"uptime: {_uptime()}", file=sys.stderr)
+        engine.close()
+        return
+    rows = []
+    for config in ARGS.configs.split(","):
+        for prior_text in ARGS.priors.split(","):
+            prior = _prior(prior_text, ARGS.spread)
+            for noise in (NOISE, NOISE / 3):
+                rows.append(run_case(engine, index, meters, p0, q0, seeds, noise,
+                                     spread=ARGS.spread, prior=prior, ami=config))
+    engine.close()
+    print(f"\nState estimation, IEEE 8500, truth spread ±{100 * ARGS.spread:.0f} %, {seeds} "
+          f"seeds per row, OPENBLAS_NUM_THREADS={ARGS.blas_threads}\n")
+    hdr = ("| AMI | prior sigma | noise sigma | iterations | wall s | cpu s | max err pu | "
+           "mean err pu | chi2/dof |")
     print(hdr)
     print("|---" * (hdr.count("|") - 1) + "|")
     for r in rows:
-        print(f"| IEEE 8500 | {100 * r['noise']:.2f} % | {r['nodes']} | {r['meas']} | "
-              f"{r['pseudo']} | {min(r['iters'])}-{max(r['iters'])} | {r['t_med']:.3f} | "
-              f"{r['err_max']:.4f} | {r['err_mean']:.5f} | {r['ac']:.3f} | "
-              f"{r['t_med'] / r['ac']:.0f} |")
+        print(f"| {r['config']} | {100 * r['prior']:.1f} % | {100 * r['noise']:.2f} % | "
+              f"{min(r['iters'])}-{max(r['iters'])} | {r['wall']:.3f} | {r['cpu']:.3f} | "
+              f"{r['err_max']:.4f} | {r['err_mean']:.5f} | {r['chi']:.2f} |")
     print()
     for r in rows:
-        print(f"- sigma {100 * r['noise']:.2f} %: max time {r['t_max']:.3f} s; per-seed max "
-              f"error {', '.join(f'{e:.4f}' for e in r['errs'])} pu; all converged: {r['conv']}")
-    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True, check=False).stdout.strip()}",
-          file=sys.stderr)
+        print(f"- {r['config']}, prior {100 * r['prior']:.1f} %, sigma {100 * r['noise']:.2f} %: "
+              f"max wall {r['wall_max']:.3f} s; per-seed max error "
+              f"{', '.join(f'{e:.4f}' for e in r['errs'])} pu; all converged: {r['conv']}")
+    print(f"uptime: {_uptime()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,13 @@ def activate_source(ckt) -> None:
 
 
 
-def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: int
-                          ) -> np.ndarray:
-    """H (m_meas x 2 n_loads): d(meters, head P, head Q) / d(load kW, load kvar)."""
-    br = read_branches(engine, v_y)
+def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: int,
+                         br=None) -> np.ndarray:
+    """H (m_meas x 2 n_loads): d(meters, head P, head Q) / d(load kW, load kvar).
+
+    ``br``: the engine's load branches at ``v_y`` (:func:`read_branches`), read if None.
+    """
+    br = read_branches(engine, v_y) if br is None else br
     jac = network_jacobian(engine, v_y, br, 0.0)
     n = len(y_names)
     bus = np.unique([s.rsplit(".", 1)[0] for s in y_names], return_inverse=True)[1]
@@ -163,3 +166,45 @@ def _y_bases_v(engine, y_of_e: np.ndarray) -> np.ndarray:
 
 
 # -- engine load access --------------------------------------------------------------------
+def read_loads(loads, idx: np.ndarray) -> np.ndarray:
+    """(kW..., kvar...) properties of the loads at 1-based ``idx`` (consumption positive)."""
+    p, q = np.empty(idx.size), np.empty(idx.size)
+    for j, i in enumerate(idx):
+        loads.idx = int(i)
+        p[j], q[j] = loads.kW, loads.kvar
+    return np.r_[p, q]
+
+
+def write_loads(loads, idx: np.ndarray, x: np.ndarray) -> None:
+    """Set the loads' kW, then kvar (setting kW re-derives kvar from the pf)."""
+    k = idx.size
+    for j, i in enumerate(idx):
+        loads.idx = int(i)
+        loads.kW = float(x[j])
+        loads.kvar = float(x[k + j])
+
+
+def drawn_factor(br, v_y, lnames, x_lin: np.ndarray, cols: np.ndarray, mult: float
+                 ) -> np.ndarray:
+    """Drawn power / property of the state columns ``cols``, at node voltages ``v_y``.
+
+    Column ``c < k`` is load ``c``'s P (drawn kW / ``kW`` property), ``c >= k`` its Q:
+    ``LoadMult`` x the load's voltage law (exactly ``LoadMult`` for a constant-PQ load
+    within its voltage limits). ``br`` holds the laws calibrated at loads ``x_lin``; every
+    law is proportional to the property, so the factor does not depend on it. Vectorised
+    over the branches; ``mult`` (``LoadMult``) where a property is 0 or the load has no
+    branch (disabled).
+    """
+    k = lnames.size
+    col = {f"load.{s}": c for c, s in enumerate(lnames)}
+    sel = np.fromiter((col.get(e, -1) for e in br.element), dtype=np.int64,
+                      count=br.element.size)
+    keep = sel >= 0
+    s_b = branch_power(br, np.abs(branch_voltage(v_y, br)))[0][keep]
+    s_load = np.zeros(k, complex)
+    np.add.at(s_load, sel[keep], s_b)
+    drawn = np.r_[s_load.real, s_load.imag] / 1000.0  # kW, kvar at x_lin
+    has = np.tile(np.bincount(sel[keep], minlength=k) > 0, 2)
+    xl = x_lin[cols]
+    ok = has[cols] & (np.abs(xl) > 1e-9)
+    return np.where(ok, drawn[cols] / np.where(ok, xl, 1.0), mult)

@@ -13,6 +13,9 @@ Measurements ``z`` with standard deviations ``sigma``:
 * node voltage magnitudes [pu] at chosen nodes (AMI meters, SCADA at the head);
 * feeder-head P and Q per phase [kW], [kvar] (power the feeder draws from the Vsource,
   import positive, as :class:`derms.powerflow.collect.StepCollector`'s ``head_p_kw``);
+* AMI active (and, where the meter has it, reactive) power of chosen estimated loads [kW],
+  [kvar]: interval energy / interval length, the power the load *draws* (``LoadMult`` and
+  its voltage law included), consumption positive;
 * pseudo-measurements (priors) of every estimated load's P and Q, e.g. from profiles.
 
 The estimate minimises ``sum(((z - h(x)) / sigma)**2)`` over meters, head and pseudo rows.
@@ -24,6 +27,13 @@ each Gauss-Newton step is solved in measurement space (Woodbury / Kalman form)::
 where ``R = diag(sigma_meas**2)`` and ``H`` (m_meas x 2 n_loads) is the Jacobian of the
 measured quantities w.r.t. the load powers. ``S`` is only m_meas x m_meas (Cholesky), and
 ``h(x_k)`` is always read from a full AC solve with the loads set to ``x_k``.
+
+AMI power rows measure a state directly (drawn = ``f x``, ``f`` = ``LoadMult`` x the load
+law at the solved voltage, exactly ``LoadMult`` for constant-PQ loads). They are fused into
+the prior in information form (``Pf^-1 = P^-1 + f^2 / sigma_ami^2`` per metered state,
+``x_p`` replaced by the fused mean) before the Woodbury step, so ``S`` stays m_meas x m_meas
+however many loads report power; ``f`` is linearised at the prior and re-read at each
+iterate for the fused mean.
 
 ``H`` is computed once, at the AC solution of the pseudo-measurements, from the sparse
 real ``2n x 2n`` KCL Jacobian of :mod:`derms.powerflow.linear` (network Y minus the loads'
@@ -38,10 +48,29 @@ order in the load change and well below the measurement noise on the IEEE feeder
 ``tests/validation/test_state_estimation.py`` and ``bench/bench_state_estimation.py``).
 
 Bad data: the residual covariance of the linearised estimator is ``Omega = R S^-1 R`` for
-meter rows and ``P H^T S^-1 H P`` for pseudo rows; normalised residuals
-``r_i / sqrt(Omega_ii)`` feed the largest-normalised-residual test, and
+meter rows, ``sigma_ami^2 - f^2 Sigma_ii`` for AMI power rows and ``P_ii - Sigma_ii`` for
+pseudo rows, with the posterior ``Sigma_ii = Pf_ii - Pf_ii^2 (H^T S^-1 H)_ii``; normalised
+residuals ``r_i / sqrt(Omega_ii)`` feed the largest-normalised-residual test, and
 ``J = sum((r / sigma)**2)`` is compared with the chi-square quantile for
-``m_meas`` degrees of freedom (pseudo rows add as many rows as states).
+``m_meas + n_ami`` degrees of freedom (pseudo rows add as many rows as states). An AMI
+power reading that is the only precise information on its load is nearly critical: an
+error that keeps it within a couple of prior sigmas of the profile cannot be seen.
+
+Pseudo-measurement uncertainty
+------------------------------
+The pseudo sigma should be the standard deviation of the real loads around the profile
+values given (a utility estimates it from its own AMI history); ``chi2 / chi2_dof`` near 1
+checks it without a truth (IEEE 8500, voltages only: 1.0 with a correctly specified prior,
+0.85 with a 50 % prior on a 29 % truth). Measured on IEEE 8500 (voltages only, sigma =
+1 %, truth = base x U(1 - s, 1 + s)): the largest error is smallest with the prior sigma
+at or somewhat below the truth's sd, and an overstated prior costs more than an
+understated one (s = 0.2, sd 11.5 %: 0.0056 pu at a 10-15 % prior, 0.0105 at 29 %, 0.0175
+at 50 %; s = 0.5, sd 29 %: 0.0118-0.0132 at 10-29 %, 0.0187 at 50 %;
+``bench/bench_state_estimation.py --sensitivity``), because an overstated prior lets each
+meter's noise move its own load. Hence the default when a caller gives none,
+``DEFAULT_PSEUDO_SIGMA_FRAC`` = 30 % of |value| (floor 0.1 kW/kvar): a typical spread of a
+customer's load around a class profile, on the cheap side of that asymmetry. It is a
+default, not a tuned figure: give your own.
 
 Assumptions and limits
 ----------------------
@@ -57,12 +86,20 @@ Assumptions and limits
   voltage measurement at whichever head nodes are named.
 * The engine is left solved at the estimate (loads set to the estimated kW/kvar), unless
   ``restore=True`` or the estimate fails (then the loads are put back).
-* Noise-limited where each meter is alone: one AMI meter per service transformer and
-  50 % priors leave no redundancy at the customer bus, so with sigma = 1 % per meter the
-  largest node error on IEEE 8500 is 0.012-0.019 pu (mean 0.0014 pu), at sigma = 1/3 %
-  0.007-0.009 pu; without noise 0.0002-0.0023 pu (bench/bench_state_estimation.py).
+* Information-limited where each meter is alone: one AMI voltage per service transformer
+  leaves no redundancy at the customer bus (its own load moves it; one meter, one load).
+  IEEE 8500, sigma = 1 % per meter, 29 % prior (the truth's sd): largest node error
+  0.0102-0.0123 pu over 5 seeds (mean 0.00125 pu); the best linear estimate's posterior sd
+  at the metered buses reaches 0.0056 pu, so the largest of ~6,000 metered errors cannot be
+  held to 0.01 pu by this (or any linear) estimator. Re-linearising H at the estimate
+  (full Gauss-Newton) changes the error by < 0.0003 pu (0.0123 -> 0.0126; without noise
+  0.0006 either way): the chord is not the limit. At sigma = 1/3 % the error is
+  <= 0.0062 pu; with AMI kW of every load at 1 %, <= 0.0024 pu (kW + kvar: 0.0015 pu).
+  Figures: bench/README.md "State estimation".
 * Cost on IEEE 8500 (1,186 meter/head rows, 2,354 states): the adjoint solves
-  (≈ 0.4 s) and the dense m x m algebra (≈ 0.2 s) dominate; each AC solve ≈ 0.02 s.
+  (≈ 0.4 s) and the dense m x m algebra (≈ 0.15 s) dominate; each AC solve ≈ 0.02 s. AMI
+  power rows add no m x m work, only ``H^T S^-1 H``'s diagonal on their states
+  (≈ 0.1 s when every load reports P and Q).
 """
 
 from __future__ import annotations
@@ -75,13 +112,25 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.stats import chi2 as _chi2
 
-from derms.analysis.se_jacobian import activate_source, measurement_jacobian
+from derms.analysis.se_jacobian import (
+    activate_source,
+    drawn_factor,
+    measurement_jacobian,
+    read_loads,
+    write_loads,
+)
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.naming import require_known
 from derms.powerflow.collect import NetworkIndex, StepCollector
+from derms.powerflow.linear_loads import read_branches
 from derms.powerflow.network_jacobian import complex_pairs
 
 log = logging.getLogger(__name__)
+
+#: Pseudo-measurement sigma when a caller gives none: a fraction of |value|, with a floor
+#: [kW or kvar]. See "Pseudo-measurement uncertainty" in the module docstring.
+DEFAULT_PSEUDO_SIGMA_FRAC = 0.3
+DEFAULT_PSEUDO_SIGMA_MIN = 0.1
 
 
 
@@ -95,6 +144,18 @@ class Measurements:
     ``None``. Pseudo-measurements: ``load_names`` (OpenDSS load names, with or without
     ``load.``), ``load_p_kw``/``load_q_kvar`` (consumption positive, the loads' kW/kvar
     properties) with ``load_p_sigma_kw``/``load_q_sigma_kvar``; these loads are the state.
+    A pseudo sigma left ``None`` is ``DEFAULT_PSEUDO_SIGMA_FRAC`` x |value|, at least
+    ``DEFAULT_PSEUDO_SIGMA_MIN`` (kW or kvar); give your profiles' own uncertainty instead
+    where you know it (see the module docstring: an overstated sigma costs more than an
+    understated one).
+
+    AMI power (optional): ``ami_p_loads`` name estimated loads (a subset of ``load_names``)
+    whose meter reports active power ``ami_p_kw`` [kW, consumption positive: interval
+    energy / interval length, the power the load draws, ``LoadMult`` and voltage law
+    included] with standard deviation ``ami_p_sigma_kw``; likewise ``ami_q_loads``,
+    ``ami_q_kvar``, ``ami_q_sigma_kvar`` for meters that report reactive power. The sigma
+    should cover the meter class *and* the mismatch between an interval average and the
+    instant being estimated.
     """
 
     v_nodes: Sequence[str]
@@ -103,12 +164,18 @@ class Measurements:
     load_names: Sequence[str]
     load_p_kw: np.ndarray
     load_q_kvar: np.ndarray
-    load_p_sigma_kw: np.ndarray
-    load_q_sigma_kvar: np.ndarray
+    load_p_sigma_kw: np.ndarray | None = None
+    load_q_sigma_kvar: np.ndarray | None = None
     head_p_kw: np.ndarray | None = None
     head_q_kvar: np.ndarray | None = None
     head_p_sigma_kw: np.ndarray | None = None
     head_q_sigma_kvar: np.ndarray | None = None
+    ami_p_loads: Sequence[str] = ()
+    ami_p_kw: np.ndarray | None = None
+    ami_p_sigma_kw: np.ndarray | None = None
+    ami_q_loads: Sequence[str] = ()
+    ami_q_kvar: np.ndarray | None = None
+    ami_q_sigma_kvar: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -118,11 +185,11 @@ class StateEstimate:
     ``v_pu`` (n_nodes,) estimated voltage magnitudes [pu] in ``node_names`` (engine) order;
     ``load_p_kw``/``load_q_kvar`` the estimated loads (``load_names`` order, consumption
     positive); ``head_p_kw``/``head_q_kvar`` the estimated head powers per phase.
-    Residual rows are meters, head P, head Q, pseudo P, pseudo Q, labelled by
-    ``row_labels`` ("v:bus.node", "head_p:1", "load_p:name", ...); ``residual`` is
-    ``z - h(x)`` in each row's unit, ``normalised_residual`` divides it by the residual's
-    standard deviation (NaN for pseudo rows unless ``check_pseudo``). ``bad_data`` is the largest-normalised-residual test against
-    ``lnr_threshold``; ``chi2``/``chi2_dof``/``chi2_threshold`` (99 % quantile) the global
+    Residual rows are meters, head P, head Q, AMI P, AMI Q, pseudo P, pseudo Q, labelled
+    by ``row_labels`` ("v:bus.node", "head_p:1", "ami_p:name", "load_p:name", ...);
+    ``residual`` is ``z - h(x)`` in each row's unit, ``normalised_residual`` divides it by
+    the residual's standard deviation (NaN for pseudo rows unless ``check_pseudo``).
+    ``bad_data`` is the largest-normalised-residual test against ``lnr_threshold``; ``chi2``/``chi2_dof``/``chi2_threshold`` (99 % quantile) the global
     test. Branch currents [A] and loading [% of the engine's normal rating] are present
     when an index was given (``branch_element``/``branch_phase`` name the rows).
     """
@@ -203,6 +270,9 @@ def estimate_state(
         Non-finite values, non-positive sigmas, mismatched shapes.
     ConvergenceError
         An AC solve failed.
+
+    Both errors name the field and the first offending entry (an AMI load that is not one
+    of the estimated ``load_names`` is an InputError).
     """
     ckt = engine.circuit
     names = engine.node_names()
@@ -213,19 +283,20 @@ def estimate_state(
     v_nodes, z_v, s_v = _check_voltages(meas, pos)
     lnames, xp, sp_, load_idx = _check_loads(engine, meas)
     z_h, s_h, n_ph = _check_head(engine, meas)
+    a_cols, z_a, s_a, a_labels = _check_ami(engine, meas, lnames)
     m = z_v.size + z_h.size
     k = lnames.size
-    if m == 0:
-        raise InputError("no voltage or head measurements: nothing to estimate from")
+    if m == 0 and z_a.size == 0:
+        raise InputError("no voltage, head or AMI power measurements: nothing to estimate from")
 
     loads = ckt.Loads
-    orig = _read_loads(loads, load_idx)
+    orig = read_loads(loads, load_idx)
     settings = engine.settings
     engine.set_control_mode("off")
     done = False
     try:
         x = xp.copy()
-        _write_loads(loads, load_idx, x)
+        write_loads(loads, load_idx, x)
         engine.solve()
         v_y = complex_pairs(ckt.YNodeVarray)
         mv_y = np.fromiter((ypos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
@@ -233,44 +304,71 @@ def estimate_state(
             dead = v_nodes[int(np.flatnonzero(np.abs(v_y[mv_y]) == 0)[0])]
             raise ModelError(f"meter node {dead!r} is de-energised")
         y_of_e = np.fromiter((ypos[t] for t in names), dtype=np.int64, count=n)
-        h_mat = measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph)
+        br = read_branches(engine, v_y)
+        h_mat = (measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph, br)
+                 if m else np.zeros((0, 2 * k)))
         r_diag = np.r_[s_v, s_h] ** 2
         p_diag = sp_**2
-        g = h_mat * sp_  # H P^(1/2)
-        s_mat = g @ g.T  # m x m, symmetric rank-k update
+        # AMI power rows measure states directly (drawn = f x): fused into the prior in
+        # information form, so S stays m x m. f (LoadMult x voltage law) is linearised at
+        # the prior (pf, chord) and re-read at each iterate for the fused mean.
+        mult = float(ckt.Solution.LoadMult)
+        f0 = drawn_factor(br, v_y, lnames, xp, a_cols, mult) if z_a.size else np.zeros(0)
+        info_a = np.zeros(2 * k)
+        np.add.at(info_a, a_cols, f0**2 / s_a**2)
+        pf = 1.0 / (1.0 / p_diag + info_a)
+        g = h_mat * np.sqrt(pf)  # H Pf^(1/2)
+        s_mat = _syrk_lower(g)  # m x m, lower triangle of H Pf H^T
         s_mat[np.diag_indices(m)] += r_diag
-        chol = sla.cho_factor(s_mat, lower=True, check_finite=False)
+        chol = sla.cho_factor(s_mat, lower=True, check_finite=False) if m else None
         z = np.r_[z_v, z_h]
         mv_e = np.fromiter((pos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
-        converged, it = False, 0
+        converged, it, f_k = False, 0, f0
         for it in range(1, max_iterations + 1):
-            hx = _measure(engine, mv_e, n_ph)
-            innov = z - hx + h_mat @ (x - xp)
-            x_new = xp + p_diag * (h_mat.T @ sla.cho_solve(chol, innov, check_finite=False))
+            xf = xp
+            if z_a.size:  # the AMI rows seen as observations of x: x_k + (z - f_k x_k) / f0
+                y_a = x[a_cols] + (z_a - f_k * x[a_cols]) / f0
+                num = xp / p_diag
+                np.add.at(num, a_cols, f0**2 * y_a / s_a**2)
+                xf = pf * num
+            x_new = xf.copy()
+            if m:
+                hx = _measure(engine, mv_e, n_ph)
+                innov = z - hx + h_mat @ (x - xf)
+                x_new += pf * (h_mat.T @ sla.cho_solve(chol, innov, check_finite=False))
             step = np.max(np.abs(x_new - x) / sp_) if k else 0.0
             x = x_new
-            _write_loads(loads, load_idx, x)
+            write_loads(loads, load_idx, x)
             engine.solve()
+            if z_a.size:
+                v_k = complex_pairs(ckt.YNodeVarray)
+                f_k = drawn_factor(br, v_k, lnames, xp, a_cols, mult)
             if step < tol:
                 converged = True
                 break
         hx = _measure(engine, mv_e, n_ph)
         r_meas = z - hx
+        r_ami = z_a - f_k * x[a_cols]
         r_pseudo = xp - x
-        l_inv, info = sla.lapack.dtrtri(np.tril(chol[0]), lower=1)
-        if info != 0:
-            raise ModelError("state estimation: singular measurement covariance")
-        om_meas = r_diag**2 * np.einsum("ij,ij->j", l_inv, l_inv)  # R diag(S^-1) R
-        if check_pseudo:
-            lg = l_inv @ g
-            om_pseudo = p_diag * np.einsum("ij,ij->j", lg, lg)  # P H^T S^-1 H P
+        if m:
+            l_inv, info = sla.lapack.dtrtri(np.tril(chol[0]), lower=1)
+            if info != 0:
+                raise ModelError("state estimation: singular measurement covariance")
+            om_meas = r_diag**2 * np.einsum("ij,ij->j", l_inv, l_inv)  # R diag(S^-1) R
         else:
-            om_pseudo = np.full(2 * k, np.nan)
-        resid = np.r_[r_meas, r_pseudo]
-        sig = np.sqrt(np.r_[r_diag, p_diag])
-        om = np.r_[om_meas, om_pseudo]
+            l_inv, om_meas = np.zeros((0, 0)), np.zeros(0)
+        # posterior variance of a state: Sigma_ii = pf_i - pf_i^2 d_i, d = diag(H^T S^-1 H)
+        need = np.arange(2 * k) if check_pseudo else np.unique(a_cols)
+        lg = l_inv @ g[:, need]
+        sig_post = np.zeros(2 * k)
+        sig_post[need] = pf[need] - pf[need] * np.einsum("ij,ij->j", lg, lg)
+        om_ami = s_a**2 - f0**2 * sig_post[a_cols]
+        om_pseudo = p_diag - sig_post if check_pseudo else np.full(2 * k, np.nan)
+        resid = np.r_[r_meas, r_ami, r_pseudo]
+        sig = np.sqrt(np.r_[r_diag, s_a**2, p_diag])
+        om = np.r_[om_meas, om_ami, om_pseudo]
         with np.errstate(divide="ignore", invalid="ignore"):
-            nr = np.where(om > 1e-12 * sig**2, resid / np.sqrt(om), 0.0)
+            nr = np.where(om > 1e-12 * sig**2, resid / np.sqrt(np.abs(om)), 0.0)
         nr[np.isnan(om)] = np.nan
         j_stat = float(np.sum((resid / sig) ** 2))
         v_pu = engine.node_voltages_pu()
@@ -288,11 +386,11 @@ def estimate_state(
         labels = ([f"v:{s}" for s in v_nodes]
                   + [f"head_p:{p + 1}" for p in range(n_ph if z_h.size else 0)]
                   + [f"head_q:{p + 1}" for p in range(n_ph if z_h.size else 0)]
-                  + [f"load_p:{s}" for s in lnames] + [f"load_q:{s}" for s in lnames])
+                  + a_labels + [f"load_p:{s}" for s in lnames] + [f"load_q:{s}" for s in lnames])
         notes = [] if converged else [f"not converged after {max_iterations} iterations"]
         if not converged:
             log.warning("state_estimation converged=false iterations=%d", it)
-        dof = int(m)
+        dof = int(m + z_a.size)
         result = StateEstimate(
             node_names=names, v_pu=v_pu, load_names=list(lnames),
             load_p_kw=x[:k], load_q_kvar=x[k:],
@@ -307,7 +405,7 @@ def estimate_state(
     finally:
         back = restore or not done  # on an error, never leave the loads half-estimated
         if back:
-            _write_loads(loads, load_idx, orig)
+            write_loads(loads, load_idx, orig)
         engine.apply_settings(settings)
         if back:
             try:
@@ -316,6 +414,13 @@ def estimate_state(
                 if done:
                     raise
     return result
+
+
+def _syrk_lower(g: np.ndarray) -> np.ndarray:
+    """Lower triangle of ``g g^T`` (BLAS syrk: half a matrix product's work)."""
+    if g.shape[0] == 0:
+        return np.zeros((0, 0))
+    return sla.blas.dsyrk(1.0, g.T, lower=1, trans=1)  # g.T is F-ordered: no copy
 
 
 # -- measurement model ---------------------------------------------------------------------
@@ -334,22 +439,6 @@ def _head_now(engine, n_ph: int) -> tuple[np.ndarray, np.ndarray]:
     pw = np.asarray(ckt.ActiveCktElement.Powers, dtype=float)
     nph = int(ckt.ActiveCktElement.NumPhases)
     return -pw[0: 2 * nph: 2], -pw[1: 2 * nph: 2]
-
-
-def _read_loads(loads, idx: np.ndarray) -> np.ndarray:
-    p, q = np.empty(idx.size), np.empty(idx.size)
-    for j, i in enumerate(idx):
-        loads.idx = int(i)
-        p[j], q[j] = loads.kW, loads.kvar
-    return np.r_[p, q]
-
-
-def _write_loads(loads, idx: np.ndarray, x: np.ndarray) -> None:
-    k = idx.size
-    for j, i in enumerate(idx):
-        loads.idx = int(i)
-        loads.kW = float(x[j])  # kW first: setting kW re-derives kvar from the pf
-        loads.kvar = float(x[k + j])
 
 
 # -- input checks --------------------------------------------------------------------------
@@ -387,10 +476,47 @@ def _check_loads(engine, meas: Measurements):
                            for s in meas.load_names), at, kind="load", field="load_names")
     k = len(names)
     xp = np.r_[_arr("load_p_kw", meas.load_p_kw, k), _arr("load_q_kvar", meas.load_q_kvar, k)]
-    sp_ = np.r_[_sigma("load_p_sigma_kw", meas.load_p_sigma_kw, k),
-                _sigma("load_q_sigma_kvar", meas.load_q_sigma_kvar, k)]
+    sp_ = np.r_[_pseudo_sigma("load_p_sigma_kw", meas.load_p_sigma_kw, xp[:k]),
+                _pseudo_sigma("load_q_sigma_kvar", meas.load_q_sigma_kvar, xp[k:])]
     idx = np.fromiter((at[s] for s in names), dtype=np.int64, count=k)
     return np.asarray(names, dtype=object), xp, sp_, idx
+
+
+def _pseudo_sigma(name: str, v, x: np.ndarray) -> np.ndarray:
+    if v is None:
+        return np.maximum(DEFAULT_PSEUDO_SIGMA_FRAC * np.abs(x), DEFAULT_PSEUDO_SIGMA_MIN)
+    return _sigma(name, v, x.size)
+
+
+def _check_ami(engine, meas: Measurements, lnames: np.ndarray):
+    """AMI power rows: (state columns, values, sigmas, labels); P columns then Q columns."""
+    k = lnames.size
+    col = {s: j for j, s in enumerate(lnames)}
+    all_loads = {s.lower() for s in engine.circuit.Loads.AllNames}
+    out = [], [], [], []
+    for kind, names, z, s, off, unit in (
+            ("p", meas.ami_p_loads, meas.ami_p_kw, meas.ami_p_sigma_kw, 0, "kw"),
+            ("q", meas.ami_q_loads, meas.ami_q_kvar, meas.ami_q_sigma_kvar, k, "kvar")):
+        names = [] if names is None else list(names)
+        if not names:
+            if z is not None and np.asarray(z).size:
+                raise InputError(f"ami_{kind}_{unit} given without ami_{kind}_loads")
+            continue
+        if z is None or s is None:
+            raise InputError(f"ami_{kind}_loads needs ami_{kind}_{unit} and its sigma")
+        names = require_known((str(x).strip().lower().removeprefix("load.") for x in names),
+                              all_loads, kind="load", field=f"ami_{kind}_loads")
+        missing = [x for x in names if x not in col]
+        if missing:
+            raise InputError(f"ami_{kind}_loads: load {missing[0]!r} is not an estimated load "
+                             "(not in load_names)")
+        out[0].append(np.fromiter((col[x] + off for x in names), np.int64, len(names)))
+        out[1].append(_arr(f"ami_{kind}_{unit}", z, len(names)))
+        out[2].append(_sigma(f"ami_{kind}_sigma_{unit}", s, len(names)))
+        out[3].extend(f"ami_{kind}:{x}" for x in names)
+    if not out[0]:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), []
+    return np.concatenate(out[0]), np.concatenate(out[1]), np.concatenate(out[2]), out[3]
 
 
 def _check_head(engine, meas: Measurements) -> tuple[np.ndarray, np.ndarray, int]:
@@ -409,4 +535,5 @@ def _check_head(engine, meas: Measurements) -> tuple[np.ndarray, np.ndarray, int
     return z, s, nph
 
 
-__all__ = ["Measurements", "StateEstimate", "estimate_state"]
+__all__ = ["DEFAULT_PSEUDO_SIGMA_FRAC", "DEFAULT_PSEUDO_SIGMA_MIN", "Measurements",
+           "StateEstimate", "estimate_state"]

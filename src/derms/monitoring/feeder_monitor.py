@@ -95,7 +95,7 @@ class MonitorConfig:
     v_sigma_pu: float = 0.01
     head_sigma_frac: float = 0.01
     head_sigma_min_kw: float = 1.0
-    pseudo_sigma_frac: float = 0.5
+    pseudo_sigma_frac: float = 0.3  # profile uncertainty (state_estimation default)
     pseudo_sigma_min_kw: float = 0.1
     load_multiplier: float | Callable[[datetime], float] = 1.0
     limits: Limits = field(default_factory=Limits)
