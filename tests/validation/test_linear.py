@@ -247,3 +247,29 @@ def test_predict_i_a_needs_branches(ieee13):
     model = build_linear_model(ieee13, ["671.1"])
     with pytest.raises(InputError, match="branches=True"):
         model.predict_i_a(np.zeros(1), np.zeros(1))
+
+
+def test_grouped_columns_equal_weighted_node_columns():
+    """``groups``: one right-hand side per group gives the weighted sum of node columns."""
+    from derms.grid.bundled import resolve_master
+    from derms.powerflow.engine import OpenDSSEngine
+
+    with OpenDSSEngine(resolve_master("ieee123")) as eng:
+        eng.solve_snapshot()
+        eng.set_control_mode("off")
+        eng.solve_snapshot()
+        nodes = ["1.1", "7.1", "7.2", "7.3", "60.1", "60.2"]
+        w = np.zeros((6, 3))
+        w[0, 0] = 1.0
+        w[1:4, 1] = 1 / 3
+        w[4:6, 2] = [0.25, 0.75]
+        per_node = build_linear_model(eng, nodes, branches=True)
+        grouped = build_linear_model(eng, nodes, branches=True, groups=w,
+                                     group_names=["a", "b", "c"])
+    assert grouped.injection_nodes == ["a", "b", "c"]
+    np.testing.assert_allclose(grouped.dv_dp_pu_per_kw, per_node.dv_dp_pu_per_kw @ w,
+                               rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(grouped.dv_dq_pu_per_kvar, per_node.dv_dq_pu_per_kvar @ w,
+                               rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(grouped.branches.di_dp_a_per_kw,
+                               per_node.branches.di_dp_a_per_kw @ w, rtol=1e-9, atol=1e-9)

@@ -303,6 +303,7 @@ def serve(
 from derms.cli import (  # sub-commands on `app`
     constraints_cmd,
     dispatch_cmd,
+    envelopes_cmd,
     forecast_cmd,
     growth_cmd,
     hosting_cmd,
@@ -313,6 +314,7 @@ app.add_typer(constraints_cmd.app, name="constraints")
 app.command(name="growth")(growth_cmd.growth)
 app.command(name="dispatch")(dispatch_cmd.dispatch)
 app.command(name="hosting-capacity")(hosting_cmd.hosting_capacity)
+app.command(name="envelopes")(envelopes_cmd.envelopes)
 
 
 def main() -> None:  # pragma: no cover - console entry point

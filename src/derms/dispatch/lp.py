@@ -260,7 +260,7 @@ class HighsLP:
 
     def __init__(self, cost: np.ndarray, col_lo: np.ndarray, col_hi: np.ndarray,
                  rows: RowBlock) -> None:
-        self.h = _quiet_highs()
+        self.h = quiet_highs()
         self.h.setOptionValue("output_flag", False)
         self.h.setOptionValue("threads", 1)
         lp = highspy.HighsLp()
@@ -328,7 +328,7 @@ class HighsLP:
                 np.asarray(sol.row_dual))
 
 
-def _quiet_highs():
+def quiet_highs():
     """A ``highspy.Highs`` without its banner: HiGHS prints it to the process's stdout (fd 1)
     while constructing, before any option can be set, which polluted the CLI's output."""
     import os

@@ -21,12 +21,29 @@ class ControlState:
     capacitors: tuple[tuple[str, tuple[int, ...]], ...]  # (capacitor, step states 0/1)
 
 
-def capture_control_state(engine: OpenDSSEngine) -> ControlState:
-    """The engine's present transformer taps and capacitor states."""
+def regulated_transformers(engine: OpenDSSEngine) -> tuple[str, ...]:
+    """Names of the transformers a RegControl acts on (their taps move in a solve)."""
+    rc = engine.circuit.RegControls
+    out: list[str] = []
+    k = rc.First
+    while k > 0:
+        out.append(rc.Transformer.lower())
+        k = rc.Next
+    return tuple(dict.fromkeys(out))
+
+
+def capture_control_state(engine: OpenDSSEngine,
+                          transformers: tuple[str, ...] | None = None) -> ControlState:
+    """The engine's present transformer taps and capacitor states.
+
+    ``transformers`` limits the taps read to those names (e.g.
+    :func:`regulated_transformers`, cheap enough to capture every time step of a study);
+    None reads every transformer.
+    """
     c = engine.circuit
     taps: list[tuple[str, int, float]] = []
     tr = c.Transformers
-    for name in tr.AllNames:
+    for name in (tr.AllNames if transformers is None else transformers):
         if name.lower() == "none":
             continue
         tr.Name = name

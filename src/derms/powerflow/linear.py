@@ -182,7 +182,8 @@ class LinearModel:
 
 def build_linear_model(
     engine, injection_nodes: Sequence[str] | None = None, *, load_band_pu: float = 0.05,
-    branches: bool = False,
+    branches: bool = False, groups: np.ndarray | None = None,
+    group_names: Sequence[str] | None = None,
 ) -> LinearModel:
     """Linearise a solved engine around its operating point.
 
@@ -199,6 +200,12 @@ def build_linear_model(
     branches : bool
         Also compute branch-current sensitivities (:class:`BranchSensitivities`; memory:
         16 bytes x branch conductors per injection node).
+    groups : ndarray, (len(injection_nodes), n_groups), optional
+        Columns become groups of nodes: a power change ``P`` of group ``j`` puts
+        ``groups[i, j] * P`` at injection node ``i`` (e.g. ``1/2`` at each node of a
+        split-phase customer). One right-hand side per group instead of per node; the
+        model's ``injection_nodes`` are then ``group_names`` (default ``group<j>``) and
+        the floating-node warning is not computed.
 
     Returns
     -------
@@ -246,27 +253,48 @@ def build_linear_model(
         proj = np.where(np.abs(v0) > 0, np.conj(v0) / (np.abs(v0) * base_v), 0)
     node_perm = solver.perm[0::2] // 2  # solver keeps (Re, Im) of a node adjacent
     pr, pi = proj.real[node_perm, None], -proj.imag[node_perm, None]
-    dvp = np.empty((n, inj.size))
-    dvq = np.empty((n, inj.size))
+    n_out = inj.size if groups is None else np.shape(groups)[-1]
+    dvp = np.empty((n, n_out))
+    dvq = np.empty((n, n_out))
     if branches:
         m_br, index = branch_current_matrix(engine)
         i0 = m_br @ v0
         i0_a = np.abs(i0)
         with np.errstate(divide="ignore", invalid="ignore"):
             proj_i = np.where(i0_a > 0, np.conj(i0) / i0_a, 0)
-        dip = np.empty((m_br.shape[0], inj.size))
-        diq = np.empty((m_br.shape[0], inj.size))
+        dip = np.empty((m_br.shape[0], n_out))
+        diq = np.empty((m_br.shape[0], n_out))
     # RHS: an import dS at node k injects the current -conj(dS / V0_k); 1 kW = 1000 W.
     cur_p = -1000.0 / np.conj(v0[inj])
     cur_q = 1000.0j / np.conj(v0[inj])
     re_pos = solver.pos[2 * inj]
-    for lo in range(0, inj.size, _BATCH_NODES):
-        hi = min(lo + _BATCH_NODES, inj.size)
-        k, m = re_pos[lo:hi], hi - lo
-        c = np.arange(m)
+    if groups is not None:
+        w = np.asarray(groups, dtype=float)
+        if w.ndim != 2 or w.shape[0] != inj.size or not np.isfinite(w).all():
+            raise InputError(f"groups must be a finite ({inj.size}, n_groups) array, got "
+                             f"shape {w.shape}")
+        n_cols = w.shape[1]
+        inj_names = list(group_names) if group_names is not None else [
+            f"group{j}" for j in range(n_cols)]
+        if len(inj_names) != n_cols:
+            raise InputError(f"{len(inj_names)} group names for {n_cols} groups")
+    else:
+        n_cols = inj.size
+    for lo in range(0, n_cols, _BATCH_NODES):
+        hi = min(lo + _BATCH_NODES, n_cols)
+        m = hi - lo
         b = np.zeros((2 * n, 2 * m))
-        b[k, c], b[k + 1, c] = cur_p[lo:hi].real, cur_p[lo:hi].imag
-        b[k, m + c], b[k + 1, m + c] = cur_q[lo:hi].real, cur_q[lo:hi].imag
+        if groups is None:
+            k, c = re_pos[lo:hi], np.arange(m)
+            b[k, c], b[k + 1, c] = cur_p[lo:hi].real, cur_p[lo:hi].imag
+            b[k, m + c], b[k + 1, m + c] = cur_q[lo:hi].real, cur_q[lo:hi].imag
+        else:  # each group's RHS: its nodes' unit-power currents, weighted
+            i, c = np.nonzero(w[:, lo:hi])
+            wt, k = w[i, lo + c], re_pos[i]
+            np.add.at(b, (k, c), wt * cur_p[i].real)
+            np.add.at(b, (k + 1, c), wt * cur_p[i].imag)
+            np.add.at(b, (k, m + c), wt * cur_q[i].real)
+            np.add.at(b, (k + 1, m + c), wt * cur_q[i].imag)
         x = solver.solve(b).reshape(n, 2, 2 * m)
         sens = pr * x[:, 0]
         sens += pi * x[:, 1]
@@ -277,7 +305,8 @@ def build_linear_model(
             dv[node_perm] = x[:, 0] + 1j * x[:, 1]
             di = (proj_i[:, None] * (m_br @ dv)).real
             dip[:, lo:hi], diq[:, lo:hi] = di[:, :m], di[:, m:]
-    own = np.maximum(np.abs(dvp[inj, np.arange(inj.size)]), np.abs(dvq[inj, np.arange(inj.size)]))
+    own = np.zeros(0) if groups is not None else np.maximum(
+        np.abs(dvp[inj, np.arange(inj.size)]), np.abs(dvq[inj, np.arange(inj.size)]))
     if (own > _FLOATING_PU_PER_KW).any():
         log.warning(
             "linear_model floating_nodes=%s driving_point_pu_per_kw=%.3g: no path to ground?"
