@@ -307,6 +307,7 @@ from derms.cli import (  # sub-commands on `app`
     forecast_cmd,
     growth_cmd,
     hosting_cmd,
+    interconnect_cmd,
 )
 
 app.add_typer(forecast_cmd.app, name="forecast")
@@ -315,6 +316,7 @@ app.command(name="growth")(growth_cmd.growth)
 app.command(name="dispatch")(dispatch_cmd.dispatch)
 app.command(name="hosting-capacity")(hosting_cmd.hosting_capacity)
 app.command(name="envelopes")(envelopes_cmd.envelopes)
+app.command(name="interconnect")(interconnect_cmd.interconnect)
 
 
 def main() -> None:  # pragma: no cover - console entry point

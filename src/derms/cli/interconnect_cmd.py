@@ -1,0 +1,136 @@
+"""``derms interconnect``: static and flexible interconnection check for a new device.
+
+Registered in main.py as ``app.command(name="interconnect")(interconnect_cmd.interconnect)``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+
+from derms.cli.common import (
+    ForceOpt,
+    MasterArg,
+    MaxIterOpt,
+    OutOpt,
+    err_console,
+    handle_errors,
+    out_console,
+    output_folder,
+    refuse_non_empty,
+)
+from derms.errors import InputError
+
+KINDS = ("pv", "load", "battery")
+
+
+def device_profile(kind: str, start: datetime, n_steps: int, step: timedelta,
+                   seed: int) -> np.ndarray | None:
+    """Per-unit availability: PV measured (PVDAQ system 50), EV home charging drawn with
+    the seed (load), None (battery: full size always). Hour of year in local standard
+    time, as the bundled load shapes."""
+    from derms.studies.growth_profiles import EVParams, ev_profiles_kw, pv_pu
+
+    if kind == "battery":
+        return None
+    per_day = int(round(86400 / step.total_seconds()))
+    if 86400 % step.total_seconds() or 96 % per_day:
+        raise InputError(f"--step {step}: must divide 15 min .. 1 day evenly (15min, 30min, "
+                         "1h ...)")
+    year = pv_pu(per_day) if kind == "pv" else ev_profiles_kw(
+        np.array([1.0]), np.random.default_rng(seed), EVParams(), per_day)[0]
+    local = pd.Timestamp(start) - pd.Timedelta(hours=8)  # the study's local standard time
+    first = int(((local - pd.Timestamp(year=local.year, month=1, day=1, tz=local.tz))
+                 .total_seconds()) // step.total_seconds())
+    idx = (first + np.arange(n_steps)) % year.size
+    return np.asarray(year[idx], dtype=float)
+
+
+@handle_errors
+def interconnect(
+    master: MasterArg,
+    out: OutOpt,
+    bus: Annotated[str, typer.Option(help="Bus of the connection, optionally with phases: "
+                                          "671 or 611.3 or 684.1.3.")],
+    kw: Annotated[float, typer.Option(help="Device size [kW] (PV/battery inverter, charger).")],
+    kind: Annotated[str, typer.Option(help="pv, load (EV charging) or battery.")] = "pv",
+    start: Annotated[str, typer.Option(help="Horizon start, ISO 8601 (UTC if no zone).")
+                     ] = "2026-01-01T08:00:00Z",
+    days: Annotated[float, typer.Option(help="Horizon [days] (365 = a year).")] = 365.0,
+    seed: Annotated[int, typer.Option(help="Seed for the load shapes and EV sessions.")] = 0,
+    reference: Annotated[bool, typer.Option(
+        "--reference", help="Also run the reference (QSTS with AC bisection of every "
+                            "limited interval) and report the difference.")] = False,
+    max_iterations: MaxIterOpt = 100,
+    force: ForceOpt = False,
+) -> None:
+    """Can KW of PV, battery or EV charging connect at BUS with a static limit, and how much
+    would a flexible connection be curtailed over the horizon (hourly QSTS of the feeder's
+    load shapes, measured PV)? Writes intervals.csv, summary.json and report.html."""
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise InputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if not np.isfinite(kw) or kw <= 0:
+        raise InputError(f"--kw {kw}: the device size must be positive")
+    if not 0 < days <= 366:
+        raise InputError(f"--days {days}: must be in (0, 366]")
+    try:
+        t0 = datetime.fromisoformat(start)
+    except ValueError:
+        raise InputError(f"--start {start!r}: expected an ISO 8601 date or datetime") from None
+    t0 = t0.replace(tzinfo=UTC) if t0.tzinfo is None else t0.astimezone(UTC)
+    refuse_non_empty(out, force)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from derms.analysis.hosting_capacity import resolve_sites
+    from derms.analysis.interconnection import curtailment_reference, flexible_connection
+    from derms.grid.bundled import resolve_master
+    from derms.grid.opendss_import import read_feeder
+    from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+    from derms.reports.interconnect_out import write_interconnect_outputs
+    from derms.studies.qsts_study import StudyConfig, study_profiles
+
+    cfg = StudyConfig(days=days, step=timedelta(hours=1), start=t0, seed=seed,
+                      max_iterations=max_iterations)
+    pu = device_profile(kind, t0, cfg.n_steps, cfg.step, seed)
+    path = resolve_master(master)
+    results = {}
+    runs = [("fast", flexible_connection)] + ([("reference", curtailment_reference)]
+                                              if reference else [])
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err_console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        for name, fn in runs:
+            with OpenDSSEngine(path, SolveSettings(max_iterations=max_iterations)) as engine:
+                engine.solve_snapshot()
+                feeder = read_feeder(engine.ctx, engine.source_master)
+                site = resolve_sites(engine, [bus])[0]
+                profiles, _ = study_profiles(feeder, cfg)
+                kwargs = {"progress": progress} if name == "fast" else {}
+                results[name] = fn(engine, profiles, site, kind, kw, pu, **kwargs)
+    with output_folder(out, force) as tmp:
+        summ = write_interconnect_outputs(results, feeder.name, str(path), tmp)
+    fast = results["fast"]
+    for d, a in fast.annual().items():
+        out_console.print(
+            f"{feeder.name} {kind} {kw:g} kW at {site.bus}.{site.phases} ({d}): static limit "
+            f"{fast.static_limit_kw[d]:,.1f} kW -> {'fits' if kw <= fast.static_limit_kw[d] + 1e-9 else 'needs a flexible connection'}; "
+            f"flexible: {a['curtailed_kwh']:,.0f} of {a['available_kwh']:,.0f} kWh curtailed "
+            f"({100 * a['curtailed_share']:.2f} %) in {a['curtailed_hours']:.0f} h",
+            highlight=False)
+    if reference:
+        out_console.print(f"reference curtailment differs by {summ['reference_difference_pct']}"
+                          " %", highlight=False)
+    out_console.print(f"report: {(out / 'report.html').resolve()}", highlight=False)
+
