@@ -14,7 +14,7 @@ from derms.analysis.interconnection import (
     flexible_connection,
     new_connection,
 )
-from derms.cli.interconnect_cmd import device_profile
+from derms.studies.device_profiles import device_profile
 from derms.errors import InputError
 from derms.grid.bundled import resolve_master
 from derms.grid.opendss_import import read_feeder

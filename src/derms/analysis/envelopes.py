@@ -149,6 +149,26 @@ class EnvelopeResult:
             "import_limit_kw": self.import_kw.ravel(),
         })
 
+    def site_controls(self) -> pd.DataFrame:
+        """The envelopes as protocol-neutral site-level controls, one per connection point
+        and interval: ``mrid`` (32 hex digits, stable for the same connection point,
+        interval and limits), ``connection_point``, ``start`` (UTC), ``duration_s``,
+        ``export_limit_w``, ``import_limit_w`` (W, >= 0; what CSIP-AUS publishes as
+        opModExpLimW / opModImpLimW). A direction not computed is left out (NaN)."""
+        import hashlib
+
+        t = self.table()
+        step = (self.times[1] - self.times[0]).total_seconds() if len(self.times) > 1 \
+            else 300.0
+        exp_w = (t["export_limit_kw"] * 1000).round()
+        imp_w = (t["import_limit_kw"] * 1000).round()
+        keys = (t["connection_point"] + "|" + t["timestamp"].dt.strftime("%Y%m%dT%H%M%S")
+                + "|" + exp_w.astype(str) + "|" + imp_w.astype(str))
+        mrid = [hashlib.sha256(k.encode()).hexdigest()[:32].upper() for k in keys]
+        return pd.DataFrame({"mrid": mrid, "connection_point": t["connection_point"],
+                             "start": t["timestamp"], "duration_s": int(step),
+                             "export_limit_w": exp_w, "import_limit_w": imp_w})
+
     def static_ratio(self, static_kw: float = 5.0, direction: str = "export") -> float:
         """Energy the envelopes allow over a static ``static_kw`` per connection point."""
         x = self.export_kw if direction == "export" else self.import_kw

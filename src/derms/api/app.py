@@ -27,6 +27,7 @@ from sqlalchemy import text
 from derms.api import problems
 from derms.api.auth import TokenRecord
 from derms.api.engine_pool import EnginePool
+from derms.api.routes_capacity import router as capacity_router
 from derms.api.routes_constraints import router as constraints_router
 from derms.api.routes_dispatch import router as dispatch_router
 from derms.api.routes_forecasts import router as forecasts_router
@@ -131,4 +132,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(forecasts_router, prefix="/v1")
     app.include_router(constraints_router, prefix="/v1")
     app.include_router(dispatch_router, prefix="/v1")
+    app.include_router(capacity_router, prefix="/v1")
     return app

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import numpy as np
-import pandas as pd
 import typer
 
 from derms.cli.common import (
@@ -26,28 +25,6 @@ from derms.cli.common import (
 from derms.errors import InputError
 
 KINDS = ("pv", "load", "battery")
-
-
-def device_profile(kind: str, start: datetime, n_steps: int, step: timedelta,
-                   seed: int) -> np.ndarray | None:
-    """Per-unit availability: PV measured (PVDAQ system 50), EV home charging drawn with
-    the seed (load), None (battery: full size always). Hour of year in local standard
-    time, as the bundled load shapes."""
-    from derms.studies.growth_profiles import EVParams, ev_profiles_kw, pv_pu
-
-    if kind == "battery":
-        return None
-    per_day = int(round(86400 / step.total_seconds()))
-    if 86400 % step.total_seconds() or 96 % per_day:
-        raise InputError(f"--step {step}: must divide 15 min .. 1 day evenly (15min, 30min, "
-                         "1h ...)")
-    year = pv_pu(per_day) if kind == "pv" else ev_profiles_kw(
-        np.array([1.0]), np.random.default_rng(seed), EVParams(), per_day)[0]
-    local = pd.Timestamp(start) - pd.Timedelta(hours=8)  # the study's local standard time
-    first = int(((local - pd.Timestamp(year=local.year, month=1, day=1, tz=local.tz))
-                 .total_seconds()) // step.total_seconds())
-    idx = (first + np.arange(n_steps)) % year.size
-    return np.asarray(year[idx], dtype=float)
 
 
 @handle_errors
@@ -92,6 +69,7 @@ def interconnect(
     from derms.grid.opendss_import import read_feeder
     from derms.powerflow.engine import OpenDSSEngine, SolveSettings
     from derms.reports.interconnect_out import write_interconnect_outputs
+    from derms.studies.device_profiles import device_profile
     from derms.studies.qsts_study import StudyConfig, study_profiles
 
     cfg = StudyConfig(days=days, step=timedelta(hours=1), start=t0, seed=seed,

@@ -1,0 +1,77 @@
+"""``/v1/hosting-capacity``, ``/v1/envelopes``, ``/v1/interconnect`` on the real app with
+real tokens and real OpenDSS (IEEE 13): results, scopes, bad bodies as problem+json."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from derms.api.app import create_app
+from derms.config import get_settings
+from tests.integration.test_forecast_api import _mint
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def api(db_url, tmp_path_factory):
+    settings = get_settings(database_url=db_url, data_dir=tmp_path_factory.mktemp("data"))
+    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    client.reader, client.operator = _mint(db_url, "read"), _mint(db_url, "operate")
+    with client:
+        yield client
+
+
+def test_hosting_capacity(api):
+    r = api.post("/v1/hosting-capacity", headers=api.reader,
+                 json={"feeder": "ieee13", "kind": "pv", "buses": ["675", "611.3"]})
+    assert r.status_code == 200, r.text
+    sites = r.json()["sites"]
+    assert sites["bus"] == ["675", "611"] and sites["phases"] == ["1.2.3", "3"]
+    assert all(v >= 0 for v in sites["hc_kw"])
+
+
+def test_envelopes_table_and_site_controls(api):
+    body = {"feeder": "ieee13", "hours": 1, "step_min": 15, "policy": "proportional"}
+    r = api.post("/v1/envelopes", headers=api.operator, json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    n_cp = out["summary"]["connection_points"]
+    tab = out["table"]
+    assert tab["total"] == 4 * n_cp and tab["timestamp"][0].endswith("Z")
+    assert all(v >= 0 for v in tab["export_limit_kw"])
+    assert out["summary"]["export"]["ac_max_v_excess_pu"] <= 0.0005
+    r = api.post("/v1/envelopes", headers=api.operator,
+                 json={**body, "format": "site_controls", "limit": 3})
+    ctl = r.json()["site_controls"]
+    assert ctl["rows"] == 3 and ctl["duration_s"] == [900] * 3
+    assert len(ctl["mrid"][0]) == 32 and len(set(ctl["mrid"])) == 3
+    assert ctl["export_limit_w"][0] == round(tab["export_limit_kw"][0] * 1000)
+
+
+def test_interconnect(api):
+    r = api.post("/v1/interconnect", headers=api.reader,
+                 json={"feeder": "ieee13", "bus": "675", "kind": "pv", "kw": 50, "days": 2,
+                       "start": "2026-06-01T08:00:00Z"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["static_ok"] is True and out["flexible"]["export"]["curtailed_kwh"] == 0
+
+
+def test_scopes_and_bad_bodies(api):
+    body = {"feeder": "ieee13", "hours": 1, "step_min": 15}
+    assert api.post("/v1/envelopes", json=body).status_code == 401
+    r = api.post("/v1/envelopes", headers=api.reader, json=body)
+    assert r.status_code == 403 and r.headers["content-type"].startswith(PROBLEM)
+    r = api.post("/v1/interconnect", headers=api.reader,
+                 json={"feeder": "ieee13", "bus": "nosuch", "kw": 10, "days": 1})
+    assert r.status_code == 422 and "unknown bus 'nosuch'" in r.json()["detail"]
+    r = api.post("/v1/interconnect", headers=api.reader,
+                 json={"feeder": "ieee13", "bus": "675", "kw": -10, "days": 1})
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM)
+    r = api.post("/v1/envelopes", headers=api.operator,
+                 json={**body, "connection_points": ["nosuch"]})
+    assert r.status_code == 422 and "no enabled load" in r.json()["detail"]
+    r = api.post("/v1/hosting-capacity", headers=api.reader,
+                 json={"feeder": "ieee13", "buses": ["611.1"]})
+    assert r.status_code == 422 and "has no phase 1" in r.json()["detail"]
