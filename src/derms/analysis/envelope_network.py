@@ -177,8 +177,9 @@ class EnvelopeNetwork:
             self._states.append(capture_control_state(eng, self._regulated))
             if on_step is not None:
                 on_step(k)
-        return HorizonStates(col.v_pu.copy(), col.i_a.astype(float),
-                             col.head_p_kw.sum(axis=1), col.converged.copy())
+        self._base = HorizonStates(col.v_pu.copy(), col.i_a.astype(float),
+                                   col.head_p_kw.sum(axis=1), col.converged.copy())
+        return self._base
 
     # ------------------------------------------------------------------ zero net
     def reference(self, act_every: int | None = 6,
@@ -193,6 +194,8 @@ class EnvelopeNetwork:
         zero = np.zeros((self.n_steps, len(self.cps)))
         if act_every is None:
             self.ref_states = dict(enumerate(self._states))
+            if not (self.cp_p_kw.any() or self.cp_q_kvar.any()):
+                return self._base  # zero net is the base case (e.g. a new connection)
             return self.check(zero, zero, on_step=on_step)
         acted: dict[int, ControlState] = {}
         every = max(1, int(act_every))

@@ -197,8 +197,12 @@ class _Limits:
 def compute_envelopes(engine: OpenDSSEngine, profiles: Profiles,
                       cps: Sequence[ConnectionPoint],
                       criteria: EnvelopeCriteria | None = None, *,
-                      progress: Progress | None = None) -> EnvelopeResult:
+                      progress: Progress | None = None,
+                      active: np.ndarray | None = None) -> EnvelopeResult:
     """Operating envelopes over the profiles' horizon (see the module docstring).
+
+    ``active`` (T,) bool: intervals to compute (e.g. the hours a PV system runs); the
+    others get envelope 0 and are not checked (``rounds`` 0 in ``intervals``).
 
     ``engine`` is a compiled feeder; it is changed (shapes, companion elements, modes) and
     should not be reused for other studies.
@@ -222,7 +226,7 @@ def compute_envelopes(engine: OpenDSSEngine, profiles: Profiles,
     frames = []
     solves = 2 * n_t
     for d in crit.directions:
-        x, frame, n_solves = _direction(d, net, lim, ref, model, caps, crit, tick)
+        x, frame, n_solves = _direction(d, net, lim, ref, model, caps, crit, tick, active)
         out[d] = x
         frames.append(frame)
         solves += n_solves
@@ -318,7 +322,7 @@ def _linearise(engine: OpenDSSEngine, net: EnvelopeNetwork, base: HorizonStates,
 
 def _direction(direction: str, net: EnvelopeNetwork, lim: _Limits, ref: HorizonStates,
                linear: tuple[LinearModel, int], caps: np.ndarray,
-               crit: EnvelopeCriteria, tick: Progress
+               crit: EnvelopeCriteria, tick: Progress, active: np.ndarray | None = None
                ) -> tuple[np.ndarray, pd.DataFrame, int]:
     """Envelopes of one direction over the horizon, with their AC check."""
     model, _ = linear
@@ -427,8 +431,14 @@ def _direction(direction: str, net: EnvelopeNetwork, lim: _Limits, ref: HorizonS
         infeasible[steps[zero]] = True
         return ok | zero, tight | zero
 
-    todo = np.arange(n_t)
+    todo = np.arange(n_t) if active is None else np.flatnonzero(np.asarray(active, bool))
+    if todo.size < n_t:  # intervals left out: nothing computed, nothing to check
+        skipped = np.setdiff1d(np.arange(n_t), todo)
+        v_exc[skipped], th_exc[skipped], conv[skipped] = -np.inf, -np.inf, True
+        kind[skipped] = "not_computed"
     for rnd in range(crit.max_rounds):
+        if todo.size == 0:
+            break
         al = allocate(rows(), caps, crit.policy, todo)
         x[todo] = al.x_kw
         kind[todo], elem[todo], infeasible[todo] = (al.binding_kind, al.binding_element,

@@ -128,7 +128,8 @@ def flexible_connection(engine: OpenDSSEngine, profiles: Profiles, site: Site, k
     crit = EnvelopeCriteria(limits=limits or Limits(), policy="equal",
                             directions=_DIRECTIONS[kind], controls="frozen",
                             export_q_per_p=0.0, import_q_per_p=0.0)
-    res = compute_envelopes(engine, profiles, [cp], crit, progress=progress)
+    res = compute_envelopes(engine, profiles, [cp], crit, progress=progress,
+                            active=None if kind == "battery" else pu > 0)
     frames, static = [], {}
     for d in _DIRECTIONS[kind]:
         allowed = (res.export_kw if d == "export" else res.import_kw)[:, 0]
