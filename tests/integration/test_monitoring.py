@@ -371,3 +371,44 @@ def test_monitor_process_runs_and_reacts_to_topology(feeder, db_url):
     finally:
         proc.close()
     assert not proc.alive
+
+
+def test_ami_power_measures_the_single_load_at_the_meter_bus(feeder):
+    """AMI p_kw/q_kvar at bus 611 (one load) and 652 (one load) pull those loads to the
+    metered values; at 675 (three loads) the reading is ambiguous and not used. Truth: 611
+    and 652 at 1.6 x their base, the rest at base; pseudo-measurements at base."""
+    fid, db = feeder
+    truth = Truth()
+    names = [s.lower() for s in truth.engine.circuit.Loads.AllNames]
+    scale = np.ones(len(names))
+    scale[names.index("611")] = scale[names.index("652")] = 1.6
+    truth.solve(scale)
+    rows = []
+    for m, load in (("m611", "611"), ("m652", "652"), ("m675", "675a")):
+        p, q = truth.base[names.index(load)] * scale[names.index(load)]
+        rows += [(f"{fid}-{m}", "p_kw", p), (f"{fid}-{m}", "q_kvar", q)]
+    p, q = truth.head()
+    for k, ph in enumerate("abc"):  # head SCADA too, as in the field
+        rows += [(head_meter_id(fid), f"p_{ph}_kw", p[k]), (head_meter_id(fid), f"q_{ph}_kvar", q[k])]
+    t = T0 - timedelta(seconds=60)
+    write_readings(db, pd.DataFrame({
+        "meter_id": [r[0] for r in rows], "quantity": [r[1] for r in rows],
+        "value": [float(r[2]) for r in rows], "t": pd.Series([t] * len(rows), dtype=object),
+        "source": "ami"}))
+    v_true = truth.v()
+    truth.close()
+    with_ami = FeederMonitor(fid, MASTER, db, MonitorConfig(alarms=False))
+    without = FeederMonitor(fid, MASTER, db, MonitorConfig(alarms=False, ami_p_sigma_frac=1e3,
+                                                           ami_p_sigma_min_kw=1e6))
+    try:
+        st = with_ami.run_once(T0)
+        st0 = without.run_once(T0)
+    finally:
+        with_ami.close()
+        without.close()
+    assert st.estimation["n_ami_p"] == 2 and st.estimation["n_ami_q"] == 2
+    assert any("AMI power not used" in n and f"{fid}-m675" in n for n in st.notes)
+    err = {n: abs(v - v_true[n]) for n, v in zip(st.node_names, st.v_pu)}
+    err0 = {n: abs(v - v_true[n]) for n, v in zip(st0.node_names, st0.v_pu)}
+    assert err["611.3"] < 0.25 * err0["611.3"] and err["611.3"] < 0.002
+    assert err["652.1"] < 0.25 * err0["652.1"]

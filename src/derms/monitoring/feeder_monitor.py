@@ -19,6 +19,12 @@ Inputs read from the store at each :meth:`FeederMonitor.run_once`:
   (power the feeder draws from the substation, **import positive**), used only when all
   phases of the source are present and fresh; its ``v_pu``/``v_v`` with bus and phase is an
   ordinary voltage measurement.
+* **AMI power**: a meter's latest good ``p_kw`` (and ``q_kvar``) within the window — the
+  interval's average power, consumption positive — measures the load at the meter's bus
+  when exactly one load of the model sits there (as on IEEE 8500's service buses); with
+  several loads at the bus the reading is ambiguous and not used (noted). Sigma
+  ``ami_p_sigma_frac`` of the value (at least ``ami_p_sigma_min_kw``): meter class plus
+  the gap between an interval average and the instant estimated.
 * **Pseudo-measurements**: every load of the model at its base kW/kvar × ``load_multiplier``
   (a number or a function of time, e.g. a profile), sigma ``pseudo_sigma_frac`` of the value.
 * **Topology**: the latest ``TopologyEvent`` per switch (``t <= now``) is applied to the
@@ -79,6 +85,7 @@ PHASE_NODE = {"a": 1, "b": 2, "c": 3}
 HEAD_P = ("p_a_kw", "p_b_kw", "p_c_kw")
 HEAD_Q = ("q_a_kvar", "q_b_kvar", "q_c_kvar")
 VOLTAGE_QUANTITIES = ("v_pu", "v_v")  # single-phase meters
+POWER_QUANTITIES = ("p_kw", "q_kvar")  # AMI interval-average power of a service point
 PHASE_VOLTAGE_QUANTITIES = tuple(f"v_{p}_{u}" for p in "abc" for u in ("pu", "v"))
 
 
@@ -97,6 +104,8 @@ class MonitorConfig:
     head_sigma_min_kw: float = 1.0
     pseudo_sigma_frac: float = 0.3  # profile uncertainty (state_estimation default)
     pseudo_sigma_min_kw: float = 0.1
+    ami_p_sigma_frac: float = 0.05
+    ami_p_sigma_min_kw: float = 0.05
     load_multiplier: float | Callable[[datetime], float] = 1.0
     limits: Limits = field(default_factory=Limits)
     availability: AvailabilityThresholds = field(default_factory=AvailabilityThresholds)
@@ -141,6 +150,7 @@ class FeederMonitor:
         self.branch_names = [f"{e}.{p}" for e, p in
                              zip(self.index.branch_element, self.index.branch_phase)]
         self.load_names, self.base_p_kw, self.base_q_kvar = _load_table(self.engine)
+        self._loads_at_bus = _loads_by_bus(self.engine, self.load_names)
         self.topology: dict[str, str] = {}
 
     def close(self) -> None:
@@ -164,7 +174,7 @@ class FeederMonitor:
             meter_ids = [m.meter_id for m in meters]
             m_series = series_of(conn, meter_ids=meter_ids,
                                  quantities=VOLTAGE_QUANTITIES + PHASE_VOLTAGE_QUANTITIES
-                                 + HEAD_P + HEAD_Q)
+                                 + HEAD_P + HEAD_Q + POWER_QUANTITIES)
             m_last = latest_readings(conn, m_series["series_id"].tolist(),
                                      now - timedelta(seconds=cfg.meter_window_s), now)
             d_series = series_of(conn, der_ids=[d.der_id for d in devices], quantities=("p_kw",))
@@ -180,13 +190,16 @@ class FeederMonitor:
         xp, xq = self.base_p_kw * mult, self.base_q_kvar * mult
         sp = np.maximum(cfg.pseudo_sigma_frac * np.abs(xp), cfg.pseudo_sigma_min_kw)
         sq = np.maximum(cfg.pseudo_sigma_frac * np.abs(xq), cfg.pseudo_sigma_min_kw)
+        ami = self._power_rows(meters, m_last, notes)
         estimation: dict[str, Any] = {"load_multiplier": mult, "n_voltage": len(v_nodes),
-                                      "n_head": 0 if head is None else len(head[0])}
+                                      "n_head": 0 if head is None else len(head[0]),
+                                      "n_ami_p": len(ami["ami_p_loads"]),
+                                      "n_ami_q": len(ami["ami_q_loads"])}
         if len(v_nodes) or head is not None:
             meas = Measurements(
                 v_nodes=v_nodes, v_pu=v_pu, v_sigma_pu=v_sigma, load_names=self.load_names,
                 load_p_kw=xp, load_q_kvar=xq, load_p_sigma_kw=sp, load_q_sigma_kvar=sq,
-                **({} if head is None else {
+                **ami, **({} if head is None else {
                     "head_p_kw": head[0], "head_q_kvar": head[1],
                     "head_p_sigma_kw": head[2], "head_q_sigma_kvar": head[3]}))
             est = estimate_state(self.engine, meas, index=self.index, restore=True)
@@ -305,6 +318,43 @@ class FeederMonitor:
         sig = np.array([self.config.v_sigma_pu / np.sqrt(len(rows[s])) for s in names])
         return names, v, sig, stale
 
+    def _power_rows(self, meters, m_last: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
+        """AMI p_kw / q_kvar as measurements of the single load at each meter's bus."""
+        cfg = self.config
+        last = m_last[m_last["quantity"].isin(POWER_QUANTITIES)].sort_values("t")
+        latest = last.groupby(["meter_id", "quantity"])["value"].last()
+        out: dict[str, Any] = {"ami_p_loads": [], "ami_q_loads": []}
+        vals: dict[str, list[float]] = {"p": [], "q": []}
+        ambiguous = []
+        for m in meters:
+            if not m.bus:
+                continue
+            loads = self._loads_at_bus.get(m.bus.strip().lower(), [])
+            for kind, q in (("p", "p_kw"), ("q", "q_kvar")):
+                if (m.meter_id, q) not in latest.index:
+                    continue
+                if len(loads) != 1:
+                    ambiguous.append(m.meter_id)
+                    continue
+                if loads[0] in out[f"ami_{kind}_loads"]:
+                    continue  # two meters on one load: the first one
+                out[f"ami_{kind}_loads"].append(loads[0])
+                vals[kind].append(float(latest[(m.meter_id, q)]))
+        if ambiguous:
+            notes.append(f"AMI power not used (no single load at the meter's bus): "
+                         f"{sorted(set(ambiguous))[:20]}")
+        for kind, unit in (("p", "kw"), ("q", "kvar")):
+            if not out[f"ami_{kind}_loads"]:
+                del out[f"ami_{kind}_loads"]
+                continue
+            z = np.asarray(vals[kind])
+            out[f"ami_{kind}_{unit}"] = z
+            out[f"ami_{kind}_sigma_{unit}"] = np.maximum(cfg.ami_p_sigma_frac * np.abs(z),
+                                                         cfg.ami_p_sigma_min_kw)
+        out.setdefault("ami_p_loads", [])
+        out.setdefault("ami_q_loads", [])
+        return out
+
     def _head_rows(self, m_last: pd.DataFrame, notes: list[str]):
         nph = self.index.source_phases
         head = m_last[m_last["meter_id"] == head_meter_id(self.feeder_id)]
@@ -390,6 +440,17 @@ def _load_table(engine: OpenDSSEngine) -> tuple[list[str], np.ndarray, np.ndarra
         loads.idx = i + 1
         p[i], q[i] = loads.kW, loads.kvar
     return names, p, q
+
+
+def _loads_by_bus(engine: OpenDSSEngine, names: list[str]) -> dict[str, list[str]]:
+    """Bus (lower case, no nodes) -> names of the loads connected there."""
+    c = engine.circuit
+    out: dict[str, list[str]] = {}
+    for name in names:
+        c.SetActiveElement(f"load.{name}")
+        bus = c.ActiveCktElement.BusNames[0].split(".")[0].lower()
+        out.setdefault(bus, []).append(name)
+    return out
 
 
 def _set_loads(loads, p: np.ndarray, q: np.ndarray) -> None:
