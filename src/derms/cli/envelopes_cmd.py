@@ -17,12 +17,12 @@ from derms.cli.common import (
     MasterArg,
     MaxIterOpt,
     OutOpt,
-    err_console,
     handle_errors,
     out_console,
     output_folder,
     parse_step,
     refuse_non_empty,
+    stage_progress,
 )
 from derms.errors import InputError
 
@@ -119,8 +119,6 @@ def envelopes(
         raise InputError(f"--hours {hours}: must be in (0, 168]")
     dt = parse_step(step)
     refuse_non_empty(out, force)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from derms.analysis.constraints import Limits
     from derms.analysis.envelope_network import connection_points as make_cps
     from derms.analysis.envelopes import EnvelopeCriteria, compute_envelopes
@@ -149,16 +147,7 @@ def envelopes(
         names = [ld.name for ld in feeder.loads if ld.enabled]
         cps = make_cps(feeder, pick_loads(connection_points, names, seed),
                        min_capacity_kw=capacity_kw)
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                      console=err_console) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
+        with stage_progress() as progress:
             result = compute_envelopes(engine, forecast, cps, criteria, progress=progress)
     report = EnvelopeReport(feeder, result, str(path), static_kw)
     with output_folder(out, force) as tmp:

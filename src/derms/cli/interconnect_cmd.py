@@ -16,11 +16,11 @@ from derms.cli.common import (
     MasterArg,
     MaxIterOpt,
     OutOpt,
-    err_console,
     handle_errors,
     out_console,
     output_folder,
     refuse_non_empty,
+    stage_progress,
 )
 from derms.errors import InputError
 
@@ -61,8 +61,6 @@ def interconnect(
         raise InputError(f"--start {start!r}: expected an ISO 8601 date or datetime") from None
     t0 = t0.replace(tzinfo=UTC) if t0.tzinfo is None else t0.astimezone(UTC)
     refuse_non_empty(out, force)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from derms.analysis.hosting_capacity import resolve_sites
     from derms.analysis.interconnection import curtailment_reference, flexible_connection
     from derms.grid.bundled import resolve_master
@@ -79,16 +77,7 @@ def interconnect(
     results = {}
     runs = [("fast", flexible_connection)] + ([("reference", curtailment_reference)]
                                               if reference else [])
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err_console) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    with stage_progress() as progress:
         for name, fn in runs:
             with OpenDSSEngine(path, SolveSettings(max_iterations=max_iterations)) as engine:
                 engine.solve_snapshot()
