@@ -301,6 +301,7 @@ def serve(
 
 
 from derms.cli import (  # sub-commands on `app`
+    certs_cmd,
     constraints_cmd,
     dispatch_cmd,
     envelopes_cmd,
@@ -317,6 +318,7 @@ app.command(name="dispatch")(dispatch_cmd.dispatch)
 app.command(name="hosting-capacity")(hosting_cmd.hosting_capacity)
 app.command(name="envelopes")(envelopes_cmd.envelopes)
 app.command(name="interconnect")(interconnect_cmd.interconnect)
+app.command(name="certs")(certs_cmd.certs)
 
 
 def main() -> None:  # pragma: no cover - console entry point

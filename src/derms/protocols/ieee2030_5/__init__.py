@@ -1,0 +1,14 @@
+"""IEEE 2030.5 (CSIP / CSIP-AUS) server adapter over mutual TLS.
+
+Modules: ``identity`` (LFDI/SFDI), ``certs`` (test PKI), ``tls`` (server context),
+``http11`` (HTTP/1.1 over TLS with the peer certificate as identity), ``sep_xml`` (namespaces,
+parsing, XSD validation), ``model`` / ``repository`` (records and their storage),
+``mappers`` (records → XML), ``app`` (resources, access rules, paging), ``server`` (start it).
+"""
+
+from derms.protocols.ieee2030_5.app import SepApp, SepSettings
+from derms.protocols.ieee2030_5.repository import InMemoryRepository, SepRepository
+from derms.protocols.ieee2030_5.server import Ieee2030_5Config, start_ieee2030_5_server
+
+__all__ = ["Ieee2030_5Config", "InMemoryRepository", "SepApp", "SepRepository", "SepSettings",
+           "start_ieee2030_5_server"]

@@ -1,0 +1,234 @@
+"""Records → IEEE 2030.5 / CSIP-AUS XML elements (pure functions; the only place where protocol
+scaling happens). Element order follows the schema's sequences exactly.
+
+Hrefs are built from a ``Paths`` object so the base path is configurable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+from lxml import etree
+
+from derms.protocols.ieee2030_5.model import (
+    ControlRecord,
+    DefaultControlRecord,
+    DerLimits,
+    EndDeviceRecord,
+    FsaRecord,
+    ProgramRecord,
+)
+from derms.protocols.ieee2030_5.sep_xml import CSIPAUS_NS, NS, C, E, O
+
+# EventStatus.currentStatus (IEEE 2030.5 EventStatus)
+SCHEDULED, ACTIVE, CANCELLED, CANCELLED_RANDOM, SUPERSEDED = 0, 1, 2, 3, 4
+TIME_QUALITY_NTP = 4  # "level 3 source" (server clock disciplined by NTP)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The server's hrefs; ``prefix`` is the folder DeviceCapability is served in."""
+
+    prefix: str = ""
+
+    @property
+    def dcap(self) -> str: return f"{self.prefix}/dcap"
+    @property
+    def tm(self) -> str: return f"{self.prefix}/tm"
+    @property
+    def edev_list(self) -> str: return f"{self.prefix}/edev"
+    def edev(self, e: int) -> str: return f"{self.prefix}/edev/{e}"
+    def reg(self, e: int) -> str: return f"{self.edev(e)}/rg"
+    def cp(self, e: int) -> str: return f"{self.edev(e)}/cp"
+    def fsa_list(self, e: int) -> str: return f"{self.edev(e)}/fsa"
+    def fsa(self, e: int, f: int) -> str: return f"{self.edev(e)}/fsa/{f}"
+    def fsa_programs(self, e: int, f: int) -> str: return f"{self.fsa(e, f)}/derp"
+    def program(self, e: int, p: int) -> str: return f"{self.edev(e)}/derp/{p}"
+    def controls(self, e: int, p: int) -> str: return f"{self.program(e, p)}/derc"
+    def active_controls(self, e: int, p: int) -> str: return f"{self.program(e, p)}/actderc"
+    def control(self, e: int, p: int, c: int) -> str: return f"{self.controls(e, p)}/{c}"
+    def default_control(self, e: int, p: int) -> str: return f"{self.program(e, p)}/dderc"
+
+
+def epoch(t: datetime) -> int:
+    """TimeType: whole seconds since 1970-01-01 UTC."""
+    return int(t.timestamp())
+
+
+def active_power(w: float) -> tuple[int, int]:
+    """(value, multiplier) with value an Int16 and value × 10^multiplier ≈ ``w`` (W).
+
+    The smallest multiplier in 0..9 that fits is used, so precision is kept: 5,000 W →
+    (5000, 0); 123,456 W → (12346, 1). Negative inputs are accepted (Int16 is signed)."""
+    if not math.isfinite(w):
+        raise ValueError(f"active power {w!r} W: not a finite number")
+    for mult in range(0, 10):
+        value = round(w / 10**mult)
+        if -32768 <= value <= 32767:
+            return value, mult
+    raise ValueError(f"active power {w} W: beyond the range of ActivePower")
+
+
+def w_from_active_power(value: int, multiplier: int) -> float:
+    return float(value) * 10.0**multiplier
+
+
+def _active_power_el(tag: str, w: float) -> etree._Element:
+    value, mult = active_power(w)
+    return C(tag, E("multiplier", mult), E("value", value))
+
+
+def _list(tag: str, href: str, items: list[etree._Element], all_count: int,
+          **attrs) -> etree._Element:
+    el = E(tag, href=href, all=all_count, results=len(items), **attrs)
+    for item in items:
+        el.append(item)
+    return el
+
+
+def device_capability(paths: Paths, edev_count: int, poll_rate_s: int) -> etree._Element:
+    return E("DeviceCapability",
+             E("TimeLink", href=paths.tm),
+             E("EndDeviceListLink", href=paths.edev_list, all=edev_count),
+             href=paths.dcap, pollRate=poll_rate_s)
+
+
+def time_resource(paths: Paths, now: datetime, poll_rate_s: int) -> etree._Element:
+    """Time in UTC: no time-zone or daylight-saving offset is claimed."""
+    t = epoch(now)
+    return E("Time", E("currentTime", t), E("dstEndTime", 0), E("dstOffset", 0),
+             E("dstStartTime", 0), E("localTime", t), E("quality", TIME_QUALITY_NTP),
+             E("tzOffset", 0), href=paths.tm, pollRate=poll_rate_s)
+
+
+def end_device(paths: Paths, rec: EndDeviceRecord) -> etree._Element:
+    e = rec.edev_id
+    el = E("EndDevice",
+           E("lFDI", rec.lfdi),
+           E("sFDI", rec.sfdi),
+           E("changedTime", epoch(rec.changed_time)),
+           E("enabled", rec.enabled),
+           E("FunctionSetAssignmentsListLink", href=paths.fsa_list(e), all=len(rec.fsa_ids)),
+           E("RegistrationLink", href=paths.reg(e)) if rec.pin is not None else None,
+           href=paths.edev(e))
+    if rec.nmi:
+        el.append(C("ConnectionPointLink", href=paths.cp(e)))
+    return el
+
+
+def end_device_list(paths: Paths, recs: list[EndDeviceRecord], all_count: int,
+                    poll_rate_s: int) -> etree._Element:
+    return _list("EndDeviceList", paths.edev_list, [end_device(paths, r) for r in recs],
+                 all_count, pollRate=poll_rate_s)
+
+
+def registration(paths: Paths, rec: EndDeviceRecord) -> etree._Element:
+    assert rec.pin is not None and rec.registered_time is not None
+    return E("Registration", E("dateTimeRegistered", epoch(rec.registered_time)),
+             E("pIN", rec.pin), href=paths.reg(rec.edev_id))
+
+
+def connection_point(paths: Paths, rec: EndDeviceRecord) -> etree._Element:
+    return C("ConnectionPoint", C("connectionPointId", rec.nmi), href=paths.cp(rec.edev_id))
+
+
+def fsa(paths: Paths, edev_id: int, rec: FsaRecord) -> etree._Element:
+    return E("FunctionSetAssignments",
+             E("DERProgramListLink", href=paths.fsa_programs(edev_id, rec.fsa_id),
+               all=len(rec.program_ids)),
+             E("TimeLink", href=paths.tm),
+             E("mRID", rec.mrid), O("description", rec.description[:32]),
+             E("version", rec.version),
+             href=paths.fsa(edev_id, rec.fsa_id))
+
+
+def fsa_list(paths: Paths, edev_id: int, recs: list[FsaRecord], all_count: int,
+             poll_rate_s: int) -> etree._Element:
+    return _list("FunctionSetAssignmentsList", paths.fsa_list(edev_id),
+                 [fsa(paths, edev_id, r) for r in recs], all_count, pollRate=poll_rate_s)
+
+
+def program(paths: Paths, edev_id: int, rec: ProgramRecord, *, n_controls: int,
+            has_default: bool) -> etree._Element:
+    p = rec.program_id
+    return E("DERProgram",
+             E("mRID", rec.mrid), O("description", rec.description[:32]),
+             E("version", rec.version),
+             E("ActiveDERControlListLink", href=paths.active_controls(edev_id, p)),
+             E("DefaultDERControlLink", href=paths.default_control(edev_id, p))
+             if has_default else None,
+             E("DERControlListLink", href=paths.controls(edev_id, p), all=n_controls),
+             E("primacy", rec.primacy),
+             href=paths.program(edev_id, p))
+
+
+def program_list(href: str, items: list[etree._Element], all_count: int,
+                 poll_rate_s: int) -> etree._Element:
+    return _list("DERProgramList", href, items, all_count, pollRate=poll_rate_s)
+
+
+def der_control_base(limits: DerLimits) -> etree._Element:
+    """DERControlBase: IEEE elements first, then the CSIP-AUS ones (schema order)."""
+    el = E("DERControlBase",
+           E("opModConnect", limits.connect) if limits.connect is not None else None,
+           E("opModEnergize", limits.energize) if limits.energize is not None else None)
+    for tag, w in (("opModImpLimW", limits.imp_lim_w), ("opModExpLimW", limits.exp_lim_w),
+                   ("opModGenLimW", limits.gen_lim_w), ("opModLoadLimW", limits.load_lim_w)):
+        if w is not None:
+            el.append(_active_power_el(tag, w))
+    return el
+
+
+def control_status(rec: ControlRecord, now: datetime) -> int:
+    if rec.cancelled_time is not None:
+        return CANCELLED
+    start = epoch(rec.start)
+    return ACTIVE if start <= epoch(now) < start + rec.duration_s else SCHEDULED
+
+
+def der_control(href: str, rec: ControlRecord, now: datetime) -> etree._Element:
+    status_time = rec.cancelled_time or rec.creation_time
+    return E("DERControl",
+             E("mRID", rec.mrid), O("description", rec.description[:32]),
+             E("version", rec.version),
+             E("creationTime", epoch(rec.creation_time)),
+             E("EventStatus", E("currentStatus", control_status(rec, now)),
+               E("dateTime", epoch(status_time)), E("potentiallySuperseded", False)),
+             E("interval", E("duration", rec.duration_s), E("start", epoch(rec.start))),
+             O("randomizeDuration", rec.randomize_duration_s),
+             O("randomizeStart", rec.randomize_start_s),
+             der_control_base(rec.limits),
+             href=href)
+
+
+def der_control_list(href: str, items: list[etree._Element], all_count: int) -> etree._Element:
+    return _list("DERControlList", href, items, all_count)
+
+
+def default_der_control(href: str, rec: DefaultControlRecord) -> etree._Element:
+    return E("DefaultDERControl",
+             E("mRID", rec.mrid), O("description", rec.description[:32]),
+             E("version", rec.version),
+             der_control_base(rec.limits),
+             O("setGradW", rec.set_grad_w),
+             href=href)
+
+
+def limits_from_control_base(el: etree._Element) -> DerLimits:
+    """The inverse of :func:`der_control_base` for incoming documents (W)."""
+    def power(tag: str) -> float | None:
+        found = el.find(f"{{{CSIPAUS_NS}}}{tag}")
+        if found is None:
+            return None
+        return w_from_active_power(int(found.findtext(f"{{{NS}}}value")),
+                                   int(found.findtext(f"{{{NS}}}multiplier")))
+
+    def flag(tag: str) -> bool | None:
+        text = el.findtext(f"{{{NS}}}{tag}")
+        return None if text is None else text.strip() in ("true", "1")
+
+    return DerLimits(exp_lim_w=power("opModExpLimW"), imp_lim_w=power("opModImpLimW"),
+                     gen_lim_w=power("opModGenLimW"), load_lim_w=power("opModLoadLimW"),
+                     connect=flag("opModConnect"), energize=flag("opModEnergize"))
