@@ -17,6 +17,11 @@ is (limits from the base case, linear model build, closed-form sizes, AC verific
 Run: ``.venv/bin/python bench/bench_hosting_capacity.py [--feeders ieee13,ieee123]
 [--kinds pv,load] [--buses N] [--no-brute]`` (2-core machine; brute force on IEEE 8500 takes
 hours, use ``--buses`` or ``--no-brute`` there).
+
+``--sample N --method fast-groups`` (for IEEE 8500): the fast method on *every* site, brute
+force on N sites drawn with seed 0; "brute s" is then the brute-force time per site x the
+number of sites (an estimate of brute force on all of them, from the sample), and "within"
+is over the sample.
 """
 
 from __future__ import annotations
@@ -37,15 +42,19 @@ from derms.powerflow.control_state import freeze_base_case
 from derms.powerflow.engine import OpenDSSEngine
 
 
-def _row(feeder: str, kind: str, n_buses: int | None, brute: bool) -> dict:
+def _row(feeder: str, kind: str, n_buses: int | None, brute: bool, sample: int | None = None,
+         method: str = "fast") -> dict:
     with OpenDSSEngine(resolve_master(feeder)) as engine:
         freeze_base_case(engine)
         sites = resolve_sites(engine)
         sites = sites[:n_buses] if n_buses else sites
         index = build_index(engine)
         t = time.perf_counter()
-        fast = hosting_capacity_fast(engine, sites, kind, index=index)
+        fast = hosting_capacity_fast(engine, sites, kind, index=index,
+                                     verify="groups" if method == "fast-groups" else True)
         fast_s = time.perf_counter() - t
+        if sample:
+            return _sampled(engine, sites, kind, index, fast, fast_s, sample, feeder)
         t = time.perf_counter()
         lin = hosting_capacity_fast(engine, sites, kind, index=index, verify=False)
         lin_s = time.perf_counter() - t
@@ -69,14 +78,36 @@ def _row(feeder: str, kind: str, n_buses: int | None, brute: bool) -> dict:
     return row
 
 
+def _sampled(engine, sites, kind, index, fast, fast_s, n, feeder) -> dict:
+    pick = np.sort(np.random.default_rng(0).choice(len(sites), min(n, len(sites)),
+                                                   replace=False))
+    t = time.perf_counter()
+    ref = hosting_capacity_brute(engine, [sites[i] for i in pick], kind, index=index)
+    per_site = (time.perf_counter() - t) / pick.size
+    b = ref.table["hc_kw"].to_numpy()
+    f = fast.table["hc_kw"].to_numpy()[pick]
+    err = np.abs(f - b)
+    k = int(np.argmax(err))
+    brute_s = per_site * len(sites)
+    return {"feeder": feeder, "kind": kind, "buses": len(sites), "fast_s": fast_s,
+            "ac_fast": fast.n_ac_solves, "linear_s": float("nan"), "brute_s": brute_s,
+            "ac_brute": ref.n_ac_solves, "ratio": brute_s / fast_s,
+            "within": float((err <= np.maximum(0.05 * b, 10.0)).mean()),
+            "worst_kw": float(err[k]), "worst_rel": float(err[k] / max(b[k], 1e-9)),
+            "within_linear": float("nan"), "ratio_linear": float("nan")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--feeders", default="ieee13,ieee123")
     ap.add_argument("--kinds", default="pv,load")
     ap.add_argument("--buses", type=int, default=None, help="first N sites only")
     ap.add_argument("--no-brute", action="store_true")
+    ap.add_argument("--sample", type=int, default=None,
+                    help="brute force on N seeded sites only (fast on all)")
+    ap.add_argument("--method", choices=["fast", "fast-groups"], default="fast")
     args = ap.parse_args()
-    rows = [_row(f, k, args.buses, not args.no_brute)
+    rows = [_row(f, k, args.buses, not args.no_brute, args.sample, args.method)
             for f in args.feeders.split(",") for k in args.kinds.split(",")]
     head = (f"{'feeder':9s} {'kind':5s} {'buses':>5s} {'fast s':>7s} {'brute s':>8s} "
             f"{'ratio':>6s} {'AC fast':>7s} {'AC brute':>8s} {'within':>7s} "
