@@ -71,3 +71,19 @@ def test_missing_feeder_and_non_empty_out_exit_2(tmp_path):
     (tmp_path / "full" / "f").write_text("x")
     code, text = _run("ieee13", "--out", tmp_path / "full")
     assert code == 2 and "--force" in text
+
+
+def test_over_time_writes_the_time_table(tmp_path):
+    out = tmp_path / "t"
+    code, text = _run("ieee13", "--kind", "pv", "--method", "fast-groups", "--over-time",
+                      "minmax", "--out", out)
+    assert code == 0, text
+    check_file(out / "hosting_capacity_time.csv", "derms hosting-capacity")
+    check_file(out / "hosting_capacity.csv", "derms hosting-capacity")
+    t = pd.read_csv(out / "hosting_capacity_time.csv")
+    h = pd.read_csv(out / "hosting_capacity.csv")
+    assert t["timestamp"].nunique() == 2 and len(t) == 2 * len(h)
+    smallest = t.groupby("bus")["hc_kw"].min()
+    assert (h.set_index("bus")["hc_kw"] - smallest.loc[h["bus"]].to_numpy()).abs().max() < 1e-6
+    code, text = _run("ieee13", "--over-time", "sometimes", "--out", tmp_path / "x")
+    assert code == 2 and "--over-time 'sometimes'" in text

@@ -66,6 +66,17 @@ def hosting_capacity(
         "--skip-default-ratings",
         help="Leave lines with OpenDSS's default rating (400/600 A) out of the thermal "
              "criterion.")] = False,
+    over_time: Annotated[str | None, typer.Option(
+        help="Hosting capacity over a horizon of load profiles instead of the model's own "
+             "loads: minmax (the lowest- and highest-load intervals) or all (every "
+             "interval); hosting_capacity.csv then has each site's smallest value and "
+             "hosting_capacity_time.csv every interval's.")] = None,
+    start: Annotated[str, typer.Option(help="With --over-time: horizon start (UTC).")
+                     ] = "2026-07-01",
+    days: Annotated[float, typer.Option(help="With --over-time: horizon [days].")] = 1.0,
+    step: Annotated[str, typer.Option(help="With --over-time: interval (1min .. 1h).")
+                    ] = "1h",
+    seed: Annotated[int, typer.Option(help="With --over-time: seed of the load shapes.")] = 0,
     max_iterations: MaxIterOpt = 100,
     force: ForceOpt = False,
 ) -> None:
@@ -114,6 +125,13 @@ def hosting_capacity(
     bus_list = parse_buses(buses)
     path = resolve_master(master)
     results = {}
+    if over_time is not None:
+        if over_time not in ("minmax", "all"):
+            raise InputError(f"--over-time {over_time!r}: expected minmax or all")
+        if method not in ("fast", "fast-groups", "linear"):
+            raise InputError("--over-time runs the fast methods (fast, fast-groups, linear)")
+        return _over_time(path, out, force, kinds, method, bus_list, criteria, over_time,
+                          start, days, step, seed, max_iterations)
     with OpenDSSEngine(path, SolveSettings(max_iterations=max_iterations)) as engine:
         feeder = read_feeder(engine.ctx, engine.source_master)
         freeze_base_case(engine)
@@ -150,3 +168,55 @@ def hosting_capacity(
             "their base value", highlight=False)
     out_console.print(f"table: {paths['csv'].resolve()}", highlight=False)
     out_console.print(f"report: {paths['report'].resolve()}", highlight=False)
+
+
+def _over_time(path, out, force, kinds, method, bus_list, criteria, mode, start, days, step,
+               seed, max_iterations) -> None:
+    """``--over-time``: the snapshot method at chosen intervals of a horizon."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+
+    from derms.analysis.hosting_capacity import resolve_sites
+    from derms.analysis.hosting_series import hosting_capacity_over_time, pick_steps
+    from derms.cli.common import parse_step, stage_progress
+    from derms.grid.opendss_import import read_feeder
+    from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+    from derms.reports.hosting_html import HostingReport, write_hosting_outputs
+    from derms.studies.qsts_study import StudyConfig, study_profiles
+
+    try:
+        t0 = datetime.fromisoformat(start)
+    except ValueError:
+        raise InputError(f"--start {start!r}: expected an ISO 8601 date or datetime") from None
+    t0 = t0.replace(tzinfo=UTC) if t0.tzinfo is None else t0.astimezone(UTC)
+    cfg = StudyConfig(days=days, step=parse_step(step), start=t0, seed=seed)
+    results, frames = {}, []
+    with OpenDSSEngine(path, SolveSettings(max_iterations=max_iterations)) as engine:
+        engine.solve_snapshot()
+        feeder = read_feeder(engine.ctx, engine.source_master)
+        profiles, _ = study_profiles(feeder, cfg)
+        steps = pick_steps(engine, profiles, mode)
+        sites = resolve_sites(engine, bus_list)
+        verify = {"fast": True, "fast-groups": "groups", "linear": False}[method]
+        with stage_progress() as progress:
+            for k in kinds:
+                per_step, results[k] = hosting_capacity_over_time(
+                    engine, profiles, sites, k, criteria, steps=steps, verify=verify,
+                    on_progress=lambda d, n, k=k: progress(f"{k}: snapshots ({method})", d, n))
+                frames.append(per_step)
+    report = HostingReport(feeder, results, f"{method}, over time ({mode})", str(path))
+    table = pd.concat(frames, ignore_index=True)
+    table["timestamp"] = pd.DatetimeIndex(table["timestamp"]).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with output_folder(out, force) as tmp:
+        paths = write_hosting_outputs(report, tmp)
+        table[["bus", "phases", "kind", "timestamp", "hc_kw", "binding",
+               "binding_element"]].to_csv(tmp / "hosting_capacity_time.csv", index=False)
+    for k, res in results.items():
+        hc = res.table["hc_kw"]
+        out_console.print(
+            f"{feeder.name} {k}: {len(sites)} sites x {len(steps)} snapshots, "
+            f"{res.n_ac_solves} AC solves in {res.runtime_s:.1f} s; smallest over the "
+            f"horizon: min {hc.min():,.0f}, median {hc.median():,.0f}, max {hc.max():,.0f} kW",
+            highlight=False)
+    out_console.print(f"table: {(out / paths['csv'].name).resolve()}", highlight=False)
