@@ -31,6 +31,7 @@ from derms.api.routes_capacity import router as capacity_router
 from derms.api.routes_constraints import router as constraints_router
 from derms.api.routes_dispatch import router as dispatch_router
 from derms.api.routes_forecasts import router as forecasts_router
+from derms.api.routes_ieee2030_5 import router as ieee2030_5_router
 from derms.api.routes_readings import router as readings_router
 from derms.api.routes_registry import router as registry_router
 from derms.api.routes_state import router as state_router
@@ -133,4 +134,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(constraints_router, prefix="/v1")
     app.include_router(dispatch_router, prefix="/v1")
     app.include_router(capacity_router, prefix="/v1")
+    app.include_router(ieee2030_5_router, prefix="/v1")  # app.state.ieee2030_5_repo: serve
     return app

@@ -249,9 +249,28 @@ def serve(
     monitor_period_s: Annotated[float, typer.Option(
         help="Seconds between feeder state estimates; 0 (default for now): no monitoring "
              "cycle (see the known issue in docs/ARCHITECTURE.md).")] = 0.0,
+    ieee2030_5_port: Annotated[int | None, typer.Option(
+        "--ieee2030-5-port", min=0, max=65535,
+        help="Serve IEEE 2030.5 (CSIP / CSIP-AUS) over mutual TLS on this port (off when "
+             "not given); needs --ieee2030-5-cert, --ieee2030-5-key and "
+             "--ieee2030-5-client-ca.")] = None,
+    ieee2030_5_cert: Annotated[Path | None, typer.Option(
+        "--ieee2030-5-cert", help="Server certificate (PEM) of the IEEE 2030.5 listener.")] = None,
+    ieee2030_5_key: Annotated[Path | None, typer.Option(
+        "--ieee2030-5-key", help="Its private key (PEM, unencrypted).")] = None,
+    ieee2030_5_client_ca: Annotated[Path | None, typer.Option(
+        "--ieee2030-5-client-ca",
+        help="CA certificate(s) (PEM) that client certificates must chain to.")] = None,
+    ieee2030_5_dcap_path: Annotated[str, typer.Option(
+        "--ieee2030-5-dcap-path", help="Path of DeviceCapability (…/dcap); the other "
+                                       "resources are served beside it.")] = "/dcap",
+    ieee2030_5_host: Annotated[str | None, typer.Option(
+        "--ieee2030-5-host", help="Address of the IEEE 2030.5 listener (default: --host).")
+    ] = None,
 ) -> None:
-    """Run the API, the MQTT ingest and the monitoring cycle (a state estimate per feeder
-    with an OpenDSS model version registered) on the database at DERMS_DATABASE_URL."""
+    """Run the API, the MQTT ingest, the monitoring cycle (a state estimate per feeder
+    with an OpenDSS model version registered) and, with --ieee2030-5-port, the IEEE 2030.5
+    server, on the database at DERMS_DATABASE_URL."""
     import logging
 
     import uvicorn
@@ -263,9 +282,26 @@ def serve(
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    sep_config = _ieee2030_5_config(ieee2030_5_port, ieee2030_5_cert, ieee2030_5_key,
+                                    ieee2030_5_client_ca, ieee2030_5_dcap_path,
+                                    ieee2030_5_host or host)
     settings = get_settings()
     upgrade(settings.database_url)
     api = create_app(settings)
+    sep_server = None
+    if sep_config is not None:
+        from derms.protocols.ieee2030_5 import InMemoryRepository, start_ieee2030_5_server
+
+        # one repository: the listener serves what the management API (/v1/ieee2030-5) writes
+        api.state.ieee2030_5_repo = repo = InMemoryRepository()
+        try:
+            sep_server = start_ieee2030_5_server(sep_config, repo)
+        except OSError as exc:
+            raise InputError(f"--ieee2030-5-port {sep_config.port}: cannot listen on "
+                             f"{sep_config.host} ({exc.strerror or exc})") from None
+        logging.getLogger("derms.cli").info(
+            "event=ieee2030_5_listening host=%s port=%d dcap=%s", sep_config.host,
+            sep_server.port, sep_config.settings.dcap_path)
     ingest = None
     if mqtt:
         sink = api.state.sink
@@ -292,12 +328,59 @@ def serve(
     try:
         uvicorn.run(api, host=host, port=port, log_level="info")
     finally:
+        if sep_server is not None:
+            sep_server.stop()
         if ingest is not None:
             ingest.stop()
         if loop is not None:
             loop.close()
         if forecast_schedule is not None:
             forecast_schedule.stop()
+
+
+def _ieee2030_5_config(port: int | None, cert: Path | None, key: Path | None,
+                       client_ca: Path | None, dcap_path: str, host: str):
+    """The IEEE 2030.5 listener's configuration from ``serve``'s options, every file checked
+    (exists, readable, a PEM certificate/key pair, a CA) before anything starts; None when
+    the listener is off. InputError (exit 2) names the option and the file."""
+    files = {"--ieee2030-5-cert": cert, "--ieee2030-5-key": key,
+             "--ieee2030-5-client-ca": client_ca}
+    if port is None:
+        given = [name for name, path in files.items() if path is not None]
+        if given:
+            raise InputError(f"{given[0]} is given without --ieee2030-5-port")
+        return None
+    missing = [name for name, path in files.items() if path is None]
+    if missing:
+        raise InputError(f"--ieee2030-5-port needs {', '.join(missing)}")
+    for name, path in files.items():
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise InputError(f"{name} {path}: cannot be read ({exc.strerror or exc})") from None
+    import ssl
+
+    from derms.protocols.ieee2030_5 import Ieee2030_5Config, SepSettings
+
+    try:
+        ssl.create_default_context().load_verify_locations(str(client_ca))
+    except (ssl.SSLError, ValueError) as exc:
+        raise InputError(f"--ieee2030-5-client-ca {client_ca}: no PEM CA certificate "
+                         f"({exc})") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key),
+                                                                password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise InputError(f"--ieee2030-5-cert {cert} / --ieee2030-5-key {key}: not a PEM "
+                         f"certificate and its unencrypted private key ({exc})") from None
+    settings = SepSettings(dcap_path=dcap_path)
+    try:
+        settings.prefix  # noqa: B018 - validates the path
+    except ValueError as exc:
+        raise InputError(f"--ieee2030-5-dcap-path: {exc}") from None
+    return Ieee2030_5Config(cert=cert, key=key, client_ca=client_ca, host=host, port=port,
+                            settings=settings)
 
 
 from derms.cli import (  # sub-commands on `app`

@@ -3,12 +3,18 @@
 Modules: ``identity`` (LFDI/SFDI), ``certs`` (test PKI), ``tls`` (server context),
 ``http11`` (HTTP/1.1 over TLS with the peer certificate as identity), ``sep_xml`` (namespaces,
 parsing, XSD validation), ``model`` / ``repository`` (records and their storage),
-``mappers`` (records → XML), ``app`` (resources, access rules, paging), ``server`` (start it).
+``mappers`` (records → XML), ``resources`` (errors, paging, media type), ``app`` (routing,
+access rules, what the server publishes, registration), ``client_reports`` (what clients PUT
+and POST: DER capability/settings/status/availability, responses), ``server`` (start it).
 """
 
 from derms.protocols.ieee2030_5.app import SepApp, SepSettings
-from derms.protocols.ieee2030_5.repository import InMemoryRepository, SepRepository
+from derms.protocols.ieee2030_5.repository import (
+    InMemoryRepository,
+    SepAdminRepository,
+    SepRepository,
+)
 from derms.protocols.ieee2030_5.server import Ieee2030_5Config, start_ieee2030_5_server
 
-__all__ = ["Ieee2030_5Config", "InMemoryRepository", "SepApp", "SepRepository", "SepSettings",
-           "start_ieee2030_5_server"]
+__all__ = ["Ieee2030_5Config", "InMemoryRepository", "SepAdminRepository", "SepApp",
+           "SepRepository", "SepSettings", "start_ieee2030_5_server"]

@@ -4,12 +4,17 @@ Who may see what (IEEE 2030.5 §6.11.7, CSIP): the client is the LFDI of its TLS
 It sees the EndDevice with its own LFDI and, when it is an aggregator, the EndDevices it
 registered; any other EndDevice — and everything below it — answers 404, so existence is not
 revealed. DERPrograms are reached through the device's FunctionSetAssignments; a DERControl
-with an ``edev_id`` (a site's operating envelope) is seen by that device only.
+with an ``edev_id`` is seen by that device only, one with a ``connection_point`` (a site's
+operating envelope) only by the devices registered at that connection point (NMI).
 
 Status codes: 400 for malformed or schema-invalid documents (with an ``Error`` body), 403 for
 a registration the client may not make, 404 for unknown or hidden resources, 405 with
 ``Allow`` for a method a resource does not take, 413 for oversized bodies (transport),
-415 for a body that is not ``application/sep+xml``.
+415 for a body that is not ``application/sep+xml``. A client PUTs its DER's capability,
+settings, status and availability (``…/der/1/dercap|derg|ders|dera``): 204 once validated
+and stored. DERControls carry ``replyTo`` (the ResponseList) and ``responseRequired``; a
+device POSTs its (DERControl)Response there: 201, 403 for a device not its own, 400 for an
+event it was not sent.
 
 Paging (§4.4): ``s`` start index (default 0), ``l`` limit (default 1, at most
 ``MAX_PAGE``), ``a`` after: only items changed (EndDevice) or created (DERControl) at or after
@@ -27,21 +32,21 @@ from datetime import UTC, datetime
 from lxml import etree
 
 from derms.protocols.ieee2030_5 import mappers as m
+from derms.protocols.ieee2030_5.client_reports import ClientReports
 from derms.protocols.ieee2030_5.http11 import Request, Response
 from derms.protocols.ieee2030_5.identity import sfdi_from_lfdi
 from derms.protocols.ieee2030_5.model import ControlRecord, EndDeviceRecord
 from derms.protocols.ieee2030_5.repository import SepRepository
-from derms.protocols.ieee2030_5.sep_xml import (
-    MEDIA_TYPE,
-    SepDocumentError,
-    E,
-    child_text,
-    parse,
-    to_bytes,
+from derms.protocols.ieee2030_5.resources import (
+    HttpError,
+    error_response,
+    page_of,
+    require_sep_xml,
 )
+from derms.protocols.ieee2030_5.resources import xml_response as _xml
+from derms.protocols.ieee2030_5.sep_xml import SepDocumentError, child_text, parse
 
 log = logging.getLogger(__name__)
-MAX_PAGE = 100
 
 
 @dataclass(frozen=True)
@@ -58,44 +63,6 @@ class SepSettings:
         return self.dcap_path.removesuffix("/dcap")
 
 
-class _HttpError(Exception):
-    def __init__(self, status: int, reason_code: int | None = None, detail: str = "",
-                 allow: str | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.reason_code, self.allow = status, reason_code, allow
-
-
-def _xml(el: etree._Element, status: int = 200) -> Response:
-    return Response(status, to_bytes(el), MEDIA_TYPE)
-
-
-def _error(exc: _HttpError) -> Response:
-    headers = (("allow", exc.allow),) if exc.allow else ()
-    if exc.reason_code is None:
-        return Response(exc.status, headers=headers)
-    return Response(exc.status, to_bytes(E("Error", E("reasonCode", exc.reason_code))),
-                    MEDIA_TYPE, headers)
-
-
-@dataclass(frozen=True)
-class _Page:
-    start: int
-    limit: int
-    after: int | None
-
-
-def _page(query: dict[str, str]) -> _Page:
-    def num(name: str, default: int | None) -> int | None:
-        text = query.get(name)
-        if text is None:
-            return default
-        if not text.isdigit():
-            raise _HttpError(400, 0, f"query {name}={text!r}: expected a non-negative integer")
-        return int(text)
-
-    return _Page(num("s", 0), min(num("l", 1), MAX_PAGE), num("a", None))
-
-
 _ROUTES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(p), name) for p, name in [
         (r"/dcap", "dcap"), (r"/tm", "tm"), (r"/edev", "edev_list"),
@@ -106,12 +73,17 @@ _ROUTES: list[tuple[re.Pattern[str], str]] = [
         (r"/edev/(\d+)/derp/(\d+)/actderc", "active_controls"),
         (r"/edev/(\d+)/derp/(\d+)/derc/(\d+)", "control"),
         (r"/edev/(\d+)/derp/(\d+)/dderc", "default_control"),
+        (r"/edev/(\d+)/der", "der_list"), (r"/edev/(\d+)/der/(\d+)", "der"),
+        *((rf"/edev/(\d+)/der/(\d+)/{kind}", f"der_{kind}") for kind in m.DER_PARTS),
+        (r"/rsps/1/rsp", "responses"), (r"/rsps/1/rsp/(\d+)", "response"),
     ]
 ]
-_POSTABLE = {"edev_list"}
+_POSTABLE = {"edev_list", "responses"}
+_PUTTABLE = {f"der_{kind}" for kind in m.DER_PARTS}
 
 
-class SepApp:
+
+class SepApp(ClientReports):
     """Handles one request: ``SepApp(repo, settings)(request) -> Response``."""
 
     def __init__(self, repo: SepRepository, settings: SepSettings | None = None,
@@ -124,8 +96,8 @@ class SepApp:
     def __call__(self, request: Request) -> Response:
         try:
             response = self._dispatch(request)
-        except _HttpError as exc:
-            response = _error(exc)
+        except HttpError as exc:
+            response = error_response(exc)
             if exc.status >= 400:
                 log.info("event=ieee2030_5_rejected method=%s path=%s status=%d lfdi=%s "
                          "detail=%r", request.method, request.path, exc.status,
@@ -135,20 +107,26 @@ class SepApp:
     def _dispatch(self, request: Request) -> Response:
         prefix = self.paths.prefix
         if not request.path.startswith(prefix + "/"):
-            raise _HttpError(404)
+            raise HttpError(404)
         local = request.path[len(prefix):].rstrip("/") or "/"
         for pattern, name in _ROUTES:
             match = pattern.fullmatch(local)
             if match:
                 break
         else:
-            raise _HttpError(404)
+            raise HttpError(404)
         ids = [int(g) for g in match.groups()]
-        allow = "GET, POST" if name in _POSTABLE else "GET"
+        allow = ("GET, POST" if name in _POSTABLE else "GET, PUT" if name in _PUTTABLE
+                 else "GET")
         if request.method == "POST" and name in _POSTABLE:
-            return self._post_edev(request)
+            return self._post_edev(request) if name == "edev_list" else \
+                self._post_response(request)
+        if request.method == "PUT" and name in _PUTTABLE:
+            return self._put_der_part(request, *ids, name.removeprefix("der_"))
         if request.method != "GET":
-            raise _HttpError(405, allow=allow)
+            raise HttpError(405, allow=allow)
+        if name in _PUTTABLE:
+            return self._get_der_part(request, *ids, name.removeprefix("der_"))
         return getattr(self, f"_get_{name}")(request, *ids)
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -156,7 +134,7 @@ class SepApp:
         rec = self.repo.end_device(edev_id)
         lfdi = request.client.lfdi
         if rec is None or (rec.lfdi != lfdi and rec.owner_lfdi != lfdi):
-            raise _HttpError(404)
+            raise HttpError(404)
         return rec
 
     def _program_ids(self, rec: EndDeviceRecord) -> list[int]:
@@ -170,14 +148,18 @@ class SepApp:
         rec = self._visible(request, edev_id)
         program = self.repo.program(program_id)
         if program is None or program_id not in self._program_ids(rec):
-            raise _HttpError(404)
+            raise HttpError(404)
         return rec, program
 
     def _device_controls(self, program_id: int, edev_id: int) -> list[ControlRecord]:
-        """Controls of a program that this device sees, in IEEE 2030.5 event order: start
-        ascending, then creation time descending, then mRID descending."""
+        """Controls of a program that this device sees (program-wide ones, its own, and its
+        connection point's), in IEEE 2030.5 event order: start ascending, then creation
+        time descending, then mRID descending."""
+        rec = self.repo.end_device(edev_id)
+        nmi = rec.nmi if rec is not None else None
         controls = [c for c in self.repo.controls(program_id)
-                    if c.edev_id is None or c.edev_id == edev_id]
+                    if (c.edev_id is None or c.edev_id == edev_id)
+                    and (c.connection_point is None or c.connection_point == nmi)]
         controls.sort(key=lambda c: c.mrid, reverse=True)
         controls.sort(key=lambda c: c.creation_time, reverse=True)
         controls.sort(key=lambda c: c.start)
@@ -203,7 +185,7 @@ class SepApp:
         return _xml(m.time_resource(self.paths, self._clock(), self.settings.dcap_poll_rate_s))
 
     def _get_edev_list(self, request: Request) -> Response:
-        page = _page(request.query)
+        page = page_of(request.query)
         recs = self.repo.end_devices_visible_to(request.client.lfdi)
         if page.after is not None:
             recs = [r for r in recs if m.epoch(r.changed_time) >= page.after]
@@ -217,18 +199,18 @@ class SepApp:
     def _get_reg(self, request: Request, edev_id: int) -> Response:
         rec = self._visible(request, edev_id)
         if rec.pin is None:
-            raise _HttpError(404)
+            raise HttpError(404)
         return _xml(m.registration(self.paths, rec))
 
     def _get_cp(self, request: Request, edev_id: int) -> Response:
         rec = self._visible(request, edev_id)
         if not rec.nmi:
-            raise _HttpError(404)
+            raise HttpError(404)
         return _xml(m.connection_point(self.paths, rec))
 
     def _get_fsa_list(self, request: Request, edev_id: int) -> Response:
         rec = self._visible(request, edev_id)
-        page = _page(request.query)
+        page = page_of(request.query)
         fsas = [f for f in (self.repo.fsa(i) for i in rec.fsa_ids) if f is not None]
         items = fsas[page.start:page.start + page.limit]
         return _xml(m.fsa_list(self.paths, edev_id, items, len(fsas),
@@ -238,15 +220,15 @@ class SepApp:
         rec = self._visible(request, edev_id)
         fsa = self.repo.fsa(fsa_id)
         if fsa is None or fsa_id not in rec.fsa_ids:
-            raise _HttpError(404)
+            raise HttpError(404)
         return _xml(m.fsa(self.paths, edev_id, fsa))
 
     def _get_fsa_programs(self, request: Request, edev_id: int, fsa_id: int) -> Response:
         rec = self._visible(request, edev_id)
         fsa = self.repo.fsa(fsa_id)
         if fsa is None or fsa_id not in rec.fsa_ids:
-            raise _HttpError(404)
-        page = _page(request.query)
+            raise HttpError(404)
+        page = page_of(request.query)
         programs = [p for p in (self.repo.program(i) for i in fsa.program_ids) if p is not None]
         programs.sort(key=lambda p: (p.primacy, p.program_id))  # §10.10: primacy ascending
         items = [self._program_el(edev_id, p) for p in programs[page.start:page.start + page.limit]]
@@ -260,14 +242,15 @@ class SepApp:
     def _control_list(self, request: Request, edev_id: int, program_id: int, href: str,
                       active_only: bool) -> Response:
         self._program(request, edev_id, program_id)
-        page = _page(request.query)
+        page = page_of(request.query)
         now = self._clock()
         controls = self._current(self._device_controls(program_id, edev_id))
         if active_only:
             controls = [c for c in controls if m.control_status(c, now) == m.ACTIVE]
         if page.after is not None:
             controls = [c for c in controls if m.epoch(c.creation_time) >= page.after]
-        items = [m.der_control(self.paths.control(edev_id, program_id, c.control_id), c, now)
+        items = [m.der_control(self.paths.control(edev_id, program_id, c.control_id), c, now,
+                               self.paths.responses)
                  for c in controls[page.start:page.start + page.limit]]
         return _xml(m.der_control_list(href, items, len(controls)))
 
@@ -286,15 +269,15 @@ class SepApp:
         control = next((c for c in self._device_controls(program_id, edev_id)
                         if c.control_id == control_id), None)
         if control is None:
-            raise _HttpError(404)
+            raise HttpError(404)
         return _xml(m.der_control(self.paths.control(edev_id, program_id, control_id), control,
-                                  self._clock()))
+                                  self._clock(), self.paths.responses))
 
     def _get_default_control(self, request: Request, edev_id: int, program_id: int) -> Response:
         self._program(request, edev_id, program_id)
         default = self.repo.default_control(program_id)
         if default is None:
-            raise _HttpError(404)
+            raise HttpError(404)
         return _xml(m.default_der_control(self.paths.default_control(edev_id, program_id),
                                           default))
 
@@ -303,33 +286,31 @@ class SepApp:
         """POST EndDevice to the EndDeviceList (§8.5.3): a device registers itself, an
         aggregator the devices behind it. 201 with ``Location`` (also when the LFDI is already
         registered to this client: pre-registration by the operator)."""
-        content_type = request.headers.get("content-type", "")
-        if content_type.split(";")[0].strip().lower() != MEDIA_TYPE:
-            raise _HttpError(415, detail=f"content type {content_type!r}")
+        require_sep_xml(request)
         try:
             doc = parse(request.body, "EndDevice")
         except SepDocumentError as exc:
-            raise _HttpError(400, 0, str(exc)) from None
+            raise HttpError(400, 0, str(exc)) from None
         lfdi = (child_text(doc, "lFDI") or "").upper() or None
         sfdi = int(child_text(doc, "sFDI") or "0")
         client = request.client
         if lfdi is not None and sfdi != sfdi_from_lfdi(lfdi):
-            raise _HttpError(400, 1, f"sFDI {sfdi} does not match lFDI {lfdi}")
+            raise HttpError(400, 1, f"sFDI {sfdi} does not match lFDI {lfdi}")
         aggregator = self.repo.is_aggregator(client.lfdi)
         if lfdi is None:
             if aggregator or sfdi != client.sfdi:
-                raise _HttpError(400 if aggregator else 403, 1 if aggregator else None,
+                raise HttpError(400 if aggregator else 403, 1 if aggregator else None,
                                  "EndDevice without lFDI")
             lfdi = client.lfdi
         if not aggregator and lfdi != client.lfdi:
-            raise _HttpError(403, detail=f"device {client.lfdi} may not register {lfdi}")
+            raise HttpError(403, detail=f"device {client.lfdi} may not register {lfdi}")
         existing = self.repo.end_device_by_lfdi(lfdi)
         if existing is not None:
             if existing.lfdi != client.lfdi and existing.owner_lfdi != client.lfdi:
-                raise _HttpError(403, detail=f"end device {lfdi} belongs to another client")
+                raise HttpError(403, detail=f"end device {lfdi} belongs to another client")
             rec = existing
         elif aggregator or self.settings.allow_self_registration:
             rec = self.repo.add_end_device(lfdi, owner_lfdi=client.lfdi if aggregator else None)
         else:
-            raise _HttpError(403, detail=f"end device {lfdi} is not pre-registered")
+            raise HttpError(403, detail=f"end device {lfdi} is not pre-registered")
         return Response(201, headers=(("location", self.paths.edev(rec.edev_id)),))

@@ -19,6 +19,7 @@ from derms.protocols.ieee2030_5.model import (
     EndDeviceRecord,
     FsaRecord,
     ProgramRecord,
+    ResponseRecord,
 )
 from derms.protocols.ieee2030_5.sep_xml import CSIPAUS_NS, NS, C, E, O
 
@@ -50,6 +51,17 @@ class Paths:
     def active_controls(self, e: int, p: int) -> str: return f"{self.program(e, p)}/actderc"
     def control(self, e: int, p: int, c: int) -> str: return f"{self.controls(e, p)}/{c}"
     def default_control(self, e: int, p: int) -> str: return f"{self.program(e, p)}/dderc"
+    def der_list(self, e: int) -> str: return f"{self.edev(e)}/der"
+    def der(self, e: int, d: int) -> str: return f"{self.der_list(e)}/{d}"
+    def der_part(self, e: int, d: int, kind: str) -> str: return f"{self.der(e, d)}/{kind}"
+    @property
+    def responses(self) -> str: return f"{self.prefix}/rsps/1/rsp"  # one ResponseSet
+    def response(self, r: int) -> str: return f"{self.responses}/{r}"
+
+
+#: DER sub-resources a client PUTs: path segment → root element (IEEE 2030.5 §10.10.4).
+DER_PARTS = {"dera": "DERAvailability", "dercap": "DERCapability", "derg": "DERSettings",
+             "ders": "DERStatus"}
 
 
 def epoch(t: datetime) -> int:
@@ -106,6 +118,7 @@ def time_resource(paths: Paths, now: datetime, poll_rate_s: int) -> etree._Eleme
 def end_device(paths: Paths, rec: EndDeviceRecord) -> etree._Element:
     e = rec.edev_id
     el = E("EndDevice",
+           E("DERListLink", href=paths.der_list(e), all=1),
            E("lFDI", rec.lfdi),
            E("sFDI", rec.sfdi),
            E("changedTime", epoch(rec.changed_time)),
@@ -122,6 +135,54 @@ def end_device_list(paths: Paths, recs: list[EndDeviceRecord], all_count: int,
                     poll_rate_s: int) -> etree._Element:
     return _list("EndDeviceList", paths.edev_list, [end_device(paths, r) for r in recs],
                  all_count, pollRate=poll_rate_s)
+
+
+def der(paths: Paths, edev_id: int, der_id: int) -> etree._Element:
+    """The DER of an end device with links to what its client PUTs (schema order)."""
+    return E("DER",
+             E("DERAvailabilityLink", href=paths.der_part(edev_id, der_id, "dera")),
+             E("DERCapabilityLink", href=paths.der_part(edev_id, der_id, "dercap")),
+             E("DERSettingsLink", href=paths.der_part(edev_id, der_id, "derg")),
+             E("DERStatusLink", href=paths.der_part(edev_id, der_id, "ders")),
+             href=paths.der(edev_id, der_id))
+
+
+def der_list(paths: Paths, edev_id: int, items: list[etree._Element], all_count: int,
+             poll_rate_s: int) -> etree._Element:
+    return _list("DERList", paths.der_list(edev_id), items, all_count, pollRate=poll_rate_s)
+
+
+def with_href(doc: etree._Element, href: str) -> etree._Element:
+    """A stored client document served back at ``href``."""
+    doc.set("href", href)
+    return doc
+
+
+def document_dict(el: etree._Element) -> dict:
+    """A plain view of a document for the management API: local names → text, nested
+    elements → dicts, repeated elements → lists; attributes other than ``href`` kept."""
+    out: dict = {k: v for k, v in el.attrib.items() if k != "href"}
+    groups: dict[str, list] = {}
+    for child in el:
+        if not isinstance(child.tag, str):
+            continue
+        value = document_dict(child) if len(child) or child.attrib else (child.text or "")
+        groups.setdefault(etree.QName(child).localname, []).append(value)
+    out.update({k: v[0] if len(v) == 1 else v for k, v in groups.items()})
+    return out
+
+
+def response(paths: Paths, rec: ResponseRecord) -> etree._Element:
+    """A stored response, served back as a ``Response`` (schema order)."""
+    return E("Response",
+             O("createdDateTime", epoch(rec.created_time) if rec.created_time else None),
+             E("endDeviceLFDI", rec.lfdi), O("status", rec.status), E("subject", rec.mrid),
+             href=paths.response(rec.response_id))
+
+
+def response_list(paths: Paths, recs: list[ResponseRecord], all_count: int) -> etree._Element:
+    return _list("ResponseList", paths.responses, [response(paths, r) for r in recs],
+                 all_count)
 
 
 def registration(paths: Paths, rec: EndDeviceRecord) -> etree._Element:
@@ -188,7 +249,10 @@ def control_status(rec: ControlRecord, now: datetime) -> int:
     return ACTIVE if start <= epoch(now) < start + rec.duration_s else SCHEDULED
 
 
-def der_control(href: str, rec: ControlRecord, now: datetime) -> etree._Element:
+def der_control(href: str, rec: ControlRecord, now: datetime,
+                reply_to: str | None = None) -> etree._Element:
+    """A DERControl; with ``reply_to`` (the ResponseList href) devices are asked to respond
+    as ``response_required`` says."""
     status_time = rec.cancelled_time or rec.creation_time
     return E("DERControl",
              E("mRID", rec.mrid), O("description", rec.description[:32]),
@@ -200,7 +264,8 @@ def der_control(href: str, rec: ControlRecord, now: datetime) -> etree._Element:
              O("randomizeDuration", rec.randomize_duration_s),
              O("randomizeStart", rec.randomize_start_s),
              der_control_base(rec.limits),
-             href=href)
+             href=href, replyTo=reply_to,
+             responseRequired=f"{rec.response_required:02X}" if reply_to else None)
 
 
 def der_control_list(href: str, items: list[etree._Element], all_count: int) -> etree._Element:

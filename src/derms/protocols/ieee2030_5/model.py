@@ -77,8 +77,9 @@ class DefaultControlRecord:
 class ControlRecord:
     """A scheduled DERControl event in ``[start, start + duration_s)``.
 
-    ``edev_id`` set: a site-specific control (a CSIP-AUS dynamic operating envelope) that only
-    that end device sees; ``None``: every device the program is assigned to sees it.
+    Who sees it (among the devices the program is assigned to): ``edev_id`` set — that end
+    device only; ``connection_point`` set — the end devices registered at that CSIP-AUS
+    connection point (NMI), i.e. a site's dynamic operating envelope; neither — every device.
     """
 
     control_id: int
@@ -90,9 +91,44 @@ class ControlRecord:
     creation_time: datetime
     description: str = ""
     edev_id: int | None = None
+    connection_point: str | None = None
     randomize_start_s: int | None = None
     randomize_duration_s: int | None = None
     cancelled_time: datetime | None = None
     version: int = 0
-    response_required: int = 0  # bitmap (0x01 received, 0x02 specific response, 0x04 user)
+    #: bitmap (0x01 received, 0x02 event-specific responses, 0x04 user opt-in/out); CSIP asks
+    #: for responses to DER events
+    response_required: int = 0x03
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """What an operator asks for when adding a DERControl (see :class:`ControlRecord`);
+    ``mrid`` None: the server assigns one."""
+
+    program_id: int
+    start: datetime
+    duration_s: int
+    limits: DerLimits
+    description: str = ""
+    edev_id: int | None = None
+    connection_point: str | None = None
+    randomize_start_s: int | None = None
+    randomize_duration_s: int | None = None
+    mrid: str | None = None
+
+
+@dataclass(frozen=True)
+class ResponseRecord:
+    """A client's Response to an event (IEEE 2030.5 §8.10.3 / Table 27 status codes:
+    1 received, 2 started, 3 completed, 4 opt out, 6 cancelled, 7 superseded, …)."""
+
+    response_id: int
+    control_id: int
+    mrid: str  # the event's mRID (the Response's subject)
+    edev_id: int
+    lfdi: str  # endDeviceLFDI: the device responding (its own, or one behind an aggregator)
+    status: int | None
+    created_time: datetime | None  # as the client says
+    received_time: datetime  # when the server stored it

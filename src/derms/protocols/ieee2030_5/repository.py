@@ -7,6 +7,7 @@ can replace :class:`InMemoryRepository` without touching the HTTP side.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -15,11 +16,13 @@ from typing import Protocol
 from derms.protocols.ieee2030_5.identity import sfdi_from_lfdi
 from derms.protocols.ieee2030_5.model import (
     ControlRecord,
+    ControlSpec,
     DefaultControlRecord,
     DerLimits,
     EndDeviceRecord,
     FsaRecord,
     ProgramRecord,
+    ResponseRecord,
     new_mrid,
 )
 
@@ -38,6 +41,35 @@ class SepRepository(Protocol):
     def program(self, program_id: int) -> ProgramRecord | None: ...
     def controls(self, program_id: int) -> list[ControlRecord]: ...
     def default_control(self, program_id: int) -> DefaultControlRecord | None: ...
+    def put_der_document(self, edev_id: int, kind: str, xml: bytes) -> bool: ...
+    def der_document(self, edev_id: int, kind: str) -> tuple[bytes, datetime] | None: ...
+    def control_by_mrid(self, mrid: str) -> ControlRecord | None: ...
+    def add_response(self, control_id: int, edev_id: int, status: int | None,
+                     created_time: datetime | None) -> tuple[ResponseRecord, bool]: ...
+    def response(self, response_id: int) -> ResponseRecord | None: ...
+    def responses(self, *, control_id: int | None = None,
+                  edev_ids: Sequence[int] | None = None) -> list[ResponseRecord]: ...
+
+
+class SepAdminRepository(SepRepository, Protocol):
+    """What the management API needs on top of what the server reads (operator writes and
+    listings); all methods thread-safe, bad input a ValueError naming the item."""
+
+    def end_devices(self) -> list[EndDeviceRecord]: ...
+    def end_devices_at(self, connection_point: str) -> list[EndDeviceRecord]: ...
+    def add_aggregator(self, lfdi: str) -> None: ...
+    def aggregators(self) -> list[str]: ...
+    def assign_fsa(self, edev_id: int, fsa_id: int) -> None: ...
+    def add_fsa(self, description: str, program_ids: Sequence[int] = ()) -> FsaRecord: ...
+    def fsas(self) -> list[FsaRecord]: ...
+    def add_program(self, description: str, primacy: int) -> ProgramRecord: ...
+    def programs(self) -> list[ProgramRecord]: ...
+    def add_controls(self, specs: Sequence[ControlSpec]) -> list[tuple[ControlRecord, bool]]: ...
+    def control(self, control_id: int) -> ControlRecord | None: ...
+    def cancel_control(self, control_id: int) -> ControlRecord: ...
+    def set_default_control(self, program_id: int, limits: DerLimits, *,
+                            description: str = "", set_grad_w: int | None = None
+                            ) -> DefaultControlRecord: ...
 
 
 def _norm(lfdi: str) -> str:
@@ -45,6 +77,36 @@ def _norm(lfdi: str) -> str:
     if len(lfdi) != 40 or any(c not in "0123456789ABCDEF" for c in lfdi):
         raise ValueError(f"LFDI {lfdi!r}: expected 40 hex digits")
     return lfdi
+
+
+def _check_spec(spec: ControlSpec) -> None:
+    if spec.start.tzinfo is None:
+        raise ValueError("control start: must be timezone-aware")
+    if not 0 <= spec.duration_s <= 2**32 - 1:
+        raise ValueError(f"control duration {spec.duration_s} s: expected 0 .. 2^32-1")
+    for name in ("randomize_start_s", "randomize_duration_s"):
+        value = getattr(spec, name)
+        if value is not None and not -32768 <= value <= 32767:  # OneHourRangeType (Int16)
+            raise ValueError(f"{name} {value}: expected -32768 .. 32767")
+    if spec.edev_id is not None and spec.connection_point is not None:
+        raise ValueError("a control targets one end device or one connection point, not both")
+    if spec.mrid is not None and (len(spec.mrid) != 32 or any(
+            c not in "0123456789ABCDEFabcdef" for c in spec.mrid)):
+        raise ValueError(f"mRID {spec.mrid!r}: expected 32 hex digits")
+    for name in ("exp_lim_w", "imp_lim_w", "gen_lim_w", "load_lim_w"):
+        value = getattr(spec.limits, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} {value!r}: expected a finite value >= 0 W")
+
+
+def _content_of_spec(spec: ControlSpec) -> tuple:
+    return (spec.program_id, spec.edev_id, spec.connection_point, spec.start.astimezone(UTC),
+            spec.duration_s, spec.randomize_start_s, spec.randomize_duration_s, spec.limits)
+
+
+def _content(rec: ControlRecord) -> tuple:
+    return (rec.program_id, rec.edev_id, rec.connection_point, rec.start, rec.duration_s,
+            rec.randomize_start_s, rec.randomize_duration_s, rec.limits)
 
 
 class InMemoryRepository:
@@ -59,7 +121,11 @@ class InMemoryRepository:
         self._programs: dict[int, ProgramRecord] = {}
         self._controls: dict[int, ControlRecord] = {}
         self._defaults: dict[int, DefaultControlRecord] = {}
-        self._next = {"edev": 1, "fsa": 1, "program": 1, "control": 1}
+        self._control_mrids: dict[str, int] = {}
+        self._der_docs: dict[tuple[int, str], tuple[bytes, datetime]] = {}
+        self._responses: dict[int, ResponseRecord] = {}
+        self._response_keys: dict[tuple[int, int, int | None], int] = {}
+        self._next = {"edev": 1, "fsa": 1, "program": 1, "control": 1, "response": 1}
 
     def _id(self, kind: str) -> int:
         value = self._next[kind]
@@ -87,6 +153,13 @@ class InMemoryRepository:
                        nmi: str | None = None, fsa_ids: Sequence[int] = ()) -> EndDeviceRecord:
         """Pre-register (operator) or register (client) an end device; one per LFDI."""
         lfdi = _norm(lfdi)
+        owner = _norm(owner_lfdi) if owner_lfdi else None
+        if owner == lfdi:
+            raise ValueError(f"end device {lfdi}: cannot be its own aggregator")
+        if nmi is not None and not 0 < len(nmi) <= 32:
+            raise ValueError(f"connection point id {nmi!r}: expected 1..32 characters")
+        if pin is not None and not 0 <= pin <= 2**32 - 1:
+            raise ValueError(f"PIN {pin}: expected 0 .. 2^32-1")
         now = datetime.now(UTC).replace(microsecond=0)
         with self._lock:
             if any(e.lfdi == lfdi for e in self._edevs.values()):
@@ -97,10 +170,21 @@ class InMemoryRepository:
             rec = EndDeviceRecord(edev_id=self._id("edev"), lfdi=lfdi, sfdi=sfdi_from_lfdi(lfdi),
                                   changed_time=now, pin=pin,
                                   registered_time=now if pin is not None else None,
-                                  owner_lfdi=_norm(owner_lfdi) if owner_lfdi else None, nmi=nmi,
-                                  fsa_ids=tuple(fsa_ids))
+                                  owner_lfdi=owner, nmi=nmi, fsa_ids=tuple(fsa_ids))
             self._edevs[rec.edev_id] = rec
+            if owner is not None:  # the client that owns registered devices is an aggregator
+                self._aggregators.add(owner)
             return rec
+
+    def end_devices(self) -> list[EndDeviceRecord]:
+        with self._lock:
+            return sorted(self._edevs.values(), key=lambda e: e.edev_id)
+
+    def end_devices_at(self, connection_point: str) -> list[EndDeviceRecord]:
+        """End devices registered at a CSIP-AUS connection point (NMI), by id."""
+        with self._lock:
+            return sorted((e for e in self._edevs.values() if e.nmi == connection_point),
+                          key=lambda e: e.edev_id)
 
     def touch_end_device(self, edev_id: int, changed_time: datetime) -> EndDeviceRecord:
         with self._lock:
@@ -117,10 +201,16 @@ class InMemoryRepository:
         with self._lock:
             return lfdi.upper() in self._aggregators
 
+    def aggregators(self) -> list[str]:
+        with self._lock:
+            return sorted(self._aggregators)
+
     def assign_fsa(self, edev_id: int, fsa_id: int) -> None:
         with self._lock:
             if fsa_id not in self._fsas:
                 raise ValueError(f"function set assignment {fsa_id}: unknown")
+            if edev_id not in self._edevs:
+                raise ValueError(f"end device {edev_id}: unknown")
             rec = self._edevs[edev_id]
             if fsa_id not in rec.fsa_ids:
                 self._edevs[edev_id] = dataclasses.replace(rec, fsa_ids=(*rec.fsa_ids, fsa_id))
@@ -139,6 +229,10 @@ class InMemoryRepository:
         with self._lock:
             return self._fsas.get(fsa_id)
 
+    def fsas(self) -> list[FsaRecord]:
+        with self._lock:
+            return sorted(self._fsas.values(), key=lambda f: f.fsa_id)
+
     def add_program(self, description: str, primacy: int) -> ProgramRecord:
         if not 0 <= primacy <= 255:
             raise ValueError(f"primacy {primacy}: expected 0..255")
@@ -151,26 +245,76 @@ class InMemoryRepository:
         with self._lock:
             return self._programs.get(program_id)
 
+    def programs(self) -> list[ProgramRecord]:
+        with self._lock:
+            return sorted(self._programs.values(), key=lambda p: p.program_id)
+
     def add_control(self, program_id: int, start: datetime, duration_s: int, limits: DerLimits,
                     *, description: str = "", edev_id: int | None = None,
-                    randomize_start_s: int | None = None,
-                    randomize_duration_s: int | None = None) -> ControlRecord:
-        if start.tzinfo is None:
-            raise ValueError("control start: must be timezone-aware")
-        if duration_s < 0:
-            raise ValueError(f"control duration {duration_s} s: must be >= 0")
+                    connection_point: str | None = None, randomize_start_s: int | None = None,
+                    randomize_duration_s: int | None = None,
+                    mrid: str | None = None) -> ControlRecord:
+        """Add one DERControl (see :meth:`add_controls`)."""
+        spec = ControlSpec(program_id, start, duration_s, limits, description, edev_id,
+                           connection_point, randomize_start_s, randomize_duration_s, mrid)
+        return self.add_controls([spec])[0][0]
+
+    def add_controls(self, specs: Sequence[ControlSpec]) -> list[tuple[ControlRecord, bool]]:
+        """Add DERControls, all or nothing: each ``(record, created)``.
+
+        A spec whose mRID is already stored with the same content (program, audience, start,
+        duration, randomisation, limits) returns the stored record with ``created`` False, so
+        publishing the same controls twice stores them once; the same mRID with other content
+        is a ValueError (an mRID names one event)."""
+        for spec in specs:
+            _check_spec(spec)
+        now = datetime.now(UTC).replace(microsecond=0)
         with self._lock:
-            if program_id not in self._programs:
-                raise ValueError(f"DER program {program_id}: unknown")
-            if edev_id is not None and edev_id not in self._edevs:
-                raise ValueError(f"end device {edev_id}: unknown")
-            rec = ControlRecord(self._id("control"), program_id, new_mrid(self._pen),
-                                start.astimezone(UTC), duration_s, limits,
-                                creation_time=datetime.now(UTC).replace(microsecond=0),
-                                description=description, edev_id=edev_id,
-                                randomize_start_s=randomize_start_s,
-                                randomize_duration_s=randomize_duration_s)
-            self._controls[rec.control_id] = rec
+            out: list[tuple[ControlRecord, bool]] = []
+            new: dict[str, ControlRecord] = {}
+            next_id = self._next["control"]
+            for spec in specs:
+                if spec.program_id not in self._programs:
+                    raise ValueError(f"DER program {spec.program_id}: unknown")
+                if spec.edev_id is not None and spec.edev_id not in self._edevs:
+                    raise ValueError(f"end device {spec.edev_id}: unknown")
+                mrid = spec.mrid.upper() if spec.mrid else new_mrid(self._pen)
+                old = new.get(mrid) or self._controls.get(self._control_mrids.get(mrid, -1))
+                if old is not None:
+                    if _content(old) != _content_of_spec(spec):
+                        raise ValueError(f"DERControl mRID {mrid}: already used for another "
+                                         "control")
+                    out.append((old, False))
+                    continue
+                rec = ControlRecord(next_id, spec.program_id, mrid, spec.start.astimezone(UTC),
+                                    spec.duration_s, spec.limits, creation_time=now,
+                                    description=spec.description, edev_id=spec.edev_id,
+                                    connection_point=spec.connection_point,
+                                    randomize_start_s=spec.randomize_start_s,
+                                    randomize_duration_s=spec.randomize_duration_s)
+                next_id += 1
+                new[mrid] = rec
+                out.append((rec, True))
+            self._next["control"] = next_id
+            for mrid, rec in new.items():
+                self._controls[rec.control_id] = rec
+                self._control_mrids[mrid] = rec.control_id
+            return out
+
+    def control(self, control_id: int) -> ControlRecord | None:
+        with self._lock:
+            return self._controls.get(control_id)
+
+    def cancel_control(self, control_id: int) -> ControlRecord:
+        """Cancel an event (IEEE 2030.5 EventStatus 2); it stays listed until its end."""
+        with self._lock:
+            rec = self._controls.get(control_id)
+            if rec is None:
+                raise KeyError(f"DERControl {control_id}: unknown")
+            if rec.cancelled_time is None:
+                rec = dataclasses.replace(rec, cancelled_time=datetime.now(UTC).replace(
+                    microsecond=0), version=(rec.version + 1) % 65536)
+                self._controls[control_id] = rec
             return rec
 
     def controls(self, program_id: int) -> list[ControlRecord]:
@@ -194,3 +338,56 @@ class InMemoryRepository:
     def default_control(self, program_id: int) -> DefaultControlRecord | None:
         with self._lock:
             return self._defaults.get(program_id)
+
+    # --- what clients PUT: DERCapability, DERSettings, DERStatus, DERAvailability ---------------
+    def put_der_document(self, edev_id: int, kind: str, xml: bytes) -> bool:
+        """Store a validated document a client PUT (replacing the last); True when it is the
+        first of its kind for that end device."""
+        now = datetime.now(UTC)
+        with self._lock:
+            if edev_id not in self._edevs:
+                raise ValueError(f"end device {edev_id}: unknown")
+            created = (edev_id, kind) not in self._der_docs
+            self._der_docs[(edev_id, kind)] = (xml, now)
+            return created
+
+    def der_document(self, edev_id: int, kind: str) -> tuple[bytes, datetime] | None:
+        """The last document of ``kind`` the end device PUT, and when."""
+        with self._lock:
+            return self._der_docs.get((edev_id, kind))
+
+    # --- responses to events ----------------------------------------------------------------------
+    def control_by_mrid(self, mrid: str) -> ControlRecord | None:
+        with self._lock:
+            return self._controls.get(self._control_mrids.get(mrid.upper(), -1))
+
+    def add_response(self, control_id: int, edev_id: int, status: int | None,
+                     created_time: datetime | None) -> tuple[ResponseRecord, bool]:
+        """Store a device's response to an event; the same (event, device, status) again
+        returns the stored one (``created`` False): clients retry."""
+        with self._lock:
+            control = self._controls.get(control_id)
+            edev = self._edevs.get(edev_id)
+            if control is None or edev is None:
+                raise ValueError(f"DERControl {control_id} / end device {edev_id}: unknown")
+            key = (control_id, edev_id, status)
+            if key in self._response_keys:
+                return self._responses[self._response_keys[key]], False
+            rec = ResponseRecord(self._id("response"), control_id, control.mrid, edev_id,
+                                 edev.lfdi, status, created_time, datetime.now(UTC))
+            self._responses[rec.response_id] = rec
+            self._response_keys[key] = rec.response_id
+            return rec, True
+
+    def response(self, response_id: int) -> ResponseRecord | None:
+        with self._lock:
+            return self._responses.get(response_id)
+
+    def responses(self, *, control_id: int | None = None,
+                  edev_ids: Sequence[int] | None = None) -> list[ResponseRecord]:
+        """Responses by id, optionally of one event and/or some end devices."""
+        wanted = None if edev_ids is None else set(edev_ids)
+        with self._lock:
+            return [r for r in self._responses.values()
+                    if (control_id is None or r.control_id == control_id)
+                    and (wanted is None or r.edev_id in wanted)]

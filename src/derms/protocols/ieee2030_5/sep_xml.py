@@ -96,20 +96,23 @@ def _parser() -> etree.XMLParser:
                            dtd_validation=False, huge_tree=False, remove_comments=True)
 
 
-def parse(body: bytes, expected_root: str) -> etree._Element:
-    """Parse and validate an incoming document whose root must be ``expected_root`` in the
-    IEEE 2030.5 namespace; :class:`SepDocumentError` names the first problem."""
+def parse(body: bytes, expected_root: str | tuple[str, ...]) -> etree._Element:
+    """Parse and validate an incoming document whose root must be ``expected_root`` (or one
+    of them) in the IEEE 2030.5 namespace; :class:`SepDocumentError` names the first
+    problem."""
+    roots = (expected_root,) if isinstance(expected_root, str) else expected_root
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise SepDocumentError("document type declarations are not accepted")
     try:
         root = etree.fromstring(body, _parser())
     except etree.XMLSyntaxError as exc:
         raise SepDocumentError(f"not well-formed XML: {exc}") from None
-    if root.tag != f"{{{NS}}}{expected_root}":
-        raise SepDocumentError(f"root element {root.tag!r}: expected {expected_root} in {NS}")
+    if root.tag not in {f"{{{NS}}}{r}" for r in roots}:
+        raise SepDocumentError(f"root element {root.tag!r}: expected {' or '.join(roots)} "
+                               f"in {NS}")
     errors = validation_errors(root)
     if errors:
-        raise SepDocumentError(f"schema-invalid {expected_root}: {errors[0]}")
+        raise SepDocumentError(f"schema-invalid {etree.QName(root).localname}: {errors[0]}")
     return root
 
 

@@ -32,5 +32,9 @@ def start_ieee2030_5_server(config: Ieee2030_5Config, repo: SepRepository) -> Se
     server = Http11TlsServer(SepApp(repo, config.settings), ctx, config.host, config.port,
                              max_body_bytes=config.max_body_bytes)
     thread = ServerThread(server)
-    thread.start()
+    try:
+        thread.start()
+    except BaseException:
+        thread.stop()  # e.g. the port is taken: leave no event loop thread behind
+        raise
     return thread

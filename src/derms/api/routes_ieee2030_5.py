@@ -1,0 +1,601 @@
+"""IEEE 2030.5 management: the operator's side of the resources the 2030.5 listener serves.
+
+Every route works on the repository on ``app.state.ieee2030_5_repo`` — the same instance the
+listener of ``derms serve --ieee2030-5-port`` reads — so a control published here is what a
+device polling its DERControlList sees next. Without the listener the routes answer 503.
+
+Scopes: configuration (end devices, aggregators, programs, function set assignments,
+default controls) needs ``admin``; controls and operating envelopes need ``operate``;
+listings need ``read``. Writes are audited. Powers are W, >= 0, named by direction at the
+site's connection point: ``export_limit_w`` → CSIP-AUS opModExpLimW, ``import_limit_w`` →
+opModImpLimW, ``generation_limit_w`` → opModGenLimW, ``load_limit_w`` → opModLoadLimW.
+
+Operating envelopes become DERControls through ``POST …/programs/{id}/envelopes``: the
+body's ``site_controls`` are the rows of ``EnvelopeResult.site_controls()`` (or the
+``site_controls`` object of ``POST /v1/envelopes`` as is); each row becomes one DERControl,
+mRID = the row's ``mrid``, seen by the end devices registered at the row's connection point.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from derms.api.auth import Principal, require
+from derms.api.problems import Problem
+from derms.protocols.ieee2030_5.mappers import document_dict
+from derms.protocols.ieee2030_5.model import (
+    ControlRecord,
+    ControlSpec,
+    DefaultControlRecord,
+    DerLimits,
+    EndDeviceRecord,
+    FsaRecord,
+    ProgramRecord,
+)
+from derms.protocols.ieee2030_5.repository import SepAdminRepository
+from derms.store.audit import append_audit
+
+router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
+Limit = Annotated[int, Query(ge=1, le=10_000)]
+Offset = Annotated[int, Query(ge=0)]
+LFDI = r"^[0-9A-Fa-f]{40}$"
+MRID = r"^[0-9A-Fa-f]{32}$"
+UINT32 = 2**32 - 1
+Power = Annotated[float | None, Field(default=None, ge=0, allow_inf_nan=False)]
+ConnectionPointId = Annotated[str, Field(min_length=1, max_length=32)]
+
+
+def _repo(request: Request) -> SepAdminRepository:
+    repo = getattr(request.app.state, "ieee2030_5_repo", None)
+    if repo is None:
+        raise Problem(503, "the IEEE 2030.5 server is not enabled (derms serve "
+                           "--ieee2030-5-port …)")
+    return repo
+
+
+Repo = Annotated[SepAdminRepository, Depends(_repo)]
+
+
+def _write(request: Request, principal: Principal, action: str, entity: str, fn, *,
+           entity_id=lambda r: "", detail: dict[str, Any] | None = None):
+    """Run a repository write with its audit entry; repository ValueErrors become problems
+    (409 for a duplicate, 404 for an unknown item named in the path, else 422)."""
+    with request.app.state.sessions.begin() as s:
+        try:
+            result = fn()
+        except KeyError as exc:
+            raise Problem(404, str(exc.args[0] if exc.args else exc)) from None
+        except ValueError as exc:
+            text = str(exc)
+            raise Problem(409 if "already" in text else 422, text) from None
+        append_audit(s, actor=principal.token_id, action=action, entity=entity,
+                     entity_id=str(entity_id(result)), detail=detail)
+    return result
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _aware(value: datetime, name: str = "start") -> datetime:
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must carry a time zone (e.g. 2026-01-01T00:00:00Z)")
+    return value.astimezone(UTC)
+
+
+# ----------------------------------------------------------------------------- end devices
+
+
+class EndDeviceIn(BaseModel):
+    """Pre-register an end device (it may then register itself over TLS with its LFDI)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lfdi: str = Field(pattern=LFDI, description="40 hex digits, from the device certificate")
+    pin: int | None = Field(None, ge=0, le=UINT32, description="Registration PIN")
+    connection_point: ConnectionPointId | None = Field(
+        None, description="CSIP-AUS connection point id (NMI)")
+    aggregator_lfdi: str | None = Field(None, pattern=LFDI,
+                                        description="The aggregator that owns the device")
+    fsa_ids: list[int] = Field(default_factory=list, max_length=100)
+
+
+class AggregatorIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lfdi: str = Field(pattern=LFDI)
+
+
+def _edev_json(e: EndDeviceRecord) -> dict[str, Any]:
+    return {"end_device_id": e.edev_id, "lfdi": e.lfdi, "sfdi": e.sfdi, "pin": e.pin,
+            "connection_point": e.nmi, "aggregator_lfdi": e.owner_lfdi,
+            "fsa_ids": list(e.fsa_ids), "enabled": e.enabled,
+            "registered_time": _iso(e.registered_time), "changed_time": _iso(e.changed_time)}
+
+
+def _page(items: list, limit: int, offset: int, fmt) -> dict[str, Any]:
+    return {"total": len(items), "limit": limit, "offset": offset,
+            "items": [fmt(i) for i in items[offset:offset + limit]]}
+
+
+@router.post("/end-devices", status_code=201)
+def create_end_device(request: Request, body: EndDeviceIn, repo: Repo,
+                      principal: Annotated[Principal, Depends(require("admin"))]
+                      ) -> dict[str, Any]:
+    """Pre-register an end device: LFDI, PIN, connection point (NMI), owning aggregator and
+    function set assignments. 409 if the LFDI is registered already."""
+    rec = _write(request, principal, "create", "ieee2030_5_end_device",
+                 lambda: repo.add_end_device(body.lfdi, pin=body.pin,
+                                             owner_lfdi=body.aggregator_lfdi,
+                                             nmi=body.connection_point, fsa_ids=body.fsa_ids),
+                 entity_id=lambda r: r.lfdi, detail=body.model_dump())
+    return _edev_json(rec)
+
+
+@router.get("/end-devices")
+def list_end_devices(repo: Repo, _p: Annotated[Principal, Depends(require("read"))],
+                     connection_point: str | None = None, limit: Limit = 100,
+                     offset: Offset = 0) -> dict[str, Any]:
+    recs = repo.end_devices_at(connection_point) if connection_point else repo.end_devices()
+    return _page(recs, limit, offset, _edev_json)
+
+
+@router.get("/end-devices/{end_device_id}")
+def get_end_device(end_device_id: int, repo: Repo,
+                   _p: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
+    rec = repo.end_device(end_device_id)
+    if rec is None:
+        raise Problem(404, f"unknown end device {end_device_id}")
+    return _edev_json(rec)
+
+
+DER_REPORTS = {"availability": "dera", "capability": "dercap", "settings": "derg",
+               "status": "ders"}
+
+
+@router.get("/end-devices/{end_device_id}/der/{report}")
+def get_der_report(end_device_id: int, report: Literal["availability", "capability",
+                                                        "settings", "status"],
+                   repo: Repo, _p: Annotated[Principal, Depends(require("read"))]
+                   ) -> dict[str, Any]:
+    """The last DERAvailability / DERCapability / DERSettings / DERStatus the device PUT,
+    as a plain view of the document (IEEE 2030.5 names and units: values with their
+    power-of-ten ``multiplier``, times in epoch seconds)."""
+    if repo.end_device(end_device_id) is None:
+        raise Problem(404, f"unknown end device {end_device_id}")
+    stored = repo.der_document(end_device_id, DER_REPORTS[report])
+    if stored is None:
+        raise Problem(404, f"end device {end_device_id} has not reported its DER {report}")
+    xml, t = stored
+    return {"end_device_id": end_device_id, "report": report, "received_time": _iso(t),
+            "document": document_dict(etree.fromstring(xml))}
+
+
+@router.post("/aggregators", status_code=201)
+def create_aggregator(request: Request, body: AggregatorIn, repo: Repo,
+                      principal: Annotated[Principal, Depends(require("admin"))]
+                      ) -> dict[str, Any]:
+    """Let the client with this LFDI register the end devices behind it."""
+    _write(request, principal, "create", "ieee2030_5_aggregator",
+           lambda: repo.add_aggregator(body.lfdi), entity_id=lambda _r: body.lfdi.upper())
+    return {"lfdi": body.lfdi.upper()}
+
+
+@router.get("/aggregators")
+def list_aggregators(repo: Repo, _p: Annotated[Principal, Depends(require("read"))]
+                     ) -> dict[str, Any]:
+    return {"items": repo.aggregators()}
+
+
+# ----------------------------------------------------------------------------- programs, FSAs
+
+
+class ProgramIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field("", max_length=32)
+    primacy: int = Field(ge=0, le=255, description="Lower wins (IEEE 2030.5 primacy)")
+
+
+class FsaIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field("", max_length=32)
+    program_ids: list[int] = Field(default_factory=list, max_length=100)
+
+
+class FsaAssignIn(BaseModel):
+    """A group of end devices: by id and/or every device at the given connection points."""
+
+    model_config = ConfigDict(extra="forbid")
+    end_device_ids: list[int] = Field(default_factory=list, max_length=100_000)
+    connection_points: list[ConnectionPointId] = Field(default_factory=list,
+                                                       max_length=100_000)
+
+    @model_validator(mode="after")
+    def _some(self) -> FsaAssignIn:
+        if not self.end_device_ids and not self.connection_points:
+            raise ValueError("give end_device_ids or connection_points")
+        return self
+
+
+def _program_json(p: ProgramRecord) -> dict[str, Any]:
+    return {"program_id": p.program_id, "mrid": p.mrid, "description": p.description,
+            "primacy": p.primacy, "version": p.version}
+
+
+def _fsa_json(f: FsaRecord) -> dict[str, Any]:
+    return {"fsa_id": f.fsa_id, "mrid": f.mrid, "description": f.description,
+            "program_ids": list(f.program_ids), "version": f.version}
+
+
+@router.post("/programs", status_code=201)
+def create_program(request: Request, body: ProgramIn, repo: Repo,
+                   principal: Annotated[Principal, Depends(require("admin"))]
+                   ) -> dict[str, Any]:
+    """Create a DERProgram (reach devices through a function set assignment)."""
+    rec = _write(request, principal, "create", "ieee2030_5_program",
+                 lambda: repo.add_program(body.description, body.primacy),
+                 entity_id=lambda r: r.program_id, detail=body.model_dump())
+    return _program_json(rec)
+
+
+@router.get("/programs")
+def list_programs(repo: Repo, _p: Annotated[Principal, Depends(require("read"))],
+                  limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+    return _page(repo.programs(), limit, offset, _program_json)
+
+
+@router.post("/function-set-assignments", status_code=201)
+def create_fsa(request: Request, body: FsaIn, repo: Repo,
+               principal: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+    """Create a FunctionSetAssignments grouping DER programs."""
+    rec = _write(request, principal, "create", "ieee2030_5_fsa",
+                 lambda: repo.add_fsa(body.description, body.program_ids),
+                 entity_id=lambda r: r.fsa_id, detail=body.model_dump())
+    return _fsa_json(rec)
+
+
+@router.get("/function-set-assignments")
+def list_fsas(repo: Repo, _p: Annotated[Principal, Depends(require("read"))],
+              limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+    return _page(repo.fsas(), limit, offset, _fsa_json)
+
+
+@router.post("/function-set-assignments/{fsa_id}/end-devices")
+def assign_fsa(request: Request, fsa_id: int, body: FsaAssignIn, repo: Repo,
+               principal: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+    """Assign a function set to a group of end devices (ids and/or connection points); all
+    or nothing: an unknown device or a connection point without devices is 422."""
+    if repo.fsa(fsa_id) is None:
+        raise Problem(404, f"unknown function set assignment {fsa_id}")
+    ids = list(dict.fromkeys(body.end_device_ids))
+    unknown = [i for i in ids if repo.end_device(i) is None]
+    if unknown:
+        raise Problem(422, f"unknown end device {unknown[0]}", unknown_end_devices=unknown)
+    empty = []
+    for cp in body.connection_points:
+        at = repo.end_devices_at(cp)
+        if not at:
+            empty.append(cp)
+        ids += [e.edev_id for e in at if e.edev_id not in ids]
+    if empty:
+        raise Problem(422, f"no end device registered at connection point {empty[0]!r}",
+                      unmatched_connection_points=empty)
+
+    def assign() -> list[int]:
+        for i in ids:
+            repo.assign_fsa(i, fsa_id)
+        return ids
+
+    _write(request, principal, "assign", "ieee2030_5_fsa", assign,
+           entity_id=lambda _r: fsa_id, detail={"end_device_ids": ids})
+    return {"fsa_id": fsa_id, "end_device_ids": ids}
+
+
+# ----------------------------------------------------------------------------- controls
+
+
+class LimitsIn(BaseModel):
+    """DERControlBase: CSIP-AUS limits in W (>= 0) and the connect/energize flags."""
+
+    model_config = ConfigDict(extra="forbid")
+    export_limit_w: Power = None
+    import_limit_w: Power = None
+    generation_limit_w: Power = None
+    load_limit_w: Power = None
+    connect: bool | None = None
+    energize: bool | None = None
+
+    def limits(self) -> DerLimits:
+        return DerLimits(exp_lim_w=self.export_limit_w, imp_lim_w=self.import_limit_w,
+                         gen_lim_w=self.generation_limit_w, load_lim_w=self.load_limit_w,
+                         connect=self.connect, energize=self.energize)
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.limits() == DerLimits():
+            raise ValueError("give at least one limit (export_limit_w, import_limit_w, "
+                             "generation_limit_w, load_limit_w) or connect/energize")
+        return self
+
+
+class ControlIn(LimitsIn):
+    """A scheduled DERControl event in [start, start + duration_s). Audience: every device
+    the program is assigned to, or one end device, or the devices at one connection point."""
+
+    start: datetime
+    duration_s: int = Field(ge=1, le=UINT32)
+    randomize_start_s: int | None = Field(None, ge=-32768, le=32767)
+    randomize_duration_s: int | None = Field(None, ge=-32768, le=32767)
+    end_device_id: int | None = None
+    connection_point: ConnectionPointId | None = None
+    description: str = Field("", max_length=32)
+    mrid: str | None = Field(None, pattern=MRID, description="default: assigned")
+
+    @field_validator("start")
+    @classmethod
+    def _start_aware(cls, value: datetime) -> datetime:
+        return _aware(value)
+
+    @model_validator(mode="after")
+    def _one_audience(self) -> ControlIn:
+        if self.end_device_id is not None and self.connection_point is not None:
+            raise ValueError("give end_device_id or connection_point, not both")
+        return self
+
+
+class DefaultControlIn(LimitsIn):
+    description: str = Field("", max_length=32)
+    set_grad_w: int | None = Field(None, ge=0, le=65535, description=(
+        "ramp rate, hundredths of a percent of the rating per second"))
+
+
+def _limits_json(lim: DerLimits) -> dict[str, Any]:
+    return {"export_limit_w": lim.exp_lim_w, "import_limit_w": lim.imp_lim_w,
+            "generation_limit_w": lim.gen_lim_w, "load_limit_w": lim.load_lim_w,
+            "connect": lim.connect, "energize": lim.energize}
+
+
+def _status(c: ControlRecord, now: datetime) -> str:
+    if c.cancelled_time is not None:
+        return "cancelled"
+    end = c.start.timestamp() + c.duration_s
+    if now.timestamp() >= end:
+        return "completed"
+    return "active" if now >= c.start else "scheduled"
+
+
+def _control_json(c: ControlRecord, now: datetime | None = None) -> dict[str, Any]:
+    return {"control_id": c.control_id, "mrid": c.mrid, "program_id": c.program_id,
+            "start": _iso(c.start), "duration_s": c.duration_s,
+            "randomize_start_s": c.randomize_start_s,
+            "randomize_duration_s": c.randomize_duration_s,
+            "end_device_id": c.edev_id, "connection_point": c.connection_point,
+            "description": c.description, **_limits_json(c.limits),
+            "creation_time": _iso(c.creation_time), "cancelled_time": _iso(c.cancelled_time),
+            "version": c.version, "status": _status(c, now or datetime.now(UTC))}
+
+
+def _default_json(d: DefaultControlRecord) -> dict[str, Any]:
+    return {"program_id": d.program_id, "mrid": d.mrid, "description": d.description,
+            "version": d.version, "set_grad_w": d.set_grad_w, **_limits_json(d.limits)}
+
+
+def _program_or_404(repo: SepAdminRepository, program_id: int) -> ProgramRecord:
+    program = repo.program(program_id)
+    if program is None:
+        raise Problem(404, f"unknown DER program {program_id}")
+    return program
+
+
+@router.post("/programs/{program_id}/controls", status_code=201)
+def create_control(request: Request, program_id: int, body: ControlIn, repo: Repo,
+                   principal: Annotated[Principal, Depends(require("operate"))]
+                   ) -> dict[str, Any]:
+    """Schedule a DERControl; re-posting the same ``mrid`` with the same content is
+    idempotent (200 semantics, same record), with other content 409."""
+    _program_or_404(repo, program_id)
+    spec = ControlSpec(program_id, body.start, body.duration_s, body.limits(),
+                       body.description, body.end_device_id, body.connection_point,
+                       body.randomize_start_s, body.randomize_duration_s, body.mrid)
+    (rec, _created), = _write(request, principal, "create", "ieee2030_5_control",
+                              lambda: repo.add_controls([spec]),
+                              entity_id=lambda r: r[0][0].mrid,
+                              detail=body.model_dump(mode="json"))
+    return _control_json(rec)
+
+
+@router.get("/programs/{program_id}/controls")
+def list_controls(program_id: int, repo: Repo,
+                  _p: Annotated[Principal, Depends(require("read"))],
+                  connection_point: str | None = None, end_device_id: int | None = None,
+                  limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+    """The program's controls by start (completed ones too), optionally one audience's."""
+    _program_or_404(repo, program_id)
+    recs = repo.controls(program_id)
+    if connection_point is not None:
+        recs = [c for c in recs if c.connection_point == connection_point]
+    if end_device_id is not None:
+        recs = [c for c in recs if c.edev_id == end_device_id]
+    recs.sort(key=lambda c: (c.start, c.control_id))
+    now = datetime.now(UTC)
+    return _page(recs, limit, offset, lambda c: _control_json(c, now))
+
+
+@router.post("/controls/{control_id}/cancel")
+def cancel_control(request: Request, control_id: int, repo: Repo,
+                   principal: Annotated[Principal, Depends(require("operate"))]
+                   ) -> dict[str, Any]:
+    """Cancel a DERControl (devices see EventStatus 2 "cancelled")."""
+    rec = _write(request, principal, "cancel", "ieee2030_5_control",
+                 lambda: repo.cancel_control(control_id), entity_id=lambda r: r.mrid)
+    return _control_json(rec)
+
+
+RESPONSE_STATUS = {1: "received", 2: "started", 3: "completed", 4: "opt_out", 5: "opt_in",
+                   6: "cancelled", 7: "superseded", 8: "partial_opt_out", 9: "partial_opt_in",
+                   10: "completed_no_participation", 13: "superseded_alternate_server",
+                   14: "superseded_alternate_program", 252: "rejected_not_applicable",
+                   253: "rejected_invalid", 254: "rejected_expired"}
+
+
+@router.get("/controls/{control_id}/responses")
+def list_responses(control_id: int, repo: Repo,
+                   _p: Annotated[Principal, Depends(require("read"))],
+                   limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+    """What the devices answered to a DERControl (IEEE 2030.5 Response status codes)."""
+    if repo.control(control_id) is None:
+        raise Problem(404, f"unknown DERControl {control_id}")
+    return _page(repo.responses(control_id=control_id), limit, offset, lambda r: {
+        "response_id": r.response_id, "mrid": r.mrid, "end_device_id": r.edev_id,
+        "lfdi": r.lfdi, "status": r.status, "status_name": RESPONSE_STATUS.get(r.status),
+        "created_time": _iso(r.created_time), "received_time": _iso(r.received_time)})
+
+
+@router.put("/programs/{program_id}/default-control")
+def put_default_control(request: Request, program_id: int, body: DefaultControlIn, repo: Repo,
+                        principal: Annotated[Principal, Depends(require("admin"))]
+                        ) -> dict[str, Any]:
+    """Set the program's DefaultDERControl (what devices apply when no event is active)."""
+    _program_or_404(repo, program_id)
+    rec = _write(request, principal, "set", "ieee2030_5_default_control",
+                 lambda: repo.set_default_control(program_id, body.limits(),
+                                                  description=body.description,
+                                                  set_grad_w=body.set_grad_w),
+                 entity_id=lambda r: r.mrid, detail=body.model_dump())
+    return _default_json(rec)
+
+
+@router.get("/programs/{program_id}/default-control")
+def get_default_control(program_id: int, repo: Repo,
+                        _p: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
+    _program_or_404(repo, program_id)
+    rec = repo.default_control(program_id)
+    if rec is None:
+        raise Problem(404, f"DER program {program_id} has no default control")
+    return _default_json(rec)
+
+
+# ----------------------------------------------------------------------------- envelopes
+
+
+class SiteControlRow(BaseModel):
+    """One row of ``EnvelopeResult.site_controls()``."""
+
+    model_config = ConfigDict(extra="forbid")
+    mrid: str
+    connection_point: str
+    start: datetime
+    duration_s: int
+    export_limit_w: float | None = None
+    import_limit_w: float | None = None
+
+
+class SiteControlColumns(BaseModel):
+    """The same rows as columns (the ``site_controls`` object ``POST /v1/envelopes``
+    answers with; its paging fields are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mrid: list[str]
+    connection_point: list[str]
+    start: list[datetime]
+    duration_s: list[int]
+    export_limit_w: list[float | None]
+    import_limit_w: list[float | None]
+    total: int | None = None
+    offset: int | None = None
+    limit: int | None = None
+    rows: int | None = None
+
+    def as_rows(self) -> list[dict[str, Any]]:
+        names = ("mrid", "connection_point", "start", "duration_s", "export_limit_w",
+                 "import_limit_w")
+        cols = [getattr(self, n) for n in names]
+        if len({len(c) for c in cols}) != 1:
+            raise Problem(422, "site_controls columns differ in length: " + ", ".join(
+                f"{n} {len(c)}" for n, c in zip(names, cols, strict=True)))
+        return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
+class EnvelopeControlsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    site_controls: list[SiteControlRow] | SiteControlColumns = Field(description=(
+        "rows (mrid, connection_point, start, duration_s, export_limit_w, import_limit_w "
+        "[W]) or the same as columns"))
+    description: str = Field("operating envelope", max_length=32)
+
+
+def _row_errors(k: int, row: dict[str, Any]) -> list[dict[str, Any]]:
+    errors = []
+
+    def bad(field: str, detail: str) -> None:
+        errors.append({"row": k, "field": field, "detail": detail})
+
+    mrid = row["mrid"]
+    if len(mrid) != 32 or any(c not in "0123456789ABCDEFabcdef" for c in mrid):
+        bad("mrid", f"{mrid!r}: expected 32 hex digits")
+    if not 0 < len(row["connection_point"]) <= 32:
+        bad("connection_point", "expected 1..32 characters")
+    if row["start"].tzinfo is None:
+        bad("start", "must carry a time zone")
+    if not 1 <= row["duration_s"] <= UINT32:
+        bad("duration_s", f"{row['duration_s']}: expected 1 .. 2^32-1")
+    for name in ("export_limit_w", "import_limit_w"):
+        value = row[name]
+        if value is not None and value != value:  # NaN: a direction not computed
+            row[name] = value = None
+        if value is not None and not (abs(value) != float("inf") and value >= 0):
+            bad(name, f"{value!r}: expected a finite value >= 0 W or null")
+    if row["export_limit_w"] is None and row["import_limit_w"] is None:
+        bad("export_limit_w", "neither export_limit_w nor import_limit_w is given")
+    return errors
+
+
+@router.post("/programs/{program_id}/envelopes")
+def publish_envelopes(request: Request, program_id: int, body: EnvelopeControlsIn,
+                      repo: Repo, principal: Annotated[Principal, Depends(require("operate"))]
+                      ) -> dict[str, Any]:
+    """Operating envelopes become DERControls: one per row (mRID = the row's ``mrid``,
+    opModExpLimW / opModImpLimW = its limits), seen by the end devices registered at the
+    row's connection point. All or nothing: any bad row → 422 listing every bad row.
+    Rows whose connection point has no registered end device are not stored and are
+    listed in ``unmatched_connection_points``; publishing the same rows again stores
+    nothing twice (``unchanged``)."""
+    _program_or_404(repo, program_id)
+    rows = (body.site_controls.as_rows() if isinstance(body.site_controls, SiteControlColumns)
+            else [r.model_dump() for r in body.site_controls])
+    errors = [e for k, row in enumerate(rows) for e in _row_errors(k, row)]
+    if errors:
+        raise Problem(422, f"{len(errors)} bad site control row(s); nothing published",
+                      type_="invalid-batch", errors=errors[:1000], rows=len(rows), accepted=0)
+    devices: dict[str, list[EndDeviceRecord]] = {}
+    for cp in dict.fromkeys(r["connection_point"] for r in rows):
+        devices[cp] = repo.end_devices_at(cp)
+    unmatched = [cp for cp, devs in devices.items() if not devs]
+    specs = [ControlSpec(program_id, row["start"], row["duration_s"],
+                         DerLimits(exp_lim_w=row["export_limit_w"],
+                                   imp_lim_w=row["import_limit_w"]),
+                         body.description, connection_point=row["connection_point"],
+                         mrid=row["mrid"])
+             for row in rows if devices[row["connection_point"]]]
+    results = _write(request, principal, "publish", "ieee2030_5_envelopes",
+                     lambda: repo.add_controls(specs), entity_id=lambda _r: program_id,
+                     detail={"rows": len(rows), "unmatched_connection_points": unmatched[:100]})
+    matched = [e for devs in devices.values() for e in devs]
+    without_program = [e.edev_id for e in matched if not _has_program(repo, e, program_id)]
+    created = sum(1 for _, new in results if new)
+    return {"program_id": program_id, "rows": len(rows), "published": len(results),
+            "created": created, "unchanged": len(results) - created,
+            "end_device_ids": [e.edev_id for e in matched],
+            "unmatched_connection_points": unmatched,
+            "end_devices_without_program": without_program}
+
+
+def _has_program(repo: SepAdminRepository, rec: EndDeviceRecord, program_id: int) -> bool:
+    for fsa_id in rec.fsa_ids:
+        fsa = repo.fsa(fsa_id)
+        if fsa is not None and program_id in fsa.program_ids:
+            return True
+    return False
