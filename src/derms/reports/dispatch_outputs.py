@@ -182,7 +182,7 @@ EV {s['ev_penetration']}; curtailment policy `{s['curtailment_policy']}`, export
 ## Files
 | file | content |
 |---|---|
-| `summary.json` | key figures: peaks [kW] (`peak_uncontrolled_kw`, `peak_rule_based_kw`, `peak_optimised_kw`, `peak_perfect_foresight_kw`), violation counts, timings [s] (`solve_s` LP solves, `ac_verify_s` AC simulations of plans), DER counts; `optimised_mode` says whether `peak_optimised_kw` comes from a rolling re-plan with forecasts or the perfect-knowledge plan |
+| `summary.json` | key figures: peaks [kW] (`peak_uncontrolled_kw`, `peak_rule_based_kw`, `peak_optimised_kw`, `peak_perfect_foresight_kw`), violation counts, `default_rating_conductors` (of `monitored_branch_conductors` checked for overload, those with an OpenDSS default rating), timings [s] (`solve_s` LP solves, `ac_verify_s` AC simulations of plans), DER counts; `optimised_mode` says whether `peak_optimised_kw` comes from a rolling re-plan with forecasts or the perfect-knowledge plan |
 | `ders.csv` | every DER: `der_id, kind (pv, battery, ev, flex, generator), bus, phases` (count), `nodes` (OpenDSS conductor numbers, space-separated, 0 = ground), `kv` (line-to-line for 3-phase and delta, line-to-neutral for 1-phase wye), `conn, customer_load, p_max_kw, s_kva, e_max_kwh, soc0_frac, soc_min_frac (incl. reserve), soc_max_frac, eta_charge, eta_discharge, e_needed_kwh, arrival, departure, p_avail_max_kw, pv_available_kwh, opendss_load` (empty where not applicable) |
 | `schedule.csv` | optimised plan: `der_id, kind, timestamp, p_kw, q_kvar, soc_frac` (batteries, at the end of the interval), `curtail_kw` (PV: available − output) |
 | `schedule_rule_based.csv`, `schedule_uncontrolled.csv` | the same for the rule-based peak-shaving baseline (batteries discharge above {RULE_BASED_THRESHOLD_FRAC:.0%} of the uncontrolled peak) and the uncontrolled case (PV at available power, batteries idle, EVs charge at once) |
@@ -202,4 +202,20 @@ Substation import = minus the P channels of monitor `derms_head` (`Export monito
 derms_head`). Paths are relative; the folder can be zipped. PVSystem/Storage elements
 are not used on purpose: their defaults (%reserve, idling losses, efficiencies) would
 change the powers; the plan's battery model is already inside the net-import schedule.
+
+`run_base.dss` is the base case (every DER at zero), the reference of the pre-existing
+rule. Each `run_<case>.dss` is `Redirect case_<case>.dss` plus one `Solve` of every
+interval; `case_<case>.dss` only sets the case up (yearly mode, one interval per
+`Solve`) so results can be read interval by interval.
+
+## Counting the violations in plain OpenDSS
+For each case and the base: compile `case_<case>.dss`, `Solve` {s['n_steps']} times and
+after each read the voltage [pu] of the nodes in `opendss/monitored_nodes.csv` and the
+current of the conductors in `opendss/monitored_branches.csv` (loading = 100 × I /
+`norm_amps`; `rating_is_default` marks OpenDSS default ratings). A pair is in violation
+when v < v_min − tol, v > v_max + tol or loading > 100 % + tol (`opendss/limits.json`);
+when the base case breaks the same limit in the same interval it is pre-existing and
+counts only if worse than the base value by more than the tolerance. The sums are
+`violations_uncontrolled`, `violations_rule_based` and `violations_optimised`
+(docs/data-formats.md has the full rule).
 """

@@ -220,7 +220,8 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                 uncontrolled=(unc.schedule.p_kw, unc.schedule.q_kvar),
                 optimised=(opt.schedule.p_kw, opt.schedule.q_kvar),
                 rule_based=(rb.schedule.p_kw, rb.schedule.q_kvar),
-                control_mode=ac.control_mode, source=ac.index.source)
+                control_mode=ac.control_mode, source=ac.index.source, index=ac.index,
+                limits=ac.limits)
         feeder = engine.circuit.Name
     finally:
         engine.close()
@@ -290,6 +291,7 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
         "violation_definition": "node-phase or branch-conductor x interval pairs outside "
                                 "[0.95, 1.05] pu (tol 0.001) or above 100 % of normal rating "
                                 "(tol 1 %), pre-existing held to the base case (no DER)",
+        **_rating_counts(unc.result),
     }
     if mode == "perfect_foresight":
         s["optimised_note"] = ("peak_optimised_kw is the perfect-knowledge plan, the one in "
@@ -301,6 +303,17 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
                                "violations_optimised and opendss/ are the perfect-knowledge "
                                "plan, whose peak is peak_perfect_foresight_kw")
     return s
+
+
+def _rating_counts(res: QSTSResult) -> dict[str, int]:
+    """How many branch conductors the thermal criterion checks and how many of them carry
+    an OpenDSS default rating rather than one given in the model (DESIGN: reports say so;
+    the list is ``opendss/monitored_branches.csv``)."""
+    from derms.reports.dispatch_opendss import monitored_branches_table
+
+    br = monitored_branches_table(res.index)
+    return {"monitored_branch_conductors": len(br),
+            "default_rating_conductors": int(br["rating_is_default"].sum())}
 
 
 def _iso(t) -> str:
