@@ -366,13 +366,14 @@ def _linear_sizes(engine: OpenDSSEngine, sites: list[Site], sign: float,
         chunk = sites[lo:lo + _SITES_PER_MODEL]
         c_nodes = sorted({n for s in chunk for n in s.node_names})
         c_col = {n: k for k, n in enumerate(c_nodes)}
-        model = build_linear_model(engine, c_nodes, branches=criteria.thermal)
-        # site matrix: 1/n at each of a site's nodes (equal split of the total)
+        # site matrix: 1/n at each of a site's nodes (equal split of the total); one
+        # right-hand side per site (the model's columns are the sites)
         s_mat = np.zeros((len(c_nodes), len(chunk)))
         for j, s in enumerate(chunk):
             for n in s.node_names:
                 s_mat[c_col[n], j] = sign / len(s.nodes)
-        a_v = model.dv_dp_pu_per_kw @ s_mat  # (n_nodes, sites): du/dP [pu/kW]
+        model = build_linear_model(engine, c_nodes, branches=criteria.thermal, groups=s_mat)
+        a_v = model.dv_dp_pu_per_kw  # (n_nodes, sites): du/dP [pu/kW]
         cands = []
         with np.errstate(divide="ignore", invalid="ignore"):
             up = np.where(a_v[vh] > 0, u_hi[vh, None] / a_v[vh], np.inf)
@@ -380,7 +381,7 @@ def _linear_sizes(engine: OpenDSSEngine, sites: list[Site], sign: float,
             cands += [(up, lim.v_hi_kind[vh], names[vh]),
                       (down, lim.v_lo_kind[vl], names[vl])]
             if criteria.thermal and br.any():
-                a_i = (model.branches.di_dp_a_per_kw @ s_mat)[br]
+                a_i = model.branches.di_dp_a_per_kw[br]
                 i0, imax = lim.i0_a[br, None], lim.i_max_a[br, None]
                 th = np.where(a_i > 0, (imax - i0) / a_i,
                               np.where(a_i < 0, (imax + i0) / -a_i, np.inf))
