@@ -27,6 +27,7 @@ from sqlalchemy import text
 from derms.api import problems
 from derms.api.auth import TokenRecord
 from derms.api.engine_pool import EnginePool
+from derms.api.routes_adms import router as adms_router
 from derms.api.routes_capacity import router as capacity_router
 from derms.api.routes_constraints import router as constraints_router
 from derms.api.routes_dispatch import router as dispatch_router
@@ -135,4 +136,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(dispatch_router, prefix="/v1")
     app.include_router(capacity_router, prefix="/v1")
     app.include_router(ieee2030_5_router, prefix="/v1")  # app.state.ieee2030_5_repo: serve
+    app.include_router(adms_router, prefix="/v1")  # ADMS interface, operator overrides
     return app

@@ -267,6 +267,11 @@ def serve(
     ieee2030_5_host: Annotated[str | None, typer.Option(
         "--ieee2030-5-host", help="Address of the IEEE 2030.5 listener (default: --host).")
     ] = None,
+    # --- ADMS interface on the message bus (derms.control.adms_mqtt) ---
+    adms_mqtt: Annotated[bool, typer.Option(
+        "--adms-mqtt/--no-adms-mqtt",
+        help="Take ADMS messages on <DERMS_MQTT_TOPIC_ROOT>/adms/<sender>/requests (client "
+             "id <DERMS_MQTT_CLIENT_ID>-adms).")] = False,
 ) -> None:
     """Run the API, the MQTT ingest, the monitoring cycle (a state estimate per feeder
     with an OpenDSS model version registered) and, with --ieee2030-5-port, the IEEE 2030.5
@@ -325,9 +330,22 @@ def serve(
     if forecast_schedule is not None:
         api.state.forecast_schedule = forecast_schedule
         forecast_schedule.start()
+    # --- ADMS interface on the message bus ---
+    adms_sub = None
+    if adms_mqtt:
+        from derms.control.adms_mqtt import AdmsMqtt
+
+        adms_sub = AdmsMqtt(api.state.sessions, host=settings.mqtt_host, port=settings.mqtt_port,
+                            client_id=settings.mqtt_client_id + "-adms",
+                            topic_root=settings.mqtt_topic_root,
+                            on_topology=lambda fid: (api.state.monitor.notify_topology_change(fid)
+                                                     if api.state.monitor is not None else None))
+        adms_sub.start()
     try:
         uvicorn.run(api, host=host, port=port, log_level="info")
     finally:
+        if adms_sub is not None:  # ADMS interface
+            adms_sub.stop()
         if sep_server is not None:
             sep_server.stop()
         if ingest is not None:

@@ -393,3 +393,61 @@ class ForecastValue(Base):
     p10: Mapped[float] = mapped_column(Float)
     p50: Mapped[float] = mapped_column(Float)
     p90: Mapped[float] = mapped_column(Float)
+
+
+CONTROL_SOURCES = ("safety", "adms", "operator", "optimisation")
+CONTROL_KINDS = ("block_dispatch", "limit_export", "limit_import", "abnormal_configuration",
+                 "operator_setpoint", "optimisation_setpoint")
+CONTROL_SCOPES = ("feeder", "section", "connection_point", "device")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class ControlRequestRecord(Base):
+    """A control request of :mod:`derms.control` (safety, ADMS, operator, optimisation),
+    stored so a restart rebuilds the arbiter. Applies in ``[start, min(expiry,
+    withdrawn_at))``; ``ended_at``/``end_reason`` (``expired`` or ``withdrawn``) are set
+    once the end has been recorded in the audit log. ``value_kw``: a limit magnitude
+    (>= 0) or an import-positive device setpoint (see :mod:`derms.control.requests`).
+    Scope: ``scope_kind`` with ``feeder_id`` (feeder, section), ``section_id`` and
+    ``buses`` (section), ``connection_point`` or ``der_id``. No switch, regulator or
+    capacitor kind exists (the CHECK constraint refuses one)."""
+
+    __tablename__ = "control_requests"
+    __table_args__ = (
+        CheckConstraint(_in("source", CONTROL_SOURCES), name="source_known"),
+        CheckConstraint(_in("kind", CONTROL_KINDS), name="kind_known"),
+        CheckConstraint(_in("scope_kind", CONTROL_SCOPES), name="scope_kind_known"),
+        CheckConstraint("expiry > start", name="expiry_after_start"),
+        CheckConstraint("kind NOT IN ('limit_export', 'limit_import') OR value_kw >= 0",
+                        name="limit_nonneg"),
+        CheckConstraint("end_reason IS NULL OR end_reason IN ('expired', 'withdrawn')",
+                        name="end_reason_known"),
+        Index("ix_control_requests_open", "ended_at", "expiry"),
+    )
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(32))
+    scope_kind: Mapped[str] = mapped_column(String(24))
+    feeder_id: Mapped[str | None] = mapped_column(String(200))
+    section_id: Mapped[str | None] = mapped_column(String(200))
+    buses: Mapped[list[str] | None] = mapped_column(JSON)
+    connection_point: Mapped[str | None] = mapped_column(String(200))
+    der_id: Mapped[str | None] = mapped_column(String(200))
+    value_kw: Mapped[float | None] = mapped_column(Float)
+    start: Mapped[datetime]
+    expiry: Mapped[datetime]
+    issued_at: Mapped[datetime]
+    withdrawn_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    end_reason: Mapped[str | None] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @validates("start", "expiry", "issued_at", "withdrawn_at", "ended_at", "created_at",
+               include_backrefs=False)
+    def _utc(self, key: str, value: datetime | None) -> datetime | None:
+        return None if value is None else ensure_utc(value, f"ControlRequestRecord.{key}")

@@ -1,0 +1,293 @@
+"""ADMS and operator messages: validated (pydantic), then stored and audited in one transaction.
+
+The same ADMS message arrives by REST (``POST /v1/adms/messages``) or on the message bus
+(:mod:`derms.control.adms_mqtt`). Its ``type`` is one of:
+
+* ``block_dispatch`` — no DER dispatch in the scope (fault, restoration);
+* ``limit_export`` / ``limit_import`` — ``limit_kw >= 0`` on a feeder, section (aggregate),
+  connection point or device;
+* ``abnormal_configuration`` — a feeder or section runs in an abnormal configuration;
+* ``switching`` — switch states reported by the ADMS (``switches``: name and ``open`` /
+  ``closed`` at ``t``); stored as topology events the monitor applies; with ``expiry``
+  also an ``abnormal_configuration`` of the feeder until then;
+* ``withdraw`` — ends an ADMS request early (``request_id``).
+
+Every request message needs an ``expiry`` (aware time, in the future); ``start`` defaults
+to now. ``message_id`` makes a resend idempotent (request id ``adms-<message_id>``); it is
+required on the bus, where redelivery is normal. There is no message type that commands a
+switch, regulator or capacitor: such a message fails validation.
+
+Operator overrides (REST only, ``POST /v1/operator/overrides``) are device setpoints
+(import-positive kW), blocks or limits with an expiry; request id ``op-<override_id>``.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from derms.control import persistence
+from derms.control.requests import (
+    CommandKind,
+    ControlRequest,
+    Scope,
+    ScopeKind,
+    Source,
+)
+from derms.errors import InputError
+from derms.store.audit import append_audit
+from derms.store.models import (
+    ControlRequestRecord,
+    DerDevice,
+    DerSite,
+    Feeder,
+    SwitchState,
+    TopologyEvent,
+)
+
+MessageId = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9._:\-]+$")]
+Reason = Annotated[str, Field(default="", max_length=500)]
+Kw = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class UnknownTarget(InputError):
+    """A message names a feeder, device or connection point the store does not know."""
+
+
+class ScopeIn(BaseModel):
+    """Where a request applies (see :class:`derms.control.requests.Scope`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["feeder", "section", "connection_point", "device"]
+    feeder_id: str | None = Field(None, max_length=200)
+    section_id: str | None = Field(None, max_length=200)
+    buses: list[str] | None = Field(None, max_length=100_000)
+    connection_point: str | None = Field(None, max_length=200)
+    der_id: str | None = Field(None, max_length=200)
+
+    def scope(self) -> Scope:
+        return Scope.from_dict(self.model_dump(exclude_none=True))
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message_id: MessageId | None = None
+    reason: Reason = ""
+
+
+class _Request(_Message):
+    scope: ScopeIn
+    start: AwareDatetime | None = None
+    expiry: AwareDatetime
+
+
+class BlockDispatch(_Request):
+    type: Literal["block_dispatch"]
+
+
+class LimitExport(_Request):
+    type: Literal["limit_export"]
+    limit_kw: Kw
+
+
+class LimitImport(_Request):
+    type: Literal["limit_import"]
+    limit_kw: Kw
+
+
+class AbnormalConfiguration(_Request):
+    type: Literal["abnormal_configuration"]
+
+
+class SwitchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    switch: str = Field(min_length=1, max_length=64)
+    state: Literal["open", "closed"]
+
+
+class Switching(_Message):
+    type: Literal["switching"]
+    feeder_id: str = Field(min_length=1, max_length=64)
+    t: AwareDatetime
+    switches: list[SwitchIn] = Field(min_length=1, max_length=1000)
+    expiry: AwareDatetime | None = None
+
+
+class Withdraw(_Message):
+    type: Literal["withdraw"]
+    request_id: str = Field(min_length=1, max_length=64)
+
+
+AdmsMessage = Annotated[BlockDispatch | LimitExport | LimitImport | AbnormalConfiguration
+                        | Switching | Withdraw, Field(discriminator="type")]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(AdmsMessage)
+
+
+class OperatorOverrideIn(BaseModel):
+    """An operator override: ``operator_setpoint`` (``value_kw`` import-positive at the
+    device: > 0 charging/consuming, < 0 generating), ``block_dispatch``, or a limit
+    (``value_kw >= 0``), until ``expiry``."""
+
+    model_config = ConfigDict(extra="forbid")
+    override_id: MessageId | None = None
+    kind: Literal["operator_setpoint", "block_dispatch", "limit_export",
+                  "limit_import"] = "operator_setpoint"
+    scope: ScopeIn
+    value_kw: float | None = None
+    start: AwareDatetime | None = None
+    expiry: AwareDatetime
+    reason: Reason = ""
+
+    @field_validator("value_kw")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("value_kw must be finite")
+        return v
+
+
+def parse_adms(payload: bytes | str | dict) -> Any:
+    """Validate one ADMS message (JSON text or a dict); raises :class:`MessageError`."""
+    try:
+        if isinstance(payload, dict):
+            return _ADAPTER.validate_python(payload)
+        return _ADAPTER.validate_json(payload)
+    except ValidationError as exc:
+        raise MessageError(exc) from None
+
+
+class MessageError(InputError):
+    """An ADMS message that fails validation; ``errors``: field and detail of each problem."""
+
+    def __init__(self, exc: ValidationError) -> None:
+        self.errors = [{"field": ".".join(str(p) for p in e.get("loc", ())),
+                        "detail": e.get("msg", "")} for e in exc.errors()][:100]
+        first = self.errors[0] if self.errors else {"field": "", "detail": "invalid"}
+        super().__init__(f"invalid ADMS message: {first['field']}: {first['detail']}"
+                         + (f" (+{len(self.errors) - 1} more)" if len(self.errors) > 1 else ""))
+
+
+@dataclass
+class Applied:
+    """What a message did: requests created (or found, on a resend), withdrawn, and topology
+    events stored; ``feeders_switched``: feeders whose monitor should re-estimate now."""
+
+    requests: list[ControlRequest] = field(default_factory=list)
+    created: bool = False
+    withdrawn: list[str] = field(default_factory=list)
+    topology_event_ids: list[int] = field(default_factory=list)
+    feeders_switched: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"created": self.created,
+                "requests": [r.to_dict() for r in self.requests],
+                "withdrawn": self.withdrawn, "topology_event_ids": self.topology_event_ids,
+                "feeders_switched": self.feeders_switched}
+
+
+def _check_targets(session: Session, scope: Scope) -> None:
+    if scope.kind in (ScopeKind.FEEDER, ScopeKind.SECTION):
+        if session.get(Feeder, scope.feeder_id) is None:
+            raise UnknownTarget(f"unknown feeder {scope.feeder_id!r}")
+    elif scope.kind is ScopeKind.DEVICE:
+        if session.get(DerDevice, scope.der_id) is None:
+            raise UnknownTarget(f"unknown device {scope.der_id!r}")
+    elif session.get(DerSite, scope.connection_point) is None:
+        raise UnknownTarget(f"unknown connection point (DER site) {scope.connection_point!r}")
+
+
+def _request(session: Session, *, prefix: str, ident: str | None, source: Source,
+             kind: CommandKind, scope: Scope, value_kw: float | None, start: datetime | None,
+             expiry: datetime, reason: str, actor: str, now: datetime) -> Applied:
+    if expiry <= now:
+        raise InputError(f"expiry {expiry.isoformat()} has already passed (now "
+                         f"{now.isoformat()}): every request needs a future expiry")
+    _check_targets(session, scope)
+    rid = f"{prefix}-{ident or uuid.uuid4().hex}"
+    if start is None:  # "now" at first arrival: a redelivery must not move the start
+        stored = session.get(ControlRequestRecord, rid)
+        start = stored.start if stored is not None else now
+    req = ControlRequest(rid, source, kind, scope, start, expiry, value_kw=value_kw,
+                         issued_at=now, reason=reason, actor=actor)
+    stored, created = persistence.submit(session, req, actor=actor)
+    return Applied(requests=[stored], created=created)
+
+
+def apply_adms(session: Session, msg: Any, *, actor: str, now: datetime) -> Applied:
+    """Store (and audit) what a validated ADMS message asks, in ``session``'s transaction."""
+    if isinstance(msg, Withdraw):
+        req, changed = persistence.withdraw(session, msg.request_id, now, actor=actor,
+                                            reason=msg.reason, sources=[Source.ADMS])
+        return Applied(requests=[req], withdrawn=[req.request_id] if changed else [])
+    if isinstance(msg, Switching):
+        return _switching(session, msg, actor=actor, now=now)
+    value = getattr(msg, "limit_kw", None)
+    return _request(session, prefix="adms", ident=msg.message_id, source=Source.ADMS,
+                    kind=CommandKind(msg.type), scope=msg.scope.scope(), value_kw=value,
+                    start=msg.start, expiry=msg.expiry, reason=msg.reason, actor=actor,
+                    now=now)
+
+
+def _switching(session: Session, msg: Switching, *, actor: str, now: datetime) -> Applied:
+    if session.get(Feeder, msg.feeder_id) is None:
+        raise UnknownTarget(f"unknown feeder {msg.feeder_id!r}")
+    out = Applied()
+    new = []
+    for sw in msg.switches:
+        name, state = sw.switch.strip().lower(), SwitchState(sw.state)  # as OpenDSS names it
+        dup = session.scalar(select(TopologyEvent.id).where(
+            TopologyEvent.feeder_id == msg.feeder_id, TopologyEvent.switch == name,
+            TopologyEvent.state == state, TopologyEvent.t == msg.t,
+            TopologyEvent.source == "adms"))
+        if dup is not None:
+            out.topology_event_ids.append(dup)
+            continue
+        ev = TopologyEvent(feeder_id=msg.feeder_id, switch=name, state=state, t=msg.t,
+                           source="adms")
+        session.add(ev)
+        session.flush()
+        out.topology_event_ids.append(ev.id)
+        new.append({"switch": name, "state": state.value})
+    if new:
+        out.feeders_switched.append(msg.feeder_id)
+        out.created = True
+        append_audit(session, actor=actor, action="switching", entity="feeder",
+                     entity_id=msg.feeder_id,
+                     detail={"t": msg.t.isoformat(), "switches": new,
+                             "message_id": msg.message_id, "reason": msg.reason})
+    if msg.expiry is not None:
+        abn = _request(session, prefix="adms", ident=msg.message_id, source=Source.ADMS,
+                       kind=CommandKind.ABNORMAL_CONFIGURATION,
+                       scope=Scope.feeder(msg.feeder_id), value_kw=None, start=msg.t,
+                       expiry=msg.expiry, reason=msg.reason or "switching", actor=actor,
+                       now=now)
+        out.requests, out.created = abn.requests, out.created or abn.created
+    return out
+
+
+def apply_override(session: Session, body: OperatorOverrideIn, *, actor: str,
+                   now: datetime) -> Applied:
+    """Store (and audit) an operator override."""
+    return _request(session, prefix="op", ident=body.override_id, source=Source.OPERATOR,
+                    kind=CommandKind(body.kind), scope=body.scope.scope(),
+                    value_kw=body.value_kw, start=body.start, expiry=body.expiry,
+                    reason=body.reason, actor=actor, now=now)
+
+
+__all__ = ["AdmsMessage", "Applied", "MessageError", "OperatorOverrideIn", "ScopeIn",
+           "UnknownTarget", "apply_adms", "apply_override", "parse_adms"]
