@@ -102,6 +102,11 @@ class EndDeviceIn(BaseModel):
     aggregator_lfdi: str | None = Field(None, pattern=LFDI,
                                         description="The aggregator that owns the device")
     fsa_ids: list[int] = Field(default_factory=list, max_length=100)
+    der_id: str | None = Field(None, min_length=1, max_length=64, description=(
+        "The DER device (in the store) its DER's mirrored readings are stored under"))
+    meter_id: str | None = Field(None, min_length=1, max_length=64, description=(
+        "The meter (in the store) its site MirrorUsagePoint's readings are stored under "
+        "(default: a meter whose id is the connection point)"))
 
 
 class AggregatorIn(BaseModel):
@@ -113,7 +118,8 @@ def _edev_json(e: EndDeviceRecord) -> dict[str, Any]:
     return {"end_device_id": e.edev_id, "lfdi": e.lfdi, "sfdi": e.sfdi, "pin": e.pin,
             "connection_point": e.nmi, "aggregator_lfdi": e.owner_lfdi,
             "fsa_ids": list(e.fsa_ids), "enabled": e.enabled,
-            "registered_time": _iso(e.registered_time), "changed_time": _iso(e.changed_time)}
+            "registered_time": _iso(e.registered_time), "changed_time": _iso(e.changed_time),
+            "der_id": e.der_id, "meter_id": e.meter_id}
 
 
 def _page(items: list, limit: int, offset: int, fmt) -> dict[str, Any]:
@@ -126,13 +132,26 @@ def create_end_device(request: Request, body: EndDeviceIn, repo: Repo,
                       principal: Annotated[Principal, Depends(require("admin"))]
                       ) -> dict[str, Any]:
     """Pre-register an end device: LFDI, PIN, connection point (NMI), owning aggregator and
-    function set assignments. 409 if the LFDI is registered already."""
+    function set assignments; ``der_id`` / ``meter_id``: where its mirrored readings are
+    stored (422 unless they are in the store). 409 if the LFDI is registered already."""
+    _check_store_ids(request, body.der_id, body.meter_id)
     rec = _write(request, principal, "create", "ieee2030_5_end_device",
                  lambda: repo.add_end_device(body.lfdi, pin=body.pin,
                                              owner_lfdi=body.aggregator_lfdi,
-                                             nmi=body.connection_point, fsa_ids=body.fsa_ids),
+                                             nmi=body.connection_point, fsa_ids=body.fsa_ids,
+                                             der_id=body.der_id, meter_id=body.meter_id),
                  entity_id=lambda r: r.lfdi, detail=body.model_dump())
     return _edev_json(rec)
+
+
+def _check_store_ids(request: Request, der_id: str | None, meter_id: str | None) -> None:
+    from derms.store.models import DerDevice, Meter
+
+    with request.app.state.sessions() as s:
+        for model, value, field, what in ((DerDevice, der_id, "der_id", "DER device"),
+                                          (Meter, meter_id, "meter_id", "meter")):
+            if value is not None and s.get(model, value) is None:
+                raise Problem(422, f"{field} {value!r}: no such {what} in the store")
 
 
 @router.get("/end-devices")
@@ -172,6 +191,32 @@ def get_der_report(end_device_id: int, report: Literal["availability", "capabili
     xml, t = stored
     return {"end_device_id": end_device_id, "report": report, "received_time": _iso(t),
             "document": document_dict(etree.fromstring(xml))}
+
+
+@router.get("/end-devices/{end_device_id}/mirror-usage-points")
+def list_mirror_usage_points(end_device_id: int, repo: Repo,
+                             _p: Annotated[Principal, Depends(require("read"))]
+                             ) -> dict[str, Any]:
+    """The MirrorUsagePoints posted for the end device and their reading types (the
+    readings themselves are in the historian, source ``ieee2030_5``)."""
+    from derms.protocols.ieee2030_5.mirror_map import target
+
+    if repo.end_device(end_device_id) is None:
+        raise Problem(404, f"unknown end device {end_device_id}")
+    items = []
+    for mup in repo.mirror_usage_points([end_device_id]):
+        readings = []
+        for r in mup.readings:
+            tgt = target(r.reading_type, mup)
+            readings.append({"mrid": r.mrid, "description": r.description,
+                             "uom": r.reading_type.uom, "phase": r.reading_type.phase,
+                             "flow_direction": r.reading_type.flow_direction,
+                             "quantity": tgt.quantity if tgt else None})
+        items.append({"mup_id": mup.mup_id, "mrid": mup.mrid, "role_flags": mup.role_flags,
+                      "site": mup.is_site, "description": mup.description,
+                      "creator_lfdi": mup.creator_lfdi, "post_rate_s": mup.post_rate_s,
+                      "created_time": _iso(mup.created_time), "readings": readings})
+    return {"end_device_id": end_device_id, "items": items}
 
 
 @router.post("/aggregators", status_code=201)

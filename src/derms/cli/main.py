@@ -296,11 +296,14 @@ def serve(
     sep_server = None
     if sep_config is not None:
         from derms.protocols.ieee2030_5 import InMemoryRepository, start_ieee2030_5_server
+        from derms.protocols.ieee2030_5.telemetry import StoreReadingSink
 
         # one repository: the listener serves what the management API (/v1/ieee2030-5) writes
         api.state.ieee2030_5_repo = repo = InMemoryRepository()
         try:
-            sep_server = start_ieee2030_5_server(sep_config, repo)
+            # mirrored readings (MirrorUsagePoints) go into the historian of the API's database
+            sep_server = start_ieee2030_5_server(sep_config, repo,
+                                                 telemetry=StoreReadingSink(api.state.engine))
         except OSError as exc:
             raise InputError(f"--ieee2030-5-port {sep_config.port}: cannot listen on "
                              f"{sep_config.host} ({exc.strerror or exc})") from None

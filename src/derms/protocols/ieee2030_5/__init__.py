@@ -5,7 +5,9 @@ Modules: ``identity`` (LFDI/SFDI), ``certs`` (test PKI), ``tls`` (server context
 parsing, XSD validation), ``model`` / ``repository`` (records and their storage),
 ``mappers`` (records → XML), ``resources`` (errors, paging, media type), ``app`` (routing,
 access rules, what the server publishes, registration), ``client_reports`` (what clients PUT
-and POST: DER capability/settings/status/availability, responses), ``server`` (start it).
+and POST: DER capability/settings/status/availability, responses), ``mirror`` /
+``mirror_map`` (the metering mirror: MirrorUsagePoints and readings → historian quantities),
+``telemetry`` (the reading sink, off the event loop), ``server`` (start it).
 """
 
 from derms.protocols.ieee2030_5.app import SepApp, SepSettings

@@ -23,9 +23,10 @@ that epoch second; ``all`` counts the items after the ``a`` filter.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -35,6 +36,7 @@ from derms.protocols.ieee2030_5 import mappers as m
 from derms.protocols.ieee2030_5.client_reports import ClientReports
 from derms.protocols.ieee2030_5.http11 import Request, Response
 from derms.protocols.ieee2030_5.identity import sfdi_from_lfdi
+from derms.protocols.ieee2030_5.mirror import MirrorUsagePoints
 from derms.protocols.ieee2030_5.model import ControlRecord, EndDeviceRecord
 from derms.protocols.ieee2030_5.repository import SepRepository
 from derms.protocols.ieee2030_5.resources import (
@@ -45,6 +47,7 @@ from derms.protocols.ieee2030_5.resources import (
 )
 from derms.protocols.ieee2030_5.resources import xml_response as _xml
 from derms.protocols.ieee2030_5.sep_xml import SepDocumentError, child_text, parse
+from derms.protocols.ieee2030_5.telemetry import ReadingSink
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +79,56 @@ _ROUTES: list[tuple[re.Pattern[str], str]] = [
         (r"/edev/(\d+)/der", "der_list"), (r"/edev/(\d+)/der/(\d+)", "der"),
         *((rf"/edev/(\d+)/der/(\d+)/{kind}", f"der_{kind}") for kind in m.DER_PARTS),
         (r"/rsps/1/rsp", "responses"), (r"/rsps/1/rsp/(\d+)", "response"),
+        (r"/mup", "mup_list"), (r"/mup/(\d+)", "mup"),
     ]
 ]
-_POSTABLE = {"edev_list", "responses"}
+#: resource → its POST handler
+_POSTABLE = {"edev_list": "_post_edev", "responses": "_post_response",
+             "mup_list": "_post_mup_list", "mup": "_post_mup"}
 _PUTTABLE = {f"der_{kind}" for kind in m.DER_PARTS}
+_LIST_CACHE_MAX = 100_000  # rendered DERControlLists kept (cleared when full)
 
 
 
-class SepApp(ClientReports):
-    """Handles one request: ``SepApp(repo, settings)(request) -> Response``."""
+class SepApp(ClientReports, MirrorUsagePoints):
+    """Handles one request: ``SepApp(repo, settings)(request) -> Response``, or an
+    awaitable of it when the request writes to the database (the listener awaits it; the
+    write itself runs in a worker thread). ``telemetry``: where mirrored readings go
+    (None: validated, then dropped)."""
 
     def __init__(self, repo: SepRepository, settings: SepSettings | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 telemetry: ReadingSink | None = None) -> None:
         self.repo = repo
         self.settings = settings or SepSettings()
         self.paths = m.Paths(self.settings.prefix)
         self._clock = clock
+        self.telemetry = telemetry
+        #: (list href, page) → (repository version, valid until epoch s, rendered response)
+        self._list_cache: dict[tuple, tuple[int, int, Response]] = {}
 
-    def __call__(self, request: Request) -> Response:
+    def __call__(self, request: Request) -> Response | Awaitable[Response]:
         try:
             response = self._dispatch(request)
         except HttpError as exc:
-            response = error_response(exc)
-            if exc.status >= 400:
-                log.info("event=ieee2030_5_rejected method=%s path=%s status=%d lfdi=%s "
-                         "detail=%r", request.method, request.path, exc.status,
-                         request.client.lfdi, str(exc))
+            return self._rejected(request, exc)
+        if inspect.isawaitable(response):
+            return self._finish(request, response)
         return response
+
+    async def _finish(self, request: Request, pending: Awaitable[Response]) -> Response:
+        try:
+            return await pending
+        except HttpError as exc:
+            return self._rejected(request, exc)
+
+    @staticmethod
+    def _rejected(request: Request, exc: HttpError) -> Response:
+        if exc.status >= 400:
+            log.info("event=ieee2030_5_rejected method=%s path=%s status=%d lfdi=%s "
+                     "detail=%r", request.method, request.path, exc.status,
+                     request.client.lfdi, str(exc))
+        return error_response(exc)
 
     def _dispatch(self, request: Request) -> Response:
         prefix = self.paths.prefix
@@ -119,8 +145,7 @@ class SepApp(ClientReports):
         allow = ("GET, POST" if name in _POSTABLE else "GET, PUT" if name in _PUTTABLE
                  else "GET")
         if request.method == "POST" and name in _POSTABLE:
-            return self._post_edev(request) if name == "edev_list" else \
-                self._post_response(request)
+            return getattr(self, _POSTABLE[name])(request, *ids)
         if request.method == "PUT" and name in _PUTTABLE:
             return self._put_der_part(request, *ids, name.removeprefix("der_"))
         if request.method != "GET":
@@ -157,9 +182,7 @@ class SepApp(ClientReports):
         time descending, then mRID descending."""
         rec = self.repo.end_device(edev_id)
         nmi = rec.nmi if rec is not None else None
-        controls = [c for c in self.repo.controls(program_id)
-                    if (c.edev_id is None or c.edev_id == edev_id)
-                    and (c.connection_point is None or c.connection_point == nmi)]
+        controls = self.repo.device_controls(program_id, edev_id, nmi)
         controls.sort(key=lambda c: c.mrid, reverse=True)
         controls.sort(key=lambda c: c.creation_time, reverse=True)
         controls.sort(key=lambda c: c.start)
@@ -179,7 +202,8 @@ class SepApp(ClientReports):
     # --- resources -------------------------------------------------------------------------------
     def _get_dcap(self, request: Request) -> Response:
         count = len(self.repo.end_devices_visible_to(request.client.lfdi))
-        return _xml(m.device_capability(self.paths, count, self.settings.dcap_poll_rate_s))
+        return _xml(m.device_capability(self.paths, count, self.settings.dcap_poll_rate_s,
+                                        mup_count=len(self._visible_mups(request))))
 
     def _get_tm(self, request: Request) -> Response:
         return _xml(m.time_resource(self.paths, self._clock(), self.settings.dcap_poll_rate_s))
@@ -241,10 +265,20 @@ class SepApp(ClientReports):
 
     def _control_list(self, request: Request, edev_id: int, program_id: int, href: str,
                       active_only: bool) -> Response:
+        """A device's (Active)DERControlList. What devices poll most: the rendered answer
+        is cached per list and page until the repository changes or the clock reaches the
+        next start or end of one of the device's events (access is checked every time)."""
         self._program(request, edev_id, program_id)
         page = page_of(request.query)
+        version = self.repo.version  # before reading: a change meanwhile misses the cache
         now = self._clock()
-        controls = self._current(self._device_controls(program_id, edev_id))
+        now_s = m.epoch(now)
+        key = (href, page)
+        hit = self._list_cache.get(key)
+        if hit is not None and hit[0] == version and now_s < hit[1]:
+            return hit[2]
+        everything = self._device_controls(program_id, edev_id)
+        controls = self._current(everything)
         if active_only:
             controls = [c for c in controls if m.control_status(c, now) == m.ACTIVE]
         if page.after is not None:
@@ -252,7 +286,13 @@ class SepApp(ClientReports):
         items = [m.der_control(self.paths.control(edev_id, program_id, c.control_id), c, now,
                                self.paths.responses)
                  for c in controls[page.start:page.start + page.limit]]
-        return _xml(m.der_control_list(href, items, len(controls)))
+        response = _xml(m.der_control_list(href, items, len(controls)))
+        edges = [t for c in everything for t in (m.epoch(c.start), m.epoch(c.start) + c.duration_s)
+                 if t > now_s]
+        if len(self._list_cache) >= _LIST_CACHE_MAX:
+            self._list_cache.clear()
+        self._list_cache[key] = (version, min(edges, default=2**62), response)
+        return response
 
     def _get_controls(self, request: Request, edev_id: int, program_id: int) -> Response:
         return self._control_list(request, edev_id, program_id,

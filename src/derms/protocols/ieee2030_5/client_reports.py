@@ -8,6 +8,7 @@ A mixin of :class:`~derms.protocols.ieee2030_5.app.SepApp` (it uses the app's ``
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 from derms.protocols.ieee2030_5 import mappers as m
@@ -21,11 +22,14 @@ from derms.protocols.ieee2030_5.resources import (
 from derms.protocols.ieee2030_5.resources import xml_response as _xml
 from derms.protocols.ieee2030_5.sep_xml import (
     MEDIA_TYPE,
+    NS,
     SepDocumentError,
     child_text,
     parse,
     to_bytes,
 )
+from derms.protocols.ieee2030_5.telemetry import SOURCE
+from derms.store.timeseries import Quality, ReadingRow
 
 DER_ID = 1  # one DER per EndDevice (CSIP: the site's DER, aggregated)
 
@@ -55,18 +59,32 @@ class ClientReports:
             raise HttpError(404)
         return Response(200, stored[0], MEDIA_TYPE)  # validated and given its href at PUT
 
-    def _put_der_part(self, request: Request, edev_id: int, der_id: int, kind: str) -> Response:
+    def _put_der_part(self, request: Request, edev_id: int, der_id: int, kind: str
+                      ) -> Response | Awaitable[Response]:
         """PUT DERCapability / DERSettings / DERStatus / DERAvailability (§10.10.4): the
-        device (or its aggregator) reports; validated, then stored; 204."""
-        self._der(request, edev_id, der_id)
+        device (or its aggregator) reports; validated, then stored; 204. A DERStatus's
+        ``stateOfChargeStatus`` (hundredths of a percent at its ``dateTime``) also becomes a
+        ``soc_frac`` reading of the end device's ``der_id`` (when it has one)."""
+        rec = self._der(request, edev_id, der_id)
         require_sep_xml(request)
         try:
             doc = parse(request.body, m.DER_PARTS[kind])
         except SepDocumentError as exc:
             raise HttpError(400, 0, str(exc)) from None
+        soc = doc.find(f"{{{NS}}}stateOfChargeStatus") if kind == "ders" else None
+        row = None
+        if soc is not None and rec.der_id is not None:
+            try:
+                t = datetime.fromtimestamp(int(child_text(soc, "dateTime")), UTC)
+            except (OverflowError, OSError, ValueError):
+                raise HttpError(400, 1, "stateOfChargeStatus dateTime out of range") from None
+            value = int(child_text(soc, "value")) / 10_000
+            row = ReadingRow("soc_frac", t, value, der_id=rec.der_id, source=SOURCE,
+                             quality=0 if 0 <= value <= 1 else int(Quality.OUT_OF_RANGE))
         self.repo.put_der_document(edev_id, kind, to_bytes(
             m.with_href(doc, self.paths.der_part(edev_id, der_id, kind))))
-        return Response(204)
+        done = Response(204)
+        return done if row is None else self._write_rows(request, [row], done)
 
     # --- responses to events (§8.10.3) ------------------------------------------------------------
     def _get_responses(self, request: Request) -> Response:

@@ -15,6 +15,9 @@ with a certificate from another CA, or an expired one, saw only an EOF. Here the
 output is flushed first, so the client gets the TLS alert (unknown_ca, certificate_expired,
 …) as the standard's peers expect, before any HTTP is exchanged.
 
+The handler runs on the event loop and must not block; one with blocking work returns an
+awaitable (see ``Handler``), which is awaited before the response is sent.
+
 Limits: bodies above ``max_body_bytes`` get 413 and the connection is closed; an idle
 keep-alive connection is closed after ``idle_timeout_s``; a handler exception becomes a bare
 500 (logged, no stack trace on the wire).
@@ -24,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -60,7 +64,9 @@ class Response:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
 
-Handler = Callable[[Request], Response]
+#: called on the event loop: it must not block; a handler that has blocking work (a database
+#: write) returns an awaitable that runs it off the loop (``asyncio.to_thread``)
+Handler = Callable[[Request], Response | Awaitable[Response]]
 
 
 class _Close(Exception):
@@ -249,6 +255,8 @@ class Http11TlsServer:
                           headers=headers, body=bytes(body), client=client)
         try:
             response = self._handler(request)
+            if inspect.isawaitable(response):
+                response = await response
         except Exception:  # noqa: BLE001 - answer 500 without a trace on the wire
             log.exception("event=ieee2030_5_handler_error method=%s path=%s lfdi=%s",
                           request.method, request.path, client.lfdi)

@@ -57,6 +57,9 @@ class Paths:
     @property
     def responses(self) -> str: return f"{self.prefix}/rsps/1/rsp"  # one ResponseSet
     def response(self, r: int) -> str: return f"{self.responses}/{r}"
+    @property
+    def mup_list(self) -> str: return f"{self.prefix}/mup"
+    def mup(self, m: int) -> str: return f"{self.mup_list}/{m}"
 
 
 #: DER sub-resources a client PUTs: path segment → root element (IEEE 2030.5 §10.10.4).
@@ -100,10 +103,14 @@ def _list(tag: str, href: str, items: list[etree._Element], all_count: int,
     return el
 
 
-def device_capability(paths: Paths, edev_count: int, poll_rate_s: int) -> etree._Element:
+def device_capability(paths: Paths, edev_count: int, poll_rate_s: int,
+                      mup_count: int | None = None) -> etree._Element:
+    """DeviceCapability; with ``mup_count`` it links the MirrorUsagePointList."""
     return E("DeviceCapability",
              E("TimeLink", href=paths.tm),
              E("EndDeviceListLink", href=paths.edev_list, all=edev_count),
+             E("MirrorUsagePointListLink", href=paths.mup_list, all=mup_count)
+             if mup_count is not None else None,
              href=paths.dcap, pollRate=poll_rate_s)
 
 

@@ -31,6 +31,11 @@ class EndDeviceRecord:
     owner_lfdi: str | None = None  # the aggregator that registered it, if any
     nmi: str | None = None  # CSIP-AUS connection point id
     fsa_ids: tuple[int, ...] = ()
+    #: where its mirrored telemetry is stored (derms.store ids): a DER device's readings
+    #: under ``der_id``; the site meter's (premises aggregation point) under ``meter_id``,
+    #: or under the connection point id when ``meter_id`` is not given
+    der_id: str | None = None
+    meter_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,3 +137,59 @@ class ResponseRecord:
     status: int | None
     created_time: datetime | None  # as the client says
     received_time: datetime  # when the server stored it
+
+
+@dataclass(frozen=True)
+class ReadingTypeRecord:
+    """The IEEE 2030.5 ReadingType fields that say what a mirrored value is (codes as the
+    standard's enumerations; None: not given)."""
+
+    uom: int | None = None  # UomType: 38 W, 63 var, 29 V, 72 Wh, 33 Hz, 61 VA, 5 A, …
+    power_of_ten_multiplier: int = 0
+    flow_direction: int = 0  # 0 n/a, 1 forward (delivered to the customer), 19 reverse
+    phase: int = 0  # PhaseCode: 0 n/a, 128 A, 129 AN, 64 B, 65 BN, 32 C, 33 CN, 224 ABC, …
+    kind: int | None = None  # KindType: 37 power, 12 energy, …
+    accumulation_behaviour: int | None = None  # 9 summation, 4 delta, 12 instantaneous, …
+    data_qualifier: int | None = None  # 2 average, 12 normal, …
+    xml: bytes = field(default=b"", compare=False)  # the ReadingType as the client sent it
+
+
+@dataclass(frozen=True)
+class MirrorReadingRecord:
+    """A MirrorMeterReading a client registered: its mRID names the reading type in later
+    POSTs (IEEE 2030.5 §10.11.3)."""
+
+    mrid: str
+    description: str
+    reading_type: ReadingTypeRecord
+
+
+@dataclass(frozen=True)
+class MirrorUsagePointRecord:
+    """A MirrorUsagePoint created by a client's POST (IEEE 2030.5 §10.11): the readings of
+    ``edev_id`` (the end device whose LFDI is the MUP's ``deviceLFDI``), posted by
+    ``creator_lfdi`` (the device itself or its aggregator)."""
+
+    mup_id: int
+    mrid: str
+    edev_id: int
+    device_lfdi: str
+    creator_lfdi: str
+    role_flags: int
+    service_category_kind: int
+    status: int
+    description: str = ""
+    post_rate_s: int | None = None
+    readings: tuple[MirrorReadingRecord, ...] = ()
+    created_time: datetime | None = None
+
+    #: RoleFlagsType bits (IEEE 2030.5)
+    IS_MIRROR, IS_PREMISES_AGGREGATION_POINT, IS_PEV, IS_DER = 0x01, 0x02, 0x04, 0x08
+
+    @property
+    def is_site(self) -> bool:
+        """The premises aggregation point: the site's meter at its connection point."""
+        return bool(self.role_flags & self.IS_PREMISES_AGGREGATION_POINT)
+
+    def reading(self, mrid: str) -> MirrorReadingRecord | None:
+        return next((r for r in self.readings if r.mrid == mrid), None)

@@ -21,6 +21,8 @@ from derms.protocols.ieee2030_5.model import (
     DerLimits,
     EndDeviceRecord,
     FsaRecord,
+    MirrorReadingRecord,
+    MirrorUsagePointRecord,
     ProgramRecord,
     ResponseRecord,
     new_mrid,
@@ -34,12 +36,16 @@ class SepRepository(Protocol):
     def end_device_by_lfdi(self, lfdi: str) -> EndDeviceRecord | None: ...
     def end_devices_visible_to(self, lfdi: str) -> list[EndDeviceRecord]: ...
     def add_end_device(self, lfdi: str, *, pin: int | None = None, owner_lfdi: str | None = None,
-                       nmi: str | None = None, fsa_ids: Sequence[int] = ()) -> EndDeviceRecord: ...
+                       nmi: str | None = None, fsa_ids: Sequence[int] = (),
+                       der_id: str | None = None, meter_id: str | None = None
+                       ) -> EndDeviceRecord: ...
     def touch_end_device(self, edev_id: int, changed_time: datetime) -> EndDeviceRecord: ...
     def is_aggregator(self, lfdi: str) -> bool: ...
     def fsa(self, fsa_id: int) -> FsaRecord | None: ...
     def program(self, program_id: int) -> ProgramRecord | None: ...
     def controls(self, program_id: int) -> list[ControlRecord]: ...
+    def device_controls(self, program_id: int, edev_id: int, nmi: str | None
+                        ) -> list[ControlRecord]: ...
     def default_control(self, program_id: int) -> DefaultControlRecord | None: ...
     def put_der_document(self, edev_id: int, kind: str, xml: bytes) -> bool: ...
     def der_document(self, edev_id: int, kind: str) -> tuple[bytes, datetime] | None: ...
@@ -49,6 +55,15 @@ class SepRepository(Protocol):
     def response(self, response_id: int) -> ResponseRecord | None: ...
     def responses(self, *, control_id: int | None = None,
                   edev_ids: Sequence[int] | None = None) -> list[ResponseRecord]: ...
+    def add_mirror_usage_point(self, rec: MirrorUsagePointRecord
+                               ) -> tuple[MirrorUsagePointRecord, bool]: ...
+    def mirror_usage_point(self, mup_id: int) -> MirrorUsagePointRecord | None: ...
+    def mirror_usage_points(self, edev_ids: Sequence[int] | None = None
+                            ) -> list[MirrorUsagePointRecord]: ...
+    def add_mirror_readings(self, mup_id: int, readings: Sequence[MirrorReadingRecord]
+                            ) -> MirrorUsagePointRecord: ...
+    @property
+    def version(self) -> int: ...
 
 
 class SepAdminRepository(SepRepository, Protocol):
@@ -122,10 +137,27 @@ class InMemoryRepository:
         self._controls: dict[int, ControlRecord] = {}
         self._defaults: dict[int, DefaultControlRecord] = {}
         self._control_mrids: dict[str, int] = {}
+        #: control ids by audience: (program, "all", None), (program, "edev", id),
+        #: (program, "cp", connection point)
+        self._audience: dict[tuple[int, str, object], list[int]] = {}
         self._der_docs: dict[tuple[int, str], tuple[bytes, datetime]] = {}
         self._responses: dict[int, ResponseRecord] = {}
         self._response_keys: dict[tuple[int, int, int | None], int] = {}
-        self._next = {"edev": 1, "fsa": 1, "program": 1, "control": 1, "response": 1}
+        self._mups: dict[int, MirrorUsagePointRecord] = {}
+        self._mup_mrids: dict[str, int] = {}
+        self._next = {"edev": 1, "fsa": 1, "program": 1, "control": 1, "response": 1,
+                      "mup": 1}
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Grows with every change of what the server publishes (end devices, function
+        sets, programs, controls, default controls): rendered documents may be cached until
+        it changes."""
+        return self._version
+
+    def _changed(self) -> None:  # call with the lock held
+        self._version += 1
 
     def _id(self, kind: str) -> int:
         value = self._next[kind]
@@ -150,8 +182,12 @@ class InMemoryRepository:
                            if e.lfdi == lfdi or e.owner_lfdi == lfdi), key=lambda e: e.edev_id)
 
     def add_end_device(self, lfdi: str, *, pin: int | None = None, owner_lfdi: str | None = None,
-                       nmi: str | None = None, fsa_ids: Sequence[int] = ()) -> EndDeviceRecord:
-        """Pre-register (operator) or register (client) an end device; one per LFDI."""
+                       nmi: str | None = None, fsa_ids: Sequence[int] = (),
+                       der_id: str | None = None, meter_id: str | None = None
+                       ) -> EndDeviceRecord:
+        """Pre-register (operator) or register (client) an end device; one per LFDI.
+        ``der_id`` / ``meter_id``: the derms.store DER device / meter its mirrored
+        telemetry is stored under (see :class:`EndDeviceRecord`)."""
         lfdi = _norm(lfdi)
         owner = _norm(owner_lfdi) if owner_lfdi else None
         if owner == lfdi:
@@ -160,6 +196,9 @@ class InMemoryRepository:
             raise ValueError(f"connection point id {nmi!r}: expected 1..32 characters")
         if pin is not None and not 0 <= pin <= 2**32 - 1:
             raise ValueError(f"PIN {pin}: expected 0 .. 2^32-1")
+        for name, value in (("der_id", der_id), ("meter_id", meter_id)):
+            if value is not None and not 0 < len(value) <= 64:
+                raise ValueError(f"{name} {value!r}: expected 1..64 characters")
         now = datetime.now(UTC).replace(microsecond=0)
         with self._lock:
             if any(e.lfdi == lfdi for e in self._edevs.values()):
@@ -170,8 +209,10 @@ class InMemoryRepository:
             rec = EndDeviceRecord(edev_id=self._id("edev"), lfdi=lfdi, sfdi=sfdi_from_lfdi(lfdi),
                                   changed_time=now, pin=pin,
                                   registered_time=now if pin is not None else None,
-                                  owner_lfdi=owner, nmi=nmi, fsa_ids=tuple(fsa_ids))
+                                  owner_lfdi=owner, nmi=nmi, fsa_ids=tuple(fsa_ids),
+                                  der_id=der_id, meter_id=meter_id)
             self._edevs[rec.edev_id] = rec
+            self._changed()
             if owner is not None:  # the client that owns registered devices is an aggregator
                 self._aggregators.add(owner)
             return rec
@@ -190,6 +231,7 @@ class InMemoryRepository:
         with self._lock:
             rec = dataclasses.replace(self._edevs[edev_id], changed_time=changed_time)
             self._edevs[edev_id] = rec
+            self._changed()
             return rec
 
     def add_aggregator(self, lfdi: str) -> None:
@@ -214,6 +256,7 @@ class InMemoryRepository:
             rec = self._edevs[edev_id]
             if fsa_id not in rec.fsa_ids:
                 self._edevs[edev_id] = dataclasses.replace(rec, fsa_ids=(*rec.fsa_ids, fsa_id))
+                self._changed()
 
     # --- function sets, programs, controls ------------------------------------------------------
     def add_fsa(self, description: str, program_ids: Sequence[int] = ()) -> FsaRecord:
@@ -223,6 +266,7 @@ class InMemoryRepository:
                 raise ValueError(f"DER program {missing[0]}: unknown")
             rec = FsaRecord(self._id("fsa"), new_mrid(self._pen), description, tuple(program_ids))
             self._fsas[rec.fsa_id] = rec
+            self._changed()
             return rec
 
     def fsa(self, fsa_id: int) -> FsaRecord | None:
@@ -239,6 +283,7 @@ class InMemoryRepository:
         with self._lock:
             rec = ProgramRecord(self._id("program"), new_mrid(self._pen), description, primacy)
             self._programs[rec.program_id] = rec
+            self._changed()
             return rec
 
     def program(self, program_id: int) -> ProgramRecord | None:
@@ -299,6 +344,12 @@ class InMemoryRepository:
             for mrid, rec in new.items():
                 self._controls[rec.control_id] = rec
                 self._control_mrids[mrid] = rec.control_id
+                key = ((rec.program_id, "edev", rec.edev_id) if rec.edev_id is not None else
+                       (rec.program_id, "cp", rec.connection_point)
+                       if rec.connection_point is not None else (rec.program_id, "all", None))
+                self._audience.setdefault(key, []).append(rec.control_id)
+            if new:
+                self._changed()
             return out
 
     def control(self, control_id: int) -> ControlRecord | None:
@@ -315,11 +366,22 @@ class InMemoryRepository:
                 rec = dataclasses.replace(rec, cancelled_time=datetime.now(UTC).replace(
                     microsecond=0), version=(rec.version + 1) % 65536)
                 self._controls[control_id] = rec
+                self._changed()
             return rec
 
     def controls(self, program_id: int) -> list[ControlRecord]:
         with self._lock:
             return [c for c in self._controls.values() if c.program_id == program_id]
+
+    def device_controls(self, program_id: int, edev_id: int, nmi: str | None
+                        ) -> list[ControlRecord]:
+        """The program's controls an end device sees: program-wide ones, its own and its
+        connection point's (by index, not by scanning every control)."""
+        keys = [(program_id, "all", None), (program_id, "edev", edev_id)]
+        if nmi is not None:
+            keys.append((program_id, "cp", nmi))
+        with self._lock:
+            return [self._controls[i] for k in keys for i in self._audience.get(k, ())]
 
     def set_default_control(self, program_id: int, limits: DerLimits, *,
                             description: str = "", set_grad_w: int | None = None
@@ -333,6 +395,7 @@ class InMemoryRepository:
                                        version=(old.version + 1) % 65536 if old else 0,
                                        set_grad_w=set_grad_w)
             self._defaults[program_id] = rec
+            self._changed()
             return rec
 
     def default_control(self, program_id: int) -> DefaultControlRecord | None:
@@ -391,3 +454,68 @@ class InMemoryRepository:
             return [r for r in self._responses.values()
                     if (control_id is None or r.control_id == control_id)
                     and (wanted is None or r.edev_id in wanted)]
+
+    # --- metering mirror (§10.11) ------------------------------------------------------------------
+    def add_mirror_usage_point(self, rec: MirrorUsagePointRecord
+                               ) -> tuple[MirrorUsagePointRecord, bool]:
+        """Store a MirrorUsagePoint a client POSTed (``rec.mup_id`` is ignored; one is
+        assigned): ``(stored, created)``. The same mRID again from the same creator and for
+        the same end device updates it (new MirrorMeterReadings added, ``created`` False);
+        from another client it is a PermissionError (IEEE 2030.5-2023 §10.11.3 rule e);
+        a known reading mRID with another ReadingType is a ValueError."""
+        with self._lock:
+            if rec.edev_id not in self._edevs:
+                raise ValueError(f"end device {rec.edev_id}: unknown")
+            old_id = self._mup_mrids.get(rec.mrid)
+            if old_id is None:
+                new = dataclasses.replace(rec, mup_id=self._id("mup"),
+                                          created_time=datetime.now(UTC).replace(microsecond=0))
+                self._mups[new.mup_id] = new
+                self._mup_mrids[new.mrid] = new.mup_id
+                return new, True
+            old = self._mups[old_id]
+            if old.creator_lfdi != rec.creator_lfdi or old.edev_id != rec.edev_id:
+                raise PermissionError(f"MirrorUsagePoint {rec.mrid}: created by another "
+                                      "client")
+            merged = self._merge_readings(old, rec.readings)
+            merged = dataclasses.replace(merged, post_rate_s=rec.post_rate_s or old.post_rate_s,
+                                         description=rec.description or old.description,
+                                         status=rec.status, role_flags=rec.role_flags)
+            self._mups[old_id] = merged
+            return merged, False
+
+    @staticmethod
+    def _merge_readings(mup: MirrorUsagePointRecord, readings: Sequence[MirrorReadingRecord]
+                        ) -> MirrorUsagePointRecord:
+        known = {r.mrid: r for r in mup.readings}
+        added = []
+        for r in readings:
+            old = known.get(r.mrid) or next((a for a in added if a.mrid == r.mrid), None)
+            if old is None:
+                added.append(r)
+            elif old.reading_type != r.reading_type:
+                raise ValueError(f"MirrorMeterReading {r.mrid}: its ReadingType cannot "
+                                 "change")
+        return dataclasses.replace(mup, readings=(*mup.readings, *added)) if added else mup
+
+    def add_mirror_readings(self, mup_id: int, readings: Sequence[MirrorReadingRecord]
+                            ) -> MirrorUsagePointRecord:
+        """Register further MirrorMeterReadings (with their ReadingType) on a MUP."""
+        with self._lock:
+            mup = self._mups.get(mup_id)
+            if mup is None:
+                raise KeyError(f"MirrorUsagePoint {mup_id}: unknown")
+            mup = self._merge_readings(mup, readings)
+            self._mups[mup_id] = mup
+            return mup
+
+    def mirror_usage_point(self, mup_id: int) -> MirrorUsagePointRecord | None:
+        with self._lock:
+            return self._mups.get(mup_id)
+
+    def mirror_usage_points(self, edev_ids: Sequence[int] | None = None
+                            ) -> list[MirrorUsagePointRecord]:
+        """MirrorUsagePoints by id, optionally only those of some end devices."""
+        wanted = None if edev_ids is None else set(edev_ids)
+        with self._lock:
+            return [m for m in self._mups.values() if wanted is None or m.edev_id in wanted]

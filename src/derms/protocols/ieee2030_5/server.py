@@ -8,6 +8,7 @@ from pathlib import Path
 from derms.protocols.ieee2030_5.app import SepApp, SepSettings
 from derms.protocols.ieee2030_5.http11 import Http11TlsServer, ServerThread
 from derms.protocols.ieee2030_5.repository import SepRepository
+from derms.protocols.ieee2030_5.telemetry import ReadingSink
 from derms.protocols.ieee2030_5.tls import server_ssl_context
 
 
@@ -25,11 +26,14 @@ class Ieee2030_5Config:  # noqa: N801 - the standard's name
     settings: SepSettings = field(default_factory=SepSettings)
 
 
-def start_ieee2030_5_server(config: Ieee2030_5Config, repo: SepRepository) -> ServerThread:
+def start_ieee2030_5_server(config: Ieee2030_5Config, repo: SepRepository,
+                            telemetry: ReadingSink | None = None) -> ServerThread:
     """Start listening in a background thread; returns the running server (``.port``,
-    ``.stop()``)."""
+    ``.stop()``). ``telemetry``: where mirrored readings (and DER state of charge) are
+    stored, e.g. a :class:`~derms.protocols.ieee2030_5.telemetry.StoreReadingSink`."""
     ctx = server_ssl_context(config.cert, config.key, config.client_ca)
-    server = Http11TlsServer(SepApp(repo, config.settings), ctx, config.host, config.port,
+    server = Http11TlsServer(SepApp(repo, config.settings, telemetry=telemetry), ctx,
+                             config.host, config.port,
                              max_body_bytes=config.max_body_bytes)
     thread = ServerThread(server)
     try:
