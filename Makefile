@@ -42,6 +42,11 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_forecast.py all
 	$(BIN)/python bench/bench_constraint_forecast.py --start 2012-06-01 --days 30
 	$(BIN)/python bench/bench_dispatch.py --repeats 3 --days 3
+	$(BIN)/python bench/bench_hosting_capacity.py
+	$(BIN)/python bench/bench_hosting_capacity.py --feeders ieee8500 --kinds pv --method fast-groups --sample 120
+	$(BIN)/python bench/bench_envelopes.py
+	$(BIN)/python bench/bench_interconnection.py
+	$(BIN)/python bench/bench_ieee2030_5.py --clients 1000 --seconds 120
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
