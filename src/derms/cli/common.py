@@ -6,7 +6,7 @@ import contextlib
 import functools
 import shutil
 import tempfile
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +44,15 @@ def handle_errors(func):
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+def parse_start(text: str) -> datetime:
+    """``--start``: ISO 8601 date or datetime -> aware UTC (UTC when no zone is given)."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"--start {text!r}: expected an ISO 8601 date or datetime") from None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def parse_step(text: str) -> timedelta:

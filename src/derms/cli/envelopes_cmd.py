@@ -5,7 +5,6 @@ Registered in main.py as ``app.command(name="envelopes")(envelopes_cmd.envelopes
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +19,7 @@ from derms.cli.common import (
     handle_errors,
     out_console,
     output_folder,
+    parse_start,
     parse_step,
     refuse_non_empty,
     stage_progress,
@@ -27,14 +27,6 @@ from derms.cli.common import (
 from derms.errors import InputError
 
 POLICIES = ("equal", "proportional", "max_total")
-
-
-def _start(text: str) -> datetime:
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"--start {text!r}: expected an ISO 8601 date or datetime") from None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def pick_loads(spec: str, names: list[str], seed: int) -> list[str] | None:
@@ -132,7 +124,7 @@ def envelopes(
     user = read_profiles_csv(profiles) if profiles is not None else None
     if user is not None:
         dt, hours = user.step, user.n_steps * user.step.total_seconds() / 3600
-    cfg = StudyConfig(days=hours / 24, step=dt, start=user.start if user else _start(start),
+    cfg = StudyConfig(days=hours / 24, step=dt, start=user.start if user else parse_start(start),
                       seed=seed, profiles=user, max_iterations=max_iterations)
     limits = Limits.ansi_range_a(reverse_power_kw=0.0 if reverse_flow else None) \
         if rng == "A" else Limits.ansi_range_b(reverse_power_kw=0.0 if reverse_flow else None)

@@ -173,24 +173,17 @@ def hosting_capacity(
 def _over_time(path, out, force, kinds, method, bus_list, criteria, mode, start, days, step,
                seed, max_iterations) -> None:
     """``--over-time``: the snapshot method at chosen intervals of a horizon."""
-    from datetime import UTC, datetime
-
     import pandas as pd
 
     from derms.analysis.hosting_capacity import resolve_sites
     from derms.analysis.hosting_series import hosting_capacity_over_time, pick_steps
-    from derms.cli.common import parse_step, stage_progress
+    from derms.cli.common import parse_start, parse_step, stage_progress
     from derms.grid.opendss_import import read_feeder
     from derms.powerflow.engine import OpenDSSEngine, SolveSettings
     from derms.reports.hosting_html import HostingReport, write_hosting_outputs
     from derms.studies.qsts_study import StudyConfig, study_profiles
 
-    try:
-        t0 = datetime.fromisoformat(start)
-    except ValueError:
-        raise InputError(f"--start {start!r}: expected an ISO 8601 date or datetime") from None
-    t0 = t0.replace(tzinfo=UTC) if t0.tzinfo is None else t0.astimezone(UTC)
-    cfg = StudyConfig(days=days, step=parse_step(step), start=t0, seed=seed)
+    cfg = StudyConfig(days=days, step=parse_step(step), start=parse_start(start), seed=seed)
     results, frames = {}, []
     with OpenDSSEngine(path, SolveSettings(max_iterations=max_iterations)) as engine:
         engine.solve_snapshot()

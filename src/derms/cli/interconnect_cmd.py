@@ -5,7 +5,7 @@ Registered in main.py as ``app.command(name="interconnect")(interconnect_cmd.int
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 
 import numpy as np
@@ -19,6 +19,7 @@ from derms.cli.common import (
     handle_errors,
     out_console,
     output_folder,
+    parse_start,
     refuse_non_empty,
     stage_progress,
 )
@@ -55,11 +56,7 @@ def interconnect(
         raise InputError(f"--kw {kw}: the device size must be positive")
     if not 0 < days <= 366:
         raise InputError(f"--days {days}: must be in (0, 366]")
-    try:
-        t0 = datetime.fromisoformat(start)
-    except ValueError:
-        raise InputError(f"--start {start!r}: expected an ISO 8601 date or datetime") from None
-    t0 = t0.replace(tzinfo=UTC) if t0.tzinfo is None else t0.astimezone(UTC)
+    t0 = parse_start(start)
     refuse_non_empty(out, force)
     from derms.analysis.hosting_capacity import resolve_sites
     from derms.analysis.interconnection import curtailment_reference, flexible_connection

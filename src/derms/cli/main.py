@@ -6,7 +6,7 @@ Every :class:`~derms.errors.DermsError` becomes a one-line message on stderr and
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -36,11 +36,9 @@ app = typer.Typer(
 
 
 def _parse_start(text: str) -> datetime:
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"--start {text!r}: expected an ISO 8601 date or datetime") from None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    from derms.cli.common import parse_start
+
+    return parse_start(text)
 
 
 @app.command()
