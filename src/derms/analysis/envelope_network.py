@@ -138,6 +138,7 @@ class EnvelopeNetwork:
         self._regulated = regulated_transformers(engine)
         self._states: list[ControlState] = []
         self.ref_states: dict[int, ControlState] = {}
+        self.n_solves = 0  # AC solves run (base case and checks)
         c = engine.circuit
         t = self.n_steps
         zeros = np.zeros(t)
@@ -173,6 +174,7 @@ class EnvelopeNetwork:
         for k in range(self.n_steps):
             self._goto(k)
             sol.Solve()
+            self.n_solves += 1
             col.collect(k)
             self._states.append(capture_control_state(eng, self._regulated))
             if on_step is not None:
@@ -243,6 +245,7 @@ class EnvelopeNetwork:
                 restore_control_state(eng, state)
                 self._goto(k)
                 sol.Solve()
+                self.n_solves += 1
                 col.collect(row)
                 if captured is not None:
                     captured[k] = capture_control_state(eng, self._regulated)

@@ -8,27 +8,35 @@ envelope ``I >= 0`` means it may draw up to ``+I`` kW. Envelopes are site values
 total over the connection point's phases (CSIP-AUS publishes site-level
 opModExpLimW/opModImpLimW).
 
-Method, per direction (export, import):
+Method:
 
 1. The forecast base case over the horizon (``Profiles``: every load's forecast, PV...)
-   runs with controls acting; regulator taps and capacitor states of each interval are
-   kept and frozen for that interval's checks (:mod:`derms.analysis.envelope_network`).
-2. One linear model of the feeder (:func:`derms.powerflow.linear.build_linear_model`,
-   at the interval of median feeder-head load) gives the sensitivity of every node
-   voltage and branch current to each connection point's net import, split equally over
-   its phase nodes. With every connection point at its envelope, its change from the
-   forecast is ``s x - p_forecast`` (``s = -1`` export, ``+1`` import), its reactive
-   power ``s x q_per_p - q_forecast``.
-3. Limits per interval (DESIGN "Violation"): ``[v_min - tol, v_max + tol]`` and
+   runs with controls acting; the regulator and capacitor state of each interval is
+   captured (:mod:`derms.analysis.envelope_network`).
+2. The zero-net reference: every connection point at 0 kW, controls acting at every
+   ``act_every``-th interval and held in between (``controls="frozen"``: held at the base
+   case). Its AC result is each row's value at ``x = 0``.
+3. One linear model of the feeder (:func:`derms.powerflow.linear.build_linear_model`,
+   at the interval of median feeder-head load, one column per connection point, its net
+   import split equally over its phase nodes) gives the sensitivity of every node voltage
+   and branch current to the envelopes: with every connection point at its envelope its
+   net import is ``s x`` (``s = -1`` export, ``+1`` import) and its reactive power
+   ``s x q_per_p``.
+4. Limits per interval (DESIGN "Violation"): ``[v_min - tol, v_max + tol]`` and
    ``thermal_pct + tol`` of normal ratings; an element already outside in that
-   interval's base case is held to its base value (pre-existing); reverse power at the
-   head when asked.
-4. The policy allocates the envelopes (:mod:`derms.analysis.envelope_alloc`).
-5. AC check of every interval with every connection point at its envelope; each
-   interval's rows get the AC-minus-linear difference as a correction and are
-   re-allocated, until the AC excess is within ``accept_*`` and the tightest margin within
-   ``refine_*`` (not needlessly conservative), for at most ``max_rounds`` rounds; an
-   interval still in excess is then backed off (x 0.8) until it holds.
+   interval's base case is held to its base value (pre-existing); with ``hold_at_zero``
+   a row already broken at zero net is held to that value + tolerance (an envelope
+   cannot cure it and may not make it worse); reverse power at the head when asked.
+   Export is checked against overvoltage, import against undervoltage, both directions
+   against thermal limits (a current may reverse).
+5. The policy allocates the envelopes (:mod:`derms.analysis.envelope_alloc`).
+6. Per direction, AC check of every interval with every connection point at its
+   envelope (the first check lets controls act at sampled intervals and holds the state
+   they settle on for the later ones); each interval's rows take the AC-minus-linear
+   difference as a correction and are re-allocated, until the AC excess is within
+   ``accept_*`` and the tightest margin within ``refine_*`` (not needlessly
+   conservative), for at most ``max_rounds`` rounds; an interval still in excess is then
+   backed off (x 0.8) until it holds.
 
 The reported AC figures are from the final check of every interval.
 """
@@ -224,18 +232,16 @@ def compute_envelopes(engine: OpenDSSEngine, profiles: Profiles,
     caps = np.array([c.capacity_kw for c in cps])
     out = {d: np.full((n_t, len(cps)), np.nan) for d in DIRECTIONS}
     frames = []
-    solves = 2 * n_t
     for d in crit.directions:
-        x, frame, n_solves = _direction(d, net, lim, ref, model, caps, crit, tick, active)
+        x, frame = _direction(d, net, lim, ref, model, caps, crit, tick, active)
         out[d] = x
         frames.append(frame)
-        solves += n_solves
     intervals = pd.concat(frames, ignore_index=True)
     intervals.insert(1, "timestamp", np.tile(profiles.times, len(frames)))
     notes = (f"linearised at interval {model[1]} (median feeder-head load)",)
     return EnvelopeResult(profiles.times, tuple(cps), out["export"], out["import"],
                           intervals, lim.pre_existing, crit, time.perf_counter() - t0,
-                          solves, net.cp_p_kw.copy(), notes)
+                          net.n_solves, net.cp_p_kw.copy(), notes)
 
 
 # ----------------------------------------------------------------------------- limits
@@ -323,7 +329,7 @@ def _linearise(engine: OpenDSSEngine, net: EnvelopeNetwork, base: HorizonStates,
 def _direction(direction: str, net: EnvelopeNetwork, lim: _Limits, ref: HorizonStates,
                linear: tuple[LinearModel, int], caps: np.ndarray,
                crit: EnvelopeCriteria, tick: Progress, active: np.ndarray | None = None
-               ) -> tuple[np.ndarray, pd.DataFrame, int]:
+               ) -> tuple[np.ndarray, pd.DataFrame]:
     """Envelopes of one direction over the horizon, with their AC check."""
     model, _ = linear
     s = -1.0 if direction == "export" else 1.0
@@ -387,25 +393,21 @@ def _direction(direction: str, net: EnvelopeNetwork, lim: _Limits, ref: HorizonS
     v_exc = np.full(n_t, np.nan)
     th_exc = np.full(n_t, np.nan)
     conv = np.zeros(n_t, dtype=bool)
-    n_solves = 0
 
     held_states: dict = {}  # control state of each step in this direction's checks
 
     def check(steps: np.ndarray, label: str, act: bool = False
               ) -> tuple[np.ndarray, np.ndarray]:
         """AC check of ``steps``; updates corrections and excess; returns (ok, tight)."""
-        nonlocal n_solves
         if act and crit.controls == "acting":  # controls respond at sampled steps
             every = max(1, crit.act_every)
             sampled = steps[steps % every == 0]
             acted: dict = {}
             net.check(s * x, s * qr * x, sampled, controls="acting", captured=acted)
-            n_solves += sampled.size
             for k in steps:
                 held_states[k] = acted.get((k // every) * every, net.ref_states.get(k))
         st = net.check(s * x, s * qr * x, steps, states=held_states,
                        on_step=lambda r: tick(f"{direction}: {label}", r + 1, steps.size))
-        n_solves += steps.size
         v = st.v_pu[:, lim.nodes]
         vbs = vb[steps]
         u_ac = (v**2 - vbs**2) / (2 * vbs)
@@ -468,4 +470,4 @@ def _direction(direction: str, net: EnvelopeNetwork, lim: _Limits, ref: HorizonS
         "held_at_zero_thermal": held_i, "ac_v_excess_pu": v_exc,
         "ac_thermal_excess_pct": th_exc, "ac_converged": conv,
     })
-    return x, frame, n_solves
+    return x, frame

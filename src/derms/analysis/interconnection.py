@@ -167,7 +167,6 @@ def curtailment_reference(engine: OpenDSSEngine, profiles: Profiles, site: Site,
     safe = np.where(rated, norm, 1.0)
     i_max = np.where(i_b / safe * 100 > th, i_b + norm * lim.thermal_tol_pct / 100,
                      norm * th / 100)
-    solves = 2 * n_t
     frames, static = [], {}
     for d in _DIRECTIONS[kind]:
         s = -1.0 if d == "export" else 1.0
@@ -185,20 +184,18 @@ def curtailment_reference(engine: OpenDSSEngine, profiles: Profiles, site: Site,
         allowed = avail.copy()
         run = np.flatnonzero(avail > 0)
         good = ok(avail[run], run)
-        solves += run.size
         bad = run[~good]
         lo, hi = np.zeros(bad.size), avail[bad].copy()
         while bad.size and (hi - lo).max() > tol_kw:
             mid = 0.5 * (lo + hi)
             fine = ok(mid, bad)
-            solves += bad.size
             lo, hi = np.where(fine, mid, lo), np.where(fine, hi, mid)
         allowed[bad] = lo
         frames.append(_frame(d, profiles, avail, allowed))
         static[d] = _static_limit(pu, allowed, p_kw, exact=avail)
     return InterconnectionResult(site, kind, float(p_kw), profiles.step.total_seconds() / 3600,
                                  pd.concat(frames, ignore_index=True), static, "reference",
-                                 time.perf_counter() - t0, solves)
+                                 time.perf_counter() - t0, net.n_solves)
 
 
 def _frame(direction: str, profiles: Profiles, avail: np.ndarray,
