@@ -128,7 +128,8 @@ def test_output_folder_rules(tmp_path):
     res = runner.invoke(app, [*args, "--out", str(out), "--force"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["forecasts.csv", "forecasts.parquet",
-                                                     "metrics.json", "report.html"]
+                                                     "manifest.json", "metrics.json",
+                                                     "report.html"]
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     res = runner.invoke(app, [*args, "--out", str(blocker / "out")])

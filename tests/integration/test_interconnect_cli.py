@@ -48,3 +48,28 @@ def test_bad_input_exits_2(tmp_path, args, message):
     code, text = _run("ieee123", "--out", tmp_path / "x", "--days", "1", *args)
     assert code == 2, text
     assert message in text
+
+
+def test_manifest_records_version_command_feeder_hash_and_seed(tmp_path):
+    """Issue 11: every output folder carries manifest.json (docs/data-formats.md)."""
+    import hashlib
+    from pathlib import Path
+
+    out = tmp_path / "m"
+    code, text = _run("ieee13", "--bus", "675", "--kw", "10", "--days", "1", "--seed", "7",
+                      "--out", out)
+    assert code == 0, text
+    man = json.loads((out / "manifest.json").read_text())
+    assert set(man) == {"derms_version", "command", "created_utc", "seed", "feeder",
+                        "inputs", "files"}
+    assert man["seed"] == 7 and man["created_utc"].endswith("Z")
+    assert man["files"] == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
+    master = Path(man["feeder"]["master"])
+    assert man["feeder"]["master_sha256"] == hashlib.sha256(master.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    files = sorted(p for p in master.parent.rglob("*") if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(master.parent)).encode() + b"\0")
+        h.update(p.read_bytes())
+    assert man["feeder"]["folder_sha256"] == h.hexdigest()
+    assert man["feeder"]["n_files"] == len(files)

@@ -73,11 +73,13 @@ def refuse_non_empty(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def output_folder(out: Path, force: bool = False):
+def output_folder(out: Path, force: bool = False, *, feeder: Path | None = None,
+                  seed: int | None = None, inputs: tuple[Path, ...] = ()):
     """Write a command's outputs atomically: yield a temporary sibling folder, then rename.
 
     An existing non-empty ``out`` is refused without ``force`` (InputError → exit 2); an
     unwritable parent is a clear error; on any failure nothing is left half-written.
+    ``manifest.json`` is added (:func:`write_manifest`) unless the command wrote one.
     """
     out = Path(out)
     refuse_non_empty(out, force)
@@ -89,6 +91,8 @@ def output_folder(out: Path, force: bool = False):
         raise InputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     try:
         yield tmp
+        if not (tmp / "manifest.json").exists():
+            write_manifest(tmp, feeder=feeder, seed=seed, inputs=inputs)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -114,3 +118,46 @@ def stage_progress():
             bar.update(tasks[stage], completed=done, total=total)
 
         yield progress
+
+
+def write_manifest(folder: Path, *, feeder: Path | None = None, seed: int | None = None,
+                   inputs: tuple[Path, ...] = ()) -> Path:
+    """``manifest.json``: derms version, command line, creation time (UTC), the feeder's
+    master file and a SHA-256 over every file of its folder, the seed, the SHA-256 of each
+    input file, and the files written (docs/data-formats.md)."""
+    import hashlib
+    import json
+    import shlex
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        derms_version = version("derms")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        derms_version = "unknown"
+
+    def file_hash(path: Path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    doc: dict = {
+        "derms_version": derms_version,
+        "command": shlex.join(["derms", *sys.argv[1:]]),
+        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seed": seed,
+        "feeder": None,
+        "inputs": [{"path": str(Path(p).resolve()), "sha256": file_hash(p)} for p in inputs],
+        "files": sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")
+                        if p.is_file()),
+    }
+    if feeder is not None:
+        master = Path(feeder).resolve()
+        h = hashlib.sha256()
+        files = sorted(p for p in master.parent.rglob("*") if p.is_file())
+        for p in files:
+            h.update(str(p.relative_to(master.parent)).encode() + b"\0")
+            h.update(p.read_bytes())
+        doc["feeder"] = {"master": str(master), "folder_sha256": h.hexdigest(),
+                         "master_sha256": file_hash(master), "n_files": len(files)}
+    path = Path(folder) / "manifest.json"
+    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    return path

@@ -94,7 +94,8 @@ def forecast(
         path, load, pv_s, pv_penetration=pv_penetration, seed=seed, origin=t0, horizon=h,
         pv_capacity=pv_capacity, latitude=latitude, longitude=longitude, tz=tz,
         method=method, threshold=threshold, **kw)
-    with output_folder(out, force) as tmp:
+    with output_folder(out, force, feeder=path, seed=seed,
+                       inputs=(load_history, pv_history)) as tmp:
         fc.violations.to_csv(tmp / "violations_forecast.csv", index=False)
         fc.hourly.to_csv(tmp / "hourly.csv", index=False)
         write_constraint_forecast_report(fc, tmp / "report.html", feeder=feeder_name)

@@ -103,7 +103,9 @@ def dispatch(
                          seed=seed, step=step_td, n_steps=n_steps)
     objective = ObjectiveConfig(export_limit_kw=export_limit_kw,
                                 curtailment_policy=policy.value)
-    with output_folder(out, force) as tmp, Progress(
+    from derms.grid.bundled import resolve_master
+
+    with output_folder(out, force, feeder=resolve_master(master), seed=seed) as tmp, Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
             console=err_console, transient=True) as bar:
         task = bar.add_task("starting", total=None)

@@ -142,7 +142,8 @@ def envelopes(
         with stage_progress() as progress:
             result = compute_envelopes(engine, forecast, cps, criteria, progress=progress)
     report = EnvelopeReport(feeder, result, str(path), static_kw)
-    with output_folder(out, force) as tmp:
+    with output_folder(out, force, feeder=path, seed=seed,
+                       inputs=(profiles,) if profiles else ()) as tmp:
         paths = write_envelope_outputs(report, tmp)
     iv = result.intervals
     for d in dirs:

@@ -69,7 +69,7 @@ def backtest_cmd(
                           weather=exog)
     for msg in result.warnings:
         err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, markup=True)
-    with output_folder(out, force) as tmp:
+    with output_folder(out, force, inputs=(series,) + ((weather,) if weather else ())) as tmp:
         write_backtest_outputs(result, tmp, kind, "value", capacity_kw, str(series))
     for name, m in result.metrics.items():
         if m.get("n"):

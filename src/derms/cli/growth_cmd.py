@@ -93,7 +93,7 @@ def growth(
 
         result = run_load_growth(path, scenario, max_iterations=max_iterations,
                                  on_progress=progress)
-    with output_folder(out, force) as tmp:
+    with output_folder(out, force, feeder=path, seed=seed) as tmp:
         paths = write_growth_outputs(result, tmp)
     paths = {k: out / p.name for k, p in paths.items()}
     fe = result.first_exceeded

@@ -156,7 +156,7 @@ def hosting_capacity(
                                                        index=index,
                                                        on_progress=progress)
     report = HostingReport(feeder, results, method, str(path))
-    with output_folder(out, force) as tmp:
+    with output_folder(out, force, feeder=path) as tmp:
         paths = write_hosting_outputs(report, tmp)
     paths = {k: out / p.name for k, p in paths.items()}
     for k, res in results.items():
@@ -201,7 +201,7 @@ def _over_time(path, out, force, kinds, method, bus_list, criteria, mode, start,
     report = HostingReport(feeder, results, f"{method}, over time ({mode})", str(path))
     table = pd.concat(frames, ignore_index=True)
     table["timestamp"] = pd.DatetimeIndex(table["timestamp"]).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with output_folder(out, force) as tmp:
+    with output_folder(out, force, feeder=path, seed=seed) as tmp:
         paths = write_hosting_outputs(report, tmp)
         table[["bus", "phases", "kind", "timestamp", "hc_kw", "binding",
                "binding_element"]].to_csv(tmp / "hosting_capacity_time.csv", index=False)

@@ -83,7 +83,7 @@ def interconnect(
                 profiles, _ = study_profiles(feeder, cfg)
                 kwargs = {"progress": progress} if name == "fast" else {}
                 results[name] = fn(engine, profiles, site, kind, kw, pu, **kwargs)
-    with output_folder(out, force) as tmp:
+    with output_folder(out, force, feeder=path, seed=seed) as tmp:
         summ = write_interconnect_outputs(results, feeder.name, str(path), tmp)
     fast = results["fast"]
     for d, a in fast.annual().items():

@@ -179,7 +179,8 @@ def study(
                   console=err_console, transient=False) as progress:
         task = progress.add_task(f"QSTS {path.name}", total=config.n_steps * runs)
         result = run_study(path, config, on_step=lambda _k: progress.advance(task))
-    with output_folder(out, force) as tmp:
+    with output_folder(out, force, feeder=path, seed=seed,
+                       inputs=(profiles,) if profiles else ()) as tmp:
         paths = write_study_outputs(result, tmp)
     paths = {k: out / p.name for k, p in paths.items()}
     c = result.violations.counts
