@@ -47,6 +47,22 @@ def test_envelopes_table_and_site_controls(api):
     assert ctl["rows"] == 3 and ctl["duration_s"] == [900] * 3
     assert len(ctl["mrid"][0]) == 32 and len(set(ctl["mrid"])) == 3
     assert ctl["export_limit_w"][0] == round(tab["export_limit_kw"][0] * 1000)
+    # issue 11: the whole envelope set as CSV / Parquet
+    import io
+
+    import pandas as pd
+    r = api.post("/v1/envelopes", headers=api.operator, params={"download": "csv"},
+                 json={**body, "limit": 2})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    env = pd.read_csv(io.StringIO(r.text), dtype={"connection_point": str, "bus": str,
+                                                 "phase": str})
+    assert list(env.columns) == ["connection_point", "bus", "phase", "timestamp",
+                                 "export_limit_kw", "import_limit_kw"]
+    assert len(env) == 4 * n_cp and env["timestamp"].str.endswith("Z").all()
+    r = api.post("/v1/envelopes", headers=api.operator, params={"download": "parquet"},
+                 json={**body, "format": "site_controls"})
+    ctl = pd.read_parquet(io.BytesIO(r.content))
+    assert len(ctl) == 4 * n_cp and "export_limit_w" in ctl
 
 
 def test_interconnect(api):

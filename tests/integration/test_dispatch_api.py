@@ -48,6 +48,16 @@ def test_plan_returns_summary_and_schedule_page(api):
     assert sch["timestamp"][0].endswith("Z")
     # non-battery rows have no SOC: JSON null, not NaN
     assert any(v is None for v in sch["soc_frac"])
+    # issue 11: the whole optimised schedule as a CSV download
+    import io
+
+    import pandas as pd
+    r = api.post("/v1/dispatch/plan", headers=api.operator, params={"download": "csv"},
+                 json={**BODY, "schedule_limit": 3})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    csv = pd.read_csv(io.StringIO(r.text))
+    assert len(csv) == 24 * n and {"der_id", "timestamp", "p_kw"} <= set(csv.columns)
+    assert csv["timestamp"].str.endswith("Z").all()
 
 
 def test_auth(api):

@@ -72,6 +72,22 @@ def test_retrain_issue_latest_runs_models(api):
     r = api.get("/v1/forecasts/latest", headers=api.reader,
                 params={**q, "at": (END + timedelta(hours=1)).isoformat()})
     assert r.json()["run"]["id"] == ids[0]
+    # issue 11: the same run as a CSV / Parquet download
+    import io
+
+    import pandas as pd
+    r = api.get("/v1/forecasts/latest", headers=api.reader, params={**q, "download": "csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert f"forecast_run_{ids[1]}.csv" in r.headers["content-disposition"]
+    csv = pd.read_csv(io.StringIO(r.text))
+    assert list(csv.columns) == ["t", "p10", "p50", "p90"] and len(csv) == 24
+    assert csv["t"].iloc[0] == "2026-02-10T06:00:00Z"
+    assert csv["p50"].tolist() == pytest.approx(body["p50"], rel=1e-12)
+    r = api.get("/v1/forecasts/latest", headers=api.reader, params={**q, "download": "parquet"})
+    pq = pd.read_parquet(io.BytesIO(r.content))
+    assert len(pq) == 24 and str(pq["t"].dt.tz) == "UTC"
+    r = api.get("/v1/forecasts/latest", headers=api.reader, params={**q, "download": "xlsx"})
+    assert r.status_code == 422
     r = api.get("/v1/forecasts/runs", headers=api.reader,
                 params={**q, "since": END.isoformat(), "limit": 1, "values": "true"})
     page = r.json()

@@ -15,10 +15,11 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
+from derms.api.downloads import Download, columns_frame, table_response
 from derms.api.problems import Problem
 from derms.errors import DermsError, InfeasibleError
 
@@ -167,14 +168,21 @@ def _envelopes(body: EnvelopeBody) -> dict[str, Any]:
             body.format: _columns(frame, body.offset, body.limit)}
 
 
-@router.post("/envelopes")
+@router.post("/envelopes", response_model=None)
 async def post_envelopes(request: Request, body: EnvelopeBody,
-                         principal: Annotated[Principal, Depends(require("operate"))]
-                         ) -> dict[str, Any]:
+                         principal: Annotated[Principal, Depends(require("operate"))],
+                         download: Download | None = None) -> dict[str, Any] | Response:
     """Export and import limits per connection point and interval that hold with every
     connection point at its envelope at once (AC-checked); the summary has the ratio to a
-    static 5 kW limit and the largest AC excess."""
-    return await _run(request, _envelopes, body)
+    static 5 kW limit and the largest AC excess. ``?download=csv|parquet``: the whole
+    envelope set (``envelopes.csv`` columns, or the site controls) as a file."""
+    if download is not None:
+        body = body.model_copy(update={"offset": 0, "limit": 500_000})
+    out = await _run(request, _envelopes, body)
+    if download is not None:
+        name = "envelopes" if body.format == "table" else "site_controls"
+        return table_response(columns_frame(out[body.format]), download, name)
+    return out
 
 
 # ----------------------------------------------------------------------------- interconnect

@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
+from derms.api.downloads import Download, columns_frame, table_response
 from derms.api.problems import Problem
 from derms.errors import InfeasibleError, InputError
 
@@ -86,15 +87,21 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     }
 
 
-@router.post("/dispatch/plan")
+@router.post("/dispatch/plan", response_model=None)
 async def post_dispatch_plan(request: Request, body: PlanBody,
-                             principal: Annotated[Principal, Depends(require("operate"))]
-                             ) -> dict[str, Any]:
+                             principal: Annotated[Principal, Depends(require("operate"))],
+                             download: Download | None = None) -> dict[str, Any] | Response:
     """Plan a seeded dispatch scenario on a bundled feeder and verify it on the AC model:
     the summary (peaks [kW], violation counts, timings [s]), the DERs and a page of the
-    optimised schedule."""
+    optimised schedule; ``?download=csv|parquet``: the whole optimised schedule as a file
+    (``schedule.csv`` columns of docs/data-formats.md)."""
+    if download is not None:
+        body = body.model_copy(update={"schedule_offset": 0, "schedule_limit": 100_000})
     try:
-        return await request.app.state.engine_pool.run(_plan, body)
+        out = await request.app.state.engine_pool.run(_plan, body)
+        if download is not None:
+            return table_response(columns_frame(out["schedule"]), download, "schedule")
+        return out
     except InfeasibleError as exc:
         raise Problem(422, str(exc), type_="infeasible") from None
     except InputError as exc:

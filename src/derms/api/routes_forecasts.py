@@ -12,11 +12,12 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import pandas as pd
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
+from derms.api.downloads import Download, table_response
 from derms.api.problems import Problem
 from derms.errors import InputError
 from derms.forecast.forecaster import ForecastSpec
@@ -77,20 +78,24 @@ def _series(request: Request, series: str, quantity: str, source: str | None) ->
                       ) from None
 
 
-@router.get("/forecasts/latest")
+@router.get("/forecasts/latest", response_model=None)
 def get_latest_forecast(request: Request,
                         principal: Annotated[Principal, Depends(require("read"))],
                         series: str, quantity: str, source: str | None = None,
-                        at: datetime | None = None) -> dict[str, Any]:
+                        at: datetime | None = None, download: Download | None = None
+                        ) -> dict[str, Any] | Response:
     """The latest forecast of a series (issued at or before ``at`` if given): the run and its
     values as columns ``t`` (interval starts, ISO 8601 UTC), ``p10``, ``p50``, ``p90`` in the
-    series' unit."""
+    series' unit; ``?download=csv|parquet``: the values as a file."""
     at = _aware(at, "at")
     sid = _series(request, series, quantity, source)
     found = latest_forecast(request.app.state.engine, sid, at)
     if found is None:
         raise Problem(404, f"series {series!r} quantity {quantity!r}: no forecast issued"
                            + (f" at or before {at.isoformat()}" if at else ""))
+    if download is not None:
+        return table_response(found.values[["t", "p10", "p50", "p90"]], download,
+                              f"forecast_run_{found.run.id}")
     return {"series": series, "quantity": quantity, **found.to_dict()}
 
 
