@@ -65,6 +65,38 @@ def test_envelopes_table_and_site_controls(api):
     assert len(ctl) == 4 * n_cp and "export_limit_w" in ctl
 
 
+def test_envelope_sets_are_stored_and_read_back(api):
+    import io
+
+    import pandas as pd
+    body = {"feeder": "ieee13", "hours": 1, "step_min": 30, "store": True, "limit": 0}
+    r = api.post("/v1/envelopes", headers=api.operator, json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    sid, n_cp = out["set_id"], out["summary"]["connection_points"]
+    assert "_table" not in out and out["table"]["rows"] == 0
+    r = api.get("/v1/envelopes/sets", headers=api.reader, params={"feeder": "ieee13"})
+    items = r.json()["items"]
+    assert r.status_code == 200 and items[0]["id"] == sid
+    assert items[0]["n_intervals"] == 2 and items[0]["n_connection_points"] == n_cp
+    assert items[0]["step_s"] == 1800 and items[0]["policy"] == "equal"
+    r = api.get(f"/v1/envelopes/sets/{sid}", headers=api.reader, params={"limit": 3})
+    got = r.json()
+    assert got["summary"]["connection_points"] == n_cp and got["values"]["total"] == 2 * n_cp
+    assert got["values"]["rows"] == 3 and got["values"]["timestamp"][0].endswith("Z")
+    r = api.get(f"/v1/envelopes/sets/{sid}", headers=api.reader, params={"download": "csv"})
+    csv = pd.read_csv(io.StringIO(r.text), dtype={"connection_point": str})
+    fresh = api.post("/v1/envelopes", headers=api.operator,
+                     json={**body, "store": False, "limit": 10_000}).json()["table"]
+    want = pd.DataFrame({k: fresh[k] for k in ("connection_point", "timestamp",
+                                               "export_limit_kw", "import_limit_kw")})
+    merged = csv.merge(want, on=["connection_point", "timestamp"], suffixes=("", "_w"))
+    assert len(merged) == 2 * n_cp  # a second computation gives the same envelopes
+    assert (merged["export_limit_kw"] - merged["export_limit_kw_w"]).abs().max() < 1e-6
+    assert api.get("/v1/envelopes/sets/999999", headers=api.reader).status_code == 404
+    assert api.get("/v1/envelopes/sets", params={}).status_code == 401
+
+
 def test_interconnect(api):
     r = api.post("/v1/interconnect", headers=api.reader,
                  json={"feeder": "ieee13", "bus": "675", "kind": "pv", "kw": 50, "days": 2,

@@ -15,7 +15,7 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
@@ -129,6 +129,8 @@ class EnvelopeBody(BaseModel):
                              " opModImpLimW values)")
     offset: int = Field(0, ge=0)
     limit: int = Field(10_000, ge=0, le=500_000)
+    store: bool = Field(False, description="Also store the set in the database (its id in "
+                                           "the answer as set_id; GET /v1/envelopes/sets)")
 
 
 def _envelopes(body: EnvelopeBody) -> dict[str, Any]:
@@ -164,8 +166,11 @@ def _envelopes(body: EnvelopeBody) -> dict[str, Any]:
         res = compute_envelopes(eng, prof, cps, EnvelopeCriteria(
             policy=body.policy, directions=dirs, limits=limits))
     frame = res.table() if body.format == "table" else res.site_controls()
-    return {"summary": _clean(summary(EnvelopeReport(model, res, body.feeder))),
-            body.format: _columns(frame, body.offset, body.limit)}
+    out = {"summary": _clean(summary(EnvelopeReport(model, res, body.feeder))),
+           body.format: _columns(frame, body.offset, body.limit)}
+    if body.store:
+        out["_table"] = res.table()  # the whole set, stored by the API process
+    return out
 
 
 @router.post("/envelopes", response_model=None)
@@ -179,10 +184,49 @@ async def post_envelopes(request: Request, body: EnvelopeBody,
     if download is not None:
         body = body.model_copy(update={"offset": 0, "limit": 500_000})
     out = await _run(request, _envelopes, body)
+    table = out.pop("_table", None)
+    if table is not None:
+        from starlette.concurrency import run_in_threadpool
+
+        from derms.store.envelopes import save_envelope_set
+
+        out["set_id"] = await run_in_threadpool(
+            save_envelope_set, request.app.state.engine, feeder=body.feeder,
+            policy=body.policy, table=table, summary=out["summary"])
     if download is not None:
         name = "envelopes" if body.format == "table" else "site_controls"
         return table_response(columns_frame(out[body.format]), download, name)
     return out
+
+
+@router.get("/envelopes/sets")
+def get_envelope_sets(request: Request,
+                      principal: Annotated[Principal, Depends(require("read"))],
+                      feeder: str | None = None, limit: int = Query(100, ge=1, le=1000),
+                      offset: int = Query(0, ge=0)) -> dict[str, Any]:
+    """Stored envelope sets, newest first (paginated)."""
+    from derms.store.envelopes import list_envelope_sets
+
+    total, items = list_envelope_sets(request.app.state.engine, feeder, limit, offset)
+    return {"total": total, "limit": limit, "offset": offset, "items": items}
+
+
+@router.get("/envelopes/sets/{set_id}", response_model=None)
+def get_envelope_set(request: Request, set_id: int,
+                     principal: Annotated[Principal, Depends(require("read"))],
+                     offset: int = Query(0, ge=0), limit: int = Query(10_000, ge=0, le=500_000),
+                     download: Download | None = None) -> dict[str, Any] | Response:
+    """A stored set: its summary and a page of its values (``connection_point, timestamp,
+    export_limit_kw, import_limit_kw``); ``?download=csv|parquet``: all values as a file."""
+    from derms.store.envelopes import envelope_set
+
+    found = envelope_set(request.app.state.engine, set_id)
+    if found is None:
+        raise Problem(404, f"envelope set {set_id} not found")
+    info, values = found
+    if download is not None:
+        return table_response(values, download, f"envelopes_set_{set_id}")
+    return {**_clean(info), "values": _columns(values, offset, limit)}
 
 
 # ----------------------------------------------------------------------------- interconnect

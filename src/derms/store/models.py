@@ -451,3 +451,34 @@ class ControlRequestRecord(Base):
                include_backrefs=False)
     def _utc(self, key: str, value: datetime | None) -> datetime | None:
         return None if value is None else ensure_utc(value, f"ControlRequestRecord.{key}")
+
+
+class EnvelopeSet(Base):
+    """A stored set of operating envelopes (one computation: feeder, policy, horizon),
+    with the computation's summary (``derms.reports.envelopes_out.summary``)."""
+
+    __tablename__ = "envelope_sets"
+    __table_args__ = (Index("ix_envelope_sets_feeder_start", "feeder", "start"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feeder: Mapped[str] = mapped_column(String(200))
+    policy: Mapped[str] = mapped_column(String(16))
+    start: Mapped[datetime]
+    step_s: Mapped[int] = mapped_column(Integer)
+    n_intervals: Mapped[int] = mapped_column(Integer)
+    n_connection_points: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EnvelopeValue(Base):
+    """One connection point's envelope in one interval ``[t, t + step)`` of a set [kW, >= 0;
+    null where that direction was not computed]. Written in bulk by
+    :mod:`derms.store.envelopes`; no foreign key (as ``forecast_values``)."""
+
+    __tablename__ = "envelope_values"
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012
+    set_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection_point: Mapped[str] = mapped_column(String(200), primary_key=True)
+    t: Mapped[datetime] = mapped_column(primary_key=True)
+    export_limit_kw: Mapped[float | None] = mapped_column(Float)
+    import_limit_kw: Mapped[float | None] = mapped_column(Float)
