@@ -71,3 +71,16 @@ def mint_token(url: str, scope: str) -> dict:
         s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope=scope))
     engine.dispose()
     return {"Authorization": f"Bearer {text}"}
+
+
+@pytest.fixture
+def empty_db_url(backend, tmp_path):
+    """An empty, unmigrated database of the backend, for one test (migration tests)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mig.db'}"
+        return
+    name = pg_create()
+    try:
+        yield pg_url(name)
+    finally:
+        pg_drop(name)

@@ -28,7 +28,6 @@ from derms.store.models import (
     DerType,
     Feeder,
 )
-from tests.integration.conftest import pg_create, pg_drop, pg_url
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 MIN, H = timedelta(minutes=1), timedelta(hours=1)
@@ -56,29 +55,20 @@ def seed(engine) -> dict[str, str]:
     return ids
 
 
-def test_migration_0004_matches_the_model_and_goes_down_and_up(backend, tmp_path):
-    name = None
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'mig.db'}"
-    else:
-        name = pg_create()
-        url = pg_url(name)
-    try:
-        upgrade(url)
-        eng = make_engine(url)
-        with eng.connect() as conn:
-            diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-        mine = [d for d in diffs if "control_requests" in repr(d)]
-        assert mine == []
-        downgrade(url, "0003")
-        assert "control_requests" not in inspect(eng).get_table_names()
-        upgrade(url)
-        assert current_revision(url) == head_revision()
-        assert "control_requests" in inspect(eng).get_table_names()
-        eng.dispose()
-    finally:
-        if name:
-            pg_drop(name)
+def test_migration_0004_matches_the_model_and_goes_down_and_up(empty_db_url):
+    url = empty_db_url
+    upgrade(url)
+    eng = make_engine(url)
+    with eng.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    mine = [d for d in diffs if "control_requests" in repr(d)]
+    assert mine == []
+    downgrade(url, "0003")
+    assert "control_requests" not in inspect(eng).get_table_names()
+    upgrade(url)
+    assert current_revision(url) == head_revision()
+    assert "control_requests" in inspect(eng).get_table_names()
+    eng.dispose()
 
 
 def test_the_database_refuses_a_switch_command_and_bad_limits(engine):

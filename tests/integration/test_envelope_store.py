@@ -19,30 +19,20 @@ from derms.store.envelopes import (
 )
 from derms.store.migrate import current_revision, downgrade, head_revision, upgrade
 from derms.store.models import Base
-from tests.integration.conftest import pg_create, pg_drop, pg_url
 
 
-def test_migration_0005_matches_the_model_and_goes_down_and_up(backend, tmp_path):
-    name = None
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'mig.db'}"
-    else:
-        name = pg_create()
-        url = pg_url(name)
-    try:
-        upgrade(url)
-        eng = make_engine(url)
-        with eng.connect() as conn:
-            diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-        assert [d for d in diffs if "envelope_" in repr(d)] == []
-        downgrade(url, "0004")
-        assert "envelope_sets" not in inspect(eng).get_table_names()
-        upgrade(url)
-        assert current_revision(url) == head_revision()
-        eng.dispose()
-    finally:
-        if name:
-            pg_drop(name)
+def test_migration_0005_matches_the_model_and_goes_down_and_up(empty_db_url):
+    url = empty_db_url
+    upgrade(url)
+    eng = make_engine(url)
+    with eng.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert [d for d in diffs if "envelope_" in repr(d)] == []
+    downgrade(url, "0004")
+    assert "envelope_sets" not in inspect(eng).get_table_names()
+    upgrade(url)
+    assert current_revision(url) == head_revision()
+    eng.dispose()
 
 
 def test_set_round_trip(db_url):

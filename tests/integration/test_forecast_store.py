@@ -40,7 +40,6 @@ from derms.store.forecasts import (
 from derms.store.migrate import current_revision, downgrade, upgrade
 from derms.store.models import Meter
 from derms.store.timeseries import write_readings
-from tests.integration.conftest import pg_create, pg_drop, pg_url
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DAYS = 40
@@ -263,24 +262,15 @@ def test_schedule_from_settings(engine, db_url, tmp_path):
     assert sched.specs["pv"].kind == "pv" and sched.step == HOUR
 
 
-def test_migration_0003_down_and_up(backend, tmp_path):
-    name = None
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'mig.db'}"
-    else:
-        name = pg_create()
-        url = pg_url(name)
-    try:
-        upgrade(url)
-        eng = make_engine(url)
-        assert {"forecast_models", "forecast_runs", "forecast_values"} <= set(
-            inspect(eng).get_table_names())
-        downgrade(url, "0002")
-        assert current_revision(url) == "0002"
-        assert "forecast_runs" not in inspect(eng).get_table_names()
-        upgrade(url, "0003")  # the head moves on with later migrations (0004: control)
-        assert current_revision(url) == "0003"
-        eng.dispose()
-    finally:
-        if name:
-            pg_drop(name)
+def test_migration_0003_down_and_up(empty_db_url):
+    url = empty_db_url
+    upgrade(url)
+    eng = make_engine(url)
+    assert {"forecast_models", "forecast_runs", "forecast_values"} <= set(
+        inspect(eng).get_table_names())
+    downgrade(url, "0002")
+    assert current_revision(url) == "0002"
+    assert "forecast_runs" not in inspect(eng).get_table_names()
+    upgrade(url, "0003")  # the head moves on with later migrations (0004: control)
+    assert current_revision(url) == "0003"
+    eng.dispose()
