@@ -184,7 +184,7 @@ class EnvelopeResult:
 
 
 @dataclass
-class _Limits:
+class HorizonLimits:
     """Per-interval limits of the monitored rows (T, K) and their labels."""
 
     v_b: np.ndarray
@@ -224,7 +224,7 @@ def compute_envelopes(engine: OpenDSSEngine, profiles: Profiles,
     n_t = net.n_steps
     base = net.base(on_step=lambda k: tick("base case", k + 1, n_t))
     require_converged(base, "forecast base case")
-    lim = _limits(base, net.index, engine.node_names(), crit)
+    lim = horizon_limits(base, net.index, engine.node_names(), crit)
     model = _linearise(engine, net, base, cps, crit)
     ref = net.reference(act_every=crit.act_every if crit.controls == "acting" else None,
                         on_step=lambda k: tick("zero net", k + 1, n_t))
@@ -247,8 +247,11 @@ def compute_envelopes(engine: OpenDSSEngine, profiles: Profiles,
 # ----------------------------------------------------------------------------- limits
 
 
-def _limits(base: HorizonStates, index: NetworkIndex, node_names: list[str],
-            crit: EnvelopeCriteria) -> _Limits:
+def horizon_limits(base: HorizonStates, index: NetworkIndex, node_names: list[str],
+                   crit: EnvelopeCriteria) -> HorizonLimits:
+    """Per-interval limits of the monitored node-phases and rated branch conductors (DESIGN
+    "Violation"; an element outside in an interval's base case is held to its base value).
+    Shared by the envelopes and the interconnection reference."""
     lim = crit.limits
     v = base.v_pu
     mon = ((v >= lim.energised_min_pu).all(axis=0) & (index.node_phase >= 1)
@@ -284,7 +287,7 @@ def _limits(base: HorizonStates, index: NetworkIndex, node_names: list[str],
         _pre_rows("undervoltage", names, pre_lo, vb, "pu"),
         _pre_rows("thermal", bnames, pre_th, ib / nb * 100.0, "%"),
     ], ignore_index=True)
-    return _Limits(vb, v_hi, v_lo, ib, i_max, nb, base.head_p_kw, head_min, nodes, branches,
+    return HorizonLimits(vb, v_hi, v_lo, ib, i_max, nb, base.head_p_kw, head_min, nodes, branches,
                    names, bnames, pre)
 
 
@@ -326,7 +329,7 @@ def _linearise(engine: OpenDSSEngine, net: EnvelopeNetwork, base: HorizonStates,
 # ----------------------------------------------------------------------------- one direction
 
 
-def _direction(direction: str, net: EnvelopeNetwork, lim: _Limits, ref: HorizonStates,
+def _direction(direction: str, net: EnvelopeNetwork, lim: HorizonLimits, ref: HorizonStates,
                linear: tuple[LinearModel, int], caps: np.ndarray,
                crit: EnvelopeCriteria, tick: Progress, active: np.ndarray | None = None
                ) -> tuple[np.ndarray, pd.DataFrame]:

@@ -39,7 +39,7 @@ import pandas as pd
 
 from derms.analysis.constraints import Limits
 from derms.analysis.envelope_network import ConnectionPoint, EnvelopeNetwork
-from derms.analysis.envelopes import EnvelopeCriteria, compute_envelopes
+from derms.analysis.envelopes import EnvelopeCriteria, compute_envelopes, horizon_limits
 from derms.analysis.hosting_capacity import Site
 from derms.errors import InputError
 from derms.powerflow.engine import OpenDSSEngine
@@ -155,18 +155,7 @@ def curtailment_reference(engine: OpenDSSEngine, profiles: Profiles, site: Site,
     base = net.base()
     net.reference(act_every=None)
     n_t = net.n_steps
-    v_b, i_b = base.v_pu, base.i_a
-    live = (v_b > lim.energised_min_pu).all(axis=0) & (net.index.node_phase >= 1) \
-        & (net.index.node_phase <= 3)
-    hi_band, lo_band = lim.v_max_pu + lim.v_tol_pu, lim.v_min_pu - lim.v_tol_pu
-    v_hi = np.where(v_b > hi_band, v_b + lim.v_tol_pu, hi_band)
-    v_lo = np.where(v_b < lo_band, v_b - lim.v_tol_pu, lo_band)
-    norm = net.index.branch_norm_a
-    rated = norm > 0
-    th = lim.thermal_pct + lim.thermal_tol_pct
-    safe = np.where(rated, norm, 1.0)
-    i_max = np.where(i_b / safe * 100 > th, i_b + norm * lim.thermal_tol_pct / 100,
-                     norm * th / 100)
+    hl = horizon_limits(base, net.index, engine.node_names(), EnvelopeCriteria(limits=lim))
     frames, static = [], {}
     for d in _DIRECTIONS[kind]:
         s = -1.0 if d == "export" else 1.0
@@ -176,10 +165,10 @@ def curtailment_reference(engine: OpenDSSEngine, profiles: Profiles, site: Site,
             full = np.zeros((n_t, 1))
             full[steps, 0] = x
             st = net.check(s * full, 0 * full, steps)
-            v = st.v_pu[:, live]
-            ve = (v - v_hi[steps][:, live]) if d == "export" else (v_lo[steps][:, live] - v)
-            te = ((st.i_a - i_max[steps]) / safe)[:, rated]
-            return st.converged & (ve.max(axis=1) <= 0) & (te.max(axis=1) <= 0)
+            v = st.v_pu[:, hl.nodes]
+            ve = (v - hl.v_hi[steps]) if d == "export" else (hl.v_lo[steps] - v)
+            te = (st.i_a[:, hl.branches] - hl.i_max[steps]) / hl.norm_a
+            return st.converged & (ve.max(axis=1) <= 0) & (te.max(axis=1, initial=-np.inf) <= 0)
 
         allowed = avail.copy()
         run = np.flatnonzero(avail > 0)
