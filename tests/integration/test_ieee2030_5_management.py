@@ -172,8 +172,9 @@ def _sep(repo: InMemoryRepository, lfdi: str, method: str, path: str, body: byte
     """One request through the 2030.5 app in process (identity given, no TLS)."""
     ident = ClientIdentity(lfdi=lfdi, sfdi=sfdi_from_lfdi(lfdi), cert_der=b"")
     headers = {"content-type": content_type} if content_type else {}
-    return SepApp(repo, SepSettings())(Request(method, path, {"l": "50"}, headers, body,
+    resp = SepApp(repo, SepSettings())(Request(method, path, {"l": "50"}, headers, body,
                                                ident))
+    return asyncio.run(resp) if asyncio.iscoroutine(resp) else resp
 
 
 def _sep_get(repo: InMemoryRepository, lfdi: str, path: str) -> etree._Element | int:
@@ -199,7 +200,7 @@ def test_der_reports_put_by_the_device_are_validated_and_stored(api, repo):
             b'</stateOfChargeStatus></DERStatus>')
     bad = {
         400: [b"<DERStatus", good.replace(b"DERStatus", b"DERSettings"),
-              good.replace(b"<DERStatus ", b'<DERStatus schemaVer="2.2" '),  # 2023 edition
+              good.replace(b"<DERStatus ", b'<DERStatus schemaVer="two" '),  # not a version
               good.replace(b"<readingTime>1795648428</readingTime>", b"")],
         404: [],
     }
@@ -215,6 +216,8 @@ def test_der_reports_put_by_the_device_are_validated_and_stored(api, repo):
     stored = _sep_get(repo, LFDI_1, status_href)
     assert stored.get("href") == status_href
     assert stored.findtext(f"{Q}stateOfChargeStatus/{Q}value") == "5000"
+    v2023 = good.replace(b"<DERStatus ", b'<DERStatus schemaVer="2.2" ')  # 2023-edition client
+    assert _sep(repo, LFDI_1, "PUT", status_href, v2023).status == 204
     r = api["client"].get(f"/v1/ieee2030-5/end-devices/{e1}/der/status", headers=api["read"])
     assert r.json()["document"]["stateOfChargeStatus"] == {"dateTime": "1", "value": "5000"}
     _problem(api["client"].get(f"/v1/ieee2030-5/end-devices/{e2}/der/status",

@@ -371,8 +371,8 @@ def test_cached_control_list_follows_changes_and_the_clock():
     assert statuses() == ["0"] and statuses() == ["0"]  # scheduled (second: from the cache)
     now[0] = T0 + timedelta(seconds=60)
     assert statuses() == ["1"]  # active from its start
-    repo.add_control(prog.program_id, T0 + timedelta(seconds=90), 600,
-                     DerLimits(exp_lim_w=2), connection_point="NMI-1")
+    repo.add_control(prog.program_id, T0 + timedelta(seconds=120), 600,
+                     DerLimits(exp_lim_w=2), connection_point="NMI-1")  # right after: no overlap
     repo.add_control(prog.program_id, T0, 6000, DerLimits(exp_lim_w=3),
                      connection_point="NMI-2")  # another site's: not listed
     assert statuses() == ["1", "0"]
@@ -380,6 +380,6 @@ def test_cached_control_list_follows_changes_and_the_clock():
     assert statuses() == ["2", "0"]
     now[0] = T0 + timedelta(seconds=120)
     assert statuses() == ["1"]  # the first is over and leaves the list; the second runs
-    now[0] = T0 + timedelta(seconds=90 + 600)
+    now[0] = T0 + timedelta(seconds=120 + 600)
     assert statuses() == []
     assert _call(app, LFDI_2, "GET", path).status == 404  # access still checked per request

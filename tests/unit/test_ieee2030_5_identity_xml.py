@@ -15,7 +15,7 @@ from derms.protocols.ieee2030_5.identity import (
     sfdi_from_lfdi,
     sfdi_is_valid,
 )
-from derms.protocols.ieee2030_5.model import DerLimits
+from derms.protocols.ieee2030_5.model import DerLimits, LogEventRecord, SubscriptionRecord
 from derms.protocols.ieee2030_5.repository import InMemoryRepository
 
 # IEEE 2030.5-2018 §6.3.2–6.3.4 worked example
@@ -65,7 +65,24 @@ def _docs():
     d = repo.set_default_control(p.program_id, DerLimits(exp_lim_w=1500, imp_lim_w=10000),
                                  set_grad_w=27)
     P = m.Paths("/api/v1")
-    return [m.device_capability(P, 1, 900), m.time_resource(P, now, 900),
+    vv = repo.add_curve(p.program_id, 11, [92, 98, 102, 108], [44, 0, 0, -44], 2,
+                        ramp_pt1_tms=500)
+    fw = repo.add_curve(p.program_id, 0, [50.25, 52], [0, -100], 1)
+    c2 = repo.add_control(p.program_id, now, 300,
+                          DerLimits(target_w=-2500.0, volt_var_curve_id=vv.curve_id,
+                                    freq_watt_curve_id=fw.curve_id, exp_lim_w=0))
+    href = lambda i: P.curve(1, 1, i)  # noqa: E731
+    log = LogEventRecord(1, 1, now, 14, 2, 9, 40732, 2, details="trip", extended_data=7)
+    sub = SubscriptionRecord(1, 1, "AB" * 20, "/api/v1/edev/1/derp/1/derc",
+                             "https://127.0.0.1:9/n", 10)
+    lst = m.der_control_list("/c", [m.der_control("/c/2", c2, now, "/r", curve_href=href)], 1)
+    extra = [m.der_control("/c/2", c2, now, "/r", superseded_time=now, curve_href=href),
+             m.curve_list("/dc", [m.curve("/dc/1", vv), m.curve("/dc/2", fw)], 2),
+             m.log_event_list("/lel", [m.log_event("/lel/1", log)], 1, 300),
+             m.subscription_list("/sub", [m.subscription("/sub/1", sub)], 1),
+             m.notification(sub, "/sub/1", lst), m.notification(sub, "/sub/1", None, 4),
+             m.program(P, 1, p, n_controls=2, has_default=True, n_curves=2)]
+    return extra + [m.device_capability(P, 1, 900), m.time_resource(P, now, 900),
             m.end_device_list(P, [e], 1, 300), m.end_device(P, e), m.registration(P, e),
             m.connection_point(P, e), m.fsa_list(P, 1, [f], 1, 300), m.fsa(P, 1, f),
             m.program_list("/l", [m.program(P, 1, p, n_controls=1, has_default=True)], 1, 300),
@@ -83,7 +100,7 @@ def test_every_mapped_resource_validates(doc):
 
 def test_limits_round_trip_through_xml():
     limits = DerLimits(exp_lim_w=123460, imp_lim_w=5000, gen_lim_w=None, load_lim_w=3000,
-                       connect=True)
+                       connect=True, target_w=-7000.0)
     el = m.der_control_base(limits)
     parsed = sep_xml.parse(sep_xml.to_bytes(m.default_der_control("/d", _default(limits))),
                            "DefaultDERControl")

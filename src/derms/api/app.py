@@ -33,6 +33,8 @@ from derms.api.routes_constraints import router as constraints_router
 from derms.api.routes_dispatch import router as dispatch_router
 from derms.api.routes_forecasts import router as forecasts_router
 from derms.api.routes_ieee2030_5 import router as ieee2030_5_router
+from derms.api.routes_ieee2030_5_dispatch import router as ieee2030_5_dispatch_router
+from derms.api.routes_ieee2030_5_events import router as ieee2030_5_events_router
 from derms.api.routes_readings import router as readings_router
 from derms.api.routes_registry import router as registry_router
 from derms.api.routes_state import router as state_router
@@ -135,6 +137,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(constraints_router, prefix="/v1")
     app.include_router(dispatch_router, prefix="/v1")
     app.include_router(capacity_router, prefix="/v1")
+    app.include_router(ieee2030_5_events_router, prefix="/v1")
+    app.include_router(ieee2030_5_dispatch_router, prefix="/v1")
     app.include_router(ieee2030_5_router, prefix="/v1")  # app.state.ieee2030_5_repo: serve
     app.include_router(adms_router, prefix="/v1")  # ADMS interface, operator overrides
     return app

@@ -352,17 +352,26 @@ class LimitsIn(BaseModel):
     load_limit_w: Power = None
     connect: bool | None = None
     energize: bool | None = None
+    volt_var_curve_id: int | None = Field(None, description="a volt-var DERCurve of the "
+                                          "program (POST …/programs/{id}/curves)")
+    volt_watt_curve_id: int | None = None
+    freq_watt_curve_id: int | None = None
 
     def limits(self) -> DerLimits:
         return DerLimits(exp_lim_w=self.export_limit_w, imp_lim_w=self.import_limit_w,
                          gen_lim_w=self.generation_limit_w, load_lim_w=self.load_limit_w,
-                         connect=self.connect, energize=self.energize)
+                         connect=self.connect, energize=self.energize,
+                         volt_var_curve_id=self.volt_var_curve_id,
+                         volt_watt_curve_id=self.volt_watt_curve_id,
+                         freq_watt_curve_id=self.freq_watt_curve_id)
 
     @model_validator(mode="after")
     def _some(self):
         if self.limits() == DerLimits():
             raise ValueError("give at least one limit (export_limit_w, import_limit_w, "
-                             "generation_limit_w, load_limit_w) or connect/energize")
+                             "generation_limit_w, load_limit_w), connect/energize or a "
+                             "curve (volt_var_curve_id, volt_watt_curve_id, "
+                             "freq_watt_curve_id)")
         return self
 
 
@@ -400,7 +409,10 @@ class DefaultControlIn(LimitsIn):
 def _limits_json(lim: DerLimits) -> dict[str, Any]:
     return {"export_limit_w": lim.exp_lim_w, "import_limit_w": lim.imp_lim_w,
             "generation_limit_w": lim.gen_lim_w, "load_limit_w": lim.load_lim_w,
-            "connect": lim.connect, "energize": lim.energize}
+            "connect": lim.connect, "energize": lim.energize,
+            "volt_var_curve_id": lim.volt_var_curve_id,
+            "volt_watt_curve_id": lim.volt_watt_curve_id,
+            "freq_watt_curve_id": lim.freq_watt_curve_id}
 
 
 def _status(c: ControlRecord, now: datetime) -> str:

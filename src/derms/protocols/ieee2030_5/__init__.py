@@ -7,7 +7,10 @@ parsing, XSD validation), ``model`` / ``repository`` (records and their storage)
 access rules, what the server publishes, registration), ``client_reports`` (what clients PUT
 and POST: DER capability/settings/status/availability, responses), ``mirror`` /
 ``mirror_map`` (the metering mirror: MirrorUsagePoints and readings → historian quantities),
-``telemetry`` (the reading sink, off the event loop), ``server`` (start it).
+``telemetry`` (the reading sink, off the event loop), ``events`` (supersession),
+``subscriptions`` (LogEvents and Subscriptions clients create), ``notify`` (Notification
+delivery over mutual TLS), ``delivery`` (each device's delivery record from its responses),
+``server`` (start it).
 """
 
 from derms.protocols.ieee2030_5.app import SepApp, SepSettings

@@ -16,6 +16,15 @@ and stored. DERControls carry ``replyTo`` (the ResponseList) and ``responseRequi
 device POSTs its (DERControl)Response there: 201, 403 for a device not its own, 400 for an
 event it was not sent.
 
+DERPrograms link their DERCurveList (volt-var, volt-watt, freq-watt curves that controls
+and the default control turn on through DERCurveLinks). Events follow the rules in
+:mod:`events`: a newer overlapping event of the same program supersedes an older one
+(EventStatus 4). Each EndDevice links its LogEventList (the device POSTs LogEvents) and its
+SubscriptionList (POST a Subscription to an EndDeviceList, FunctionSetAssignmentsList,
+DERProgramList, DERProgram, (Active)DERControlList or DefaultDERControl; DELETE to end it);
+:mod:`notify` delivers the Notifications. Incoming documents may carry the 2023 edition's
+``schemaVer`` attribute on their root.
+
 Paging (§4.4): ``s`` start index (default 0), ``l`` limit (default 1, at most
 ``MAX_PAGE``), ``a`` after: only items changed (EndDevice) or created (DERControl) at or after
 that epoch second; ``all`` counts the items after the ``a`` filter.
@@ -34,11 +43,13 @@ from lxml import etree
 
 from derms.protocols.ieee2030_5 import mappers as m
 from derms.protocols.ieee2030_5.client_reports import ClientReports
+from derms.protocols.ieee2030_5.events import superseded_times
 from derms.protocols.ieee2030_5.http11 import Request, Response
 from derms.protocols.ieee2030_5.identity import sfdi_from_lfdi
 from derms.protocols.ieee2030_5.mirror import MirrorUsagePoints
 from derms.protocols.ieee2030_5.model import ControlRecord, EndDeviceRecord
 from derms.protocols.ieee2030_5.repository import SepRepository
+from derms.protocols.ieee2030_5.subscriptions import ClientLogsAndSubscriptions
 from derms.protocols.ieee2030_5.resources import (
     HttpError,
     error_response,
@@ -80,17 +91,22 @@ _ROUTES: list[tuple[re.Pattern[str], str]] = [
         *((rf"/edev/(\d+)/der/(\d+)/{kind}", f"der_{kind}") for kind in m.DER_PARTS),
         (r"/rsps/1/rsp", "responses"), (r"/rsps/1/rsp/(\d+)", "response"),
         (r"/mup", "mup_list"), (r"/mup/(\d+)", "mup"),
+        (r"/edev/(\d+)/derp/(\d+)/dc", "curves"), (r"/edev/(\d+)/derp/(\d+)/dc/(\d+)", "curve"),
+        (r"/edev/(\d+)/lel", "log_events"), (r"/edev/(\d+)/lel/(\d+)", "log_event"),
+        (r"/edev/(\d+)/sub", "subscriptions"), (r"/edev/(\d+)/sub/(\d+)", "subscription"),
     ]
 ]
 #: resource → its POST handler
 _POSTABLE = {"edev_list": "_post_edev", "responses": "_post_response",
-             "mup_list": "_post_mup_list", "mup": "_post_mup"}
+             "mup_list": "_post_mup_list", "mup": "_post_mup",
+             "log_events": "_post_log_event", "subscriptions": "_post_subscription"}
 _PUTTABLE = {f"der_{kind}" for kind in m.DER_PARTS}
+_DELETABLE = {"subscription": "_delete_subscription"}
 _LIST_CACHE_MAX = 100_000  # rendered DERControlLists kept (cleared when full)
 
 
 
-class SepApp(ClientReports, MirrorUsagePoints):
+class SepApp(ClientReports, MirrorUsagePoints, ClientLogsAndSubscriptions):
     """Handles one request: ``SepApp(repo, settings)(request) -> Response``, or an
     awaitable of it when the request writes to the database (the listener awaits it; the
     write itself runs in a worker thread). ``telemetry``: where mirrored readings go
@@ -131,21 +147,13 @@ class SepApp(ClientReports, MirrorUsagePoints):
         return error_response(exc)
 
     def _dispatch(self, request: Request) -> Response:
-        prefix = self.paths.prefix
-        if not request.path.startswith(prefix + "/"):
-            raise HttpError(404)
-        local = request.path[len(prefix):].rstrip("/") or "/"
-        for pattern, name in _ROUTES:
-            match = pattern.fullmatch(local)
-            if match:
-                break
-        else:
-            raise HttpError(404)
-        ids = [int(g) for g in match.groups()]
+        name, ids = self._route(request.path)
         allow = ("GET, POST" if name in _POSTABLE else "GET, PUT" if name in _PUTTABLE
-                 else "GET")
+                 else "GET, DELETE" if name in _DELETABLE else "GET")
         if request.method == "POST" and name in _POSTABLE:
             return getattr(self, _POSTABLE[name])(request, *ids)
+        if request.method == "DELETE" and name in _DELETABLE:
+            return getattr(self, _DELETABLE[name])(request, *ids)
         if request.method == "PUT" and name in _PUTTABLE:
             return self._put_der_part(request, *ids, name.removeprefix("der_"))
         if request.method != "GET":
@@ -153,6 +161,24 @@ class SepApp(ClientReports, MirrorUsagePoints):
         if name in _PUTTABLE:
             return self._get_der_part(request, *ids, name.removeprefix("der_"))
         return getattr(self, f"_get_{name}")(request, *ids)
+
+    def _route(self, path: str) -> tuple[str, list[int]]:
+        """(route name, ids in the path); HttpError 404 for a path the server does not have."""
+        prefix = self.paths.prefix
+        if not path.startswith(prefix + "/"):
+            raise HttpError(404)
+        local = path[len(prefix):].rstrip("/") or "/"
+        for pattern, name in _ROUTES:
+            match = pattern.fullmatch(local)
+            if match:
+                return name, [int(g) for g in match.groups()]
+        raise HttpError(404)
+
+    def _route_name(self, path: str) -> str | None:
+        try:
+            return self._route(path)[0]
+        except HttpError:
+            return None
 
     # --- helpers ---------------------------------------------------------------------------------
     def _visible(self, request: Request, edev_id: int) -> EndDeviceRecord:
@@ -192,12 +218,27 @@ class SepApp(ClientReports, MirrorUsagePoints):
         return m.program(self.paths, edev_id, program,
                          n_controls=len(self._current(self._device_controls(
                              program.program_id, edev_id))),
-                         has_default=self.repo.default_control(program.program_id) is not None)
+                         has_default=self.repo.default_control(program.program_id) is not None,
+                         n_curves=len(self.repo.curves(program.program_id)))
 
     def _current(self, controls: list[ControlRecord]) -> list[ControlRecord]:
         """Controls not yet over (completed events leave the list)."""
         now = m.epoch(self._clock())
         return [c for c in controls if m.epoch(c.start) + c.duration_s > now]
+
+    @staticmethod
+    def _superseded(everything: list[ControlRecord], current: list[ControlRecord]
+                    ) -> dict[int, datetime]:
+        """Superseded current events (see :mod:`events`); only events that can overlap a
+        current one take part."""
+        if not current:
+            return {}
+        first = min(m.epoch(c.start) for c in current)
+        candidates = [c for c in everything if m.epoch(c.start) + c.duration_s > first]
+        return superseded_times(candidates)
+
+    def _curve_href(self, edev_id: int, program_id: int):
+        return lambda curve_id: self.paths.curve(edev_id, program_id, curve_id)
 
     # --- resources -------------------------------------------------------------------------------
     def _get_dcap(self, request: Request) -> Response:
@@ -279,12 +320,16 @@ class SepApp(ClientReports, MirrorUsagePoints):
             return hit[2]
         everything = self._device_controls(program_id, edev_id)
         controls = self._current(everything)
+        superseded = self._superseded(everything, controls)
         if active_only:
-            controls = [c for c in controls if m.control_status(c, now) == m.ACTIVE]
+            controls = [c for c in controls
+                        if m.control_status(c, now, superseded.get(c.control_id)) == m.ACTIVE]
         if page.after is not None:
             controls = [c for c in controls if m.epoch(c.creation_time) >= page.after]
+        curve_href = self._curve_href(edev_id, program_id)
         items = [m.der_control(self.paths.control(edev_id, program_id, c.control_id), c, now,
-                               self.paths.responses)
+                               self.paths.responses, superseded_time=superseded.get(c.control_id),
+                               curve_href=curve_href)
                  for c in controls[page.start:page.start + page.limit]]
         response = _xml(m.der_control_list(href, items, len(controls)))
         edges = [t for c in everything for t in (m.epoch(c.start), m.epoch(c.start) + c.duration_s)
@@ -306,12 +351,15 @@ class SepApp(ClientReports, MirrorUsagePoints):
     def _get_control(self, request: Request, edev_id: int, program_id: int,
                      control_id: int) -> Response:
         self._program(request, edev_id, program_id)
-        control = next((c for c in self._device_controls(program_id, edev_id)
-                        if c.control_id == control_id), None)
+        everything = self._device_controls(program_id, edev_id)
+        control = next((c for c in everything if c.control_id == control_id), None)
         if control is None:
             raise HttpError(404)
+        superseded = self._superseded(everything, [control])
         return _xml(m.der_control(self.paths.control(edev_id, program_id, control_id), control,
-                                  self._clock(), self.paths.responses))
+                                  self._clock(), self.paths.responses,
+                                  superseded_time=superseded.get(control_id),
+                                  curve_href=self._curve_href(edev_id, program_id)))
 
     def _get_default_control(self, request: Request, edev_id: int, program_id: int) -> Response:
         self._program(request, edev_id, program_id)
@@ -319,7 +367,23 @@ class SepApp(ClientReports, MirrorUsagePoints):
         if default is None:
             raise HttpError(404)
         return _xml(m.default_der_control(self.paths.default_control(edev_id, program_id),
-                                          default))
+                                          default, self._curve_href(edev_id, program_id)))
+
+    def _get_curves(self, request: Request, edev_id: int, program_id: int) -> Response:
+        self._program(request, edev_id, program_id)
+        page = page_of(request.query)
+        curves = self.repo.curves(program_id)
+        items = [m.curve(self.paths.curve(edev_id, program_id, c.curve_id), c)
+                 for c in curves[page.start:page.start + page.limit]]
+        return _xml(m.curve_list(self.paths.curves(edev_id, program_id), items, len(curves)))
+
+    def _get_curve(self, request: Request, edev_id: int, program_id: int,
+                   curve_id: int) -> Response:
+        self._program(request, edev_id, program_id)
+        curve = self.repo.curve(curve_id)
+        if curve is None or curve.program_id != program_id:
+            raise HttpError(404)
+        return _xml(m.curve(self.paths.curve(edev_id, program_id, curve_id), curve))
 
     # --- registration ----------------------------------------------------------------------------
     def _post_edev(self, request: Request) -> Response:

@@ -103,8 +103,9 @@ def issue(out: Path, name: str, role: str, ca_cert_path: Path, ca_key_path: Path
           days: float = 825, not_before: datetime | None = None) -> Issued:
     """Issue a leaf certificate signed by the CA: ``role`` is "server", "device" or "aggregator".
 
-    Server certificates carry the DNS names and IP addresses as subjectAltName and the
-    serverAuth usage; device and aggregator certificates carry clientAuth. ``not_before`` and
+    Server certificates carry the DNS names and IP addresses as subjectAltName. Every leaf
+    carries both the serverAuth and clientAuth usages: the server also connects out (to POST
+    Notifications) and clients also listen (at their notificationURI). ``not_before`` and
     ``days`` set the validity (tests use them for expired certificates).
     """
     if role not in ("server", "device", "aggregator"):
@@ -112,7 +113,9 @@ def issue(out: Path, name: str, role: str, ca_cert_path: Path, ca_key_path: Path
     ca_cert, ca_key = load_ca(ca_cert_path, ca_key_path)
     key = ec.generate_private_key(ec.SECP256R1())
     start, end = _validity(not_before, days)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    # both directions for every role: IEEE 2030.5 clients also listen (their notification
+    # URI receives the server's Notification POSTs) and the server then connects as a client
+    usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([
@@ -127,7 +130,7 @@ def issue(out: Path, name: str, role: str, ca_cert_path: Path, ca_key_path: Path
             digital_signature=True, content_commitment=False, key_encipherment=False,
             data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
             encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                        critical=False)
     )

@@ -16,6 +16,7 @@ from derms.protocols.ieee2030_5.http11 import Request, Response
 from derms.protocols.ieee2030_5.model import EndDeviceRecord
 from derms.protocols.ieee2030_5.resources import (
     HttpError,
+    offloaded,
     page_of,
     require_sep_xml,
 )
@@ -81,10 +82,12 @@ class ClientReports:
             value = int(child_text(soc, "value")) / 10_000
             row = ReadingRow("soc_frac", t, value, der_id=rec.der_id, source=SOURCE,
                              quality=0 if 0 <= value <= 1 else int(Quality.OUT_OF_RANGE))
-        self.repo.put_der_document(edev_id, kind, to_bytes(
-            m.with_href(doc, self.paths.der_part(edev_id, der_id, kind))))
-        done = Response(204)
-        return done if row is None else self._write_rows(request, [row], done)
+        xml = to_bytes(m.with_href(doc, self.paths.der_part(edev_id, der_id, kind)))
+        if row is not None:
+            self.repo.put_der_document(edev_id, kind, xml)
+            return self._write_rows(request, [row], Response(204))
+        return offloaded(lambda: (self.repo.put_der_document(edev_id, kind, xml),
+                                  Response(204))[1])
 
     # --- responses to events (§8.10.3) ------------------------------------------------------------
     def _get_responses(self, request: Request) -> Response:
@@ -103,7 +106,7 @@ class ClientReports:
         self._visible(request, rec.edev_id)
         return _xml(m.response(self.paths, rec))
 
-    def _post_response(self, request: Request) -> Response:
+    def _post_response(self, request: Request) -> Awaitable[Response]:
         """POST a (DERControl)Response to an event the device sees: 201 with ``Location``;
         the device must be the client or one of its aggregated devices (else 403), the
         subject an event it was sent (else 400)."""
@@ -125,7 +128,17 @@ class ClientReports:
             raise HttpError(400, 1, f"subject {subject}: no such event for {lfdi}")
         status = child_text(doc, "status")
         created = child_text(doc, "createdDateTime")
-        saved, _ = self.repo.add_response(
-            control.control_id, rec.edev_id, int(status) if status is not None else None,
-            datetime.fromtimestamp(int(created), UTC) if created is not None else None)
-        return Response(201, headers=(("location", self.paths.response(saved.response_id)),))
+        try:
+            created_time = (datetime.fromtimestamp(int(created), UTC) if created is not None
+                            else None)
+        except (OverflowError, OSError, ValueError):
+            raise HttpError(400, 1, "createdDateTime out of range") from None
+
+        def store() -> Response:
+            saved, _ = self.repo.add_response(
+                control.control_id, rec.edev_id, int(status) if status is not None else None,
+                created_time)
+            return Response(201, headers=(("location",
+                                           self.paths.response(saved.response_id)),))
+
+        return offloaded(store)

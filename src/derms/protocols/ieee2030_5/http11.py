@@ -98,14 +98,24 @@ class _TlsStream:
         self._in.write(data)
         return True
 
-    async def handshake(self, timeout_s: float) -> None:
+    async def handshake(self, timeout_s: float, offload: bool = True) -> None:
+        """Complete the TLS handshake. ``offload``: run each handshake step that has peer data
+        to process in a worker thread — its public-key operations (ECDHE, ECDSA signing and
+        the client certificate's verification) release the GIL, so requests on the
+        connections already open are served meanwhile instead of queueing behind a burst of
+        new connections."""
+        fresh = True
         while True:
             try:
-                self.ssl.do_handshake()
+                if offload and not fresh:
+                    await asyncio.to_thread(self.ssl.do_handshake)
+                else:
+                    self.ssl.do_handshake()
             except ssl.SSLWantReadError:
                 await self._flush()
                 if not await self._fill(timeout_s):
                     raise _Close from None
+                fresh = False
                 continue
             except ssl.SSLError:
                 with contextlib.suppress(Exception):
@@ -139,7 +149,7 @@ class Http11TlsServer:
 
     def __init__(self, handler: Handler, ssl_context: ssl.SSLContext, host: str = "127.0.0.1",
                  port: int = 0, *, max_body_bytes: int = 64 * 1024, idle_timeout_s: float = 60.0,
-                 handshake_timeout_s: float = 10.0) -> None:
+                 handshake_timeout_s: float = 10.0, offload_handshakes: bool = True) -> None:
         if ssl_context.verify_mode != ssl.CERT_REQUIRED:
             raise ValueError("the IEEE 2030.5 server needs an SSL context that requires "
                              "client certificates")
@@ -149,6 +159,7 @@ class Http11TlsServer:
         self.max_body_bytes = max_body_bytes
         self.idle_timeout_s = idle_timeout_s
         self._handshake_timeout_s = handshake_timeout_s
+        self.offload_handshakes = offload_handshakes
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -183,7 +194,8 @@ class Http11TlsServer:
         tls = _TlsStream(reader, writer, self._ssl)
         try:
             try:
-                await asyncio.wait_for(tls.handshake(self.idle_timeout_s),
+                await asyncio.wait_for(tls.handshake(self.idle_timeout_s,
+                                                     self.offload_handshakes),
                                        self._handshake_timeout_s)
             except ssl.SSLError as exc:
                 log.info("event=ieee2030_5_handshake_failed peer=%s reason=%s",
@@ -288,6 +300,8 @@ class ServerThread:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="ieee2030_5-server", daemon=True)
+        #: stopped with the server (e.g. the notifier), in reverse order
+        self.companions: list = []
 
     def start(self) -> int:
         self._thread.start()
@@ -298,6 +312,10 @@ class ServerThread:
         return self.server.port
 
     def stop(self) -> None:
+        for companion in reversed(self.companions):
+            with contextlib.suppress(Exception):
+                companion.stop()
+        self.companions.clear()
         if not self._thread.is_alive():
             return
         with contextlib.suppress(Exception):

@@ -57,6 +57,20 @@ class DerLimits:
     load_lim_w: float | None = None
     connect: bool | None = None
     energize: bool | None = None
+    #: opModTargetW: the active power the DER should hold, W, positive = generating or
+    #: discharging (IEEE 2030.5 sign), negative = consuming or charging
+    target_w: float | None = None
+    #: DERCurves (ids in the same DER program) the control turns on; None: not set
+    volt_var_curve_id: int | None = None
+    volt_watt_curve_id: int | None = None
+    freq_watt_curve_id: int | None = None
+
+    def curve_ids(self) -> dict[str, int]:
+        """The DERControlBase curve modes set: element name → curve id."""
+        pairs = (("opModFreqWatt", self.freq_watt_curve_id),
+                 ("opModVoltVar", self.volt_var_curve_id),
+                 ("opModVoltWatt", self.volt_watt_curve_id))
+        return {tag: cid for tag, cid in pairs if cid is not None}
 
 
 @dataclass(frozen=True)
@@ -193,3 +207,67 @@ class MirrorUsagePointRecord:
 
     def reading(self, mrid: str) -> MirrorReadingRecord | None:
         return next((r for r in self.readings if r.mrid == mrid), None)
+
+
+#: DERCurveType codes (IEEE 2030.5) of the curves the management API creates
+CURVE_TYPES = {"freq_watt": 0, "volt_var": 11, "volt_watt": 12}
+
+
+@dataclass(frozen=True)
+class CurveRecord:
+    """A DERCurve of a DER program (IEEE 2030.5 §10.10): up to 10 points ``(x, y)`` in the
+    curve's own units — volt-var: x in % of the nominal voltage (100 = 1 pu), y in % of
+    ``y_ref_type`` (2: setMaxVar; positive = the DER injects vars); volt-watt: x in % of
+    nominal, y in % of setMaxW (1); freq-watt: x in Hz, y in % of setMaxW. Stored as floats;
+    the server scales them to Int32 with ``x_multiplier``/``y_multiplier`` (powers of ten)."""
+
+    curve_id: int
+    program_id: int
+    mrid: str
+    curve_type: int
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    y_ref_type: int
+    creation_time: datetime
+    description: str = ""
+    x_multiplier: int = 0
+    y_multiplier: int = 0
+    ramp_dec_tms: int | None = None  # hundredths of a second
+    ramp_inc_tms: int | None = None
+    ramp_pt1_tms: int | None = None
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class LogEventRecord:
+    """A LogEvent an end device POSTed (IEEE 2030.5 §10.15 / Table 12 codes)."""
+
+    log_event_id: int  # server-assigned (the resource id)
+    edev_id: int
+    created_time: datetime
+    function_set: int
+    log_event_code: int
+    device_log_event_id: int  # the client's logEventID
+    log_event_pen: int
+    profile_id: int
+    details: str | None = None
+    extended_data: int | None = None
+    received_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SubscriptionRecord:
+    """A client's Subscription (IEEE 2030.5 §9.2 / §5.6): the server POSTs a Notification
+    with the resource to ``notification_uri`` when ``subscribed_resource`` changes.
+    ``owner_lfdi``: the certificate identity that created it; notifications render the
+    resource as that client would see it."""
+
+    subscription_id: int
+    edev_id: int
+    owner_lfdi: str
+    subscribed_resource: str
+    notification_uri: str
+    limit: int
+    level: str = "+S1"
+    encoding: int = 0
+    created_time: datetime | None = None

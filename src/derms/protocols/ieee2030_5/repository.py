@@ -17,16 +17,25 @@ from derms.protocols.ieee2030_5.identity import sfdi_from_lfdi
 from derms.protocols.ieee2030_5.model import (
     ControlRecord,
     ControlSpec,
+    CurveRecord,
     DefaultControlRecord,
     DerLimits,
     EndDeviceRecord,
     FsaRecord,
+    LogEventRecord,
     MirrorReadingRecord,
     MirrorUsagePointRecord,
     ProgramRecord,
     ResponseRecord,
+    SubscriptionRecord,
     new_mrid,
 )
+
+#: DERControlBase curve mode → the DERCurveType its curve must have
+MODE_CURVE_TYPES = {"opModFreqWatt": 0, "opModVoltVar": 11, "opModVoltWatt": 12}
+MAX_CURVE_POINTS = 10  # DERCurve: CurveData 1..10
+MAX_SUBSCRIPTIONS_PER_DEVICE = 64
+MAX_LOG_EVENTS_KEPT = 10_000  # per end device (oldest dropped first)
 
 
 class SepRepository(Protocol):
@@ -62,6 +71,14 @@ class SepRepository(Protocol):
                             ) -> list[MirrorUsagePointRecord]: ...
     def add_mirror_readings(self, mup_id: int, readings: Sequence[MirrorReadingRecord]
                             ) -> MirrorUsagePointRecord: ...
+    def curve(self, curve_id: int) -> CurveRecord | None: ...
+    def curves(self, program_id: int) -> list[CurveRecord]: ...
+    def add_log_event(self, rec: LogEventRecord) -> LogEventRecord: ...
+    def log_events(self, edev_id: int) -> list[LogEventRecord]: ...
+    def add_subscription(self, rec: SubscriptionRecord) -> tuple[SubscriptionRecord, bool]: ...
+    def subscription(self, subscription_id: int) -> SubscriptionRecord | None: ...
+    def subscriptions(self, edev_id: int | None = None) -> list[SubscriptionRecord]: ...
+    def delete_subscription(self, subscription_id: int) -> bool: ...
     @property
     def version(self) -> int: ...
 
@@ -85,6 +102,10 @@ class SepAdminRepository(SepRepository, Protocol):
     def set_default_control(self, program_id: int, limits: DerLimits, *,
                             description: str = "", set_grad_w: int | None = None
                             ) -> DefaultControlRecord: ...
+    def add_curve(self, program_id: int, curve_type: int, x: Sequence[float],
+                  y: Sequence[float], y_ref_type: int, *, description: str = "",
+                  ramp_dec_tms: int | None = None, ramp_inc_tms: int | None = None,
+                  ramp_pt1_tms: int | None = None) -> CurveRecord: ...
 
 
 def _norm(lfdi: str) -> str:
@@ -112,6 +133,30 @@ def _check_spec(spec: ControlSpec) -> None:
         value = getattr(spec.limits, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} {value!r}: expected a finite value >= 0 W")
+    target = spec.limits.target_w
+    if target is not None and not math.isfinite(target):
+        raise ValueError(f"target_w {target!r}: expected a finite value in W")
+
+
+def check_curve(curve_type: int, x: Sequence[float], y: Sequence[float], y_ref_type: int,
+                ramps: Sequence[int | None]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Validate a DERCurve's points (ValueError naming the problem); returns them as floats."""
+    if not 0 <= curve_type <= 14:
+        raise ValueError(f"curveType {curve_type}: expected 0..14 (DERCurveType)")
+    if not 0 <= y_ref_type <= 7:
+        raise ValueError(f"yRefType {y_ref_type}: expected 0..7 (DERUnitRefType)")
+    xs, ys = tuple(float(v) for v in x), tuple(float(v) for v in y)
+    if not 1 <= len(xs) <= MAX_CURVE_POINTS or len(xs) != len(ys):
+        raise ValueError(f"curve points: expected 1..{MAX_CURVE_POINTS} x values and as many "
+                         f"y values, got {len(xs)} and {len(ys)}")
+    if not all(math.isfinite(v) and abs(v) < 2e7 for v in xs + ys):
+        raise ValueError("curve points: every x and y must be finite and below 2e7 in size")
+    if any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
+        raise ValueError(f"curve x values {list(xs)}: must increase strictly")
+    for value in ramps:
+        if value is not None and not 0 <= value <= 65535:
+            raise ValueError(f"ramp time {value}: expected 0..65535 hundredths of a second")
+    return xs, ys
 
 
 def _content_of_spec(spec: ControlSpec) -> tuple:
@@ -145,8 +190,11 @@ class InMemoryRepository:
         self._response_keys: dict[tuple[int, int, int | None], int] = {}
         self._mups: dict[int, MirrorUsagePointRecord] = {}
         self._mup_mrids: dict[str, int] = {}
+        self._curves: dict[int, CurveRecord] = {}
+        self._log_events: dict[int, list[LogEventRecord]] = {}
+        self._subscriptions: dict[int, SubscriptionRecord] = {}
         self._next = {"edev": 1, "fsa": 1, "program": 1, "control": 1, "response": 1,
-                      "mup": 1}
+                      "mup": 1, "curve": 1, "log": 1, "sub": 1}
         self._version = 0
 
     @property
@@ -323,6 +371,7 @@ class InMemoryRepository:
                     raise ValueError(f"DER program {spec.program_id}: unknown")
                 if spec.edev_id is not None and spec.edev_id not in self._edevs:
                     raise ValueError(f"end device {spec.edev_id}: unknown")
+                self._check_curves(spec.program_id, spec.limits)
                 mrid = spec.mrid.upper() if spec.mrid else new_mrid(self._pen)
                 old = new.get(mrid) or self._controls.get(self._control_mrids.get(mrid, -1))
                 if old is not None:
@@ -389,6 +438,7 @@ class InMemoryRepository:
         with self._lock:
             if program_id not in self._programs:
                 raise ValueError(f"DER program {program_id}: unknown")
+            self._check_curves(program_id, limits)
             old = self._defaults.get(program_id)
             rec = DefaultControlRecord(program_id, old.mrid if old else new_mrid(self._pen),
                                        limits, description,
@@ -401,6 +451,103 @@ class InMemoryRepository:
     def default_control(self, program_id: int) -> DefaultControlRecord | None:
         with self._lock:
             return self._defaults.get(program_id)
+
+    # --- DER curves (volt-var, volt-watt, freq-watt, …) ---------------------------------------------
+    def _check_curves(self, program_id: int, limits: DerLimits) -> None:  # lock held
+        for tag, curve_id in limits.curve_ids().items():
+            curve = self._curves.get(curve_id)
+            if curve is None or curve.program_id != program_id:
+                raise ValueError(f"{tag}: DERCurve {curve_id} is not a curve of DER program "
+                                 f"{program_id}")
+            if curve.curve_type != MODE_CURVE_TYPES[tag]:
+                raise ValueError(f"{tag}: DERCurve {curve_id} has curveType "
+                                 f"{curve.curve_type}, expected {MODE_CURVE_TYPES[tag]}")
+
+    def add_curve(self, program_id: int, curve_type: int, x: Sequence[float],
+                  y: Sequence[float], y_ref_type: int, *, description: str = "",
+                  ramp_dec_tms: int | None = None, ramp_inc_tms: int | None = None,
+                  ramp_pt1_tms: int | None = None) -> CurveRecord:
+        """Add a DERCurve to a program (curves are immutable: a new shape is a new curve)."""
+        xs, ys = check_curve(curve_type, x, y, y_ref_type,
+                             (ramp_dec_tms, ramp_inc_tms, ramp_pt1_tms))
+        with self._lock:
+            if program_id not in self._programs:
+                raise ValueError(f"DER program {program_id}: unknown")
+            rec = CurveRecord(self._id("curve"), program_id, new_mrid(self._pen), curve_type,
+                              xs, ys, y_ref_type, datetime.now(UTC).replace(microsecond=0),
+                              description, x_multiplier=-2, y_multiplier=-2,
+                              ramp_dec_tms=ramp_dec_tms, ramp_inc_tms=ramp_inc_tms,
+                              ramp_pt1_tms=ramp_pt1_tms)
+            self._curves[rec.curve_id] = rec
+            self._changed()
+            return rec
+
+    def curve(self, curve_id: int) -> CurveRecord | None:
+        with self._lock:
+            return self._curves.get(curve_id)
+
+    def curves(self, program_id: int) -> list[CurveRecord]:
+        with self._lock:
+            return sorted((c for c in self._curves.values() if c.program_id == program_id),
+                          key=lambda c: c.curve_id)
+
+    # --- log events and subscriptions (client-created) ----------------------------------------------
+    def add_log_event(self, rec: LogEventRecord) -> LogEventRecord:
+        """Store a LogEvent a device POSTed (``rec.log_event_id`` is assigned)."""
+        with self._lock:
+            if rec.edev_id not in self._edevs:
+                raise ValueError(f"end device {rec.edev_id}: unknown")
+            rec = dataclasses.replace(rec, log_event_id=self._id("log"),
+                                      received_time=datetime.now(UTC))
+            kept = self._log_events.setdefault(rec.edev_id, [])
+            kept.append(rec)
+            if len(kept) > MAX_LOG_EVENTS_KEPT:
+                del kept[:len(kept) - MAX_LOG_EVENTS_KEPT]
+            return rec
+
+    def log_events(self, edev_id: int) -> list[LogEventRecord]:
+        """A device's log events, newest first (IEEE 2030.5 LogEventList order)."""
+        with self._lock:
+            return sorted(self._log_events.get(edev_id, ()),
+                          key=lambda r: (r.created_time, r.log_event_id), reverse=True)
+
+    def add_subscription(self, rec: SubscriptionRecord) -> tuple[SubscriptionRecord, bool]:
+        """Store a Subscription (id assigned): ``(stored, created)``. The same end device,
+        resource and notification URI again renews the stored one (limit and level
+        updated, ``created`` False); more than MAX_SUBSCRIPTIONS_PER_DEVICE is a
+        ValueError."""
+        with self._lock:
+            if rec.edev_id not in self._edevs:
+                raise ValueError(f"end device {rec.edev_id}: unknown")
+            mine = [r for r in self._subscriptions.values() if r.edev_id == rec.edev_id]
+            old = next((r for r in mine if r.subscribed_resource == rec.subscribed_resource
+                        and r.notification_uri == rec.notification_uri), None)
+            if old is not None:
+                new = dataclasses.replace(old, limit=rec.limit, level=rec.level,
+                                          encoding=rec.encoding)
+                self._subscriptions[old.subscription_id] = new
+                return new, False
+            if len(mine) >= MAX_SUBSCRIPTIONS_PER_DEVICE:
+                raise ValueError(f"end device {rec.edev_id}: already has "
+                                 f"{MAX_SUBSCRIPTIONS_PER_DEVICE} subscriptions")
+            new = dataclasses.replace(rec, subscription_id=self._id("sub"),
+                                      created_time=datetime.now(UTC).replace(microsecond=0))
+            self._subscriptions[new.subscription_id] = new
+            return new, True
+
+    def subscription(self, subscription_id: int) -> SubscriptionRecord | None:
+        with self._lock:
+            return self._subscriptions.get(subscription_id)
+
+    def subscriptions(self, edev_id: int | None = None) -> list[SubscriptionRecord]:
+        with self._lock:
+            return sorted((r for r in self._subscriptions.values()
+                           if edev_id is None or r.edev_id == edev_id),
+                          key=lambda r: r.subscription_id)
+
+    def delete_subscription(self, subscription_id: int) -> bool:
+        with self._lock:
+            return self._subscriptions.pop(subscription_id, None) is not None
 
     # --- what clients PUT: DERCapability, DERSettings, DERStatus, DERAvailability ---------------
     def put_der_document(self, edev_id: int, kind: str, xml: bytes) -> bool:

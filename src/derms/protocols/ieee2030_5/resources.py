@@ -4,6 +4,8 @@ limit, ``a`` after) and the media-type check of incoming bodies."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from lxml import etree
@@ -57,3 +59,12 @@ def require_sep_xml(request: Request) -> None:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != MEDIA_TYPE:
         raise HttpError(415, detail=f"content type {content_type!r}")
+
+
+def offloaded(work: Callable[[], Response]) -> Awaitable[Response]:
+    """Run a handler's blocking part (a repository write that may reach the database) in a
+    worker thread, off the listener's event loop; an HttpError it raises still answers."""
+    async def run() -> Response:
+        return await asyncio.to_thread(work)
+
+    return run()

@@ -14,6 +14,7 @@ Incoming documents are parsed without DTDs, entities or network access.
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 from typing import Any
 
@@ -21,6 +22,7 @@ from lxml import etree
 
 NS = "urn:ieee:std:2030.5:ns"
 CSIPAUS_NS = "https://csipaus.org/ns"
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 NSMAP = {None: NS, "csipaus": CSIPAUS_NS}
 MEDIA_TYPE = "application/sep+xml"
 
@@ -110,6 +112,11 @@ def parse(body: bytes, expected_root: str | tuple[str, ...]) -> etree._Element:
     if root.tag not in {f"{{{NS}}}{r}" for r in roots}:
         raise SepDocumentError(f"root element {root.tag!r}: expected {' or '.join(roots)} "
                                f"in {NS}")
+    # IEEE 2030.5-2023 clients put schemaVer (e.g. "2.2") on every root element; the 2018
+    # schema the server validates against has no such attribute, so it is checked and dropped
+    version = root.attrib.pop("schemaVer", None)
+    if version is not None and not re.fullmatch(r"\d{1,3}\.\d{1,3}", version):
+        raise SepDocumentError(f"schemaVer {version!r}: expected a version such as 2.2")
     errors = validation_errors(root)
     if errors:
         raise SepDocumentError(f"schema-invalid {etree.QName(root).localname}: {errors[0]}")
