@@ -278,7 +278,7 @@ def test_notification_needs_the_subscribers_certificate(pki):  # noqa: F811
     hits: list[bytes] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             hits.append(self.rfile.read(int(self.headers["content-length"])))
             self.send_response(201)
             self.end_headers()

@@ -71,7 +71,7 @@ def _docs():
     c2 = repo.add_control(p.program_id, now, 300,
                           DerLimits(target_w=-2500.0, volt_var_curve_id=vv.curve_id,
                                     freq_watt_curve_id=fw.curve_id, exp_lim_w=0))
-    href = lambda i: P.curve(1, 1, i)  # noqa: E731
+    href = lambda i: P.curve(1, 1, i)
     log = LogEventRecord(1, 1, now, 14, 2, 9, 40732, 2, details="trip", extended_data=7)
     sub = SubscriptionRecord(1, 1, "AB" * 20, "/api/v1/edev/1/derp/1/derc",
                              "https://127.0.0.1:9/n", 10)

@@ -294,11 +294,12 @@ def serve(
     api = create_app(settings)
     sep_server = None
     if sep_config is not None:
-        from derms.protocols.ieee2030_5 import InMemoryRepository, start_ieee2030_5_server
+        from derms.protocols.ieee2030_5 import start_ieee2030_5_server
+        from derms.protocols.ieee2030_5.sql_repository import PersistentRepository
         from derms.protocols.ieee2030_5.telemetry import StoreReadingSink
 
         # one repository: the listener serves what the management API (/v1/ieee2030-5) writes
-        api.state.ieee2030_5_repo = repo = InMemoryRepository()
+        api.state.ieee2030_5_repo = repo = PersistentRepository(api.state.engine)
         try:
             # mirrored readings (MirrorUsagePoints) go into the historian of the API's database
             sep_server = start_ieee2030_5_server(sep_config, repo,

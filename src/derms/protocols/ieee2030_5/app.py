@@ -49,15 +49,16 @@ from derms.protocols.ieee2030_5.identity import sfdi_from_lfdi
 from derms.protocols.ieee2030_5.mirror import MirrorUsagePoints
 from derms.protocols.ieee2030_5.model import ControlRecord, EndDeviceRecord
 from derms.protocols.ieee2030_5.repository import SepRepository
-from derms.protocols.ieee2030_5.subscriptions import ClientLogsAndSubscriptions
 from derms.protocols.ieee2030_5.resources import (
     HttpError,
     error_response,
+    offloaded,
     page_of,
     require_sep_xml,
 )
 from derms.protocols.ieee2030_5.resources import xml_response as _xml
 from derms.protocols.ieee2030_5.sep_xml import SepDocumentError, child_text, parse
+from derms.protocols.ieee2030_5.subscriptions import ClientLogsAndSubscriptions
 from derms.protocols.ieee2030_5.telemetry import ReadingSink
 
 log = logging.getLogger(__name__)
@@ -386,7 +387,7 @@ class SepApp(ClientReports, MirrorUsagePoints, ClientLogsAndSubscriptions):
         return _xml(m.curve(self.paths.curve(edev_id, program_id, curve_id), curve))
 
     # --- registration ----------------------------------------------------------------------------
-    def _post_edev(self, request: Request) -> Response:
+    def _post_edev(self, request: Request) -> Response | Awaitable[Response]:
         """POST EndDevice to the EndDeviceList (§8.5.3): a device registers itself, an
         aggregator the devices behind it. 201 with ``Location`` (also when the LFDI is already
         registered to this client: pre-registration by the operator)."""
@@ -414,7 +415,18 @@ class SepApp(ClientReports, MirrorUsagePoints, ClientLogsAndSubscriptions):
                 raise HttpError(403, detail=f"end device {lfdi} belongs to another client")
             rec = existing
         elif aggregator or self.settings.allow_self_registration:
-            rec = self.repo.add_end_device(lfdi, owner_lfdi=client.lfdi if aggregator else None)
+            owner = client.lfdi if aggregator else None
+
+            def register() -> Response:
+                try:
+                    return self._created_edev(self.repo.add_end_device(lfdi, owner_lfdi=owner))
+                except ValueError as exc:  # e.g. registered meanwhile by another request
+                    raise HttpError(400, 1, str(exc)) from None
+
+            return offloaded(register)
         else:
             raise HttpError(403, detail=f"end device {lfdi} is not pre-registered")
+        return self._created_edev(rec)
+
+    def _created_edev(self, rec: EndDeviceRecord) -> Response:
         return Response(201, headers=(("location", self.paths.edev(rec.edev_id)),))

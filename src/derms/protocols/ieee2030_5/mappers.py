@@ -89,7 +89,7 @@ def active_power(w: float) -> tuple[int, int]:
     (5000, 0); 123,456 W → (12346, 1). Negative inputs are accepted (Int16 is signed)."""
     if not math.isfinite(w):
         raise ValueError(f"active power {w!r} W: not a finite number")
-    for mult in range(0, 10):
+    for mult in range(10):
         value = round(w / 10**mult)
         if -32768 <= value <= 32767:
             return value, mult

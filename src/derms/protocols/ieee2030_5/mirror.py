@@ -25,6 +25,7 @@ is sent after the commit.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
@@ -46,6 +47,10 @@ from derms.protocols.ieee2030_5.telemetry import SOURCE
 from derms.store.timeseries import ReadingRow
 
 log = logging.getLogger(__name__)
+
+
+async def _resolved(result: Response | Awaitable[Response]) -> Response:
+    return await result if inspect.isawaitable(result) else result
 
 
 class MirrorUsagePoints:
@@ -103,13 +108,17 @@ class MirrorUsagePoints:
             regs.append(reg)
         draft = MirrorUsagePointRecord(0, creator_lfdi=client, edev_id=rec.edev_id,
                                        readings=tuple(regs), **fields)
-        try:
-            mup, _ = self.repo.add_mirror_usage_point(draft)
-        except PermissionError as exc:
-            raise HttpError(403, detail=str(exc)) from None
-        except ValueError as exc:
-            raise HttpError(400, 1, str(exc)) from None
-        return self._store(request, mup, rec, mmrs, regs)
+
+        async def register() -> Response:  # the repository write may reach the database
+            try:
+                mup, _ = await asyncio.to_thread(self.repo.add_mirror_usage_point, draft)
+            except PermissionError as exc:
+                raise HttpError(403, detail=str(exc)) from None
+            except ValueError as exc:
+                raise HttpError(400, 1, str(exc)) from None
+            return await _resolved(self._store(request, mup, rec, mmrs, regs))
+
+        return register()
 
     def _post_mup(self, request: Request, mup_id: int) -> Response | Awaitable[Response]:
         mup = self._mup(request, mup_id)
@@ -127,13 +136,18 @@ class MirrorUsagePoints:
                                         "cannot change")
             regs.append(reg or known)
         new = [r for r in regs if mup.reading(r.mrid) is None]
-        if new:
+        if not new:
+            return self._store(request, mup, self.repo.end_device(mup.edev_id), mmrs, regs)
+
+        async def register() -> Response:  # the repository write may reach the database
             try:
-                mup = self.repo.add_mirror_readings(mup_id, new)
+                added = await asyncio.to_thread(self.repo.add_mirror_readings, mup_id, new)
             except ValueError as exc:
                 raise HttpError(400, 1, str(exc)) from None
-        rec = self.repo.end_device(mup.edev_id)
-        return self._store(request, mup, rec, mmrs, regs)
+            rec = self.repo.end_device(added.edev_id)
+            return await _resolved(self._store(request, added, rec, mmrs, regs))
+
+        return register()
 
     def _owner(self, mup: MirrorUsagePointRecord, rec: EndDeviceRecord) -> dict[str, str] | None:
         if mup.is_site:

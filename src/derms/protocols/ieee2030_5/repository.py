@@ -7,6 +7,7 @@ can replace :class:`InMemoryRepository` without touching the HTTP side.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import threading
 from collections.abc import Sequence
@@ -151,7 +152,7 @@ def check_curve(curve_type: int, x: Sequence[float], y: Sequence[float], y_ref_t
                          f"y values, got {len(xs)} and {len(ys)}")
     if not all(math.isfinite(v) and abs(v) < 2e7 for v in xs + ys):
         raise ValueError("curve points: every x and y must be finite and below 2e7 in size")
-    if any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(xs)):
         raise ValueError(f"curve x values {list(xs)}: must increase strictly")
     for value in ramps:
         if value is not None and not 0 <= value <= 65535:
