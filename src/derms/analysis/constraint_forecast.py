@@ -18,6 +18,15 @@ normal rating for thermal; the limit is the base-case value for pre-existing one
 conditional on the violation. Hourly probability of a kind = total weight of the
 scenarios with at least one violation of that kind in that hour.
 
+**Margin** of an element-phase and interval = its signed distance beyond the violation
+threshold (limit + tolerance; base-case value + tolerance for a pre-existing one), in the
+kind's excess unit: > 0 exactly where a violation is counted, <= 0 is headroom. The
+hourly worst margin (``margins``) is the largest over element-phases, intervals of the
+hour and scenarios; for a one-level forecast of the actuals it is the truth's distance
+from the threshold, which tells a knife-edge hour (|margin| of a few 1e-4 pu, decided
+by sub-millivolt differences and regulator tap timing) from a clear one.
+:func:`score_hours` scores predicted hours against such a truth.
+
 Power convention: load multipliers scale each load's base kW/kvar (import positive); PV
 output is generation (>= 0) per unit of each system's Pmpp.
 """
@@ -48,6 +57,7 @@ VIOLATION_FORECAST_COLUMNS = [
     "excess_unit", "worst_value", "limit", "pre_existing",
 ]
 DEFAULT_HORIZON = pd.Timedelta("24h")
+MARGIN_COLUMNS = ["hour", "kind", "worst_margin", "margin_unit"]
 HOURLY_COLUMNS = ["hour", "kind", "probability", "n_elements", "worst_element", "worst_phase",
                   "worst_probability", "expected_excess"]
 
@@ -59,7 +69,8 @@ class ConstraintForecast:
     ``violations``: one row per (kind, element, phase, interval) with probability > 0
     (``start``/``end`` UTC, ``[start, end)``). ``hourly``: one row per (hour, kind) over
     the horizon. ``scenarios``: the scenario table; ``threshold``: the probability at or
-    above which an hour counts as predicted.
+    above which an hour counts as predicted. ``margins``: one row per (hour, kind), the
+    worst margin (module docstring; > 0 where some scenario violates).
     """
 
     violations: pd.DataFrame
@@ -70,6 +81,8 @@ class ConstraintForecast:
     runtime_s: float
     n_not_converged: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    margins: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=MARGIN_COLUMNS))
 
     def predicted_hours(self, kind: str = "overvoltage") -> pd.DatetimeIndex:
         """Hours (UTC starts) whose probability of ``kind`` is >= ``threshold``."""
@@ -77,11 +90,18 @@ class ConstraintForecast:
                         & (self.hourly["probability"] >= self.threshold)]
         return pd.DatetimeIndex(h["hour"])
 
+    def hour_margins(self, kind: str = "overvoltage") -> pd.Series:
+        """Worst margin of ``kind`` per hour (UTC starts), see :attr:`margins`."""
+        m = self.margins[self.margins["kind"] == kind]
+        return pd.Series(m["worst_margin"].to_numpy(float), index=pd.DatetimeIndex(m["hour"]),
+                         name=f"{kind}_worst_margin")
+
 
 def _masks(res: QSTSResult, base: QSTSResult, limits: Limits
-           ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per kind: (mask (T, N) counted violations, excess (T, N), value (T, N), limit (T, N))
-    from :func:`detect_violations`' events, expanded back to intervals."""
+           ) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per kind: (mask (T, N) counted violations, excess (T, N), value (T, N), limit (T, N),
+    pre-existing (T, N), margin (T, N)) from :func:`detect_violations`' events, expanded
+    back to intervals; margin as in the module docstring (-inf where not checked)."""
     ix = res.index
     head, base_head = res.head_p_kw.sum(axis=1), base.head_p_kw.sum(axis=1)
     loading, base_loading = np.nan_to_num(res.loading_pct()), np.nan_to_num(base.loading_pct())
@@ -105,6 +125,8 @@ def _masks(res: QSTSResult, base: QSTSResult, limits: Limits
         sets["reverse_power"] = (head[:, None], base_head[:, None],
                                  _keys(np.array(["feeder_head"], dtype=object), np.array([0])),
                                  -1, -limits.reverse_power_kw, 1e-6)
+    live = ((res.v_pu >= limits.energised_min_pu)
+            & (np.asarray(ix.node_phase) <= 3)[None, :])
     out = {}
     for kind, (val, bval, keys, sign, lim, tol) in sets.items():
         mask = np.zeros(val.shape, dtype=bool)
@@ -122,7 +144,14 @@ def _masks(res: QSTSResult, base: QSTSResult, limits: Limits
         limit = np.where(pre, bval, lim)
         # a pre-existing violation counts only where it is worse than its base case
         mask &= ~pre | (sign * (val - bval) > tol)
-        out[kind] = (mask, np.where(mask, sign * (val - limit), 0.0), val, limit, pre)
+        # distance beyond the threshold; pre-existing in the base case: beyond base + tol
+        base_bad = sign * (bval - lim) > tol
+        if kind == "undervoltage":
+            base_bad &= bval >= limits.energised_min_pu
+        margin = np.where(base_bad, sign * (val - bval), sign * (val - lim)) - tol
+        if kind in ("overvoltage", "undervoltage"):
+            margin = np.where(live, margin, -np.inf)
+        out[kind] = (mask, np.where(mask, sign * (val - limit), 0.0), val, limit, pre, margin)
     return out
 
 
@@ -216,13 +245,14 @@ def forecast_constraints(
     for s in range(sc.n_scenarios):
         result = run(s, True)
         n_bad += int((~result.converged).sum())
-        for kind, (mask, excess, val, limit, pre) in _masks(
+        for kind, (mask, excess, val, limit, pre, margin) in _masks(
                 result, bases[int(sc.load_id[s])], limits).items():
             a = acc.setdefault(kind, {
                 "p": np.zeros(mask.shape), "ex": np.zeros(mask.shape),
                 "worst": np.full(mask.shape, np.nan), "limit": np.zeros(mask.shape),
                 "pre": np.zeros(mask.shape, dtype=bool), "hour_any": np.zeros(len(h_start)),
-                "hour_el": np.zeros((len(h_start), mask.shape[1]))})
+                "hour_el": np.zeros((len(h_start), mask.shape[1])),
+                "margin": np.full(len(h_start), -np.inf)})
             a["p"] += w[s] * mask
             a["ex"] += w[s] * excess
             sign = -1.0 if kind in ("undervoltage", "reverse_power") else 1.0
@@ -233,6 +263,9 @@ def forecast_constraints(
             by_hour = np.logical_or.reduceat(mask, h_start, axis=0)  # (H, N)
             a["hour_el"] += w[s] * by_hour
             a["hour_any"] += w[s] * by_hour.any(axis=1)
+            if margin.shape[1]:
+                a["margin"] = np.maximum(a["margin"], np.maximum.reduceat(
+                    margin.max(axis=1), h_start))
     assert result is not None
     ix = result.index
     names = {"overvoltage": (ix.node_bus, ix.node_phase), "undervoltage": (ix.node_bus,
@@ -241,13 +274,17 @@ def forecast_constraints(
     step = sc.t[1] - sc.t[0] if T > 1 else pd.Timedelta(hours=1)
     violations = _violation_table(acc, names, sc.t, step)
     hourly = _hourly_table(acc, names, hour[h_start], h_start)
+    margins = pd.concat([pd.DataFrame({"hour": hour[h_start], "kind": kind,
+                                       "worst_margin": acc[kind]["margin"],
+                                       "margin_unit": EXCESS_UNIT[kind]})
+                         for kind in KINDS if kind in acc], ignore_index=True)
     notes = ("base case: each scenario's load with the PV fleet at zero output",
              (f"scenarios: {method}, {sc.n_scenarios}; hour predicted when probability >= "
               f"{threshold:g}"))
     return ConstraintForecast(violations=violations, hourly=hourly, scenarios=sc.table(),
                               t=sc.t, threshold=threshold,
                               runtime_s=time.perf_counter() - t0, n_not_converged=n_bad,
-                              notes=notes)
+                              notes=notes, margins=margins)
 
 
 def _violation_table(acc, names, t: pd.DatetimeIndex, step: pd.Timedelta) -> pd.DataFrame:
@@ -296,6 +333,51 @@ def _hourly_table(acc, names, hours: pd.DatetimeIndex, h_start: np.ndarray) -> p
             "expected_excess": np.where(best_p > 0, ex_h, 0.0),
         }))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=HOURLY_COLUMNS)
+
+
+@dataclass(frozen=True)
+class HourScore:
+    """Predicted hours against true hours (see :func:`score_hours`)."""
+
+    tp: int
+    fp: int
+    fn: int
+    marginal: pd.DatetimeIndex   # hours left out of the score: truth within the band
+    band: float
+
+    @property
+    def precision(self) -> float:
+        n = self.tp + self.fp
+        return self.tp / n if n else float("nan")
+
+    @property
+    def recall(self) -> float:
+        n = self.tp + self.fn
+        return self.tp / n if n else float("nan")
+
+
+def score_hours(predicted: pd.DatetimeIndex, truth_margin: pd.Series, band: float = 0.0
+                ) -> HourScore:
+    """Precision/recall of ``predicted`` hours against the truth's hourly worst margin.
+
+    ``truth_margin``: hour -> worst margin of the kind in the truth run
+    (:meth:`ConstraintForecast.hour_margins` of a one-level forecast of the actuals); an
+    hour is truly in violation when its margin > 0. With ``band`` > 0, hours whose truth
+    margin lies within ``[-band, +band]`` are *marginal*: a violation or none is decided
+    there by less than ``band`` (e.g. 0.001 pu, the voltage tolerance), so they are left
+    out of both precision and recall and listed in ``marginal``. ``band=0`` is the plain
+    definition. Micro-average several days by summing the counts.
+    """
+    if band < 0:
+        raise InputError(f"band must be >= 0, got {band}")
+    m = truth_margin.astype(float)
+    marginal = m.index[(m.abs() <= band) & (band > 0)]
+    scored = m.drop(marginal)
+    true = pd.DatetimeIndex(scored.index[scored.to_numpy() > 0])
+    pred = pd.DatetimeIndex(predicted).difference(marginal)
+    tp = len(true.intersection(pred))
+    return HourScore(tp=tp, fp=len(pred) - tp, fn=len(true) - tp,
+                     marginal=pd.DatetimeIndex(marginal), band=band)
 
 
 def normalise_histories(load_history: pd.Series, pv_history: pd.Series,
