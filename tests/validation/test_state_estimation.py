@@ -459,3 +459,17 @@ def test_measurement_jacobian_matches_finite_differences(ieee123):
         assert np.abs(fd - h[:, j]).max() <= 0.01 * np.abs(fd).max() + 1e-6
     set_loads(engine, p0, q0)
     engine.solve()
+
+
+def test_loads_left_out_of_the_state_keep_their_engine_values(ieee13):
+    """Estimating only some loads (the others keep their engine kW/kvar) works: it used to
+    fail with a shape error in the load-injection Jacobian (found by the fast cycle)."""
+    sc = make_scenario(ieee13, meter_nodes_load_buses(ieee13), 0, HEAD_BUS["ieee13"], 1e-5)
+    keep = slice(0, len(sc.meas.load_names) - 3)
+    m = sc.meas
+    meas = replace(m, load_names=list(m.load_names)[keep], load_p_kw=m.load_p_kw[keep],
+                   load_q_kvar=m.load_q_kvar[keep], load_p_sigma_kw=m.load_p_sigma_kw[keep],
+                   load_q_sigma_kvar=m.load_q_sigma_kvar[keep])
+    est = estimate_state(ieee13, meas, restore=True)
+    assert est.converged and est.load_p_kw.size == len(meas.load_names)
+    assert max_error(est, sc) < 0.05

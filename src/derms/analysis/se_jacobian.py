@@ -13,9 +13,14 @@ import scipy.sparse as sp
 
 from derms.errors import ModelError
 from derms.powerflow.linear_loads import branch_power, branch_voltage, read_branches
-from derms.powerflow.network_jacobian import LeafSolver, complex_pairs, network_jacobian
+from derms.powerflow.network_jacobian import (
+    LeafSolver,
+    adjoint_rows,
+    complex_pairs,
+    network_jacobian,
+    y_bases_v,
+)
 
-_SOLVE_BATCH = 256  # adjoint right-hand sides per leaf-solver call
 
 
 def activate_source(ckt) -> None:
@@ -41,7 +46,7 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     solver = LeafSolver(jac.T.tocsr(), np.repeat(bus, 2), max_rounds=10)
 
     # functionals c (2n x m) over (Re dV, Im dV) in Y order
-    base = _y_bases_v(engine, y_of_e)
+    base = y_bases_v(engine, y_of_e)
     vm = v_y[mv_y]
     a = np.abs(vm) * base[mv_y]
     rows = np.r_[2 * mv_y, 2 * mv_y + 1]
@@ -51,40 +56,7 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     if n_ph:
         c = sp.hstack([c, sp.csc_matrix(_head_functionals(engine, v_y, n, n_ph))]).tocsc()
     e_mat = _load_injections(br, v_y, lnames, x, n)
-    return _adjoint_rows(solver, c, e_mat)
-
-
-def _adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -> np.ndarray:
-    """``(J^-T c)^T E`` for sparse functionals ``c`` (2n x m): one adjoint solve per column.
-
-    Same arithmetic as ``LeafSolver.solve`` but the forward elimination of the leaf
-    rounds runs on the *sparse* right-hand sides (a meter's functional touches one node
-    and stays local until it reaches the core), and only ``E``'s rows are read back.
-    """
-    m = c.shape[1]
-    c_p = c.tocsr()[solver.perm]
-    e_p = e_mat.tocsr()[solver.perm].T.tocsr()  # (2k x 2n), columns in solver positions
-    n2 = c.shape[0]
-    sel = [sp.csr_matrix((np.ones(r.size), (r, np.arange(r.size))), shape=(n2, r.size))
-           for *_, r, _ in solver.rounds]
-    h_mat = np.empty((m, e_mat.shape[1]))
-    need = np.unique(e_p.indices)
-    if solver.rounds:
-        need = need[need < solver.rounds[0][1]]
-    for lo in range(0, m, _SOLVE_BATCH):
-        hi = min(lo + _SOLVE_BATCH, m)
-        b = c_p[:, lo:hi].tocsr()
-        for (a, cc, _, _, _, f), s_r in zip(solver.rounds, sel):
-            b = (b - s_r @ (f @ b[a:cc])).tocsr()
-        y = b.toarray()
-        y[solver.core:] = solver.lu.solve(b[solver.core:].toarray(order="F"))
-        for r, (a, cc, inv, m_mat, _, _) in enumerate(reversed(solver.rounds)):
-            if r == len(solver.rounds) - 1 and a == 0:  # outermost leaves: E's rows only
-                y[need] = inv[need] @ y[a:cc] - m_mat[need] @ y[cc:]
-            else:
-                y[a:cc] = inv @ y[a:cc] - m_mat @ y[cc:]
-        h_mat[lo:hi] = (e_p @ y).T
-    return h_mat
+    return adjoint_rows(solver, c, e_mat)
 
 
 def _head_functionals(engine, v_y, n: int, n_ph: int) -> np.ndarray:
@@ -133,8 +105,9 @@ def _load_injections(br, v_y, lnames, x: np.ndarray, n: int) -> sp.csc_matrix:
     sel = np.fromiter((col.get(e, -1) for e in br.element), dtype=np.int64,
                       count=br.element.size)
     keep = sel >= 0
-    vd = branch_voltage(v_y, br)[keep]
-    s_b = branch_power(br, np.abs(vd))[0][keep]
+    vd_all = branch_voltage(v_y, br)
+    s_b = branch_power(br, np.abs(vd_all))[0][keep]  # every branch's law, then the kept ones
+    vd = vd_all[keep]
     li = sel[keep]
     nb = np.bincount(li, minlength=k)[li]
     kw, kvar = x[:k][li], x[k:][li]
@@ -152,17 +125,6 @@ def _load_injections(br, v_y, lnames, x: np.ndarray, n: int) -> sp.csc_matrix:
             vals += [sign * inj[ok].real, sign * inj[ok].imag]
     return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                          shape=(2 * n, 2 * k)).tocsc()
-
-
-def _y_bases_v(engine, y_of_e: np.ndarray) -> np.ndarray:
-    """Voltage base [V] of every node in Y order (``y_of_e``: Y index of each engine node)."""
-    ckt = engine.circuit
-    vmag = np.asarray(ckt.AllBusVmag, dtype=float)
-    vpu = np.asarray(ckt.AllBusVmagPu, dtype=float)
-    base = np.ones(vmag.size)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        base[y_of_e] = np.where(vpu > 0, vmag / vpu, 1.0)
-    return base
 
 
 # -- engine load access --------------------------------------------------------------------

@@ -135,3 +135,51 @@ def network_jacobian(engine, v_y: np.ndarray, br, band_pu: float) -> sp.csr_matr
 def complex_pairs(values) -> np.ndarray:
     arr = np.asarray(values, dtype=float)
     return arr[0::2] + 1j * arr[1::2]
+
+
+SOLVE_BATCH = 256  # adjoint right-hand sides per leaf-solver call
+
+
+def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -> np.ndarray:
+    """``(J^-T c)^T E`` for sparse functionals ``c`` (2n x m): one adjoint solve per column.
+
+    Same arithmetic as ``LeafSolver.solve`` but the forward elimination of the leaf
+    rounds runs on the *sparse* right-hand sides (a meter's functional touches one node
+    and stays local until it reaches the core), and only ``E``'s rows are read back.
+    """
+    m = c.shape[1]
+    c_p = c.tocsr()[solver.perm]
+    e_p = e_mat.tocsr()[solver.perm].T.tocsr()  # (2k x 2n), columns in solver positions
+    n2 = c.shape[0]
+    sel = [sp.csr_matrix((np.ones(r.size), (r, np.arange(r.size))), shape=(n2, r.size))
+           for *_, r, _ in solver.rounds]
+    h_mat = np.empty((m, e_mat.shape[1]))
+    need = np.unique(e_p.indices)
+    if solver.rounds:
+        need = need[need < solver.rounds[0][1]]
+    for lo in range(0, m, SOLVE_BATCH):
+        hi = min(lo + SOLVE_BATCH, m)
+        b = c_p[:, lo:hi].tocsr()
+        for (a, cc, _, _, _, f), s_r in zip(solver.rounds, sel):
+            b = (b - s_r @ (f @ b[a:cc])).tocsr()
+        y = b.toarray()
+        y[solver.core:] = solver.lu.solve(b[solver.core:].toarray(order="F"))
+        for r, (a, cc, inv, m_mat, _, _) in enumerate(reversed(solver.rounds)):
+            if r == len(solver.rounds) - 1 and a == 0:  # outermost leaves: E's rows only
+                y[need] = inv[need] @ y[a:cc] - m_mat[need] @ y[cc:]
+            else:
+                y[a:cc] = inv @ y[a:cc] - m_mat @ y[cc:]
+        h_mat[lo:hi] = (e_p @ y).T
+    return h_mat
+
+
+def y_bases_v(engine, y_of_e: np.ndarray, n: int | None = None) -> np.ndarray:
+    """Voltage base [V] of every node in Y order, its bus's kVBase (``y_of_e``: the Y index
+    of each engine node; ``n``: number of Y nodes, default ``y_of_e.size``)."""
+    ckt = engine.circuit
+    vmag = np.asarray(ckt.AllBusVmag, dtype=float)
+    vpu = np.asarray(ckt.AllBusVmagPu, dtype=float)
+    base = np.ones(y_of_e.size if n is None else n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        base[y_of_e] = np.where(vpu > 0, vmag / vpu, 1.0)
+    return base
