@@ -492,3 +492,30 @@ def test_every_record_field_has_a_column():
         assert missing == [], (cls.__name__, missing)
     limits = {f.name for f in dataclasses.fields(m.DerLimits)}
     assert limits <= set(sep.SepDefaultControl.__table__.columns.keys())
+
+
+def test_ended_controls_leave_memory_but_stay_stored(engine):
+    """Memory stays bounded: controls that ended long ago (and their responses) are dropped
+    from memory by the janitor and not loaded at start; the database keeps them."""
+    from derms.protocols.ieee2030_5.server import ControlJanitor
+
+    repo = PersistentRepository(engine)
+    pid = repo.add_program("DOE", 1).program_id
+    fsa = repo.add_fsa("all", [pid]).fsa_id
+    dev = repo.add_end_device("A1" * 20, fsa_ids=[fsa]).edev_id
+    now = datetime.now(UTC)
+    old = repo.add_control(pid, now - timedelta(days=3), 600, DerLimits(exp_lim_w=1),
+                           edev_id=dev)
+    repo.add_response(old.control_id, dev, 1, None)
+    new = repo.add_control(pid, now - timedelta(minutes=1), 600, DerLimits(exp_lim_w=2),
+                           edev_id=dev)
+    version = repo.version
+    assert ControlJanitor(repo, 2 * 86_400, 3600).run_once() == 1
+    assert repo.control(old.control_id) is None and repo.responses() == []
+    assert repo.control(new.control_id) is not None and repo.version > version
+    again = PersistentRepository(engine, keep_ended_controls_s=2 * 86_400)
+    assert again.control(old.control_id) is None and again.control(new.control_id) == new
+    everything = PersistentRepository(engine)  # still stored
+    assert everything.control(old.control_id) == old and len(everything.responses()) == 1
+    nxt = again.add_control(pid, now, 60, DerLimits(exp_lim_w=3), edev_id=dev)
+    assert nxt.control_id > new.control_id  # ids never reused

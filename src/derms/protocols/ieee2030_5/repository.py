@@ -406,6 +406,33 @@ class InMemoryRepository:
         with self._lock:
             return self._controls.get(control_id)
 
+    def forget_controls_ended_before(self, t: datetime) -> int:
+        """Drop from memory the controls whose interval ended before ``t`` and their
+        responses (a database-backed repository keeps them stored); returns how many.
+        Keeps memory bounded when envelopes are published every few minutes (1,000
+        connection points x 288 five-minute intervals = 288,000 controls a day). A dropped
+        control's mRID can no longer be matched for idempotent re-publishing."""
+        cutoff = t.timestamp()
+        with self._lock:
+            gone = {i for i, c in self._controls.items()
+                    if c.start.timestamp() + c.duration_s < cutoff}
+            if not gone:
+                return 0
+            for i in gone:
+                rec = self._controls.pop(i)
+                self._control_mrids.pop(rec.mrid, None)
+            for key, ids in list(self._audience.items()):
+                kept = [i for i in ids if i not in gone]
+                if kept:
+                    self._audience[key] = kept
+                else:
+                    del self._audience[key]
+            for rid in [r for r, rec in self._responses.items() if rec.control_id in gone]:
+                rec = self._responses.pop(rid)
+                self._response_keys.pop((rec.control_id, rec.edev_id, rec.status), None)
+            self._changed()
+            return len(gone)
+
     def cancel_control(self, control_id: int) -> ControlRecord:
         """Cancel an event (IEEE 2030.5 EventStatus 2); it stays listed until its end."""
         with self._lock:

@@ -27,7 +27,9 @@ grows by one at every start, so it never repeats a value a renderer could have c
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -95,8 +97,12 @@ class PersistentRepository(InMemoryRepository):
     (``sep_*`` tables; the schema must be migrated, revision 0006 or later), and which starts
     from what is stored. Reads are served from memory."""
 
-    def __init__(self, engine: Engine, pen: int = 0) -> None:
+    def __init__(self, engine: Engine, pen: int = 0,
+                 keep_ended_controls_s: float | None = None) -> None:
+        """``keep_ended_controls_s``: load only controls that ended at most this long ago
+        (and their responses); None loads every stored control. Older ones stay stored."""
         super().__init__(pen)
+        self._keep_ended_s = keep_ended_controls_s
         missing = [name for name in _STATE if not hasattr(self, name)]
         if missing:  # InMemoryRepository changed: this class must follow
             raise TypeError(f"PersistentRepository: InMemoryRepository has no {missing}")
@@ -120,13 +126,21 @@ class PersistentRepository(InMemoryRepository):
                 self._fsas.update((f.fsa_id, f) for f in st.fsas)
                 self._programs.update((p.program_id, p) for p in st.programs)
                 self._curves.update((c.curve_id, c) for c in st.curves)
+                cutoff = (-math.inf if self._keep_ended_s is None
+                          else time.time() - self._keep_ended_s)
+                skipped = {c.control_id for c in st.controls
+                           if c.start.timestamp() + c.duration_s < cutoff}
                 for c in st.controls:
+                    if c.control_id in skipped:
+                        continue
                     self._controls[c.control_id] = c
                     self._control_mrids[c.mrid] = c.control_id
                     self._audience.setdefault(_audience_key(c), []).append(c.control_id)
                 self._defaults.update((d.program_id, d) for d in st.defaults)
                 self._der_docs.update(st.docs)
                 for r in st.responses:
+                    if r.control_id in skipped:
+                        continue
                     self._responses[r.response_id] = r
                     self._response_keys[(r.control_id, r.edev_id, r.status)] = r.response_id
                 for m in st.mups:
@@ -149,6 +163,11 @@ class PersistentRepository(InMemoryRepository):
             if new:
                 conn.execute(insert(CNT), new)
             store_counters(conn, counters, wanted)
+
+    def forget_controls_ended_before(self, t: datetime) -> int:
+        """Memory only (the rows stay stored); serialised with writes."""
+        with self._writer:
+            return super().forget_controls_ended_before(t)
 
     def _counters(self) -> dict[str, int]:
         return {"version": self._version, **{f"next_{k}": v for k, v in self._next.items()}}
