@@ -413,6 +413,7 @@ from derms.cli import (  # sub-commands on `app`
     growth_cmd,
     hosting_cmd,
     interconnect_cmd,
+    sim_cmd,
 )
 
 app.add_typer(forecast_cmd.app, name="forecast")
@@ -423,6 +424,7 @@ app.command(name="hosting-capacity")(hosting_cmd.hosting_capacity)
 app.command(name="envelopes")(envelopes_cmd.envelopes)
 app.command(name="interconnect")(interconnect_cmd.interconnect)
 app.command(name="certs")(certs_cmd.certs)
+app.command(name="sim")(sim_cmd.sim)
 
 
 def main() -> None:  # pragma: no cover - console entry point
