@@ -16,6 +16,7 @@ and the DERMS's API, that
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -82,7 +83,13 @@ def _publish_when_registered(api: str, headers: dict, pid: int, out: dict) -> No
         out["error"] = repr(exc)
 
 
-def test_sim_devices_obey_acknowledge_and_report(tmp_path):
+@pytest.mark.parametrize("mode", ["poll", "subscribe"])
+def test_sim_devices_obey_acknowledge_and_report(tmp_path, mode):
+    """``poll``: devices poll every 2 s (120 simulated s at 60x). ``subscribe``: they
+    subscribe their lists and effectively never poll (10 h), so the control can only
+    reach them by the server's Notification."""
+    receive = (["--poll-rate", "120"] if mode == "poll" else
+               ["--subscribe", "--poll-rate", "36000"])
     t_start = time.monotonic()
     pki = tmp_path / "pki"
     ensure_pki(pki, 2)  # CA, server and two aggregators, as `derms sim --pki` makes them
@@ -113,12 +120,15 @@ def test_sim_devices_obey_acknowledge_and_report(tmp_path):
             "--ieee2030-5", f"127.0.0.1:{served.sep_port}", "--dcap-path", "/sep2/dcap",
             "--pki", str(pki), "--aggregators", "2", "--api", f"http://127.0.0.1:{served.port}",
             "--token", admin["Authorization"].split()[1], "--fsa-id", str(fsa),
-            "--poll-rate", "120", "--post-rate", "120"])
+            *receive, "--post-rate", "120"])
         assert result.exit_code == 0, (result.output, result.exception)
         helper.join(timeout=5)
         assert "error" not in shared, shared
         assert shared["status"] == 201, shared
 
+        if mode == "subscribe":
+            proto = json.loads((out / "summary.json").read_text())["protocol"]
+            assert proto["notifications"] >= N_DEVICES, proto  # at least the control's
         ts = pd.read_csv(out / "timeseries.csv", parse_dates=["t", "wall_time"])
         published = pd.Timestamp(shared["published"])
         before = ts[ts.wall_time < published]

@@ -85,6 +85,11 @@ def sim(
     poll_rate: Annotated[float | None, typer.Option(
         min=1, help="Simulated seconds between control polls (default: the server's "
                     "pollRate).")] = None,
+    subscribe: Annotated[bool, typer.Option(
+        help="Subscribe each device's DERControlList and DefaultDERControl: the server "
+             "POSTs Notifications to each aggregator's listener on 127.0.0.1 (mutual TLS "
+             "with the aggregator's certificate); polling continues as a fallback.")
+                         ] = False,
     comm_timeout: Annotated[float, typer.Option(
         min=1, help="Simulated seconds without contact before a device falls back to its "
                     "DefaultDERControl.")] = 900,
@@ -110,7 +115,7 @@ def sim(
     cfg = SimConfig(feeder=feeder, devices=devices, seed=seed, speed=speed, duration_s=dur_s,
                     step_s=step_s, start=parse_start(start) if start else None,
                     comm_timeout_s=comm_timeout, post_rate_s=post_rate, poll_rate_s=poll_rate,
-                    volt_watt=volt_watt, mix=_mix(mix), scenario=scen)
+                    subscribe=subscribe, volt_watt=volt_watt, mix=_mix(mix), scenario=scen)
     master = resolve_master(feeder)
     sep = None
     if ieee2030_5 is not None:

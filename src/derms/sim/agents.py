@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from derms.sim import sep_client as sc
 from derms.sim.board import ControlBoard
+from derms.sim.notify_listener import NotifyListener
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class DeviceAgent:
     rand: random.Random = field(default_factory=random.Random)
     list_poll_s: float = 300.0
     polls: int = 0
+    subscriptions: int = 0
     applied: str | None = None  # mRID of the event applied now
 
 
@@ -91,15 +93,22 @@ class AgentSettings:
     connections: int = 2
     dcap_path: str = "/dcap"
     tick_s: float = 0.25  # wall seconds between event evaluations
+    #: subscribe each device's DERControlList and DefaultDERControl; the server then POSTs
+    #: Notifications to the aggregator's listener (needs ``listener_ctx``), polling goes on
+    #: at the list pollRate as a fallback
+    subscribe: bool = False
 
 
 class Aggregator:
     """An aggregator client and its devices (see module docstring)."""
 
     def __init__(self, name: str, host: str, port: int, ctx, devices: list[DeviceAgent],
-                 board: ControlBoard, settings: AgentSettings) -> None:
+                 board: ControlBoard, settings: AgentSettings, listener_ctx=None) -> None:
         self.name, self.devices, self.board, self.s = name, devices, board, settings
         self.pool = sc.ConnectionPool(host, port, ctx, settings.connections)
+        self._by_index = {d.index: d for d in devices}
+        self.listener = (NotifyListener(listener_ctx, self._on_notification)
+                         if settings.subscribe and listener_ctx is not None else None)
         self.offset_s = 0.0  # server clock - our clock
         self.mup_list: str | None = None
         self.walked = 0  # devices whose discovery walk has ended
@@ -188,12 +197,51 @@ class Aggregator:
         dev.programs = sorted(programs, key=lambda p: p.primacy)
         await self._poll_default(dev)
         await self._poll_controls(dev)
+        sub_link = edev.find(f"{sc.Q}SubscriptionListLink")
+        if self.listener is not None and sub_link is not None:
+            await self._subscribe(dev, sub_link.get("href"))
         if self.mup_list is not None:
             res = await self._req(dev, "POST", self.mup_list,
                                   sc.site_mup_xml(dev.lfdi, self.s.post_rate_s))
             if res is not None and res.status == 201:
                 dev.mup_href = res.headers.get("location")
         self.board.counters.discovered += 1
+
+    # --- subscriptions and notifications ----------------------------------------------------
+    async def _subscribe(self, dev: DeviceAgent, sub_list: str) -> None:
+        """Subscribe the device's DERControlLists and DefaultDERControls (§9.2)."""
+        assert self.listener is not None
+        uri = self.listener.uri(dev.index)
+        for prog in dev.programs:
+            for href in (prog.controls_href, prog.default_href):
+                if href is None:
+                    continue
+                res = await self._req(dev, "POST", sub_list,
+                                      sc.subscription_xml(href, uri, limit=100))
+                if res is not None and res.status == 201:
+                    dev.subscriptions += 1
+
+    def _on_notification(self, index: int, root) -> None:
+        """A Notification for one of our devices: take the resource as if polled."""
+        dev = self._by_index.get(index)
+        if dev is None:
+            raise KeyError(f"no device {index} behind {self.name}")
+        self.board.contact(dev.index)
+        self.board.counters.notifications += 1
+        resource = root.find(f"{sc.Q}Resource")
+        href = root.findtext(f"{sc.Q}subscribedResource")
+        prog = next((p for p in dev.programs if href in (p.controls_href, p.default_href)),
+                    None)
+        if resource is None or prog is None:
+            return
+        kind = resource.get(f"{{{sc.XSI}}}type", "")
+        if kind.endswith("DefaultDERControl"):
+            self.board.set_default(dev.index,
+                                   sc.control_limits(resource.find(f"{sc.Q}DERControlBase")))
+        elif kind.endswith("DERControlList"):
+            for el in resource.findall(f"{sc.Q}DERControl"):
+                self._update_event(dev, el, prog.primacy)
+            self.evaluate(dev)
 
     # --- controls --------------------------------------------------------------------------
     async def _poll_default(self, dev: DeviceAgent) -> None:
@@ -332,6 +380,8 @@ class Aggregator:
     async def run(self, stop: asyncio.Event) -> None:
         """Discover, then poll, evaluate, respond and post until ``stop`` is set."""
         try:
+            if self.listener is not None:
+                await self.listener.start()
             await self.discover()
             tasks = [asyncio.create_task(self._tick_loop(stop))]
             tasks += [asyncio.create_task(self._response_worker(stop))
@@ -343,6 +393,8 @@ class Aggregator:
         finally:
             self.board.counters.latency_s.extend(self.pool.latency_s)
             self.pool.close()
+            if self.listener is not None:
+                await self.listener.close()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -24,6 +24,7 @@ class Counters:
     responses: int = 0
     readings_posts: int = 0
     polls: int = 0
+    notifications: int = 0
     discovered: int = 0
     latency_s: list[float] = field(default_factory=list)
 

@@ -65,6 +65,7 @@ class SimConfig:
     comm_timeout_s: float = 900.0  # simulated s without contact before the fail-safe
     post_rate_s: int = 300
     poll_rate_s: float | None = None
+    subscribe: bool = False  # IEEE 2030.5 subscriptions: controls arrive by Notification
     volt_watt: bool = False
     mix: dict[str, float] | None = None
     scenario: Scenario = field(default_factory=Scenario)
@@ -161,6 +162,7 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
         lfdis: list[str] = []
         if sep is not None:
             from derms.sim.agents import AgentSettings, Aggregator, DeviceAgent
+            from derms.sim.notify_listener import listener_ssl_context
             from derms.sim.sep_client import client_ssl_context, device_lfdi
 
             k_agg = len(sep.aggregators)
@@ -173,17 +175,19 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
             phases["registration_s"] = time.monotonic() - t_reg
             settings = AgentSettings(speed=cfg.speed, post_rate_s=cfg.post_rate_s,
                                      poll_rate_s=cfg.poll_rate_s,
-                                     connections=sep.connections, dcap_path=sep.dcap_path)
+                                     connections=sep.connections, dcap_path=sep.dcap_path,
+                                     subscribe=cfg.subscribe)
 
             def make() -> list:
                 aggs = []
                 for a, (name, cert, key, _lfdi) in enumerate(sep.aggregators):
                     ctx = client_ssl_context(sep.ca, cert, key)
+                    lctx = listener_ssl_context(sep.ca, cert, key) if cfg.subscribe else None
                     devs = [DeviceAgent(int(i), str(spec.der_id[i]), lfdis[i],
                                         rand=random.Random(cfg.seed * 7919 + int(i)))
                             for i in np.flatnonzero(owner == a)]
                     aggs.append(Aggregator(name, sep.host, sep.port, ctx, devs, board,
-                                           settings))
+                                           settings, listener_ctx=lctx))
                 return aggs
 
             proto = ProtocolThread(make)
@@ -216,6 +220,7 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
         "protocol": None if sep is None else {
             "aggregators": len(sep.aggregators), "connections_each": sep.connections,
             "requests": c.requests, "errors": c.errors, "polls": c.polls,
+            "notifications": c.notifications, "subscribe": cfg.subscribe,
             "responses": c.responses, "readings_posts": c.readings_posts,
             "discovered": c.discovered, "latency_ms": _stats(lat * 1e3),
             **phases,

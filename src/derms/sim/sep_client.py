@@ -24,6 +24,7 @@ from derms.protocols.ieee2030_5.sep_xml import CSIPAUS_NS, NS
 
 log = logging.getLogger(__name__)
 Q = f"{{{NS}}}"
+XSI = "http://www.w3.org/2001/XMLSchema-instance"
 A = f"{{{CSIPAUS_NS}}}"
 MEDIA = "application/sep+xml"
 CIPHERS = ("ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:"
@@ -239,3 +240,11 @@ def control_limits(base: etree._Element | None) -> dict:
             "load_lim_kw": kw(base.find(f"{A}opModLoadLimW")),
             "target_kw": kw(base.find(f"{Q}opModTargetW")),
             "connect": _flag(base, "opModConnect"), "energize": _flag(base, "opModEnergize")}
+
+
+def subscription_xml(resource: str, notification_uri: str, limit: int = 100) -> bytes:
+    """A non-conditional XML Subscription to ``resource`` (§9.2)."""
+    return (f'<Subscription xmlns="{NS}"><subscribedResource>{resource}'
+            f"</subscribedResource><encoding>0</encoding><level>+S1</level>"
+            f"<limit>{limit}</limit><notificationURI>{notification_uri}</notificationURI>"
+            "</Subscription>").encode()
