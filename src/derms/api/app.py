@@ -30,6 +30,7 @@ from derms.api.engine_pool import EnginePool
 from derms.api.routes_adms import router as adms_router
 from derms.api.routes_capacity import router as capacity_router
 from derms.api.routes_constraints import router as constraints_router
+from derms.api.routes_control_loop import router as control_loop_router
 from derms.api.routes_dispatch import router as dispatch_router
 from derms.api.routes_forecasts import router as forecasts_router
 from derms.api.routes_ieee2030_5 import router as ieee2030_5_router
@@ -141,4 +142,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ieee2030_5_dispatch_router, prefix="/v1")
     app.include_router(ieee2030_5_router, prefix="/v1")  # app.state.ieee2030_5_repo: serve
     app.include_router(adms_router, prefix="/v1")  # ADMS interface, operator overrides
+    app.include_router(control_loop_router, prefix="/v1")  # control loop, tracked commands
     return app

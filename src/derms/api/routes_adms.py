@@ -52,10 +52,11 @@ def _write(request: Request, response: Response, fn) -> dict[str, Any]:
         raise Problem(409, str(exc)) from None
     except persistence.UnknownRequest as exc:
         raise Problem(404, str(exc)) from None
-    monitor = getattr(request.app.state, "monitor", None)
-    if monitor is not None:
-        for fid in applied.feeders_switched:
-            monitor.notify_topology_change(fid)
+    for name in ("monitor", "control_loop"):  # both re-read the topology at once
+        listener = getattr(request.app.state, name, None)
+        if listener is not None:
+            for fid in applied.feeders_switched:
+                listener.notify_topology_change(fid)
     if not (applied.created or applied.withdrawn):
         response.status_code = 200
     return applied.to_dict()

@@ -271,10 +271,18 @@ def serve(
         "--adms-mqtt/--no-adms-mqtt",
         help="Take ADMS messages on <DERMS_MQTT_TOPIC_ROOT>/adms/<sender>/requests (client "
              "id <DERMS_MQTT_CLIENT_ID>-adms).")] = False,
+    # --- the control loop (derms.control.loop) ---
+    control_feeder: Annotated[str | None, typer.Option(
+        "--control-feeder", metavar="FEEDER_ID",
+        help="Run the control loop on this feeder (its registered OpenDSS model version, or "
+             "a bundled feeder name); off when not given. With --ieee2030-5-port its "
+             "commands go out as DERControls of the 'derms control' program.")] = None,
+    control_period_s: Annotated[float, typer.Option(
+        "--control-period-s", min=0.5, help="Seconds between control cycles.")] = 5.0,
 ) -> None:
     """Run the API, the MQTT ingest, the monitoring cycle (a state estimate per feeder
-    with an OpenDSS model version registered) and, with --ieee2030-5-port, the IEEE 2030.5
-    server, on the database at DERMS_DATABASE_URL."""
+    with an OpenDSS model version registered), with --control-feeder the control loop and,
+    with --ieee2030-5-port, the IEEE 2030.5 server, on the database at DERMS_DATABASE_URL."""
     import logging
 
     import uvicorn
@@ -333,6 +341,33 @@ def serve(
     if forecast_schedule is not None:
         api.state.forecast_schedule = forecast_schedule
         forecast_schedule.start()
+    # --- the control loop: its own thread builds and uses its OpenDSS engine ---
+    control_loop = None
+    if control_feeder is not None:
+        from derms.control.loop import ControlLoop, LoopConfig
+        from derms.grid.bundled import BUNDLED_FEEDERS
+        from derms.monitoring.cycle import model_path_of
+
+        master = None
+        if model_path_of(api.state.engine, control_feeder) is None:
+            if control_feeder.lower() not in BUNDLED_FEEDERS:
+                raise InputError(f"--control-feeder {control_feeder}: no OpenDSS model version "
+                                 "registered for it and not a bundled feeder name")
+            master = control_feeder
+        control_loop = ControlLoop(api.state.engine, control_feeder, master=master,
+                                   repo=getattr(api.state, "ieee2030_5_repo", None),
+                                   config=LoopConfig(period_s=control_period_s))
+        api.state.control_loop = control_loop
+        control_loop.start()
+        logging.getLogger("derms.cli").info("event=control_loop_started feeder=%s period_s=%s",
+                                            control_feeder, control_period_s)
+
+    def _on_topology(fid: str) -> None:
+        if api.state.monitor is not None:
+            api.state.monitor.notify_topology_change(fid)
+        if control_loop is not None:
+            control_loop.notify_topology_change(fid)
+
     # --- ADMS interface on the message bus ---
     adms_sub = None
     if adms_mqtt:
@@ -341,12 +376,13 @@ def serve(
         adms_sub = AdmsMqtt(api.state.sessions, host=settings.mqtt_host, port=settings.mqtt_port,
                             client_id=settings.mqtt_client_id + "-adms",
                             topic_root=settings.mqtt_topic_root,
-                            on_topology=lambda fid: (api.state.monitor.notify_topology_change(fid)
-                                                     if api.state.monitor is not None else None))
+                            on_topology=_on_topology)
         adms_sub.start()
     try:
         uvicorn.run(api, host=host, port=port, log_level="info")
     finally:
+        if control_loop is not None:  # before the listener and the database go
+            control_loop.close()
         if adms_sub is not None:  # ADMS interface
             adms_sub.stop()
         if sep_server is not None:

@@ -150,6 +150,19 @@ class CommandIssuer:
         self.deadband_kw = deadband_kw
         self.last: dict[str, DeviceCommand] = {}
 
+    def seed(self, commands: Sequence[DeviceCommand], now: datetime) -> int:
+        """Take ``commands`` (e.g. the tracked commands of a previous run) as the last
+        command of their DERs where they are still valid at ``now`` (the latest
+        ``valid_from`` per DER wins); returns how many DERs got one. Expired ones are
+        ignored: nothing that has ended is re-sent or held on to."""
+        now = ensure_utc(now, "now")
+        n = 0
+        for cmd in sorted(commands, key=lambda c: c.valid_from):
+            if cmd.valid_until > now:
+                n += cmd.der_id not in self.last
+                self.last[cmd.der_id] = cmd
+        return n
+
     def issue(self, now: datetime, cycle_id: str, der_id: Sequence[str], kind: Sequence[str],
               p_kw: Sequence[float], q_kvar: Sequence[float], reasons: Sequence[str]
               ) -> list[DeviceCommand]:

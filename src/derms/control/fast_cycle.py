@@ -24,7 +24,9 @@ One :meth:`FastCycle.run` (default period 5 s):
 3. **Arbitration.** Devices covered by an active request are resolved by the
    :class:`~derms.control.arbiter.Arbiter`: a blocked device is fixed and gets no command;
    a device holding a setpoint of a higher authority than optimisation (an operator
-   setpoint) is fixed; device export/import limits clamp its range.
+   setpoint) is fixed; device export/import limits clamp its range. DERs the caller marks
+   ``FleetNow.fixed`` (stale telemetry, a DER that did not deliver: see
+   :mod:`derms.control.loop`) are fixed at their telemetry too and get no command.
 4. **Corrective action** only when something is violated or imminent: adjoint
    sensitivities of the selected rows at the estimate
    (:class:`~derms.powerflow.linear_rows.RowSensitivities`) and the LP of
@@ -130,6 +132,7 @@ class FleetNow:
     q_min_kvar: np.ndarray
     q_max_kvar: np.ndarray
     score: np.ndarray
+    fixed: np.ndarray | None = None  # (n,) bool: held at p_kw, never commanded (not relied on)
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,8 @@ class FastCycle:
                  base_v_pu: np.ndarray | None = None,
                  base_loading_pct: np.ndarray | None = None,
                  pre_existing: Literal["interval", "model", "none"] = "interval",
-                 feeder_id: str = "feeder") -> None:
+                 feeder_id: str = "feeder", issuer: CommandIssuer | None = None,
+                 cycle_tag: str = "") -> None:
         self.engine, self.registry, self.sink = engine, registry, sink
         self.arbiter, self.config, self.feeder_id = arbiter, config or FastCycleConfig(), feeder_id
         engine.set_control_mode("off")
@@ -226,11 +230,20 @@ class FastCycle:
         self._limits(base_v_pu, base_loading_pct)
         self._history: deque[tuple[np.ndarray, np.ndarray]] = deque(
             maxlen=max(2, self.config.trend_cycles))
-        self._issuer = CommandIssuer(self.config.hold_s, self.config.period_s,
-                                     self.config.deadband_kw)
+        # ``issuer``: one carried over (a rebuild on new topology) or seeded from the
+        # tracked commands (a restart), so a standing decision keeps its command id;
+        # ``cycle_tag`` keeps cycle (and so command) ids unique across restarts
+        self._issuer = issuer or CommandIssuer(self.config.hold_s, self.config.period_s,
+                                               self.config.deadband_kw)
+        self.cycle_tag = cycle_tag
         self._kinds = np.asarray(registry.kind).astype(str)
         self._n = 0
         self._loc_maps()
+
+    @property
+    def issuer(self) -> CommandIssuer:
+        """The command issuer (its ``last`` command per DER decides what is re-issued)."""
+        return self._issuer
 
     # -- set-up ------------------------------------------------------------------------
     def _add_der_loads(self) -> None:
@@ -336,7 +349,8 @@ class FastCycle:
         t0 = time.perf_counter()
         tm = dict.fromkeys(STAGES, 0.0)
         self._n += 1
-        cycle_id = f"fc-{self.feeder_id}-{now.strftime('%Y%m%dT%H%M%S')}-{self._n}"
+        cycle_id = (f"fc-{self.feeder_id}-{now.strftime('%Y%m%dT%H%M%S')}-"
+                    f"{self.cycle_tag}{self._n}")
         notes: list[str] = []
         f = self._check_fleet(fleet)
         p_node, q_node = self._write_der_loads(f["p_kw"], f["q_kvar"])
@@ -354,6 +368,14 @@ class FastCycle:
             t2 = time.perf_counter()
             fixed, p_lo, p_hi, arb_notes = self._arbitrate(now, f)
             notes += arb_notes
+            if fleet.fixed is not None:  # escalated or stale DERs: held at their telemetry
+                held = np.asarray(fleet.fixed, dtype=bool).ravel()
+                if held.size != fixed.size:
+                    raise InputError(f"fleet fixed has {held.size} values for {fixed.size} DERs")
+                if (held & ~fixed).any():
+                    notes.append(f"{int((held & ~fixed).sum())} DER(s) held at their measured "
+                                 "output (not relied upon): not moved, no command")
+                fixed = fixed | held
             n_fixed = int(fixed.sum())
             tm["arbiter_s"] = time.perf_counter() - t2
             ders = DerState(

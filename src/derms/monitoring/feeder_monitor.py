@@ -165,43 +165,19 @@ class FeederMonitor:
         notes: list[str] = []
         self._apply_topology(now, notes)
         with self.db.connect() as conn:
-            meters = conn.execute(select(Meter.meter_id, Meter.bus, Meter.phase).where(
-                Meter.feeder_id == self.feeder_id)).all()
+            meters, m_series, m_last = self.read_meters(conn, now)
             devices = conn.execute(
                 select(DerDevice.der_id, DerDevice.status, DerDevice.p_gen_max_kw,
                        DerDevice.p_charge_max_kw).join(DerSite, DerDevice.site_id == DerSite.site_id)
                 .where(DerSite.feeder_id == self.feeder_id).order_by(DerDevice.der_id)).all()
-            meter_ids = [m.meter_id for m in meters]
-            m_series = series_of(conn, meter_ids=meter_ids,
-                                 quantities=VOLTAGE_QUANTITIES + PHASE_VOLTAGE_QUANTITIES
-                                 + HEAD_P + HEAD_Q + POWER_QUANTITIES)
-            m_last = latest_readings(conn, m_series["series_id"].tolist(),
-                                     now - timedelta(seconds=cfg.meter_window_s), now)
             d_series = series_of(conn, der_ids=[d.der_id for d in devices], quantities=("p_kw",))
             d_last = latest_readings(conn, d_series["series_id"].tolist(),
                                      now - timedelta(seconds=cfg.availability.offline_after_s),
                                      now)
-        m_last = m_last.merge(m_series, on="series_id")
         d_last = d_last.merge(d_series, on="series_id")
-
-        v_nodes, v_pu, v_sigma, stale_meters = self._voltage_rows(meters, m_series, m_last, notes)
-        head = self._head_rows(m_last, notes)
-        mult = cfg.multiplier(now)
-        xp, xq = self.base_p_kw * mult, self.base_q_kvar * mult
-        sp = np.maximum(cfg.pseudo_sigma_frac * np.abs(xp), cfg.pseudo_sigma_min_kw)
-        sq = np.maximum(cfg.pseudo_sigma_frac * np.abs(xq), cfg.pseudo_sigma_min_kw)
-        ami = self._power_rows(meters, m_last, notes)
-        estimation: dict[str, Any] = {"load_multiplier": mult, "n_voltage": len(v_nodes),
-                                      "n_head": 0 if head is None else len(head[0]),
-                                      "n_ami_p": len(ami["ami_p_loads"]),
-                                      "n_ami_q": len(ami["ami_q_loads"])}
-        if len(v_nodes) or head is not None:
-            meas = Measurements(
-                v_nodes=v_nodes, v_pu=v_pu, v_sigma_pu=v_sigma, load_names=self.load_names,
-                load_p_kw=xp, load_q_kvar=xq, load_p_sigma_kw=sp, load_q_sigma_kvar=sq,
-                **ami, **({} if head is None else {
-                    "head_p_kw": head[0], "head_q_kvar": head[1],
-                    "head_p_sigma_kw": head[2], "head_q_sigma_kvar": head[3]}))
+        meas, stale_meters, estimation = self.build_measurements(meters, m_series, m_last,
+                                                                 now, notes)
+        if meas is not None:
             est = estimate_state(self.engine, meas, index=self.index, restore=True)
             v_est, loading = est.v_pu, est.branch_loading_pct
             estimation.update(
@@ -211,7 +187,9 @@ class FeederMonitor:
                 head_p_kw=[float(x) for x in est.head_p_kw])
         else:
             notes.append("no fresh telemetry: power flow of the pseudo-measurements only")
-            v_est, loading, head_p = self._pseudo_flow(xp, xq)
+            mult = estimation["load_multiplier"]
+            v_est, loading, head_p = self._pseudo_flow(self.base_p_kw * mult,
+                                                       self.base_q_kvar * mult)
             estimation.update(method="pseudo_power_flow", converged=True, iterations=0,
                               head_p_kw=[float(x) for x in head_p])
 
@@ -234,6 +212,49 @@ class FeederMonitor:
             branch_names=self.branch_names, branch_loading_pct=loading,
             violations=report.events, availability=avail, estimation=estimation,
             alarms=alarm_info, topology=dict(self.topology), notes=notes)
+
+    # -- measurements (shared with the control loop) ----------------------------------------
+    def read_meters(self, conn, now: datetime):
+        """``(meters, m_series, m_last)``: the feeder's meters, their series and the latest
+        good reading of each within ``meter_window_s`` before ``now`` (merged)."""
+        meters = conn.execute(select(Meter.meter_id, Meter.bus, Meter.phase).where(
+            Meter.feeder_id == self.feeder_id)).all()
+        m_series = series_of(conn, meter_ids=[m.meter_id for m in meters],
+                             quantities=VOLTAGE_QUANTITIES + PHASE_VOLTAGE_QUANTITIES
+                             + HEAD_P + HEAD_Q + POWER_QUANTITIES)
+        m_last = latest_readings(conn, m_series["series_id"].tolist(),
+                                 now - timedelta(seconds=self.config.meter_window_s), now)
+        return meters, m_series, m_last.merge(m_series, on="series_id")
+
+    def build_measurements(self, meters, m_series, m_last, now: datetime, notes: list[str]
+                           ) -> tuple[Measurements | None, list, dict[str, Any]]:
+        """The estimator's measurements from the meters' latest readings (module docstring):
+        ``(measurements or None without any fresh voltage, head or AMI power reading,
+        stale meters, counts)``; the pseudo-measurements are the loads at their base x the
+        configured multiplier."""
+        cfg = self.config
+        v_nodes, v_pu, v_sigma, stale_meters = self._voltage_rows(meters, m_series, m_last, notes)
+        head = self._head_rows(m_last, notes)
+        ami = self._power_rows(meters, m_last, notes)
+        mult = cfg.multiplier(now)
+        info: dict[str, Any] = {"load_multiplier": mult, "n_voltage": len(v_nodes),
+                                "n_head": 0 if head is None else len(head[0]),
+                                "n_ami_p": len(ami["ami_p_loads"]),
+                                "n_ami_q": len(ami["ami_q_loads"])}
+        if not len(v_nodes) and head is None and not len(ami["ami_p_loads"]):
+            return None, stale_meters, info
+        xp, xq = self.base_p_kw * mult, self.base_q_kvar * mult
+        meas = Measurements(
+            v_nodes=v_nodes, v_pu=v_pu, v_sigma_pu=v_sigma, load_names=self.load_names,
+            load_p_kw=xp, load_q_kvar=xq,
+            load_p_sigma_kw=np.maximum(cfg.pseudo_sigma_frac * np.abs(xp),
+                                       cfg.pseudo_sigma_min_kw),
+            load_q_sigma_kvar=np.maximum(cfg.pseudo_sigma_frac * np.abs(xq),
+                                         cfg.pseudo_sigma_min_kw),
+            **ami, **({} if head is None else {
+                "head_p_kw": head[0], "head_q_kvar": head[1],
+                "head_p_sigma_kw": head[2], "head_q_sigma_kvar": head[3]}))
+        return meas, stale_meters, info
 
     # -- pieces ---------------------------------------------------------------------------
     def _apply_topology(self, now: datetime, notes: list[str]) -> None:

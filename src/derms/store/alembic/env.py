@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from derms.store import commands as _commands  # noqa: F401 - registers control_commands
 from derms.store import sep as _sep  # noqa: F401 - registers the sep_* tables in Base.metadata
 from derms.store.db import make_engine
 from derms.store.models import Base

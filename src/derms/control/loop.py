@@ -1,0 +1,585 @@
+"""The control loop as a service: :class:`~derms.control.fast_cycle.FastCycle` on one
+feeder every ``period_s`` (default 5 s), fed from the store, commands tracked.
+
+Each :meth:`ControlLoop.run_once` at ``now``:
+
+1. **Model.** Built on first use and rebuilt when the feeder's topology changes (a new
+   ``TopologyEvent`` with ``t <= now``, e.g. ADMS switching) or its DER set changes: the
+   feeder's OpenDSS master (its latest ``FeederModelVersion``, as monitoring finds it, or
+   the ``master`` given: a path or a bundled name) compiled, controls settled once and
+   frozen, the latest switch states applied, then the DER registry from the store (below)
+   and a new FastCycle that keeps the loop's :class:`CommandIssuer` (so standing
+   decisions keep their ids). The report says when topology was reloaded and from which
+   event (``topology_reloaded``).
+2. **IEEE 2030.5** (when a repository is given): the "derms control" program and its
+   function set assignment (FSA) exist, every end device with a ``der_id`` is assigned to
+   it, the program has its fail-safe :class:`DefaultControlConfig`; responses become
+   acknowledgements (:meth:`CommandTracker.take_responses`).
+3. **DER telemetry**: each DER's latest ``p_kw`` (and ``q_kvar``), any source, import
+   positive at the device. Older than ``stale_after_s`` (or none): *stale* — the DER is
+   held at its last value (0 without one), never commanded, and listed in the report.
+4. **Delivery**: open commands verified against that telemetry, scores and escalation
+   (:mod:`derms.control.tracking`); escalated DERs are held too.
+5. **Arbiter** rebuilt from the store (:class:`~derms.control.state.ControlState`: expiries
+   recorded and audited, open requests loaded).
+6. **Measurements** for the estimator, read as :class:`~derms.monitoring.FeederMonitor`
+   reads them (AMI voltages and power, head SCADA, pseudo-loads; through a thin adapter
+   over its methods). No fresh meter reading and no fresh DER telemetry on the feeder:
+   *no action* this cycle (status ``no_telemetry``, noted).
+7. **FastCycle.run**; its commands go through a :class:`TrackingSink` (stored and audited,
+   then handed to the protocol sink: :class:`SepCommandSink` with a repository, else an
+   :class:`InMemorySink`).
+8. The cycle summary is kept for the API and written to the audit log (``entity="feeder"``,
+   ``action="control_cycle"``) unless the cycle is quiet (clear, nothing issued, verified,
+   held or noted, as the cycle before).
+
+DER registry: the store's devices on the feeder's sites (not decommissioned; not active →
+held); injection nodes from the device's bus (else its site's) and phase (``a`` →
+``bus.1`` …, ``abc`` → the bus's nodes), power shared equally among them; kind from
+``der_type``. Ranges (net import, kW) from the nameplate and the measurement: PV and wind
+``[p, 0]`` (curtail only: the sun is not metered), battery ``[-p_gen_max, p_charge_max]``,
+EV charger and flexible load ``[0, p]`` (reduce only), generator ``[-p_gen_max, 0]``,
+others fixed. Reactive power is not dispatched (the IEEE 2030.5 sink does not express it).
+
+Restart: :meth:`ControlLoop.build` seeds the issuer with the tracked commands still valid
+(:meth:`CommandTracker.standing`), so a decision that stands is not re-issued under a new
+id, and sends commands stored but never sent (a crash in between) if still valid; commands
+whose validity has passed are never sent again. Cycle ids carry a per-run tag, so ids of
+a new run never collide with an old run's.
+
+Threads: :meth:`start` runs the loop on its own thread, which builds, uses and closes every
+OpenDSS engine of the loop (see docs/ARCHITECTURE.md on dss-python and threads); tests call
+:meth:`run_once` on their own thread instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from derms.analysis.state_estimation import Measurements
+from derms.control.commands import CommandIssuer, InMemorySink
+from derms.control.fast_cycle import CycleReport, DerRegistry, FastCycle, FastCycleConfig, FleetNow
+from derms.control.requests import DeviceLocation
+from derms.control.sep_sink import SepCommandSink
+from derms.control.state import ControlState
+from derms.control.tracking import CommandTracker, TrackingConfig, TrackingSink
+from derms.errors import DermsError, InputError
+from derms.grid.bundled import resolve_master
+from derms.monitoring.background import BackgroundLoop
+from derms.monitoring.cycle import model_path_of
+from derms.monitoring.feeder_monitor import (
+    PHASE_NODE,
+    FeederMonitor,
+    MonitorConfig,
+    _load_table,
+    _loads_by_bus,
+)
+from derms.monitoring.telemetry import latest_readings, series_of
+from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+from derms.protocols.ieee2030_5.model import DerLimits
+from derms.store.audit import append_audit
+from derms.store.db import make_session_factory
+from derms.store.models import DerDevice, DerSite, DerType, DeviceStatus, TopologyEvent
+from derms.store.types import ensure_utc, utcnow
+
+log = logging.getLogger(__name__)
+KIND = {DerType.PV: "pv", DerType.WIND: "wind", DerType.BATTERY: "battery",
+        DerType.EV_CHARGER: "ev", DerType.FLEXIBLE_LOAD: "flexible_load",
+        DerType.GENERATOR: "generator", DerType.OTHER: "other"}
+
+
+@dataclass(frozen=True)
+class DefaultControlConfig:
+    """The fail-safe DefaultDERControl of the "derms control" program: what a device does
+    when no DERControl of ours is in force (it lost the DERMS, or a command ended).
+    ``export_limit_w``: CSIP-AUS opModExpLimW at the device's site (default 1.5 kW, the
+    usual fixed fallback export limit); ``import_limit_w`` opModImpLimW, ``gen_limit_w``
+    opModGenLimW (None: not set); ``set_grad_w``: ramp rate in hundredths of a percent of
+    the rating per second (default 27 ≈ 16.7 %/min, the AS/NZS 4777.2 soft ramp)."""
+
+    export_limit_w: float | None = 1500.0
+    import_limit_w: float | None = None
+    gen_limit_w: float | None = None
+    set_grad_w: int | None = 27
+
+    def limits(self) -> DerLimits:
+        return DerLimits(exp_lim_w=self.export_limit_w, imp_lim_w=self.import_limit_w,
+                         gen_lim_w=self.gen_limit_w)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Settings of the loop (module docstring); units in the names."""
+
+    period_s: float = 5.0
+    stale_after_s: float = 60.0
+    lookback_s: float = 3600.0  # how far back the last value of a stale DER is looked for
+    fast: FastCycleConfig = field(default_factory=FastCycleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(alarms=False))
+    pre_existing: str = "interval"
+    program_description: str = "derms control"
+    program_primacy: int = 1
+    defaults: DefaultControlConfig | None = field(default_factory=DefaultControlConfig)
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0 or self.stale_after_s <= 0 or self.lookback_s <= 0:
+            raise InputError(f"control loop: period_s, stale_after_s and lookback_s must be "
+                             f"positive, got {self.period_s}, {self.stale_after_s}, "
+                             f"{self.lookback_s}")
+
+
+def ensure_control_program(repo, cfg: LoopConfig) -> tuple[int, int]:
+    """The loop's DER program and FSA in an IEEE 2030.5 repository (created once, found by
+    description after), every end device with a ``der_id`` assigned to the FSA, and the
+    fail-safe default control set when it differs; returns ``(program_id, fsa_id)``."""
+    desc = cfg.program_description[:32]
+    prog = next((p for p in repo.programs() if p.description == desc), None)
+    if prog is None:
+        prog = repo.add_program(desc, cfg.program_primacy)
+    fsa = next((f for f in repo.fsas() if f.description == desc
+                and prog.program_id in f.program_ids), None)
+    if fsa is None:
+        fsa = repo.add_fsa(desc, [prog.program_id])
+    assign_end_devices(repo, fsa.fsa_id)
+    if cfg.defaults is not None:
+        want, grad = cfg.defaults.limits(), cfg.defaults.set_grad_w
+        old = repo.default_control(prog.program_id)
+        if old is None or old.limits != want or old.set_grad_w != grad:
+            repo.set_default_control(prog.program_id, want, description=f"{desc} fail-safe",
+                                     set_grad_w=grad)
+    return prog.program_id, fsa.fsa_id
+
+
+def assign_end_devices(repo, fsa_id: int) -> int:
+    """Assign every end device with a ``der_id`` to ``fsa_id``; returns how many changed."""
+    n = 0
+    for e in repo.end_devices():
+        if e.der_id is not None and fsa_id not in e.fsa_ids:
+            repo.assign_fsa(e.edev_id, fsa_id)
+            n += 1
+    return n
+
+
+class _StoreMeasurements(FeederMonitor):
+    """Thin adapter: FeederMonitor's readers of AMI, head SCADA and topology, on an engine
+    the loop owns (no engine of its own, no alarms). Built before the FastCycle adds its
+    DER loads, so the load table holds the customer loads only."""
+
+    def __init__(self, feeder_id: str, engine: OpenDSSEngine, db: Engine,
+                 config: MonitorConfig) -> None:  # noqa: D107 - FeederMonitor's own is not run
+        from derms.powerflow.collect import build_index
+
+        self.feeder_id, self.db, self.config, self.engine = feeder_id, db, config, engine
+        self.sessions = make_session_factory(db)
+        self.index = build_index(engine)
+        self.node_names = engine.node_names()
+        self._node_pos = {s: i for i, s in enumerate(self.node_names)}
+        self._node_base_v = self.index.node_kv_base_ln * 1000.0
+        self.load_names, self.base_p_kw, self.base_q_kvar = _load_table(engine)
+        self._loads_at_bus = _loads_by_bus(engine, self.load_names)
+        self.topology: dict[str, str] = {}
+
+    def close(self) -> None:  # the engine is the loop's
+        pass
+
+    def measurements(self, now: datetime, notes: list[str]) -> Measurements | None:
+        """As :meth:`FeederMonitor.run_once` builds them (None: no fresh meter reading)."""
+        with self.db.connect() as conn:
+            meters, m_series, m_last = self.read_meters(conn, now)
+        return self.build_measurements(meters, m_series, m_last, now, notes)[0]
+
+
+@dataclass
+class _Der:
+    der_id: str
+    kind: str
+    nodes: tuple[str, ...]
+    bus: str
+    site_id: str
+    active: bool
+    p_gen_max_kw: float
+    p_charge_max_kw: float
+    rating_kw: float
+
+
+class ControlLoop(BackgroundLoop):
+    """The control loop of one feeder (module docstring).
+
+    Parameters
+    ----------
+    db : sqlalchemy Engine
+        The store (devices, telemetry, requests, topology, tracked commands, audit).
+    feeder_id : str
+    master : path or bundled name, optional
+        The feeder's OpenDSS master; default: its registered ``FeederModelVersion``.
+    repo : SepAdminRepository, optional
+        The IEEE 2030.5 server's repository: commands become DERControls of the
+        "derms control" program; without it (and without ``sink``) an in-memory sink.
+    sink : CommandSink, optional
+    config : LoopConfig, optional
+    clock : callable returning an aware UTC time (tests pass their own)
+    """
+
+    thread_name = "derms-control"
+
+    def __init__(self, db: Engine, feeder_id: str, *, master: str | Path | None = None,
+                 repo=None, sink=None, config: LoopConfig | None = None,
+                 clock: Callable[[], datetime] = utcnow, actor: str = "control-loop") -> None:
+        super().__init__()
+        self.db, self.feeder_id, self.master = db, feeder_id, master
+        self.config = cfg = config or LoopConfig()
+        self.clock, self.actor = clock, actor
+        self.sessions = make_session_factory(db)
+        self.tracker = CommandTracker(self.sessions, feeder_id,
+                                      replace(cfg.tracking, period_s=cfg.period_s), actor=actor)
+        self.control_state = ControlState(self.sessions, actor="arbiter")
+        self.fast_config = replace(cfg.fast, period_s=cfg.period_s)
+        self._issuer = CommandIssuer(self.fast_config.hold_s, cfg.period_s,
+                                     self.fast_config.deadband_kw)
+        self.repo = repo
+        self.program_id = self.fsa_id = None
+        if repo is not None:
+            self.program_id, self.fsa_id = ensure_control_program(repo, cfg)
+            inner = SepCommandSink(repo, self.program_id, cfg.program_description)
+            self._repo_version = repo.version
+        else:
+            inner = sink if sink is not None else InMemorySink()
+        self.inner_sink = inner
+        self.sink = TrackingSink(self.tracker, inner)
+        self.run_tag = uuid.uuid4().hex[:6]
+        self._cycle: FastCycle | None = None
+        self._meas: _StoreMeasurements | None = None
+        self._ders: list[_Der] = []
+        self._built_key: tuple | None = None
+        self._topology_mark: tuple | None = None
+        self._topology_reload: dict[str, Any] | None = None
+        self._started = False
+        self._last_quiet: tuple | None = None
+        self._topology_pending = False
+        self.cycles = 0
+        self.last_summary: dict[str, Any] | None = None
+        self.last_report: CycleReport | None = None
+        self.last_error: dict[str, Any] | None = None
+
+    # -- building -----------------------------------------------------------------------
+    def _master_path(self, now: datetime) -> Path:
+        if self.master is not None:
+            return resolve_master(self.master).resolve()
+        path = model_path_of(self.db, self.feeder_id, now)
+        if path is None:
+            raise InputError(f"feeder {self.feeder_id!r}: no OpenDSS model version registered")
+        return path
+
+    def _topology_marker(self, now: datetime) -> tuple:
+        with self.db.connect() as conn:
+            row = conn.execute(select(func.count(TopologyEvent.id), func.max(TopologyEvent.id))
+                               .where(TopologyEvent.feeder_id == self.feeder_id,
+                                      TopologyEvent.t <= now)).one()
+        return (int(row[0]), row[1])
+
+    def _load_ders(self) -> list[tuple]:
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(DerDevice.der_id, DerDevice.der_type, DerDevice.phase, DerDevice.bus,
+                       DerSite.bus, DerSite.site_id, DerDevice.status, DerDevice.p_gen_max_kw,
+                       DerDevice.p_charge_max_kw, DerDevice.s_max_kva)
+                .join(DerSite, DerDevice.site_id == DerSite.site_id)
+                .where(DerSite.feeder_id == self.feeder_id,
+                       DerDevice.status != DeviceStatus.DECOMMISSIONED)
+                .order_by(DerDevice.der_id)).all()
+        return [tuple(r) for r in rows]
+
+    def build(self, now: datetime | None = None) -> dict[str, Any] | None:
+        """(Re)build the model, registry and FastCycle at ``now`` (module docstring); on
+        the first build, seed the issuer from the tracked commands and send those stored
+        but never sent. Returns the topology reload record when the topology changed
+        since the previous build (else None)."""
+        now = ensure_utc(now or self.clock(), "now")
+        rows = self._load_ders()
+        mark = self._topology_marker(now)
+        self._close_engine()
+        engine = OpenDSSEngine(self._master_path(now), SolveSettings(tolerance=1e-6))
+        try:
+            engine.solve_snapshot()  # controls settle once on the base case, then freeze
+            engine.set_control_mode("off")
+            engine.solve_snapshot()
+            meas = _StoreMeasurements(self.feeder_id, engine, self.db, self.config.monitor)
+            notes: list[str] = []
+            meas._apply_topology(now, notes)
+            ders, skipped = self._registry_rows(rows, set(engine.node_names()))
+            if not ders:
+                raise InputError(f"feeder {self.feeder_id!r}: no DER device on it maps to "
+                                 f"the model (skipped: {skipped[:10]})")
+            points = sorted({d.nodes for d in ders})
+            at = {p: k for k, p in enumerate(points)}
+            registry = DerRegistry(
+                np.array([d.der_id for d in ders]), np.array([d.kind for d in ders]),
+                np.array([at[d.nodes] for d in ders]), points,
+                [DeviceLocation(d.der_id, feeder_id=self.feeder_id, bus=d.bus,
+                                connection_point=d.site_id) for d in ders])
+            cycle = FastCycle(engine, registry, self.sink, config=self.fast_config,
+                              pre_existing=self.config.pre_existing,  # type: ignore[arg-type]
+                              feeder_id=self.feeder_id, issuer=self._issuer,
+                              cycle_tag=f"{self.run_tag}-")
+        except BaseException:
+            engine.close()
+            raise
+        self._cycle, self._meas, self._ders = cycle, meas, ders
+        self._built_key, self._skipped = tuple(rows), skipped
+        reload = None
+        if self._topology_mark is not None and mark != self._topology_mark:
+            self._topology_reload = {"t": now.isoformat(), "event_id": mark[1],
+                                     "switches": dict(meas.topology), "notes": notes}
+            with self.sessions.begin() as s:
+                append_audit(s, actor=self.actor, action="control_topology_reload",
+                             entity="feeder", entity_id=self.feeder_id,
+                             detail=self._topology_reload, t=now)
+            reload = self._topology_reload
+        self._topology_mark = mark
+        if not self._started:
+            self._started = True
+            standing = self.tracker.standing(now)
+            self._issuer.seed(standing, now)
+            unsent = self.tracker.unsent(now)
+            if unsent:
+                self.inner_sink.send(unsent)
+                unmatched = set(getattr(self.inner_sink, "unmatched", ()) or ())
+                self.tracker.mark_sent([c.command_id for c in unsent
+                                        if c.der_id not in unmatched], now)
+            log.info("event=control_loop_built feeder=%s ders=%d standing=%d resent=%d",
+                     self.feeder_id, len(ders), len(standing), len(unsent))
+        return reload
+
+    def _registry_rows(self, rows: list[tuple], nodes: set[str]) -> tuple[list[_Der], list[str]]:
+        out, skipped = [], []
+        for der_id, dtype, phase, dev_bus, site_bus, site_id, status, gmax, cmax, smax in rows:
+            bus = (dev_bus or site_bus or "").strip().lower()
+            letters = str(getattr(phase, "value", phase) or "abc")
+            pts = tuple(f"{bus}.{PHASE_NODE[x]}" for x in letters
+                        if f"{bus}.{PHASE_NODE[x]}" in nodes)
+            if not bus or not pts:
+                skipped.append(der_id)
+                continue
+            out.append(_Der(der_id, KIND.get(DerType(dtype), "other"), pts, bus, site_id,
+                            DeviceStatus(status) is DeviceStatus.ACTIVE, float(gmax or 0),
+                            float(cmax or 0), float(max(gmax or 0, cmax or 0, smax or 0))))
+        return out, skipped
+
+    def _close_engine(self) -> None:
+        if self._cycle is not None:
+            self._cycle.engine.close()
+            self._cycle = self._meas = None
+
+    def close(self) -> None:
+        """Stop the thread (which closes its engine); close an engine built by run_once."""
+        self.stop()
+        self._close_engine()
+
+    def notify_topology_change(self, feeder_id: str | None = None) -> None:
+        """Run a cycle now (the topology is re-read at every cycle anyway)."""
+        if feeder_id is None or feeder_id == self.feeder_id:
+            with self._cond:
+                self._topology_pending = True
+                self._cond.notify_all()
+
+    # -- one cycle ----------------------------------------------------------------------
+    def _telemetry(self, now: datetime) -> dict[str, tuple[datetime, float, float]]:
+        ids = [d.der_id for d in self._ders]
+        start = now - timedelta(seconds=self.config.lookback_s)
+        with self.db.connect() as conn:
+            ser = series_of(conn, der_ids=ids, quantities=("p_kw", "q_kvar"))
+            last = latest_readings(conn, ser["series_id"].tolist(), start, now)
+        last = last.merge(ser, on="series_id").sort_values("t")
+        out: dict[str, tuple[datetime, float, float]] = {}
+        p = last[last["quantity"] == "p_kw"].groupby("der_id").tail(1)
+        q = last[last["quantity"] == "q_kvar"].groupby("der_id").tail(1).set_index("der_id")
+        for r in p.itertuples(index=False):
+            qv = float(q.loc[r.der_id, "value"]) if r.der_id in q.index else 0.0
+            out[r.der_id] = (r.t, float(r.value), qv)
+        return out
+
+    def _fleet(self, now: datetime, tel: dict, scores: np.ndarray, escalated: set[str]
+               ) -> tuple[FleetNow, list[str]]:
+        n = len(self._ders)
+        p, q = np.zeros(n), np.zeros(n)
+        lo, hi, fixed = np.zeros(n), np.zeros(n), np.zeros(n, dtype=bool)
+        stale = []
+        for j, d in enumerate(self._ders):
+            m = tel.get(d.der_id)
+            if m is not None:
+                p[j], q[j] = m[1], m[2]
+            if m is None or (now - m[0]).total_seconds() > self.config.stale_after_s:
+                stale.append(d.der_id)
+                fixed[j] = True
+            if not d.active or d.der_id in escalated:
+                fixed[j] = True
+            if d.kind in ("pv", "wind"):
+                lo[j], hi[j] = min(p[j], 0.0), 0.0
+            elif d.kind == "battery":
+                lo[j], hi[j] = -d.p_gen_max_kw, d.p_charge_max_kw
+            elif d.kind in ("ev", "flexible_load"):
+                lo[j], hi[j] = 0.0, max(p[j], 0.0)
+            elif d.kind == "generator":
+                lo[j], hi[j] = -d.p_gen_max_kw, 0.0
+            else:
+                lo[j] = hi[j] = p[j]
+        lo, hi = np.minimum(lo, p), np.maximum(hi, p)
+        return FleetNow(p, q, lo, hi, q.copy(), q.copy(), scores, fixed=fixed), stale
+
+    def run_once(self, now: datetime | None = None) -> dict[str, Any]:
+        """One cycle at ``now`` (module docstring); returns its summary (also kept in
+        :attr:`last_summary`)."""
+        now = ensure_utc(now or self.clock(), "now")
+        t0 = time.perf_counter()
+        reload = None
+        if (self._cycle is None or self._topology_marker(now) != self._topology_mark
+                or tuple(self._load_ders()) != self._built_key):
+            reload = self.build(now)
+        acks = 0
+        if self.repo is not None:
+            if self.repo.version != self._repo_version:
+                assign_end_devices(self.repo, self.fsa_id)
+                self._repo_version = self.repo.version
+            acks = self.tracker.take_responses(self.repo, now)
+        tel = self._telemetry(now)
+        ids = [d.der_id for d in self._ders]
+        ratings = {d.der_id: d.rating_kw for d in self._ders}
+        verdicts = self.tracker.verify(now, {k: (v[0], v[1]) for k, v in tel.items()}, ratings)
+        scores = self.tracker.scores(ids)
+        escalated = self.tracker.escalated(ids, now)
+        fleet, stale = self._fleet(now, tel, scores, escalated)
+        self.control_state.refresh(now)
+        self._cycle.arbiter = self.control_state.arbiter
+        notes: list[str] = []
+        if stale:
+            notes.append(f"{len(stale)} DER(s) with stale or no telemetry (older than "
+                         f"{self.config.stale_after_s:.0f} s): held at their last value, "
+                         f"not commanded: {stale[:20]}")
+        if escalated:
+            notes.append(f"{len(escalated)} DER(s) escalated (did not deliver): held at their "
+                         f"measured output, others relied upon: {sorted(escalated)[:20]}")
+        if self._skipped:
+            notes.append(f"DERs not on the model (no bus/phase node): {self._skipped[:20]}")
+        meas = self._meas.measurements(now, notes)
+        fresh = len(stale) < len(self._ders)
+        summary: dict[str, Any] = {
+            "feeder_id": self.feeder_id, "t": now.isoformat(), "n_ders": len(self._ders),
+            "stale": stale, "escalated": sorted(escalated), "acknowledged": acks,
+            "verified": _count(v.state for v in verdicts),
+            # scores of the DERs with a delivery history (the others are at the prior)
+            "scores": {d: round(float(s), 4) for d, s in zip(ids, scores)
+                       if s != self.tracker.config.prior_score},
+            "topology_reloaded": reload}
+        if meas is None and not fresh:
+            notes.append("no fresh telemetry on the feeder (meters or DERs): no action")
+            summary.update(cycle_id=None, status="no_telemetry", commands=0, command_ids=[],
+                           violations={}, imminent=0, n_rows=0, n_fixed=int(fleet.fixed.sum()),
+                           timings={"total_s": time.perf_counter() - t0}, estimation={},
+                           ac_check={})
+            self.last_report = None
+        else:
+            rep = self._cycle.run(now, fleet, measurements=meas)
+            self.last_report = rep
+            notes += rep.notes
+            summary.update(
+                cycle_id=rep.cycle_id, status=rep.status, commands=len(rep.commands),
+                command_ids=[c.command_id for c in rep.commands], violations=rep.violations,
+                imminent=rep.imminent, violated_rows=rep.violated_rows[:20], n_rows=rep.n_rows,
+                n_fixed=rep.n_fixed, timings={**rep.timings,
+                                              "loop_total_s": time.perf_counter() - t0},
+                estimation=_jsonable(rep.estimation), ac_check=_jsonable(rep.ac_check))
+        summary["notes"] = notes
+        self._audit_cycle(now, summary, verdicts)
+        self.cycles += 1
+        self.last_summary = summary
+        return summary
+
+    def _audit_cycle(self, now: datetime, summary: dict, verdicts) -> None:
+        key = (summary["status"], tuple(summary["stale"]), tuple(summary["escalated"]))
+        quiet = (summary["status"] == "clear" and not summary["commands"] and not verdicts
+                 and not summary["acknowledged"] and not summary["topology_reloaded"])
+        if quiet and key == self._last_quiet:
+            return
+        self._last_quiet = key if quiet else None
+        detail = {k: v for k, v in summary.items() if k != "scores"}
+        with self.sessions.begin() as s:
+            append_audit(s, actor=self.actor, action="control_cycle", entity="feeder",
+                         entity_id=self.feeder_id, detail=_jsonable(detail), t=now)
+
+    # -- status for the API --------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {"feeder_id": self.feeder_id, "running": self._thread is not None,
+                "period_s": self.config.period_s, "cycles": self.cycles,
+                "run_tag": self.run_tag, "n_ders": len(self._ders),
+                "ieee2030_5": None if self.repo is None else {
+                    "program_id": self.program_id, "fsa_id": self.fsa_id,
+                    "default_control": None if self.config.defaults is None else {
+                        "export_limit_w": self.config.defaults.export_limit_w,
+                        "import_limit_w": self.config.defaults.import_limit_w,
+                        "gen_limit_w": self.config.defaults.gen_limit_w,
+                        "set_grad_w": self.config.defaults.set_grad_w}},
+                "topology": {"events": None if self._topology_mark is None
+                             else self._topology_mark[0],
+                             "last_reload": self._topology_reload},
+                "last_cycle": self.last_summary, "last_error": self.last_error}
+
+    # -- thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            next_at = time.monotonic()
+            while True:
+                with self._cond:
+                    while not self._stop and not self._topology_pending \
+                            and time.monotonic() < next_at:
+                        self._cond.wait(max(0.01, next_at - time.monotonic()))
+                    if self._stop:
+                        return
+                    self._topology_pending = False
+                next_at = time.monotonic() + self.config.period_s
+                try:
+                    self.run_once()
+                    self.last_error = None
+                except Exception as exc:  # one bad cycle must not stop the loop
+                    log.exception("control_cycle_failed feeder=%s", self.feeder_id)
+                    self.last_error = {"t": utcnow().isoformat(), "error": (
+                        f"{type(exc).__name__}: {exc}" if isinstance(exc, DermsError)
+                        else type(exc).__name__)}
+        finally:
+            self._close_engine()  # on the thread that built it
+
+
+def _count(states) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in states:
+        out[s] = out.get(s, 0) + 1
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+__all__ = ["ControlLoop", "DefaultControlConfig", "LoopConfig", "assign_end_devices",
+           "ensure_control_program"]
