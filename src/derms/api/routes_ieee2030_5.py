@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy import select
 
 from derms.api.auth import Principal, require
 from derms.api.problems import Problem
@@ -142,6 +143,42 @@ def create_end_device(request: Request, body: EndDeviceIn, repo: Repo,
                                              der_id=body.der_id, meter_id=body.meter_id),
                  entity_id=lambda r: r.lfdi, detail=body.model_dump())
     return _edev_json(rec)
+
+
+class EndDevicesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    end_devices: list[EndDeviceIn] = Field(min_length=1, max_length=10_000)
+
+
+@router.post("/end-devices/batch", status_code=201)
+def create_end_devices(request: Request, body: EndDevicesIn, repo: Repo,
+                       principal: Annotated[Principal, Depends(require("admin"))]
+                       ) -> dict[str, Any]:
+    """Pre-register up to 10,000 end devices in one call, all or nothing (fleets,
+    aggregators). An LFDI already registered is listed in ``existing`` and left as it is;
+    a bad row (an unknown ``der_id``/``meter_id``/FSA, an LFDI given twice) is 422 naming
+    its position, and nothing is stored."""
+    from derms.store.models import DerDevice, Meter
+
+    rows = body.end_devices
+    with request.app.state.sessions() as s:
+        for model, col, field in ((DerDevice, DerDevice.der_id, "der_id"),
+                                  (Meter, Meter.meter_id, "meter_id")):
+            wanted = {getattr(r, field) for r in rows} - {None}
+            known = set(s.scalars(select(col).where(col.in_(wanted)))) if wanted else set()
+            bad = [k for k, r in enumerate(rows) if getattr(r, field) not in known | {None}]
+            if bad:
+                raise Problem(422, f"end_devices[{bad[0]}].{field} "
+                                   f"{getattr(rows[bad[0]], field)!r}: not in the store "
+                                   f"({len(bad)} row(s) like this)")
+    specs = [{"lfdi": r.lfdi, "pin": r.pin, "owner_lfdi": r.aggregator_lfdi,
+              "nmi": r.connection_point, "fsa_ids": r.fsa_ids, "der_id": r.der_id,
+              "meter_id": r.meter_id} for r in rows]
+    results = _write(request, principal, "create", "ieee2030_5_end_devices",
+                     lambda: repo.add_end_devices(specs), entity_id=lambda r: len(r),
+                     detail={"lfdis": [r.lfdi.upper() for r in rows][:10_000]})
+    return {"created": [_edev_json(e) for e, new in results if new],
+            "existing": [e.lfdi for e, new in results if not new]}
 
 
 def _check_store_ids(request: Request, der_id: str | None, meter_id: str | None) -> None:

@@ -136,6 +136,82 @@ def create_device(request: Request, body: DeviceIn,
     return body.model_dump(mode="json")
 
 
+class DevicesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    devices: list[DeviceIn] = Field(min_length=1, max_length=10_000)
+
+
+class MetersIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    meters: list[MeterIn] = Field(min_length=1, max_length=10_000)
+
+
+def _unknown_feeders(s, feeder_ids: set) -> set:
+    feeder_ids = feeder_ids - {None}
+    if not feeder_ids:
+        return set()
+    return feeder_ids - set(s.scalars(select(Feeder.feeder_id).where(
+        Feeder.feeder_id.in_(feeder_ids))))
+
+
+@router.post("/devices/batch", status_code=201)
+def create_devices(request: Request, body: DevicesIn,
+                   principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
+    """Register up to 10,000 devices in one transaction, all or nothing; sites are created
+    on first use. Devices already registered are listed in ``existing`` and left as they
+    are; an unknown feeder or a ``der_id`` given twice is 422 and nothing is stored."""
+    rows = body.devices
+    ids = [r.der_id for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise Problem(422, f"devices: der_id {dup!r} given twice")
+    with request.app.state.sessions.begin() as s:
+        unknown = _unknown_feeders(s, {r.feeder_id for r in rows})
+        if unknown:
+            raise Problem(422, f"devices: unknown feeder(s) {sorted(unknown)}")
+        existing = set(s.scalars(select(DerDevice.der_id).where(DerDevice.der_id.in_(ids))))
+        sites = set(s.scalars(select(DerSite.site_id).where(
+            DerSite.site_id.in_({r.site_id for r in rows}))))
+        created = []
+        for r in rows:
+            if r.der_id in existing:
+                continue
+            data = r.model_dump()
+            feeder_id = data.pop("feeder_id")
+            if r.site_id not in sites:
+                s.add(DerSite(site_id=r.site_id, feeder_id=feeder_id, bus=r.bus,
+                              service_transformer=r.service_transformer, owner=r.owner))
+                sites.add(r.site_id)
+            s.add(DerDevice(**data))
+            created.append(r.der_id)
+        s.flush()
+        append_audit(s, actor=principal.token_id, action="create", entity="der_device",
+                     entity_id=f"batch of {len(created)}", detail={"der_ids": created})
+    return {"created": created, "existing": sorted(existing)}
+
+
+@router.post("/meters/batch", status_code=201)
+def create_meters(request: Request, body: MetersIn,
+                  principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
+    """Register up to 10,000 meters in one transaction (as ``/devices/batch``)."""
+    rows = body.meters
+    ids = [r.meter_id for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise Problem(422, f"meters: meter_id {dup!r} given twice")
+    with request.app.state.sessions.begin() as s:
+        unknown = _unknown_feeders(s, {r.feeder_id for r in rows})
+        if unknown:
+            raise Problem(422, f"meters: unknown feeder(s) {sorted(unknown)}")
+        existing = set(s.scalars(select(Meter.meter_id).where(Meter.meter_id.in_(ids))))
+        created = [r.meter_id for r in rows if r.meter_id not in existing]
+        s.add_all(Meter(**r.model_dump()) for r in rows if r.meter_id not in existing)
+        s.flush()
+        append_audit(s, actor=principal.token_id, action="create", entity="meter",
+                     entity_id=f"batch of {len(created)}", detail={"meter_ids": created})
+    return {"created": created, "existing": sorted(existing)}
+
+
 @router.post("/meters", status_code=201)
 def create_meter(request: Request, body: MeterIn,
                  principal: Annotated[Principal, Depends(require("admin"))]) -> dict:

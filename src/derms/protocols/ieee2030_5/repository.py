@@ -88,6 +88,8 @@ class SepAdminRepository(SepRepository, Protocol):
     """What the management API needs on top of what the server reads (operator writes and
     listings); all methods thread-safe, bad input a ValueError naming the item."""
 
+    def add_end_devices(self, specs: Sequence[dict]
+                        ) -> list[tuple[EndDeviceRecord, bool]]: ...
     def end_devices(self) -> list[EndDeviceRecord]: ...
     def end_devices_at(self, connection_point: str) -> list[EndDeviceRecord]: ...
     def add_aggregator(self, lfdi: str) -> None: ...
@@ -174,7 +176,7 @@ class InMemoryRepository:
     """Everything in dictionaries behind one lock (this increment; the database comes next)."""
 
     def __init__(self, pen: int = 0) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by batch methods
         self._pen = pen
         self._edevs: dict[int, EndDeviceRecord] = {}
         self._aggregators: set[str] = set()
@@ -265,6 +267,42 @@ class InMemoryRepository:
             if owner is not None:  # the client that owns registered devices is an aggregator
                 self._aggregators.add(owner)
             return rec
+
+    def add_end_devices(self, specs: Sequence[dict]) -> list[tuple[EndDeviceRecord, bool]]:
+        """Pre-register many end devices at once, all or nothing: each spec holds
+        :meth:`add_end_device`'s arguments (``lfdi`` plus keywords). An LFDI already
+        registered is returned as it is (``created`` False); a bad spec is a ValueError
+        naming its position and nothing is added."""
+        seen: set[str] = set()
+        for k, spec in enumerate(specs):
+            try:
+                lfdi = _norm(spec["lfdi"])
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"end device {k}: {exc}") from None
+            if lfdi in seen:
+                raise ValueError(f"end device {k}: LFDI {lfdi} given twice")
+            seen.add(lfdi)
+        with self._lock:
+            out: list[tuple[EndDeviceRecord, bool]] = []
+            for k, spec in enumerate(specs):
+                old = self.end_device_by_lfdi(spec["lfdi"])
+                if old is not None:
+                    out.append((old, False))
+                    continue
+                args = {key: value for key, value in spec.items() if key != "lfdi"}
+                try:
+                    out.append((self.add_end_device(spec["lfdi"], **args), True))
+                except (TypeError, ValueError) as exc:
+                    self._undo_new_end_devices(out)
+                    raise ValueError(f"end device {k}: {exc}") from None
+            return out
+
+    def _undo_new_end_devices(self, done: list[tuple[EndDeviceRecord, bool]]) -> None:
+        """Take back the end devices a failed batch added (lock held)."""
+        for rec, created in done:
+            if created:
+                self._edevs.pop(rec.edev_id, None)
+        self._changed()
 
     def end_devices(self) -> list[EndDeviceRecord]:
         with self._lock:

@@ -277,6 +277,17 @@ class PersistentRepository(InMemoryRepository):
             return rec, persist
         return self._transact(change)
 
+    def add_end_devices(self, specs: Sequence[dict]) -> list[tuple[EndDeviceRecord, bool]]:
+        """All in one transaction (each device is a nested write of this one); a bad spec
+        leaves memory and the database unchanged."""
+        def change() -> tuple[list[tuple[EndDeviceRecord, bool]],
+                              Callable[[Connection], None]]:
+            return InMemoryRepository.add_end_devices(self, specs), lambda conn: None
+        return self._transact(change)
+
+    def _undo_new_end_devices(self, done) -> None:  # the transaction's journal undoes them
+        pass
+
     def touch_end_device(self, edev_id: int, changed_time: datetime) -> EndDeviceRecord:
         def change() -> tuple[EndDeviceRecord, Callable[[Connection], None]]:
             self._keep(self._edevs, edev_id)
