@@ -314,3 +314,48 @@ def test_notification_needs_the_subscribers_certificate(pki):  # noqa: F811
         notifier.stop()
     finally:
         httpd.shutdown()
+
+
+def test_notifier_renders_only_what_a_change_can_touch():
+    """One device's new control re-renders that device's DERControlList subscription only
+    (changes_since); a new default control only the DefaultDERControl ones; an unkeyed
+    change (a new program) everything; a changed list is sent, an unchanged one not."""
+    import ssl
+
+    from derms.protocols.ieee2030_5.model import SubscriptionRecord
+    from derms.protocols.ieee2030_5.notify import SepNotifier
+
+    repo = InMemoryRepository()
+    pid = repo.add_program("c", 0).program_id
+    fsa = repo.add_fsa("f", [pid]).fsa_id
+    repo.set_default_control(pid, DerLimits(exp_lim_w=1500))
+    devs = []
+    for k in range(20):
+        lfdi = f"{k + 1:040X}"
+        e = repo.add_end_device(lfdi, fsa_ids=[fsa], nmi=f"n{k}").edev_id
+        devs.append(e)
+        for href in (f"/edev/{e}/derp/{pid}/derc", f"/edev/{e}/derp/{pid}/dderc"):
+            repo.add_subscription(SubscriptionRecord(0, e, lfdi, href, "https://h/n", 10))
+    notifier = SepNotifier(SepApp(repo), ssl.create_default_context())
+    rendered: list[str] = []
+    sent: list[str] = []
+    render = notifier._render
+
+    def counting(sub):
+        rendered.append(sub.subscribed_resource)
+        return render(sub)
+
+    notifier._render = counting
+    notifier._deliver = lambda sub, body: (sent.append(sub.subscribed_resource), (201, None))[1]
+    assert notifier.run_once() == 40 and len(rendered) == 40  # first pass: everything
+    rendered.clear(), sent.clear()
+    repo.add_control(pid, datetime.now(UTC) + timedelta(hours=1), 60, DerLimits(exp_lim_w=1),
+                     connection_point="n3")
+    assert notifier.run_once() == 1
+    assert rendered == sent == [f"/edev/{devs[3]}/derp/{pid}/derc"]
+    rendered.clear(), sent.clear()
+    repo.set_default_control(pid, DerLimits(exp_lim_w=900))
+    assert notifier.run_once() == 20 and all(r.endswith("/dderc") for r in rendered)
+    rendered.clear(), sent.clear()
+    repo.add_program("another", 5)  # unkeyed: everything is looked at, nothing changed
+    assert notifier.run_once() == 0 and len(rendered) == 40 and sent == []

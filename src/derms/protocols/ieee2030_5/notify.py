@@ -7,7 +7,9 @@ subscription's limit) and compares it with what was last delivered; when it diff
 ``Notification`` (status 0, the resource inside as ``Resource xsi:type=…``) is POSTed. A pass
 runs when the repository changed, a subscription is new or due for a retry, or the clock
 passed the start or end of an event (which changes EventStatus); otherwise nothing is
-rendered. The first pass after a subscription is created delivers its current state.
+rendered; after a change, only the subscriptions whose resource the changed keys can touch
+(``changes_since`` of the repository: one device's controls, one program's default) are
+rendered again. The first pass after a subscription is created delivers its current state.
 
 Transport: HTTPS with mutual TLS — the server presents its own certificate and verifies the
 receiver's certificate against the client CA; unless ``verify_subscriber`` is off, the
@@ -88,6 +90,7 @@ class SepNotifier:
         self._monotonic = monotonic
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sep-notify")
         self._state: dict[int, DeliveryState] = {}
+        self._deps_cache: dict[int, frozenset | None] = {}
         self._seen_version: int | None = None
         self._next_edge_s = 0.0
         self._stop = threading.Event()
@@ -130,16 +133,31 @@ class SepNotifier:
         live = {s.subscription_id for s in subs}
         for gone in set(self._state) - live:
             del self._state[gone]
+            self._deps_cache.pop(gone, None)
         version = self.repo.version
         now_s = m.epoch(self.app._clock())
         mono = self._monotonic()
-        changed = version != self._seen_version or now_s >= self._next_edge_s
-        if changed:
+        edge = now_s >= self._next_edge_s
+        keys: frozenset | None = frozenset()
+        if version != self._seen_version:
+            since = getattr(self.repo, "changes_since", None)
+            keys = (since(self._seen_version) if since is not None
+                    and self._seen_version is not None else None)
+        if edge or version != self._seen_version:
             self._seen_version = version
             self._next_edge_s = self._next_edge(now_s)
         fresh = DeliveryState()
+
+        def touched(sub: SubscriptionRecord) -> bool:
+            if edge or keys is None:
+                return True
+            if not keys:
+                return False
+            deps = self._deps(sub)
+            return deps is None or bool(deps & keys)
+
         due = [s for s in subs
-               if (changed or self._state.get(s.subscription_id, fresh).digest is None
+               if (touched(s) or self._state.get(s.subscription_id, fresh).digest is None
                    or self._state.get(s.subscription_id, fresh).attempts > 0)
                and self._state.get(s.subscription_id, fresh).next_try <= mono]
         jobs = []
@@ -170,6 +188,26 @@ class SepNotifier:
                          "error=%s attempts=%d", sub.subscription_id, sub.notification_uri,
                          code, error, state.attempts)
         return delivered
+
+    def _deps(self, sub: SubscriptionRecord) -> frozenset | None:
+        """The repository change keys (``changes_since``) that can alter what ``sub``
+        renders; None: any change (lists of end devices, function sets, programs)."""
+        if sub.subscription_id in self._deps_cache:
+            return self._deps_cache[sub.subscription_id]
+        name = self.app._route_name(sub.subscribed_resource)
+        deps: frozenset | None = None
+        if name in ("controls", "active_controls", "default_control"):
+            edev_id, program_id = self.app._route(sub.subscribed_resource)[1][:2]
+            if name == "default_control":
+                deps = frozenset({("default", program_id)})
+            else:
+                rec = self.repo.end_device(edev_id)
+                nmi = rec.nmi if rec is not None else None
+                deps = frozenset({("controls", program_id, "all", None),
+                                  ("controls", program_id, "edev", edev_id),
+                                  ("controls", program_id, "cp", nmi)})
+        self._deps_cache[sub.subscription_id] = deps
+        return deps
 
     def _render(self, sub: SubscriptionRecord) -> tuple[bytes, int]:
         """(Notification body, its status): the resource as the subscriber sees it now."""

@@ -10,7 +10,8 @@ import dataclasses
 import itertools
 import math
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -111,6 +112,16 @@ class SepAdminRepository(SepRepository, Protocol):
                   ramp_pt1_tms: int | None = None) -> CurveRecord: ...
 
 
+def audience_key(rec: ControlRecord) -> tuple:
+    """(program, "edev", end device) / (program, "cp", connection point) / (program, "all",
+    None): who sees a control."""
+    if rec.edev_id is not None:
+        return (rec.program_id, "edev", rec.edev_id)
+    if rec.connection_point is not None:
+        return (rec.program_id, "cp", rec.connection_point)
+    return (rec.program_id, "all", None)
+
+
 def _norm(lfdi: str) -> str:
     lfdi = lfdi.strip().upper()
     if len(lfdi) != 40 or any(c not in "0123456789ABCDEF" for c in lfdi):
@@ -199,6 +210,8 @@ class InMemoryRepository:
         self._next = {"edev": 1, "fsa": 1, "program": 1, "control": 1, "response": 1,
                       "mup": 1, "curve": 1, "log": 1, "sub": 1}
         self._version = 0
+        #: (version, keys changed) of the recent changes (see :meth:`changes_since`)
+        self._change_log: deque[tuple[int, frozenset | None]] = deque(maxlen=4096)
 
     @property
     def version(self) -> int:
@@ -207,8 +220,28 @@ class InMemoryRepository:
         it changes."""
         return self._version
 
-    def _changed(self) -> None:  # call with the lock held
+    def _changed(self, keys: Iterable[tuple] | None = None) -> None:  # lock held
+        """A published change: ``keys`` names what changed — ``("controls", program,
+        audience kind, value)`` or ``("default", program)`` — None: possibly anything."""
         self._version += 1
+        self._change_log.append((self._version, None if keys is None else frozenset(keys)))
+
+    def changes_since(self, version: int) -> frozenset | None:
+        """What changed after ``version`` (see :meth:`_changed`): the union of the keys, or
+        None when something unkeyed changed or the log no longer reaches back that far.
+        Lets the notifier re-render only the subscriptions a change can touch."""
+        with self._lock:
+            if version >= self._version:
+                return frozenset()
+            entries = [(v, k) for v, k in self._change_log if v > version]
+            if not entries or entries[0][0] != version + 1:
+                return None
+            out: set = set()
+            for _, keys in entries:
+                if keys is None:
+                    return None
+                out |= keys
+            return frozenset(out)
 
     def _id(self, kind: str) -> int:
         value = self._next[kind]
@@ -432,12 +465,9 @@ class InMemoryRepository:
             for mrid, rec in new.items():
                 self._controls[rec.control_id] = rec
                 self._control_mrids[mrid] = rec.control_id
-                key = ((rec.program_id, "edev", rec.edev_id) if rec.edev_id is not None else
-                       (rec.program_id, "cp", rec.connection_point)
-                       if rec.connection_point is not None else (rec.program_id, "all", None))
-                self._audience.setdefault(key, []).append(rec.control_id)
+                self._audience.setdefault(audience_key(rec), []).append(rec.control_id)
             if new:
-                self._changed()
+                self._changed({("controls", *audience_key(r)) for r in new.values()})
             return out
 
     def control(self, control_id: int) -> ControlRecord | None:
@@ -456,9 +486,11 @@ class InMemoryRepository:
                     if c.start.timestamp() + c.duration_s < cutoff}
             if not gone:
                 return 0
+            keys = set()
             for i in gone:
                 rec = self._controls.pop(i)
                 self._control_mrids.pop(rec.mrid, None)
+                keys.add(("controls", *audience_key(rec)))
             for key, ids in list(self._audience.items()):
                 kept = [i for i in ids if i not in gone]
                 if kept:
@@ -468,7 +500,7 @@ class InMemoryRepository:
             for rid in [r for r, rec in self._responses.items() if rec.control_id in gone]:
                 rec = self._responses.pop(rid)
                 self._response_keys.pop((rec.control_id, rec.edev_id, rec.status), None)
-            self._changed()
+            self._changed(keys)
             return len(gone)
 
     def cancel_control(self, control_id: int) -> ControlRecord:
@@ -481,7 +513,7 @@ class InMemoryRepository:
                 rec = dataclasses.replace(rec, cancelled_time=datetime.now(UTC).replace(
                     microsecond=0), version=(rec.version + 1) % 65536)
                 self._controls[control_id] = rec
-                self._changed()
+                self._changed({("controls", *audience_key(rec))})
             return rec
 
     def controls(self, program_id: int) -> list[ControlRecord]:
@@ -511,7 +543,7 @@ class InMemoryRepository:
                                        version=(old.version + 1) % 65536 if old else 0,
                                        set_grad_w=set_grad_w)
             self._defaults[program_id] = rec
-            self._changed()
+            self._changed({("default", program_id)})
             return rec
 
     def default_control(self, program_id: int) -> DefaultControlRecord | None:

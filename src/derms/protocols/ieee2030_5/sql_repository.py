@@ -52,7 +52,7 @@ from derms.protocols.ieee2030_5.model import (
     ResponseRecord,
     SubscriptionRecord,
 )
-from derms.protocols.ieee2030_5.repository import InMemoryRepository
+from derms.protocols.ieee2030_5.repository import InMemoryRepository, audience_key
 from derms.protocols.ieee2030_5.sql_rows import (
     AGG,
     CNT,
@@ -81,15 +81,6 @@ _ABSENT = object()
 _STATE = ("_lock", "_edevs", "_aggregators", "_fsas", "_programs", "_controls", "_defaults",
           "_control_mrids", "_audience", "_der_docs", "_responses", "_response_keys", "_mups",
           "_mup_mrids", "_curves", "_log_events", "_subscriptions", "_next", "_version")
-
-
-def _audience_key(rec: ControlRecord) -> tuple[int, str, object]:
-    """InMemoryRepository's index key of a control's audience."""
-    if rec.edev_id is not None:
-        return (rec.program_id, "edev", rec.edev_id)
-    if rec.connection_point is not None:
-        return (rec.program_id, "cp", rec.connection_point)
-    return (rec.program_id, "all", None)
 
 
 class PersistentRepository(InMemoryRepository):
@@ -135,7 +126,7 @@ class PersistentRepository(InMemoryRepository):
                         continue
                     self._controls[c.control_id] = c
                     self._control_mrids[c.mrid] = c.control_id
-                    self._audience.setdefault(_audience_key(c), []).append(c.control_id)
+                    self._audience.setdefault(audience_key(c), []).append(c.control_id)
                 self._defaults.update((d.program_id, d) for d in st.defaults)
                 self._der_docs.update(st.docs)
                 for r in st.responses:
@@ -343,7 +334,7 @@ class PersistentRepository(InMemoryRepository):
             for rec in created:
                 self._keep(self._controls, rec.control_id, known=False)
                 self._keep(self._control_mrids, rec.mrid, known=False)
-            for key in {_audience_key(rec) for rec in created}:
+            for key in {audience_key(rec) for rec in created}:
                 old = [i for i in self._audience.get(key, ()) if i not in new_ids]
                 self._keep(self._audience, key, old or _ABSENT, known=False)
             rows = [limits_to_row(r, CTRL, extra=dict(r.extra) or None) for r in created]
