@@ -20,9 +20,13 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
-## demo: one-week 15-min QSTS study of the bundled IEEE 123 feeder with 30 % PV
+## demo: the live system (derms serve + control loop + IEEE 2030.5, derms sim on IEEE 123:
+## an EV-charging surge overloads the head section and the DERMS clears it; SQLite,
+## ~1.5 min), then a one-week 15-min QSTS study of
+## IEEE 123 with 30 % PV
 demo: $(VENV)/.installed
-	$(BIN)/derms study ieee123 --days 7 --step 15min --pv-penetration 0.3 --out $(DEMO_OUT) --force
+	$(BIN)/derms demo --out $(DEMO_OUT)
+	$(BIN)/derms study ieee123 --days 7 --step 15min --pv-penetration 0.3 --out $(DEMO_OUT)/study --force
 
 ## test: the CI suite (no slow studies)
 test: $(VENV)/.installed-test

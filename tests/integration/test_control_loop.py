@@ -475,3 +475,23 @@ def test_serve_runs_the_control_loop(scenario, db_url):
     # uvicorn re-raises SIGTERM after a clean shutdown (the loop is closed in between)
     assert proc.returncode in (0, -signal.SIGTERM), err[-3000:]
     assert "Finished server process" in err and "Traceback" not in err, err[-3000:]
+
+
+def test_fail_safe_default_is_set_once_and_an_operator_change_is_kept():
+    """The loop publishes its fail-safe DefaultDERControl when the program has none; an
+    operator's later change (management API) survives a restart of the loop."""
+    from derms.control.loop import LoopConfig, ensure_control_program
+    from derms.protocols.ieee2030_5 import InMemoryRepository
+    from derms.protocols.ieee2030_5.model import DerLimits
+
+    repo = InMemoryRepository()
+    repo.add_end_device("A1" * 20, der_id="der-1")
+    repo.add_end_device("B2" * 20)  # no der_id: not the loop's device
+    pid, fsa = ensure_control_program(repo, LoopConfig())
+    default = repo.default_control(pid)
+    assert default.limits.exp_lim_w == 1500.0 and default.set_grad_w == 27
+    assert [e.fsa_ids for e in repo.end_devices()] == [(fsa,), ()]
+    repo.set_default_control(pid, DerLimits(exp_lim_w=5000.0), set_grad_w=10)
+    assert ensure_control_program(repo, LoopConfig()) == (pid, fsa)  # a restart
+    assert repo.default_control(pid).limits.exp_lim_w == 5000.0
+    assert len(repo.programs()) == 1 and len(repo.fsas()) == 1

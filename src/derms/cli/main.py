@@ -443,6 +443,7 @@ def _ieee2030_5_config(port: int | None, cert: Path | None, key: Path | None,
 from derms.cli import (  # sub-commands on `app`
     certs_cmd,
     constraints_cmd,
+    demo_cmd,
     dispatch_cmd,
     envelopes_cmd,
     forecast_cmd,
@@ -461,6 +462,7 @@ app.command(name="envelopes")(envelopes_cmd.envelopes)
 app.command(name="interconnect")(interconnect_cmd.interconnect)
 app.command(name="certs")(certs_cmd.certs)
 app.command(name="sim")(sim_cmd.sim)
+app.command(name="demo")(demo_cmd.demo)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -97,6 +97,16 @@ def sim(
                          ] = False,
     mix: Annotated[str | None, typer.Option(
         help="Device kinds' shares, e.g. pv=0.6,battery=0.2,ev=0.15,flex=0.05.")] = None,
+    feeder_id: Annotated[str | None, typer.Option(
+        "--feeder-id", help="Register the fleet on this feeder of the DERMS for its control "
+                            "loop (`derms serve --control-feeder ID`): sites and meters with "
+                            "bus and phase, each DER's own output mirrored (its telemetry), "
+                            "the feeder-head SCADA mirrored by a head RTU; needs --api. "
+                            "Readings are then stamped with wall-clock UTC.")] = None,
+    wall_clock: Annotated[bool | None, typer.Option(
+        "--wall-clock/--sim-clock", help="Stamp mirrored readings with wall-clock UTC or "
+                                         "simulated time (default: wall clock with "
+                                         "--feeder-id, else simulated).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Run a feeder in real time or faster with a simulated DER fleet (PV with IEEE 1547
@@ -115,7 +125,11 @@ def sim(
     cfg = SimConfig(feeder=feeder, devices=devices, seed=seed, speed=speed, duration_s=dur_s,
                     step_s=step_s, start=parse_start(start) if start else None,
                     comm_timeout_s=comm_timeout, post_rate_s=post_rate, poll_rate_s=poll_rate,
-                    subscribe=subscribe, volt_watt=volt_watt, mix=_mix(mix), scenario=scen)
+                    subscribe=subscribe, volt_watt=volt_watt, mix=_mix(mix), scenario=scen,
+                    feeder_id=feeder_id, wall_clock=wall_clock)
+    if feeder_id is not None and (api is None or ieee2030_5 is None):
+        raise InputError("--feeder-id needs --api and --ieee2030-5 (the fleet is registered "
+                         "on the feeder and reports over IEEE 2030.5)")
     master = resolve_master(feeder)
     sep = None
     if ieee2030_5 is not None:
@@ -135,7 +149,7 @@ def sim(
                          "path)")
     registered: dict = {}
 
-    def on_fleet(spec, lfdis, buses):
+    def on_fleet(spec, lfdis, buses, info):
         if api is None:
             return
         from derms.sim.provision import Api, register_fleet
@@ -143,7 +157,10 @@ def sim(
         client = Api(api, token)
         try:
             owner = [sep.aggregators[i % len(sep.aggregators)][3] for i in range(spec.n)]
-            registered.update(register_fleet(client, spec, lfdis, owner, buses, fsa_id))
+            registered.update(register_fleet(
+                client, spec, lfdis, owner, buses, fsa_id, feeder_id=feeder_id,
+                phases=info["phases"] if feeder_id else None, head_lfdi=info["head_lfdi"],
+                head_bus=info["head_bus"]))
         finally:
             client.close()
 

@@ -143,7 +143,9 @@ class LoopConfig:
 def ensure_control_program(repo, cfg: LoopConfig) -> tuple[int, int]:
     """The loop's DER program and FSA in an IEEE 2030.5 repository (created once, found by
     description after), every end device with a ``der_id`` assigned to the FSA, and the
-    fail-safe default control set when it differs; returns ``(program_id, fsa_id)``."""
+    fail-safe default control set when the program has none (an operator's later change
+    through the management API is kept across restarts); returns ``(program_id,
+    fsa_id)``."""
     desc = cfg.program_description[:32]
     prog = next((p for p in repo.programs() if p.description == desc), None)
     if prog is None:
@@ -156,7 +158,7 @@ def ensure_control_program(repo, cfg: LoopConfig) -> tuple[int, int]:
     if cfg.defaults is not None:
         want, grad = cfg.defaults.limits(), cfg.defaults.set_grad_w
         old = repo.default_control(prog.program_id)
-        if old is None or old.limits != want or old.set_grad_w != grad:
+        if old is None:
             repo.set_default_control(prog.program_id, want, description=f"{desc} fail-safe",
                                      set_grad_w=grad)
     return prog.program_id, fsa.fsa_id
@@ -552,10 +554,14 @@ class ControlLoop(BackgroundLoop):
                     self.run_once()
                     self.last_error = None
                 except Exception as exc:  # one bad cycle must not stop the loop
-                    log.exception("control_cycle_failed feeder=%s", self.feeder_id)
-                    self.last_error = {"t": utcnow().isoformat(), "error": (
-                        f"{type(exc).__name__}: {exc}" if isinstance(exc, DermsError)
-                        else type(exc).__name__)}
+                    error = (f"{type(exc).__name__}: {exc}" if isinstance(exc, DermsError)
+                             else type(exc).__name__)
+                    if (self.last_error or {}).get("error") != error:  # once per new error
+                        log.exception("control_cycle_failed feeder=%s", self.feeder_id)
+                    else:
+                        log.warning("control_cycle_failed feeder=%s error=%s (again)",
+                                    self.feeder_id, error)
+                    self.last_error = {"t": utcnow().isoformat(), "error": error}
         finally:
             self._close_engine()  # on the thread that built it
 

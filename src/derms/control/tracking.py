@@ -21,9 +21,12 @@ subject (the event mRID) is a tracked command: status 1 (received), 2 (started) 
 ``p_kw`` reading (import positive, taken at ``t_m``) the command judged is the one that was
 in force at ``t_m − grace_s`` (the newest with ``valid_from <= t_m − grace_s`` and
 ``t_m < valid_until``); so a DER re-commanded every cycle is still judged, on the command it
-had time to follow. With ``tol = max(abs_tol_kw, rel_tol × rating_kw)`` (defaults 0.5 kW
-and 5 % of the DER's rating: metering class, inverter regulation and the change of sun or
-demand between the command and the reading):
+had time to follow. A reading that does not obey that command but obeys a newer one
+already in force at ``t_m`` (the DER was re-commanded, e.g. in the opposite direction, and
+followed at once) does not count against it: the older command becomes ``superseded``.
+With ``tol = max(abs_tol_kw, rel_tol × rating_kw)`` (defaults 0.5 kW and 5 % of the DER's
+rating: metering class, inverter regulation and the change of sun or demand between the
+command and the reading):
 
 * ``p_setpoint``: delivered when ``|p_m − p_kw| <= tol``;
 * ``export_limit`` (generate at most ``−p_kw``): delivered when ``p_m >= p_kw − tol``
@@ -255,6 +258,16 @@ class CommandTracker:
                         r = recs[judged]
                         tol = tolerance_kw(ratings.get(der_id, 0.0), cfg)
                         ok = obeyed(r.mode, r.p_kw, p_m, tol)
+                        newer = [x for x in recs[judged + 1:] if x.valid_from <= t_m
+                                 and obeyed(x.mode, x.p_kw, p_m, tol)]
+                        if not ok and newer:  # it follows its newer command already
+                            self._set(s, r, store.SUPERSEDED, now,
+                                      f"replaced by {newer[-1].command_id}, which the "
+                                      f"reading at {t_m.isoformat()} follows",
+                                      superseded_by=newer[-1].command_id)
+                            out.append(Verdict(r.command_id, der_id, store.SUPERSEDED, ""))
+                            cands = []
+                    if cands:
                         state = store.DELIVERED if ok else store.NOT_DELIVERED
                         why = (f"measured {p_m:.3f} kW at {t_m.isoformat()} "
                                f"{'obeys' if ok else 'does not obey'} {r.mode} {r.p_kw:.3f} kW "

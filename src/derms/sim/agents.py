@@ -21,8 +21,17 @@ Per device:
   in ``[0, randomizeStart]``/``[0, randomizeDuration]``, unless it is cancelled or
   superseded; responses (``received`` on first sight, ``started``, ``completed``,
   ``cancelled``/``superseded``) are POSTed to its ``replyTo`` as ``responseRequired`` asks;
-* a site MirrorUsagePoint (P, Q, V; import positive) and its readings every post period
-  (simulated time stamps).
+* a site MirrorUsagePoint (P, Q, V; import positive; or only the ``site_keys`` asked for)
+  and its readings every post period (time stamps as the physics loop stamped the
+  measurements: simulated time, or wall-clock UTC when the twin runs against a live
+  DERMS's control loop);
+* with ``der_mirror``, a second MirrorUsagePoint for the DER itself (roleFlags isDER,
+  P and Q forward = the device's output), which the DERMS stores under the ``der_id``: the
+  telemetry its control loop reads and verifies delivery against.
+
+An aggregator may also carry the feeder-head RTU (``head``: an end device whose site
+MirrorUsagePoint mirrors per-phase P and Q at the substation, import positive), which the
+DERMS stores under the meter ``<feeder_id>-head``: its head SCADA.
 
 Poll and post periods and the fail-safe timeout are durations of *simulated* time (they
 shrink with the speed); event windows are absolute times, as the server publishes them.
@@ -83,6 +92,7 @@ class DeviceAgent:
     polls: int = 0
     subscriptions: int = 0
     applied: str | None = None  # mRID of the event applied now
+    der_mup_href: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,14 +107,22 @@ class AgentSettings:
     #: Notifications to the aggregator's listener (needs ``listener_ctx``), polling goes on
     #: at the list pollRate as a fallback
     subscribe: bool = False
+    #: the site's mirrored quantities (``p``, ``q``, ``v``)
+    site_keys: tuple[str, ...] = ("p", "q", "v")
+    #: also mirror the DER's own P/Q on a DER usage point (the control loop's telemetry)
+    der_mirror: bool = False
+    #: phases of the feeder-head RTU's readings
+    head_phases: int = 3
 
 
 class Aggregator:
     """An aggregator client and its devices (see module docstring)."""
 
     def __init__(self, name: str, host: str, port: int, ctx, devices: list[DeviceAgent],
-                 board: ControlBoard, settings: AgentSettings, listener_ctx=None) -> None:
+                 board: ControlBoard, settings: AgentSettings, listener_ctx=None,
+                 head: DeviceAgent | None = None) -> None:
         self.name, self.devices, self.board, self.s = name, devices, board, settings
+        self.head = head
         self.pool = sc.ConnectionPool(host, port, ctx, settings.connections)
         self._by_index = {d.index: d for d in devices}
         self.listener = (NotifyListener(listener_ctx, self._on_notification)
@@ -202,10 +220,32 @@ class Aggregator:
             await self._subscribe(dev, sub_link.get("href"))
         if self.mup_list is not None:
             res = await self._req(dev, "POST", self.mup_list,
-                                  sc.site_mup_xml(dev.lfdi, self.s.post_rate_s))
+                                  sc.site_mup_xml(dev.lfdi, self.s.post_rate_s,
+                                                  self.s.site_keys))
             if res is not None and res.status == 201:
                 dev.mup_href = res.headers.get("location")
+            if self.s.der_mirror:
+                res = await self._req(dev, "POST", self.mup_list,
+                                      sc.der_mup_xml(dev.lfdi, self.s.post_rate_s))
+                if res is not None and res.status == 201:
+                    dev.der_mup_href = res.headers.get("location")
         self.board.counters.discovered += 1
+
+    async def _discover_head(self) -> None:
+        """The feeder-head RTU: registration and its per-phase MirrorUsagePoint."""
+        head = self.head
+        edevs = await self._get(None, self.s.dcap_path)
+        link = edevs.find(f"{sc.Q}EndDeviceListLink") if edevs is not None else None
+        if link is None or self.mup_list is None:
+            return
+        res = await self._req(None, "POST", link.get("href"), sc.end_device_xml(head.lfdi))
+        if res is None or res.status != 201:
+            return
+        res = await self._req(None, "POST", self.mup_list,
+                              sc.head_mup_xml(head.lfdi, self.s.post_rate_s,
+                                              self.s.head_phases))
+        if res is not None and res.status == 201:
+            head.mup_href = res.headers.get("location")
 
     # --- subscriptions and notifications ----------------------------------------------------
     async def _subscribe(self, dev: DeviceAgent, sub_list: str) -> None:
@@ -348,7 +388,28 @@ class Aggregator:
             t, p, q, v = self.board.measurements(dev.index)
             if dev.mup_href and t is not None and t != last_t and self._talking(dev):
                 res = await self._req(dev, "POST", dev.mup_href,
-                                      sc.site_readings_xml(dev.lfdi, t, p, q, v))
+                                      sc.site_readings_xml(dev.lfdi, t, p, q, v,
+                                                           self.s.site_keys))
+                if res is not None and res.status == 201:
+                    self.board.counters.readings_posts += 1
+                    last_t = t
+                if dev.der_mup_href:
+                    _, p_out, q_out = self.board.der_measurements(dev.index)
+                    res = await self._req(dev, "POST", dev.der_mup_href,
+                                          sc.der_readings_xml(dev.lfdi, t, p_out, q_out))
+                    if res is not None and res.status == 201:
+                        self.board.counters.readings_posts += 1
+            await _sleep(stop, period)
+
+    async def _head_loop(self, stop: asyncio.Event) -> None:
+        """The head RTU's readings every post period (as the devices')."""
+        period = self.s.post_rate_s / self.s.speed
+        last_t = None
+        while not stop.is_set():
+            t, p, q = self.board.head_measurements()
+            if self.head.mup_href and t is not None and t != last_t:
+                res = await self._req(None, "POST", self.head.mup_href,
+                                      sc.head_readings_xml(self.head.lfdi, t, p, q))
                 if res is not None and res.status == 201:
                     self.board.counters.readings_posts += 1
                     last_t = t
@@ -384,6 +445,9 @@ class Aggregator:
                 await self.listener.start()
             await self.discover()
             tasks = [asyncio.create_task(self._tick_loop(stop))]
+            if self.head is not None:
+                await self._discover_head()
+                tasks.append(asyncio.create_task(self._head_loop(stop)))
             tasks += [asyncio.create_task(self._response_worker(stop))
                       for _ in range(self.s.connections)]
             for dev in self.devices:

@@ -45,6 +45,11 @@ class ControlBoard:
         self.site_p_w = np.zeros(n)  # import positive
         self.site_q_var = np.zeros(n)
         self.v_v = np.zeros(n)
+        self.der_p_w = np.zeros(n)  # the device's own output (generating positive)
+        self.der_q_var = np.zeros(n)
+        #: feeder-head SCADA per phase (import positive), when the twin reports it
+        self.head_p_w: np.ndarray | None = None
+        self.head_q_var: np.ndarray | None = None
         self.counters = Counters()
 
     # --- agents ---------------------------------------------------------------------------
@@ -69,6 +74,17 @@ class ControlBoard:
             return (self.meas_epoch_s, float(self.site_p_w[i]), float(self.site_q_var[i]),
                     float(self.v_v[i]))
 
+    def der_measurements(self, i: int) -> tuple[int | None, float, float]:
+        """(time, output W, reactive output var) of device ``i`` (generating positive)."""
+        with self.lock:
+            return self.meas_epoch_s, float(self.der_p_w[i]), float(self.der_q_var[i])
+
+    def head_measurements(self) -> tuple[int | None, np.ndarray | None, np.ndarray | None]:
+        with self.lock:
+            if self.head_p_w is None:
+                return None, None, None
+            return self.meas_epoch_s, self.head_p_w.copy(), self.head_q_var.copy()
+
     # --- physics loop ---------------------------------------------------------------------
     def effective(self, speed: float, comm_timeout_s: float) -> tuple[Controls, np.ndarray]:
         """The control each device applies now and which of them run on their default
@@ -83,8 +99,19 @@ class ControlBoard:
             return eff, fallback
 
     def publish(self, epoch_s: int, site_p_w: np.ndarray, site_q_var: np.ndarray,
-                v_v: np.ndarray, silenced: np.ndarray, offline: np.ndarray) -> None:
+                v_v: np.ndarray, silenced: np.ndarray, offline: np.ndarray, *,
+                der_p_w: np.ndarray | None = None, der_q_var: np.ndarray | None = None,
+                head_p_w: np.ndarray | None = None, head_q_var: np.ndarray | None = None
+                ) -> None:
+        """The step's measurements, stamped ``epoch_s`` (simulated or wall-clock time, as
+        the runner decides); the device outputs and head SCADA are optional."""
         with self.lock:
+            if der_p_w is not None:
+                self.der_p_w[:] = der_p_w
+                self.der_q_var[:] = der_q_var if der_q_var is not None else 0.0
+            if head_p_w is not None:
+                self.head_p_w = np.asarray(head_p_w, float).copy()
+                self.head_q_var = np.asarray(head_q_var, float).copy()
             self.meas_epoch_s = epoch_s
             self.site_p_w[:] = site_p_w
             self.site_q_var[:] = site_q_var

@@ -3,6 +3,17 @@ pre-registration of its devices, meters and end devices through the management A
 
 Identifiers in the DERMS (``prefix`` default ``sim-``): DER device ``sim-pv-3``, its site
 and meter (the site's connection point, NMI) ``sim-pv-3-site``.
+
+With a ``feeder_id`` (control mode) the fleet is put on that feeder so the DERMS's control
+loop sees and commands it: the feeder is registered (kept when it exists), every site gets
+the feeder, the device's bus and its phase (the load's phase nodes: ``a``/``b``/``c``,
+``ab``… for a load between phases), every site meter the feeder, bus and a single phase
+(the first of the device's: the mirrored voltage is the mean of the load's phase nodes,
+which on a multi-phase load is an approximation), the feeder-head meter
+``<feeder_id>-head`` (head SCADA) is registered with an end device of its own (the head
+RTU, owned by the first aggregator), and the end devices also get the function set
+assignment of the control loop's "derms control" program when it exists (so a device
+finds the loop's program at its first discovery walk; the loop assigns it too, later).
 """
 
 from __future__ import annotations
@@ -92,9 +103,15 @@ class Api:
         self.conn.close()
 
 
+BATCH = 2_000  # rows per batch registration call (the API takes up to 10,000)
+
+
 def register_fleet(api: Api, spec: FleetSpec, lfdis: list[str], aggregator_lfdis: list[str],
                    buses: list[str], fsa_ids: list[int] | None = None,
-                   prefix: str = "sim-") -> dict:
+                   prefix: str = "sim-", *, feeder_id: str | None = None,
+                   phases: list[str] | None = None, head_lfdi: str | None = None,
+                   head_bus: str | None = None,
+                   control_program: str = "derms control") -> dict:
     """Pre-register every device: a meter for its site, the DER device, and its end device
     (LFDI, connection point, owning aggregator, FSAs, der_id and meter_id so its mirrored
     readings reach the historian). Existing records (409) are kept. Without ``fsa_ids`` a
@@ -106,29 +123,60 @@ def register_fleet(api: Api, spec: FleetSpec, lfdis: list[str], aggregator_lfdis
         fsa_ids = [api.must("POST", "/v1/ieee2030-5/function-set-assignments",
                             {"description": "derms sim", "program_ids": [program_id]}
                             )["fsa_id"]]
+    fsa_ids = list(fsa_ids)
+    on_feeder: dict = {}
+    if feeder_id is not None:
+        api.must("POST", "/v1/feeders", {"feeder_id": feeder_id, "name": feeder_id},
+                 ok=(201, 409))
+        on_feeder = {"feeder_id": feeder_id}
+        fsas = api.must("GET", "/v1/ieee2030-5/function-set-assignments?limit=1000")
+        for f in fsas.get("items", []):
+            if f.get("description") == control_program and f["fsa_id"] not in fsa_ids:
+                fsa_ids.append(f["fsa_id"])
+        if head_lfdi is not None:
+            head = f"{feeder_id}-head"
+            api.must("POST", "/v1/meters", {"meter_id": head, "feeder_id": feeder_id,
+                                            **({"bus": head_bus} if head_bus else {})},
+                     ok=(201, 409))
+            status, doc = api.call("POST", "/v1/ieee2030-5/end-devices", {
+                "lfdi": head_lfdi, "connection_point": head[:32],
+                "aggregator_lfdi": aggregator_lfdis[0], "meter_id": head})
+            if status not in (201, 409):
+                raise InputError(f"--api: pre-registering the head RTU {head}: {status} "
+                                 f"{doc.get('detail', doc)}")
     created = 0
+    meters, devices, edevs = [], [], []
     for i in range(spec.n):
         kind = KINDS[int(spec.kind[i])]
         der_id = f"{prefix}{spec.der_id[i]}"
         site = f"{der_id}-site"[:32]
-        api.must("POST", "/v1/meters", {"meter_id": site, "bus": buses[i]}, ok=(201, 409))
+        phase = phases[i] if phases is not None else None
+        meter = {"meter_id": site, "bus": buses[i]}
+        if feeder_id is not None:
+            meter |= {**on_feeder, "phase": (phase or "abc")[0]}
+        meters.append(meter)
         gen = float(spec.p_max_kw[i]) if kind in ("pv", "battery") else 0.0
         charge = float(spec.p_max_kw[i]) if kind in ("battery", "ev", "flex") else 0.0
-        api.must("POST", "/v1/devices", {
+        devices.append({
             "der_id": der_id, "site_id": site, "der_type": DER_TYPE[kind],
             "s_max_kva": float(spec.s_kva[i]), "p_gen_max_kw": gen, "p_charge_max_kw": charge,
             "e_max_kwh": float(spec.e_max_kwh[i]) if kind == "battery" else None,
             "bus": buses[i], "protocol": "ieee2030_5", "status": "active",
-            "aggregator": aggregator_lfdis[i]}, ok=(201, 409))
-        status, doc = api.call("POST", "/v1/ieee2030-5/end-devices", {
-            "lfdi": lfdis[i], "connection_point": site, "aggregator_lfdi": aggregator_lfdis[i],
-            "fsa_ids": list(fsa_ids), "der_id": der_id, "meter_id": site})
-        if status == 201:
-            created += 1
-        elif status != 409:
-            raise InputError(f"--api: pre-registering end device {der_id}: {status} "
-                             f"{doc.get('detail', doc)}")
+            "aggregator": aggregator_lfdis[i], **on_feeder,
+            **({"phase": phase} if phase else {})})
+        edevs.append({"lfdi": lfdis[i], "connection_point": site,
+                      "aggregator_lfdi": aggregator_lfdis[i], "fsa_ids": list(fsa_ids),
+                      "der_id": der_id, "meter_id": site})
+    # batches (one transaction each, existing ids kept): 10,000 devices in a few calls
+    # instead of 30,000
+    for lo in range(0, spec.n, BATCH):
+        api.must("POST", "/v1/meters/batch", {"meters": meters[lo:lo + BATCH]}, ok=(201,))
+        api.must("POST", "/v1/devices/batch", {"devices": devices[lo:lo + BATCH]}, ok=(201,))
+        done = api.must("POST", "/v1/ieee2030-5/end-devices/batch",
+                        {"end_devices": edevs[lo:lo + BATCH]}, ok=(201,))
+        created += len(done["created"])
     log.info("event=sim_registered devices=%d new_end_devices=%d fsa_ids=%s", spec.n, created,
              fsa_ids)
     return {"fsa_ids": list(fsa_ids), "program_id": program_id, "new_end_devices": created,
+            "feeder_id": feeder_id,
             "der_ids": [f"{prefix}{d}" for d in np.asarray(spec.der_id).tolist()]}

@@ -8,6 +8,22 @@ falls behind and says so: ``lag_s``). Per step: scenario values → effective co
 (events, or the default control after a communication loss) → fleet step (terminal
 voltages of the previous solve) → twin solve → measurements onto the board → one row of
 the time series.
+
+Clock: simulated time ``t`` drives the profiles (load shapes, the sun, the scenario). The
+measurements the devices mirror are stamped with ``t`` in an offline run (future-dated
+above speed 1), but with the **wall-clock UTC** time of the step when ``wall_clock`` is set
+(the default with ``feeder_id``, i.e. against a live DERMS whose control loop judges
+staleness by its own clock). Against a control loop with a 5 s cycle, run at ``speed`` 1
+with a 1 s step (or a faster profile clock: the stamps stay wall-clock either way).
+
+Control mode (``feeder_id``): the devices are registered on that feeder of the DERMS
+(sites with bus and phase, meters with bus and phase), each device mirrors its own output
+on a DER usage point (the loop's telemetry, under its ``der_id``), the site usage point
+mirrors only the voltage (a net site power would read as the customer load to the loop's
+estimator, which adds the DER it already sees), a feeder-head RTU behind the first
+aggregator mirrors per-phase P/Q at the head (meter ``<feeder_id>-head``: head SCADA), and
+the twin's regulators and capacitors are settled once on the base case and then held, as
+the loop's model holds them (no tap SCADA reaches the DERMS yet).
 """
 
 from __future__ import annotations
@@ -69,6 +85,14 @@ class SimConfig:
     volt_watt: bool = False
     mix: dict[str, float] | None = None
     scenario: Scenario = field(default_factory=Scenario)
+    #: the DERMS feeder the fleet is registered on (control mode, module docstring)
+    feeder_id: str | None = None
+    #: stamp readings with wall-clock UTC (None: when ``feeder_id`` is set)
+    wall_clock: bool | None = None
+
+    @property
+    def stamps_wall_clock(self) -> bool:
+        return self.feeder_id is not None if self.wall_clock is None else self.wall_clock
 
     def __post_init__(self) -> None:
         if not self.speed > 0:
@@ -136,18 +160,22 @@ class ProtocolThread:
 
 def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
             on_progress: Callable[[int, int], None] | None = None,
-            on_fleet: Callable[[F.FleetSpec, list[str], list[str]], None] | None = None,
+            on_fleet: Callable[..., None] | None = None,
             discovery_timeout_s: float = 120.0) -> SimResult:
     """Run the simulation (see module docstring). ``on_fleet`` is called once the fleet is
     placed, before the agents start (the pre-registration hook); ``sep``
     None runs the physics alone (devices on their native behaviour); ``on_fleet(spec,
-    lfdis, buses)`` gets each device's LFDI and bus."""
+    lfdis, buses, info)`` gets each device's LFDI and bus, and ``info``: ``phases`` (each
+    device's phase letters, e.g. ``a``, ``abc``), ``head_lfdi`` (the head RTU's LFDI in
+    control mode, else None), ``head_bus`` (the source bus)."""
     cfg = config
     master = resolve_master(cfg.feeder)
     start = cfg.start or datetime.now(UTC).replace(second=0, microsecond=0)
     n_steps = int(cfg.duration_s // cfg.step_s)
     twin = FeederTwin(master, seed=cfg.seed, utc_offset_h=cfg.utc_offset_h,
-                      overload_buses=cfg.scenario.overload_buses)
+                      overload_buses=cfg.scenario.overload_buses,
+                      frozen_controls=cfg.feeder_id is not None,
+                      check_violations=cfg.feeder_id is not None)
     proto: ProtocolThread | None = None
     phases: dict[str, float] = {}
     try:
@@ -169,14 +197,20 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
             owner = np.arange(spec.n) % k_agg
             lfdis = [device_lfdi(sep.aggregators[owner[i]][3], spec.der_id[i])
                      for i in range(spec.n)]
+            head_lfdi = (device_lfdi(sep.aggregators[0][3], "feeder-head")
+                         if cfg.feeder_id is not None else None)
             t_reg = time.monotonic()
             if on_fleet is not None:
-                on_fleet(spec, lfdis, [twin.loads[i].bus for i in spec.load_index])
+                on_fleet(spec, lfdis, [twin.loads[i].bus for i in spec.load_index],
+                         _fleet_info(twin, spec, head_lfdi))
             phases["registration_s"] = time.monotonic() - t_reg
             settings = AgentSettings(speed=cfg.speed, post_rate_s=cfg.post_rate_s,
                                      poll_rate_s=cfg.poll_rate_s,
                                      connections=sep.connections, dcap_path=sep.dcap_path,
-                                     subscribe=cfg.subscribe)
+                                     subscribe=cfg.subscribe,
+                                     site_keys=("v",) if cfg.feeder_id else ("p", "q", "v"),
+                                     der_mirror=cfg.feeder_id is not None,
+                                     head_phases=twin.n_source_phases)
 
             def make() -> list:
                 aggs = []
@@ -186,8 +220,10 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
                     devs = [DeviceAgent(int(i), str(spec.der_id[i]), lfdis[i],
                                         rand=random.Random(cfg.seed * 7919 + int(i)))
                             for i in np.flatnonzero(owner == a)]
+                    head = (DeviceAgent(-1, "feeder-head", head_lfdi)
+                            if a == 0 and head_lfdi is not None else None)
                     aggs.append(Aggregator(name, sep.host, sep.port, ctx, devs, board,
-                                           settings, listener_ctx=lctx))
+                                           settings, listener_ctx=lctx, head=head))
                 return aggs
 
             proto = ProtocolThread(make)
@@ -202,7 +238,8 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
             phases["discovery_s"] = time.monotonic() - t_disc
             phases["discovery_requests"] = board.counters.requests
         elif on_fleet is not None:
-            on_fleet(spec, lfdis, [twin.loads[i].bus for i in spec.load_index])
+            on_fleet(spec, lfdis, [twin.loads[i].bus for i in spec.load_index],
+                     _fleet_info(twin, spec, None))
         rows, devices = _loop(cfg, twin, spec, timeline, board, start, n_steps, on_progress)
     finally:
         if proto is not None:
@@ -214,6 +251,7 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
     summary = {
         "feeder": str(master), "devices": int(spec.n), "seed": cfg.seed, "speed": cfg.speed,
         "step_s": cfg.step_s, "steps": int(len(ts)), "start": start.isoformat(),
+        "feeder_id": cfg.feeder_id, "wall_clock_stamps": cfg.stamps_wall_clock,
         "kinds": {k: int((spec.kind == j).sum()) for j, k in enumerate(F.KINDS)},
         "physics_step_ms": _stats(ts["step_ms"].to_numpy()) if len(ts) else {},
         "max_lag_s": float(ts["lag_s"].max()) if len(ts) else 0.0,
@@ -283,8 +321,12 @@ def _loop(cfg: SimConfig, twin: FeederTwin, spec: F.FleetSpec, timeline: Timelin
         v_dev = res.v_load_pu[li]
         site_p = house_kw - state.p_out_kw
         site_q = -state.q_out_kvar  # the house load's own reactive power is left out
-        board.publish(int(t.timestamp()), site_p * 1000, site_q * 1000, v_dev * base_v,
-                      silenced, dropped)
+        stamp = int(time.time()) if cfg.stamps_wall_clock else int(t.timestamp())
+        board.publish(stamp, site_p * 1000, site_q * 1000, v_dev * base_v, silenced, dropped,
+                      der_p_w=state.p_out_kw * 1000, der_q_var=state.q_out_kvar * 1000,
+                      head_p_w=None if res.head_p_phase_kw is None else res.head_p_phase_kw * 1000,
+                      head_q_var=None if res.head_q_phase_kvar is None
+                      else res.head_q_phase_kvar * 1000)
         step_ms = (time.perf_counter() - t0) * 1e3
         has_exp = ~np.isnan(controls.exp_lim_kw)
         over = (-site_p - controls.exp_lim_kw)[has_exp & ~dropped]
@@ -307,6 +349,14 @@ def _loop(cfg: SimConfig, twin: FeederTwin, spec: F.FleetSpec, timeline: Timelin
             "cloud": cloud, "load_multiplier": timeline.load_multiplier(t_s),
             "overload_kw": float(timeline.overload_kw(t_s).sum()),
             "step_ms": step_ms, "lag_s": lag,
+            **({} if res.violations is None else {
+                "der_violations": res.violations.count,
+                "der_overvoltage": res.violations.n_overvoltage,
+                "der_undervoltage": res.violations.n_undervoltage,
+                "der_thermal": res.violations.n_thermal,
+                "der_v_excess_pu": res.violations.v_excess_pu,
+                "der_loading_excess_pct": res.violations.loading_excess_pct,
+                "der_violated": " ".join(res.violations.elements)}),
         })
         if on_progress is not None:
             on_progress(k + 1, n_steps)
@@ -319,6 +369,22 @@ def _loop(cfg: SimConfig, twin: FeederTwin, spec: F.FleetSpec, timeline: Timelin
         "final_soc_frac": F.soc_frac(spec, state), "final_v_pu": v_dev,
     })
     return rows, devices
+
+
+_LETTER = {1: "a", 2: "b", 3: "c"}
+_PHASES = {"a", "b", "c", "ab", "bc", "ca", "abc"}
+
+
+def _phase_letters(nodes) -> str:
+    """Phase letters of a load's nodes as the DERMS registry spells them (``ac`` → ``ca``;
+    no phase node: ``abc``)."""
+    text = "".join(_LETTER[n] for n in sorted(set(nodes)) if n in _LETTER) or "abc"
+    return text if text in _PHASES else "ca"
+
+
+def _fleet_info(twin: FeederTwin, spec: F.FleetSpec, head_lfdi: str | None) -> dict:
+    return {"phases": [_phase_letters(twin.loads[i].nodes) for i in spec.load_index],
+            "head_lfdi": head_lfdi, "head_bus": twin.source_bus}
 
 
 def _derate(spec: F.FleetSpec) -> np.ndarray:
@@ -347,10 +413,13 @@ def _report(result: SimResult, path: Path) -> None:
     from plotly.subplots import make_subplots
 
     ts = result.timeseries
-    fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.05,
-                        subplot_titles=("Feeder head (import +)", "Voltage range [pu]",
-                                        "DER output by kind (generation +)",
-                                        "Devices under control"))
+    viol = "der_violations" in ts.columns
+    titles = ("Feeder head (import +)", "Voltage range [pu]",
+              "DER output by kind (generation +)", "Devices under control")
+    if viol:
+        titles += ("Violations the devices cause (node-phases and conductors)",)
+    fig = make_subplots(rows=len(titles), cols=1, shared_xaxes=True, vertical_spacing=0.05,
+                        subplot_titles=titles)
     x = ts["t"]
     for col, name in (("head_p_kw", "P [kW]"), ("head_q_kvar", "Q [kvar]")):
         fig.add_trace(go.Scatter(x=x, y=ts[col], name=name), row=1, col=1)
@@ -362,7 +431,11 @@ def _report(result: SimResult, path: Path) -> None:
                              line={"dash": "dot"}), row=3, col=1)
     for col in ("active_controls", "fallback_devices", "online_devices"):
         fig.add_trace(go.Scatter(x=x, y=ts[col], name=col), row=4, col=1)
-    fig.update_layout(height=1100, title=f"derms sim: {result.summary['devices']} devices")
+    if viol:
+        for col in ("der_overvoltage", "der_undervoltage", "der_thermal"):
+            fig.add_trace(go.Scatter(x=x, y=ts[col], name=col), row=5, col=1)
+    fig.update_layout(height=1100 + (250 if viol else 0),
+                      title=f"derms sim: {result.summary['devices']} devices")
     s = json.dumps(result.summary, indent=2, default=str)
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>derms sim</title>"
             f"<script>{get_plotlyjs()}</script></head><body style='font-family:sans-serif'>"

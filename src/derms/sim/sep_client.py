@@ -183,39 +183,88 @@ def response_xml(lfdi: str, subject: str, status: int, created_s: int) -> bytes:
 #: site readings: (key, uom, power of ten, kind) — W and var import positive (forward =
 #: delivered to the customer, the sign on the value), V in tenths of a volt
 SITE_READINGS = (("p", 38, 0, 37), ("q", 63, 0, 37), ("v", 29, -1, 0))
+#: a DER's own usage point (roleFlags isMirror + isDER): W and var *forward* = the DER's
+#: output (generating/discharging positive, charging negative), as CSIP-AUS clients post it
+DER_READINGS = (("p", 38, 0, 37), ("q", 63, 0, 37))
+#: feeder-head SCADA mirrored per phase (PhaseCode A 128, B 64, C 32): W and var import
+#: positive at the head (roleFlags isMirror + isPremisesAggregationPoint)
+PHASE_CODES = {"a": 128, "b": 64, "c": 32}
+HEAD_READINGS = tuple((f"{q}_{ph}", uom, 0, 37, code) for q, uom in (("p", 38), ("q", 63))
+                      for ph, code in PHASE_CODES.items())
+SITE_FLAGS, DER_FLAGS = "0003", "0009"
 
 
-def _reading_type(uom: int, mult: int, kind: int) -> str:
+def _reading_type(uom: int, mult: int, kind: int, phase: int = 0) -> str:
+    ph = f"<phase>{phase}</phase>" if phase else ""
     return (f"<ReadingType><accumulationBehaviour>12</accumulationBehaviour>"
             f"<commodity>1</commodity><dataQualifier>12</dataQualifier>"
-            f"<flowDirection>1</flowDirection><kind>{kind}</kind>"
+            f"<flowDirection>1</flowDirection><kind>{kind}</kind>{ph}"
             f"<powerOfTenMultiplier>{mult}</powerOfTenMultiplier><uom>{uom}</uom>"
             f"</ReadingType>")
 
 
-def site_mup_xml(lfdi: str, post_rate_s: int) -> bytes:
-    """The site's MirrorUsagePoint (roleFlags: mirror + premises aggregation point) with
-    its three MirrorMeterReadings (P, Q, V)."""
+def _mmr_mrid(lfdi: str, name: str, key: str) -> str:
+    return mrid(lfdi, key) if name == "site" else mrid(lfdi, name, key)
+
+
+def mup_xml(lfdi: str, post_rate_s: int, name: str = "site", role_flags: str = SITE_FLAGS,
+            readings: tuple = SITE_READINGS) -> bytes:
+    """A MirrorUsagePoint ``name`` of the device (``site``: the premises aggregation point,
+    roleFlags 0003; ``der``: the DER's own, 0009) with one MirrorMeterReading per entry
+    of ``readings`` ((key, uom, power of ten, kind[, phase code]))."""
     mmrs = "".join(
-        f"<MirrorMeterReading><mRID>{mrid(lfdi, key)}</mRID><description>site {key}"
-        f"</description>{_reading_type(uom, mult, kind)}</MirrorMeterReading>"
-        for key, uom, mult, kind in SITE_READINGS)
-    return (f'<MirrorUsagePoint xmlns="{NS}"><mRID>{mrid(lfdi, "site")}</mRID>'
-            f"<description>site</description><roleFlags>0003</roleFlags>"
+        f"<MirrorMeterReading><mRID>{_mmr_mrid(lfdi, name, r[0])}</mRID><description>"
+        f"{name} {r[0]}</description>{_reading_type(*r[1:])}</MirrorMeterReading>"
+        for r in readings)
+    return (f'<MirrorUsagePoint xmlns="{NS}"><mRID>{mrid(lfdi, name)}</mRID>'
+            f"<description>{name}</description><roleFlags>{role_flags}</roleFlags>"
             f"<serviceCategoryKind>0</serviceCategoryKind><status>1</status>"
             f"<deviceLFDI>{lfdi}</deviceLFDI>{mmrs}<postRate>{post_rate_s}</postRate>"
             f"</MirrorUsagePoint>").encode()
 
 
-def site_readings_xml(lfdi: str, t_s: int, p_w: float, q_var: float, v_v: float) -> bytes:
-    values = {"p": round(p_w), "q": round(q_var), "v": round(v_v * 10)}
+def readings_xml(lfdi: str, t_s: int, values: dict[str, int], name: str = "site") -> bytes:
+    """A MirrorMeterReadingList of wire values (already scaled) keyed like the MUP's."""
     mmrs = "".join(
-        f"<MirrorMeterReading><mRID>{mrid(lfdi, key)}</mRID><description>site {key}"
-        f"</description><Reading><timePeriod><duration>0</duration><start>{t_s}</start>"
-        f"</timePeriod><value>{values[key]}</value></Reading></MirrorMeterReading>"
-        for key, *_ in SITE_READINGS)
-    return (f'<MirrorMeterReadingList xmlns="{NS}" all="3" results="3">{mmrs}'
-            f"</MirrorMeterReadingList>").encode()
+        f"<MirrorMeterReading><mRID>{_mmr_mrid(lfdi, name, key)}</mRID><description>{name} "
+        f"{key}</description><Reading><timePeriod><duration>0</duration><start>{t_s}</start>"
+        f"</timePeriod><value>{value}</value></Reading></MirrorMeterReading>"
+        for key, value in values.items())
+    return (f'<MirrorMeterReadingList xmlns="{NS}" all="{len(values)}" '
+            f'results="{len(values)}">{mmrs}</MirrorMeterReadingList>').encode()
+
+
+def site_mup_xml(lfdi: str, post_rate_s: int, keys: tuple[str, ...] = ("p", "q", "v")
+                 ) -> bytes:
+    """The site's MirrorUsagePoint (roleFlags: mirror + premises aggregation point) with
+    its MirrorMeterReadings (P, Q, V, or the ``keys`` among them)."""
+    return mup_xml(lfdi, post_rate_s, readings=tuple(r for r in SITE_READINGS
+                                                     if r[0] in keys))
+
+
+def site_readings_xml(lfdi: str, t_s: int, p_w: float, q_var: float, v_v: float,
+                      keys: tuple[str, ...] = ("p", "q", "v")) -> bytes:
+    values = {"p": round(p_w), "q": round(q_var), "v": round(v_v * 10)}
+    return readings_xml(lfdi, t_s, {k: values[k] for k, *_ in SITE_READINGS if k in keys})
+
+
+def der_mup_xml(lfdi: str, post_rate_s: int) -> bytes:
+    return mup_xml(lfdi, post_rate_s, "der", DER_FLAGS, DER_READINGS)
+
+
+def der_readings_xml(lfdi: str, t_s: int, p_out_w: float, q_out_var: float) -> bytes:
+    return readings_xml(lfdi, t_s, {"p": round(p_out_w), "q": round(q_out_var)}, "der")
+
+
+def head_mup_xml(lfdi: str, post_rate_s: int, phases: int = 3) -> bytes:
+    keep = tuple(r for r in HEAD_READINGS if r[0][-1] in "abc"[:phases])
+    return mup_xml(lfdi, post_rate_s, "head", SITE_FLAGS, keep)
+
+
+def head_readings_xml(lfdi: str, t_s: int, p_w, q_var) -> bytes:
+    values = {f"p_{ph}": round(float(x)) for ph, x in zip("abc", p_w, strict=False)}
+    values |= {f"q_{ph}": round(float(x)) for ph, x in zip("abc", q_var, strict=False)}
+    return readings_xml(lfdi, t_s, values, "head")
 
 
 def _power_w(el: etree._Element | None) -> float | None:

@@ -48,6 +48,35 @@ class TwinStep:
     v_max_pu: float
     load_kw: float
     converged: bool
+    #: per source phase (a, b, c) head import [kW] / [kvar]
+    head_p_phase_kw: np.ndarray | None = None
+    head_q_phase_kvar: np.ndarray | None = None
+    #: violations the devices cause (DESIGN.md definition, base case = this step without
+    #: the devices), when the twin checks them (``check_violations``); see
+    #: :class:`DerViolations`
+    violations: DerViolations | None = None
+
+
+@dataclass(frozen=True)
+class DerViolations:
+    """Violations in this step that the devices cause, as DESIGN.md defines them: a phase
+    node outside [0.95, 1.05] pu (tolerance 0.001 pu) or a branch conductor above 100 % of
+    its normal rating (tolerance 1 %), where an element already beyond a limit in the base
+    case (the same step with the devices' injections at zero) is held to its base-case
+    value instead. ``v_excess_pu``: the largest overshoot of the upper voltage limit so
+    defined (negative: the margin left); ``loading_excess_pct``: the same for loading;
+    ``elements``: the first ten violated node or ``element.phase`` names."""
+
+    n_overvoltage: int
+    n_undervoltage: int
+    n_thermal: int
+    v_excess_pu: float
+    loading_excess_pct: float
+    elements: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return self.n_overvoltage + self.n_undervoltage + self.n_thermal
 
 
 class FeederTwin:
@@ -59,13 +88,32 @@ class FeederTwin:
     seed: picks each load's shape among the five bundled ones.
     utc_offset_h: local standard time of the load shapes (hour-of-year is local).
     overload_buses: buses that may get extra load from the scenario (checked here).
+    check_violations: also solve each step without the devices and report the violations
+        they cause (:class:`DerViolations`; needs ``frozen_controls``).
+    frozen_controls: settle regulators and capacitors once on the base case (loads at their
+        base), then hold them (OpenDSS ``controlmode=off``) — what a DERMS whose model
+        freezes them at the same settle assumes (its control loop does, having no tap
+        SCADA); default False: they act at every step.
     """
 
     def __init__(self, master: str | Path, *, seed: int = 0, utc_offset_h: float = -8.0,
-                 overload_buses: tuple[str, ...] = (), max_iterations: int = 100) -> None:
+                 overload_buses: tuple[str, ...] = (), max_iterations: int = 100,
+                 frozen_controls: bool = False, check_violations: bool = False) -> None:
         self.engine = OpenDSSEngine(master, SolveSettings(max_iterations=max_iterations))
+        self._index = None
         try:
             self._setup(seed, utc_offset_h, overload_buses)
+            if frozen_controls:
+                self.engine.solve_snapshot()  # the base case, controls acting
+                self.engine.set_control_mode("off")
+            if check_violations:
+                if not frozen_controls:
+                    raise InputError("twin: violations are checked with frozen controls only "
+                                     "(the base-case solve must not move taps)")
+                from derms.powerflow.collect import build_index
+
+                self.engine.solve_snapshot()
+                self._index = build_index(self.engine)
         except Exception:
             self.engine.close()
             raise
@@ -122,7 +170,9 @@ class FeederTwin:
         vs = c.Vsources
         vs.First
         self._source = f"vsource.{vs.Name.lower()}"
-        self._n_source_phases = None
+        c.SetActiveElement(self._source)
+        self.n_source_phases = int(c.ActiveCktElement.NumPhases)
+        self.source_bus = str(c.ActiveCktElement.BusNames[0]).split(".", 1)[0].lower()
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -170,10 +220,50 @@ class FeederTwin:
         nph = c.ActiveCktElement.NumPhases
         head = -pw[: 2 * nph]
         live = v[self._phase_node & (v > 0.1)]
+        converged = bool(c.Solution.Converged)
+        viol = self._violations(v) if self._index is not None else None
         return TwinStep(v_load_pu=self._avg @ v, head_p_kw=float(head[0::2].sum()),
                         head_q_kvar=float(head[1::2].sum()), v_min_pu=float(live.min()),
                         v_max_pu=float(live.max()), load_kw=float(kw.sum()),
-                        converged=bool(c.Solution.Converged))
+                        converged=converged, violations=viol,
+                        head_p_phase_kw=head[0::2].copy(), head_q_phase_kvar=head[1::2].copy())
+
+    def _violations(self, v: np.ndarray) -> DerViolations:
+        """Solve again with the device loads at zero (the engine stays there) and compare
+        (class docstring). ``v``: the node voltages of the step's solve."""
+        ix, c = self._index, self.engine.circuit
+        i_now = self._currents()
+        L = c.Loads
+        for i in self._idx_der:
+            L.idx = i
+            L.kW = 0.0
+            L.kvar = 0.0
+        self.engine.solve_snapshot()
+        v0 = np.asarray(c.AllBusVmagPu, dtype=float)
+        i0 = self._currents()
+        node = self._phase_node & (v > 0.1)
+        hi, lo = np.maximum(1.05, v0), np.minimum(0.95, v0)
+        over = node & (v > hi + 0.001)
+        under = node & (v < lo - 0.001)
+        rated = ix.branch_norm_a > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            load = np.where(rated, 100.0 * i_now / ix.branch_norm_a, 0.0)
+            load0 = np.where(rated, 100.0 * i0 / ix.branch_norm_a, 0.0)
+        lim = np.maximum(100.0, load0)
+        thermal = rated & (load > lim + 1.0)
+        names = [self.node_names[k] for k in np.flatnonzero(over | under)[:10]]
+        names += [f"{ix.branch_element[k]}.{ix.branch_phase[k]}"
+                  for k in np.flatnonzero(thermal)[:10]]
+        return DerViolations(
+            int(over.sum()), int(under.sum()), int(thermal.sum()),
+            float((v - hi)[node].max()) if node.any() else float("nan"),
+            float((load - lim)[rated].max()) if rated.any() else float("nan"),
+            tuple(names[:10]))
+
+    def _currents(self) -> np.ndarray:
+        ix = self._index
+        cur = np.asarray(self.engine.circuit.PDElements.AllCurrents)
+        return np.hypot(cur[ix.current_pos], cur[ix.current_pos + 1])
 
     def has_element(self, element: str) -> bool:
         return self.engine.circuit.SetActiveElement(element) >= 0
