@@ -58,6 +58,8 @@ class LiveDerms:
     folder: Path
     period_s: float = 5.0
     aggregators: int = 1
+    #: MQTT ingest on this topic root (None: ``--no-mqtt``)
+    mqtt_root: str | None = None
     port: int = field(default_factory=free_port)
     sep_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -72,13 +74,17 @@ class LiveDerms:
         ensure_pki(self.pki, self.aggregators)
         self.env = {**os.environ, "DERMS_DATABASE_URL": self.url,
                     "DERMS_DATA_DIR": str(self.folder)}
+        if self.mqtt_root is not None:
+            self.env |= {"DERMS_MQTT_TOPIC_ROOT": self.mqtt_root,
+                         "DERMS_MQTT_CLIENT_ID": f"derms-{self.mqtt_root.replace('/', '-')}"}
         self.api = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60) -> None:
         self.starts += 1
         log = open(self.folder / f"serve-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [PY, "-m", "derms.cli.main", "serve", "--port", str(self.port), "--no-mqtt",
+            [PY, "-m", "derms.cli.main", "serve", "--port", str(self.port),
+             *(["--no-mqtt"] if self.mqtt_root is None else []),
              "--ieee2030-5-port", str(self.sep_port),
              "--ieee2030-5-cert", str(self.pki / "server.pem"),
              "--ieee2030-5-key", str(self.pki / "server.key"),
@@ -200,6 +206,8 @@ class LiveSim:
     mix: str = "pv=0.7,battery=0.15,ev=0.15"
     post_rate_s: int = 3
     start: str = "2026-07-01T20:00:00Z"  # local noon (UTC-8): PV at its peak
+    #: readings over IEEE 2030.5 mirror usage points, or over MQTT to the ingest
+    telemetry: str = "ieee2030_5"
     proc: subprocess.Popen | None = None
 
     def launch(self) -> None:
@@ -217,7 +225,9 @@ class LiveSim:
                  "--ieee2030-5", f"127.0.0.1:{d.sep_port}", "--pki", str(d.pki),
                  "--aggregators", str(d.aggregators), "--api", d.api,
                  "--token", d.admin["Authorization"].split()[1], "--subscribe",
-                 "--post-rate", str(self.post_rate_s), "--scenario", str(scen)],
+                 "--post-rate", str(self.post_rate_s), "--scenario", str(scen),
+                 "--telemetry", self.telemetry,
+                 *(["--mqtt-topic-root", d.mqtt_root] if d.mqtt_root else [])],
                 env=d.env, stdout=log, stderr=subprocess.STDOUT)
         self.t_launch = datetime.now(UTC)
 

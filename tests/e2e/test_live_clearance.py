@@ -22,6 +22,8 @@ newer command the device followed; none ``not_delivered``).
 
 from __future__ import annotations
 
+import uuid
+
 import pandas as pd
 import pytest
 
@@ -41,13 +43,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [
-    "overload", pytest.param("overvoltage", marks=pytest.mark.slow)])
-def test_violation_cleared_within_two_cycles(tmp_path, case):
+@pytest.mark.parametrize("case,telemetry", [
+    ("overload", "ieee2030_5"), ("overload", "mqtt"),
+    pytest.param("overvoltage", "ieee2030_5", marks=pytest.mark.slow)])
+def test_violation_cleared_within_two_cycles(tmp_path, case, telemetry):
+    """``telemetry``: the devices' readings reach the DERMS as IEEE 2030.5 mirror usage
+    points or over MQTT (its ingest); the controls go over IEEE 2030.5 both ways."""
     spec = CASES[case]
-    derms = LiveDerms(tmp_path / "derms", period_s=5.0)
+    root = f"derms-e2e/{uuid.uuid4().hex[:8]}" if telemetry == "mqtt" else None
+    derms = LiveDerms(tmp_path / "derms", period_s=5.0, mqtt_root=root)
     sim = LiveSim(derms, tmp_path / "sim", spec["scenario"], duration_s=AT_S + 30,
-                  mix=spec["mix"], start=spec["start"])
+                  mix=spec["mix"], start=spec["start"], telemetry=telemetry)
     try:
         derms.start()
         derms.open_default_control()
@@ -59,6 +65,9 @@ def test_violation_cleared_within_two_cycles(tmp_path, case):
         sim.kill()
         derms.stop()
     ts = sim.timeseries()
+    if telemetry == "mqtt":  # the loop's telemetry came only that way (no mirror usage points)
+        proto = sim.summary()["protocol"]
+        assert proto["mqtt_readings"] > 0 and proto["readings_posts"] == 0, proto
     t_trigger = ts.wall_time[spec["trigger"](ts)].min()
     before = ts[ts.wall_time < t_trigger]
     assert len(before) > 10 and (before.der_violations.tail(5) == 0).all(), \

@@ -24,6 +24,16 @@ def test_units_are_translated_once():
         canonical("p", "furlongs")
 
 
+def test_per_phase_quantities_of_head_scada():
+    """A feeder head's per-phase SCADA (what the monitor and the control loop read)."""
+    assert canonical("p_a", "MW") == ("p_a_kw", 1e3)
+    assert canonical("q_c", "var") == ("q_c_kvar", 1e-3)
+    assert canonical("v_b", "kV") == ("v_b_v", 1e3)
+    assert canonical("v_a_pu", None) == ("v_a_pu", 1.0)
+    with pytest.raises(InputError):
+        canonical("p_d", "kW")
+
+
 def test_json_rows_and_columns_agree():
     rows = [dict(r) for r in ROWS]
     for r in rows:

@@ -21,10 +21,10 @@ from derms.errors import InputError
 from derms.timeutil import parse_duration
 
 
-def _endpoint(text: str) -> tuple[str, int]:
+def _endpoint(text: str, option: str = "--ieee2030-5") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InputError(f"--ieee2030-5 {text!r}: expected HOST:PORT (e.g. 127.0.0.1:8443)")
+        raise InputError(f"{option} {text!r}: expected HOST:PORT (e.g. 127.0.0.1:8443)")
     return host.strip("[]"), int(port)
 
 
@@ -85,6 +85,15 @@ def sim(
     poll_rate: Annotated[float | None, typer.Option(
         min=1, help="Simulated seconds between control polls (default: the server's "
                     "pollRate).")] = None,
+    telemetry: Annotated[str, typer.Option(
+        help="How readings reach the DERMS: ieee2030_5 (MirrorUsagePoints) or mqtt (its "
+             "MQTT ingest, see --mqtt); controls come over IEEE 2030.5 either way.")
+                         ] = "ieee2030_5",
+    mqtt: Annotated[str, typer.Option(
+        help="MQTT broker HOST:PORT for --telemetry mqtt.")] = "127.0.0.1:1883",
+    mqtt_topic_root: Annotated[str, typer.Option(
+        help="Topic root of the DERMS's MQTT ingest (readings on <root>/telemetry/sim).")
+                               ] = "derms/v1",
     subscribe: Annotated[bool, typer.Option(
         help="Subscribe each device's DERControlList and DefaultDERControl: the server "
              "POSTs Notifications to each aggregator's listener on 127.0.0.1 (mutual TLS "
@@ -125,7 +134,9 @@ def sim(
     cfg = SimConfig(feeder=feeder, devices=devices, seed=seed, speed=speed, duration_s=dur_s,
                     step_s=step_s, start=parse_start(start) if start else None,
                     comm_timeout_s=comm_timeout, post_rate_s=post_rate, poll_rate_s=poll_rate,
-                    subscribe=subscribe, volt_watt=volt_watt, mix=_mix(mix), scenario=scen,
+                    subscribe=subscribe, volt_watt=volt_watt, telemetry=telemetry,
+                    mqtt_host=_endpoint(mqtt, "--mqtt")[0],
+                    mqtt_port=_endpoint(mqtt, "--mqtt")[1], mqtt_topic_root=mqtt_topic_root, mix=_mix(mix), scenario=scen,
                     feeder_id=feeder_id, wall_clock=wall_clock)
     if feeder_id is not None and (api is None or ieee2030_5 is None):
         raise InputError("--feeder-id needs --api and --ieee2030-5 (the fleet is registered "

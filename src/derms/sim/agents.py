@@ -113,6 +113,9 @@ class AgentSettings:
     der_mirror: bool = False
     #: phases of the feeder-head RTU's readings
     head_phases: int = 3
+    #: mirror readings over IEEE 2030.5 (MirrorUsagePoints); False when the telemetry goes
+    #: over MQTT instead (controls still come over 2030.5)
+    mirror: bool = True
 
 
 class Aggregator:
@@ -218,7 +221,7 @@ class Aggregator:
         sub_link = edev.find(f"{sc.Q}SubscriptionListLink")
         if self.listener is not None and sub_link is not None:
             await self._subscribe(dev, sub_link.get("href"))
-        if self.mup_list is not None:
+        if self.mup_list is not None and self.s.mirror:
             res = await self._req(dev, "POST", self.mup_list,
                                   sc.site_mup_xml(dev.lfdi, self.s.post_rate_s,
                                                   self.s.site_keys))
@@ -445,14 +448,15 @@ class Aggregator:
                 await self.listener.start()
             await self.discover()
             tasks = [asyncio.create_task(self._tick_loop(stop))]
-            if self.head is not None:
+            if self.head is not None and self.s.mirror:
                 await self._discover_head()
                 tasks.append(asyncio.create_task(self._head_loop(stop)))
             tasks += [asyncio.create_task(self._response_worker(stop))
                       for _ in range(self.s.connections)]
             for dev in self.devices:
                 tasks.append(asyncio.create_task(self._poll_loop(dev, stop)))
-                tasks.append(asyncio.create_task(self._post_loop(dev, stop)))
+                if self.s.mirror:
+                    tasks.append(asyncio.create_task(self._post_loop(dev, stop)))
             await asyncio.gather(*tasks)
         finally:
             self.board.counters.latency_s.extend(self.pool.latency_s)

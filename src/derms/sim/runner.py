@@ -89,12 +89,20 @@ class SimConfig:
     feeder_id: str | None = None
     #: stamp readings with wall-clock UTC (None: when ``feeder_id`` is set)
     wall_clock: bool | None = None
+    #: how readings reach the DERMS: "ieee2030_5" (MirrorUsagePoints) or "mqtt" (the MQTT
+    #: ingest, :mod:`derms.sim.mqtt_telemetry`); controls come over IEEE 2030.5 either way
+    telemetry: str = "ieee2030_5"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_topic_root: str = "derms/v1"
 
     @property
     def stamps_wall_clock(self) -> bool:
         return self.feeder_id is not None if self.wall_clock is None else self.wall_clock
 
     def __post_init__(self) -> None:
+        if self.telemetry not in ("ieee2030_5", "mqtt"):
+            raise InputError(f"--telemetry {self.telemetry!r}: expected ieee2030_5 or mqtt")
         if not self.speed > 0:
             raise InputError(f"--speed must be > 0, got {self.speed}")
         if not 1 <= self.step_s <= 3600:
@@ -210,7 +218,8 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
                                      subscribe=cfg.subscribe,
                                      site_keys=("v",) if cfg.feeder_id else ("p", "q", "v"),
                                      der_mirror=cfg.feeder_id is not None,
-                                     head_phases=twin.n_source_phases)
+                                     head_phases=twin.n_source_phases,
+                                     mirror=cfg.telemetry == "ieee2030_5")
 
             def make() -> list:
                 aggs = []
@@ -240,7 +249,20 @@ def run_sim(config: SimConfig, *, sep: SepEndpoint | None = None,
         elif on_fleet is not None:
             on_fleet(spec, lfdis, [twin.loads[i].bus for i in spec.load_index],
                      _fleet_info(twin, spec, None))
-        rows, devices = _loop(cfg, twin, spec, timeline, board, start, n_steps, on_progress)
+        if cfg.telemetry == "mqtt":
+            from derms.sim.mqtt_telemetry import MqttTelemetry
+
+            mqtt_out = MqttTelemetry(cfg.mqtt_host, cfg.mqtt_port, cfg.mqtt_topic_root,
+                                     client_id=f"derms-sim-{cfg.seed}-{time.time_ns()}")
+        else:
+            mqtt_out = None
+        try:
+            rows, devices = _loop(cfg, twin, spec, timeline, board, start, n_steps,
+                                  on_progress, mqtt_out)
+        finally:
+            if mqtt_out is not None:
+                phases["mqtt_readings"] = mqtt_out.published
+                mqtt_out.close()
     finally:
         if proto is not None:
             proto.stop()
@@ -279,7 +301,7 @@ def _stats(x: np.ndarray) -> dict:
 
 def _loop(cfg: SimConfig, twin: FeederTwin, spec: F.FleetSpec, timeline: Timeline,
           board: ControlBoard, start: datetime, n_steps: int,
-          on_progress: Callable[[int, int], None] | None):
+          on_progress: Callable[[int, int], None] | None, mqtt_out=None):
     state = F.FleetState.initial(spec)
     v_dev = np.ones(spec.n)
     kind = spec.kind
@@ -327,6 +349,13 @@ def _loop(cfg: SimConfig, twin: FeederTwin, spec: F.FleetSpec, timeline: Timelin
                       head_p_w=None if res.head_p_phase_kw is None else res.head_p_phase_kw * 1000,
                       head_q_var=None if res.head_q_phase_kvar is None
                       else res.head_q_phase_kvar * 1000)
+        if mqtt_out is not None and (t_s % cfg.post_rate_s) < cfg.step_s:
+            der_ids = [f"sim-{d}" for d in spec.der_id]  # as provision.register_fleet
+            mqtt_out.publish(
+                stamp, der_ids, -state.p_out_kw, -state.q_out_kvar,
+                [f"{d}-site"[:32] for d in der_ids], v_dev * base_v, ~(dropped | silenced),
+                head_id=f"{cfg.feeder_id}-head" if cfg.feeder_id else None,
+                head_p_kw=res.head_p_phase_kw, head_q_kvar=res.head_q_phase_kvar)
         step_ms = (time.perf_counter() - t0) * 1e3
         has_exp = ~np.isnan(controls.exp_lim_kw)
         over = (-site_p - controls.exp_lim_kw)[has_exp & ~dropped]
