@@ -1,0 +1,32 @@
+"""``derms sim`` offline (no DERMS): its files match docs/data-formats.md, and bad options
+exit 2 naming the option."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from derms.cli.main import app
+from tests.data_formats import check_file
+
+
+def test_offline_run_writes_the_documented_files(tmp_path):
+    out = tmp_path / "sim"
+    r = CliRunner().invoke(app, ["sim", "--out", str(out), "--devices", "20", "--seed", "1",
+                                 "--duration", "10min", "--step", "60s", "--speed", "10000"])
+    assert r.exit_code == 0, r.output
+    for name in ("timeseries.csv", "timeseries.parquet", "devices.csv"):
+        check_file(out / name, "derms sim")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["devices"] == 20 and summary["steps"] == 10
+    assert (out / "report.html").stat().st_size > 1000 and (out / "manifest.json").exists()
+
+
+def test_bad_options_exit_2(tmp_path):
+    for args, text in ((["--telemetry", "carrier-pigeon"], "--telemetry"),
+                       (["--mqtt", "nohost", "--telemetry", "mqtt"], "--mqtt"),
+                       (["--feeder-id", "ieee123"], "--feeder-id")):
+        r = CliRunner().invoke(app, ["sim", "--out", str(tmp_path / "x"), *args])
+        assert r.exit_code == 2, (args, r.output)
+        assert text in r.output, (args, r.output)
