@@ -11,12 +11,12 @@ from derms.control.sep_sink import SepCommandSink
 from derms.protocols.ieee2030_5 import InMemoryRepository
 from tests.integration.test_ieee2030_5_management import LFDI_1, LFDI_2, Q, _sep_get
 
-T = datetime.now(UTC).replace(microsecond=0)
-
-
 def _cmd(cycle: str, der: str, mode: CommandMode, p_kw: float) -> DeviceCommand:
-    return DeviceCommand(command_id(cycle, der), der, cycle, mode, p_kw, T,
-                         T + timedelta(minutes=5), "overload l115 phase 1")
+    """A command valid from now for 5 minutes (now at the call: the test may run long after
+    the module was imported)."""
+    t = datetime.now(UTC).replace(microsecond=0)
+    return DeviceCommand(command_id(cycle, der), der, cycle, mode, p_kw, t,
+                         t + timedelta(minutes=5), "overload l115 phase 1")
 
 
 def _w(el, tag: str, ns: str = Q) -> float:
