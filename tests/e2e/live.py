@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
+from derms.api.auth import mint_token
 from derms.sim.provision import ensure_pki
 
 FEEDER = "ieee123"
@@ -36,19 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def mint_token(url: str, scope: str) -> str:
-    from derms.api.auth import new_token
-    from derms.store.db import make_engine, make_session_factory
-    from derms.store.models import ApiToken
-
-    text, rec = new_token(scope)
-    engine = make_engine(url)
-    with make_session_factory(engine).begin() as s:
-        s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope=scope))
-    engine.dispose()
-    return text
 
 
 @dataclass

@@ -61,16 +61,9 @@ def db_url(backend, tmp_path_factory):
 
 def mint_token(url: str, scope: str) -> dict:
     """Store a new API token of ``scope`` in the database at ``url``; its auth header."""
-    from derms.api.auth import new_token
-    from derms.store.db import make_engine, make_session_factory
-    from derms.store.models import ApiToken
+    from derms.api.auth import mint_token as mint
 
-    text, rec = new_token(scope)
-    engine = make_engine(url)
-    with make_session_factory(engine).begin() as s:
-        s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope=scope))
-    engine.dispose()
-    return {"Authorization": f"Bearer {text}"}
+    return {"Authorization": f"Bearer {mint(url, scope)}"}
 
 
 @pytest.fixture

@@ -51,6 +51,23 @@ def new_token(scope: str) -> tuple[str, TokenRecord]:
     return f"derms_{token_id}_{secret}", record
 
 
+def mint_token(database_url: str, scope: str, name: str = "") -> str:
+    """Mint a token and store its record (hash only) in the database at ``database_url``;
+    returns the plain text, shown once (``derms token create``, the demo, tests)."""
+    from derms.store.db import make_engine, make_session_factory
+    from derms.store.models import ApiToken
+
+    text, rec = new_token(scope)
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine).begin() as s:
+            s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256,
+                           scope=scope, name=name))
+    finally:
+        engine.dispose()
+    return text
+
+
 def _parse(token: str) -> tuple[str, str] | None:
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != "derms" or not parts[1] or not parts[2]:

@@ -146,12 +146,23 @@ class MetersIn(BaseModel):
     meters: list[MeterIn] = Field(min_length=1, max_length=10_000)
 
 
-def _unknown_feeders(s, feeder_ids: set) -> set:
-    feeder_ids = feeder_ids - {None}
-    if not feeder_ids:
-        return set()
-    return feeder_ids - set(s.scalars(select(Feeder.feeder_id).where(
-        Feeder.feeder_id.in_(feeder_ids))))
+def _unique_ids(rows, field: str, what: str) -> list[str]:
+    """The rows' ids; 422 when one is given twice."""
+    ids = [getattr(r, field) for r in rows]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise Problem(422, f"{what}: {field} {dup!r} given twice")
+    return ids
+
+
+def _check_feeders(s, rows, what: str) -> None:
+    """422 when a row names a feeder the registry does not have."""
+    wanted = {r.feeder_id for r in rows} - {None}
+    unknown = wanted - set(s.scalars(select(Feeder.feeder_id).where(
+        Feeder.feeder_id.in_(wanted)))) if wanted else set()
+    if unknown:
+        raise Problem(422, f"{what}: unknown feeder(s) {sorted(unknown)}")
 
 
 @router.post("/devices/batch", status_code=201)
@@ -161,14 +172,9 @@ def create_devices(request: Request, body: DevicesIn,
     on first use. Devices already registered are listed in ``existing`` and left as they
     are; an unknown feeder or a ``der_id`` given twice is 422 and nothing is stored."""
     rows = body.devices
-    ids = [r.der_id for r in rows]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise Problem(422, f"devices: der_id {dup!r} given twice")
+    ids = _unique_ids(rows, "der_id", "devices")
     with request.app.state.sessions.begin() as s:
-        unknown = _unknown_feeders(s, {r.feeder_id for r in rows})
-        if unknown:
-            raise Problem(422, f"devices: unknown feeder(s) {sorted(unknown)}")
+        _check_feeders(s, rows, "devices")
         existing = set(s.scalars(select(DerDevice.der_id).where(DerDevice.der_id.in_(ids))))
         sites = set(s.scalars(select(DerSite.site_id).where(
             DerSite.site_id.in_({r.site_id for r in rows}))))
@@ -195,14 +201,9 @@ def create_meters(request: Request, body: MetersIn,
                   principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
     """Register up to 10,000 meters in one transaction (as ``/devices/batch``)."""
     rows = body.meters
-    ids = [r.meter_id for r in rows]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise Problem(422, f"meters: meter_id {dup!r} given twice")
+    ids = _unique_ids(rows, "meter_id", "meters")
     with request.app.state.sessions.begin() as s:
-        unknown = _unknown_feeders(s, {r.feeder_id for r in rows})
-        if unknown:
-            raise Problem(422, f"meters: unknown feeder(s) {sorted(unknown)}")
+        _check_feeders(s, rows, "meters")
         existing = set(s.scalars(select(Meter.meter_id).where(Meter.meter_id.in_(ids))))
         created = [r.meter_id for r in rows if r.meter_id not in existing]
         s.add_all(Meter(**r.model_dump()) for r in rows if r.meter_id not in existing)

@@ -37,6 +37,7 @@ from typing import Annotated
 
 import typer
 
+from derms.api.auth import mint_token
 from derms.cli.common import handle_errors, out_console
 from derms.errors import InputError
 
@@ -48,22 +49,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _mint(url: str, scope: str) -> str:
-    from derms.api.auth import new_token
-    from derms.store.db import make_engine, make_session_factory
-    from derms.store.models import ApiToken
-
-    text, rec = new_token(scope)
-    engine = make_engine(url)
-    try:
-        with make_session_factory(engine).begin() as s:
-            s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256,
-                           scope=scope, name="derms demo"))
-    finally:
-        engine.dispose()
-    return text
 
 
 def _wait_ready(proc: subprocess.Popen, api: str, sep_port: int, log: Path,
@@ -175,7 +160,7 @@ def demo(
             stderr=subprocess.STDOUT)
     try:
         _wait_ready(proc, api, sep_port, log)
-        token = _mint(url, "admin")
+        token = mint_token(url, "admin", "derms demo")
         (folder / "token.txt").write_text(token + "\n")
         headers = {"Authorization": f"Bearer {token}"}
         out_console.print(f"derms serve: API {api} (docs {api}/docs, token in "

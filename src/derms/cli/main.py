@@ -221,22 +221,12 @@ def token_create(
     name: Annotated[str, typer.Option(help="What the token is for.")] = "",
 ) -> None:
     """Mint an API token; it is printed once and stored only as a hash."""
-    from derms.api.auth import SCOPES, new_token
+    from derms.api.auth import SCOPES, mint_token
     from derms.config import get_settings
-    from derms.store.db import make_engine, make_session_factory
-    from derms.store.models import ApiToken
 
     if scope not in SCOPES:
         raise InputError(f"--scope {scope!r}: expected one of {', '.join(SCOPES)}")
-    text, rec = new_token(scope)
-    engine = make_engine(get_settings().database_url)
-    try:
-        with make_session_factory(engine).begin() as s:
-            s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256,
-                           scope=scope, name=name))
-    finally:
-        engine.dispose()
-    typer.echo(text)
+    typer.echo(mint_token(get_settings().database_url, scope, name))
 
 
 @app.command()
@@ -279,6 +269,10 @@ def serve(
              "commands go out as DERControls of the 'derms control' program.")] = None,
     control_period_s: Annotated[float, typer.Option(
         "--control-period-s", min=0.5, help="Seconds between control cycles.")] = 5.0,
+    control_replan_s: Annotated[float, typer.Option(
+        "--control-replan-s", min=0.0, metavar="SECONDS",
+        help="Seconds between re-plans of the control loop (the next 6 h from forecasts, "
+             "network-constrained, on the feeder's AC model; at least 60); 0 = off.")] = 900.0,
 ) -> None:
     """Run the API, the MQTT ingest, the monitoring cycle (a state estimate per feeder
     with an OpenDSS model version registered), with --control-feeder the control loop and,
@@ -294,6 +288,11 @@ def serve(
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    replan_config = None  # checked before anything starts
+    if control_feeder is not None and control_replan_s > 0:
+        from derms.control.replan import ReplanConfig
+
+        replan_config = ReplanConfig(period_s=control_replan_s)
     sep_config = _ieee2030_5_config(ieee2030_5_port, ieee2030_5_cert, ieee2030_5_key,
                                     ieee2030_5_client_ca, ieee2030_5_dcap_path,
                                     ieee2030_5_host or host)
@@ -356,11 +355,14 @@ def serve(
             master = control_feeder
         control_loop = ControlLoop(api.state.engine, control_feeder, master=master,
                                    repo=getattr(api.state, "ieee2030_5_repo", None),
-                                   config=LoopConfig(period_s=control_period_s))
+                                   config=LoopConfig(
+                                       period_s=control_period_s,
+                                       replan=replan_config))
         api.state.control_loop = control_loop
         control_loop.start()
-        logging.getLogger("derms.cli").info("event=control_loop_started feeder=%s period_s=%s",
-                                            control_feeder, control_period_s)
+        logging.getLogger("derms.cli").info(
+            "event=control_loop_started feeder=%s period_s=%s replan_s=%s",
+            control_feeder, control_period_s, control_replan_s or "off")
 
     def _on_topology(fid: str) -> None:
         if api.state.monitor is not None:
