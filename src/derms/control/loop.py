@@ -33,6 +33,16 @@ Each :meth:`ControlLoop.run_once` at ``now``:
    ``action="control_cycle"``) unless the cycle is quiet (clear, nothing issued, verified,
    held or noted, as the cycle before).
 
+9. **Re-plan** (``LoopConfig.replan``, off when None): every ``replan.period_s`` (default
+   900 s; the first one period after the start) on the loop's thread, between fast
+   cycles (which wait for it), :meth:`ControlLoop.run_replan` plans
+   the next hours from forecasts (:mod:`derms.control.replan`; its own engine, compiled
+   and closed within the run) and issues the plan's present interval through the same
+   tracking sink and issuer; a fast-cycle command stands over the plan (precedence in
+   that module). Its summary is ``status()["last_replan"]`` and audited
+   (``action="control_replan"``); a failed re-plan is recorded there and the fast cycle
+   goes on.
+
 DER registry: the store's devices on the feeder's sites (not decommissioned; not active →
 held); injection nodes from the device's bus (else its site's) and phase (``a`` →
 ``bus.1`` …, ``abc`` → the bus's nodes), power shared equally among them; kind from
@@ -64,12 +74,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from derms.analysis.state_estimation import Measurements
 from derms.control.commands import CommandIssuer, InMemorySink
 from derms.control.fast_cycle import CycleReport, DerRegistry, FastCycle, FastCycleConfig, FleetNow
+from derms.control.replan import ReplanConfig, ReplanDer, Replanner, ReplanResult
 from derms.control.requests import DeviceLocation
 from derms.control.sep_sink import SepCommandSink
 from derms.control.state import ControlState
@@ -132,6 +144,7 @@ class LoopConfig:
     program_description: str = "derms control"
     program_primacy: int = 1
     defaults: DefaultControlConfig | None = field(default_factory=DefaultControlConfig)
+    replan: ReplanConfig | None = None  # the slow re-plan (derms.control.replan); None: off
 
     def __post_init__(self) -> None:
         if self.period_s <= 0 or self.stale_after_s <= 0 or self.lookback_s <= 0:
@@ -274,6 +287,10 @@ class ControlLoop(BackgroundLoop):
         self.last_summary: dict[str, Any] | None = None
         self.last_report: CycleReport | None = None
         self.last_error: dict[str, Any] | None = None
+        self.replanner: Replanner | None = None
+        self.last_replan: dict[str, Any] | None = None
+        self.last_replan_result: ReplanResult | None = None
+        self.replans = 0
 
     # -- building -----------------------------------------------------------------------
     def _master_path(self, now: datetime) -> Path:
@@ -520,6 +537,123 @@ class ControlLoop(BackgroundLoop):
             append_audit(s, actor=self.actor, action="control_cycle", entity="feeder",
                          entity_id=self.feeder_id, detail=_jsonable(detail), t=now)
 
+    # -- the slow re-plan ---------------------------------------------------------------
+    def _open_plan_engine(self, now: datetime) -> OpenDSSEngine:
+        """A fresh engine of the feeder for the re-plan's ACNetwork, with the loop's
+        switch states applied (built and closed on the calling thread)."""
+        engine = OpenDSSEngine(self._master_path(now))
+        try:
+            notes: list[str] = []
+            _StoreMeasurements(self.feeder_id, engine, self.db,
+                               self.config.monitor)._apply_topology(now, notes)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def _soc(self, now: datetime, ids: list[str]) -> dict[str, float]:
+        start = now - timedelta(seconds=self.config.lookback_s)
+        with self.db.connect() as conn:
+            ser = series_of(conn, der_ids=ids, quantities=("soc_frac",))
+            if not len(ser):
+                return {}
+            last = latest_readings(conn, ser["series_id"].tolist(), start, now)
+        last = last.merge(ser, on="series_id").sort_values("t").groupby("der_id").tail(1)
+        return {str(r.der_id): float(r.value) for r in last.itertuples(index=False)}
+
+    def _load_forecast(self, now: datetime) -> tuple[Callable[[datetime], float] | None,
+                                                     dict[str, Any]]:
+        """The load multiplier from the forecast service's latest run (issued at or before
+        ``now``) of the head meter's ``p_kw`` series (``<feeder>-head:p_kw:load``): its
+        P50 over the sum of the model's base load kW, per forecast interval; outside the
+        run's intervals the monitor's multiplier. Approximate: the head import also holds
+        losses and the DERs' net output of the forecast's history. (None, info) without
+        such a run."""
+        from derms.monitoring.feeder_monitor import head_meter_id
+        from derms.store.forecasts import latest_forecast
+        from derms.store.models import Series
+
+        fallback = self.config.monitor.multiplier
+        with self.db.connect() as conn:
+            sid = conn.execute(select(Series.series_id).where(
+                Series.meter_id == head_meter_id(self.feeder_id),
+                Series.quantity == "p_kw")).scalars().first()
+        fc = None if sid is None else latest_forecast(self.db, int(sid), at=now)
+        base_kw = float(np.sum(self._meas.base_p_kw)) if self._meas is not None else 0.0
+        if fc is None or fc.values.empty or base_kw <= 0:
+            return None, {"source": "monitor load_multiplier"}
+        t = pd.DatetimeIndex(fc.values["t"])
+        t = t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
+        p50 = fc.values["p50"].to_numpy(dtype=float)
+        step = pd.Timedelta(seconds=fc.run.step_s)
+
+        def mult(ts: datetime) -> float:
+            k = int(t.searchsorted(pd.Timestamp(ts), side="right")) - 1
+            if k >= 0 and pd.Timestamp(ts) < t[k] + step and np.isfinite(p50[k]):
+                return max(float(p50[k]), 0.0) / base_kw
+            return fallback(ts)
+
+        return mult, {"source": "forecast", "run_id": fc.run.id,
+                      "issued_at": fc.run.issued_at.isoformat(),
+                      "model": f"{fc.run.model_name}:{fc.run.model_version}",
+                      "base_load_kw": round(base_kw, 3)}
+
+    def run_replan(self, now: datetime | None = None) -> dict[str, Any]:
+        """One re-plan at ``now`` (:mod:`derms.control.replan`): the loop's DERs (held ones
+        left out: inactive, stale telemetry, escalated), SOC telemetry, the load forecast
+        (:meth:`_load_forecast`, else the monitor's load multiplier); commands through the
+        loop's tracking sink and issuer. Its summary is kept in :attr:`last_replan` and
+        audited (``action="control_replan"``)."""
+        now = ensure_utc(now or self.clock(), "now")
+        cfg = self.config.replan or (self.replanner.config if self.replanner is not None
+                                     else ReplanConfig())
+        if self._cycle is None:
+            self.build(now)
+        if self.replanner is None or self.replanner.config is not cfg:
+            self.replanner = Replanner(self._open_plan_engine, self.sink, self._issuer,
+                                       config=cfg, loop_period_s=self.config.period_s,
+                                       feeder_id=self.feeder_id,
+                                       load_multiplier=self.config.monitor.load_multiplier,
+                                       tag=f"{self.run_tag}-")
+        ids = [d.der_id for d in self._ders]
+        with self.db.connect() as conn:
+            extra = {r[0]: (r[1], r[2]) for r in conn.execute(
+                select(DerDevice.der_id, DerDevice.e_max_kwh, DerDevice.s_max_kva)
+                .where(DerDevice.der_id.in_(ids)))}
+        tel = self._telemetry(now)
+        held: dict[str, str] = {}
+        for d in self._ders:
+            m = tel.get(d.der_id)
+            if not d.active:
+                held[d.der_id] = "not active"
+            elif m is None or (now - m[0]).total_seconds() > self.config.stale_after_s:
+                held[d.der_id] = "stale or no telemetry"
+        for d in self.tracker.escalated(ids, now):
+            held.setdefault(d, "escalated (did not deliver)")
+        ders = [ReplanDer(d.der_id, d.kind, d.nodes, d.p_gen_max_kw, d.p_charge_max_kw,
+                          extra.get(d.der_id, (None, None))[0],
+                          extra.get(d.der_id, (None, None))[1]) for d in self._ders]
+        mult, load_info = self._load_forecast(now)
+        res = self.replanner.run(now, ders, soc_frac=self._soc(now, ids), held=held,
+                                 load_multiplier=mult)
+        summary = {"feeder_id": self.feeder_id, **res.summary(), "load_forecast": load_info}
+        with self.sessions.begin() as s:
+            append_audit(s, actor=self.actor, action="control_replan", entity="feeder",
+                         entity_id=self.feeder_id, detail=_jsonable(summary), t=now)
+        self.replans += 1
+        self.last_replan, self.last_replan_result = summary, res
+        return summary
+
+    def _replan_guarded(self) -> None:
+        try:
+            self.run_replan()
+        except Exception as exc:  # a failed re-plan must not stop the fast cycle
+            error = (f"{type(exc).__name__}: {exc}" if isinstance(exc, DermsError)
+                     else type(exc).__name__)
+            log.exception("control_replan_failed feeder=%s", self.feeder_id)
+            self.last_replan = {"feeder_id": self.feeder_id, "t": utcnow().isoformat(),
+                                "status": "failed", "error": error}
+
     # -- status for the API --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {"feeder_id": self.feeder_id, "running": self._thread is not None,
@@ -535,12 +669,20 @@ class ControlLoop(BackgroundLoop):
                 "topology": {"events": None if self._topology_mark is None
                              else self._topology_mark[0],
                              "last_reload": self._topology_reload},
-                "last_cycle": self.last_summary, "last_error": self.last_error}
+                "last_cycle": self.last_summary, "last_error": self.last_error,
+                "replan_period_s": None if self.config.replan is None
+                else self.config.replan.period_s,
+                "replans": self.replans, "last_replan": self.last_replan}
 
     # -- thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             next_at = time.monotonic()
+            # the first re-plan one period after the start: a start or restart first lets
+            # the fast cycle act on present violations and the re-seeded standing commands
+            # (a previous plan's too) run out
+            replan_at = time.monotonic() + (self.config.replan.period_s
+                                            if self.config.replan is not None else 0.0)
             while True:
                 with self._cond:
                     while not self._stop and not self._topology_pending \
@@ -562,6 +704,10 @@ class ControlLoop(BackgroundLoop):
                         log.warning("control_cycle_failed feeder=%s error=%s (again)",
                                     self.feeder_id, error)
                     self.last_error = {"t": utcnow().isoformat(), "error": error}
+                if self.config.replan is not None and self._cycle is not None \
+                        and time.monotonic() >= replan_at:
+                    replan_at = time.monotonic() + self.config.replan.period_s
+                    self._replan_guarded()
         finally:
             self._close_engine()  # on the thread that built it
 
