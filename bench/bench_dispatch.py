@@ -2,8 +2,8 @@
 
 Also: a warm re-plan (same HiGHS model, new PV forecast and SOCs, bounds/costs changed in
 place) and rolling re-plans over --days days (hourly, perfect and noisy forecasts) with
-the uncontrolled, rule-based and perfect-foresight peaks. IEEE 8500 is not in the table:
-its screened LP is too large (see the dispatch notes in the closing report).
+the uncontrolled, rule-based and perfect-foresight peaks. IEEE 8500 has its own
+benchmark: ``bench/bench_dispatch_8500.py``.
 
 Speed: the feeder is compiled and the AC network prepared (sensitivities, base case) before
 timing; "plan s" is what a re-plan costs the user: the AC simulation of the uncontrolled

@@ -162,3 +162,14 @@ def test_row_thinning_keeps_the_most_violated_row_per_interval_and_cluster():
     out = thin_mask(mask, score, cl)
     np.testing.assert_array_equal(out, [[False, True, True, False],
                                         [True, False, False, False]])
+
+
+def test_coarse_clusters_group_rows_by_direction_not_size():
+    from derms.dispatch.network import coarse_clusters
+    rng = np.random.default_rng(0)
+    dirs = np.eye(4)[:3] + 0.01 * rng.standard_normal((3, 4))
+    s = np.vstack([dirs[k] * rng.uniform(0.1, 10.0) for k in np.repeat(np.arange(3), 20)]
+                  + [np.zeros((1, 4))])
+    cl = coarse_clusters(s, k=3)
+    assert [len(set(cl[20 * k:20 * k + 20])) for k in range(3)] == [1, 1, 1]
+    assert len(set(cl[:60])) == 3 and cl[60] == 3  # the zero row gets the extra id

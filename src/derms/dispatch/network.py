@@ -169,7 +169,7 @@ class NetworkRows:
         # reports what is left
         self.elastic: tuple[float, float] | None = (1e6, 1e3) if thin else None
         if thin:
-            cv, ci = direction_clusters(sens.hv_p), direction_clusters(sens.hi_p)
+            cv, ci = coarse_clusters(sens.hv_p), coarse_clusters(sens.hi_p)
             self.cluster = {"v_max": cv, "v_min": cv, "i_max": ci}
         self.names = {"v_max": node_names, "v_min": node_names, "i_max": branch_names}
         T = lay.T
@@ -380,6 +380,30 @@ def direction_clusters(m: Sens, n_proj: int = 8, width: float = 0.05, seed: int 
     key = np.floor(proj / np.maximum(norm, 1e-300) / width).astype(np.int64)
     _u, cid = np.unique(key, axis=0, return_inverse=True)
     return cid.ravel()
+
+
+def coarse_clusters(m: Sens, k: int = 24, seed: int = 0) -> np.ndarray:
+    """Cluster id (n,) of the rows of ``m`` (n, n_der): k-means (``k`` clusters) of the
+    unit row directions; all-zero rows share the extra id ``k``.
+
+    Used instead of :func:`direction_clusters` on large feeders: binned directions gave
+    1,264-1,560 clusters on IEEE 8500 (one row per interval and cluster: 2,216 dense rows
+    from the uncontrolled violations alone, a 21 s first solve; 12,204 more after the
+    first lazy round, a 163 s warm re-solve); with 24 clusters the lazy rounds add a few
+    hundred rows at a time, the next row of a cluster only if the first did not already
+    pull it inside its limit."""
+    from scipy.cluster.vq import kmeans2
+
+    a = m.toarray() if sp.issparse(m) else np.asarray(m)
+    norm = np.linalg.norm(a, axis=1)
+    live = norm > 0
+    out = np.full(a.shape[0], k, dtype=np.int64)
+    if live.sum() > k:
+        _c, lab = kmeans2(a[live] / norm[live, None], k, seed=seed, minit="++")
+        out[live] = lab
+    else:
+        out[live] = np.arange(int(live.sum()))
+    return out
 
 
 def thin_mask(mask: np.ndarray, score: np.ndarray, cluster: np.ndarray) -> np.ndarray:

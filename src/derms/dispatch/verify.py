@@ -11,6 +11,10 @@ result), simulate, and while the AC check finds violations (DESIGN.md definition
 pre-existing ones held to the base case) re-centre the rows on the plan's AC result, add
 rows for the violating (interval, element) pairs, tighten rows that were violated twice,
 and re-solve warm — at most ``max_ac_rounds`` times; then report what still binds.
+On large feeders (elastic network rows) each re-solve after an AC round is held in a
+trust region around the plan just simulated (``TRUST_FRAC`` of each DER column's range,
+shrunk by 0.7 every round), and when rounds run out the plan with the fewest AC
+violations is returned (``VerifiedPlan.rounds_log`` lists every round).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from derms.powerflow.qsts import QSTSResult, load_profiles_into_engine
 log = logging.getLogger(__name__)
 _PREFIX = "der_"
 EXPORT_TOL_KW = 0.5  # AC head export beyond the limit that triggers another round
+TRUST_FRAC = 0.5  # large feeders: share of each DER column's range a re-plan may move
 
 
 class ACNetwork:
@@ -232,6 +237,7 @@ class VerifiedPlan:
     violations: ViolationReport
     rounds: int
     timing_s: dict[str, float] = field(default_factory=dict)
+    rounds_log: list[dict] = field(default_factory=list)  # per AC round: counts, rows, s
 
     @property
     def clean(self) -> bool:
@@ -264,6 +270,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     timing["build_s"] = time.perf_counter() - t1
     planner.solve_linear()
     ac_s, seen = 0.0, {k: np.zeros(m.shape, dtype=bool) for k, m in planner.net.margin.items()}
+    log_rounds: list[dict] = []
+    best = None  # ((violations, export excess), round, schedule, result, report)
     for rounds in range(1, max_ac_rounds + 1):
         sched = planner.schedule()
         t2 = time.perf_counter()
@@ -272,11 +280,24 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         rep = ac.violations(res)
         export_over = 0.0 if objective.export_limit_kw is None else float(
             np.max(-ref.head_kw) - objective.export_limit_kw)
-        if (rep.counts["violations_voltage"] + rep.counts["violations_thermal"] == 0
-                and export_over <= EXPORT_TOL_KW):
+        n_viol = rep.counts["violations_voltage"] + rep.counts["violations_thermal"]
+        log_rounds.append({"round": rounds, **rep.counts, "export_over_kw": export_over,
+                           "lp_rows": planner.lp.n_rows,
+                           "network_rows": int(sum((r >= 0).sum()
+                                                   for r in planner.net.row.values())),
+                           "elapsed_s": time.perf_counter() - t0})
+        log.info("dispatch ac_round=%d violations=%d rows=%d elapsed_s=%.2f", rounds, n_viol,
+                 planner.lp.n_rows, time.perf_counter() - t0)
+        key = (n_viol, max(export_over - EXPORT_TOL_KW, 0.0))
+        if best is None or key < best[0]:
+            best = (key, rounds, sched, res, rep)
+        if n_viol == 0 and export_over <= EXPORT_TOL_KW:
             break
         if rounds == max_ac_rounds:
             log.warning("dispatch ac_rounds=%d still_violating=%s", rounds, rep.counts)
+            # a later round can be worse than an earlier one (the regulators and
+            # capacitors answer a changed plan with other taps/states): keep the best
+            _key, _r, sched, res, rep = best
             break
         planner.recenter(ref)
         over = ac.over_limit(res)
@@ -290,8 +311,12 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             seen[kind] |= mask
             planner.net.add(kind, mask, score=np.abs(val - lim))
         planner.recenter(ref)  # margins enter the bounds
+        if planner.net.elastic is not None and planner.x is not None:  # large feeders
+            planner.trust_region(planner.x, TRUST_FRAC * 0.7 ** (rounds - 1))
         planner.solve_linear()
+    if planner.net.elastic is not None:
+        planner.trust_region(None, 1.0)  # later re-plans (update) start unrestricted
     timing["solve_s"] = planner.lp.solve_s
     timing["ac_verify_s"] = ac_s
     timing["total_s"] = time.perf_counter() - t0
-    return VerifiedPlan(planner, sched, res, rep, rounds, timing)
+    return VerifiedPlan(planner, sched, res, rep, rounds, timing, log_rounds)
