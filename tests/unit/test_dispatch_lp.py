@@ -173,3 +173,19 @@ def test_coarse_clusters_group_rows_by_direction_not_size():
     cl = coarse_clusters(s, k=3)
     assert [len(set(cl[20 * k:20 * k + 20])) for k in range(3)] == [1, 1, 1]
     assert len(set(cl[:60])) == 3 and cl[60] == 3  # the zero row gets the extra id
+
+
+def test_base_case_values_beyond_a_limit_are_held_even_inside_the_tolerance():
+    """DESIGN.md definitions: an element already beyond a limit in the base case may not get
+    worse. One just beyond the limit but inside the tolerance used to get the nominal limit,
+    which made the LP infeasible for a state the plan did not cause."""
+    from derms.analysis.constraints import Limits
+    from derms.dispatch.network import network_limits
+
+    v = np.array([[1.0, 1.0505, 1.06, 0.9495, 0.94]])  # inside / beyond the 0.001 pu tolerance
+    i = np.array([[100.0, 100.5, 120.0]])  # rating 100 A, tolerance 1 %
+    ref = Reference(np.zeros((1, 0)), np.zeros((1, 0)), v, i, np.zeros(1))
+    lim = network_limits(ref, np.ones(5, dtype=int), np.full(3, 100.0), Limits())
+    np.testing.assert_allclose(lim.v_max[0], [1.05, 1.0505, 1.06, 1.05, 1.05])
+    np.testing.assert_allclose(lim.v_min[0], [0.95, 0.95, 0.95, 0.9495, 0.94])
+    np.testing.assert_allclose(lim.i_max[0], [100.0, 100.5, 120.0])
