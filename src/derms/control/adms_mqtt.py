@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from derms.control.adms import MessageError, apply_adms, parse_adms
 from derms.errors import InputError
+from derms.ingest.mqtt_session import QueuedSubscriber
 from derms.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class AdmsStats:
     rejected: int = 0
 
 
-class AdmsMqtt:
+class AdmsMqtt(QueuedSubscriber):
     """Subscribe to ``<root>/adms/+/requests`` and apply each message to the store.
 
     ``on_topology(feeder_id)`` is called after a commit that stored new switch states (e.g.
@@ -58,48 +59,15 @@ class AdmsMqtt:
                  port: int = 1883, client_id: str = "derms-adms", topic_root: str = "derms/v1",
                  on_topology: Callable[[str], None] | None = None,
                  clock: Callable[[], datetime] = utcnow, retry_s: float = 1.0) -> None:
-        import paho.mqtt.client as mqtt
-
+        super().__init__(host, port, client_id)
         self.sessions, self.on_topology, self.clock = sessions, on_topology, clock
         self.retry_s = retry_s
         self.prefix = topic_root.rstrip("/") + "/adms/"
+        self.subscription = self.prefix + "+/requests"
         self.stats = AdmsStats()
-        self._queue: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  clean_session=False, manual_ack=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = lambda _c, _u, msg: self._queue.put(msg)
-        self.host, self.port = host, port
-        self._worker = threading.Thread(target=self._run, name="adms-mqtt", daemon=True)
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Connect and subscribe; InputError if the broker does not answer in time."""
-        try:
-            self.client.connect(self.host, self.port, keepalive=30)
-        except OSError as exc:
-            raise InputError(f"MQTT broker {self.host}:{self.port} unreachable: {exc}") from None
-        self.client.loop_start()
-        if not self._connected.wait(timeout_s):
-            self.client.loop_stop()
-            raise InputError(f"MQTT broker {self.host}:{self.port} did not accept the session")
-        self._worker.start()
-
-    def stop(self) -> None:
-        """Finish the queued messages, disconnect."""
-        self._stop.set()
-        if self._worker.is_alive():
-            self._worker.join(timeout=30)
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def _on_connect(self, client, _userdata, _flags, reason_code, _props) -> None:
-        if reason_code.is_failure:
-            log.error("adms_mqtt_connect_failed reason=%s", reason_code)
-            return
-        client.subscribe(self.prefix + "+/requests", qos=1)
-        self._connected.set()
+    def _workers(self) -> list[threading.Thread]:
+        return [threading.Thread(target=self._run, name="adms-mqtt", daemon=True)]
 
     def _run(self) -> None:
         while not (self._stop.is_set() and self._queue.empty()):

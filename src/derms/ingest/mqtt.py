@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from derms.errors import InputError
+from derms.ingest.mqtt_session import QueuedSubscriber
 from derms.ingest.parse import BatchError, KnownSeries, ReadingBatch, parse_json
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def concat(batches: list[ReadingBatch]) -> ReadingBatch:
     )
 
 
-class MqttIngest:
+class MqttIngest(QueuedSubscriber):
     """Subscribe to ``derms/v1/telemetry/#`` and write readings through ``sink``.
 
     ``known_series`` (a set, or a function giving a mask of known ids; None accepts any id)
@@ -78,58 +79,20 @@ class MqttIngest:
                  client_id: str = "derms-ingest", known_series: KnownSeries = None,
                  max_batch: int = 50_000, max_delay_s: float = 0.2,
                  topic_root: str = TOPIC_ROOT) -> None:
-        import paho.mqtt.client as mqtt
-
+        super().__init__(host, port, client_id, max_inflight=1000)
         self.sink, self.known_series = sink, known_series
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self.stats = IngestStats()
-        self._queue: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  clean_session=False, manual_ack=True)
-        self.client.max_inflight_messages_set(1000)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = lambda _c, _u, msg: self._queue.put(msg)
-        self.host, self.port = host, port
         self.telemetry_prefix = topic_root.rstrip("/") + "/telemetry/"
         self.error_prefix = topic_root.rstrip("/") + "/errors/"
+        self.subscription = self.telemetry_prefix + "#"
         self._parsed: queue.Queue = queue.Queue(maxsize=4)  # parsed batches awaiting a write
-        self._parser = threading.Thread(target=self._run_parser, name="mqtt-ingest-parser",
-                                        daemon=True)
-        self._writer = threading.Thread(target=self._run_writer, name="mqtt-ingest-writer",
-                                        daemon=True)
 
-    # -- lifecycle ------------------------------------------------------------------------
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Connect, subscribe and start the writer; raises InputError if the broker is
-        unreachable within ``timeout_s``."""
-        try:
-            self.client.connect(self.host, self.port, keepalive=30)
-        except OSError as exc:
-            raise InputError(f"MQTT broker {self.host}:{self.port} unreachable: {exc}") from None
-        self.client.loop_start()
-        if not self._connected.wait(timeout_s):
-            self.client.loop_stop()
-            raise InputError(f"MQTT broker {self.host}:{self.port} did not accept the session")
-        self._parser.start()
-        self._writer.start()
-
-    def stop(self) -> None:
-        """Drain what is queued, acknowledge it, disconnect."""
-        self._stop.set()
-        for thread in (self._parser, self._writer):
-            if thread.is_alive():
-                thread.join(timeout=30)
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def _on_connect(self, client, _userdata, _flags, reason_code, _props) -> None:
-        if reason_code.is_failure:
-            log.error("mqtt_connect_failed reason=%s", reason_code)
-            return
-        client.subscribe(self.telemetry_prefix + "#", qos=1)
-        self._connected.set()
+    def _workers(self) -> list[threading.Thread]:
+        return [threading.Thread(target=self._run_parser, name="mqtt-ingest-parser",
+                                 daemon=True),
+                threading.Thread(target=self._run_writer, name="mqtt-ingest-writer",
+                                 daemon=True)]
 
     # -- pipeline: parser thread -> writer thread ----------------------------------------
     def _run_parser(self) -> None:

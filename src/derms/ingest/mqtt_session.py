@@ -1,0 +1,75 @@
+"""A persistent, at-least-once MQTT subscription whose messages are queued for worker
+threads (the shared lifecycle of the telemetry ingest and the ADMS interface).
+
+``clean_session=False`` with a fixed client id and ``manual_ack``: the network thread only
+queues messages; the subclass's workers handle them and acknowledge after their commit
+(DESIGN.md "Known traps": paho acknowledges QoS 1 before the code stored it otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from derms.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class QueuedSubscriber:
+    """Subclasses set ``self.subscription`` (the topic filter) and implement
+    :meth:`_workers` (threads started after the session is up, joined at :meth:`stop`)."""
+
+    subscription: str
+
+    def __init__(self, host: str, port: int, client_id: str, *,
+                 max_inflight: int | None = None) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.host, self.port = host, port
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  clean_session=False, manual_ack=True)
+        if max_inflight is not None:
+            self.client.max_inflight_messages_set(max_inflight)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda _c, _u, msg: self._queue.put(msg)
+        self._threads: list[threading.Thread] = []
+
+    def _workers(self) -> list[threading.Thread]:
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Connect and subscribe, then start the workers; InputError if the broker is
+        unreachable or does not accept the session within ``timeout_s``."""
+        try:
+            self.client.connect(self.host, self.port, keepalive=30)
+        except OSError as exc:
+            raise InputError(f"MQTT broker {self.host}:{self.port} unreachable: {exc}") from None
+        self.client.loop_start()
+        if not self._connected.wait(timeout_s):
+            self.client.loop_stop()
+            raise InputError(f"MQTT broker {self.host}:{self.port} did not accept the session")
+        self._threads = self._workers()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Let the workers finish what is queued (and acknowledge it), disconnect."""
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, _userdata, _flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            log.error("mqtt_connect_failed subscription=%s reason=%s", self.subscription,
+                      reason_code)
+            return
+        client.subscribe(self.subscription, qos=1)
+        self._connected.set()
