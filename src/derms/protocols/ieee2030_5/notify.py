@@ -120,9 +120,15 @@ class SepNotifier:
         return dict(self._state)
 
     # --- one pass -------------------------------------------------------------------------------
-    def _next_edge(self, now_s: int) -> float:
-        """Epoch seconds of the next start or end of any event (EventStatus changes then)."""
-        edges = [t for p in self.repo.programs() for c in self.repo.controls(p.program_id)
+    def _next_edge(self, now_s: int, keys: frozenset | None = None) -> float:
+        """Epoch seconds of the next start or end of an event (EventStatus changes then):
+        of every control, or only of those in the audiences ``keys`` names."""
+        if keys is None:
+            controls = [c for p in self.repo.programs() for c in self.repo.controls(p.program_id)]
+        else:
+            controls = self.repo.audience_controls(
+                [k[1:] for k in keys if k and k[0] == "controls"])
+        edges = [t for c in controls
                  for t in (m.epoch(c.start), m.epoch(c.start) + c.duration_s) if t > now_s]
         return float(min(edges, default=2**62))
 
@@ -143,9 +149,11 @@ class SepNotifier:
             since = getattr(self.repo, "changes_since", None)
             keys = (since(self._seen_version) if since is not None
                     and self._seen_version is not None else None)
-        if edge or version != self._seen_version:
-            self._seen_version = version
+        if edge or keys is None:  # every control's edges (a scan of all of them)
             self._next_edge_s = self._next_edge(now_s)
+        elif keys:  # only the changed audiences' controls can bring a new, earlier edge
+            self._next_edge_s = min(self._next_edge_s, self._next_edge(now_s, keys))
+        self._seen_version = version
         fresh = DeliveryState()
 
         def touched(sub: SubscriptionRecord) -> bool:

@@ -57,6 +57,7 @@ class SepRepository(Protocol):
     def controls(self, program_id: int) -> list[ControlRecord]: ...
     def device_controls(self, program_id: int, edev_id: int, nmi: str | None
                         ) -> list[ControlRecord]: ...
+    def audience_controls(self, keys: Sequence[tuple]) -> list[ControlRecord]: ...
     def default_control(self, program_id: int) -> DefaultControlRecord | None: ...
     def put_der_document(self, edev_id: int, kind: str, xml: bytes) -> bool: ...
     def der_document(self, edev_id: int, kind: str) -> tuple[bytes, datetime] | None: ...
@@ -519,6 +520,11 @@ class InMemoryRepository:
     def controls(self, program_id: int) -> list[ControlRecord]:
         with self._lock:
             return [c for c in self._controls.values() if c.program_id == program_id]
+
+    def audience_controls(self, keys: Sequence[tuple]) -> list[ControlRecord]:
+        """The controls of the given audiences (:func:`audience_key` values)."""
+        with self._lock:
+            return [self._controls[i] for k in keys for i in self._audience.get(tuple(k), ())]
 
     def device_controls(self, program_id: int, edev_id: int, nmi: str | None
                         ) -> list[ControlRecord]:
