@@ -1,7 +1,9 @@
 """Dispatch on IEEE 123 (30 % PV, 25 % battery, 20 % EV): violations, peaks, speed, fairness.
 
 Also: a warm re-plan (same HiGHS model, new PV forecast and SOCs, bounds/costs changed in
-place) and rolling re-plans over --days days (hourly, perfect and noisy forecasts) with
+place) and rolling re-plans over --days days (hourly; perfect, noisy and model forecasts,
+the model with and without its intraday error feedback; scenario starting at noon and at
+local midnight) with
 the uncontrolled, rule-based and perfect-foresight peaks. IEEE 8500 has its own
 benchmark: ``bench/bench_dispatch_8500.py``.
 
@@ -44,6 +46,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--days", type=int, default=3)
+    ap.add_argument("--seeds", default="0",
+                    help="scenario seeds of the midnight-start rolling runs, comma-separated")
     args = ap.parse_args()
     master = SHARED if SHARED.exists() else resolve_master("ieee123")
     print(f"load average at start: {os.getloadavg()}", file=sys.stderr)
@@ -93,23 +97,37 @@ def main() -> None:
     ac.reference(pl.schedule())
     out["warm_replan_ac_check_s"] = time.perf_counter() - t
     engine.close()
-    # rolling re-plans over `--days` days with forecasts (hourly), against the baselines
-    engine, sc3, ac3 = open_dispatch_case(master, ScenarioConfig(n_steps=96 * (args.days + 1)))
+    # rolling re-plans over `--days` days with forecasts (hourly), against the baselines;
+    # scenario starting at 12:00 local (the plan's default: the plateau comes first, no
+    # measured hours of that day yet) and at 00:00 local (a whole day measured in turn)
+    from datetime import UTC, datetime
+
     from derms.grid.opendss_import import read_feeder
     from derms.studies.dispatch_forecast import model_forecast
 
-    model_fc = model_forecast(read_feeder(ac3.engine.ctx, ac3.engine.source_master),
-                              ScenarioConfig(n_steps=96 * (args.days + 1)))
-    for fc in ("perfect", "noisy", "model"):
-        r = run_rolling(ac3, sc3, ObjectiveConfig(), forecast=model_fc if fc == "model" else fc,
-                        replan_every="1h",
-                        days=args.days, seed=0)
-        out[f"rolling_{fc}"] = {
-            "days": args.days, "replans": r.n_replans, "peak_uncontrolled_kw": r.peak_uncontrolled_kw,
-            "peak_rule_based_kw": r.peak_rule_based_kw, "peak_executed_kw": r.peak_kw,
-            "peak_perfect_foresight_kw": r.peak_perfect_kw, "ratio": r.reduction_ratio,
-            "replan_mean_s": r.timing_s["replan_mean_s"], "violations": r.violations}
-    engine.close()
+    seeds = [int(x) for x in args.seeds.split(",")]
+    cases = [("noon", ScenarioConfig().start, 0)] + [
+        ("midnight" + (f"_seed{sd}" if sd else ""), datetime(2026, 7, 1, 8, tzinfo=UTC), sd)
+        for sd in seeds]
+    for label, start, sd in cases:
+        cfg3 = ScenarioConfig(n_steps=96 * (args.days + 1), start=start, seed=sd)
+        engine, sc3, ac3 = open_dispatch_case(master, cfg3)
+        feeder = read_feeder(ac3.engine.ctx, ac3.engine.source_master)
+        runs = {"perfect": "perfect", "noisy": "noisy",
+                "model": model_forecast(feeder, cfg3),
+                "model_no_feedback": model_forecast(feeder, cfg3, feedback_steps=0)}
+        for fc, forecast in runs.items():
+            if label.startswith("midnight") and fc in ("perfect", "noisy"):
+                continue
+            r = run_rolling(ac3, sc3, ObjectiveConfig(), forecast=forecast,
+                            replan_every="1h", days=args.days, seed=0)
+            out[f"rolling_{label}_{fc}"] = {
+                "days": args.days, "replans": r.n_replans,
+                "peak_uncontrolled_kw": r.peak_uncontrolled_kw,
+                "peak_rule_based_kw": r.peak_rule_based_kw, "peak_executed_kw": r.peak_kw,
+                "peak_perfect_foresight_kw": r.peak_perfect_kw, "ratio": r.reduction_ratio,
+                "replan_mean_s": r.timing_s["replan_mean_s"], "violations": r.violations}
+        engine.close()
     cfg = ScenarioConfig(pv_penetration=0.6, pv_size_min=1.5, pv_size_max=3.0)
     engine, _sc2, ac2 = open_dispatch_case(master, cfg)
     for pol in ("equal_proportional", "proportional_to_capacity"):

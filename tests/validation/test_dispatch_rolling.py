@@ -51,3 +51,33 @@ def test_noisy_forecast_runs_and_reports_baselines(case):
     assert r.n_replans == 24 and len(r.replan_s) == 24
     assert np.isfinite([r.peak_kw, r.peak_rule_based_kw, r.peak_perfect_kw]).all()
     assert r.peak_kw < r.peak_uncontrolled_kw  # measured ratio ~0.44: below the 80 % target
+
+
+@pytest.fixture(scope="module")
+def midnight_case():
+    from datetime import UTC, datetime
+    cfg = ScenarioConfig(n_steps=2 * 96, start=datetime(2026, 7, 1, 8, tzinfo=UTC))  # 00:00
+    engine, scenario, ac = open_dispatch_case(shared_master("ieee123"), cfg)
+    yield cfg, scenario, ac
+    engine.close()
+
+
+def test_model_forecast_with_intraday_feedback_beats_the_day_ahead_model(midnight_case):
+    """The scenario's first day is ≈ 15 % hotter than the day before: the LightGBM model
+    (change from a day earlier) stays ≈ 10–15 % low all day; feeding back the error it
+    is making right now recovers most of the reduction (measured 0.74 against 0.25)."""
+    from derms.grid.opendss_import import read_feeder
+    from derms.studies.dispatch_forecast import model_forecast
+
+    cfg, scenario, ac = midnight_case
+    model = read_feeder(ac.engine.ctx, ac.engine.source_master)
+    ratios = {}
+    for steps in (4, 0):
+        fc = model_forecast(model, cfg, feedback_steps=steps)
+        r = run_rolling(ac, scenario, ObjectiveConfig(), forecast=fc, replan_every="1h",
+                        days=1)
+        assert r.fallbacks == 0 and len(r.target_kw_at_replan) == r.n_replans == 24
+        assert r.violations["violations_voltage"] + r.violations["violations_thermal"] == 0
+        ratios[steps] = r.reduction_ratio
+    assert ratios[4] >= ratios[0] + 0.25, ratios
+    assert ratios[4] >= 0.6, ratios

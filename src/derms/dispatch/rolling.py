@@ -95,7 +95,9 @@ class RollingResult:
     """Outcome of :func:`run_rolling`. Schedules are (n_exec, n_der), fleet order, net
     import (consumption positive); ``e_kwh`` battery energy at the end of each interval.
     ``soc0_frac_at_replan`` (n_replans, n_bat) and ``ev_delivered_kwh_at_replan``
-    (n_replans, n_ev) are the actual states each re-plan started from."""
+    (n_replans, n_ev) are the actual states each re-plan started from;
+    ``target_kw_at_replan`` (n_replans,) the head-import peak each plan aimed at [kW]
+    (inf where a plan fell back to uncontrolled)."""
 
     executed: Schedule
     peak_kw: float
@@ -112,6 +114,7 @@ class RollingResult:
     forecast: str
     fallbacks: int = 0
     timing_s: dict[str, float] = field(default_factory=dict)
+    target_kw_at_replan: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def reduction_ratio(self) -> float:
@@ -227,7 +230,7 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
     # a warm update keeps the LP's structure: not with group requests or a policy that
     # ties PVs together per interval (their rows change with the window); then cold
     warm = not fleet.requests and objective.curtailment_policy != "equal_proportional"
-    replan_s, soc_log, ev_log = [], [], []
+    replan_s, soc_log, ev_log, targets = [], [], [], []
     fallbacks = 0
     grid = None
     peak_so_far = -np.inf
@@ -271,6 +274,7 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
             s = uncontrolled_schedule(fw)
             target = float("inf")
         replan_s.append(time.perf_counter() - t0)
+        targets.append(target)
         for k in range(min(k_re, n_exec - k0)):  # execute with the actual data
             t = k0 + k
             avail = truth.pv_avail_kw[t]
@@ -333,6 +337,7 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
         timing_s={"total_s": time.perf_counter() - t_all, "ac_executed_s": ac_s,
                   "perfect_foresight_s": pf_s, "replan_mean_s": float(np.mean(replan_s)),
                   "replan_max_s": float(np.max(replan_s))},
+        target_kw_at_replan=np.array(targets),
     )
 
 

@@ -4,8 +4,10 @@ The feeder's customer load is forecast with :mod:`derms.forecast` (LightGBM, fit
 on ``history_days`` before the scenario starts, then re-issued at every re-plan origin
 from everything measured before it: the history plus the scenario's actual load up to
 the origin). The non-DER head import is the forecast customer load times the ratio of
-head import to customer load measured in the last interval before the origin (losses).
-PV availability is passed through: the scenario's PV is a clear-sky profile, which a
+head import to customer load measured in the last interval before the origin (losses). The intraday error feedback (:class:`~derms.forecast.feedback.ErrorFeedback`,
+weights fitted on the history) then adds the error the model made over the last
+``feedback_steps`` intervals before the origin (forecast from ``feedback_steps`` earlier,
+against the actual load), decaying with the lead. PV availability is passed through: the scenario's PV is a clear-sky profile, which a
 clear-sky model forecasts exactly; no cloud forecast is claimed here.
 """
 
@@ -18,6 +20,7 @@ import pandas as pd
 
 from derms.forecast import ForecastSpec, clean_series
 from derms.forecast.api import forecast_many, panel_from_series
+from derms.forecast.feedback import ErrorFeedback
 from derms.forecast.forecaster import GlobalForecaster
 from derms.grid.model import FeederModel
 from derms.studies.dispatch_scenario import ScenarioConfig
@@ -45,10 +48,12 @@ def customer_load_kw(model: FeederModel, cfg: ScenarioConfig, start: pd.Timestam
 
 
 def model_forecast(model: FeederModel, cfg: ScenarioConfig, *, history_days: int = 60,
-                   lookahead: pd.Timedelta = _DAY, n_rounds: int = 150):
+                   lookahead: pd.Timedelta = _DAY, n_rounds: int = 150,
+                   feedback_steps: int = 4):
     """A forecast callable for :func:`derms.dispatch.rolling.run_rolling` (see module doc).
 
     Returns ``f(k0, n, truth) -> (head0_kw (n,), pv_avail_kw (n, n_pv))``.
+    ``feedback_steps`` = 0 leaves the intraday error feedback out.
     """
     start = pd.Timestamp(cfg.start)
     n_hist = int(pd.Timedelta(days=history_days) / cfg.step)
@@ -62,9 +67,11 @@ def model_forecast(model: FeederModel, cfg: ScenarioConfig, *, history_days: int
         panel = panel_from_series(history, spec, train_end=start, extend_to=start + lookahead)
         fitted = GlobalForecaster(spec).fit(panel, train_end=n_hist)
     truth_load = total[total.index >= start].to_numpy()
+    n_day = int(_DAY / cfg.step)
+    feedback = (ErrorFeedback.fit(total[total.index < start].to_numpy(), n_day,
+                                  int(lookahead / cfg.step)) if feedback_steps > 0 else None)
 
-    def forecast(k0: int, n: int, truth) -> tuple[np.ndarray, np.ndarray]:
-        origin = start + cfg.step * k0
+    def p50(origin: pd.Timestamp, n: int) -> np.ndarray:
         known = {"feeder": clean_series(total[total.index < origin])}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -72,6 +79,15 @@ def model_forecast(model: FeederModel, cfg: ScenarioConfig, *, history_days: int
         load = fc["p50"].to_numpy()[:n]
         if load.size < n:
             load = np.r_[load, np.full(n - load.size, load[-1] if load.size else 0.0)]
+        return load
+
+    def forecast(k0: int, n: int, truth) -> tuple[np.ndarray, np.ndarray]:
+        origin = start + cfg.step * k0
+        load = p50(origin, n)
+        if feedback is not None:   # the error made over the last feedback_steps intervals
+            m = feedback_steps
+            recent = total[(total.index >= origin - m * cfg.step) & (total.index < origin)]
+            load = feedback.adjust(load, recent.to_numpy(), p50(origin - m * cfg.step, m))
         k_ref = max(k0 - 1, 0)
         ratio = truth.head0_kw[k_ref] / max(truth_load[k_ref], 1e-9)
         return load * ratio, truth.pv_avail_kw[k0:k0 + n]

@@ -1,0 +1,86 @@
+"""Intraday error feedback: correct a forecast with the error it is making right now.
+
+A day-ahead style model (the global LightGBM forecaster learns the change from the value a
+day earlier) keeps its error when a day is unlike the previous one (a heat wave, a
+holiday): on a 15 % hotter day every re-issued forecast is ≈ 15 % low, even for the next
+interval. What was just measured says so. :class:`ErrorFeedback` adds to the forecast at
+lead ``k`` the error observed over the last intervals before the origin, weighted by
+``rho[k]``:
+
+    corrected_k = forecast_k + rho[k] * mean(actual_recent - forecast_recent)
+
+``rho`` is fitted on the history, with no tuning: the autocorrelation of the day-over-day
+change ``d_t = y_t - y_(t - 1 day)`` at lag ``k + 1``, clipped to [0, 1] and made
+non-increasing with the lag. With ``d`` taken as the forecast error of a model that
+forecasts "yesterday plus a learned change", ``rho[k]`` is the least-squares coefficient
+of the error at lead ``k`` on the error just observed. Additive, so it also holds for net
+load that changes sign.
+
+Measured on the IEEE 123 dispatch scenario's load (hourly origins over two days from a
+hot day's 10:00, bench/README.md "Dispatch"): the mean absolute error of the next 10 h's
+energy went from 1,081 kWh to 579 kWh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from derms.errors import InputError
+
+
+def deviation_acf(y: np.ndarray, n_day: int, n_lag: int) -> np.ndarray:
+    """Autocorrelation (lags ``0 … n_lag``) of the day-over-day change of ``y``.
+
+    ``y`` (T,) values on a regular grid with ``n_day`` intervals per day; NaNs are left
+    out pairwise. Clipped to [0, 1] and non-increasing. Raises :class:`InputError` when
+    there are fewer than two days of overlapping values.
+    """
+    y = np.asarray(y, dtype=float)
+    if n_day < 1 or y.size <= 2 * n_day:
+        raise InputError(f"error feedback needs more than two days of history "
+                         f"({2 * n_day} intervals), got {y.size}")
+    d = y[n_day:] - y[:-n_day]
+    ok = np.isfinite(d)
+    if ok.sum() < n_day:
+        raise InputError("error feedback: fewer than a day of valid day-over-day changes")
+    d = np.where(ok, d - np.nanmean(d), 0.0)
+    var = float(np.mean(d[ok] ** 2))
+    if var <= 0:
+        return np.zeros(n_lag + 1)
+    n = d.size
+    lags = np.arange(min(n_lag, n - 1) + 1)
+    # pairwise products over valid pairs, per lag (FFT-free: n_lag is a day at most)
+    acf = np.array([np.sum(d[:n - k] * d[k:]) / max(np.sum(ok[:n - k] & ok[k:]), 1)
+                    for k in lags]) / var
+    out = np.zeros(n_lag + 1)
+    out[:lags.size] = np.minimum.accumulate(np.clip(acf, 0.0, 1.0))
+    return out
+
+
+@dataclass(frozen=True)
+class ErrorFeedback:
+    """Weights ``rho`` (lead ``k`` → ``rho[k]``) of the observed error; see module doc."""
+
+    rho: np.ndarray
+
+    @classmethod
+    def fit(cls, history: np.ndarray, n_day: int, n_lead: int) -> ErrorFeedback:
+        """``rho[k]`` = autocorrelation of the day-over-day change at lag ``k + 1``."""
+        return cls(deviation_acf(history, n_day, n_lead)[1:n_lead + 1])
+
+    def adjust(self, forecast: np.ndarray, actual_recent: np.ndarray,
+               forecast_recent: np.ndarray) -> np.ndarray:
+        """``forecast`` (n,) leads 0 … n−1 corrected by the mean error of the recent
+        intervals (actual − forecast, NaNs left out; none valid → unchanged). Leads
+        beyond ``rho`` get no correction."""
+        f = np.asarray(forecast, dtype=float)
+        err = np.asarray(actual_recent, float) - np.asarray(forecast_recent, float)
+        err = err[np.isfinite(err)]
+        if err.size == 0:
+            return f.copy()
+        w = np.zeros(f.size)
+        m = min(f.size, self.rho.size)
+        w[:m] = self.rho[:m]
+        return f + w * float(err.mean())
