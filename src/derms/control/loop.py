@@ -563,40 +563,13 @@ class ControlLoop(BackgroundLoop):
 
     def _load_forecast(self, now: datetime) -> tuple[Callable[[datetime], float] | None,
                                                      dict[str, Any]]:
-        """The load multiplier from the forecast service's latest run (issued at or before
-        ``now``) of the head meter's ``p_kw`` series (``<feeder>-head:p_kw:load``): its
-        P50 over the sum of the model's base load kW, per forecast interval; outside the
-        run's intervals the monitor's multiplier. Approximate: the head import also holds
-        losses and the DERs' net output of the forecast's history. (None, info) without
-        such a run."""
-        from derms.monitoring.feeder_monitor import head_meter_id
-        from derms.store.forecasts import latest_forecast
-        from derms.store.models import Series
+        """The re-plan's load multiplier from the stored head forecast
+        (:func:`derms.control.load_forecast.head_load_multiplier`), else (None, info)."""
+        from derms.control.load_forecast import head_load_multiplier
 
-        fallback = self.config.monitor.multiplier
-        with self.db.connect() as conn:
-            sid = conn.execute(select(Series.series_id).where(
-                Series.meter_id == head_meter_id(self.feeder_id),
-                Series.quantity == "p_kw")).scalars().first()
-        fc = None if sid is None else latest_forecast(self.db, int(sid), at=now)
         base_kw = float(np.sum(self._meas.base_p_kw)) if self._meas is not None else 0.0
-        if fc is None or fc.values.empty or base_kw <= 0:
-            return None, {"source": "monitor load_multiplier"}
-        t = pd.DatetimeIndex(fc.values["t"])
-        t = t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
-        p50 = fc.values["p50"].to_numpy(dtype=float)
-        step = pd.Timedelta(seconds=fc.run.step_s)
-
-        def mult(ts: datetime) -> float:
-            k = int(t.searchsorted(pd.Timestamp(ts), side="right")) - 1
-            if k >= 0 and pd.Timestamp(ts) < t[k] + step and np.isfinite(p50[k]):
-                return max(float(p50[k]), 0.0) / base_kw
-            return fallback(ts)
-
-        return mult, {"source": "forecast", "run_id": fc.run.id,
-                      "issued_at": fc.run.issued_at.isoformat(),
-                      "model": f"{fc.run.model_name}:{fc.run.model_version}",
-                      "base_load_kw": round(base_kw, 3)}
+        return head_load_multiplier(self.db, self.feeder_id, base_kw,
+                                    self.config.monitor.multiplier, now)
 
     def run_replan(self, now: datetime | None = None) -> dict[str, Any]:
         """One re-plan at ``now`` (:mod:`derms.control.replan`): the loop's DERs (held ones
