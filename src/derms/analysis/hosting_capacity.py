@@ -24,15 +24,19 @@ already breaks a limit (:func:`constraint_limits`):
 * reverse flow (optional): feeder-head total import ``>= -reverse_power_kw`` (0 when the
   limits leave it None).
 
-Fast method (:func:`hosting_capacity_fast`): one linear model
-(:func:`derms.powerflow.linear.build_linear_model`, ``u``-form voltages, branch-current
-sensitivities) gives, per site, the closed-form size at which each constraint binds
-(headroom / sensitivity, vectorised as (constraints x sites) arrays; branch currents taken
-as collinear with their base current, so a current that reverses is bounded on both
-sides); the minimum is the linear estimate. Each estimate is then verified on the AC model
-near the limit: secant steps on the AC margins of every constraint, bracketed
-(feasible below, violated above), until the root estimate is within ``rel_tol`` of a
-feasible AC point (typically 1-3 AC solves). ``verify=False`` returns the linear estimate.
+Fast method (:func:`hosting_capacity_fast`): one factorised model of the frozen base case
+(:class:`derms.powerflow.linear_newton.SiteFlows`, the network Jacobian of
+:func:`derms.powerflow.linear.build_linear_model`), one column per site. Its unit responses
+give the closed-form linear size of every site (:func:`derms.analysis.hosting_model.
+linear_sizes`; the constraints that bind below 3x some site's linear size are kept); a
+bracketed secant search then finds every site's size on the model's own AC power flow
+(batched chord-Newton, the same constant-power injection and load laws as the OpenDSS
+check; :func:`derms.analysis.hosting_model.model_sizes`, to 0.5 %). That answer is checked
+on OpenDSS: ``verify=True`` per site (secant steps on the AC margins of every constraint,
+bracketed, until a feasible AC point lies within ``rel_tol`` of its secant root; typically
+1 AC solve), ``"groups"`` one representative per binding constraint and phase set until
+the engine has agreed three times (:func:`_verify_groups`; any disagreement re-verifies
+and rescales). ``verify="model"`` returns the model sizes, ``False`` the linear ones.
 
 The reference (brute-force bisection with full AC solves) is
 :func:`derms.analysis.hosting_brute.hosting_capacity_brute`; both share :class:`ACProbe`.
@@ -51,9 +55,16 @@ import pandas as pd
 
 from derms.analysis.constraints import Limits
 from derms.errors import ConvergenceError, InputError, ModelError
+from derms.analysis.hosting_model import (
+    _SITES_PER_BATCH,
+    ModelMargins,
+    linear_sizes,
+    model_sizes,
+)
 from derms.powerflow.collect import NetworkIndex, StepCollector, build_index
 from derms.powerflow.engine import OpenDSSEngine
-from derms.powerflow.linear import build_linear_model, solve_ac_with_injections
+from derms.powerflow.linear import solve_ac_with_injections
+from derms.powerflow.linear_newton import SiteFlows
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +73,8 @@ KINDS: tuple[str, ...] = ("pv", "load")
 RESULT_COLUMNS = ["bus", "phases", "kind", "hc_kw", "hc_linear_kw", "binding",
                   "binding_element", "n_ac_solves", "method"]
 _DEFAULT_RATING_A = (400.0, 600.0)
-_SITES_PER_MODEL = 256  # sites per linear model on large feeders (memory ~ nodes x sites)
 Progress = Callable[[int, int], None]
+_TRUST_AFTER = 3  # fast-groups: model/engine agreements before the model is trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +346,14 @@ class ACProbe:
         return self._margins(self._col.v_pu[0], self._col.i_a[0].astype(float),
                              float(self._col.head_p_kw[0].sum()))
 
+    def resolution(self) -> np.ndarray:
+        """Per margin entry, what the engine's convergence tolerance leaves uncertain: its
+        relative tolerance times the value's scale (1 pu, the rating, the head power)."""
+        lim = self.lim
+        scale = np.concatenate([np.ones(self._vh.size + self._vl.size), lim.i_max_a[self._br],
+                                [max(abs(lim.head_p0_kw), 1.0)] * self._head])
+        return float(self.engine.circuit.Solution.Tolerance) * scale
+
     def restore(self) -> None:
         """Re-solve the base case (the injection loads are disabled after each probe)."""
         self.engine.solve()
@@ -345,64 +364,6 @@ def _feasible(m: np.ndarray | None) -> bool:
 
 
 # ----------------------------------------------------------------------------- fast method
-
-
-def _linear_sizes(engine: OpenDSSEngine, sites: list[Site], sign: float,
-                  lim: ConstraintLimits, criteria: HostingCriteria
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Closed-form linear hosting capacity per site: (p_kw, binding kind, binding element)."""
-    n_sites = len(sites)
-    p_out = np.full(n_sites, criteria.p_max_kw)
-    kind = np.full(n_sites, "max_size", dtype=object)
-    elem = np.full(n_sites, "", dtype=object)
-    v0 = lim.v0_pu
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u_hi = (lim.v_hi_pu**2 - v0**2) / (2 * v0)
-        u_lo = (lim.v_lo_pu**2 - v0**2) / (2 * v0)
-    vh, vl = ~np.isnan(u_hi), ~np.isnan(u_lo)
-    br = ~np.isnan(lim.i_max_a)
-    names = np.asarray(lim.node_names, dtype=object)
-    for lo in range(0, n_sites, _SITES_PER_MODEL):
-        chunk = sites[lo:lo + _SITES_PER_MODEL]
-        c_nodes = sorted({n for s in chunk for n in s.node_names})
-        c_col = {n: k for k, n in enumerate(c_nodes)}
-        # site matrix: 1/n at each of a site's nodes (equal split of the total); one
-        # right-hand side per site (the model's columns are the sites)
-        s_mat = np.zeros((len(c_nodes), len(chunk)))
-        for j, s in enumerate(chunk):
-            for n in s.node_names:
-                s_mat[c_col[n], j] = sign / len(s.nodes)
-        model = build_linear_model(engine, c_nodes, branches=criteria.thermal, groups=s_mat)
-        a_v = model.dv_dp_pu_per_kw  # (n_nodes, sites): du/dP [pu/kW]
-        cands = []
-        with np.errstate(divide="ignore", invalid="ignore"):
-            up = np.where(a_v[vh] > 0, u_hi[vh, None] / a_v[vh], np.inf)
-            down = np.where(a_v[vl] < 0, u_lo[vl, None] / a_v[vl], np.inf)
-            cands += [(up, lim.v_hi_kind[vh], names[vh]),
-                      (down, lim.v_lo_kind[vl], names[vl])]
-            if criteria.thermal and br.any():
-                a_i = model.branches.di_dp_a_per_kw[br]
-                i0, imax = lim.i0_a[br, None], lim.i_max_a[br, None]
-                th = np.where(a_i > 0, (imax - i0) / a_i,
-                              np.where(a_i < 0, (imax + i0) / -a_i, np.inf))
-                cands.append((th, np.full(br.sum(), "thermal", dtype=object),
-                              lim.branch_names[br].astype(object)))
-        if np.isfinite(lim.head_min_kw) and sign < 0:  # lossless: the head sees -P
-            cands.append((np.full((1, len(chunk)), lim.head_p0_kw - lim.head_min_kw),
-                          np.array(["reverse_power"], dtype=object),
-                          np.array(["feeder_head"], dtype=object)))
-        for ratio, kinds, elems in cands:
-            if ratio.shape[0] == 0:
-                continue
-            ratio = np.maximum(ratio, 0.0)
-            k = np.argmin(ratio, axis=0)
-            best = ratio[k, np.arange(len(chunk))]
-            sl = slice(lo, lo + len(chunk))
-            better = best < p_out[sl]
-            p_out[sl] = np.where(better, best, p_out[sl])
-            kind[sl] = np.where(better, kinds[k], kind[sl])
-            elem[sl] = np.where(better, elems[k], elem[sl])
-    return p_out, kind, elem
 
 
 def _secant_root(p_a: float, m_a: np.ndarray, p_b: float, m_b: np.ndarray) -> float:
@@ -472,10 +433,12 @@ def hosting_capacity_fast(
     | None = None, *, verify: bool | str = True, index: NetworkIndex | None = None,
     on_progress: Progress | None = None,
 ) -> HostingResult:
-    """Hosting capacity of ``sites`` by the linear model, AC-verified near the limit.
+    """Hosting capacity of ``sites`` on the factorised model, AC-verified near the limit.
 
-    ``verify``: True verifies every site; "groups" one site per binding constraint (see
-    :func:`_verify_groups`); False returns the linear estimates.
+    ``verify``: True verifies every site on OpenDSS (starting from its model size);
+    "groups" one site per binding constraint (see :func:`_verify_groups`); "model" returns
+    the model's AC sizes (:func:`derms.analysis.hosting_model.model_sizes`, no OpenDSS
+    solve); False the linear estimates.
 
     ``engine`` must be solved with controls frozen
     (:func:`derms.powerflow.control_state.freeze_base_case`); it is left at its base-case
@@ -484,64 +447,118 @@ def hosting_capacity_fast(
     t0 = time.perf_counter()
     criteria = criteria or HostingCriteria()
     sign = _sign(kind)
+    if verify not in (True, False, "groups", "model"):
+        raise InputError(f"verify must be True, False, 'groups' or 'model', got {verify!r}")
     sites = list(sites)
     index = index or build_index(engine)
     lim = constraint_limits(engine, index, criteria)
-    p_lin, b_kind, b_elem = _linear_sizes(engine, sites, sign, lim, criteria)
-    hc = p_lin.copy()
-    n_ac = np.zeros(len(sites), dtype=int)
     probe = ACProbe(engine, index, lim)
+    kinds, elems = probe.labels
+    m0 = probe.base_margins()
+    n = len(sites)
+    p_lin = np.zeros(n)
+    b_kind = np.full(n, "max_size", dtype=object)
+    b_elem = np.full(n, "", dtype=object)
+    hc = np.zeros(n)
+    b_row = np.full(n, -1)          # model's binding constraint (probe order) and its
+    m_bind = np.full(n, np.nan)     # margin at the model size
+    sf = SiteFlows(engine, index, branches=criteria.thermal)
+    for lo in range(0, n, _SITES_PER_BATCH):
+        sl = slice(lo, min(lo + _SITES_PER_BATCH, n))
+        triples = sf.site_matrix([s.node_names for s in sites[sl]])
+        p_lin[sl], b_kind[sl], b_elem[sl], x1, rows = linear_sizes(sf, triples, sign, lim,
+                                                                    criteria)
+        if verify is False or rows.size == 0:  # (no constraint that can bind: p_max)
+            hc[sl] = p_lin[sl]
+            continue
+        margins = ModelMargins(sf, probe, sign, rows)
+        hc[sl], m_lo, bind = model_sizes(sf, triples, sign, p_lin[sl], x1, margins, m0[rows],
+                                         criteria)
+        m_bind[sl] = m_lo[bind, np.arange(bind.size)]
+        bind = rows[bind]
+        b_row[sl] = bind
+        found = (hc[sl] > 0) & (hc[sl] < criteria.p_max_kw)
+        b_kind[sl] = np.where(found, kinds[bind], b_kind[sl])
+        b_elem[sl] = np.where(found, elems[bind], b_elem[sl])
+        top = hc[sl] >= criteria.p_max_kw
+        b_kind[sl] = np.where(top, "max_size", b_kind[sl])
+        b_elem[sl] = np.where(top, "", b_elem[sl])
+    del sf
+    n_ac = np.zeros(n, dtype=int)
     if verify == "groups":
-        n_ac = _verify_groups(probe, sites, sign, p_lin, hc, criteria, b_kind, b_elem)
+        n_ac = _verify_groups(probe, sites, sign, hc, criteria, b_kind, b_elem, m0,
+                              (b_row, m_bind))
         probe.restore()
-        if on_progress:
-            on_progress(len(sites), len(sites))
-    elif verify:
-        kinds, elems = probe.labels
-        m0 = probe.base_margins()
+    elif verify is True:
         for j, site in enumerate(sites):
-            hc[j], n_ac[j], m = verify_site(probe, site, sign, p_lin[j], criteria, m0)
+            start = hc[j] * (1 - criteria.rel_tol / 2)
+            hc[j], n_ac[j], m = verify_site(probe, site, sign, start, criteria, m0)
             if hc[j] >= criteria.p_max_kw:
                 b_kind[j], b_elem[j] = "max_size", ""
             elif m is not None and hc[j] > 0:
                 k = _binding(0.0, m0, hc[j], m)
                 b_kind[j], b_elem[j] = kinds[k], elems[k]
             if on_progress:
-                on_progress(j + 1, len(sites))
+                on_progress(j + 1, n)
         probe.restore()
-    elif on_progress:
-        on_progress(len(sites), len(sites))
-    method = {"groups": "fast-groups", True: "fast", False: "linear"}[verify]
+    if on_progress and verify is not True:
+        on_progress(n, n)
+    method = {"groups": "fast-groups", True: "fast", False: "linear", "model": "model"}[verify]
     table = _table(sites, kind, hc, p_lin, b_kind, b_elem, n_ac, method)
     return HostingResult(table, lim.pre_existing, criteria, time.perf_counter() - t0,
                          int(n_ac.sum()))
 
 
-def _verify_groups(probe: ACProbe, sites: list[Site], sign: float, p_lin: np.ndarray,
-                   hc: np.ndarray, criteria: HostingCriteria, b_kind, b_elem) -> np.ndarray:
-    """AC-verify one representative per group of sites that share the linear binding
-    constraint, phase set and size class (linear estimates within a factor 1.5), and scale the group's linear estimates by its
-    AC/linear ratio (IEEE 123: within 5 %/10 kW of brute force on 100 % of PV and load
-    sites, 11x (PV) and 23x (load) faster than brute force; per-site verification 6-7x).
+def _verify_groups(probe: ACProbe, sites: list[Site], sign: float, hc: np.ndarray,
+                   criteria: HostingCriteria, b_kind, b_elem, m0: np.ndarray,
+                   model_bind: tuple[np.ndarray, np.ndarray],
+                   trust_after: int = _TRUST_AFTER) -> np.ndarray:
+    """AC-verify (OpenDSS) one representative per group of sites that share the model's
+    binding constraint and phase set, largest groups first; where OpenDSS disagrees with
+    the model, verify the representative by :func:`verify_site` and scale the group's
+    sizes by its AC/model ratio (``hc`` updated in place).
 
-    The linear model's error is mostly a property of the binding constraint (its curvature
-    along the path), not of the site, so one AC verification corrects the whole group;
-    ``hc`` is updated in place. Returns the AC solves per site (on the representatives).
+    The model sizes solve the AC equations of the same network (controls frozen), so the
+    check is of the model against the engine, one AC solve at the representative's model
+    size: they agree when that size is AC-feasible and the binding constraint's AC margin
+    there matches the model's to ``rel_tol`` of the margin used up from the base case,
+    both up to the engine's own resolution (:meth:`ACProbe.resolution`: its convergence
+    tolerance, 1e-4 pu by default; the model stops within 0.5 % of the root, where the
+    margin left can be smaller than that).
+    Once ``trust_after`` groups agree and none has disagreed, the remaining groups keep
+    their model sizes (no AC solve; ``n_ac_solves`` 0); after any disagreement every group
+    is checked. ``model_bind``: per site, the model's binding row (probe order, -1 when
+    none) and its margin at the model size. Returns the AC solves per site.
     """
-    m0 = probe.base_margins()
+    b_row, m_bind = model_bind
     n_ac = np.zeros(len(sites), dtype=int)
-    size_bin = np.floor(np.log(np.maximum(p_lin, 1.0)) / np.log(1.5)).astype(int)
-    keys = pd.Series([f"{k}|{el}|{s.phases}|{b}" for k, el, s, b in
-                      zip(b_kind, b_elem, sites, size_bin, strict=True)])
-    for members in keys.groupby(keys).groups.values():
+    floor = probe.resolution()
+    keys = [f"{k}|{el}|{s.phases}" for k, el, s in zip(b_kind, b_elem, sites, strict=True)]
+    _, key_id = np.unique(keys, return_inverse=True)
+    by_key = np.argsort(key_id, kind="stable")
+    groups = sorted(np.split(by_key, np.flatnonzero(np.diff(key_id[by_key])) + 1),
+                    key=len, reverse=True)
+    agreed, disagreed = 0, False
+    for members in groups:
+        if agreed >= trust_after and not disagreed:
+            break
         idx = np.asarray(members)
-        order = idx[np.argsort(p_lin[idx])]
-        rep = int(order[len(order) // 2])           # the median linear estimate
-        if p_lin[rep] <= 0:
+        order = idx[np.argsort(hc[idx])]
+        rep = int(order[len(order) // 2])           # the median model size
+        if hc[rep] <= 0 or hc[rep] >= criteria.p_max_kw or b_row[rep] < 0:
             continue
-        ac, used, _ = verify_site(probe, sites[rep], sign, p_lin[rep], criteria, m0)
-        n_ac[rep] = used
-        hc[idx] = np.minimum(p_lin[idx] * (ac / p_lin[rep]), criteria.p_max_kw)
+        m = probe.margins(sites[rep], float(hc[rep]), sign)
+        n_ac[rep] = 1
+        b = b_row[rep]
+        if m is not None and (m >= -floor).all() and abs(m[b] - m_bind[rep]) <= max(
+                criteria.rel_tol * abs(m0[b] - m_bind[rep]), floor[b]):
+            agreed += 1
+            continue
+        disagreed = True  # the engine disagrees: verify, correct the group
+        start = hc[rep] * (1 - criteria.rel_tol / 2)
+        ac, used, _ = verify_site(probe, sites[rep], sign, start, criteria, m0)
+        n_ac[rep] += used
+        hc[idx] = np.minimum(hc[idx] * (ac / hc[rep]), criteria.p_max_kw)
         hc[rep] = ac
     return n_ac
 

@@ -16,16 +16,16 @@ from derms.powerflow.collect import NetworkIndex, build_index
 from derms.powerflow.engine import OpenDSSEngine
 
 
-def branch_current_matrix(engine: OpenDSSEngine, index: NetworkIndex | None = None
-                          ) -> tuple[sp.csr_matrix, NetworkIndex]:
+def branch_current_matrix(engine: OpenDSSEngine, index: NetworkIndex | None = None, *,
+                          y_order: bool = False) -> tuple[sp.csr_matrix, NetworkIndex]:
     """``M`` (n_branch_conductors x n_nodes, complex, [A per V]) and the index naming its rows.
 
-    Rows of disabled or open elements are zero.
+    Columns follow the engine's node order (``engine.node_names()``), or OpenDSS's Y-node
+    order (``YNodeOrder``) when ``y_order``. Rows of disabled or open elements are zero.
     """
     index = index or build_index(engine)
     c = engine.circuit
     ckt = c.ActiveCktElement
-    pos = {s: k for k, s in enumerate(engine.node_names())}
     rows, cols, vals = [], [], []
     names = index.branch_element
     starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
@@ -33,23 +33,21 @@ def branch_current_matrix(engine: OpenDSSEngine, index: NetworkIndex | None = No
         c.SetActiveElement(str(names[start]))
         if not ckt.Enabled:
             continue
-        ncond, nterm, nph = ckt.NumConductors, ckt.NumTerminals, ckt.NumPhases
+        nph = ckt.NumPhases
         y = np.asarray(ckt.Yprim, dtype=float)
-        y = (y[0::2] + 1j * y[1::2]).reshape(ncond * nterm, ncond * nterm)
-        nodes = ckt.NodeOrder
-        buses = [b.split(".")[0].lower() for b in ckt.BusNames]
-        node_of = np.array([
-            pos.get(f"{buses[t]}.{nodes[t * ncond + k]}", -1) if nodes[t * ncond + k] else -1
-            for t in range(nterm) for k in range(ncond)
-        ])
+        node_of = np.asarray(ckt.NodeRef, dtype=np.int64) - 1  # Y index, -1 = ground
+        y = (y[0::2] + 1j * y[1::2]).reshape(node_of.size, node_of.size)
         live = np.flatnonzero(node_of >= 0)
-        for k in range(nph):
-            rows.append(np.full(live.size, start + k))
-            cols.append(node_of[live])
-            vals.append(y[k, live])
-    shape = (index.n_branch_conductors, len(pos))
+        rows.append(np.repeat(start + np.arange(nph), live.size))
+        cols.append(np.tile(node_of[live], nph))
+        vals.append(y[:nph, live].ravel())
+    y_names = [s.lower() for s in c.YNodeOrder]
+    shape = (index.n_branch_conductors, len(y_names))
     if not rows:
         return sp.csr_matrix(shape, dtype=complex), index
-    m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=shape)
+    col = np.concatenate(cols)
+    if not y_order:  # Y index -> engine node index
+        pos = {s: k for k, s in enumerate(engine.node_names())}
+        col = np.fromiter((pos[s] for s in y_names), dtype=np.int64, count=len(y_names))[col]
+    m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), col)), shape=shape)
     return m, index
