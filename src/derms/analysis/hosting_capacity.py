@@ -54,13 +54,13 @@ import numpy as np
 import pandas as pd
 
 from derms.analysis.constraints import Limits
-from derms.errors import ConvergenceError, InputError, ModelError
 from derms.analysis.hosting_model import (
     _SITES_PER_BATCH,
     ModelMargins,
     linear_sizes,
     model_sizes,
 )
+from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector, build_index
 from derms.powerflow.engine import OpenDSSEngine
 from derms.powerflow.linear import solve_ac_with_injections

@@ -83,7 +83,7 @@ class SiteFlows:
         self.y_of_eng = np.argsort(self.eng_of_y)       # Y node of each engine node
         self.names, self._pos = names, pos
         v_y = complex_pairs(ckt.YNodeVarray)
-        self.n = n = v_y.size
+        self.n = v_y.size
         self.v0_y = v_y
         br = read_branches(engine, v_y)
         jac = network_jacobian(engine, v_y, br, load_band_pu)
