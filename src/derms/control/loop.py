@@ -68,7 +68,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -77,28 +77,30 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from derms.analysis.state_estimation import Measurements
 from derms.control.commands import CommandIssuer, InMemorySink
-from derms.control.fast_cycle import CycleReport, DerRegistry, FastCycle, FastCycleConfig, FleetNow
-from derms.control.replan import ReplanConfig, ReplanDer, Replanner, ReplanResult
+from derms.control.fast_cycle import CycleReport, DerRegistry, FastCycle, FleetNow
+from derms.control.loop_config import (
+    DefaultControlConfig,
+    LoopConfig,
+    assign_end_devices,
+    ensure_control_program,
+)
+from derms.control.loop_measurements import StoreMeasurements
+from derms.control.loop_replan import ReplanMixin, jsonable
+from derms.control.replan import Replanner, ReplanResult
 from derms.control.requests import DeviceLocation
 from derms.control.sep_sink import SepCommandSink
 from derms.control.state import ControlState
-from derms.control.tracking import CommandTracker, TrackingConfig, TrackingSink
+from derms.control.tracking import CommandTracker, TrackingSink
 from derms.errors import DermsError, InputError
 from derms.grid.bundled import resolve_master
 from derms.monitoring.background import BackgroundLoop
 from derms.monitoring.cycle import model_path_of
 from derms.monitoring.feeder_monitor import (
     PHASE_NODE,
-    FeederMonitor,
-    MonitorConfig,
-    _load_table,
-    _loads_by_bus,
 )
 from derms.monitoring.telemetry import latest_readings, series_of
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
-from derms.protocols.ieee2030_5.model import DerLimits
 from derms.store.audit import append_audit
 from derms.store.db import make_session_factory
 from derms.store.models import DerDevice, DerSite, DerType, DeviceStatus, TopologyEvent
@@ -108,111 +110,6 @@ log = logging.getLogger(__name__)
 KIND = {DerType.PV: "pv", DerType.WIND: "wind", DerType.BATTERY: "battery",
         DerType.EV_CHARGER: "ev", DerType.FLEXIBLE_LOAD: "flexible_load",
         DerType.GENERATOR: "generator", DerType.OTHER: "other"}
-
-
-@dataclass(frozen=True)
-class DefaultControlConfig:
-    """The fail-safe DefaultDERControl of the "derms control" program: what a device does
-    when no DERControl of ours is in force (it lost the DERMS, or a command ended).
-    ``export_limit_w``: CSIP-AUS opModExpLimW at the device's site (default 1.5 kW, the
-    usual fixed fallback export limit); ``import_limit_w`` opModImpLimW, ``gen_limit_w``
-    opModGenLimW (None: not set); ``set_grad_w``: ramp rate in hundredths of a percent of
-    the rating per second (default 27 ≈ 16.7 %/min, the AS/NZS 4777.2 soft ramp)."""
-
-    export_limit_w: float | None = 1500.0
-    import_limit_w: float | None = None
-    gen_limit_w: float | None = None
-    set_grad_w: int | None = 27
-
-    def limits(self) -> DerLimits:
-        return DerLimits(exp_lim_w=self.export_limit_w, imp_lim_w=self.import_limit_w,
-                         gen_lim_w=self.gen_limit_w)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Settings of the loop (module docstring); units in the names."""
-
-    period_s: float = 5.0
-    stale_after_s: float = 60.0
-    lookback_s: float = 3600.0  # how far back the last value of a stale DER is looked for
-    fast: FastCycleConfig = field(default_factory=FastCycleConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(alarms=False))
-    pre_existing: str = "interval"
-    program_description: str = "derms control"
-    program_primacy: int = 1
-    defaults: DefaultControlConfig | None = field(default_factory=DefaultControlConfig)
-    replan: ReplanConfig | None = None  # the slow re-plan (derms.control.replan); None: off
-
-    def __post_init__(self) -> None:
-        if self.period_s <= 0 or self.stale_after_s <= 0 or self.lookback_s <= 0:
-            raise InputError(f"control loop: period_s, stale_after_s and lookback_s must be "
-                             f"positive, got {self.period_s}, {self.stale_after_s}, "
-                             f"{self.lookback_s}")
-
-
-def ensure_control_program(repo, cfg: LoopConfig) -> tuple[int, int]:
-    """The loop's DER program and FSA in an IEEE 2030.5 repository (created once, found by
-    description after), every end device with a ``der_id`` assigned to the FSA, and the
-    fail-safe default control set when the program has none (an operator's later change
-    through the management API is kept across restarts); returns ``(program_id,
-    fsa_id)``."""
-    desc = cfg.program_description[:32]
-    prog = next((p for p in repo.programs() if p.description == desc), None)
-    if prog is None:
-        prog = repo.add_program(desc, cfg.program_primacy)
-    fsa = next((f for f in repo.fsas() if f.description == desc
-                and prog.program_id in f.program_ids), None)
-    if fsa is None:
-        fsa = repo.add_fsa(desc, [prog.program_id])
-    assign_end_devices(repo, fsa.fsa_id)
-    if cfg.defaults is not None:
-        want, grad = cfg.defaults.limits(), cfg.defaults.set_grad_w
-        old = repo.default_control(prog.program_id)
-        if old is None:
-            repo.set_default_control(prog.program_id, want, description=f"{desc} fail-safe",
-                                     set_grad_w=grad)
-    return prog.program_id, fsa.fsa_id
-
-
-def assign_end_devices(repo, fsa_id: int) -> int:
-    """Assign every end device with a ``der_id`` to ``fsa_id``; returns how many changed."""
-    n = 0
-    for e in repo.end_devices():
-        if e.der_id is not None and fsa_id not in e.fsa_ids:
-            repo.assign_fsa(e.edev_id, fsa_id)
-            n += 1
-    return n
-
-
-class _StoreMeasurements(FeederMonitor):
-    """Thin adapter: FeederMonitor's readers of AMI, head SCADA and topology, on an engine
-    the loop owns (no engine of its own, no alarms). Built before the FastCycle adds its
-    DER loads, so the load table holds the customer loads only."""
-
-    def __init__(self, feeder_id: str, engine: OpenDSSEngine, db: Engine,
-                 config: MonitorConfig) -> None:  # noqa: D107 - FeederMonitor's own is not run
-        from derms.powerflow.collect import build_index
-
-        self.feeder_id, self.db, self.config, self.engine = feeder_id, db, config, engine
-        self.sessions = make_session_factory(db)
-        self.index = build_index(engine)
-        self.node_names = engine.node_names()
-        self._node_pos = {s: i for i, s in enumerate(self.node_names)}
-        self._node_base_v = self.index.node_kv_base_ln * 1000.0
-        self.load_names, self.base_p_kw, self.base_q_kvar = _load_table(engine)
-        self._loads_at_bus = _loads_by_bus(engine, self.load_names)
-        self.topology: dict[str, str] = {}
-
-    def close(self) -> None:  # the engine is the loop's
-        pass
-
-    def measurements(self, now: datetime, notes: list[str]) -> Measurements | None:
-        """As :meth:`FeederMonitor.run_once` builds them (None: no fresh meter reading)."""
-        with self.db.connect() as conn:
-            meters, m_series, m_last = self.read_meters(conn, now)
-        return self.build_measurements(meters, m_series, m_last, now, notes)[0]
 
 
 @dataclass
@@ -228,7 +125,7 @@ class _Der:
     rating_kw: float
 
 
-class ControlLoop(BackgroundLoop):
+class ControlLoop(ReplanMixin, BackgroundLoop):
     """The control loop of one feeder (module docstring).
 
     Parameters
@@ -274,7 +171,7 @@ class ControlLoop(BackgroundLoop):
         self.sink = TrackingSink(self.tracker, inner)
         self.run_tag = uuid.uuid4().hex[:6]
         self._cycle: FastCycle | None = None
-        self._meas: _StoreMeasurements | None = None
+        self._meas: StoreMeasurements | None = None
         self._ders: list[_Der] = []
         self._built_key: tuple | None = None
         self._topology_mark: tuple | None = None
@@ -333,7 +230,7 @@ class ControlLoop(BackgroundLoop):
             engine.solve_snapshot()  # controls settle once on the base case, then freeze
             engine.set_control_mode("off")
             engine.solve_snapshot()
-            meas = _StoreMeasurements(self.feeder_id, engine, self.db, self.config.monitor)
+            meas = StoreMeasurements(self.feeder_id, engine, self.db, self.config.monitor)
             notes: list[str] = []
             meas._apply_topology(now, notes)
             ders, skipped = self._registry_rows(rows, set(engine.node_names()))
@@ -517,7 +414,7 @@ class ControlLoop(BackgroundLoop):
                 imminent=rep.imminent, violated_rows=rep.violated_rows[:20], n_rows=rep.n_rows,
                 n_fixed=rep.n_fixed, timings={**rep.timings,
                                               "loop_total_s": time.perf_counter() - t0},
-                estimation=_jsonable(rep.estimation), ac_check=_jsonable(rep.ac_check))
+                estimation=jsonable(rep.estimation), ac_check=jsonable(rep.ac_check))
         summary["notes"] = notes
         self._audit_cycle(now, summary, verdicts)
         self.cycles += 1
@@ -534,98 +431,9 @@ class ControlLoop(BackgroundLoop):
         detail = {k: v for k, v in summary.items() if k != "scores"}
         with self.sessions.begin() as s:
             append_audit(s, actor=self.actor, action="control_cycle", entity="feeder",
-                         entity_id=self.feeder_id, detail=_jsonable(detail), t=now)
+                         entity_id=self.feeder_id, detail=jsonable(detail), t=now)
 
     # -- the slow re-plan ---------------------------------------------------------------
-    def _open_plan_engine(self, now: datetime) -> OpenDSSEngine:
-        """A fresh engine of the feeder for the re-plan's ACNetwork, with the loop's
-        switch states applied (built and closed on the calling thread)."""
-        engine = OpenDSSEngine(self._master_path(now))
-        try:
-            notes: list[str] = []
-            _StoreMeasurements(self.feeder_id, engine, self.db,
-                               self.config.monitor)._apply_topology(now, notes)
-        except BaseException:
-            engine.close()
-            raise
-        return engine
-
-    def _soc(self, now: datetime, ids: list[str]) -> dict[str, float]:
-        start = now - timedelta(seconds=self.config.lookback_s)
-        with self.db.connect() as conn:
-            ser = series_of(conn, der_ids=ids, quantities=("soc_frac",))
-            if not len(ser):
-                return {}
-            last = latest_readings(conn, ser["series_id"].tolist(), start, now)
-        last = last.merge(ser, on="series_id").sort_values("t").groupby("der_id").tail(1)
-        return {str(r.der_id): float(r.value) for r in last.itertuples(index=False)}
-
-    def _load_forecast(self, now: datetime) -> tuple[Callable[[datetime], float] | None,
-                                                     dict[str, Any]]:
-        """The re-plan's load multiplier from the stored head forecast
-        (:func:`derms.control.load_forecast.head_load_multiplier`), else (None, info)."""
-        from derms.control.load_forecast import head_load_multiplier
-
-        base_kw = float(np.sum(self._meas.base_p_kw)) if self._meas is not None else 0.0
-        return head_load_multiplier(self.db, self.feeder_id, base_kw,
-                                    self.config.monitor.multiplier, now)
-
-    def run_replan(self, now: datetime | None = None) -> dict[str, Any]:
-        """One re-plan at ``now`` (:mod:`derms.control.replan`): the loop's DERs (held ones
-        left out: inactive, stale telemetry, escalated), SOC telemetry, the load forecast
-        (:meth:`_load_forecast`, else the monitor's load multiplier); commands through the
-        loop's tracking sink and issuer. Its summary is kept in :attr:`last_replan` and
-        audited (``action="control_replan"``)."""
-        now = ensure_utc(now or self.clock(), "now")
-        cfg = self.config.replan or (self.replanner.config if self.replanner is not None
-                                     else ReplanConfig())
-        if self._cycle is None:
-            self.build(now)
-        if self.replanner is None or self.replanner.config is not cfg:
-            self.replanner = Replanner(self._open_plan_engine, self.sink, self._issuer,
-                                       config=cfg, loop_period_s=self.config.period_s,
-                                       feeder_id=self.feeder_id,
-                                       load_multiplier=self.config.monitor.load_multiplier,
-                                       tag=f"{self.run_tag}-")
-        ids = [d.der_id for d in self._ders]
-        with self.db.connect() as conn:
-            extra = {r[0]: (r[1], r[2]) for r in conn.execute(
-                select(DerDevice.der_id, DerDevice.e_max_kwh, DerDevice.s_max_kva)
-                .where(DerDevice.der_id.in_(ids)))}
-        tel = self._telemetry(now)
-        held: dict[str, str] = {}
-        for d in self._ders:
-            m = tel.get(d.der_id)
-            if not d.active:
-                held[d.der_id] = "not active"
-            elif m is None or (now - m[0]).total_seconds() > self.config.stale_after_s:
-                held[d.der_id] = "stale or no telemetry"
-        for d in self.tracker.escalated(ids, now):
-            held.setdefault(d, "escalated (did not deliver)")
-        ders = [ReplanDer(d.der_id, d.kind, d.nodes, d.p_gen_max_kw, d.p_charge_max_kw,
-                          extra.get(d.der_id, (None, None))[0],
-                          extra.get(d.der_id, (None, None))[1]) for d in self._ders]
-        mult, load_info = self._load_forecast(now)
-        res = self.replanner.run(now, ders, soc_frac=self._soc(now, ids), held=held,
-                                 load_multiplier=mult)
-        summary = {"feeder_id": self.feeder_id, **res.summary(), "load_forecast": load_info}
-        with self.sessions.begin() as s:
-            append_audit(s, actor=self.actor, action="control_replan", entity="feeder",
-                         entity_id=self.feeder_id, detail=_jsonable(summary), t=now)
-        self.replans += 1
-        self.last_replan, self.last_replan_result = summary, res
-        return summary
-
-    def _replan_guarded(self) -> None:
-        try:
-            self.run_replan()
-        except Exception as exc:  # a failed re-plan must not stop the fast cycle
-            error = (f"{type(exc).__name__}: {exc}" if isinstance(exc, DermsError)
-                     else type(exc).__name__)
-            log.exception("control_replan_failed feeder=%s", self.feeder_id)
-            self.last_replan = {"feeder_id": self.feeder_id, "t": utcnow().isoformat(),
-                                "status": "failed", "error": error}
-
     # -- status for the API --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {"feeder_id": self.feeder_id, "running": self._thread is not None,
@@ -689,20 +497,6 @@ def _count(states) -> dict[str, int]:
     for s in states:
         out[s] = out.get(s, 0) + 1
     return out
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
 
 
 __all__ = ["ControlLoop", "DefaultControlConfig", "LoopConfig", "assign_end_devices",
