@@ -35,6 +35,7 @@ from derms.api.routes_dispatch import router as dispatch_router
 from derms.api.routes_forecasts import router as forecasts_router
 from derms.api.routes_ieee2030_5 import router as ieee2030_5_router
 from derms.api.routes_ieee2030_5_dispatch import router as ieee2030_5_dispatch_router
+from derms.api.routes_ieee2030_5_envelopes import router as ieee2030_5_envelopes_router
 from derms.api.routes_ieee2030_5_events import router as ieee2030_5_events_router
 from derms.api.routes_readings import router as readings_router
 from derms.api.routes_registry import router as registry_router
@@ -140,6 +141,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(capacity_router, prefix="/v1")
     app.include_router(ieee2030_5_events_router, prefix="/v1")
     app.include_router(ieee2030_5_dispatch_router, prefix="/v1")
+    app.include_router(ieee2030_5_envelopes_router, prefix="/v1")
     app.include_router(ieee2030_5_router, prefix="/v1")  # app.state.ieee2030_5_repo: serve
     app.include_router(adms_router, prefix="/v1")  # ADMS interface, operator overrides
     app.include_router(control_loop_router, prefix="/v1")  # control loop, tracked commands
