@@ -56,3 +56,16 @@ def test_too_short_or_empty_history_is_a_clear_error():
         ErrorFeedback.fit(np.full(5 * N_DAY, np.nan), N_DAY, 10)
     flat = deviation_acf(np.ones(5 * N_DAY), N_DAY, 10)   # constant series: no feedback
     np.testing.assert_array_equal(flat, np.zeros(11))
+
+
+def test_positive_series_get_a_relative_correction_net_load_an_additive_one():
+    load = _series(30, 0.99)
+    assert ErrorFeedback.fit(load, N_DAY, 8).relative
+    assert not ErrorFeedback.fit(load - 100.0, N_DAY, 8).relative   # changes sign
+    rel = ErrorFeedback(np.ones(4), relative=True)
+    # 10 % above the forecast now: every lead scaled by 1.1 (a ratio, not +10 kW)
+    np.testing.assert_allclose(rel.adjust(np.array([100.0, 50.0, 20.0, 10.0]), [110.0],
+                                          [100.0]), [110.0, 55.0, 22.0, 11.0])
+    # a non-positive reading cannot give a ratio: left out
+    np.testing.assert_allclose(rel.adjust(np.array([100.0]), [0.0, 121.0], [100.0, 110.0]),
+                               [110.0])
