@@ -131,3 +131,15 @@ def test_non_empty_out_needs_force(tmp_path):
                       tmp_path)
     assert code == 0, text
     assert not (tmp_path / "old.txt").exists() and (tmp_path / "summary.json").is_file()
+
+
+def test_rolling_forecast_run_is_reported_with_its_targets(tmp_path):
+    code, text = _run("ieee123", "--horizon", "6h", "--step", "30min", "--seed", "2",
+                      "--forecast", "noisy", "--out", tmp_path)
+    assert code == 0, text
+    s = json.loads((tmp_path / "summary.json").read_text())
+    r = s["rolling"]
+    assert s["optimised_mode"] == "rolling_noisy_forecast" and r["n_replans"] == 6
+    assert s["peak_optimised_kw"] == pytest.approx(r["peak_executed_kw"])
+    html = (tmp_path / "report.html").read_text()
+    assert "Rolling re-plans with forecasts" in html and "peak target" in html

@@ -50,6 +50,9 @@ def _page(st: DispatchStudy) -> str:
         ("EV charging", _ev_fig(st)),
         ("Curtailment per PV system (optimised plan)", _curtail_fig(st)),
     ]
+    if st.rolling is not None:
+        sections.insert(1, ("Rolling re-plans with forecasts: executed import and each "
+                            "plan's peak target (AC)", _rolling_fig(st)))
     for title, fig in sections:
         body = _figure(fig) if fig is not None else note("Nothing to draw.")
         parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
@@ -103,6 +106,26 @@ def _head_fig(st: DispatchStudy) -> go.Figure:
     if lim is not None:
         fig.add_hline(y=-lim, line={"color": "#a50026", "dash": "dash"},
                       annotation_text=f"export limit {lim:g} kW")
+    return _layout(fig, "substation import kW")
+
+
+def _rolling_fig(st: DispatchStudy) -> go.Figure:
+    """The executed schedule's head import (AC) against the uncontrolled case and the
+    perfect-knowledge plan, with the peak each re-plan aimed at (held until the next)."""
+    r = st.rolling
+    t = _times(st)
+    n = min(len(t), r.head_kw.size)
+    fig = go.Figure()
+    for name, y in (("uncontrolled", st.uncontrolled.head_kw[:n]),
+                    ("perfect knowledge", st.optimised.head_kw[:n]),
+                    ("executed (rolling)", r.head_kw[:n])):
+        fig.add_trace(go.Scatter(x=t[:n], y=y, mode="lines", name=name,
+                                 line={"shape": "hv"}))
+    every = max(1, -(-n // max(r.n_replans, 1)))
+    target = np.repeat(np.where(np.isfinite(r.target_kw_at_replan), r.target_kw_at_replan,
+                                np.nan), every)[:n]
+    fig.add_trace(go.Scatter(x=t[:n], y=target, mode="lines", name="plan's peak target",
+                             line={"shape": "hv", "dash": "dot", "color": "#000000"}))
     return _layout(fig, "substation import kW")
 
 

@@ -91,6 +91,7 @@ class DispatchStudy:
     ledger: Ledger
     summary: dict[str, Any]
     opendss_paths: dict[str, Path] = field(default_factory=dict)
+    rolling: Any = None  # derms.dispatch.rolling.RollingResult with --forecast noisy|model
 
 
 def _case(ac, sched: Schedule, state) -> CaseResult:
@@ -121,14 +122,15 @@ def _rebase(ac, state) -> None:
 
 
 def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: int,
-             forecast: str = "noisy") -> tuple[float, str, dict[str, Any]]:
+             forecast: str = "noisy") -> tuple[float, str, dict[str, Any], Any]:
     """Rolling hourly re-plans with noisy forecasts over the study horizon.
 
     Runs on the same scenario drawn over twice the horizon (the second half is the
     lookahead of the last re-plans; the first half is the study's horizon, same draws).
-    Returns the executed peak, the mode name and a summary block (its own uncontrolled
+    Returns the executed peak, the mode name, a summary block (its own uncontrolled
     and perfect-foresight peaks over the same window, the reduction ratio, violations of
-    the executed schedule from the AC simulation, re-plan times).
+    the executed schedule from the AC simulation, re-plan times) and the
+    :class:`~derms.dispatch.rolling.RollingResult`.
     """
     from derms.dispatch.rolling import run_rolling
 
@@ -148,8 +150,9 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
     finally:
         engine.close()
     label = {"noisy": "noisy (AR(1) relative errors, see derms.dispatch.rolling)",
-             "model": "derms.forecast LightGBM load forecast re-issued at each re-plan "
-                      "(see derms.studies.dispatch_forecast)"}[forecast]
+             "model": "derms.forecast LightGBM load forecast re-issued at each re-plan, "
+                      "corrected by its error of the last hour (see "
+                      "derms.studies.dispatch_forecast)"}[forecast]
     info = {"forecast": label,
             "replan_every": "1h", "n_replans": r.n_replans,
             "peak_executed_kw": float(r.peak_kw), "peak_perfect_foresight_kw":
@@ -159,7 +162,7 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
             "violations_executed": int(r.violations.get("violations_voltage", 0)
                                        + r.violations.get("violations_thermal", 0)),
             "replan_s_median": float(np.median(r.replan_s)) if r.replan_s else None}
-    return float(r.peak_kw), f"rolling_{forecast}_forecast", info
+    return float(r.peak_kw), f"rolling_{forecast}_forecast", info, r
 
 
 def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
@@ -207,11 +210,11 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         opt = _case(ac, vp.schedule, state)
         stage("ledger")
         ledger = build_ledger(vp.planner, vp.schedule, unc.schedule, opt.result)
-        rolling_peak, mode, rolling_info = None, "perfect_foresight", None
+        rolling_peak, mode, rolling_info, rolling = None, "perfect_foresight", None, None
         if forecast in ("noisy", "model"):
             stage("rolling re-plan with forecasts")
-            rolling_peak, mode, rolling_info = _rolling(path, scenario_config, objective,
-                                                        scenario_config.seed, forecast)
+            rolling_peak, mode, rolling_info, rolling = _rolling(
+                path, scenario_config, objective, scenario_config.seed, forecast)
         paths: dict[str, Path] = {}
         if opendss_dir is not None:
             stage("write OpenDSS replay set")
@@ -232,7 +235,8 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     summary["master"] = str(master)
     summary["setup_s"] = setup_s
     summary["runtime_s"] = time.perf_counter() - t_start
-    return DispatchStudy(feeder, scenario, objective, unc, rb, opt, vp, ledger, summary, paths)
+    return DispatchStudy(feeder, scenario, objective, unc, rb, opt, vp, ledger, summary, paths,
+                         rolling)
 
 
 def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
