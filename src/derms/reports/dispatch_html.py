@@ -51,8 +51,9 @@ def _page(st: DispatchStudy) -> str:
         ("Curtailment per PV system (optimised plan)", _curtail_fig(st)),
     ]
     if st.rolling is not None:
-        sections.insert(1, ("Rolling re-plans with forecasts: executed import and each "
-                            "plan's peak target (AC)", _rolling_fig(st)))
+        title = ("Rolling re-plans with forecasts: executed import and each plan's peak "
+                 "target (AC)")
+        sections.insert(1, (title, _rolling_fig(st)))
     for title, fig in sections:
         body = _figure(fig) if fig is not None else note("Nothing to draw.")
         parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
