@@ -1,10 +1,13 @@
 """Reference hosting capacity: bisection with a full AC solve at every trial size.
 
-Same definition, criteria and AC probe as the fast method
-(:mod:`derms.analysis.hosting_capacity`): controls frozen at the base case, balanced unity
-power factor injection split over the site's phase nodes, size in [0, ``p_max_kw``]
-bisected to ``tol_kw`` (about 14 AC solves per site for 10 MW to 1 kW). A solve that does
-not converge counts as a violation. Slow by design: it validates the fast method.
+Same definition, criteria, base case and AC probe as the fast method
+(:mod:`derms.analysis.hosting_capacity`; :mod:`derms.analysis.hosting_ac`): controls frozen
+at the base case, converged to :data:`~derms.analysis.hosting_ac.BASE_TOL` before the limits
+are read; balanced unity power factor injection split over the site's phase nodes, size in
+[0, ``p_max_kw``] bisected to ``tol_kw`` (about 14 AC solves per site for 10 MW to 1 kW),
+each trial an OpenDSS solve at the engine's own tolerance starting from the previous
+trial's solution. A solve that does not converge counts as a violation. Slow by design: it
+validates the fast method.
 
 Sign convention: a size ``P >= 0`` is the device's output; PV adds net import ``-P``
 (export), load (EV charging) ``+P``.
@@ -17,19 +20,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from derms.analysis.hosting_capacity import (
+from derms.analysis.hosting_ac import (
     ACProbe,
     HostingCriteria,
-    HostingResult,
-    Kind,
-    Progress,
     Site,
     _binding,
     _feasible,
-    _sign,
-    _table,
     constraint_limits,
+    solve_base_case,
 )
+from derms.analysis.hosting_capacity import HostingResult, Kind, Progress, _sign, _table
 from derms.powerflow.collect import NetworkIndex, build_index
 from derms.powerflow.engine import OpenDSSEngine
 
@@ -64,6 +64,7 @@ def hosting_capacity_brute(
     criteria = criteria or HostingCriteria()
     sign = _sign(kind)
     sites = list(sites)
+    solve_base_case(engine)
     index = index or build_index(engine)
     lim = constraint_limits(engine, index, criteria)
     probe = ACProbe(engine, index, lim)

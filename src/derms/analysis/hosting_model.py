@@ -21,19 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from derms.powerflow.linear_newton import SiteFlows
+from derms.powerflow.linear_newton import SiteFlows, sub_columns
 
 _SITES_PER_BATCH = 256  # columns per batch (memory ~ 16 B x Y nodes x sites, per array)
 MODEL_REL_TOL = 0.005   # the model search stops within 0.5 % (+ tol_kw) of the root
-
-
-def _sub(triples, cols: np.ndarray):
-    """The (node, column, weight) triples of columns ``cols``, renumbered 0..len-1."""
-    rows, c, w = triples
-    new = np.full(int(c.max()) + 1 if c.size else 0, -1)
-    new[cols] = np.arange(cols.size)
-    keep = new[c] >= 0
-    return rows[keep], new[c[keep]], w[keep]
 
 
 class ModelMargins:
@@ -165,7 +156,7 @@ def model_sizes(sf: SiteFlows, triples, sign: float, p_lin: np.ndarray, x1: np.n
         a = np.flatnonzero(open_)
         if a.size == 0:
             break
-        st = sf.solve(_sub(triples, a), sign * p[a], dv[:, a], tol_pu=5e-5)
+        st = sf.solve(sub_columns(triples, a, k), sign * p[a], dv[:, a], tol_pu=5e-5)
         m = margins(st, p[a])
         valid = st.converged
         ok = valid & (np.nan_to_num(m, nan=-1.0) >= -1e-9).all(axis=0)

@@ -26,28 +26,38 @@ def branch_current_matrix(engine: OpenDSSEngine, index: NetworkIndex | None = No
     index = index or build_index(engine)
     c = engine.circuit
     ckt = c.ActiveCktElement
-    rows, cols, vals = [], [], []
     names = index.branch_element
     starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
-    for start in starts:
+    n_ph = np.diff(np.r_[starts, names.size])  # the index holds one row per phase
+    keep, yps, refs = [], [], []  # per enabled element: its raw Yprim and NodeRef
+    for e, start in enumerate(starts):
         c.SetActiveElement(str(names[start]))
-        if not ckt.Enabled:
-            continue
-        nph = ckt.NumPhases
-        y = np.asarray(ckt.Yprim, dtype=float)
-        node_of = np.asarray(ckt.NodeRef, dtype=np.int64) - 1  # Y index, -1 = ground
-        y = (y[0::2] + 1j * y[1::2]).reshape(node_of.size, node_of.size)
-        live = np.flatnonzero(node_of >= 0)
-        rows.append(np.repeat(start + np.arange(nph), live.size))
-        cols.append(np.tile(node_of[live], nph))
-        vals.append(y[:nph, live].ravel())
+        if ckt.Enabled:
+            keep.append(e)
+            yps.append(ckt.Yprim)
+            refs.append(ckt.NodeRef)
     y_names = [s.lower() for s in c.YNodeOrder]
     shape = (index.n_branch_conductors, len(y_names))
-    if not rows:
+    if not keep:
         return sp.csr_matrix(shape, dtype=complex), index
-    col = np.concatenate(cols)
+    # all elements at once: entry (r, col) of element e's Yprim, r < its phases, col < n_e
+    first, nph = starts[keep], n_ph[keep]
+    n_e = np.fromiter((len(r) for r in refs), dtype=np.int64, count=len(refs))
+    node_of = np.concatenate(refs).astype(np.int64) - 1  # Y index, -1 = ground
+    yflat = np.concatenate(yps).astype(float)
+    ref_off = np.r_[0, np.cumsum(n_e)[:-1]]
+    y_off = np.r_[0, np.cumsum(n_e * n_e)[:-1]]
+    cnt = nph * n_e
+    el = np.repeat(np.arange(len(keep)), cnt)
+    local = np.arange(cnt.sum()) - np.repeat(np.r_[0, np.cumsum(cnt)[:-1]], cnt)
+    r, k = local // n_e[el], local % n_e[el]
+    node = node_of[ref_off[el] + k]
+    live = node >= 0
+    at = 2 * (y_off[el] + r * n_e[el] + k)[live]
+    vals = yflat[at] + 1j * yflat[at + 1]
+    rows, col = (first[el] + r)[live], node[live]
     if not y_order:  # Y index -> engine node index
         pos = {s: k for k, s in enumerate(engine.node_names())}
         col = np.fromiter((pos[s] for s in y_names), dtype=np.int64, count=len(y_names))[col]
-    m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), col)), shape=shape)
+    m = sp.csr_matrix((vals, (rows, col)), shape=shape)
     return m, index

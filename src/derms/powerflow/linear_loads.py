@@ -32,6 +32,7 @@ from derms.errors import ModelError
 log = logging.getLogger(__name__)
 
 _SQRT3 = np.sqrt(3.0)
+_NO_ZIPV = np.zeros(7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,22 +85,26 @@ def read_branches(engine, v_y: np.ndarray) -> Branches:
     loads = ckt.Loads
     mult = float(ckt.Solution.LoadMult)
     idx = loads.First
+    vlow_prop = None  # vlowpu's property index (by index: ~3x cheaper than by name)
     while idx:
         if el.Enabled:
+            if vlow_prop is None:  # Properties(int) is 0-based
+                vlow_prop = [p.lower() for p in el.AllPropertyNames].index("vlowpu")
             nph, delta = int(loads.Phases), bool(loads.IsDelta)
             kv, model = float(loads.kV), int(loads.Model)
             v_base = kv * 1000.0 / (_SQRT3 if (nph in (2, 3) and not delta) else 1.0)
-            zipv = np.zeros(7)
+            zipv = _NO_ZIPV
             if model == 8:
                 zipv = np.asarray(loads.ZIPV, dtype=float)
                 if zipv.size != 7:
                     raise ModelError(f"load.{loads.Name}: model=8 needs 7 ZIPV values")
-            factor = mult if int(loads.Status) == 0 else 1.0  # fixed/exempt ignore LoadMult
+            # fixed/exempt loads ignore LoadMult (Status read only when it matters)
+            factor = mult if mult == 1.0 or int(loads.Status) == 0 else 1.0
             w, var = 1000.0 * loads.kW / nph, 1000.0 * loads.kvar / nph
-            law = (model, v_base, float(el.Properties("vlowpu").Val), float(loads.Vminpu),
+            law = (model, v_base, float(el.Properties(vlow_prop).Val), float(loads.Vminpu),
                    float(loads.Vmaxpu), w * factor, var * factor, var,
                    float(loads.CVRwatts), float(loads.CVRvars), zipv)
-            s_elem.append(_add(rows, el, "load." + loads.Name, nph, delta, law))
+            s_elem.append(_add(rows, el, "load." + loads.Name, nph, delta, law, 1))
         idx = loads.Next
     for iface in (ckt.Generators, ckt.PVSystems, ckt.Storages):
         idx = iface.First
@@ -118,12 +123,15 @@ def read_branches(engine, v_y: np.ndarray) -> Branches:
     return br
 
 
-def _add(rows: list, el, name: str, nph: int, delta: bool, law: tuple) -> complex:
+def _add(rows: list, el, name: str, nph: int, delta: bool, law: tuple,
+         n_terminals: int | None = None) -> complex:
     """Append the element's branches to ``rows``; return its solved total power [VA]."""
-    n_conds = int(el.NumConductors)
-    refs = np.asarray(el.NodeRef, dtype=int)[:n_conds] - 1  # 1-based refs, 0 = ground
+    node_ref = np.asarray(el.NodeRef, dtype=int)
+    n_terms = int(el.NumTerminals) if n_terminals is None else n_terminals
+    n_conds = node_ref.size // n_terms
+    refs = node_ref[:n_conds] - 1  # 1-based refs, 0 = ground
     yp = np.asarray(el.Yprim, dtype=float)
-    yprim = (yp[0::2] + 1j * yp[1::2]).reshape(n_conds * int(el.NumTerminals), -1)
+    yprim = (yp[0::2] + 1j * yp[1::2]).reshape(n_conds * n_terms, -1)
     if delta:
         pairs = [(k, (k + 1) % n_conds) for k in range(nph)]
     else:
