@@ -40,7 +40,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="max AC verification rounds")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-warm", action="store_true", help="skip the warm re-plan")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every AC round")
     args = ap.parse_args()
+    if args.verbose:
+        import logging
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(message)s")
     master = resolve_master("ieee8500")
     print(f"load average at start: {os.getloadavg()}", file=sys.stderr)
     out: dict = {}
@@ -111,6 +116,15 @@ def main() -> None:
             out["warm_replan_ac_check_s"] / ref_s)
     row("peak uncontrolled / optimised", f"{out['peak_uncontrolled_kw']:.0f} / "
         f"{out['peak_optimised_kw']:.0f} kW")
+    print("\n| AC round | violations (voltage / thermal) | LP rows | network rows | LP solves "
+          "(cum.) | LP s (cum.) | AC s (cum.) | elapsed s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in out["rounds_log"]:
+        print(f"| {r['round']} | {r['violations_voltage'] + r['violations_thermal']} "
+              f"({r['violations_voltage']} / {r['violations_thermal']}) | {r['lp_rows']:,} | "
+              f"{r['network_rows']:,} | {r.get('lp_solves', '')} | "
+              f"{r.get('lp_solve_s', float('nan')):.1f} | {r.get('ac_s', float('nan')):.1f} | "
+              f"{r['elapsed_s']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=float))
 

@@ -108,6 +108,12 @@ class NetworkLimits:
     v_min: np.ndarray
     i_max: np.ndarray
     node_ok: np.ndarray
+    # voltage regulators' monitored nodes (k,) and the band [pu] inside which their taps
+    # stay put: the rows hold these nodes inside it (never tighter than the reference), so
+    # the frozen-control sensitivities stay valid for the plan (see ``regulator_bands``)
+    band_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    band_lo_pu: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    band_hi_pu: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def network_limits(base: Reference, node_phase: np.ndarray, rating_a: np.ndarray,
@@ -179,6 +185,9 @@ class NetworkRows:
         T = lay.T
         self.row = {k: np.full((T, len(n)), -1, dtype=np.int64) for k, n in self.names.items()}
         self.margin = {k: np.zeros((T, len(n))) for k, n in self.names.items()}
+        # intervals (T,) whose regulator bands (``NetworkLimits.band_node``) are held; the
+        # AC rounds switch them on where the AC check finds violations
+        self.band_on = np.zeros(T, dtype=bool)
         self.export_limit_kw = export_limit_kw
         g_head = np.asarray(ep.sum(axis=0)).ravel()
         t = np.arange(T)
@@ -265,6 +274,15 @@ class NetworkRows:
             return lim.i_max - m - ref.i_a
         v0 = np.maximum(ref.v_pu, 1e-6)
         v_lim = lim.v_max - m if kind == "v_max" else lim.v_min + m
+        b, on = lim.band_node, self.band_on
+        if b.size and on.any():  # regulator bands in the intervals where they are held,
+            # never tighter than the reference (taps as the reference's AC run found)
+            vr = ref.v_pu[np.ix_(on, b)]
+            cur, mb = v_lim[np.ix_(on, b)], m[np.ix_(on, b)]
+            if kind == "v_max":
+                v_lim[np.ix_(on, b)] = np.minimum(cur, np.maximum(lim.band_hi_pu - mb, vr))
+            else:
+                v_lim[np.ix_(on, b)] = np.maximum(cur, np.minimum(lim.band_lo_pu + mb, vr))
         return (v_lim**2 - v0**2) / (2 * v0)
 
     def rhs(self, kind: str) -> np.ndarray:
@@ -340,7 +358,10 @@ class NetworkRows:
             self.n_unfixable += int((mask & ~fix).sum())
             mask &= fix
         if self.cluster is not None and score is not None:
-            mask = thin_mask(mask, score, self.cluster[kind])
+            keep = np.zeros_like(mask)  # regulator band rows: all of them, never thinned
+            if kind != "i_max" and self.lim.band_node.size:
+                keep[:, self.lim.band_node] = mask[:, self.lim.band_node]
+            mask = thin_mask(mask & ~keep, score, self.cluster[kind]) | keep
         t, e = np.nonzero(mask)
         if t.size == 0:
             return 0

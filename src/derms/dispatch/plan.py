@@ -203,10 +203,12 @@ class Planner:
         self.n_initial_rows += self.net.initial_rows()
         self.update_s = time.perf_counter() - t0
 
-    def solve_linear(self) -> np.ndarray:
+    def solve_linear(self, max_rounds: int | None = None) -> np.ndarray:
         """Solve, then add rows the linear model says are violated and re-solve (warm),
-        up to ``max_linear_rounds``. Returns the column values."""
-        for _ in range(self.objective.max_linear_rounds):
+        up to ``max_rounds`` solves (default ``objective.max_linear_rounds``). Returns the
+        column values."""
+        n = self.objective.max_linear_rounds if max_rounds is None else max_rounds
+        for _ in range(max(n, 1)):
             try:
                 x, rv, du = self.lp.solve()
             except InfeasibleError:

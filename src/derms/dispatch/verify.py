@@ -14,14 +14,27 @@ and re-solve warm — at most ``max_ac_rounds`` times; then report what still bi
 On large feeders (elastic network rows) each re-solve after an AC round is held in a
 trust region around the plan just simulated (``TRUST_FRAC`` of each DER column's range,
 shrunk by 0.7 every round), and when rounds run out the plan with the fewest AC
-violations is returned (``VerifiedPlan.rounds_log`` lists every round).
+violations is returned (``VerifiedPlan.rounds_log`` lists every round). A round whose AC
+violations are not fewer than the best's is rejected: the rows are re-centred on the best
+plan and the trust region around it is halved (so the rounds cannot drift away from the
+best plan as they did: 380 -> 1,544 -> ... -> 11,428 on IEEE 8500); an accepted round
+shrinks it by 0.7. Each AC round re-solves with at most ``LARGE_LINEAR_ROUNDS`` linear
+rounds (twice that for the first solve).
+
+Two options, off by default (one IEEE 8500 run each made the rounds worse, see
+bench/README.md): ``LEARN_MARGINS`` gives a row the AC check finds violated a back-off
+margin at once, how much the linear model under-predicted it (:func:`learn_margins`),
+instead of at its second violation; ``HOLD_REGULATOR_BANDS`` holds every regulator's
+monitored voltage inside its band in the intervals with AC violations
+(:meth:`ACNetwork.regulator_bands`), so the taps stay where the reference's AC run put
+them and the frozen-control rows stay valid.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -51,6 +64,10 @@ from derms.powerflow.qsts import QSTSResult, load_profiles_into_engine
 log = logging.getLogger(__name__)
 _PREFIX = "der_"
 EXPORT_TOL_KW = 0.5  # AC head export beyond the limit that triggers another round
+LARGE_LINEAR_ROUNDS = 4  # linear re-solves per AC round on large feeders (elastic rows)
+HOLD_REGULATOR_BANDS = False  # hold regulator bands where the AC check fails (module doc)
+LEARN_MARGINS = False  # large feeders: margins at a row's first AC violation (module doc)
+BAND_KEEP = 0.7  # share of a regulator's band the LP may use (the rest absorbs linear error)
 TRUST_FRAC = 0.5  # large feeders: share of each DER column's range a re-plan may move
 
 
@@ -106,6 +123,52 @@ class ACNetwork:
         self.base = self._reference(self.base_result, np.zeros((T, n)), np.zeros((T, n)))
         self.net_limits = network_limits(self.base, self.index.node_phase,
                                          self.index.branch_norm_a, self.limits)
+        self.bands = self.regulator_bands()
+        if self.bands[0].size and HOLD_REGULATOR_BANDS:
+            self.net_limits = replace(self.net_limits, band_node=self.bands[0],
+                                      band_lo_pu=self.bands[1], band_hi_pu=self.bands[2])
+
+    def regulator_bands(self, keep: float | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Monitored node (index order) and band [pu] of every RegControl the LP can hold
+        inside its band (no line-drop compensation, no remote bus, a wye winding, the PT on
+        the winding's first node): ``vreg ± band/2`` [V on the PT's secondary] times the PT
+        ratio over the node's base, narrowed to ``keep`` of its width (``BAND_KEEP``) so the
+        linear error does not take the voltage out. Holding it there keeps the taps the AC
+        simulation of the reference found (static control acts only outside the band), so
+        the frozen-control sensitivities stay valid for the plan (IEEE 8500: with taps
+        acting, the linear model was 0.006-0.016 pu optimistic on the plans' overvoltages;
+        with them frozen 0-0.006)."""
+        keep = BAND_KEEP if keep is None else keep
+        c, ix = self.engine.circuit, self.index
+        pos = {(b, int(p)): k for k, (b, p) in enumerate(zip(ix.node_bus, ix.node_phase))}
+        rc, tr = c.RegControls, c.Transformers
+        nodes, lo, hi = [], [], []
+        k = rc.First
+        while k > 0:
+            name = rc.Name.lower()
+            ok = (rc.ForwardR == 0 and rc.ForwardX == 0 and rc.PTratio > 0
+                  and not rc.MonitoredBus)
+            ptphase = self.engine.command(f"? regcontrol.{name}.ptphase").strip()
+            tr.Name = rc.Transformer
+            tr.Wdg = rc.Winding
+            if ok and ptphase == "1" and not tr.IsDelta:
+                c.SetActiveElement(f"transformer.{rc.Transformer}")
+                bus = c.ActiveCktElement.BusNames[rc.Winding - 1].lower().split(".")
+                node = pos.get((bus[0], int(bus[1]) if len(bus) > 1 else 1))
+                if node is not None and ix.node_kv_base_ln[node] > 0:
+                    scale = rc.PTratio / (ix.node_kv_base_ln[node] * 1e3)
+                    half = 0.5 * rc.ForwardBand * scale * keep
+                    nodes.append(node)
+                    lo.append(rc.ForwardVreg * scale - half)
+                    hi.append(rc.ForwardVreg * scale + half)
+                    k = rc.Next
+                    continue
+            log.info("regulator %s: band not modelled (LDC, remote bus, delta or PT phase)",
+                     name)
+            k = rc.Next
+        return (np.asarray(nodes, dtype=np.int64), np.asarray(lo, dtype=float),
+                np.asarray(hi, dtype=float))
 
     def _loss_weights(self) -> np.ndarray:
         """Per branch conductor ``2 R_k I0_k / 1000`` [kW of losses per A of |I| change]:
@@ -245,6 +308,29 @@ class VerifiedPlan:
         return c["violations_voltage"] + c["violations_thermal"] == 0
 
 
+def learn_margins(planner: Planner, res: QSTSResult, over: dict[str, np.ndarray],
+                  pad_pu: float = 5e-4, pad_a: float = 0.5) -> None:
+    """Back-off margins from the AC-vs-linear difference (large feeders, before the rows
+    are re-centred): wherever the AC simulation of the plan breaks a limit (``over``,
+    (T, n) masks per row kind), the margin of that row becomes at least how much the
+    linear model at the previous reference under-predicted it (the AC value minus the
+    linear prediction of the plan, pu or A) plus a pad; margins only grow."""
+    net, x = planner.net, planner.x
+    for kind, mask in over.items():
+        if not mask.any():
+            continue
+        pred = net.lhs(kind, x) - net.at_ref(kind)  # linear change from the old reference
+        if kind == "i_max":
+            err = res.i_a - (net.ref.i_a + pred)
+            pad = pad_a
+        else:
+            v_pred = net.ref.v_pu + pred
+            err = res.v_pu - v_pred if kind == "v_max" else v_pred - res.v_pu
+            pad = pad_pu
+        m = net.margin[kind]
+        m[mask] = np.maximum(m[mask], np.maximum(err[mask], 0.0) + pad)
+
+
 def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                     fleet: Fleet | None = None, uncontrolled: tuple | None = None,
                     max_ac_rounds: int = 6) -> VerifiedPlan:
@@ -268,10 +354,12 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     t1 = time.perf_counter()
     planner = Planner(fleet, ac.grid_context(uncontrolled[0]), objective)
     timing["build_s"] = time.perf_counter() - t1
-    planner.solve_linear()
+    planner.solve_linear(2 * LARGE_LINEAR_ROUNDS if planner.net.elastic is not None else None)
     ac_s, seen = 0.0, {k: np.zeros(m.shape, dtype=bool) for k, m in planner.net.margin.items()}
     log_rounds: list[dict] = []
-    best = None  # ((violations, export excess), round, schedule, result, report)
+    best = None  # ((violations, export excess), round, schedule, result, report, ref, x)
+    large = planner.net.elastic is not None
+    frac = TRUST_FRAC
     for rounds in range(1, max_ac_rounds + 1):
         sched = planner.schedule()
         t2 = time.perf_counter()
@@ -281,39 +369,58 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         export_over = 0.0 if objective.export_limit_kw is None else float(
             np.max(-ref.head_kw) - objective.export_limit_kw)
         n_viol = rep.counts["violations_voltage"] + rep.counts["violations_thermal"]
+        key = (n_viol, max(export_over - EXPORT_TOL_KW, 0.0))
+        improved = best is None or key < best[0]
         log_rounds.append({"round": rounds, **rep.counts, "export_over_kw": export_over,
                            "lp_rows": planner.lp.n_rows,
                            "network_rows": int(sum((r >= 0).sum()
                                                    for r in planner.net.row.values())),
+                           "lp_solve_s": planner.lp.solve_s, "lp_solves": planner.lp.n_solves,
+                           "ac_s": ac_s, "accepted": improved, "trust_frac": frac,
                            "elapsed_s": time.perf_counter() - t0})
-        log.info("dispatch ac_round=%d violations=%d rows=%d elapsed_s=%.2f", rounds, n_viol,
-                 planner.lp.n_rows, time.perf_counter() - t0)
-        key = (n_viol, max(export_over - EXPORT_TOL_KW, 0.0))
-        if best is None or key < best[0]:
-            best = (key, rounds, sched, res, rep)
+        log.info("dispatch ac_round=%d violations=%d (voltage %d, thermal %d) rows=%d "
+                 "accepted=%s elapsed_s=%.2f", rounds, n_viol, rep.counts["violations_voltage"],
+                 rep.counts["violations_thermal"], planner.lp.n_rows, improved,
+                 time.perf_counter() - t0)
+        if improved:
+            best = (key, rounds, sched, res, rep, ref,
+                    None if planner.x is None else planner.x.copy())
         if n_viol == 0 and export_over <= EXPORT_TOL_KW:
             break
         if rounds == max_ac_rounds:
             log.warning("dispatch ac_rounds=%d still_violating=%s", rounds, rep.counts)
             # a later round can be worse than an earlier one (the regulators and
             # capacitors answer a changed plan with other taps/states): keep the best
-            _key, _r, sched, res, rep = best
+            sched, res, rep = best[2], best[3], best[4]
             break
-        planner.recenter(ref)
         over = ac.over_limit(res)
+        centre_ref, centre_x = ref, planner.x
+        if large:
+            if planner.x is not None and LEARN_MARGINS:
+                learn_margins(planner, res, over)
+            if not improved:  # trust-region step rejected: back to the best plan, smaller
+                centre_ref, centre_x = best[5], best[6]
+                frac *= 0.5
+            elif rounds > 1:
+                frac *= 0.7
+        if planner.net.lim.band_node.size:  # hold the taps where the AC check fails
+            planner.net.band_on |= np.logical_or.reduce([m.any(axis=1) for m in over.values()])
+        planner.recenter(centre_ref)
         for kind, mask in over.items():
             val = res.v_pu if kind != "i_max" else res.i_a
             lim = getattr(ac.net_limits, kind)
             again = mask & seen[kind]  # the linear model was optimistic here twice
-            if again.any():
+            if again.any() and not (large and LEARN_MARGINS):
                 planner.net.margin[kind][again] += np.abs(val - lim)[again] + (
                     5e-4 if kind != "i_max" else 0.5)
             seen[kind] |= mask
             planner.net.add(kind, mask, score=np.abs(val - lim))
-        planner.recenter(ref)  # margins enter the bounds
-        if planner.net.elastic is not None and planner.x is not None:  # large feeders
-            planner.trust_region(planner.x, TRUST_FRAC * 0.7 ** (rounds - 1))
-        planner.solve_linear()
+        planner.recenter(centre_ref)  # margins enter the bounds
+        if large and centre_x is not None:
+            planner.trust_region(centre_x, frac)
+        # large feeders: a warm re-solve with dense rows costs more than an AC round, and
+        # the AC round finds most of what more linear rounds would: fewer of them
+        planner.solve_linear(LARGE_LINEAR_ROUNDS if large else None)
     if planner.net.elastic is not None:
         planner.trust_region(None, 1.0)  # later re-plans (update) start unrestricted
     timing["solve_s"] = planner.lp.solve_s

@@ -1,0 +1,61 @@
+"""Network rows of the dispatch LP: regulator bands and margins learned from AC results
+(small synthetic networks; the AC-side behaviour is in tests/validation/test_dispatch_*)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import scipy.sparse as sp
+
+from derms.dispatch.network import DerSensitivity, NetworkLimits, Reference
+from derms.dispatch.plan import GridContext, ObjectiveConfig, Planner, uncontrolled_schedule
+from tests.unit.test_dispatch_lp import small_fleet
+
+
+def _grid(fleet, load, v_ref, dv_dp, band=None):
+    """One monitored node with sensitivity ``dv_dp`` [pu/kW] to every DER."""
+    T, n = fleet.horizon.n_steps, len(fleet.ders)
+    unc = uncontrolled_schedule(fleet)
+    hv = sp.csr_matrix(np.full((1, n), dv_dp))
+    z1, z0 = sp.csr_matrix((1, n)), sp.csr_matrix((0, n))
+    ref = Reference(unc.p_kw, unc.q_kvar, np.full((T, 1), v_ref), np.zeros((T, 0)),
+                    load + unc.p_kw.sum(axis=1))
+    lim = NetworkLimits(np.full((T, 1), 1.05), np.full((T, 1), 0.95), np.zeros((T, 0)),
+                        np.ones(1, bool))
+    if band is not None:
+        lim = replace(lim, band_node=np.array([0]), band_lo_pu=np.array([band[0]]),
+                      band_hi_pu=np.array([band[1]]))
+    return GridContext(DerSensitivity(hv, z1, z0, z0), lim, np.array(["reg.1"], object),
+                       np.zeros(0, object), ref), unc
+
+
+def test_regulator_band_rows_hold_the_monitored_node_inside_the_band():
+    """A battery discharging at the peak raises the monitored node: without a band only
+    the 1.05 pu limit binds; with the band (never tighter than the reference) the node
+    stays at or below the band's top, so the taps the reference found stay put."""
+    fleet, load = small_fleet()
+    dv = -0.002  # pu per kW of net import: exporting raises the voltage
+    obj = ObjectiveConfig(allow_pv_q=False)
+    for band, top in ((None, 1.05), ((1.030, 1.041), 1.041)):
+        grid, unc = _grid(fleet, load, 1.040, dv, band)
+        p = Planner(fleet, grid, obj)
+        p.net.band_on[:] = True  # plan_and_verify switches intervals on after an AC round
+        p.recenter(grid.uncontrolled)
+        p.solve_linear()
+        v = 1.040 + dv * (p.schedule().p_kw - unc.p_kw).sum(axis=1)
+        assert v.max() <= top + 1e-5  # rows are in u = (V^2 - V0^2) / (2 V0)
+        if band is None:
+            assert v.max() > 1.041 + 1e-6  # the band is what binds in the second case
+
+
+def test_band_is_never_tighter_than_the_reference():
+    """A reference already outside the band (a regulator at its last tap) is the limit."""
+    fleet, load = small_fleet()
+    grid, _unc = _grid(fleet, load, 1.045, -0.002, (1.030, 1.041))
+    p = Planner(fleet, grid, ObjectiveConfig(allow_pv_q=False))
+    np.testing.assert_allclose(p.net.limit_term("v_max"),  # bands off: 1.05 pu, u-form
+                               (1.05**2 - 1.045**2) / (2 * 1.045))
+    p.net.band_on[:] = True
+    u = p.net.limit_term("v_max")
+    np.testing.assert_allclose(u, 0.0, atol=1e-12)  # limit = the reference value
