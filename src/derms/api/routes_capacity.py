@@ -58,7 +58,7 @@ class HostingBody(BaseModel):
 
     feeder: Feeder
     kind: Literal["pv", "load"] = "pv"
-    method: Literal["fast", "linear", "brute-force"] = "fast"
+    method: Literal["fast-groups", "fast", "linear", "brute-force"] = "fast-groups"
     buses: list[str] | None = Field(None, max_length=20_000,
                                     description="bus or bus.phases; None: every primary bus")
     max_kw: float = Field(10_000.0, gt=0, allow_inf_nan=False)
@@ -87,8 +87,8 @@ def _hosting(body: HostingBody) -> dict[str, Any]:
         if body.method == "brute-force":
             res = hosting_capacity_brute(eng, sites, body.kind, crit)
         else:
-            res = hosting_capacity_fast(eng, sites, body.kind, crit,
-                                        verify=body.method == "fast")
+            verify = {"fast-groups": "groups", "fast": True, "linear": False}[body.method]
+            res = hosting_capacity_fast(eng, sites, body.kind, crit, verify=verify)
     return {"runtime_s": res.runtime_s, "n_ac_solves": res.n_ac_solves,
             "sites": _columns(res.table, 0, len(res.table)),
             "pre_existing": _columns(res.pre_existing, 0, len(res.pre_existing))}

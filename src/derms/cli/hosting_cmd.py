@@ -47,10 +47,11 @@ def hosting_capacity(
     kind: Annotated[str, typer.Option(
         help="pv (generation: export), load (EV charging: import) or both.")] = "pv",
     method: Annotated[str, typer.Option(
-        help="fast (linear sensitivities, every site AC-verified near the limit), fast-groups "
-             "(one AC-verified site per binding constraint, its correction applied to the "
-             "group), brute-force (AC bisection, the reference) or linear (no AC "
-             "verification).")] = "fast",
+        help="fast-groups (every site's size on a batched AC power flow of the network, "
+             "then OpenDSS checks one site per binding constraint until it agrees; "
+             "disagreeing groups re-verified), fast (the same sizes, every site checked on "
+             "OpenDSS), brute-force (OpenDSS bisection, the reference) or linear (linear "
+             "sensitivities only).")] = "fast-groups",
     buses: Annotated[str | None, typer.Option(
         help="Comma-separated buses, optionally with phases: 671,611.3,684.1.3 (default: "
              "every energised primary bus, >= 1 kV line-to-neutral, but the source bus).")
