@@ -83,3 +83,29 @@ def test_cases_differ_and_paths_are_relative(exported):
     n_der = len(study.scenario.fleet.ders)
     assert der.count("New Load.der_") == n_der
     assert "model=1" in der and "vminpu=0 vmaxpu=1000" in der  # every parameter explicit
+
+
+def test_regulator_bands_are_read_from_the_regcontrols():
+    """IEEE 8500's 12 regulator phases (no line-drop compensation) give bands around
+    their vreg on the PT's secondary, narrowed to BAND_KEEP; IEEE 123's all use line-drop
+    compensation and are left out (the option that uses them is off by default)."""
+    import types
+
+    from derms.dispatch.verify import BAND_KEEP, ACNetwork
+    from derms.powerflow.collect import build_index
+    from derms.powerflow.engine import OpenDSSEngine
+    from tests.conftest import shared_master
+
+    for name, expect in (("ieee8500", 12), ("ieee123", 0)):
+        with OpenDSSEngine(shared_master(name)) as eng:
+            eng.solve()
+            obj = types.SimpleNamespace(engine=eng, index=build_index(eng))
+            node, lo, hi = ACNetwork.regulator_bands(obj)
+            assert node.size == expect, name
+            if expect:
+                rc = eng.circuit.RegControls
+                rc.First
+                scale = rc.PTratio / (obj.index.node_kv_base_ln[node[0]] * 1e3)
+                assert (lo[0] + hi[0]) / 2 == pytest.approx(rc.ForwardVreg * scale)
+                assert hi[0] - lo[0] == pytest.approx(rc.ForwardBand * scale * BAND_KEEP)
+                assert np.all((lo > 1.0) & (hi < 1.08))

@@ -123,10 +123,11 @@ class ACNetwork:
         self.base = self._reference(self.base_result, np.zeros((T, n)), np.zeros((T, n)))
         self.net_limits = network_limits(self.base, self.index.node_phase,
                                          self.index.branch_norm_a, self.limits)
-        self.bands = self.regulator_bands()
-        if self.bands[0].size and HOLD_REGULATOR_BANDS:
-            self.net_limits = replace(self.net_limits, band_node=self.bands[0],
-                                      band_lo_pu=self.bands[1], band_hi_pu=self.bands[2])
+        if HOLD_REGULATOR_BANDS:  # read only when used (engine queries per regulator)
+            node, lo, hi = self.regulator_bands()
+            if node.size:
+                self.net_limits = replace(self.net_limits, band_node=node, band_lo_pu=lo,
+                                          band_hi_pu=hi)
 
     def regulator_bands(self, keep: float | None = None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
