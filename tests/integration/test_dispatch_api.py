@@ -79,6 +79,7 @@ def test_infeasible_is_422_with_the_explanation(api):
 @pytest.mark.parametrize("change", [
     {"feeder": "nosuch"}, {"pv_penetration": 1.5}, {"horizon": "25min"},
     {"step": "fortnight"}, {"policy": "random"}, {"unknown_field": 1}, {"horizon": "30d"},
+    {"replan_every": "often"}, {"replan_every": "5min"},
 ])
 def test_bad_body_is_422(api, change):
     r = api.post("/v1/dispatch/plan", headers=api.operator, json={**BODY, **change})

@@ -101,6 +101,8 @@ def test_report_and_opendss_set(out):
     (["--pv", "1.5"], "--pv"),
     (["--horizon", "25min"], "whole number"),
     (["--step", "fortnight"], "--step"),
+    (["--replan-every", "often"], "--replan-every"),
+    (["--step", "1h", "--replan-every", "90min"], "--replan-every"),
     (["--policy", "random"], "random"),
     (["--horizon", "30d", "--step", "1h"], "--horizon"),
     (["--pv", "0", "--battery", "0", "--ev", "0"], "nothing to dispatch"),

@@ -47,6 +47,8 @@ class PlanBody(BaseModel):
         description="Largest substation export [kW]: head import >= -X (a negative X asks "
                     "for a minimum import). None: no limit.")
     forecast: Literal["noisy", "model", "perfect"] = "perfect"
+    replan_every: str = Field("15min", description="Re-plan period of the rolling run "
+                                                   "(forecast noisy / model), whole steps.")
     schedule_offset: int = Field(0, ge=0)
     schedule_limit: int = Field(5000, ge=0, le=100_000)
 
@@ -61,6 +63,7 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     from derms.reports.dispatch_outputs import (
         ders_table,
         parse_horizon,
+        parse_replan,
         replace_nan,
         run_dispatch_study,
         schedule_table,
@@ -68,13 +71,15 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     from derms.studies.dispatch_scenario import ScenarioConfig
 
     step, n_steps = parse_horizon(body.horizon, body.step)
+    parse_replan(body.replan_every, step)
     cfg = ScenarioConfig(pv_penetration=body.pv_penetration,
                          battery_penetration=body.battery_penetration,
                          ev_penetration=body.ev_penetration, seed=body.seed, step=step,
                          n_steps=n_steps)
     objective = ObjectiveConfig(export_limit_kw=body.export_limit_kw,
                                 curtailment_policy=body.policy)
-    study = run_dispatch_study(body.feeder, cfg, objective, forecast=body.forecast)
+    study = run_dispatch_study(body.feeder, cfg, objective, forecast=body.forecast,
+                               replan_every=body.replan_every)
     sched = schedule_table(study.optimised.schedule)
     page = sched.iloc[body.schedule_offset: body.schedule_offset + body.schedule_limit]
     ders = ders_table(study.scenario)

@@ -71,9 +71,14 @@ def dispatch(
                                   "-X). Default: none.")] = None,
     forecast: Annotated[ForecastChoice, typer.Option(
         help="'perfect': one plan with perfect knowledge (exported as schedule.csv and the "
-             "OpenDSS replay); 'noisy' / 'model': also re-plan hourly with noisy forecasts "
+             "OpenDSS replay); 'noisy' / 'model': also re-plan on a rolling basis (every "
+             "--replan-every) with noisy forecasts "
              "(AR(1) errors) or derms's own load forecasts and report that executed peak as "
              "peak_optimised_kw (summary 'rolling' block).")] = ForecastChoice.perfect,
+    replan_every: Annotated[str, typer.Option(
+        "--replan-every", help="Re-plan period of the rolling run (--forecast noisy or "
+                               "model), a whole number of steps, e.g. 15min or 1h.")
+    ] = "15min",
     force: ForceOpt = False,
 ) -> None:
     """Plan the DERs' dispatch within voltage and thermal limits, verify it on the AC
@@ -86,6 +91,7 @@ def dispatch(
     from derms.errors import InputError
     from derms.reports.dispatch_outputs import (
         parse_horizon,
+        parse_replan,
         run_dispatch_study,
         write_dispatch_outputs,
     )
@@ -99,6 +105,7 @@ def dispatch(
     step_td, n_steps = parse_horizon(horizon, step)
     if step_td < timedelta(minutes=1):
         raise InputError(f"--step {step!r}: expected at least 1 minute")
+    parse_replan(replan_every, step_td)
     cfg = ScenarioConfig(pv_penetration=pv, battery_penetration=battery, ev_penetration=ev,
                          seed=seed, step=step_td, n_steps=n_steps)
     objective = ObjectiveConfig(export_limit_kw=export_limit_kw,
@@ -110,7 +117,7 @@ def dispatch(
             console=err_console, transient=True) as bar:
         task = bar.add_task("starting", total=None)
         study = run_dispatch_study(master, cfg, objective, forecast=forecast.value,
-                                   opendss_dir=tmp / "opendss",
+                                   replan_every=replan_every, opendss_dir=tmp / "opendss",
                                    on_stage=lambda s: bar.update(task, description=s))
         bar.update(task, description="write outputs")
         write_dispatch_outputs(study, tmp)

@@ -9,9 +9,10 @@ holds losses and the DERs' net output of the forecast's history.
 
 Intraday error feedback (:class:`derms.forecast.feedback.ErrorFeedback`): the stored
 forecasts' P50 for the last hour (per interval, the latest issued before that interval)
-against the head meter's readings; the mean error is added to the intervals from ``now``
-on, decaying with the lead by the autocorrelation of the head import's day-over-day change
-over the last 14 days. Left out (with the reason in the info) with under two days of head
+against the head meter's readings; the mean error is carried into the intervals from
+``now`` on with weights fitted on the last 14 days of head readings: per position of
+``now`` in the day, the regression of the day-over-day change at each lead on its mean
+over the last hour. Left out (with the reason in the info) with under two days of head
 readings or no forecast of the last hour.
 """
 
@@ -83,8 +84,9 @@ def with_feedback(db: Engine, feeder_id: str, series_id: int, t: pd.DatetimeInde
     first = int(np.argmax(np.isfinite(y)))
     lead0 = int(np.searchsorted(t, end))              # first interval not yet ended
     try:
-        fb = ErrorFeedback.fit(y[first:], int(pd.Timedelta(days=1) / step),
-                               max(len(t) - lead0, 1))
+        n_day = int(pd.Timedelta(days=1) / step)
+        fb = ErrorFeedback.fit(y[first:], n_day, max(len(t) - lead0, 1),
+                               by_phase_recent=max(int(_RECENT / step), 1))
     except InputError as err:
         return p50_kw, {"applied": False, "reason": str(err)}
     past = forecast_range(db, series_id, end - _RECENT, end, issued_until=now)
@@ -93,6 +95,7 @@ def with_feedback(db: Engine, feeder_id: str, series_id: int, t: pd.DatetimeInde
     if both.empty:
         return p50_kw, {"applied": False, "reason": "no forecast of the last hour"}
     out = np.asarray(p50_kw, dtype=float).copy()
-    out[lead0:] = fb.adjust(out[lead0:], both["a"].to_numpy(), both["f"].to_numpy())
+    out[lead0:] = fb.adjust(out[lead0:], both["a"].to_numpy(), both["f"].to_numpy(),
+                            phase=(len(y) - first) % n_day)   # the origin `end`, from y[first]
     return out, {"applied": True, "n_recent": len(both),
                  "error_kw": round(float((both["a"] - both["f"]).mean()), 3)}

@@ -25,12 +25,13 @@ from derms.reports.dispatch_study import (  # re-exported: the CLI and API impor
     DispatchStudy,
     _iso,
     parse_horizon,
+    parse_replan,
     run_dispatch_study,
 )
 from derms.studies.dispatch_scenario import DispatchScenario
 
 __all__ = ["DispatchStudy", "ders_table", "head_table", "ledger_tables", "parse_horizon",
-           "readme_text", "replace_nan", "run_dispatch_study", "schedule_table",
+           "parse_replan", "readme_text", "replace_nan", "run_dispatch_study", "schedule_table",
            "write_dispatch_outputs"]
 
 Forecast = Literal["noisy", "model", "perfect"]

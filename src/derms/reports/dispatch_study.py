@@ -58,6 +58,16 @@ def parse_horizon(horizon: str, step: str) -> tuple[timedelta, int]:
     return s, round(n)
 
 
+def parse_replan(replan_every: str, step: timedelta) -> str:
+    """Check a rolling re-plan period: a whole number (>= 1) of ``step``; returns it."""
+    r = parse_duration(replan_every, "--replan-every")
+    n = r / step
+    if n < 1 or abs(n - round(n)) > 1e-9:
+        raise InputError(f"--replan-every {replan_every!r}: expected a whole number (>= 1) "
+                         f"of {step} intervals")
+    return replan_every
+
+
 @dataclass
 class CaseResult:
     """One simulated schedule: DER schedule, AC result, its violations and head import."""
@@ -122,8 +132,9 @@ def _rebase(ac, state) -> None:
 
 
 def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: int,
-             forecast: str = "noisy") -> tuple[float, str, dict[str, Any], Any]:
-    """Rolling hourly re-plans with noisy forecasts over the study horizon.
+             forecast: str = "noisy", replan_every: str = "15min"
+             ) -> tuple[float, str, dict[str, Any], Any]:
+    """Rolling re-plans (every ``replan_every``) with forecasts over the study horizon.
 
     Runs on the same scenario drawn over twice the horizon (the second half is the
     lookahead of the last re-plans; the first half is the study's horizon, same draws).
@@ -145,7 +156,7 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
 
             fc = model_forecast(read_feeder(engine.ctx, engine.source_master), long_cfg,
                                 lookahead=horizon)
-        r = run_rolling(ac, scenario, objective, forecast=fc, replan_every="1h",
+        r = run_rolling(ac, scenario, objective, forecast=fc, replan_every=replan_every,
                         days=horizon / pd.Timedelta(days=1), lookahead=horizon, seed=seed)
     finally:
         engine.close()
@@ -154,7 +165,7 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
                       "corrected by its error of the last hour (see "
                       "derms.studies.dispatch_forecast)"}[forecast]
     info = {"forecast": label,
-            "replan_every": "1h", "n_replans": r.n_replans,
+            "replan_every": replan_every, "n_replans": r.n_replans,
             "peak_executed_kw": float(r.peak_kw), "peak_perfect_foresight_kw":
             float(r.peak_perfect_kw), "peak_uncontrolled_kw": float(r.peak_uncontrolled_kw),
             "peak_rule_based_kw": float(r.peak_rule_based_kw),
@@ -167,11 +178,12 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
 
 def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                        objective: ObjectiveConfig, *, forecast: Forecast = "perfect",
-                       opendss_dir: Path | None = None,
+                       replan_every: str = "15min", opendss_dir: Path | None = None,
                        on_stage: Callable[[str], None] | None = None) -> DispatchStudy:
     """Run a dispatch study on ``master`` (a path or bundled name; see module docstring).
 
     ``opendss_dir``: where to write the OpenDSS replay set (None: not written).
+    ``replan_every``: re-plan period of the rolling run (``forecast`` noisy / model).
     ``on_stage(name)`` is called before each stage (progress display). Raises
     :class:`~derms.errors.InfeasibleError` (with the binding constraints) when no plan
     meets the constraints, :class:`~derms.errors.InputError` on bad input.
@@ -214,7 +226,7 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         if forecast in ("noisy", "model"):
             stage("rolling re-plan with forecasts")
             rolling_peak, mode, rolling_info, rolling = _rolling(
-                path, scenario_config, objective, scenario_config.seed, forecast)
+                path, scenario_config, objective, scenario_config.seed, forecast, replan_every)
         paths: dict[str, Path] = {}
         if opendss_dir is not None:
             stage("write OpenDSS replay set")

@@ -5,9 +5,9 @@ on ``history_days`` before the scenario starts, then re-issued at every re-plan 
 from everything measured before it: the history plus the scenario's actual load up to
 the origin). The non-DER head import is the forecast customer load times the ratio of
 head import to customer load measured in the last interval before the origin (losses). The intraday error feedback (:class:`~derms.forecast.feedback.ErrorFeedback`,
-weights fitted on the history) then adds the error the model made over the last
-``feedback_steps`` intervals before the origin (forecast from ``feedback_steps`` earlier,
-against the actual load), decaying with the lead. PV availability is passed through: the scenario's PV is a clear-sky profile, which a
+fitted on the history per position of the origin in the day) then carries the error the
+model made over the last ``feedback_steps`` intervals before the origin (forecast from
+``feedback_steps`` earlier, against the actual load) into the leads. PV availability is passed through: the scenario's PV is a clear-sky profile, which a
 clear-sky model forecasts exactly; no cloud forecast is claimed here.
 """
 
@@ -69,7 +69,8 @@ def model_forecast(model: FeederModel, cfg: ScenarioConfig, *, history_days: int
     truth_load = total[total.index >= start].to_numpy()
     n_day = int(_DAY / cfg.step)
     feedback = (ErrorFeedback.fit(total[total.index < start].to_numpy(), n_day,
-                                  int(lookahead / cfg.step)) if feedback_steps > 0 else None)
+                                  int(lookahead / cfg.step), by_phase_recent=feedback_steps)
+                if feedback_steps > 0 else None)
 
     def p50(origin: pd.Timestamp, n: int) -> np.ndarray:
         known = {"feeder": clean_series(total[total.index < origin])}
@@ -87,7 +88,8 @@ def model_forecast(model: FeederModel, cfg: ScenarioConfig, *, history_days: int
         if feedback is not None:   # the error made over the last feedback_steps intervals
             m = feedback_steps
             recent = total[(total.index >= origin - m * cfg.step) & (total.index < origin)]
-            load = feedback.adjust(load, recent.to_numpy(), p50(origin - m * cfg.step, m))
+            load = feedback.adjust(load, recent.to_numpy(), p50(origin - m * cfg.step, m),
+                                   phase=(n_hist + k0) % n_day)
         k_ref = max(k0 - 1, 0)
         ratio = truth.head0_kw[k_ref] / max(truth_load[k_ref], 1e-9)
         return load * ratio, truth.pv_avail_kw[k0:k0 + n]
