@@ -141,7 +141,7 @@ def test_rolling_forecast_run_is_reported_with_its_targets(tmp_path):
     assert code == 0, text
     s = json.loads((tmp_path / "summary.json").read_text())
     r = s["rolling"]
-    assert s["optimised_mode"] == "rolling_noisy_forecast" and r["n_replans"] == 6
+    assert s["optimised_mode"] == "rolling_noisy_forecast" and r["n_replans"] == 12  # every 30-min step
     assert s["peak_optimised_kw"] == pytest.approx(r["peak_executed_kw"])
     html = (tmp_path / "report.html").read_text()
     assert "Rolling re-plans with forecasts" in html and "peak target" in html

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import scipy.sparse as sp
 
-from derms.dispatch.network import DerSensitivity, NetworkLimits, Reference
+from derms.dispatch.network import DerSensitivity, NetworkLimits, Reference, SensitivitySet
 from derms.dispatch.plan import GridContext, ObjectiveConfig, Planner, uncontrolled_schedule
 from tests.unit.test_dispatch_lp import small_fleet
 
@@ -59,3 +59,33 @@ def test_band_is_never_tighter_than_the_reference():
     p.net.band_on[:] = True
     u = p.net.limit_term("v_max")
     np.testing.assert_allclose(u, 0.0, atol=1e-12)  # limit = the reference value
+
+
+def test_each_interval_group_uses_its_own_sensitivities():
+    """A SensitivitySet: intervals served by a part with twice the sensitivity get rows
+    (and linear predictions) twice as steep, so the plan moves half as much there."""
+    fleet, load = small_fleet()
+    T = fleet.horizon.n_steps
+    dv = -0.002
+    grid, unc = _grid(fleet, load, 1.048, dv)
+    s1 = grid.sens
+    s2 = DerSensitivity(s1.hv_p * 2.0, s1.hv_q, s1.hi_p, s1.hi_q)
+    of_t = (np.arange(T) >= T // 2).astype(np.int64)      # second half: steeper
+    sset = SensitivitySet((s1, s2), of_t)
+    p = Planner(fleet, replace(grid, sens=sset), ObjectiveConfig(allow_pv_q=False))
+    x = np.zeros(p.lay.n_cols)
+    rng = np.random.default_rng(0)
+    x[: p.lay.z] = rng.uniform(0, 1, p.lay.z)
+    one = Planner(fleet, grid, ObjectiveConfig(allow_pv_q=False))
+    a, b = p.net.lhs("v_max", x), one.net.lhs("v_max", x)
+    np.testing.assert_allclose(a[of_t == 0], b[of_t == 0])
+    np.testing.assert_allclose(a[of_t == 1], 2.0 * b[of_t == 1])
+    assert p.net.sens_at(T - 1) is s2 and p.net.sens_at(0) is s1
+    # rows added in both halves carry their own part's coefficients
+    p.net.add("v_max", np.ones((T, 1), bool))
+    rows = p.net.row["v_max"][:, 0]
+    p.solve_linear()
+    v = 1.048 + dv * (1 + of_t) * (p.schedule().p_kw - unc.p_kw).sum(axis=1)
+    assert v.max() <= 1.05 + 1e-5 and rows.min() >= 0
+    with np.testing.assert_raises(ValueError):
+        SensitivitySet.of(sset, T + 1)

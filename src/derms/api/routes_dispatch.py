@@ -47,8 +47,9 @@ class PlanBody(BaseModel):
         description="Largest substation export [kW]: head import >= -X (a negative X asks "
                     "for a minimum import). None: no limit.")
     forecast: Literal["noisy", "model", "perfect"] = "perfect"
-    replan_every: str = Field("15min", description="Re-plan period of the rolling run "
-                                                   "(forecast noisy / model), whole steps.")
+    replan_every: str | None = Field(
+        None, description="Re-plan period of the rolling run (forecast noisy / model), a "
+                          "whole number of steps; default 15 min (or one step if longer).")
     schedule_offset: int = Field(0, ge=0)
     schedule_limit: int = Field(5000, ge=0, le=100_000)
 
@@ -71,7 +72,7 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     from derms.studies.dispatch_scenario import ScenarioConfig
 
     step, n_steps = parse_horizon(body.horizon, body.step)
-    parse_replan(body.replan_every, step)
+    replan = parse_replan(body.replan_every, step)
     cfg = ScenarioConfig(pv_penetration=body.pv_penetration,
                          battery_penetration=body.battery_penetration,
                          ev_penetration=body.ev_penetration, seed=body.seed, step=step,
@@ -79,7 +80,7 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     objective = ObjectiveConfig(export_limit_kw=body.export_limit_kw,
                                 curtailment_policy=body.policy)
     study = run_dispatch_study(body.feeder, cfg, objective, forecast=body.forecast,
-                               replan_every=body.replan_every)
+                               replan_every=replan)
     sched = schedule_table(study.optimised.schedule)
     page = sched.iloc[body.schedule_offset: body.schedule_offset + body.schedule_limit]
     ders = ders_table(study.scenario)

@@ -75,10 +75,10 @@ def dispatch(
              "--replan-every) with noisy forecasts "
              "(AR(1) errors) or derms's own load forecasts and report that executed peak as "
              "peak_optimised_kw (summary 'rolling' block).")] = ForecastChoice.perfect,
-    replan_every: Annotated[str, typer.Option(
+    replan_every: Annotated[str | None, typer.Option(
         "--replan-every", help="Re-plan period of the rolling run (--forecast noisy or "
-                               "model), a whole number of steps, e.g. 15min or 1h.")
-    ] = "15min",
+                               "model), a whole number of steps, e.g. 15min or 1h. Default: "
+                               "15min, or one step when steps are longer.")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Plan the DERs' dispatch within voltage and thermal limits, verify it on the AC
@@ -105,7 +105,7 @@ def dispatch(
     step_td, n_steps = parse_horizon(horizon, step)
     if step_td < timedelta(minutes=1):
         raise InputError(f"--step {step!r}: expected at least 1 minute")
-    parse_replan(replan_every, step_td)
+    replan_every = parse_replan(replan_every, step_td)
     cfg = ScenarioConfig(pv_penetration=pv, battery_penetration=battery, ev_penetration=ev,
                          seed=seed, step=step_td, n_steps=n_steps)
     objective = ObjectiveConfig(export_limit_kw=export_limit_kw,

@@ -63,7 +63,11 @@ def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
                           zip(t, sel[m])])
             lim = getattr(net.lim, kind)[t, e]
             val = (result.i_a if kind == "i_max" else result.v_pu)[t, e]
-            sens[m] = rows_dense(net.sens.hi_p if kind == "i_max" else net.sens.hv_p, e)
+            for c in np.unique(net.sset.of_t[t]):  # each interval's own sensitivities
+                k = net.sset.of_t[t] == c
+                part = net.sset.parts[int(c)]
+                sens[np.flatnonzero(m)[k]] = rows_dense(
+                    part.hi_p if kind == "i_max" else part.hv_p, e[k])
         elif kind == "peak":
             lim, val = np.full(t.size, z), head[t]
             sens[m] = 1.0

@@ -3,7 +3,9 @@
 The network part is ``V_t = V_ref_t + S (P_t - P_ref_t)`` in the linear model's u-form
 (``u = (|V|^2 - |V_ref|^2) / (2 |V_ref|)``, :mod:`derms.powerflow.linear`): ``S`` (node
 voltages and branch currents per kW/kvar of each DER's net import) is evaluated once, at
-the feeder's base (peak) load with controls frozen; ``V_ref_t``/``I_ref_t``/head import are
+the feeder's base (peak) load with controls frozen, or, on large feeders, at a few
+operating points of the uncontrolled QSTS, each serving the intervals nearest to it in
+head import (:class:`SensitivitySet`); ``V_ref_t``/``I_ref_t``/head import are
 the AC QSTS result of a reference schedule (first the uncontrolled one, then each
 AC-verified plan), so a re-linearisation only changes row bounds. Rows exist only for
 (interval, element) pairs that can bind: the reachable ones (linear model over the DER
@@ -86,6 +88,35 @@ def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
 
 
 @dataclass(frozen=True)
+class SensitivitySet:
+    """Sensitivities per group of intervals: ``parts[of_t[t]]`` serves interval ``t``.
+
+    One operating point does not fit a whole day on large feeders: on IEEE 8500 the node
+    voltage response to a DER's power grows with the feeder's loading (at 5.1 MW of head
+    import it is 0.70 of that at the 9.7 MW peak, and the response linearised at the
+    feeder's nominal loads is 1.3-1.9 x what the QSTS intervals show), so each group of
+    intervals gets the model linearised at one of its own intervals
+    (:meth:`derms.dispatch.verify.ACNetwork.grid_context`)."""
+
+    parts: tuple[DerSensitivity, ...]
+    of_t: np.ndarray  # (T,) index into parts
+
+    @classmethod
+    def of(cls, sens: DerSensitivity | SensitivitySet, T: int) -> SensitivitySet:
+        """``sens`` as a set over ``T`` intervals (one part for a plain DerSensitivity)."""
+        if isinstance(sens, SensitivitySet):
+            if sens.of_t.size != T:
+                raise ValueError(f"sensitivity set covers {sens.of_t.size} intervals, not {T}")
+            return sens
+        return cls((sens,), np.zeros(T, dtype=np.int64))
+
+    def groups(self) -> list[tuple[int, np.ndarray]]:
+        """(part, intervals) for every part that serves at least one interval."""
+        return [(c, np.flatnonzero(self.of_t == c)) for c in range(len(self.parts))
+                if np.any(self.of_t == c)]
+
+
+@dataclass(frozen=True)
 class Reference:
     """An AC-solved schedule: DER net import ``p_kw``/``q_kvar`` (T, n_der), node ``v_pu``
     (T, n_nodes), branch ``i_a`` (T, n_branch_conductors), head import ``head_kw`` (T,)."""
@@ -164,13 +195,16 @@ class NetworkRows:
     next ones only if the first did not already pull the others inside their limits.
     """
 
-    def __init__(self, lp: HighsLP, lay: Layout, sens: DerSensitivity, ep: sp.csr_matrix,
+    def __init__(self, lp: HighsLP, lay: Layout, sens: DerSensitivity | SensitivitySet,
+                 ep: sp.csr_matrix,
                  eq: sp.csr_matrix, cp: np.ndarray, lim: NetworkLimits,
                  box: tuple[np.ndarray, ...], export_limit_kw: float | None,
                  node_names: np.ndarray, branch_names: np.ndarray, near_pu: float = 0.01,
                  near_frac: float = 0.1, drop_rel: float = 0.0, thin: bool = False) -> None:
         self.lp, self.lay, self.cp, self.lim = lp, lay, cp, lim
-        self.sens, self.near_pu, self.near_frac = sens, near_pu, near_frac
+        self.sset = SensitivitySet.of(sens, lay.T)
+        self.sens = self.sset.parts[0]  # representative (clusters, element coefficients)
+        self.near_pu, self.near_frac = near_pu, near_frac
         self.ep, self.eq, self.drop_rel = ep, eq, drop_rel
         self.cluster: dict[str, np.ndarray] | None = None
         self.n_unfixable = 0  # (t, element) rows skipped: beyond reach of every DER
@@ -179,7 +213,7 @@ class NetworkRows:
         # reports what is left
         self.elastic: tuple[float, float] | None = (1e6, 1e3) if thin else None
         if thin:
-            cv, ci = coarse_clusters(sens.hv_p), coarse_clusters(sens.hi_p)
+            cv, ci = coarse_clusters(self.sens.hv_p), coarse_clusters(self.sens.hi_p)
             self.cluster = {"v_max": cv, "v_min": cv, "i_max": ci}
         self.names = {"v_max": node_names, "v_min": node_names, "i_max": branch_names}
         T = lay.T
@@ -212,16 +246,29 @@ class NetworkRows:
         self.set_box(box)
 
     # -- sensitivities ---------------------------------------------------------------------
-    def _s(self, kind: str) -> tuple[Sens, Sens]:
-        s = self.sens
+    def _s(self, kind: str, part: int = 0) -> tuple[Sens, Sens]:
+        s = self.sset.parts[part]
         return (s.hi_p, s.hi_q) if kind == "i_max" else (s.hv_p, s.hv_q)
+
+    def sens_at(self, t: int) -> DerSensitivity:
+        """The sensitivities that serve interval ``t``."""
+        return self.sset.parts[int(self.sset.of_t[t])]
 
     def _lin(self, kind: str, p: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Linear row quantity (T, n) of DER net import changes ``p``/``q`` (T, n_der)."""
-        sp_, sq = self._s(kind)
-        out = times_t(p, sp_)
-        if np.any(q):
-            out += times_t(q, sq)
+        groups = self.sset.groups()
+        if len(groups) == 1:
+            sp_, sq = self._s(kind, groups[0][0])
+            out = times_t(p, sp_)
+            if np.any(q):
+                out += times_t(q, sq)
+            return out
+        out = np.empty((p.shape[0], self._s(kind)[0].shape[0]))
+        for c, ts in groups:
+            sp_, sq = self._s(kind, c)
+            out[ts] = times_t(p[ts], sp_)
+            if np.any(q[ts]):
+                out[ts] += times_t(q[ts], sq)
         return out
 
     def set_box(self, box: tuple[np.ndarray, ...]) -> None:
@@ -232,21 +279,23 @@ class NetworkRows:
         p_lo, p_hi = p_lo - self.cp, p_hi - self.cp  # rows act on the columns, not on cp
         self._range: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for key, kind in (("v", "v_max"), ("i", "i_max")):
-            sp_, sq = self._s(kind)
-            hi = np.zeros((p_lo.shape[0], sp_.shape[0]))
+            hi = np.zeros((p_lo.shape[0], self._s(kind)[0].shape[0]))
             lo = np.zeros_like(hi)
-            for m, a_lo, a_hi in ((sp_, p_lo, p_hi), (sq, q_lo, q_hi)):
-                if not (np.any(a_lo) or np.any(a_hi)):
-                    continue
-                pos, neg = m.maximum(0) if sp.issparse(m) else np.maximum(m, 0), \
-                    m.minimum(0) if sp.issparse(m) else np.minimum(m, 0)
-                hi += times_t(a_hi, pos) + times_t(a_lo, neg)
-                lo += times_t(a_lo, pos) + times_t(a_hi, neg)
+            for c, ts in self.sset.groups():
+                sp_, sq = self._s(kind, c)
+                for m, a_lo, a_hi in ((sp_, p_lo[ts], p_hi[ts]), (sq, q_lo[ts], q_hi[ts])):
+                    if not (np.any(a_lo) or np.any(a_hi)):
+                        continue
+                    pos, neg = m.maximum(0) if sp.issparse(m) else np.maximum(m, 0), \
+                        m.minimum(0) if sp.issparse(m) else np.minimum(m, 0)
+                    hi[ts] += times_t(a_hi, pos) + times_t(a_lo, neg)
+                    lo[ts] += times_t(a_lo, pos) + times_t(a_hi, neg)
             self._range[key] = (lo, hi)
 
-    def g_rows(self, kind: str, e: np.ndarray) -> sp.csr_matrix:
-        """Row coefficients (len(e), nv) of elements ``e`` on one interval's columns."""
-        sp_, sq = self._s(kind)
+    def g_rows(self, kind: str, e: np.ndarray, part: int = 0) -> sp.csr_matrix:
+        """Row coefficients (len(e), nv) of elements ``e`` on one interval's columns (the
+        intervals served by sensitivity ``part``)."""
+        sp_, sq = self._s(kind, part)
         if sp.issparse(sp_):
             g = sp.csr_matrix(sp_[e] @ self.ep + sq[e] @ self.eq)
         else:
@@ -365,8 +414,18 @@ class NetworkRows:
         t, e = np.nonzero(mask)
         if t.size == 0:
             return 0
-        ue, inv = np.unique(e, return_inverse=True)
-        G = self.g_rows(kind, ue)[inv].tocsr()
+        part = self.sset.of_t[t]
+        if np.all(part == part[0]):
+            ue, inv = np.unique(e, return_inverse=True)
+            G = self.g_rows(kind, ue, int(part[0]))[inv].tocsr()
+        else:  # rows of each part from its own sensitivities, back in (t, e) order
+            blocks, order = [], []
+            for c in np.unique(part):
+                k = np.flatnonzero(part == c)
+                ue, inv = np.unique(e[k], return_inverse=True)
+                blocks.append(self.g_rows(kind, ue, int(c))[inv])
+                order.append(k)
+            G = sp.vstack(blocks).tocsr()[np.argsort(np.concatenate(order))]
         G.indices = (G.indices + np.repeat(t * self.lay.nv, np.diff(G.indptr))).astype(np.int32)
         G = sp.csr_matrix((G.data, G.indices, G.indptr), shape=(t.size, self.lay.n_cols))
         if self.elastic is not None:  # slack column per row, priced per pu or A beyond

@@ -36,6 +36,7 @@ from derms.dispatch.network import (
     NetworkLimits,
     NetworkRows,
     Reference,
+    SensitivitySet,
     der_box,
 )
 from derms.errors import InfeasibleError, InputError
@@ -84,7 +85,7 @@ class GridContext:
     """What the planner needs from the network: DER sensitivities, limits relative to the
     base case, element names, and the AC result of the uncontrolled schedule."""
 
-    sens: DerSensitivity
+    sens: DerSensitivity | SensitivitySet  # row sensitivities (one per interval group)
     limits: NetworkLimits
     node_names: np.ndarray
     branch_names: np.ndarray

@@ -43,6 +43,7 @@ from derms.analysis.constraints import Limits, ViolationReport, detect_violation
 from derms.der.models import Fleet
 from derms.dispatch.network import (
     Reference,
+    SensitivitySet,
     der_sensitivity,
     network_limits,
     rows_dense,
@@ -69,6 +70,7 @@ HOLD_REGULATOR_BANDS = False  # hold regulator bands where the AC check fails (m
 LEARN_MARGINS = False  # large feeders: margins at a row's first AC violation (module doc)
 BAND_KEEP = 0.7  # share of a regulator's band the LP may use (the rest absorbs linear error)
 TRUST_FRAC = 0.5  # large feeders: share of each DER column's range a re-plan may move
+OPERATING_POINTS = 4  # large feeders: operating points of the row sensitivities
 
 
 class ACNetwork:
@@ -209,8 +211,11 @@ class ACNetwork:
         return (score >= 0.2 * max(score.max(), 1e-12)).astype(float) if score.max() > 1e-9 \
             else np.zeros(score.size)
 
-    def simulate(self, p_kw: np.ndarray, q_kvar: np.ndarray) -> QSTSResult:
-        """AC QSTS of a schedule: DER net import ``p_kw``/``q_kvar`` (T, n_der)."""
+    def simulate(self, p_kw: np.ndarray, q_kvar: np.ndarray, *,
+                 linearise_at: np.ndarray | None = None) -> QSTSResult:
+        """AC QSTS of a schedule: DER net import ``p_kw``/``q_kvar`` (T, n_der).
+        ``linearise_at``: intervals at whose solved state (controls as they acted) a linear
+        model of the DER connection points is built (``self.models_at``, by interval)."""
         c = self.engine.circuit
         ls = c.LoadShapes
         for k, name in enumerate(self.shapes):
@@ -224,9 +229,14 @@ class ACNetwork:
         col = StepCollector(self.engine, self.index, h.n_steps)
         sol = c.Solution
         flows = {e: np.empty(h.n_steps) for e in self.watched}
+        at = set() if linearise_at is None else {int(k) for k in linearise_at}
+        self.models_at = {}
         for k in range(h.n_steps):
             sol.Solve()
             col.collect(k)
+            if k in at:
+                self.models_at[k] = build_linear_model(self.engine, self.lin.injection_nodes,
+                                                       branches=True)
             for e, f in flows.items():
                 c.SetActiveElement(e)
                 pw = np.asarray(c.ActiveCktElement.Powers)
@@ -271,8 +281,32 @@ class ACNetwork:
                 "v_min": live & (res.v_pu < lim.v_min - 1e-5),
                 "i_max": res.i_a > lim.i_max * (1 + 1e-4)}
 
-    def grid_context(self, uncontrolled: Reference) -> GridContext:
-        """Everything the planner needs (sensitivities computed once and cached)."""
+    def operating_points(self, ref: Reference, points: int) -> SensitivitySet:
+        """Sensitivities at ``points`` operating points of ``ref`` (cached per reference):
+        the intervals whose head import sits at the middle quantiles ``(i + 1/2)/points``
+        of ``ref``'s, each linearised at its state in a re-run of ``ref``'s QSTS (taps
+        and capacitors as they acted there); every interval is served by the point with
+        the nearest head import (see :class:`~derms.dispatch.network.SensitivitySet`)."""
+        key = (id(ref), points)
+        if getattr(self, "_op", (None,))[0] == key:
+            return self._op[1]
+        head = np.asarray(ref.head_kw, dtype=float)
+        targets = np.quantile(head, (np.arange(points) + 0.5) / points)
+        picks = np.unique([int(np.argmin(np.abs(head - v))) for v in targets])
+        of_t = np.argmin(np.abs(head[:, None] - head[picks][None, :]), axis=1)
+        t0 = time.perf_counter()
+        self.simulate(ref.p_kw, ref.q_kvar, linearise_at=picks)
+        parts = tuple(der_sensitivity(self.models_at[int(k)], self.fleet) for k in picks)
+        self.models_at = {}
+        log.info("dispatch operating_points=%d intervals=%s head_kw=%s s=%.2f", len(picks),
+                 picks.tolist(), np.round(head[picks]).tolist(), time.perf_counter() - t0)
+        self._op = (key, SensitivitySet(parts, of_t.astype(np.int64)))
+        return self._op[1]
+
+    def grid_context(self, uncontrolled: Reference, points: int = 1) -> GridContext:
+        """Everything the planner needs (sensitivities computed once and cached).
+        ``points`` > 1: row sensitivities from that many operating points of
+        ``uncontrolled`` (:meth:`operating_points`); 1: the base-case linearisation."""
         if getattr(self, "_sens", None) is None:
             self._sens = der_sensitivity(self.lin, self.fleet)
             w = self._loss_w
@@ -284,7 +318,8 @@ class ACNetwork:
                                                                  self.index.branch_phase)]))
         sens = self._sens
         coef = {e: self.element_coef(e, sens) for e in self.watched}
-        return GridContext(sens, self.net_limits, *self._names, uncontrolled,
+        rows_sens = self.operating_points(uncontrolled, points) if points > 1 else sens
+        return GridContext(rows_sens, self.net_limits, *self._names, uncontrolled,
                            loss_p=np.asarray(self._loss[0]).ravel(),
                            loss_q=np.asarray(self._loss[1]).ravel(),
                            head_lin_kw=self.head_lin_kw, element_coef=coef)
@@ -353,7 +388,9 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         uncontrolled = ac.reference(uncontrolled_schedule(fleet))
     timing["uncontrolled_ac_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    planner = Planner(fleet, ac.grid_context(uncontrolled[0]), objective)
+    big = ac.index.n_nodes * len(fleet.ders) > 2_000_000  # the planner's large-feeder mode
+    planner = Planner(fleet, ac.grid_context(uncontrolled[0],
+                                             OPERATING_POINTS if big else 1), objective)
     timing["build_s"] = time.perf_counter() - t1
     planner.solve_linear(2 * LARGE_LINEAR_ROUNDS if planner.net.elastic is not None else None)
     ac_s, seen = 0.0, {k: np.zeros(m.shape, dtype=bool) for k, m in planner.net.margin.items()}

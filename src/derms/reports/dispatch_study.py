@@ -58,8 +58,13 @@ def parse_horizon(horizon: str, step: str) -> tuple[timedelta, int]:
     return s, round(n)
 
 
-def parse_replan(replan_every: str, step: timedelta) -> str:
-    """Check a rolling re-plan period: a whole number (>= 1) of ``step``; returns it."""
+def parse_replan(replan_every: str | None, step: timedelta) -> str:
+    """A rolling re-plan period: ``replan_every`` checked to be a whole number (>= 1) of
+    ``step``, or (None) 15 minutes when that is a whole number of steps, else one step."""
+    if replan_every is None:
+        q = timedelta(minutes=15) / step
+        return "15min" if q >= 1 and abs(q - round(q)) < 1e-9 else \
+            f"{int(step.total_seconds())}s"
     r = parse_duration(replan_every, "--replan-every")
     n = r / step
     if n < 1 or abs(n - round(n)) > 1e-9:
@@ -132,7 +137,7 @@ def _rebase(ac, state) -> None:
 
 
 def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: int,
-             forecast: str = "noisy", replan_every: str = "15min"
+             forecast: str = "noisy", replan_every: str | None = None
              ) -> tuple[float, str, dict[str, Any], Any]:
     """Rolling re-plans (every ``replan_every``) with forecasts over the study horizon.
 
@@ -145,6 +150,7 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
     """
     from derms.dispatch.rolling import run_rolling
 
+    replan_every = parse_replan(replan_every, cfg.step)
     horizon = cfg.step * cfg.n_steps
     long_cfg = replace(cfg, n_steps=2 * cfg.n_steps)
     engine, scenario, ac = open_dispatch_case(path, long_cfg)
@@ -178,12 +184,13 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
 
 def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                        objective: ObjectiveConfig, *, forecast: Forecast = "perfect",
-                       replan_every: str = "15min", opendss_dir: Path | None = None,
+                       replan_every: str | None = None, opendss_dir: Path | None = None,
                        on_stage: Callable[[str], None] | None = None) -> DispatchStudy:
     """Run a dispatch study on ``master`` (a path or bundled name; see module docstring).
 
     ``opendss_dir``: where to write the OpenDSS replay set (None: not written).
-    ``replan_every``: re-plan period of the rolling run (``forecast`` noisy / model).
+    ``replan_every``: re-plan period of the rolling run (``forecast`` noisy / model;
+    None: :func:`parse_replan`'s default).
     ``on_stage(name)`` is called before each stage (progress display). Raises
     :class:`~derms.errors.InfeasibleError` (with the binding constraints) when no plan
     meets the constraints, :class:`~derms.errors.InputError` on bad input.
