@@ -57,6 +57,11 @@ from derms.dispatch.plan import (
 )
 from derms.errors import InputError
 from derms.powerflow.collect import StepCollector, build_index
+from derms.powerflow.control_state import (
+    capture_control_state,
+    regulated_transformers,
+    restore_control_state,
+)
 from derms.powerflow.engine import ControlMode, OpenDSSEngine
 from derms.powerflow.linear import build_linear_model
 from derms.powerflow.profiles import Profiles
@@ -120,7 +125,15 @@ class ACNetwork:
         self.index = build_index(engine)
         if self.index.n_nodes != len(self.lin.node_names):
             raise InputError("node count changed after adding the DER loads")
+        # every simulation starts from one control state (taps and capacitor states carry
+        # over from one run's last step into the next otherwise: on IEEE 8500 the plan's
+        # AC run started 1-3 taps away from its reference's, a difference the plan never
+        # made). The state: where the base case leaves the controls after one pass over
+        # the horizon (a warm-up; for a day it is the state a day of operation leads to)
+        self.control_state = None
         T, n = h.n_steps, len(fleet.ders)
+        self.simulate(np.zeros((T, n)), np.zeros((T, n)))
+        self.control_state = capture_control_state(engine, regulated_transformers(engine))
         self.base_result = self.simulate(np.zeros((T, n)), np.zeros((T, n)))
         self.base = self._reference(self.base_result, np.zeros((T, n)), np.zeros((T, n)))
         self.net_limits = network_limits(self.base, self.index.node_phase,
@@ -213,10 +226,13 @@ class ACNetwork:
 
     def simulate(self, p_kw: np.ndarray, q_kvar: np.ndarray, *,
                  linearise_at: np.ndarray | None = None) -> QSTSResult:
-        """AC QSTS of a schedule: DER net import ``p_kw``/``q_kvar`` (T, n_der).
+        """AC QSTS of a schedule: DER net import ``p_kw``/``q_kvar`` (T, n_der), from the
+        control state captured at set-up (``control_state``: regulator taps, capacitors).
         ``linearise_at``: intervals at whose solved state (controls as they acted) a linear
         model of the DER connection points is built (``self.models_at``, by interval)."""
         c = self.engine.circuit
+        if self.control_state is not None:
+            restore_control_state(self.engine, self.control_state)
         ls = c.LoadShapes
         for k, name in enumerate(self.shapes):
             ls.Name = name

@@ -109,31 +109,10 @@ class DispatchStudy:
     rolling: Any = None  # derms.dispatch.rolling.RollingResult with --forecast noisy|model
 
 
-def _case(ac, sched: Schedule, state) -> CaseResult:
-    from derms.powerflow.control_state import restore_control_state
-
-    restore_control_state(ac.engine, state)
+def _case(ac, sched: Schedule) -> CaseResult:
+    """Simulate a schedule (from the AC network's own starting control state)."""
     res = ac.simulate(sched.p_kw, sched.q_kvar)
     return CaseResult(sched, res, ac.violations(res))
-
-
-def _rebase(ac, state) -> None:
-    """Re-simulate the base case (no DER) from ``state`` and re-derive the limits held for
-    pre-existing violations from it. Workaround: :class:`~derms.dispatch.verify.ACNetwork`
-    simulates its base from the taps of its set-up snapshot and every later simulation
-    from the taps the previous one left (measured on IEEE 123: the same schedule
-    simulated twice differs by up to 10 kW at the head), so base and cases would not
-    share a starting point. Remove when ACNetwork restores its control state itself."""
-    from derms.dispatch.network import network_limits
-    from derms.powerflow.control_state import restore_control_state
-
-    restore_control_state(ac.engine, state)
-    h = ac.fleet.horizon
-    zero = np.zeros((h.n_steps, len(ac.fleet.ders)))
-    ac.base_result = ac.simulate(zero, zero)
-    ac.base = ac._reference(ac.base_result, zero, zero)
-    ac.net_limits = network_limits(ac.base, ac.index.node_phase, ac.index.branch_norm_a,
-                                   ac.limits)
 
 
 def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: int,
@@ -196,7 +175,6 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     meets the constraints, :class:`~derms.errors.InputError` on bad input.
     """
     from derms.grid.bundled import resolve_master
-    from derms.powerflow.control_state import capture_control_state
     from derms.reports.dispatch_opendss import write_opendss_replay
 
     def stage(name: str) -> None:
@@ -214,19 +192,18 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         if not fleet.ders:
             raise InputError(f"the penetrations place no DER on {path.name}: nothing to "
                              "dispatch (raise --pv, --battery or --ev)")
-        state = capture_control_state(engine)
-        _rebase(ac, state)
+        state = ac.control_state  # every case (and the replay) starts from it
         stage("simulate uncontrolled")
-        unc = _case(ac, uncontrolled_schedule(fleet), state)
+        unc = _case(ac, uncontrolled_schedule(fleet))
         stage("simulate rule-based baseline")
         head = unc.head_kw
         rb_sched = baselines.rule_based_peak_shaving(fleet, head,
                                                      RULE_BASED_THRESHOLD_FRAC * head.max())
-        rb = _case(ac, rb_sched, state)
+        rb = _case(ac, rb_sched)
         stage("plan and verify on the AC model")
         vp = plan_and_verify(ac, objective,
                              uncontrolled=ac.reference(unc.schedule, unc.result))
-        opt = _case(ac, vp.schedule, state)
+        opt = _case(ac, vp.schedule)
         stage("ledger")
         ledger = build_ledger(vp.planner, vp.schedule, unc.schedule, opt.result)
         rolling_peak, mode, rolling_info, rolling = None, "perfect_foresight", None, None
