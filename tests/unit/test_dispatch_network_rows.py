@@ -89,3 +89,23 @@ def test_each_interval_group_uses_its_own_sensitivities():
     assert v.max() <= 1.05 + 1e-5 and rows.min() >= 0
     with np.testing.assert_raises(ValueError):
         SensitivitySet.of(sset, T + 1)
+
+
+def test_trust_region_holds_the_ders_that_are_not_movers():
+    """Local repair: only the movers' columns get the region; every other DER keeps its
+    schedule from the centre exactly (energy columns of a held battery included)."""
+    fleet, load = small_fleet()
+    grid, _unc = _grid(fleet, load, 1.040, -0.002)
+    p = Planner(fleet, grid, ObjectiveConfig(allow_pv_q=False))
+    x0 = p.solve_linear().copy()
+    centre = p.schedule()
+    n = len(fleet.ders)
+    movers = np.zeros(n, bool)
+    movers[0] = True
+    p.trust_region(x0, 0.5, movers)
+    p.lp.set_costs(np.array([p.lay.z]), np.array([0.0]))     # another objective: no peak
+    p.solve_linear()
+    moved = np.abs(p.schedule().p_kw - centre.p_kw).max(axis=0) > 1e-9
+    assert not moved[1:].any()
+    der = p.col_der()
+    assert der.shape == (p.lay.nv,) and set(np.unique(der)) <= set(range(-1, n))

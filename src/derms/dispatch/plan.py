@@ -249,13 +249,27 @@ class Planner:
         return InfeasibleError(f"no dispatch meets every constraint; {bad.size} constraint(s) "
                                "bind beyond their limits: " + "; ".join(parts))
 
-    def trust_region(self, x_ref: np.ndarray | None, frac: float) -> None:
+    def col_der(self) -> np.ndarray:
+        """DER index (fleet order) of every column of one interval's block (nv,); -1 for
+        columns that belong to no DER (the policy share)."""
+        out = np.full(self.lay.nv, -1, dtype=np.int64)
+        ep, eq = self.ep.tocoo(), self.eq.tocoo()
+        out[ep.col] = ep.row
+        out[eq.col] = eq.row
+        L, s = self.lay.local, self.lay.sizes
+        n_pv = s["pv_p"]
+        out[L("bat_e")] = n_pv + np.arange(s["bat_e"])   # energy columns: their battery
+        return out
+
+    def trust_region(self, x_ref: np.ndarray | None, frac: float,
+                     movers: np.ndarray | None = None) -> None:
         """Keep the DER columns within ``frac`` of their own range around ``x_ref`` (a
         solution of this LP, so the region holds a point meeting every DER row); ``None``
         restores their own bounds. Large feeders: a re-linearised LP otherwise jumps to
         another of its many near-equal optima (interchangeable batteries), far from the
         point the rows were re-centred on, where the first-order rows are off by up to
-        0.03 pu (IEEE 8500) and the regulators answer with other taps."""
+        0.03 pu (IEEE 8500) and the regulators answer with other taps. ``movers`` (n_der,)
+        bool: only those DERs' columns get the region, the others are held at ``x_ref``."""
         lo, hi = self._col_box
         z = self.lay.z
         cols = np.arange(z)
@@ -263,6 +277,9 @@ class Planner:
             self.lp.set_col_bounds(cols, lo[:z], hi[:z])
             return
         span = np.where(np.isfinite(hi[:z] - lo[:z]), hi[:z] - lo[:z], 0.0) * frac
+        if movers is not None:  # only these DERs move; the rest stay at x_ref
+            der = np.tile(self.col_der(), self.lay.T)
+            span = np.where((der >= 0) & ~movers[np.maximum(der, 0)], 0.0, span)
         xr = np.clip(x_ref[:z], lo[:z], hi[:z])
         self.lp.set_col_bounds(cols, np.maximum(lo[:z], xr - span),
                                np.minimum(hi[:z], xr + span))

@@ -76,6 +76,8 @@ LEARN_MARGINS = False  # large feeders: margins at a row's first AC violation (m
 BAND_KEEP = 0.7  # share of a regulator's band the LP may use (the rest absorbs linear error)
 TRUST_FRAC = 0.5  # large feeders: share of each DER column's range a re-plan may move
 OPERATING_POINTS = 4  # large feeders: operating points of the row sensitivities
+LOCAL_REPAIR = True  # large feeders, from the 2nd AC round: only DERs acting on what is left
+REPAIR_TOP = 10  # ... the most sensitive ones of each violated row
 
 
 class ACNetwork:
@@ -383,6 +385,27 @@ def learn_margins(planner: Planner, res: QSTSResult, over: dict[str, np.ndarray]
         m[mask] = np.maximum(m[mask], np.maximum(err[mask], 0.0) + pad)
 
 
+def repair_movers(planner: Planner, over: dict[str, np.ndarray],
+                  top: int = REPAIR_TOP) -> np.ndarray:
+    """DERs (n_der,) bool among the ``top`` most sensitive of a row in ``over`` ((T, n)
+    masks per row kind; the interval's own sensitivities)."""
+    net = planner.net
+    out = np.zeros(len(planner.fleet.ders), dtype=bool)
+    for kind, mask in over.items():
+        t, e = np.nonzero(mask)
+        if t.size == 0:
+            continue
+        for c in np.unique(net.sset.of_t[t]):
+            part = net.sset.parts[int(c)]
+            ue = np.unique(e[net.sset.of_t[t] == c])
+            a = np.abs(rows_dense(part.hi_p if kind == "i_max" else part.hv_p, ue))
+            k = min(top, a.shape[1])
+            best = np.argpartition(-a, k - 1, axis=1)[:, :k]
+            out[np.unique(best[np.take_along_axis(a, best, axis=1) > 0])] = True
+    log.info("dispatch repair movers=%d of %d", int(out.sum()), out.size)
+    return out
+
+
 def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                     fleet: Fleet | None = None, uncontrolled: tuple | None = None,
                     max_ac_rounds: int = 6) -> VerifiedPlan:
@@ -436,9 +459,10 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                  "accepted=%s elapsed_s=%.2f", rounds, n_viol, rep.counts["violations_voltage"],
                  rep.counts["violations_thermal"], planner.lp.n_rows, improved,
                  time.perf_counter() - t0)
+        over = ac.over_limit(res)
         if improved:
             best = (key, rounds, sched, res, rep, ref,
-                    None if planner.x is None else planner.x.copy())
+                    None if planner.x is None else planner.x.copy(), over)
         if n_viol == 0 and export_over <= EXPORT_TOL_KW:
             break
         if rounds == max_ac_rounds:
@@ -447,7 +471,6 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             # capacitors answer a changed plan with other taps/states): keep the best
             sched, res, rep = best[2], best[3], best[4]
             break
-        over = ac.over_limit(res)
         centre_ref, centre_x = ref, planner.x
         if large:
             if planner.x is not None and LEARN_MARGINS:
@@ -471,7 +494,10 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             planner.net.add(kind, mask, score=np.abs(val - lim))
         planner.recenter(centre_ref)  # margins enter the bounds
         if large and centre_x is not None:
-            planner.trust_region(centre_x, frac)
+            movers = None
+            if LOCAL_REPAIR and rounds >= 2:  # only the DERs that act on what is left
+                movers = repair_movers(planner, over if improved else best[7])
+            planner.trust_region(centre_x, frac, movers)
         # large feeders: a warm re-solve with dense rows costs more than an AC round, and
         # the AC round finds most of what more linear rounds would: fewer of them
         planner.solve_linear(LARGE_LINEAR_ROUNDS if large else None)
