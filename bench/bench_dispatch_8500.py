@@ -37,7 +37,7 @@ def _viol(rep) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=6, help="max AC verification rounds")
+    ap.add_argument("--rounds", type=int, default=8, help="max AC verification rounds")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-warm", action="store_true", help="skip the warm re-plan")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every AC round")

@@ -109,3 +109,25 @@ def test_trust_region_holds_the_ders_that_are_not_movers():
     assert not moved[1:].any()
     der = p.col_der()
     assert der.shape == (p.lay.nv,) and set(np.unique(der)) <= set(range(-1, n))
+
+
+def test_trust_region_per_interval_movers_free_the_energy_columns():
+    """(T, n_der) movers: a DER moves only in its marked intervals; battery energy then
+    follows its power within the SOC bounds (not held at the centre)."""
+    fleet, load = small_fleet()
+    grid, _unc = _grid(fleet, load, 1.040, -0.002)
+    p = Planner(fleet, grid, ObjectiveConfig(allow_pv_q=False))
+    x0 = p.solve_linear().copy()
+    centre = p.schedule()
+    T, n = centre.p_kw.shape
+    movers = np.zeros((T, n), bool)
+    movers[: T // 2] = True                      # every DER, first half of the horizon
+    p.trust_region(x0, 1.0, movers)
+    p.lp.set_costs(np.array([p.lay.z]), np.array([0.0]))
+    p.solve_linear()
+    diff = np.abs(p.schedule().p_kw - centre.p_kw)
+    assert diff[T // 2:].max() <= 1e-9               # held where not marked
+    e = p.lay.index("bat_e").ravel()
+    lo, hi = p.lp.h.getLp().col_lower_, p.lp.h.getLp().col_upper_
+    np.testing.assert_allclose(np.asarray(lo)[e], p._col_box[0][e])
+    np.testing.assert_allclose(np.asarray(hi)[e], p._col_box[1][e])

@@ -277,12 +277,17 @@ class Planner:
             self.lp.set_col_bounds(cols, lo[:z], hi[:z])
             return
         span = np.where(np.isfinite(hi[:z] - lo[:z]), hi[:z] - lo[:z], 0.0) * frac
-        if movers is not None:  # only these DERs move; the rest stay at x_ref
+        if movers is not None:  # only these DERs (in these intervals) move
             der = np.tile(self.col_der(), self.lay.T)
-            span = np.where((der >= 0) & ~movers[np.maximum(der, 0)], 0.0, span)
+            m = np.broadcast_to(movers, (self.lay.T, movers.shape[-1]))
+            t = np.repeat(np.arange(self.lay.T), self.lay.nv)
+            span = np.where((der >= 0) & ~m[t, np.maximum(der, 0)], 0.0, span)
         xr = np.clip(x_ref[:z], lo[:z], hi[:z])
-        self.lp.set_col_bounds(cols, np.maximum(lo[:z], xr - span),
-                               np.minimum(hi[:z], xr + span))
+        new_lo, new_hi = np.maximum(lo[:z], xr - span), np.minimum(hi[:z], xr + span)
+        if movers is not None and np.ndim(movers) == 2:  # energy follows the power columns
+            e = self.lay.index("bat_e").ravel()
+            new_lo[e], new_hi[e] = lo[e], hi[e]
+        self.lp.set_col_bounds(cols, new_lo, new_hi)
 
     def recenter(self, ref: Reference) -> None:
         """Re-linearise around an AC-solved plan (row bounds change in place)."""

@@ -385,30 +385,49 @@ def learn_margins(planner: Planner, res: QSTSResult, over: dict[str, np.ndarray]
         m[mask] = np.maximum(m[mask], np.maximum(err[mask], 0.0) + pad)
 
 
-def repair_movers(planner: Planner, over: dict[str, np.ndarray],
-                  top: int = REPAIR_TOP) -> np.ndarray:
-    """DERs (n_der,) bool among the ``top`` most sensitive of a row in ``over`` ((T, n)
-    masks per row kind; the interval's own sensitivities)."""
+def repair_movers(planner: Planner, over: dict[str, np.ndarray], res: QSTSResult,
+                  lim, top: int = REPAIR_TOP) -> np.ndarray:
+    """(T, n_der) bool: which DER may move in which interval in a local repair: for every
+    row in ``over`` ((T, n) masks per row kind; AC result ``res`` against the LP limits
+    ``lim``) its ``top`` most sensitive DERs (the interval's own sensitivities), in every
+    interval; and where those together could not move the row by its excess (a row every
+    DER acts on alike: the substation bus), every DER in that row's interval."""
     net = planner.net
-    out = np.zeros(len(planner.fleet.ders), dtype=bool)
+    T, n = planner.lay.T, len(planner.fleet.ders)
+    span = np.max(net.box[1] - net.box[0], axis=0)           # kW per DER
+    local = np.zeros(n, dtype=bool)
+    wide = np.zeros(T, dtype=bool)
     for kind, mask in over.items():
         t, e = np.nonzero(mask)
         if t.size == 0:
             continue
-        for c in np.unique(net.sset.of_t[t]):
+        if kind == "i_max":
+            excess = res.i_a[t, e] - lim.i_max[t, e]
+        elif kind == "v_max":
+            excess = res.v_pu[t, e] - lim.v_max[t, e]
+        else:
+            excess = lim.v_min[t, e] - res.v_pu[t, e]
+        part_of = net.sset.of_t[t]
+        for c in np.unique(part_of):
+            k = np.flatnonzero(part_of == c)
             part = net.sset.parts[int(c)]
-            ue = np.unique(e[net.sset.of_t[t] == c])
-            a = np.abs(rows_dense(part.hi_p if kind == "i_max" else part.hv_p, ue))
-            k = min(top, a.shape[1])
-            best = np.argpartition(-a, k - 1, axis=1)[:, :k]
-            out[np.unique(best[np.take_along_axis(a, best, axis=1) > 0])] = True
-    log.info("dispatch repair movers=%d of %d", int(out.sum()), out.size)
+            a = np.abs(rows_dense(part.hi_p if kind == "i_max" else part.hv_p, e[k]))
+            m = min(top, a.shape[1])
+            best = np.argpartition(-a, m - 1, axis=1)[:, :m]
+            local[np.unique(best[np.take_along_axis(a, best, axis=1) > 0])] = True
+            reach = (np.take_along_axis(a, best, axis=1) * span[best]).sum(axis=1)
+            wide[t[k][reach < excess[k]]] = True
+    out = np.zeros((T, n), dtype=bool)
+    out[:, local] = True
+    out[wide] = True
+    log.info("dispatch repair local_movers=%d of %d, every DER in %d intervals",
+             int(local.sum()), n, int(wide.sum()))
     return out
 
 
 def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                     fleet: Fleet | None = None, uncontrolled: tuple | None = None,
-                    max_ac_rounds: int = 6) -> VerifiedPlan:
+                    max_ac_rounds: int = 8) -> VerifiedPlan:
     """Plan the fleet's dispatch and verify it on the AC model (see module docstring).
 
     ``uncontrolled``: (Reference, QSTSResult) of the uncontrolled schedule when already
@@ -496,7 +515,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         if large and centre_x is not None:
             movers = None
             if LOCAL_REPAIR and rounds >= 2:  # only the DERs that act on what is left
-                movers = repair_movers(planner, over if improved else best[7])
+                movers = repair_movers(planner, over if improved else best[7],
+                                       res if improved else best[3], ac.net_limits)
             planner.trust_region(centre_x, frac, movers)
         # large feeders: a warm re-solve with dense rows costs more than an AC round, and
         # the AC round finds most of what more linear rounds would: fewer of them
