@@ -100,6 +100,8 @@ class SensitivitySet:
 
     parts: tuple[DerSensitivity, ...]
     of_t: np.ndarray  # (T,) index into parts
+    at: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (k,)
+    # the interval each part was linearised at (empty: not from a QSTS)
 
     @classmethod
     def of(cls, sens: DerSensitivity | SensitivitySet, T: int) -> SensitivitySet:

@@ -21,6 +21,13 @@ best plan as they did: 380 -> 1,544 -> ... -> 11,428 on IEEE 8500); an accepted 
 shrinks it by 0.7. Each AC round re-solves with at most ``LARGE_LINEAR_ROUNDS`` linear
 rounds (twice that for the first solve).
 
+Every simulation starts from one control state (``ACNetwork.control_state``: where a
+warm-up base-case pass leaves the taps and capacitors). On large feeders the rows use
+sensitivities from ``OPERATING_POINTS`` intervals of the uncontrolled QSTS
+(:meth:`ACNetwork.operating_points`), and from the second AC round on a re-plan is a local
+repair (:func:`repair_movers`): only the DERs that act on what is still violated move, the
+others keep the centre plan (a move of every DER flips taps and capacitors elsewhere).
+
 Two options, off by default (one IEEE 8500 run each made the rounds worse, see
 bench/README.md): ``LEARN_MARGINS`` gives a row the AC check finds violated a back-off
 margin at once, how much the linear model under-predicted it (:func:`learn_margins`),
@@ -305,9 +312,9 @@ class ACNetwork:
         of ``ref``'s, each linearised at its state in a re-run of ``ref``'s QSTS (taps
         and capacitors as they acted there); every interval is served by the point with
         the nearest head import (see :class:`~derms.dispatch.network.SensitivitySet`)."""
-        key = (id(ref), points)
-        if getattr(self, "_op", (None,))[0] == key:
-            return self._op[1]
+        cached = getattr(self, "_op", None)   # (reference, points, set); by identity
+        if cached is not None and cached[0] is ref and cached[1] == points:
+            return cached[2]
         head = np.asarray(ref.head_kw, dtype=float)
         targets = np.quantile(head, (np.arange(points) + 0.5) / points)
         picks = np.unique([int(np.argmin(np.abs(head - v))) for v in targets])
@@ -318,8 +325,8 @@ class ACNetwork:
         self.models_at = {}
         log.info("dispatch operating_points=%d intervals=%s head_kw=%s s=%.2f", len(picks),
                  picks.tolist(), np.round(head[picks]).tolist(), time.perf_counter() - t0)
-        self._op = (key, SensitivitySet(parts, of_t.astype(np.int64)))
-        return self._op[1]
+        self._op = (ref, points, SensitivitySet(parts, of_t.astype(np.int64), picks))
+        return self._op[2]
 
     def grid_context(self, uncontrolled: Reference, points: int = 1) -> GridContext:
         """Everything the planner needs (sensitivities computed once and cached).
