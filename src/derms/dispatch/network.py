@@ -32,6 +32,14 @@ Sens = np.ndarray | sp.csr_matrix
 _DENSE_ABOVE = 2_000_000  # nodes x DERs above which sensitivities are kept dense
 
 
+def is_large(n_nodes: int, n_der: int) -> bool:
+    """The large-feeder mode (IEEE 8500 with hundreds of DERs): nodes x DERs above
+    ``_DENSE_ABOVE``. Sensitivities are then dense arrays and the planner and its AC
+    verification switch to elastic, thinned rows, operating-point sensitivities and
+    local repair."""
+    return n_nodes * n_der > _DENSE_ABOVE
+
+
 @dataclass(frozen=True)
 class DerSensitivity:
     """Sensitivities per DER (columns in fleet order) of node |V| [pu/kW, u-form] and branch
@@ -77,7 +85,7 @@ def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
     W = sp.csr_matrix((vals, (rows, cols)), shape=(len(lin.injection_nodes), len(fleet.ders)))
     b = lin.branches
     W = W.tocsc()
-    dense = lin.dv_dp_pu_per_kw.shape[0] * W.shape[1] > _DENSE_ABOVE
+    dense = is_large(lin.dv_dp_pu_per_kw.shape[0], W.shape[1])
 
     def conv(m: np.ndarray) -> Sens:
         out = (W.T @ m.T).T  # sparse W: no threaded BLAS call

@@ -38,6 +38,7 @@ from derms.dispatch.network import (
     Reference,
     SensitivitySet,
     der_box,
+    is_large,
 )
 from derms.errors import InfeasibleError, InputError
 
@@ -151,7 +152,7 @@ class Planner:
         rows = der_rows(lay, a, fleet, self.ep, self.cp, policy=objective.curtailment_policy)
         self.lp = HighsLP(cost, lo, hi, rows)
         self._col_box = (lo, hi)  # the DER columns' own bounds (trust regions shrink them)
-        big = len(grid.node_names) * len(fleet.ders) > 2_000_000
+        big = is_large(len(grid.node_names), len(fleet.ders))
         self.net = NetworkRows(self.lp, lay, grid.sens, self.ep, self.eq, self.cp, grid.limits,
                                der_box(a, objective.allow_pv_q), objective.export_limit_kw,
                                grid.node_names, grid.branch_names,
@@ -269,7 +270,9 @@ class Planner:
         another of its many near-equal optima (interchangeable batteries), far from the
         point the rows were re-centred on, where the first-order rows are off by up to
         0.03 pu (IEEE 8500) and the regulators answer with other taps. ``movers`` (n_der,)
-        bool: only those DERs' columns get the region, the others are held at ``x_ref``."""
+        or (T, n_der) bool: only those DERs' columns (in those intervals) get the region,
+        the others are held at ``x_ref``; with a (T, n_der) mask battery energy columns
+        keep their own SOC bounds (the energy follows the power columns)."""
         lo, hi = self._col_box
         z = self.lay.z
         cols = np.arange(z)

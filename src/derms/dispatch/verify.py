@@ -52,6 +52,7 @@ from derms.dispatch.network import (
     Reference,
     SensitivitySet,
     der_sensitivity,
+    is_large,
     network_limits,
     rows_dense,
 )
@@ -233,12 +234,15 @@ class ACNetwork:
         return (score >= 0.2 * max(score.max(), 1e-12)).astype(float) if score.max() > 1e-9 \
             else np.zeros(score.size)
 
-    def simulate(self, p_kw: np.ndarray, q_kvar: np.ndarray, *,
-                 linearise_at: np.ndarray | None = None) -> QSTSResult:
+    def simulate(self, p_kw: np.ndarray, q_kvar: np.ndarray) -> QSTSResult:
         """AC QSTS of a schedule: DER net import ``p_kw``/``q_kvar`` (T, n_der), from the
-        control state captured at set-up (``control_state``: regulator taps, capacitors).
-        ``linearise_at``: intervals at whose solved state (controls as they acted) a linear
-        model of the DER connection points is built (``self.models_at``, by interval)."""
+        control state captured at set-up (``control_state``: regulator taps, capacitors)."""
+        return self._run(p_kw, q_kvar, ())[0]
+
+    def _run(self, p_kw: np.ndarray, q_kvar: np.ndarray, linearise_at
+             ) -> tuple[QSTSResult, dict[int, object]]:
+        """:meth:`simulate`, plus a linear model of the DER connection points built at the
+        solved state (controls as they acted) of each interval in ``linearise_at``."""
         c = self.engine.circuit
         if self.control_state is not None:
             restore_control_state(self.engine, self.control_state)
@@ -254,14 +258,14 @@ class ACNetwork:
         col = StepCollector(self.engine, self.index, h.n_steps)
         sol = c.Solution
         flows = {e: np.empty(h.n_steps) for e in self.watched}
-        at = set() if linearise_at is None else {int(k) for k in linearise_at}
-        self.models_at = {}
+        at = {int(k) for k in linearise_at}
+        models: dict[int, object] = {}
         for k in range(h.n_steps):
             sol.Solve()
             col.collect(k)
             if k in at:
-                self.models_at[k] = build_linear_model(self.engine, self.lin.injection_nodes,
-                                                       branches=True)
+                models[k] = build_linear_model(self.engine, self.lin.injection_nodes,
+                                               branches=True)
             for e, f in flows.items():
                 c.SetActiveElement(e)
                 pw = np.asarray(c.ActiveCktElement.Powers)
@@ -273,7 +277,7 @@ class ACNetwork:
                           losses_kw=col.losses_kw, losses_kvar=col.losses_kvar,
                           converged=col.converged, control_mode=self.control_mode)
         self._last_flows = (out, flows)
-        return out
+        return out, models
 
     def _reference(self, res: QSTSResult, p_kw, q_kvar) -> Reference:
         flows = self._last_flows[1] if self._last_flows[0] is res else {}
@@ -320,9 +324,8 @@ class ACNetwork:
         picks = np.unique([int(np.argmin(np.abs(head - v))) for v in targets])
         of_t = np.argmin(np.abs(head[:, None] - head[picks][None, :]), axis=1)
         t0 = time.perf_counter()
-        self.simulate(ref.p_kw, ref.q_kvar, linearise_at=picks)
-        parts = tuple(der_sensitivity(self.models_at[int(k)], self.fleet) for k in picks)
-        self.models_at = {}
+        _res, models = self._run(ref.p_kw, ref.q_kvar, picks)
+        parts = tuple(der_sensitivity(models[int(k)], self.fleet) for k in picks)
         log.info("dispatch operating_points=%d intervals=%s head_kw=%s s=%.2f", len(picks),
                  picks.tolist(), np.round(head[picks]).tolist(), time.perf_counter() - t0)
         self._op = (ref, points, SensitivitySet(parts, of_t.astype(np.int64), picks))
@@ -453,7 +456,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         uncontrolled = ac.reference(uncontrolled_schedule(fleet))
     timing["uncontrolled_ac_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    big = ac.index.n_nodes * len(fleet.ders) > 2_000_000  # the planner's large-feeder mode
+    big = is_large(ac.index.n_nodes, len(fleet.ders))
     planner = Planner(fleet, ac.grid_context(uncontrolled[0],
                                              OPERATING_POINTS if big else 1), objective)
     timing["build_s"] = time.perf_counter() - t1

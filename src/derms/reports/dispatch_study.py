@@ -3,9 +3,9 @@
 :func:`run_dispatch_study` is what ``derms dispatch`` and ``POST /v1/dispatch/plan`` run:
 compile the feeder, draw the seeded scenario, simulate (full AC QSTS, OpenDSS) the
 uncontrolled schedule, the rule-based peak-shaving baseline and the optimised plan,
-and build the ledger. Every case is simulated from the same regulator/capacitor state
-(taps carry over between runs of one engine), the state the OpenDSS replay set starts
-from, so the exported folder reproduces the numbers reported here. Its files are written
+and build the ledger. Every case is simulated from the AC network's one starting
+regulator/capacitor state (``ACNetwork.control_state``), the state the OpenDSS replay set
+starts from, so the exported folder reproduces the numbers reported here. Its files are written
 by :mod:`derms.reports.dispatch_outputs`.
 
 Sign convention (DESIGN.md): at a connection point and at the substation import
