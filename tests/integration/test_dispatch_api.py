@@ -42,6 +42,7 @@ def test_plan_returns_summary_and_schedule_page(api):
     assert s["peak_optimised_kw"] <= s["peak_uncontrolled_kw"] + 1e-6
     n = s["n_controllable_ders"]
     assert len(out["ders"]) == n and {"der_id", "kind", "bus"} <= set(out["ders"][0])
+    assert out["ev_shortfalls"] == [] and out["summary"]["n_ev_short"] == 0
     sch = out["schedule"]
     assert sch["total"] == 24 * n and sch["offset"] == 5 and sch["rows"] == 20
     assert len(sch["der_id"]) == len(sch["p_kw"]) == len(sch["timestamp"]) == 20

@@ -189,3 +189,43 @@ def test_base_case_values_beyond_a_limit_are_held_even_inside_the_tolerance():
     np.testing.assert_allclose(lim.v_max[0], [1.05, 1.0505, 1.06, 1.05, 1.05])
     np.testing.assert_allclose(lim.v_min[0], [0.95, 0.95, 0.95, 0.9495, 0.94])
     np.testing.assert_allclose(lim.i_max[0], [100.0, 100.5, 120.0])
+
+
+def test_ev_that_a_thermal_limit_cannot_serve_ends_short_not_infeasible():
+    """A branch that carries only the EV (1 A per kW) rated 3 A: the session (12 kWh in 4 h
+    at 90 %) can get 4 h x 3 kW x 0.9 = 10.8 kWh. The grid limit holds and the EV ends
+    1.2 kWh short, reported, instead of the plan failing."""
+    fleet, load = small_fleet()
+    T, n = fleet.horizon.n_steps, len(fleet.ders)
+    unc = uncontrolled_schedule(fleet)
+    j_ev = fleet.der_ids.index("ev1")
+    hi = sp.csr_matrix(([1.0], ([0], [j_ev])), shape=(1, n))
+    zv = sp.csr_matrix((0, n))
+    i_ref = unc.p_kw[:, [j_ev]] * 1.0  # the branch current in the uncontrolled case [A]
+    ref = Reference(unc.p_kw, unc.q_kvar, np.zeros((T, 0)), i_ref,
+                    load + unc.p_kw.sum(axis=1))
+    lim = NetworkLimits(np.zeros((T, 0)), np.zeros((T, 0)), np.full((T, 1), 3.0),
+                        np.zeros(0, bool))
+    grid = GridContext(DerSensitivity(zv, zv, hi, sp.csr_matrix((1, n))), lim,
+                       np.zeros(0, object), np.array(["line.svc"], dtype=object), ref)
+    p = Planner(fleet, grid, ObjectiveConfig(allow_pv_q=False))
+    p.solve_linear()
+    s = p.schedule()
+    assert s.ev_kw[:, 0].max() <= 3.0 + 1e-7
+    assert s.ev_short_kwh == pytest.approx([1.2], abs=1e-6)
+    assert (s.ev_kw[:, 0] * 0.9 * fleet.horizon.dt_h).sum() == pytest.approx(10.8, abs=1e-6)
+    # the ledger names the session and the limit that shorts it
+    from types import SimpleNamespace
+
+    from derms.dispatch.ledger import build_ledger
+    ac = SimpleNamespace(head_p_kw=(load + s.p_kw.sum(axis=1))[:, None],
+                         i_a=s.ev_kw[:, :1] * 1.0, v_pu=np.zeros((T, 0)))
+    led = build_ledger(p, s, unc, ac)
+    row = led.ev_shortfalls.set_index("der_id").loc["ev1"]
+    assert row.short_kwh == pytest.approx(1.2, abs=1e-6)
+    assert row.delivered_kwh == pytest.approx(10.8, abs=1e-6)
+    assert row.reason == "i_max:line.svc"
+    # without the limit nothing is short
+    p2 = Planner(fleet, empty_grid(fleet, load), ObjectiveConfig(allow_pv_q=False))
+    p2.solve_linear()
+    assert p2.schedule().ev_short_kwh == pytest.approx([0.0], abs=1e-9)

@@ -87,6 +87,8 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     return {
         "summary": replace_nan(study.summary),
         "ders": [replace_nan(r) for r in ders.to_dict(orient="records")],
+        "ev_shortfalls": [replace_nan(r) for r in
+                          study.ledger.ev_shortfalls.to_dict(orient="records")],
         "schedule": {"total": len(sched), "offset": body.schedule_offset,
                      "limit": body.schedule_limit, "rows": len(page),
                      **{c: _clean(page[c].tolist()) for c in page.columns}},
@@ -98,7 +100,8 @@ async def post_dispatch_plan(request: Request, body: PlanBody,
                              principal: Annotated[Principal, Depends(require("operate"))],
                              download: Download | None = None) -> dict[str, Any] | Response:
     """Plan a seeded dispatch scenario on a bundled feeder and verify it on the AC model:
-    the summary (peaks [kW], violation counts, timings [s]), the DERs and a page of the
+    the summary (peaks [kW], violation counts, timings [s]), the DERs, the EV sessions a
+    network limit leaves short of their energy (with that limit) and a page of the
     optimised schedule; ``?download=csv|parquet``: the whole optimised schedule as a file
     (``schedule.csv`` columns of docs/data-formats.md)."""
     if download is not None:

@@ -137,4 +137,8 @@ def dispatch(
     if s["violations_optimised"]:
         err_console.print(f"[yellow]warning:[/] the optimised plan still has "
                           f"{s['violations_optimised']} violations in the AC simulation")
+    if s.get("n_ev_short"):
+        err_console.print(f"[yellow]warning:[/] {s['n_ev_short']} EV session(s) end "
+                          f"{s['ev_short_kwh']:.1f} kWh short of their energy: a network "
+                          "limit leaves no other way (ledger_ev_shortfalls.csv names it)")
     out_console.print(f"report: {(out / 'report.html').resolve()}", highlight=False)

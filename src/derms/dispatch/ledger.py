@@ -5,12 +5,14 @@ dual: element, kind, limit, AC value) and every DER moved against the uncontroll
 schedule (net import [kW], consumption positive), with the reason: the binding row at
 that interval whose ``dual x sensitivity`` to the DER is largest, else the binding row
 anywhere in the horizon the DER's move serves most (an energy shift), else the objective.
-Curtailment shares are cumulative curtailed kWh per PV over the horizon so far.
+Curtailment shares are cumulative curtailed kWh per PV over the horizon so far. EV
+sessions that end short of their energy (a network limit left no other way) are listed
+with the binding constraint in their plug-in window that weighs most on their charging.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -22,17 +24,21 @@ from derms.powerflow.qsts import QSTSResult
 EXPLAINED = ("v_max", "v_min", "i_max", "peak", "export_limit", "group_request")
 _DUAL_TOL = 1e-7
 _MOVE_KW = 0.01
+SHORT_KWH = 0.01  # an EV session this much short of its need [kWh] is reported
 
 
 @dataclass(frozen=True)
 class Ledger:
     """``binding`` (t, kind, element, limit, value, dual), ``moves`` (t, der_id, kind,
     p_uncontrolled_kw, p_plan_kw, delta_kw, reason), ``curtailment`` (t, der_id,
-    curtailed_kwh_cum, share_cum)."""
+    curtailed_kwh_cum, share_cum), ``ev_shortfalls`` (der_id, need_kwh, delivered_kwh,
+    short_kwh, reason), one row per EV session that ends short."""
 
     binding: pd.DataFrame
     moves: pd.DataFrame
     curtailment: pd.DataFrame
+    ev_shortfalls: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["der_id", "need_kwh", "delivered_kwh", "short_kwh", "reason"]))
 
 
 def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
@@ -102,7 +108,30 @@ def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
                           "p_uncontrolled_kw": uncontrolled.p_kw[tt, jj],
                           "p_plan_kw": plan.p_kw[tt, jj], "delta_kw": delta[tt, jj],
                           "reason": reason})
-    return Ledger(binding, moves, curtailment_shares(plan))
+    return Ledger(binding, moves, curtailment_shares(plan),
+                  ev_shortfalls(planner, plan, score, b_t, label))
+
+
+def ev_shortfalls(planner: Planner, plan: Schedule, score: np.ndarray, b_t: np.ndarray,
+                  label: np.ndarray) -> pd.DataFrame:
+    """EV sessions that end short of their need [kWh], each with the binding constraint
+    (``score``: |dual x sensitivity|, (n_bind, n_der), rows at intervals ``b_t``) that
+    weighs most on its charging inside its plug-in window."""
+    fleet, a = planner.fleet, planner.arrays
+    short = plan.ev_short_kwh if plan.ev_short_kwh is not None else np.zeros(len(fleet.evs))
+    k = np.flatnonzero(short > SHORT_KWH)
+    j0 = len(fleet.pv) + len(fleet.batteries)
+    reasons = []
+    for e in k:
+        win = np.flatnonzero(a.ev_window[:, e])
+        rows = np.flatnonzero(np.isin(b_t, win))
+        s = score[rows, j0 + e] if rows.size else np.zeros(0)
+        reasons.append(label[rows[int(np.argmax(s))]] if s.size and s.max() > 0 else
+                       "no binding constraint found in its window")
+    need = a.ev_e_required_kwh[k]
+    return pd.DataFrame({"der_id": [fleet.evs[e].der_id for e in k], "need_kwh": need,
+                         "delivered_kwh": need - short[k], "short_kwh": short[k],
+                         "reason": reasons})
 
 
 def curtailment_shares(plan: Schedule) -> pd.DataFrame:

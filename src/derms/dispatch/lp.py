@@ -103,7 +103,10 @@ def net_import_maps(lay: Layout, a: FleetArrays) -> tuple[sp.csr_matrix, sp.csr_
 class Weights:
     """Objective weights (money-like units; only their ratios matter). ``peak`` per kW of
     the largest head import; the rest per kWh (``ev_delay`` per kWh and hour of delay,
-    ``q`` per kvarh). ``price_per_kwh`` (T,) prices the head import when given."""
+    ``q`` per kvarh). ``price_per_kwh`` (T,) prices the head import when given.
+    ``ev_shortfall`` per kWh an EV session ends short of its energy: far above every other
+    term, so a session is shorted only where a network limit leaves no other way (the grid
+    limits come first; the ledger names the limit)."""
 
     peak: float = 1.0
     curtailment: float = 0.02
@@ -111,6 +114,7 @@ class Weights:
     q: float = 0.001
     ev_delay: float = 0.0005
     shed: float = 0.01
+    ev_shortfall: float = 100.0
     price_per_kwh: np.ndarray | None = None
 
 
@@ -292,12 +296,19 @@ class HighsLP:
             self.t = np.concatenate([self.t, rows.t])
         return np.arange(first, self.n_rows)
 
-    def add_cols(self, cost: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """Append empty columns (rows reference them later); return their indices."""
+    def add_cols(self, cost: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                 A: sp.spmatrix | None = None) -> np.ndarray:
+        """Append columns, empty or with entries ``A`` (n_rows x n) in existing rows;
+        return their indices."""
         first = self.h.getNumCol()
         n = cost.size
-        self.h.addCols(n, cost, lo, hi, 0, np.zeros(0, np.int32), np.zeros(0, np.int32),
-                       np.zeros(0))
+        if A is None:
+            self.h.addCols(n, cost, lo, hi, 0, np.zeros(0, np.int32), np.zeros(0, np.int32),
+                           np.zeros(0))
+        else:
+            A = sp.csc_matrix(A)
+            self.h.addCols(n, cost, lo, hi, A.nnz, A.indptr[:-1].astype(np.int32),
+                           A.indices.astype(np.int32), A.data.astype(float))
         return np.arange(first, first + n)
 
     def set_row_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:

@@ -113,6 +113,7 @@ class Schedule:
     shed_kw: np.ndarray  # flexible load (T, n_flex)
     rebound_kw: np.ndarray
     gen_kw: np.ndarray  # (T, n_gen)
+    ev_short_kwh: np.ndarray | None = None  # (n_ev,) energy an EV ends short of its need
 
     def long(self) -> pd.DataFrame:
         """Tidy table ``t, der_id, kind, p_kw, q_kvar`` (net import) plus ``soc_frac``
@@ -152,6 +153,7 @@ class Planner:
         rows = der_rows(lay, a, fleet, self.ep, self.cp, policy=objective.curtailment_policy)
         self.lp = HighsLP(cost, lo, hi, rows)
         self._col_box = (lo, hi)  # the DER columns' own bounds (trust regions shrink them)
+        self.ev_short_cols = self._add_ev_shortfall(rows.kind, a.ev_e_required_kwh)
         big = is_large(len(grid.node_names), len(fleet.ders))
         self.net = NetworkRows(self.lp, lay, grid.sens, self.ep, self.eq, self.cp, grid.limits,
                                der_box(a, objective.allow_pv_q), objective.export_limit_kw,
@@ -196,6 +198,8 @@ class Planner:
         self.lp.set_costs(cols, cost)
         rows = der_rows(lay, a, fleet, self.ep, self.cp, policy=obj.curtailment_policy)
         self.lp.set_row_bounds(np.arange(rows.lo.size), rows.lo, rows.hi)
+        self.lp.set_col_bounds(self.ev_short_cols, np.zeros(self.ev_short_cols.size),
+                               a.ev_e_required_kwh)
         self.net.cp = self.cp
         if limits is not None:
             self.net.lim = limits
@@ -204,6 +208,26 @@ class Planner:
         self._set_extra_bounds()
         self.n_initial_rows += self.net.initial_rows()
         self.update_s = time.perf_counter() - t0
+
+    def _add_ev_shortfall(self, row_kind: np.ndarray, need_kwh: np.ndarray) -> np.ndarray:
+        """One column per EV session [kWh, 0 … its need] in its energy row, priced at
+        ``weights.ev_shortfall``: a session the network limits cannot serve in full ends
+        short (and is reported) instead of making the plan infeasible. Returns the column
+        indices (n_ev,)."""
+        rows = np.flatnonzero(row_kind == "ev_energy")
+        n = rows.size
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        A = sp.csc_matrix((np.ones(n), (rows, np.arange(n))), shape=(self.lp.n_rows, n))
+        return self.lp.add_cols(np.full(n, self.objective.weights.ev_shortfall),
+                                np.zeros(n), need_kwh.astype(float), A)
+
+    def ev_short_kwh(self, x: np.ndarray | None = None) -> np.ndarray:
+        """kWh each EV session (fleet order of EVs) ends short of its need in solution
+        ``x`` (default the last)."""
+        x = self.x if x is None else x
+        return np.maximum(x[self.ev_short_cols], 0.0) if self.ev_short_cols.size else \
+            np.zeros(0)
 
     def solve_linear(self, max_rounds: int | None = None) -> np.ndarray:
         """Solve, then add rows the linear model says are violated and re-solve (warm),
@@ -366,7 +390,8 @@ class Planner:
         q = (self.eq @ xt.T).T
         return Schedule(self.fleet, p, q, blk("pv_p"), self.arrays.pv_avail_kw - blk("pv_p"),
                         blk("bat_ch"), blk("bat_dis"), blk("bat_e"), blk("ev_c"),
-                        blk("fl_shed"), blk("fl_rec"), blk("gen_p"))
+                        blk("fl_shed"), blk("fl_rec"), blk("gen_p"),
+                        ev_short_kwh=self.ev_short_kwh(x))
 
 
 def uncontrolled_schedule(fleet: Fleet) -> Schedule:

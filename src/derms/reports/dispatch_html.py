@@ -65,6 +65,12 @@ def _page(st: DispatchStudy) -> str:
         "with the constraint it serves most (or 'shift for …' when energy is moved to "
         "serve a constraint at another interval, or 'objective').") + _interval_ledger(st))
     parts.append("<h2>Ledger: cumulative per DER</h2>\n" + _der_ledger(st))
+    if len(st.ledger.ev_shortfalls):
+        parts.append("<h2>EV sessions short of their energy</h2>\n" + note(
+            "A network limit leaves no way to give these sessions their full energy by "
+            "departure: the grid limit comes first, and the constraint named is the one in "
+            "the plug-in window that weighs most on the session's charging.")
+            + _table(st.ledger.ev_shortfalls))
     title = f"Dispatch — {st.feeder}"
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n"

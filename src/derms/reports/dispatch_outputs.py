@@ -113,6 +113,7 @@ def ledger_tables(ledger: Ledger) -> dict[str, pd.DataFrame]:
         ts = _iso_index(frame["t"]) if len(frame) else np.zeros(0, dtype=object)
         frame.insert(0, "timestamp", ts)
         out[name] = frame.drop(columns="t")
+    out["ev_shortfalls"] = ledger.ev_shortfalls
     return out
 
 
@@ -191,6 +192,7 @@ EV {s['ev_penetration']}; curtailment policy `{s['curtailment_policy']}`, export
 | `ledger_binding.csv` | per interval the constraints that bind in the plan: `timestamp, kind (v_max, v_min [pu]; i_max [A]; peak, export_limit [kW]), element, limit, value (AC), dual` |
 | `ledger_moves.csv` | every DER moved against the uncontrolled schedule: `timestamp, der_id, kind, p_uncontrolled_kw, p_plan_kw, delta_kw, reason` (the binding constraint it serves most, `shift for …` for energy moved to serve a constraint elsewhere in the horizon, or `objective`) |
 | `ledger_curtailment.csv` | `timestamp, der_id, curtailed_kwh_cum, share_cum`: cumulative curtailed energy per PV and its share of all curtailment so far |
+| `ledger_ev_shortfalls.csv` | EV sessions that end short of their energy because a network limit left no other way: `der_id, need_kwh, delivered_kwh, short_kwh, reason` (the binding constraint in the plug-in window that weighs most on the session's charging) |
 | `report.html` | self-contained report (opens offline) |
 | `opendss/` | OpenDSS replay set (below) |
 

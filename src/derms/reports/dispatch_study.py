@@ -29,7 +29,7 @@ import pandas as pd
 
 from derms.analysis.constraints import ViolationReport
 from derms.dispatch import baselines
-from derms.dispatch.ledger import Ledger, build_ledger
+from derms.dispatch.ledger import SHORT_KWH, Ledger, build_ledger
 from derms.dispatch.plan import ObjectiveConfig, Schedule, uncontrolled_schedule
 from derms.dispatch.verify import VerifiedPlan, plan_and_verify
 from derms.errors import InputError
@@ -247,6 +247,8 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
     curtailed = float(opt.schedule.curtail_kw.sum() * dt)
     avail = float(sum(p.p_avail_kw.sum() for p in f.pv) * dt)
     plan_counts = vp.violations.counts
+    short = vp.schedule.ev_short_kwh
+    short = np.zeros(0) if short is None else short
     s: dict[str, Any] = {
         "feeder": feeder,
         "horizon_start": _iso(h.start),
@@ -286,6 +288,8 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
         "n_flex": len(f.flex), "n_generator": len(f.generators),
         "pv_available_kwh": avail,
         "pv_curtailed_kwh": curtailed,
+        "ev_short_kwh": float(short.sum()),
+        "n_ev_short": int((short > SHORT_KWH).sum()),
         "energy_uncontrolled_kwh": float(unc.head_kw.sum() * dt),
         "energy_optimised_kwh": float(opt.head_kw.sum() * dt),
         "violation_definition": "node-phase or branch-conductor x interval pairs outside "
