@@ -131,3 +131,29 @@ def test_trust_region_per_interval_movers_free_the_energy_columns():
     lo, hi = p.lp.h.getLp().col_lower_, p.lp.h.getLp().col_upper_
     np.testing.assert_allclose(np.asarray(lo)[e], p._col_box[0][e])
     np.testing.assert_allclose(np.asarray(hi)[e], p._col_box[1][e])
+
+
+def test_thermal_rows_come_from_the_point_where_the_branch_is_loaded():
+    """Branch 0 is nearly idle at point 0 (its |I| projection there is arbitrary) and
+    loaded at point 1: point 0 borrows point 1's row. Branch 1 is loaded at both and keeps
+    its own rows. Voltage rows are never touched. Dense and CSR alike."""
+    from derms.dispatch.network import thermal_rows_from_loaded_points
+
+    n = 3
+    hv = np.arange(2 * n, dtype=float).reshape(2, n)
+    p0 = DerSensitivity(hv, hv, np.array([[-0.02, 0.0, 0.1], [1.0, 1.0, 1.0]]),
+                        np.array([[0.14, 0.0, 0.0], [0.5, 0.5, 0.5]]))
+    p1 = DerSensitivity(hv + 1, hv + 1, np.array([[0.13, 0.0, 0.1], [2.0, 2.0, 2.0]]),
+                        np.array([[0.05, 0.0, 0.0], [0.7, 0.7, 0.7]]))
+    i_at = np.array([[0.07, 90.0], [0.19, 100.0]])
+    for conv in (np.asarray, sp.csr_matrix):
+        parts = tuple(DerSensitivity(*(conv(getattr(p, k)) for k in
+                                       ("hv_p", "hv_q", "hi_p", "hi_q"))) for p in (p0, p1))
+        out = thermal_rows_from_loaded_points(parts, i_at)
+
+        def dense(m):
+            return m.toarray() if sp.issparse(m) else np.asarray(m)
+        np.testing.assert_allclose(dense(out[0].hi_p), [[0.13, 0.0, 0.1], [1.0, 1.0, 1.0]])
+        np.testing.assert_allclose(dense(out[0].hi_q), [[0.05, 0.0, 0.0], [0.5, 0.5, 0.5]])
+        np.testing.assert_allclose(dense(out[1].hi_p), dense(parts[1].hi_p))
+        np.testing.assert_allclose(dense(out[0].hv_p), hv)

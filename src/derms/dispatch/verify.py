@@ -55,6 +55,7 @@ from derms.dispatch.network import (
     is_large,
     network_limits,
     rows_dense,
+    thermal_rows_from_loaded_points,
 )
 from derms.dispatch.plan import (
     GridContext,
@@ -83,6 +84,7 @@ HOLD_REGULATOR_BANDS = False  # hold regulator bands where the AC check fails (m
 LEARN_MARGINS = False  # large feeders: margins at a row's first AC violation (module doc)
 BAND_KEEP = 0.7  # share of a regulator's band the LP may use (the rest absorbs linear error)
 TRUST_FRAC = 0.5  # large feeders: share of each DER column's range a re-plan may move
+THERMAL_FROM_LOADED = True  # thermal rows from the point where the branch is most loaded
 OPERATING_POINTS = 4  # large feeders: operating points of the row sensitivities
 LOCAL_REPAIR = True  # large feeders, from the 2nd AC round: only DERs acting on what is left
 REPAIR_TOP = 10  # ... the most sensitive ones of each violated row
@@ -324,8 +326,10 @@ class ACNetwork:
         picks = np.unique([int(np.argmin(np.abs(head - v))) for v in targets])
         of_t = np.argmin(np.abs(head[:, None] - head[picks][None, :]), axis=1)
         t0 = time.perf_counter()
-        _res, models = self._run(ref.p_kw, ref.q_kvar, picks)
+        res, models = self._run(ref.p_kw, ref.q_kvar, picks)
         parts = tuple(der_sensitivity(models[int(k)], self.fleet) for k in picks)
+        if THERMAL_FROM_LOADED:
+            parts = thermal_rows_from_loaded_points(parts, np.asarray(res.i_a)[picks])
         log.info("dispatch operating_points=%d intervals=%s head_kw=%s s=%.2f", len(picks),
                  picks.tolist(), np.round(head[picks]).tolist(), time.perf_counter() - t0)
         self._op = (ref, points, SensitivitySet(parts, of_t.astype(np.int64), picks))
