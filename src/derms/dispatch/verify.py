@@ -50,6 +50,7 @@ import pandas as pd
 from derms.analysis.constraints import Limits, ViolationReport, detect_violations
 from derms.der.models import Fleet
 from derms.dispatch.network import (
+    NetworkLimits,
     Reference,
     SensitivitySet,
     der_sensitivity,
@@ -85,6 +86,8 @@ HOLD_REGULATOR_BANDS = False  # hold regulator bands where the AC check fails (m
 LEARN_MARGINS = False  # large feeders: margins at a row's first AC violation (module doc)
 BAND_KEEP = 0.7  # share of a regulator's band the LP may use (the rest absorbs linear error)
 TRUST_FRAC = 0.5  # large feeders: share of each DER column's range a re-plan may move
+STEP_UP_GUARD = True  # lower limit at regulators a step up would take over v_max
+STEP_GUARD_PU = 0.0005  # ... this much above the band's lower edge
 THERMAL_FROM_LOADED = True  # thermal rows from the point where the branch is most loaded
 OPERATING_POINTS = 4  # large feeders: operating points of the row sensitivities
 LOCAL_REPAIR = True  # large feeders, from the 2nd AC round: only DERs acting on what is left
@@ -152,14 +155,36 @@ class ACNetwork:
         self.base = self._reference(self.base_result, np.zeros((T, n)), np.zeros((T, n)))
         self.net_limits = network_limits(self.base, self.index.node_phase,
                                          self.index.branch_norm_a, self.limits)
+        if STEP_UP_GUARD:
+            self.net_limits = self._guard_step_up(self.net_limits, self.base.v_pu)
         if HOLD_REGULATOR_BANDS:  # read only when used (engine queries per regulator)
             node, lo, hi = self.regulator_bands()
             if node.size:
                 self.net_limits = replace(self.net_limits, band_node=node, band_lo_pu=lo,
                                           band_hi_pu=hi)
 
-    def regulator_bands(self, keep: float | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _guard_step_up(self, lim: NetworkLimits, base_v: np.ndarray) -> NetworkLimits:
+        """Raise the lower voltage limit of a regulator's monitored node to its band's
+        lower edge where one tap step up from that edge lands above the upper voltage
+        limit (IEEE 8500's substation regulator: 126.5 V ± 1 V on a 60:1 PT holds its bus
+        in 1.0458-1.0625 pu, one 0.00625 pu step from 1.0458 lands at 1.052): a plan whose
+        load pulls the bus under the edge makes the regulator step up into an
+        overvoltage, which the frozen-tap rows cannot see. Never tighter than the base
+        case's value."""
+        node, lo, _hi, step = self.regulator_bands(keep=1.0, with_step=True)
+        hazard = lo + step > self.limits.v_max_pu
+        if not hazard.any():
+            return lim
+        node, guard = node[hazard], lo[hazard] + STEP_GUARD_PU
+        v_min = lim.v_min.copy()
+        v_min[:, node] = np.maximum(v_min[:, node],
+                                    np.minimum(guard[None, :], base_v[:, node]))
+        log.info("dispatch step_up_guard nodes=%s v_min_pu=%s", node.tolist(),
+                 np.round(guard, 4).tolist())
+        return replace(lim, v_min=v_min)
+
+    def regulator_bands(self, keep: float | None = None, with_step: bool = False
+                        ) -> tuple[np.ndarray, ...]:
         """Monitored node (index order) and band [pu] of every RegControl the LP can hold
         inside its band (no line-drop compensation, no remote bus, a wye winding, the PT on
         the winding's first node): ``vreg ± band/2`` [V on the PT's secondary] times the PT
@@ -173,7 +198,7 @@ class ACNetwork:
         c, ix = self.engine.circuit, self.index
         pos = {(b, int(p)): k for k, (b, p) in enumerate(zip(ix.node_bus, ix.node_phase))}
         rc, tr = c.RegControls, c.Transformers
-        nodes, lo, hi = [], [], []
+        nodes, lo, hi, step = [], [], [], []
         k = rc.First
         while k > 0:
             name = rc.Name.lower()
@@ -192,13 +217,15 @@ class ACNetwork:
                     nodes.append(node)
                     lo.append(rc.ForwardVreg * scale - half)
                     hi.append(rc.ForwardVreg * scale + half)
+                    step.append((tr.MaxTap - tr.MinTap) / max(tr.NumTaps, 1))
                     k = rc.Next
                     continue
             log.info("regulator %s: band not modelled (LDC, remote bus, delta or PT phase)",
                      name)
             k = rc.Next
-        return (np.asarray(nodes, dtype=np.int64), np.asarray(lo, dtype=float),
-                np.asarray(hi, dtype=float))
+        out = (np.asarray(nodes, dtype=np.int64), np.asarray(lo, dtype=float),
+               np.asarray(hi, dtype=float))
+        return out + (np.asarray(step, dtype=float),) if with_step else out
 
     def _loss_weights(self) -> np.ndarray:
         """Per branch conductor ``2 R_k I0_k / 1000`` [kW of losses per A of |I| change]:
