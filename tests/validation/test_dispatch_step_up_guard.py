@@ -15,8 +15,8 @@ from derms.studies.dispatch_scenario import ScenarioConfig, open_dispatch_case
 
 @pytest.fixture(scope="module")
 def case():
-    engine, scenario, ac = open_dispatch_case(resolve_master("ieee13"),
-                                              ScenarioConfig(n_steps=24))
+    engine, _scenario, ac = open_dispatch_case(resolve_master("ieee13"),
+                                               ScenarioConfig(n_steps=24))
     yield engine, ac
     engine.close()
 
