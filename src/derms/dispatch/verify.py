@@ -28,6 +28,9 @@ sensitivities from ``OPERATING_POINTS`` intervals of the uncontrolled QSTS
 most loaded), and from the second AC round on a re-plan is a local repair
 (:func:`repair_movers`): only the DERs that act on what is still violated move, the
 others keep the centre plan (a move of every DER flips taps and capacitors elsewhere).
+A regulator whose band sits so high that one tap step up from its lower edge lands above
+the voltage limit holds its monitored node above that edge (``STEP_UP_GUARD``,
+:meth:`ACNetwork._guard_step_up`).
 
 Two options, off by default (one IEEE 8500 run each made the rounds worse, see
 bench/README.md): ``LEARN_MARGINS`` gives a row the AC check finds violated a back-off
