@@ -100,7 +100,7 @@ def test_regulator_bands_are_read_from_the_regcontrols():
         with OpenDSSEngine(shared_master(name)) as eng:
             eng.solve()
             obj = types.SimpleNamespace(engine=eng, index=build_index(eng))
-            node, lo, hi = ACNetwork.regulator_bands(obj)
+            node, lo, hi, _step = ACNetwork.regulator_bands(obj)
             assert node.size == expect, name
             if expect:
                 rc = eng.circuit.RegControls

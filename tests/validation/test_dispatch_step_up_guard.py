@@ -29,7 +29,7 @@ def test_only_a_regulator_a_step_up_takes_over_the_limit_is_guarded(case):
     engine.command("edit regcontrol.reg1 vreg=127 band=2 R=0 X=0")
     engine.command("edit regcontrol.reg2 vreg=122 band=2 R=0 X=0")
     try:
-        node, lo, _hi, step = ac.regulator_bands(keep=1.0, with_step=True)
+        node, lo, _hi, step = ac.regulator_bands(keep=1.0)
         kv = ac.index.node_kv_base_ln[node] * 1e3
         np.testing.assert_allclose(lo, np.where(lo > 1.03, 126.0, 121.0) * 20 / kv)
         np.testing.assert_allclose(step, 0.2 / 32)  # 0.9-1.1 in 32 steps

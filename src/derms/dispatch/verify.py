@@ -161,7 +161,7 @@ class ACNetwork:
         if STEP_UP_GUARD:
             self.net_limits = self._guard_step_up(self.net_limits, self.base.v_pu)
         if HOLD_REGULATOR_BANDS:  # read only when used (engine queries per regulator)
-            node, lo, hi = self.regulator_bands()
+            node, lo, hi, _step = self.regulator_bands()
             if node.size:
                 self.net_limits = replace(self.net_limits, band_node=node, band_lo_pu=lo,
                                           band_hi_pu=hi)
@@ -174,7 +174,7 @@ class ACNetwork:
         load pulls the bus under the edge makes the regulator step up into an
         overvoltage, which the frozen-tap rows cannot see. Never tighter than the base
         case's value."""
-        node, lo, _hi, step = self.regulator_bands(keep=1.0, with_step=True)
+        node, lo, _hi, step = self.regulator_bands(keep=1.0)
         hazard = lo + step > self.limits.v_max_pu
         if not hazard.any():
             return lim
@@ -186,11 +186,11 @@ class ACNetwork:
                  np.round(guard, 4).tolist())
         return replace(lim, v_min=v_min)
 
-    def regulator_bands(self, keep: float | None = None, with_step: bool = False
-                        ) -> tuple[np.ndarray, ...]:
-        """Monitored node (index order) and band [pu] of every RegControl the LP can hold
-        inside its band (no line-drop compensation, no remote bus, a wye winding, the PT on
-        the winding's first node): ``vreg ± band/2`` [V on the PT's secondary] times the PT
+    def regulator_bands(self, keep: float | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Monitored node (index order), band [pu] and tap step [pu] of every RegControl
+        the LP can hold inside its band (no line-drop compensation, no remote bus, a wye
+        winding, the PT on the winding's first node): ``vreg ± band/2`` [V on the PT's secondary] times the PT
         ratio over the node's base, narrowed to ``keep`` of its width (``BAND_KEEP``) so the
         linear error does not take the voltage out. Holding it there keeps the taps the AC
         simulation of the reference found (static control acts only outside the band), so
@@ -226,9 +226,8 @@ class ACNetwork:
             log.info("regulator %s: band not modelled (LDC, remote bus, delta or PT phase)",
                      name)
             k = rc.Next
-        out = (np.asarray(nodes, dtype=np.int64), np.asarray(lo, dtype=float),
-               np.asarray(hi, dtype=float))
-        return out + (np.asarray(step, dtype=float),) if with_step else out
+        return (np.asarray(nodes, dtype=np.int64), np.asarray(lo, dtype=float),
+                np.asarray(hi, dtype=float), np.asarray(step, dtype=float))
 
     def _loss_weights(self) -> np.ndarray:
         """Per branch conductor ``2 R_k I0_k / 1000`` [kW of losses per A of |I| change]:
