@@ -26,15 +26,21 @@ Columns:
 * **chi2/dof**: mean over the seeds; near 1 when the prior and noise sigmas are right
   (the statistic a utility can use to check its own profile sigma, without a truth).
 
+``--scales`` (``auto,1``): ``prior_scale`` of each row; ``auto`` calibrates the pseudo sigma
+from the data (:mod:`derms.analysis.se_prior`; voltage-only rows only: with AMI power rows
+auto keeps the sigmas as given); ``sigma used`` is the given sigma x the scale (range over
+the seeds).
+
 ``--sensitivity``: voltages only, sigma = 1 %, truth spreads s = 0.2 / 0.3 / 0.5 against
-assumed prior sigmas 10-50 % (max and mean error over the seeds).
+assumed prior sigmas 10-50 % taken as given (max and mean error over the seeds), and the
+``auto`` column: calibrated from a 30 % start (the result does not depend on the start).
 
 BLAS threads: OpenBLAS is pinned to 1 thread by default (``--blas-threads``); on this
 shared 2-core machine 2 threads made the dense Cholesky/products 2-10x slower and erratic
 whenever another process held a core. The variable is set before numpy is imported.
 
 Run: ``.venv/bin/python bench/bench_state_estimation.py [--seeds 5] [--configs v,v+p,v+pq]
-[--priors truth,0.5] [--sensitivity]``
+[--priors truth,0.5] [--scales auto,1] [--sensitivity]``
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ def _args():
     ap.add_argument("--blas-threads", type=int, default=1)
     ap.add_argument("--configs", default="v,v+p,v+pq")
     ap.add_argument("--priors", default="truth,0.5")
+    ap.add_argument("--scales", default="auto,1",
+                    help="prior_scale values: auto (calibrated from the data) and/or numbers")
     ap.add_argument("--spread", type=float, default=0.5)
     ap.add_argument("--sensitivity", action="store_true")
     return ap.parse_args()
@@ -91,13 +99,15 @@ def _prior(text: str, spread: float) -> float:
     return spread / np.sqrt(3) if text == "truth" else float(text)
 
 
-def run_case(engine, index, meters, p0, q0, seeds, noise, *, spread, prior, ami) -> dict:
-    walls, cpus, errs, means, iters, chi, conv = [], [], [], [], [], [], []
+def run_case(engine, index, meters, p0, q0, seeds, noise, *, spread, prior, ami,
+             scale="auto") -> dict:
+    walls, cpus, errs, means, iters, chi, conv, used = [], [], [], [], [], [], [], []
     for seed in range(seeds):
         sc = make_scenario(engine, meters, seed, HEAD_BUS["ieee8500"], noise, spread=spread,
                            pseudo_sigma=prior, ami=ami.replace("v", "").replace("+", ""))
         t0, c0 = time.perf_counter(), time.process_time()
-        est = estimate_state(engine, sc.meas, index=index)
+        est = estimate_state(engine, sc.meas, index=index, prior_scale=scale)
+        used.append(prior * est.prior_scale)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
         err = np.abs(est.v_pu - sc.v_true_pu)[sc.energised]
@@ -108,7 +118,8 @@ def run_case(engine, index, meters, p0, q0, seeds, noise, *, spread, prior, ami)
         conv.append(est.converged)
         set_loads(engine, p0, q0)
         engine.solve()
-    return {"noise": noise, "prior": prior, "config": ami, "iters": iters,
+    return {"noise": noise, "prior": prior, "config": ami, "iters": iters, "scale": scale,
+            "used_min": min(used), "used_max": max(used),
             "wall": statistics.median(walls), "wall_max": max(walls),
             "cpu": statistics.median(cpus), "err_max": max(errs),
             "err_mean": float(np.mean(means)), "chi": float(np.mean(chi)), "conv": all(conv),
@@ -127,14 +138,18 @@ def main() -> None:
               "max err pu (mean err pu)\n")
         priors = (0.1, 0.15, 0.2, 0.289, 0.5)
         print("| truth spread s (sd) | " + " | ".join(f"prior {100 * p:.0f} %" for p in priors)
-              + " |")
-        print("|---" * (len(priors) + 1) + "|")
+              + " | auto (sigma used) |")
+        print("|---" * (len(priors) + 2) + "|")
         for spread in (0.2, 0.3, 0.5):
             cells = []
             for prior in priors:
                 r = run_case(engine, index, meters, p0, q0, seeds, NOISE, spread=spread,
-                             prior=prior, ami="v")
+                             prior=prior, ami="v", scale=1.0)
                 cells.append(f"{r['err_max']:.4f} ({r['err_mean']:.5f})")
+            r = run_case(engine, index, meters, p0, q0, seeds, NOISE, spread=spread,
+                         prior=0.3, ami="v", scale="auto")
+            cells.append(f"{r['err_max']:.4f} ({100 * r['used_min']:.1f}-"
+                         f"{100 * r['used_max']:.1f} %)")
             print(f"| ±{100 * spread:.0f} % ({100 * spread / np.sqrt(3):.1f} %) | "
                   + " | ".join(cells) + " |", flush=True)
         print(f"uptime: {_uptime()}", file=sys.stderr)
@@ -144,23 +159,29 @@ def main() -> None:
     for config in ARGS.configs.split(","):
         for prior_text in ARGS.priors.split(","):
             prior = _prior(prior_text, ARGS.spread)
-            for noise in (NOISE, NOISE / 3):
-                rows.append(run_case(engine, index, meters, p0, q0, seeds, noise,
-                                     spread=ARGS.spread, prior=prior, ami=config))
+            for scale_text in ARGS.scales.split(","):
+                scale = "auto" if scale_text == "auto" else float(scale_text)
+                if scale == "auto" and config != "v":
+                    continue  # AMI power rows: auto keeps the sigmas as given
+                for noise in (NOISE, NOISE / 3):
+                    rows.append(run_case(engine, index, meters, p0, q0, seeds, noise,
+                                         spread=ARGS.spread, prior=prior, ami=config,
+                                         scale=scale))
     engine.close()
     print(f"\nState estimation, IEEE 8500, truth spread ±{100 * ARGS.spread:.0f} %, {seeds} "
           f"seeds per row, OPENBLAS_NUM_THREADS={ARGS.blas_threads}\n")
-    hdr = ("| AMI | prior sigma | noise sigma | iterations | wall s | cpu s | max err pu | "
-           "mean err pu | chi2/dof |")
+    hdr = ("| AMI | prior sigma given | prior_scale | sigma used | noise sigma | iterations | "
+           "wall s | cpu s | max err pu | mean err pu | chi2/dof |")
     print(hdr)
     print("|---" * (hdr.count("|") - 1) + "|")
     for r in rows:
-        print(f"| {r['config']} | {100 * r['prior']:.1f} % | {100 * r['noise']:.2f} % | "
+        print(f"| {r['config']} | {100 * r['prior']:.1f} % | {r['scale']} | "
+              f"{100 * r['used_min']:.1f}-{100 * r['used_max']:.1f} % | {100 * r['noise']:.2f} % | "
               f"{min(r['iters'])}-{max(r['iters'])} | {r['wall']:.3f} | {r['cpu']:.3f} | "
               f"{r['err_max']:.4f} | {r['err_mean']:.5f} | {r['chi']:.2f} |")
     print()
     for r in rows:
-        print(f"- {r['config']}, prior {100 * r['prior']:.1f} %, sigma {100 * r['noise']:.2f} %: "
+        print(f"- {r['config']}, prior {100 * r['prior']:.1f} % ({r['scale']}), sigma {100 * r['noise']:.2f} %: "
               f"max wall {r['wall_max']:.3f} s; per-seed max error "
               f"{', '.join(f'{e:.4f}' for e in r['errs'])} pu; all converged: {r['conv']}")
     print(f"uptime: {_uptime()}", file=sys.stderr)

@@ -296,8 +296,9 @@ def test_ieee8500_ami_at_every_service_transformer():
     0.0102-0.0123 pu (seed 0: 0.0102), mean 0.00125; asserted at 0.015 / 0.0015 pu.
     sigma = 1/3 %: <= 0.01 pu. With AMI kW of every load (1 %): <= 0.01 pu as accepted,
     asserted at 0.005 (5 seeds: 0.0019-0.0023; ignoring the kW rows gives seed 0's 0.0102).
-    A +10 % gross error on one meter is the largest normalised residual. About 10 s here
-    (compile included), so not marked slow.
+    A +10 % gross error on one meter is the largest normalised residual. An overstated prior
+    is calibrated down from the data (``prior_scale="auto"``). About 12 s here (compile
+    included), so not marked slow.
     """
     engine = frozen_engine("ieee8500")
     try:
@@ -321,6 +322,16 @@ def test_ieee8500_ami_at_every_service_transformer():
         est = estimate_state(engine, sc.meas, restore=True)
         assert est.converged and not est.bad_data
         assert max_error(est, sc) <= 0.005
+        # a 50 % prior on an 11.5 % truth (U(0.8, 1.2)): calibrated from the data, the pseudo
+        # sigma comes down near the truth's spread and the error with it (5 seeds: sigma
+        # 0.080-0.111, max 0.0040-0.0056 pu); taken as given, 0.0116-0.0175 pu
+        sc = make_scenario(engine, meters, 0, HEAD_BUS["ieee8500"], spread=0.2,
+                           pseudo_sigma=0.5)
+        est = estimate_state(engine, sc.meas, restore=True)
+        assert 0.06 <= 0.5 * est.prior_scale <= 0.15
+        assert max_error(est, sc) <= 0.0065
+        given = estimate_state(engine, sc.meas, restore=True, prior_scale=1.0)
+        assert given.prior_scale == 1.0 and max_error(given, sc) >= 0.01
     finally:
         engine.close()
 
@@ -473,3 +484,29 @@ def test_loads_left_out_of_the_state_keep_their_engine_values(ieee13):
     est = estimate_state(ieee13, meas, restore=True)
     assert est.converged and est.load_p_kw.size == len(meas.load_names)
     assert max_error(est, sc) < 0.05
+
+
+@pytest.mark.parametrize("value", ["bogus", 0.0, -1.0, float("nan"), float("inf")])
+def test_bad_prior_scale_raises_input_error(ieee13, value):
+    sc = make_scenario(ieee13, meter_nodes_load_buses(ieee13), 0, "650")
+    with pytest.raises(InputError, match="prior_scale"):
+        estimate_state(ieee13, sc.meas, prior_scale=value)
+
+
+def test_prior_scale_auto_falls_back_where_it_cannot_calibrate(ieee13, ieee123):
+    """Too few rows (IEEE 13) or AMI power rows (IEEE 123 + kW): the sigmas as given, said in
+    a note; a number scales every pseudo sigma exactly as scaling them by hand does."""
+    sc = make_scenario(ieee13, meter_nodes_load_buses(ieee13), 0, "650")
+    est = estimate_state(ieee13, sc.meas, restore=True)
+    assert est.prior_scale == 1.0 and any("as given" in n for n in est.notes)
+    sc = make_scenario(ieee123, meter_nodes_load_buses(ieee123), 0, "150r", ami="p")
+    est = estimate_state(ieee123, sc.meas, restore=True)
+    assert est.prior_scale == 1.0 and any("as given" in n for n in est.notes)
+    m = make_scenario(ieee123, meter_nodes_load_buses(ieee123), 0, "150r").meas
+    a = estimate_state(ieee123, m, restore=True, prior_scale=0.5)
+    b = estimate_state(ieee123, replace(m, load_p_sigma_kw=0.5 * m.load_p_sigma_kw,
+                                        load_q_sigma_kvar=0.5 * m.load_q_sigma_kvar),
+                       restore=True, prior_scale=1.0)
+    np.testing.assert_allclose(a.v_pu, b.v_pu)
+    auto = estimate_state(ieee123, m, restore=True)
+    assert auto.prior_scale != 1.0 and not auto.notes

@@ -59,18 +59,23 @@ error that keeps it within a couple of prior sigmas of the profile cannot be see
 Pseudo-measurement uncertainty
 ------------------------------
 The pseudo sigma should be the standard deviation of the real loads around the profile
-values given (a utility estimates it from its own AMI history); ``chi2 / chi2_dof`` near 1
-checks it without a truth (IEEE 8500, voltages only: 1.0 with a correctly specified prior,
-0.85 with a 50 % prior on a 29 % truth). Measured on IEEE 8500 (voltages only, sigma =
-1 %, truth = base x U(1 - s, 1 + s)): the largest error is smallest with the prior sigma
-at or somewhat below the truth's sd, and an overstated prior costs more than an
-understated one (s = 0.2, sd 11.5 %: 0.0056 pu at a 10-15 % prior, 0.0105 at 29 %, 0.0175
-at 50 %; s = 0.5, sd 29 %: 0.0118-0.0132 at 10-29 %, 0.0187 at 50 %;
-``bench/bench_state_estimation.py --sensitivity``), because an overstated prior lets each
-meter's noise move its own load. Hence the default when a caller gives none,
-``DEFAULT_PSEUDO_SIGMA_FRAC`` = 30 % of |value| (floor 0.1 kW/kvar): a typical spread of a
-customer's load around a class profile, on the cheap side of that asymmetry. It is a
-default, not a tuned figure: give your own.
+values given. Measured on IEEE 8500 (voltages only, sigma = 1 %, truth = base x
+U(1 - s, 1 + s)): the largest error is smallest with the prior sigma at or somewhat below
+the truth's sd, and an overstated prior costs more than an understated one (s = 0.2, sd
+11.5 %: 0.0056 pu at a 10-15 % prior, 0.0104 at 29 %, 0.0175 at 50 %), because an
+overstated prior lets each meter's noise move its own load. A utility rarely knows that
+sd for the instant it estimates, so by default (``prior_scale="auto"``) every pseudo sigma
+is scaled by one factor calibrated from the snapshot itself: the maximum-likelihood scale
+of the prior given the innovation at the prior, shaded down by one standard deviation of
+its own uncertainty (:mod:`derms.analysis.se_prior`; ≈ 0.05 s on IEEE 8500). The result
+then hardly depends on the sigma given: s = 0.2 / 0.3 / 0.5 give 0.0056 / 0.0078 /
+0.0125 pu whatever prior (10-50 %) was given, against 0.0056 / 0.0078-0.0082 / 0.0123 with
+the correctly specified prior taken as given (``bench/bench_state_estimation.py
+--sensitivity``). The calibration needs ``se_prior.MIN_ROWS`` voltage/head rows and no
+AMI power rows; otherwise, or with a number for ``prior_scale``, the sigmas are used as
+given (times that number). With no sigma given, ``DEFAULT_PSEUDO_SIGMA_FRAC`` = 30 % of
+|value| (floor 0.1 kW/kvar) is the starting point. ``chi2 / chi2_dof`` near 1 checks the
+sigmas used (by construction close to 1 after the calibration).
 
 Assumptions and limits
 ----------------------
@@ -88,16 +93,18 @@ Assumptions and limits
   ``restore=True`` or the estimate fails (then the loads are put back).
 * Information-limited where each meter is alone: one AMI voltage per service transformer
   leaves no redundancy at the customer bus (its own load moves it; one meter, one load).
-  IEEE 8500, sigma = 1 % per meter, 29 % prior (the truth's sd): largest node error
-  0.0102-0.0123 pu over 5 seeds (mean 0.00125 pu); the best linear estimate's posterior sd
-  at the metered buses reaches 0.0056 pu, so the largest of ~6,000 metered errors cannot be
-  held to 0.01 pu by this (or any linear) estimator. Re-linearising H at the estimate
+  IEEE 8500, sigma = 1 % per meter, truth U(0.5, 1.5), 29 % prior (the truth's sd):
+  largest node error 0.0102-0.0123 pu over 5 seeds (mean 0.00125 pu; 0.0098-0.0125 with
+  the calibrated prior); the best linear estimate's posterior sd at the metered buses
+  reaches 0.0056 pu, so the largest of ~6,000 metered errors cannot be held to 0.01 pu by
+  this (or any linear) estimator under so wide a truth (U(0.7, 1.3): 0.0078 pu). Re-linearising H at the estimate
   (full Gauss-Newton) changes the error by < 0.0003 pu (0.0123 -> 0.0126; without noise
   0.0006 either way): the chord is not the limit. At sigma = 1/3 % the error is
   <= 0.0062 pu; with AMI kW of every load at 1 %, <= 0.0024 pu (kW + kvar: 0.0015 pu).
   Figures: bench/README.md "State estimation".
 * Cost on IEEE 8500 (1,186 meter/head rows, 2,354 states): the adjoint solves
-  (≈ 0.4 s) and the dense m x m algebra (≈ 0.15 s) dominate; each AC solve ≈ 0.02 s. AMI
+  (≈ 0.3 s) and the dense m x m algebra (≈ 0.15 s, + 0.05 s for the prior calibration)
+  dominate; each AC solve ≈ 0.02 s; 0.6-0.75 s per estimate in all. AMI
   power rows add no m x m work, only ``H^T S^-1 H``'s diagonal on their states
   (≈ 0.1 s when every load reports P and Q).
 """
@@ -119,6 +126,7 @@ from derms.analysis.se_jacobian import (
     read_loads,
     write_loads,
 )
+from derms.analysis.se_prior import MIN_ROWS, calibrate_prior
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.naming import require_known
 from derms.powerflow.collect import NetworkIndex, StepCollector
@@ -211,6 +219,7 @@ class StateEstimate:
     lnr_threshold: float
     iterations: int
     converged: bool
+    prior_scale: float = 1.0
     branch_element: np.ndarray | None = None
     branch_phase: np.ndarray | None = None
     branch_i_a: np.ndarray | None = None
@@ -237,6 +246,7 @@ def estimate_state(
     lnr_threshold: float = 4.0,
     check_pseudo: bool = False,
     restore: bool = False,
+    prior_scale: float | str = "auto",
 ) -> StateEstimate:
     """Weighted-least-squares state estimate of one feeder (see module docstring).
 
@@ -261,6 +271,12 @@ def estimate_state(
         for in the telemetry rows either way.
     restore : bool
         Put the loads back to their original kW/kvar and re-solve afterwards.
+    prior_scale : float or "auto"
+        Multiplies every pseudo sigma. ``"auto"`` (default) calibrates it from the data
+        (:mod:`derms.analysis.se_prior`: the innovation at the prior made as large as the
+        model predicts), within 0.05-5x; it needs at least ``se_prior.MIN_ROWS`` voltage
+        and head rows and no AMI power rows, otherwise the sigmas are used as given (a
+        note says so). The scale used is ``StateEstimate.prior_scale``.
 
     Raises
     ------
@@ -282,6 +298,9 @@ def estimate_state(
     n = len(y_names)
     v_nodes, z_v, s_v = _check_voltages(meas, pos)
     lnames, xp, sp_, load_idx = _check_loads(engine, meas)
+    auto = _check_scale(prior_scale)
+    if not auto:
+        sp_ = sp_ * float(prior_scale)
     z_h, s_h, n_ph = _check_head(engine, meas)
     a_cols, z_a, s_a, a_labels = _check_ami(engine, meas, lnames)
     m = z_v.size + z_h.size
@@ -319,10 +338,26 @@ def estimate_state(
         pf = 1.0 / (1.0 / p_diag + info_a)
         g = h_mat * np.sqrt(pf)  # H Pf^(1/2)
         s_mat = _syrk_lower(g)  # m x m, lower triangle of H Pf H^T
-        s_mat[np.diag_indices(m)] += r_diag
-        chol = sla.cho_factor(s_mat, lower=True, check_finite=False) if m else None
         z = np.r_[z_v, z_h]
         mv_e = np.fromiter((pos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
+        notes: list[str] = []
+        scale, chol = (1.0 if auto else float(prior_scale)), None
+        if auto and (m < MIN_ROWS or z_a.size):
+            notes.append("pseudo sigmas used as given (prior_scale auto needs "
+                         f">= {MIN_ROWS} voltage/head rows and no AMI power rows)")
+        elif auto:
+            cal = calibrate_prior(s_mat, r_diag, z - _measure(engine, mv_e, n_ph))
+            beta, scale = cal.beta, float(np.sqrt(cal.beta))
+            p_diag, pf, sp_, g = p_diag * beta, pf * beta, sp_ * scale, g * scale
+            s_mat *= beta
+            if cal.at_bound:
+                notes.append(f"prior_scale {scale:.3g} at its bound: the pseudo sigmas are "
+                             "far from the spread the meters see")
+            log.debug("state_estimation prior_scale=%.4f sd_log_beta=%.3f", scale,
+                      cal.sd_log_beta)
+        if m:
+            s_mat[np.diag_indices(m)] += r_diag
+            chol = sla.cho_factor(s_mat, lower=True, check_finite=False)
         converged, it, f_k = False, 0, f0
         for it in range(1, max_iterations + 1):
             xf = xp
@@ -387,7 +422,8 @@ def estimate_state(
                   + [f"head_p:{p + 1}" for p in range(n_ph if z_h.size else 0)]
                   + [f"head_q:{p + 1}" for p in range(n_ph if z_h.size else 0)]
                   + a_labels + [f"load_p:{s}" for s in lnames] + [f"load_q:{s}" for s in lnames])
-        notes = [] if converged else [f"not converged after {max_iterations} iterations"]
+        if not converged:
+            notes.append(f"not converged after {max_iterations} iterations")
         if not converged:
             log.warning("state_estimation converged=false iterations=%d", it)
         dof = int(m + z_a.size)
@@ -399,7 +435,7 @@ def estimate_state(
             row_labels=labels, residual=resid, normalised_residual=nr, chi2=j_stat,
             chi2_dof=dof, chi2_threshold=float(_chi2.ppf(0.99, dof)),
             largest_nr_row=int(np.nanargmax(np.abs(nr))), lnr_threshold=lnr_threshold,
-            iterations=it, converged=converged, notes=notes, **br,
+            iterations=it, converged=converged, prior_scale=scale, notes=notes, **br,
         )
         done = True
     finally:
@@ -480,6 +516,18 @@ def _check_loads(engine, meas: Measurements):
                 _pseudo_sigma("load_q_sigma_kvar", meas.load_q_sigma_kvar, xp[k:])]
     idx = np.fromiter((at[s] for s in names), dtype=np.int64, count=k)
     return np.asarray(names, dtype=object), xp, sp_, idx
+
+
+def _check_scale(prior_scale) -> bool:
+    """True for ``"auto"``; a number must be finite and positive."""
+    if isinstance(prior_scale, str):
+        if prior_scale.strip().lower() == "auto":
+            return True
+        raise InputError(f"prior_scale = {prior_scale!r}: expected 'auto' or a positive number")
+    v = float(prior_scale)
+    if not np.isfinite(v) or v <= 0:
+        raise InputError(f"prior_scale = {prior_scale!r}: expected 'auto' or a positive number")
+    return False
 
 
 def _pseudo_sigma(name: str, v, x: np.ndarray) -> np.ndarray:

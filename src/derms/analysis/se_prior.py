@@ -1,0 +1,167 @@
+"""Calibrating the pseudo-measurement (prior) uncertainty of a state estimate from the data.
+
+A WLS state estimate with pseudo-measurements is a Gaussian prior ``x ~ N(x_p, P)`` updated
+by measurements ``z = h(x) + e``, ``e ~ N(0, R)``. The prior's spread is rarely known: a
+utility's profiles may be 10 % or 50 % off a customer's load at a given instant, and an
+overstated spread lets each meter's noise move its own load (IEEE 8500, voltages only:
+0.0175 pu largest error with a 50 % prior on an 11.5 % truth, 0.0056 pu with the right one).
+
+Here the prior covariance is scaled, ``P -> beta P``, with ``beta`` the maximum-likelihood
+value given the innovation at the prior, ``d = z - h(x_p) ~ N(0, beta A + R)`` with
+``A = H P H^T`` (type-II maximum likelihood, "empirical Bayes"; one variance component).
+Whitened by ``R^-1/2`` and rotated onto the eigenvectors of ``R^-1/2 A R^-1/2``
+(eigenvalues ``lam``, rotated innovation ``e``), the negative log-likelihood is::
+
+    NLL(beta) = 1/2 sum_i [ log(beta lam_i + 1) + e_i^2 / (beta lam_i + 1) ]
+
+Only a few directions carry information on ``beta`` (``beta lam_i`` not small: the feeder
+aggregate and the customers with long service drops), so the ``K_TOP`` largest eigenpairs
+are found by a randomised range finder (seeded, deterministic) and the remaining
+directions are replaced by ``n_t`` equal ones that match their first two spectral moments
+(``sum lam = tr A~ - sum lam_top``, ``sum lam^2 = |A~|_F^2 - sum lam_top^2``) and their
+innovation's ``sum lam e^2 = e~^T A~ e~ - ...``: the same form as the exact sum, so it
+stays bounded at any ``beta``. ``O(m^2 K_TOP)`` work instead of a full eigen-decomposition
+(IEEE 8500, ``m`` = 1,186: ≈ 0.05 s against 0.32 s), and ``beta`` within 3 % of the exact
+maximum (3 seeds; a second-order Taylor tail was 10-33 % off on a flat spectrum). Feeders
+with fewer than ``3 K_TOP`` rows get the exact spectrum. The 1-D minimum is bounded to
+``[BETA_MIN, BETA_MAX]``.
+
+The information is limited: on IEEE 8500 with voltages at every service transformer the
+Fisher standard deviation of ``log beta`` is 0.25-0.6, i.e. the sigma scale is known to
+about ±15-30 % from one snapshot. The loss is not symmetric (an overstated prior lets each
+meter's noise move its own load; an understated one only leans on the profile a little
+more), so the scale used is the maximum-likelihood one shaded down by ``SHADE_SD`` = 1
+standard deviation. Measured on IEEE 8500 (voltages only, sigma = 1 %, 5 seeds, largest
+error; truth = base x U(1 - s, 1 + s)): s = 0.2: 0.0055 pu unshaded, 0.0056 shaded;
+s = 0.3: 0.0082 / 0.0078; s = 0.5: 0.0145 / 0.0125 (the correctly specified fixed prior:
+0.0056 / 0.0078-0.0082 / 0.0123), whatever pseudo sigma was given.
+
+Gross errors (bad data) would inflate ``beta``: each whitened innovation is clipped at
+``CLIP_SIGMAS`` of its own predicted standard deviation (first at ``beta = 1``, then twice
+at the estimate); one meter 200 sigma off then moves ``beta`` by less than its own
+uncertainty (unclipped: to the bound). The largest-normalised-residual test after the
+estimate still sees the full residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as sla
+from scipy.optimize import minimize_scalar
+
+#: Bounds on the variance scale (0.05x to 5x the given pseudo sigma).
+BETA_MIN = 0.05**2
+BETA_MAX = 5.0**2
+#: A whitened innovation beyond this many predicted standard deviations counts as this many.
+CLIP_SIGMAS = 3.0
+#: Fewer measurement rows than this: the given sigmas are kept (too few to estimate from).
+MIN_ROWS = 50
+#: Eigenpairs taken exactly; the rest enter through their first two spectral moments.
+K_TOP = 40
+#: The scale used is the maximum-likelihood one times exp(-SHADE_SD x its sd in log beta).
+SHADE_SD = 1.0
+_OVERSAMPLE = 10
+_POWER_ITERATIONS = 2
+
+
+@dataclass(frozen=True)
+class PriorScale:
+    """Outcome of :func:`calibrate_prior`: ``beta`` multiplies the prior variances
+    (``sqrt(beta)`` the pseudo sigmas): the maximum-likelihood ``beta_ml`` shaded down by
+    ``SHADE_SD`` of its Fisher standard deviation ``sd_log_beta`` (in ``log beta``);
+    ``at_bound`` is True when a bound stopped the maximum-likelihood search."""
+
+    beta: float
+    beta_ml: float
+    sd_log_beta: float
+    at_bound: bool
+
+
+def calibrate_prior(a_lower: np.ndarray, r_diag: np.ndarray, d: np.ndarray) -> PriorScale:
+    """Maximum-likelihood scale of the prior variance given the innovation ``d``.
+
+    Parameters
+    ----------
+    a_lower : ndarray (m, m)
+        Lower triangle of ``A = H P H^T`` in the rows' units squared (upper not read).
+    r_diag : ndarray (m,)
+        Measurement variances (diagonal of ``R``), in the rows' units squared.
+    d : ndarray (m,)
+        Innovation ``z - h(x_p)`` at the prior's AC solution, in the rows' units.
+    """
+    rs = 1.0 / np.sqrt(r_diag)
+    at = a_lower * rs[:, None]
+    at *= rs[None, :]  # whitened, lower triangle valid
+    e_w = d * rs
+    spec = _Spectrum(at, min(K_TOP, at.shape[0]))
+    beta = 1.0
+    for _ in range(3):  # clip at beta = 1, then twice at the estimate
+        lim = CLIP_SIGMAS * np.sqrt(beta * spec.diag + 1.0)
+        beta = spec.ml_beta(np.clip(e_w, -lim, lim))
+    lam = spec.lam_top
+    fisher = 0.5 * float(np.sum((beta * lam / (beta * lam + 1.0)) ** 2))
+    at_bound = bool(beta <= BETA_MIN * 1.001 or beta >= BETA_MAX * 0.999)
+    sd = 1.0 / np.sqrt(max(fisher, 1e-12))
+    used = min(max(beta * float(np.exp(-SHADE_SD * sd)), BETA_MIN), BETA_MAX)
+    return PriorScale(beta=used, beta_ml=beta, sd_log_beta=sd,
+                      at_bound=at_bound)
+
+
+class _Spectrum:
+    """Top eigenpairs of a whitened symmetric PSD matrix (lower triangle given) and the
+    first two spectral moments of the rest (``tr1`` = sum lam, ``tr2`` = sum lam^2)."""
+
+    def __init__(self, at_lower: np.ndarray, k: int) -> None:
+        m = at_lower.shape[0]
+        self._a = np.tril(at_lower)
+        self.diag = np.diag(self._a).copy()
+        if k >= m // 3:  # small: the whole spectrum, exactly
+            lam, u = np.linalg.eigh(self._a, UPLO="L")
+            k = m
+        else:  # randomised range finder with power iterations (seeded: deterministic)
+            rng = np.random.default_rng(0)
+            q = np.linalg.qr(self._mul(rng.standard_normal((m, k + _OVERSAMPLE))))[0]
+            for _ in range(_POWER_ITERATIONS):
+                q = np.linalg.qr(self._mul(q))[0]
+            lam, v = np.linalg.eigh(q.T @ self._mul(q))
+            u = q @ v
+        order = np.argsort(lam)[::-1][:k]
+        self.lam_top = np.maximum(lam[order], 0.0)
+        self.u_top = u[:, order]
+        frob2 = 2.0 * float(np.sum(self._a * self._a)) - float(self.diag @ self.diag)
+        self.tr1 = max(float(self.diag.sum()) - float(self.lam_top.sum()), 0.0)
+        self.tr2 = max(frob2 - float(self.lam_top @ self.lam_top), 0.0)
+
+    def _mul(self, x: np.ndarray) -> np.ndarray:
+        return sla.blas.dsymm(1.0, self._a, x, side=0, lower=1)
+
+    def ml_beta(self, e_w: np.ndarray) -> float:
+        """Minimiser of the negative log-likelihood for a whitened innovation ``e_w``."""
+        e_top = self.u_top.T @ e_w
+        lam = self.lam_top
+        ae = self._mul(e_w[:, None])[:, 0]
+        s1 = max(float(e_w @ ae) - float(np.sum(lam * e_top**2)), 0.0)  # rest: sum lam e^2
+        # the rest as n_t equal directions matching its first two moments (sum lam, sum
+        # lam^2) and its innovation's sum lam e^2: exact in form, so it stays bounded
+        # however large beta lam gets
+        small = self.tr1 <= 1e-12 or self.tr2 <= 1e-24
+        lam_t = 0.0 if small else self.tr2 / self.tr1
+        n_t = 0.0 if small else self.tr1**2 / self.tr2
+        e2_t = 0.0 if small else s1 / self.tr1
+
+        def nll(t: float) -> float:
+            b = np.exp(t)
+            c = b * lam + 1.0
+            c_t = b * lam_t + 1.0
+            return 0.5 * float(np.sum(np.log(c) + e_top**2 / c)
+                               + n_t * (np.log(c_t) + e2_t / c_t))
+
+        r = minimize_scalar(nll, bounds=(np.log(BETA_MIN), np.log(BETA_MAX)),
+                            method="bounded", options={"xatol": 1e-3})
+        return float(np.exp(r.x))
+
+
+__all__ = ["BETA_MAX", "BETA_MIN", "CLIP_SIGMAS", "K_TOP", "MIN_ROWS", "PriorScale",
+           "calibrate_prior"]
