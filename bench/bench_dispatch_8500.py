@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-warm", action="store_true", help="skip the warm re-plan")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every AC round")
+    ap.add_argument("--events", action="store_true",
+                    help="print the violations the optimised plan still has (stderr)")
     args = ap.parse_args()
     if args.verbose:
         import logging
@@ -75,6 +77,9 @@ def main() -> None:
     out["optimised_counts"] = vp.violations.counts
     out["peak_optimised_kw"] = float(vp.result.head_p_kw.sum(axis=1).max())
     out["rounds_log"] = getattr(vp, "rounds_log", [])
+    if args.events:
+        ev = vp.violations.events
+        print(ev[~ev["pre_existing"]].to_string(), file=sys.stderr)
     if not args.no_warm:
         pl = vp.planner
         f2 = f.with_horizon(f.horizon, pv_avail_kw=0.9 * np.column_stack(
