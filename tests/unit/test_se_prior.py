@@ -46,9 +46,23 @@ def test_matches_exact_maximum_likelihood(seed, monkeypatch):
     # a tenth, a fraction of the estimate's own uncertainty (sd of log beta ~ 0.35 here)
     assert got.beta_ml == pytest.approx(ref, rel=0.1)
     assert not got.at_bound and 0 < got.sd_log_beta < 1
-    assert got.beta == pytest.approx(got.beta_ml * np.exp(-got.sd_log_beta))
+    w = se_prior.PRIOR_SD_LOG_BETA**2 / (se_prior.PRIOR_SD_LOG_BETA**2 + got.sd_log_beta**2)
+    want = np.exp(w * np.log(got.beta_ml) - se_prior.SHADE_SD * np.sqrt(w) * got.sd_log_beta)
+    assert got.beta == pytest.approx(want)
     monkeypatch.setattr(se_prior, "K_TOP", 100)  # >= m / 3: the exact spectrum
     assert calibrate_prior(np.tril(a), r, d).beta_ml == pytest.approx(ref, rel=0.01)
+
+
+def test_the_scale_used_leans_on_the_sigmas_given_as_the_data_say_less():
+    """Lots of rows: the scale used follows the data; few informative rows: it stays
+    nearer the sigmas as given (the prior on log beta weighs more)."""
+    a, r, d = _problem(5, beta_true=0.05)
+    rich = calibrate_prior(np.tril(a), r, d)
+    a, r, d = _problem(5, m=60, n=60, beta_true=0.05)
+    poor = calibrate_prior(np.tril(a), r, d)
+    assert poor.sd_log_beta > rich.sd_log_beta
+    share = [np.log(x.beta) / np.log(x.beta_ml) for x in (rich, poor)]  # how far it follows
+    assert share[0] > share[1]
 
 
 def test_recovers_the_true_scale_on_average():
@@ -73,4 +87,4 @@ def test_bounds_hold_when_the_innovation_is_pure_noise():
     d = np.sqrt(r) * np.random.default_rng(9).standard_normal(r.size) * 0.3  # below noise
     got = calibrate_prior(np.tril(a), r, d)
     assert got.beta_ml == pytest.approx(BETA_MIN, rel=0.01) and got.at_bound
-    assert got.beta == pytest.approx(BETA_MIN)  # shading never leaves the bounds
+    assert BETA_MIN <= got.beta < 1.0  # pulled toward the sigmas given, never out of bounds

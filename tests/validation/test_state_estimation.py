@@ -79,7 +79,8 @@ def meter_nodes_load_buses(engine) -> list[str]:
 
 
 def meter_nodes_service_transformers(engine) -> list[str]:
-    """One AMI meter per service transformer (low side 0.24/0.12 kV), node 1 of a secondary bus.
+    """One AMI meter per service transformer (low side 0.24/0.12 kV), at a secondary bus's
+    lowest phase node (node 1 on IEEE 8500).
 
     The meter sits where AMI meters are, at the customer: the bus of the first load fed
     from the transformer's secondary (directly or through one service line, the triplex
@@ -110,7 +111,12 @@ def meter_nodes_service_transformers(engine) -> list[str]:
             meter.setdefault(feeds[bus], bus)
     for bus, t in secondary.items():
         meter.setdefault(t, bus)
-    return [f"{bus}.1" for bus in meter.values()]
+    first: dict[str, str] = {}  # bus -> its lowest phase node (node 1 where it has one)
+    for s in sorted(engine.node_names()):
+        b, k = s.rsplit(".", 1)
+        if k in ("1", "2", "3"):
+            first.setdefault(b, s)
+    return [first[bus] for bus in meter.values() if bus in first]
 
 
 def make_scenario(engine, meter_nodes: list[str], seed: int, head_bus: str,
@@ -323,13 +329,13 @@ def test_ieee8500_ami_at_every_service_transformer():
         assert est.converged and not est.bad_data
         assert max_error(est, sc) <= 0.005
         # a 50 % prior on an 11.5 % truth (U(0.8, 1.2)): calibrated from the data, the pseudo
-        # sigma comes down near the truth's spread and the error with it (5 seeds: sigma
-        # 0.080-0.111, max 0.0040-0.0056 pu); taken as given, 0.0116-0.0175 pu
+        # sigma comes down toward the truth's spread and the error with it (5 seeds: sigma
+        # 0.164-0.183, max 0.0048-0.0059 pu); taken as given, 0.0116-0.0175 pu
         sc = make_scenario(engine, meters, 0, HEAD_BUS["ieee8500"], spread=0.2,
                            pseudo_sigma=0.5)
         est = estimate_state(engine, sc.meas, restore=True)
-        assert 0.06 <= 0.5 * est.prior_scale <= 0.15
-        assert max_error(est, sc) <= 0.0065
+        assert 0.08 <= 0.5 * est.prior_scale <= 0.25
+        assert max_error(est, sc) <= 0.0075
         given = estimate_state(engine, sc.meas, restore=True, prior_scale=1.0)
         assert given.prior_scale == 1.0 and max_error(given, sc) >= 0.01
     finally:

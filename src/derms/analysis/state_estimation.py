@@ -66,13 +66,15 @@ the truth's sd, and an overstated prior costs more than an understated one (s = 
 overstated prior lets each meter's noise move its own load. A utility rarely knows that
 sd for the instant it estimates, so by default (``prior_scale="auto"``) every pseudo sigma
 is scaled by one factor calibrated from the snapshot itself: the maximum-likelihood scale
-of the prior given the innovation at the prior, shaded down by one standard deviation of
-its own uncertainty (:mod:`derms.analysis.se_prior`; ≈ 0.05 s on IEEE 8500). The result
-then hardly depends on the sigma given: s = 0.2 / 0.3 / 0.5 give 0.0056 / 0.0078 /
-0.0125 pu whatever prior (10-50 %) was given, against 0.0056 / 0.0078-0.0082 / 0.0123 with
-the correctly specified prior taken as given (``bench/bench_state_estimation.py
---sensitivity``). The calibration needs ``se_prior.MIN_ROWS`` voltage/head rows and no
-AMI power rows; otherwise, or with a number for ``prior_scale``, the sigmas are used as
+of the prior given the innovation at the prior, combined with a prior that trusts the
+sigmas as given to within a factor 1.4, and shaded down by one posterior standard
+deviation (:mod:`derms.analysis.se_prior`; ≈ 0.05 s on IEEE 8500). On IEEE 8500 the
+result hardly depends on the sigma given: s = 0.2 / 0.3 / 0.5 give 0.0055 / 0.0078 /
+0.0129 pu from a 28.9 % or 30 % start (0.0136 at ±50 % from a 50 % start), against
+0.0056 / 0.0078-0.0082 / 0.0123 with the correctly specified prior taken as given
+(``bench/bench_state_estimation.py --sensitivity``); on five other feeders it lands
+between the sigma given and the right one (``bench/bench_se_feeders.py``). The
+calibration needs ``se_prior.MIN_ROWS`` voltage/head rows and no AMI power rows; otherwise, or with a number for ``prior_scale``, the sigmas are used as
 given (times that number). With no sigma given, ``DEFAULT_PSEUDO_SIGMA_FRAC`` = 30 % of
 |value| (floor 0.1 kW/kvar) is the starting point. ``chi2 / chi2_dof`` near 1 checks the
 sigmas used (by construction close to 1 after the calibration).
@@ -94,7 +96,7 @@ Assumptions and limits
 * Information-limited where each meter is alone: one AMI voltage per service transformer
   leaves no redundancy at the customer bus (its own load moves it; one meter, one load).
   IEEE 8500, sigma = 1 % per meter, truth U(0.5, 1.5), 29 % prior (the truth's sd):
-  largest node error 0.0102-0.0123 pu over 5 seeds (mean 0.00125 pu; 0.0098-0.0125 with
+  largest node error 0.0102-0.0123 pu over 5 seeds (mean 0.00125 pu; 0.0099-0.0129 with
   the calibrated prior); the best linear estimate's posterior sd at the metered buses
   reaches 0.0056 pu, so the largest of ~6,000 metered errors cannot be held to 0.01 pu by
   this (or any linear) estimator under so wide a truth (U(0.7, 1.3): 0.0078 pu). Re-linearising H at the estimate
@@ -104,7 +106,8 @@ Assumptions and limits
   Figures: bench/README.md "State estimation".
 * Cost on IEEE 8500 (1,186 meter/head rows, 2,354 states): the adjoint solves
   (≈ 0.3 s) and the dense m x m algebra (≈ 0.15 s, + 0.05 s for the prior calibration)
-  dominate; each AC solve ≈ 0.02 s; 0.6-0.75 s per estimate in all. AMI
+  dominate; each AC solve ≈ 0.02 s; 0.6-0.95 s per estimate in all on the 2-core
+  development machine (the same work varied by a third between two idle runs). AMI
   power rows add no m x m work, only ``H^T S^-1 H``'s diagonal on their states
   (≈ 0.1 s when every load reports P and Q).
 """
