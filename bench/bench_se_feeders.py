@@ -17,8 +17,13 @@ median wall time of one estimate [s] (everything after the compile: first AC sol
 Jacobian, calibration, iterations; no branch currents), and the sigma the auto estimate
 used (range over the seeds).
 
+``--track N``: instead, N snapshots in a row on each feeder (independent truths, seeds
+100..), each calibrated alone from ``--given`` and each starting from the previous
+snapshot's posterior on the scale (:class:`derms.analysis.se_prior.ScaleTracker`, what
+the monitoring loop does): max and mean over the snapshots of each one's largest error.
+
 Run: ``.venv/bin/python bench/bench_se_feeders.py [--feeders ieee34,ieee37,ckt5,ckt7,ckt24]
-[--spread 0.3] [--given 0.3] [--seeds 5]``
+[--spread 0.3] [--given 0.3] [--seeds 5] [--track 10]``
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def _args():
     ap.add_argument("--given", type=float, default=0.3)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--blas-threads", type=int, default=1)
+    ap.add_argument("--track", type=int, default=0,
+                    help="instead: N snapshots in a row, each from the last one's posterior "
+                         "(ScaleTracker) against each calibrated alone")
     return ap.parse_args()
 
 
@@ -51,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
+from derms.analysis.se_prior import ScaleTracker
 from derms.analysis.state_estimation import estimate_state
 from derms.powerflow.control_state import freeze_base_case
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
@@ -68,16 +77,44 @@ MASTERS = {**SHARED_MASTERS, "ckt7": "EPRITestCircuits/ckt7/Master_ckt7.dss",
            "ieee9500": "IEEETestCases/ieee9500dss/ieee9500_base.dss"}
 
 
-def run_feeder(name: str) -> dict:
+def _open(name: str):
     engine = OpenDSSEngine(SHARED_FEEDERS / MASTERS[name], SolveSettings(tolerance=1e-8))
+    freeze_base_case(engine)
+    ckt = engine.circuit
+    ckt.SetActiveElement("vsource.source")
+    head_bus = ckt.ActiveCktElement.BusNames[0].split(".")[0].lower()
+    meters = meter_nodes_service_transformers(engine)
+    if len(meters) < 10:  # no service transformers modelled: meters at the load buses
+        meters = meter_nodes_load_buses(engine)
+    return engine, head_bus, meters
+
+
+def run_tracking(name: str) -> dict:
+    """``--track N`` snapshots (truth seeds 100..): each calibrated alone, and each from the
+    previous snapshot's posterior (ScaleTracker), both from ``--given``."""
+    engine, head_bus, meters = _open(name)
     try:
-        freeze_base_case(engine)
-        ckt = engine.circuit
-        ckt.SetActiveElement("vsource.source")
-        head_bus = ckt.ActiveCktElement.BusNames[0].split(".")[0].lower()
-        meters = meter_nodes_service_transformers(engine)
-        if len(meters) < 10:  # no service transformers modelled: meters at the load buses
-            meters = meter_nodes_load_buses(engine)
+        _, p0, q0 = load_table(engine)
+        tracker = ScaleTracker()
+        alone, tracked, used = [], [], []
+        for k in range(ARGS.track):
+            sc = make_scenario(engine, meters, 100 + k, head_bus, NOISE, spread=ARGS.spread,
+                               pseudo_sigma=ARGS.given)
+            for out, kw in ((alone, {}), (tracked, {"prior_log_scale": tracker.prior()})):
+                est = estimate_state(engine, sc.meas, **kw)
+                out.append(float(np.max(np.abs(est.v_pu - sc.v_true_pu)[sc.energised])))
+                set_loads(engine, p0, q0)
+                engine.solve()
+            tracker.update(*est.prior_log_scale_post)
+            used.append(ARGS.given * est.prior_scale)
+        return {"feeder": name, "alone": alone, "tracked": tracked, "used": used}
+    finally:
+        engine.close()
+
+
+def run_feeder(name: str) -> dict:
+    engine, head_bus, meters = _open(name)
+    try:
         _, p0, q0 = load_table(engine)
         out = {"feeder": name, "nodes": len(engine.node_names()), "loads": int(p0.size),
                "meters": len(meters)}
@@ -102,8 +139,28 @@ def run_feeder(name: str) -> dict:
         engine.close()
 
 
+def main_tracking() -> None:
+    sd = ARGS.spread / np.sqrt(3)
+    print(f"\n{ARGS.track} snapshots in a row, truth U(1 ± {ARGS.spread:g}) (sd "
+          f"{100 * sd:.1f} %), sigma 1 %, given sigma {100 * ARGS.given:.0f} %\n")
+    print("| feeder | alone: max / mean of the snapshots' max err pu | tracked: max / mean | "
+          "second half, alone / tracked: max | sigma used at snapshot 1 / 3 / last |")
+    print("|---|---|---|---|---|")
+    for name in ARGS.feeders.split(","):
+        r = run_tracking(name)
+        a, t, u = np.array(r["alone"]), np.array(r["tracked"]), r["used"]
+        h = len(t) // 2
+        print(f"| {name} | {a.max():.4f} / {a.mean():.4f} | {t.max():.4f} / {t.mean():.4f} | "
+              f"{a[h:].max():.4f} / {t[h:].max():.4f} | {100 * u[0]:.1f} / "
+              f"{100 * u[min(2, len(u) - 1)]:.1f} / {100 * u[-1]:.1f} % |", flush=True)
+
+
 def main() -> None:
     print(f"load average at start: {os.getloadavg()}", file=sys.stderr)
+    if ARGS.track:
+        main_tracking()
+        print(f"load average at end: {os.getloadavg()}", file=sys.stderr)
+        return
     rows = [run_feeder(name) for name in ARGS.feeders.split(",")]
     sd = ARGS.spread / np.sqrt(3)
     print(f"\nVoltage-only state estimation, truth U(1 ± {ARGS.spread:g}) (sd {100 * sd:.1f} %), "

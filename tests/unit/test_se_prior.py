@@ -13,7 +13,13 @@ import pytest
 import scipy.linalg as sla
 
 from derms.analysis import se_prior
-from derms.analysis.se_prior import BETA_MAX, BETA_MIN, calibrate_prior
+from derms.analysis.se_prior import (
+    BETA_MAX,
+    BETA_MIN,
+    PRIOR_SD_LOG_BETA,
+    ScaleTracker,
+    calibrate_prior,
+)
 
 
 def _problem(seed: int, m: int = 300, n: int = 600, beta_true: float = 0.3):
@@ -88,3 +94,40 @@ def test_bounds_hold_when_the_innovation_is_pure_noise():
     got = calibrate_prior(np.tril(a), r, d)
     assert got.beta_ml == pytest.approx(BETA_MIN, rel=0.01) and got.at_bound
     assert BETA_MIN <= got.beta < 1.0  # pulled toward the sigmas given, never out of bounds
+
+
+def test_tracker_widens_between_snapshots_and_ignores_bad_posteriors():
+    t = ScaleTracker(drift_sd=0.1)
+    assert t.prior() == (0.0, pytest.approx(PRIOR_SD_LOG_BETA))  # capped at the default
+    t.update(-1.0, 0.2)
+    assert t.prior() == (-1.0, pytest.approx(np.hypot(0.2, 0.1)))
+    for bad in ((np.nan, 0.2), (-1.0, 0.0), (-1.0, np.inf)):
+        t.update(*bad)
+    assert (t.mean, t.sd, t.n_updates) == (-1.0, 0.2, 1)
+    t.reset()
+    assert (t.mean, t.sd, t.n_updates) == (0.0, PRIOR_SD_LOG_BETA, 0)
+
+
+def test_tracked_snapshots_pin_the_scale_better_than_one():
+    """Snapshots of one feeder-like problem (beta 0.3, i.e. the sigma given 1.8x too wide):
+    started from each previous posterior, the scale used ends nearer the truth than what
+    single snapshots give, and its posterior sd shrinks below one snapshot's."""
+    t = ScaleTracker(drift_sd=0.05)
+    alone, tracked = [], []
+    for seed in range(12):
+        a, r, d = _problem(seed, m=200, n=400, beta_true=0.3)
+        one = calibrate_prior(np.tril(a), r, d)
+        got = calibrate_prior(np.tril(a), r, d, prior=t.prior())
+        t.update(got.log_beta_post, got.sd_log_beta_post)
+        alone.append(np.log(one.beta))
+        tracked.append(np.log(got.beta))
+    truth = np.log(0.3)
+    assert abs(np.mean(tracked[6:]) - truth) < abs(np.mean(alone[6:]) - truth)
+    assert t.sd < 0.5 * one.sd_log_beta_post
+    assert t.n_updates == 12
+
+
+def test_a_bad_prior_on_the_scale_is_refused():
+    a, r, d = _problem(0)
+    with pytest.raises(ValueError, match="prior on log beta"):
+        calibrate_prior(np.tril(a), r, d, prior=(0.0, 0.0))

@@ -516,3 +516,22 @@ def test_prior_scale_auto_falls_back_where_it_cannot_calibrate(ieee13, ieee123):
     np.testing.assert_allclose(a.v_pu, b.v_pu)
     auto = estimate_state(ieee123, m, restore=True)
     assert auto.prior_scale != 1.0 and not auto.notes
+
+
+@pytest.mark.parametrize("value", [(0.0,), (0.0, 0.0), (np.nan, 0.5), "ab", (0.0, -1.0)])
+def test_bad_prior_log_scale_raises_input_error(ieee123, value):
+    sc = make_scenario(ieee123, meter_nodes_load_buses(ieee123), 0, "150r")
+    with pytest.raises(InputError, match="prior_log_scale"):
+        estimate_state(ieee123, sc.meas, prior_log_scale=value)
+
+
+def test_prior_log_scale_carries_one_estimate_into_the_next(ieee123):
+    """A snapshot's posterior on the scale, passed to the next estimate, narrows it."""
+    meters = meter_nodes_load_buses(ieee123)
+    first = estimate_state(ieee123, make_scenario(ieee123, meters, 0, "150r").meas,
+                           restore=True)
+    mean, sd = first.prior_log_scale_post
+    assert sd < 0.7
+    second = estimate_state(ieee123, make_scenario(ieee123, meters, 1, "150r").meas,
+                            restore=True, prior_log_scale=(mean, sd))
+    assert second.prior_log_scale_post[1] < sd

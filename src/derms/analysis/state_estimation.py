@@ -129,7 +129,7 @@ from derms.analysis.se_jacobian import (
     read_loads,
     write_loads,
 )
-from derms.analysis.se_prior import MIN_ROWS, calibrate_prior
+from derms.analysis.se_prior import MIN_ROWS, PRIOR_SD_LOG_BETA, calibrate_prior
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.naming import require_known
 from derms.powerflow.collect import NetworkIndex, StepCollector
@@ -223,6 +223,7 @@ class StateEstimate:
     iterations: int
     converged: bool
     prior_scale: float = 1.0
+    prior_log_scale_post: tuple[float, float] | None = None
     branch_element: np.ndarray | None = None
     branch_phase: np.ndarray | None = None
     branch_i_a: np.ndarray | None = None
@@ -250,6 +251,7 @@ def estimate_state(
     check_pseudo: bool = False,
     restore: bool = False,
     prior_scale: float | str = "auto",
+    prior_log_scale: tuple[float, float] | None = None,
 ) -> StateEstimate:
     """Weighted-least-squares state estimate of one feeder (see module docstring).
 
@@ -280,6 +282,11 @@ def estimate_state(
         model predicts), within 0.05-5x; it needs at least ``se_prior.MIN_ROWS`` voltage
         and head rows and no AMI power rows, otherwise the sigmas are used as given (a
         note says so). The scale used is ``StateEstimate.prior_scale``.
+    prior_log_scale : (mean, sd), optional
+        With ``"auto"``: what is believed of the log variance scale before this snapshot
+        (default: the sigmas as given, sd ``se_prior.PRIOR_SD_LOG_BETA``). A monitoring
+        loop passes :class:`~derms.analysis.se_prior.ScaleTracker`'s ``prior()`` and feeds
+        ``StateEstimate.prior_log_scale_post`` back to it.
 
     Raises
     ------
@@ -302,6 +309,7 @@ def estimate_state(
     v_nodes, z_v, s_v = _check_voltages(meas, pos)
     lnames, xp, sp_, load_idx = _check_loads(engine, meas)
     auto = _check_scale(prior_scale)
+    scale_prior = _check_log_scale(prior_log_scale)
     if not auto:
         sp_ = sp_ * float(prior_scale)
     z_h, s_h, n_ph = _check_head(engine, meas)
@@ -344,12 +352,14 @@ def estimate_state(
         z = np.r_[z_v, z_h]
         mv_e = np.fromiter((pos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
         notes: list[str] = []
-        scale, chol = (1.0 if auto else float(prior_scale)), None
+        scale, chol, post = (1.0 if auto else float(prior_scale)), None, None
         if auto and (m < MIN_ROWS or z_a.size):
             notes.append("pseudo sigmas used as given (prior_scale auto needs "
                          f">= {MIN_ROWS} voltage/head rows and no AMI power rows)")
         elif auto:
-            cal = calibrate_prior(s_mat, r_diag, z - _measure(engine, mv_e, n_ph))
+            cal = calibrate_prior(s_mat, r_diag, z - _measure(engine, mv_e, n_ph),
+                                  prior=scale_prior)
+            post = (cal.log_beta_post, cal.sd_log_beta_post)
             beta, scale = cal.beta, float(np.sqrt(cal.beta))
             p_diag, pf, sp_, g = p_diag * beta, pf * beta, sp_ * scale, g * scale
             s_mat *= beta
@@ -438,7 +448,8 @@ def estimate_state(
             row_labels=labels, residual=resid, normalised_residual=nr, chi2=j_stat,
             chi2_dof=dof, chi2_threshold=float(_chi2.ppf(0.99, dof)),
             largest_nr_row=int(np.nanargmax(np.abs(nr))), lnr_threshold=lnr_threshold,
-            iterations=it, converged=converged, prior_scale=scale, notes=notes, **br,
+            iterations=it, converged=converged, prior_scale=scale, prior_log_scale_post=post,
+            notes=notes, **br,
         )
         done = True
     finally:
@@ -531,6 +542,19 @@ def _check_scale(prior_scale) -> bool:
     if not np.isfinite(v) or v <= 0:
         raise InputError(f"prior_scale = {prior_scale!r}: expected 'auto' or a positive number")
     return False
+
+
+def _check_log_scale(v) -> tuple[float, float]:
+    """``(mean, sd)`` of log beta: the default, or finite with a positive sd."""
+    if v is None:
+        return 0.0, PRIOR_SD_LOG_BETA
+    try:
+        mean, sd = (float(x) for x in v)
+    except (TypeError, ValueError):
+        raise InputError(f"prior_log_scale = {v!r}: expected (mean, sd)") from None
+    if not (np.isfinite(mean) and np.isfinite(sd) and sd > 0):
+        raise InputError(f"prior_log_scale = {v!r}: mean must be finite, sd positive")
+    return mean, sd
 
 
 def _pseudo_sigma(name: str, v, x: np.ndarray) -> np.ndarray:

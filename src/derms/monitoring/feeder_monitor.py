@@ -26,7 +26,11 @@ Inputs read from the store at each :meth:`FeederMonitor.run_once`:
   ``ami_p_sigma_frac`` of the value (at least ``ami_p_sigma_min_kw``): meter class plus
   the gap between an interval average and the instant estimated.
 * **Pseudo-measurements**: every load of the model at its base kW/kvar × ``load_multiplier``
-  (a number or a function of time, e.g. a profile), sigma ``pseudo_sigma_frac`` of the value.
+  (a number or a function of time, e.g. a profile), sigma ``pseudo_sigma_frac`` of the value,
+  scaled by what the estimates so far say of the loads' real spread (the estimator's
+  ``prior_scale="auto"`` started from the last cycle's posterior,
+  :class:`~derms.analysis.se_prior.ScaleTracker`; the state reports the scale used and how
+  many cycles informed it).
 * **Topology**: the latest ``TopologyEvent`` per switch (``t <= now``) is applied to the
   engine (``open``/``close`` of the switch's line, terminal 1) before estimating.
 * **DER devices**: devices of the sites on the feeder (``DerSite.feeder_id``) with their
@@ -54,6 +58,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from derms.analysis.constraints import Limits, detect_violations
+from derms.analysis.se_prior import ScaleTracker
 from derms.analysis.state_estimation import Measurements, estimate_state
 from derms.errors import ModelError
 from derms.monitoring.alarms import AlarmCondition, sync_alarms
@@ -152,6 +157,8 @@ class FeederMonitor:
         self.load_names, self.base_p_kw, self.base_q_kvar = _load_table(self.engine)
         self._loads_at_bus = _loads_by_bus(self.engine, self.load_names)
         self.topology: dict[str, str] = {}
+        # what successive estimates say of the loads' spread around the pseudo-loads
+        self.scale_tracker = ScaleTracker()
 
     def close(self) -> None:
         self.engine.close()
@@ -178,13 +185,17 @@ class FeederMonitor:
         meas, stale_meters, estimation = self.build_measurements(meters, m_series, m_last,
                                                                  now, notes)
         if meas is not None:
-            est = estimate_state(self.engine, meas, index=self.index, restore=True)
+            est = estimate_state(self.engine, meas, index=self.index, restore=True,
+                                 prior_log_scale=self.scale_tracker.prior())
+            if est.prior_log_scale_post is not None:
+                self.scale_tracker.update(*est.prior_log_scale_post)
             v_est, loading = est.v_pu, est.branch_loading_pct
             estimation.update(
                 method="wls", converged=est.converged, iterations=est.iterations,
                 chi2=est.chi2, chi2_dof=est.chi2_dof, chi2_threshold=est.chi2_threshold,
                 bad_data=est.bad_data, largest_nr_row=est.largest_nr_label,
                 prior_scale=est.prior_scale, estimator_notes=list(est.notes),
+                prior_scale_snapshots=self.scale_tracker.n_updates,
                 head_p_kw=[float(x) for x in est.head_p_kw])
         else:
             notes.append("no fresh telemetry: power flow of the pseudo-measurements only")
