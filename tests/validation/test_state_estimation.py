@@ -535,3 +535,29 @@ def test_prior_log_scale_carries_one_estimate_into_the_next(ieee123):
     second = estimate_state(ieee123, make_scenario(ieee123, meters, 1, "150r").meas,
                             restore=True, prior_log_scale=(mean, sd))
     assert second.prior_log_scale_post[1] < sd
+
+
+def test_telemetry_loads_keep_their_sigma_under_the_prior_scale(ieee123):
+    """Loads named in ``telemetry_loads`` (e.g. DER outputs measured by telemetry) keep
+    their sigmas: the auto estimate equals one with only the other loads' sigmas scaled by
+    hand by the scale it found, and a number scales only those others too."""
+    meters = meter_nodes_load_buses(ieee123)
+    m = make_scenario(ieee123, meters, 0, "150r").meas
+    tele = list(m.load_names[:5])
+    m = replace(m, telemetry_loads=tele)
+    auto = estimate_state(ieee123, m, restore=True)
+    assert auto.prior_scale != 1.0
+    k = np.isin(np.asarray(m.load_names), tele)
+    by_hand = replace(m, load_p_sigma_kw=np.where(k, 1.0, auto.prior_scale) * m.load_p_sigma_kw,
+                      load_q_sigma_kvar=np.where(k, 1.0, auto.prior_scale)
+                      * m.load_q_sigma_kvar)
+    ref = estimate_state(ieee123, by_hand, restore=True, prior_scale=1.0)
+    np.testing.assert_allclose(auto.v_pu, ref.v_pu, atol=1e-9)
+    num = estimate_state(ieee123, m, restore=True, prior_scale=0.5)
+    by_hand = replace(m, load_p_sigma_kw=np.where(k, 1.0, 0.5) * m.load_p_sigma_kw,
+                      load_q_sigma_kvar=np.where(k, 1.0, 0.5) * m.load_q_sigma_kvar)
+    np.testing.assert_allclose(
+        num.v_pu, estimate_state(ieee123, by_hand, restore=True, prior_scale=1.0).v_pu,
+        atol=1e-9)
+    with pytest.raises(InputError, match="telemetry_loads"):
+        estimate_state(ieee123, replace(m, telemetry_loads=["nosuchload"]))

@@ -167,6 +167,9 @@ class Measurements:
     ``ami_q_kvar``, ``ami_q_sigma_kvar`` for meters that report reactive power. The sigma
     should cover the meter class *and* the mismatch between an interval average and the
     instant being estimated.
+
+    ``telemetry_loads`` name estimated loads whose pseudo values are telemetry, not
+    profiles (e.g. a DER's measured output): ``prior_scale`` leaves their sigmas as given.
     """
 
     v_nodes: Sequence[str]
@@ -187,6 +190,7 @@ class Measurements:
     ami_q_loads: Sequence[str] = ()
     ami_q_kvar: np.ndarray | None = None
     ami_q_sigma_kvar: np.ndarray | None = None
+    telemetry_loads: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -310,8 +314,9 @@ def estimate_state(
     lnames, xp, sp_, load_idx = _check_loads(engine, meas)
     auto = _check_scale(prior_scale)
     scale_prior = _check_log_scale(prior_log_scale)
+    fixed = _telemetry_states(meas, lnames)  # states whose sigma no scale touches
     if not auto:
-        sp_ = sp_ * float(prior_scale)
+        sp_ = sp_ * np.where(fixed, 1.0, float(prior_scale))
     z_h, s_h, n_ph = _check_head(engine, meas)
     a_cols, z_a, s_a, a_labels = _check_ami(engine, meas, lnames)
     m = z_v.size + z_h.size
@@ -361,8 +366,11 @@ def estimate_state(
                                   prior=scale_prior)
             post = (cal.log_beta_post, cal.sd_log_beta_post)
             beta, scale = cal.beta, float(np.sqrt(cal.beta))
-            p_diag, pf, sp_, g = p_diag * beta, pf * beta, sp_ * scale, g * scale
+            f = np.where(fixed, 1.0, beta)  # no AMI power rows here: pf is p_diag
             s_mat *= beta
+            if fixed.any():  # the telemetry states' part of H P H^T keeps its scale
+                s_mat -= (beta - 1.0) * _syrk_lower(g[:, fixed])
+            p_diag, pf, sp_, g = p_diag * f, pf * f, sp_ * np.sqrt(f), g * np.sqrt(f)
             if cal.at_bound:
                 notes.append(f"prior_scale {scale:.3g} at its bound: the pseudo sigmas are "
                              "far from the spread the meters see")
@@ -542,6 +550,23 @@ def _check_scale(prior_scale) -> bool:
     if not np.isfinite(v) or v <= 0:
         raise InputError(f"prior_scale = {prior_scale!r}: expected 'auto' or a positive number")
     return False
+
+
+def _telemetry_states(meas: Measurements, lnames: np.ndarray) -> np.ndarray:
+    """(2k,) True for the P and Q states of ``meas.telemetry_loads``."""
+    k = lnames.size
+    out = np.zeros(2 * k, dtype=bool)
+    names = [str(x).strip().lower().removeprefix("load.") for x in meas.telemetry_loads or ()]
+    if not names:
+        return out
+    col = {s: j for j, s in enumerate(lnames)}
+    missing = [x for x in names if x not in col]
+    if missing:
+        raise InputError(f"telemetry_loads: load {missing[0]!r} is not an estimated load "
+                         "(not in load_names)")
+    idx = np.fromiter((col[x] for x in names), dtype=np.int64, count=len(names))
+    out[idx] = out[idx + k] = True
+    return out
 
 
 def _check_log_scale(v) -> tuple[float, float]:

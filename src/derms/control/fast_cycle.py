@@ -377,6 +377,7 @@ class FastCycle:
 
         return replace(
             meas, load_names=[*meas.load_names, *names],
+            telemetry_loads=[*meas.telemetry_loads, *names],
             load_p_kw=np.r_[meas.load_p_kw, p_node], load_q_kvar=np.r_[meas.load_q_kvar, q_node],
             load_p_sigma_kw=np.r_[sig(meas.load_p_sigma_kw, meas.load_p_kw), np.maximum(
                 cfg.der_sigma_frac * np.abs(p_node), cfg.der_sigma_min_kw)],
