@@ -38,8 +38,9 @@ Run: ``.venv/bin/python bench/bench_fast_cycle.py [--ders 10000] [--cycles 30]``
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from _setup import prepare
 
 
 def _args():
@@ -54,26 +55,20 @@ def _args():
 
 
 ARGS = _args() if __name__ == "__main__" else None
-if ARGS is not None:
-    os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.blas_threads)
+REPO = prepare(ARGS.blas_threads if ARGS is not None else None)
 
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from datetime import UTC, datetime, timedelta  # noqa: E402
-from pathlib import Path  # noqa: E402
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO))
-
-from derms.control.commands import CommandMode, InMemorySink  # noqa: E402
-from derms.control.fast_cycle import STAGES, DerRegistry, FastCycle, FleetNow  # noqa: E402
-from derms.control.requests import DeviceLocation  # noqa: E402
-from derms.grid.bundled import resolve_master  # noqa: E402
-from tests.validation.test_corrective import Field, customer_loads, frozen  # noqa: E402
-from tests.validation.test_state_estimation import (  # noqa: E402
+from derms.control.commands import CommandMode, InMemorySink
+from derms.control.fast_cycle import STAGES, DerRegistry, FastCycle, FleetNow
+from derms.control.requests import DeviceLocation
+from derms.grid.bundled import resolve_master
+from tests.validation.test_corrective import Field, customer_loads, frozen
+from tests.validation.test_state_estimation import (
     HEAD_BUS,
     meter_nodes_service_transformers,
 )

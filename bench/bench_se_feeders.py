@@ -32,6 +32,8 @@ import argparse
 import os
 import sys
 
+from _setup import prepare
+
 
 def _args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -47,17 +49,11 @@ def _args():
 
 
 ARGS = _args() if __name__ == "__main__" else None
-if ARGS is not None:
-    os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.blas_threads)
+REPO = prepare(ARGS.blas_threads if ARGS is not None else None)
 
 import time
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO))
 
 from derms.analysis.se_prior import ScaleTracker
 from derms.analysis.state_estimation import estimate_state

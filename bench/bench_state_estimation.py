@@ -46,8 +46,9 @@ Run: ``.venv/bin/python bench/bench_state_estimation.py [--seeds 5] [--configs v
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from _setup import prepare
 
 
 def _args():
@@ -64,19 +65,13 @@ def _args():
 
 
 ARGS = _args() if __name__ == "__main__" else None
-if ARGS is not None:
-    os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.blas_threads)
+REPO = prepare(ARGS.blas_threads if ARGS is not None else None)
 
 import statistics
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO))
 
 from derms.analysis.state_estimation import estimate_state
 from derms.powerflow.collect import build_index
