@@ -236,9 +236,10 @@ def estimate_state(
     restore : bool
         Put the loads back to their original kW/kvar and re-solve afterwards.
     prior_scale : float or "auto"
-        Multiplies every pseudo sigma. ``"auto"`` (default) calibrates it from the data
-        (:mod:`derms.analysis.se_prior`: the innovation at the prior made as large as the
-        model predicts), within 0.05-5x; it needs at least ``se_prior.MIN_ROWS`` voltage
+        Multiplies every pseudo sigma (not those of ``meas.telemetry_loads``). ``"auto"``
+        (default) calibrates it from the data (:mod:`derms.analysis.se_prior`: maximum
+        likelihood of the innovation at the prior, pulled toward the sigmas given where the
+        data say little, shaded down by its uncertainty), within 0.05-5x; it needs at least ``se_prior.MIN_ROWS`` voltage
         and head rows and no AMI power rows, otherwise the sigmas are used as given (a
         note says so). The scale used is ``StateEstimate.prior_scale``.
     prior_log_scale : (mean, sd), optional
@@ -400,7 +401,6 @@ def estimate_state(
                   + a_labels + [f"load_p:{s}" for s in lnames] + [f"load_q:{s}" for s in lnames])
         if not converged:
             notes.append(f"not converged after {max_iterations} iterations")
-        if not converged:
             log.warning("state_estimation converged=false iterations=%d", it)
         dof = int(m + z_a.size)
         result = StateEstimate(
