@@ -492,7 +492,8 @@ def test_loads_left_out_of_the_state_keep_their_engine_values(ieee13):
     assert max_error(est, sc) < 0.05
 
 
-@pytest.mark.parametrize("value", ["bogus", 0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("value", ["bogus", 0.0, -1.0, float("nan"), float("inf"), None, True,
+                                   [1.0]])
 def test_bad_prior_scale_raises_input_error(ieee13, value):
     sc = make_scenario(ieee13, meter_nodes_load_buses(ieee13), 0, "650")
     with pytest.raises(InputError, match="prior_scale"):
@@ -523,6 +524,19 @@ def test_bad_prior_log_scale_raises_input_error(ieee123, value):
     sc = make_scenario(ieee123, meter_nodes_load_buses(ieee123), 0, "150r")
     with pytest.raises(InputError, match="prior_log_scale"):
         estimate_state(ieee123, sc.meas, prior_log_scale=value)
+
+
+def test_where_it_cannot_calibrate_the_scale_given_before_is_used(ieee123):
+    """AMI power rows: no calibration, but a tracker's belief (prior_log_scale) still sets
+    the scale, exactly as scaling the sigmas by hand; without one, the sigmas as given."""
+    m = make_scenario(ieee123, meter_nodes_load_buses(ieee123), 0, "150r", ami="p").meas
+    est = estimate_state(ieee123, m, restore=True, prior_log_scale=(np.log(0.25), 0.1))
+    assert est.prior_scale == pytest.approx(0.5) and est.prior_log_scale_post is None
+    by_hand = replace(m, load_p_sigma_kw=0.5 * m.load_p_sigma_kw,
+                      load_q_sigma_kvar=0.5 * m.load_q_sigma_kvar)
+    ref = estimate_state(ieee123, by_hand, restore=True, prior_scale=1.0)
+    np.testing.assert_allclose(est.v_pu, ref.v_pu, atol=1e-9)
+    assert estimate_state(ieee123, m, restore=True).prior_scale == 1.0
 
 
 def test_prior_log_scale_carries_one_estimate_into_the_next(ieee123):

@@ -115,14 +115,20 @@ def check_loads(engine, meas: Measurements):
 
 
 def check_scale(prior_scale) -> bool:
-    """True for ``"auto"``; a number must be finite and positive."""
+    """True for ``"auto"``; otherwise a finite positive number (not a bool) or InputError."""
+    bad = InputError(f"prior_scale = {prior_scale!r}: expected 'auto' or a positive number")
     if isinstance(prior_scale, str):
         if prior_scale.strip().lower() == "auto":
             return True
-        raise InputError(f"prior_scale = {prior_scale!r}: expected 'auto' or a positive number")
-    v = float(prior_scale)
+        raise bad
+    if isinstance(prior_scale, bool):
+        raise bad
+    try:
+        v = float(prior_scale)
+    except (TypeError, ValueError):
+        raise bad from None
     if not np.isfinite(v) or v <= 0:
-        raise InputError(f"prior_scale = {prior_scale!r}: expected 'auto' or a positive number")
+        raise bad
     return False
 
 

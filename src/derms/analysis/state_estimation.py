@@ -243,10 +243,13 @@ def estimate_state(
         and head rows and no AMI power rows, otherwise the sigmas are used as given (a
         note says so). The scale used is ``StateEstimate.prior_scale``.
     prior_log_scale : (mean, sd), optional
-        With ``"auto"``: what is believed of the log variance scale before this snapshot
-        (default: the sigmas as given, sd ``se_prior.PRIOR_SD_LOG_BETA``). A monitoring
-        loop passes :class:`~derms.analysis.se_prior.ScaleTracker`'s ``prior()`` and feeds
-        ``StateEstimate.prior_log_scale_post`` back to it.
+        With ``"auto"`` (ignored with a number): what is believed of the log variance scale
+        before this snapshot (default: the sigmas as given, sd
+        ``se_prior.PRIOR_SD_LOG_BETA``); where the snapshot cannot calibrate, its mean is
+        the scale used. A monitoring loop passes
+        :class:`~derms.analysis.se_prior.ScaleTracker`'s ``prior()`` and feeds
+        ``StateEstimate.prior_log_scale_post`` back to it (None when this estimate did not
+        calibrate, or stopped at a bound).
 
     Raises
     ------
@@ -271,11 +274,20 @@ def estimate_state(
     auto = check_scale(prior_scale)
     scale_prior = check_log_scale(prior_log_scale)
     fixed = telemetry_states(meas, lnames)  # states whose sigma no scale touches
-    if not auto:
-        sp_ = sp_ * np.where(fixed, 1.0, float(prior_scale))
     z_h, s_h, n_ph = check_head(engine, meas)
     a_cols, z_a, s_a, a_labels = check_ami(engine, meas, lnames)
     m = z_v.size + z_h.size
+    notes: list[str] = []
+    scale = 1.0 if auto else float(prior_scale)
+    if auto and (m < MIN_ROWS or z_a.size):
+        # nothing to calibrate from: the scale believed before (a tracker's), else 1
+        auto = False
+        scale = float(np.exp(0.5 * scale_prior[0])) if prior_log_scale is not None else 1.0
+        why = "the prior_log_scale given" if prior_log_scale is not None else "as given"
+        notes.append(f"pseudo sigmas x {scale:.3g}, {why} (prior_scale auto needs "
+                     f">= {MIN_ROWS} voltage/head rows and no AMI power rows)")
+    if not auto:
+        sp_ = sp_ * np.where(fixed, 1.0, scale)
     k = lnames.size
     if m == 0 and z_a.size == 0:
         raise InputError("no voltage, head or AMI power measurements: nothing to estimate from")
@@ -312,24 +324,23 @@ def estimate_state(
         s_mat = _syrk_lower(g)  # m x m, lower triangle of H Pf H^T
         z = np.r_[z_v, z_h]
         mv_e = np.fromiter((pos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
-        notes: list[str] = []
-        scale, chol, post = (1.0 if auto else float(prior_scale)), None, None
-        if auto and (m < MIN_ROWS or z_a.size):
-            notes.append("pseudo sigmas used as given (prior_scale auto needs "
-                         f">= {MIN_ROWS} voltage/head rows and no AMI power rows)")
-        elif auto:
-            cal = calibrate_prior(s_mat, r_diag, z - _measure(engine, mv_e, n_ph),
+        chol, post = None, None
+        if auto:  # (no AMI power rows here: pf is p_diag)
+            # telemetry states keep their sigma: calibrate the rest (their part of H P H^T
+            # goes with the noise, its diagonal only)
+            a_fix = _syrk_lower(g[:, fixed]) if fixed.any() else None
+            a_free = s_mat if a_fix is None else s_mat - a_fix
+            r_cal = r_diag if a_fix is None else r_diag + np.diag(a_fix)
+            cal = calibrate_prior(a_free, r_cal, z - _measure(engine, mv_e, n_ph),
                                   prior=scale_prior)
-            post = (cal.log_beta_post, cal.sd_log_beta_post)
+            post = None if cal.at_bound else (cal.log_beta_post, cal.sd_log_beta_post)
             beta, scale = cal.beta, float(np.sqrt(cal.beta))
-            f = np.where(fixed, 1.0, beta)  # no AMI power rows here: pf is p_diag
-            s_mat *= beta
-            if fixed.any():  # the telemetry states' part of H P H^T keeps its scale
-                s_mat -= (beta - 1.0) * _syrk_lower(g[:, fixed])
-            p_diag, pf, sp_, g = p_diag * f, pf * f, sp_ * np.sqrt(f), g * np.sqrt(f)
+            s_mat, p_diag, sp_, g = _scale_prior(g, fixed, beta, p_diag, sp_, a_free, a_fix)
+            pf = p_diag
             if cal.at_bound:
-                notes.append(f"prior_scale {scale:.3g} at its bound: the pseudo sigmas are "
-                             "far from the spread the meters see")
+                notes.append(f"maximum-likelihood prior scale {np.sqrt(cal.beta_ml):.3g} at "
+                             "its bound: the pseudo sigmas are far from the spread the "
+                             "meters see (not carried to the next estimate)")
             log.debug("state_estimation prior_scale=%.4f sd_log_beta=%.3f", scale,
                       cal.sd_log_beta)
         if m:
@@ -427,6 +438,15 @@ def estimate_state(
                 if done:
                     raise
     return result
+
+
+def _scale_prior(g, fixed, beta, p_diag, sp_, a_free, a_fix):
+    """Scale the prior variance of the non-telemetry states by ``beta`` (no AMI power rows,
+    so ``Pf`` is ``P``): ``(H P H^T lower, P diag, sigmas, H P^1/2)``, where ``a_free`` and
+    ``a_fix`` (None without telemetry states) split ``H P H^T`` by the states."""
+    f = np.where(fixed, 1.0, beta)
+    s_mat = beta * a_free if a_fix is None else beta * a_free + a_fix
+    return s_mat, p_diag * f, sp_ * np.sqrt(f), g * np.sqrt(f)
 
 
 def _syrk_lower(g: np.ndarray) -> np.ndarray:

@@ -29,8 +29,10 @@ Inputs read from the store at each :meth:`FeederMonitor.run_once`:
   (a number or a function of time, e.g. a profile), sigma ``pseudo_sigma_frac`` of the value,
   scaled by what the estimates so far say of the loads' real spread (the estimator's
   ``prior_scale="auto"`` started from the last cycle's posterior,
-  :class:`~derms.analysis.se_prior.ScaleTracker`; the state reports the scale used and how
-  many cycles informed it).
+  :class:`~derms.analysis.se_prior.ScaleTracker`; only a converged estimate without bad
+  data informs later ones; where a cycle cannot calibrate, e.g. with AMI power rows, the
+  tracked scale is used as it stands; the state reports the scale used and how many cycles
+  informed it).
 * **Topology**: the latest ``TopologyEvent`` per switch (``t <= now``) is applied to the
   engine (``open``/``close`` of the switch's line, terminal 1) before estimating.
 * **DER devices**: devices of the sites on the feeder (``DerSite.feeder_id``) with their
@@ -187,7 +189,8 @@ class FeederMonitor:
         if meas is not None:
             est = estimate_state(self.engine, meas, index=self.index, restore=True,
                                  prior_log_scale=self.scale_tracker.prior())
-            if est.prior_log_scale_post is not None:
+            if (est.prior_log_scale_post is not None and est.converged
+                    and not est.bad_data):  # only a clean estimate informs the next ones
                 self.scale_tracker.update(*est.prior_log_scale_post)
             v_est, loading = est.v_pu, est.branch_loading_pct
             estimation.update(
