@@ -101,7 +101,8 @@ def run_tracking(name: str) -> dict:
                 out.append(float(np.max(np.abs(est.v_pu - sc.v_true_pu)[sc.energised])))
                 set_loads(engine, p0, q0)
                 engine.solve()
-            tracker.update(*est.prior_log_scale_post)
+            if est.prior_log_scale_post is not None and est.converged and not est.bad_data:
+                tracker.update(*est.prior_log_scale_post)  # as FeederMonitor does
             used.append(ARGS.given * est.prior_scale)
         return {"feeder": name, "alone": alone, "tracked": tracked, "used": used}
     finally:

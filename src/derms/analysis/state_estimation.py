@@ -68,9 +68,9 @@ sd for the instant it estimates, so by default (``prior_scale="auto"``) every ps
 is scaled by one factor calibrated from the snapshot itself: the maximum-likelihood scale
 of the prior given the innovation at the prior, combined with a prior that trusts the
 sigmas as given to within a factor 1.4, and shaded down by one posterior standard
-deviation (:mod:`derms.analysis.se_prior`; ≈ 0.05 s on IEEE 8500). On IEEE 8500 the
-result hardly depends on the sigma given: s = 0.2 / 0.3 / 0.5 give 0.0055 / 0.0078 /
-0.0129 pu from a 28.9 % or 30 % start (0.0136 at ±50 % from a 50 % start), against
+deviation to the extent the data inform it (:mod:`derms.analysis.se_prior`; ≈ 0.05 s on
+IEEE 8500). On IEEE 8500 the result hardly depends on the sigma given: s = 0.2 / 0.3 /
+0.5 give 0.0056 / 0.0078 / 0.0131 pu from a 30 % start (0.0137 at ±50 % from 50 %), against
 0.0056 / 0.0078-0.0082 / 0.0123 with the correctly specified prior taken as given
 (``bench/bench_state_estimation.py --sensitivity``); on five other feeders it lands
 between the sigma given and the right one (``bench/bench_se_feeders.py``). The
@@ -96,7 +96,7 @@ Assumptions and limits
 * Information-limited where each meter is alone: one AMI voltage per service transformer
   leaves no redundancy at the customer bus (its own load moves it; one meter, one load).
   IEEE 8500, sigma = 1 % per meter, truth U(0.5, 1.5), 29 % prior (the truth's sd):
-  largest node error 0.0102-0.0123 pu over 5 seeds (mean 0.00125 pu; 0.0099-0.0129 with
+  largest node error 0.0102-0.0123 pu over 5 seeds (mean 0.00125 pu; 0.0100-0.0130 with
   the calibrated prior); the best linear estimate's posterior sd at the metered buses
   reaches 0.0056 pu, so the largest of ~6,000 metered errors cannot be held to 0.01 pu by
   this (or any linear) estimator under so wide a truth (U(0.7, 1.3): 0.0078 pu). Re-linearising H at the estimate
@@ -106,8 +106,8 @@ Assumptions and limits
   Figures: bench/README.md "State estimation".
 * Cost on IEEE 8500 (1,186 meter/head rows, 2,354 states): the adjoint solves
   (≈ 0.3 s) and the dense m x m algebra (≈ 0.15 s, + 0.05 s for the prior calibration)
-  dominate; each AC solve ≈ 0.02 s; 0.6-0.95 s per estimate in all on the 2-core
-  development machine (the same work varied by a third between two idle runs). AMI
+  dominate; each AC solve ≈ 0.02 s; 0.6-1.0 s per estimate in all on the 2-core
+  development machine (the same work varied by a third between idle runs). AMI
   power rows add no m x m work, only ``H^T S^-1 H``'s diagonal on their states
   (≈ 0.1 s when every load reports P and Q).
 """
