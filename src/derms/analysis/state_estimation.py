@@ -238,10 +238,11 @@ def estimate_state(
     prior_scale : float or "auto"
         Multiplies every pseudo sigma (not those of ``meas.telemetry_loads``). ``"auto"``
         (default) calibrates it from the data (:mod:`derms.analysis.se_prior`: maximum
-        likelihood of the innovation at the prior, pulled toward the sigmas given where the
-        data say little, shaded down by its uncertainty), within 0.05-5x; it needs at least ``se_prior.MIN_ROWS`` voltage
-        and head rows and no AMI power rows, otherwise the sigmas are used as given (a
-        note says so). The scale used is ``StateEstimate.prior_scale``.
+        likelihood of the innovation at the prior, pulled toward the sigmas given where
+        the data say little, shaded down by its uncertainty), within 0.05-5x. It needs at
+        least ``se_prior.MIN_ROWS`` voltage and head rows and no AMI power rows; otherwise
+        the scale is ``prior_log_scale``'s mean where one is given, else 1 (a note says
+        which). The scale used is ``StateEstimate.prior_scale``.
     prior_log_scale : (mean, sd), optional
         With ``"auto"`` (ignored with a number): what is believed of the log variance scale
         before this snapshot (default: the sigmas as given, sd
