@@ -59,8 +59,9 @@ def test_missing_file(tmp_path):
 def test_malformed_file(tmp_path):
     bad = tmp_path / "bad.dss"
     bad.write_text("this is ((( not an OpenDSS script\n")
-    assert_clean_error(derms("powerflow", bad, "--out", tmp_path / "o"), "bad.dss",
-                       "cannot compile")
+    proc = derms("powerflow", bad, "--out", tmp_path / "o")
+    assert_clean_error(proc, "bad.dss", "cannot compile")
+    assert "derms-dss-" not in proc.stderr  # the user's file, not the private copy
 
 
 def test_binary_file(tmp_path):

@@ -3,6 +3,7 @@ state-estimation validations."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
@@ -30,3 +31,25 @@ def ieee123():
     engine = frozen_engine("ieee123")
     yield engine
     engine.close()
+
+
+def reference_v_pu(circuit, node_names: list[str], line_to_line: set[str]) -> np.ndarray:
+    """A reference engine's own voltage magnitudes [pu] in ``node_names`` order: node to
+    ground (``AllBusVmagPu``), and for the nodes in ``line_to_line`` (ungrounded areas)
+    OpenDSS's own ``Bus.puVLL`` (3 nodes: 1 -> ab, 2 -> bc, 3 -> ca; 2 nodes: their one
+    line-to-line value)."""
+    ref = dict(zip((n.lower() for n in circuit.AllNodeNames), circuit.AllBusVmagPu,
+                   strict=True))
+    out = np.array([ref[n] for n in node_names], dtype=float)
+    by_bus: dict[str, list[int]] = {}
+    for k, n in enumerate(node_names):
+        if n in line_to_line:
+            by_bus.setdefault(n.split(".")[0], []).append(k)
+    for bus, ks in by_bus.items():
+        circuit.SetActiveBus(bus)
+        vll = np.asarray(circuit.ActiveBus.puVLL, dtype=float)
+        mags = np.abs(vll[0::2] + 1j * vll[1::2])
+        ks = sorted(ks, key=lambda k: node_names[k])
+        for i, k in enumerate(ks):
+            out[k] = mags[min(i, mags.size - 1)]
+    return out

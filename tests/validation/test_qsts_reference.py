@@ -12,6 +12,7 @@ from derms.grid.bundled import resolve_master
 from derms.powerflow.engine import OpenDSSEngine
 from derms.powerflow.profiles import Profiles
 from derms.powerflow.qsts import run_qsts
+from tests.validation.conftest import reference_v_pu
 
 N = 24
 
@@ -37,9 +38,12 @@ def _native(master, profiles: Profiles, controls: str) -> np.ndarray:
         cmd("set mode=yearly stepsize=1h number=1")
         cmd("set time=(0,0)")
         out = np.empty((N, ctx.ActiveCircuit.NumNodes))
+        names = [n.lower() for n in ctx.ActiveCircuit.AllNodeNames]
+        pair = eng.voltage_pairs()  # ungrounded areas: OpenDSS's own puVLL there
+        ll = {names[k] for k in np.flatnonzero(pair >= 0)}
         for k in range(N):
             ctx.ActiveCircuit.Solution.Solve()
-            out[k] = ctx.ActiveCircuit.AllBusVmagPu
+            out[k] = reference_v_pu(ctx.ActiveCircuit, names, ll)
         return out
 
 

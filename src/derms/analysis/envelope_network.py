@@ -39,6 +39,7 @@ from derms.powerflow.control_state import (
 from derms.powerflow.engine import OpenDSSEngine
 from derms.powerflow.profiles import Profiles
 from derms.powerflow.qsts import load_profiles_into_engine
+from derms.powerflow.voltage_measure import delta_terms
 
 _COMPANION = "doe__"
 
@@ -65,6 +66,14 @@ class ConnectionPoint:
     @property
     def node_names(self) -> list[str]:
         return [f"{self.bus}.{k}" for k in self.nodes]
+
+    @property
+    def injection_names(self) -> list[str]:
+        """Where its power goes, shared equally: its phase nodes (wye), or the node pairs
+        "bus.a.b" of a delta connection (as the load the AC check adds draws it)."""
+        if self.conn.lower() != "delta" or len(self.nodes) < 2:
+            return self.node_names
+        return delta_terms(self.bus, self.nodes, self.phases)
 
     @property
     def phase_label(self) -> str:

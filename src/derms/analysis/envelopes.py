@@ -309,18 +309,20 @@ def _linearise(engine: OpenDSSEngine, net: EnvelopeNetwork, base: HorizonStates,
                cps: Sequence[ConnectionPoint], crit: EnvelopeCriteria
                ) -> tuple[LinearModel, int]:
     """Linear model at the interval of median head load, one column per connection point
-    (its net import split equally over its phase nodes); (model, step)."""
+    (its net import split equally over its phase nodes, or its node pairs when it is
+    connected in delta); (model, step)."""
     k = int(np.argsort(base.head_p_kw)[base.head_p_kw.size // 2])
     restore_control_state(engine, net._states[k])
     engine.set_control_mode("off")
     net._goto(k)
     engine.circuit.Solution.Solve()
-    nodes = sorted({n for c in cps for n in c.node_names})
+    nodes = sorted({n for c in cps for n in c.injection_names})
     col = {n: j for j, n in enumerate(nodes)}
-    split = np.zeros((len(nodes), len(cps)))  # node x connection point
+    split = np.zeros((len(nodes), len(cps)))  # injection term x connection point
     for j, c in enumerate(cps):
-        for n in c.node_names:
-            split[col[n], j] = 1.0 / len(c.nodes)
+        terms = c.injection_names  # phase nodes, or node pairs of a delta connection
+        for n in terms:
+            split[col[n], j] = 1.0 / len(terms)
     model = build_linear_model(engine, nodes, branches=crit.thermal, groups=split,
                                group_names=[c.id for c in cps])
     return model, k

@@ -28,6 +28,7 @@ from derms.errors import ConvergenceError, InputError
 from derms.powerflow.collect import NetworkIndex, StepCollector
 from derms.powerflow.engine import OpenDSSEngine
 from derms.powerflow.linear import solve_ac_with_injections
+from derms.powerflow.voltage_measure import delta_terms
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,27 @@ class HostingCriteria:
 
 @dataclass(frozen=True, slots=True)
 class Site:
-    """Where a device connects: a bus and the phase nodes (1-3) its injection is split over."""
+    """Where a device connects: a bus and the phase nodes (1-3) its injection is split over.
+
+    ``line_to_line``: the bus is on an ungrounded (3-wire) area, where a device connects
+    between phases (:mod:`derms.powerflow.voltage_measure`): the injection is split over
+    the node pairs (a-b, b-c, c-a; two nodes: a-b) instead of node to ground.
+    """
 
     bus: str
     nodes: tuple[int, ...]
+    line_to_line: bool = False
 
     @property
     def node_names(self) -> list[str]:
         return [f"{self.bus}.{k}" for k in self.nodes]
+
+    @property
+    def injection_names(self) -> list[str]:
+        """Where the power goes, shared equally: "bus.n", or "bus.a.b" line to line."""
+        if not self.line_to_line:
+            return self.node_names
+        return delta_terms(self.bus, self.nodes, max(len(self.nodes), 3))
 
     @property
     def phases(self) -> str:
@@ -246,12 +260,12 @@ class ACProbe:
                                [head - lim.head_min_kw] * self._head])
 
     def margins(self, site: Site, p_kw: float, sign: float) -> np.ndarray | None:
-        n = len(site.nodes)
+        terms = site.injection_names
+        n = len(terms)
         p = np.full(n, sign * p_kw / n)
         self.n_solves += 1
         try:
-            solve_ac_with_injections(self.engine, site.node_names, p, np.zeros(n),
-                                     restore=False)
+            solve_ac_with_injections(self.engine, terms, p, np.zeros(n), restore=False)
         except ConvergenceError:
             self.engine.solve()  # back to the base case (injections already disabled)
             return None

@@ -131,6 +131,8 @@ def resolve_sites(engine: OpenDSSEngine, buses: Sequence[str] | None = None, *,
     v_pu = engine.node_voltages_pu()
     phases: dict[str, list[int]] = {}
     live: dict[str, bool] = {}
+    ungrounded = {n.rsplit(".", 1)[0] for n, p in zip(names, engine.voltage_pairs(),
+                                                       strict=True) if p >= 0}
     for name, v in zip(names, v_pu):
         bus, node = name.rsplit(".", 1)
         k = int(node)
@@ -145,7 +147,7 @@ def resolve_sites(engine: OpenDSSEngine, buses: Sequence[str] | None = None, *,
         for bus, nodes in phases.items():
             c.SetActiveBus(bus)
             if bus != source_bus and live[bus] and c.ActiveBus.kVBase >= primary_kv_min:
-                out.append(Site(bus, tuple(sorted(nodes))))
+                out.append(Site(bus, tuple(sorted(nodes)), bus in ungrounded))
         if not out:
             raise ModelError(f"no energised bus at or above {primary_kv_min} kV line-to-neutral")
         return out
@@ -168,7 +170,11 @@ def resolve_sites(engine: OpenDSSEngine, buses: Sequence[str] | None = None, *,
             raise InputError(f"bus {bus!r} has no phase {missing[0]} (it has phases {have})")
         if not live[bus]:
             raise InputError(f"bus {bus!r} is de-energised in the base case")
-        sites.append(Site(bus, nodes))
+        sites.append(Site(bus, nodes, bus in ungrounded and len(nodes) >= 2))
+        if bus in ungrounded and len(nodes) < 2:
+            raise InputError(f"bus {bus!r} is on an ungrounded (3-wire) part of the feeder: "
+                             "a device there connects between two phases ('"
+                             f"{bus}.1.2'), not phase to ground ({text!r})")
     if len({(s.bus, s.nodes) for s in sites}) != len(sites):
         raise InputError("the bus list has duplicates")
     return sites
@@ -213,7 +219,7 @@ def hosting_capacity_fast(
     sf = SiteFlows(engine, index, branches=criteria.thermal)
     for lo in range(0, n, _SITES_PER_BATCH):
         sl = slice(lo, min(lo + _SITES_PER_BATCH, n))
-        triples = sf.site_matrix([s.node_names for s in sites[sl]])
+        triples = sf.site_matrix([s.injection_names for s in sites[sl]])
         p_lin[sl], b_kind[sl], b_elem[sl], x1, rows = linear_sizes(sf, triples, sign, lim,
                                                                     criteria)
         if verify is False or rows.size == 0:  # (no constraint that can bind: p_max)

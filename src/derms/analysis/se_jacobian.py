@@ -45,18 +45,33 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     bus = np.unique([s.rsplit(".", 1)[0] for s in y_names], return_inverse=True)[1]
     solver = LeafSolver(jac.T.tocsr(), np.repeat(bus, 2), max_rounds=10)
 
-    # functionals c (2n x m) over (Re dV, Im dV) in Y order
+    # functionals c (2n x m) over (Re dV, Im dV) in Y order: d|V| / (base |V|) per meter,
+    # or on ungrounded areas d|V_a - V_b| / (sqrt(3) base) (what such a meter reads)
     base = y_bases_v(engine, y_of_e)
-    vm = v_y[mv_y]
-    a = np.abs(vm) * base[mv_y]
-    rows = np.r_[2 * mv_y, 2 * mv_y + 1]
-    cols = np.r_[np.arange(mv_y.size), np.arange(mv_y.size)]
-    vals = np.r_[vm.real / a, vm.imag / a]
+    to = _line_to_line_partner(engine, y_of_e, n)[mv_y]
+    j = np.arange(mv_y.size)
+    has = to >= 0
+    vd = v_y[mv_y] - np.where(has, v_y[np.maximum(to, 0)], 0.0)
+    a = np.abs(vd) * base[mv_y] * np.where(has, np.sqrt(3.0), 1.0)
+    jl = j[has]
+    rows = np.r_[2 * mv_y, 2 * mv_y + 1, 2 * to[has], 2 * to[has] + 1]
+    cols = np.r_[j, j, jl, jl]
+    vals = np.r_[vd.real / a, vd.imag / a, -vd.real[has] / a[has], -vd.imag[has] / a[has]]
     c = sp.coo_matrix((vals, (rows, cols)), shape=(2 * n, mv_y.size)).tocsc()
     if n_ph:
         c = sp.hstack([c, sp.csc_matrix(_head_functionals(engine, v_y, n, n_ph))]).tocsc()
     e_mat = _load_injections(br, v_y, lnames, x, n)
     return adjoint_rows(solver, c, e_mat)
+
+
+def _line_to_line_partner(engine, y_of_e: np.ndarray, n: int) -> np.ndarray:
+    """(n,) in Y order: the Y index of each node's line-to-line partner (nodes of
+    ungrounded areas, :meth:`OpenDSSEngine.voltage_pairs`), -1 elsewhere."""
+    pair_e = engine.voltage_pairs()
+    out = np.full(n, -1, dtype=np.int64)
+    e = np.flatnonzero(pair_e >= 0)
+    out[y_of_e[e]] = y_of_e[pair_e[e]]
+    return out
 
 
 def _head_functionals(engine, v_y, n: int, n_ph: int) -> np.ndarray:

@@ -460,7 +460,7 @@ def _syrk_lower(g: np.ndarray) -> np.ndarray:
 # -- measurement model ---------------------------------------------------------------------
 def _measure(engine, mv_e: np.ndarray, n_ph: int) -> np.ndarray:
     """h(x) of the meter and head rows from the engine's present AC solution."""
-    v = np.asarray(engine.circuit.AllBusVmagPu, dtype=float)[mv_e]
+    v = engine.node_voltages_pu()[mv_e]  # line to line on ungrounded areas
     if n_ph == 0:
         return v
     p, q = _head_now(engine, n_ph)

@@ -137,6 +137,8 @@ def dispatch(
     if s["violations_optimised"]:
         err_console.print(f"[yellow]warning:[/] the optimised plan still has "
                           f"{s['violations_optimised']} violations in the AC simulation")
+    for note in s.get("plan_notes", ()):
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     if s.get("n_ev_short"):
         err_console.print(f"[yellow]warning:[/] {s['n_ev_short']} EV session(s) end "
                           f"{s['ev_short_kwh']:.1f} kWh short of their energy: a network "

@@ -73,6 +73,21 @@ class Connection:
         own = tuple(f"{self.bus}.{int(n)}" for n in self.nodes if int(n) in PHASE_NODES)
         return own or tuple(f"{self.bus}.{n}" for n in PHASE_NODES[: self.phases])
 
+    @property
+    def injection_terminals(self) -> tuple[str, ...]:
+        """Where the DER's power goes, shared equally: its phase nodes "bus.n" (wye), or,
+        for a delta connection, the node pairs "bus.a.b" it sits across (3 phases: a-b, b-c,
+        c-a; 2 phases on 3 nodes: a-b, b-c; 1 phase on 2 nodes: a-b). A delta DER puts no
+        current into ground, which on an ungrounded (3-wire) feeder is the difference
+        between meaningful sensitivities and none (see :mod:`derms.powerflow.linear`)."""
+        nodes = self.injection_nodes
+        if self.conn.lower() != "delta" or len(nodes) < 2:
+            return nodes
+        from derms.powerflow.voltage_measure import delta_terms
+
+        ph = [int(n.rsplit(".", 1)[1]) for n in nodes]
+        return tuple(delta_terms(self.bus, ph, self.phases))
+
 
 @dataclass(frozen=True, slots=True)
 class Battery:

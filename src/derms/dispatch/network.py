@@ -77,7 +77,7 @@ def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
     pos = {n: k for k, n in enumerate(lin.injection_nodes)}
     rows, cols, vals = [], [], []
     for j, d in enumerate(fleet.ders):
-        nodes = d.connection.injection_nodes
+        nodes = d.connection.injection_terminals
         for n in nodes:
             rows.append(pos[n])
             cols.append(j)

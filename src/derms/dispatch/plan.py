@@ -95,6 +95,7 @@ class GridContext:
     loss_q: np.ndarray | None = None  # (n_der,) kW of losses per kvar
     head_lin_kw: float = 0.0  # head import at the linearisation point [kW]
     element_coef: dict[str, np.ndarray] = field(default_factory=dict)  # (n_der,) 1 downstream
+    v_nominal_pu: tuple[float, float] = (0.95, 1.05)  # the limits before the base-case hold
 
 
 @dataclass(frozen=True)
@@ -269,10 +270,46 @@ class Planner:
         for r in bad[:5]:
             k, e, t = self.lp.kind[r], self.lp.element[r], int(self.lp.t[r])
             lim = lo[r] if rv[r] < lo[r] else hi[r]
-            parts.append(f"{k} {e} at {times[t].isoformat()}: needs {lim:.4g}, best "
-                         f"reachable {rv[r]:.4g} (short by {short[r]:.4g})")
+            phys = self._row_physical(int(r), str(k), t, float(rv[r]))
+            if phys is None:
+                parts.append(f"{k} {e} at {times[t].isoformat()}: needs {lim:.4g}, best "
+                             f"reachable {rv[r]:.4g} (short by {short[r]:.4g})")
+            else:
+                parts.append(f"{k} {e} at {times[t].isoformat()}: {phys}")
         return InfeasibleError(f"no dispatch meets every constraint; {bad.size} constraint(s) "
                                "bind beyond their limits: " + "; ".join(parts))
+
+    def _row_physical(self, r: int, kind: str, t: int, value: float) -> str | None:
+        """A network row's relaxed value ``value`` (row units) said in pu or A: the best
+        the linear model reaches against the row's limit, and why the limit is where it is
+        (the base case's own value for a pre-existing violation; a back-off margin the AC
+        check added). None for a row that is not a network row."""
+        net = self.net
+        if kind not in net.row or net.ref is None:
+            return None
+        hit = np.flatnonzero(net.row[kind][t] == r)
+        if hit.size == 0:
+            return None
+        j = int(hit[0])
+        u = value - float(net.at_ref(kind)[t, j])
+        m = float(net.margin[kind][t, j])
+        if kind == "i_max":
+            best, lim, unit = float(net.ref.i_a[t, j]) + u, float(net.lim.i_max[t, j]), "A"
+            text = f"best reachable {best:.1f} A against a limit of {lim - m:.1f} A"
+        else:
+            v0 = max(float(net.ref.v_pu[t, j]), 1e-6)
+            best = float(np.sqrt(max(v0**2 + 2 * v0 * u, 0.0)))
+            lim = float(getattr(net.lim, kind)[t, j])
+            unit = "pu"
+            text = (f"best reachable {best:.4f} pu against a limit of "
+                    f"{lim + m if kind == 'v_min' else lim - m:.4f} pu")
+            nominal = self.grid.v_nominal_pu[0 if kind == "v_min" else 1]
+            if abs(lim - nominal) > 1e-9:
+                text += (f" (beyond {nominal:.3f} pu already without the DERs, so held to that "
+                         "value: DESIGN.md's pre-existing rule)")
+        if m > 0:
+            text += f"; includes a {m:.4g} {unit} back-off the AC check added"
+        return text
 
     def col_der(self) -> np.ndarray:
         """DER index (fleet order) of every column of one interval's block (nv,); -1 for

@@ -69,7 +69,7 @@ from derms.dispatch.plan import (
     Schedule,
     uncontrolled_schedule,
 )
-from derms.errors import InputError
+from derms.errors import InfeasibleError, InputError
 from derms.powerflow.collect import StepCollector, build_index
 from derms.powerflow.control_state import (
     capture_control_state,
@@ -123,7 +123,7 @@ class ACNetwork:
         engine.solve_snapshot()  # operating point of the sensitivities: base (peak) load
         engine.set_control_mode("off")
         engine.solve_snapshot()
-        nodes = sorted({n for d in fleet.ders for n in d.connection.injection_nodes})
+        nodes = sorted({n for d in fleet.ders for n in d.connection.injection_terminals})
         self.lin = build_linear_model(engine, nodes, branches=True)
         self._loss_w = self._loss_weights()  # at the linearisation point (control off)
         self.head_lin_kw = float(-np.sum(np.asarray(engine.circuit.TotalPower)[0]))
@@ -385,7 +385,8 @@ class ACNetwork:
         return GridContext(rows_sens, self.net_limits, *self._names, uncontrolled,
                            loss_p=np.asarray(self._loss[0]).ravel(),
                            loss_q=np.asarray(self._loss[1]).ravel(),
-                           head_lin_kw=self.head_lin_kw, element_coef=coef)
+                           head_lin_kw=self.head_lin_kw, element_coef=coef,
+                           v_nominal_pu=(self.limits.v_min_pu, self.limits.v_max_pu))
 
 
 @dataclass
@@ -400,6 +401,7 @@ class VerifiedPlan:
     rounds: int
     timing_s: dict[str, float] = field(default_factory=dict)
     rounds_log: list[dict] = field(default_factory=list)  # per AC round: counts, rows, s
+    notes: list[str] = field(default_factory=list)  # why the loop stopped short of clean
 
     @property
     def clean(self) -> bool:
@@ -502,6 +504,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     planner.solve_linear(2 * LARGE_LINEAR_ROUNDS if planner.net.elastic is not None else None)
     ac_s, seen = 0.0, {k: np.zeros(m.shape, dtype=bool) for k, m in planner.net.margin.items()}
     log_rounds: list[dict] = []
+    notes: list[str] = []
     best = None  # ((violations, export excess), round, schedule, result, report, ref, x)
     large = planner.net.elastic is not None
     frac = TRUST_FRAC
@@ -569,10 +572,41 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             planner.trust_region(centre_x, frac, movers)
         # large feeders: a warm re-solve with dense rows costs more than an AC round, and
         # the AC round finds most of what more linear rounds would: fewer of them
-        planner.solve_linear(LARGE_LINEAR_ROUNDS if large else None)
+        try:
+            planner.solve_linear(LARGE_LINEAR_ROUNDS if large else None)
+        except InfeasibleError as exc:
+            # the rows and margins this loop added (what the AC check found the linear
+            # model missed) left no room: the plan that met the linear model is still the
+            # best one simulated, so report it with what is left instead of nothing
+            sched, res, rep = best[2], best[3], best[4]
+            notes.append(f"stopped after AC round {rounds}: the tightened re-plan has no "
+                         f"solution ({exc}); the plan of round {best[1]} is kept, with the "
+                         "violations it leaves in the AC simulation")
+            log.warning("dispatch ac_round=%d tightened LP infeasible; keeping round %d",
+                        rounds, best[1])
+            break
     if planner.net.elastic is not None:
         planner.trust_region(None, 1.0)  # later re-plans (update) start unrestricted
     timing["solve_s"] = planner.lp.solve_s
     timing["ac_verify_s"] = ac_s
     timing["total_s"] = time.perf_counter() - t0
-    return VerifiedPlan(planner, sched, res, rep, rounds, timing, log_rounds)
+    left = rep.counts["violations_voltage"] + rep.counts["violations_thermal"]
+    if left:  # never hand out a plan the AC check finds worse than leaving the DERs alone
+        u_rep = ac.violations(uncontrolled[1])
+        u_export = 0.0 if objective.export_limit_kw is None else float(
+            np.max(-uncontrolled[0].head_kw) - objective.export_limit_kw)
+        u_key = (u_rep.counts["violations_voltage"] + u_rep.counts["violations_thermal"],
+                 max(u_export - EXPORT_TOL_KW, 0.0))
+        if u_key < best[0]:
+            notes.append(f"every plan the AC check saw breaks more limits than the "
+                         f"uncontrolled case ({best[0][0]} against {u_key[0]} violations): "
+                         "the uncontrolled schedule is returned (no DER is moved; the "
+                         "ledger's binding rows are those of the last linear plan)")
+            log.warning("dispatch falls back to the uncontrolled schedule (%d < %d "
+                        "violations)", u_key[0], best[0][0])
+            sched, res, rep = uncontrolled_schedule(fleet), uncontrolled[1], u_rep
+            left = u_key[0]
+    if left and not notes:
+        notes.append(f"{rounds} AC rounds used (the most allowed); the plan of round {best[1]}"
+                     f", the one with the fewest AC violations, is kept")
+    return VerifiedPlan(planner, sched, res, rep, rounds, timing, log_rounds, notes)

@@ -39,6 +39,9 @@ class NetworkIndex:
     xfmr_kva: np.ndarray  # (n_cond,) kVA (nan for non-transformers)
     source: str  # "vsource.<name>"
     source_phases: int
+    # (n_nodes,) line-to-line partner of nodes on ungrounded (3-wire) areas, -1 elsewhere:
+    # their voltage is measured line to line (:mod:`derms.powerflow.voltage_measure`)
+    v_pair: np.ndarray | None = None
 
     @property
     def n_nodes(self) -> int:
@@ -98,6 +101,7 @@ def build_index(engine: OpenDSSEngine) -> NetworkIndex:
         current_pos=np.array(pos, dtype=np.int64), n_pd_values=offset,
         xfmr_rated_a=np.array(rated, dtype=float), xfmr_kva=np.array(kvas, dtype=float),
         source=f"vsource.{vs.Name.lower()}", source_phases=ckt.NumPhases,
+        v_pair=engine.voltage_pairs(),
     )
 
 
@@ -131,11 +135,18 @@ class StepCollector:
         self.converged = np.zeros(n_steps, dtype=bool)
         self._c = engine.circuit
         self._pd = self._c.PDElements
+        self._ll = (np.flatnonzero(index.v_pair >= 0) if index.v_pair is not None
+                    else np.zeros(0, dtype=np.int64))
 
     def collect(self, step: int) -> None:
         """Read the engine's current solution into row ``step``."""
         c, ix = self._c, self.index
         self.v_pu[step] = c.AllBusVmagPu
+        if self._ll.size:  # ungrounded areas: line-to-line magnitudes
+            v = np.asarray(c.AllBusVolts)
+            v = v[0::2] + 1j * v[1::2]
+            self.v_pu[step, self._ll] = np.abs(v[self._ll] - v[ix.v_pair[self._ll]]) / (
+                _SQRT3 * 1000.0 * ix.node_kv_base_ln[self._ll])
         cur = np.asarray(self._pd.AllCurrents)  # (re, im) per conductor, like MagAng
         if cur.size != ix.n_pd_values:
             raise RuntimeError("circuit topology changed since the index was built")

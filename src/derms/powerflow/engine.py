@@ -72,7 +72,8 @@ class OpenDSSEngine:
             self._compile()
         except ModelError as exc:
             self.close()
-            raise ModelError(f"{self.source_master}: cannot compile: {exc}") from None
+            raise ModelError(f"{self.source_master}: cannot compile: "
+                             f"{self._user_paths(str(exc))}") from None
         if self.ctx.ActiveCircuit is None or self.ctx.NumCircuits == 0:
             self.close()
             raise ModelError(f"{self.source_master}: no circuit defined (no 'New Circuit' line)")
@@ -90,6 +91,13 @@ class OpenDSSEngine:
             finally:
                 self.ctx.AllowChangeDir = False
                 os.chdir(cwd)
+
+    def _user_paths(self, text: str) -> str:
+        """Engine messages name files of the private copy: say the user's files instead."""
+        staged = getattr(self, "master", None)
+        if staged is None:
+            return text
+        return text.replace(str(staged.parent), str(self.source_master.parent))
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -171,8 +179,35 @@ class OpenDSSEngine:
         return _complex(self.circuit.AllBusVolts)
 
     def node_voltages_pu(self) -> np.ndarray:
-        """Node voltage magnitudes [pu of each bus's base] in :meth:`node_names` order."""
-        return np.asarray(self.circuit.AllBusVmagPu, dtype=float)
+        """Node voltage magnitudes [pu of each bus's base] in :meth:`node_names` order;
+        line to line (on the same base x sqrt(3)) for nodes of ungrounded areas, where the
+        limits apply (:meth:`voltage_pairs`)."""
+        vpu = np.asarray(self.circuit.AllBusVmagPu, dtype=float)
+        pair = self.voltage_pairs()
+        if not (pair >= 0).any():
+            return vpu
+        from derms.powerflow.voltage_measure import measure_pu
+
+        v = self.node_voltages_v()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            base = np.where(vpu > 0, np.abs(v) / vpu, 1.0)
+        return measure_pu(v, base, pair, v_pu=vpu)
+
+    def voltage_pairs(self) -> np.ndarray:
+        """(n_nodes,) line-to-line partner node of each node on an ungrounded (3-wire) area,
+        -1 elsewhere (:func:`derms.powerflow.voltage_measure.ungrounded_pairs`); cached
+        until the circuit's element or node count changes."""
+        ckt = self.circuit
+        key = (int(ckt.NumCktElements), int(ckt.NumNodes))
+        cached = getattr(self, "_pairs", None)
+        if cached is not None and cached[0][1] == key[1] and not (cached[1] >= 0).any():
+            return cached[1]  # added elements can ground an area, never unground one
+        if cached is None or cached[0] != key:
+            from derms.powerflow.voltage_measure import ungrounded_pairs
+
+            cached = (key, ungrounded_pairs(self))
+            self._pairs = cached
+        return cached[1]
 
 
 def _complex(values) -> np.ndarray:

@@ -16,7 +16,11 @@ matrix, factorised once (leaf buses by vectorised block elimination, the rest by
 nodes' right-hand sides, as batched matrix RHS. No nodes x nodes matrix is formed.
 
 A power change ``dS`` at node ``k`` (wye, node to ground) adds the current
-``conj(dS / V0_k)``; ``d|V| = Re(conj(V0) dV) / |V0|``, in pu of each bus's base
+``conj(dS / V0_k)``; one between two nodes (an injection named ``"bus.a.b"``, a delta or
+line-to-line element) draws ``conj(dS / (V0_a - V0_b))`` from ``a`` into ``b`` and puts
+no current into ground (on an ungrounded delta feeder a node-to-ground injection has no
+return path but the lines' capacitance: its sensitivities are meaningless, IEEE 37 gives
+12 pu/200 kW where the delta element moves the voltages by 0.01 pu); ``d|V| = Re(conj(V0) dV) / |V0|``, in pu of each bus's base
 (OpenDSS ``kVBase``, as ``AllBusVmagPu``). Powers are *net import* at the node (DESIGN
 sign convention): consumption positive, a DER generating 5 kW is ``p_kw = -5``.
 
@@ -87,7 +91,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from derms.errors import ConvergenceError, InputError, ModelError
-from derms.naming import require_known
 from derms.powerflow.linear_branches import branch_current_matrix
 from derms.powerflow.linear_loads import read_branches
 from derms.powerflow.network_jacobian import LeafSolver, complex_pairs, network_jacobian
@@ -244,12 +247,16 @@ def build_linear_model(
         inj = np.sort(np.argsort(y_of_out)[np.unique(ends[ends >= 0])])
         inj_names = [names[k] for k in inj]
     else:
-        inj_names = require_known(injection_nodes, pos, kind="node",
-                                   field="injection_nodes", hint=" (expected 'bus.node')")
-        inj = np.fromiter((pos[s] for s in inj_names), dtype=np.int64, count=len(inj_names))
-
-    if (np.abs(v0[inj]) == 0).any():
-        dead = inj_names[int(np.flatnonzero(np.abs(v0[inj]) == 0)[0])]
+        inj_names = [str(x).strip().lower() for x in injection_nodes]
+        if len(set(inj_names)) != len(inj_names):
+            raise InputError("injection_nodes has duplicates")
+        inj, inj_to = _injection_ends(inj_names, pos)
+    if injection_nodes is None:
+        inj_to = np.full(inj.size, -1, dtype=np.int64)
+    pair = inj_to >= 0
+    vd0 = v0[inj] - np.where(pair, v0[np.maximum(inj_to, 0)], 0.0)
+    if (np.abs(vd0) == 0).any():
+        dead = inj_names[int(np.flatnonzero(np.abs(vd0) == 0)[0])]
         raise ModelError(f"injection node {dead!r} is de-energised (0 V at the operating point)")
     perm2 = np.empty(2 * n, dtype=np.int64)
     perm2[0::2], perm2[1::2] = 2 * y_of_out, 2 * y_of_out + 1
@@ -262,6 +269,18 @@ def build_linear_model(
         proj = np.where(np.abs(v0) > 0, np.conj(v0) / (np.abs(v0) * base_v), 0)
     node_perm = solver.perm[0::2] // 2  # solver keeps (Re, Im) of a node adjacent
     pr, pi = proj.real[node_perm, None], -proj.imag[node_perm, None]
+    # ungrounded areas: the line-to-line magnitude |V_a - V_b| / (sqrt(3) base) is the
+    # measure (derms.powerflow.voltage_measure); its rows differ the two nodes' changes
+    v_pair = engine.voltage_pairs()
+    ll = np.flatnonzero(v_pair >= 0)
+    v0_pu = np.abs(v0) / base_v
+    if ll.size:
+        at = np.empty(n, dtype=np.int64)
+        at[node_perm] = np.arange(n)  # solver position of each engine node
+        q_ll, q_to = at[ll], at[v_pair[ll]]
+        vd_ll = v0[ll] - v0[v_pair[ll]]
+        proj_ll = np.conj(vd_ll) / (np.abs(vd_ll) * np.sqrt(3.0) * base_v[ll])
+        v0_pu[ll] = np.abs(vd_ll) / (np.sqrt(3.0) * base_v[ll])
     n_out = inj.size if groups is None else np.shape(groups)[-1]
     dvp = np.empty((n, n_out))
     dvq = np.empty((n, n_out))
@@ -274,9 +293,11 @@ def build_linear_model(
         dip = np.empty((m_br.shape[0], n_out))
         diq = np.empty((m_br.shape[0], n_out))
     # RHS: an import dS at node k injects the current -conj(dS / V0_k); 1 kW = 1000 W.
-    cur_p = -1000.0 / np.conj(v0[inj])
-    cur_q = 1000.0j / np.conj(v0[inj])
+    # Between two nodes: -conj(dS / (V0_a - V0_b)) at a and the opposite at b.
+    cur_p = -1000.0 / np.conj(vd0)
+    cur_q = 1000.0j / np.conj(vd0)
     re_pos = solver.pos[2 * inj]
+    to_pos = solver.pos[2 * np.maximum(inj_to, 0)]
     if groups is not None:
         w = np.asarray(groups, dtype=float)
         if w.ndim != 2 or w.shape[0] != inj.size or not np.isfinite(w).all():
@@ -297,16 +318,28 @@ def build_linear_model(
             k, c = re_pos[lo:hi], np.arange(m)
             b[k, c], b[k + 1, c] = cur_p[lo:hi].real, cur_p[lo:hi].imag
             b[k, m + c], b[k + 1, m + c] = cur_q[lo:hi].real, cur_q[lo:hi].imag
+            two = np.flatnonzero(pair[lo:hi])  # the return current of two-node columns
+            if two.size:
+                k2, cp_, cq_ = to_pos[lo:hi][two], cur_p[lo:hi][two], cur_q[lo:hi][two]
+                b[k2, two], b[k2 + 1, two] = -cp_.real, -cp_.imag
+                b[k2, m + two], b[k2 + 1, m + two] = -cq_.real, -cq_.imag
         else:  # each group's RHS: its nodes' unit-power currents, weighted
             i, c = np.nonzero(w[:, lo:hi])
-            wt, k = w[i, lo + c], re_pos[i]
-            np.add.at(b, (k, c), wt * cur_p[i].real)
-            np.add.at(b, (k + 1, c), wt * cur_p[i].imag)
-            np.add.at(b, (k, m + c), wt * cur_q[i].real)
-            np.add.at(b, (k + 1, m + c), wt * cur_q[i].imag)
+            wt = w[i, lo + c]
+            for k, sgn in ((re_pos[i], 1.0), (to_pos[i], -1.0)):  # (return of pairs)
+                if sgn < 0:
+                    keep = pair[i]
+                    k, c, wt, i = k[keep], c[keep], wt[keep], i[keep]
+                np.add.at(b, (k, c), sgn * wt * cur_p[i].real)
+                np.add.at(b, (k + 1, c), sgn * wt * cur_p[i].imag)
+                np.add.at(b, (k, m + c), sgn * wt * cur_q[i].real)
+                np.add.at(b, (k + 1, m + c), sgn * wt * cur_q[i].imag)
         x = solver.solve(b).reshape(n, 2, 2 * m)
         sens = pr * x[:, 0]
         sens += pi * x[:, 1]
+        if ll.size:
+            d = x[q_ll] - x[q_to]
+            sens[q_ll] = proj_ll.real[:, None] * d[:, 0] - proj_ll.imag[:, None] * d[:, 1]
         dvp[node_perm, lo:hi] = sens[:, :m]
         dvq[node_perm, lo:hi] = sens[:, m:]
         if branches:
@@ -316,18 +349,41 @@ def build_linear_model(
             dip[:, lo:hi], diq[:, lo:hi] = di[:, :m], di[:, m:]
     own = np.zeros(0) if groups is not None else np.maximum(
         np.abs(dvp[inj, np.arange(inj.size)]), np.abs(dvq[inj, np.arange(inj.size)]))
-    if (own > _FLOATING_PU_PER_KW).any():
+    # node-to-ground injections into an ungrounded area (its rows are line to line, so
+    # their own sensitivity no longer shows it) or with an absurd driving point
+    bad = (own > _FLOATING_PU_PER_KW) if groups is not None or own.size == 0 else (
+        (own > _FLOATING_PU_PER_KW) | (~pair & (v_pair[inj] >= 0)))
+    if bad.any():
         log.warning(
             "linear_model floating_nodes=%s driving_point_pu_per_kw=%.3g: no path to ground?"
-            " a node-to-ground injection there is ill-posed",
-            ",".join(inj_names[k] for k in np.flatnonzero(own > _FLOATING_PU_PER_KW)),
-            own.max(),
+            " a node-to-ground injection there is ill-posed (inject line to line: "
+            "'bus.a.b')",
+            ",".join(inj_names[k] for k in np.flatnonzero(bad)), own.max(),
         )
     sens_br = None
     if branches:
         sens_br = BranchSensitivities(index.branch_element.astype(str), index.branch_phase,
                                       i0_a, dip, diq)
-    return LinearModel(names, np.abs(v0) / base_v, inj_names, dvp, dvq, sens_br)
+    return LinearModel(names, v0_pu, inj_names, dvp, dvq, sens_br)
+
+
+def _injection_ends(names: list[str], pos: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Engine node index of each injection's first node and of its second node (-1 for a
+    node-to-ground injection ``"bus.n"``; ``"bus.a.b"`` is between nodes a and b).
+    ModelError names the first unknown node."""
+    first = np.empty(len(names), dtype=np.int64)
+    second = np.full(len(names), -1, dtype=np.int64)
+    for k, name in enumerate(names):
+        parts = name.split(".")
+        ends = [f"{parts[0]}.{n}" for n in parts[1:]]
+        if not 1 <= len(ends) <= 2 or any(e not in pos for e in ends) or (
+                len(ends) == 2 and ends[0] == ends[1]):
+            raise ModelError(f"unknown node {name!r} (expected 'bus.node', or 'bus.a.b' for "
+                             "an injection between two nodes)")
+        first[k] = pos[ends[0]]
+        if len(ends) == 2:
+            second[k] = pos[ends[1]]
+    return first, second
 
 
 def _node_bases_v(engine) -> np.ndarray:
@@ -361,7 +417,8 @@ def solve_ac_with_injections(
     engine : OpenDSSEngine
         A compiled engine in the mode to solve (e.g. snapshot).
     nodes : sequence of str
-        "bus.node" names.
+        "bus.node" names (node to ground), or "bus.a.b" (a 1-phase delta element
+        between nodes a and b).
     p_kw, q_kvar : array_like, (len(nodes),)
         Net import added at each node [kW], [kvar], consumption positive.
     restore : bool
@@ -383,15 +440,17 @@ def solve_ac_with_injections(
     names = []
     for node in nodes:
         node = str(node).strip().lower()
-        if node not in known:
-            raise ModelError(f"unknown node {node!r} (expected 'bus.node')")
-        bus, phase = node.rsplit(".", 1)
-        name = f"{_AC_PREFIX}{bus}__{phase}"
+        bus, *ends = node.split(".")
+        if not 1 <= len(ends) <= 2 or any(f"{bus}.{e}" not in known for e in ends):
+            raise ModelError(f"unknown node {node!r} (expected 'bus.node' or 'bus.a.b')")
+        name = f"{_AC_PREFIX}{bus}__{'_'.join(ends)}"
         if ckt.SetActiveElement(f"Load.{name}") < 0:
             ckt.SetActiveBus(bus)
             kv = ckt.ActiveBus.kVBase or 1.0
+            conn = "wye" if len(ends) == 1 else "delta"  # two nodes: line to line
+            kv = kv if len(ends) == 1 else kv * np.sqrt(3.0)
             engine.command(
-                f"New Load.{name} bus1={node} phases=1 conn=wye kV={kv} kW=0 kvar=0 "
+                f"New Load.{name} bus1={node} phases=1 conn={conn} kV={kv} kW=0 kvar=0 "
                 "model=1 vlowpu=0 vminpu=0 vmaxpu=1000 status=fixed"
             )
         names.append(name)

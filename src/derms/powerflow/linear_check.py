@@ -30,8 +30,9 @@ def _candidate_nodes(engine: OpenDSSEngine, excluded: set[str]) -> list[str]:
     ckt = engine.circuit
     ckt.Vsources.First
     source_bus = ckt.ActiveCktElement.BusNames[0].split(".")[0].lower()
-    return [s for s in engine.node_names()
-            if s.rsplit(".", 1)[0] != source_bus and s not in excluded]
+    ungrounded = engine.voltage_pairs() >= 0  # a node-to-ground injection there is ill-posed
+    return [s for s, ug in zip(engine.node_names(), ungrounded, strict=True)
+            if s.rsplit(".", 1)[0] != source_bus and s not in excluded and not ug]
 
 
 def draw_injections(

@@ -90,6 +90,7 @@ class SiteFlows:
                                      count=len(y_names))  # engine node of each Y node
         self.y_of_eng = np.argsort(self.eng_of_y)       # Y node of each engine node
         self.names, self._pos = names, pos
+        self.v_pair = engine.voltage_pairs()  # line-to-line partner (engine order) or -1
         v_y = complex_pairs(ckt.YNodeVarray)
         self.n = v_y.size
         self.v0_y = v_y
@@ -136,20 +137,23 @@ class SiteFlows:
             self.i0_br = self.m_br @ v_y
 
     # ------------------------------------------------------------------ scenarios
-    def site_matrix(self, sites: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray,
-                                                                   np.ndarray]:
-        """(Y node, column, weight) triples splitting each site's power equally over its
-        nodes ("bus.node" names)."""
-        rows, cols, w = [], [], []
-        for j, nodes in enumerate(sites):
-            for s in nodes:
-                k = self._pos.get(s.lower())
-                if k is None:
-                    raise ModelError(f"unknown node {s!r} (expected 'bus.node')")
-                rows.append(self.y_of_eng[k])
+    def site_matrix(self, sites: Sequence[Sequence[str]]) -> tuple[np.ndarray, ...]:
+        """(Y node, column, weight, return Y node) entries splitting each site's power
+        equally over its terms: "bus.node" (to ground: return -1) or "bus.a.b" (between
+        two nodes, drawn from a into b)."""
+        rows, cols, w, to = [], [], [], []
+        for j, terms in enumerate(sites):
+            for s in terms:
+                bus, *ends = s.lower().split(".")
+                ks = [self._pos.get(f"{bus}.{e}") for e in ends]
+                if not 1 <= len(ks) <= 2 or any(k is None for k in ks):
+                    raise ModelError(f"unknown node {s!r} (expected 'bus.node' or 'bus.a.b')")
+                rows.append(self.y_of_eng[ks[0]])
+                to.append(self.y_of_eng[ks[1]] if len(ks) == 2 else -1)
                 cols.append(j)
-                w.append(1.0 / len(nodes))
-        return np.asarray(rows, np.int64), np.asarray(cols, np.int64), np.asarray(w)
+                w.append(1.0 / len(terms))
+        return (np.asarray(rows, np.int64), np.asarray(cols, np.int64), np.asarray(w),
+                np.asarray(to, np.int64))
 
     def _solve(self, rhs: np.ndarray) -> np.ndarray:
         """J^-1 rhs for complex node-current columns (n, k), Y order."""
@@ -162,10 +166,18 @@ class SiteFlows:
         return x[p[0::2]] + 1j * x[p[1::2]]
 
     def _inj_current(self, triples, p_kw: np.ndarray, dv: np.ndarray) -> np.ndarray:
-        rows, cols, w = triples
+        rows, cols, w, to = triples
         s_va = 1000.0 * w * p_kw[cols]
+        v = self.v0_y[rows] + dv[rows, cols]
+        two = to >= 0
+        if two.any():  # between two nodes: the voltage across, and the return current
+            t2 = to[two]
+            v[two] -= self.v0_y[t2] + dv[t2, cols[two]]
+        cur = np.conj(s_va / v)
         out = np.zeros(dv.shape, dtype=complex)
-        np.add.at(out, (rows, cols), np.conj(s_va / (self.v0_y[rows] + dv[rows, cols])))
+        np.add.at(out, (rows, cols), cur)
+        if two.any():
+            np.add.at(out, (to[two], cols[two]), -cur[two])
         return out
 
     def _nonlinear(self, dv: np.ndarray) -> np.ndarray:
@@ -231,8 +243,15 @@ class SiteFlows:
     def voltages_pu(self, state: SiteState, nodes: np.ndarray | None = None) -> np.ndarray:
         """|V| [pu] per engine node (rows; ``nodes`` = engine node indices, None = all)
         and column."""
-        r = self.y_of_eng if nodes is None else self.y_of_eng[nodes]
-        return np.abs(self.v0_y[r, None] + state.dv_v[r]) / self.base_v_y[r, None]
+        e = np.arange(self.y_of_eng.size) if nodes is None else np.asarray(nodes)
+        r = self.y_of_eng[e]
+        out = np.abs(self.v0_y[r, None] + state.dv_v[r]) / self.base_v_y[r, None]
+        ll = np.flatnonzero(self.v_pair[e] >= 0)
+        if ll.size:  # ungrounded areas: line to line (derms.powerflow.voltage_measure)
+            ra, rb = r[ll], self.y_of_eng[self.v_pair[e[ll]]]
+            vd = self.v0_y[ra, None] + state.dv_v[ra] - self.v0_y[rb, None] - state.dv_v[rb]
+            out[ll] = np.abs(vd) / (np.sqrt(3.0) * self.base_v_y[ra, None])
+        return out
 
     def branch_currents_a(self, state: SiteState) -> np.ndarray:
         """|I| [A] per branch conductor (NetworkIndex rows) and column."""
@@ -240,13 +259,13 @@ class SiteFlows:
 
 
 def sub_columns(triples, cols: np.ndarray, k: int):
-    """The (node, column, weight) triples of :meth:`SiteFlows.site_matrix` restricted to
+    """The entries of :meth:`SiteFlows.site_matrix` restricted to
     the columns ``cols`` (of ``k``), renumbered 0..len(cols)-1 in that order."""
-    rows, c, w = triples
+    rows, c, w, to = triples
     new = np.full(k, -1)
     new[cols] = np.arange(cols.size)
     keep = new[c] >= 0
-    return rows[keep], new[c[keep]], w[keep]
+    return rows[keep], new[c[keep]], w[keep], to[keep]
 
 
 def _select(br: Branches, keep: np.ndarray) -> Branches:

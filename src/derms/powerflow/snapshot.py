@@ -17,7 +17,8 @@ _DEFAULT_RATING = (400.0, 600.0)
 class SnapshotResult:
     """One solved operating point.
 
-    ``voltages``: bus, phase, v_pu, v_v, angle_deg, kv_base_ln.
+    ``voltages``: bus, phase, v_pu, v_v, angle_deg, kv_base_ln, v_measure ("ln" node to
+    ground; "ll" line to line, nodes of ungrounded areas, :mod:`voltage_measure`).
     ``branches``: element, phase, bus1, bus2, i_a, norm_amps, emerg_amps, loading_pct,
     loading_emerg_pct, rating_is_default (loading is % of the engine's rating).
     ``transformers``: element, phase, i_a, rated_a, kva, loading_pct (% of nameplate).
@@ -46,6 +47,9 @@ def solve_snapshot(engine: OpenDSSEngine, index: NetworkIndex | None = None) -> 
         "v_v": np.abs(v),
         "angle_deg": np.degrees(np.angle(v)),
         "kv_base_ln": index.node_kv_base_ln,
+        # "ll": a node of an ungrounded area, v_pu is line to line (voltage_measure)
+        "v_measure": np.where(index.v_pair >= 0, "ll", "ln") if index.v_pair is not None
+        else "ln",
     })
     i_a = col.i_a[0].astype(float)
     norm, emerg = index.branch_norm_a, index.branch_emerg_a

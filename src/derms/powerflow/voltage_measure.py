@@ -1,0 +1,151 @@
+"""Which voltage a node's limit applies to: to ground, or line to line on ungrounded feeders.
+
+On a 3-wire ungrounded (delta) system nothing ties the phases to ground but the lines'
+capacitance (and OpenDSS's anti-float conductance): node-to-ground voltages float with the
+capacitive unbalance (IEEE 37: 0.87 / 1.02 / 0.90 pu at the substation bus whose
+line-to-line voltages are 0.92-0.95 pu), and customers, all connected line to line or
+through transformers, never see them. There the limit applies to the line-to-line
+voltage (ANSI C84.1 on 3-wire systems).
+
+:func:`ungrounded_pairs` finds those nodes: buses are joined into areas by lines (and
+series reactors), transformers separate areas, and an area is *grounded* when any element
+other than a capacitor or a line connects one of its buses to ground (node 0: a wye
+winding or wye load, a Vsource, a grounding reactor). Every phase node of an ungrounded
+area is paired with the next phase node of its bus (3 nodes: 1-2, 2-3, 3-1; 2 nodes:
+each other); its measure is then ``|V_a - V_b| / (sqrt(3) kVBase)`` [pu], the line-to-line
+magnitude on the same per-unit base (a balanced bus reads the same either way). A node
+alone on its bus in such an area keeps its node-to-ground measure.
+
+:func:`measure_pu` applies the pairing to complex node voltages. Grounded feeders (every
+one of the bundled ones but IEEE 37) are untouched: all pairs are -1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+_SQRT3 = np.sqrt(3.0)
+_NOT_GROUNDING = ("capacitor.", "line.", "energymeter.", "monitor.", "fault.")
+
+
+def ungrounded_pairs(engine) -> np.ndarray:
+    """(n_nodes,) engine node index of each node's line-to-line partner, -1 where the
+    node-to-ground voltage is the measure (see module docstring)."""
+    ckt = engine.circuit
+    names = engine.node_names()
+    bus_of = [n.split(".")[0] for n in names]
+    buses = sorted(set(bus_of))
+    bid = {b: k for k, b in enumerate(buses)}
+    parent = np.arange(len(buses))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    grounded = np.zeros(len(buses), dtype=bool)
+    el = ckt.ActiveCktElement
+    for full in ckt.AllElementNames:
+        low = full.lower()
+        if low.startswith(("energymeter.", "monitor.")):
+            continue
+        ckt.SetActiveElement(full)
+        if not el.Enabled:
+            continue
+        spec = [b.lower().split(".")[0] for b in el.BusNames]
+        ends = [bid[b] for b in spec if b in bid]
+        if low.startswith("line.") or (low.startswith("reactor.") and len(ends) == 2
+                                        and ends[0] != ends[1]):
+            if len(ends) == 2:
+                ra, rb = find(ends[0]), find(ends[1])
+                parent[ra] = rb
+            continue
+        if low.startswith(_NOT_GROUNDING):
+            continue
+        ncond, nph = int(el.NumConductors), int(el.NumPhases)
+        delta = _delta_terminals(ckt, low, len(spec))
+        for t, full_spec in enumerate(el.BusNames):
+            b = spec[t]
+            if b in bid and not delta[t] and _touches_ground(full_spec, ncond, nph):
+                grounded[bid[b]] = True
+    root = np.array([find(k) for k in range(len(buses))])
+    area_grounded = np.zeros(len(buses), dtype=bool)
+    area_grounded[root[grounded]] = True
+    floating = ~area_grounded[root]
+    pair = np.full(len(names), -1, dtype=np.int64)
+    if not floating.any():
+        return pair
+    by_bus: dict[str, list[int]] = {}
+    for k, n in enumerate(names):
+        ph = int(n.split(".")[1])
+        if floating[bid[bus_of[k]]] and 1 <= ph <= 3:
+            by_bus.setdefault(bus_of[k], []).append(k)
+    for nodes in by_bus.values():
+        if len(nodes) < 2:
+            continue
+        nodes = sorted(nodes, key=lambda k: names[k])
+        for i, k in enumerate(nodes):
+            pair[k] = nodes[(i + 1) % len(nodes)] if len(nodes) > 2 else nodes[1 - i]
+    log.info("voltage_measure ungrounded_buses=%d line_to_line_nodes=%d",
+             int(floating.sum()), int((pair >= 0).sum()))
+    return pair
+
+
+def _touches_ground(bus_spec: str, ncond: int, nphases: int) -> bool:
+    """A terminal's conductors reach node 0: listed as 0, or left unlisted (OpenDSS
+    connects conductors the bus spec does not name to ground; with no node listed the
+    phases take nodes 1..n). Read from the spec, so it needs no solved circuit."""
+    listed = [int(x) for x in bus_spec.split(".")[1:] if x.strip().lstrip("-").isdigit()]
+    if not listed:
+        return ncond > nphases
+    return 0 in listed or len(listed) < ncond
+
+
+def _delta_terminals(ckt, name: str, n_terminals: int) -> list[bool]:
+    """Per terminal of the active element: delta-connected (its neutral conductor, which
+    OpenDSS still lists at node 0, carries no winding)."""
+    if name.startswith("transformer."):
+        tr = ckt.Transformers
+        tr.Name = name.split(".", 1)[1]
+        out = []
+        for w in range(1, n_terminals + 1):
+            tr.Wdg = w
+            out.append(bool(tr.IsDelta))
+        return out
+    try:
+        conn = str(ckt.ActiveDSSElement.Properties("conn").Val).strip().lower()
+    except Exception:  # noqa: BLE001 - elements without a conn property are wye-like
+        conn = ""
+    return [conn.startswith(("delta", "ll"))] * n_terminals
+
+
+def delta_terms(bus: str, nodes: tuple[int, ...] | list[int], phases: int) -> list[str]:
+    """Injection terms "bus.a.b" of a delta (line-to-line) element on phase ``nodes``:
+    3 phases a-b, b-c, c-a; 2 phases on 3 nodes a-b, b-c; 2 nodes a-b. Fewer than two
+    nodes: the node itself ("bus.n")."""
+    k = [int(n) for n in nodes]
+    if len(k) < 2:
+        return [f"{bus}.{n}" for n in k]
+    if len(k) == 2:
+        pairs = [(k[0], k[1])]
+    elif phases >= 3:
+        pairs = [(k[0], k[1]), (k[1], k[2]), (k[2], k[0])]
+    else:
+        pairs = [(k[0], k[1]), (k[1], k[2])]
+    return [f"{bus}.{a}.{b}" for a, b in pairs]
+
+
+def measure_pu(v: np.ndarray, base_v: np.ndarray, pair: np.ndarray,
+               v_pu: np.ndarray | None = None) -> np.ndarray:
+    """Voltage magnitudes [pu] from complex node voltages ``v`` [V] and the nodes' LN bases
+    ``base_v`` [V]: ``|v|/base`` (or ``v_pu`` as given) where ``pair`` is -1, else
+    ``|v - v[pair]| / (sqrt(3) base)``."""
+    out = np.abs(v) / base_v if v_pu is None else np.array(v_pu, dtype=float)
+    ll = np.flatnonzero(pair >= 0)
+    if ll.size:
+        out[ll] = np.abs(v[ll] - v[pair[ll]]) / (_SQRT3 * base_v[ll])
+    return out

@@ -1,0 +1,207 @@
+"""Ungrounded (3-wire delta) areas: line-to-line voltage measure and delta injections.
+
+IEEE 37 is an ungrounded delta feeder (delta-delta substation transformer, open-delta
+regulators, every load connected line to line); its node-to-ground voltages float with
+the lines' capacitive unbalance (0.87 / 1.02 / 0.90 pu at bus 799, whose line-to-line
+voltages are 0.92-0.95 pu). Checked here against OpenDSS's own solution: which nodes get
+the line-to-line measure, that every consumer reads the same values, and that the linear
+model's sensitivities (delta injections, line-to-line rows) match finite AC changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from derms.der.models import Connection
+from derms.powerflow.collect import StepCollector, build_index
+from derms.powerflow.linear import build_linear_model, solve_ac_with_injections
+from tests.validation.conftest import frozen_engine
+
+
+@pytest.fixture(scope="module")
+def ieee37():
+    engine = frozen_engine("ieee37")
+    yield engine
+    engine.close()
+
+
+def _puvll(engine, bus: str) -> np.ndarray:
+    """OpenDSS's own line-to-line magnitudes of a 3-phase bus [pu] (ab, bc, ca)."""
+    ckt = engine.circuit
+    ckt.SetActiveBus(bus)
+    ll = np.asarray(ckt.ActiveBus.puVLL, dtype=float)
+    return np.abs(ll[0::2] + 1j * ll[1::2])
+
+
+def test_ieee37_is_measured_line_to_line_except_the_grounded_source(ieee37):
+    pair = ieee37.voltage_pairs()
+    names = np.array(ieee37.node_names())
+    ll = set(names[pair >= 0])
+    assert {"799.1", "799.2", "799.3", "701.1", "775.3"} <= ll
+    assert not any(n.startswith("sourcebus.") for n in ll)  # the Vsource grounds its bus
+    assert len(ll) == len(names) - 3
+    v = ieee37.node_voltages_pu()
+    for bus in ("799", "701", "740", "775"):
+        k = [int(np.flatnonzero(names == f"{bus}.{p}")[0]) for p in (1, 2, 3)]
+        np.testing.assert_allclose(v[k], _puvll(ieee37, bus), rtol=1e-9)
+
+
+def test_grounded_feeders_keep_node_to_ground(ieee13, ieee123):
+    assert not (ieee13.voltage_pairs() >= 0).any()
+    names = np.array(ieee123.node_names())
+    # bus 610 hangs off a delta-delta transformer with no ground (the linear model's
+    # floating-node warning names it too): the only line-to-line bus of IEEE 123
+    assert sorted(names[ieee123.voltage_pairs() >= 0]) == ["610.1", "610.2", "610.3"]
+    np.testing.assert_array_equal(ieee13.node_voltages_pu(),
+                                  np.asarray(ieee13.circuit.AllBusVmagPu))
+
+
+def test_step_collector_reads_the_same_measure(ieee37):
+    index = build_index(ieee37)
+    col = StepCollector(ieee37, index, 1)
+    col.collect(0)
+    np.testing.assert_allclose(col.v_pu[0], ieee37.node_voltages_pu(), rtol=1e-12)
+
+
+def test_delta_injection_tangent_matches_finite_difference(ieee37):
+    """1 kW / 1 kvar between two phases: linear vs AC within 2e-3 of the change (a
+    node-to-ground injection on this feeder gives sensitivities of ~12 pu per 200 kW,
+    where the AC change is 0.01 pu)."""
+    terminals = ["701.1.2", "775.2.3", "740.3.1"]
+    model = build_linear_model(ieee37, terminals, load_band_pu=0.0)
+    v0 = ieee37.node_voltages_pu()
+    np.testing.assert_allclose(model.v0_pu, v0, atol=1e-12)
+    for k in range(len(terminals)):
+        for p_kw, q_kvar in ((1.0, 0.0), (0.0, -1.0)):
+            p, q = np.zeros(len(terminals)), np.zeros(len(terminals))
+            p[k], q[k] = p_kw, q_kvar
+            dv_ac = solve_ac_with_injections(ieee37, terminals, p, q) - v0
+            dv_lin = model.dv_dp_pu_per_kw @ p + model.dv_dq_pu_per_kvar @ q
+            err, change = np.abs(dv_ac - dv_lin).max(), np.abs(dv_ac).max()
+            assert change > 5e-6
+            assert err < 2e-3 * change, (terminals[k], p_kw, q_kvar, err, change)
+
+
+def test_delta_injection_on_a_grounded_feeder(ieee13):
+    """A line-to-line element on a grounded feeder (IEEE 13's 692 carries a delta load)."""
+    model = build_linear_model(ieee13, ["692.1.2", "671.1"], load_band_pu=0.0)
+    v0 = ieee13.node_voltages_pu()
+    dv_ac = solve_ac_with_injections(ieee13, ["692.1.2", "671.1"], np.array([1.0, 0.0]),
+                                     np.zeros(2)) - v0
+    dv_lin = model.dv_dp_pu_per_kw[:, 0]
+    assert np.abs(dv_ac).max() > 5e-6
+    assert np.abs(dv_ac - dv_lin).max() < 2e-3 * np.abs(dv_ac).max()
+
+
+def test_connection_terminals():
+    assert Connection("b", (1, 2), 1, 4.8, "delta").injection_terminals == ("b.1.2",)
+    assert Connection("b", (1, 2, 3), 3, 4.8, "delta").injection_terminals == (
+        "b.1.2", "b.2.3", "b.3.1")
+    assert Connection("b", (1, 2, 3), 3, 4.8, "wye").injection_terminals == (
+        "b.1", "b.2", "b.3")
+    assert Connection("b", (2,), 1, 2.4, "delta").injection_terminals == ("b.2",)
+
+
+@pytest.mark.parametrize("kind", ["pv", "load"])
+def test_ieee37_hosting_capacity_fast_matches_brute_force(ieee37, kind):
+    """Every primary bus of IEEE 37 (ungrounded: sites inject line to line). Before, every
+    site read 0 kW (node-to-ground injections with no return path)."""
+    from derms.analysis.hosting_brute import hosting_capacity_brute
+    from derms.analysis.hosting_capacity import hosting_capacity_fast, resolve_sites
+
+    sites = resolve_sites(ieee37)
+    assert all(s.line_to_line for s in sites)
+    fast = hosting_capacity_fast(ieee37, sites, kind).table["hc_kw"].to_numpy()
+    brute = hosting_capacity_brute(ieee37, sites, kind).table["hc_kw"].to_numpy()
+    # load: the substation bus is below 0.95 pu without it (pre-existing, held to its
+    # base value within 0.001 pu), which leaves 15-26 kW anywhere
+    assert (brute > (100.0 if kind == "pv" else 10.0)).all()
+    assert np.all(np.abs(fast - brute) <= np.maximum(0.02 * brute, 10.0)), (fast, brute)
+
+
+def test_ieee37_hosting_size_binds_in_opendss_own_line_to_line_voltages(ieee37):
+    """Independent of derms's measure: at the brute-force size, a 3-phase delta generator
+    of that size (OpenDSS's own element) brings OpenDSS's own puVLL to the binding limit."""
+    from derms.analysis.hosting_brute import hosting_capacity_brute
+    from derms.analysis.hosting_capacity import resolve_sites
+
+    site = resolve_sites(ieee37, ["799"])[0]
+    res = hosting_capacity_brute(ieee37, [site], "pv").table.iloc[0]
+    assert res["binding"] == "overvoltage"
+    bus, node = str(res["binding_element"]).split(".")
+    ckt = ieee37.circuit
+
+    def vll() -> float:
+        ckt.SetActiveBus(bus)
+        v = np.asarray(ckt.ActiveBus.puVLL, dtype=float)
+        return float(np.abs(v[0::2] + 1j * v[1::2])[int(node) - 1])
+
+    ieee37.command(f"new generator.hc_check bus1={bus_of(site)} phases=3 conn=delta "
+                   f"kv=4.8 kw={res['hc_kw']} pf=1 model=1")
+    try:
+        ieee37.solve()
+        assert 1.051 - 2e-3 <= vll() <= 1.051 + 2e-3  # v_max 1.05 + tolerance 0.001
+    finally:
+        ieee37.command("disable generator.hc_check")
+        ieee37.solve()
+
+
+def bus_of(site) -> str:
+    return f"{site.bus}." + ".".join(str(k) for k in site.nodes)
+
+
+def test_ieee37_envelopes_hold_in_opendss_own_line_to_line_voltages():
+    """Operating envelopes on IEEE 37 (every load a delta connection point): the linear
+    model takes each one line to line (before: node-to-ground columns, 1.4 kW import
+    envelopes); every connection point at its import envelope, in a fresh OpenDSS context,
+    keeps OpenDSS's own puVLL inside the limits (pre-existing held to the base case)."""
+    from datetime import UTC, datetime, timedelta
+
+    import dss
+
+    from derms.analysis.constraints import Limits
+    from derms.analysis.envelope_network import connection_points
+    from derms.analysis.envelopes import EnvelopeCriteria, compute_envelopes
+    from derms.grid.opendss_import import read_feeder
+    from derms.powerflow.engine import OpenDSSEngine
+    from derms.studies.qsts_study import StudyConfig, study_profiles
+    from tests.conftest import shared_master
+    from tests.validation.conftest import reference_v_pu
+
+    cfg = StudyConfig(step=timedelta(hours=1), start=datetime(2026, 7, 1, tzinfo=UTC),
+                      seed=3)
+    eng = OpenDSSEngine(shared_master("ieee37"))
+    eng.solve_snapshot()
+    model = read_feeder(eng.ctx, eng.source_master)
+    prof, _ = study_profiles(model, cfg)
+    cps = connection_points(model, None)
+    assert all(c.conn == "delta" for c in cps)
+    res = compute_envelopes(eng, prof, cps, EnvelopeCriteria(policy="equal"))
+    names = eng.node_names()
+    ll = {names[k] for k in np.flatnonzero(eng.voltage_pairs() >= 0)}
+    master = eng.master
+    assert res.import_kw.mean() > 5.0
+    lim = Limits()
+    ctx = dss.DSS.NewContext()
+    for k in (0, 12, 18):
+        ctx.Text.Command = f"compile [{master}]"
+        ckt = ctx.ActiveCircuit
+        for j, el in enumerate(prof.elements):
+            ckt.Loads.Name = el.split(".", 1)[1]
+            ckt.Loads.kW, ckt.Loads.kvar = (ckt.Loads.kW * prof.p_mult[k, j],
+                                            ckt.Loads.kvar * prof.p_mult[k, j])
+        ctx.Text.Command = "set controlmode=static"
+        ckt.Solution.Solve()
+        v_base = reference_v_pu(ckt, names, ll)
+        for j, cp in enumerate(cps):
+            p = res.import_kw[k, j]
+            ctx.Text.Command = (f"edit {cp.load} model=1 vminpu=0 vlowpu=0 vmaxpu=1000 "
+                                f"kW={p} kvar={p * 0.329}")
+        ckt.Solution.Solve()
+        assert ckt.Solution.Converged
+        v = reference_v_pu(ckt, names, ll)
+        lo = np.where(v_base < lim.v_min_pu - lim.v_tol_pu, v_base - lim.v_tol_pu,
+                      lim.v_min_pu - lim.v_tol_pu)
+        assert (lo - v).max() <= 0.002, (k, (lo - v).max())
+    eng.close()
