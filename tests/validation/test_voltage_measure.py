@@ -205,3 +205,25 @@ def test_ieee37_envelopes_hold_in_opendss_own_line_to_line_voltages():
                       lim.v_min_pu - lim.v_tol_pu)
         assert (lo - v).max() <= 0.002, (k, (lo - v).max())
     eng.close()
+
+
+def test_row_sensitivities_take_pairs_and_line_to_line_rows(ieee37):
+    """The corrective cycle's adjoint rows (RowSensitivities) agree with the linear model
+    (checked against OpenDSS above) for delta points and line-to-line voltage rows."""
+    from derms.powerflow.linear_rows import RowSensitivities
+
+    points = [("701.1.2", "701.2.3", "701.3.1"), ("775.2.3",), ("740.3.1",)]
+    rs = RowSensitivities(ieee37, points, build_index(ieee37))
+    names = ieee37.node_names()
+    rows = np.array([names.index(s) for s in ("799.1", "701.2", "740.3", "775.1")])
+    v, dvp, dvq, *_ = rs.compute(ieee37, rows, np.zeros(0, dtype=np.int64),
+                                 load_band_pu=0.0)
+    terms = sorted({t for pt in points for t in pt})
+    model = build_linear_model(ieee37, terms, load_band_pu=0.0)
+    w = np.zeros((len(terms), len(points)))
+    for j, pt in enumerate(points):
+        for t in pt:
+            w[terms.index(t), j] = 1.0 / len(pt)
+    np.testing.assert_allclose(v, ieee37.node_voltages_pu()[rows], rtol=1e-10)
+    np.testing.assert_allclose(dvp, model.dv_dp_pu_per_kw[rows] @ w, rtol=1e-6, atol=1e-10)  # floating: round-off ~3e-12
+    np.testing.assert_allclose(dvq, model.dv_dq_pu_per_kvar[rows] @ w, rtol=1e-6, atol=1e-10)  # floating: round-off ~3e-12

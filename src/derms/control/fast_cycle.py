@@ -158,16 +158,20 @@ class FastCycle:
         eng, ckt = self.engine, self.engine.circuit
         nodes = sorted({s.strip().lower() for pt in self.registry.points for s in pt})
         known = set(eng.node_names())
-        bad = [s for s in nodes if s not in known]
+        bad = [s for s in nodes if not all(f"{s.split('.')[0]}.{e}" in known
+                                           for e in s.split(".")[1:]) or s.count(".") > 2
+               or "." not in s]
         if bad:
             raise InputError(f"DER injection node(s) not in the model: {bad[:5]}")
         for s in nodes:
-            bus = s.rsplit(".", 1)[0]
+            bus = s.split(".")[0]
             ckt.SetActiveBus(bus)
             kv = ckt.ActiveBus.kVBase or 1.0
-            eng.command(f"new load.{_PREFIX}{s.replace('.', '_')} bus1={s} phases=1 conn=wye "
-                        f"kv={kv} kw=0 kvar=0 model=1 vminpu=0 vmaxpu=1000 vlowpu=0 "
-                        "status=fixed")
+            # "bus.a.b": between two phases (ungrounded feeders), line-to-line kV
+            conn, kv = ("delta", kv * np.sqrt(3.0)) if s.count(".") == 2 else ("wye", kv)
+            eng.command(f"new load.{_PREFIX}{s.replace('.', '_')} bus1={s} phases=1 "
+                        f"conn={conn} kv={kv} kw=0 kvar=0 model=1 vminpu=0 vmaxpu=1000 "
+                        "vlowpu=0 status=fixed")
         names = [x.lower() for x in ckt.Loads.AllNames]
         at = {x: i + 1 for i, x in enumerate(names)}
         node_pos = {s: k for k, s in enumerate(nodes)}

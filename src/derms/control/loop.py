@@ -101,6 +101,7 @@ from derms.monitoring.feeder_monitor import (
 )
 from derms.monitoring.telemetry import latest_readings, series_of
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+from derms.powerflow.voltage_measure import delta_terms
 from derms.store.audit import append_audit
 from derms.store.db import make_session_factory
 from derms.store.models import DerDevice, DerSite, DerType, DeviceStatus, TopologyEvent
@@ -233,7 +234,10 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
             meas = StoreMeasurements(self.feeder_id, engine, self.db, self.config.monitor)
             notes: list[str] = []
             meas._apply_topology(now, notes)
-            ders, skipped = self._registry_rows(rows, set(engine.node_names()))
+            names = engine.node_names()
+            ungrounded = {n.split(".")[0] for n, q in zip(names, engine.voltage_pairs(),
+                                                          strict=True) if q >= 0}
+            ders, skipped = self._registry_rows(rows, set(names), ungrounded)
             if not ders:
                 raise InputError(f"feeder {self.feeder_id!r}: no DER device on it maps to "
                                  f"the model (skipped: {skipped[:10]})")
@@ -277,15 +281,22 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
                      self.feeder_id, len(ders), len(standing), len(unsent))
         return reload
 
-    def _registry_rows(self, rows: list[tuple], nodes: set[str]) -> tuple[list[_Der], list[str]]:
+    def _registry_rows(self, rows: list[tuple], nodes: set[str], ungrounded: set[str] = frozenset()
+                       ) -> tuple[list[_Der], list[str]]:
+        """The DERs that map to the model, with their injection terms: phase nodes, or on
+        an ungrounded (3-wire) bus the node pairs between them (line to line)."""
         out, skipped = [], []
         for der_id, dtype, phase, dev_bus, site_bus, site_id, status, gmax, cmax, smax in rows:
             bus = (dev_bus or site_bus or "").strip().lower()
             letters = str(getattr(phase, "value", phase) or "abc")
             pts = tuple(f"{bus}.{PHASE_NODE[x]}" for x in letters
                         if f"{bus}.{PHASE_NODE[x]}" in nodes)
-            if not bus or not pts:
-                skipped.append(der_id)
+            if bus in ungrounded and len(pts) >= 2:
+                ph = [int(t.rsplit(".", 1)[1]) for t in pts]
+                pts = tuple(delta_terms(bus, ph, max(len(ph), 3)))
+            if not bus or not pts or (bus in ungrounded and len(pts) == 1
+                                      and pts[0].count(".") == 1):
+                skipped.append(der_id)  # one phase to ground on a 3-wire feeder: no model
                 continue
             out.append(_Der(der_id, KIND.get(DerType(dtype), "other"), pts, bus, site_id,
                             DeviceStatus(status) is DeviceStatus.ACTIVE, float(gmax or 0),

@@ -40,9 +40,11 @@ class RowSensitivities:
     ----------
     engine : OpenDSSEngine
         Compiled; taps and capacitors frozen (``controlmode=off``) at their field state.
-    points : sequence of sequences of "bus.node"
+    points : sequence of sequences of "bus.node" or "bus.a.b"
         Injection points: a DER at point ``k`` shares its power equally over the point's
-        nodes, each node to ground (as :class:`derms.der.models.Connection`).
+        terms, node to ground or between two nodes (as
+        :attr:`derms.der.models.Connection.injection_terminals`). Voltage rows of nodes on
+        ungrounded areas are line to line (:mod:`derms.powerflow.voltage_measure`).
     index : NetworkIndex
         Names the branch-conductor rows (:func:`derms.powerflow.collect.build_index`).
 
@@ -57,18 +59,26 @@ class RowSensitivities:
         ypos = {s: k for k, s in enumerate(y_names)}
         self.n = len(y_names)
         self.y_of_e = np.fromiter((ypos[s] for s in names), dtype=np.int64, count=len(names))
-        rows, cols, vals = [], [], []
-        for k, nodes in enumerate(points):
-            nodes = [str(s).strip().lower() for s in nodes]
-            missing = [s for s in nodes if s not in ypos]
-            if not nodes or missing:
+        rows, to, cols, vals = [], [], [], []
+        for k, terms in enumerate(points):
+            terms = [str(s).strip().lower() for s in terms]
+            ends = [[f"{t.split('.')[0]}.{e}" for e in t.split(".")[1:]] for t in terms]
+            missing = [t for t, e in zip(terms, ends, strict=True)
+                       if not 1 <= len(e) <= 2 or any(x not in ypos for x in e)]
+            if not terms or missing:
                 raise ModelError(f"injection point {k}: unknown node(s) "
                                  f"{missing[:3] or '(none given)'}")
-            rows += [ypos[s] for s in nodes]
-            cols += [k] * len(nodes)
-            vals += [1.0 / len(nodes)] * len(nodes)
+            rows += [ypos[e[0]] for e in ends]
+            to += [ypos[e[1]] if len(e) == 2 else -1 for e in ends]
+            cols += [k] * len(terms)
+            vals += [1.0 / len(terms)] * len(terms)
         self.n_points = len(points)
-        self.share = sp.csr_matrix((vals, (rows, cols)), shape=(self.n, self.n_points))
+        self._term = (np.asarray(rows, np.int64), np.asarray(to, np.int64),
+                      np.asarray(cols, np.int64), np.asarray(vals, float))
+        pair_e = engine.voltage_pairs()  # ungrounded areas: line-to-line voltage rows
+        self._ll_y = np.full(self.n, -1, dtype=np.int64)
+        e = np.flatnonzero(pair_e >= 0)
+        self._ll_y[self.y_of_e[e]] = self.y_of_e[pair_e[e]]
         m_br, self.index = branch_current_matrix(engine, index)
         coo = m_br.tocoo()
         self.m_y = sp.csr_matrix((coo.data, (coo.row, self.y_of_e[coo.col])),
@@ -97,15 +107,20 @@ class RowSensitivities:
         self._cache_v: dict[int, tuple] = {}
         self._cache_i: dict[int, tuple] = {}
         # E (2n x 2 n_points): current injected per kW / kvar of net import at each point;
-        # 1 kW at a node injects -conj(1000 / V) (as in linear.py)
+        # 1 kW at a node injects -conj(1000 / V) (as in linear.py); between two nodes
+        # -conj(1000 / (V_a - V_b)) at a and the opposite at b
+        rows, to, cols, share = self._term
+        vd = v_y[rows] - np.where(to >= 0, v_y[np.maximum(to, 0)], 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            cur_p = np.where(np.abs(v_y) > 0, -1000.0 / np.conj(v_y), 0.0)
-        sh = self.share.tocoo()
+            cur_p = np.where(np.abs(vd) > 0, -1000.0 / np.conj(vd), 0.0)
+        two = to >= 0
+        node = np.r_[rows, to[two]]
+        col = np.r_[cols, cols[two]]
         blocks = []
         for cu in (cur_p, -1j * cur_p):
-            w = cu[sh.row] * sh.data
+            w = np.r_[cu * share, -(cu * share)[two]]
             blocks.append(sp.csc_matrix(
-                (np.r_[w.real, w.imag], (np.r_[2 * sh.row, 2 * sh.row + 1], np.r_[sh.col, sh.col])),
+                (np.r_[w.real, w.imag], (np.r_[2 * node, 2 * node + 1], np.r_[col, col])),
                 shape=(2 * self.n, self.n_points)))
         self._inj = sp.hstack(blocks).tocsc()
 
@@ -146,12 +161,16 @@ class RowSensitivities:
         vn = self.y_of_e[vn_e]
         mv, mi = vn.size, bi.size
         rows, cols, vals = [], [], []
-        vm = v_y[vn]
-        if mv:  # d|V| [pu] = (Re V dRe V + Im V dIm V) / (|V| base)
-            a = np.abs(vm) * base[vn]
-            rows += [2 * vn, 2 * vn + 1]
-            cols += [np.arange(mv), np.arange(mv)]
-            vals += [vm.real / a, vm.imag / a]
+        to = self._ll_y[vn]
+        ll = to >= 0
+        vm = v_y[vn] - np.where(ll, v_y[np.maximum(to, 0)], 0.0)
+        if mv:  # d|V| [pu] = (Re V dRe V + Im V dIm V) / (|V| base); on ungrounded areas
+            # V = V_a - V_b and the base x sqrt(3) (derms.powerflow.voltage_measure)
+            a = np.abs(vm) * base[vn] * np.where(ll, np.sqrt(3.0), 1.0)
+            j = np.arange(mv)
+            rows += [2 * vn, 2 * vn + 1, 2 * to[ll], 2 * to[ll] + 1]
+            cols += [j, j, j[ll], j[ll]]
+            vals += [vm.real / a, vm.imag / a, -vm.real[ll] / a[ll], -vm.imag[ll] / a[ll]]
         i0 = np.zeros(0)
         if mi:  # d|I| = Re(conj(I) / |I| M dV)
             m_sel = self.m_y[bi]
@@ -167,7 +186,8 @@ class RowSensitivities:
                           shape=(2 * self.n, mv + mi))
         h = adjoint_rows(solver, c, self._inj)  # (m, 2 n_points): P columns, then Q
         npt = self.n_points
-        return (np.abs(vm) / base[vn] if mv else np.zeros(0), h[:mv, :npt], h[:mv, npt:], i0,
+        v_pu = np.abs(vm) / (base[vn] * np.where(ll, np.sqrt(3.0), 1.0))
+        return (v_pu if mv else np.zeros(0), h[:mv, :npt], h[:mv, npt:], i0,
                 h[mv:, :npt], h[mv:, npt:])
 
 
