@@ -227,3 +227,20 @@ def test_row_sensitivities_take_pairs_and_line_to_line_rows(ieee37):
     np.testing.assert_allclose(v, ieee37.node_voltages_pu()[rows], rtol=1e-10)
     np.testing.assert_allclose(dvp, model.dv_dp_pu_per_kw[rows] @ w, rtol=1e-6, atol=1e-10)  # floating: round-off ~3e-12
     np.testing.assert_allclose(dvq, model.dv_dq_pu_per_kvar[rows] @ w, rtol=1e-6, atol=1e-10)  # floating: round-off ~3e-12
+
+
+def test_new_connection_on_an_ungrounded_bus_is_delta_and_keeps_it_ungrounded():
+    """A wye element with its neutral at node 0 would ground the 3-wire area it joins."""
+    from derms.analysis.hosting_capacity import resolve_sites
+    from derms.analysis.interconnection import new_connection
+
+    eng = frozen_engine("ieee37")
+    try:
+        before = int((eng.voltage_pairs() >= 0).sum())
+        site = resolve_sites(eng, ["740"])[0]
+        cp = new_connection(eng, site, 500.0)
+        assert cp.conn == "delta" and cp.injection_names == ["740.1.2", "740.2.3", "740.3.1"]
+        eng.solve()
+        assert int((eng.voltage_pairs() >= 0).sum()) == before
+    finally:
+        eng.close()

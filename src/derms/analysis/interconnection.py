@@ -89,7 +89,8 @@ class InterconnectionResult:
 
 
 def new_connection(engine: OpenDSSEngine, site: Site, p_kw: float) -> ConnectionPoint:
-    """Add the new device's connection point (a 0 kW wye load) at ``site``."""
+    """Add the new device's connection point (a 0 kW load) at ``site``: wye, or delta on an
+    ungrounded (3-wire) bus (``site.line_to_line``), where a wye element would ground it."""
     if not np.isfinite(p_kw) or p_kw <= 0:
         raise InputError(f"device size must be a positive number of kW, got {p_kw}")
     c = engine.circuit
@@ -97,11 +98,14 @@ def new_connection(engine: OpenDSSEngine, site: Site, p_kw: float) -> Connection
     kv_ln = c.ActiveBus.kVBase
     n = len(site.nodes)
     kv = kv_ln if n == 1 else kv_ln * np.sqrt(3.0)
+    conn = "delta" if site.line_to_line and n >= 2 else "wye"
+    phases = 1 if conn == "delta" and n == 2 else n  # two nodes in delta: one branch
     name = f"{_NEW}{site.bus}"
-    engine.command(f"new load.{name} bus1={site.bus}.{site.phases} phases={n} conn=wye "
-                   f"kV={kv:.6g} kW=0 kvar=0 model=1 vminpu=0 vlowpu=0 vmaxpu=1000")
-    return ConnectionPoint(name, f"load.{name}", site.bus, site.nodes, n, "wye", float(kv),
-                           0.0, 0.0, float(p_kw))
+    engine.command(f"new load.{name} bus1={site.bus}.{site.phases} phases={phases} "
+                   f"conn={conn} kV={kv:.6g} kW=0 kvar=0 model=1 vminpu=0 vlowpu=0 "
+                   "vmaxpu=1000")
+    return ConnectionPoint(name, f"load.{name}", site.bus, site.nodes, phases, conn,
+                           float(kv), 0.0, 0.0, float(p_kw))
 
 
 def _check_profile(device_pu: np.ndarray, profiles: Profiles) -> np.ndarray:
