@@ -225,8 +225,9 @@ def test_row_sensitivities_take_pairs_and_line_to_line_rows(ieee37):
         for t in pt:
             w[terms.index(t), j] = 1.0 / len(pt)
     np.testing.assert_allclose(v, ieee37.node_voltages_pu()[rows], rtol=1e-10)
-    np.testing.assert_allclose(dvp, model.dv_dp_pu_per_kw[rows] @ w, rtol=1e-6, atol=1e-10)  # floating: round-off ~3e-12
-    np.testing.assert_allclose(dvq, model.dv_dq_pu_per_kvar[rows] @ w, rtol=1e-6, atol=1e-10)  # floating: round-off ~3e-12
+    tol = {"rtol": 1e-6, "atol": 1e-10}  # an ungrounded feeder: round-off ~3e-12
+    np.testing.assert_allclose(dvp, model.dv_dp_pu_per_kw[rows] @ w, **tol)
+    np.testing.assert_allclose(dvq, model.dv_dq_pu_per_kvar[rows] @ w, **tol)
 
 
 def test_new_connection_on_an_ungrounded_bus_is_delta_and_keeps_it_ungrounded():
@@ -242,5 +243,112 @@ def test_new_connection_on_an_ungrounded_bus_is_delta_and_keeps_it_ungrounded():
         assert cp.conn == "delta" and cp.injection_names == ["740.1.2", "740.2.3", "740.3.1"]
         eng.solve()
         assert int((eng.voltage_pairs() >= 0).sum()) == before
+    finally:
+        eng.close()
+
+
+def _n_ll(engine) -> int:
+    return int((engine.voltage_pairs() >= 0).sum())
+
+
+def _ll_names(engine) -> list[str]:
+    names = engine.node_names()
+    return sorted(names[k] for k in np.flatnonzero(engine.voltage_pairs() >= 0))
+
+
+def test_open_switch_separates_areas_and_commands_refresh_the_cache():
+    """A grounded area behind a tie switch grounds IEEE 37 only while the tie is closed
+    (open/close commands, as the monitor applies switch events, re-read the areas)."""
+    eng = frozen_engine("ieee37")
+    try:
+        n0 = _n_ll(eng)
+        eng.command("new line.tie bus1=740 bus2=tiex phases=3 length=0.01 switch=yes")
+        eng.command("new reactor.tiex bus1=tiex bus2=gnd.0.0.0 phases=3 x=50 r=1")
+        eng.solve()
+        # a grounding reactor behind a closed tie grounds the area (775, behind the
+        # delta-delta XFM1, stays 3-wire)
+        assert _ll_names(eng) == ["775.1", "775.2", "775.3"]
+        eng.command("open line.tie term=1")
+        eng.solve()
+        assert _n_ll(eng) == n0  # open: IEEE 37 is 3-wire again (tiex is grounded)
+        names = eng.node_names()
+        k = [names.index(f"740.{p}") for p in (1, 2, 3)]
+        np.testing.assert_allclose(eng.node_voltages_pu()[k], _puvll(eng, "740"), rtol=1e-9)
+        eng.command("close line.tie term=1")
+        eng.solve()
+        assert _ll_names(eng) == ["775.1", "775.2", "775.3"]
+    finally:
+        eng.close()
+
+
+def test_reactor_to_ground_grounds_the_area():
+    eng = frozen_engine("ieee37")
+    try:
+        eng.command("new reactor.grd bus1=799 bus2=gnd.0.0.0 phases=3 x=50 r=1")
+        eng.solve()
+        assert _ll_names(eng) == ["775.1", "775.2", "775.3"]  # behind XFM1: still 3-wire
+    finally:
+        eng.close()
+
+
+def test_dead_node_with_a_live_partner_reads_on_its_bus_base():
+    """One phase opened upstream: the line-to-line reading of the dead node's pair stays
+    on the bus base (it read ~1472 pu with a 1 V fallback base)."""
+    eng = frozen_engine("ieee37")
+    try:
+        # a 3-phase spur with phase 3 opened at its source end, only a 1-2 load below
+        for cmd in ("new line.bd phases=3 bus1=740 bus2=nd length=0.1 units=kft r1=0.3 "
+                    "x1=0.6 c1=0 c0=0",
+                    "new load.nd bus1=nd.1.2 phases=1 conn=delta kv=4.8 kw=50",
+                    "open line.bd 1 3", "calcvoltagebases"):
+            eng.command(cmd)
+        eng.solve()
+        v = eng.node_voltages_pu()
+        index = build_index(eng)
+        col = StepCollector(eng, index, 1)
+        col.collect(0)
+        np.testing.assert_allclose(v, col.v_pu[0], rtol=1e-9, atol=1e-12)
+        assert v.max() < 1.5
+    finally:
+        eng.close()
+
+
+def test_node_to_ground_injection_on_an_ungrounded_node_is_refused(ieee37):
+    from derms.errors import InputError
+
+    with pytest.raises(InputError, match="ungrounded"):
+        solve_ac_with_injections(ieee37, ["740.1"], np.zeros(1), np.zeros(1))
+    assert _n_ll(ieee37) == 114  # and the cache was not left stale by a grounding load
+
+
+def test_replan_connection_and_growth_connections_go_line_to_line(ieee37):
+    from derms.control.replan import _connection
+
+    c3 = _connection(ieee37, ("740.1.2", "740.2.3", "740.3.1"))
+    assert (c3.bus, c3.nodes, c3.phases, c3.conn) == ("740", (1, 2, 3), 3, "delta")
+    assert c3.injection_terminals == ("740.1.2", "740.2.3", "740.3.1")
+    c1 = _connection(ieee37, ("701.1.2",))
+    assert (c1.nodes, c1.phases, c1.conn) == ((1, 2), 1, "delta")
+    assert c1.injection_terminals == ("701.1.2",)
+
+
+def test_growth_new_connection_on_an_ungrounded_bus_keeps_it_ungrounded():
+    from types import SimpleNamespace
+
+    from derms.grid.opendss_import import read_feeder
+    from derms.studies.growth_profiles import NewConnection
+    from derms.studies.load_growth import add_new_connections
+
+    eng = frozen_engine("ieee37")
+    try:
+        n0 = _n_ll(eng)
+        model = read_feeder(eng.ctx, eng.source_master)
+        add_new_connections(eng, SimpleNamespace(model=model, scenario=SimpleNamespace(
+            new_connections=[NewConnection("702", 50.0)])))  # a bus without a load
+        eng.solve()
+        assert _n_ll(eng) == n0
+        names = eng.node_names()
+        k = [names.index(f"740.{p}") for p in (1, 2, 3)]
+        np.testing.assert_allclose(eng.node_voltages_pu()[k], _puvll(eng, "740"), rtol=1e-9)
     finally:
         eng.close()

@@ -173,12 +173,20 @@ def horizon_at(now: datetime, config: ReplanConfig) -> Horizon:
     return Horizon(start, config.step, config.n_steps)
 
 
-def _connection(engine, nodes: tuple[str, ...]) -> Connection:
-    bus = nodes[0].rsplit(".", 1)[0]
+def _connection(engine, terms: tuple[str, ...]) -> Connection:
+    """The DER connection of a registry point: phase nodes "bus.n" (wye), or the node
+    pairs "bus.a.b" of a DER on an ungrounded bus (delta: one pair is a 1-phase element
+    between two phases, more pairs a 3-phase delta)."""
+    bus = terms[0].split(".")[0]
     ckt = engine.circuit
     ckt.SetActiveBus(bus)
     kv_ln = float(ckt.ActiveBus.kVBase) or 1.0
-    nums = tuple(int(n.rsplit(".", 1)[1]) for n in nodes)
+    ends = [tuple(int(x) for x in t.split(".")[1:]) for t in terms]
+    if any(len(e) == 2 for e in ends):
+        nums = tuple(dict.fromkeys(n for e in ends for n in e))
+        phases = 1 if len(ends) == 1 else len(nums)
+        return Connection(bus, nums, phases, round(kv_ln * math.sqrt(3.0), 6), "delta")
+    nums = tuple(e[0] for e in ends)
     kv = kv_ln if len(nums) == 1 else kv_ln * math.sqrt(3.0)
     return Connection(bus, nums, len(nums), round(kv, 6), "wye")
 

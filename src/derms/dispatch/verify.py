@@ -597,7 +597,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             np.max(-uncontrolled[0].head_kw) - objective.export_limit_kw)
         u_key = (u_rep.counts["violations_voltage"] + u_rep.counts["violations_thermal"],
                  max(u_export - EXPORT_TOL_KW, 0.0))
-        if u_key < best[0]:
+        b_key = best[0]  # no worse on both counts (violations, export excess), better on one
+        if u_key[0] <= b_key[0] and u_key[1] <= b_key[1] and u_key != b_key:
             notes.append(f"every plan the AC check saw breaks more limits than the "
                          f"uncontrolled case ({best[0][0]} against {u_key[0]} violations): "
                          "the uncontrolled schedule is returned (no DER is moved; the "

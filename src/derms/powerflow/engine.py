@@ -124,6 +124,8 @@ class OpenDSSEngine:
         """Run one OpenDSS text command; engine errors become :class:`ModelError`."""
         from dss import DSSException
 
+        if text.lstrip()[:8].lower().startswith(_TOPOLOGY_VERBS):
+            self._pairs = None  # open/close/enable/... may (un)ground an area
         try:
             self.ctx.Text.Command = text
             return self.ctx.Text.Result
@@ -188,15 +190,13 @@ class OpenDSSEngine:
             return vpu
         from derms.powerflow.voltage_measure import measure_pu
 
-        v = self.node_voltages_v()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            base = np.where(vpu > 0, np.abs(v) / vpu, 1.0)
-        return measure_pu(v, base, pair, v_pu=vpu)
+        return measure_pu(self.node_voltages_v(), 1000.0 * self._pairs[2], pair, v_pu=vpu)
 
     def voltage_pairs(self) -> np.ndarray:
         """(n_nodes,) line-to-line partner node of each node on an ungrounded (3-wire) area,
         -1 elsewhere (:func:`derms.powerflow.voltage_measure.ungrounded_pairs`); cached
-        until the circuit's element or node count changes."""
+        until the circuit's element or node count changes or a :meth:`command` opens,
+        closes, enables, disables, edits or adds an element."""
         ckt = self.circuit
         key = (int(ckt.NumCktElements), int(ckt.NumNodes))
         cached = getattr(self, "_pairs", None)
@@ -205,9 +205,22 @@ class OpenDSSEngine:
         if cached is None or cached[0] != key:
             from derms.powerflow.voltage_measure import ungrounded_pairs
 
-            cached = (key, ungrounded_pairs(self))
+            pairs = ungrounded_pairs(self)
+            kv = np.zeros(pairs.size)
+            if (pairs >= 0).any():  # the nodes' bus kVBase: the base of a dead node too
+                bus_kv = {}
+                for i, b in enumerate(ckt.AllBusNames):
+                    ckt.SetActiveBusi(i)
+                    bus_kv[b.lower()] = ckt.ActiveBus.kVBase
+                kv = np.array([bus_kv[n.split(".")[0]] for n in self.node_names()])
+            cached = (key, pairs, kv)
             self._pairs = cached
         return cached[1]
+
+
+# commands after which the ungrounded areas are found again (voltage_pairs)
+_TOPOLOGY_VERBS = ("open", "close", "enable", "disable", "edit", "new", "batchedi",
+                   "redirect", "compile", "remove", "~", "more", "clear")
 
 
 def _complex(values) -> np.ndarray:

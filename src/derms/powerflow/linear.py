@@ -438,11 +438,17 @@ def solve_ac_with_injections(
     if p.shape != (len(nodes),) or q.shape != (len(nodes),):
         raise InputError(f"p_kw {p.shape} and q_kvar {q.shape} must be ({len(nodes)},)")
     names = []
+    all_names = engine.node_names()
+    ungrounded = {all_names[k] for k in np.flatnonzero(engine.voltage_pairs() >= 0)}
     for node in nodes:
         node = str(node).strip().lower()
         bus, *ends = node.split(".")
         if not 1 <= len(ends) <= 2 or any(f"{bus}.{e}" not in known for e in ends):
             raise ModelError(f"unknown node {node!r} (expected 'bus.node' or 'bus.a.b')")
+        if len(ends) == 1 and node in ungrounded:
+            raise InputError(f"node {node!r} is on an ungrounded (3-wire) part of the feeder: "
+                             "a node-to-ground element there would ground it; inject line "
+                             f"to line ('{bus}.a.b')")
         name = f"{_AC_PREFIX}{bus}__{'_'.join(ends)}"
         if ckt.SetActiveElement(f"Load.{name}") < 0:
             ckt.SetActiveBus(bus)

@@ -8,9 +8,12 @@ through transformers, never see them. There the limit applies to the line-to-lin
 voltage (ANSI C84.1 on 3-wire systems).
 
 :func:`ungrounded_pairs` finds those nodes: buses are joined into areas by lines (and
-series reactors), transformers separate areas, and an area is *grounded* when any element
-other than a capacitor or a line connects one of its buses to ground (node 0: a wye
-winding or wye load, a Vsource, a grounding reactor). Every phase node of an ungrounded
+series reactors) with a closed conductor (an open switch separates them), transformers
+separate areas, and an area is *grounded* when any element other than a capacitor
+connects one of its buses to ground (node 0: a wye winding, load, generator or PV system
+with its neutral at 0, a one-phase element on one node, a Vsource, a reactor to ground, a
+line conductor tied to node 0). The rule reads the element connections, not their
+present admittance: a wye load at 0 kW still grounds the bus it sits on. Every phase node of an ungrounded
 area is paired with the next phase node of its bus (3 nodes: 1-2, 2-3, 3-1; 2 nodes:
 each other); its measure is then ``|V_a - V_b| / (sqrt(3) kVBase)`` [pu], the line-to-line
 magnitude on the same per-unit base (a balanced bus reads the same either way). A node
@@ -28,7 +31,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 _SQRT3 = np.sqrt(3.0)
-_NOT_GROUNDING = ("capacitor.", "line.", "energymeter.", "monitor.", "fault.")
+_NOT_GROUNDING = ("capacitor.", "energymeter.", "monitor.", "fault.")
 
 
 def ungrounded_pairs(engine) -> np.ndarray:
@@ -56,21 +59,36 @@ def ungrounded_pairs(engine) -> np.ndarray:
         ckt.SetActiveElement(full)
         if not el.Enabled:
             continue
-        spec = [b.lower().split(".")[0] for b in el.BusNames]
-        ends = [bid[b] for b in spec if b in bid]
-        if low.startswith("line.") or (low.startswith("reactor.") and len(ends) == 2
-                                        and ends[0] != ends[1]):
-            if len(ends) == 2:
-                ra, rb = find(ends[0]), find(ends[1])
+        specs = [b.lower() for b in el.BusNames]
+        spec = [b.split(".")[0] for b in specs]
+        listed = [_listed(b) for b in specs]
+        series = low.startswith(("line.", "reactor.")) and len(spec) == 2
+        if series and all(b in bid for b in spec):
+            if spec[0] != spec[1] and _conducts(el):
+                ra, rb = find(bid[spec[0]]), find(bid[spec[1]])
                 parent[ra] = rb
+            for t in (0, 1):  # a conductor tied to node 0 (a grounding switch)
+                if 0 in listed[t]:
+                    grounded[bid[spec[t]]] = True
+            continue
+        if series:  # a reactor (or line) from a bus to ground (its other end all node 0)
+            for t in (0, 1):
+                if spec[t] in bid and spec[1 - t] not in bid and _conducts(el):
+                    grounded[bid[spec[t]]] = True
             continue
         if low.startswith(_NOT_GROUNDING):
             continue
         ncond, nph = int(el.NumConductors), int(el.NumPhases)
         delta = _delta_terminals(ckt, low, len(spec))
-        for t, full_spec in enumerate(el.BusNames):
-            b = spec[t]
-            if b in bid and not delta[t] and _touches_ground(full_spec, ncond, nph):
+        for t, b in enumerate(spec):
+            if b not in bid:
+                continue
+            if delta[t]:  # delta: to ground only through a node-0 entry, or one phase
+                # on one node (OpenDSS ties its other end to ground)
+                hit = 0 in listed[t] or (nph == 1 and len(listed[t]) == 1)
+            else:
+                hit = _touches_ground(specs[t], ncond, nph)
+            if hit:
                 grounded[bid[b]] = True
     root = np.array([find(k) for k in range(len(buses))])
     area_grounded = np.zeros(len(buses), dtype=bool)
@@ -95,11 +113,28 @@ def ungrounded_pairs(engine) -> np.ndarray:
     return pair
 
 
+def _listed(bus_spec: str) -> list[int]:
+    """Node numbers a bus spec names ("701.1.2" -> [1, 2]; "701" -> [])."""
+    return [int(x) for x in bus_spec.split(".")[1:] if x.strip().lstrip("-").isdigit()]
+
+
+def _conducts(el) -> bool:
+    """The active two-terminal element joins its buses: some phase conductor is closed at
+    both ends (an open switch does not join areas)."""
+    for k in range(1, int(el.NumPhases) + 1):
+        try:
+            if not el.IsOpen(1, k) and not el.IsOpen(2, k):
+                return True
+        except Exception:  # noqa: BLE001 - engines without per-conductor state: closed
+            return True
+    return False
+
+
 def _touches_ground(bus_spec: str, ncond: int, nphases: int) -> bool:
     """A terminal's conductors reach node 0: listed as 0, or left unlisted (OpenDSS
     connects conductors the bus spec does not name to ground; with no node listed the
     phases take nodes 1..n). Read from the spec, so it needs no solved circuit."""
-    listed = [int(x) for x in bus_spec.split(".")[1:] if x.strip().lstrip("-").isdigit()]
+    listed = _listed(bus_spec)
     if not listed:
         return ncond > nphases
     return 0 in listed or len(listed) < ncond
@@ -116,6 +151,14 @@ def _delta_terminals(ckt, name: str, n_terminals: int) -> list[bool]:
             tr.Wdg = w
             out.append(bool(tr.IsDelta))
         return out
+    if name.startswith("autotrans."):  # one conn per winding: "[wye, wye, delta]"
+        try:
+            text = str(ckt.ActiveDSSElement.Properties("conns").Val).lower()
+        except Exception:  # noqa: BLE001
+            text = ""
+        conns = [c.strip() for c in text.strip("[]() ").replace(",", " ").split()]
+        if len(conns) >= n_terminals:
+            return [c.startswith(("delta", "ll")) for c in conns[:n_terminals]]
     try:
         conn = str(ckt.ActiveDSSElement.Properties("conn").Val).strip().lower()
     except Exception:  # noqa: BLE001 - elements without a conn property are wye-like

@@ -214,7 +214,7 @@ class FeederTwin:
                 L.kW = p
                 L.kvar = 0.0
         self.engine.solve_snapshot()
-        v = np.asarray(c.AllBusVmagPu, dtype=float)
+        v = self.engine.node_voltages_pu()  # line to line on ungrounded (3-wire) areas
         c.SetActiveElement(self._source)
         pw = np.asarray(c.ActiveCktElement.Powers)
         nph = c.ActiveCktElement.NumPhases
@@ -239,7 +239,7 @@ class FeederTwin:
             L.kW = 0.0
             L.kvar = 0.0
         self.engine.solve_snapshot()
-        v0 = np.asarray(c.AllBusVmagPu, dtype=float)
+        v0 = self.engine.node_voltages_pu()
         i0 = self._currents()
         node = self._phase_node & (v > 0.1)
         hi, lo = np.maximum(1.05, v0), np.minimum(0.95, v0)

@@ -87,6 +87,10 @@ class ScreenSettings:
 def add_new_connections(engine: OpenDSSEngine, inputs: GrowthInputs) -> None:
     """Create the engine loads of the scenario's new connections (constant PQ)."""
     model = inputs.model
+    # buses on ungrounded (3-wire) areas: a new connection there is line to line (a wye
+    # one would ground the area and change its physics)
+    ungrounded = {n.split(".")[0] for n, q in zip(engine.node_names(), engine.voltage_pairs(),
+                                                   strict=True) if q >= 0}
     for i, nc in enumerate(inputs.scenario.new_connections):
         bus = model.bus(nc.bus)
         same = [ld for ld in model.loads if ld.bus == bus.name and ld.enabled]
@@ -102,6 +106,9 @@ def add_new_connections(engine: OpenDSSEngine, inputs: GrowthInputs) -> None:
             spec = bus.name if phases == 3 else f"{bus.name}.{ph[0]}"
             kv = bus.kv_base_ln * (np.sqrt(3.0) if phases == 3 else 1.0)
             conn = "wye"
+            if bus.name in ungrounded and len(ph) >= 2:  # 3-wire: between phases
+                conn, kv = "delta", bus.kv_base_ln * np.sqrt(3.0)
+                spec = bus.name if phases == 3 else f"{bus.name}.{ph[0]}.{ph[1]}"
         pf = 1.0 if nc.profile == "pv" else nc.pf
         engine.command(f"new load.growth_{i} bus1={spec} phases={phases} kv={kv:.6g} "
                        f"kw={nc.p_kw} pf={pf} conn={conn} model=1")
