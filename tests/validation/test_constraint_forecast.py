@@ -91,6 +91,31 @@ def test_point_forecast_reproduces_direct_qsts_counts():
     assert res.n_not_converged == 0
 
 
+def test_point_forecast_lists_what_the_load_alone_breaks():
+    """The base case's own violations (load, PV at zero) against the plain limits, as a
+    direct QSTS + detect_violations without a base gives them (before, a load-driven
+    undervoltage or overload was never reported: pre-existing in its own base case)."""
+    engine, pv_elements = _ieee13()
+    try:
+        res = forecast_constraints(engine, pd.DataFrame({"p50": LOAD}, index=T),
+                                   pd.DataFrame({"p50": PV}, index=T), pv_elements,
+                                   limits=LIMITS)
+    finally:
+        engine.close()
+    _run, base = _direct_runs(pv_elements)
+    ix = base.index
+    rep = detect_violations(
+        base.t, base.dt_h, v_pu=base.v_pu, node_names=ix.node_bus, node_phases=ix.node_phase,
+        loading_pct=base.loading_pct(), branch_names=ix.branch_element,
+        branch_phases=ix.branch_phase, head_p_kw=base.head_p_kw.sum(axis=1), limits=LIMITS)
+    ref = {k: rep.counts[f"violations_{k}"] for k in ("overvoltage", "undervoltage",
+                                                       "thermal")}
+    pre = res.pre_existing
+    got = pre.groupby("kind").size().reindex(list(ref), fill_value=0).to_dict()
+    assert got == ref and sum(ref.values()) > 0
+    assert pre["pre_existing"].all() and set(pre["probability"].unique()) <= {1.0}
+
+
 def test_point_forecast_margins_match_direct_qsts():
     """Hourly worst overvoltage margin = the direct run's max of (v - 1.05 - 0.001), with
     pre-existing node-phases measured from their base value; > 0 exactly in the hours

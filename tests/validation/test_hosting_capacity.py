@@ -129,3 +129,39 @@ def test_model_ac_matches_opendss_and_brute_force_on_ieee13(ieee13):
         model = hosting_capacity_fast(ieee13, every, kind, verify="model")
         assert model.n_ac_solves == 0
         assert _within(model, hosting_capacity_brute(ieee13, every, kind)).all()
+
+
+def test_probes_do_not_carry_over_on_a_feeder_with_cvr_loads():
+    """EPRI ckt5's loads are CVR (model 4), whose OpenDSS solution depends on where the
+    iteration starts: after a large probe the base case re-solved elsewhere, and brute force
+    came out ~50 % low at 6 of 22 buses (21649.1: 107 kW against 177 fast, ~209 on fresh
+    compiles). Every probe now starts from the same point."""
+    from derms.powerflow.control_state import freeze_base_case
+    from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+    from tests.conftest import shared_master
+
+    eng = OpenDSSEngine(shared_master("ckt5"), SolveSettings(tolerance=1e-8))
+    try:
+        freeze_base_case(eng)
+        sites = resolve_sites(eng, ["21649.1", "1144229.2", "63658"])
+        fast = hosting_capacity_fast(eng, sites, "pv")
+        brute = hosting_capacity_brute(eng, sites, "pv")
+        assert _within(fast, brute).all(), (fast.table, brute.table)
+        assert brute.table["hc_kw"].iloc[0] > 180.0
+    finally:
+        eng.close()
+
+
+def test_an_all_lv_feeder_gets_every_bus_by_default():
+    """The European LV test case has no bus at or above 1 kV: the default sites are every
+    energised bus but the source (it exited 2 with "no energised bus at or above")."""
+    from derms.powerflow.engine import OpenDSSEngine
+    from tests.conftest import SHARED_FEEDERS
+
+    master = SHARED_FEEDERS / "IEEETestCases" / "LVTestCase" / "Master.dss"
+    if not master.exists():
+        pytest.skip("European LV test case not available")
+    with OpenDSSEngine(master) as eng:
+        eng.solve_snapshot()
+        sites = resolve_sites(eng)
+        assert len(sites) > 100

@@ -9,7 +9,11 @@ same tap and capacitor state). Violations follow ``derms.analysis.constraints``.
 **Base case of a forecast**: the same scenario's load with the PV fleet's output at zero
 (controls acting), run once per distinct load path. Element-phases already in violation
 there (e.g. IEEE 123's feeder-head section above its default rating) are *pre-existing*:
-they count only where the scenario is worse than its own base case (DESIGN.md).
+they count only where the scenario is worse than its own base case (DESIGN.md). What the
+forecast load alone breaks is listed separately (``ConstraintForecast.pre_existing``: its
+probability over the load paths, against the plain limits): an undervoltage or an
+overload at the evening peak is a constraint about to be hit too, one the PV does not
+cause.
 
 **Probability** of a violation at (element, phase, interval) = total weight of the
 scenarios in which it is in violation. **Expected excess** = weighted mean, over those
@@ -83,6 +87,10 @@ class ConstraintForecast:
     notes: tuple[str, ...] = field(default_factory=tuple)
     margins: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=MARGIN_COLUMNS))
+    # violations of the base case itself (forecast load, PV at zero), same columns as
+    # ``violations`` with pre_existing True: what the load alone is forecast to break
+    pre_existing: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=VIOLATION_FORECAST_COLUMNS))
 
     def predicted_hours(self, kind: str = "overvoltage") -> pd.DatetimeIndex:
         """Hours (UTC starts) whose probability of ``kind`` is >= ``threshold``."""
@@ -110,9 +118,46 @@ def _masks(res: QSTSResult, base: QSTSResult, limits: Limits
         loading_pct=loading, branch_names=ix.branch_element, branch_phases=ix.branch_phase,
         head_p_kw=head, limits=limits, base_v_pu=base.v_pu, base_loading_pct=base_loading,
         base_head_p_kw=base_head)
-    ev = rep.events
-    T = res.n_steps
-    t_pos = pd.Series(np.arange(T), index=res.t)
+    sets, live = _kind_sets(res, base, limits)
+    out = {}
+    for kind, (val, bval, keys, sign, lim, tol) in sets.items():
+        mask, pre = _event_masks(rep.events, kind, keys, res.t, val.shape)
+        limit = np.where(pre, bval, lim)
+        # a pre-existing violation counts only where it is worse than its base case
+        mask &= ~pre | (sign * (val - bval) > tol)
+        # distance beyond the threshold; pre-existing in the base case: beyond base + tol
+        base_bad = sign * (bval - lim) > tol
+        if kind == "undervoltage":
+            base_bad &= bval >= limits.energised_min_pu
+        margin = np.where(base_bad, sign * (val - bval), sign * (val - lim)) - tol
+        if kind in ("overvoltage", "undervoltage"):
+            margin = np.where(live, margin, -np.inf)
+        out[kind] = (mask, np.where(mask, sign * (val - limit), 0.0), val, limit, pre, margin)
+    return out
+
+
+def _base_masks(base: QSTSResult, limits: Limits) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per kind: (mask (T, N), excess (T, N), value (T, N), limit) of the base case's own
+    violations against the plain limits (no base of its own)."""
+    ix = base.index
+    loading = np.nan_to_num(base.loading_pct())
+    rep = detect_violations(
+        base.t, base.dt_h, v_pu=base.v_pu, node_names=ix.node_bus, node_phases=ix.node_phase,
+        loading_pct=loading, branch_names=ix.branch_element, branch_phases=ix.branch_phase,
+        head_p_kw=base.head_p_kw.sum(axis=1), limits=limits)
+    sets, _ = _kind_sets(base, base, limits)
+    out = {}
+    for kind, (val, _b, keys, sign, lim, _tol) in sets.items():
+        mask, _ = _event_masks(rep.events, kind, keys, base.t, val.shape)
+        out[kind] = (mask, np.where(mask, sign * (val - lim), 0.0), val, lim)
+    return out
+
+
+def _kind_sets(res: QSTSResult, base: QSTSResult, limits: Limits):
+    """Per kind: (value, base value, keys, sign, limit, tolerance); and the live mask."""
+    ix = res.index
+    head, base_head = res.head_p_kw.sum(axis=1), base.head_p_kw.sum(axis=1)
+    loading, base_loading = np.nan_to_num(res.loading_pct()), np.nan_to_num(base.loading_pct())
     sets = {
         "overvoltage": (res.v_pu, base.v_pu, _keys(ix.node_bus, ix.node_phase), +1,
                         limits.v_max_pu, limits.v_tol_pu),
@@ -127,32 +172,26 @@ def _masks(res: QSTSResult, base: QSTSResult, limits: Limits
                                  -1, -limits.reverse_power_kw, 1e-6)
     live = ((res.v_pu >= limits.energised_min_pu)
             & (np.asarray(ix.node_phase) <= 3)[None, :])
-    out = {}
-    for kind, (val, bval, keys, sign, lim, tol) in sets.items():
-        mask = np.zeros(val.shape, dtype=bool)
-        pre = np.zeros(val.shape, dtype=bool)
-        e = ev[ev["kind"] == kind] if len(ev) else ev
-        if len(e):
-            col = keys.get_indexer(pd.MultiIndex.from_arrays(
-                [e["element"].to_numpy(), e["phase"].to_numpy().astype(int)]))
-            s = t_pos.reindex(pd.DatetimeIndex(e["start"])).to_numpy()
-            n = e["n_steps"].to_numpy(dtype=int)
-            rows = np.repeat(s, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
-            cols = np.repeat(col, n)
-            mask[rows, cols] = True
-            pre[rows, cols] = np.repeat(e["pre_existing"].to_numpy(dtype=bool), n)
-        limit = np.where(pre, bval, lim)
-        # a pre-existing violation counts only where it is worse than its base case
-        mask &= ~pre | (sign * (val - bval) > tol)
-        # distance beyond the threshold; pre-existing in the base case: beyond base + tol
-        base_bad = sign * (bval - lim) > tol
-        if kind == "undervoltage":
-            base_bad &= bval >= limits.energised_min_pu
-        margin = np.where(base_bad, sign * (val - bval), sign * (val - lim)) - tol
-        if kind in ("overvoltage", "undervoltage"):
-            margin = np.where(live, margin, -np.inf)
-        out[kind] = (mask, np.where(mask, sign * (val - limit), 0.0), val, limit, pre, margin)
-    return out
+    return sets, live
+
+
+def _event_masks(ev: pd.DataFrame, kind: str, keys: pd.MultiIndex, t: pd.DatetimeIndex,
+                 shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(T, N) masks of ``kind``'s violation events and of those pre-existing."""
+    mask = np.zeros(shape, dtype=bool)
+    pre = np.zeros(shape, dtype=bool)
+    e = ev[ev["kind"] == kind] if len(ev) else ev
+    if len(e):
+        t_pos = pd.Series(np.arange(len(t)), index=t)
+        col = keys.get_indexer(pd.MultiIndex.from_arrays(
+            [e["element"].to_numpy(), e["phase"].to_numpy().astype(int)]))
+        s = t_pos.reindex(pd.DatetimeIndex(e["start"])).to_numpy()
+        n = e["n_steps"].to_numpy(dtype=int)
+        rows = np.repeat(s, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        cols = np.repeat(col, n)
+        mask[rows, cols] = True
+        pre[rows, cols] = np.repeat(e["pre_existing"].to_numpy(dtype=bool), n)
+    return mask, pre
 
 
 def _keys(names: np.ndarray, phases: np.ndarray) -> pd.MultiIndex:
@@ -267,6 +306,21 @@ def forecast_constraints(
                 a["margin"] = np.maximum(a["margin"], np.maximum.reduceat(
                     margin.max(axis=1), h_start))
     assert result is not None
+    # what the forecast load alone breaks (the base case's own violations), weighted over
+    # the scenarios that share each load path
+    pre_acc: dict[str, dict[str, np.ndarray]] = {}
+    for lid, b in bases.items():
+        wl = float(w[sc.load_id == lid].sum())
+        for kind, (mask, excess, val, lim) in _base_masks(b, limits).items():
+            a = pre_acc.setdefault(kind, {
+                "p": np.zeros(mask.shape), "ex": np.zeros(mask.shape),
+                "worst": np.full(mask.shape, np.nan), "limit": np.zeros(mask.shape),
+                "pre": np.ones(mask.shape, dtype=bool)})
+            a["p"] += wl * mask
+            a["ex"] += wl * excess
+            sign = -1.0 if kind in ("undervoltage", "reverse_power") else 1.0
+            a["worst"] = np.fmax(a["worst"], np.where(mask, sign * val, np.nan))
+            a["limit"] = np.where(mask, lim, a["limit"])
     ix = result.index
     names = {"overvoltage": (ix.node_bus, ix.node_phase), "undervoltage": (ix.node_bus,
              ix.node_phase), "thermal": (ix.branch_element, ix.branch_phase),
@@ -278,13 +332,15 @@ def forecast_constraints(
                                        "worst_margin": acc[kind]["margin"],
                                        "margin_unit": EXCESS_UNIT[kind]})
                          for kind in KINDS if kind in acc], ignore_index=True)
-    notes = ("base case: each scenario's load with the PV fleet at zero output",
+    pre_existing = _violation_table(pre_acc, names, sc.t, step)
+    notes = (("base case: each scenario's load with the PV fleet at zero output; what it "
+              "breaks by itself is listed as pre-existing (pre_existing.csv)"),
              (f"scenarios: {method}, {sc.n_scenarios}; hour predicted when probability >= "
               f"{threshold:g}"))
     return ConstraintForecast(violations=violations, hourly=hourly, scenarios=sc.table(),
                               t=sc.t, threshold=threshold,
                               runtime_s=time.perf_counter() - t0, n_not_converged=n_bad,
-                              notes=notes, margins=margins)
+                              notes=notes, margins=margins, pre_existing=pre_existing)
 
 
 def _violation_table(acc, names, t: pd.DatetimeIndex, step: pd.Timedelta) -> pd.DataFrame:

@@ -136,7 +136,9 @@ def solve_base_case(engine: OpenDSSEngine, tol: float = BASE_TOL) -> None:
     """
     sol = engine.circuit.Solution
     old = float(sol.Tolerance)
+    engine.command("init")  # the starting point every probe starts from too (ACProbe)
     if old <= tol:
+        engine.solve()
         return
     sol.Tolerance = tol
     try:
@@ -264,9 +266,14 @@ class ACProbe:
         n = len(terms)
         p = np.full(n, sign * p_kw / n)
         self.n_solves += 1
+        # every probe from the same starting point: some load laws (CVR, model 4) have
+        # more than one solution, and a probe started from the last large one lands on
+        # another (ckt5: brute force 50 % low at 6 of 22 buses)
+        self.engine.command("init")
         try:
             solve_ac_with_injections(self.engine, terms, p, np.zeros(n), restore=False)
         except ConvergenceError:
+            self.engine.command("init")
             self.engine.solve()  # back to the base case (injections already disabled)
             return None
         self._col.collect(0)
@@ -282,7 +289,9 @@ class ACProbe:
         return float(self.engine.circuit.Solution.Tolerance) * scale
 
     def restore(self) -> None:
-        """Re-solve the base case (the injection loads are disabled after each probe)."""
+        """Re-solve the base case (the injection loads are disabled after each probe), from
+        the same starting point as the study's base case."""
+        self.engine.command("init")
         self.engine.solve()
 
 

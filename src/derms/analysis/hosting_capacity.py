@@ -124,7 +124,8 @@ def resolve_sites(engine: OpenDSSEngine, buses: Sequence[str] | None = None, *,
     """Sites from bus specs: ``"671"`` (all its phases 1-3), ``"611.3"`` or ``"671.1.2"``.
 
     ``None`` = every energised bus whose line-to-neutral base is at least
-    ``primary_kv_min`` [kV] (the primary), except the source bus. Unknown buses, phases a
+    ``primary_kv_min`` [kV] (the primary), except the source bus; on a feeder with no such
+    bus (all low voltage), every energised bus but the source. Unknown buses, phases a
     bus does not have, de-energised or duplicated sites raise :class:`InputError`.
     """
     names = engine.node_names()
@@ -143,13 +144,19 @@ def resolve_sites(engine: OpenDSSEngine, buses: Sequence[str] | None = None, *,
         c = engine.circuit
         c.Vsources.First  # noqa: B018 - makes the first Vsource the active element
         source_bus = c.ActiveCktElement.BusNames[0].split(".")[0].lower()
-        out = []
+        out, low = [], []
         for bus, nodes in phases.items():
+            if bus == source_bus or not live[bus]:
+                continue
             c.SetActiveBus(bus)
-            if bus != source_bus and live[bus] and c.ActiveBus.kVBase >= primary_kv_min:
-                out.append(Site(bus, tuple(sorted(nodes)), bus in ungrounded))
+            site = Site(bus, tuple(sorted(nodes)), bus in ungrounded)
+            (out if c.ActiveBus.kVBase >= primary_kv_min else low).append(site)
+        if not out and low:  # an all-LV feeder (e.g. the European LV test case): every bus
+            log.info("hosting sites: no bus at or above %s kV line-to-neutral; every "
+                     "energised bus instead (%d)", primary_kv_min, len(low))
+            return low
         if not out:
-            raise ModelError(f"no energised bus at or above {primary_kv_min} kV line-to-neutral")
+            raise ModelError("no energised bus besides the source bus: nothing to host on")
         return out
     sites: list[Site] = []
     for spec in buses:

@@ -80,7 +80,8 @@ def _run(body: ConstraintForecastBody) -> dict[str, Any]:
         threshold=body.threshold)
     hourly = fc.hourly.copy()
     viol = fc.violations.head(MAX_VIOLATION_ROWS).copy()
-    for frame in (hourly, viol):
+    pre = fc.pre_existing.head(MAX_VIOLATION_ROWS).copy()
+    for frame in (hourly, viol, pre):
         for col in frame.columns:
             if isinstance(frame[col].dtype, pd.DatetimeTZDtype):
                 frame[col] = frame[col].dt.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -92,7 +93,9 @@ def _run(body: ConstraintForecastBody) -> dict[str, Any]:
                                 for k in ("overvoltage", "undervoltage", "thermal")},
             "hourly": hourly.to_dict(orient="records"),
             "violations": viol.to_dict(orient="records"),
-            "violations_truncated": len(fc.violations) > MAX_VIOLATION_ROWS}
+            "violations_truncated": len(fc.violations) > MAX_VIOLATION_ROWS,
+            "pre_existing": pre.to_dict(orient="records"),
+            "pre_existing_truncated": len(fc.pre_existing) > MAX_VIOLATION_ROWS}
 
 
 @router.post("/constraints/forecast")

@@ -97,6 +97,7 @@ def forecast(
     with output_folder(out, force, feeder=path, seed=seed,
                        inputs=(load_history, pv_history)) as tmp:
         fc.violations.to_csv(tmp / "violations_forecast.csv", index=False)
+        fc.pre_existing.to_csv(tmp / "pre_existing.csv", index=False)
         fc.hourly.to_csv(tmp / "hourly.csv", index=False)
         write_constraint_forecast_report(fc, tmp / "report.html", feeder=feeder_name)
     report = out / "report.html"
@@ -106,4 +107,9 @@ def forecast(
         f"{n_pv} PV systems; {len(fc.scenarios)} scenarios over {len(fc.t)} intervals "
         f"from {fc.t[0].isoformat()} in {fc.runtime_s:.1f} s; hours with probability >= "
         f"{threshold:g}: {by_kind}", highlight=False)
+    if len(fc.pre_existing):
+        pre = fc.pre_existing.groupby("kind")["element"].nunique()
+        out_console.print("the forecast load by itself (PV at zero) breaks: " + ", ".join(
+            f"{k}: {n} element(s)" for k, n in pre.items()) + " (pre_existing.csv)",
+            highlight=False)
     out_console.print(f"report: {report.resolve()}", highlight=False)

@@ -107,5 +107,5 @@ def growth(
                           highlight=False)
     if result.n_not_converged:
         err_console.print(f"[yellow]warning:[/] {result.n_not_converged} AC solves did not "
-                          "converge")
+                          "converge; those intervals are left out of every table")
     out_console.print(f"report: {paths['report'].resolve()}", highlight=False)

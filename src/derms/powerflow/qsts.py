@@ -64,14 +64,19 @@ class QSTSResult:
             return self.i_a / self.index.xfmr_rated_a * 100.0
 
     def voltages_long(self) -> pd.DataFrame:
-        """Tidy table ``t, bus, phase, v_pu, v_v`` (v_v line-to-ground magnitude [V])."""
+        """Tidy table ``t, bus, phase, v_pu, v_v``: v_v the magnitude [V] v_pu measures,
+        line to ground, or line to line on ungrounded areas
+        (:mod:`derms.powerflow.voltage_measure`)."""
         n_t, n_n = self.v_pu.shape
+        base = self.index.node_kv_base_ln * 1e3
+        if self.index.v_pair is not None:
+            base = base * np.where(self.index.v_pair >= 0, np.sqrt(3.0), 1.0)
         return pd.DataFrame({
             "t": self.t.repeat(n_n),
             "bus": np.tile(self.index.node_bus, n_t),
             "phase": np.tile(self.index.node_phase, n_t),
             "v_pu": self.v_pu.ravel(),
-            "v_v": (self.v_pu * (self.index.node_kv_base_ln * 1e3)).ravel(),
+            "v_v": (self.v_pu * base).ravel(),
         })
 
     def branches_long(self) -> pd.DataFrame:

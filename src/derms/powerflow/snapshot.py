@@ -18,7 +18,9 @@ class SnapshotResult:
     """One solved operating point.
 
     ``voltages``: bus, phase, v_pu, v_v, angle_deg, kv_base_ln, v_measure ("ln" node to
-    ground; "ll" line to line, nodes of ungrounded areas, :mod:`voltage_measure`).
+    ground; "ll" line to line, nodes of ungrounded areas, :mod:`voltage_measure`: then
+    ``v_v`` is the line-to-line magnitude [V] and ``v_pu`` it over sqrt(3) kVBase;
+    ``angle_deg`` stays the node's own).
     ``branches``: element, phase, bus1, bus2, i_a, norm_amps, emerg_amps, loading_pct,
     loading_emerg_pct, rating_is_default (loading is % of the engine's rating).
     ``transformers``: element, phase, i_a, rated_a, kva, loading_pct (% of nameplate).
@@ -40,11 +42,15 @@ def solve_snapshot(engine: OpenDSSEngine, index: NetworkIndex | None = None) -> 
     col = StepCollector(engine, index, 1)
     col.collect(0)
     v = engine.node_voltages_v()
+    v_v = np.abs(v)
+    if index.v_pair is not None and (index.v_pair >= 0).any():  # line to line, as v_pu
+        ll = np.flatnonzero(index.v_pair >= 0)
+        v_v[ll] = np.abs(v[ll] - v[index.v_pair[ll]])
     voltages = pd.DataFrame({
         "bus": index.node_bus.astype(str),
         "phase": index.node_phase,
         "v_pu": col.v_pu[0],
-        "v_v": np.abs(v),
+        "v_v": v_v,
         "angle_deg": np.degrees(np.angle(v)),
         "kv_base_ln": index.node_kv_base_ln,
         # "ll": a node of an ungrounded area, v_pu is line to line (voltage_measure)

@@ -74,6 +74,28 @@ def _hourly_table(hourly: pd.DataFrame, threshold: float) -> str:
     return f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _pre_existing_table(pre: pd.DataFrame) -> str:
+    """Per (kind, element, phase): its probability, its hours and the worst value."""
+    if pre.empty:
+        return note("The forecast load breaks no limit by itself over the horizon.")
+    g = pre.assign(hour=pd.to_datetime(pre["start"]).dt.floor("h")).groupby(
+        ["kind", "element", "phase"], sort=False)
+    rows = g.agg(probability=("probability", "max"), first=("start", "min"),
+                 last=("end", "max"), hours=("hour", "nunique"),
+                 limit=("limit", "first")).reset_index()
+    rows = rows.sort_values(["probability", "hours"], ascending=False).head(MAX_HEAT_ELEMENTS)
+    head = ("<tr><th>kind</th><th>element</th><th>phase</th><th>largest probability</th>"
+            "<th>hours</th><th>from</th><th>to</th><th>limit</th></tr>")
+    body = []
+    for r in rows.itertuples(index=False):
+        cells = [str(r.kind), str(r.element), str(r.phase), fmt_fixed(r.probability, 2),
+                 str(r.hours), fmt_time(r.first), fmt_time(r.last), fmt_fixed(r.limit, 3)]
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    more = len(g) - len(rows)
+    tail = note(f"{more} more element-phases in pre_existing.csv") if more > 0 else ""
+    return f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>{tail}"
+
+
 def constraint_forecast_html(fc: ConstraintForecast, *, feeder: str, title: str | None = None
                              ) -> str:
     """The report as one HTML string (plotly.js embedded once; opens offline)."""
@@ -91,6 +113,8 @@ def constraint_forecast_html(fc: ConstraintForecast, *, feeder: str, title: str 
                      f"{_fig_div(fig, key, js)}</div>")
         js = False
     parts.append("<h2>Hourly summary</h2>\n" + _hourly_table(fc.hourly, fc.threshold))
+    parts.append("<h2>What the forecast load breaks by itself (PV at zero)</h2>\n"
+                 + _pre_existing_table(fc.pre_existing))
     n_pre = int(fc.violations["pre_existing"].astype(bool).sum()) if len(fc.violations) else 0
     notes = [*fc.notes,
              (f"horizon {fmt_time(fc.t[0])} to {fmt_time(fc.t[-1])} (interval starts), "

@@ -444,11 +444,19 @@ def _tables(inputs: GrowthInputs, net: GrowthNetwork, screens: list[YearScreen],
     sc, times, el = inputs.scenario, inputs.profiles.times, net.elements
     n_y, n_el = sc.years + 1, len(el)
     bounds = np.cumsum([0] + [len(c) for c in cands])
+    # a candidate interval whose AC solve did not converge says nothing about its voltages
+    # or loadings (ckt24: two such solves at 1.063 pu made 41 % of first_exceeded):
+    # left out of every table (GrowthResult.n_not_converged counts them)
+    conv = np.asarray(res.converged, dtype=bool)
     head = res.head_p_kw.sum(axis=1)
+    head_hi = np.where(conv, head, -np.inf)
+    head_lo = np.where(conv, head, np.inf)
     loading = np.nan_to_num(res.loading_pct(), nan=0.0)
+    loading[~conv] = 0.0
     el_load = _group_reduce(loading, net.cond_element, n_el, np.maximum, np.nan)
     ix = res.index
-    live = (res.v_pu >= lim.energised_min_pu) & (ix.node_phase <= 3)[None, :]
+    live = ((res.v_pu >= lim.energised_min_pu) & (ix.node_phase <= 3)[None, :]
+            & conv[:, None])
     bus_codes, bus_names = pd.factorize(pd.Series(ix.node_bus.astype(str)))
     nb = len(bus_names)
     v_lo = _group_reduce(np.where(live, res.v_pu, np.inf), bus_codes, nb, np.minimum, np.inf)
@@ -466,7 +474,7 @@ def _tables(inputs: GrowthInputs, net: GrowthNetwork, screens: list[YearScreen],
     vmin, vmax, head_min = np.full((nb, n_y), np.inf), np.full((nb, n_y), -np.inf), []
     for y, (scr, rows) in enumerate(zip(screens, cands, strict=True)):
         r = slice(bounds[y], bounds[y + 1])
-        ih, il = bounds[y] + np.argmax(head[r]), bounds[y] + np.argmin(head[r])
+        ih, il = bounds[y] + np.argmax(head_hi[r]), bounds[y] + np.argmin(head_lo[r])
         peaks.append(pd.DataFrame({
             "year": sc.start_year + y, "element": [inputs.model.name], "kind": "feeder",
             "peak_kw": head[ih], "peak_time": when(y, rows[ih - bounds[y]]),
