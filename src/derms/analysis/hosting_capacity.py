@@ -223,6 +223,7 @@ def hosting_capacity_fast(
     hc = np.zeros(n)
     b_row = np.full(n, -1)          # model's binding constraint (probe order) and its
     m_bind = np.full(n, np.nan)     # margin at the model size
+    unsure = np.zeros(n, dtype=bool)  # the model's power flow failed: a lower bound only
     sf = SiteFlows(engine, index, branches=criteria.thermal)
     for lo in range(0, n, _SITES_PER_BATCH):
         sl = slice(lo, min(lo + _SITES_PER_BATCH, n))
@@ -233,8 +234,8 @@ def hosting_capacity_fast(
             hc[sl] = p_lin[sl]
             continue
         margins = ModelMargins(sf, probe, sign, rows)
-        hc[sl], m_lo, bind = model_sizes(sf, triples, sign, p_lin[sl], x1, margins, m0[rows],
-                                         criteria)
+        hc[sl], m_lo, bind, unsure[sl] = model_sizes(sf, triples, sign, p_lin[sl], x1,
+                                                     margins, m0[rows], criteria)
         m_bind[sl] = m_lo[bind, np.arange(bind.size)]
         bind = rows[bind]
         b_row[sl] = bind
@@ -249,10 +250,25 @@ def hosting_capacity_fast(
     if verify == "groups":
         n_ac = verify_groups(probe, sites, sign, hc, criteria, b_kind, b_elem, m0,
                               (b_row, m_bind))
+        # sites where the model's power flow did not converge: each on OpenDSS, from the
+        # larger of the linear and the model size (a group's agreement says nothing of them)
+        for j in np.flatnonzero(unsure):
+            start = max(hc[j], p_lin[j]) * (1 - criteria.rel_tol / 2)
+            hc[j], used, m = verify_site(probe, sites[j], sign, start, criteria, m0,
+                                         max_solves=16)
+            n_ac[j] += used
+            if hc[j] >= criteria.p_max_kw:
+                b_kind[j], b_elem[j] = "max_size", ""
+            elif m is not None and hc[j] > 0:
+                kk = _binding(0.0, m0, hc[j], m)
+                b_kind[j], b_elem[j] = kinds[kk], elems[kk]
+        if unsure.any():
+            log.info("hosting %d sites verified one by one (model power flow did not "
+                     "converge)", int(unsure.sum()))
         probe.restore()
     elif verify is True:
         for j, site in enumerate(sites):
-            start = hc[j] * (1 - criteria.rel_tol / 2)
+            start = (max(hc[j], p_lin[j]) if unsure[j] else hc[j]) * (1 - criteria.rel_tol / 2)
             hc[j], n_ac[j], m = verify_site(probe, site, sign, start, criteria, m0)
             if hc[j] >= criteria.p_max_kw:
                 b_kind[j], b_elem[j] = "max_size", ""

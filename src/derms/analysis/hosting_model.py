@@ -140,9 +140,13 @@ def model_sizes(sf: SiteFlows, triples, sign: float, p_lin: np.ndarray, x1: np.n
 
     Same bracketed secant as :func:`derms.analysis.hosting_capacity.verify_site`, all
     sites at once, each round one batched chord-Newton solve of the sites still open
-    (warm-started from their last solution, scaled); a solve that does not converge is a
-    violation. Stops per site when a feasible size's own secant root lies within
-    :data:`MODEL_REL_TOL` (+ ``tol_kw``) of it.
+    (warm-started from their last solution, scaled); a solve that does not converge is
+    taken as a violation, and the site is flagged ``unsure``: the chord iteration fails
+    on large injections that OpenDSS still solves (EPRI ckt7: above ~700 kW at sites
+    hosting 7 MW), so its size is a lower bound only and must be checked on OpenDSS.
+    Stops per site when a feasible size's own secant root lies within
+    :data:`MODEL_REL_TOL` (+ ``tol_kw``) of it. Returns (sizes, their margins, binding
+    constraint index, unsure).
     """
     k = p_lin.size
     p_max, tol, rel = criteria.p_max_kw, criteria.tol_kw, MODEL_REL_TOL
@@ -152,6 +156,7 @@ def model_sizes(sf: SiteFlows, triples, sign: float, p_lin: np.ndarray, x1: np.n
     p = np.clip(p_lin, tol, p_max)
     dv = x1 * (sign * p)
     open_ = np.ones(k, dtype=bool)
+    unsure = np.zeros(k, dtype=bool)
     for _ in range(max_rounds):
         a = np.flatnonzero(open_)
         if a.size == 0:
@@ -164,6 +169,7 @@ def model_sizes(sf: SiteFlows, triples, sign: float, p_lin: np.ndarray, x1: np.n
         lo[a[ok]] = pa[ok]
         m_lo[:, a[ok]] = m[:, ok]
         hi[a[~ok]] = pa[~ok]
+        unsure[a[~valid]] = True
         est, _ = _secant(prev_p[a], prev_m[:, a], pa, m)
         est = np.where(valid & (pa != prev_p[a]), est, np.nan)
         done = ok & ((pa >= p_max) | (est <= pa * (1 + rel) + tol))
@@ -185,4 +191,4 @@ def model_sizes(sf: SiteFlows, triples, sign: float, p_lin: np.ndarray, x1: np.n
         open_[a[done]] = False
     _, bind = _secant(np.zeros(k), np.repeat(m0[:, None], k, axis=1),
                       np.maximum(lo, 1e-9), m_lo)
-    return lo, m_lo, bind
+    return lo, m_lo, bind, unsure
