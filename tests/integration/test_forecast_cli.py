@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from derms.cli.main import app
+from derms.forecast.backtest import MODEL_NAME
 from derms.forecast.metrics import metrics_from_table
 
 runner = CliRunner()
@@ -149,3 +150,94 @@ def test_outputs_match_the_data_formats_doc(tmp_path):
         check_file(out / name, "derms forecast backtest")
     doc = json.loads((out / "metrics.json").read_text())
     assert {"methods", "test_start", "test_end", "warnings", "fits"} <= set(doc)
+
+
+def _frame_csv(path, idx, values):
+    pd.DataFrame({"timestamp": idx.strftime("%Y-%m-%dT%H:%M:%S%z").str.replace(
+        r"(\d\d)(\d\d)$", r"\1:\2", regex=True), "value": np.round(values, 4)}).to_csv(
+        path, index=False)
+    return path
+
+
+def _bt(csv, out, *extra):
+    return runner.invoke(app, ["forecast", "backtest", "--series", str(csv), "--out", str(out),
+                               "--rounds", "20", "--test-days", "7", *extra])
+
+
+def test_constant_zero_and_net_export_series(tmp_path):
+    """A test period whose peak is 0 crashed (nRMSE None formatted as a percentage); a
+    net-export load (all negative) got a negative nRMSE."""
+    idx = pd.date_range("2024-03-01", periods=45 * 24, freq="h", tz="UTC")
+    res = _bt(_frame_csv(tmp_path / "zero.csv", idx, np.zeros(len(idx))), tmp_path / "o1")
+    assert res.exit_code == 0, res.output
+    assert "n/a" in res.output and "Traceback" not in res.output
+    hour = idx.hour.to_numpy()
+    neg = -(50 + 20 * np.sin(hour / 24 * 2 * np.pi))
+    res = _bt(_frame_csv(tmp_path / "neg.csv", idx, neg), tmp_path / "o2")
+    assert res.exit_code == 0, res.output
+    methods = json.loads((tmp_path / "o2" / "metrics.json").read_text())["methods"]
+    assert all(m["nrmse"] > 0 for m in methods.values() if m.get("n"))
+
+
+def _pv(idx, scale=1.0):
+    hour = (idx.hour + idx.minute / 60).to_numpy()
+    sun = np.clip(np.sin((hour - 6) / 12 * np.pi), 0, None)
+    day = np.arange(len(idx)) // 24
+    cloud = 0.6 + 0.4 * np.random.default_rng(3).random(day.max() + 1)[day]
+    return 4.0 * scale * sun * cloud
+
+
+def test_pv_capacity_comes_from_before_the_test_period(tmp_path):
+    """Without --capacity-kw the capacity scales the model and caps its forecasts: taken
+    from the whole series it let test-period values reach them."""
+    idx = pd.date_range("2024-03-01", periods=45 * 24, freq="h", tz="UTC")
+    a = _pv(idx)
+    b = a.copy()
+    b[-3 * 24:] *= 5.0  # the last 3 days (inside the 7-day test period) scaled up
+    outs = []
+    for name, v in (("a", a), ("b", b)):
+        res = _bt(_frame_csv(tmp_path / f"{name}.csv", idx, v), tmp_path / name, "--kind", "pv")
+        assert res.exit_code == 0, res.output
+        assert "before the test period" in " ".join(res.output.split())
+        f = pd.read_csv(tmp_path / name / "forecasts.csv")
+        outs.append(f[(f["method"] == MODEL_NAME)
+                      & (pd.to_datetime(f["origin"]) < pd.Timestamp(idx[-3 * 24]))])
+    assert len(outs[0]) >= 3 * 24
+    np.testing.assert_allclose(outs[0]["p50"].to_numpy(), outs[1]["p50"].to_numpy())
+
+
+def test_pv_capacity_checks_and_all_zero_pv(tmp_path):
+    idx = pd.date_range("2024-03-01", periods=45 * 24, freq="h", tz="UTC")
+    csv = _frame_csv(tmp_path / "w.csv", idx, _pv(idx) * 1000)  # watts
+    res = _bt(csv, tmp_path / "o1", "--kind", "pv", "--capacity-kw", "5")
+    assert res.exit_code == 0 and "same unit?" in " ".join(res.output.split()), res.output
+    res = _bt(_frame_csv(tmp_path / "z.csv", idx, np.zeros(len(idx))), tmp_path / "o2",
+              "--kind", "pv")
+    assert res.exit_code == 2 and "all <= 0" in res.output and "--capacity-kw 0" not in \
+        res.output, res.output
+
+
+def test_pv_persistence_survives_blank_nights_and_weather_coverage_is_checked(tmp_path):
+    idx = pd.date_range("2024-03-01", periods=45 * 24, freq="h", tz="UTC")
+    v = _pv(idx)
+    csv = _frame_csv(tmp_path / "pv.csv", idx[v > 0], v[v > 0])  # nights left out
+    wx = tmp_path / "wx.csv"
+    _frame_csv(wx, idx[: 10 * 24], np.ones(10 * 24))  # the first 10 days only
+    pd.read_csv(wx).rename(columns={"value": "cloud"}).to_csv(wx, index=False)
+    res = _bt(csv, tmp_path / "o", "--kind", "pv", "--capacity-kw", "4", "--weather", str(wx))
+    assert res.exit_code == 0, res.output
+    assert "weather file covers" in " ".join(res.output.split())
+    methods = json.loads((tmp_path / "o" / "metrics.json").read_text())["methods"]
+    assert methods["persistence"].get("n", 0) > 0
+
+
+def test_local_offsets_with_default_utc_are_warned(tmp_path):
+    csv = _write_series(tmp_path / "ny.csv", days=45, tz="America/New_York")
+    res = _bt(csv, tmp_path / "o")
+    assert res.exit_code == 0 and "--tz is UTC" in " ".join(res.output.split()), res.output
+
+
+def test_half_hour_zone_on_an_hourly_series_says_why(tmp_path):
+    csv = _write_series(tmp_path / "s.csv", days=45, tz="UTC")
+    res = _bt(csv, tmp_path / "o", "--tz", "Asia/Kolkata")
+    assert res.exit_code == 2 and "half-hour zone" in " ".join(res.output.split()), res.output

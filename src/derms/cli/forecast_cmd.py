@@ -59,6 +59,11 @@ def backtest_cmd(
                         n_rounds=rounds)
     refuse_non_empty(out, force)   # fail before the long work
     values = read_series_csv(series)
+    if tz == "UTC" and (off := _local_offset(series)):
+        err_console.print(f"[yellow]warning:[/] {series} carries the UTC offset {off}, but "
+                          "--tz is UTC: origins are UTC midnights and calendar features UTC "
+                          "hours; pass --tz (e.g. America/New_York) for local midnights",
+                          highlight=False)
     exog = read_weather_csv(weather) if weather is not None else None
     with warnings.catch_warnings(), Progress(console=err_console, transient=True) as bar:
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -74,10 +79,23 @@ def backtest_cmd(
     for name, m in result.metrics.items():
         if m.get("n"):
             cov = m.get("coverage_p10_p90")
-            out_console.print(f"{name:24s} MAE {m['mae']:.4g}  nRMSE {m['nrmse']:.3%}  "
+            nrmse = "n/a" if m.get("nrmse") is None else f"{m['nrmse']:.3%}"
+            out_console.print(f"{name:24s} MAE {m['mae']:.4g}  nRMSE {nrmse}  "
                               f"CRPS {m['crps']:.4g}" + (f"  P10–P90 coverage {cov:.1%}"
                                                          if cov is not None else ""))
     out_console.print(f"report: {out / 'report.html'}")
+
+
+def _local_offset(path: Path) -> str | None:
+    """The UTC offset the file's first timestamps carry, when it is not zero."""
+    import re
+
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for _, line in zip(range(50), fh, strict=False):
+            m = re.search(r"([+-]\d{2}:?\d{2})\s*(?:[,;]|$)", line.split(",")[0] + ",")
+            if m and m.group(1).replace(":", "") not in ("+0000", "-0000"):
+                return m.group(1)
+    return None
 
 
 def _check_tz(tz: str) -> None:

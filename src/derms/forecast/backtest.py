@@ -54,11 +54,7 @@ def backtest(series: pd.Series, spec: ForecastSpec, capacity: float | None = Non
     """
     clean = clean_series(series, "series")
     warnings = list(clean.warnings)
-    if spec.kind == "pv" and capacity is None:
-        capacity = float(clean.values.max())
-        warnings.append(f"no capacity given: PV nRMSE is normalised by the largest value "
-                        f"of the series, {capacity:g}")
-    if capacity is not None and capacity <= 0:
+    if capacity is not None and not capacity > 0:
         raise InputError(f"--capacity-kw {capacity}: must be positive")
     start, end = clean.values.index[0], clean.values.index[-1] + clean.step
     min_hist = MIN_TRAIN + pd.Timedelta(days=LOOKBACK_DAYS + spec.calibration_days // 2)
@@ -71,11 +67,35 @@ def backtest(series: pd.Series, spec: ForecastSpec, capacity: float | None = Non
         warnings.append(f"the series spans {end - start}: shorter than the {test_length} test "
                         f"period plus {min_hist} of training, so the test period is "
                         f"{test_start:%Y-%m-%d} to {end:%Y-%m-%d} ({end - test_start})")
+    before = clean.values[clean.values.index < test_start]
+    if spec.kind == "pv" and capacity is None:
+        # from the data before the test period only: the capacity scales the model and
+        # clips its forecasts, and the test period must not reach them
+        capacity = float(before.max()) if before.notna().any() else float("nan")
+        if not capacity > 0:
+            raise InputError("series: the PV values before the test period are all <= 0 "
+                             "(or missing): nothing to learn from; give --capacity-kw if "
+                             "the system was off")
+        warnings.append(f"no capacity given: PV nRMSE is normalised by (and forecasts "
+                        f"capped at) the largest value before the test period, {capacity:g}")
+    elif spec.kind == "pv" and capacity is not None:
+        top = float(clean.values.max())
+        if top > 1.2 * capacity or top < 0.05 * capacity:
+            warnings.append(f"the series peaks at {top:g}, the capacity given is {capacity:g} "
+                            "(same unit? W against kW?): forecasts are capped at the "
+                            "capacity")
+    if weather is not None:
+        warnings += _weather_coverage(weather, start, test_start, end)
     panel = panel_from_series({"series": clean}, spec, capacity=capacity,
                               train_end=test_start, weather=weather)
     origins = origin_indices(panel.times, test_start, end - spec.horizon + clean.step, spec.tz)
     if len(origins) == 0:
-        raise InputError("series: no forecast origin in the test period")
+        local = pd.Timestamp(test_start).tz_convert(spec.tz).normalize()
+        off = (local.tz_convert("UTC") - panel.times[0]) % clean.step
+        hint = (f": local midnight in {spec.tz} falls {off} into the series' {clean.step} "
+                "intervals (a half-hour zone?); resample the series or use another --tz"
+                if off != pd.Timedelta(0) else "")
+        raise InputError(f"series: no forecast origin in the test period{hint}")
     forecaster = GlobalForecaster(spec)
     n_h = forecaster.steps(panel)
     block_of = ((panel.times[origins] - panel.times[origins[0]]) // retrain_every).to_numpy()
@@ -103,3 +123,19 @@ def backtest(series: pd.Series, spec: ForecastSpec, capacity: float | None = Non
     metrics = metrics_from_table(table, spec.kind, capacity)
     return BacktestResult(forecasts=table, metrics=metrics, test_start=test_start,
                           test_end=end, warnings=warnings, fits=fits)
+
+
+def _weather_coverage(weather: pd.DataFrame, start, test_start, end) -> list[str]:
+    """Warnings when the weather inputs leave much of the training or test period empty
+    (the model then learns on, or forecasts from, missing values)."""
+    out = []
+    have = weather.dropna(how="all").index
+    for name, a, b in (("training", start, test_start), ("test", test_start, end)):
+        if b <= a:
+            continue
+        span = (min(b, have.max()) - max(a, have.min())) if len(have) else pd.Timedelta(0)
+        share = max(span / (b - a), 0.0) if len(have) else 0.0
+        if share < 0.9:
+            out.append(f"the weather file covers {share:.0%} of the {name} period "
+                       f"({a:%Y-%m-%d} to {b:%Y-%m-%d}): forecasts there use no weather")
+    return out

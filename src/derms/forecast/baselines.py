@@ -1,6 +1,6 @@
 """Reference forecasts every model is compared with (point forecasts, as the P50).
 
-- ``persistence``: the last value before the origin, held flat.
+- ``persistence``: the last value known before the origin, held flat.
 - ``seasonal_naive_day``: the value one day earlier (two days for the second day of a
   48-h horizon, so it is always known at the origin).
 - ``seasonal_naive_week``: the value seven days earlier.
@@ -37,8 +37,13 @@ def baseline_forecasts(panel: Panel, origins: np.ndarray, n_h: int,
     d1 = k // n_day + 1
     lag1 = t - d1 * n_day
     y = panel.y
+    # the last value known before the origin (a gap, or PV nights left blank, would
+    # otherwise leave persistence without a forecast)
+    idx = np.where(np.isfinite(y), np.arange(y.shape[1])[None, :], -1)
+    last_known = np.maximum.accumulate(idx, axis=1)
+    prev = np.where(o >= 1, last_known[s, np.maximum(o - 1, 0)], -1)
     preds = {
-        "persistence": _take(y, s, o - 1),
+        "persistence": _take(y, s, prev),
         "seasonal_naive_day": _take(y, s, lag1),
         "seasonal_naive_week": _take(y, s, t - 7 * n_day * np.maximum(1, -(-d1 // 7))),
     }

@@ -1,7 +1,7 @@
 """Forecast accuracy as defined in DESIGN.md ("Forecast backtests").
 
 MAE and RMSE over all intervals with an actual; load nRMSE = RMSE / peak actual of the
-test period, PV nRMSE = RMSE / capacity; CRPS from quantiles = 2 × the mean pinball
+test period (its largest magnitude; None when that is 0), PV nRMSE = RMSE / capacity; CRPS from quantiles = 2 × the mean pinball
 loss over the quantiles produced (a point forecast counts as its median, so its CRPS is
 its MAE); P10–P90 coverage = share of intervals whose actual lies in [P10, P90] (for PV
 only intervals with the sun up). Every figure is recomputable from the ``forecasts``
@@ -43,7 +43,7 @@ def method_metrics(frame: pd.DataFrame, kind: str, capacity: float | None,
     quants = quantile_columns(rows)
     losses = [pinball(y, rows[col].to_numpy(float), q).mean() for q, col in quants.items()]
     out = {"n": int(y.size), "mae": mae, "rmse": rmse,
-           "nrmse": float(rmse / norm) if norm else None,
+           "nrmse": float(rmse / norm) if norm and np.isfinite(norm) and norm > 0 else None,
            "nrmse_normaliser": "capacity" if kind == "pv" else "peak of the test period",
            "crps": float(2.0 * np.mean(losses)),
            "coverage_p10_p90": None}
@@ -61,6 +61,7 @@ def metrics_from_table(forecasts: pd.DataFrame, kind: str, capacity: float | Non
                        ) -> dict[str, dict]:
     """Metrics per method from a tidy forecasts table (see :mod:`derms.forecast.backtest`)."""
     actual = forecasts.drop_duplicates("timestamp").set_index("timestamp")["actual"]
-    peak = float(actual.max()) if actual.notna().any() else float("nan")
+    # the peak magnitude: a net-export series (all negative) still gets a positive one
+    peak = float(actual.abs().max()) if actual.notna().any() else float("nan")
     return {method: method_metrics(group, kind, capacity, peak)
             for method, group in forecasts.groupby("method", sort=False)}
