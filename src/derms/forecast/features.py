@@ -193,19 +193,25 @@ def feature_rows(panel: Panel, s: np.ndarray, o: np.ndarray, k: np.ndarray) -> n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         cols["mean_tod_7d"] = np.nanmean(lags7, axis=1)
-    cols["mean_prev_day"], cols["max_prev_day"] = _window_stats(y, s, o, n_day)
+    # the previous day's statistics depend on (series, origin) only: computed once per
+    # pair, not per row (a day of 1-min values per row took GBs on 1-min series)
+    _, first, inv = np.unique(s.astype(np.int64) * (y.shape[1] + 1) + o,
+                                 return_index=True, return_inverse=True)
+    su, ou = s[first], o[first]
+    mean_u, max_u = _window_stats(y, su, ou, n_day)
+    cols["mean_prev_day"], cols["max_prev_day"] = mean_u[inv], max_u[inv]
     if panel.kind == "pv":
         cs = panel.cs_emp
         day_start = o - (o % n_day)            # cs_emp of the origin's day: known at o
         cs_t = _take(cs, s, day_start + (t - day_start) % n_day)
         cols["cs_emp"] = cs_t
         cols["cs_emp_prev"] = _take(cs, s, lag1)
-        prev = _take(y, s[:, None], o[:, None] + np.arange(-n_day, 0)[None, :])
-        prev_cs = _take(cs, s[:, None], o[:, None] + np.arange(-n_day, 0)[None, :])
+        prev = _take(y, su[:, None], ou[:, None] + np.arange(-n_day, 0)[None, :])
+        prev_cs = _take(cs, su[:, None], ou[:, None] + np.arange(-n_day, 0)[None, :])
         with np.errstate(all="ignore"):
             kt = np.nansum(prev, axis=1) / np.nansum(prev_cs, axis=1)
         cols["kt_prev_day"] = np.where(np.isfinite(kt), np.clip(kt, 0, 2), np.nan).astype(
-            np.float32)
+            np.float32)[inv]
         if panel.cs_ghi is not None:
             cols["cs_ghi"] = _take(panel.cs_ghi, None, t)
             cols["cs_ghi_prev"] = _take(panel.cs_ghi, None, lag1)
