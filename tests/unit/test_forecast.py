@@ -184,3 +184,21 @@ def test_model_round_trips_through_its_files(tmp_path):
         np.testing.assert_allclose(back.predict(x)[q], m.predict(x)[q])
     with pytest.raises(InputError, match="not a saved"):
         QuantileModel.load(tmp_path)
+
+
+def test_last_value_feature_reaches_back_over_a_gap():
+    """After a gap the model's reference fell back to 0 (the value at origin - 1 was
+    missing): a 20-day gap in a 2-year load series gave nRMSE 5.0 % against 4.2 % for
+    seasonal naive; with the last value known before the origin, 4.0 %."""
+    from derms.forecast.features import build_panel, feature_rows
+
+    times = pd.date_range("2024-01-01", periods=40 * 24, freq="h", tz="UTC")
+    y = (0.5 + 0.1 * np.sin(np.arange(times.size) / 24 * 2 * np.pi))[None, :].astype(np.float32)
+    y[0, 10 * 24: 30 * 24] = np.nan  # a 20-day gap
+    panel = build_panel(y, times, pd.Timedelta("1h"), np.ones(1), ("a",), "load")
+    o = np.full(24, 30 * 24)
+    x = feature_rows(panel, np.zeros(24, int), o, np.arange(24))
+    last = x[:, panel.feature_names.index("last")]
+    np.testing.assert_allclose(last, y[0, 10 * 24 - 1])
+    x2 = feature_rows(panel, np.zeros(24, int), o + 24, np.arange(24))  # no gap: o - 1
+    np.testing.assert_allclose(x2[:, panel.feature_names.index("last")], y[0, 31 * 24 - 1])

@@ -148,6 +148,17 @@ def _take(arr: np.ndarray, s: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
     return np.where(ok, out, np.nan).astype(np.float32)
 
 
+def _last_known(y: np.ndarray, s: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Per row, the grid index of the last finite ``y[s, :o]`` (-1 when none)."""
+    out = np.full(s.size, -1, dtype=np.int64)
+    for sid in np.unique(s):  # one searchsorted per series (not per row or step)
+        sel = s == sid
+        fin = np.flatnonzero(np.isfinite(y[sid]))
+        pos = np.searchsorted(fin, o[sel]) - 1
+        out[sel] = np.where(pos >= 0, fin[np.maximum(pos, 0)], -1)
+    return out
+
+
 def _window_stats(y: np.ndarray, s: np.ndarray, o: np.ndarray, n: int
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and max of y[s, o-n:o] per row (NaN-aware); vectorised over rows."""
@@ -186,7 +197,7 @@ def feature_rows(panel: Panel, s: np.ndarray, o: np.ndarray, k: np.ndarray) -> n
         "lag_d1": _take(y, s, lag1),
         "lag_d2": _take(y, s, lag1 - n_day),
         "lag_w1": _take(y, s, t - 7 * n_day * np.maximum(1, -(-d1 // 7))),
-        "last": _take(y, s, o - 1),
+        "last": np.zeros(len(t), np.float32),  # below: the last value known at the origin
     }
     lags7 = np.stack([_take(y, s, lag1 - j * n_day) for j in range(7)], axis=1)
     import warnings
@@ -200,6 +211,9 @@ def feature_rows(panel: Panel, s: np.ndarray, o: np.ndarray, k: np.ndarray) -> n
     su, ou = s[first], o[first]
     mean_u, max_u = _window_stats(y, su, ou, n_day)
     cols["mean_prev_day"], cols["max_prev_day"] = mean_u[inv], max_u[inv]
+    # the last value known before the origin (o - 1 unless a gap: after one, the value
+    # before it, not a missing value that the model's reference then took as 0)
+    cols["last"] = _take(y, su, _last_known(y, su, ou))[inv]
     if panel.kind == "pv":
         cs = panel.cs_emp
         day_start = o - (o % n_day)            # cs_emp of the origin's day: known at o
