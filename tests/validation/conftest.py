@@ -53,3 +53,21 @@ def reference_v_pu(circuit, node_names: list[str], line_to_line: set[str]) -> np
         for i, k in enumerate(ks):
             out[k] = mags[min(i, mags.size - 1)]
     return out
+
+
+def tangent_errors(engine, terms: list[str]):
+    """Yield (term, p_kw, q_kvar, err, change) for 1 kW and -1 kvar at each injection term:
+    the tangent linear model (``load_band_pu=0``) against the AC change; its
+    ``v0_pu`` must equal the engine's voltages."""
+    from derms.powerflow.linear import build_linear_model, solve_ac_with_injections
+
+    model = build_linear_model(engine, terms, load_band_pu=0.0)
+    v0 = engine.node_voltages_pu()
+    np.testing.assert_allclose(model.v0_pu, v0, atol=1e-12)
+    for k in range(len(terms)):
+        for p_kw, q_kvar in ((1.0, 0.0), (0.0, -1.0)):
+            p, q = np.zeros(len(terms)), np.zeros(len(terms))
+            p[k], q[k] = p_kw, q_kvar
+            dv_ac = solve_ac_with_injections(engine, terms, p, q) - v0
+            dv_lin = model.dv_dp_pu_per_kw @ p + model.dv_dq_pu_per_kvar @ q
+            yield terms[k], p_kw, q_kvar, np.abs(dv_ac - dv_lin).max(), np.abs(dv_ac).max()

@@ -75,7 +75,8 @@ def _direct_counts(pv_elements):
     return counts
 
 
-def test_point_forecast_reproduces_direct_qsts_counts():
+def _point_forecast():
+    """A one-level forecast of LOAD and PV on IEEE 13 with 80 % PV: (result, PV names)."""
     engine, pv_elements = _ieee13()
     try:
         res = forecast_constraints(engine, pd.DataFrame({"p50": LOAD}, index=T),
@@ -83,6 +84,11 @@ def test_point_forecast_reproduces_direct_qsts_counts():
                                    limits=LIMITS)
     finally:
         engine.close()
+    return res, pv_elements
+
+
+def test_point_forecast_reproduces_direct_qsts_counts():
+    res, pv_elements = _point_forecast()
     ref = _direct_counts(pv_elements)
     got = res.violations.groupby("kind").size().reindex(list(ref), fill_value=0).to_dict()
     assert got == ref
@@ -95,13 +101,7 @@ def test_point_forecast_lists_what_the_load_alone_breaks():
     """The base case's own violations (load, PV at zero) against the plain limits, as a
     direct QSTS + detect_violations without a base gives them (before, a load-driven
     undervoltage or overload was never reported: pre-existing in its own base case)."""
-    engine, pv_elements = _ieee13()
-    try:
-        res = forecast_constraints(engine, pd.DataFrame({"p50": LOAD}, index=T),
-                                   pd.DataFrame({"p50": PV}, index=T), pv_elements,
-                                   limits=LIMITS)
-    finally:
-        engine.close()
+    res, pv_elements = _point_forecast()
     _run, base = _direct_runs(pv_elements)
     ix = base.index
     rep = detect_violations(
@@ -120,13 +120,7 @@ def test_point_forecast_margins_match_direct_qsts():
     """Hourly worst overvoltage margin = the direct run's max of (v - 1.05 - 0.001), with
     pre-existing node-phases measured from their base value; > 0 exactly in the hours
     with a violation, for every kind."""
-    engine, pv_elements = _ieee13()
-    try:
-        res = forecast_constraints(engine, pd.DataFrame({"p50": LOAD}, index=T),
-                                   pd.DataFrame({"p50": PV}, index=T), pv_elements,
-                                   limits=LIMITS)
-    finally:
-        engine.close()
+    res, pv_elements = _point_forecast()
     run, base = _direct_runs(pv_elements)
     hi = LIMITS.v_max_pu + LIMITS.v_tol_pu
     live = (run.v_pu >= LIMITS.energised_min_pu) & (run.index.node_phase <= 3)[None, :]

@@ -35,7 +35,7 @@ from derms.powerflow.linear_check import (
     readout_v_pu,
 )
 from tests.conftest import shared_master
-from tests.validation.conftest import frozen_engine
+from tests.validation.conftest import frozen_engine, tangent_errors
 
 
 def _draw(engine, rng, *, share: float = 0.5, mixed: bool):
@@ -60,18 +60,9 @@ def test_tangent_matches_finite_difference(feeder, request):
     engine = request.getfixturevalue(feeder)
     nodes = {"ieee13": ["671.1", "646.2", "692.3", "611.3", "634.2", "652.1"],
              "ieee123": ["1.1", "48.3", "65.2", "76.1", "114.1", "300.2"]}[feeder]
-    model = build_linear_model(engine, nodes, load_band_pu=0.0)
-    v0 = engine.node_voltages_pu()
-    np.testing.assert_allclose(model.v0_pu, v0, atol=1e-12)
-    for k in range(len(nodes)):
-        for p_kw, q_kvar in ((1.0, 0.0), (0.0, -1.0)):
-            p, q = np.zeros(len(nodes)), np.zeros(len(nodes))
-            p[k], q[k] = p_kw, q_kvar
-            dv_ac = solve_ac_with_injections(engine, nodes, p, q) - v0
-            dv_lin = model.dv_dp_pu_per_kw @ p + model.dv_dq_pu_per_kvar @ q
-            err, change = np.abs(dv_ac - dv_lin).max(), np.abs(dv_ac).max()
-            assert change > 5e-6
-            assert err < 1e-6 and err < 2e-3 * change, (nodes[k], p_kw, q_kvar, err, change)
+    for node, p_kw, q_kvar, err, change in tangent_errors(engine, nodes):
+        assert change > 5e-6
+        assert err < 1e-6 and err < 2e-3 * change, (node, p_kw, q_kvar, err, change)
 
 
 @pytest.mark.parametrize("commands", [
