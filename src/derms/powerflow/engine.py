@@ -124,8 +124,13 @@ class OpenDSSEngine:
         """Run one OpenDSS text command; engine errors become :class:`ModelError`."""
         from dss import DSSException
 
-        if text.lstrip()[:8].lower().startswith(_TOPOLOGY_VERBS):
-            self._pairs = None  # open/close/enable/... may (un)ground an area
+        verb = text.lstrip()[:8].lower()
+        if verb.startswith(_TOPOLOGY_VERBS):  # open/close/enable/... may (un)ground an area
+            pairs = getattr(self, "_pairs", None)
+            # a new element can only ground an area: a feeder with none ungrounded stays so
+            # (hosting-capacity probes add one load per site: no re-walk of 10k elements)
+            if not (verb.startswith("new") and pairs is not None and not (pairs[1] >= 0).any()):
+                self._pairs = None
         try:
             self.ctx.Text.Command = text
             return self.ctx.Text.Result
