@@ -51,6 +51,11 @@ def test_constraint_forecast_answers_hourly_probabilities(api):
     assert doc["feeder"] and doc["n_pv"] > 0 and doc["n_scenarios"] >= 3
     assert {"overvoltage", "undervoltage", "thermal"} == set(doc["predicted_hours"])
     assert doc["hourly"] and all(0 <= row["probability"] <= 1 for row in doc["hourly"])
+    # what the forecast load breaks by itself (PV at zero), listed apart
+    assert isinstance(doc["pre_existing"], list) and doc["pre_existing_truncated"] in (
+        True, False)
+    assert all(row["pre_existing"] and 0 < row["probability"] <= 1
+               for row in doc["pre_existing"])
 
 
 @pytest.mark.parametrize(("mutate", "status"), [
