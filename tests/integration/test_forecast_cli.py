@@ -241,3 +241,18 @@ def test_half_hour_zone_on_an_hourly_series_says_why(tmp_path):
     csv = _write_series(tmp_path / "s.csv", days=45, tz="UTC")
     res = _bt(csv, tmp_path / "o", "--tz", "Asia/Kolkata")
     assert res.exit_code == 2 and "half-hour zone" in " ".join(res.output.split()), res.output
+
+
+def test_methods_are_also_scored_on_common_rows(tmp_path):
+    """After a gap a baseline has no forecast where the model has one: metrics.json also
+    scores every method on the rows all of them forecast."""
+    idx = pd.date_range("2024-03-01", periods=45 * 24, freq="h", tz="UTC")
+    hour = idx.hour.to_numpy()
+    v = 50 + 20 * np.sin(hour / 24 * 2 * np.pi) + np.random.default_rng(1).normal(0, 2, len(idx))
+    keep = (idx < idx[0] + pd.Timedelta(days=38)) | (idx >= idx[0] + pd.Timedelta(days=40))
+    res = _bt(_frame_csv(tmp_path / "gap.csv", idx[keep], v[keep]), tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    methods = json.loads((tmp_path / "o" / "metrics.json").read_text())["methods"]
+    scored = {k: m for k, m in methods.items() if m.get("n")}
+    n_common = {m["n_common"] for m in scored.values()}
+    assert len(n_common) == 1 and n_common.pop() < max(m["n"] for m in scored.values())

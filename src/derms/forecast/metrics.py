@@ -63,5 +63,17 @@ def metrics_from_table(forecasts: pd.DataFrame, kind: str, capacity: float | Non
     actual = forecasts.drop_duplicates("timestamp").set_index("timestamp")["actual"]
     # the peak magnitude: a net-export series (all negative) still gets a positive one
     peak = float(actual.abs().max()) if actual.notna().any() else float("nan")
-    return {method: method_metrics(group, kind, capacity, peak)
-            for method, group in forecasts.groupby("method", sort=False)}
+    out = {method: method_metrics(group, kind, capacity, peak)
+           for method, group in forecasts.groupby("method", sort=False)}
+    # the same rows for every method (after a gap a baseline has no forecast where the
+    # model has one): MAE and RMSE on the (origin, timestamp) pairs all methods forecast
+    ok = forecasts[forecasts["actual"].notna() & forecasts["p50"].notna()]
+    n_methods = forecasts["method"].nunique()
+    keys = ok.groupby(["origin", "timestamp"])["method"].transform("nunique") == n_methods
+    common = ok[keys]
+    for method, group in common.groupby("method", sort=False):
+        err = group["p50"].to_numpy(float) - group["actual"].to_numpy(float)
+        if method in out and out[method].get("n"):
+            out[method].update(n_common=int(err.size), mae_common=float(np.mean(np.abs(err))),
+                               rmse_common=float(np.sqrt(np.mean(err ** 2))))
+    return out
