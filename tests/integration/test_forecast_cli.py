@@ -171,6 +171,11 @@ def test_constant_zero_and_net_export_series(tmp_path):
     res = _bt(_frame_csv(tmp_path / "zero.csv", idx, np.zeros(len(idx))), tmp_path / "o1")
     assert res.exit_code == 0, res.output
     assert "n/a" in res.output and "Traceback" not in res.output
+    assert "nan %" not in (tmp_path / "o1" / "report.html").read_text()
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "o1").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     hour = idx.hour.to_numpy()
     neg = -(50 + 20 * np.sin(hour / 24 * 2 * np.pi))
     res = _bt(_frame_csv(tmp_path / "neg.csv", idx, neg), tmp_path / "o2")

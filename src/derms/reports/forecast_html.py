@@ -67,7 +67,7 @@ def _metrics_table(metrics: dict[str, dict], kind: str) -> str:
             f"<tr><td>{html.escape(name)}</td><td>{fmt_value(m['mae'])}</td>"
             f"<td>{fmt_value(m['rmse'])}</td><td>{_pct(m.get('nrmse'))}</td>"
             f"<td>{fmt_value(m['crps'])}</td><td>{_pct(cov)}</td>"
-            f"<td>{rel_n:+.1f} %</td><td>{rel_p:+.1f} %</td><td>{m['n']}</td></tr>")
+            f"<td>{_rel(rel_n)}</td><td>{_rel(rel_p)}</td><td>{m['n']}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -128,3 +128,9 @@ def _report_html(result: BacktestResult, kind: str, unit: str, source: str) -> s
             f"{'<h2>Warnings</h2><ul>' + warn + '</ul>' if warn else ''}"
             f"<h2>Accuracy</h2>{_metrics_table(result.metrics, kind)}"
             f"<p>Negative percentages: lower MAE than the reference.</p>{body}</body></html>")
+
+
+def _rel(x: float) -> str:
+    """A relative difference [%] with its sign; "n/a" where it has no reference (a zero or
+    missing baseline MAE)."""
+    return f"{x:+.1f} %" if np.isfinite(x) else "n/a"
