@@ -20,7 +20,7 @@ from derms.powerflow.network_jacobian import (
     network_jacobian,
     y_bases_v,
 )
-
+from derms.powerflow.voltage_measure import partners_in
 
 
 def activate_source(ckt) -> None:
@@ -48,7 +48,7 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     # functionals c (2n x m) over (Re dV, Im dV) in Y order: d|V| / (base |V|) per meter,
     # or on ungrounded areas d|V_a - V_b| / (sqrt(3) base) (what such a meter reads)
     base = y_bases_v(engine, y_of_e)
-    to = _line_to_line_partner(engine, y_of_e, n)[mv_y]
+    to = partners_in(engine.voltage_pairs(), y_of_e, n)[mv_y]
     j = np.arange(mv_y.size)
     has = to >= 0
     vd = v_y[mv_y] - np.where(has, v_y[np.maximum(to, 0)], 0.0)
@@ -62,16 +62,6 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
         c = sp.hstack([c, sp.csc_matrix(_head_functionals(engine, v_y, n, n_ph))]).tocsc()
     e_mat = _load_injections(br, v_y, lnames, x, n)
     return adjoint_rows(solver, c, e_mat)
-
-
-def _line_to_line_partner(engine, y_of_e: np.ndarray, n: int) -> np.ndarray:
-    """(n,) in Y order: the Y index of each node's line-to-line partner (nodes of
-    ungrounded areas, :meth:`OpenDSSEngine.voltage_pairs`), -1 elsewhere."""
-    pair_e = engine.voltage_pairs()
-    out = np.full(n, -1, dtype=np.int64)
-    e = np.flatnonzero(pair_e >= 0)
-    out[y_of_e[e]] = y_of_e[pair_e[e]]
-    return out
 
 
 def _head_functionals(engine, v_y, n: int, n_ph: int) -> np.ndarray:

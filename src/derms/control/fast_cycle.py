@@ -84,6 +84,7 @@ from derms.errors import InputError
 from derms.powerflow.collect import StepCollector, build_index
 from derms.powerflow.engine import OpenDSSEngine
 from derms.powerflow.linear_rows import RowSensitivities
+from derms.powerflow.voltage_measure import term_nodes
 from derms.store.types import ensure_utc
 
 log = logging.getLogger(__name__)
@@ -158,9 +159,8 @@ class FastCycle:
         eng, ckt = self.engine, self.engine.circuit
         nodes = sorted({s.strip().lower() for pt in self.registry.points for s in pt})
         known = set(eng.node_names())
-        bad = [s for s in nodes if not all(f"{s.split('.')[0]}.{e}" in known
-                                           for e in s.split(".")[1:]) or s.count(".") > 2
-               or "." not in s]
+        bad = [s for s in nodes if not term_nodes(s) or any(e not in known
+                                                            for e in term_nodes(s))]
         if bad:
             raise InputError(f"DER injection node(s) not in the model: {bad[:5]}")
         for s in nodes:
@@ -168,7 +168,7 @@ class FastCycle:
             ckt.SetActiveBus(bus)
             kv = ckt.ActiveBus.kVBase or 1.0
             # "bus.a.b": between two phases (ungrounded feeders), line-to-line kV
-            conn, kv = ("delta", kv * np.sqrt(3.0)) if s.count(".") == 2 else ("wye", kv)
+            conn, kv = ("delta", kv * np.sqrt(3.0)) if len(term_nodes(s)) == 2 else ("wye", kv)
             eng.command(f"new load.{_PREFIX}{s.replace('.', '_')} bus1={s} phases=1 "
                         f"conn={conn} kv={kv} kw=0 kvar=0 model=1 vminpu=0 vmaxpu=1000 "
                         "vlowpu=0 status=fixed")

@@ -94,6 +94,7 @@ from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.linear_branches import branch_current_matrix
 from derms.powerflow.linear_loads import read_branches
 from derms.powerflow.network_jacobian import LeafSolver, complex_pairs, network_jacobian
+from derms.powerflow.voltage_measure import term_nodes
 
 log = logging.getLogger(__name__)
 
@@ -374,10 +375,8 @@ def _injection_ends(names: list[str], pos: dict[str, int]) -> tuple[np.ndarray, 
     first = np.empty(len(names), dtype=np.int64)
     second = np.full(len(names), -1, dtype=np.int64)
     for k, name in enumerate(names):
-        parts = name.split(".")
-        ends = [f"{parts[0]}.{n}" for n in parts[1:]]
-        if not 1 <= len(ends) <= 2 or any(e not in pos for e in ends) or (
-                len(ends) == 2 and ends[0] == ends[1]):
+        ends = term_nodes(name)
+        if not ends or any(e not in pos for e in ends):
             raise ModelError(f"unknown node {name!r} (expected 'bus.node', or 'bus.a.b' for "
                              "an injection between two nodes)")
         first[k] = pos[ends[0]]
@@ -443,7 +442,8 @@ def solve_ac_with_injections(
     for node in nodes:
         node = str(node).strip().lower()
         bus, *ends = node.split(".")
-        if not 1 <= len(ends) <= 2 or any(f"{bus}.{e}" not in known for e in ends):
+        reach = term_nodes(node)
+        if not reach or any(e not in known for e in reach):
             raise ModelError(f"unknown node {node!r} (expected 'bus.node' or 'bus.a.b')")
         if len(ends) == 1 and node in ungrounded:
             raise InputError(f"node {node!r} is on an ungrounded (3-wire) part of the feeder: "

@@ -43,6 +43,7 @@ from derms.powerflow.linear_loads import (
     read_branches,
 )
 from derms.powerflow.network_jacobian import LeafSolver, complex_pairs, network_jacobian
+from derms.powerflow.voltage_measure import term_nodes
 
 # Leaf-bus elimination before SuperLU (LeafSolver) pays off on large feeders with many
 # secondaries: IEEE 8500 (≈ 8,500 Y nodes), 130-column solve 30 ms with 6 rounds against
@@ -144,9 +145,8 @@ class SiteFlows:
         rows, cols, w, to = [], [], [], []
         for j, terms in enumerate(sites):
             for s in terms:
-                bus, *ends = s.lower().split(".")
-                ks = [self._pos.get(f"{bus}.{e}") for e in ends]
-                if not 1 <= len(ks) <= 2 or any(k is None for k in ks):
+                ks = [self._pos.get(e) for e in term_nodes(s)]
+                if not ks or any(k is None for k in ks):
                     raise ModelError(f"unknown node {s!r} (expected 'bus.node' or 'bus.a.b')")
                 rows.append(self.y_of_eng[ks[0]])
                 to.append(self.y_of_eng[ks[1]] if len(ks) == 2 else -1)

@@ -31,6 +31,7 @@ from derms.powerflow.network_jacobian import (
     network_jacobian,
     y_bases_v,
 )
+from derms.powerflow.voltage_measure import partners_in, term_nodes
 
 
 class RowSensitivities:
@@ -62,9 +63,9 @@ class RowSensitivities:
         rows, to, cols, vals = [], [], [], []
         for k, terms in enumerate(points):
             terms = [str(s).strip().lower() for s in terms]
-            ends = [[f"{t.split('.')[0]}.{e}" for e in t.split(".")[1:]] for t in terms]
+            ends = [term_nodes(t) for t in terms]
             missing = [t for t, e in zip(terms, ends, strict=True)
-                       if not 1 <= len(e) <= 2 or any(x not in ypos for x in e)]
+                       if not e or any(x not in ypos for x in e)]
             if not terms or missing:
                 raise ModelError(f"injection point {k}: unknown node(s) "
                                  f"{missing[:3] or '(none given)'}")
@@ -75,10 +76,8 @@ class RowSensitivities:
         self.n_points = len(points)
         self._term = (np.asarray(rows, np.int64), np.asarray(to, np.int64),
                       np.asarray(cols, np.int64), np.asarray(vals, float))
-        pair_e = engine.voltage_pairs()  # ungrounded areas: line-to-line voltage rows
-        self._ll_y = np.full(self.n, -1, dtype=np.int64)
-        e = np.flatnonzero(pair_e >= 0)
-        self._ll_y[self.y_of_e[e]] = self.y_of_e[pair_e[e]]
+        # ungrounded areas: line-to-line voltage rows
+        self._ll_y = partners_in(engine.voltage_pairs(), self.y_of_e, self.n)
         m_br, self.index = branch_current_matrix(engine, index)
         coo = m_br.tocoo()
         self.m_y = sp.csr_matrix((coo.data, (coo.row, self.y_of_e[coo.col])),

@@ -166,6 +166,25 @@ def _delta_terminals(ckt, name: str, n_terminals: int) -> list[bool]:
     return [conn.startswith(("delta", "ll"))] * n_terminals
 
 
+def term_nodes(term: str) -> list[str]:
+    """The nodes an injection term reaches: "bus.n" -> ["bus.n"] (node to ground),
+    "bus.a.b" -> ["bus.a", "bus.b"] (between two distinct nodes); [] for anything else."""
+    bus, *ends = str(term).strip().lower().split(".")
+    if not bus or not 1 <= len(ends) <= 2 or (len(ends) == 2 and ends[0] == ends[1]):
+        return []
+    return [f"{bus}.{e}" for e in ends]
+
+
+def partners_in(pair: np.ndarray, order_of_e: np.ndarray, n: int) -> np.ndarray:
+    """(n,) the line-to-line partners of :func:`ungrounded_pairs` (engine order) in another
+    node order (``order_of_e``: each engine node's index there, e.g. its Y index); -1
+    where a node is measured to ground."""
+    out = np.full(n, -1, dtype=np.int64)
+    e = np.flatnonzero(pair >= 0)
+    out[order_of_e[e]] = order_of_e[pair[e]]
+    return out
+
+
 def delta_terms(bus: str, nodes: tuple[int, ...] | list[int], phases: int) -> list[str]:
     """Injection terms "bus.a.b" of a delta (line-to-line) element on phase ``nodes``:
     3 phases a-b, b-c, c-a; 2 phases on 3 nodes a-b, b-c; 2 nodes a-b. Fewer than two
