@@ -247,34 +247,31 @@ def hosting_capacity_fast(
         b_elem[sl] = np.where(top, "", b_elem[sl])
     del sf
     n_ac = np.zeros(n, dtype=int)
+    def verify_alone(j: int, start: float, max_solves: int = 8) -> int:
+        """Site ``j`` on OpenDSS from ``start``: its size and binding constraint; solves."""
+        hc[j], used, m = verify_site(probe, sites[j], sign, start, criteria, m0, max_solves)
+        if hc[j] >= criteria.p_max_kw:
+            b_kind[j], b_elem[j] = "max_size", ""
+        elif m is not None and hc[j] > 0:
+            k = _binding(0.0, m0, hc[j], m)
+            b_kind[j], b_elem[j] = kinds[k], elems[k]
+        return used
+
     if verify == "groups":
         n_ac = verify_groups(probe, sites, sign, hc, criteria, b_kind, b_elem, m0,
                               (b_row, m_bind))
         # sites where the model's power flow did not converge: each on OpenDSS, from the
         # larger of the linear and the model size (a group's agreement says nothing of them)
         for j in np.flatnonzero(unsure):
-            start = max(hc[j], p_lin[j]) * (1 - criteria.rel_tol / 2)
-            hc[j], used, m = verify_site(probe, sites[j], sign, start, criteria, m0,
-                                         max_solves=16)
-            n_ac[j] += used
-            if hc[j] >= criteria.p_max_kw:
-                b_kind[j], b_elem[j] = "max_size", ""
-            elif m is not None and hc[j] > 0:
-                kk = _binding(0.0, m0, hc[j], m)
-                b_kind[j], b_elem[j] = kinds[kk], elems[kk]
+            n_ac[j] += verify_alone(j, max(hc[j], p_lin[j]) * (1 - criteria.rel_tol / 2), 16)
         if unsure.any():
             log.info("hosting %d sites verified one by one (model power flow did not "
                      "converge)", int(unsure.sum()))
         probe.restore()
     elif verify is True:
-        for j, site in enumerate(sites):
-            start = (max(hc[j], p_lin[j]) if unsure[j] else hc[j]) * (1 - criteria.rel_tol / 2)
-            hc[j], n_ac[j], m = verify_site(probe, site, sign, start, criteria, m0)
-            if hc[j] >= criteria.p_max_kw:
-                b_kind[j], b_elem[j] = "max_size", ""
-            elif m is not None and hc[j] > 0:
-                k = _binding(0.0, m0, hc[j], m)
-                b_kind[j], b_elem[j] = kinds[k], elems[k]
+        for j in range(n):
+            start = max(hc[j], p_lin[j]) if unsure[j] else hc[j]
+            n_ac[j] = verify_alone(j, start * (1 - criteria.rel_tol / 2))
             if on_progress:
                 on_progress(j + 1, n)
         probe.restore()

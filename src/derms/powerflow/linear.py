@@ -430,14 +430,14 @@ def solve_ac_with_injections(
         Voltage magnitudes [pu] of all nodes in the engine's node order.
     """
     ckt = engine.circuit
-    known = set(engine.node_names())
+    all_names = engine.node_names()
+    known = set(all_names)
     loads, el = ckt.Loads, ckt.ActiveCktElement
     p = np.asarray(p_kw, dtype=float)
     q = np.asarray(q_kvar, dtype=float)
     if p.shape != (len(nodes),) or q.shape != (len(nodes),):
         raise InputError(f"p_kw {p.shape} and q_kvar {q.shape} must be ({len(nodes)},)")
     names = []
-    all_names = engine.node_names()
     ungrounded = {all_names[k] for k in np.flatnonzero(engine.voltage_pairs() >= 0)}
     for node in nodes:
         node = str(node).strip().lower()
