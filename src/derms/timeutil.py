@@ -8,6 +8,7 @@ from datetime import timedelta
 from derms.errors import InputError
 
 _STEP_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|hour)?\s*$", re.IGNORECASE)
+MAX_DURATION_S = 3660 * 86400  # ten years and a bit: any longer step or bucket is a typo
 _SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "hour": 3600}
 
 
@@ -17,4 +18,7 @@ def parse_duration(text: str, name: str = "--step") -> timedelta:
     if not m:
         raise InputError(f"{name} {text!r}: expected a duration like 15min, 1h or 300s")
     value, unit = float(m.group(1)), (m.group(2) or "min").lower()
-    return timedelta(seconds=value * _SECONDS[unit])
+    seconds = value * _SECONDS[unit]
+    if not seconds <= MAX_DURATION_S:
+        raise InputError(f"{name} {text!r}: longer than {MAX_DURATION_S // 86400} days")
+    return timedelta(seconds=seconds)

@@ -157,3 +157,132 @@ def test_derms_serve_subprocess(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+_JSON = {"Content-Type": "application/json"}
+
+
+def _row(dev, **kw):
+    return {"series": dev, "quantity": "p", "unit": "kW", "t": "2026-06-02T00:15:00Z",
+            "value": 7, **kw}
+
+
+@pytest.mark.parametrize("body,field", [
+    # a null or absent quantity used to take another row's quantity and unit factor (a
+    # 7 kW row stored as soc 0.07); alone in a batch it was a 500
+    (lambda d: [_row(d, quantity="soc", unit="%"), _row(d, quantity=None)], "quantity"),
+    (lambda d: [_row(d, quantity="soc", unit="%"),
+                {k: v for k, v in _row(d).items() if k != "quantity"}], "quantity"),
+    (lambda d: [_row(d, quantity=None)], "quantity"),
+    (lambda d: [_row(d, value=True)], "value"),                      # booleans are no numbers
+])
+def test_rows_without_quantity_or_with_booleans_are_refused(api, body, field):
+    dev = f"bat-{uuid.uuid4().hex[:6]}"
+    _device(api, dev)
+    r = api.post("/v1/readings", headers=api.operator, json=body(dev))
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == field
+    for q in ("p_kw", "soc_frac", "v_v"):
+        got = api.get("/v1/readings", headers=api.reader, params={
+            "series": dev, "quantity": q, "start": "2026-06-01T00:00:00Z",
+            "end": "2026-06-03T00:00:00Z"}).json()
+        assert got["rows"] == 0
+
+
+def test_bodies_that_were_500s_are_4xx_problems(api):
+    dev = f"bat-{uuid.uuid4().hex[:6]}"
+    _device(api, dev)
+    bodies = [
+        '[{{"series":"{}","quantity":"p","unit":"kW","t":"2026-06-02T00:15:00Z","value":{}}}]'.format(dev, "9" * 400),                                          # OverflowError
+        '[{{"series":"{}","quantity":"p","unit":"kW","t":"2026-06-02T00:15:00Z","value":1,'
+        '"quality":{}}}]'.format(dev, "9" * 400),
+        json.dumps([_row(dev, device=dev)]),                          # two aliases
+        json.dumps([_row(dev, timestamp="2026-06-02T00:15:00Z")]),
+        "[" * 60_000 + "]" * 60_000,                                  # RecursionError
+        ('[{"series":"inv-\\ud800","quantity":"p","unit":"kW","t":"2026-06-02T00:15:00Z",'
+        '"value":1}]'),                                                # lone surrogate
+    ]
+    for body in bodies:
+        r = api.post("/v1/readings", headers={**api.operator, **_JSON}, content=body)
+        assert r.status_code == 422, (body[:80], r.status_code, r.text[:200])
+        assert r.headers["content-type"] == "application/problem+json"
+    csv_h = {**api.operator, "Content-Type": "text/csv"}
+    for text in (f"series,quantity,unit,t,value\n{dev},p,kW,2026-06-02T00:15:00Z,1,5\n",
+                 f"series,series,quantity,unit,t,value\n{dev},{dev},p,kW,2026-06-02T00:15:00Z,1\n"):
+        r = api.post("/v1/readings", headers=csv_h, content=text)
+        assert r.status_code == 422 and "header" in r.json()["detail"], r.text
+    # one reading object is accepted, as the MQTT topic docs always said
+    r = api.post("/v1/readings", headers=api.operator, json=_row(dev))
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+
+
+def test_queries_with_out_of_range_values_are_422(api):
+    dev = f"bat-{uuid.uuid4().hex[:6]}"
+    _device(api, dev)
+    q = {"series": dev, "quantity": "p_kw", "start": "2026-06-01T00:00:00Z",
+         "end": "2026-06-03T00:00:00Z"}
+    for extra in ({"start": "0001-01-01T00:00:00+05:00"}, {"end": "9999-12-31T23:00:00-05:00"},
+                  {"bucket": "99999999999999999999h"}, {"bucket": "1000000000h"},
+                  {"quantity": "p"}, {"quantity": "nonsense"}):
+        r = api.get("/v1/readings", headers=api.reader, params={**q, **extra})
+        assert r.status_code == 422, (extra, r.status_code, r.text[:200])
+    for path in ("/v1/devices", "/v1/feeders"):
+        r = api.get(path, headers=api.reader, params={"offset": 2**63})
+        assert r.status_code == 422, r.text
+        assert api.get(path, headers=api.reader, params={"offset": 2**62}).json()["items"] == []
+    r = api.get(f"/v1/devices/{dev}%00", headers=api.reader)
+    assert r.status_code == 422 and "NUL" in r.json()["detail"]
+
+
+def test_registry_refuses_what_the_database_cannot_hold(api):
+    base = {"site_id": "s-reg", "der_type": "pv", "s_max_kva": 5}
+    bad = [{"der_id": "x1", **base, "s_max_kva": float("inf")},
+           {"der_id": "x2", **base, "e_max_kwh": float("inf")},
+           {"der_id": "x3", **base, "q_min_kvar": float("-inf")},
+           {"der_id": "x4", **base, "bus": "b" * 65},
+           {"der_id": "x5", **base, "owner": "o" * 201},
+           {"der_id": "x\u00006", **base},
+           {"der_id": " x7", **base},                       # no leading/trailing blanks
+           {"der_id": "x8", **base, "site_id": "s\u0000"}]
+    for body in bad:
+        r = api.post("/v1/devices", headers={**api.admin, **_JSON},
+                     content=json.dumps(body, allow_nan=True))
+        assert r.status_code == 422, (body, r.status_code, r.text[:200])
+    r = api.post("/v1/feeders", headers=api.admin, json={"feeder_id": "f-x", "name": "n" * 201})
+    assert r.status_code == 422
+    r = api.post("/v1/meters", headers=api.admin, json={"meter_id": "m\u0000"})
+    assert r.status_code == 422
+
+
+def test_device_naming_another_feeder_than_its_site_is_409(api):
+    for f in ("fa", "fb"):
+        api.post("/v1/feeders", headers=api.admin, json={"feeder_id": f"{f}-{id(api)}"})
+    fa, fb = f"fa-{id(api)}", f"fb-{id(api)}"
+    site = f"site-{uuid.uuid4().hex[:6]}"
+    dev = {"site_id": site, "der_type": "pv", "s_max_kva": 5}
+    r = api.post("/v1/devices", headers=api.admin, json={"der_id": site + "a", "feeder_id": fa,
+                                                          **dev})
+    assert r.status_code == 201 and r.json()["feeder_id"] == fa
+    r = api.post("/v1/devices", headers=api.admin, json={"der_id": site + "b", "feeder_id": fb,
+                                                          **dev})
+    assert r.status_code == 409 and fa in r.json()["detail"]
+    r = api.post("/v1/devices", headers=api.admin, json={"der_id": site + "c", **dev})
+    assert r.status_code == 201 and r.json()["feeder_id"] == fa   # the stored value
+    r = api.post("/v1/devices/batch", headers=api.admin, json={"devices": [
+        {"der_id": site + "d", "feeder_id": fb, **dev}]})
+    assert r.status_code == 409
+
+
+def test_anonymous_writes_and_oversized_bodies_stop_before_the_body_is_read(api):
+    r = api.post("/v1/devices", content=b"{{{", headers=_JSON)
+    assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
+    assert "www-authenticate" in r.headers
+    big = b"[" + b" " * 300_000 + b"]"                 # above this app's 200,000-byte limit
+    r = api.post("/v1/devices/batch", headers={**api.admin, **_JSON}, content=big)
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+
+    def chunks():                                      # no Content-Length: streamed
+        for _ in range(30):
+            yield b" " * 10_000
+    r = api.post("/v1/devices/batch", headers={**api.admin, **_JSON}, content=chunks())
+    assert r.status_code == 413, r.text

@@ -46,8 +46,10 @@ class KeyedSink:
             return len(self.rows) - before
 
 
-def _publisher():
+def _publisher(max_inflight: int | None = None):
     pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
+    if max_inflight is not None:
+        pub.max_inflight_messages_set(max_inflight)
     pub.connect("127.0.0.1", 1883)
     pub.loop_start()
     return pub
@@ -88,3 +90,79 @@ def test_every_reading_arrives_once_and_bad_payloads_are_reported():
     assert ingest.stats.inserted == n_msg * per_msg  # ... but inserted nothing new
     assert ingest.stats.rejected == 1
     assert errors and "missing field" in errors[0]["detail"]
+
+
+def _run_ingest(sink, **kw):
+    client_id = f"derms-test-{uuid.uuid4().hex[:8]}"
+    root = f"test/{client_id}"
+    ingest = MqttIngest(sink, client_id=client_id, topic_root=root, **kw)
+    ingest.start()
+    return ingest, client_id, root
+
+
+def _rows(m: int, per_msg: int = 5) -> str:
+    return json.dumps([{"series": f"dev-{k}", "quantity": "p", "unit": "kW",
+                        "t": f"2026-11-25T{m // 3600:02d}:{m // 60 % 60:02d}:{m % 60:02d}Z",
+                        "value": k + m / 1000} for k in range(per_msg)])
+
+
+def test_payloads_that_broke_the_parser_are_rejected_and_ingest_carries_on():
+    """Each of these used to raise past the parser (thread dead, message never
+    acknowledged, so redelivered after a restart to kill it again) or stall the writer
+    (a topic source the store refuses, retried forever): now each is reported on the
+    errors topic and the valid message after it is stored."""
+    sink = KeyedSink()
+    ingest, client_id, root = _run_ingest(sink, max_delay_s=0.05)
+    pub = _publisher()
+    errors: list[dict] = []
+    pub.subscribe(root + "/errors/#", qos=1)
+    pub.on_message = lambda _c, _u, m: errors.append(json.loads(m.payload))
+    time.sleep(0.3)
+    ok_row = {"series": "dev-1", "quantity": "p", "unit": "kW", "value": 1.0}
+    poison = [
+        b"[" * 100_000 + b"]" * 100_000,                              # RecursionError
+        json.dumps([{**ok_row, "device": "dev-1", "t": "2026-11-25T00:00:00Z"}]),  # 2 aliases
+        ('[{"series":"dev-1","quantity":"p","unit":"kW","t":"2026-11-25T00:00:00Z",'
+         '"value":' + "9" * 400 + "}]"),                              # OverflowError
+        json.dumps([{**ok_row, "quantity": None, "t": "2026-11-25T00:00:00Z"}]),   # IndexError
+        ('[{"series":"dev-\\ud800","quantity":"p","unit":"kW","t":"2026-11-25T00:00:00Z",'
+        '"value":1}]'),                                                # lone surrogate
+    ]
+    infos = [pub.publish(root + "/telemetry/der", p, qos=1) for p in poison]
+    infos.append(pub.publish(root + "/telemetry/bad source!", _rows(1), qos=1))
+    infos.append(pub.publish(root + "/telemetry/" + "s" * 40, _rows(2), qos=1))
+    infos.append(pub.publish(root + "/telemetry/der", _rows(3), qos=1))   # valid, after all
+    for info in infos:
+        info.wait_for_publish(timeout=10)
+    deadline = time.monotonic() + 20
+    while (len(sink.rows) < 5 or len(errors) < 7) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ingest.stop()
+    pub.loop_stop()
+    pub.disconnect()
+    drop_session(client_id)
+    assert len(sink.rows) == 5 and ingest.stats.rejected == 7, (len(sink.rows), errors)
+    assert sorted(e["topic"].rsplit("/", 1)[-1] for e in errors).count("der") == 5
+    assert all(e["detail"] for e in errors)
+
+
+def test_many_small_messages_arrive_without_loss():
+    """Acknowledging after each batch's commit held messages unacknowledged for a batch
+    period; under MQTT 3.1.1 the broker then sent only 20 at a time (its
+    max_inflight_messages) and dropped what overflowed its 1,000-message queue. 3,000
+    five-reading messages published at once must all arrive (MQTT 5 Receive Maximum)."""
+    sink = KeyedSink()
+    ingest, client_id, root = _run_ingest(sink)
+    pub = _publisher(max_inflight=1000)
+    n = 3000
+    infos = [pub.publish(root + "/telemetry/der", _rows(m), qos=1) for m in range(n)]
+    for info in infos:
+        info.wait_for_publish(timeout=30)
+    deadline = time.monotonic() + 30
+    while len(sink.rows) < 5 * n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ingest.stop()
+    pub.loop_stop()
+    pub.disconnect()
+    drop_session(client_id)
+    assert len(sink.rows) == 5 * n

@@ -27,6 +27,7 @@ from sqlalchemy import text
 from derms.api import problems
 from derms.api.auth import TokenRecord
 from derms.api.engine_pool import EnginePool
+from derms.api.gate import RequestGate
 from derms.api.routes_adms import router as adms_router
 from derms.api.routes_capacity import router as capacity_router
 from derms.api.routes_constraints import router as constraints_router
@@ -96,6 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
             return TokenRecord(tok.token_id, tok.secret_sha256, tok.scope, bool(tok.revoked))
 
     app.state.token_lookup = token_lookup
+    app.add_middleware(RequestGate, max_body_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):

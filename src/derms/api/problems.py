@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from derms.errors import ConvergenceError, DermsError, InfeasibleError, InputError, ModelError
@@ -82,6 +83,13 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         return problem_response(request, exc.status_code, str(exc.detail),
                                 headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DataError)
+    async def _data(request: Request, exc: DataError):  # the database refused a value: it
+        # came from the request (every body field is bounded; this is the safety net)
+        log.warning("api_data_error path=%s error=%s", request.url.path, exc.orig)
+        return problem_response(request, 422, "a value does not fit its database column "
+                                "(too long, out of range or not representable)")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

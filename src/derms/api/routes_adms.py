@@ -23,10 +23,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
+from derms.api.paging import Limit, Offset
 from derms.api.problems import Problem
 from derms.control import persistence
 from derms.control.adms import AdmsMessage, Applied, OperatorOverrideIn, apply_adms, apply_override
@@ -34,8 +35,6 @@ from derms.control.arbiter import Arbiter, RequestConflict
 from derms.control.requests import Source
 
 router = APIRouter(tags=["control"])
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
 
 
 class WithdrawIn(BaseModel):

@@ -253,11 +253,11 @@ def _interconnect(body: InterconnectBody) -> dict[str, Any]:
 
     from derms.analysis.hosting_capacity import resolve_sites
     from derms.analysis.interconnection import curtailment_reference, flexible_connection
-    from derms.studies.device_profiles import device_profile
     from derms.grid.bundled import resolve_master
     from derms.grid.opendss_import import read_feeder
     from derms.powerflow.engine import OpenDSSEngine
     from derms.reports.interconnect_out import write_interconnect_outputs
+    from derms.studies.device_profiles import device_profile
     from derms.studies.qsts_study import StudyConfig, study_profiles
 
     start = (body.start if body.start.tzinfo else body.start.replace(tzinfo=UTC)).astimezone(UTC)

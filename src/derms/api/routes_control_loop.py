@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from derms.api.auth import Principal, require
+from derms.api.paging import Offset
 from derms.api.problems import Problem
 from derms.store import commands as store
 from derms.store.models import DerDevice
@@ -44,7 +45,7 @@ def list_commands(request: Request, principal: Annotated[Principal, Depends(requ
                   der_id: str | None = None, state: State | None = None,
                   feeder_id: str | None = None,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+                  offset: Offset = 0) -> dict[str, Any]:
     """Tracked commands, newest first."""
     with request.app.state.sessions() as s:
         if der_id is not None and s.get(DerDevice, der_id) is None:

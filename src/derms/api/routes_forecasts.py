@@ -12,12 +12,13 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import pandas as pd
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, table_response
+from derms.api.paging import Limit, Offset
 from derms.api.problems import Problem
 from derms.errors import InputError
 from derms.forecast.forecaster import ForecastSpec
@@ -33,8 +34,6 @@ from derms.store.forecasts import (
 
 router = APIRouter(tags=["forecasts"])
 
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
 _SPEC_FIELDS = {"kind": "kind", "horizon": "horizon_s", "quantiles": "quantiles",
                 "location": "latitude", "holidays": "holidays", "step_s": "step_s",
                 "horizon_s": "horizon_s", "name": "name", "origin": "origin",

@@ -18,12 +18,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import select
 
 from derms.api.auth import Principal, require
+from derms.api.paging import LongLimit as Limit
+from derms.api.paging import Offset
 from derms.api.problems import Problem
 from derms.protocols.ieee2030_5.mappers import document_dict
 from derms.protocols.ieee2030_5.model import (
@@ -39,8 +41,6 @@ from derms.protocols.ieee2030_5.repository import SepAdminRepository
 from derms.store.audit import append_audit
 
 router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
-Limit = Annotated[int, Query(ge=1, le=10_000)]
-Offset = Annotated[int, Query(ge=0)]
 LFDI = r"^[0-9A-Fa-f]{40}$"
 MRID = r"^[0-9A-Fa-f]{32}$"
 UINT32 = 2**32 - 1

@@ -11,7 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from derms.api.auth import Principal, require
 from derms.api.problems import Problem
 from derms.ingest.parse import parse_csv, parse_json
-from derms.store.timeseries import read_readings
+from derms.store.timeseries import check_quantity, read_readings
+from derms.store.types import ensure_utc
 from derms.timeutil import parse_duration
 
 router = APIRouter(tags=["readings"])
@@ -66,7 +67,7 @@ async def post_readings(request: Request,
 def _aware(value: datetime, name: str) -> datetime:
     if value.tzinfo is None:
         raise Problem(422, f"{name} {value.isoformat()} has no time zone")
-    return value
+    return ensure_utc(value, name)  # 422 when out of range in UTC (year 1 at +05:00)
 
 
 @router.get("/readings")
@@ -77,6 +78,7 @@ def get_readings(request: Request, principal: Annotated[Principal, Depends(requi
     """Readings of one device or meter and quantity in ``[start, end)``, as columns;
     with ``bucket``, the mean per bucket (aligned to UTC) and the count."""
     start, end = _aware(start, "start"), _aware(end, "end")
+    check_quantity(quantity)  # an ingest alias ("p") or a typo is no empty answer
     if end <= start:
         raise Problem(422, "end must be after start")
     owner = request.app.state.sink.owner(series)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from derms.api.auth import Principal, require
+from derms.api.fields import Id, Text64, Text200, Text500
+from derms.api.paging import Limit, Offset
 from derms.api.problems import Problem
 from derms.store.audit import append_audit
 from derms.store.models import (
@@ -23,25 +25,23 @@ from derms.store.models import (
 )
 
 router = APIRouter(tags=["registry"])
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
 
 
 class FeederIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    feeder_id: str = Field(min_length=1, max_length=64)
-    name: str = ""
-    substation: str | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    feeder_id: Id
+    name: Text200 = ""
+    substation: Text64 | None = None
 
 
 class DeviceIn(BaseModel):
     """A DER device. Powers: ``p_gen_max_kw`` (output) and ``p_charge_max_kw`` (charging)
     are >= 0; ``q_max_kvar`` >= 0 >= ``q_min_kvar``."""
 
-    model_config = ConfigDict(extra="forbid")
-    der_id: str = Field(min_length=1, max_length=64)
-    site_id: str = Field(min_length=1, max_length=64)
-    feeder_id: str | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    der_id: Id
+    site_id: Id
+    feeder_id: Id | None = None
     der_type: DerType
     s_max_kva: float = Field(gt=0)
     p_gen_max_kw: float = Field(default=0.0, ge=0)
@@ -50,21 +50,21 @@ class DeviceIn(BaseModel):
     q_max_kvar: float = Field(default=0.0, ge=0)
     q_min_kvar: float = Field(default=0.0, le=0)
     phase: Phase = Phase.ABC
-    bus: str | None = None
-    service_transformer: str | None = None
-    owner: str | None = None
-    aggregator: str | None = None
+    bus: Text64 | None = None
+    service_transformer: Text64 | None = None
+    owner: Text200 | None = None
+    aggregator: Text200 | None = None
     protocol: Protocol = Protocol.NONE
-    endpoint: str | None = None
+    endpoint: Text500 | None = None
     status: DeviceStatus = DeviceStatus.COMMISSIONING
 
 
 class MeterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    meter_id: str = Field(min_length=1, max_length=64)
-    feeder_id: str | None = None
-    bus: str | None = None
-    service_transformer: str | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    meter_id: Id
+    feeder_id: Id | None = None
+    bus: Text64 | None = None
+    service_transformer: Text64 | None = None
     phase: Phase | None = None
 
 
@@ -126,14 +126,26 @@ def create_device(request: Request, body: DeviceIn,
             raise Problem(409, f"device {body.der_id!r} exists")
         if feeder_id is not None and s.get(Feeder, feeder_id) is None:
             raise Problem(422, f"unknown feeder {feeder_id!r}")
-        if s.get(DerSite, body.site_id) is None:
+        site = s.get(DerSite, body.site_id)
+        if site is None:
             s.add(DerSite(site_id=body.site_id, feeder_id=feeder_id, bus=body.bus,
                           service_transformer=body.service_transformer, owner=body.owner))
             s.flush()
+        else:
+            _same_feeder(site, feeder_id, body.der_id)
+            feeder_id = site.feeder_id
         s.add(DerDevice(**data))
+        out = {**body.model_dump(mode="json"), "feeder_id": feeder_id}
         append_audit(s, actor=principal.token_id, action="create", entity="der_device",
-                     entity_id=body.der_id, detail=body.model_dump(mode="json"))
-    return body.model_dump(mode="json")
+                     entity_id=body.der_id, detail=out)
+    return out
+
+
+def _same_feeder(site: DerSite, feeder_id: str | None, der_id: str) -> None:
+    """409 when a device names another feeder than its (existing) site is on."""
+    if feeder_id is not None and feeder_id != site.feeder_id:
+        raise Problem(409, f"device {der_id!r}: site {site.site_id!r} is on feeder "
+                           f"{site.feeder_id!r}, not {feeder_id!r}")
 
 
 class DevicesIn(BaseModel):
@@ -176,8 +188,8 @@ def create_devices(request: Request, body: DevicesIn,
     with request.app.state.sessions.begin() as s:
         _check_feeders(s, rows, "devices")
         existing = set(s.scalars(select(DerDevice.der_id).where(DerDevice.der_id.in_(ids))))
-        sites = set(s.scalars(select(DerSite.site_id).where(
-            DerSite.site_id.in_({r.site_id for r in rows}))))
+        sites = {x.site_id: x for x in s.scalars(select(DerSite).where(
+            DerSite.site_id.in_({r.site_id for r in rows})))}
         created = []
         for r in rows:
             if r.der_id in existing:
@@ -185,9 +197,12 @@ def create_devices(request: Request, body: DevicesIn,
             data = r.model_dump()
             feeder_id = data.pop("feeder_id")
             if r.site_id not in sites:
-                s.add(DerSite(site_id=r.site_id, feeder_id=feeder_id, bus=r.bus,
-                              service_transformer=r.service_transformer, owner=r.owner))
-                sites.add(r.site_id)
+                site = DerSite(site_id=r.site_id, feeder_id=feeder_id, bus=r.bus,
+                               service_transformer=r.service_transformer, owner=r.owner)
+                s.add(site)
+                sites[r.site_id] = site
+            else:
+                _same_feeder(sites[r.site_id], feeder_id, r.der_id)
             s.add(DerDevice(**data))
             created.append(r.der_id)
         s.flush()

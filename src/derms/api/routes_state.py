@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy import func, select
 
 from derms.api.auth import Principal, require
+from derms.api.paging import Limit, Offset
 from derms.api.problems import Problem
 from derms.store.models import Alarm
 
 router = APIRouter(tags=["monitoring"])
 
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
 
 
 def _monitor(request: Request):

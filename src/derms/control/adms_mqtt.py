@@ -13,7 +13,7 @@ e.g. ``adms1``, recorded as the audit actor ``mqtt:<sender>``):
   feeder/device, expiry already passed, a reused id with other content); nothing of a
   rejected message is stored, and it is acknowledged so it is not redelivered forever.
 
-Delivery: persistent session (``clean_session=False``, fixed client id) and
+Delivery: persistent MQTT 5 session (``clean_start=False``, fixed client id) and
 ``manual_ack``: the network thread only queues messages; one worker thread validates each,
 stores it in one transaction and only then acknowledges it (and publishes the result). If
 the store fails the message is retried and stays unacknowledged, so a crash before the
@@ -98,7 +98,7 @@ class AdmsMqtt(QueuedSubscriber):
             except InputError as exc:  # unknown target, conflict, expired: the ADMS must fix it
                 self._reject(msg, sender, message_id, exc)
                 return
-            except Exception:  # noqa: BLE001 - the store failed: keep the message, retry
+            except Exception:
                 if self._stop.is_set():
                     log.error("adms_mqtt_store_failed message_id=%s; left unacknowledged",
                               message_id)

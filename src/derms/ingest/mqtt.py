@@ -9,12 +9,20 @@ readings' source. A rejected payload is reported on ``derms/v1/errors/<source>``
 ``{"mid": …, "detail": …, "errors": [{"row", "field", "detail"}]}``) and acknowledged, so
 it is not redelivered forever.
 
-Delivery: the client uses a persistent session (``clean_session=False``, fixed client id)
-and ``manual_ack``: the network thread only queues messages; a parser thread validates them
+Delivery: the client uses a persistent MQTT 5 session (``clean_start=False``, fixed client
+id, a large Receive Maximum: :mod:`derms.ingest.mqtt_session`) and ``manual_ack``: the
+network thread only queues messages; a parser thread validates them
 in batches while a writer thread writes the previous batch through the sink in one
 transaction and only then acknowledges every message of it. A crash before the commit leaves the messages
 unacknowledged, and the broker redelivers them; the sink must be idempotent (the store
 drops duplicates on its natural key), so redelivery never duplicates a reading.
+
+A message is rejected (reported on the errors topic, then acknowledged) for anything
+wrong with it -- its payload, or a ``<source>`` that is not 1-32 characters of
+``[A-Za-z0-9_.:-]`` -- and never stops the pipeline: a payload that broke the parser
+used to kill the parser thread, and, never acknowledged, was redelivered after every
+restart to kill it again. A sink that fails for any other reason (the database is down)
+keeps the batch and retries it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,12 +41,14 @@ import numpy as np
 from derms.errors import InputError
 from derms.ingest.mqtt_session import QueuedSubscriber
 from derms.ingest.parse import BatchError, KnownSeries, ReadingBatch, parse_json
+from derms.store.timeseries import SOURCE_PATTERN
 
 log = logging.getLogger(__name__)
 
 TOPIC_ROOT = "derms/v1"
 TOPIC_PREFIX = TOPIC_ROOT + "/telemetry/"
 ERROR_PREFIX = TOPIC_ROOT + "/errors/"
+_SOURCE = re.compile(SOURCE_PATTERN)
 
 Sink = Callable[[ReadingBatch], int]
 """Writes a batch durably (commits) and returns how many readings were new."""
@@ -110,9 +121,25 @@ class MqttIngest(QueuedSubscriber):
                 try:
                     self._write(msgs, by_source)
                     break
-                except Exception:  # noqa: BLE001 - the sink failed: keep the batch, retry
+                except InputError:  # the store refused what the parser let through: find
+                    # the source group it was, reject its messages, write the others
+                    by_source = self._refused(by_source)
+                except Exception:
                     log.exception("mqtt_sink_failed messages=%d; retrying", len(msgs))
                     time.sleep(1.0)
+
+    def _refused(self, by_source: dict[str, list]) -> dict[str, list]:
+        """Write each source group alone; reject (report, acknowledge later with the
+        batch) the messages of a group the sink refuses with InputError. Returns the
+        groups still to write (none: every group was written or refused here)."""
+        for source, items in by_source.items():
+            try:
+                self.stats.inserted += self.sink(concat([b for _m, b in items]))
+                self.stats.readings += sum(len(b) for _m, b in items)
+            except InputError as exc:
+                for msg, _b in items:
+                    self._reject(msg, source, exc)
+        return {}
 
     def _take_batch(self) -> list:
         msgs, n = [], 0
@@ -132,20 +159,27 @@ class MqttIngest(QueuedSubscriber):
     def _parse(self, msgs: list) -> tuple[list, dict[str, list[ReadingBatch]]]:
         """Valid batches grouped by source; invalid messages reported (and acknowledged
         with the rest, after the write)."""
-        by_source: dict[str, list[ReadingBatch]] = {}
+        by_source: dict[str, list[tuple]] = {}
         for msg in msgs:
             source = msg.topic[len(self.telemetry_prefix):] or "mqtt"
             try:
+                if not _SOURCE.match(source):
+                    raise InputError(f"topic source {source!r}: expected 1-32 characters "
+                                     "[A-Za-z0-9_.:-]")
                 batch = parse_json(msg.payload, source=source, known_series=self.known_series)
             except InputError as exc:
                 self._reject(msg, source, exc)
                 continue
-            by_source.setdefault(source, []).append(batch)
+            except Exception as exc:
+                log.exception("mqtt_parse_failed topic=%s", msg.topic)
+                self._reject(msg, source, InputError(f"payload not accepted: {exc!r}"[:500]))
+                continue
+            by_source.setdefault(source, []).append((msg, batch))
         return msgs, by_source
 
-    def _write(self, msgs: list, by_source: dict[str, list[ReadingBatch]]) -> None:
-        for batches in by_source.values():
-            batch = concat(batches)
+    def _write(self, msgs: list, by_source: dict[str, list[tuple]]) -> None:
+        for items in by_source.values():
+            batch = concat([b for _m, b in items])
             self.stats.inserted += self.sink(batch)  # commits; raises -> no ack, redelivery
             self.stats.readings += len(batch)
         self.stats.batches += 1
@@ -160,7 +194,10 @@ class MqttIngest(QueuedSubscriber):
                   for e in getattr(exc, "errors", [])][:100]
         report = {"mid": msg.mid, "topic": msg.topic, "detail": str(exc), "errors": errors}
         log.warning("mqtt_rejected topic=%s detail=%s", msg.topic, exc)
-        self.client.publish(self.error_prefix + source, json.dumps(report), qos=1)
+        # the errors topic carries a valid source only (a topic level may hold anything)
+        where = source if _SOURCE.match(source) else "invalid-source"
+        self.client.publish(self.error_prefix + where,
+                            json.dumps(report, ensure_ascii=True, default=str), qos=1)
 
 
 __all__ = ["ERROR_PREFIX", "TOPIC_PREFIX", "TOPIC_ROOT", "BatchError", "IngestStats",

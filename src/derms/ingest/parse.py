@@ -5,6 +5,7 @@ Accepted shapes
 * JSON rows: ``[{"series": "inv-17", "quantity": "p", "unit": "kW",
   "t": "2026-11-25T10:00:00Z", "value": 3.2}, ...]`` (``series`` may be called ``device``
   or ``meter``; ``quality`` optional, default 0), or ``{"readings": [...]}``.
+* JSON object: one reading (the fields of a row).
 * JSON columns: ``{"series": [...], "quantity": [...], "unit": [...], "t": [...],
   "value": [...]}`` — same fields, one list each (fastest).
 * CSV: a header with ``series`` (or ``device``/``meter``), ``quantity``, ``unit``, ``t``
@@ -13,14 +14,18 @@ Accepted shapes
 Rule for a bad batch: **all or nothing**. If any row is invalid, nothing of the batch is
 accepted and every invalid row is reported (row number from 0 in the batch, field, reason);
 the client fixes and resends (resending is safe: storage is idempotent). Timestamps must
-carry a zone (``Z`` or ``±hh:mm``); values must be finite; quantity/unit pairs must be known
+carry a zone (``Z`` or ``±hh:mm``); values must be finite numbers (not booleans);
+field names must not repeat (``series`` and its alias ``device`` together are refused);
+quantity/unit pairs must be known
 (:mod:`derms.ingest.units`); unknown series ids are rejected when a set of known ids is given.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -37,6 +42,7 @@ _ZONE = r"(?:Z|z|[+-]\d{2}:?\d{2})$"
 _ALIASES = {"device": "series", "meter": "series", "series_id": "series", "timestamp": "t",
             "time": "t"}
 _REQUIRED = ("series", "quantity", "t", "value")
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +95,24 @@ class _Checker:
 
 def parse_json(body: bytes | str, *, source: str = "api",
                known_series: KnownSeries = None) -> ReadingBatch:
-    """Parse a JSON batch (rows or columns); raises :class:`BatchError` / InputError."""
+    """Parse a JSON batch (rows, columns or one reading object); raises
+    :class:`BatchError` / InputError."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError("body is not acceptable JSON: nested too deeply") from None
+    if _SURROGATE.search(body if isinstance(body, bytes) else body.encode("utf-8", "replace")):
+        try:  # an escaped UTF-16 surrogate that is not half of a pair is no character
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError("body is not acceptable JSON: a string holds a lone surrogate "
+                             f"escape (\\u{ord(exc.object[exc.start]):04x})") from None
     if isinstance(doc, dict) and "readings" in doc:
         doc = doc["readings"]
+    if isinstance(doc, dict) and doc and not any(isinstance(v, list) for v in doc.values()):
+        doc = [doc]  # one reading object
     if isinstance(doc, dict):
         lengths = {len(v) if isinstance(v, list) else -1 for v in doc.values()}
         if -1 in lengths or len(lengths) != 1:
@@ -124,14 +141,57 @@ def parse_csv(text: str | bytes, *, source: str = "api",
                             skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise InputError(f"body is not readable CSV: {exc}") from None
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas made the first column the index
+        raise InputError("CSV rows have more fields than the header (first data row: "
+                         f"{len(frame.columns) + 1} or more against {len(frame.columns)})")
+    header = [h.strip().lower() for h in next(csv.reader(io.StringIO(text.lstrip("\ufeff"))),
+                                               [])]
+    if len(set(header)) != len(header):
+        raise InputError(f"CSV header repeats a name: {header}")
     return validate(frame, source=source, known_series=known_series)
+
+
+def _numbers(col: pd.Series) -> np.ndarray:
+    """Finite-or-NaN floats of a raw column: booleans, strings that are not numbers and
+    integers beyond the float range become NaN (flagged by the caller)."""
+    if col.dtype == bool:
+        return np.full(len(col), np.nan)
+    if col.dtype == object:
+        col = col.map(lambda v: np.nan if isinstance(v, bool) else v)
+    try:
+        return pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
+    except (OverflowError, TypeError, ValueError):
+        def one(v):
+            try:
+                return float(v)
+            except (OverflowError, TypeError, ValueError):
+                return np.nan
+        return np.array([one(v) for v in col], dtype=float)
+
+
+def _text(col: pd.Series) -> np.ndarray:
+    """A raw column as stripped strings ('' for missing) (object array)."""
+    out = col.astype(object).where(col.notna(), "")
+    return out.astype(str).str.strip().to_numpy(dtype=object)
+
+
+def _shown(v) -> str:
+    """A raw value for a message (numbers beyond the float range shortened)."""
+    text = repr(v.item() if isinstance(v, np.generic) else v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def validate(frame: pd.DataFrame, *, source: str = "api",
              known_series: KnownSeries = None) -> ReadingBatch:
     """Validate a frame of raw readings into a :class:`ReadingBatch` (all or nothing)."""
-    frame = frame.rename(columns={c: _ALIASES.get(str(c).strip().lower(), str(c).strip().lower())
-                                  for c in frame.columns})
+    raw_names = [str(c) for c in frame.columns]
+    names_ = [_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in raw_names]
+    dup = sorted({n for n in names_ if names_.count(n) > 1})
+    if dup:
+        which = {d: [r for r, n in zip(raw_names, names_) if n == d] for d in dup}
+        raise InputError("fields name the same thing: " + "; ".join(
+            f"{', '.join(map(repr, v))} all mean {d!r}" for d, v in which.items()))
+    frame = frame.set_axis(names_, axis=1)
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
         raise InputError(f"missing field(s): {', '.join(missing)}")
@@ -139,8 +199,8 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
     if n > MAX_ROWS:
         raise InputError(f"batch has {n} rows; at most {MAX_ROWS} per request")
     chk = _Checker()
-    series = frame["series"].astype(str).str.strip().to_numpy(dtype=object)
-    blank = (frame["series"].isna() | (frame["series"].astype(str).str.strip() == "")).to_numpy()
+    series = _text(frame["series"])
+    blank = series == ""
     chk.flag(blank, "series", lambda r: "missing series id")
     if callable(known_series):
         known = np.asarray(known_series(series), dtype=bool)
@@ -150,26 +210,28 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
         chk.flag(~known & ~blank, "series", lambda r: f"unknown series id {series[r]!r}")
 
     unit = frame["unit"] if "unit" in frame.columns else pd.Series([""] * n, index=frame.index)
-    q_raw = frame["quantity"].astype(str).to_numpy(dtype=object)
-    u_raw = unit.fillna("").astype(str).to_numpy(dtype=object)
+    q_raw, u_raw = _text(frame["quantity"]), _text(unit)
+    no_q = q_raw == ""
+    chk.flag(no_q, "quantity", lambda r: "missing quantity")
     codes, uniq = pd.factorize(pd.Series(q_raw, dtype=object) + "\x1f" +
                                pd.Series(u_raw, dtype=object))  # one lookup per distinct pair
-    names, factors = np.empty(len(uniq), dtype=object), np.full(len(uniq), np.nan)
+    names, factors = np.empty(len(uniq) + 1, dtype=object), np.full(len(uniq) + 1, np.nan)
+    names[-1] = ""  # code -1 (pandas' missing) points here: never another row's pair
     for i, key in enumerate(uniq):
         try:
             names[i], factors[i] = canonical(*str(key).split("\x1f", 1))
         except InputError:
             names[i] = ""
     quantity, factor = names[codes], factors[codes]
-    bad_q = np.isnan(factor)
+    bad_q = np.isnan(factor) & ~no_q
     chk.flag(bad_q, "unit", lambda r: f"unknown quantity/unit {q_raw[r]!r}/{u_raw[r]!r}")
 
-    raw_v = pd.to_numeric(frame["value"], errors="coerce").to_numpy(dtype=float)
+    raw_v = _numbers(frame["value"])
     bad_v = ~np.isfinite(raw_v)
-    chk.flag(bad_v, "value", lambda r: f"{frame['value'].iloc[r]!r} is not a finite number")
+    chk.flag(bad_v, "value", lambda r: f"{_shown(frame['value'].iloc[r])} is not a finite number")
     value = raw_v * factor
 
-    t_str = frame["t"].astype(str).str.strip()
+    t_str = pd.Series(_text(frame["t"]), index=frame.index, dtype=object)
     no_zone = ~t_str.str.contains(_ZONE, regex=True).to_numpy()
     chk.flag(no_zone, "t", lambda r: f"timestamp {t_str.iloc[r]!r} has no zone (use Z or ±hh:mm)")
     t = pd.to_datetime(t_str.where(~no_zone, None), utc=True, errors="coerce", format="ISO8601")
@@ -180,7 +242,7 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
     if "quality" in frame.columns:
         raw_q = frame["quality"]
         absent = (raw_q.isna() | (raw_q.astype(str).str.strip() == "")).to_numpy()
-        qual = pd.to_numeric(raw_q.where(~absent, 0), errors="coerce").to_numpy(dtype=float)
+        qual = _numbers(raw_q.where(~absent, 0))
         bad_qual = ~np.isfinite(qual) | (qual < 0) | (qual > 32767) | (qual != np.round(qual))
         chk.flag(bad_qual, "quality", lambda r: "quality must be an integer 0..32767")
         quality = np.nan_to_num(qual).astype(np.int16)

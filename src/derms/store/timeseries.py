@@ -37,7 +37,8 @@ from derms.store.types import epoch_us_to_index, from_epoch_us, times_to_epoch_u
 UNITS = ("kw", "kvar", "kva", "kwh", "kvarh", "pu", "v", "a", "hz", "frac", "pct", "degc", "s")
 _QUANTITY = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*_(" + "|".join(UNITS) + r")$")
 UNITLESS = ("pf",)  # power factor
-_SOURCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,31}$")
+SOURCE_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9_.:\-]{0,31}\Z"  # a reading's source (1-32 chars)
+_SOURCE = re.compile(SOURCE_PATTERN)
 _PG_EPOCH_OFFSET_US = 946_684_800_000_000  # 2000-01-01 (PostgreSQL's epoch) − 1970-01-01
 _PG_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _PG_ROW = np.dtype([

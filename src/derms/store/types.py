@@ -29,7 +29,10 @@ def ensure_utc(value: datetime, name: str = "time") -> datetime:
         raise InputError(f"{name}: expected a timezone-aware datetime, got {value!r}")
     if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
         raise InputError(f"{name}: naive datetime {value.isoformat()}; give a timezone-aware time (UTC)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it
+        raise InputError(f"{name}: {value.isoformat()} is out of range in UTC") from None
 
 
 def utcnow() -> datetime:

@@ -1,0 +1,21 @@
+"""Field types of the API's request bodies, bounded as the database columns are.
+
+A string the database cannot hold (longer than its column, a NUL character that
+PostgreSQL's text refuses) or a non-finite number used to pass validation: SQLite stored it
+and PostgreSQL answered 500. Ids also have no leading or trailing blanks (ingest strips
+series ids, so a device registered as ``" x"`` could never receive a reading).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import StringConstraints
+
+_NO_NUL = r"^[^\x00]*$"
+_ID = r"^[^\x00\s](?:[^\x00]*[^\x00\s])?$"
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=_ID)]
+Text64 = Annotated[str, StringConstraints(max_length=64, pattern=_NO_NUL)]
+Text200 = Annotated[str, StringConstraints(max_length=200, pattern=_NO_NUL)]
+Text500 = Annotated[str, StringConstraints(max_length=500, pattern=_NO_NUL)]
