@@ -48,3 +48,59 @@ def test_bad_history_exits_2(tmp_path):
                               str(tmp_path / "bad.csv"), "--pv-history", str(tmp_path / "bad.csv"),
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no time zone" in " ".join(res.output.split())
+
+
+def _run(tmp_path, load, pv, *extra, out="o"):
+    return runner.invoke(app, ["constraints", "forecast", "ieee13", "--load-history", str(load),
+                               "--pv-history", str(pv), "--pv-penetration", "0.8",
+                               "--horizon", "6h", "--pv-capacity", "1",
+                               "--out", str(tmp_path / out), *extra])
+
+
+def test_copula_method_runs_and_pv_placement_and_default_ratings_are_written(tmp_path):
+    """--method copula crashed (the seed was passed twice); the PV systems the scenarios
+    drive are written; thermal rows say when their rating is OpenDSS's default."""
+    load, pv = _histories(tmp_path)
+    res = _run(tmp_path, load, pv, "--method", "copula", "--samples", "20")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "o"
+    placed = pd.read_csv(out / "pv_systems.csv")
+    assert len(placed) and placed["pv"].str.startswith("pvsystem.").all()
+    import json
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert settings["method"] == "copula" and settings["pv_penetration"] == 0.8
+    for name in ("violations_forecast.csv", "pre_existing.csv"):
+        frame = pd.read_csv(out / name)
+        if len(frame):
+            assert "rating_is_default" in frame.columns
+            assert not frame.loc[frame["kind"] != "thermal", "rating_is_default"].any()
+
+
+def test_history_warnings_and_stale_origins_reach_the_user(tmp_path):
+    """The forecasters' warnings (a gap here) were silenced; an origin years after the
+    histories' end ran without a word."""
+    load, pv = _histories(tmp_path)
+    frame = pd.read_csv(load)
+    frame.drop(index=range(300, 420)).to_csv(tmp_path / "gappy.csv", index=False)
+    res = _run(tmp_path, tmp_path / "gappy.csv", pv)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "note: load history" in text and "missing" in text, text
+    res = _run(tmp_path, load, pv, "--origin", "2030-01-01T00:00:00Z", out="o2")
+    assert res.exit_code == 0, res.output
+    assert "days before the origin" in " ".join(res.output.split())
+
+
+def test_bad_options_exit_2_before_the_long_work(tmp_path):
+    load, pv = _histories(tmp_path)
+    for extra, fragment in ((("--tz", "Mars/Base"), "Mars/Base"),
+                            (("--threshold", "0"), "threshold"),
+                            (("--origin", "2024-01-01T00:00:00Z"), "not after the start")):
+        res = _run(tmp_path, load, pv, *extra)
+        assert res.exit_code == 2, (extra, res.output)
+        assert fragment in " ".join(res.output.split()), res.output
+    zero = tmp_path / "zero.csv"
+    pd.read_csv(pv).assign(value=0.0).to_csv(zero, index=False)
+    res = runner.invoke(app, ["constraints", "forecast", "ieee13", "--load-history", str(load),
+                              "--pv-history", str(zero), "--out", str(tmp_path / "o3")])
+    assert res.exit_code == 2 and "zero.csv" in " ".join(res.output.split()), res.output

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -91,6 +91,8 @@ class ConstraintForecast:
     # ``violations`` with pre_existing True: what the load alone is forecast to break
     pre_existing: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=VIOLATION_FORECAST_COLUMNS))
+    # the PV systems the scenarios drive (when the caller placed them): one row each
+    pv_systems: pd.DataFrame | None = None
 
     def predicted_hours(self, kind: str = "overvoltage") -> pd.DatetimeIndex:
         """Hours (UTC starts) whose probability of ``kind`` is >= ``threshold``."""
@@ -484,21 +486,33 @@ def forecast_constraints_from_history(
     import warnings
 
     from derms.forecast import forecast_quantiles
+    from derms.forecast.api import ForecastWarning
 
     origin = pd.Timestamp(origin)
     if origin.tzinfo is None:
         raise InputError(f"origin {origin} must be timezone-aware")
     origin = origin.tz_convert("UTC")
     load, pv = normalise_histories(load_history, pv_history, pv_capacity)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lq = forecast_quantiles(load[load.index < origin], kind="load", origin=origin,
-                                horizon=horizon, tz=tz)
-        pq = forecast_quantiles(pv[pv.index < origin], kind="pv", origin=origin,
-                                horizon=horizon, latitude=latitude, longitude=longitude,
-                                capacity=1.0, tz=tz)
+    heard: list[str] = []
+    for name, hist in (("load", load), ("pv", pv)):
+        with warnings.catch_warnings(record=True) as got:  # the forecasters' warnings
+            # (gaps, duplicates, short history) are the user's to see: kept as notes
+            warnings.simplefilter("always")
+            if name == "load":
+                lq = forecast_quantiles(hist[hist.index < origin], kind="load",
+                                        origin=origin, horizon=horizon, tz=tz)
+            else:
+                pq = forecast_quantiles(hist[hist.index < origin], kind="pv", origin=origin,
+                                        horizon=horizon, latitude=latitude,
+                                        longitude=longitude, capacity=1.0, tz=tz)
+        for w in got:
+            if issubclass(w.category, ForecastWarning):
+                text = f"{name} history: {w.message}"
+                if text not in heard:
+                    heard.append(text)
     if not lq.index.equals(pq.index):
         raise InputError(f"load and pv histories have different steps or ranges: forecasts "
                          f"of {len(lq)} and {len(pq)} intervals; resample them to one step")
-    return forecast_constraints(engine, lq.clip(lower=0.0), pq.clip(lower=0.0), pv_elements,
-                                **kw)
+    fc = forecast_constraints(engine, lq.clip(lower=0.0), pq.clip(lower=0.0), pv_elements,
+                              **kw)
+    return replace(fc, notes=(*heard, *fc.notes)) if heard else fc

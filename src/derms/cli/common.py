@@ -75,7 +75,8 @@ def refuse_non_empty(out: Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def output_folder(out: Path, force: bool = False, *, feeder: Path | None = None,
-                  seed: int | None = None, inputs: tuple[Path, ...] = ()):
+                  seed: int | None = None, inputs: tuple[Path, ...] = (),
+                  extra: dict | None = None):
     """Write a command's outputs atomically: yield a temporary sibling folder, then rename.
 
     An existing non-empty ``out`` is refused without ``force`` (InputError → exit 2); an
@@ -96,7 +97,7 @@ def output_folder(out: Path, force: bool = False, *, feeder: Path | None = None,
     try:
         yield tmp
         if not (tmp / "manifest.json").exists():
-            write_manifest(tmp, feeder=feeder, seed=seed, inputs=inputs)
+            write_manifest(tmp, feeder=feeder, seed=seed, inputs=inputs, settings=extra)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -125,10 +126,11 @@ def stage_progress():
 
 
 def write_manifest(folder: Path, *, feeder: Path | None = None, seed: int | None = None,
-                   inputs: tuple[Path, ...] = ()) -> Path:
+                   inputs: tuple[Path, ...] = (), settings: dict | None = None) -> Path:
     """``manifest.json``: derms version, command line, creation time (UTC), the feeder's
     master file and a SHA-256 over every file of its folder, the seed, the SHA-256 of each
-    input file, and the files written (docs/data-formats.md)."""
+    input file, the files written (docs/data-formats.md) and, where the command gives
+    them, its ``settings`` (resolved options)."""
     import hashlib
     import json
     import shlex
@@ -153,6 +155,8 @@ def write_manifest(folder: Path, *, feeder: Path | None = None, seed: int | None
         "files": sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")
                         if p.is_file()),
     }
+    if settings:
+        doc["settings"] = settings
     if feeder is not None:
         master = Path(feeder).resolve()
         h = hashlib.sha256()

@@ -85,20 +85,32 @@ def forecast(
     if len(load) < 2 or len(pv_s) < 2:
         raise InputError("histories need at least 2 values each")
     t0 = _parse_origin(origin, load, pv_s)
+    for name, file, hist in (("load", load_history, load), ("pv", pv_history, pv_s)):
+        if t0 <= hist.index[0]:
+            raise InputError(f"--origin {t0.isoformat()} is not after the start of "
+                             f"--{name}-history {file} ({hist.index[0].isoformat()}): a "
+                             "forecast needs history before its origin")
+    if pv_capacity is None and not (pv_s > 0).any():
+        raise InputError(f"--pv-history {pv_history}: no value above 0, so there is no PV "
+                         "capacity to scale by; give --pv-capacity")
     h = pd.Timedelta(parse_duration(horizon, "--horizon"))
     if not pd.Timedelta("1h") <= h <= pd.Timedelta("7D"):
         raise InputError(f"--horizon {horizon!r}: expected between 1h and 168h")
     path = resolve_master(master)
-    kw = {"n_samples": samples, "seed": seed} if method == "copula" else {}
+    kw = {"n_samples": samples} if method == "copula" else {}
     fc, feeder_name, n_pv = run_constraint_forecast(
         path, load, pv_s, pv_penetration=pv_penetration, seed=seed, origin=t0, horizon=h,
         pv_capacity=pv_capacity, latitude=latitude, longitude=longitude, tz=tz,
         method=method, threshold=threshold, **kw)
     with output_folder(out, force, feeder=path, seed=seed,
-                       inputs=(load_history, pv_history)) as tmp:
+                       inputs=(load_history, pv_history),
+                       extra={"pv_penetration": pv_penetration, "pv_capacity": pv_capacity,
+                              "method": method, "threshold": threshold,
+                              "origin": t0.isoformat(), "horizon": horizon}) as tmp:
         fc.violations.to_csv(tmp / "violations_forecast.csv", index=False)
         fc.pre_existing.to_csv(tmp / "pre_existing.csv", index=False)
         fc.hourly.to_csv(tmp / "hourly.csv", index=False)
+        fc.pv_systems.to_csv(tmp / "pv_systems.csv", index=False)
         write_constraint_forecast_report(fc, tmp / "report.html", feeder=feeder_name)
     report = out / "report.html"
     hot = fc.hourly[fc.hourly["probability"] >= threshold]
@@ -112,4 +124,6 @@ def forecast(
         out_console.print("the forecast load by itself (PV at zero) breaks: " + ", ".join(
             f"{k}: {n} element(s)" for k, n in pre.items()) + " (pre_existing.csv)",
             highlight=False)
+    for note in fc.notes:
+        out_console.print(f"note: {note}", highlight=False)
     out_console.print(f"report: {report.resolve()}", highlight=False)
