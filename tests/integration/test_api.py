@@ -159,6 +159,60 @@ def test_derms_serve_subprocess(tmp_path):
         proc.wait(timeout=10)
 
 
+def _children(pid: int) -> set[int]:
+    """Descendant process ids of ``pid`` (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_sigterm_stops_serve_and_its_monitor_child(tmp_path):
+    """uvicorn re-raises the SIGTERM it handled; with the default handler the process died
+    before its cleanup and the monitoring child (its own OpenDSS engines, ≈ 300 MB and
+    database sessions) was orphaned."""
+    env = {**os.environ, "DERMS_DATA_DIR": str(tmp_path)}
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "derms.cli.main", "serve", "--port",
+                             str(port), "--no-mqtt", "--monitor-period-s", "3600"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        kids: set[int] = set()
+        while time.monotonic() < deadline and not kids:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    kids = _children(proc.pid)
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert kids, "no monitoring child process"
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{k}") for k in kids):
+            time.sleep(0.2)
+        left = [k for k in kids if os.path.exists(f"/proc/{k}")]
+        assert not left, f"orphaned: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for k in _children(proc.pid):
+            os.kill(k, 9)
+
+
 _JSON = {"Content-Type": "application/json"}
 
 

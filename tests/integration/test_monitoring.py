@@ -373,6 +373,46 @@ def test_monitor_process_runs_and_reacts_to_topology(feeder, db_url):
     assert not proc.alive
 
 
+def test_a_feeder_registered_while_serving_is_monitored(feeder, db_url):
+    """There was no way to register a feeder's model but writing to the database, and the
+    monitoring child built its monitors once, at start: a feeder added later was never
+    monitored until a restart. POST /v1/feeders/{id}/models registers a version and the
+    running cycle picks it up."""
+    from derms.monitoring.process import MonitorProcess
+
+    fid, db = feeder
+    proc = MonitorProcess(db.url.render_as_string(hide_password=False), period_s=3600)
+    app = create_app(get_settings(database_url=db_url))
+    client = TestClient(app, raise_server_exceptions=False)
+    text, rec = new_token("admin")
+    with make_session_factory(db).begin() as s:
+        s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope="admin"))
+    hdr = {"Authorization": f"Bearer {text}"}
+    fid2 = f"f13b-{uuid.uuid4().hex[:6]}"
+    try:
+        proc.start()
+        app.state.monitor = proc
+        assert proc.wait_for_runs(fid, 1, timeout=180), proc.last_error(fid)
+        assert client.post("/v1/feeders", headers=hdr, json={"feeder_id": fid2}).status_code == 201
+        r = client.post(f"/v1/feeders/{fid2}/models", headers=hdr, json={"source_uri": "ieee13"})
+        assert r.status_code == 201, r.text
+        assert r.json()["version"] == 1 and len(r.json()["sha256"]) == 64
+        assert proc.wait_for_runs(fid2, 1, timeout=180), proc.last_error(fid2)
+        assert proc.latest(fid2) is not None
+        r = client.post(f"/v1/feeders/{fid2}/models", headers=hdr,
+                        json={"source_uri": str(MASTER)})
+        assert r.status_code == 201 and r.json()["version"] == 2
+        items = client.get(f"/v1/feeders/{fid2}/models", headers=hdr).json()["items"]
+        assert [v["version"] for v in items] == [1, 2]
+        assert client.post("/v1/feeders/nosuch/models", headers=hdr,
+                           json={"source_uri": "ieee13"}).status_code == 404
+        r = client.post(f"/v1/feeders/{fid2}/models", headers=hdr,
+                        json={"source_uri": "/no/such/Master.dss"})
+        assert r.status_code == 422 and "not found" in r.json()["detail"]
+    finally:
+        proc.close()
+
+
 def test_ami_power_measures_the_single_load_at_the_meter_bus(feeder):
     """AMI p_kw/q_kvar at bus 611 (one load) and 652 (one load) pull those loads to the
     metered values; at 675 (three loads) the reading is ambiguous and not used. Truth: 611
@@ -415,3 +455,111 @@ def test_ami_power_measures_the_single_load_at_the_meter_bus(feeder):
     err0 = {n: abs(v - v_true[n]) for n, v in zip(st0.node_names, st0.v_pu)}
     assert err["611.3"] < 0.25 * err0["611.3"] and err["611.3"] < 0.002
     assert err["652.1"] < 0.25 * err0["652.1"]
+
+
+def test_estimates_keep_working_after_a_switch_opens_and_closes(feeder):
+    """A switch that de-energises part of the feeder: the loads there have no voltage, and
+    their current injections (dS / V) were 0/0 = NaN in the Jacobian; the NaN loads were
+    written into the engine and every later estimate failed, even after the switch closed
+    (found on IEEE 34 and 13 through `derms serve`). Each run now estimates, the dead loads
+    have no effect, and the voltages match a truth with the same switch state."""
+    fid, db = feeder
+    rng = np.random.default_rng(3)
+    truth = Truth()
+    monitor = FeederMonitor(fid, MASTER, db, MonitorConfig(v_sigma_pu=0.003,
+                                                           head_sigma_frac=0.005))
+    try:
+        scale = rng.uniform(0.8, 1.2, len(truth.base))
+        for k, state_ in enumerate(("open", "open", "open", "closed", "closed")):
+            now = T0 + timedelta(minutes=k)
+            verb = "open" if state_ == "open" else "close"
+            truth.engine.command(f"{verb} line.671692 term=1")
+            truth.solve(scale)
+            with make_session_factory(db).begin() as s:
+                s.add(TopologyEvent(feeder_id=fid, switch="671692", state=SwitchState(state_),
+                                    t=now - timedelta(seconds=5)))
+            live = {m: b for m, b in METERS.items()
+                    if not (state_ == "open" and m == "m675")}
+            write_readings(db, _prefixed(telemetry(fid, truth, now - timedelta(seconds=2), rng,
+                                                   meters=live), fid))
+            st = monitor.run_once(now)
+            assert st.estimation["method"] == "wls" and st.estimation["converged"], (k, st.notes)
+            assert np.isfinite(st.v_pu).all()
+            v_true = truth.v()
+            err = max(abs(v - v_true[n]) for n, v in zip(st.node_names, st.v_pu)
+                      if v_true[n] > 0.1)
+            assert err < V_TOL_PU, (k, state_, err)
+            dead = dict(zip(st.node_names, st.v_pu))["692.1"]
+            assert (dead < 0.1) == (state_ == "open")
+    finally:
+        monitor.close()
+        truth.close()
+
+
+def test_a_failed_estimate_is_said_and_a_failed_run_is_not_served_as_fresh(feeder, db_url,
+                                                                          monkeypatch):
+    """When the estimator fails, the run still computes availability and alarms (from the
+    pseudo-measurements, which the alarm messages say) and raises ``estimation_failed``;
+    the next good run clears it. When a whole run fails, the API marks the last good state
+    ``stale`` with the error (it used to serve it as if current). Open alarms carry the
+    present value, not the one they were raised with; the state lists every conductor's
+    loading."""
+    import derms.monitoring.feeder_monitor as fm
+    from derms.errors import ConvergenceError
+
+    fid, db = feeder
+    rng = np.random.default_rng(5)
+    truth = Truth()
+    monitor = FeederMonitor(fid, MASTER, db, MonitorConfig(v_sigma_pu=0.003,
+                                                           head_sigma_frac=0.005))
+    real = fm.estimate_state
+
+    def broken(*a, **k):
+        raise ConvergenceError("power flow did not converge after 100 iterations")
+    try:
+        truth.solve(np.full(len(truth.base), 1.6))         # heavy: undervoltage alarms
+        write_readings(db, _prefixed(telemetry(fid, truth, T0 - timedelta(seconds=5), rng), fid))
+        monkeypatch.setattr(fm, "estimate_state", broken)
+        st = monitor.run_once(T0)
+        assert st.estimation["method"] == "pseudo_power_flow"
+        assert not st.estimation["converged"] and "converge" in st.estimation["estimation_error"]
+        alarms = _open_alarms(db, fid)
+        assert ("estimation_failed", None, None) in alarms
+        model_only = [a for k, a in alarms.items() if k[0].startswith(("under", "over", "therm"))]
+        assert all("model only" in a.message for a in model_only)
+        monkeypatch.setattr(fm, "estimate_state", real)
+        t1 = T0 + timedelta(minutes=1)
+        write_readings(db, _prefixed(telemetry(fid, truth, t1 - timedelta(seconds=5), rng), fid))
+        st1 = monitor.run_once(t1)
+        assert st1.estimation["method"] == "wls"
+        alarms = _open_alarms(db, fid)
+        assert ("estimation_failed", None, None) not in alarms
+        under = [a for k, a in alarms.items() if k[0].startswith("undervoltage:")]
+        assert under and not any("model only" in a.message for a in under)
+        # -- a whole run fails: the API says the state it serves is stale -----------------
+        app = create_app(get_settings(database_url=db_url))
+        client = TestClient(app, raise_server_exceptions=False)
+        text, rec = new_token("read")
+        with make_session_factory(db).begin() as s:
+            s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope="read"))
+        hdr = {"Authorization": f"Bearer {text}"}
+        clock = {"t": t1}
+        loop = MonitorLoop({fid: monitor}, clock=lambda: clock["t"])
+        app.state.monitor = loop
+        loop.run_feeder(fid)
+        body = client.get(f"/v1/feeders/{fid}/state", headers=hdr).json()
+        assert body["stale"] is False and "last_error" not in body
+        names, pct = body["branches"]["branch"], body["branches"]["loading_pct"]
+        assert len(names) == len(pct) == len(st1.branch_names)
+        assert max(p for p in pct if p is not None) == pytest.approx(
+            body["branch_loading"]["max_pct"])
+        monkeypatch.setattr(monitor, "run_once", lambda now: (_ for _ in ()).throw(
+            ConvergenceError("engine gone")))
+        clock["t"] = t1 + timedelta(minutes=1)
+        loop.run_feeder(fid)
+        body = client.get(f"/v1/feeders/{fid}/state", headers=hdr).json()
+        assert body["stale"] is True and body["t"] == t1.isoformat()
+        assert "engine gone" in body["last_error"]["error"]
+    finally:
+        monitor.close()
+        truth.close()

@@ -103,7 +103,8 @@ def _load_injections(br, v_y, lnames, x: np.ndarray, n: int) -> sp.csc_matrix:
     A branch from node i to node j drawing ``dS`` injects ``-conj(dS / Vd)`` at i and
     ``+conj(dS / Vd)`` at j (``Vd = V_i - V_j``). Every OpenDSS load law is proportional to
     the kW (and kvar) property, so ``dS/dkW`` of a branch is its solved P / kW (its law at
-    the present voltage, ``LoadMult`` included); 1000 W / phases where kW is 0.
+    the present voltage, ``LoadMult`` included); 1000 W / phases where kW is 0. A load on a
+    de-energised node (``Vd = 0``) injects nothing.
     """
     k = lnames.size
     col = {f"load.{s}": c for c, s in enumerate(lnames)}
@@ -120,9 +121,12 @@ def _load_injections(br, v_y, lnames, x: np.ndarray, n: int) -> sp.csc_matrix:
         dsp = np.where(np.abs(kw) > 1e-9, s_b.real / kw, 1000.0 / nb)
         dsq = 1j * np.where(np.abs(kvar) > 1e-9, s_b.imag / kvar, 1000.0 / nb)
     ni, nj = br.node_i[keep], br.node_j[keep]
+    live = np.abs(vd) > 0  # a load on a de-energised part draws nothing: no column entry
+    # (dS / 0 was NaN, and the NaN loads written into the engine broke every later solve)
+    vd_safe = np.where(live, vd, 1.0)
     rows, cols, vals = [], [], []
     for ds, off in ((dsp, 0), (dsq, k)):
-        inj = -np.conj(ds / vd)
+        inj = np.where(live, -np.conj(ds / vd_safe), 0.0)
         for node, sign in ((ni, 1.0), (nj, -1.0)):
             ok = node >= 0
             rows += [2 * node[ok], 2 * node[ok] + 1]

@@ -360,6 +360,10 @@ def estimate_state(
                 hx = _measure(engine, mv_e, n_ph)
                 innov = z - hx + h_mat @ (x - xf)
                 x_new += pf * (h_mat.T @ sla.cho_solve(chol, innov, check_finite=False))
+            if not np.isfinite(x_new).all():  # never write a NaN load into the engine
+                bad = lnames[int(np.flatnonzero(~np.isfinite(x_new))[0]) % k]
+                raise ConvergenceError(f"state estimation diverged at iteration {it} (load "
+                                       f"{bad!r} not finite)")
             step = np.max(np.abs(x_new - x) / sp_) if k else 0.0
             x = x_new
             write_loads(loads, load_idx, x)

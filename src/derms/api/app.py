@@ -38,6 +38,7 @@ from derms.api.routes_ieee2030_5 import router as ieee2030_5_router
 from derms.api.routes_ieee2030_5_dispatch import router as ieee2030_5_dispatch_router
 from derms.api.routes_ieee2030_5_envelopes import router as ieee2030_5_envelopes_router
 from derms.api.routes_ieee2030_5_events import router as ieee2030_5_events_router
+from derms.api.routes_models import router as models_router
 from derms.api.routes_readings import router as readings_router
 from derms.api.routes_registry import router as registry_router
 from derms.api.routes_state import router as state_router
@@ -136,6 +137,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(readings_router, prefix="/v1")
     app.include_router(registry_router, prefix="/v1")
+    app.include_router(models_router, prefix="/v1")  # feeder model versions
     app.include_router(state_router, prefix="/v1")
     app.include_router(forecasts_router, prefix="/v1")
     app.include_router(constraints_router, prefix="/v1")

@@ -29,7 +29,8 @@ def get_feeder_state(request: Request, feeder_id: str,
                      principal: Annotated[Principal, Depends(require("read"))],
                      nodes: bool = True) -> dict[str, Any]:
     """The latest monitoring state of a feeder: node voltages (per node when ``nodes``),
-    branch loading, violations, DER availability and headroom, estimation statistics."""
+    branch loading, violations, DER availability and headroom, estimation statistics.
+    ``stale`` is true (with ``last_error``) when the runs since this state failed."""
     monitor = _monitor(request)
     state = monitor.latest(feeder_id)
     if state is None:
@@ -39,7 +40,13 @@ def get_feeder_state(request: Request, feeder_id: str,
                   f"feeder {feeder_id!r}: no state computed yet"
                   + (f" (last run failed: {err.error})" if err else ""))
         raise Problem(404, detail)
-    return state.to_dict(nodes=nodes)
+    out = state.to_dict(nodes=nodes)
+    err = monitor.last_error(feeder_id)
+    # a failed run leaves the last good state in place: say so, never serve it as fresh
+    out["stale"] = err is not None and err.t >= state.t
+    if out["stale"]:
+        out["last_error"] = {"t": err.t.isoformat(), "error": err.error}
+    return out
 
 
 def _alarm(a: Alarm) -> dict[str, Any]:

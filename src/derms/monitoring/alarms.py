@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from derms.store.audit import append_audit
 from derms.store.models import Alarm, Severity
 
-MONITOR_KINDS = ("undervoltage:", "overvoltage:", "thermal:", "telemetry_stale")
+MONITOR_KINDS = ("undervoltage:", "overvoltage:", "thermal:", "telemetry_stale",
+                 "estimation_failed")
 _KIND_LEN = 64
 
 
@@ -61,6 +62,10 @@ def sync_alarms(session: Session, feeder_id: str, conditions: list[AlarmConditio
         if key not in wanted:
             alarm.t_cleared = now
             cleared.append(alarm)
+        else:  # still holds: its message (and severity) say how it stands now, not when
+            # it was raised (an undervoltage raised at 0.946 pu read 0.946 at 0.922)
+            c = wanted[key]
+            alarm.message, alarm.severity = c.message, c.severity
     new = [Alarm(kind=key[0], severity=c.severity, feeder_id=feeder_id, der_id=c.der_id,
                  meter_id=c.meter_id, message=c.message, t_raised=now)
            for key, c in wanted.items() if key not in open_alarms]

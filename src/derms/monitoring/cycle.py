@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -90,8 +90,15 @@ class MonitorLoop(BackgroundLoop):
                  period_s: float = 60.0, clock: Callable[[], datetime] = utcnow,
                  factory: Callable[[], dict[str, FeederMonitor]] | None = None,
                  on_result: Callable[[str, FeederState | None, RunError | None], None]
-                 | None = None) -> None:
+                 | None = None,
+                 discover: Callable[[dict[str, Path]], dict[str, FeederMonitor]] | None = None,
+                 discover_every_s: float = 60.0) -> None:
         self.monitors: dict[str, FeederMonitor] = dict(monitors or {})
+        # ``discover`` (on the loop's thread, every ``discover_every_s`` and at
+        # :meth:`notify_models_changed`): monitors for feeders registered, or given a new
+        # model, while the loop runs (feeder -> present master in, new monitors out)
+        self._discover, self.discover_every_s = discover, float(discover_every_s)
+        self._discover_at = time.monotonic() + self.discover_every_s
         # ``factory`` builds the monitors on the loop's own thread when it starts, so
         # that every OpenDSS engine is created, used and closed by that one thread
         # (dss-python contexts used across threads crashed; see docs/ARCHITECTURE.md)
@@ -112,6 +119,33 @@ class MonitorLoop(BackgroundLoop):
             self.monitors[monitor.feeder_id] = monitor
             self._pending.add(monitor.feeder_id)
             self._cond.notify_all()
+
+    def notify_models_changed(self) -> None:
+        """Look for new feeders or model versions now (a model was registered)."""
+        with self._cond:
+            self._discover_at = 0.0
+            self._cond.notify_all()
+
+    def _discover_new(self) -> None:
+        """Run ``discover`` (loop thread); swap in the monitors it builds."""
+        self._discover_at = time.monotonic() + self.discover_every_s
+        known = {f: m.master for f, m in self.monitors.items()}
+        try:
+            built = self._discover(known)
+        except Exception:  # a bad store must not stop the cycle
+            log.exception("monitor_discover_failed")
+            return
+        for fid, mon in built.items():
+            old = self.monitors.get(fid)
+            log.info("monitor_feeder_%s feeder=%s master=%s", "replaced" if old else "added",
+                     fid, mon.master)
+            with self._cond:
+                self.monitors[fid] = mon
+                self._owned.append(mon)
+                self._pending.add(fid)
+            if old is not None and old in self._owned:
+                self._owned.remove(old)
+                old.close()
 
     def notify_topology_change(self, feeder_id: str) -> None:
         """Re-estimate ``feeder_id`` now (e.g. a switch changed); unknown ids are ignored."""
@@ -170,19 +204,26 @@ class MonitorLoop(BackgroundLoop):
     def _loop(self) -> None:
         deadline: dict[str, float] = {}
         while True:
+            discover = False
             with self._cond:
                 while not self._stop:
                     now = time.monotonic()
                     for f in self.monitors:
                         if now >= deadline.get(f, 0.0):
                             self._pending.add(f)
-                    if self._pending:
+                    discover = self._discover is not None and now >= self._discover_at
+                    if self._pending or discover:
                         break
                     wait = min((deadline.get(f, 0.0) for f in self.monitors),
                                default=now + self.period_s) - now
+                    if self._discover is not None:
+                        wait = min(wait, self._discover_at - now)
                     self._cond.wait(max(wait, 0.01))
                 if self._stop:
                     return
+            if discover:
+                self._discover_new()
+            with self._cond:
                 todo = sorted(self._pending)
                 self._pending.clear()
             for f in todo:
@@ -206,17 +247,20 @@ def model_path_of(db: Engine, feeder_id: str, now: datetime | None = None) -> Pa
     return resolve_master(uri.removeprefix("file://")).resolve()
 
 
-def monitors_from_store(db: Engine, config: MonitorConfig | None = None
-                        ) -> dict[str, FeederMonitor]:
+def monitors_from_store(db: Engine, config: MonitorConfig | None = None,
+                        known: Mapping[str, Path] | None = None) -> dict[str, FeederMonitor]:
     """A monitor for every feeder whose latest OpenDSS model version resolves to a file;
-    feeders whose model cannot be found or compiled are logged and left out."""
+    feeders whose model cannot be found or compiled are logged and left out. ``known``
+    (feeder -> master of its present monitor): only feeders that are new or whose model
+    changed get a monitor."""
+    known = known or {}
     with db.connect() as conn:
         ids = conn.execute(select(func.distinct(FeederModelVersion.feeder_id))).scalars().all()
     out = {}
     for fid in sorted(ids):
         try:
             path = model_path_of(db, fid)
-            if path is None:
+            if path is None or known.get(fid) == path:
                 continue
             out[fid] = FeederMonitor(fid, path, db, config)
         except DermsError as exc:

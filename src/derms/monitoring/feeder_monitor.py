@@ -62,7 +62,7 @@ from sqlalchemy.engine import Engine
 from derms.analysis.constraints import Limits, detect_violations
 from derms.analysis.se_prior import ScaleTracker
 from derms.analysis.state_estimation import Measurements, estimate_state
-from derms.errors import ModelError
+from derms.errors import ConvergenceError, ModelError
 from derms.monitoring.alarms import AlarmCondition, sync_alarms
 from derms.monitoring.availability import (
     OFFLINE,
@@ -143,6 +143,7 @@ class FeederMonitor:
     def __init__(self, feeder_id: str, master: str | Path, db: Engine,
                  config: MonitorConfig | None = None) -> None:
         self.feeder_id = feeder_id
+        self.master = Path(master).resolve()
         self.db = db
         self.sessions = make_session_factory(db)
         self.config = config or MonitorConfig()
@@ -186,9 +187,19 @@ class FeederMonitor:
         d_last = d_last.merge(d_series, on="series_id")
         meas, stale_meters, estimation = self.build_measurements(meters, m_series, m_last,
                                                                  now, notes)
+        failed = None
         if meas is not None:
-            est = estimate_state(self.engine, meas, index=self.index, restore=True,
-                                 prior_log_scale=self.scale_tracker.prior())
+            try:
+                est = estimate_state(self.engine, meas, index=self.index, restore=True,
+                                     prior_log_scale=self.scale_tracker.prior())
+            except (ConvergenceError, ModelError) as exc:  # the cycle goes on: the
+                # availability and alarms below do not depend on the estimate
+                log.warning("monitor_estimation_failed feeder=%s error=%s", self.feeder_id,
+                            exc)
+                failed, meas = str(exc), None
+                notes.append(f"state estimation failed ({exc}): power flow of the "
+                             "pseudo-measurements instead")
+        if meas is not None:
             if (est.prior_log_scale_post is not None and est.converged
                     and not est.bad_data):  # only a clean estimate informs the next ones
                 self.scale_tracker.update(*est.prior_log_scale_post)
@@ -201,12 +212,14 @@ class FeederMonitor:
                 prior_scale_snapshots=self.scale_tracker.n_updates,
                 head_p_kw=[float(x) for x in est.head_p_kw])
         else:
-            notes.append("no fresh telemetry: power flow of the pseudo-measurements only")
+            if failed is None:
+                notes.append("no fresh telemetry: power flow of the pseudo-measurements only")
             mult = estimation["load_multiplier"]
             v_est, loading, head_p = self._pseudo_flow(self.base_p_kw * mult,
                                                        self.base_q_kvar * mult)
-            estimation.update(method="pseudo_power_flow", converged=True, iterations=0,
-                              head_p_kw=[float(x) for x in head_p])
+            estimation.update(method="pseudo_power_flow", converged=failed is None,
+                              iterations=0, head_p_kw=[float(x) for x in head_p],
+                              estimation_error=failed)
 
         report = detect_violations(
             pd.DatetimeIndex([now]), 0.0, v_pu=v_est[None, :], node_names=self.index.node_bus,
@@ -217,7 +230,9 @@ class FeederMonitor:
 
         alarm_info: dict[str, Any] = {}
         if cfg.alarms:
-            conds = self._conditions(report.events, avail, devices, stale_meters)
+            conds = self._conditions(report.events, avail, devices, stale_meters,
+                                     model_only=estimation["method"] == "pseudo_power_flow",
+                                     failed=failed)
             with self.sessions.begin() as session:
                 sync = sync_alarms(session, self.feeder_id, conds, now)
             alarm_info = {"raised": sync.raised, "cleared": sync.cleared, "open": sync.open}
@@ -437,17 +452,24 @@ class FeederMonitor:
             thresholds=self.config.availability)
 
     def _conditions(self, events: pd.DataFrame, avail: pd.DataFrame, devices,
-                    stale_meters: list[str]) -> list[AlarmCondition]:
+                    stale_meters: list[str], *, model_only: bool = False,
+                    failed: str | None = None) -> list[AlarmCondition]:
+        """Alarm conditions of one run. ``model_only``: the voltages and loadings come from
+        the pseudo-measurements alone (no telemetry, or the estimate failed), which the
+        messages say; ``failed``: the estimator's error (an ``estimation_failed`` alarm)."""
         cfg = self.config
         out = []
+        basis = " (model only: no telemetry in the estimate)" if model_only else ""
         for e in events.itertuples(index=False):
             worst = float(e.worst)
             if e.kind in ("undervoltage", "overvoltage"):
                 crit = worst < cfg.critical_v_low_pu or worst > cfg.critical_v_high_pu
-                msg = f"{e.kind} at {e.element}.{e.phase}: {worst:.4f} pu (limit {e.limit} pu)"
+                msg = (f"{e.kind} at {e.element}.{e.phase}: {worst:.4f} pu (limit {e.limit} "
+                       f"pu){basis}")
             else:
                 crit = worst > cfg.critical_loading_pct
-                msg = f"{e.kind} on {e.element} phase {e.phase}: {worst:.1f} % (limit {e.limit} %)"
+                msg = (f"{e.kind} on {e.element} phase {e.phase}: {worst:.1f} % (limit "
+                       f"{e.limit} %){basis}")
             out.append(AlarmCondition(
                 kind=f"{e.kind}:{e.element}.{e.phase}",
                 severity=Severity.CRITICAL if crit else Severity.WARNING, message=msg))
@@ -463,6 +485,11 @@ class FeederMonitor:
             out.append(AlarmCondition(
                 kind="telemetry_stale", meter_id=m, severity=Severity.WARNING,
                 message=f"meter {m}: no voltage reading in the last {cfg.meter_window_s:.0f} s"))
+        if failed is not None:
+            out.append(AlarmCondition(
+                kind="estimation_failed", severity=Severity.WARNING,
+                message=f"state estimation failed: {failed[:300]}; voltages and loadings are "
+                        "from the pseudo-measurements"))
         return out
 
 

@@ -29,7 +29,8 @@ def _child(database_url: str, period_s: float, out_q, cmd_q) -> None:
 
     db = make_engine(database_url)
     loop = MonitorLoop(period_s=period_s, factory=lambda: monitors_from_store(db),
-                       on_result=lambda fid, state, err: out_q.put((fid, state, err)))
+                       on_result=lambda fid, state, err: out_q.put((fid, state, err)),
+                       discover=lambda known: monitors_from_store(db, known=known))
     loop.start()
     try:
         while True:
@@ -38,6 +39,8 @@ def _child(database_url: str, period_s: float, out_q, cmd_q) -> None:
                 break
             if cmd[0] == "topology":
                 loop.notify_topology_change(cmd[1])
+            elif cmd[0] == "models":
+                loop.notify_models_changed()
     finally:
         loop.close()
         db.dispose()
@@ -81,6 +84,10 @@ class MonitorProcess:
 
     def notify_topology_change(self, feeder_id: str) -> None:
         self._cmd.put(("topology", feeder_id))
+
+    def notify_models_changed(self) -> None:
+        """A feeder model was registered: the child looks for new feeders/versions now."""
+        self._cmd.put(("models",))
 
     @property
     def alive(self) -> bool:

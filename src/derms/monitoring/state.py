@@ -53,7 +53,8 @@ class FeederState:
         return float(np.nanmax(self.branch_loading_pct)) if self.branch_loading_pct.size else 0.0
 
     def to_dict(self, *, nodes: bool = True) -> dict[str, Any]:
-        """JSON-ready view (per-node voltages when ``nodes``)."""
+        """JSON-ready view (per-node voltages and per-conductor loading [% of the normal
+        rating; null where there is none] when ``nodes``)."""
         live = self.live
         names = np.asarray(self.node_names, dtype=object)
         i_lo = int(np.flatnonzero(live)[np.argmin(self.v_pu[live])])
@@ -76,6 +77,8 @@ class FeederState:
         }
         if nodes:
             out["nodes"] = {"node": list(names), "v_pu": [float(v) for v in self.v_pu]}
+            out["branches"] = {"branch": list(self.branch_names), "loading_pct": [
+                None if not np.isfinite(x) else float(x) for x in self.branch_loading_pct]}
         return out
 
 

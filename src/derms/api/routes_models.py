@@ -1,0 +1,89 @@
+"""Feeder network models: register an OpenDSS model version, list a feeder's versions.
+
+A feeder is monitored (``derms serve --monitor-period-s``) once it has an OpenDSS model
+version whose ``valid_from`` has passed; registering one here tells a running monitoring
+cycle to pick it up at once (a new feeder, or a new version of a monitored one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import func, select
+
+from derms.api.auth import Principal, require
+from derms.api.fields import Text500
+from derms.api.problems import Problem
+from derms.grid.bundled import resolve_master
+from derms.store.audit import append_audit
+from derms.store.models import Feeder, FeederModelVersion
+from derms.store.types import ensure_utc, utcnow
+
+router = APIRouter(tags=["registry"])
+
+
+class ModelIn(BaseModel):
+    """``source_uri``: the OpenDSS master file on the server (absolute path, ``file://``
+    allowed) or a bundled feeder's name ("ieee13"); ``valid_from`` (aware, default now)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source_uri: Text500
+    valid_from: datetime | None = None
+
+
+def _out(v: FeederModelVersion) -> dict[str, Any]:
+    return {"feeder_id": v.feeder_id, "version": v.version, "source_format": v.source_format,
+            "source_uri": v.source_uri, "sha256": v.sha256,
+            "valid_from": _stored_utc(v.valid_from).isoformat()}
+
+
+def _stored_utc(t: datetime) -> datetime:
+    """A stored time as aware UTC (SQLite gives ``DateTime(timezone=True)`` back naive)."""
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+@router.post("/feeders/{feeder_id}/models", status_code=201)
+def add_model_version(request: Request, feeder_id: str, body: ModelIn,
+                      principal: Annotated[Principal, Depends(require("admin"))]
+                      ) -> dict[str, Any]:
+    """Register the next model version of a feeder (404 for an unknown feeder, 422 for a
+    master file that does not exist); the file's SHA-256 is kept with it."""
+    if body.valid_from is not None and body.valid_from.tzinfo is None:
+        raise Problem(422, "valid_from has no time zone")
+    master = resolve_master(body.source_uri.removeprefix("file://"))
+    if not master.is_file():
+        raise Problem(422, f"source_uri {body.source_uri!r}: not a file")
+    digest = hashlib.sha256(master.read_bytes()).hexdigest()
+    with request.app.state.sessions.begin() as s:
+        if s.get(Feeder, feeder_id) is None:
+            raise Problem(404, f"unknown feeder {feeder_id!r}")
+        last = s.scalar(select(func.max(FeederModelVersion.version)).where(
+            FeederModelVersion.feeder_id == feeder_id)) or 0
+        v = FeederModelVersion(feeder_id=feeder_id, version=last + 1, source_format="opendss",
+                               source_uri=body.source_uri, sha256=digest,
+                               valid_from=ensure_utc(body.valid_from or utcnow(),
+                                                     "valid_from"))
+        s.add(v)
+        s.flush()
+        out = _out(v)
+        append_audit(s, actor=principal.token_id, action="create", entity="feeder_model",
+                     entity_id=f"{feeder_id} v{v.version}", detail=out)
+    monitor = getattr(request.app.state, "monitor", None)
+    if monitor is not None and hasattr(monitor, "notify_models_changed"):
+        monitor.notify_models_changed()
+    return out
+
+
+@router.get("/feeders/{feeder_id}/models")
+def list_model_versions(request: Request, feeder_id: str,
+                        _p: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
+    with request.app.state.sessions() as s:
+        if s.get(Feeder, feeder_id) is None:
+            raise Problem(404, f"unknown feeder {feeder_id!r}")
+        rows = s.scalars(select(FeederModelVersion).where(
+            FeederModelVersion.feeder_id == feeder_id).order_by(FeederModelVersion.version))
+        return {"feeder_id": feeder_id, "items": [_out(v) for v in rows]}
