@@ -73,6 +73,11 @@ from derms.monitoring.availability import (
 from derms.monitoring.state import FeederState
 from derms.monitoring.telemetry import latest_readings, series_of
 from derms.powerflow.collect import StepCollector, build_index
+from derms.powerflow.control_state import (
+    capture_control_state,
+    regulated_transformers,
+    restore_control_state,
+)
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
 from derms.store.db import make_session_factory
 from derms.store.models import (
@@ -120,6 +125,9 @@ class MonitorConfig:
     critical_v_high_pu: float = 1.10
     critical_loading_pct: float = 120.0
     alarms: bool = True
+    # let the regulators and switched capacitors act at the estimated loads, freeze them
+    # there and re-estimate, up to this many times (0: frozen at the base case)
+    settle_controls: int = 3
 
     def multiplier(self, now: datetime) -> float:
         m = self.load_multiplier
@@ -162,6 +170,7 @@ class FeederMonitor:
         self.topology: dict[str, str] = {}
         # what successive estimates say of the loads' spread around the pseudo-loads
         self.scale_tracker = ScaleTracker()
+        self._regulated = regulated_transformers(self.engine)
 
     def close(self) -> None:
         self.engine.close()
@@ -190,8 +199,7 @@ class FeederMonitor:
         failed = None
         if meas is not None:
             try:
-                est = estimate_state(self.engine, meas, index=self.index, restore=True,
-                                     prior_log_scale=self.scale_tracker.prior())
+                est = self._estimate(meas, notes)
             except (ConvergenceError, ModelError) as exc:  # the cycle goes on: the
                 # availability and alarms below do not depend on the estimate
                 log.warning("monitor_estimation_failed feeder=%s error=%s", self.feeder_id,
@@ -242,6 +250,66 @@ class FeederMonitor:
             branch_names=self.branch_names, branch_loading_pct=loading,
             violations=report.events, availability=avail, estimation=estimation,
             alarms=alarm_info, topology=dict(self.topology), notes=notes)
+
+    def _estimate(self, meas: Measurements, notes: list[str]):
+        """Estimate with the controls where the feeder's own would be: the regulators
+        and switched capacitors of the model are frozen in the estimate (its Jacobian is
+        for fixed taps), so after each estimate they act once at the estimated loads (as
+        the real ones do at the real loads) and, where a tap or capacitor moved, the
+        estimate is repeated at the new positions (``settle_controls`` times at most),
+        kept only if it fits the measurements better (lower chi-square), else the
+        positions go back. Taps stay where they settled: the next cycle starts from them. IEEE 34 with its
+        regulators 1-3 steps from the base case: 0.023 pu off with the taps frozen there
+        (bench/README.md)."""
+        est = estimate_state(self.engine, meas, index=self.index, restore=True,
+                             prior_log_scale=self.scale_tracker.prior())
+        moves = 0
+        for _ in range(self.config.settle_controls):
+            if not est.converged:  # (bad data is no reason to stop: taps that are off
+                break              # look like bad data)
+            kept = capture_control_state(self.engine, self._regulated)
+            if not self._settle_controls(est):
+                break
+            try:
+                again = estimate_state(self.engine, meas, index=self.index, restore=True,
+                                       prior_log_scale=self.scale_tracker.prior())
+            except (ConvergenceError, ModelError):
+                again = None
+            if again is None or not again.converged or again.chi2 >= est.chi2:
+                # the meters fit the positions before no worse: those stand (a regulator
+                # held by its operator, or a band the truth has not left)
+                restore_control_state(self.engine, kept)
+                self.engine.solve()
+                break
+            est, moves = again, moves + 1
+        if moves:
+            notes.append(f"regulators/capacitors moved at the estimated loads and fit the "
+                         f"meters better there; re-estimated at their new positions "
+                         f"({moves} time(s))")
+        return est
+
+    def _settle_controls(self, est) -> bool:
+        """Let the controls act at the estimated loads, then freeze them there (loads back
+        at base); True when a tap or capacitor step moved."""
+        if not self._regulated and not self.engine.circuit.CapControls.Count:
+            return False
+        pos = {n: i for i, n in enumerate(self.load_names)}
+        p, q = self.base_p_kw.copy(), self.base_q_kvar.copy()
+        for n, pk, qk in zip(est.load_names, est.load_p_kw, est.load_q_kvar, strict=True):
+            i = pos.get(str(n).lower())
+            if i is not None:
+                p[i], q[i] = pk, qk
+        before = capture_control_state(self.engine, self._regulated)
+        loads = self.engine.circuit.Loads
+        try:
+            _set_loads(loads, p, q)
+            self.engine.set_control_mode("static")
+            self.engine.solve()
+        finally:
+            self.engine.set_control_mode("off")
+            _set_loads(loads, self.base_p_kw, self.base_q_kvar)
+            self.engine.solve()
+        return capture_control_state(self.engine, self._regulated) != before
 
     # -- measurements (shared with the control loop) ----------------------------------------
     def read_meters(self, conn, now: datetime):
