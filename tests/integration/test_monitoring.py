@@ -602,9 +602,9 @@ def test_regulators_that_moved_are_followed(feeder):
                 errs[settle] = max(abs(v - v_true[n]) for n, v in zip(st.node_names, st.v_pu)
                                    if v_true[n] > 0.1)
                 if settle:
-                    assert any("re-estimated" in n for n in st.notes), (st.notes, st.estimation, errs)
-                    got = dict(((t, w), v) for t, w, v in
-                               capture_control_state(mon.engine, regs).taps)
+                    assert any("re-estimated" in n for n in st.notes), (st.notes, errs)
+                    got = {(t, w): v for t, w, v in
+                               capture_control_state(mon.engine, regs).taps}
                     for t, w, v in taps_true.taps:  # within a step (the band's hysteresis)
                         assert abs(got[(t, w)] - v) <= 0.00625 + 1e-9, (t, got, taps_true)
             finally:
