@@ -87,6 +87,9 @@ def test_tables_cover_every_year_and_element(study):
     # pre-existing violations count only when worse than their base-year value
     worse = pre.dropna(subset=["year"])
     assert ((worse["value"] - worse["base_value"]).abs() > 0).all()
+    # a pre-existing row is held to its base value, feeder rows too (they said 1.05)
+    np.testing.assert_allclose(pre["limit_value"], pre["base_value"])
+    assert not np.signbit(fe["limit_value"].to_numpy(float)[fe["limit_value"] == 0]).any()
     assert result.n_not_converged == 0
 
 

@@ -513,7 +513,7 @@ def _first_table(inputs: GrowthInputs, net: GrowthNetwork, lim: Limits, el_year,
     sc, el, feeder = inputs.scenario, net.elements, inputs.model.name
     th = lim.thermal_pct + lim.thermal_tol_pct
     lo, hi = lim.v_min_pu - lim.v_tol_pu, lim.v_max_pu + lim.v_tol_pu
-    rev = -(lim.reverse_power_kw if lim.reverse_power_kw is not None else 0.0)
+    rev = -lim.reverse_power_kw if lim.reverse_power_kw else 0.0  # (never -0.0 in a table)
     frames = []
 
     def add(names, kinds, limit, unit, values, bad, worse, worst_is_max, limit_value, keep=None):
@@ -552,13 +552,14 @@ def _first_table(inputs: GrowthInputs, net: GrowthNetwork, lim: Limits, el_year,
             row = hit.iloc[[0]].assign(element=feeder, kind="feeder")
         else:
             base = v[:, 0] if v.size else np.array([np.nan])
+            b_ext = float(base.max() if is_max else base.min())
+            pre = bool(df["pre_existing"].any())
             row = pd.DataFrame({
                 "element": [feeder], "kind": "feeder", "limit": limit,
                 "year": pd.array([pd.NA], dtype="Int64"),
                 "value": float(v.max() if is_max else v.min()) if v.size else np.nan,
-                "unit": "pu", "limit_value": lv,
-                "base_value": float(base.max() if is_max else base.min()),
-                "pre_existing": bool(df["pre_existing"].any())})
+                "unit": "pu", "limit_value": b_ext if pre else lv,  # held to the base,
+                "base_value": b_ext, "pre_existing": pre})          # as the bus rows are
         frames.append(row)
     out = pd.concat(frames, ignore_index=True)
     return out.sort_values(["year", "limit", "element"], na_position="last", kind="stable",
