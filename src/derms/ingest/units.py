@@ -33,6 +33,7 @@ QUANTITIES: dict[str, Quantity] = {q.name: q for q in (
     Quantity("soc_frac", 0.0, 1.0),
     Quantity("f_hz", 40.0, 70.0),
     Quantity("pf", -1.0, 1.0),
+    Quantity("tap_pu", 0.5, 1.5),  # a regulator winding's tap ratio (SCADA)
     # per phase (a feeder head's SCADA, a multi-phase meter): the phase in the name
     *(Quantity(f"p_{ph}_kw", -1e6, 1e6) for ph in "abc"),
     *(Quantity(f"q_{ph}_kvar", -1e6, 1e6) for ph in "abc"),
@@ -61,6 +62,7 @@ _add(("e", "e_kwh", "energy"), "e_kwh", {"wh": 1e-3, "kwh": 1.0, "mwh": 1e3})
 _add(("soc", "soc_frac", "state_of_charge"), "soc_frac", {"%": 0.01, "frac": 1.0, "": 1.0})
 _add(("f", "f_hz", "frequency"), "f_hz", {"hz": 1.0})
 _add(("pf", "power_factor"), "pf", {"": 1.0})
+_add(("tap", "tap_pu", "tap_ratio"), "tap_pu", {"pu": 1.0, "": 1.0})
 for _ph in "abc":
     _add((f"p_{_ph}", f"p_{_ph}_kw"), f"p_{_ph}_kw", {"w": 1e-3, "kw": 1.0, "mw": 1e3})
     _add((f"q_{_ph}", f"q_{_ph}_kvar"), f"q_{_ph}_kvar", {"var": 1e-3, "kvar": 1.0,

@@ -185,6 +185,9 @@ class FeederMonitor:
         self._apply_topology(now, notes)
         with self.db.connect() as conn:
             meters, m_series, m_last = self.read_meters(conn, now)
+            taps = self.read_taps(conn, now)
+        telemetered = self._apply_taps(taps, notes)
+        with self.db.connect() as conn:
             devices = conn.execute(
                 select(DerDevice.der_id, DerDevice.status, DerDevice.p_gen_max_kw,
                        DerDevice.p_charge_max_kw).join(DerSite, DerDevice.site_id == DerSite.site_id)
@@ -199,7 +202,7 @@ class FeederMonitor:
         failed = None
         if meas is not None:
             try:
-                est = self._estimate(meas, notes)
+                est = self._estimate(meas, notes, settle=not telemetered)
             except (ConvergenceError, ModelError) as exc:  # the cycle goes on: the
                 # availability and alarms below do not depend on the estimate
                 log.warning("monitor_estimation_failed feeder=%s error=%s", self.feeder_id,
@@ -251,7 +254,7 @@ class FeederMonitor:
             violations=report.events, availability=avail, estimation=estimation,
             alarms=alarm_info, topology=dict(self.topology), notes=notes)
 
-    def _estimate(self, meas: Measurements, notes: list[str]):
+    def _estimate(self, meas: Measurements, notes: list[str], settle: bool = True):
         """Estimate with the controls where the feeder's own would be: the regulators
         and switched capacitors of the model are frozen in the estimate (its Jacobian is
         for fixed taps), so after each estimate they act once at the estimated loads (as
@@ -260,11 +263,12 @@ class FeederMonitor:
         kept only if it fits the measurements better (lower chi-square), else the
         positions go back. Taps stay where they settled: the next cycle starts from them. IEEE 34 with its
         regulators 1-3 steps from the base case: 0.023 pu off with the taps frozen there
-        (bench/README.md)."""
+        (bench/README.md). With tap telemetry (``settle`` False) the taps are the
+        telemetered ones and nothing settles."""
         est = estimate_state(self.engine, meas, index=self.index, restore=True,
                              prior_log_scale=self.scale_tracker.prior())
         moves = 0
-        for _ in range(self.config.settle_controls):
+        for _ in range(self.config.settle_controls if settle else 0):
             if not est.converged:  # (bad data is no reason to stop: taps that are off
                 break              # look like bad data)
             kept = capture_control_state(self.engine, self._regulated)
@@ -315,14 +319,60 @@ class FeederMonitor:
     def read_meters(self, conn, now: datetime):
         """``(meters, m_series, m_last)``: the feeder's meters, their series and the latest
         good reading of each within ``meter_window_s`` before ``now`` (merged)."""
-        meters = conn.execute(select(Meter.meter_id, Meter.bus, Meter.phase).where(
-            Meter.feeder_id == self.feeder_id)).all()
+        reg = self.regulator_meter_prefix
+        meters = [m for m in conn.execute(select(Meter.meter_id, Meter.bus, Meter.phase).where(
+            Meter.feeder_id == self.feeder_id)).all() if not m.meter_id.startswith(reg)]
         m_series = series_of(conn, meter_ids=[m.meter_id for m in meters],
                              quantities=VOLTAGE_QUANTITIES + PHASE_VOLTAGE_QUANTITIES
                              + HEAD_P + HEAD_Q + POWER_QUANTITIES)
         m_last = latest_readings(conn, m_series["series_id"].tolist(),
                                  now - timedelta(seconds=self.config.meter_window_s), now)
         return meters, m_series, m_last.merge(m_series, on="series_id")
+
+    @property
+    def regulator_meter_prefix(self) -> str:
+        """Meter id prefix of regulator tap telemetry: ``<feeder_id>-reg-<regcontrol>``."""
+        return f"{self.feeder_id}-reg-"
+
+    def read_taps(self, conn, now: datetime) -> dict[str, float]:
+        """RegControl name -> its winding's latest tap ratio [pu] within ``meter_window_s``
+        (quantity ``tap_pu`` of meter ``<feeder_id>-reg-<regcontrol>``)."""
+        reg = self.regulator_meter_prefix
+        ids = conn.execute(select(Meter.meter_id).where(
+            Meter.feeder_id == self.feeder_id, Meter.meter_id.startswith(reg))).scalars().all()
+        if not ids:
+            return {}
+        ser = series_of(conn, meter_ids=list(ids), quantities=("tap_pu",))
+        last = latest_readings(conn, ser["series_id"].tolist(),
+                               now - timedelta(seconds=self.config.meter_window_s), now)
+        last = last.merge(ser, on="series_id").sort_values("t")
+        return {str(m)[len(reg):].lower(): float(v)
+                for m, v in zip(last["meter_id"], last["value"], strict=True)}
+
+    def _apply_taps(self, taps: dict[str, float], notes: list[str]) -> bool:
+        """Set the regulators' taps from telemetry (controls stay frozen); True if any."""
+        if not taps:
+            return False
+        rc, tr = self.engine.circuit.RegControls, self.engine.circuit.Transformers
+        known = {}
+        k = rc.First
+        while k > 0:
+            known[rc.Name.lower()] = (rc.Transformer, int(rc.Winding))
+            k = rc.Next
+        unknown = sorted(set(taps) - set(known))
+        if unknown:
+            notes.append(f"tap telemetry for unknown regulator(s) ignored: {unknown[:5]}")
+        used = 0
+        for name, tap in taps.items():
+            if name in known:
+                tr.Name = known[name][0]
+                tr.Wdg = known[name][1]
+                tr.Tap = tap
+                used += 1
+        if used:
+            self.engine.solve()
+            notes.append(f"regulator taps from telemetry: {used} of {len(known)}")
+        return used > 0
 
     def build_measurements(self, meters, m_series, m_last, now: datetime, notes: list[str]
                            ) -> tuple[Measurements | None, list, dict[str, Any]]:
