@@ -260,6 +260,10 @@ def test_bodies_that_were_500s_are_4xx_problems(api):
         r = api.post("/v1/readings", headers={**api.operator, **_JSON}, content=body)
         assert r.status_code == 422, (body[:80], r.status_code, r.text[:200])
         assert r.headers["content-type"] == "application/problem+json"
+    raw = (b'[{"series":"dev-\xed\xa0\x80","quantity":"p","unit":"kW",'
+           b'"t":"2026-06-02T00:15:00Z","value":1}]')   # a surrogate encoded as UTF-8 bytes
+    r = api.post("/v1/readings", headers={**api.operator, **_JSON}, content=raw)
+    assert r.status_code == 422, (r.status_code, r.text[:200])
     csv_h = {**api.operator, "Content-Type": "text/csv"}
     for text in (f"series,quantity,unit,t,value\n{dev},p,kW,2026-06-02T00:15:00Z,1,5\n",
                  f"series,series,quantity,unit,t,value\n{dev},{dev},p,kW,2026-06-02T00:15:00Z,1\n"):

@@ -402,6 +402,9 @@ def test_a_feeder_registered_while_serving_is_monitored(feeder, db_url):
         r = client.post(f"/v1/feeders/{fid2}/models", headers=hdr,
                         json={"source_uri": str(MASTER)})
         assert r.status_code == 201 and r.json()["version"] == 2
+        # the same file registered again (edited in place, say) is a new version: the
+        # running cycle builds a new monitor for it and runs it
+        assert proc.wait_for_runs(fid2, 2, timeout=180), proc.last_error(fid2)
         items = client.get(f"/v1/feeders/{fid2}/models", headers=hdr).json()["items"]
         assert [v["version"] for v in items] == [1, 2]
         assert client.post("/v1/feeders/nosuch/models", headers=hdr,
@@ -659,6 +662,36 @@ def test_regulator_taps_from_scada_are_used(feeder):
         assert not any("reg-" in n for n in st.notes if "skipped" in n)  # not voltage meters
         err = max(abs(v - v_true[n]) for n, v in zip(st.node_names, st.v_pu) if v_true[n] > 0.1)
         assert err < 0.006, err
+    finally:
+        mon.close()
+        truth.close()
+
+
+def test_a_failed_settling_keeps_the_estimate_in_hand(feeder, monkeypatch):
+    """Settling the controls can fail (too many control iterations with interacting
+    regulators and capacitors): that used to throw the converged estimate away and leave
+    the taps where the failed solve put them; the estimate stands and the taps go back."""
+    from derms.errors import ConvergenceError
+    from derms.powerflow.control_state import capture_control_state
+
+    fid, db = feeder
+    rng = np.random.default_rng(2)
+    truth = Truth()
+    truth.solve(rng.uniform(0.8, 1.2, len(truth.base)))
+    write_readings(db, _prefixed(telemetry(fid, truth, T0 - timedelta(seconds=5), rng), fid))
+    mon = FeederMonitor(fid, MASTER, db, MonitorConfig(v_sigma_pu=0.003, alarms=False))
+
+    def failing(est, taps=None):
+        mon.engine.circuit.Transformers.Name = mon._regulated[0]
+        mon.engine.circuit.Transformers.Wdg = 2
+        mon.engine.circuit.Transformers.Tap = 1.1          # half-way through, then fails
+        raise ConvergenceError("max control iterations exceeded")
+    try:
+        before = capture_control_state(mon.engine, mon._regulated)
+        monkeypatch.setattr(mon, "_settle_controls", failing)
+        st = mon.run_once(T0)
+        assert st.estimation["method"] == "wls" and st.estimation["converged"]
+        assert capture_control_state(mon.engine, mon._regulated) == before
     finally:
         mon.close()
         truth.close()

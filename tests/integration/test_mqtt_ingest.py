@@ -166,3 +166,59 @@ def test_many_small_messages_arrive_without_loss():
     pub.disconnect()
     drop_session(client_id)
     assert len(sink.rows) == 5 * n
+
+
+class RefusingSink(KeyedSink):
+    """Refuses any batch holding series ``ghost`` (as the store refuses an unknown device)
+    and fails once, after its first refusal, as a database that went away does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals, self.failed = 0, False
+
+    def __call__(self, batch: ReadingBatch) -> int:
+        if "ghost" in set(batch.series):
+            self.refusals += 1
+            from derms.errors import InputError
+            raise InputError("readings for unknown device or meter among ['der ghost']")
+        if self.refusals and not self.failed:
+            self.failed = True
+            raise OSError("database went away")
+        return super().__call__(batch)
+
+
+def test_a_refused_message_costs_only_itself_and_a_sink_failure_is_retried():
+    """The store refusing one message used to reject (and acknowledge) every message of
+    its source in the batch; a database error while sorting that out killed the writer
+    thread (ingest stalled for good, nothing acknowledged again)."""
+    sink = RefusingSink()
+    ingest, client_id, root = _run_ingest(sink, max_delay_s=0.5)
+    pub = _publisher()
+    errors: list[dict] = []
+    pub.subscribe(root + "/errors/#", qos=1)
+    pub.on_message = lambda _c, _u, m: errors.append(json.loads(m.payload))
+    time.sleep(0.3)
+    ghost = json.dumps([{"series": "ghost", "quantity": "p", "unit": "kW",
+                         "t": "2026-11-25T00:00:00Z", "value": 1}])
+    infos = [pub.publish(root + "/telemetry/site1", _rows(1), qos=1),
+             pub.publish(root + "/telemetry/site1", ghost, qos=1),
+             pub.publish(root + "/telemetry/site1", _rows(2), qos=1),
+             pub.publish(root + "/telemetry/site2", _rows(3), qos=1)]
+    for info in infos:
+        info.wait_for_publish(timeout=10)
+    deadline = time.monotonic() + 20
+    while (len(sink.rows) < 15 or not errors) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    writer_alive = all(t.is_alive() for t in ingest._threads)
+    infos = [pub.publish(root + "/telemetry/site2", _rows(4), qos=1)]  # still flowing
+    infos[0].wait_for_publish(timeout=10)
+    deadline = time.monotonic() + 10
+    while len(sink.rows) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ingest.stop()
+    pub.loop_stop()
+    pub.disconnect()
+    drop_session(client_id)
+    assert writer_alive and sink.failed
+    assert len(sink.rows) == 20, len(sink.rows)          # 4 valid messages x 5 readings
+    assert len(errors) == 1 and "ghost" in errors[0]["detail"]

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from derms.api.auth import Principal, require
 from derms.api.fields import Text500
@@ -57,7 +58,24 @@ def add_model_version(request: Request, feeder_id: str, body: ModelIn,
     master = resolve_master(body.source_uri.removeprefix("file://"))
     if not master.is_file():
         raise Problem(422, f"source_uri {body.source_uri!r}: not a file")
-    digest = hashlib.sha256(master.read_bytes()).hexdigest()
+    try:
+        digest = hashlib.sha256(master.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise Problem(422, f"source_uri {body.source_uri!r}: cannot read it "
+                           f"({exc.strerror or exc})") from None
+    try:
+        out = _register(request, feeder_id, body, digest, principal)
+    except IntegrityError:  # another registration took this version number meanwhile
+        raise Problem(409, f"feeder {feeder_id!r}: another model version was registered "
+                           "at the same time; send the request again") from None
+    monitor = getattr(request.app.state, "monitor", None)
+    if monitor is not None and hasattr(monitor, "notify_models_changed"):
+        monitor.notify_models_changed()
+    return out
+
+
+def _register(request: Request, feeder_id: str, body: ModelIn, digest: str,
+              principal: Principal) -> dict[str, Any]:
     with request.app.state.sessions.begin() as s:
         if s.get(Feeder, feeder_id) is None:
             raise Problem(404, f"unknown feeder {feeder_id!r}")
@@ -72,9 +90,6 @@ def add_model_version(request: Request, feeder_id: str, body: ModelIn,
         out = _out(v)
         append_audit(s, actor=principal.token_id, action="create", entity="feeder_model",
                      entity_id=f"{feeder_id} v{v.version}", detail=out)
-    monitor = getattr(request.app.state, "monitor", None)
-    if monitor is not None and hasattr(monitor, "notify_models_changed"):
-        monitor.notify_models_changed()
     return out
 
 

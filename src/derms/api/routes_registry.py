@@ -144,8 +144,9 @@ def create_device(request: Request, body: DeviceIn,
 def _same_feeder(site: DerSite, feeder_id: str | None, der_id: str) -> None:
     """409 when a device names another feeder than its (existing) site is on."""
     if feeder_id is not None and feeder_id != site.feeder_id:
-        raise Problem(409, f"device {der_id!r}: site {site.site_id!r} is on feeder "
-                           f"{site.feeder_id!r}, not {feeder_id!r}")
+        on = "no feeder" if site.feeder_id is None else f"feeder {site.feeder_id!r}"
+        raise Problem(409, f"device {der_id!r}: site {site.site_id!r} is on {on}, not "
+                           f"{feeder_id!r}")
 
 
 class DevicesIn(BaseModel):

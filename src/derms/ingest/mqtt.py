@@ -93,6 +93,7 @@ class MqttIngest(QueuedSubscriber):
         super().__init__(host, port, client_id, max_inflight=1000)
         self.sink, self.known_series = sink, known_series
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
+        self.max_batch_bytes = 16 * 1024 * 1024  # payload bytes that close a write batch
         self.stats = IngestStats()
         self.telemetry_prefix = topic_root.rstrip("/") + "/telemetry/"
         self.error_prefix = topic_root.rstrip("/") + "/errors/"
@@ -119,30 +120,35 @@ class MqttIngest(QueuedSubscriber):
             msgs, by_source = item
             while True:
                 try:
-                    self._write(msgs, by_source)
+                    try:
+                        self._write(msgs, by_source)
+                    except InputError:  # the store refused what the parser let through:
+                        # find the message(s) it was, reject them, write the others
+                        by_source = self._refused(by_source)
+                        self._write(msgs, by_source)
                     break
-                except InputError:  # the store refused what the parser let through: find
-                    # the source group it was, reject its messages, write the others
-                    by_source = self._refused(by_source)
                 except Exception:
+                    # down): keep the batch (nothing acknowledged) and retry
                     log.exception("mqtt_sink_failed messages=%d; retrying", len(msgs))
                     time.sleep(1.0)
 
     def _refused(self, by_source: dict[str, list]) -> dict[str, list]:
-        """Write each source group alone; reject (report, acknowledge later with the
-        batch) the messages of a group the sink refuses with InputError. Returns the
-        groups still to write (none: every group was written or refused here)."""
+        """Write each message alone; reject (report, acknowledge later with the batch) a
+        message the sink refuses with InputError. Returns the groups still to write
+        (none: every message was written or refused here). A sink failure that is not an
+        InputError propagates (the caller retries the whole batch; the store is
+        idempotent, so what was written here is not written twice)."""
         for source, items in by_source.items():
-            try:
-                self.stats.inserted += self.sink(concat([b for _m, b in items]))
-                self.stats.readings += sum(len(b) for _m, b in items)
-            except InputError as exc:
-                for msg, _b in items:
+            for msg, batch in items:
+                try:
+                    self.stats.inserted += self.sink(batch)
+                    self.stats.readings += len(batch)
+                except InputError as exc:
                     self._reject(msg, source, exc)
         return {}
 
     def _take_batch(self) -> list:
-        msgs, n = [], 0
+        msgs, n, size = [], 0, 0
         deadline = time.monotonic() + self.max_delay_s
         while n < self.max_batch:
             timeout = deadline - time.monotonic()
@@ -153,7 +159,10 @@ class MqttIngest(QueuedSubscriber):
             except queue.Empty:
                 break
             msgs.append(msg)
-            n += 1 + msg.payload.count(b"},{")  # rough size: readings per message
+            size += len(msg.payload)
+            n += 1 + msg.payload.count(b"},") + msg.payload.count(b"}, ")  # ~ readings
+            if size >= self.max_batch_bytes:
+                break
         return msgs
 
     def _parse(self, msgs: list) -> tuple[list, dict[str, list[ReadingBatch]]]:

@@ -11,7 +11,8 @@ period (0.2 s). Under MQTT 3.1.1 the broker sends at most its ``max_inflight_mes
 (Mosquitto: 20) unacknowledged QoS 1 messages to a client, so small messages crawled in at
 ≈ 100 per second, and the broker's queue (``max_queued_messages``, 1,000) overflowed and
 dropped the rest (46-93 % of 5-reading messages at 300 msg/s were lost). Under MQTT 5 the
-client sets that window itself, ``Receive Maximum`` in CONNECT (``RECEIVE_MAXIMUM``).
+client sets that window itself, ``Receive Maximum`` in CONNECT (``RECEIVE_MAXIMUM``,
+which also bounds how much the process holds unwritten).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from derms.errors import InputError
 
 log = logging.getLogger(__name__)
 
-RECEIVE_MAXIMUM = 20_000  # unacknowledged QoS 1 messages the broker may send us (MQTT 5)
+# unacknowledged QoS 1 messages the broker may send us (MQTT 5): with acknowledgements
+# after a ~0.2 s batch this allows ~10,000 messages/s, and bounds what is held unwritten
+# (2,000 x the largest message; 20,000 let a backlog of 180 kB messages take GBs)
+RECEIVE_MAXIMUM = 2_000
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps the session (and queues) this long
 
 

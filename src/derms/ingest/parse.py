@@ -97,13 +97,20 @@ def parse_json(body: bytes | str, *, source: str = "api",
                known_series: KnownSeries = None) -> ReadingBatch:
     """Parse a JSON batch (rows, columns or one reading object); raises
     :class:`BatchError` / InputError."""
+    if isinstance(body, bytes | bytearray):  # strictly: json.loads(bytes) lets UTF-8
+        # encoded surrogates (b"\xed\xa0\x80") through as lone surrogates
+        try:
+            body = bytes(body).decode("utf-8-sig" if body[:3] == b"\xef\xbb\xbf" else
+                                      _json_encoding(body))
+        except UnicodeDecodeError as exc:
+            raise InputError(f"body is not valid JSON text: {exc}") from None
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InputError("body is not acceptable JSON: nested too deeply") from None
-    if _SURROGATE.search(body if isinstance(body, bytes) else body.encode("utf-8", "replace")):
+    if _SURROGATE.search(body.encode("utf-8", "replace")):
         try:  # an escaped UTF-16 surrogate that is not half of a pair is no character
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -126,6 +133,11 @@ def parse_json(body: bytes | str, *, source: str = "api",
     else:
         raise InputError("JSON body must be a list of readings or an object of columns")
     return validate(frame, source=source, known_series=known_series)
+
+
+def _json_encoding(body: bytes) -> str:
+    """The encoding of JSON bytes without a BOM (RFC 8259 / json.detect_encoding)."""
+    return json.detect_encoding(body)
 
 
 def parse_csv(text: str | bytes, *, source: str = "api",

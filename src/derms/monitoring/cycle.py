@@ -91,12 +91,13 @@ class MonitorLoop(BackgroundLoop):
                  factory: Callable[[], dict[str, FeederMonitor]] | None = None,
                  on_result: Callable[[str, FeederState | None, RunError | None], None]
                  | None = None,
-                 discover: Callable[[dict[str, Path]], dict[str, FeederMonitor]] | None = None,
+                 discover: Callable[[dict[str, int | None]], dict[str, FeederMonitor]]
+                 | None = None,
                  discover_every_s: float = 60.0) -> None:
         self.monitors: dict[str, FeederMonitor] = dict(monitors or {})
         # ``discover`` (on the loop's thread, every ``discover_every_s`` and at
         # :meth:`notify_models_changed`): monitors for feeders registered, or given a new
-        # model, while the loop runs (feeder -> present master in, new monitors out)
+        # model version, while the loop runs (feeder -> present version in, new out)
         self._discover, self.discover_every_s = discover, float(discover_every_s)
         self._discover_at = time.monotonic() + self.discover_every_s
         # ``factory`` builds the monitors on the loop's own thread when it starts, so
@@ -129,22 +130,24 @@ class MonitorLoop(BackgroundLoop):
     def _discover_new(self) -> None:
         """Run ``discover`` (loop thread); swap in the monitors it builds."""
         self._discover_at = time.monotonic() + self.discover_every_s
-        known = {f: m.master for f, m in self.monitors.items()}
+        with self._cond:
+            known = {f: m.model_version for f, m in self.monitors.items()}
         try:
             built = self._discover(known)
         except Exception:  # a bad store must not stop the cycle
             log.exception("monitor_discover_failed")
             return
         for fid, mon in built.items():
-            old = self.monitors.get(fid)
-            log.info("monitor_feeder_%s feeder=%s master=%s", "replaced" if old else "added",
-                     fid, mon.master)
             with self._cond:
+                old = self.monitors.get(fid)
                 self.monitors[fid] = mon
                 self._owned.append(mon)
                 self._pending.add(fid)
-            if old is not None and old in self._owned:
-                self._owned.remove(old)
+            log.info("monitor_feeder_%s feeder=%s master=%s version=%s",
+                     "replaced" if old else "added", fid, mon.master, mon.model_version)
+            if old is not None:  # this thread runs the monitors: none is in use now
+                if old in self._owned:
+                    self._owned.remove(old)
                 old.close()
 
     def notify_topology_change(self, feeder_id: str) -> None:
@@ -235,37 +238,48 @@ def model_path_of(db: Engine, feeder_id: str, now: datetime | None = None) -> Pa
     """The OpenDSS master of a feeder: ``source_uri`` of its latest ``FeederModelVersion``
     (highest version with ``valid_from <= now`` and ``source_format == "opendss"``); a file
     path (``file://`` allowed) or a bundled feeder name ("ieee13"). None if there is none."""
+    found = model_version_of(db, feeder_id, now)
+    return None if found is None else found[0]
+
+
+def model_version_of(db: Engine, feeder_id: str, now: datetime | None = None
+                     ) -> tuple[Path, int] | None:
+    """(master, version number) of the feeder's latest model (see :func:`model_path_of`)."""
     now = now or utcnow()
-    stmt = (select(FeederModelVersion.source_uri).where(
+    stmt = (select(FeederModelVersion.source_uri, FeederModelVersion.version).where(
         FeederModelVersion.feeder_id == feeder_id, FeederModelVersion.valid_from <= now,
         FeederModelVersion.source_format == "opendss")
         .order_by(FeederModelVersion.version.desc()).limit(1))
     with db.connect() as conn:
-        uri = conn.execute(stmt).scalar()
-    if not uri:
+        row = conn.execute(stmt).first()
+    if row is None or not row.source_uri:
         return None
-    return resolve_master(uri.removeprefix("file://")).resolve()
+    return resolve_master(row.source_uri.removeprefix("file://")).resolve(), int(row.version)
 
 
 def monitors_from_store(db: Engine, config: MonitorConfig | None = None,
-                        known: Mapping[str, Path] | None = None) -> dict[str, FeederMonitor]:
+                        known: Mapping[str, int | None] | None = None
+                        ) -> dict[str, FeederMonitor]:
     """A monitor for every feeder whose latest OpenDSS model version resolves to a file;
     feeders whose model cannot be found or compiled are logged and left out. ``known``
-    (feeder -> master of its present monitor): only feeders that are new or whose model
-    changed get a monitor."""
+    (feeder -> model version of its present monitor): only feeders that are new or have
+    another latest version get a monitor (a file edited in place and registered again is
+    a new version)."""
     known = known or {}
     with db.connect() as conn:
         ids = conn.execute(select(func.distinct(FeederModelVersion.feeder_id))).scalars().all()
     out = {}
     for fid in sorted(ids):
         try:
-            path = model_path_of(db, fid)
-            if path is None or known.get(fid) == path:
+            found = model_version_of(db, fid)
+            if found is None or (fid in known and known[fid] == found[1]):
                 continue
-            out[fid] = FeederMonitor(fid, path, db, config)
+            out[fid] = FeederMonitor(fid, found[0], db, config)
+            out[fid].model_version = found[1]
         except DermsError as exc:
             log.warning("monitor_feeder_skipped feeder=%s error=%s", fid, exc)
     return out
 
 
-__all__ = ["MonitorLoop", "RunError", "model_path_of", "monitors_from_store"]
+__all__ = ["MonitorLoop", "RunError", "model_path_of", "model_version_of",
+           "monitors_from_store"]

@@ -152,6 +152,7 @@ class FeederMonitor:
                  config: MonitorConfig | None = None) -> None:
         self.feeder_id = feeder_id
         self.master = Path(master).resolve()
+        self.model_version: int | None = None  # the registered version, when built from one
         self.db = db
         self.sessions = make_session_factory(db)
         self.config = config or MonitorConfig()
@@ -186,7 +187,7 @@ class FeederMonitor:
         with self.db.connect() as conn:
             meters, m_series, m_last = self.read_meters(conn, now)
             taps = self.read_taps(conn, now)
-        telemetered = self._apply_taps(taps, notes)
+        telemetered = self._apply_taps(taps, notes)  # RegControl -> tap held at its reading
         with self.db.connect() as conn:
             devices = conn.execute(
                 select(DerDevice.der_id, DerDevice.status, DerDevice.p_gen_max_kw,
@@ -202,7 +203,7 @@ class FeederMonitor:
         failed = None
         if meas is not None:
             try:
-                est = self._estimate(meas, notes, settle=not telemetered)
+                est = self._estimate(meas, notes, telemetered)
             except (ConvergenceError, ModelError) as exc:  # the cycle goes on: the
                 # availability and alarms below do not depend on the estimate
                 log.warning("monitor_estimation_failed feeder=%s error=%s", self.feeder_id,
@@ -254,7 +255,8 @@ class FeederMonitor:
             violations=report.events, availability=avail, estimation=estimation,
             alarms=alarm_info, topology=dict(self.topology), notes=notes)
 
-    def _estimate(self, meas: Measurements, notes: list[str], settle: bool = True):
+    def _estimate(self, meas: Measurements, notes: list[str],
+                  taps: dict[str, float] | None = None):
         """Estimate with the controls where the feeder's own would be: the regulators
         and switched capacitors of the model are frozen in the estimate (its Jacobian is
         for fixed taps), so after each estimate they act once at the estimated loads (as
@@ -263,22 +265,23 @@ class FeederMonitor:
         kept only if it fits the measurements better (lower chi-square), else the
         positions go back. Taps stay where they settled: the next cycle starts from them. IEEE 34 with its
         regulators 1-3 steps from the base case: 0.023 pu off with the taps frozen there
-        (bench/README.md). With tap telemetry (``settle`` False) the taps are the
-        telemetered ones and nothing settles."""
+        (bench/README.md). Telemetered taps (``taps``: RegControl -> tap [pu]) are held at
+        their readings; the other regulators and the capacitors settle."""
         est = estimate_state(self.engine, meas, index=self.index, restore=True,
                              prior_log_scale=self.scale_tracker.prior())
         moves = 0
-        for _ in range(self.config.settle_controls if settle else 0):
+        for _ in range(self.config.settle_controls):
             if not est.converged:  # (bad data is no reason to stop: taps that are off
                 break              # look like bad data)
             kept = capture_control_state(self.engine, self._regulated)
-            if not self._settle_controls(est):
-                break
-            try:
+            again = None
+            try:  # a failure here costs the settling, never the estimate in hand
+                if not self._settle_controls(est, taps):
+                    break
                 again = estimate_state(self.engine, meas, index=self.index, restore=True,
                                        prior_log_scale=self.scale_tracker.prior())
-            except (ConvergenceError, ModelError):
-                again = None
+            except (ConvergenceError, ModelError) as exc:
+                log.warning("monitor_settle_failed feeder=%s error=%s", self.feeder_id, exc)
             if again is None or not again.converged or again.chi2 >= est.chi2:
                 # the meters fit the positions before no worse: those stand (a regulator
                 # held by its operator, or a band the truth has not left)
@@ -292,10 +295,12 @@ class FeederMonitor:
                          f"({moves} time(s))")
         return est
 
-    def _settle_controls(self, est) -> bool:
+    def _settle_controls(self, est, taps: dict[str, float] | None = None) -> bool:
         """Let the controls act at the estimated loads, then freeze them there (loads back
-        at base); True when a tap or capacitor step moved."""
-        if not self._regulated and not self.engine.circuit.CapControls.Count:
+        at base; telemetered ``taps`` set back to their readings); True when a tap or
+        capacitor step moved."""
+        n_reg = len(self._regulated)
+        if (not n_reg or len(taps or {}) >= n_reg) and not self.engine.circuit.CapControls.Count:
             return False
         pos = {n: i for i, n in enumerate(self.load_names)}
         p, q = self.base_p_kw.copy(), self.base_q_kvar.copy()
@@ -312,6 +317,7 @@ class FeederMonitor:
         finally:
             self.engine.set_control_mode("off")
             _set_loads(loads, self.base_p_kw, self.base_q_kvar)
+            self._set_taps(taps or {})
             self.engine.solve()
         return capture_control_state(self.engine, self._regulated) != before
 
@@ -349,11 +355,12 @@ class FeederMonitor:
         return {str(m)[len(reg):].lower(): float(v)
                 for m, v in zip(last["meter_id"], last["value"], strict=True)}
 
-    def _apply_taps(self, taps: dict[str, float], notes: list[str]) -> bool:
-        """Set the regulators' taps from telemetry (controls stay frozen); True if any."""
+    def _apply_taps(self, taps: dict[str, float], notes: list[str]) -> dict[str, float]:
+        """Set the regulators' taps from telemetry (controls stay frozen); returns the
+        telemetered taps of the model's regulators (RegControl -> tap [pu])."""
         if not taps:
-            return False
-        rc, tr = self.engine.circuit.RegControls, self.engine.circuit.Transformers
+            return {}
+        rc = self.engine.circuit.RegControls
         known = {}
         k = rc.First
         while k > 0:
@@ -362,17 +369,24 @@ class FeederMonitor:
         unknown = sorted(set(taps) - set(known))
         if unknown:
             notes.append(f"tap telemetry for unknown regulator(s) ignored: {unknown[:5]}")
-        used = 0
-        for name, tap in taps.items():
-            if name in known:
-                tr.Name = known[name][0]
-                tr.Wdg = known[name][1]
-                tr.Tap = tap
-                used += 1
+        used = {n: t for n, t in taps.items() if n in known}
         if used:
-            self.engine.solve()
-            notes.append(f"regulator taps from telemetry: {used} of {len(known)}")
-        return used > 0
+            self._set_taps(used)
+            try:
+                self.engine.solve()
+            except ConvergenceError as exc:  # the estimate reports its own failure
+                notes.append(f"solve at the telemetered taps failed: {exc}")
+            notes.append(f"regulator taps from telemetry: {len(used)} of {len(known)}")
+        return used
+
+    def _set_taps(self, taps: dict[str, float]) -> None:
+        """Set the tap [pu] of each named RegControl's winding (no solve)."""
+        rc, tr = self.engine.circuit.RegControls, self.engine.circuit.Transformers
+        for name, tap in taps.items():
+            rc.Name = name
+            tr.Name = rc.Transformer
+            tr.Wdg = int(rc.Winding)
+            tr.Tap = tap
 
     def build_measurements(self, meters, m_series, m_last, now: datetime, notes: list[str]
                            ) -> tuple[Measurements | None, list, dict[str, Any]]:
