@@ -40,6 +40,7 @@ def _device(api, der_id):
 def test_health_ready_metrics_need_no_token(api):
     assert api.get("/health").json() == {"status": "ok"}
     assert api.get("/ready").json()["status"] == "ready"
+    assert api.head("/health").status_code == 200 == api.head("/ready").status_code  # probes
     assert "derms_http_requests_total" in api.get("/metrics").text
     assert api.get("/openapi.json").json()["info"]["title"] == "derms"
 

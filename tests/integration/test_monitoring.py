@@ -498,6 +498,12 @@ def test_estimates_keep_working_after_a_switch_opens_and_closes(feeder):
             assert err < V_TOL_PU, (k, state_, err)
             dead = dict(zip(st.node_names, st.v_pu))["692.1"]
             assert (dead < 0.1) == (state_ == "open")
+            # the fixture's DERs sit at 675, behind the switch: no headroom while it is
+            # open, whatever their telemetry (they read "online" with headroom before)
+            av = st.availability
+            assert (~av["energised"]).all() == (state_ == "open"), av
+            if state_ == "open":
+                assert (av["headroom_up_kw"] == 0).all() and (av["headroom_down_kw"] == 0).all()
     finally:
         monitor.close()
         truth.close()

@@ -110,12 +110,12 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.latency.labels(path).observe(time.perf_counter() - t0)
         return response
 
-    @app.get("/health", tags=["operations"])
+    @app.api_route("/health", methods=["GET", "HEAD"], tags=["operations"])
     def health() -> dict:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["operations"])
+    @app.api_route("/ready", methods=["GET", "HEAD"], tags=["operations"])
     def ready() -> dict:
         """Readiness: the database answers and its schema is at this version's head."""
         try:

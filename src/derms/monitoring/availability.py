@@ -117,6 +117,7 @@ def summarise_availability(table: pd.DataFrame) -> dict:
     return {
         "n_online": int(counts.get(ONLINE, 0)), "n_stale": int(counts.get(STALE, 0)),
         "n_offline": int(counts.get(OFFLINE, 0)),
+        "n_deenergised": int((~table["energised"]).sum()) if "energised" in table else 0,
         "headroom_up_kw": float(table["headroom_up_kw"].sum()),
         "headroom_down_kw": float(table["headroom_down_kw"].sum()),
     }

@@ -191,7 +191,8 @@ class FeederMonitor:
         with self.db.connect() as conn:
             devices = conn.execute(
                 select(DerDevice.der_id, DerDevice.status, DerDevice.p_gen_max_kw,
-                       DerDevice.p_charge_max_kw).join(DerSite, DerDevice.site_id == DerSite.site_id)
+                       DerDevice.p_charge_max_kw, DerSite.bus)
+                .join(DerSite, DerDevice.site_id == DerSite.site_id)
                 .where(DerSite.feeder_id == self.feeder_id).order_by(DerDevice.der_id)).all()
             d_series = series_of(conn, der_ids=[d.der_id for d in devices], quantities=("p_kw",))
             d_last = latest_readings(conn, d_series["series_id"].tolist(),
@@ -239,6 +240,7 @@ class FeederMonitor:
             branch_names=self.index.branch_element, branch_phases=self.index.branch_phase,
             limits=cfg.limits)
         avail = self._availability(devices, d_last, now)
+        avail = self._isolated(avail, devices, v_est, notes)
 
         alarm_info: dict[str, Any] = {}
         if cfg.alarms:
@@ -582,6 +584,27 @@ class FeederMonitor:
             p_charge_max_kw=[d.p_charge_max_kw for d in devices],
             age_s=age, p_kw=last["value"].reindex(ids).to_numpy(float),
             thresholds=self.config.availability)
+
+    def _isolated(self, avail: pd.DataFrame, devices, v_pu: np.ndarray, notes: list[str]
+                  ) -> pd.DataFrame:
+        """A device whose site bus is de-energised in the estimate (every node below the
+        energised threshold) can deliver nothing: its headroom is 0 and ``energised``
+        false, whatever its telemetry says (it reported "online" with 60 kW of headroom
+        behind an open switch). Devices without a known bus count as energised."""
+        bus_of = {d.der_id: (d.bus or "").split(".")[0].lower() for d in devices}
+        dead_min = self.config.limits.energised_min_pu
+        live_bus: dict[str, bool] = {}
+        for name, v in zip(self.node_names, v_pu, strict=True):
+            b = name.split(".")[0]
+            live_bus[b] = live_bus.get(b, False) or bool(v >= dead_min)
+        energised = np.array([live_bus.get(bus_of[i], True) for i in avail["der_id"]],
+                             dtype=bool)
+        out = avail.assign(energised=energised)
+        out.loc[~energised, ["headroom_up_kw", "headroom_down_kw"]] = 0.0
+        if (~energised).any():
+            notes.append(f"{int((~energised).sum())} device(s) on de-energised buses: no "
+                         "headroom (" + ", ".join(out.loc[~energised, "der_id"][:5]) + ")")
+        return out
 
     def _conditions(self, events: pd.DataFrame, avail: pd.DataFrame, devices,
                     stale_meters: list[str], *, model_only: bool = False,
