@@ -106,6 +106,7 @@ def test_report_and_opendss_set(out):
     (["--policy", "random"], "random"),
     (["--horizon", "30d", "--step", "1h"], "--horizon"),
     (["--pv", "0", "--battery", "0", "--ev", "0"], "nothing to dispatch"),
+    (["--seed", "-1"], "--seed"),                       # was numpy's traceback
 ])
 def test_bad_input_exits_2(tmp_path, args, fragment):
     code, text = _run("ieee123", *args, "--out", tmp_path)

@@ -186,8 +186,9 @@ def test_base_case_values_beyond_a_limit_are_held_even_inside_the_tolerance():
     i = np.array([[100.0, 100.5, 120.0]])  # rating 100 A, tolerance 1 %
     ref = Reference(np.zeros((1, 0)), np.zeros((1, 0)), v, i, np.zeros(1))
     lim = network_limits(ref, np.ones(5, dtype=int), np.full(3, 100.0), Limits())
-    np.testing.assert_allclose(lim.v_max[0], [1.05, 1.0505, 1.06, 1.05, 1.05])
-    np.testing.assert_allclose(lim.v_min[0], [0.95, 0.95, 0.95, 0.9495, 0.94])
+    # voltages held at the base value plus half the 0.001 pu counting tolerance
+    np.testing.assert_allclose(lim.v_max[0], [1.05, 1.051, 1.0605, 1.05, 1.05])
+    np.testing.assert_allclose(lim.v_min[0], [0.95, 0.95, 0.95, 0.949, 0.9395])
     np.testing.assert_allclose(lim.i_max[0], [100.0, 100.5, 120.0])
 
 

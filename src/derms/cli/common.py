@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import shutil
+import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,7 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        _exit_on_sigterm()
         try:
             return func(*args, **kwargs)
         except DermsError as exc:
@@ -45,6 +47,17 @@ def handle_errors(func):
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job) exits through Python, so ``finally`` blocks
+    run: an output folder half-written into its temporary sibling is removed (the default
+    handler killed the process and left ``.OUT.xxxx`` behind)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def parse_start(text: str) -> datetime:

@@ -68,7 +68,8 @@ def dispatch(
         help="Curtailment policy: how PV curtailment is shared.")] = PolicyChoice.cost_minimal,
     export_limit_kw: Annotated[float | None, typer.Option(
         "--export-limit-kw", help="Largest export at the substation [kW] (head import >= "
-                                  "-X). Default: none.")] = None,
+                                  "-X; a negative X asks for an import of at least |X|). "
+                                  "Default: none.")] = None,
     forecast: Annotated[ForecastChoice, typer.Option(
         help="'perfect': one plan with perfect knowledge (exported as schedule.csv and the "
              "OpenDSS replay); 'noisy' / 'model': also re-plan on a rolling basis (every "
@@ -102,6 +103,8 @@ def dispatch(
             raise InputError(f"{name} {value:g}: expected a share of customers in [0, 1]")
     if export_limit_kw is not None and not math.isfinite(export_limit_kw):
         raise InputError(f"--export-limit-kw {export_limit_kw}: expected a finite number")
+    if seed < 0:
+        raise InputError(f"--seed {seed}: expected a non-negative integer")
     step_td, n_steps = parse_horizon(horizon, step)
     if step_td < timedelta(minutes=1):
         raise InputError(f"--step {step!r}: expected at least 1 minute")

@@ -15,6 +15,7 @@ solver warm-starts from its last basis.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,10 @@ from derms.der.models import Fleet, FleetArrays
 from derms.errors import InfeasibleError
 
 INF = highspy.kHighsInf
+STALL_MIN_S = 15.0  # the least time an attempt gets before the next fallback
+STALL_S_PER_NNZ = 2e-5  # ... per nonzero (IEEE 8500's 2.6 M-nonzero re-solves: 5-15 s)
+FALLBACKS = ({"presolve": "off"}, {"solver": "ipm", "presolve": "on"})
+log = logging.getLogger(__name__)
 Policy = Literal["cost_minimal", "equal_proportional", "proportional_to_capacity"]
 BLOCKS = ("pv_p", "pv_qa", "pv_qi", "bat_ch", "bat_dis", "bat_e", "ev_c", "fl_shed", "fl_rec",
           "gen_p", "share")
@@ -279,6 +284,7 @@ class HighsLP:
         self.kind, self.element, self.t = rows.kind, rows.element, rows.t
         self.n_solves = 0
         self.solve_s = 0.0
+        self._fallback = 0  # FALLBACKS used so far
 
     @property
     def n_rows(self) -> int:
@@ -325,10 +331,33 @@ class HighsLP:
 
     def solve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Solve; return (x, row activities, row duals). Raise :class:`InfeasibleError`
-        (without naming elements; callers diagnose) when HiGHS finds no optimum."""
+        (without naming elements; callers diagnose) when HiGHS finds no optimum.
+
+        Each attempt has a time limit (``STALL_S_PER_NNZ`` x nonzeros, at least
+        ``STALL_MIN_S``): HiGHS's dual simplex after presolve stalled on IEEE 34 at 5-min
+        steps (273,000 iterations in 60 s, the CLI never finished) where the same LP
+        solves in 0.3 s without presolve and in 4 s by interior point. An attempt that
+        hits the limit is followed by the next of ``FALLBACKS``, which later solves of
+        this model then keep."""
         import time
         t0 = time.perf_counter()
+        limit = max(STALL_MIN_S, STALL_S_PER_NNZ * self.h.getNumNz())
+        # HiGHS's time limit is on the run time of the object, summed over its runs; the
+        # last fallback (once reached) has none
+        self.h.setOptionValue("time_limit", self.h.getRunTime() + limit
+                              if self._fallback < len(FALLBACKS) else highspy.kHighsInf)
         self.h.run()
+        while (self.h.getModelStatus() == highspy.HighsModelStatus.kTimeLimit
+               and self._fallback < len(FALLBACKS)):
+            opts = FALLBACKS[self._fallback]
+            self._fallback += 1
+            log.warning("dispatch_lp stalled after %.0f s (%d x %d); retrying with %s",
+                        time.perf_counter() - t0, self.n_rows, self.h.getNumCol(), opts)
+            for k, v in opts.items():
+                self.h.setOptionValue(k, v)
+            self.h.setOptionValue("time_limit", self.h.getRunTime() + limit
+                                  if self._fallback < len(FALLBACKS) else highspy.kHighsInf)
+            self.h.run()
         self.solve_s += time.perf_counter() - t0
         self.n_solves += 1
         status = self.h.getModelStatus()
