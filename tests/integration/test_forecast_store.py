@@ -251,6 +251,27 @@ def test_schedule_survives_failing_cycles(engine, service):
     assert "unknown" in sched.last_error.error and sched.issues == 0
 
 
+def test_one_unknown_target_does_not_stop_the_others(engine, meters, service):
+    """A target whose series does not resolve (a meter with no readings, a typo) used to
+    make every retrain and issue of its kind fail, so no series of that kind was ever
+    forecast; it is now an error of each cycle and the others are forecast."""
+    prefix = f"mixed-{uuid.uuid4().hex[:6]}"
+    service.clock = lambda: END + timedelta(hours=12, minutes=5)
+    ghost = f"ghost-{uuid.uuid4().hex[:6]}"
+    add_meters(engine, [ghost])                     # registered, never read
+    sched = ForecastSchedule(service, [*targets(meters), f"{ghost}:p_kw:load"],
+                             issue_period_s=0.2, retrain_period_s=0, specs={"load": SPEC},
+                             step=HOUR, prefix=prefix)
+    sched.start()
+    try:
+        assert sched.wait_for(issues=1, timeout=60), sched.last_error
+    finally:
+        sched.stop(timeout=20)
+    assert sched.errors >= 1 and ghost in sched.last_error.action
+    sid = find_series(engine, meters[0], "p_kw").series_id
+    assert latest_forecast(engine, sid).run.model_name == f"{prefix}-load"
+
+
 def test_schedule_from_settings(engine, db_url, tmp_path):
     off = get_settings(database_url=db_url, data_dir=tmp_path)
     assert ForecastSchedule.from_settings(off, engine) is None
@@ -274,3 +295,34 @@ def test_migration_0003_down_and_up(empty_db_url):
     upgrade(url, "0003")  # the head moves on with later migrations (0004: control)
     assert current_revision(url) == "0003"
     eng.dispose()
+
+
+def test_a_pv_device_is_forecast_from_its_output_in_its_own_sign(engine, db_url, tmp_path):
+    """A PV device's p_kw is stored import-positive (negative while it generates); the PV
+    model clips at 0, so its forecast was 0 everywhere. The model now sees the output and
+    the forecast comes back import-positive: negative by day, quantiles in order."""
+    from derms.store.forecasts import latest_forecast as latest
+    from derms.store.models import DerDevice, DerSite, DerType
+
+    uid = uuid.uuid4().hex[:6]
+    der = f"pv-{uid}"
+    with make_session_factory(engine).begin() as s:
+        s.add(DerSite(site_id=f"site-{uid}"))
+        s.flush()
+        s.add(DerDevice(der_id=der, site_id=f"site-{uid}", der_type=DerType.PV, s_max_kva=10.0,
+                        p_gen_max_kw=10.0))
+    t = pd.date_range(T0, periods=DAYS * 24, freq="h")
+    h = t.hour.to_numpy()
+    rng = np.random.default_rng(4)
+    out_kw = np.clip(8 * np.sin(np.pi * (h - 6) / 12), 0, None) * rng.uniform(0.6, 1.0, len(t))
+    write_readings(engine, pd.DataFrame({"der_id": der, "quantity": "p_kw", "value": -out_kw,
+                                         "t": pd.Series(list(t), dtype=object), "source": "der"}))
+    settings = get_settings(database_url=db_url, data_dir=tmp_path / "data")
+    svc = ForecastService(settings, engine, clock=lambda: END + timedelta(minutes=5))
+    spec = ForecastSpec(kind="pv", n_rounds=20, latitude=0.0, longitude=0.0)
+    svc.retrain(f"pvdev-{uid}", [f"{der}:p_kw:pv"], spec, step=HOUR)
+    svc.issue(f"pvdev-{uid}", END)
+    sid = find_series(engine, der, "p_kw").series_id
+    fc = latest(engine, sid).values
+    assert (fc["p10"] <= fc["p50"] + 1e-9).all() and (fc["p50"] <= fc["p90"] + 1e-9).all()
+    assert fc["p50"].min() < -3.0 and fc["p50"].max() <= 1e-6, fc

@@ -184,6 +184,12 @@ def test_model_round_trips_through_its_files(tmp_path):
         np.testing.assert_allclose(back.predict(x)[q], m.predict(x)[q])
     with pytest.raises(InputError, match="not a saved"):
         QuantileModel.load(tmp_path)
+    # other calibration, same boosters: another version (the service kept an old folder's
+    # offsets under a version whose database record had the new ones)
+    m.offsets = {0.1: 0.07, 0.9: -0.01}
+    assert m.save(tmp_path / "model2") != version
+    m.offsets, m.shrink = {0.1: 0.05, 0.9: -0.01}, 0.9
+    assert m.save(tmp_path / "model3") != version
 
 
 def test_last_value_feature_reaches_back_over_a_gap():

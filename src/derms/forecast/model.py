@@ -99,17 +99,24 @@ class QuantileModel:
 
     # ---------------------------------------------------------------- persistence
     def save(self, folder: Path, meta: dict | None = None) -> str:
-        """Write boosters and metadata to ``folder``; return the model version (content hash)."""
+        """Write boosters and metadata to ``folder``; return the model version (content hash
+        of the boosters, the conformal offsets and the shrink)."""
         folder.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         for q, booster in self.boosters.items():
             text = booster.model_to_string()
             digest.update(text.encode())
             (folder / f"booster_q{round(q * 100):02d}.txt").write_text(text)
+        offsets = {str(q): c for q, c in self.offsets.items()}
+        # what predict uses beyond the boosters: a re-fit that changes only the conformal
+        # offsets or the shrink is another model (it kept the old folder's offsets while
+        # the database recorded the new ones)
+        digest.update(json.dumps({"offsets": offsets, "shrink": self.shrink},
+                                 sort_keys=True, default=float).encode())
         version = digest.hexdigest()[:16]
         info = {"version": version, "quantiles": list(self.quantiles),
                 "feature_names": list(self.feature_names), "n_rounds": self.n_rounds,
-                "params": self.params, "offsets": {str(q): c for q, c in self.offsets.items()}, "shrink": self.shrink,
+                "params": self.params, "offsets": offsets, "shrink": self.shrink,
                 "trained_at": self.trained_at, "n_train_rows": self.n_train_rows,
                 **(meta or {})}
         (folder / "model.json").write_text(json.dumps(info, indent=2))

@@ -103,6 +103,17 @@ class ForecastSchedule(BackgroundLoop):
                 self._cond.notify_all()
             return None
 
+    def _usable(self, targets: list[ForecastTarget]) -> list[ForecastTarget]:
+        """The targets whose series resolve now; each one that does not is an error of
+        this cycle (logged and counted) and is left out, so one unknown or ambiguous
+        series no longer stops every forecast of its kind."""
+        ok = []
+        for t in targets:
+            if self._guard(f"resolve {t.key}", lambda t=t: self.service._resolve([t])) \
+                    is not None:
+                ok.append(t)
+        return ok
+
     def retrain_all(self) -> None:
         """Retrain every kind's model now (in the calling thread)."""
         for kind, targets in self.groups.items():
@@ -110,6 +121,9 @@ class ForecastSchedule(BackgroundLoop):
 
     def _retrain_one(self, kind: str, targets: list[ForecastTarget]) -> None:
         name = self.model_name(kind)
+        targets = self._usable(targets)
+        if not targets:
+            return
         res = self._guard(f"retrain {name}", lambda: self.service.retrain(
             name, targets, self.specs[kind], step=self.step, history_days=self.history_days))
         if res is not None:
@@ -126,6 +140,9 @@ class ForecastSchedule(BackgroundLoop):
                 self._retrain_one(kind, targets)
             origin = floor_time(self.service.clock(), self.step)
             if self._last_origin.get(name) == origin:
+                continue
+            targets = self._usable(targets)
+            if not targets:
                 continue
             res = self._guard(f"issue {name}", lambda n=name, t=targets, o=origin:
                               self.service.issue(n, o, t))

@@ -18,9 +18,10 @@ and keep both going on a schedule.
 never ends the thread.
 
 Targets are ``owner:quantity:kind[:source]``: a device or meter id, the quantity with its
-unit (``p_kw``; import at a connection point positive, a PV device's own output
-``p_gen_kw >= 0``), ``load`` or ``pv``, and optionally the reading source when the series
-has several. Forecasts are in the series' own unit.
+unit (``p_kw``, import positive as stored: a PV device's ``p_kw`` is negative while it
+generates), ``load`` or ``pv``, and optionally the reading source when the series has
+several. Forecasts are in the series' own unit and sign (a PV device's model is fitted on
+its output, ``-p_kw``, and its forecasts turned back).
 """
 
 from __future__ import annotations
@@ -196,9 +197,11 @@ class ForecastService:
 
     # -- history --------------------------------------------------------------------------
     def _history(self, refs: dict[str, SeriesRef], start: datetime, end: datetime,
-                 step: timedelta) -> tuple[dict[str, CleanSeries], dict[str, str], list[str]]:
-        """Per target key, the series' interval means on the step grid in [start, end);
-        targets without readings go to the second dict (key → reason)."""
+                 step: timedelta, flip: frozenset[str] = frozenset()
+                 ) -> tuple[dict[str, CleanSeries], dict[str, str], list[str]]:
+        """Per target key, the series' interval means on the step grid in [start, end)
+        (negated for the keys in ``flip``: a PV device's import-positive power, so the model
+        sees its output); targets without readings go to the second dict (key → reason)."""
         out, failed, warnings = {}, {}, []
         for key, ref in refs.items():
             frame = read_readings(self.engine, quantity=ref.quantity, start=start, end=end,
@@ -207,11 +210,24 @@ class ForecastService:
                 failed[key] = (f"series {key}: no readings in [{start.isoformat()}, "
                                f"{end.isoformat()})")
                 continue
-            values = pd.Series(frame["value"].to_numpy(), index=pd.DatetimeIndex(frame["t"]))
+            sign = -1.0 if key in flip else 1.0
+            values = pd.Series(sign * frame["value"].to_numpy(float),
+                               index=pd.DatetimeIndex(frame["t"]))
             clean = clean_series(values, key, step=pd.Timedelta(step))
             out[key] = clean
             warnings.extend(clean.warnings)
         return out, failed, warnings
+
+    @staticmethod
+    def _generation(spec: ForecastSpec, refs: dict[str, SeriesRef]) -> frozenset[str]:
+        """Keys of PV targets stored import-positive (a DER's own ``p_kw``: generating is
+        negative): the model is fitted and predicts their output (>= 0), and the forecasts
+        go back to the series' sign. Without this a PV device's forecast was all 0 (the PV
+        model clips at 0)."""
+        if spec.kind != "pv":
+            return frozenset()
+        return frozenset(k for k, r in refs.items()
+                         if r.is_der and r.quantity.startswith("p_") and r.quantity.endswith("_kw"))
 
     def _resolve(self, targets: list[ForecastTarget]) -> dict[str, SeriesRef]:
         return {t.key: find_series(self.engine, t.owner, t.quantity, t.source) for t in targets}
@@ -248,7 +264,8 @@ class ForecastService:
         days = history_days or self.settings.forecast_history_days
         refs = self._resolve(tlist)
         t0 = time.perf_counter()
-        series, failed, warnings = self._history(refs, end - timedelta(days=days), end, step)
+        series, failed, warnings = self._history(refs, end - timedelta(days=days), end, step,
+                                                 self._generation(spec, refs))
         short = dict(failed)
         for key, clean in list(series.items()):
             span = clean.values.index[-1] - clean.values.index[0] + clean.step
@@ -342,7 +359,9 @@ class ForecastService:
         if wrong:
             raise InputError(f"targets {wrong}: kind differs from the model's kind {spec.kind!r}")
         refs = self._resolve(tlist)
-        series, failed, warnings = self._history(refs, origin - ISSUE_HISTORY, origin, step)
+        flip = self._generation(spec, refs)
+        series, failed, warnings = self._history(refs, origin - ISSUE_HISTORY, origin, step,
+                                                 flip)
         recent = pd.Timestamp(origin) - pd.Timedelta(days=LOOKBACK_DAYS)
         for key, clean in list(series.items()):
             if not clean.values[clean.values.index >= recent].notna().any():
@@ -361,8 +380,10 @@ class ForecastService:
         items, keys = [], []
         horizon_s, step_s = int(spec.horizon.total_seconds()), int(step.total_seconds())
         for key, part in table.groupby("series_id", sort=False):
-            values = pd.DataFrame({"t": pd.DatetimeIndex(part["timestamp"]),
-                                   **{c: part[c].to_numpy(float) for c in ("p10", "p50", "p90")}})
+            q = {c: part[c].to_numpy(float) for c in ("p10", "p50", "p90")}
+            if key in flip:  # back to import-positive: the output's P90 is the import's P10
+                q = {"p10": -q["p90"], "p50": -q["p50"], "p90": -q["p10"]}
+            values = pd.DataFrame({"t": pd.DatetimeIndex(part["timestamp"]), **q})
             items.append((RunIn(refs[key].series_id, info.id, origin, horizon_s, step_s), values))
             keys.append(key)
         run_ids = write_forecasts(self.engine, items)
