@@ -342,3 +342,36 @@ def test_independent_py20305_client_discovers_programs_and_controls(pki, server)
     doe = next(p for p in state.der_programs.values() if p.primacy == 1)
     assert len(doe.der_controls) == 2
     assert doe.default_dercontrol is not None
+
+
+def test_head_and_expect_100_continue(pki, server):
+    """HEAD is answered like GET without a body (it was 405 on every resource), and a
+    client that sends "Expect: 100-continue" gets its 100 at once (curl waited ~1 s per
+    POST for it)."""
+    dev = Client(server["port"], _ctx(pki, "agg1"))
+    dev.conn.request("HEAD", "/sep2/dcap")
+    resp = dev.conn.getresponse()
+    assert resp.status == 200 and resp.read() == b""
+    assert int(resp.getheader("content-length")) > 0
+    assert dev.get("/sep2/dcap") is not None          # the connection is still in step
+    d1 = Client(server["port"], _ctx(pki, "dev1"))    # a registered device
+    edevs = d1.get(d1.get("/sep2/dcap").find(f"{Q}EndDeviceListLink").get("href"))
+    assert edevs.get("subscribable") == "1"           # the list is subscribable ...
+    assert edevs.findall(f"{Q}EndDevice")
+    for ed in edevs.findall(f"{Q}EndDevice"):          # ... an EndDevice is not (it said
+        assert ed.get("subscribable") in (None, "0")   # 1 and subscriptions got 400)
+    body = (f'<EndDevice xmlns="urn:ieee:std:2030.5:ns"><lFDI>{"78" * 20}</lFDI>'
+            f'<sFDI>{_sfdi("78" * 20)}</sFDI><changedTime>0</changedTime></EndDevice>').encode()
+    ctx = _ctx(pki, "agg1")
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"POST /sep2/edev HTTP/1.1\r\nHost: localhost\r\n"
+                        b"Content-Type: application/sep+xml\r\nExpect: 100-continue\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode())
+            tls.settimeout(0.5)
+            first = tls.recv(4096)                    # before any body byte is sent
+            assert first.startswith(b"HTTP/1.1 100"), first
+            tls.settimeout(5)
+            tls.sendall(body)
+            rest = tls.recv(4096)
+            assert rest.split(b"\r\n", 1)[0].split()[1] in (b"201", b"204"), rest

@@ -124,3 +124,23 @@ def test_schema_rejects_wrong_order_and_foreign_root():
         sep_xml.parse(b'<EndDevice xmlns="urn:example"/>', "EndDevice")
     with pytest.raises(sep_xml.SepDocumentError):
         sep_xml.parse(b'<!DOCTYPE x [<!ENTITY a "b">]><EndDevice/>', "EndDevice")
+
+
+def test_dtds_and_entities_are_refused_in_any_encoding():
+    """The DTD check looked for the bytes b"<!DOCTYPE", which a UTF-16 or UTF-32 document
+    does not contain: an entity reference in one reached the schema validator and made a
+    500 on every POST/PUT. Documents that are not UTF-8 are refused too (2030.5 is UTF-8)."""
+    import pytest
+
+    body = ('<?xml version="1.0" encoding="{enc}"?><!DOCTYPE LogEvent '
+            '[<!ENTITY x "12345">]><LogEvent xmlns="urn:ieee:std:2030.5:ns">'
+            '<createdDateTime>&x;</createdDateTime></LogEvent>')
+    for enc in ("UTF-16", "UTF-32"):
+        with pytest.raises(sep_xml.SepDocumentError, match="declarations|encoding"):
+            sep_xml.parse(body.format(enc=enc).encode(enc.lower()), "LogEvent")
+    plain = ('<?xml version="1.0" encoding="UTF-16"?><Time xmlns="urn:ieee:std:2030.5:ns">'
+             '<currentTime>0</currentTime><dstEndTime>0</dstEndTime><dstOffset>0</dstOffset>'
+             '<dstStartTime>0</dstStartTime><quality>7</quality><tzOffset>0</tzOffset></Time>')
+    with pytest.raises(sep_xml.SepDocumentError, match="UTF-8"):
+        sep_xml.parse(plain.encode("utf-16"), "Time")
+

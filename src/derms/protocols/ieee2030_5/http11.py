@@ -245,6 +245,10 @@ class Http11TlsServer:
             if length is not None and int(length) > self.max_body_bytes:
                 await self._send(conn, tls, Response(413), close=True)
                 return
+            if conn.they_are_waiting_for_100_continue:  # "Expect: 100-continue" (curl and
+                # many HTTP stacks for POST/PUT): answered, or the client waits ~1 s first
+                await tls.send(conn.send(h11.InformationalResponse(status_code=100,
+                                                                   headers=[])))
             body = bytearray()
             while True:
                 part = await self._next_event(conn, tls)
@@ -262,7 +266,9 @@ class Http11TlsServer:
                 await self._send(conn, tls, Response(400), close=True)
             raise _Close from None
         target = urlsplit(event.target.decode("latin-1"))
-        request = Request(method=event.method.decode("ascii"), path=target.path or "/",
+        method = event.method.decode("ascii")
+        head = method == "HEAD"  # answered as GET without the body (RFC 9110 9.3.2)
+        request = Request(method="GET" if head else method, path=target.path or "/",
                           query=dict(parse_qsl(target.query, keep_blank_values=True)),
                           headers=headers, body=bytes(body), client=client)
         try:
@@ -273,10 +279,10 @@ class Http11TlsServer:
             log.exception("event=ieee2030_5_handler_error method=%s path=%s lfdi=%s",
                           request.method, request.path, client.lfdi)
             response = Response(500)
-        await self._send(conn, tls, response, close=False)
+        await self._send(conn, tls, response, close=False, head=head)
 
     async def _send(self, conn: h11.Connection, writer: _TlsStream,
-                    response: Response, *, close: bool) -> None:
+                    response: Response, *, close: bool, head: bool = False) -> None:
         headers = [("content-length", str(len(response.body))), ("server", "derms")]
         if response.content_type:
             headers.append(("content-type", response.content_type))
@@ -285,7 +291,7 @@ class Http11TlsServer:
             headers.append(("connection", "close"))
         data = conn.send(h11.Response(status_code=response.status, headers=headers,
                                       reason=REASONS.get(response.status, "").encode()))
-        if response.body:
+        if response.body and not head:
             data += conn.send(h11.Data(data=response.body))
         data += conn.send(h11.EndOfMessage())
         await writer.send(data)

@@ -145,7 +145,8 @@ def end_device(paths: Paths, rec: EndDeviceRecord) -> etree._Element:
            E("FunctionSetAssignmentsListLink", href=paths.fsa_list(e), all=len(rec.fsa_ids)),
            E("RegistrationLink", href=paths.reg(e)) if rec.pin is not None else None,
            E("SubscriptionListLink", href=paths.subscriptions(e)),
-           href=paths.edev(e), subscribable=SUBSCRIBABLE)
+           href=paths.edev(e), subscribable=0)  # not one of the subscribable routes: a
+    # device trusting the flag got 400 for its subscription
     if rec.nmi:
         el.append(C("ConnectionPointLink", href=paths.cp(e)))
     return el

@@ -109,6 +109,15 @@ def parse(body: bytes, expected_root: str | tuple[str, ...]) -> etree._Element:
         root = etree.fromstring(body, _parser())
     except etree.XMLSyntaxError as exc:
         raise SepDocumentError(f"not well-formed XML: {exc}") from None
+    info = root.getroottree().docinfo
+    # the byte check above misses UTF-16/32 documents (an entity reference in one reached
+    # the schema validator and made a 500): the parsed tree is checked too
+    if info.internalDTD is not None or info.doctype or any(
+            isinstance(n, etree._Entity) for n in root.iter()):
+        raise SepDocumentError("document type declarations are not accepted")
+    if (info.encoding or "UTF-8").upper().replace("_", "-") not in ("UTF-8", "US-ASCII",
+                                                                      "ASCII"):
+        raise SepDocumentError(f"encoding {info.encoding!r}: IEEE 2030.5 documents are UTF-8")
     if root.tag not in {f"{{{NS}}}{r}" for r in roots}:
         raise SepDocumentError(f"root element {root.tag!r}: expected {' or '.join(roots)} "
                                f"in {NS}")
@@ -117,7 +126,10 @@ def parse(body: bytes, expected_root: str | tuple[str, ...]) -> etree._Element:
     version = root.attrib.pop("schemaVer", None)
     if version is not None and not re.fullmatch(r"\d{1,3}\.\d{1,3}", version):
         raise SepDocumentError(f"schemaVer {version!r}: expected a version such as 2.2")
-    errors = validation_errors(root)
+    try:
+        errors = validation_errors(root)
+    except etree.XMLSchemaValidateError as exc:  # libxml2 refuses the tree itself
+        raise SepDocumentError(f"document cannot be validated: {exc}") from None
     if errors:
         raise SepDocumentError(f"schema-invalid {etree.QName(root).localname}: {errors[0]}")
     return root
