@@ -161,7 +161,7 @@ def test_device_discovers_its_controls(dev1, server, pki):
     base = f"{Q}DERControlBase/{{{CSIPAUS_NS}}}"
     assert first.findtext(f"{base}opModExpLimW/{Q}value") == "5000"
     assert first.findtext(f"{base}opModExpLimW/{Q}multiplier") == "0"
-    assert first.findtext(f"{base}opModImpLimW/{Q}value") == "12346"
+    assert first.findtext(f"{base}opModImpLimW/{Q}value") == "12345"  # 123,456 W rounded toward 0: a limit never loosens
     assert first.findtext(f"{base}opModImpLimW/{Q}multiplier") == "1"
     again = dev1.get(first.get("href"))
     assert again.findtext(f"{Q}mRID") == first.findtext(f"{Q}mRID")

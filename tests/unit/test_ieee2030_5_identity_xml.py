@@ -44,6 +44,15 @@ def test_active_power_scaling(w, expected):
     assert abs(m.w_from_active_power(value, mult) - w) <= 0.5 * 10**mult
 
 
+@pytest.mark.parametrize("w, expected", [(123456, (12345, 1)), (32768, (3276, 1)),
+                                         (0.4, (400, -3)), (5000, (5000, 0)), (0, (0, 0)),
+                                         (-20000.7, (-20000, 0))])
+def test_limits_never_go_out_looser_than_set(w, expected):
+    """A limit rounded to nearest went out 4 W above 123,456 W, and 0.4 W went out as 0."""
+    assert m.active_power(w, limit=True) == expected
+    assert abs(m.w_from_active_power(*expected)) <= abs(w) + 1e-12
+
+
 def test_active_power_out_of_range():
     with pytest.raises(ValueError):
         m.active_power(float("nan"))

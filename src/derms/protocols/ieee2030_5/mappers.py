@@ -82,15 +82,20 @@ def epoch(t: datetime) -> int:
     return int(t.timestamp())
 
 
-def active_power(w: float) -> tuple[int, int]:
+def active_power(w: float, *, limit: bool = False) -> tuple[int, int]:
     """(value, multiplier) with value an Int16 and value × 10^multiplier ≈ ``w`` (W).
 
     The smallest multiplier in 0..9 that fits is used, so precision is kept: 5,000 W →
-    (5000, 0); 123,456 W → (12346, 1). Negative inputs are accepted (Int16 is signed)."""
+    (5000, 0); 123,456 W → (12346, 1). Negative inputs are accepted (Int16 is signed).
+    ``limit``: the value is a maximum (an export, import, generation or load limit), so it
+    is rounded toward zero, never past the limit set (123,456 W → (12345, 1); to nearest
+    it went out 4 W looser), and a fraction of a watt keeps its precision with a
+    negative multiplier (0.4 W → (400, -3); it went out as 0)."""
     if not math.isfinite(w):
         raise ValueError(f"active power {w!r} W: not a finite number")
-    for mult in range(10):
-        value = round(w / 10**mult)
+    for mult in range(-3 if limit and 0 < abs(w) < 1 else 0, 10):
+        scaled = w / 10.0**mult
+        value = math.trunc(scaled) if limit else round(scaled)
         if -32768 <= value <= 32767:
             return value, mult
     raise ValueError(f"active power {w} W: beyond the range of ActivePower")
@@ -100,9 +105,11 @@ def w_from_active_power(value: int, multiplier: int) -> float:
     return float(value) * 10.0**multiplier
 
 
-def _active_power_el(tag: str, w: float, ns: str = CSIPAUS_NS) -> etree._Element:
-    """An ActivePower element (CSIP-AUS namespace unless ``ns`` says otherwise)."""
-    value, mult = active_power(w)
+def _active_power_el(tag: str, w: float, ns: str = CSIPAUS_NS, *,
+                     limit: bool = False) -> etree._Element:
+    """An ActivePower element (CSIP-AUS namespace unless ``ns`` says otherwise);
+    ``limit``: rounded toward zero (:func:`active_power`)."""
+    value, mult = active_power(w, limit=limit)
     return E(tag, E("multiplier", mult), E("value", value), ns=ns)
 
 
@@ -274,7 +281,7 @@ def der_control_base(limits: DerLimits, curve_href=None) -> etree._Element:
     for tag, w in (("opModImpLimW", limits.imp_lim_w), ("opModExpLimW", limits.exp_lim_w),
                    ("opModGenLimW", limits.gen_lim_w), ("opModLoadLimW", limits.load_lim_w)):
         if w is not None:
-            el.append(_active_power_el(tag, w))
+            el.append(_active_power_el(tag, w, limit=True))
     return el
 
 
