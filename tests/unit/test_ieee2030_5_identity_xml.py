@@ -153,3 +153,19 @@ def test_dtds_and_entities_are_refused_in_any_encoding():
     with pytest.raises(sep_xml.SepDocumentError, match="UTF-8"):
         sep_xml.parse(plain.encode("utf-16"), "Time")
 
+
+
+def test_a_us_csip_der_capability_is_accepted():
+    """Valid IEEE 2030.5-2018 with nothing of CSIP-AUS: the CSIP-AUS schema makes its
+    doeModesSupported mandatory, so a US CSIP inverter's DERCapability got 400."""
+    doc = ('<DERCapability xmlns="urn:ieee:std:2030.5:ns"><modesSupported>00500088'
+           '</modesSupported><rtgMaxA><multiplier>0</multiplier><value>25</value></rtgMaxA>'
+           '<rtgMaxVA><multiplier>0</multiplier><value>5000</value></rtgMaxVA><rtgMaxVar>'
+           '<multiplier>0</multiplier><value>3000</value></rtgMaxVar><rtgMaxW><multiplier>0'
+           '</multiplier><value>5000</value></rtgMaxW><type>4</type></DERCapability>')
+    root = sep_xml.parse(doc.encode(), "DERCapability")
+    assert root.findtext(f"{{{sep_xml.NS}}}rtgMaxW/{{{sep_xml.NS}}}value") == "5000"
+    broken = doc.replace("<type>4</type>", "")               # type is required in 2018 too
+    import pytest
+    with pytest.raises(sep_xml.SepDocumentError):
+        sep_xml.parse(broken.encode(), "DERCapability")

@@ -43,6 +43,12 @@ def schema() -> etree.XMLSchema:
     return etree.XMLSchema(etree.parse(str(path)))
 
 
+@functools.lru_cache(maxsize=1)
+def schema_2018() -> etree.XMLSchema:
+    """The plain IEEE 2030.5-2018 schema (US CSIP devices)."""
+    return etree.XMLSchema(etree.parse(str(schema_dir() / "sep2_schema_2018.xsd")))
+
+
 def validation_errors(doc: etree._Element | bytes) -> list[str]:
     """Every schema violation of ``doc`` (empty when valid)."""
     root = etree.fromstring(doc, _parser()) if isinstance(doc, bytes) else doc
@@ -50,6 +56,20 @@ def validation_errors(doc: etree._Element | bytes) -> list[str]:
     if sch.validate(root):
         return []
     return [f"line {e.line}: {e.message}" for e in sch.error_log]
+
+
+def incoming_errors(root: etree._Element) -> list[str]:
+    """Schema violations of a document a client sent: valid under CSIP-AUS, or, for a
+    document with nothing in the CSIP-AUS namespace, under plain IEEE 2030.5-2018. The
+    CSIP-AUS schema makes some of its extensions mandatory (DERCapability's
+    ``doeModesSupported``), so a US CSIP inverter's valid DERCapability got 400."""
+    errors = validation_errors(root)
+    if errors and not any(isinstance(el.tag, str) and el.tag.startswith(f"{{{CSIPAUS_NS}}}")
+                          for el in root.iter()):
+        plain = schema_2018()
+        if plain.validate(root):
+            return []
+    return errors
 
 
 def E(tag: str, *children: Any, ns: str = NS, **attrs: Any) -> etree._Element:
@@ -127,7 +147,7 @@ def parse(body: bytes, expected_root: str | tuple[str, ...]) -> etree._Element:
     if version is not None and not re.fullmatch(r"\d{1,3}\.\d{1,3}", version):
         raise SepDocumentError(f"schemaVer {version!r}: expected a version such as 2.2")
     try:
-        errors = validation_errors(root)
+        errors = incoming_errors(root)
     except etree.XMLSchemaValidateError as exc:  # libxml2 refuses the tree itself
         raise SepDocumentError(f"document cannot be validated: {exc}") from None
     if errors:
