@@ -88,6 +88,12 @@ def replay_case(folder: Path, case: str, nodes: pd.DataFrame, branches: pd.DataF
         ckt = ctx.ActiveCircuit
         pos = {n.lower(): k for k, n in enumerate(ckt.AllNodeNames)}
         node_pos = np.array([pos[n] for n in nodes["node"].str.lower()])
+        # ungrounded 3-wire areas (measure "ll"): line to line against the partner node
+        ll = np.flatnonzero(nodes.get("measure", pd.Series("ln", index=nodes.index))
+                            .to_numpy() == "ll")
+        partner_pos = np.array([pos[n] for n in nodes["partner"].iloc[ll].str.lower()],
+                               dtype=int) if ll.size else np.zeros(0, dtype=int)
+        ll_base = nodes["kv_base_ln"].to_numpy(float)[ll] * 1000.0 * np.sqrt(3.0)
         groups = [(e, g.index.to_numpy(), 2 * (g["conductor"].to_numpy() - 1))
                   for e, g in branches.groupby("element", sort=False)]
         v = np.empty((n_steps, len(nodes)))
@@ -97,6 +103,10 @@ def replay_case(folder: Path, case: str, nodes: pd.DataFrame, branches: pd.DataF
             ctx.Text.Command = "Solve"
             conv[k] = ckt.Solution.Converged
             v[k] = np.asarray(ckt.AllBusVmagPu)[node_pos]
+            if ll.size:
+                volts = np.asarray(ckt.AllBusVolts)
+                cv = volts[0::2] + 1j * volts[1::2]
+                v[k, ll] = np.abs(cv[node_pos[ll]] - cv[partner_pos]) / ll_base
             for element, rows, mag in groups:
                 ckt.SetActiveElement(element)
                 i[k, rows] = np.asarray(ckt.ActiveCktElement.CurrentsMagAng)[mag]
@@ -160,7 +170,8 @@ def replay_and_count(out: Path) -> dict:
     """Everything the acceptance compares, from ``out/opendss`` alone (moved copy)."""
     folder = out.parent / "elsewhere" / "opendss"
     lim = json.loads((folder / "limits.json").read_text())
-    nodes = pd.read_csv(folder / "monitored_nodes.csv")
+    nodes = pd.read_csv(folder / "monitored_nodes.csv",   # names such as 610.2 are text
+                        dtype={"node": str, "bus": str, "partner": str}, keep_default_na=False)
     branches = pd.read_csv(folder / "monitored_branches.csv")
     T = lim["n_steps"]
     runs = {c: replay_case(folder, c, nodes, branches, T) for c in ("base", *CASES)}
@@ -236,6 +247,24 @@ def test_ieee123_monitored_files(ieee123):
     assert (br["norm_amps"] > 0).all() and br["rating_is_default"].all()  # IEEE 123: all
     for c in ("base", *CASES):
         assert (folder / f"case_{c}.dss").is_file() and (folder / f"run_{c}.dss").is_file()
+
+
+# -- IEEE 37: ungrounded, measured line to line -----------------------------------------
+
+def test_ieee37_counts_reproduced_with_line_to_line_nodes(tmp_path):
+    """IEEE 37 is a 3-wire delta feeder: derms judges its nodes line to line. The replay
+    recipe read node-to-ground voltages (0/27/8 violations against derms's 1/1/0);
+    monitored_nodes.csv now says which nodes are measured line to line and against which
+    partner, and counting that way reproduces summary.json."""
+    from tests.conftest import shared_master
+
+    out = run_dispatch(tmp_path, str(shared_master("ieee37")), "--horizon", "24h",
+                       "--step", "1h", "--seed", "1")
+    replay = replay_and_count(out)
+    nodes = replay["nodes"]
+    assert (nodes["measure"] == "ll").sum() > 0.8 * len(nodes)   # all but the source bus
+    check_file(out.parent / "elsewhere" / "opendss" / "monitored_nodes.csv", "derms dispatch")
+    assert_reproduced(out, replay)
 
 
 # -- IEEE 8500 ---------------------------------------------------------------------------

@@ -178,11 +178,20 @@ def _run(fleet: Fleet, case: str, label: str) -> str:
 
 def monitored_nodes_table(index: NetworkIndex) -> pd.DataFrame:
     """The node-phases the voltage criterion checks: every node numbered 1-3 (conductor
-    numbers above 3 are neutrals), in the engine's ``AllNodeNames`` order."""
+    numbers above 3 are neutrals), in the engine's ``AllNodeNames`` order. ``measure``:
+    ``ln`` (node to ground) or ``ll`` (a node of an ungrounded 3-wire area, measured line
+    to line against ``partner``, the next phase node of its bus: ``|V - V_partner| /
+    (sqrt(3) kVBase)``; :mod:`derms.powerflow.voltage_measure`)."""
     keep = index.node_phase <= 3
     bus, ph = index.node_bus[keep].astype(str), index.node_phase[keep]
-    return pd.DataFrame({"node": [f"{b}.{p}" for b, p in zip(bus, ph)], "bus": bus,
-                         "phase": ph, "kv_base_ln": index.node_kv_base_ln[keep]})
+    names = np.array([f"{b}.{p}" for b, p in zip(index.node_bus.astype(str),
+                                                 index.node_phase)], dtype=object)
+    pair = index.v_pair if index.v_pair is not None else np.full(names.size, -1)
+    partner = np.where(pair >= 0, names[np.maximum(pair, 0)], "")[keep]
+    return pd.DataFrame({"node": names[keep], "bus": bus, "phase": ph,
+                         "kv_base_ln": index.node_kv_base_ln[keep],
+                         "measure": np.where(pair[keep] >= 0, "ll", "ln"),
+                         "partner": partner})
 
 
 def monitored_branches_table(index: NetworkIndex) -> pd.DataFrame:
@@ -218,8 +227,10 @@ def limits_document(limits: Limits, n_steps: int) -> dict:
         "energised_min_pu": limits.energised_min_pu, "n_steps": n_steps,
         "base_case": "case_base.dss",
         "voltage": "v [pu] = node voltage magnitude / the bus's kV base, nodes of "
-                   "monitored_nodes.csv; skipped while v < energised_min_pu. Under: v < "
-                   "v_min_pu - v_tol_pu; over: v > v_max_pu + v_tol_pu.",
+                   "monitored_nodes.csv (measure 'ln'); for measure 'll' (ungrounded "
+                   "3-wire areas) |V_node - V_partner| / (sqrt(3) x the kV base, LN) from "
+                   "the complex node voltages; skipped while v < energised_min_pu. Under: "
+                   "v < v_min_pu - v_tol_pu; over: v > v_max_pu + v_tol_pu.",
         "thermal": "loading [%] = 100 * |I| of the conductor (terminal 1) / norm_amps, "
                    "conductors of monitored_branches.csv. Over: loading > thermal_pct + "
                    "thermal_tol_pct.",
