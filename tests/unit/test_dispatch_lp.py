@@ -186,9 +186,16 @@ def test_base_case_values_beyond_a_limit_are_held_even_inside_the_tolerance():
     i = np.array([[100.0, 100.5, 120.0]])  # rating 100 A, tolerance 1 %
     ref = Reference(np.zeros((1, 0)), np.zeros((1, 0)), v, i, np.zeros(1))
     lim = network_limits(ref, np.ones(5, dtype=int), np.full(3, 100.0), Limits())
-    # voltages held at the base value plus half the 0.001 pu counting tolerance
-    np.testing.assert_allclose(lim.v_max[0], [1.05, 1.051, 1.0605, 1.05, 1.05])
-    np.testing.assert_allclose(lim.v_min[0], [0.95, 0.95, 0.95, 0.949, 0.9395])
+    # voltages beyond the tolerance held at base + half the 0.001 pu tolerance; inside it
+    # at the base value or the limit + half the tolerance, whichever is looser, never
+    # past the count's own threshold (limit + tolerance)
+    np.testing.assert_allclose(lim.v_max[0], [1.05, 1.0505, 1.0605, 1.05, 1.05])
+    np.testing.assert_allclose(lim.v_min[0], [0.95, 0.95, 0.95, 0.9495, 0.9395])
+    v2 = np.array([[1.0502, 0.9498, 0.9491, 1.0509]])
+    ref2 = Reference(np.zeros((1, 0)), np.zeros((1, 0)), v2, i[:, :1], np.zeros(1))
+    lim2 = network_limits(ref2, np.ones(4, dtype=int), np.full(1, 100.0), Limits())
+    np.testing.assert_allclose(lim2.v_max[0], [1.0505, 1.05, 1.05, 1.0509])
+    np.testing.assert_allclose(lim2.v_min[0], [0.95, 0.9495, 0.9491, 0.95])
     np.testing.assert_allclose(lim.i_max[0], [100.0, 100.5, 120.0])
 
 

@@ -216,10 +216,16 @@ def network_limits(base: Reference, node_phase: np.ndarray, rating_a: np.ndarray
     # batteries to pull it down, and a 1-h plan's peak rose above the uncontrolled one
     # (IEEE 13). Currents stay at the base value: with half their tolerance the AC
     # check found the head section over it in every round (IEEE 13, 24 h)
-    half_v = 0.5 * limits.v_tol_pu
-    v_max = np.where(v > limits.v_max_pu, v + half_v, limits.v_max_pu)
-    v_min = np.where((v < limits.v_min_pu) & (v >= limits.energised_min_pu), v - half_v,
-                     limits.v_min_pu)
+    # (a base value inside the tolerance is no violation: the count's threshold stays the
+    # limit's own, so it is held at min(base, limit + half the tolerance) -- at base - half
+    # the tolerance the LP let IEEE 34's bus 890 go to 0.9487 from a base of 0.9491)
+    tol, half_v = limits.v_tol_pu, 0.5 * limits.v_tol_pu
+    hi, lo = limits.v_max_pu, limits.v_min_pu
+    v_max = np.where(v > hi + tol, v + half_v,
+                     np.where(v > hi, np.maximum(v, hi + half_v), hi))
+    live = v >= limits.energised_min_pu
+    v_min = np.where(live & (v < lo - tol), v - half_v,
+                     np.where(live & (v < lo), np.minimum(v, lo - half_v), lo))
     rated = np.where(rating_a > 0, rating_a * limits.thermal_pct / 100.0, INF)
     i_max = np.maximum(base.i_a, rated)
     node_ok = (node_phase <= 3) & (v.min(axis=0) >= limits.energised_min_pu)
