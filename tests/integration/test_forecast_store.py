@@ -326,3 +326,17 @@ def test_a_pv_device_is_forecast_from_its_output_in_its_own_sign(engine, db_url,
     fc = latest(engine, sid).values
     assert (fc["p10"] <= fc["p50"] + 1e-9).all() and (fc["p50"] <= fc["p90"] + 1e-9).all()
     assert fc["p50"].min() < -3.0 and fc["p50"].max() <= 1e-6, fc
+
+
+def test_hourly_readings_in_a_15_min_model_are_held_not_gaps(engine, db_url, tmp_path):
+    """An hourly meter forecast by a 15-min model saw three of every four intervals as
+    gaps; its readings are now held over their hour (with a warning)."""
+    uid = uuid.uuid4().hex[:6]
+    m = f"hourly-{uid}"
+    add_meters(engine, [m])
+    write_history(engine, [m])
+    settings = get_settings(database_url=db_url, data_dir=tmp_path / "data")
+    svc = ForecastService(settings, engine, clock=lambda: END + timedelta(minutes=5))
+    res = svc.retrain(f"q15-{uid}", [f"{m}:p_kw:load"], SPEC, step=timedelta(minutes=15))
+    assert any("held over" in w for w in res.warnings), res.warnings
+    assert not any("missing" in w for w in res.warnings), res.warnings

@@ -213,6 +213,9 @@ class ForecastService:
             sign = -1.0 if key in flip else 1.0
             values = pd.Series(sign * frame["value"].to_numpy(float),
                                index=pd.DatetimeIndex(frame["t"]))
+            values, note = _hold_coarse(values, step, key)
+            if note:
+                warnings.append(note)
             clean = clean_series(values, key, step=pd.Timedelta(step))
             out[key] = clean
             warnings.extend(clean.warnings)
@@ -392,6 +395,24 @@ class ForecastService:
         log.info("forecast_issued name=%s version=%s origin=%s runs=%d failed=%d seconds=%.2f",
                  name, info.version, origin.isoformat(), len(runs), len(failed), seconds)
         return IssueResult(info, origin, runs, failed, seconds, warnings)
+
+
+def _hold_coarse(values: pd.Series, step: timedelta, key: str) -> tuple[pd.Series, str]:
+    """A series read at a coarser resolution than the model's step (hourly readings in a
+    15-min model: three of four intervals empty, taken as gaps, and a sawtooth forecast,
+    MAE 79 against 24 for an hourly model) is held over the steps of each reading's
+    interval; returns the series and a warning ('' when nothing was done)."""
+    if len(values) < 3:
+        return values, ""
+    native = pd.Series(values.index).diff().median()
+    st = pd.Timedelta(step)
+    if not native > st or native % st != pd.Timedelta(0):
+        return values, ""
+    k = int(native / st)
+    grid = pd.date_range(values.index[0], values.index[-1] + native - st, freq=st)
+    held = values.reindex(grid).ffill(limit=k - 1)
+    return held, (f"series {key}: readings every {native} held over the model's {st} "
+                  f"steps (a model at the series' own step forecasts it better)")
 
 
 def _check_step(step: timedelta, spec: ForecastSpec) -> None:
