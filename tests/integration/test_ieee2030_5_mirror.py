@@ -179,6 +179,17 @@ def test_site_meter_readings_go_to_the_connection_points_meter(app, store):
     assert _readings(store, "p_kw", der_id="inv-1").empty
 
 
+def test_forward_and_reverse_power_at_one_time_are_stored_as_the_net(app, store):
+    """A site posting its import and export W registers for the same moment: both map to
+    p_kw and the historian keeps the first, so 0 W import / 2 kW export was stored as 0;
+    a post's power readings of one time are now summed (-2 kW)."""
+    href = _create(app, mrid=3, role="0003", readings=_mmr(30, _rt(38, 0, 1))
+                   + _mmr(31, _rt(38, 0, 19)))
+    assert _call(app, LFDI_1, "POST", href, _list(_mmr(30, value=0), _mmr(31, value=2000))
+                 ).status == 201
+    assert list(_readings(store, "p_kw", meter_id="NMI-1").value) == [-2.0]
+
+
 def test_bad_documents_are_refused_and_nothing_is_stored(app, store):
     from sqlalchemy import text
 

@@ -173,7 +173,7 @@ class MirrorUsagePoints:
                                     f"{'meter' if mup.is_site else 'DER device'} to store its "
                                     "readings under (set it at pre-registration)")
         rows = [ReadingRow(v.quantity, v.t, v.value, source=SOURCE, quality=v.quality, **owner)
-                for v in values]
+                for v in _net_power(values)]
         return self._write_rows(request, rows, done)
 
     def _write_rows(self, request: Request, rows: list[ReadingRow], done: Response
@@ -193,3 +193,23 @@ class MirrorUsagePoints:
             return done
 
         return write()
+
+
+def _net_power(values: list) -> list:
+    """A post's power readings of one quantity at one time summed into the net value: a
+    site's forward (import, +) and reverse (export, -) W registers both map to ``p_kw``,
+    and the historian keeps the first value of a (series, time), so the export was lost
+    (0 and -2 kW stored as 0). Energy registers have quantities of their own and pass
+    through; so does everything else."""
+    from dataclasses import replace as _replace
+
+    out, at = [], {}
+    for v in values:
+        if v.quantity.startswith(("p_", "q_")) and (v.quantity, v.t) in at:
+            k = at[(v.quantity, v.t)]
+            out[k] = _replace(out[k], value=out[k].value + v.value,
+                              quality=max(out[k].quality, v.quality))
+            continue
+        at[(v.quantity, v.t)] = len(out)
+        out.append(v)
+    return out
