@@ -144,5 +144,25 @@ def test_rolling_forecast_run_is_reported_with_its_targets(tmp_path):
     r = s["rolling"]
     assert s["optimised_mode"] == "rolling_noisy_forecast" and r["n_replans"] == 12  # every 30-min step
     assert s["peak_optimised_kw"] == pytest.approx(r["peak_executed_kw"])
+    assert s["peak_optimised_at"].endswith(("Z", "+00:00"))
     html = (tmp_path / "report.html").read_text()
     assert "Rolling re-plans with forecasts" in html and "peak target" in html
+
+
+def test_rolling_peak_time_is_the_executed_peaks():
+    """peak_optimised_kw is the executed peak under --forecast; its time was the
+    perfect-knowledge plan's."""
+    import numpy as np
+    import pandas as pd
+
+    from derms.dispatch.plan import ObjectiveConfig
+    from derms.reports.dispatch_study import run_dispatch_study
+    from derms.studies.dispatch_scenario import ScenarioConfig
+
+    study = run_dispatch_study("ieee123", ScenarioConfig(seed=2, n_steps=12,
+                                                         step=pd.Timedelta("30min")),
+                               ObjectiveConfig(), forecast="noisy", replan_every="30min")
+    r = study.rolling
+    h = r.executed.fleet.horizon
+    t = pd.date_range(h.start, periods=len(r.head_kw), freq=h.step)[int(np.argmax(r.head_kw))]
+    assert pd.Timestamp(study.summary["peak_optimised_at"]) == t

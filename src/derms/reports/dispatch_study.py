@@ -228,6 +228,15 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                        rolling_peak, mode, forecast)
     if rolling_info is not None:
         summary["rolling"] = rolling_info
+        # the executed peak's time, as peak_optimised_kw is the executed peak (it was the
+        # perfect-knowledge plan's time)
+        ex = rolling.executed.fleet.horizon
+        summary["peak_optimised_at"] = _iso(pd.date_range(
+            ex.start, periods=len(rolling.head_kw), freq=ex.step)[int(np.argmax(
+                rolling.head_kw))])
+        summary["rolling"]["peak_perfect_foresight_note"] = (
+            "the perfect-foresight peak of the rolling run's own horizon (its days from the "
+            "same start); the top-level peak_perfect_foresight_kw is the single plan's")
     summary["master"] = str(master)
     summary["setup_s"] = setup_s
     summary["runtime_s"] = time.perf_counter() - t_start
