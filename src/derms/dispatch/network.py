@@ -30,6 +30,7 @@ V_KINDS = ("v_max", "v_min")
 
 Sens = np.ndarray | sp.csr_matrix
 _DENSE_ABOVE = 2_000_000  # nodes x DERs above which sensitivities are kept dense
+THIN_THERMAL = True  # large feeders: thermal rows thinned by direction cluster too
 
 
 def is_large(n_nodes: int, n_der: int) -> bool:
@@ -473,7 +474,8 @@ class NetworkRows:
             fix = (hi >= b - 1e-9) if kind == "v_min" else (lo <= b + 1e-9)
             self.n_unfixable += int((mask & ~fix).sum())
             mask &= fix
-        if self.cluster is not None and score is not None:
+        if self.cluster is not None and score is not None and (THIN_THERMAL
+                                                                or kind != "i_max"):
             keep = np.zeros_like(mask)  # regulator band rows: all of them, never thinned
             if kind != "i_max" and self.lim.band_node.size:
                 keep[:, self.lim.band_node] = mask[:, self.lim.band_node]
