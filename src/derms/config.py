@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     forecast_step_s, forecast_horizon_s, forecast_history_days, forecast_n_rounds
         Scheduled forecasts: interval length, horizon, days of history to train on,
         boosting rounds per quantile.
+    ieee2030_5_notify_hosts
+        Host names (".example.net" for a domain) and networks ("10.20.0.0/16") a device's
+        subscription may send notifications to (``DERMS_IEEE2030_5_NOTIFY_HOSTS``,
+        comma-separated); empty: any.
     forecast_tz, forecast_latitude, forecast_longitude
         Calendar time zone and location (PV clear-sky features) of scheduled forecasts.
     """
@@ -55,6 +59,8 @@ class Settings(BaseSettings):
     mqtt_port: int = 1883
     mqtt_client_id: str = "derms-ingest"  # fixed: the broker keeps its session across restarts
     mqtt_topic_root: str = "derms/v1"  # telemetry on <root>/telemetry/<source>
+    # IEEE 2030.5: hosts/networks a subscription's notificationURI may name (empty: any)
+    ieee2030_5_notify_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     forecast_period_s: float = Field(default=0.0, ge=0)
     forecast_retrain_period_s: float = Field(default=0.0, ge=0)
     forecast_targets: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -67,7 +73,7 @@ class Settings(BaseSettings):
     forecast_latitude: float | None = None
     forecast_longitude: float | None = None
 
-    @field_validator("forecast_targets", mode="before")
+    @field_validator("forecast_targets", "ieee2030_5_notify_hosts", mode="before")
     @classmethod
     def _split_targets(cls, value: object) -> object:
         """Accept a JSON list or a comma-separated string (``m1:p_kw:load,pv1:p_kw:pv``)."""

@@ -180,6 +180,21 @@ def test_subscription_rules():
     assert _call(app, LFDI_1, "PUT", path, b"").status == 405
 
 
+def test_notification_hosts_can_be_restricted():
+    """A device's subscription made the server send notifications to any host it named (a
+    sweep's went out of the sandbox); ``notify_hosts`` restricts it to names and networks."""
+    app, repo, dev, prog = _app([T0])
+    app.settings = SepSettings(notify_hosts=("127.0.0.0/8", ".grid.example"))
+    path = f"/edev/{dev}/sub"
+    derc = f"/edev/{dev}/derp/{prog}/derc"
+    for uri, status in (("https://127.0.0.1:9/n", 201), ("https://hes.grid.example/n", 201),
+                        ("https://10.255.255.1:443/n", 400), ("https://evil.example/n", 400),
+                        ("https://grid.example.evil.net/n", 400)):
+        resp = _call(app, LFDI_1, "POST", path, _sub_body(derc, uri))
+        assert resp.status == status, (uri, resp.status, resp.body)
+    assert SepSettings().notify_host_allowed("anything.example")  # default: any
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

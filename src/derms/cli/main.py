@@ -439,7 +439,10 @@ def _ieee2030_5_config(port: int | None, cert: Path | None, key: Path | None,
     except ssl.SSLError as exc:
         raise InputError(f"--ieee2030-5-cert {cert} / --ieee2030-5-key {key}: not a PEM "
                          f"certificate and its unencrypted private key ({exc})") from None
-    settings = SepSettings(dcap_path=dcap_path)
+    from derms.config import get_settings
+
+    settings = SepSettings(dcap_path=dcap_path,
+                           notify_hosts=tuple(get_settings().ieee2030_5_notify_hosts))
     try:
         settings.prefix  # noqa: B018 - validates the path
     except ValueError as exc:

@@ -70,6 +70,32 @@ class SepSettings:
     dcap_poll_rate_s: int = 900
     list_poll_rate_s: int = 300
     allow_self_registration: bool = False  # devices not pre-registered may POST their EndDevice
+    # hosts a subscription's notificationURI may name: names and/or networks ("10.0.0.0/8");
+    # empty: any (a device could make the server send notifications anywhere it can reach)
+    notify_hosts: tuple[str, ...] = ()
+
+    def notify_host_allowed(self, host: str) -> bool:
+        """Whether ``host`` (a notificationURI's) is in :attr:`notify_hosts`."""
+        if not self.notify_hosts:
+            return True
+        import ipaddress
+
+        host = host.lower().strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        for allowed in self.notify_hosts:
+            allowed = allowed.strip().lower()
+            if ip is not None and "/" in allowed:
+                try:
+                    if ip in ipaddress.ip_network(allowed, strict=False):
+                        return True
+                except ValueError:
+                    continue
+            elif host == allowed or (allowed.startswith(".") and host.endswith(allowed)):
+                return True
+        return False
 
     @property
     def prefix(self) -> str:

@@ -128,6 +128,9 @@ class ClientLogsAndSubscriptions:
         parts = urlsplit(uri)
         if parts.scheme != "https" or not parts.hostname:
             raise HttpError(400, 1, f"notificationURI {uri!r}: expected an https:// URL")
+        if not self.settings.notify_host_allowed(parts.hostname):
+            raise HttpError(400, 1, f"notificationURI {uri!r}: host not allowed "
+                                    "(the server's notify_hosts)")
         resource = child_text(doc, "subscribedResource") or ""
         path = urlsplit(resource).path
         route = self._route_name(path)
