@@ -183,7 +183,7 @@ def test_subscription_rules():
 def test_notification_hosts_can_be_restricted():
     """A device's subscription made the server send notifications to any host it named (a
     sweep's went out of the sandbox); ``notify_hosts`` restricts it to names and networks."""
-    app, repo, dev, prog = _app([T0])
+    app, _repo, dev, prog = _app([T0])
     app.settings = SepSettings(notify_hosts=("127.0.0.0/8", ".grid.example"))
     path = f"/edev/{dev}/sub"
     derc = f"/edev/{dev}/derp/{prog}/derc"
