@@ -30,7 +30,11 @@ V_KINDS = ("v_max", "v_min")
 
 Sens = np.ndarray | sp.csr_matrix
 _DENSE_ABOVE = 2_000_000  # nodes x DERs above which sensitivities are kept dense
-THIN_THERMAL = True  # large feeders: thermal rows thinned by direction cluster too
+# large feeders: thermal rows thinned by direction cluster too. Off: a service
+# transformer's row is its own (the EV behind it), and one row per (interval, cluster)
+# left dozens of them to later rounds. EPRI ckt24: 47 -> 40 thermal violations; IEEE
+# 8500: 12 -> 10 (0 thermal), at more rows (4.1 M nonzeros against 2.7 M) and a slower LP
+THIN_THERMAL = False
 
 
 def is_large(n_nodes: int, n_der: int) -> bool:
