@@ -74,3 +74,52 @@ def test_closed_loop_pv_ramp_block_and_expiry():
     finally:
         case.field.close()
         case.cycle.engine.close()
+
+
+def test_operator_and_adms_decisions_reach_the_devices():
+    """An operator setpoint was ruled "applied" but never sent (the device kept the
+    DERMS's own command); an ADMS device export limit was not enforced on a quiet feeder;
+    a block left the DERMS's earlier command running. Now, on a cycle with nothing
+    violated: the setpoint goes out as a setpoint, the limit as a limit, the blocked
+    device gets a release (an event with no modes), each valid until its request ends;
+    nothing is re-sent the next cycle, and nothing is sent once the requests have ended."""
+    from derms.control.commands import CommandMode, DeviceCommand
+    from derms.control.requests import Scope
+
+    ders = pv_fleet(n=12, seed=3, kw=(5.0, 8.0))
+    case = make_case(ders)
+    try:
+        d_op, d_lim, d_blk = (str(x) for x in case.registry.der_id[:3])
+        end = T0 + timedelta(seconds=40)
+        case.cycle._issuer.last[d_blk] = DeviceCommand(   # the DERMS's earlier command
+            "c" * 32, d_blk, "fc-earlier", CommandMode.EXPORT_LIMIT, -1.0,
+            T0 - timedelta(seconds=10), T0 + timedelta(minutes=5), "corrective action")
+        case.cycle.arbiter = Arbiter([
+            ControlRequest("op-1", Source.OPERATOR, CommandKind.OPERATOR_SETPOINT,
+                           Scope.device(d_op), T0, end, value_kw=-3.0),
+            ControlRequest("adms-1", Source.ADMS, CommandKind.LIMIT_EXPORT,
+                           Scope.device(d_lim), T0, end, value_kw=0.0),
+            ControlRequest("adms-2", Source.ADMS, CommandKind.BLOCK_DISPATCH,
+                           Scope.device(d_blk), T0, end)])
+        n = len(ders)
+        quiet = 0.1 * np.array([d[3] for d in ders])  # PV at 10 %: nothing violated
+        fleet = FleetNow(quiet, np.zeros(n), quiet, np.zeros(n), np.zeros(n), np.zeros(n),
+                         np.ones(n))
+        case.field.set_ders(case.registry.point, quiet, np.zeros(n))
+        case.field.solve()
+        rep = case.cycle.run(T0, fleet, measurements=case.field.measurements(case.meters,
+                                                                            case.rng))
+        got = {c.der_id: c for c in rep.commands}
+        assert got[d_op].mode is CommandMode.P_SETPOINT and got[d_op].p_kw == -3.0
+        assert got[d_lim].mode is CommandMode.EXPORT_LIMIT and got[d_lim].p_kw == 0.0
+        assert got[d_blk].mode is CommandMode.RELEASE
+        assert all(got[d].valid_until == end for d in (d_op, d_lim, d_blk))
+        again = case.cycle.run(T0 + timedelta(seconds=5), fleet, measurements=case.field
+                               .measurements(case.meters, case.rng))
+        assert not [c for c in again.commands if c.der_id in (d_op, d_lim, d_blk)]
+        later = case.cycle.run(end + timedelta(seconds=5), fleet, measurements=case.field
+                               .measurements(case.meters, case.rng))
+        assert not [c for c in later.commands if c.reason.startswith("authority")]
+    finally:
+        case.field.close()
+        case.cycle.engine.close()

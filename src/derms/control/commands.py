@@ -44,6 +44,7 @@ class CommandMode(enum.StrEnum):
     P_SETPOINT = "p_setpoint"
     EXPORT_LIMIT = "export_limit"
     IMPORT_LIMIT = "import_limit"
+    RELEASE = "release"  # no DERMS control: the device's own / default behaviour (a block)
 
 
 def command_id(cycle_id: str, der_id: str) -> str:
@@ -162,6 +163,23 @@ class CommandIssuer:
                 n += cmd.der_id not in self.last
                 self.last[cmd.der_id] = cmd
         return n
+
+    def issue_as(self, now: datetime, cycle_id: str, der_id: str, mode: CommandMode,
+                 p_kw: float, until: datetime, reason: str) -> DeviceCommand | None:
+        """A command of an explicit ``mode`` valid until ``until`` (a higher authority's:
+        an operator's setpoint, an ADMS limit, a block's release), unless the DER's last
+        command already says the same for at least as long; returns it (remembered)."""
+        now, until = ensure_utc(now, "now"), ensure_utc(until, "until")
+        if until <= now:
+            return None
+        old = self.last.get(der_id)
+        if (old is not None and old.mode is mode and old.valid_until >= until
+                and old.valid_from <= now and abs(old.p_kw - p_kw) < self.deadband_kw):
+            return None
+        cmd = DeviceCommand(command_id(cycle_id, der_id), der_id, cycle_id, mode, float(p_kw),
+                            now, until, reason)
+        self.last[der_id] = cmd
+        return cmd
 
     def issue(self, now: datetime, cycle_id: str, der_id: Sequence[str], kind: Sequence[str],
               p_kw: Sequence[float], q_kvar: Sequence[float], reasons: Sequence[str]

@@ -50,7 +50,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -63,8 +63,8 @@ from derms.analysis.state_estimation import (
     StateEstimate,
     estimate_state,
 )
-from derms.control.arbiter import Arbiter
-from derms.control.commands import CommandIssuer, CommandSink
+from derms.control.arbiter import APPLIED, Arbiter
+from derms.control.commands import CommandIssuer, CommandMode, CommandSink, DeviceCommand
 from derms.control.fast_cycle_types import (
     STAGES,
     CycleReport,
@@ -275,6 +275,9 @@ class FastCycle:
         det = self._detect(v, i_a)
         tm["detect_s"] = time.perf_counter() - t1
         result, commands, n_fixed, status, ac_check = None, [], 0, "clear", {}
+        authority = self._authority(now, cycle_id, notes)  # every cycle, trigger or not
+        if authority:
+            self.sink.send(authority)
         if det["trigger"]:
             t2 = time.perf_counter()
             fixed, p_lo, p_hi, arb_notes = self._arbitrate(now, f)
@@ -308,6 +311,7 @@ class FastCycle:
                 self.sink.send(commands)
                 self._history.clear()
             tm["commands_s"] = time.perf_counter() - t5
+        commands = [*authority, *commands]
         tm["total_s"] = time.perf_counter() - t0
         return CycleReport(
             cycle_id=cycle_id, t=now, timings=tm, violations=det["counts"],
@@ -489,14 +493,8 @@ class FastCycle:
                          f"{ac['thermal']} thermal violation(s)")
         return result, ac
 
-    def _arbitrate(self, now: datetime, f: dict) -> tuple[np.ndarray, ...]:
-        n = f["p_kw"].size
-        fixed = np.zeros(n, dtype=bool)
-        p_lo, p_hi = f["p_min_kw"].copy(), f["p_max_kw"].copy()
-        notes: list[str] = []
-        if self.arbiter is None:
-            return fixed, p_lo, p_hi, notes
-        active = self.arbiter.active(now)
+    def _candidates(self, active) -> set[int]:
+        """Registry positions of the DERs the requests ``active`` cover."""
         cand: set[int] = set()
         for r in active:
             s = r.scope
@@ -510,6 +508,72 @@ class FastCycle:
             else:
                 cand.update(np.flatnonzero((self._feeder == s.feeder_id)
                                            & np.isin(self._bus, list(s.buses))).tolist())
+        return cand
+
+    def _authority(self, now: datetime, cycle_id: str, notes: list[str]
+                   ) -> list[DeviceCommand]:
+        """Commands that carry out a higher authority's decisions on the devices, every
+        cycle: a blocked device is released from the DERMS's own command (an event with
+        no modes: its default control applies), an operator's or the ADMS's setpoint is
+        sent as a setpoint, a device-level ADMS export/import limit as a limit, each valid
+        until the request ends. (They used to only keep the corrective step from moving
+        the device: an operator setpoint read "applied" and never reached the device, a
+        block left the DERMS's earlier command running.)"""
+        if self.arbiter is None:
+            return []
+        active = self.arbiter.active(now)
+        if not active:
+            return []
+        out: list[DeviceCommand] = []
+        for j in sorted(self._candidates(active)):
+            der = str(self.registry.der_id[j])
+            d = self.arbiter.resolve(self._locs[j], now)
+            cmd = None
+            if d.blocked:
+                last = self._issuer.last.get(der)
+                if last is not None and last.mode is not CommandMode.RELEASE \
+                        and last.valid_until > now:
+                    cmd = self._issuer.issue_as(
+                        now, cycle_id, der, CommandMode.RELEASE, 0.0,
+                        self.arbiter.get(d.blocked_by).end,
+                        f"authority: dispatch blocked ({d.blocked_by})")
+            elif d.setpoint_kw is not None and \
+                    self.arbiter.get(d.setpoint_by).source is not Source.OPTIMISATION:
+                req = self.arbiter.get(d.setpoint_by)
+                cmd = self._issuer.issue_as(
+                    now, cycle_id, der, CommandMode.P_SETPOINT, d.setpoint_kw, req.end,
+                    f"authority: {req.source.value} setpoint ({req.request_id})")
+            else:
+                for kind, mode, sign in ((CommandKind.LIMIT_EXPORT, CommandMode.EXPORT_LIMIT,
+                                          -1.0),
+                                         (CommandKind.LIMIT_IMPORT, CommandMode.IMPORT_LIMIT,
+                                          1.0)):
+                    lim = d.limit(kind, ScopeKind.DEVICE)
+                    if lim is None:
+                        continue
+                    req = next((self.arbiter.get(r.request_id) for r in d.rulings
+                                if r.kind is kind and r.outcome == APPLIED), None)
+                    until = req.end if req is not None else now + timedelta(
+                        seconds=self.config.hold_s)
+                    cmd = self._issuer.issue_as(
+                        now, cycle_id, der, mode, sign * abs(lim), until,
+                        f"authority: {kind.value} {lim:g} kW")
+                    break
+            if cmd is not None:
+                out.append(cmd)
+        if out:
+            notes.append(f"authority: {len(out)} command(s) carrying out operator/ADMS "
+                         "decisions (setpoints, limits, releases of blocked DERs)")
+        return out
+
+    def _arbitrate(self, now: datetime, f: dict) -> tuple[np.ndarray, ...]:
+        n = f["p_kw"].size
+        fixed = np.zeros(n, dtype=bool)
+        p_lo, p_hi = f["p_min_kw"].copy(), f["p_max_kw"].copy()
+        notes: list[str] = []
+        if self.arbiter is None:
+            return fixed, p_lo, p_hi, notes
+        cand = self._candidates(self.arbiter.active(now))
         blocked = held = 0
         for j in sorted(cand):
             d = self.arbiter.resolve(self._locs[j], now)

@@ -9,7 +9,9 @@ signs; ``p_kw`` is the DER's net import):
 
 * ``p_setpoint`` → ``opModTargetW`` = −p_kw × 1000 (positive = generating/discharging);
 * ``export_limit`` → ``opModGenLimW`` = −p_kw × 1000 (the DER's generation ceiling);
-* ``import_limit`` → ``opModLoadLimW`` = p_kw × 1000 (its consumption ceiling).
+* ``import_limit`` → ``opModLoadLimW`` = p_kw × 1000 (its consumption ceiling);
+* ``release`` → a DERControl with no modes (it supersedes the DERMS's earlier event, so
+  the device's DefaultDERControl applies: a dispatch block).
 
 Reactive-power setpoints are not expressed yet (logged once per command). ``send`` writes
 to the repository only (local; the notifier and the devices' polls carry it out), so the
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 def limits_of(command: DeviceCommand) -> DerLimits:
     """The DERControlBase values that express ``command`` (module docstring)."""
     w = command.p_kw * 1000.0
+    if command.mode is CommandMode.RELEASE:  # an event with no modes: it supersedes the
+        return DerLimits()                    # DERMS's own, the default control applies
     if command.mode is CommandMode.P_SETPOINT:
         return DerLimits(target_w=-w)
     if command.mode is CommandMode.EXPORT_LIMIT:

@@ -102,6 +102,8 @@ def tolerance_kw(rating_kw: float, config: TrackingConfig) -> float:
 def obeyed(mode: str | CommandMode, p_cmd_kw: float, p_meas_kw: float, tol_kw: float) -> bool:
     """Whether a measured net import ``p_meas_kw`` obeys a command (module docstring)."""
     mode = CommandMode(mode)
+    if mode is CommandMode.RELEASE:  # no expectation: the device's own behaviour
+        return True
     if mode is CommandMode.P_SETPOINT:
         return abs(p_meas_kw - p_cmd_kw) <= tol_kw
     if mode is CommandMode.EXPORT_LIMIT:
