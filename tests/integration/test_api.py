@@ -345,3 +345,20 @@ def test_anonymous_writes_and_oversized_bodies_stop_before_the_body_is_read(api)
             yield b" " * 10_000
     r = api.post("/v1/devices/batch", headers={**api.admin, **_JSON}, content=chunks())
     assert r.status_code == 413, r.text
+
+
+def test_serve_refuses_bad_and_busy_ports_before_starting(tmp_path):
+    """--port 99999 was an OverflowError traceback; a port in use (or the 2030.5 port
+    equal to the API's) was uvicorn's exit 3 after the loops had started."""
+    env = {**os.environ, "DERMS_DATA_DIR": str(tmp_path)}
+    base = [sys.executable, "-m", "derms.cli.main", "serve", "--no-mqtt"]
+    res = subprocess.run([*base, "--port", "99999"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = subprocess.run([*base, "--port", str(port)], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert res.returncode == 2 and "--port" in res.stderr and "Traceback" not in res.stderr

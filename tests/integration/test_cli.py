@@ -43,6 +43,13 @@ def test_powerflow_writes_tables(tmp_path):
     b = pd.read_csv(tmp_path / "branches.csv")
     assert {"element", "loading_pct"} <= set(b.columns)
     assert json.loads((tmp_path / "summary.json").read_text())["head_p_kw"] > 3000
+    # like every command: a non-empty --out is refused without --force (it wrote over it)
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = derms("powerflow", "ieee13", "--out", tmp_path)
+    assert proc.returncode == 2 and "--force" in proc.stderr + proc.stdout
+    assert (tmp_path / "keep.txt").exists()
+    assert derms("powerflow", "ieee13", "--out", tmp_path, "--force").returncode == 0
+    assert (tmp_path / "manifest.json").exists() and not (tmp_path / "keep.txt").exists()
 
 
 def test_model_json():

@@ -91,6 +91,7 @@ def powerflow(
     controls: Annotated[str, typer.Option(
         help="Regulator/capacitor controls: static, time or off (frozen).")] = "static",
     max_iterations: MaxIterOpt = 100,
+    force: ForceOpt = False,
 ) -> None:
     """Solve a snapshot power flow and write its tables to OUT.
 
@@ -103,17 +104,20 @@ def powerflow(
     from derms.powerflow.engine import OpenDSSEngine, SolveSettings
     from derms.powerflow.snapshot import solve_snapshot
 
+    refuse_non_empty(out, force)  # (it wrote into any folder, over what was there)
     settings = SolveSettings(max_iterations=max_iterations, control_mode=_control_mode(controls))
-    with OpenDSSEngine(resolve_master(master), settings) as engine:
+    path = resolve_master(master)
+    with OpenDSSEngine(path, settings) as engine:
         res = solve_snapshot(engine)
-    out.mkdir(parents=True, exist_ok=True)
-    res.voltages.to_csv(out / "voltages.csv", index=False)
-    res.branches.to_csv(out / "branches.csv", index=False)
-    res.transformers.to_csv(out / "transformers.csv", index=False)
-    res.head.to_csv(out / "head.csv", index=False)
     report = snapshot_violations(res, Limits.ansi_range_a())
-    report.events.to_csv(out / "violations.csv", index=False)
-    (out / "summary.json").write_text(json.dumps({**res.totals, **report.counts}, indent=2))
+    with output_folder(out, force, feeder=path) as tmp:
+        res.voltages.to_csv(tmp / "voltages.csv", index=False)
+        res.branches.to_csv(tmp / "branches.csv", index=False)
+        res.transformers.to_csv(tmp / "transformers.csv", index=False)
+        res.head.to_csv(tmp / "head.csv", index=False)
+        report.events.to_csv(tmp / "violations.csv", index=False)
+        (tmp / "summary.json").write_text(json.dumps({**res.totals, **report.counts},
+                                                     indent=2))
     t = res.totals
     out_console.print(
         f"solved in {t['iterations']:.0f} iterations: head {t['head_p_kw']:.1f} kW "
@@ -235,7 +239,7 @@ def token_create(
 @_handle_errors
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8000,
     mqtt: Annotated[bool, typer.Option(help="Run the MQTT telemetry subscriber.")] = True,
     monitor_period_s: Annotated[float, typer.Option(
         help="Seconds between feeder state estimates; 0 (default for now): no monitoring "
@@ -298,6 +302,12 @@ def serve(
     sep_config = _ieee2030_5_config(ieee2030_5_port, ieee2030_5_cert, ieee2030_5_key,
                                     ieee2030_5_client_ca, ieee2030_5_dcap_path,
                                     ieee2030_5_host or host)
+    if ieee2030_5_port is not None and ieee2030_5_port == port and \
+            (ieee2030_5_host or host) == host:
+        raise InputError(f"--ieee2030-5-port {ieee2030_5_port} is the API's --port too")
+    _port_free(host, port, "--port")  # before anything starts (uvicorn exited 3 after the
+    if ieee2030_5_port:                # control loop had already run a cycle)
+        _port_free(ieee2030_5_host or host, ieee2030_5_port, "--ieee2030-5-port")
     settings = get_settings()
     upgrade(settings.database_url)
     api = create_app(settings)
@@ -401,6 +411,19 @@ def serve(
             loop.close()
         if forecast_schedule is not None:
             forecast_schedule.stop()
+
+
+def _port_free(host: str, port: int, option: str) -> None:
+    """InputError naming ``option`` when ``host:port`` cannot be listened on now."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        raise InputError(f"{option} {port}: cannot listen on {host}:{port} "
+                         f"({exc.strerror or exc})") from None
 
 
 def _ieee2030_5_config(port: int | None, cert: Path | None, key: Path | None,
