@@ -20,7 +20,6 @@ from sqlalchemy import select
 
 from derms.api.app import create_app
 from derms.api.auth import new_token
-from derms.api.routes_state import router as state_router
 from derms.config import get_settings
 from derms.grid.bundled import resolve_master
 from derms.monitoring import (
@@ -156,6 +155,16 @@ def _prefixed(frame: pd.DataFrame, fid: str) -> pd.DataFrame:
     return frame.assign(meter_id=[m if m == head else f"{fid}-{m}" for m in frame["meter_id"]])
 
 
+def _api(db, db_url: str, scope: str):
+    """The API on ``db_url`` with a token of ``scope``: (app, client, auth header)."""
+    app = create_app(get_settings(database_url=db_url))
+    client = TestClient(app, raise_server_exceptions=False)
+    text, rec = new_token(scope)
+    with make_session_factory(db).begin() as s:
+        s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope=scope))
+    return app, client, {"Authorization": f"Bearer {text}"}
+
+
 def _open_alarms(db, fid: str) -> dict[tuple, Alarm]:
     with make_session_factory(db)() as s:
         rows = s.scalars(select(Alarm).where(Alarm.feeder_id == fid,
@@ -258,13 +267,7 @@ def test_estimate_availability_alarms_and_api(feeder, db_url):
         assert cleared and all(a.t_cleared == now3 for a in cleared)
 
         # -- 4. the API ------------------------------------------------------------------
-        app = create_app(get_settings(database_url=db_url))
-        app.include_router(state_router, prefix="/v1")  # the lead wires this in app.py
-        client = TestClient(app, raise_server_exceptions=False)
-        text, rec = new_token("read")
-        with make_session_factory(db).begin() as s:
-            s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope="read"))
-        hdr = {"Authorization": f"Bearer {text}"}
+        app, client, hdr = _api(db, db_url, "read")
         app.state.monitor = None
         assert client.get(f"/v1/feeders/{fid}/state", headers=hdr).status_code == 503
         loop = MonitorLoop({fid: monitor}, clock=lambda: now3)
@@ -382,12 +385,7 @@ def test_a_feeder_registered_while_serving_is_monitored(feeder, db_url):
 
     fid, db = feeder
     proc = MonitorProcess(db.url.render_as_string(hide_password=False), period_s=3600)
-    app = create_app(get_settings(database_url=db_url))
-    client = TestClient(app, raise_server_exceptions=False)
-    text, rec = new_token("admin")
-    with make_session_factory(db).begin() as s:
-        s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope="admin"))
-    hdr = {"Authorization": f"Bearer {text}"}
+    app, client, hdr = _api(db, db_url, "admin")
     fid2 = f"f13b-{uuid.uuid4().hex[:6]}"
     try:
         proc.start()
@@ -550,12 +548,7 @@ def test_a_failed_estimate_is_said_and_a_failed_run_is_not_served_as_fresh(feede
         under = [a for k, a in alarms.items() if k[0].startswith("undervoltage:")]
         assert under and not any("model only" in a.message for a in under)
         # -- a whole run fails: the API says the state it serves is stale -----------------
-        app = create_app(get_settings(database_url=db_url))
-        client = TestClient(app, raise_server_exceptions=False)
-        text, rec = new_token("read")
-        with make_session_factory(db).begin() as s:
-            s.add(ApiToken(token_id=rec.token_id, secret_sha256=rec.secret_sha256, scope="read"))
-        hdr = {"Authorization": f"Bearer {text}"}
+        app, client, hdr = _api(db, db_url, "read")
         clock = {"t": t1}
         loop = MonitorLoop({fid: monitor}, clock=lambda: clock["t"])
         app.state.monitor = loop
@@ -578,26 +571,29 @@ def test_a_failed_estimate_is_said_and_a_failed_run_is_not_served_as_fresh(feede
         truth.close()
 
 
+def _truth_with_regulators_acting(rng):
+    """The IEEE 13 truth at loads 1.3-1.6 x base with its regulators acting: (truth, the
+    regulated transformers, their taps)."""
+    from derms.powerflow.control_state import capture_control_state, regulated_transformers
+
+    truth = Truth()
+    truth.engine.set_control_mode("static")
+    truth.solve(rng.uniform(1.3, 1.6, len(truth.base)))
+    regs = regulated_transformers(truth.engine)
+    return truth, regs, capture_control_state(truth.engine, regs)
+
+
 def test_regulators_that_moved_are_followed(feeder):
     """The truth's regulators act (as a feeder's do) at loads 1.3-1.6 x base; the model's
     taps start frozen at the base case. With the taps settled at the estimated loads and
     the estimate repeated there, the largest error is well below the frozen-tap one
     (measured 2026-11-26: 0.033 pu frozen, 0.0062 pu settled) and the taps the monitor
     ends with are within a step of the truth's (a regulator's band lets either stand)."""
-    from derms.powerflow.control_state import capture_control_state, regulated_transformers
+    from derms.powerflow.control_state import capture_control_state
 
     fid, db = feeder
     rng = np.random.default_rng(11)
-    truth = Truth()
-    truth.engine.set_control_mode("static")
-    scale = rng.uniform(1.3, 1.6, len(truth.base))
-    loads = truth.engine.circuit.Loads
-    for i, (p, q) in enumerate(truth.base * scale[:, None]):
-        loads.idx = i + 1
-        loads.kW, loads.kvar = float(p), float(q)
-    truth.engine.solve_snapshot()
-    regs = regulated_transformers(truth.engine)
-    taps_true = capture_control_state(truth.engine, regs)
+    truth, regs, taps_true = _truth_with_regulators_acting(rng)
     v_true = truth.v()
     write_readings(db, _prefixed(telemetry(fid, truth, T0 - timedelta(seconds=5), rng), fid))
     errs = {}
@@ -627,20 +623,11 @@ def test_regulator_taps_from_scada_are_used(feeder):
     """Tap telemetry (quantity ``tap_pu`` of meter ``<feeder>-reg-<regcontrol>``): the
     model's regulators take the telemetered taps, nothing settles, and the estimate is as
     good as with the taps known (truth's regulators acting at 1.3-1.6 x load)."""
-    from derms.powerflow.control_state import capture_control_state, regulated_transformers
+    from derms.powerflow.control_state import capture_control_state
 
     fid, db = feeder
     rng = np.random.default_rng(11)
-    truth = Truth()
-    truth.engine.set_control_mode("static")
-    scale = rng.uniform(1.3, 1.6, len(truth.base))
-    loads = truth.engine.circuit.Loads
-    for i, (p, q) in enumerate(truth.base * scale[:, None]):
-        loads.idx = i + 1
-        loads.kW, loads.kvar = float(p), float(q)
-    truth.engine.solve_snapshot()
-    regs = regulated_transformers(truth.engine)
-    taps_true = capture_control_state(truth.engine, regs)
+    truth, regs, taps_true = _truth_with_regulators_acting(rng)
     rc, tr = truth.engine.circuit.RegControls, truth.engine.circuit.Transformers
     rows, k = [], rc.First
     while k > 0:

@@ -100,6 +100,16 @@ def _run_ingest(sink, **kw):
     return ingest, client_id, root
 
 
+def _error_listener(root: str):
+    """A publisher that also collects what the ingest reports on ``root``/errors/#."""
+    pub = _publisher()
+    errors: list[dict] = []
+    pub.subscribe(root + "/errors/#", qos=1)
+    pub.on_message = lambda _c, _u, m: errors.append(json.loads(m.payload))
+    time.sleep(0.3)
+    return pub, errors
+
+
 def _rows(m: int, per_msg: int = 5) -> str:
     return json.dumps([{"series": f"dev-{k}", "quantity": "p", "unit": "kW",
                         "t": f"2026-11-25T{m // 3600:02d}:{m // 60 % 60:02d}:{m % 60:02d}Z",
@@ -113,11 +123,7 @@ def test_payloads_that_broke_the_parser_are_rejected_and_ingest_carries_on():
     errors topic and the valid message after it is stored."""
     sink = KeyedSink()
     ingest, client_id, root = _run_ingest(sink, max_delay_s=0.05)
-    pub = _publisher()
-    errors: list[dict] = []
-    pub.subscribe(root + "/errors/#", qos=1)
-    pub.on_message = lambda _c, _u, m: errors.append(json.loads(m.payload))
-    time.sleep(0.3)
+    pub, errors = _error_listener(root)
     ok_row = {"series": "dev-1", "quantity": "p", "unit": "kW", "value": 1.0}
     poison = [
         b"[" * 100_000 + b"]" * 100_000,                              # RecursionError
@@ -193,11 +199,7 @@ def test_a_refused_message_costs_only_itself_and_a_sink_failure_is_retried():
     thread (ingest stalled for good, nothing acknowledged again)."""
     sink = RefusingSink()
     ingest, client_id, root = _run_ingest(sink, max_delay_s=0.5)
-    pub = _publisher()
-    errors: list[dict] = []
-    pub.subscribe(root + "/errors/#", qos=1)
-    pub.on_message = lambda _c, _u, m: errors.append(json.loads(m.payload))
-    time.sleep(0.3)
+    pub, errors = _error_listener(root)
     ghost = json.dumps([{"series": "ghost", "quantity": "p", "unit": "kW",
                          "t": "2026-11-25T00:00:00Z", "value": 1}])
     infos = [pub.publish(root + "/telemetry/site1", _rows(1), qos=1),
