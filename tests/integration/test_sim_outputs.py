@@ -30,3 +30,20 @@ def test_bad_options_exit_2(tmp_path):
         r = CliRunner().invoke(app, ["sim", "--out", str(tmp_path / "x"), *args])
         assert r.exit_code == 2, (args, r.output)
         assert text in r.output, (args, r.output)
+
+
+def test_unreachable_ieee2030_5_server_is_a_clear_error(tmp_path):
+    """The useful error (DeviceCapability unreachable) was masked by 'Event loop is
+    closed' from the clean-up, a traceback and exit 1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                       # closed again: nothing listens
+    r = CliRunner().invoke(app, ["certs", str(tmp_path / "pki"), "--device", "d1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["sim", "--out", str(tmp_path / "x"), "--devices", "5",
+                                 "--duration", "1min", "--ieee2030-5", f"127.0.0.1:{port}",
+                                 "--pki", str(tmp_path / "pki")])
+    assert r.exit_code == 2, r.output
+    assert "unreachable" in r.output.lower() and "Event loop is closed" not in r.output

@@ -162,7 +162,10 @@ class ProtocolThread:
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop already ended (the server was unreachable):
+                pass              # its error, not this one, is what the user must see
         self._thread.join(timeout=30)
 
 
