@@ -202,7 +202,34 @@ def test_migration_0007_matches_the_model_and_goes_down_and_up(empty_db_url):
     downgrade(empty_db_url, "0006")
     assert "control_commands" not in inspect(eng).get_table_names()
     upgrade(empty_db_url)
-    assert current_revision(empty_db_url) == head_revision() == "0007"
+    assert current_revision(empty_db_url) == head_revision() == "0008"
+    eng.dispose()
+
+
+def test_migration_0008_admits_release_commands(empty_db_url):
+    """A block's release is a command of its own mode: the CHECK constraint of 0007 would
+    have refused it (and the tracker with it)."""
+    from datetime import timedelta
+
+    from sqlalchemy.exc import IntegrityError
+
+    from derms.control.commands import CommandMode, DeviceCommand
+    from derms.control.tracking import CommandTracker
+    from derms.store.db import make_session_factory
+    from derms.store.migrate import downgrade, upgrade
+
+    upgrade(empty_db_url)
+    eng = make_engine(empty_db_url)
+    tracker = CommandTracker(make_session_factory(eng), "f-rel")
+    rel = DeviceCommand("a" * 32, "der-1", "fc-1", CommandMode.RELEASE, 0.0, T0,
+                        T0 + timedelta(minutes=5), "authority: dispatch blocked (adms-1)")
+    tracker.record([rel], T0)
+    assert _tracked(eng, "f-rel")["a" * 32].mode == "release"
+    downgrade(empty_db_url, "0007")                 # its releases go with it
+    assert _tracked(eng, "f-rel") == {}
+    with pytest.raises(IntegrityError):
+        tracker.record([rel], T0)
+    upgrade(empty_db_url)
     eng.dispose()
 
 

@@ -49,3 +49,20 @@ def test_commands_become_der_controls_once():
     assert statuses == ["1", "4"]
     with pytest.raises(ValueError, match="unknown"):
         SepCommandSink(repo, 999)
+
+
+def test_a_release_supersedes_the_derms_event_with_an_empty_one():
+    """A block's release: a DERControl with no modes (schema-valid) that supersedes the
+    DERMS's earlier event, so the device's default control applies."""
+    repo = InMemoryRepository()
+    pid = repo.add_program("derms control", 0).program_id
+    fsa = repo.add_fsa("fleet", [pid]).fsa_id
+    pv = repo.add_end_device(LFDI_2, der_id="pv-1", fsa_ids=[fsa]).edev_id
+    sink = SepCommandSink(repo, pid)
+    sink.send([_cmd("c1", "pv-1", CommandMode.EXPORT_LIMIT, -2.5)])
+    assert sink.send([_cmd("c2", "pv-1", CommandMode.RELEASE, 0.0)]) == 1
+    listed = _sep_get(repo, LFDI_2, f"/edev/{pv}/derp/{pid}/derc")   # validated by _sep_get
+    by_status = {e.findtext(f"{Q}EventStatus/{Q}currentStatus"): e for e in listed}
+    assert set(by_status) == {"1", "4"}                 # the release active, the old superseded
+    base = by_status["1"].find(f"{Q}DERControlBase")
+    assert base is not None and len(base) == 0

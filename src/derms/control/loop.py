@@ -419,8 +419,12 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
             rep = self._cycle.run(now, fleet, measurements=meas)
             self.last_report = rep
             notes += rep.notes
+            authority = sum(c.reason.startswith("authority") for c in rep.commands)
             summary.update(
-                cycle_id=rep.cycle_id, status=rep.status, commands=len(rep.commands),
+                # dispatch decided by the DERMS; the operator's and ADMS's decisions
+                # carried out (setpoints, limits, releases of blocked DERs) apart
+                cycle_id=rep.cycle_id, status=rep.status,
+                commands=len(rep.commands) - authority, authority_commands=authority,
                 command_ids=[c.command_id for c in rep.commands], violations=rep.violations,
                 imminent=rep.imminent, violated_rows=rep.violated_rows[:20], n_rows=rep.n_rows,
                 n_fixed=rep.n_fixed, timings={**rep.timings,
@@ -434,7 +438,8 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
 
     def _audit_cycle(self, now: datetime, summary: dict, verdicts) -> None:
         key = (summary["status"], tuple(summary["stale"]), tuple(summary["escalated"]))
-        quiet = (summary["status"] == "clear" and not summary["commands"] and not verdicts
+        quiet = (summary["status"] == "clear" and not summary["commands"]
+                 and not summary.get("authority_commands") and not verdicts
                  and not summary["acknowledged"] and not summary["topology_reloaded"])
         if quiet and key == self._last_quiet:
             return
@@ -481,11 +486,14 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
                         self._cond.wait(max(0.01, next_at - time.monotonic()))
                     if self._stop:
                         return
-                    self._topology_pending = False
+                    topology_notice, self._topology_pending = self._topology_pending, False
                 next_at = time.monotonic() + self.config.period_s
                 try:
-                    self.run_once()
+                    summary = self.run_once()
                     self.last_error = None
+                    if topology_notice and summary.get("topology_reloaded"):
+                        replan_at = 0.0  # a new topology: re-plan on it now, not a whole
+                        # re-plan period later
                 except Exception as exc:  # one bad cycle must not stop the loop
                     error = (f"{type(exc).__name__}: {exc}" if isinstance(exc, DermsError)
                              else type(exc).__name__)

@@ -43,7 +43,7 @@ DELIVERED, NOT_DELIVERED, SUPERSEDED, EXPIRED = (
 COMMAND_STATES = (ISSUED, SENT, ACKNOWLEDGED, DELIVERED, NOT_DELIVERED, SUPERSEDED, EXPIRED)
 OPEN_STATES = (ISSUED, SENT, ACKNOWLEDGED)
 FINAL_STATES = (DELIVERED, NOT_DELIVERED, SUPERSEDED, EXPIRED)
-COMMAND_MODES = ("p_setpoint", "export_limit", "import_limit")
+COMMAND_MODES = ("p_setpoint", "export_limit", "import_limit", "release")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
