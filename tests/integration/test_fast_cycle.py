@@ -123,3 +123,47 @@ def test_operator_and_adms_decisions_reach_the_devices():
     finally:
         case.field.close()
         case.cycle.engine.close()
+
+
+def test_authority_commands_leave_tighter_own_commands_and_end_with_their_request():
+    """From a review: an ADMS device limit re-sent every cycle undid the corrective step's
+    tighter limit on the same device (and shared its command id); a withdrawn setpoint
+    stayed on the device until its original expiry."""
+    from derms.control.commands import CommandMode, DeviceCommand
+    from derms.control.requests import Scope
+
+    ders = pv_fleet(n=12, seed=3, kw=(5.0, 8.0))
+    case = make_case(ders)
+    try:
+        d_lim, d_op = (str(x) for x in case.registry.der_id[:2])
+        end = T0 + timedelta(minutes=10)
+        tight = DeviceCommand("d" * 32, d_lim, "fc-earlier", CommandMode.EXPORT_LIMIT, -0.5,
+                              T0 - timedelta(seconds=5), T0 + timedelta(minutes=5),
+                              "dp +1 kW relieves v")
+        case.cycle._issuer.last[d_lim] = tight          # within the ADMS's 2 kW export limit
+        op = ControlRequest("op-2", Source.OPERATOR, CommandKind.OPERATOR_SETPOINT,
+                            Scope.device(d_op), T0, end, value_kw=-2.0)
+        arb = Arbiter([op, ControlRequest("adms-3", Source.ADMS, CommandKind.LIMIT_EXPORT,
+                                          Scope.device(d_lim), T0, end, value_kw=2.0)])
+        case.cycle.arbiter = arb
+        n = len(ders)
+        quiet = 0.1 * np.array([d[3] for d in ders])
+        fleet = FleetNow(quiet, np.zeros(n), quiet, np.zeros(n), np.zeros(n), np.zeros(n),
+                         np.ones(n))
+        case.field.set_ders(case.registry.point, quiet, np.zeros(n))
+        case.field.solve()
+
+        def run(t):
+            return case.cycle.run(t, fleet, measurements=case.field.measurements(
+                case.meters, case.rng))
+        rep = run(T0)
+        got = {c.der_id: c for c in rep.commands}
+        assert d_lim not in got                          # its own, tighter command stands
+        assert got[d_op].mode is CommandMode.P_SETPOINT and "/auth" in got[d_op].cycle_id
+        arb.withdraw("op-2", T0 + timedelta(seconds=7))
+        rep = run(T0 + timedelta(seconds=10))
+        rel = [c for c in rep.commands if c.der_id == d_op]
+        assert rel and rel[0].mode is CommandMode.RELEASE, rep.commands
+    finally:
+        case.field.close()
+        case.cycle.engine.close()

@@ -188,6 +188,13 @@ def test_forward_and_reverse_power_at_one_time_are_stored_as_the_net(app, store)
     assert _call(app, LFDI_1, "POST", href, _list(_mmr(30, value=0), _mmr(31, value=2000))
                  ).status == 201
     assert list(_readings(store, "p_kw", meter_id="NMI-1").value) == [-2.0]
+    # average and maximum readings of one time are no pair: not summed (the first is kept)
+    href2 = _create(app, mrid=4, role="0003", readings=_mmr(40, _rt(38, 0, 1))
+                    + _mmr(41, _rt(38, 0, 1)))
+    assert _call(app, LFDI_1, "POST", href2, _list(_mmr(40, value=3000, t=EPOCH + 60),
+                                                   _mmr(41, value=4000, t=EPOCH + 60))
+                 ).status == 201
+    assert list(_readings(store, "p_kw", meter_id="NMI-1").value) == [-2.0, 3.0]
 
 
 def test_bad_documents_are_refused_and_nothing_is_stored(app, store):

@@ -63,7 +63,7 @@ from derms.analysis.state_estimation import (
     StateEstimate,
     estimate_state,
 )
-from derms.control.arbiter import APPLIED, Arbiter
+from derms.control.arbiter import Arbiter
 from derms.control.commands import CommandIssuer, CommandMode, CommandSink, DeviceCommand
 from derms.control.fast_cycle_types import (
     STAGES,
@@ -513,57 +513,70 @@ class FastCycle:
     def _authority(self, now: datetime, cycle_id: str, notes: list[str]
                    ) -> list[DeviceCommand]:
         """Commands that carry out a higher authority's decisions on the devices, every
-        cycle: a blocked device is released from the DERMS's own command (an event with
-        no modes: its default control applies), an operator's or the ADMS's setpoint is
-        sent as a setpoint, a device-level ADMS export/import limit as a limit, each valid
-        until the request ends. (They used to only keep the corrective step from moving
-        the device: an operator setpoint read "applied" and never reached the device, a
+        cycle: an operator's or the ADMS's setpoint goes out as a setpoint, a device-level
+        limit (export, import) as a limit unless the DERMS's own command in force is
+        already within it, a blocked device without such a limit is released from the
+        DERMS's own command (an event with no modes: its default control applies); each
+        valid until its request ends. A device whose authority request has ended early
+        (withdrawn) is released at once. Ids are the cycle's "/auth" ids, apart from the
+        corrective step's. (The decisions used to only keep the corrective step from
+        moving the device: an operator setpoint read "applied" and never reached it, a
         block left the DERMS's earlier command running.)"""
         if self.arbiter is None:
             return []
-        active = self.arbiter.active(now)
-        if not active:
-            return []
+        auth_cycle = f"{cycle_id}/auth"
         out: list[DeviceCommand] = []
+        active = self.arbiter.active(now)
+        held: dict[str, str] = {}
         for j in sorted(self._candidates(active)):
             der = str(self.registry.der_id[j])
             d = self.arbiter.resolve(self._locs[j], now)
-            cmd = None
-            if d.blocked:
-                last = self._issuer.last.get(der)
-                if last is not None and last.mode is not CommandMode.RELEASE \
-                        and last.valid_until > now:
-                    cmd = self._issuer.issue_as(
-                        now, cycle_id, der, CommandMode.RELEASE, 0.0,
-                        self.arbiter.get(d.blocked_by).end,
-                        f"authority: dispatch blocked ({d.blocked_by})")
-            elif d.setpoint_kw is not None and \
+            last = self._issuer.last.get(der)
+            own = (last is not None and last.valid_until > now
+                   and not last.reason.startswith("authority"))
+            cmds: list[DeviceCommand | None] = []
+            if d.setpoint_kw is not None and not d.blocked and \
                     self.arbiter.get(d.setpoint_by).source is not Source.OPTIMISATION:
                 req = self.arbiter.get(d.setpoint_by)
-                cmd = self._issuer.issue_as(
-                    now, cycle_id, der, CommandMode.P_SETPOINT, d.setpoint_kw, req.end,
-                    f"authority: {req.source.value} setpoint ({req.request_id})")
+                held[der] = req.request_id
+                cmds.append(self._issuer.issue_as(
+                    now, auth_cycle, der, CommandMode.P_SETPOINT, d.setpoint_kw, req.end,
+                    f"authority: {req.source.value} setpoint ({req.request_id})"))
             else:
-                for kind, mode, sign in ((CommandKind.LIMIT_EXPORT, CommandMode.EXPORT_LIMIT,
-                                          -1.0),
-                                         (CommandKind.LIMIT_IMPORT, CommandMode.IMPORT_LIMIT,
-                                          1.0)):
-                    lim = d.limit(kind, ScopeKind.DEVICE)
-                    if lim is None:
+                for lim in d.limits:
+                    if lim.scope_kind is not ScopeKind.DEVICE:
                         continue
-                    req = next((self.arbiter.get(r.request_id) for r in d.rulings
-                                if r.kind is kind and r.outcome == APPLIED), None)
-                    until = req.end if req is not None else now + timedelta(
-                        seconds=self.config.hold_s)
-                    cmd = self._issuer.issue_as(
-                        now, cycle_id, der, mode, sign * abs(lim), until,
-                        f"authority: {kind.value} {lim:g} kW")
-                    break
-            if cmd is not None:
-                out.append(cmd)
+                    mode, p = ((CommandMode.EXPORT_LIMIT, -abs(lim.value_kw))
+                               if lim.kind is CommandKind.LIMIT_EXPORT else
+                               (CommandMode.IMPORT_LIMIT, abs(lim.value_kw)))
+                    held[der] = lim.request_id
+                    if own and _within(last, mode, p):
+                        continue  # the DERMS's own command already keeps the limit
+                    cmds.append(self._issuer.issue_as(
+                        now, auth_cycle, der, mode, p, self.arbiter.get(lim.request_id).end,
+                        f"authority: {lim.kind.value} {lim.value_kw:g} kW "
+                        f"({lim.request_id})"))
+                if d.blocked and der not in held:
+                    held[der] = d.blocked_by
+                    if own:
+                        cmds.append(self._issuer.issue_as(
+                            now, auth_cycle, der, CommandMode.RELEASE, 0.0,
+                            self.arbiter.get(d.blocked_by).end,
+                            f"authority: dispatch blocked ({d.blocked_by})"))
+            out += [c for c in cmds if c is not None]
+        # authority commands whose request has ended early (withdrawn): release them now
+        for der, cmd in list(self._issuer.last.items()):
+            if (cmd.reason.startswith("authority") and cmd.mode is not CommandMode.RELEASE
+                    and cmd.valid_until > now and der not in held):
+                rel = self._issuer.issue_as(
+                    now, auth_cycle, der, CommandMode.RELEASE, 0.0,
+                    now + timedelta(seconds=2 * self.config.period_s),
+                    "authority: request ended (withdrawn)")
+                if rel is not None:
+                    out.append(rel)
         if out:
             notes.append(f"authority: {len(out)} command(s) carrying out operator/ADMS "
-                         "decisions (setpoints, limits, releases of blocked DERs)")
+                         "decisions (setpoints, limits, releases)")
         return out
 
     def _arbitrate(self, now: datetime, f: dict) -> tuple[np.ndarray, ...]:
@@ -596,6 +609,17 @@ class FastCycle:
             notes.append(f"arbiter: {blocked} DER(s) blocked, {held} held by a higher "
                          "authority's setpoint: not moved, no command")
         return fixed, p_lo, p_hi, notes
+
+
+def _within(cmd: DeviceCommand, mode: CommandMode, p_kw: float) -> bool:
+    """Whether ``cmd`` already keeps a device inside the limit ``mode``/``p_kw`` (an
+    export limit -e: a setpoint or export limit at or above -e; an import limit m: a
+    setpoint or import limit at or below m)."""
+    if mode is CommandMode.EXPORT_LIMIT:
+        return cmd.mode in (CommandMode.P_SETPOINT, CommandMode.EXPORT_LIMIT) and \
+            cmd.p_kw >= p_kw - 1e-9
+    return cmd.mode in (CommandMode.P_SETPOINT, CommandMode.IMPORT_LIMIT) and \
+        cmd.p_kw <= p_kw + 1e-9
 
 
 def _worst(idx: np.ndarray, dist: np.ndarray, cap: int) -> np.ndarray:

@@ -329,8 +329,7 @@ def _lp(d, free, p0, q0, rows, rhs, cfg):
     active[first] = True
     t_end = time.perf_counter() + cfg.time_limit_s
     for _ in range(cfg.lp_rounds):
-        lp.h.setOptionValue("time_limit", max(0.05, t_end - time.perf_counter()))
-        x = lp.solve()[0]
+        x = lp.solve(time_limit_s=max(0.05, t_end - time.perf_counter()))[0]
         mv = np.bincount(col_pt, weights=col_sign * x[:nc], minlength=2 * pts.size)
         room = rhs - s_all @ mv
         out = np.flatnonzero(~active & (room < -1e-6))

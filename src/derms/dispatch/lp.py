@@ -331,9 +331,14 @@ class HighsLP:
         if idx.size:
             self.h.changeColsCost(idx.size, idx.astype(np.int32), cost)
 
-    def solve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def solve(self, time_limit_s: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Solve; return (x, row activities, row duals). Raise :class:`InfeasibleError`
         (without naming elements; callers diagnose) when HiGHS finds no optimum.
+
+        ``time_limit_s``: the caller's own budget for this solve (the fast cycle's
+        corrective step: 2 s), no stall guard and no fallback (a budget it runs out of is
+        an InfeasibleError "Time limit reached").
 
         Each attempt has a time limit (``STALL_S_PER_NNZ`` x nonzeros, at least
         ``STALL_MIN_S``): HiGHS's dual simplex after presolve stalled on IEEE 34 at 5-min
@@ -343,6 +348,10 @@ class HighsLP:
         this model then keep."""
         import time
         t0 = time.perf_counter()
+        if time_limit_s is not None:
+            self.h.setOptionValue("time_limit", self.h.getRunTime() + max(time_limit_s, 0.0))
+            self.h.run()
+            return self._result(t0)
         limit = max(STALL_MIN_S, STALL_S_PER_NNZ * self.h.getNumNz())
         # HiGHS's time limit is on the run time of the object, summed over its runs; the
         # last fallback (once reached) has none
@@ -360,6 +369,10 @@ class HighsLP:
             self.h.setOptionValue("time_limit", self.h.getRunTime() + limit
                                   if self._fallback < len(FALLBACKS) else highspy.kHighsInf)
             self.h.run()
+        return self._result(t0)
+
+    def _result(self, t0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import time
         self.solve_s += time.perf_counter() - t0
         self.n_solves += 1
         status = self.h.getModelStatus()

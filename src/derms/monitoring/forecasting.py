@@ -404,13 +404,15 @@ def _hold_coarse(values: pd.Series, step: timedelta, key: str) -> tuple[pd.Serie
     interval; returns the series and a warning ('' when nothing was done)."""
     if len(values) < 3:
         return values, ""
-    native = pd.Series(values.index).diff().median()
     st = pd.Timedelta(step)
-    if not native > st or native % st != pd.Timedelta(0):
+    k = int(round(pd.Series(values.index).diff().median() / st))  # readings a few
+    if k < 2:                                                        # seconds off count
         return values, ""
-    k = int(native / st)
-    grid = pd.date_range(values.index[0], values.index[-1] + native - st, freq=st)
-    held = values.reindex(grid).ffill(limit=k - 1)
+    native = k * st
+    # on the step grid first (readings a few seconds off it were dropped by a reindex)
+    on_grid = values.resample(st).mean()
+    grid = pd.date_range(on_grid.index[0], on_grid.index[-1] + native - st, freq=st)
+    held = on_grid.reindex(grid).ffill(limit=k - 1)
     return held, (f"series {key}: readings every {native} held over the model's {st} "
                   f"steps (a model at the series' own step forecasts it better)")
 

@@ -158,10 +158,15 @@ def effective_controls(event: Controls, event_active: np.ndarray, default: Contr
                        contact_age_s: np.ndarray, comm_timeout_s: float) -> Controls:
     """What each device applies: its active event's control, except when it has no active
     event or its communication has been lost for longer than ``comm_timeout_s`` (then the
-    DefaultDERControl it last received: fail-safe). ``contact_age_s``: seconds since each
+    DefaultDERControl it last received: fail-safe); a mode the active event does not set
+    takes the default's value. ``contact_age_s``: seconds since each
     device's last successful exchange with the server (inf: never)."""
     use_event = event_active & (contact_age_s <= comm_timeout_s)
-    pick = lambda a, b: np.where(use_event, a, b)  # noqa: E731
+
+    def pick(a, b):  # a mode the active event leaves unset takes the default's value
+        if a.dtype.kind == "f":           # (an event with no modes -- a DERMS release --
+            return np.where(use_event & ~np.isnan(a), a, b)   # is the default control)
+        return np.where(use_event, a, b)
     return Controls(*(pick(getattr(event, f.name), getattr(default, f.name))
                       for f in fields(Controls)))
 

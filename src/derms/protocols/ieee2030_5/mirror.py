@@ -161,8 +161,10 @@ class MirrorUsagePoints:
         done = Response(201, headers=(("location", self.paths.mup(mup.mup_id)),))
         received = datetime.now(UTC).replace(microsecond=0)
         try:
-            values = [v for el, reg in zip(mmrs, regs, strict=True)
-                      for v in mm.values_of(el, reg.reading_type, mup, received)]
+            flows = [(v, reg.reading_type.flow_direction) for el, reg in zip(mmrs, regs,
+                                                                              strict=True)
+                     for v in mm.values_of(el, reg.reading_type, mup, received)]
+            values = [v for v, _f in flows]
         except (OverflowError, OSError, ValueError) as exc:  # a time beyond any calendar
             raise HttpError(400, 1, f"reading time: {exc}") from None
         if not values:
@@ -173,7 +175,7 @@ class MirrorUsagePoints:
                                     f"{'meter' if mup.is_site else 'DER device'} to store its "
                                     "readings under (set it at pre-registration)")
         rows = [ReadingRow(v.quantity, v.t, v.value, source=SOURCE, quality=v.quality, **owner)
-                for v in _net_power(values)]
+                for v in _net_power(flows)]
         return self._write_rows(request, rows, done)
 
     def _write_rows(self, request: Request, rows: list[ReadingRow], done: Response
@@ -195,21 +197,26 @@ class MirrorUsagePoints:
         return write()
 
 
-def _net_power(values: list) -> list:
-    """A post's power readings of one quantity at one time summed into the net value: a
-    site's forward (import, +) and reverse (export, -) W registers both map to ``p_kw``,
-    and the historian keeps the first value of a (series, time), so the export was lost
-    (0 and -2 kW stored as 0). Energy registers have quantities of their own and pass
-    through; so does everything else."""
+def _net_power(flows: list) -> list:
+    """A post's forward (1) and reverse (19) power registers of one quantity at one time
+    summed into the net value: a site's import (+) and export (-) W registers both map to
+    ``p_kw``, and the historian keeps the first value of a (series, time), so the export
+    was lost (0 and -2 kW stored as 0). Only such a pair is summed (average, maximum and
+    minimum readings of one time are not: 3 + 4 + 2 kW became 9); everything else passes
+    through. ``flows``: (value, its reading type's flowDirection) pairs."""
     from dataclasses import replace as _replace
 
     out, at = [], {}
-    for v in values:
-        if v.quantity.startswith(("p_", "q_")) and (v.quantity, v.t) in at:
-            k = at[(v.quantity, v.t)]
+    for v, flow in flows:
+        key = (v.quantity, v.t)
+        if v.quantity.startswith(("p_", "q_")) and key in at and flow in (1, 19) \
+                and at[key][1] in (1, 19) and at[key][1] != flow:
+            k = at[key][0]
             out[k] = _replace(out[k], value=out[k].value + v.value,
                               quality=max(out[k].quality, v.quality))
+            at[key] = (k, 0)  # the pair is complete
             continue
-        at[(v.quantity, v.t)] = len(out)
+        if key not in at:
+            at[key] = (len(out), flow)
         out.append(v)
     return out
