@@ -222,8 +222,10 @@ def network_limits(base: Reference, node_phase: np.ndarray, rating_a: np.ndarray
     # (IEEE 13). Currents stay at the base value: with half their tolerance the AC
     # check found the head section over it in every round (IEEE 13, 24 h)
     # (a base value inside the tolerance is no violation: the count's threshold stays the
-    # limit's own, so it is held at min(base, limit + half the tolerance) -- at base - half
-    # the tolerance the LP let IEEE 34's bus 890 go to 0.9487 from a base of 0.9491)
+    # limit's own, so it is held at the looser of the base value and the limit + half the
+    # tolerance, never past the threshold: max(base, v_max + tol/2) above, min(base,
+    # v_min - tol/2) below -- at base - half the tolerance the LP let IEEE 34's bus 890 go
+    # to 0.9487 from a base of 0.9491)
     tol, half_v = limits.v_tol_pu, 0.5 * limits.v_tol_pu
     hi, lo = limits.v_max_pu, limits.v_min_pu
     v_max = np.where(v > hi + tol, v + half_v,
