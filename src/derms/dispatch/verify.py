@@ -607,6 +607,24 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                         "violations)", u_key[0], best[0][0])
             sched, res, rep = uncontrolled_schedule(fleet), uncontrolled[1], u_rep
             left = u_key[0]
+    elif objective.weights.price_per_kwh is None and objective.peak_element is None:
+        # a clean plan whose head peak is above the uncontrolled one, when the uncontrolled
+        # case is clean too, is worse than leaving the DERs alone (a 1-h IEEE 13 plan
+        # charged a battery to meet a thermal row held at its base value: 2,539 kW against
+        # 2,514): the uncontrolled schedule is returned
+        u_rep = ac.violations(uncontrolled[1])
+        u_clean = u_rep.counts["violations_voltage"] + u_rep.counts["violations_thermal"] == 0
+        u_export_ok = objective.export_limit_kw is None or float(
+            np.max(-uncontrolled[0].head_kw)) <= objective.export_limit_kw + EXPORT_TOL_KW
+        peak, u_peak = float(np.max(res.head_p_kw.sum(axis=1))), float(
+            np.max(uncontrolled[1].head_p_kw.sum(axis=1)))
+        if u_clean and u_export_ok and peak > u_peak + 1e-6:
+            notes.append(f"the plan's AC peak {peak:.1f} kW is above the uncontrolled "
+                         f"{u_peak:.1f} kW, which breaks no limit either: the uncontrolled "
+                         "schedule is returned (no DER is moved)")
+            log.warning("dispatch falls back to the uncontrolled schedule (peak %.1f > %.1f "
+                        "kW)", peak, u_peak)
+            sched, res, rep = uncontrolled_schedule(fleet), uncontrolled[1], u_rep
     if left and not notes:
         notes.append(f"{rounds} AC rounds used (the most allowed); the plan of round {best[1]}"
                      f", the one with the fewest AC violations, is kept")
