@@ -141,6 +141,12 @@ class FastCycle:
         # ``issuer``: one carried over (a rebuild on new topology) or seeded from the
         # tracked commands (a restart), so a standing decision keeps its command id;
         # ``cycle_tag`` keeps cycle (and so command) ids unique across restarts
+        # this cycle's arbiter decisions (time, {registry position: Decision}), resolved
+        # once for the authority commands and the corrective step's bounds
+        self._decided: tuple[tuple | None, dict] = (None, {})
+        # DERs whose last command is an authority's (None: not known yet -- after a
+        # restart the issuer is seeded from the tracked commands, read once)
+        self._auth_ders: set[str] | None = None
         self._issuer = issuer or CommandIssuer(self.config.hold_s, self.config.period_s,
                                                self.config.deadband_kw)
         self.cycle_tag = cycle_tag
@@ -530,7 +536,7 @@ class FastCycle:
         held: dict[str, str] = {}
         for j in sorted(self._candidates(active)):
             der = str(self.registry.der_id[j])
-            d = self.arbiter.resolve(self._locs[j], now)
+            d = self._decision(j, now)
             last = self._issuer.last.get(der)
             own = (last is not None and last.valid_until > now
                    and not last.reason.startswith("authority"))
@@ -565,19 +571,34 @@ class FastCycle:
                             f"authority: dispatch blocked ({d.blocked_by})"))
             out += [c for c in cmds if c is not None]
         # authority commands whose request has ended early (withdrawn): release them now
-        for der, cmd in list(self._issuer.last.items()):
-            if (cmd.reason.startswith("authority") and cmd.mode is not CommandMode.RELEASE
-                    and cmd.valid_until > now and der not in held):
+        if self._auth_ders is None:
+            self._auth_ders = {d for d, c in self._issuer.last.items()
+                               if c.reason.startswith("authority")}
+        for der in sorted(self._auth_ders - held.keys()):
+            cmd = self._issuer.last.get(der)
+            if (cmd is not None and cmd.reason.startswith("authority")
+                    and cmd.mode is not CommandMode.RELEASE and cmd.valid_until > now):
                 rel = self._issuer.issue_as(
                     now, auth_cycle, der, CommandMode.RELEASE, 0.0,
                     now + timedelta(seconds=2 * self.config.period_s),
                     "authority: request ended (withdrawn)")
                 if rel is not None:
                     out.append(rel)
+        self._auth_ders = set(held) | {c.der_id for c in out}
         if out:
             notes.append(f"authority: {len(out)} command(s) carrying out operator/ADMS "
                          "decisions (setpoints, limits, releases)")
         return out
+
+    def _decision(self, j: int, now: datetime):
+        """The arbiter's decision for registry position ``j`` at ``now`` (once per cycle)."""
+        key = (now, id(self.arbiter))
+        if self._decided[0] != key:
+            self._decided = (key, {})
+        cache = self._decided[1]
+        if j not in cache:
+            cache[j] = self.arbiter.resolve(self._locs[j], now)
+        return cache[j]
 
     def _arbitrate(self, now: datetime, f: dict) -> tuple[np.ndarray, ...]:
         n = f["p_kw"].size
@@ -589,7 +610,7 @@ class FastCycle:
         cand = self._candidates(self.arbiter.active(now))
         blocked = held = 0
         for j in sorted(cand):
-            d = self.arbiter.resolve(self._locs[j], now)
+            d = self._decision(j, now)
             if d.blocked:
                 fixed[j] = True
                 blocked += 1

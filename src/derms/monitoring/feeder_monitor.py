@@ -592,13 +592,10 @@ class FeederMonitor:
         false, whatever its telemetry says (it reported "online" with 60 kW of headroom
         behind an open switch). Devices without a known bus count as energised."""
         bus_of = {d.der_id: (d.bus or "").split(".")[0].lower() for d in devices}
-        dead_min = self.config.limits.energised_min_pu
-        live_bus: dict[str, bool] = {}
-        for name, v in zip(self.node_names, v_pu, strict=True):
-            b = name.split(".")[0]
-            live_bus[b] = live_bus.get(b, False) or bool(v >= dead_min)
-        energised = np.array([live_bus.get(bus_of[i], True) for i in avail["der_id"]],
-                             dtype=bool)
+        live = pd.Series(np.asarray(v_pu) >= self.config.limits.energised_min_pu).groupby(
+            self.index.node_bus).any()
+        energised = live.reindex([bus_of[i] for i in avail["der_id"]],
+                                 fill_value=True).to_numpy(dtype=bool)
         out = avail.assign(energised=energised)
         out.loc[~energised, ["headroom_up_kw", "headroom_down_kw"]] = 0.0
         if (~energised).any():

@@ -109,7 +109,7 @@ class ForecastSchedule(BackgroundLoop):
         series no longer stops every forecast of its kind."""
         ok = []
         for t in targets:
-            if self._guard(f"resolve {t.key}", lambda t=t: self.service._resolve([t])) \
+            if self._guard(f"resolve {t.key}", lambda t=t: self.service.resolve([t])) \
                     is not None:
                 ok.append(t)
         return ok

@@ -232,7 +232,9 @@ class ForecastService:
         return frozenset(k for k, r in refs.items()
                          if r.is_der and r.quantity.startswith("p_") and r.quantity.endswith("_kw"))
 
-    def _resolve(self, targets: list[ForecastTarget]) -> dict[str, SeriesRef]:
+    def resolve(self, targets: list[ForecastTarget]) -> dict[str, SeriesRef]:
+        """Each target's series (UnknownSeriesError / InputError for one that does not
+        resolve)."""
         return {t.key: find_series(self.engine, t.owner, t.quantity, t.source) for t in targets}
 
     def _capacity(self, spec: ForecastSpec, refs: dict[str, SeriesRef]) -> dict[str, float] | None:
@@ -265,7 +267,7 @@ class ForecastService:
         _check_step(step, spec)
         end = floor_time(train_end or self.clock(), step)
         days = history_days or self.settings.forecast_history_days
-        refs = self._resolve(tlist)
+        refs = self.resolve(tlist)
         t0 = time.perf_counter()
         series, failed, warnings = self._history(refs, end - timedelta(days=days), end, step,
                                                  self._generation(spec, refs))
@@ -361,7 +363,7 @@ class ForecastService:
         wrong = [t.key for t in tlist if t.kind != spec.kind]
         if wrong:
             raise InputError(f"targets {wrong}: kind differs from the model's kind {spec.kind!r}")
-        refs = self._resolve(tlist)
+        refs = self.resolve(tlist)
         flip = self._generation(spec, refs)
         series, failed, warnings = self._history(refs, origin - ISSUE_HISTORY, origin, step,
                                                  flip)
@@ -405,7 +407,7 @@ def _hold_coarse(values: pd.Series, step: timedelta, key: str) -> tuple[pd.Serie
     if len(values) < 3:
         return values, ""
     st = pd.Timedelta(step)
-    k = int(round(pd.Series(values.index).diff().median() / st))  # readings a few
+    k = round(pd.Series(values.index).diff().median() / st)  # readings a few
     if k < 2:                                                        # seconds off count
         return values, ""
     native = k * st

@@ -28,6 +28,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from lxml import etree
@@ -204,15 +205,13 @@ def _net_power(flows: list) -> list:
     was lost (0 and -2 kW stored as 0). Only such a pair is summed (average, maximum and
     minimum readings of one time are not: 3 + 4 + 2 kW became 9); everything else passes
     through. ``flows``: (value, its reading type's flowDirection) pairs."""
-    from dataclasses import replace as _replace
-
     out, at = [], {}
     for v, flow in flows:
         key = (v.quantity, v.t)
         if v.quantity.startswith(("p_", "q_")) and key in at and flow in (1, 19) \
                 and at[key][1] in (1, 19) and at[key][1] != flow:
             k = at[key][0]
-            out[k] = _replace(out[k], value=out[k].value + v.value,
+            out[k] = replace(out[k], value=out[k].value + v.value,
                               quality=max(out[k].quality, v.quality))
             at[key] = (k, 0)  # the pair is complete
             continue
