@@ -8,6 +8,8 @@ the sparse load-injection matrix ``E``; no nodes x nodes matrix is formed.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -18,6 +20,7 @@ from derms.powerflow.network_jacobian import (
     adjoint_rows,
     complex_pairs,
     network_jacobian,
+    system_y,
     y_bases_v,
 )
 from derms.powerflow.voltage_measure import partners_in
@@ -38,17 +41,37 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     """H (m_meas x 2 n_loads): d(meters, head P, head Q) / d(load kW, load kvar).
 
     ``br``: the engine's load branches at ``v_y`` (:func:`read_branches`), read if None.
+
+    H depends only on the operating point and the meters, so it is kept on the engine
+    (``engine.derived``) under a digest of what fixes them: the system Y matrix
+    (topology, taps, capacitors, line data), the states ``x`` and the load laws (the
+    operating point is the AC solution there; the solved powers of generators, PV and
+    storage enter to 4 significant digits, as the engine's own solve tolerance leaves
+    the last digits to the starting point), the meter nodes and their line-to-line
+    partners and the head phases. An estimate from the same prior point (a monitoring
+    cycle between profile steps, or snapshots estimated against one profile) reuses it;
+    anything else rebuilds it. The array returned is read-only.
     """
     br = read_branches(engine, v_y) if br is None else br
-    jac = network_jacobian(engine, v_y, br, 0.0)
     n = len(y_names)
+    y_sys = system_y(engine, n)
+    to = partners_in(engine.voltage_pairs(), y_of_e, n)[mv_y]
+    key = _digest(y_sys.data, y_sys.indices, y_sys.indptr, mv_y, to, x,
+                  np.asarray([n_ph, n, engine.circuit.Solution.LoadMult]),
+                  np.asarray(lnames, dtype=str), np.asarray(br.element, dtype=str),
+                  br.node_i, br.node_j, br.y_sys_s, br.model, br.v_base_v, br.vlow_pu,
+                  br.vmin_pu, br.vmax_pu, br.var_fixed_var, br.cvr_p, br.cvr_q, br.zipv,
+                  _round_sig(br.w_nom_w), _round_sig(br.var_nom_var))
+    cached = engine.derived.get(_CACHE)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    jac = network_jacobian(engine, v_y, br, 0.0, y=y_sys)
     bus = np.unique([s.rsplit(".", 1)[0] for s in y_names], return_inverse=True)[1]
     solver = LeafSolver(jac.T.tocsr(), np.repeat(bus, 2), max_rounds=10)
 
     # functionals c (2n x m) over (Re dV, Im dV) in Y order: d|V| / (base |V|) per meter,
     # or on ungrounded areas d|V_a - V_b| / (sqrt(3) base) (what such a meter reads)
     base = y_bases_v(engine, y_of_e)
-    to = partners_in(engine.voltage_pairs(), y_of_e, n)[mv_y]
     j = np.arange(mv_y.size)
     has = to >= 0
     vd = v_y[mv_y] - np.where(has, v_y[np.maximum(to, 0)], 0.0)
@@ -61,7 +84,32 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     if n_ph:
         c = sp.hstack([c, sp.csc_matrix(_head_functionals(engine, v_y, n, n_ph))]).tocsc()
     e_mat = _load_injections(br, v_y, lnames, x, n)
-    return adjoint_rows(solver, c, e_mat)
+    h_mat = adjoint_rows(solver, c, e_mat)
+    h_mat.flags.writeable = False
+    engine.derived[_CACHE] = (key, h_mat)
+    return h_mat
+
+
+_CACHE = "se_measurement_jacobian"
+
+
+def _round_sig(a: np.ndarray, digits: int = 4) -> np.ndarray:
+    """``a`` rounded to ``digits`` significant digits (0 stays 0)."""
+    a = np.asarray(a, dtype=float)
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log10(np.abs(a)))
+    q = 10.0 ** (np.where(np.isfinite(e), e, 0.0) - digits + 1)
+    return np.round(a / q) * q
+
+
+def _digest(*arrays: np.ndarray) -> bytes:
+    """A digest of the arrays' shapes, types and bytes (the cache key)."""
+    h = hashlib.blake2b(digest_size=32)
+    for arr in arrays:
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes() if arr.dtype != object else repr(arr.tolist()).encode())
+    return h.digest()
 
 
 def _head_functionals(engine, v_y, n: int, n_ph: int) -> np.ndarray:

@@ -114,6 +114,7 @@ Assumptions and limits
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -145,6 +146,7 @@ from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector
 from derms.powerflow.linear_loads import read_branches
 from derms.powerflow.network_jacobian import complex_pairs
+from derms.threads import blas_single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,7 @@ class StateEstimate:
         return self.row_labels[self.largest_nr_row]
 
 
+@blas_single_threaded  # it runs its own threads (module docstring of derms.threads)
 def estimate_state(
     engine,
     meas: Measurements,
@@ -322,7 +325,7 @@ def estimate_state(
         np.add.at(info_a, a_cols, f0**2 / s_a**2)
         pf = 1.0 / (1.0 / p_diag + info_a)
         g = h_mat * np.sqrt(pf)  # H Pf^(1/2)
-        s_mat = _syrk_lower(g)  # m x m, lower triangle of H Pf H^T
+        s_mat = _gram_lower(engine, h_mat, pf, g)  # m x m, lower triangle of H Pf H^T
         z = np.r_[z_v, z_h]
         mv_e = np.fromiter((pos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
         chol, post = None, None
@@ -452,6 +455,24 @@ def _scale_prior(g, fixed, beta, p_diag, sp_, a_free, a_fix):
     f = np.where(fixed, 1.0, beta)
     s_mat = beta * a_free if a_fix is None else beta * a_free + a_fix
     return s_mat, p_diag * f, sp_ * np.sqrt(f), g * np.sqrt(f)
+
+
+def _gram_lower(engine, h_mat: np.ndarray, pf: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Lower triangle of ``H Pf H^T`` (``g = H Pf^1/2``), a fresh array.
+
+    Kept on the engine beside the measurement Jacobian it came from: the same H (the
+    cached array itself) with the same prior variances gives the same product."""
+    pf_key = hashlib.blake2b(np.ascontiguousarray(pf).tobytes(), digest_size=32).digest()
+    cached = engine.derived.get(_GRAM)
+    if cached is not None and cached[0] is h_mat and cached[1] == pf_key:
+        return cached[2].copy()
+    s_mat = _syrk_lower(g)
+    if not h_mat.flags.writeable:  # only a cached (read-only) H is worth keeping
+        engine.derived[_GRAM] = (h_mat, pf_key, s_mat.copy())
+    return s_mat
+
+
+_GRAM = "se_gram_lower"
 
 
 def _syrk_lower(g: np.ndarray) -> np.ndarray:

