@@ -100,7 +100,7 @@ class RowSensitivities:
         v_y = complex_pairs(ckt.YNodeVarray)
         br = read_branches(engine, v_y)
         jac = network_jacobian(engine, v_y, br, load_band_pu)
-        self._solver = LeafSolver(jac.T.tocsr(), self._bus2, max_rounds=10)
+        self._solver = LeafSolver(jac.T.tocsr(), self._bus2, max_rounds=64, chains=True)
         self._v_y = v_y
         self._base = y_bases_v(engine, self.y_of_e, self.n)
         self._cache_v: dict[int, tuple] = {}

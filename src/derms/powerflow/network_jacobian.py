@@ -17,7 +17,7 @@ import scipy.sparse.linalg as spla
 
 from derms.errors import ModelError
 from derms.powerflow.linear_loads import branch_jacobian, branch_voltage
-from derms.threads import solve_workers
+from derms.threads import blas_single_thread, solve_workers
 
 
 class LeafSolver:
@@ -33,7 +33,8 @@ class LeafSolver:
     inverse; dimensions of one bus stay together and in their original order.
     """
 
-    def __init__(self, jac: sp.csr_matrix, bus_of_dim: np.ndarray, max_rounds: int = 6) -> None:
+    def __init__(self, jac: sp.csr_matrix, bus_of_dim: np.ndarray, max_rounds: int = 6,
+                 chains: bool = False) -> None:
         n, nb = jac.shape[0], int(bus_of_dim.max()) + 1
         g = sp.csr_matrix((np.ones(n), (np.arange(n), bus_of_dim)), shape=(n, nb))
         pattern = sp.csr_matrix((np.ones(jac.nnz), jac.indices, jac.indptr), shape=jac.shape)
@@ -41,14 +42,8 @@ class LeafSolver:
         adj.setdiag(0)
         adj.eliminate_zeros()
         adj.data[:] = 1.0
-        rnd = np.full(nb, max_rounds)
-        alive = np.ones(nb, dtype=bool)
-        for r in range(max_rounds):
-            leaf = alive & (adj @ alive == 1)
-            leaf &= adj @ leaf == 0  # not two leaves facing each other
-            if leaf.sum() < 0.05 * alive.sum():
-                break
-            rnd[leaf], alive = r, alive & ~leaf
+        rnd = (_chain_rounds(adj, max_rounds) if chains
+               else _leaf_rounds(adj, max_rounds))
         self.perm = perm = np.lexsort((np.arange(n), bus_of_dim, rnd[bus_of_dim]))
         self.pos = np.empty(n, dtype=np.int64)
         self.pos[perm] = np.arange(n)
@@ -81,6 +76,51 @@ class LeafSolver:
         for a, c, inv, m_mat, _, _ in reversed(self.rounds):
             b[a:c] = inv @ b[a:c] - m_mat @ b[c:]
         return b
+
+
+def _leaf_rounds(adj: sp.csr_matrix, max_rounds: int) -> np.ndarray:
+    """Elimination round of each bus (``max_rounds`` = the core): leaves, in rounds, while a
+    round removes at least 5 % of the buses left."""
+    nb = adj.shape[0]
+    rnd = np.full(nb, max_rounds)
+    alive = np.ones(nb, dtype=bool)
+    for r in range(max_rounds):
+        leaf = alive & (adj @ alive == 1)
+        leaf &= adj @ leaf == 0  # not two leaves facing each other
+        if leaf.sum() < 0.05 * alive.sum():
+            break
+        rnd[leaf], alive = r, alive & ~leaf
+    return rnd
+
+
+def _chain_rounds(adj: sp.csr_matrix, max_rounds: int) -> np.ndarray:
+    """Elimination round of each bus (``max_rounds`` = the core) when buses with one *or
+    two* live neighbours are eliminated: a leaf, or a bus inside a chain (a line section),
+    whose elimination joins its two neighbours (one fill edge). Each round takes an
+    independent set of them (no two adjacent; leaves first, then by index), so a radial
+    feeder shrinks geometrically (rake and compress) instead of by one bus per chain and
+    round; it stops when a round removes less than 2 % of the buses left."""
+    nb = adj.shape[0]
+    rnd = np.full(nb, max_rounds)
+    alive = np.ones(nb, dtype=bool)
+    adj = adj.tocsr().astype(float)
+    top = float(3 * nb + 1)
+    for r in range(max_rounds):
+        deg = adj @ alive.astype(float)
+        cand = alive & (deg >= 1) & (deg <= 2)
+        rank = np.where(cand, top - (deg * nb + np.arange(nb)), 0.0)  # larger = first
+        best = adj.multiply(rank[None, :]).tocsr().max(axis=1).toarray().ravel()
+        pick = cand & (rank > best)
+        if pick.sum() < 0.02 * alive.sum():
+            break
+        rnd[pick], alive = r, alive & ~pick
+        a_s = adj[:, pick]
+        keep = sp.diags(alive.astype(float))
+        adj = (keep @ (adj + a_s @ a_s.T) @ keep).tocsr()
+        adj.setdiag(0)
+        adj.eliminate_zeros()
+        adj.data[:] = 1.0
+    return rnd
 
 
 def block_inverse(jss: sp.coo_matrix, bus: np.ndarray) -> sp.coo_matrix:
@@ -194,8 +234,8 @@ def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix,
     if workers == 1 or len(spans) == 1:
         for lo, hi in spans:
             one(lo, hi)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+    else:  # BLAS threads on top of these would oversubscribe the cores
+        with blas_single_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
             for fut in [pool.submit(one, lo, hi) for lo, hi in spans]:
                 fut.result()
     return h_mat
