@@ -362,3 +362,15 @@ def test_serve_refuses_bad_and_busy_ports_before_starting(tmp_path):
         res = subprocess.run([*base, "--port", str(port)], env=env, capture_output=True,
                              text=True, timeout=60)
     assert res.returncode == 2 and "--port" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_405_lists_every_method_of_the_path(api):
+    """A path served by a GET and a POST route: a 405 names both (Starlette named only the
+    first route's: "Allow: GET" on /v1/feeders)."""
+    for method, path, allow in (("DELETE", "/v1/feeders", "GET, POST"),
+                                ("PUT", "/v1/devices", "GET, POST"),
+                                ("PATCH", "/health", "GET, HEAD")):
+        r = api.request(method, path, headers=api.admin)
+        assert r.status_code == 405, (method, path)
+        assert r.headers["allow"] == allow, (method, path)
+        assert r.headers["content-type"].startswith("application/problem+json")

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from derms.errors import ConvergenceError, DermsError, InfeasibleError, InputError, ModelError
 from derms.ingest.parse import BatchError
@@ -55,6 +56,21 @@ def _status_of(exc: DermsError) -> int:
     return 400
 
 
+def allowed_methods(app: FastAPI, scope) -> str:
+    """The methods some route serves at the request's path (RFC 9110 15.5.6: a 405 lists
+    all the target's methods; Starlette names only the first route matching the path, so
+    a path with a GET and a POST route answered "Allow: GET")."""
+    ok = []
+    for method in _METHODS:
+        probe = {**scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in app.router.routes):
+            ok.append(method)
+    return ", ".join(ok)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
 
@@ -81,8 +97,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return problem_response(request, exc.status_code, str(exc.detail),
-                                headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names the first matching route's methods
+            headers = {**(headers or {}), "Allow": allowed_methods(app, request.scope)}
+        return problem_response(request, exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(DataError)
     async def _data(request: Request, exc: DataError):  # the database refused a value: it
