@@ -35,6 +35,10 @@ from the data (:mod:`derms.analysis.se_prior`; voltage-only rows only: with AMI 
 auto keeps the sigmas as given); ``sigma used`` is the given sigma x the scale (range over
 the seeds).
 
+``--levels 0.5,0.7,1.3``: the truth at a level off the pseudo loads' (``level`` x base x
+U(1 +- spread), pseudo loads at base with a 30 % sigma): the largest error with the load
+level fitted to the head's metered P/Q (``estimate_state``'s default) and without.
+
 ``--sensitivity``: voltages only, sigma = 1 %, truth spreads s = 0.2 / 0.3 / 0.5 against
 assumed prior sigmas 10-50 % taken as given (max and mean error over the seeds), and the
 ``auto`` column: calibrated from a 30 % start (the result does not depend on the start).
@@ -65,6 +69,9 @@ def _args():
                     help="prior_scale values: auto (calibrated from the data) and/or numbers")
     ap.add_argument("--spread", type=float, default=0.5)
     ap.add_argument("--sensitivity", action="store_true")
+    ap.add_argument("--levels", default="",
+                    help="truth levels, e.g. 0.5,0.7,1.3: truth = level x base x U(1 +- "
+                         "spread), pseudo loads at base; with and without the level fit")
     return ap.parse_args()
 
 
@@ -74,6 +81,7 @@ REPO = prepare(ARGS.blas_threads if ARGS is not None else None)
 import statistics
 import subprocess
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -133,6 +141,41 @@ def run_case(engine, index, meters, p0, q0, seeds, noise, *, spread, prior, ami,
             "errs": errs}
 
 
+def run_levels(engine, index, meters, p0, q0, seeds) -> None:
+    """Truth at ``level`` x base x U(1 +- spread), pseudo loads at base (sigma 30 %):
+    the largest error with the level fitted to the head (the default) and without."""
+    print(f"\nLoad level, IEEE 8500, voltages only, sigma 1 %, truth = level x base x "
+          f"U(1 ± {ARGS.spread}), pseudo = base (30 %), {seeds} seeds: max err pu (mean)\n")
+    print("| level | fitted (P, Q) | max err, level fitted | max err, without | cold wall s |")
+    print("|---|---|---|---|---|")
+    for level in (float(v) for v in ARGS.levels.split(",")):
+        got = {True: [], False: []}
+        fits, walls = set(), []
+        for seed in range(seeds):
+            set_loads(engine, p0 * level, q0 * level)
+            engine.solve()
+            sc = make_scenario(engine, meters, seed, HEAD_BUS["ieee8500"], NOISE,
+                               spread=ARGS.spread, pseudo_sigma=0.3)
+            set_loads(engine, p0, q0)
+            engine.solve()
+            meas = replace(sc.meas, load_p_kw=p0, load_q_kvar=q0,
+                           load_p_sigma_kw=np.maximum(0.3 * np.abs(p0), 0.1),
+                           load_q_sigma_kvar=np.maximum(0.3 * np.abs(q0), 0.1))
+            for fit in (True, False):
+                engine.derived.clear()
+                t0 = time.perf_counter()
+                est = estimate_state(engine, meas, index=index, restore=True, fit_level=fit)
+                if fit:
+                    walls.append(time.perf_counter() - t0)
+                    fits.add(est.load_level)
+                err = np.abs(est.v_pu - sc.v_true_pu)[sc.energised]
+                got[fit].append((err.max(), err.mean()))
+        cells = [f"{max(e for e, _ in got[f]):.4f} ({np.mean([m for _, m in got[f]]):.5f})"
+                 for f in (True, False)]
+        print(f"| {level} | {', '.join(f'({p:g}, {q:g})' for p, q in sorted(fits))} | "
+              f"{cells[0]} | {cells[1]} | {statistics.median(walls):.3f} |", flush=True)
+
+
 def main() -> None:
     print(f"uptime: {_uptime()}", file=sys.stderr)
     engine = frozen_engine("ieee8500")
@@ -140,6 +183,11 @@ def main() -> None:
     meters = meter_nodes_service_transformers(engine)
     _, p0, q0 = load_table(engine)
     seeds = ARGS.seeds
+    if ARGS.levels:
+        run_levels(engine, index, meters, p0, q0, seeds)
+        print(f"uptime: {_uptime()}", file=sys.stderr)
+        engine.close()
+        return
     if ARGS.sensitivity:
         print(f"\nSensitivity, IEEE 8500, voltages only, sigma 1 %, {seeds} seeds: "
               "max err pu (mean err pu)\n")

@@ -56,6 +56,15 @@ residuals ``r_i / sqrt(Omega_ii)`` feed the largest-normalised-residual test, an
 power reading that is the only precise information on its load is nearly critical: an
 error that keeps it within a couple of prior sigmas of the profile cannot be seen.
 
+Load level
+----------
+With the head's P and Q metered, the pseudo loads without telemetry are first scaled by the
+common factors that make the AC model's head power match the meters
+(:mod:`derms.analysis.se_level`; a few AC solves, rounded to 2 % steps, nothing where the
+mismatch is within the head's noise). A profile off for the whole feeder (truth 0.5 x base
+on IEEE 8500) otherwise reads as independent errors of every load: 0.021-0.027 pu largest
+error without the fit, 0.0026-0.0034 with it (bench/README.md).
+
 Pseudo-measurement uncertainty
 ------------------------------
 The pseudo sigma should be the standard deviation of the real loads around the profile
@@ -104,12 +113,14 @@ Assumptions and limits
   0.0006 either way): the chord is not the limit. At sigma = 1/3 % the error is
   <= 0.0062 pu; with AMI kW of every load at 1 %, <= 0.0024 pu (kW + kvar: 0.0015 pu).
   Figures: bench/README.md "State estimation".
-* Cost on IEEE 8500 (1,186 meter/head rows, 2,354 states): the adjoint solves
-  (≈ 0.3 s) and the dense m x m algebra (≈ 0.15 s, + 0.05 s for the prior calibration)
-  dominate; each AC solve ≈ 0.02 s; 0.6-1.0 s per estimate in all on the 2-core
-  development machine (the same work varied by a third between idle runs). AMI
-  power rows add no m x m work, only ``H^T S^-1 H``'s diagonal on their states
-  (≈ 0.1 s when every load reports P and Q).
+* Cost on IEEE 8500 (1,186 meter/head rows, 2,354 states): the adjoint solves (≈ 0.15 s
+  in two threads, leaves and line sections eliminated in rounds) and the dense m x m
+  algebra (≈ 0.15 s, + 0.05-0.09 s for the prior calibration) dominate; each AC solve
+  ≈ 0.03 s; ≈ 0.65 s median per estimate at a new prior point, ≈ 0.3 s where ``H`` and
+  ``H P H^T`` are reused (the same prior point, kept on ``engine.derived``), on the 2-core
+  development machine (the same work varied by a third between idle runs). AMI power
+  rows add no m x m work, only ``H^T S^-1 H``'s diagonal on their states (≈ 0.1 s when
+  every load reports P and Q).
 """
 
 from __future__ import annotations
@@ -141,6 +152,7 @@ from derms.analysis.se_jacobian import (
     read_loads,
     write_loads,
 )
+from derms.analysis.se_level import LoadLevel, fit_load_level
 from derms.analysis.se_prior import MIN_ROWS, calibrate_prior
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector
@@ -185,6 +197,7 @@ class StateEstimate:
     converged: bool
     prior_scale: float = 1.0
     prior_log_scale_post: tuple[float, float] | None = None
+    load_level: tuple[float, float] = (1.0, 1.0)
     branch_element: np.ndarray | None = None
     branch_phase: np.ndarray | None = None
     branch_i_a: np.ndarray | None = None
@@ -214,6 +227,7 @@ def estimate_state(
     restore: bool = False,
     prior_scale: float | str = "auto",
     prior_log_scale: tuple[float, float] | None = None,
+    fit_level: bool = True,
 ) -> StateEstimate:
     """Weighted-least-squares state estimate of one feeder (see module docstring).
 
@@ -254,6 +268,12 @@ def estimate_state(
         :class:`~derms.analysis.se_prior.ScaleTracker`'s ``prior()`` and feeds
         ``StateEstimate.prior_log_scale_post`` back to it (None when this estimate did not
         calibrate, or stopped at a bound).
+    fit_level : bool
+        With head P and Q measured, first scale the pseudo loads that carry no telemetry
+        (values and sigmas) by the common factors that match the head's metered power in
+        the AC model (:mod:`derms.analysis.se_level`); ``StateEstimate.load_level`` says
+        which. A profile whose level is off for the whole feeder otherwise reads as large
+        independent errors of every load.
 
     Raises
     ------
@@ -302,6 +322,17 @@ def estimate_state(
     engine.set_control_mode("off")
     done = False
     try:
+        level = LoadLevel()
+        if fit_level and n_ph and z_h.size and (~fixed).any():
+            try:
+                level = _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph)
+            except ConvergenceError as exc:  # a trial level the feeder cannot carry
+                notes.append(f"load level not fitted (an AC solve failed: {exc})")
+            if level.changed:
+                f = np.where(fixed, 1.0, np.r_[np.full(k, level.p), np.full(k, level.q)])
+                xp, sp_ = xp * f, sp_ * f
+                notes.append(f"pseudo loads scaled by {level.p:.2f} (P) and {level.q:.2f} "
+                             "(Q) to match the head's metered power")
         x = xp.copy()
         write_loads(loads, load_idx, x)
         engine.solve()
@@ -431,6 +462,7 @@ def estimate_state(
             chi2_dof=dof, chi2_threshold=float(_chi2.ppf(0.99, dof)),
             largest_nr_row=int(np.nanargmax(np.abs(nr))), lnr_threshold=lnr_threshold,
             iterations=it, converged=converged, prior_scale=scale, prior_log_scale_post=post,
+            load_level=(level.p, level.q),
             notes=notes, **br,
         )
         done = True
@@ -490,6 +522,26 @@ def _measure(engine, mv_e: np.ndarray, n_ph: int) -> np.ndarray:
         return v
     p, q = _head_now(engine, n_ph)
     return np.r_[v, p, q]
+
+
+def _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph: int) -> LoadLevel:
+    """:func:`~derms.analysis.se_level.fit_load_level` on the engine: the free pseudo
+    loads scaled, one AC solve per trial (the loads are written back by the caller)."""
+    k = xp.size // 2
+    free_p, free_q = ~fixed[:k], ~fixed[k:]
+
+    def head(kp: float, kq: float) -> tuple[float, float]:
+        x = xp.copy()
+        x[:k][free_p] *= kp
+        x[k:][free_q] *= kq
+        write_loads(loads, load_idx, x)
+        engine.solve()
+        p, q = _head_now(engine, n_ph)
+        return float(p.sum()), float(q.sum())
+
+    return fit_load_level(head, float(z_h[:n_ph].sum()), float(z_h[n_ph:].sum()),
+                          float(np.sqrt(np.sum(s_h[:n_ph] ** 2))),
+                          float(np.sqrt(np.sum(s_h[n_ph:] ** 2))))
 
 
 def _head_now(engine, n_ph: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,61 @@
+"""fit_load_level: the common factors on the pseudo loads that match the head's metered
+P and Q, on synthetic heads (a feeder whose losses grow with the square of the load and
+whose capacitors' Q falls as the load rises)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from derms.analysis.se_level import LEVEL_STEP, MAX_SOLVES, fit_load_level
+
+P0, Q0 = 5000.0, 1500.0
+
+
+def feeder(kp: float, kq: float) -> tuple[float, float]:
+    s2 = (P0 * kp) ** 2 + (Q0 * kq) ** 2
+    p = P0 * kp + 2e-6 * s2
+    q = Q0 * kq + 8e-6 * s2 - 900.0 * (1.0 + 0.05 * (1.0 - kp))  # capacitors
+    return p, q
+
+
+@pytest.mark.parametrize(("kp", "kq"), [(0.5, 0.5), (1.3, 1.3), (0.7, 0.9), (2.0, 1.6)])
+def test_recovers_the_level_within_one_step(kp, kq):
+    calls = []
+
+    def head(a, b):
+        calls.append((a, b))
+        return feeder(a, b)
+
+    zp, zq = feeder(kp, kq)
+    lv = fit_load_level(head, zp, zq, 0.01 * zp, 0.01 * abs(zq))
+    assert lv.changed
+    assert abs(lv.p - kp) <= LEVEL_STEP / 2 + 1e-9 and abs(lv.q - kq) <= LEVEL_STEP / 2 + 1e-9
+    assert lv.solves == len(calls) <= MAX_SOLVES
+
+
+def test_no_change_within_the_heads_noise():
+    zp, zq = feeder(1.01, 1.0)  # 1 % off: within 3 sigma of a 1 % meter
+    lv = fit_load_level(feeder, zp, zq, 0.01 * zp, 0.01 * abs(zq))
+    assert not lv.changed and lv.solves == 1
+
+
+def test_q_tied_to_p_where_the_loads_carry_no_q():
+    def head(kp, kq):
+        return P0 * kp, 200.0 + 1e-3 * kq  # Q does not move with the loads
+
+    lv = fit_load_level(head, P0 * 0.6, 150.0, 0.01 * P0 * 0.6, 2.0)
+    assert lv.p == pytest.approx(0.6) and lv.q == lv.p
+
+
+def test_factors_stay_in_range_and_an_unmovable_head_is_left_alone():
+    lv = fit_load_level(lambda a, b: (P0 * a, Q0 * b), 1e9, Q0, 10.0, 10.0)
+    assert lv.p <= 5.0
+    lv = fit_load_level(lambda a, b: (1.0, 1.0), 100.0, 100.0, 1.0, 1.0)
+    assert not lv.changed
+
+
+def test_the_level_is_rounded_to_its_step():
+    zp, zq = feeder(0.613, 0.613)
+    lv = fit_load_level(feeder, zp, zq, 1.0, 1.0)
+    assert np.isclose(lv.p / LEVEL_STEP, round(lv.p / LEVEL_STEP))
