@@ -454,6 +454,7 @@ def test_ami_power_measures_the_single_load_at_the_meter_bus(feeder):
     assert st.estimation["n_ami_p"] == 2 and st.estimation["n_ami_q"] == 2
     # IEEE 13 with AMI power rows: the pseudo sigmas are used as given, and the state says so
     assert st.estimation["prior_scale"] == 1.0 and st.estimation["prior_scale_snapshots"] == 0
+    assert len(st.estimation["load_level"]) == 2  # the pseudo-loads' level fitted to the head
     assert any("prior_scale auto needs" in n for n in st.estimation["estimator_notes"])
     assert any("AMI power not used" in n and f"{fid}-m675" in n for n in st.notes)
     err = {n: abs(v - v_true[n]) for n, v in zip(st.node_names, st.v_pu)}

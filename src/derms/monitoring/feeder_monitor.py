@@ -221,7 +221,8 @@ class FeederMonitor:
                 method="wls", converged=est.converged, iterations=est.iterations,
                 chi2=est.chi2, chi2_dof=est.chi2_dof, chi2_threshold=est.chi2_threshold,
                 bad_data=est.bad_data, largest_nr_row=est.largest_nr_label,
-                prior_scale=est.prior_scale, estimator_notes=list(est.notes),
+                prior_scale=est.prior_scale, load_level=list(est.load_level),
+                estimator_notes=list(est.notes),
                 prior_scale_snapshots=self.scale_tracker.n_updates,
                 head_p_kw=[float(x) for x in est.head_p_kw])
         else:
