@@ -163,6 +163,12 @@ class FastCycle:
     def _add_der_loads(self) -> None:
         """One fixed constant-PQ load per injection-point node (kW = kvar = 0 to start)."""
         eng, ckt = self.engine, self.engine.circuit
+        # the bus of every load of the model (AMI power there is net of the DERs behind
+        # the meter: see _with_ders)
+        self._load_bus = {}
+        for name in ckt.Loads.AllNames:
+            ckt.SetActiveElement(f"load.{name}")
+            self._load_bus[name.lower()] = ckt.ActiveCktElement.BusNames[0].split(".")[0].lower()
         nodes = sorted({s.strip().lower() for pt in self.registry.points for s in pt})
         known = set(eng.node_names())
         bad = [s for s in nodes if not term_nodes(s) or any(e not in known
@@ -182,6 +188,7 @@ class FastCycle:
         at = {x: i + 1 for i, x in enumerate(names)}
         node_pos = {s: k for k, s in enumerate(nodes)}
         self._der_load_names = [_PREFIX + s.replace(".", "_") for s in nodes]
+        self._der_node_bus = np.array([s.split(".")[0] for s in nodes], dtype=object)
         self._der_load_idx = np.array([at[x] for x in self._der_load_names])
         rows, cols, vals = [], [], []  # (node, point) shares
         for k, pt in enumerate(self.registry.points):
@@ -390,13 +397,30 @@ class FastCycle:
             return base
 
         return replace(
-            meas, load_names=[*meas.load_names, *names],
+            meas, ami_p_kw=self._net_of_ders(meas.ami_p_loads, meas.ami_p_kw, p_node),
+            ami_q_kvar=self._net_of_ders(meas.ami_q_loads, meas.ami_q_kvar, q_node),
+            load_names=[*meas.load_names, *names],
             telemetry_loads=[*meas.telemetry_loads, *names],
             load_p_kw=np.r_[meas.load_p_kw, p_node], load_q_kvar=np.r_[meas.load_q_kvar, q_node],
             load_p_sigma_kw=np.r_[sig(meas.load_p_sigma_kw, meas.load_p_kw), np.maximum(
                 cfg.der_sigma_frac * np.abs(p_node), cfg.der_sigma_min_kw)],
             load_q_sigma_kvar=np.r_[sig(meas.load_q_sigma_kvar, meas.load_q_kvar), np.maximum(
                 cfg.der_sigma_frac * np.abs(q_node), cfg.der_sigma_min_kw)])
+
+    def _net_of_ders(self, loads, z, x_node: np.ndarray):
+        """An AMI reading is the service point's net power: the customer load plus the
+        DERs behind the meter. Those DERs are loads of their own here (their telemetry),
+        so the customer load's measurement is the reading less the DER power at its bus
+        (taken whole, the DERs counted twice: an EV charging 8 kW read as 8 kW more
+        customer load, a PV exporting as less)."""
+        if z is None or not len(loads) or not x_node.size:
+            return z
+        at_bus: dict[str, float] = {}
+        for b, x in zip(self._der_node_bus, x_node):
+            at_bus[b] = at_bus.get(b, 0.0) + float(x)
+        bus = [self._load_bus.get(str(n).strip().lower().removeprefix("load."), "")
+               for n in loads]
+        return np.asarray(z, dtype=float) - np.array([at_bus.get(b, 0.0) for b in bus])
 
     def _read_state(self) -> tuple[np.ndarray, np.ndarray]:
         col = StepCollector(self.engine, self.index, 1)
