@@ -43,9 +43,9 @@ level fitted to the head's metered P/Q (``estimate_state``'s default) and withou
 assumed prior sigmas 10-50 % taken as given (max and mean error over the seeds), and the
 ``auto`` column: calibrated from a 30 % start (the result does not depend on the start).
 
-BLAS threads: OpenBLAS is pinned to 1 thread by default (``--blas-threads``); on this
-shared 2-core machine 2 threads made the dense Cholesky/products 2-10x slower and erratic
-whenever another process held a core. The variable is set before numpy is imported.
+BLAS threads: ``estimate_state`` holds OpenBLAS to one thread itself while it runs (its
+adjoint solves run in threads of their own: derms.threads); ``--blas-threads`` (default 1)
+sets ``OPENBLAS_NUM_THREADS`` for the rest of the bench (the truth's scenario building).
 
 Run: ``.venv/bin/python bench/bench_state_estimation.py [--seeds 5] [--configs v,v+p,v+pq]
 [--priors truth,0.5] [--scales auto,1] [--sensitivity]``
@@ -224,7 +224,7 @@ def main() -> None:
                                          scale=scale))
     engine.close()
     print(f"\nState estimation, IEEE 8500, truth spread ±{100 * ARGS.spread:.0f} %, {seeds} "
-          f"seeds per row, OPENBLAS_NUM_THREADS={ARGS.blas_threads}\n")
+          f"seeds per row, BLAS held to 1 thread by the estimator\n")
     hdr = ("| AMI | prior sigma given | prior_scale | sigma used | noise sigma | iterations | "
            "cold wall s | cpu s | warm wall s | max err pu | mean err pu | chi2/dof |")
     print(hdr)

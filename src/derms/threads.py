@@ -10,6 +10,7 @@ runs its own threads holds BLAS to one thread with :func:`blas_single_thread`.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache, wraps
@@ -37,11 +38,52 @@ def _controller() -> ThreadpoolController:
     return ThreadpoolController()  # the BLAS libraries loaded by now (numpy's, scipy's)
 
 
+class _BlasLimit:
+    """One process-wide BLAS limit shared by overlapping holders: the first to enter sets
+    it, the last to leave restores what was there before. (Nested ``limit()`` contexts of
+    threadpoolctl each restore what they saw on entry, so two overlapping threads left
+    the process at the wrong count.) OpenBLAS only raises its thread count again from the
+    thread that lowered it (measured: a restore from another thread left it at 1), so
+    when the last holder is another thread the limit stays at one thread until the
+    setting thread next leaves."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._limit = None
+        self._owner: int | None = None
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._holders == 0 and self._limit is None:
+                self._limit = _controller().limit(limits=1, user_api="blas")
+                self._owner = threading.get_ident()
+            self._holders += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if (self._holders == 0 and self._limit is not None
+                    and self._owner == threading.get_ident()):
+                self._limit.restore_original_limits()
+                self._limit, self._owner = None, None
+
+
+@lru_cache(maxsize=1)
+def _blas_limit() -> _BlasLimit:
+    return _BlasLimit()
+
+
 @contextmanager
 def blas_single_thread() -> Iterator[None]:
-    """Hold every loaded BLAS library to one thread inside the block (process-wide)."""
-    with _controller().limit(limits=1, user_api="blas"):
+    """Hold every loaded BLAS library to one thread inside the block (process-wide: while
+    any thread is inside, all threads' BLAS calls run on one thread)."""
+    limit = _blas_limit()
+    limit.enter()
+    try:
         yield
+    finally:
+        limit.exit()
 
 
 def blas_single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:

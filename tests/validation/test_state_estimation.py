@@ -582,7 +582,7 @@ def test_measurement_jacobian_is_reused_until_the_network_changes(ieee13):
     pseudo loads reuses it (and gives the same state); a regulator tap moved, a switch
     opened or other pseudo loads rebuild it, and the estimate then equals one from an
     engine without the cache."""
-    from derms.analysis.se_jacobian import _CACHE
+    from derms.analysis.se_jacobian import JACOBIAN_KEY as _CACHE
 
     engine = ieee13
     sc = make_scenario(engine, meter_nodes_load_buses(engine), 0, HEAD_BUS["ieee13"])
@@ -610,9 +610,28 @@ def test_measurement_jacobian_is_reused_until_the_network_changes(ieee13):
 
     changed("transformer.reg1.wdg=2 tap=1.03125", "transformer.reg1.wdg=2 tap=1.0", sc.meas)
     changed("capacitor.cap1.states=[0]", "capacitor.cap1.states=[1]", sc.meas)
+    changed("vsource.source.pu=1.03", "vsource.source.pu=1.0", sc.meas)  # Y unchanged
     h1 = engine.derived[_CACHE][1]
     other = replace(sc.meas, load_p_kw=sc.meas.load_p_kw * 1.1)
     changed("set loadmult=1", "set loadmult=1", other)
+
+
+def test_measurement_jacobian_is_reused_with_a_generator_on_the_feeder():
+    """Solved generator/PV powers enter the cache key rounded: the solver's last digits
+    (a unity power factor's var at 1e-6) made every estimate miss."""
+    from derms.analysis.se_jacobian import JACOBIAN_KEY
+
+    engine = frozen_engine("ieee13")
+    try:
+        engine.command("new generator.g1 bus1=675 phases=3 kv=4.16 kw=300 pf=1 model=1")
+        engine.solve()
+        sc = make_scenario(engine, meter_nodes_load_buses(engine), 0, HEAD_BUS["ieee13"])
+        estimate_state(engine, sc.meas, restore=True)
+        h1 = engine.derived[JACOBIAN_KEY][1]
+        estimate_state(engine, sc.meas, restore=True)
+        assert engine.derived[JACOBIAN_KEY][1] is h1
+    finally:
+        engine.close()
 
 
 def test_adjoint_rows_do_not_depend_on_the_worker_threads(ieee123, monkeypatch):

@@ -43,27 +43,33 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     ``br``: the engine's load branches at ``v_y`` (:func:`read_branches`), read if None.
 
     H depends only on the operating point and the meters, so it is kept on the engine
-    (``engine.derived``) under a digest of what fixes them: the system Y matrix
-    (topology, taps, capacitors, line data), the states ``x`` and the load laws (the
-    operating point is the AC solution there; the solved powers of generators, PV and
-    storage enter to 4 significant digits, as the engine's own solve tolerance leaves
-    the last digits to the starting point), the meter nodes and their line-to-line
-    partners and the head phases. An estimate from the same prior point (a monitoring
-    cycle between profile steps, or snapshots estimated against one profile) reuses it;
-    anything else rebuilds it. The array returned is read-only.
+    (``engine.derived``, up to ``CACHE_MAX_BYTES``) and reused when (a) a digest of
+    what fixes it is unchanged: the system Y matrix (topology, taps, capacitors, line
+    data), the states ``x``, the load laws, the node voltage bases, the meter nodes and
+    their line-to-line partners and the head phases (solved powers of generators, PV
+    and storage rounded to 3 significant digits and 10 W/var: the solve tolerance leaves
+    their last digits to the starting point), and (b) the operating point it was built
+    at is within ``CACHE_V_TOL_PU`` of ``v_y`` at every node (what the digest cannot
+    see: the source's voltage, current sources). An estimate from the same prior point
+    (a monitoring cycle between profile steps, or snapshots estimated against one
+    profile) reuses it; anything else rebuilds it. The array returned is read-only.
     """
     br = read_branches(engine, v_y) if br is None else br
     n = len(y_names)
     y_sys = system_y(engine, n)
     to = partners_in(engine.voltage_pairs(), y_of_e, n)[mv_y]
+    base = y_bases_v(engine, y_of_e)
     key = _digest(y_sys.data, y_sys.indices, y_sys.indptr, mv_y, to, x,
+                  _round_power(base, digits=6, floor=0.0),  # |V| / pu: last digits vary
                   np.asarray([n_ph, n, engine.circuit.Solution.LoadMult]),
                   np.asarray(lnames, dtype=str), np.asarray(br.element, dtype=str),
                   br.node_i, br.node_j, br.y_sys_s, br.model, br.v_base_v, br.vlow_pu,
-                  br.vmin_pu, br.vmax_pu, br.var_fixed_var, br.cvr_p, br.cvr_q, br.zipv,
-                  _round_sig(br.w_nom_w), _round_sig(br.var_nom_var))
-    cached = engine.derived.get(_CACHE)
-    if cached is not None and cached[0] == key:
+                  br.vmin_pu, br.vmax_pu, br.cvr_p, br.cvr_q, br.zipv,
+                  _round_power(br.w_nom_w), _round_power(br.var_nom_var),
+                  _round_power(br.var_fixed_var))
+    cached = engine.derived.get(JACOBIAN_KEY)
+    if (cached is not None and cached[0] == key
+            and np.max(np.abs(cached[2] - v_y) / base, initial=0.0) <= CACHE_V_TOL_PU):
         return cached[1]
     jac = network_jacobian(engine, v_y, br, 0.0, y=y_sys)
     bus = np.unique([s.rsplit(".", 1)[0] for s in y_names], return_inverse=True)[1]
@@ -73,7 +79,6 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
 
     # functionals c (2n x m) over (Re dV, Im dV) in Y order: d|V| / (base |V|) per meter,
     # or on ungrounded areas d|V_a - V_b| / (sqrt(3) base) (what such a meter reads)
-    base = y_bases_v(engine, y_of_e)
     j = np.arange(mv_y.size)
     has = to >= 0
     vd = v_y[mv_y] - np.where(has, v_y[np.maximum(to, 0)], 0.0)
@@ -88,16 +93,21 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     e_mat = _load_injections(br, v_y, lnames, x, n)
     h_mat = adjoint_rows(solver, c, e_mat)
     h_mat.flags.writeable = False
-    engine.derived[_CACHE] = (key, h_mat)
+    engine.derived.pop(JACOBIAN_KEY, None)
+    if h_mat.nbytes <= CACHE_MAX_BYTES:
+        engine.derived[JACOBIAN_KEY] = (key, h_mat, v_y.copy())
     return h_mat
 
 
-_CACHE = "se_measurement_jacobian"
+JACOBIAN_KEY = "se_measurement_jacobian"
+CACHE_V_TOL_PU = 1e-4  # the engine's default solve tolerance
+CACHE_MAX_BYTES = 200e6  # H larger than this (a meter at every load of ckt24) is not kept
 
 
-def _round_sig(a: np.ndarray, digits: int = 4) -> np.ndarray:
-    """``a`` rounded to ``digits`` significant digits (0 stays 0)."""
-    a = np.asarray(a, dtype=float)
+def _round_power(a: np.ndarray, digits: int = 3, floor: float = 10.0) -> np.ndarray:
+    """Powers [W], [var] rounded to ``digits`` significant digits, those below ``floor``
+    in magnitude to 0 (solver noise on a unity power factor's var)."""
+    a = np.where(np.abs(np.asarray(a, dtype=float)) < floor, 0.0, a)
     with np.errstate(divide="ignore"):
         e = np.floor(np.log10(np.abs(a)))
     q = 10.0 ** (np.where(np.isfinite(e), e, 0.0) - digits + 1)

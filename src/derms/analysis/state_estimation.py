@@ -146,6 +146,8 @@ from derms.analysis.se_inputs import (
     telemetry_states,
 )
 from derms.analysis.se_jacobian import (
+    CACHE_MAX_BYTES,
+    JACOBIAN_KEY,
     activate_source,
     drawn_factor,
     measurement_jacobian,
@@ -499,8 +501,10 @@ def _gram_lower(engine, h_mat: np.ndarray, pf: np.ndarray, g: np.ndarray) -> np.
     if cached is not None and cached[0] is h_mat and cached[1] == pf_key:
         return cached[2].copy()
     s_mat = _syrk_lower(g)
-    if not h_mat.flags.writeable:  # only a cached (read-only) H is worth keeping
-        engine.derived[_GRAM] = (h_mat, pf_key, s_mat.copy())
+    engine.derived.pop(_GRAM, None)
+    held = engine.derived.get(JACOBIAN_KEY)
+    if held is not None and held[1] is h_mat and s_mat.nbytes <= CACHE_MAX_BYTES:
+        engine.derived[_GRAM] = (h_mat, pf_key, s_mat.copy())  # beside the H it came from
     return s_mat
 
 

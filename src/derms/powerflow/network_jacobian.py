@@ -103,7 +103,8 @@ def _chain_rounds(adj: sp.csr_matrix, max_rounds: int) -> np.ndarray:
     nb = adj.shape[0]
     rnd = np.full(nb, max_rounds)
     alive = np.ones(nb, dtype=bool)
-    adj = adj.tocsr().astype(float)
+    adj = (adj + adj.T).tocsr().astype(float)  # the pattern is symmetric: make sure
+    adj.data[:] = 1.0
     top = float(3 * nb + 1)
     for r in range(max_rounds):
         deg = adj @ alive.astype(float)
