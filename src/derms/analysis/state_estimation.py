@@ -272,9 +272,11 @@ def estimate_state(
         calibrate, or stopped at a bound).
     fit_level : bool
         With head P and Q measured, first scale the pseudo loads that carry no telemetry
-        (values and sigmas) by the common factors that match the head's metered power in
-        the AC model (:mod:`derms.analysis.se_level`); ``StateEstimate.load_level`` says
-        which. A profile whose level is off for the whole feeder otherwise reads as large
+        by the common factors that match the head's metered power in the AC model
+        (:mod:`derms.analysis.se_level`; their sigmas scale up with a higher level, never
+        down: a deficit the model cannot explain, such as PV it does not know of, is not
+        taken for certainty, and the prior calibration narrows them where the data say
+        so); ``StateEstimate.load_level`` says which. A profile whose level is off for the whole feeder otherwise reads as large
         independent errors of every load.
 
     Raises
@@ -332,12 +334,13 @@ def estimate_state(
                 notes.append(f"load level not fitted (an AC solve failed: {exc})")
             if level.changed:
                 f = np.where(fixed, 1.0, np.r_[np.full(k, level.p), np.full(k, level.q)])
-                xp, sp_ = xp * f, sp_ * f
+                xp, sp_ = xp * f, sp_ * np.maximum(f, 1.0)
                 notes.append(f"pseudo loads scaled by {level.p:.2f} (P) and {level.q:.2f} "
                              "(Q) to match the head's metered power")
         x = xp.copy()
-        write_loads(loads, load_idx, x)
-        engine.solve()
+        if level.solves != 1:  # (one solve: the fit's own at k = 1, the engine is at x)
+            write_loads(loads, load_idx, x)
+            engine.solve()
         v_y = complex_pairs(ckt.YNodeVarray)
         mv_y = np.fromiter((ypos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
         if (np.abs(v_y[mv_y]) == 0).any():
