@@ -59,3 +59,15 @@ def test_the_level_is_rounded_to_its_step():
     zp, zq = feeder(0.613, 0.613)
     lv = fit_load_level(feeder, zp, zq, 1.0, 1.0)
     assert np.isclose(lv.p / LEVEL_STEP, round(lv.p / LEVEL_STEP))
+
+
+def test_a_mismatch_below_half_a_step_of_the_loads_costs_one_solve():
+    calls = []
+
+    def head(a, b):
+        calls.append((a, b))
+        return feeder(a, b)
+
+    zp, zq = feeder(1.005, 1.0)
+    lv = fit_load_level(head, zp, zq, 1.0, 1.0, free_p_kw=P0, free_q_kvar=Q0)
+    assert not lv.changed and len(calls) == 1

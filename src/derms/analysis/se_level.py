@@ -52,11 +52,14 @@ class LoadLevel:
 
 
 def fit_load_level(head: HeadFn, z_p_kw: float, z_q_kvar: float, sd_p_kw: float,
-                   sd_q_kvar: float) -> LoadLevel:
+                   sd_q_kvar: float, free_p_kw: float | None = None,
+                   free_q_kvar: float | None = None) -> LoadLevel:
     """Factors ``(k_p, k_q)`` whose AC head power matches the metered ``z`` (module doc).
 
     ``head(k_p, k_q)`` returns the model's total head P [kW] and Q [kvar] (import
     positive) with the free pseudo loads scaled; ``sd_*`` are the metered totals' sigmas.
+    ``free_*``: the free pseudo loads' totals, if given, to stop after the first solve
+    where the mismatch is below half a ``LEVEL_STEP`` of them (the fit would round to 1).
     Raises whatever ``head`` raises (an AC solve that fails).
     """
     sd = np.array([max(sd_p_kw, 1e-9), max(sd_q_kvar, 1e-9)])
@@ -65,7 +68,11 @@ def fit_load_level(head: HeadFn, z_p_kw: float, z_q_kvar: float, sd_p_kw: float,
     h0 = np.asarray(head(1.0, 1.0), dtype=float)
     solves = 1
     r = z - h0
-    if np.all(np.abs(r) <= MISMATCH_SIGMAS * sd):
+    small = np.abs(r) <= MISMATCH_SIGMAS * sd
+    if free_p_kw is not None and free_q_kvar is not None:
+        free = np.abs([free_p_kw, free_q_kvar])
+        small |= np.abs(r) < 0.5 * LEVEL_STEP * free  # it would round to no change
+    if np.all(small):
         return LoadLevel(solves=solves, mismatch_sigmas=float(np.max(np.abs(r) / sd)))
     jac = np.empty((2, 2))
     for j in range(2):

@@ -548,7 +548,9 @@ def _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph: int) -> LoadL
 
     return fit_load_level(head, float(z_h[:n_ph].sum()), float(z_h[n_ph:].sum()),
                           float(np.sqrt(np.sum(s_h[:n_ph] ** 2))),
-                          float(np.sqrt(np.sum(s_h[n_ph:] ** 2))))
+                          float(np.sqrt(np.sum(s_h[n_ph:] ** 2))),
+                          free_p_kw=float(xp[:k][free_p].sum()),
+                          free_q_kvar=float(xp[k:][free_q].sum()))
 
 
 def _head_now(engine, n_ph: int) -> tuple[np.ndarray, np.ndarray]:
