@@ -12,6 +12,7 @@ from derms.control.commands import InMemorySink
 from derms.control.fast_cycle import DerRegistry, FastCycle, FleetNow
 from derms.grid.bundled import resolve_master
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+from tests.validation.test_state_estimation import load_table
 
 T0 = datetime(2026, 7, 2, 4, 30, tzinfo=UTC)
 
@@ -20,11 +21,7 @@ def test_net_ami_power_at_a_der_site_measures_the_customer_load_alone():
     engine = OpenDSSEngine(resolve_master("ieee13"), SolveSettings(tolerance=1e-8))
     engine.solve_snapshot()
     loads = engine.circuit.Loads
-    names = [s.lower() for s in loads.AllNames]
-    p0, q0 = np.empty(len(names)), np.empty(len(names))
-    for i in range(len(names)):
-        loads.idx = i + 1
-        p0[i], q0[i] = loads.kW, loads.kvar
+    names, p0, q0 = load_table(engine)
     # an EV charging 60 kW behind the meter of load 645 (bus 645, phase b; 170 kW base)
     registry = DerRegistry(np.array(["ev-1"]), np.array(["ev"]), np.array([0]), [("645.2",)])
     cycle = FastCycle(engine, registry, InMemorySink(), feeder_id="ieee13",

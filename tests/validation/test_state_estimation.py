@@ -677,7 +677,7 @@ def test_pseudo_loads_at_the_wrong_level_are_rescaled_to_the_heads_power(ieee123
     inflates every sigma and each meter's noise moves its own load); the level fitted to
     the head's metered P/Q first puts the pseudo loads at the truth's level."""
     engine = ieee123
-    names, p0, q0 = load_table(engine)
+    _, p0, q0 = load_table(engine)
     set_loads(engine, p0 * level, q0 * level)
     engine.solve()
     try:

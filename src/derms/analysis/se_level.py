@@ -113,5 +113,5 @@ def fit_load_level(head: HeadFn, z_p_kw: float, z_q_kvar: float, sd_p_kw: float,
                      mismatch_sigmas=best_m)
 
 
-__all__ = ["LEVEL_RANGE", "LEVEL_STEP", "LoadLevel", "MAX_SOLVES", "MISMATCH_SIGMAS",
+__all__ = ["LEVEL_RANGE", "LEVEL_STEP", "MAX_SOLVES", "MISMATCH_SIGMAS", "LoadLevel",
            "fit_load_level"]
