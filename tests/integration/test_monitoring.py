@@ -689,3 +689,30 @@ def test_a_failed_settling_keeps_the_estimate_in_hand(feeder, monkeypatch):
     finally:
         mon.close()
         truth.close()
+
+
+def test_branches_near_their_rating_get_the_estimates_spread(feeder):
+    """Branches estimated near their rating carry the estimate's posterior spread and the
+    probability of being over it (IEEE 13's loads are mostly unmetered): reported in the
+    state's estimation, with a note."""
+    fid, db = feeder
+    rng = np.random.default_rng(3)
+    truth = Truth()
+    truth.solve(rng.uniform(0.9, 1.1, len(truth.base)))
+    write_readings(db, _prefixed(telemetry(fid, truth, T0 - timedelta(seconds=30), rng), fid))
+    truth.close()
+    wide = FeederMonitor(fid, MASTER, db, MonitorConfig(alarms=False, settle_controls=0,
+                                                        possible_from_pct=1.0,
+                                                        possible_probability=1e-9))
+    off = FeederMonitor(fid, MASTER, db, MonitorConfig(alarms=False, settle_controls=0,
+                                                       possible_from_pct=1e9))
+    try:
+        st, st_off = wide.run_once(T0), off.run_once(T0)
+    finally:
+        wide.close()
+        off.close()
+    rows = st.estimation["possible_overloads"]
+    assert rows and all(r["sd_pct"] > 0 and 0 < r["probability"] <= 1 for r in rows)
+    assert rows == sorted(rows, key=lambda r: -r["probability"])
+    assert any("may be over their rating" in n for n in st.notes)
+    assert st_off.estimation["possible_overloads"] == []

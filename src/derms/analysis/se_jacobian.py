@@ -37,10 +37,14 @@ def activate_source(ckt) -> None:
 
 
 def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: int,
-                         br=None) -> np.ndarray:
+                         br=None, parts: dict | None = None) -> np.ndarray:
     """H (m_meas x 2 n_loads): d(meters, head P, head Q) / d(load kW, load kvar).
 
     ``br``: the engine's load branches at ``v_y`` (:func:`read_branches`), read if None.
+    ``parts``: if given, filled with what H was built from (``solver``: the transposed
+    KCL Jacobian's :class:`LeafSolver`, ``e_mat``: the load injections, ``v_y``: the
+    operating point), for rows of other quantities at the same point
+    (:mod:`derms.analysis.se_posterior`).
 
     H depends only on the operating point and the meters, so it is kept on the engine
     (``engine.derived``, up to ``CACHE_MAX_BYTES``) and reused when (a) a digest of
@@ -70,6 +74,8 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     cached = engine.derived.get(JACOBIAN_KEY)
     if (cached is not None and cached[0] == key
             and np.max(np.abs(cached[2] - v_y) / base, initial=0.0) <= CACHE_V_TOL_PU):
+        if parts is not None:
+            parts.update(cached[3])
         return cached[1]
     jac = network_jacobian(engine, v_y, br, 0.0, y=y_sys)
     bus = np.unique([s.rsplit(".", 1)[0] for s in y_names], return_inverse=True)[1]
@@ -93,9 +99,12 @@ def measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph: in
     e_mat = _load_injections(br, v_y, lnames, x, n)
     h_mat = adjoint_rows(solver, c, e_mat)
     h_mat.flags.writeable = False
+    built = {"solver": solver, "e_mat": e_mat, "v_y": v_y.copy()}
+    if parts is not None:
+        parts.update(built)
     engine.derived.pop(JACOBIAN_KEY, None)
     if h_mat.nbytes <= CACHE_MAX_BYTES:
-        engine.derived[JACOBIAN_KEY] = (key, h_mat, v_y.copy())
+        engine.derived[JACOBIAN_KEY] = (key, h_mat, built["v_y"], built)
     return h_mat
 
 

@@ -155,6 +155,7 @@ from derms.analysis.se_jacobian import (
     write_loads,
 )
 from derms.analysis.se_level import LoadLevel, fit_load_level
+from derms.analysis.se_posterior import Posterior
 from derms.analysis.se_prior import MIN_ROWS, calibrate_prior
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector
@@ -200,6 +201,7 @@ class StateEstimate:
     prior_scale: float = 1.0
     prior_log_scale_post: tuple[float, float] | None = None
     load_level: tuple[float, float] = (1.0, 1.0)
+    posterior: Posterior | None = field(default=None, repr=False, compare=False)
     branch_element: np.ndarray | None = None
     branch_phase: np.ndarray | None = None
     branch_i_a: np.ndarray | None = None
@@ -348,7 +350,9 @@ def estimate_state(
             raise ModelError(f"meter node {dead!r} is de-energised")
         y_of_e = np.fromiter((ypos[t] for t in names), dtype=np.int64, count=n)
         br = read_branches(engine, v_y)
-        h_mat = (measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph, br)
+        parts: dict = {}
+        h_mat = (measurement_jacobian(engine, v_y, y_names, y_of_e, mv_y, lnames, x, n_ph, br,
+                                      parts=parts)
                  if m else np.zeros((0, 2 * k)))
         r_diag = np.r_[s_v, s_h] ** 2
         p_diag = sp_**2
@@ -468,6 +472,8 @@ def estimate_state(
             largest_nr_row=int(np.nanargmax(np.abs(nr))), lnr_threshold=lnr_threshold,
             iterations=it, converged=converged, prior_scale=scale, prior_log_scale_post=post,
             load_level=(level.p, level.q),
+            posterior=Posterior(h_mat, pf.copy(), chol[0] if chol is not None else None,
+                                parts),
             notes=notes, **br,
         )
         done = True

@@ -60,6 +60,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from derms.analysis.constraints import Limits, detect_violations
+from derms.analysis.se_posterior import overload_probability
 from derms.analysis.se_prior import ScaleTracker
 from derms.analysis.state_estimation import Measurements, estimate_state
 from derms.errors import ConvergenceError, ModelError
@@ -79,6 +80,7 @@ from derms.powerflow.control_state import (
     restore_control_state,
 )
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+from derms.powerflow.linear_branches import branch_current_matrix
 from derms.store.db import make_session_factory
 from derms.store.models import (
     DerDevice,
@@ -125,6 +127,11 @@ class MonitorConfig:
     critical_v_high_pu: float = 1.10
     critical_loading_pct: float = 120.0
     alarms: bool = True
+    # branches estimated at or above this loading get the estimate's posterior spread;
+    # those over their rating with at least this probability are reported as possible
+    # overloads (the estimate alone says "clear" where unmetered load hides one)
+    possible_from_pct: float = 80.0
+    possible_probability: float = 0.1
     # let the regulators and switched capacitors act at the estimated loads, freeze them
     # there and re-estimate, up to this many times (0: frozen at the base case)
     settle_controls: int = 3
@@ -225,6 +232,7 @@ class FeederMonitor:
                 estimator_notes=list(est.notes),
                 prior_scale_snapshots=self.scale_tracker.n_updates,
                 head_p_kw=[float(x) for x in est.head_p_kw])
+            estimation["possible_overloads"] = self._possible_overloads(est, loading, notes)
         else:
             if failed is None:
                 notes.append("no fresh telemetry: power flow of the pseudo-measurements only")
@@ -257,6 +265,34 @@ class FeederMonitor:
             branch_names=self.branch_names, branch_loading_pct=loading,
             violations=report.events, availability=avail, estimation=estimation,
             alarms=alarm_info, topology=dict(self.topology), notes=notes)
+
+    def _possible_overloads(self, est, loading: np.ndarray, notes: list[str]) -> list[dict]:
+        """Branches within the estimate's uncertainty of their rating (module
+        :mod:`derms.analysis.se_posterior`): the probability that each one estimated at
+        ``possible_from_pct`` or more, but not over the limit, is over it in truth."""
+        cfg, lim = self.config, self.config.limits
+        limit = lim.thermal_pct + lim.thermal_tol_pct
+        norm = self.index.branch_norm_a
+        cand = np.flatnonzero(np.isfinite(loading) & (loading >= cfg.possible_from_pct)
+                              & (loading <= limit) & (norm > 0))
+        if not cand.size or est.posterior is None:
+            return []
+        m_y = branch_current_matrix(self.engine, self.index, y_order=True)[0][cand]
+        sd = 100.0 * est.posterior.branch_current_sd_a(m_y) / norm[cand]
+        prob = overload_probability(loading[cand], sd, limit)
+        keep = np.flatnonzero(prob >= cfg.possible_probability)
+        keep = keep[np.argsort(-prob[keep])][:50]
+        out = [{"element": str(self.index.branch_element[cand[j]]),
+                "phase": int(self.index.branch_phase[cand[j]]),
+                "loading_pct": round(float(loading[cand[j]]), 2),
+                "sd_pct": round(float(sd[j]), 2), "probability": round(float(prob[j]), 3)}
+               for j in keep]
+        if out:
+            notes.append(f"{len(out)} branch conductor(s) may be over their rating within the "
+                         f"estimate's uncertainty (most likely {out[0]['element']} phase "
+                         f"{out[0]['phase']}: {out[0]['loading_pct']} % ± "
+                         f"{out[0]['sd_pct']} %, p = {out[0]['probability']})")
+        return out
 
     def _estimate(self, meas: Measurements, notes: list[str],
                   taps: dict[str, float] | None = None):
