@@ -167,3 +167,31 @@ def test_authority_commands_leave_tighter_own_commands_and_end_with_their_reques
     finally:
         case.field.close()
         case.cycle.engine.close()
+
+
+def test_rows_near_their_limit_report_the_estimates_spread():
+    """With a state estimate, rows near their limit carry the probability of being over
+    it (reported in the cycle's estimation and notes, not acted on); without one, none."""
+    from dataclasses import replace
+
+    ders = pv_fleet(n=10, seed=2, kw=(5.0, 10.0))
+    case = make_case(ders)
+    try:
+        n = len(ders)
+        fleet = FleetNow(np.zeros(n), np.zeros(n), np.full(n, -10.0), np.zeros(n),
+                         np.zeros(n), np.zeros(n), np.ones(n))
+        case.field.set_ders(case.registry.point, np.zeros(n), np.zeros(n))
+        case.field.solve()
+        case.cycle.config = replace(case.cycle.config, possible_from_frac=0.01,
+                                    possible_probability=1e-9)
+        rep = case.cycle.run(T0, fleet, measurements=case.field.measurements(case.meters,
+                                                                             case.rng))
+        rows = rep.estimation["possible_overloads"]
+        assert rows and all(r["sd_pct"] >= 0 and 0 <= r["probability"] <= 1 for r in rows)
+        assert rows == sorted(rows, key=lambda r: -r["probability"])
+        assert any("may be over their limit" in s for s in rep.notes)
+        none = case.cycle.run(T0 + timedelta(seconds=5), fleet)  # no measurements
+        assert "possible_overloads" not in none.estimation
+    finally:
+        case.field.close()
+        case.cycle.engine.close()

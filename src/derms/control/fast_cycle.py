@@ -56,6 +56,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from derms.analysis.se_posterior import overload_probability
 from derms.analysis.state_estimation import (
     DEFAULT_PSEUDO_SIGMA_FRAC,
     DEFAULT_PSEUDO_SIGMA_MIN,
@@ -286,6 +287,9 @@ class FastCycle:
         if self.per_interval:
             self._interval_base()
         det = self._detect(v, i_a)
+        possible = self._possible_thermal(i_a, det, notes)
+        if possible is not None:
+            est_info["possible_overloads"] = possible
         tm["detect_s"] = time.perf_counter() - t1
         result, commands, n_fixed, status, ac_check = None, [], 0, "clear", {}
         authority = self._authority(now, cycle_id, notes)  # every cycle, trigger or not
@@ -363,9 +367,11 @@ class FastCycle:
 
     def _estimate(self, meas: Measurements | None, est: StateEstimate | None,
                   p_node: np.ndarray, q_node: np.ndarray) -> dict:
+        self._posterior = None
         if meas is not None:
             e = estimate_state(self.engine, self._with_ders(meas, p_node, q_node),
                                restore=False)
+            self._posterior = e.posterior
             return {"method": "wls", "converged": e.converged, "iterations": e.iterations,
                     "chi2_per_dof": e.chi2 / max(e.chi2_dof, 1), "bad_data": e.bad_data}
         if est is not None:  # write the estimated loads back and solve at them
@@ -426,6 +432,40 @@ class FastCycle:
         col = StepCollector(self.engine, self.index, 1)
         col.collect(0)
         return col.v_pu[0].astype(float), col.i_a[0].astype(float)
+
+    def _possible_thermal(self, i_a: np.ndarray, det: dict[str, Any], notes: list[str]
+                          ) -> list[dict] | None:
+        """Rows within the estimate's uncertainty of their limit (``possible_from_frac``
+        of it or more, not over it): their posterior spread and the probability of being
+        over (:mod:`derms.analysis.se_posterior`). Reported, not acted on. None without
+        a state estimate this cycle."""
+        post = getattr(self, "_posterior", None)
+        if post is None:
+            return None
+        cfg, lim = self.config, self.config.limits
+        th_frac = 1 + lim.thermal_tol_pct / lim.thermal_pct
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(np.isfinite(self.i_max), i_a / self.i_max, np.nan)
+        cand = np.flatnonzero(np.isfinite(rel) & (rel >= cfg.possible_from_frac)
+                              & (rel <= th_frac))
+        if not cand.size:
+            return []
+        sd = post.branch_current_sd_a(self.sens.m_y[cand]) / self.i_max[cand]
+        prob = overload_probability(100 * rel[cand], 100 * sd, 100 * th_frac)
+        keep = np.flatnonzero(prob >= cfg.possible_probability)
+        keep = keep[np.argsort(-prob[keep])][:50]
+        ix = self.index
+        out = [{"element": str(ix.branch_element[cand[j]]), "phase": int(ix.branch_phase[cand[j]]),
+                "loading_pct_of_limit": round(100 * float(rel[cand[j]]), 2),
+                "sd_pct": round(100 * float(sd[j]), 2), "probability": round(float(prob[j]), 3)}
+               for j in keep]
+        if out:
+            top = out[0]
+            notes.append(f"{len(out)} row(s) may be over their limit within the estimate's "
+                         f"uncertainty, not acted on (most likely {top['element']} phase "
+                         f"{top['phase']}: {top['loading_pct_of_limit']} % ± {top['sd_pct']} "
+                         f"%, p = {top['probability']})")
+        return out
 
     def _detect(self, v: np.ndarray, i_a: np.ndarray) -> dict[str, Any]:
         cfg, lim = self.config, self.config.limits

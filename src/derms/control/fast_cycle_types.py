@@ -87,6 +87,11 @@ class FastCycleConfig:
     der_sigma_min_kw: float = 0.05
     ac_rounds: int = 3
     corrective: CorrectiveConfig = field(default_factory=CorrectiveConfig)
+    # rows estimated at this fraction of their limit or more (not over it) get the
+    # estimate's posterior spread; over it with this probability: reported (notes and
+    # estimation["possible_overloads"]), not acted on
+    possible_from_frac: float = 0.8
+    possible_probability: float = 0.1
 
 
 @dataclass
