@@ -279,6 +279,12 @@ def serve(
         "--control-replan-s", min=0.0, metavar="SECONDS",
         help="Seconds between re-plans of the control loop (the next 6 h from forecasts, "
              "network-constrained, on the feeder's AC model; at least 60); 0 = off.")] = 900.0,
+    control_act_probability: Annotated[float | None, typer.Option(
+        "--control-act-probability", min=1e-6, max=0.5, metavar="P",
+        help="Act on rows the state estimate cannot rule out: hold each branch so that "
+             "it is over its rating with probability at most P (the estimate plus its "
+             "posterior spread); default: act on the estimate alone (rows within the "
+             "spread are reported, not acted on).")] = None,
 ) -> None:
     """Run the API, the MQTT ingest, the monitoring cycle (a state estimate per feeder
     with an OpenDSS model version registered), with --control-feeder the control loop and,
@@ -355,6 +361,7 @@ def serve(
     # --- the control loop: its own thread builds and uses its OpenDSS engine ---
     control_loop = None
     if control_feeder is not None:
+        from derms.control.fast_cycle import FastCycleConfig
         from derms.control.loop import ControlLoop, LoopConfig
         from derms.grid.bundled import BUNDLED_FEEDERS
         from derms.monitoring.cycle import model_path_of
@@ -369,7 +376,9 @@ def serve(
                                    repo=getattr(api.state, "ieee2030_5_repo", None),
                                    config=LoopConfig(
                                        period_s=control_period_s,
-                                       replan=replan_config))
+                                       replan=replan_config,
+                                       fast=FastCycleConfig(
+                                           act_probability=control_act_probability)))
         api.state.control_loop = control_loop
         control_loop.start()
         logging.getLogger("derms.cli").info(

@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import ndtri
 
 from derms.analysis.se_posterior import overload_probability
 from derms.analysis.state_estimation import (
@@ -129,6 +130,8 @@ class FastCycle:
         self.branch_labels = np.array([f"{e}.{p}" for e, p in zip(
             self.index.branch_element, self.index.branch_phase)], dtype=object)
         self.sens = RowSensitivities(engine, registry.points, self.index)
+        self._posterior = None  # this cycle's estimate's (se_posterior.Posterior)
+        self._i_margin: np.ndarray | None = None  # chance-constraint margin [A] per row
         if pre_existing not in ("interval", "model", "none"):
             raise InputError(f"pre_existing {pre_existing!r}: interval, model or none")
         given = base_v_pu is not None or base_loading_pct is not None
@@ -286,10 +289,13 @@ class FastCycle:
         t1 = time.perf_counter()
         if self.per_interval:
             self._interval_base()
-        det = self._detect(v, i_a)
-        possible = self._possible_thermal(i_a, det, notes)
+        possible, margin = self._possible_thermal(i_a, notes)
         if possible is not None:
             est_info["possible_overloads"] = possible
+        self._i_margin = margin
+        if margin is not None:  # chance-constrained rows: act on estimate + z sd
+            i_a = i_a + margin
+        det = self._detect(v, i_a)
         tm["detect_s"] = time.perf_counter() - t1
         result, commands, n_fixed, status, ac_check = None, [], 0, "clear", {}
         authority = self._authority(now, cycle_id, notes)  # every cycle, trigger or not
@@ -433,24 +439,32 @@ class FastCycle:
         col.collect(0)
         return col.v_pu[0].astype(float), col.i_a[0].astype(float)
 
-    def _possible_thermal(self, i_a: np.ndarray, det: dict[str, Any], notes: list[str]
-                          ) -> list[dict] | None:
+    def _possible_thermal(self, i_a: np.ndarray, notes: list[str]
+                          ) -> tuple[list[dict] | None, np.ndarray | None]:
         """Rows within the estimate's uncertainty of their limit (``possible_from_frac``
         of it or more, not over it): their posterior spread and the probability of being
-        over (:mod:`derms.analysis.se_posterior`). Reported, not acted on. None without
-        a state estimate this cycle."""
+        over (:mod:`derms.analysis.se_posterior`), reported; with ``act_probability``,
+        also the margin ``z sd`` [A] per row that the cycle adds to its currents (a
+        chance constraint). (None, None) without a state estimate this cycle."""
         post = getattr(self, "_posterior", None)
         if post is None:
-            return None
+            return None, None
         cfg, lim = self.config, self.config.limits
+        act = cfg.act_probability
+        if act is not None and not 0 < act <= 0.5:
+            raise InputError(f"act_probability must be in (0, 0.5], got {act}")
         th_frac = 1 + lim.thermal_tol_pct / lim.thermal_pct
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(np.isfinite(self.i_max), i_a / self.i_max, np.nan)
+        # (pre-existing rows are held to their base case at the same estimated load: its
+        # uncertainty is common to both, so they get no spread)
         cand = np.flatnonzero(np.isfinite(rel) & (rel >= cfg.possible_from_frac)
-                              & (rel <= th_frac))
+                              & (rel <= th_frac) & ~self.i_pre)
+        margin = None if act is None else np.zeros_like(i_a)
         if not cand.size:
-            return []
-        sd = post.branch_current_sd_a(self.sens.m_y[cand]) / self.i_max[cand]
+            return [], margin
+        sd_a = post.branch_current_sd_a(self.sens.m_y[cand])
+        sd = sd_a / self.i_max[cand]
         prob = overload_probability(100 * rel[cand], 100 * sd, 100 * th_frac)
         keep = np.flatnonzero(prob >= cfg.possible_probability)
         keep = keep[np.argsort(-prob[keep])][:50]
@@ -462,10 +476,17 @@ class FastCycle:
         if out:
             top = out[0]
             notes.append(f"{len(out)} row(s) may be over their limit within the estimate's "
-                         f"uncertainty, not acted on (most likely {top['element']} phase "
-                         f"{top['phase']}: {top['loading_pct_of_limit']} % ± {top['sd_pct']} "
-                         f"%, p = {top['probability']})")
-        return out
+                         f"uncertainty{'' if act else ', not acted on'} (most likely "
+                         f"{top['element']} phase {top['phase']}: "
+                         f"{top['loading_pct_of_limit']} % ± {top['sd_pct']} %, "
+                         f"p = {top['probability']})")
+        if margin is not None:
+            margin[cand] = max(float(ndtri(1.0 - act)), 0.0) * np.nan_to_num(sd_a)
+            n_act = int((prob > act).sum())
+            if n_act:
+                notes.append(f"{n_act} row(s) held to a {100 * act:g} % chance of being over "
+                             "their limit (the estimate plus its spread)")
+        return out, margin
 
     def _detect(self, v: np.ndarray, i_a: np.ndarray) -> dict[str, Any]:
         cfg, lim = self.config, self.config.limits
@@ -543,6 +564,8 @@ class FastCycle:
             self._write_der_loads(result.p_kw, result.q_kvar)
             self.engine.solve()
             v, i_a = self._read_state()
+            if self._i_margin is not None:  # the same chance constraint as detected
+                i_a = i_a + self._i_margin
             ac["rounds"] += 1
             live = self.phase_node & (v >= lim.energised_min_pu)
             bad_v = live & ((v > self.v_max + lim.v_tol_pu) | (v < self.v_min - lim.v_tol_pu))

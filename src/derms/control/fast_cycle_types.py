@@ -89,9 +89,14 @@ class FastCycleConfig:
     corrective: CorrectiveConfig = field(default_factory=CorrectiveConfig)
     # rows estimated at this fraction of their limit or more (not over it) get the
     # estimate's posterior spread; over it with this probability: reported (notes and
-    # estimation["possible_overloads"]), not acted on
+    # estimation["possible_overloads"])
     possible_from_frac: float = 0.8
     possible_probability: float = 0.1
+    # None: act on the estimate. A probability p in (0, 0.5]: act so that each such row is
+    # over its limit with probability at most p (a chance constraint: the estimate plus
+    # z sd, z = Phi^-1(1 - p), is held to the limit) -- fewer overloads the estimate
+    # cannot see, more DER curtailed where the load is unmetered
+    act_probability: float | None = None
 
 
 @dataclass
