@@ -50,7 +50,7 @@ def test_q_tied_to_p_where_the_loads_carry_no_q():
 
 def test_factors_stay_in_range_and_an_unmovable_head_is_left_alone():
     lv = fit_load_level(lambda a, b: (P0 * a, Q0 * b), 1e9, Q0, 10.0, 10.0)
-    assert lv.p <= 5.0
+    assert lv.unexplained and not lv.changed  # no level in range explains it: none applied
     lv = fit_load_level(lambda a, b: (1.0, 1.0), 100.0, 100.0, 1.0, 1.0)
     assert not lv.changed
 
@@ -71,3 +71,19 @@ def test_a_mismatch_below_half_a_step_of_the_loads_costs_one_solve():
     zp, zq = feeder(1.005, 1.0)
     lv = fit_load_level(head, zp, zq, 1.0, 1.0, free_p_kw=P0, free_q_kvar=Q0)
     assert not lv.changed and len(calls) == 1
+
+
+def test_reverse_flow_no_load_level_explains_is_not_applied():
+    """Unmodelled PV exporting (head import negative): the fit would go to its floor and
+    push Q to make up for it; nothing is applied and the level says why."""
+    lv = fit_load_level(feeder, -2000.0, feeder(1.0, 1.0)[1], 50.0, 15.0)
+    assert lv.unexplained and not lv.changed and lv.mismatch_sigmas > 10
+
+
+def test_p_explained_q_not_keeps_the_power_factor():
+    def head(kp, kq):
+        return P0 * kp, 300.0 + 0.0 * kq + Q0 * kq  # Q moves, but the reading is off
+
+    zp = P0 * 0.7
+    lv = fit_load_level(head, zp, -5000.0, 0.01 * zp, 5.0)
+    assert lv.changed and lv.p == lv.q == pytest.approx(0.7)

@@ -696,3 +696,56 @@ def test_pseudo_loads_at_the_wrong_level_are_rescaled_to_the_heads_power(ieee123
     assert plain.load_level == (1.0, 1.0)
     assert max_error(fitted, sc) <= 0.01
     assert max_error(fitted, sc) < 0.5 * max_error(plain, sc)
+
+
+def test_a_step_the_ac_solve_cannot_carry_is_halved():
+    """_damped_solve: a full step whose AC solve fails is halved until it solves (a fake
+    engine that fails beyond a load total); never more than MAX_HALVINGS times."""
+    from derms.analysis import state_estimation as se
+    from derms.errors import ConvergenceError
+
+    class Loads:
+        idx = 0
+        kW = 0.0
+        kvar = 0.0
+
+    class Engine:
+        def __init__(self, limit):
+            self.limit, self.total = limit, 0.0
+
+        def solve(self):
+            if self.total > self.limit:
+                raise ConvergenceError("did not converge")
+
+    loads, eng = Loads(), Engine(limit=25.0)
+    written = []
+
+    def write(_loads, _idx, x):
+        written.append(x.copy())
+        eng.total = float(x.sum())
+
+    real = se.write_loads
+    se.write_loads = write
+    try:
+        x, halvings = se._damped_solve(eng, loads, np.array([1]), np.array([10.0, 0.0]),
+                                       np.array([10.0, 40.0]))
+        assert halvings == 2 and x.tolist() == [10.0, 10.0]  # 50 and 30 fail, 20 solves
+        eng.limit = -1.0
+        with pytest.raises(ConvergenceError):
+            se._damped_solve(eng, loads, np.array([1]), np.array([10.0, 0.0]),
+                             np.array([10.0, 40.0]))
+        assert len(written) == 3 + se.MAX_HALVINGS + 1
+    finally:
+        se.write_loads = real
+
+
+def test_a_wrong_head_reading_does_not_set_the_load_level(ieee123):
+    """A head P reading 15 % high: the level fitted to it would move every pseudo load;
+    where the head row is then the largest normalised residual, the estimate is made
+    again without the level, and says so."""
+    sc = make_scenario(ieee123, meter_nodes_load_buses(ieee123), 1, HEAD_BUS["ieee123"],
+                       noise=0.003, spread=0.2, pseudo_sigma=0.2 / np.sqrt(3))
+    wrong = replace(sc.meas, head_p_kw=sc.meas.head_p_kw * 1.15)
+    est = estimate_state(ieee123, wrong, restore=True, prior_scale=1.0)
+    assert est.load_level == (1.0, 1.0)
+    assert any("not applied" in n for n in est.notes), est.notes

@@ -16,7 +16,11 @@ the model cannot explain, e.g. PV it does not know of, should not read as certai
 prior calibration narrows them where the data say so: IEEE 8500 at level 0.5, 0.0037 pu
 against 0.0034 with the sigmas scaled down too).
 Where the mismatch at ``k = 1`` is within ``MISMATCH_SIGMAS`` of the head's noise
-nothing changes; where Q cannot be fitted (a 10 % change of the loads' Q moves the head
+nothing changes; where the best factors lie at the ends of ``LEVEL_RANGE`` or still leave
+more than ``UNEXPLAINED_SIGMAS`` of mismatch, no load level explains the head (generation
+the model does not know of: with half the customers' PV exporting unmodelled, the fit
+went to its floor and pushed Q to 1.6 against a true 0.5), so nothing is applied and the
+estimator says so; where Q cannot be fitted (a 10 % change of the loads' Q moves the head
 by less than its noise), ``k_q = k_p`` (the loads keep their power factor).
 """
 
@@ -31,6 +35,7 @@ LEVEL_STEP = 0.02
 LEVEL_RANGE = (0.05, 5.0)
 MISMATCH_SIGMAS = 3.0
 MAX_SOLVES = 8
+UNEXPLAINED_SIGMAS = 10.0  # head mismatch left after the fit beyond which no level is applied
 _FD_STEP = 0.05
 
 HeadFn = Callable[[float, float], tuple[float, float]]
@@ -45,6 +50,7 @@ class LoadLevel:
     q: float = 1.0
     solves: int = 0
     mismatch_sigmas: float = 0.0
+    unexplained: bool = False  # no level in range matched the head: left at 1
 
     @property
     def changed(self) -> bool:
@@ -84,6 +90,7 @@ def fit_load_level(head: HeadFn, z_p_kw: float, z_q_kvar: float, sd_p_kw: float,
         return LoadLevel(solves=solves, mismatch_sigmas=float(np.max(np.abs(r) / sd)))
     tied = abs(jac[1, 1]) * 0.1 <= sd[1]  # Q not identifiable: keep the power factor
     best_k, best_m = k.copy(), float(np.max(np.abs(r) / sd))
+    best_r = np.abs(r) / sd
     while solves < MAX_SOLVES:
         if tied:
             dk = np.full(2, r[0] / (jac[0, 0] + jac[0, 1]))
@@ -102,16 +109,27 @@ def fit_load_level(head: HeadFn, z_p_kw: float, z_q_kvar: float, sd_p_kw: float,
         r_new = z - h_new
         m = float(np.abs(r_new[0]) / sd[0]) if tied else float(np.max(np.abs(r_new) / sd))
         if m < best_m:
-            best_k, best_m = k_new.copy(), m
+            best_k, best_m, best_r = k_new.copy(), m, np.abs(r_new) / sd
         jac += np.outer((r - r_new) - jac @ dk, dk) / float(dk @ dk)  # Broyden
         k, r = k_new, r_new
         if m <= 1.0:
             break
-    rounded = np.round(best_k / LEVEL_STEP) * LEVEL_STEP
+    at_bound = (best_k <= LEVEL_RANGE[0]) | (best_k >= LEVEL_RANGE[1])
+    if not tied and not at_bound[0] and best_r[0] <= UNEXPLAINED_SIGMAS \
+            and (at_bound[1] or best_r[1] > UNEXPLAINED_SIGMAS):
+        best_k = np.full(2, best_k[0])  # P explained, Q not: the loads keep their pf
+        at_bound, best_r = at_bound & False, best_r[:1]
+    elif tied:
+        best_r = best_r[:1]
+    if at_bound.any() or float(np.max(best_r)) > UNEXPLAINED_SIGMAS:
+        # no load level explains the head: something else does (generation the model
+        # does not know of, a wrong head reading); scaling every load would hide it
+        return LoadLevel(solves=solves, mismatch_sigmas=best_m, unexplained=True)
+    rounded = np.clip(np.round(best_k / LEVEL_STEP) * LEVEL_STEP, *LEVEL_RANGE)
     rounded = np.where(np.abs(rounded - 1.0) < LEVEL_STEP / 2, 1.0, rounded)
     return LoadLevel(p=round(float(rounded[0]), 6), q=round(float(rounded[1]), 6), solves=solves,
                      mismatch_sigmas=best_m)
 
 
-__all__ = ["LEVEL_RANGE", "LEVEL_STEP", "MAX_SOLVES", "MISMATCH_SIGMAS", "LoadLevel",
-           "fit_load_level"]
+__all__ = ["LEVEL_RANGE", "LEVEL_STEP", "MAX_SOLVES", "MISMATCH_SIGMAS", "UNEXPLAINED_SIGMAS",
+           "LoadLevel", "fit_load_level"]

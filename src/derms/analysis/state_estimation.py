@@ -154,7 +154,7 @@ from derms.analysis.se_jacobian import (
     read_loads,
     write_loads,
 )
-from derms.analysis.se_level import LoadLevel, fit_load_level
+from derms.analysis.se_level import LEVEL_RANGE, LoadLevel, fit_load_level
 from derms.analysis.se_posterior import Posterior
 from derms.analysis.se_prior import MIN_ROWS, calibrate_prior
 from derms.errors import ConvergenceError, InputError, ModelError
@@ -334,6 +334,12 @@ def estimate_state(
                 level = _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph)
             except ConvergenceError as exc:  # a trial level the feeder cannot carry
                 notes.append(f"load level not fitted (an AC solve failed: {exc})")
+            if level.unexplained:
+                notes.append(f"head power not explained by a load level within "
+                             f"{LEVEL_RANGE[0]:g}-{LEVEL_RANGE[1]:g}x (a mismatch of "
+                             f"{level.mismatch_sigmas:.0f} sigma left): pseudo loads as "
+                             "given (generation the model does not know of, or a wrong "
+                             "head reading?)")
             if level.changed:
                 f = np.where(fixed, 1.0, np.r_[np.full(k, level.p), np.full(k, level.q)])
                 xp, sp_ = xp * f, sp_ * np.maximum(f, 1.0)
@@ -407,14 +413,16 @@ def estimate_state(
                 bad = lnames[int(np.flatnonzero(~np.isfinite(x_new))[0]) % k]
                 raise ConvergenceError(f"state estimation diverged at iteration {it} (load "
                                        f"{bad!r} not finite)")
+            x_new, damped = _damped_solve(engine, loads, load_idx, x, x_new)
+            if damped:
+                notes.append(f"iteration {it}: the AC solve failed at the full step; "
+                             f"took {0.5 ** damped:g} of it")
             step = np.max(np.abs(x_new - x) / sp_) if k else 0.0
             x = x_new
-            write_loads(loads, load_idx, x)
-            engine.solve()
             if z_a.size:
                 v_k = complex_pairs(ckt.YNodeVarray)
                 f_k = drawn_factor(br, v_k, lnames, xp, a_cols, mult)
-            if step < tol:
+            if step < tol and not damped:  # a shortened step is no sign of convergence
                 converged = True
                 break
         hx = _measure(engine, mv_e, n_ph)
@@ -488,7 +496,41 @@ def estimate_state(
             except ConvergenceError:
                 if done:
                     raise
+    if (level.changed and result.bad_data
+            and result.largest_nr_label.startswith(("head_p", "head_q"))):
+        # the head reading is the suspect, and the level was fitted to it: estimate again
+        # without it (a head 10 % high moved every pseudo load 8-10 %)
+        again = estimate_state(engine, meas, index=index, max_iterations=max_iterations,
+                               tol=tol, lnr_threshold=lnr_threshold,
+                               check_pseudo=check_pseudo, restore=restore,
+                               prior_scale=prior_scale, prior_log_scale=prior_log_scale,
+                               fit_level=False)
+        again.notes.insert(0, f"load level {level.p:.2f} / {level.q:.2f} not applied: the "
+                              f"head row {result.largest_nr_label} is the largest normalised "
+                              "residual (bad data?)")
+        return again
     return result
+
+
+MAX_HALVINGS = 6
+
+
+def _damped_solve(engine, loads, load_idx, x: np.ndarray, x_new: np.ndarray
+                  ) -> tuple[np.ndarray, int]:
+    """Write ``x_new`` and solve; where the AC solve fails (a step the network cannot
+    carry: reverse flow from generation the model does not know of), halve the step
+    from ``x``, up to ``MAX_HALVINGS`` times (then the error is raised). Returns the
+    state solved at and the number of halvings."""
+    for halvings in range(MAX_HALVINGS + 1):
+        write_loads(loads, load_idx, x_new)
+        try:
+            engine.solve()
+            return x_new, halvings
+        except ConvergenceError:
+            if halvings == MAX_HALVINGS:
+                raise
+            x_new = x + 0.5 * (x_new - x)
+    raise AssertionError("unreachable")
 
 
 def _scale_prior(g, fixed, beta, p_diag, sp_, a_free, a_fix):
