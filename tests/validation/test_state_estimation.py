@@ -730,11 +730,13 @@ def test_a_step_the_ac_solve_cannot_carry_is_halved():
         x, halvings = se._damped_solve(eng, loads, np.array([1]), np.array([10.0, 0.0]),
                                        np.array([10.0, 40.0]))
         assert halvings == 2 and x.tolist() == [10.0, 10.0]  # 50 and 30 fail, 20 solves
+        assert [w.tolist() for w in written] == [[10.0, 40.0], [10.0, 0.0], [10.0, 20.0],
+                                                 [10.0, 0.0], [10.0, 10.0]]  # back between
         eng.limit = -1.0
         with pytest.raises(ConvergenceError):
             se._damped_solve(eng, loads, np.array([1]), np.array([10.0, 0.0]),
                              np.array([10.0, 40.0]))
-        assert len(written) == 3 + se.MAX_HALVINGS + 1
+        assert len(written) == 5 + 2 * se.MAX_HALVINGS + 1
     finally:
         se.write_loads = real
 

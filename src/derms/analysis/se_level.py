@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 LEVEL_STEP = 0.02
-LEVEL_RANGE = (0.05, 5.0)
+LEVEL_RANGE = (0.02, 10.0)
 MISMATCH_SIGMAS = 3.0
 MAX_SOLVES = 8
 UNEXPLAINED_SIGMAS = 10.0  # head mismatch left after the fit beyond which no level is applied

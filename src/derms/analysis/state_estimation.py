@@ -529,6 +529,13 @@ def _damped_solve(engine, loads, load_idx, x: np.ndarray, x_new: np.ndarray
         except ConvergenceError:
             if halvings == MAX_HALVINGS:
                 raise
+            # the failed solve leaves diverged voltages as the next one's start: solve the
+            # last state that solved first
+            write_loads(loads, load_idx, x)
+            try:
+                engine.solve()
+            except ConvergenceError:
+                pass
             x_new = x + 0.5 * (x_new - x)
     raise AssertionError("unreachable")
 
