@@ -6,13 +6,17 @@ field is clean and stays clean; no decision is commanded twice."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
+import pytest
 
 from derms.control.arbiter import Arbiter
 from derms.control.fast_cycle import FleetNow
 from derms.control.requests import CommandKind, ControlRequest, Scope, Source
+from derms.errors import InputError
 from tests.validation.test_corrective import T0, make_case, pv_fleet
 
 
@@ -169,11 +173,9 @@ def test_authority_commands_leave_tighter_own_commands_and_end_with_their_reques
         case.cycle.engine.close()
 
 
-def test_rows_near_their_limit_report_the_estimates_spread():
-    """With a state estimate, rows near their limit carry the probability of being over
-    it (reported in the cycle's estimation and notes, not acted on); without one, none."""
-    from dataclasses import replace
-
+@contextmanager
+def _idle_pv_case():
+    """IEEE 123 with 10 PV DERs at zero output: (case, fleet), closed afterwards."""
     ders = pv_fleet(n=10, seed=2, kw=(5.0, 10.0))
     case = make_case(ders)
     try:
@@ -182,6 +184,16 @@ def test_rows_near_their_limit_report_the_estimates_spread():
                          np.zeros(n), np.zeros(n), np.ones(n))
         case.field.set_ders(case.registry.point, np.zeros(n), np.zeros(n))
         case.field.solve()
+        yield case, fleet
+    finally:
+        case.field.close()
+        case.cycle.engine.close()
+
+
+def test_rows_near_their_limit_report_the_estimates_spread():
+    """With a state estimate, rows near their limit carry the probability of being over
+    it (reported in the cycle's estimation and notes, not acted on); without one, none."""
+    with _idle_pv_case() as (case, fleet):
         case.cycle.config = replace(case.cycle.config, possible_from_frac=0.01,
                                     possible_probability=1e-9)
         rep = case.cycle.run(T0, fleet, measurements=case.field.measurements(case.meters,
@@ -192,29 +204,13 @@ def test_rows_near_their_limit_report_the_estimates_spread():
         assert any("may be over their limit" in s for s in rep.notes)
         none = case.cycle.run(T0 + timedelta(seconds=5), fleet)  # no measurements
         assert "possible_overloads" not in none.estimation
-    finally:
-        case.field.close()
-        case.cycle.engine.close()
 
 
 def test_act_probability_holds_rows_to_a_chance_of_overload():
     """With act_probability, rows are held so that estimate + z sd stays within the limit:
     a row at its limit by the estimate, with spread, triggers the corrective step; the
     same cycle acting on the estimate alone does not."""
-    from dataclasses import replace
-
-    import pytest as _pytest
-
-    from derms.errors import InputError
-
-    ders = pv_fleet(n=10, seed=2, kw=(5.0, 10.0))
-    case = make_case(ders)
-    try:
-        n = len(ders)
-        fleet = FleetNow(np.zeros(n), np.zeros(n), np.full(n, -10.0), np.zeros(n),
-                         np.zeros(n), np.zeros(n), np.ones(n))
-        case.field.set_ders(case.registry.point, np.zeros(n), np.zeros(n))
-        case.field.solve()
+    with _idle_pv_case() as (case, fleet):
         meas = case.field.measurements(case.meters, case.rng)
         plain = case.cycle.run(T0, fleet, measurements=meas)
         rows = [r for r in plain.estimation["possible_overloads"] if r["probability"] > 0.2]
@@ -228,8 +224,5 @@ def test_act_probability_holds_rows_to_a_chance_of_overload():
         assert chance.violations["thermal"] > 0 and chance.status != "clear"
         assert any("held to a 5 % chance" in s for s in chance.notes)
         case.cycle.config = replace(base_cfg, act_probability=0.7)
-        with _pytest.raises(InputError, match="act_probability"):
+        with pytest.raises(InputError, match="act_probability"):
             case.cycle.run(T0 + timedelta(seconds=10), fleet, measurements=meas)
-    finally:
-        case.field.close()
-        case.cycle.engine.close()
