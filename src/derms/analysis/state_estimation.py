@@ -63,7 +63,16 @@ common factors that make the AC model's head power match the meters
 (:mod:`derms.analysis.se_level`; a few AC solves, rounded to 2 % steps, nothing where the
 mismatch is within the head's noise). A profile off for the whole feeder (truth 0.5 x base
 on IEEE 8500) otherwise reads as independent errors of every load: 0.021-0.027 pu largest
-error without the fit, 0.0026-0.0034 with it (bench/README.md).
+error without the fit, 0.0026-0.0034 with it (bench/README.md). No level is applied where
+none in 0.02-10x explains the head (generation the model does not know of), and the
+estimate is made again without it where the head row then is the largest normalised
+residual (a wrong head reading). A Gauss-Newton step whose AC solve fails is halved.
+
+Posterior
+---------
+Every estimate keeps what its posterior needs (:mod:`derms.analysis.se_posterior`): the
+standard deviation of any quantity linear in the states (a branch current) and the
+probability of a loading being over its limit, without forming the states' covariance.
 
 Pseudo-measurement uncertainty
 ------------------------------
@@ -278,8 +287,8 @@ def estimate_state(
         (:mod:`derms.analysis.se_level`; their sigmas scale up with a higher level, never
         down: a deficit the model cannot explain, such as PV it does not know of, is not
         taken for certainty, and the prior calibration narrows them where the data say
-        so); ``StateEstimate.load_level`` says which. A profile whose level is off for the whole feeder otherwise reads as large
-        independent errors of every load.
+        so); ``StateEstimate.load_level`` says which. A profile whose level is off for
+        the whole feeder otherwise reads as large independent errors of every load.
 
     Raises
     ------
