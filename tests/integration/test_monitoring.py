@@ -714,5 +714,5 @@ def test_branches_near_their_rating_get_the_estimates_spread(feeder):
     rows = st.estimation["possible_overloads"]
     assert rows and all(r["sd_pct"] > 0 and 0 < r["probability"] <= 1 for r in rows)
     assert rows == sorted(rows, key=lambda r: -r["probability"])
-    assert any("may be over their rating" in n for n in st.notes)
+    assert any("may be over their limit" in n for n in st.notes)
     assert st_off.estimation["possible_overloads"] == []

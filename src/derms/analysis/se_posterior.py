@@ -82,4 +82,34 @@ def overload_probability(loading_pct: np.ndarray, sd_pct: np.ndarray,
     return np.where(ok, p, (loading > limit_pct).astype(float))
 
 
-__all__ = ["Posterior", "overload_probability"]
+def possible_overloads(post: Posterior, m_y: sp.csr_matrix, rel_pct: np.ndarray,
+                       ref_a: np.ndarray, limit_pct: float, labels: tuple[np.ndarray, ...],
+                       min_probability: float, top: int = 50
+                       ) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """The rows of ``m_y`` (branch current rows, Y order) with their posterior spread and
+    probability of being over ``limit_pct``: ``rel_pct`` their estimated loading [% of
+    ``ref_a``, the 100 % current, A]; ``labels`` (element, phase) per row. Returns the
+    rows at ``min_probability`` or more, most likely first (at most ``top``; keys
+    ``element``, ``phase``, ``loading_pct``, ``sd_pct``, ``probability``), and every
+    row's sd [A] and probability."""
+    sd_a = post.branch_current_sd_a(m_y)
+    sd_pct = 100.0 * sd_a / ref_a
+    prob = overload_probability(rel_pct, sd_pct, limit_pct)
+    keep = np.flatnonzero(prob >= min_probability)
+    keep = keep[np.argsort(-prob[keep])][:top]
+    element, phase = labels
+    rows = [{"element": str(element[j]), "phase": int(phase[j]),
+             "loading_pct": round(float(rel_pct[j]), 2), "sd_pct": round(float(sd_pct[j]), 2),
+             "probability": round(float(prob[j]), 3)} for j in keep]
+    return rows, sd_a, prob
+
+
+def describe_possible(rows: list[dict], what: str) -> str:
+    """One note line for :func:`possible_overloads` rows (non-empty)."""
+    top = rows[0]
+    return (f"{len(rows)} {what} may be over their limit within the estimate's uncertainty "
+            f"(most likely {top['element']} phase {top['phase']}: {top['loading_pct']} % ± "
+            f"{top['sd_pct']} %, p = {top['probability']})")
+
+
+__all__ = ["Posterior", "describe_possible", "overload_probability", "possible_overloads"]

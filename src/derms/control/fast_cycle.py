@@ -57,7 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import ndtri
 
-from derms.analysis.se_posterior import overload_probability
+from derms.analysis.se_posterior import describe_possible, possible_overloads
 from derms.analysis.state_estimation import (
     DEFAULT_PSEUDO_SIGMA_FRAC,
     DEFAULT_PSEUDO_SIGMA_MIN,
@@ -463,23 +463,14 @@ class FastCycle:
         margin = None if act is None else np.zeros_like(i_a)
         if not cand.size:
             return [], margin
-        sd_a = post.branch_current_sd_a(self.sens.m_y[cand])
-        sd = sd_a / self.i_max[cand]
-        prob = overload_probability(100 * rel[cand], 100 * sd, 100 * th_frac)
-        keep = np.flatnonzero(prob >= cfg.possible_probability)
-        keep = keep[np.argsort(-prob[keep])][:50]
         ix = self.index
-        out = [{"element": str(ix.branch_element[cand[j]]), "phase": int(ix.branch_phase[cand[j]]),
-                "loading_pct_of_limit": round(100 * float(rel[cand[j]]), 2),
-                "sd_pct": round(100 * float(sd[j]), 2), "probability": round(float(prob[j]), 3)}
-               for j in keep]
+        out, sd_a, prob = possible_overloads(post, self.sens.m_y[cand], 100 * rel[cand],
+                                             self.i_max[cand], 100 * th_frac,
+                                             (ix.branch_element[cand], ix.branch_phase[cand]),
+                                             cfg.possible_probability)
         if out:
-            top = out[0]
-            notes.append(f"{len(out)} row(s) may be over their limit within the estimate's "
-                         f"uncertainty{'' if act else ', not acted on'} (most likely "
-                         f"{top['element']} phase {top['phase']}: "
-                         f"{top['loading_pct_of_limit']} % ± {top['sd_pct']} %, "
-                         f"p = {top['probability']})")
+            notes.append(describe_possible(out, "row(s)")
+                         + ("" if act else "; not acted on"))
         if margin is not None:
             margin[cand] = max(float(ndtri(1.0 - act)), 0.0) * np.nan_to_num(sd_a)
             n_act = int((prob > act).sum())

@@ -60,7 +60,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from derms.analysis.constraints import Limits, detect_violations
-from derms.analysis.se_posterior import overload_probability
+from derms.analysis.se_posterior import describe_possible, possible_overloads
 from derms.analysis.se_prior import ScaleTracker
 from derms.analysis.state_estimation import Measurements, estimate_state
 from derms.errors import ConvergenceError, ModelError
@@ -272,27 +272,19 @@ class FeederMonitor:
         ``possible_from_pct`` or more, but not over the limit, is over it in truth."""
         cfg, lim = self.config, self.config.limits
         limit = lim.thermal_pct + lim.thermal_tol_pct
-        norm = self.index.branch_norm_a
+        ix = self.index
         cand = np.flatnonzero(np.isfinite(loading) & (loading >= cfg.possible_from_pct)
-                              & (loading <= limit) & (norm > 0))
+                              & (loading <= limit) & (ix.branch_norm_a > 0))
         if not cand.size or est.posterior is None:
             return []
-        m_y = branch_current_matrix(self.engine, self.index, y_order=True)[0][cand]
-        sd = 100.0 * est.posterior.branch_current_sd_a(m_y) / norm[cand]
-        prob = overload_probability(loading[cand], sd, limit)
-        keep = np.flatnonzero(prob >= cfg.possible_probability)
-        keep = keep[np.argsort(-prob[keep])][:50]
-        out = [{"element": str(self.index.branch_element[cand[j]]),
-                "phase": int(self.index.branch_phase[cand[j]]),
-                "loading_pct": round(float(loading[cand[j]]), 2),
-                "sd_pct": round(float(sd[j]), 2), "probability": round(float(prob[j]), 3)}
-               for j in keep]
-        if out:
-            notes.append(f"{len(out)} branch conductor(s) may be over their rating within the "
-                         f"estimate's uncertainty (most likely {out[0]['element']} phase "
-                         f"{out[0]['phase']}: {out[0]['loading_pct']} % ± "
-                         f"{out[0]['sd_pct']} %, p = {out[0]['probability']})")
-        return out
+        m_y = branch_current_matrix(self.engine, ix, y_order=True)[0][cand]
+        rows, _, _ = possible_overloads(est.posterior, m_y, loading[cand], ix.branch_norm_a[cand],
+                                        limit, (ix.branch_element[cand],
+                                                ix.branch_phase[cand]),
+                                        cfg.possible_probability)
+        if rows:
+            notes.append(describe_possible(rows, "branch conductor(s)"))
+        return rows
 
     def _estimate(self, meas: Measurements, notes: list[str],
                   taps: dict[str, float] | None = None):
