@@ -223,6 +223,5 @@ def test_act_probability_holds_rows_to_a_chance_of_overload():
         assert plain.violations["thermal"] == 0 and plain.status == "clear"
         assert chance.violations["thermal"] > 0 and chance.status != "clear"
         assert any("held to a 5 % chance" in s for s in chance.notes)
-        case.cycle.config = replace(base_cfg, act_probability=0.7)
-        with pytest.raises(InputError, match="act_probability"):
-            case.cycle.run(T0 + timedelta(seconds=10), fleet, measurements=meas)
+        with pytest.raises(InputError, match="act_probability"):  # refused at the config
+            replace(base_cfg, act_probability=0.7)

@@ -446,13 +446,11 @@ class FastCycle:
         over (:mod:`derms.analysis.se_posterior`), reported; with ``act_probability``,
         also the margin ``z sd`` [A] per row that the cycle adds to its currents (a
         chance constraint). (None, None) without a state estimate this cycle."""
-        post = getattr(self, "_posterior", None)
+        post = self._posterior
         if post is None:
             return None, None
         cfg, lim = self.config, self.config.limits
         act = cfg.act_probability
-        if act is not None and not 0 < act <= 0.5:
-            raise InputError(f"act_probability must be in (0, 0.5], got {act}")
         th_frac = 1 + lim.thermal_tol_pct / lim.thermal_pct
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(np.isfinite(self.i_max), i_a / self.i_max, np.nan)

@@ -98,6 +98,14 @@ class FastCycleConfig:
     # cannot see, more DER curtailed where the load is unmetered
     act_probability: float | None = None
 
+    def __post_init__(self) -> None:
+        p = self.act_probability
+        if p is not None and not 0 < p <= 0.5:
+            raise InputError(f"act_probability must be in (0, 0.5], got {p}")
+        if not 0 < self.possible_probability <= 1:
+            raise InputError(f"possible_probability must be in (0, 1], got "
+                             f"{self.possible_probability}")
+
 
 @dataclass
 class CycleReport:
