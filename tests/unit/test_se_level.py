@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from derms.analysis.se_level import LEVEL_STEP, MAX_SOLVES, fit_load_level
+from derms.analysis.se_level import LEVEL_P_MIN, LEVEL_STEP, MAX_SOLVES, fit_load_level
 
 P0, Q0 = 5000.0, 1500.0
 
@@ -73,11 +73,30 @@ def test_a_mismatch_below_half_a_step_of_the_loads_costs_one_solve():
     assert not lv.changed and len(calls) == 1
 
 
-def test_reverse_flow_no_load_level_explains_is_not_applied():
-    """Unmodelled PV exporting (head import negative): the fit would go to its floor and
-    push Q to make up for it; nothing is applied and the level says why."""
-    lv = fit_load_level(feeder, -2000.0, feeder(1.0, 1.0)[1], 50.0, 15.0)
+def test_net_export_is_a_negative_p_level_and_q_keeps_its_own():
+    """Unmodelled PV exporting (head import negative): the loads as a whole export, a P
+    level below 0, while Q keeps its own level (PV at unity power factor leaves the
+    loads' Q). Before, the P range ended at 0.02: the fit went to its floor and pushed Q
+    to make up for it, so nothing was applied."""
+    zp, zq = feeder(-0.4, 0.5)
+    assert zp < 0
+    lv = fit_load_level(feeder, zp, zq, 0.01 * abs(zp), 0.01 * abs(zq))
+    assert lv.changed and not lv.unexplained
+    assert abs(lv.p + 0.4) <= LEVEL_STEP / 2 + 1e-9 and abs(lv.q - 0.5) <= LEVEL_STEP / 2 + 1e-9
+
+
+def test_export_beyond_the_p_range_is_not_applied():
+    lv = fit_load_level(feeder, feeder(LEVEL_P_MIN - 2.0, 1.0)[0], feeder(1.0, 1.0)[1],
+                        50.0, 15.0)
     assert lv.unexplained and not lv.changed and lv.mismatch_sigmas > 10
+
+
+def test_q_not_fitted_keeps_q_where_p_exports():
+    def head(kp, kq):
+        return P0 * kp, 200.0 + 1e-3 * kq  # Q does not move with the loads
+
+    lv = fit_load_level(head, -0.3 * P0, 150.0, 0.01 * 0.3 * P0, 2.0)
+    assert lv.p == pytest.approx(-0.3) and lv.q == 1.0  # not tied to a negative P level
 
 
 def test_p_explained_q_not_keeps_the_power_factor():

@@ -16,12 +16,21 @@ the model cannot explain, e.g. PV it does not know of, should not read as certai
 prior calibration narrows them where the data say so: IEEE 8500 at level 0.5, 0.0037 pu
 against 0.0034 with the sigmas scaled down too).
 Where the mismatch at ``k = 1`` is within ``MISMATCH_SIGMAS`` of the head's noise
-nothing changes; where the best factors lie at the ends of ``LEVEL_RANGE`` or still leave
-more than ``UNEXPLAINED_SIGMAS`` of mismatch, no load level explains the head (generation
-the model does not know of: with half the customers' PV exporting unmodelled, the fit
-went to its floor and pushed Q to 1.6 against a true 0.5), so nothing is applied and the
-estimator says so; where Q cannot be fitted (a 10 % change of the loads' Q moves the head
-by less than its noise), ``k_q = k_p`` (the loads keep their power factor).
+nothing changes; where the best factors lie at the ends of their ranges or still leave
+more than ``UNEXPLAINED_SIGMAS`` of mismatch, no load level explains the head (a wrong
+head reading, far more generation than load), so nothing is applied and the estimator
+says so; where Q cannot be fitted (a 10 % change of the loads' Q moves the head by less
+than its noise), ``k_q = k_p`` (the loads keep their power factor), or Q as given where
+``k_p`` is below Q's range.
+
+The P level may go below 0 (to ``LEVEL_P_MIN``): the loads as a whole export, i.e.
+generation the model does not know of (behind-the-meter PV). With the P range ending at
+0.02 as before, unknown PV exporting at half the customers sent the fit to its floor and
+Q to 1.6 against a true 0.5, so nothing was applied; EPRI ckt5 / ckt7 / IEEE 123 at 0.3 x
+base with such PV (head exporting) were then 0.022-0.025 pu off (ckt5, not converged),
+failed 2 of 3 (ckt7) and 0.006-0.009 pu (IEEE 123); with a negative P level they are
+0.008-0.011, 0.017-0.027 and 0.002-0.005 pu, each converged (IEEE 34: 0.005-0.018
+against 0.008-0.013, 8 seeds; bench/README.md).
 """
 
 from __future__ import annotations
@@ -32,13 +41,22 @@ from dataclasses import dataclass
 import numpy as np
 
 LEVEL_STEP = 0.02
-LEVEL_RANGE = (0.02, 10.0)
+LEVEL_RANGE = (0.02, 10.0)  # of Q, and of P where the head imports
+LEVEL_P_MIN = -2.0  # P: below 0 the loads as a whole export (generation not modelled)
 MISMATCH_SIGMAS = 3.0
 MAX_SOLVES = 8
 UNEXPLAINED_SIGMAS = 10.0  # head mismatch left after the fit beyond which no level is applied
 _FD_STEP = 0.05
 
 HeadFn = Callable[[float, float], tuple[float, float]]
+_LO = np.array([LEVEL_P_MIN, LEVEL_RANGE[0]])  # lower ends of (k_p, k_q)
+
+
+def _pf_q(k_p: float) -> float:
+    """k_q where Q cannot be fitted: the loads keep their power factor, except where the
+    P level is at or below the Q range's floor (net export: PV the model does not know of
+    changes P, not the loads' Q), where Q stays as given."""
+    return float(k_p) if k_p >= LEVEL_RANGE[0] else 1.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +118,7 @@ def fit_load_level(head: HeadFn, z_p_kw: float, z_q_kvar: float, sd_p_kw: float,
             except np.linalg.LinAlgError:
                 tied = True
                 continue
-        k_new = np.clip(k + dk, *LEVEL_RANGE)
+        k_new = np.clip(k + dk, _LO, LEVEL_RANGE[1])
         dk = k_new - k
         if not np.any(dk):
             break
@@ -114,22 +132,23 @@ def fit_load_level(head: HeadFn, z_p_kw: float, z_q_kvar: float, sd_p_kw: float,
         k, r = k_new, r_new
         if m <= 1.0:
             break
-    at_bound = (best_k <= LEVEL_RANGE[0]) | (best_k >= LEVEL_RANGE[1])
+    at_bound = (best_k <= _LO) | (best_k >= LEVEL_RANGE[1])
     if not tied and not at_bound[0] and best_r[0] <= UNEXPLAINED_SIGMAS \
             and (at_bound[1] or best_r[1] > UNEXPLAINED_SIGMAS):
-        best_k = np.full(2, best_k[0])  # P explained, Q not: the loads keep their pf
+        best_k = np.array([best_k[0], _pf_q(best_k[0])])  # P explained, Q not
         at_bound, best_r = at_bound & False, best_r[:1]
-    elif tied:
-        best_r = best_r[:1]
+    elif tied:  # (k_q followed k_p, clipped to its range: only P's bound counts)
+        best_k[1] = _pf_q(best_k[0])
+        at_bound, best_r = at_bound[:1], best_r[:1]
     if at_bound.any() or float(np.max(best_r)) > UNEXPLAINED_SIGMAS:
         # no load level explains the head: something else does (generation the model
         # does not know of, a wrong head reading); scaling every load would hide it
         return LoadLevel(solves=solves, mismatch_sigmas=best_m, unexplained=True)
-    rounded = np.clip(np.round(best_k / LEVEL_STEP) * LEVEL_STEP, *LEVEL_RANGE)
+    rounded = np.clip(np.round(best_k / LEVEL_STEP) * LEVEL_STEP, _LO, LEVEL_RANGE[1])
     rounded = np.where(np.abs(rounded - 1.0) < LEVEL_STEP / 2, 1.0, rounded)
     return LoadLevel(p=round(float(rounded[0]), 6), q=round(float(rounded[1]), 6), solves=solves,
                      mismatch_sigmas=best_m)
 
 
-__all__ = ["LEVEL_RANGE", "LEVEL_STEP", "MAX_SOLVES", "MISMATCH_SIGMAS", "UNEXPLAINED_SIGMAS",
+__all__ = ["LEVEL_P_MIN", "LEVEL_RANGE", "LEVEL_STEP", "MAX_SOLVES", "MISMATCH_SIGMAS", "UNEXPLAINED_SIGMAS",
            "LoadLevel", "fit_load_level"]

@@ -168,7 +168,7 @@ from derms.analysis.se_jacobian import (
     read_loads,
     write_loads,
 )
-from derms.analysis.se_level import LEVEL_RANGE, LoadLevel, fit_load_level
+from derms.analysis.se_level import LEVEL_P_MIN, LEVEL_RANGE, LoadLevel, fit_load_level
 from derms.analysis.se_posterior import Posterior
 from derms.analysis.se_prior import MIN_ROWS, calibrate_prior
 from derms.errors import ConvergenceError, InputError, ModelError
@@ -349,8 +349,9 @@ def estimate_state(
             except ConvergenceError as exc:  # a trial level the feeder cannot carry
                 notes.append(f"load level not fitted (an AC solve failed: {exc})")
             if level.unexplained:
-                notes.append(f"head power not explained by a load level within "
-                             f"{LEVEL_RANGE[0]:g}-{LEVEL_RANGE[1]:g}x (a mismatch of "
+                notes.append(f"head power not explained by a load level (P {LEVEL_P_MIN:g}"
+                             f"-{LEVEL_RANGE[1]:g}x, Q {LEVEL_RANGE[0]:g}-{LEVEL_RANGE[1]:g}x;"
+                             f" a mismatch of "
                              f"{level.mismatch_sigmas:.0f} sigma left): pseudo loads as "
                              "given (generation the model does not know of, or a wrong "
                              "head reading?)")
@@ -359,6 +360,10 @@ def estimate_state(
                 xp, sp_ = xp * f, sp_ * np.maximum(f, 1.0)
                 notes.append(f"pseudo loads scaled by {level.p:.2f} (P) and {level.q:.2f} "
                              "(Q) to match the head's metered power")
+                if level.p < LEVEL_RANGE[0]:
+                    notes.append("the loads as a whole export at the metered head power: "
+                                 "generation the model does not know of (behind-the-meter "
+                                 "PV?); each load's own share is left to the meters")
         x = xp.copy()
         if level.solves != 1:  # (one solve: the fit's own at k = 1, the engine is at x)
             write_loads(loads, load_idx, x)
