@@ -157,3 +157,29 @@ def test_operating_point_sensitivities_serve_the_nearest_intervals(case):
             u = times_t(dp[t:t + 1], s.hv_p)[0]
             err[name] = np.abs(np.sqrt(v0**2 + 2 * v0 * u) - v0 - dv_ac)[live].max()
         assert err["part"] <= 1.05 * err["base"] + 1e-5, (t, err)
+
+
+@pytest.mark.parametrize(("feeder", "seed"), [("bundled:ieee13", 1), ("ieee123", 0)])
+def test_evs_at_every_customer_get_a_plan_not_a_refusal(feeder, seed):
+    """EVs only, at every customer (an independent sweep's case): the linear model from
+    the uncontrolled reference (every EV charging) put even every EV idle beyond a limit
+    (the bundled IEEE 13: 0.016 A over line 650632's held base value; IEEE 123: 4-5 A
+    over sw1's), so the LP was infeasible and the study refused, though idle is the base
+    case. The network rows are now made elastic once and the AC check decides."""
+    from derms.grid.bundled import resolve_master
+
+    master = resolve_master(feeder[8:]) if feeder.startswith("bundled:") else \
+        shared_master(feeder)
+    engine, scenario, ac = open_dispatch_case(
+        master, ScenarioConfig(pv_penetration=0.0, battery_penetration=0.0,
+                               ev_penetration=1.0, seed=seed))
+    try:
+        unc = ac.reference(uncontrolled_schedule(scenario.fleet))
+        vp = plan_and_verify(ac, ObjectiveConfig(), uncontrolled=unc)
+        assert vp.clean, (vp.violations.counts, vp.notes)
+        assert any("made elastic" in n for n in vp.notes), vp.notes
+        a = vp.planner.arrays  # every EV still gets its energy
+        np.testing.assert_allclose((vp.schedule.ev_kw * a.ev_eta * a.dt_h).sum(axis=0),
+                                   a.ev_e_required_kwh, rtol=1e-6, atol=1e-6)
+    finally:
+        engine.close()

@@ -518,6 +518,28 @@ class NetworkRows:
         self.row[kind][t, e] = idx
         return int(t.size)
 
+    def make_elastic(self) -> int:
+        """Give every network row in the LP a priced slack column (and every later row
+        one too, as on large feeders); returns the rows made elastic. For an LP whose
+        hard rows the linear model cannot meet at once, not even with every DER idle
+        (which is the base case, within its limits by definition): its error from a
+        reference with the DERs active can put idle a little beyond a limit."""
+        self.elastic = self.elastic or (1e6, 1e3)
+        rows, signs, costs = [], [], []
+        for kind, idx in self.row.items():
+            r = idx[idx >= 0]
+            rows.append(r)
+            signs.append(np.full(r.size, 1.0 if kind == "v_min" else -1.0))
+            costs.append(np.full(r.size, self.elastic[1] if kind == "i_max"
+                                 else self.elastic[0]))
+        r = np.concatenate(rows)
+        if r.size:
+            n = r.size
+            A = sp.csc_matrix((np.concatenate(signs), (r, np.arange(n))),
+                              shape=(self.lp.n_rows, n))
+            self.lp.add_cols(np.concatenate(costs), np.zeros(n), np.full(n, INF), A)
+        return int(r.size)
+
     def add_violated(self, x: np.ndarray, tol: float = 1e-6) -> int:
         """Lazy rows: add every (t, element) the linear model says ``x`` violates."""
         n = 0

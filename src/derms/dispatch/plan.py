@@ -166,6 +166,7 @@ class Planner:
         self.net.set_reference(grid.uncontrolled)
         self._set_extra_bounds()
         self.n_initial_rows = self.net.initial_rows()
+        self.notes: list[str] = []  # what the planner changed on its own, for the report
         self.build_s = time.perf_counter() - t0
         self.x: np.ndarray | None = None
         self.duals: np.ndarray | None = None
@@ -239,11 +240,35 @@ class Planner:
             try:
                 x, rv, du = self.lp.solve()
             except InfeasibleError:
-                raise self.diagnose() from None
+                if not self._relax_network_rows():
+                    raise self.diagnose() from None
+                try:
+                    x, rv, du = self.lp.solve()
+                except InfeasibleError:
+                    raise self.diagnose() from None
             if self.net.add_violated(x) == 0:
                 break
         self.x, self.row_values, self.duals = x, rv, du
         return x
+
+    def _relax_network_rows(self) -> bool:
+        """Where the LP is infeasible and its network rows are hard, make them elastic
+        (priced slack) once: True if that was done. The rows the DERs' own constraints
+        (EV energy, battery energy, policies, export limit) cannot meet stay hard, and
+        are diagnosed as before. IEEE 13 / 123 with EVs at every customer: a current held
+        at its base value (13) or at its rating (123) was 0.016 / 2.7 A beyond reach with
+        every EV idle in the linear model, whose reference had them charging, while idle
+        is the base case; the study was refused."""
+        net = self.net
+        if net.elastic is not None or not any((r >= 0).any() for r in net.row.values()):
+            return False
+        n = net.make_elastic()
+        self.notes.append(f"the linear model could not meet all {n} network rows at once "
+                          "(its error near the base case: every DER idle is the base case): "
+                          "they were made elastic, and the "
+                          "AC check counts what is left")
+        log.info("dispatch network rows made elastic after an infeasible LP: %d", n)
+        return True
 
     def diagnose(self) -> InfeasibleError:
         """Why the LP is infeasible: HiGHS's feasibility relaxation (rows only, column

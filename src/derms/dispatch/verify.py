@@ -628,4 +628,5 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     if left and not notes:
         notes.append(f"{rounds} AC rounds used (the most allowed); the plan of round {best[1]}"
                      f", the one with the fewest AC violations, is kept")
-    return VerifiedPlan(planner, sched, res, rep, rounds, timing, log_rounds, notes)
+    return VerifiedPlan(planner, sched, res, rep, rounds, timing, log_rounds,
+                        [*planner.notes, *notes])
