@@ -10,7 +10,15 @@ import pytest
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
-from derms.der.models import Battery, Connection, EVSession, Fleet, Horizon, PVInverter
+from derms.der.models import (
+    Battery,
+    Connection,
+    EVSession,
+    Fleet,
+    Horizon,
+    PVInverter,
+    fleet_arrays,
+)
 from derms.dispatch.lp import Weights
 from derms.dispatch.network import DerSensitivity, NetworkLimits, Reference
 from derms.dispatch.plan import GridContext, ObjectiveConfig, Planner, uncontrolled_schedule
@@ -237,3 +245,18 @@ def test_ev_that_a_thermal_limit_cannot_serve_ends_short_not_infeasible():
     p2 = Planner(fleet, empty_grid(fleet, load), ObjectiveConfig(allow_pv_q=False))
     p2.solve_linear()
     assert p2.schedule().ev_short_kwh == pytest.approx([0.0], abs=1e-9)
+
+
+def test_uncontrolled_ev_leaving_after_the_horizon_charges_from_arrival():
+    """A session that leaves after the horizon: the plan must put in only what cannot be
+    charged after the horizon (here nothing), but the uncontrolled case charges at full
+    rate from arrival; it charged nothing, understating the uncontrolled peak (an
+    independent sweep: IEEE 13 with a 7 h horizon)."""
+    h = Horizon(T0, timedelta(hours=1), 6)
+    ev = (EVSession("ev1", C, T0 + timedelta(hours=3), T0 + timedelta(hours=20), 16.0, 7.0,
+                    eta_charge=0.8),)
+    fleet = Fleet(h, (), (), ev)
+    assert fleet_arrays(fleet).ev_e_required_kwh[0] == 0.0
+    unc = uncontrolled_schedule(fleet)
+    # 7 kW x 0.8 = 5.6 kWh an hour from 03:00: 5.6, 5.6, then the 4.8 kWh left
+    np.testing.assert_allclose(unc.ev_kw[:, 0], [0, 0, 0, 7.0, 7.0, 4.8 / 0.8])

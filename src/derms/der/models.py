@@ -316,7 +316,7 @@ class FleetArrays:
     bat_cycle_cost: np.ndarray
     ev_window: np.ndarray
     ev_p_max_kw: np.ndarray
-    ev_e_required_kwh: np.ndarray
+    ev_e_required_kwh: np.ndarray  # [kWh] to charge within the horizon (the rest after it)
     ev_eta: np.ndarray
     flex_base_kw: np.ndarray
     flex_window: np.ndarray
@@ -327,6 +327,8 @@ class FleetArrays:
     gen_p_min_kw: np.ndarray
     gen_p_max_kw: np.ndarray
     gen_cost: np.ndarray
+    # [kWh] each session's whole need (the uncontrolled case charges it from arrival)
+    ev_e_needed_kwh: np.ndarray | None = None
 
 
 def _window_mask(h: Horizon, start: datetime, end: datetime) -> np.ndarray:
@@ -389,6 +391,7 @@ def fleet_arrays(fleet: Fleet) -> FleetArrays:
         flex_rebound_max_kw=rb_max[None, :] * fl_win, flex_rebound_frac=col(fl, "rebound_frac"),
         flex_shed_cost=col(fl, "shed_cost_per_kwh"), gen_p_min_kw=col(gn, "p_min_kw"),
         gen_p_max_kw=col(gn, "p_max_kw"), gen_cost=col(gn, "cost_per_kwh"),
+        ev_e_needed_kwh=col(ev, "e_needed_kwh"),
     )
 
 

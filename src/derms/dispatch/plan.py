@@ -458,8 +458,9 @@ class Planner:
 
 def uncontrolled_schedule(fleet: Fleet) -> Schedule:
     """The uncontrolled case: PV at its available power, batteries idle, EVs charging at
-    full rate from arrival until their energy is in, flexible loads at baseline,
-    generators at their minimum."""
+    full rate from arrival until their session's whole energy is in (or the horizon
+    ends: a session that leaves after it charges now, not only what the plan must put in
+    within the horizon), flexible loads at baseline, generators at their minimum."""
     a = fleet_arrays(fleet)
     T = fleet.horizon.n_steps
     dt = a.dt_h
@@ -467,7 +468,9 @@ def uncontrolled_schedule(fleet: Fleet) -> Schedule:
     if ev.shape[1]:
         rate = a.ev_p_max_kw * a.ev_window
         before = np.cumsum(rate * a.ev_eta * dt, axis=0) - rate * a.ev_eta * dt
-        left = np.maximum(a.ev_e_required_kwh - before, 0.0)
+        need = a.ev_e_required_kwh if a.ev_e_needed_kwh is None else np.maximum(
+            a.ev_e_needed_kwh, a.ev_e_required_kwh)
+        left = np.maximum(need - before, 0.0)
         ev = np.minimum(rate, left / (a.ev_eta * dt))
     n_bat = a.bat_p_max_kw.size
     z = np.zeros((T, n_bat))
