@@ -136,6 +136,16 @@ def test_non_empty_out_needs_force(tmp_path):
     assert not (tmp_path / "old.txt").exists() and (tmp_path / "summary.json").is_file()
 
 
+def test_out_pointing_at_a_file_is_refused_even_with_force(tmp_path):
+    """--force replaces output folders, never a file (it deleted the file before)."""
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    for extra in ((), ("--force",)):
+        code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", *extra, "--out", f)
+        assert code == 2 and "is a file" in text, text
+    assert f.read_text() == "keep me"
+
+
 def test_rolling_forecast_run_is_reported_with_its_targets(tmp_path):
     code, text = _run("ieee123", "--horizon", "6h", "--step", "30min", "--seed", "2",
                       "--forecast", "noisy", "--out", tmp_path)

@@ -80,9 +80,12 @@ ForceOpt = Annotated[bool, typer.Option(
 
 def refuse_non_empty(out: Path, force: bool) -> None:
     """InputError when ``out`` exists and is not empty and ``force`` is off (check early,
-    before long work)."""
+    before long work), and always when it is a file: ``--force`` replaces output folders,
+    never a file someone pointed ``--out`` at by mistake."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a folder (give a folder path)")
+    if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
 
 
@@ -111,8 +114,8 @@ def output_folder(out: Path, force: bool = False, *, feeder: Path | None = None,
         yield tmp
         if not (tmp / "manifest.json").exists():
             write_manifest(tmp, feeder=feeder, seed=seed, inputs=inputs, settings=extra)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.is_dir():
+            shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
