@@ -176,3 +176,15 @@ def test_rolling_peak_time_is_the_executed_peaks():
     h = r.executed.fleet.horizon
     t = pd.date_range(h.start, periods=len(r.head_kw), freq=h.step)[int(np.argmax(r.head_kw))]
     assert pd.Timestamp(study.summary["peak_optimised_at"]) == t
+
+
+def test_a_rolling_run_worse_than_uncontrolled_says_so(tmp_path):
+    """An independent sweep's case: the noisy-forecast rolling run's executed peak above
+    the uncontrolled one, with no note; now a plan note says so, with the figures."""
+    code, text = _run("ieee123", "--forecast", "noisy", "--out", tmp_path)
+    assert code == 0, text
+    s = json.loads((tmp_path / "summary.json").read_text())
+    r = s["rolling"]
+    worse = r["peak_executed_kw"] > r["peak_uncontrolled_kw"]
+    noted = any("above the uncontrolled" in n for n in s["plan_notes"])
+    assert worse and noted

@@ -237,6 +237,13 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         summary["rolling"]["peak_perfect_foresight_note"] = (
             "the perfect-foresight peak of the rolling run's own horizon (its days from the "
             "same start); the top-level peak_perfect_foresight_kw is the single plan's")
+        if rolling.peak_kw > rolling.peak_uncontrolled_kw + 1e-6:
+            summary["plan_notes"].append(
+                f"the rolling run's executed peak {rolling.peak_kw:.1f} kW is above the "
+                f"uncontrolled {rolling.peak_uncontrolled_kw:.1f} kW over the same days: "
+                f"with the {forecast} forecast, its errors cost more than the re-plans "
+                f"saved (the plan with perfect knowledge: "
+                f"{rolling.peak_perfect_kw:.1f} kW)")
     summary["master"] = str(master)
     summary["setup_s"] = setup_s
     summary["runtime_s"] = time.perf_counter() - t_start
