@@ -124,6 +124,9 @@ def test_infeasible_exits_2_with_explanation(tmp_path):
                       "-20000", "--out", tmp_path)
     assert code == 2, text
     assert "no dispatch meets every constraint" in text and "export_limit" in text
+    # said as the head import in kW, not in LP row units
+    flat = " ".join(text.split())
+    assert "head import at best" in flat and "minimum of 20000.0 kW" in flat
 
 
 def test_non_empty_out_needs_force(tmp_path):

@@ -308,8 +308,14 @@ class Planner:
         """A network row's relaxed value ``value`` (row units) said in pu or A: the best
         the linear model reaches against the row's limit, and why the limit is where it is
         (the base case's own value for a pre-existing violation; a back-off margin the AC
-        check added). None for a row that is not a network row."""
+        check added); an export-limit row as the head import in kW. None for any other
+        row."""
         net = self.net
+        if kind == "export_limit" and net.ref is not None and net.export_limit_kw is not None:
+            # row = the DERs' part of the head import; the rest is the reference's own
+            h0 = float(net.ref.head_kw[t] - (net.ref.p_kw[t] - self.cp[t]).sum())
+            return (f"head import at best {value + h0:.1f} kW against a minimum of "
+                    f"{-net.export_limit_kw:.1f} kW (export limit {net.export_limit_kw:g} kW)")
         if kind not in net.row or net.ref is None:
             return None
         hit = np.flatnonzero(net.row[kind][t] == r)
