@@ -314,8 +314,10 @@ class Planner:
         if kind == "export_limit" and net.ref is not None and net.export_limit_kw is not None:
             # row = the DERs' part of the head import; the rest is the reference's own
             h0 = float(net.ref.head_kw[t] - (net.ref.p_kw[t] - self.cp[t]).sum())
-            return (f"head import at best {value + h0:.1f} kW against a minimum of "
-                    f"{-net.export_limit_kw:.1f} kW (export limit {net.export_limit_kw:g} kW)")
+            best, need = value + h0, -net.export_limit_kw
+            return (f"head import at best {best:.1f} kW against a minimum of {need:.1f} kW "
+                    f"(short by {need - best:.1f} kW; export limit "
+                    f"{net.export_limit_kw:g} kW)")
         if kind not in net.row or net.ref is None:
             return None
         hit = np.flatnonzero(net.row[kind][t] == r)
