@@ -501,12 +501,12 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     planner = Planner(fleet, ac.grid_context(uncontrolled[0],
                                              OPERATING_POINTS if big else 1), objective)
     timing["build_s"] = time.perf_counter() - t1
-    planner.solve_linear(2 * LARGE_LINEAR_ROUNDS if planner.net.elastic is not None else None)
+    planner.solve_linear(2 * LARGE_LINEAR_ROUNDS if big else None)
     ac_s, seen = 0.0, {k: np.zeros(m.shape, dtype=bool) for k, m in planner.net.margin.items()}
     log_rounds: list[dict] = []
     notes: list[str] = []
     best = None  # ((violations, export excess), round, schedule, result, report, ref, x)
-    large = planner.net.elastic is not None
+    large = big  # (not net.elastic: a small feeder's rows can turn elastic as a fallback)
     frac = TRUST_FRAC
     for rounds in range(1, max_ac_rounds + 1):
         sched = planner.schedule()
@@ -585,7 +585,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             log.warning("dispatch ac_round=%d tightened LP infeasible; keeping round %d",
                         rounds, best[1])
             break
-    if planner.net.elastic is not None:
+    if large:
         planner.trust_region(None, 1.0)  # later re-plans (update) start unrestricted
     timing["solve_s"] = planner.lp.solve_s
     timing["ac_verify_s"] = ac_s
