@@ -503,25 +503,20 @@ class NetworkRows:
             G = sp.vstack(blocks).tocsr()[np.argsort(np.concatenate(order))]
         G.indices = (G.indices + np.repeat(t * self.lay.nv, np.diff(G.indptr))).astype(np.int32)
         G = sp.csr_matrix((G.data, G.indices, G.indptr), shape=(t.size, self.lay.n_cols))
+        if self.elastic is not None:  # slack column per row, priced per pu or A beyond
+            pen = self.elastic[1] if kind == "i_max" else self.elastic[0]
+            cols = self.lp.add_cols(np.full(t.size, pen), np.zeros(t.size),
+                                    np.full(t.size, INF))
+            n = int(cols[-1]) + 1
+            G = sp.csr_matrix((G.data, G.indices, G.indptr), shape=(t.size, n)) + sp.csr_matrix(
+                (np.full(t.size, 1.0 if kind == "v_min" else -1.0), (np.arange(t.size), cols)),
+                shape=(t.size, n))
         b = self.rhs(kind)[t, e]
         lo, hi = (b, np.full(b.size, INF)) if kind == "v_min" else (np.full(b.size, -INF), b)
         idx = self.lp.add_rows(RowBlock(G, lo, hi, np.full(t.size, kind, dtype=object),
                                         self.names[kind][e].astype(object), t))
         self.row[kind][t, e] = idx
-        if self.elastic is not None:
-            self._add_slack(kind, idx)
         return int(t.size)
-
-    def _add_slack(self, kind: str, rows: np.ndarray) -> None:
-        """One slack column per LP row in ``rows`` (all of ``kind``), priced per pu of u or
-        per A beyond the row's limit (``elastic``)."""
-        if rows.size == 0:
-            return
-        n = rows.size
-        pen = self.elastic[1] if kind == "i_max" else self.elastic[0]
-        A = sp.csc_matrix((np.full(n, 1.0 if kind == "v_min" else -1.0), (rows, np.arange(n))),
-                          shape=(self.lp.n_rows, n))
-        self.lp.add_cols(np.full(n, pen), np.zeros(n), np.full(n, INF), A)
 
     def make_elastic(self) -> int:
         """Give every network row in the LP a priced slack column (and every later row
@@ -530,12 +525,20 @@ class NetworkRows:
         (which is the base case, within its limits by definition): its error from a
         reference with the DERs active can put idle a little beyond a limit."""
         self.elastic = self.elastic or (1e6, 1e3)
-        n = 0
+        rows, signs, costs = [], [], []
         for kind, idx in self.row.items():
             r = idx[idx >= 0]
-            self._add_slack(kind, r)
-            n += r.size
-        return int(n)
+            rows.append(r)
+            signs.append(np.full(r.size, 1.0 if kind == "v_min" else -1.0))
+            costs.append(np.full(r.size, self.elastic[1] if kind == "i_max"
+                                 else self.elastic[0]))
+        r = np.concatenate(rows)
+        if r.size:
+            n = r.size
+            A = sp.csc_matrix((np.concatenate(signs), (r, np.arange(n))),
+                              shape=(self.lp.n_rows, n))
+            self.lp.add_cols(np.concatenate(costs), np.zeros(n), np.full(n, INF), A)
+        return int(r.size)
 
     def add_violated(self, x: np.ndarray, tol: float = 1e-6) -> int:
         """Lazy rows: add every (t, element) the linear model says ``x`` violates."""
