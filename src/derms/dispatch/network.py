@@ -503,20 +503,26 @@ class NetworkRows:
             G = sp.vstack(blocks).tocsr()[np.argsort(np.concatenate(order))]
         G.indices = (G.indices + np.repeat(t * self.lay.nv, np.diff(G.indptr))).astype(np.int32)
         G = sp.csr_matrix((G.data, G.indices, G.indptr), shape=(t.size, self.lay.n_cols))
-        if self.elastic is not None:  # slack column per row, priced per pu or A beyond
-            pen = self.elastic[1] if kind == "i_max" else self.elastic[0]
+        if self.elastic is not None:  # slack column per row (added before the rows: the
+            # order the warm-started simplex has always seen)
+            pen, sign = self._slack(kind)
             cols = self.lp.add_cols(np.full(t.size, pen), np.zeros(t.size),
                                     np.full(t.size, INF))
             n = int(cols[-1]) + 1
             G = sp.csr_matrix((G.data, G.indices, G.indptr), shape=(t.size, n)) + sp.csr_matrix(
-                (np.full(t.size, 1.0 if kind == "v_min" else -1.0), (np.arange(t.size), cols)),
-                shape=(t.size, n))
+                (np.full(t.size, sign), (np.arange(t.size), cols)), shape=(t.size, n))
         b = self.rhs(kind)[t, e]
         lo, hi = (b, np.full(b.size, INF)) if kind == "v_min" else (np.full(b.size, -INF), b)
         idx = self.lp.add_rows(RowBlock(G, lo, hi, np.full(t.size, kind, dtype=object),
                                         self.names[kind][e].astype(object), t))
         self.row[kind][t, e] = idx
         return int(t.size)
+
+    def _slack(self, kind: str) -> tuple[float, float]:
+        """(price, coefficient) of a row's slack column: per pu of u or per A beyond the
+        limit, entering so that it relaxes the row (+1 on ``v_min`` rows, -1 else)."""
+        pen = self.elastic[1] if kind == "i_max" else self.elastic[0]
+        return pen, (1.0 if kind == "v_min" else -1.0)
 
     def make_elastic(self) -> int:
         """Give every network row in the LP a priced slack column (and every later row
@@ -528,10 +534,10 @@ class NetworkRows:
         rows, signs, costs = [], [], []
         for kind, idx in self.row.items():
             r = idx[idx >= 0]
+            pen, sign = self._slack(kind)
             rows.append(r)
-            signs.append(np.full(r.size, 1.0 if kind == "v_min" else -1.0))
-            costs.append(np.full(r.size, self.elastic[1] if kind == "i_max"
-                                 else self.elastic[0]))
+            signs.append(np.full(r.size, sign))
+            costs.append(np.full(r.size, pen))
         r = np.concatenate(rows)
         if r.size:
             n = r.size
