@@ -8,7 +8,19 @@ class DermsError(Exception):
 
 
 class InputError(DermsError):
-    """Bad input from a user: a missing file, a malformed value, a profile of the wrong length."""
+    """Bad input from a user: a missing file, a malformed value, a profile of the wrong length.
+
+    ``field``: the input at fault where one is known (the API names it in its problem's
+    ``errors``); set with :func:`input_error`."""
+
+    field: str | None = None
+
+
+def input_error(message: str, field: str | None) -> InputError:
+    """An :class:`InputError` naming the input ``field`` at fault."""
+    exc = InputError(message)
+    exc.field = field
+    return exc
 
 
 class ModelError(DermsError):

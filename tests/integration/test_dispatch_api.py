@@ -86,3 +86,16 @@ def test_bad_body_is_422(api, change):
     r = api.post("/v1/dispatch/plan", headers=api.operator, json={**BODY, **change})
     assert r.status_code == 422, (change, r.text)
     assert r.headers["content-type"] == PROBLEM
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"horizon": "25min"}, "horizon"), ({"step": "fortnight"}, "step"),
+    ({"horizon": "30d"}, "horizon"), ({"step": "0min"}, "step"),
+    ({"replan_every": "often"}, "replan_every"), ({"replan_every": "5min"}, "replan_every"),
+])
+def test_bad_duration_names_the_body_field_not_a_cli_option(api, change, field):
+    r = api.post("/v1/dispatch/plan", headers=api.operator, json={**BODY, **change})
+    assert r.status_code == 422, (change, r.text)
+    body = r.json()
+    assert body["errors"][0]["field"] == f"body.{field}"
+    assert "--" not in body["detail"] and field in body["detail"]

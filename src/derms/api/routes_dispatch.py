@@ -54,6 +54,9 @@ class PlanBody(BaseModel):
     schedule_limit: int = Field(5000, ge=0, le=100_000)
 
 
+_FIELDS = {"horizon": "horizon", "step": "step", "replan_every": "replan_every"}
+
+
 def _clean(values: list) -> list:
     """NaN -> None (JSON)."""
     return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
@@ -71,8 +74,8 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     )
     from derms.studies.dispatch_scenario import ScenarioConfig
 
-    step, n_steps = parse_horizon(body.horizon, body.step)
-    replan = parse_replan(body.replan_every, step)
+    step, n_steps = parse_horizon(body.horizon, body.step, names=_FIELDS)
+    replan = parse_replan(body.replan_every, step, name="replan_every")
     cfg = ScenarioConfig(pv_penetration=body.pv_penetration,
                          battery_penetration=body.battery_penetration,
                          ev_penetration=body.ev_penetration, seed=body.seed, step=step,
@@ -114,4 +117,5 @@ async def post_dispatch_plan(request: Request, body: PlanBody,
     except InfeasibleError as exc:
         raise Problem(422, str(exc), type_="infeasible") from None
     except InputError as exc:
-        raise Problem(422, str(exc), errors=[{"field": "body", "detail": str(exc)}]) from None
+        field = f"body.{exc.field}" if exc.field else "body"
+        raise Problem(422, str(exc), errors=[{"field": field, "detail": str(exc)}]) from None

@@ -32,7 +32,7 @@ from derms.dispatch import baselines
 from derms.dispatch.ledger import SHORT_KWH, Ledger, build_ledger
 from derms.dispatch.plan import ObjectiveConfig, Schedule, uncontrolled_schedule
 from derms.dispatch.verify import VerifiedPlan, plan_and_verify
-from derms.errors import InputError
+from derms.errors import InputError, input_error
 from derms.powerflow.qsts import QSTSResult
 from derms.studies.dispatch_scenario import DispatchScenario, ScenarioConfig, open_dispatch_case
 from derms.timeutil import parse_duration
@@ -43,33 +43,55 @@ RULE_BASED_THRESHOLD_FRAC = 0.9  # rule-based baseline discharges above 90 % of 
 MAX_STEPS = 7 * 96
 
 
-def parse_horizon(horizon: str, step: str) -> tuple[timedelta, int]:
+CLI_NAMES = {"horizon": "--horizon", "step": "--step", "replan_every": "--replan-every"}
+
+
+def parse_horizon(horizon: str, step: str, names: dict[str, str] | None = None
+                  ) -> tuple[timedelta, int]:
     """``("24h", "15min")`` -> (step, n_steps); InputError unless the horizon is a whole
-    number (1 … 672) of steps."""
-    h, s = parse_duration(horizon, "--horizon"), parse_duration(step, "--step")
-    if s <= timedelta(0) or h <= timedelta(0):
-        raise InputError(f"--horizon {horizon!r} and --step {step!r} must be positive")
+    number (1 … 672) of steps. ``names``: how messages call the inputs (default: the CLI's
+    options, :data:`CLI_NAMES`); the error's ``field`` is the input at fault."""
+    nm = CLI_NAMES if names is None else names
+    nh, ns = nm["horizon"], nm["step"]
+    try:
+        s = parse_duration(step, ns)
+    except InputError as exc:
+        raise input_error(str(exc), "step") from None
+    try:
+        h = parse_duration(horizon, nh)
+    except InputError as exc:
+        raise input_error(str(exc), "horizon") from None
+    if s <= timedelta(0):
+        raise input_error(f"{ns} {step!r} must be positive", "step")
+    if h <= timedelta(0):
+        raise input_error(f"{nh} {horizon!r} must be positive", "horizon")
     n = h / s
     if abs(n - round(n)) > 1e-9:
-        raise InputError(f"--horizon {horizon!r} is not a whole number of --step {step!r}")
+        raise input_error(f"{nh} {horizon!r} is not a whole number of {ns} {step!r}",
+                          "horizon")
     if not 1 <= round(n) <= MAX_STEPS:
-        raise InputError(f"--horizon {horizon!r} / --step {step!r} gives {round(n)} intervals;"
-                         f" expected 1 to {MAX_STEPS}")
+        raise input_error(f"{nh} {horizon!r} / {ns} {step!r} gives {round(n)} intervals;"
+                          f" expected 1 to {MAX_STEPS}", "horizon")
     return s, round(n)
 
 
-def parse_replan(replan_every: str | None, step: timedelta) -> str:
+def parse_replan(replan_every: str | None, step: timedelta, name: str = "--replan-every"
+                 ) -> str:
     """A rolling re-plan period: ``replan_every`` checked to be a whole number (>= 1) of
-    ``step``, or (None) 15 minutes when that is a whole number of steps, else one step."""
+    ``step``, or (None) 15 minutes when that is a whole number of steps, else one step.
+    ``name``: how messages call the input; the error's ``field`` is ``replan_every``."""
     if replan_every is None:
         q = timedelta(minutes=15) / step
         return "15min" if q >= 1 and abs(q - round(q)) < 1e-9 else \
             f"{int(step.total_seconds())}s"
-    r = parse_duration(replan_every, "--replan-every")
+    try:
+        r = parse_duration(replan_every, name)
+    except InputError as exc:
+        raise input_error(str(exc), "replan_every") from None
     n = r / step
     if n < 1 or abs(n - round(n)) > 1e-9:
-        raise InputError(f"--replan-every {replan_every!r}: expected a whole number (>= 1) "
-                         f"of {step} intervals")
+        raise input_error(f"{name} {replan_every!r}: expected a whole number (>= 1) "
+                          f"of {step} intervals", "replan_every")
     return replan_every
 
 
