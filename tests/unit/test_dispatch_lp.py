@@ -260,3 +260,27 @@ def test_uncontrolled_ev_leaving_after_the_horizon_charges_from_arrival():
     unc = uncontrolled_schedule(fleet)
     # 7 kW x 0.8 = 5.6 kWh an hour from 03:00: 5.6, 5.6, then the 4.8 kWh left
     np.testing.assert_allclose(unc.ev_kw[:, 0], [0, 0, 0, 7.0, 7.0, 4.8 / 0.8])
+
+
+def test_sessions_and_windows_outside_the_horizon_are_not_controllable():
+    """``n_controllable_ders`` counted EV sessions wholly after the horizon (an independent
+    sweep, IEEE 123 with a short horizon): only DERs the plan can move in some interval."""
+    from derms.der.models import FlexibleLoad, controllable_in_horizon
+
+    h = Horizon(T0, timedelta(hours=1), 6)
+    ev = (EVSession("in", C, T0 + timedelta(hours=2), T0 + timedelta(hours=9), 5.0, 7.0),
+          EVSession("after", C, T0 + timedelta(hours=7), T0 + timedelta(hours=9), 5.0, 7.0),
+          EVSession("before", C, T0 - timedelta(hours=5), T0 - timedelta(hours=1), 0.0, 7.0),
+          # plugged in for 30 min inside one hour-long interval: no whole interval
+          EVSession("short", C, T0 + timedelta(hours=1, minutes=10),
+                    T0 + timedelta(hours=1, minutes=40), 0.0, 7.0))
+    base = np.full(6, 2.0)
+    fl = (FlexibleLoad("fl_in", C, base, T0, T0 + timedelta(hours=3)),
+          FlexibleLoad("fl_out", C, base, T0 + timedelta(hours=8), T0 + timedelta(hours=9)))
+    pv = (PVInverter("pv_night", C, 5.0, np.zeros(6)),)
+    bat = (Battery("b1", C, 5.0, 12.0),)
+    fleet = Fleet(h, pv, bat, ev, fl)
+    mask = controllable_in_horizon(fleet)
+    got = dict(zip(fleet.der_ids, mask.tolist()))
+    assert got == {"pv_night": True, "b1": True, "in": True, "after": False, "before": False,
+                   "short": False, "fl_in": True, "fl_out": False}

@@ -127,7 +127,10 @@ def dispatch(
     s = study.summary
     out_console.print(
         f"{study.feeder}: {s['n_controllable_ders']} DERs ({s['n_pv']} PV, {s['n_battery']} "
-        f"batteries, {s['n_ev']} EVs), {s['n_steps']} intervals", highlight=False)
+        f"batteries, {s['n_ev']} EVs"
+        + (f"; {s['n_ders_outside_horizon']} outside the horizon, not counted"
+           if s["n_ders_outside_horizon"] else "")
+        + f"), {s['n_steps']} intervals", highlight=False)
     out_console.print(
         f"peak kW: uncontrolled {s['peak_uncontrolled_kw']:.1f}, rule-based "
         f"{s['peak_rule_based_kw']:.1f}, optimised {s['peak_optimised_kw']:.1f} "

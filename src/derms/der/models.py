@@ -409,6 +409,20 @@ def export_capability_kw(fleet: Fleet, arrays: FleetArrays | None = None) -> np.
     ]) if len(fleet.ders) else np.zeros((T, 0))
 
 
+def controllable_in_horizon(fleet: Fleet, arrays: FleetArrays | None = None) -> np.ndarray:
+    """(n_der,) bool, in :attr:`Fleet.der_ids` order: the DER has an interval of the horizon
+    in which the plan can move it. An EV session or a flexible load whose window lies wholly
+    outside the horizon cannot (a PV inverter can, by its reactive power, also at night)."""
+    a = arrays or fleet_arrays(fleet)
+    return np.r_[
+        (a.pv_avail_kw > 0).any(axis=0) | (a.pv_q_max_kvar > 0).any(axis=0),
+        a.bat_p_max_kw > 0,
+        a.ev_window.any(axis=0) & (a.ev_p_max_kw > 0),
+        (a.flex_shed_max_kw > 0).any(axis=0) | (a.flex_rebound_max_kw > 0).any(axis=0),
+        a.gen_p_max_kw > a.gen_p_min_kw,
+    ].astype(bool)
+
+
 def check_group_requests(fleet: Fleet, arrays: FleetArrays | None = None) -> None:
     """Raise :class:`InfeasibleError` naming the group, the interval and the kW when a
     request exceeds what its members can export (power limits)."""

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from derms.analysis.constraints import ViolationReport
+from derms.der.models import controllable_in_horizon
 from derms.dispatch import baselines
 from derms.dispatch.ledger import SHORT_KWH, Ledger, build_ledger
 from derms.dispatch.plan import ObjectiveConfig, Schedule, uncontrolled_schedule
@@ -287,6 +288,7 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
     plan_counts = vp.violations.counts
     short = vp.schedule.ev_short_kwh
     short = np.zeros(0) if short is None else short
+    movable = controllable_in_horizon(f)
     s: dict[str, Any] = {
         "feeder": feeder,
         "horizon_start": _iso(h.start),
@@ -322,7 +324,8 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
         "plan_total_s": float(vp.timing_s.get("total_s", math.nan)),
         "ac_rounds": int(vp.rounds),
         "plan_notes": list(vp.notes),
-        "n_controllable_ders": len(f.ders),
+        "n_controllable_ders": int(movable.sum()),
+        "n_ders_outside_horizon": int((~movable).sum()),
         "n_pv": len(f.pv), "n_battery": len(f.batteries), "n_ev": len(f.evs),
         "n_flex": len(f.flex), "n_generator": len(f.generators),
         "pv_available_kwh": avail,
