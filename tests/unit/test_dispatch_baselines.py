@@ -62,3 +62,31 @@ def test_a_short_valley_recharges_what_it_can_and_cuts_the_latest_discharge():
     assert net[2] == pytest.approx(100.0)  # the valley filled to the threshold
     assert net[0] == pytest.approx(100.0)  # the first peak still shaved
     assert s.discharge_kw[-1].sum() < 20.0  # the last one cut
+
+
+def test_a_peak_above_the_uncontrolled_one_is_explained():
+    """An independent sweep: IEEE 123 with an export limit, optimised peak 0.1 kW above
+    the uncontrolled one and no note."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from derms.dispatch.ledger import Ledger
+    from derms.reports.dispatch_study import peak_rise_note
+
+    h = Horizon(T0, timedelta(hours=1), 4)
+    planner = SimpleNamespace(fleet=SimpleNamespace(horizon=h), x=np.array([0.0, 99.0]),
+                              lay=SimpleNamespace(z=1))
+    vp = SimpleNamespace(planner=planner)
+    empty = pd.DataFrame(columns=["t", "kind", "element", "limit", "value", "dual"])
+    unc, opt = np.array([90.0, 100.0, 80, 70]), np.array([95.0, 99.0, 100.2, 70])
+    led = Ledger(empty, pd.DataFrame(), pd.DataFrame())
+    assert peak_rise_note(unc, np.array([95.0, 100.04, 80, 70]), vp, led) is None
+    note = peak_rise_note(unc, opt, vp, led)
+    assert "100.2 kW (2026-07-01T14:00:00Z) is 0.2 kW above the uncontrolled 100.0" in note
+    assert "planned a peak of 99.0 kW" in note
+    bind = pd.DataFrame({"t": [pd.Timestamp(T0 + timedelta(hours=2))] * 2,
+                         "kind": ["i_max", "export_limit"], "element": ["line.l1", "head"],
+                         "limit": [1.0, 2.0], "value": [1.0, 2.0], "dual": [0.1, -3.0]})
+    note = peak_rise_note(unc, opt, vp, Ledger(bind, pd.DataFrame(), pd.DataFrame()))
+    assert note.endswith("(export_limit head, i_max line.l1)")

@@ -249,6 +249,9 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         engine.close()
     summary = _summary(feeder, scenario, scenario_config, objective, unc, rb, opt, vp,
                        rolling_peak, mode, forecast)
+    note = peak_rise_note(unc.head_kw, opt.head_kw, vp, ledger)
+    if note:
+        summary["plan_notes"].append(note)
     if rolling_info is not None:
         summary["rolling"] = rolling_info
         # the executed peak's time, as peak_optimised_kw is the executed peak (it was the
@@ -272,6 +275,32 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     summary["runtime_s"] = time.perf_counter() - t_start
     return DispatchStudy(feeder, scenario, objective, unc, rb, opt, vp, ledger, summary, paths,
                          rolling)
+
+
+def peak_rise_note(unc_head_kw: np.ndarray, opt_head_kw: np.ndarray, vp: VerifiedPlan,
+                   ledger: Ledger) -> str | None:
+    """Why the optimised plan's AC peak [kW] is above the uncontrolled one, if it is (more
+    than 0.05 kW): the limits binding in the LP at the optimised peak's interval (the plan
+    meets them before it shaves), or else the linear model's own peak against the AC's
+    (what the linear model leaves out, such as losses)."""
+    unc_kw, opt_kw = float(unc_head_kw.max()), float(opt_head_kw.max())
+    if opt_kw <= unc_kw + 0.05:
+        return None
+    t_star = int(opt_head_kw.argmax())
+    h = vp.planner.fleet.horizon
+    when = h.start + t_star * h.step
+    b = ledger.binding
+    at = b[(b["t"] == pd.Timestamp(when)) & (b["kind"] != "peak")] if len(b) else b
+    head = f"the optimised peak {opt_kw:.1f} kW ({_iso(when)}) is {opt_kw - unc_kw:.1f} kW " \
+           f"above the uncontrolled {unc_kw:.1f} kW: "
+    if len(at):
+        top = at.reindex(at["dual"].abs().sort_values(ascending=False).index).head(3)
+        names = ", ".join(f"{k} {e}" for k, e in zip(top["kind"], top["element"]))
+        return head + f"limits bind there and come before the peak ({names})"
+    lp_kw = float(vp.planner.x[vp.planner.lay.z])
+    return head + (f"the linear model planned a peak of {lp_kw:.1f} kW, the AC simulation's "
+                   f"is {opt_kw - lp_kw:+.1f} kW off it (losses and voltage effects the "
+                   "linear model leaves out)")
 
 
 def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
