@@ -2,6 +2,7 @@
 
     python bench/bench_forecast.py accuracy   # PV (PVDAQ system 50) and feeder-load backtests
     python bench/bench_forecast.py fleet      # 1,000 series x 1 year x 15 min: fit and predict
+    python bench/bench_forecast.py coverage [SEED]  # P10-P90 coverage per series, one model
 
 Accuracy: rolling-origin day-ahead backtests (origins every local midnight, the test
 period the last 12 months, or what the series allows), the LightGBM quantile model
@@ -165,8 +166,63 @@ def fleet(n_series: int = 1000, seed: int = 3) -> None:
     assert len(pred2) == n_series * 96
 
 
+def coverage(seed: int = 0) -> None:
+    """P10-P90 coverage per series of one global model, with per-series conformal offsets
+    and with the global ones only (the same fitted boosters, the reference in the same
+    run): 24 hourly series = the 6 bundled 8760-h shapes x multiplicative AR(1) noise of
+    1 / 3 / 8 / 15 %, fitted on the first 305 days, daily origins over the last 60."""
+    from derms.forecast.api import panel_from_series
+    from derms.forecast.forecaster import GlobalForecaster
+
+    rng = np.random.default_rng(seed)
+    shapes = [np.loadtxt(f)[:8760] for f in
+              sorted((files("derms") / "data/loadshapes").iterdir())
+              if str(f).upper().endswith(".CSV")]
+    times = pd.date_range("2025-01-01", periods=8760, freq="h", tz="UTC")
+    series = {}
+    for sig in (0.01, 0.03, 0.08, 0.15):
+        eta = rng.normal(0, sig * np.sqrt(1 - 0.9**2), (len(shapes), 8760))
+        e = np.zeros_like(eta)
+        for t in range(1, 8760):  # AR(1), vectorised over the shapes
+            e[:, t] = 0.9 * e[:, t - 1] + eta[:, t]
+        for i, sh in enumerate(shapes):
+            name = f"shape{i + 1}_noise{round(sig * 100)}"
+            series[name] = clean_series(pd.Series(sh / sh.max() * (1 + e[i]), index=times),
+                                        name=name)
+    spec = ForecastSpec(kind="load", horizon=pd.Timedelta("24h"))
+    panel = panel_from_series(series, spec)
+    cut = len(panel.times) - 60 * 24
+    t0 = time.perf_counter()
+    f = GlobalForecaster(spec).fit(panel, train_end=cut)
+    t_fit = time.perf_counter() - t0
+    origins = np.arange(cut, len(panel.times) - 24, 24)
+    actual = pd.DataFrame({"series_id": np.repeat(panel.ids, len(panel.times)),
+                           "timestamp": np.tile(panel.times, len(panel.ids)),
+                           "y": (panel.y * panel.scale[:, None]).ravel()})
+    rows = []
+    by_series = f.model.series_offsets
+    for label, offsets in (("per-series offsets", by_series), ("global offsets only", {})):
+        f.model.series_offsets = offsets
+        m = f.predict(panel, origins).merge(actual, on=["series_id", "timestamp"])
+        inside = (m.y >= m.p10) & (m.y <= m.p90)
+        cov = inside.groupby(m.series_id).mean()
+        crps = 2 * np.mean([np.mean(np.maximum(q * (m.y - m[c]), (q - 1) * (m.y - m[c])))
+                            for q, c in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90"))])
+        rows.append((label, inside.mean(), cov.min(), cov.max(), cov.std(), crps))
+    f.model.series_offsets = by_series
+    print(f"fit {t_fit:.1f} s, {len(series)} series x {len(origins)} origins x 24 h, seed {seed}")
+    print("| offsets | coverage all | per series min | max | sd | CRPS (normalised) | "
+          "CRPS / global-only |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, c_all, lo, hi, sd, crps in rows:
+        print(f"| {label} | {c_all:.3f} | {lo:.3f} | {hi:.3f} | {sd:.3f} | {crps:.5f} | "
+              f"{crps / rows[1][5]:.3f} |")
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what == "coverage":
+        coverage(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     if what in ("fleet", "all"):
         fleet()
     if what in ("accuracy", "all"):

@@ -97,14 +97,17 @@ class GlobalForecaster:
             env, w_cal = np.ones(len(y_cal)), None
         model.shrink = best_shrink(model.predict(x_cal)[0.5], y_cal)
         raw = model.predict(x_cal)
-        model.offsets = conformal_offsets({q: r / env for q, r in raw.items()}, y_cal / env,
-                                          w_cal)
+        raw_n = {q: r / env for q, r in raw.items()}
+        model.offsets = conformal_offsets(raw_n, y_cal / env, w_cal)
+        model.series_offsets = series_conformal_offsets(
+            raw_n, y_cal / env, w_cal, np.asarray(panel.ids, dtype=object)[cal_rows[0]],
+            model.offsets)
         if self.spec.refit and cal_start < train_end:
-            offsets = model.offsets
+            offsets, by_series = model.offsets, model.series_offsets
             all_rows = self._rows(panel, first, train_end, n_h, rng)
             x_all, y_all = self._xy(panel, all_rows)
             model.fit(x_all, y_all)
-            model.offsets = offsets
+            model.offsets, model.series_offsets = offsets, by_series
         self.model = model
         self.info = {"train_end": str(panel.times[min(train_end, len(panel.times) - 1)]),
                      "n_train_rows": model.n_train_rows, "offsets": dict(model.offsets),
@@ -180,7 +183,8 @@ class GlobalForecaster:
         env = None
         if panel.kind == "pv":
             env = self._envelope(panel, (s, o, k))
-        preds = self.model.predict(x, envelope=env)
+        preds = self.model.predict(x, envelope=env,
+                                   series_ids=np.asarray(panel.ids, dtype=object)[s])
         base = _base(panel, x)
         preds = {q: p + base for q, p in preds.items()}
         scale = panel.scale[s]
@@ -247,6 +251,39 @@ def conformal_offsets(raw: dict[float, np.ndarray], y: np.ndarray, weight: np.nd
         resid = pred[ok] - y[ok] if q < 0.5 else y[ok] - pred[ok]
         tail = q if q < 0.5 else 1.0 - q
         out[q] = float(np.quantile(resid, 1.0 - tail))
+    return out
+
+
+SERIES_PRIOR_ROWS = 500  # calibration rows that weigh as much as the global offset
+
+
+def series_conformal_offsets(raw: dict[float, np.ndarray], y: np.ndarray,
+                             weight: np.ndarray | None, series: np.ndarray,
+                             global_offsets: dict[float, float]
+                             ) -> dict[str, dict[float, float]]:
+    """Per-series split-conformal offsets (as :func:`conformal_offsets`, on each series'
+    own held-out rows), shrunk toward the global ones: ``(n c_s + n0 c) / (n + n0)`` with
+    ``n`` the series' rows and ``n0`` = :data:`SERIES_PRIOR_ROWS` (a series with few rows
+    keeps about the global band). Empirical quantiles interpolated linearly, all series at
+    once. Returns {series id: {q: offset}}."""
+    ok = np.isfinite(y) & (weight if weight is not None else True)
+    if not global_offsets or ok.sum() < 20:
+        return {}
+    ids, grp = np.unique(np.asarray(series, dtype=str)[ok], return_inverse=True)
+    n = np.bincount(grp, minlength=ids.size)
+    start = np.r_[0, np.cumsum(n)[:-1]]
+    out: dict[str, dict[float, float]] = {str(i): {} for i in ids}
+    for q, c in global_offsets.items():
+        pred = raw[q][ok]
+        resid = pred - y[ok] if q < 0.5 else y[ok] - pred
+        srt = resid[np.lexsort((resid, grp))]
+        pos = (1.0 - (q if q < 0.5 else 1.0 - q)) * (n - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        c_s = srt[start + lo] + (pos - lo) * (srt[start + hi] - srt[start + lo])
+        c_s = (n * c_s + SERIES_PRIOR_ROWS * c) / (n + SERIES_PRIOR_ROWS)
+        for i, v in zip(ids, c_s):
+            out[str(i)][q] = float(v)
     return out
 
 

@@ -3,7 +3,9 @@
 One booster per quantile (objective ``quantile``), fitted on the feature rows of every
 series at once. Quantile boosters are sharp on the rows they were fitted on and too
 narrow on new data; the outer quantiles are therefore shifted by offsets (set by
-:func:`derms.forecast.forecaster.conformal_offsets` from rows the boosters did not see).
+:func:`derms.forecast.forecaster.conformal_offsets` from rows the boosters did not see),
+per series where its calibration rows say so (one global band covered a smooth series
+90 % of the time and a noisy one 60 %).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class QuantileModel:
     params: dict = field(default_factory=lambda: dict(DEFAULT_PARAMS))
     boosters: dict = field(default_factory=dict)
     offsets: dict = field(default_factory=dict)
+    series_offsets: dict = field(default_factory=dict)  # series id -> {q: offset}
     shrink: float = 1.0
     trained_at: str = ""
     n_train_rows: int = 0
@@ -83,19 +86,30 @@ class QuantileModel:
         return {q: self.shrink * b.predict(x, num_threads=self.params.get("num_threads", 2))
                 for q, b in self.boosters.items()}
 
-    def predict(self, x: np.ndarray, envelope: np.ndarray | None = None
-                ) -> dict[float, np.ndarray]:
+    def predict(self, x: np.ndarray, envelope: np.ndarray | None = None,
+                series_ids: np.ndarray | None = None) -> dict[float, np.ndarray]:
         """Quantile predictions (normalised units), monotone in q.
 
         ``envelope`` (per row, ≥ 0) scales the conformal offsets, e.g. the PV clear-sky
         envelope so that the band is zero at night; without it offsets apply as they are.
+        ``series_ids`` (per row): each row takes its series' own offsets where the model
+        has them (``series_offsets``), the global ones otherwise.
         """
         raw = self._raw(x)
         for q, c in self.offsets.items():
+            c = self._row_offsets(q, c, series_ids)
             shift = c * (envelope if envelope is not None else 1.0)
             raw[q] = raw[q] - shift if q < 0.5 else raw[q] + shift
         stacked = np.sort(np.stack([raw[q] for q in self.quantiles]), axis=0)
         return {q: stacked[i] for i, q in enumerate(self.quantiles)}
+
+    def _row_offsets(self, q: float, default: float, series_ids: np.ndarray | None
+                     ) -> float | np.ndarray:
+        if series_ids is None or not self.series_offsets:
+            return default
+        uniq, inv = np.unique(np.asarray(series_ids, dtype=str), return_inverse=True)
+        per = np.array([self.series_offsets.get(u, {}).get(q, default) for u in uniq], float)
+        return per[inv]
 
     # ---------------------------------------------------------------- persistence
     def save(self, folder: Path, meta: dict | None = None) -> str:
@@ -111,12 +125,16 @@ class QuantileModel:
         # what predict uses beyond the boosters: a re-fit that changes only the conformal
         # offsets or the shrink is another model (it kept the old folder's offsets while
         # the database recorded the new ones)
-        digest.update(json.dumps({"offsets": offsets, "shrink": self.shrink},
+        by_series = {i: {str(q): c for q, c in d.items()}
+                     for i, d in self.series_offsets.items()}
+        digest.update(json.dumps({"offsets": offsets, "series_offsets": by_series,
+                                  "shrink": self.shrink},
                                  sort_keys=True, default=float).encode())
         version = digest.hexdigest()[:16]
         info = {"version": version, "quantiles": list(self.quantiles),
                 "feature_names": list(self.feature_names), "n_rounds": self.n_rounds,
-                "params": self.params, "offsets": offsets, "shrink": self.shrink,
+                "params": self.params, "offsets": offsets, "series_offsets": by_series,
+                "shrink": self.shrink,
                 "trained_at": self.trained_at, "n_train_rows": self.n_train_rows,
                 **(meta or {})}
         (folder / "model.json").write_text(json.dumps(info, indent=2))
@@ -138,6 +156,8 @@ class QuantileModel:
             path = folder / f"booster_q{round(q * 100):02d}.txt"
             model.boosters[q] = lgb.Booster(model_str=path.read_text())
         model.offsets = {float(q): c for q, c in info["offsets"].items()}
+        model.series_offsets = {i: {float(q): c for q, c in d.items()}
+                                for i, d in info.get("series_offsets", {}).items()}
         model.shrink = float(info.get("shrink", 1.0))
         model.trained_at = info["trained_at"]
         model.n_train_rows = info["n_train_rows"]
