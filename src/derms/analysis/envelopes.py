@@ -350,8 +350,12 @@ def _direction(direction: str, net: EnvelopeNetwork, lim: HorizonLimits, ref: Ho
     v_hi, v_lo = lim.v_hi.copy(), lim.v_lo.copy()
     tol_u = crit.limits.v_tol_pu
     if crit.hold_at_zero:  # broken at zero net: may not get worse than that (+ tolerance)
-        held_v = ((v0 > v_hi) if direction == "export" else (v0 < v_lo)).sum(axis=1)
-        v_hi, v_lo = np.maximum(v_hi, v0 + tol_u), np.minimum(v_lo, v0 - tol_u)
+        # only rows actually outside at zero net; a row inside the band keeps its limit
+        # (raising every row to v0 + tol doubled the tolerance near the band's edge)
+        out_hi, out_lo = v0 > v_hi, v0 < v_lo
+        held_v = (out_hi if direction == "export" else out_lo).sum(axis=1)
+        v_hi = np.where(out_hi, v0 + tol_u, v_hi)
+        v_lo = np.where(out_lo, v0 - tol_u, v_lo)
     else:
         held_v = np.zeros(n_t, dtype=int)
     if direction == "export":  # only what more of this direction makes worse
@@ -368,8 +372,9 @@ def _direction(direction: str, net: EnvelopeNetwork, lim: HorizonLimits, ref: Ho
     i_max = lim.i_max.copy()
     tol_a = lim.norm_a * crit.limits.thermal_tol_pct / 100.0
     if crit.hold_at_zero and i0.shape[1]:
-        held_i = (i0 > i_max).sum(axis=1)
-        i_max = np.maximum(i_max, i0 + tol_a)
+        out_i = i0 > i_max
+        held_i = out_i.sum(axis=1)
+        i_max = np.where(out_i, i0 + tol_a, i_max)
     else:
         held_i = np.zeros(n_t, dtype=int)
     corr_v = u0.copy()  # row value at x = 0 (AC), then corrected from each check
