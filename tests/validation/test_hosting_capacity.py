@@ -189,3 +189,28 @@ def test_sites_where_the_model_power_flow_fails_are_checked_on_opendss():
         assert brute.table["hc_kw"].iloc[0] > 5000.0
     finally:
         eng.close()
+
+
+def test_probes_converge_as_tightly_as_the_base_case_at_the_default_tolerance():
+    """At the engine's default tolerance (1e-4, what the CLI and the API use) a probe's
+    voltages were off by ~1e-4 pu: on EPRI ckt5 a one-phase PV whose binding node is on
+    another phase (x_6568.2, undervoltage) came out 6.5 % too large, infeasible on a
+    converged solve (94743: 229.5 kW against 215.5 kW converged). Probes now solve to
+    PROBE_TOL; the result agrees with the converged brute force to the bisection step."""
+    from derms.powerflow.control_state import freeze_base_case
+    from derms.powerflow.engine import OpenDSSEngine, SolveSettings
+    from tests.conftest import shared_master
+
+    out = {}
+    for tol in (None, 1e-10):
+        eng = OpenDSSEngine(shared_master("ckt5"),
+                            SolveSettings() if tol is None else SolveSettings(tolerance=tol))
+        try:
+            freeze_base_case(eng)
+            sites = resolve_sites(eng, ["94743"])
+            crit = HostingCriteria(v_deviation_pu=None)
+            out[tol] = float(hosting_capacity_brute(eng, sites, "pv", crit)
+                             .table["hc_kw"].iloc[0])
+        finally:
+            eng.close()
+    assert abs(out[None] - out[1e-10]) <= 1.0, out
