@@ -117,6 +117,13 @@ def test_scopes_and_bad_bodies(api):
     r = api.post("/v1/interconnect", headers=api.reader,
                  json={"feeder": "ieee13", "bus": "675", "kw": -10, "days": 1})
     assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM)
+    # a size that overflows: 200 with nulls for Infinity / NaN before
+    r = api.post("/v1/interconnect", headers=api.reader,
+                 json={"feeder": "ieee13", "bus": "675", "kw": 1e308, "days": 1})
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM)
+    r = api.post("/v1/hosting-capacity", headers=api.reader,
+                 json={"feeder": "ieee13", "buses": ["675"], "max_kw": 1e308})
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM)
     r = api.post("/v1/envelopes", headers=api.operator,
                  json={**body, "connection_points": ["nosuch"]})
     assert r.status_code == 422 and "no enabled load" in r.json()["detail"]

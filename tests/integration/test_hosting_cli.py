@@ -54,6 +54,8 @@ def test_brute_force_on_a_subset_with_phases(tmp_path):
     (("--buses", "671,nosuch"), "unknown bus 'nosuch'"),
     (("--buses", "611.1"), "bus '611' has no phase 1"),
     (("--max-kw", "-5"), "--max-kw -5.0"),
+    (("--max-kw", "inf", "--method", "brute-force"), "--max-kw inf"),  # looped for ever
+    (("--max-kw", "1e308"), "at most 1e+06 kW"),
     (("--kind", "wind"), "--kind 'wind'"),
     (("--method", "exact"), "--method 'exact'"),
 ])

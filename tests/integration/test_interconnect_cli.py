@@ -41,6 +41,8 @@ def test_interconnect_writes_documented_files(tmp_path):
     (("--bus", "nosuch", "--kw", "10"), "unknown bus 'nosuch'"),
     (("--bus", "11.2", "--kw", "10"), "bus '11' has no phase 2"),
     (("--bus", "67", "--kw", "-10"), "--kw -10.0"),
+    (("--bus", "67", "--kw", "1e308"), "--kw 1e+308"),  # exit 0 with Infinity in the JSON
+    (("--bus", "67", "--kw", "inf"), "--kw inf"),
     (("--bus", "67", "--kw", "10", "--kind", "wind"), "--kind 'wind'"),
     (("--bus", "67", "--kw", "10", "--days", "0"), "--days 0.0"),
 ])

@@ -17,6 +17,9 @@ import pandas as pd
 
 from derms.errors import InputError
 
+MAX_SIZE_KW = 1_000_000.0  # 1 GW: a larger device or study size on a distribution feeder
+# is a typo (an infinite one made the brute-force hosting bisection loop for ever)
+
 if TYPE_CHECKING:
     from derms.powerflow.snapshot import SnapshotResult
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from derms.analysis.constraints import Limits
+from derms.analysis.constraints import MAX_SIZE_KW, Limits
 from derms.errors import ConvergenceError, InputError
 from derms.powerflow.collect import NetworkIndex, StepCollector
 from derms.powerflow.engine import OpenDSSEngine
@@ -58,8 +58,9 @@ class HostingCriteria:
     rel_tol: float = 0.02
 
     def __post_init__(self) -> None:
-        if not self.p_max_kw > 0:
-            raise InputError(f"maximum size must be positive, got {self.p_max_kw} kW")
+        if not 0 < self.p_max_kw <= MAX_SIZE_KW:
+            raise InputError(f"maximum size must be positive and at most {MAX_SIZE_KW:g} kW, "
+                             f"got {self.p_max_kw} kW")
         if not self.tol_kw > 0:
             raise InputError(f"size resolution must be positive, got {self.tol_kw} kW")
         if self.v_deviation_pu is not None and not self.v_deviation_pu > 0:

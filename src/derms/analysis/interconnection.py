@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from derms.analysis.constraints import Limits
+from derms.analysis.constraints import MAX_SIZE_KW, Limits
 from derms.analysis.envelope_network import ConnectionPoint, EnvelopeNetwork
 from derms.analysis.envelopes import EnvelopeCriteria, compute_envelopes, horizon_limits
 from derms.analysis.hosting_capacity import Site
@@ -91,8 +91,9 @@ class InterconnectionResult:
 def new_connection(engine: OpenDSSEngine, site: Site, p_kw: float) -> ConnectionPoint:
     """Add the new device's connection point (a 0 kW load) at ``site``: wye, or delta on an
     ungrounded (3-wire) bus (``site.line_to_line``), where a wye element would ground it."""
-    if not np.isfinite(p_kw) or p_kw <= 0:
-        raise InputError(f"device size must be a positive number of kW, got {p_kw}")
+    if not np.isfinite(p_kw) or not 0 < p_kw <= MAX_SIZE_KW:
+        raise InputError(f"device size must be a positive number of kW, at most "
+                         f"{MAX_SIZE_KW:g}, got {p_kw}")
     c = engine.circuit
     c.SetActiveBus(site.bus)
     kv_ln = c.ActiveBus.kVBase

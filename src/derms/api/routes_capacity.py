@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, columns_frame, table_response
+from derms.analysis.constraints import MAX_SIZE_KW
 from derms.api.problems import Problem
 from derms.errors import DermsError, InfeasibleError
 
@@ -61,7 +62,7 @@ class HostingBody(BaseModel):
     method: Literal["fast-groups", "fast", "linear", "brute-force"] = "fast-groups"
     buses: list[str] | None = Field(None, max_length=20_000,
                                     description="bus or bus.phases; None: every primary bus")
-    max_kw: float = Field(10_000.0, gt=0, allow_inf_nan=False)
+    max_kw: float = Field(10_000.0, gt=0, le=MAX_SIZE_KW, allow_inf_nan=False)
     v_deviation_pu: float | None = Field(0.03, gt=0, allow_inf_nan=False)
     reverse_flow: bool = False
 
@@ -240,7 +241,7 @@ class InterconnectBody(BaseModel):
     feeder: Feeder
     bus: str = Field(min_length=1, max_length=200, description="bus or bus.phases")
     kind: Literal["pv", "load", "battery"] = "pv"
-    kw: float = Field(gt=0, allow_inf_nan=False)
+    kw: float = Field(gt=0, le=MAX_SIZE_KW, allow_inf_nan=False)
     start: datetime = Field(datetime(2026, 1, 1, 8, tzinfo=UTC))
     days: float = Field(365.0, gt=0, le=366, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**31 - 1)

@@ -21,6 +21,7 @@ from derms.cli.common import (
     output_folder,
     refuse_non_empty,
 )
+from derms.analysis.constraints import MAX_SIZE_KW
 from derms.errors import InputError
 
 app = typer.Typer(help="Snapshot hosting capacity.", no_args_is_help=True,
@@ -96,8 +97,9 @@ def hosting_capacity(
     method = method.strip().lower()
     if method not in METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if not max_kw > 0:
-        raise InputError(f"--max-kw {max_kw}: the largest size must be positive")
+    if not 0 < max_kw <= MAX_SIZE_KW:
+        raise InputError(f"--max-kw {max_kw}: the largest size must be positive and at most "
+                         f"{MAX_SIZE_KW:g} kW")
     if not tol_kw > 0:
         raise InputError(f"--tol-kw {tol_kw}: the resolution must be positive")
     if v_deviation_pu < 0:

@@ -23,6 +23,7 @@ from derms.cli.common import (
     refuse_non_empty,
     stage_progress,
 )
+from derms.analysis.constraints import MAX_SIZE_KW
 from derms.errors import InputError
 
 KINDS = ("pv", "load", "battery")
@@ -52,8 +53,9 @@ def interconnect(
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise InputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
-    if not np.isfinite(kw) or kw <= 0:
-        raise InputError(f"--kw {kw}: the device size must be positive")
+    if not np.isfinite(kw) or not 0 < kw <= MAX_SIZE_KW:
+        raise InputError(f"--kw {kw}: the device size must be positive and at most "
+                         f"{MAX_SIZE_KW:g} kW")
     if not 0 < days <= 366:
         raise InputError(f"--days {days}: must be in (0, 366]")
     t0 = parse_start(start)
