@@ -157,3 +157,42 @@ def test_thermal_rows_come_from_the_point_where_the_branch_is_loaded():
         np.testing.assert_allclose(dense(out[0].hi_q), [[0.05, 0.0, 0.0], [0.5, 0.5, 0.5]])
         np.testing.assert_allclose(dense(out[1].hi_p), dense(parts[1].hi_p))
         np.testing.assert_allclose(dense(out[0].hv_p), hv)
+
+
+def test_kvar_relieves_a_thermal_row_only_where_it_cannot_overshoot():
+    """EPRI ckt24: the tangent d|I|/dQ let four PV inverters inject full kvar all night
+    behind a service transformer carrying 7 kvar, to make room for EV charging; its flow
+    turned 15 kvar leading and the AC check found it up to 11 points over its base value.
+    A branch whose reactive current the DERs' kvar could overshoot takes kvar as
+    |S_q| |q| (pv_qa and pv_qi both count against it); a feeder head keeps the tangent."""
+    fleet, load = small_fleet()
+    T, n = fleet.horizon.n_steps, len(fleet.ders)
+    unc = uncontrolled_schedule(fleet)
+    # two branches, the same DERs behind both: sin(phi) = 0.05 / |0.2 + 0.05 j| = 0.24
+    hi_p = sp.csr_matrix(np.full((2, n), 0.2))
+    hi_q = sp.csr_matrix(np.full((2, n), 0.05))
+    z = sp.csr_matrix((0, n))
+    i_ref = np.tile([2.0, 100.0], (T, 1))  # a small transformer and a feeder head [A]
+    ref = Reference(unc.p_kw, unc.q_kvar, np.zeros((T, 0)), i_ref,
+                    load + unc.p_kw.sum(axis=1))
+    lim = NetworkLimits(np.zeros((T, 0)), np.zeros((T, 0)), i_ref + 1.0, np.zeros(0, bool))
+    grid = GridContext(DerSensitivity(z, z, hi_p, hi_q), lim, np.zeros(0, object),
+                       np.array(["transformer.t1.1", "line.head.1"], object), ref)
+    p = Planner(fleet, grid, ObjectiveConfig(allow_pv_q=True))
+    p.recenter(ref)
+    net = p.net
+    # the PVs' kvar could inject (4.84 + 2.64) x 0.206 = 1.5 A of reactive current, more
+    # than the transformer's 2 x 0.24 = 0.49 A, far less than the head's 24 A
+    np.testing.assert_array_equal(net.q_abs, [True, False])
+    g = net.g_rows("i_max", np.array([0, 1])).toarray()
+    qa, qi = p.lay.local("pv_qa"), p.lay.local("pv_qi")
+    np.testing.assert_allclose(g[0, qa], 0.05)
+    np.testing.assert_allclose(g[0, qi], 0.05)   # injecting counts against it too
+    np.testing.assert_allclose(g[1, qa], 0.05)
+    np.testing.assert_allclose(g[1, qi], -0.05)  # the head: injection relieves
+    # the linear values of every row agree with those coefficients
+    x = np.zeros(p.lay.n_cols)
+    x[p.lay.index("pv_qi")] = 1.5
+    lin = net.lhs("i_max", x)
+    np.testing.assert_allclose(lin[:, 0], 2 * 1.5 * 0.05)
+    np.testing.assert_allclose(lin[:, 1], -2 * 1.5 * 0.05)
