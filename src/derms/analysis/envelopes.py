@@ -83,7 +83,10 @@ class EnvelopeCriteria:
     ``export_q_per_p`` / ``import_q_per_p``: reactive power [kvar] per kW of envelope
     that a connection point draws when at its envelope (0 = unity power factor; 0.329 =
     0.95 lagging). ``accept_v_pu`` / ``accept_thermal_pct``: AC excess over a limit
-    accepted per interval; ``refine_v_pu`` / ``refine_thermal_pct``: an interval whose
+    accepted per interval, taken out of DESIGN.md's counting tolerance (0.001 pu, 1 %):
+    the allocation aims at ``limit + tolerance - accept`` so that what the AC check
+    accepts stays within ``limit + tolerance`` (the limits had the whole tolerance and the
+    excess came on top: envelopes 0.0005 pu beyond what DESIGN.md counts); ``refine_v_pu`` / ``refine_thermal_pct``: an interval whose
     tightest AC margin is larger than this (and not at capacity) is re-allocated.
     """
 
@@ -260,8 +263,10 @@ def horizon_limits(base: HorizonStates, index: NetworkIndex, node_names: list[st
     vb = v[:, nodes]
     hi_band, lo_band = lim.v_max_pu + lim.v_tol_pu, lim.v_min_pu - lim.v_tol_pu
     pre_hi, pre_lo = vb > hi_band, vb < lo_band
-    v_hi = np.where(pre_hi, vb + lim.v_tol_pu, hi_band)
-    v_lo = np.where(pre_lo, vb - lim.v_tol_pu, lo_band)
+    # the allocation's target: the tolerance less what the AC check accepts beyond it
+    tol_v = max(lim.v_tol_pu - crit.accept_v_pu, 0.0)
+    v_hi = np.where(pre_hi, vb, lim.v_max_pu) + tol_v
+    v_lo = np.where(pre_lo, vb, lim.v_min_pu) - tol_v
 
     norm = index.branch_norm_a
     rated = norm > 0
@@ -275,7 +280,8 @@ def horizon_limits(base: HorizonStates, index: NetworkIndex, node_names: list[st
     nb = norm[branches]
     th = lim.thermal_pct + lim.thermal_tol_pct
     pre_th = ib / nb * 100.0 > th
-    i_max = np.where(pre_th, ib + nb * lim.thermal_tol_pct / 100.0, nb * th / 100.0)
+    tol_th = max(lim.thermal_tol_pct - crit.accept_thermal_pct, 0.0)
+    i_max = np.where(pre_th, ib + nb * tol_th / 100.0, nb * (lim.thermal_pct + tol_th) / 100.0)
     head_min = -np.inf
     if crit.reverse_flow:
         head_min = -(lim.reverse_power_kw or 0.0)
@@ -348,7 +354,7 @@ def _direction(direction: str, net: EnvelopeNetwork, lim: HorizonLimits, ref: Ho
     v0 = ref.v_pu[:, lim.nodes]  # AC at zero net: the offset of every row
     u0 = (v0**2 - vb**2) / (2 * vb)
     v_hi, v_lo = lim.v_hi.copy(), lim.v_lo.copy()
-    tol_u = crit.limits.v_tol_pu
+    tol_u = max(crit.limits.v_tol_pu - crit.accept_v_pu, 0.0)  # as horizon_limits
     if crit.hold_at_zero:  # broken at zero net: may not get worse than that (+ tolerance)
         # only rows actually outside at zero net; a row inside the band keeps its limit
         # (raising every row to v0 + tol doubled the tolerance near the band's edge)
@@ -370,7 +376,7 @@ def _direction(direction: str, net: EnvelopeNetwork, lim: HorizonLimits, ref: Ho
     else:
         g_i, i0 = np.zeros((0, n)), np.zeros((n_t, 0))
     i_max = lim.i_max.copy()
-    tol_a = lim.norm_a * crit.limits.thermal_tol_pct / 100.0
+    tol_a = lim.norm_a * max(crit.limits.thermal_tol_pct - crit.accept_thermal_pct, 0.0) / 100.0
     if crit.hold_at_zero and i0.shape[1]:
         out_i = i0 > i_max
         held_i = out_i.sum(axis=1)
@@ -477,7 +483,9 @@ def _direction(direction: str, net: EnvelopeNetwork, lim: HorizonLimits, ref: Ho
         "direction": direction, "total_kw": x.sum(axis=1), "min_kw": x.min(axis=1),
         "max_kw": x.max(axis=1), "binding": kind, "binding_element": elem,
         "infeasible": infeasible, "rounds": rounds, "held_at_zero_v": held_v,
-        "held_at_zero_thermal": held_i, "ac_v_excess_pu": v_exc,
-        "ac_thermal_excess_pct": th_exc, "ac_converged": conv,
+        "held_at_zero_thermal": held_i,
+        # against DESIGN.md's threshold (limit + tolerance): <= 0 within it
+        "ac_v_excess_pu": v_exc - crit.accept_v_pu,
+        "ac_thermal_excess_pct": th_exc - crit.accept_thermal_pct, "ac_converged": conv,
     })
     return x, frame

@@ -49,7 +49,7 @@ class HostingCriteria:
     """
 
     limits: Limits = field(default_factory=Limits)
-    v_deviation_pu: float | None = 0.03
+    v_deviation_pu: float | None = None  # e.g. 0.03; None: voltage band and thermal only
     thermal: bool = True
     skip_default_ratings: bool = False
     reverse_flow: bool = False

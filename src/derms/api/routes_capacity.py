@@ -63,7 +63,10 @@ class HostingBody(BaseModel):
     buses: list[str] | None = Field(None, max_length=20_000,
                                     description="bus or bus.phases; None: every primary bus")
     max_kw: float = Field(10_000.0, gt=0, le=MAX_SIZE_KW, allow_inf_nan=False)
-    v_deviation_pu: float | None = Field(0.03, gt=0, allow_inf_nan=False)
+    v_deviation_pu: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Largest voltage change from the base case [pu]; None (default): not "
+                    "checked (voltage band and thermal only).")
     reverse_flow: bool = False
 
 

@@ -153,8 +153,13 @@ def envelopes(
             f"{feeder.name} {d}: {len(cps)} connection points x {len(result.times)} intervals "
             f"({policy}); mean {np.nanmean(x):.2f} kW, min {np.nanmin(x):.2f}, "
             f"{result.static_ratio(static_kw, d):.2f} x a static {static_kw:g} kW; AC check: "
-            f"largest excess {g['ac_v_excess_pu'].max():.4f} pu, "
-            f"{g['ac_thermal_excess_pct'].max():.2f} %", highlight=False)
+            f"largest excess {g['ac_v_excess_pu'].max():+.2e} pu, "
+            f"{g['ac_thermal_excess_pct'].max():+.2e} % (<= 0: within the limits)"
+            + (f"; {int(g['held_at_zero_v'].max())} node-phases and "
+               f"{int(g['held_at_zero_thermal'].max())} branch conductors already outside "
+               "their limits at zero net, held there (pre-existing)"
+               if (g["held_at_zero_v"].max() > 0 or g["held_at_zero_thermal"].max() > 0)
+               else ""), highlight=False)
     out_console.print(f"{result.n_ac_solves} AC solves in {result.runtime_s:.1f} s",
                       highlight=False)
     out_console.print(f"envelopes: {(out / paths['csv'].name).resolve()}", highlight=False)

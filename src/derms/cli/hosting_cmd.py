@@ -61,7 +61,9 @@ def hosting_capacity(
         help="Largest size searched [kW] (total over the site's phases).")] = 10_000.0,
     tol_kw: Annotated[float, typer.Option(help="Resolution of the search [kW].")] = 1.0,
     v_deviation_pu: Annotated[float, typer.Option(
-        help="Largest voltage change from the base case [pu]; 0 = not checked.")] = 0.03,
+        help="Largest voltage change from the base case [pu], e.g. 0.03; 0 (default) = not "
+             "checked, as in the DESIGN.md definition (voltage band and thermal only).")
+    ] = 0.0,
     reverse_flow: Annotated[bool, typer.Option(
         "--reverse-flow", help="Also forbid export at the feeder head.")] = False,
     skip_default_ratings: Annotated[bool, typer.Option(
