@@ -18,9 +18,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from derms.analysis.constraints import MAX_SIZE_KW
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, columns_frame, table_response
-from derms.analysis.constraints import MAX_SIZE_KW
 from derms.api.problems import Problem
 from derms.errors import DermsError, InfeasibleError
 

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from derms.analysis.constraints import MAX_SIZE_KW
 from derms.cli.common import (
     ForceOpt,
     MasterArg,
@@ -21,7 +22,6 @@ from derms.cli.common import (
     output_folder,
     refuse_non_empty,
 )
-from derms.analysis.constraints import MAX_SIZE_KW
 from derms.errors import InputError
 
 app = typer.Typer(help="Snapshot hosting capacity.", no_args_is_help=True,

@@ -11,6 +11,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from derms.analysis.constraints import MAX_SIZE_KW
 from derms.cli.common import (
     ForceOpt,
     MasterArg,
@@ -23,7 +24,6 @@ from derms.cli.common import (
     refuse_non_empty,
     stage_progress,
 )
-from derms.analysis.constraints import MAX_SIZE_KW
 from derms.errors import InputError
 
 KINDS = ("pv", "load", "battery")
