@@ -86,7 +86,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -118,6 +118,13 @@ class BranchSensitivities:
     i0_a: np.ndarray
     di_dp_a_per_kw: np.ndarray
     di_dq_a_per_kvar: np.ndarray
+    # reactive power into terminal 1 of the conductors ``flow_rows`` (rows of this index):
+    # ``q0_kvar`` (n_flow,) at the operating point, ``dq_dp``/``dq_dq`` (n_flow, n_inj)
+    # [kvar per kW / kvar of net import] (``build_linear_model(flows=...)``; empty without)
+    flow_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    flow_q0_kvar: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    flow_dq_dp: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    flow_dq_dq: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +203,7 @@ class LinearModel:
 def build_linear_model(
     engine, injection_nodes: Sequence[str] | None = None, *, load_band_pu: float = 0.05,
     branches: bool = False, groups: np.ndarray | None = None,
-    group_names: Sequence[str] | None = None,
+    group_names: Sequence[str] | None = None, flows: Sequence[int] | None = None,
 ) -> LinearModel:
     """Linearise a solved engine around its operating point.
 
@@ -219,6 +226,10 @@ def build_linear_model(
         split-phase customer). One right-hand side per group instead of per node; the
         model's ``injection_nodes`` are then ``group_names`` (default ``group<j>``) and
         the floating-node warning is not computed.
+    flows : sequence of int, optional
+        Branch conductors (rows of the branch index, needs ``branches=True``) whose
+        terminal-1 reactive power sensitivities are wanted (``d Im(V conj(I))``, e.g. what
+        a kvar-type capacitor control measures); see :class:`BranchSensitivities`.
 
     Returns
     -------
@@ -293,6 +304,13 @@ def build_linear_model(
             proj_i = np.where(i0_a > 0, np.conj(i0) / i0_a, 0)
         dip = np.empty((m_br.shape[0], n_out))
         diq = np.empty((m_br.shape[0], n_out))
+        fl = np.asarray(flows if flows is not None else [], dtype=np.int64)
+        m_fl = m_br[fl]
+        fl_node = np.array([pos[f"{index.branch_bus1[k]}.{index.branch_phase[k]}"]
+                            for k in fl], dtype=np.int64)
+        s0_fl = v0[fl_node] * np.conj(i0[fl])  # VA into terminal 1
+        dqp = np.empty((fl.size, n_out))
+        dqq = np.empty((fl.size, n_out))
     # RHS: an import dS at node k injects the current -conj(dS / V0_k); 1 kW = 1000 W.
     # Between two nodes: -conj(dS / (V0_a - V0_b)) at a and the opposite at b.
     cur_p = -1000.0 / np.conj(vd0)
@@ -348,6 +366,10 @@ def build_linear_model(
             dv[node_perm] = x[:, 0] + 1j * x[:, 1]
             di = (proj_i[:, None] * (m_br @ dv)).real
             dip[:, lo:hi], diq[:, lo:hi] = di[:, :m], di[:, m:]
+            if fl.size:  # dS = dV conj(I0) + V0 conj(dI), kvar
+                ds = (dv[fl_node] * np.conj(i0[fl])[:, None]
+                      + v0[fl_node, None] * np.conj(m_fl @ dv)).imag / 1e3
+                dqp[:, lo:hi], dqq[:, lo:hi] = ds[:, :m], ds[:, m:]
     own = np.zeros(0) if groups is not None else np.maximum(
         np.abs(dvp[inj, np.arange(inj.size)]), np.abs(dvq[inj, np.arange(inj.size)]))
     # node-to-ground injections into an ungrounded area (its rows are line to line, so
@@ -364,7 +386,7 @@ def build_linear_model(
     sens_br = None
     if branches:
         sens_br = BranchSensitivities(index.branch_element.astype(str), index.branch_phase,
-                                      i0_a, dip, diq)
+                                      i0_a, dip, diq, fl, s0_fl.imag / 1e3, dqp, dqq)
     return LinearModel(names, v0_pu, inj_names, dvp, dvq, sens_br)
 
 
