@@ -105,7 +105,9 @@ def rows_dense(m: Sens, e: np.ndarray) -> np.ndarray:
     return m[e].toarray() if sp.issparse(m) else np.asarray(m[e])
 
 
-def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
+def der_map(lin: LinearModel, fleet: Fleet) -> sp.csc_matrix:
+    """(n_inj, n_der): a DER's power shared equally by its phase nodes (``lin``'s
+    injection nodes; nodes of no DER get no column)."""
     pos = {n: k for k, n in enumerate(lin.injection_nodes)}
     rows, cols, vals = [], [], []
     for j, d in enumerate(fleet.ders):
@@ -114,9 +116,13 @@ def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
             rows.append(pos[n])
             cols.append(j)
             vals.append(1.0 / len(nodes))
-    W = sp.csr_matrix((vals, (rows, cols)), shape=(len(lin.injection_nodes), len(fleet.ders)))
+    return sp.csc_matrix((vals, (rows, cols)),
+                         shape=(len(lin.injection_nodes), len(fleet.ders)))
+
+
+def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
+    W = der_map(lin, fleet)
     b = lin.branches
-    W = W.tocsc()
     dense = is_large(lin.dv_dp_pu_per_kw.shape[0], W.shape[1])
 
     def conv(m: np.ndarray) -> Sens:
@@ -213,6 +219,10 @@ class Reference:
     i_a: np.ndarray
     head_kw: np.ndarray
     element_kw: dict[str, np.ndarray] = field(default_factory=dict)  # watched flows (T,)
+    # kvar-type capacitor controls (``control_rows``): share of the capacitor on and the
+    # monitored kvar, (T, n_ctl); None when not recorded
+    cap_on: np.ndarray | None = None
+    ctl_kvar: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

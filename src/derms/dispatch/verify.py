@@ -32,6 +32,13 @@ A regulator whose band sits so high that one tap step up from its lower edge lan
 the voltage limit holds its monitored node above that edge (``STEP_UP_GUARD``,
 :meth:`ACNetwork._guard_step_up`).
 
+A kvar-type capacitor control whose capacitor, in a plan's AC run, is in another state
+than in the base case where that difference makes up the violations of an interval is
+held at the base case's state there (``CAP_HOLD``, :mod:`derms.dispatch.control_rows`):
+the rows see the capacitor's linear effect in that state and one row keeps its monitored
+kvar on that side of its setting; a local repair also moves every DER in an interval whose
+violated rows its 10 most sensitive DERs cannot fix (``REPAIR_WIDE``).
+
 Two options, off by default (one IEEE 8500 run each made the rounds worse, see
 bench/README.md): ``LEARN_MARGINS`` gives a row the AC check finds violated a back-off
 margin at once, how much the linear model under-predicted it (:func:`learn_margins`),
@@ -52,10 +59,20 @@ import pandas as pd
 
 from derms.analysis.constraints import Limits, ViolationReport, detect_violations
 from derms.der.models import Fleet
+from derms.dispatch.control_rows import (
+    HOLD_TOP,
+    CapControls,
+    CapHold,
+    cap_sensitivity,
+    cap_states,
+    monitored_kvar,
+    read_cap_controls,
+)
 from derms.dispatch.network import (
     NetworkLimits,
     Reference,
     SensitivitySet,
+    der_map,
     der_sensitivity,
     is_large,
     network_limits,
@@ -94,8 +111,10 @@ STEP_GUARD_PU = 0.0005  # ... this much above the band's lower edge
 THERMAL_FROM_LOADED = True  # thermal rows from the point where the branch is most loaded
 OPERATING_POINTS = 4  # large feeders: operating points of the row sensitivities
 LOCAL_REPAIR = True  # large feeders, from the 2nd AC round: only DERs acting on what is left
-REPAIR_WIDE = False  # ... and every DER in the intervals of rows those cannot fix
+REPAIR_WIDE = True  # ... and every DER in the intervals of rows those cannot fix
 REPAIR_TOP = 10  # ... the most sensitive ones of each violated row
+CAP_HOLD = True  # hold kvar-controlled capacitors at the base case's state (control_rows)
+HOLD_FROM_ROUND = 2  # ... from this AC round on (the local repair's)
 
 
 class ACNetwork:
@@ -124,11 +143,20 @@ class ACNetwork:
         engine.set_control_mode("off")
         engine.solve_snapshot()
         nodes = sorted({n for d in fleet.ders for n in d.connection.injection_terminals})
-        self.lin = build_linear_model(engine, nodes, branches=True)
+        # kvar-type capacitor controls: their capacitors' nodes are injection columns and
+        # their monitored flows are linearised too (``control_rows``)
+        self.capctl = read_cap_controls(engine, build_index(engine)) if CAP_HOLD else \
+            CapControls.empty()
+        extra = [n for n in dict.fromkeys(self.capctl.node) if n not in set(nodes)]
+        self._flows = self.capctl.flow_rows if self.capctl.n else None
+        self.lin = build_linear_model(engine, nodes + extra, branches=True, flows=self._flows)
         self._loss_w = self._loss_weights()  # at the linearisation point (control off)
         self.head_lin_kw = float(-np.sum(np.asarray(engine.circuit.TotalPower)[0]))
         self.watched: list[str] = []
         self._last_flows: tuple[object, dict[str, np.ndarray]] = (None, {})
+        self._last_caps: tuple[object, np.ndarray | None, np.ndarray | None] = (None, None,
+                                                                                  None)
+        self._cap_parts: tuple = ()
         engine.set_control_mode(control_mode)
         self.shapes = []
         for k, d in enumerate(fleet.ders):
@@ -291,14 +319,19 @@ class ACNetwork:
         col = StepCollector(self.engine, self.index, h.n_steps)
         sol = c.Solution
         flows = {e: np.empty(h.n_steps) for e in self.watched}
+        cap_on, ctl_kvar = np.zeros((h.n_steps, self.capctl.n)), np.zeros((h.n_steps,
+                                                                             self.capctl.n))
         at = {int(k) for k in linearise_at}
         models: dict[int, object] = {}
         for k in range(h.n_steps):
             sol.Solve()
             col.collect(k)
+            if self.capctl.n:
+                cap_on[k] = cap_states(self.engine, self.capctl)
+                ctl_kvar[k] = monitored_kvar(self.engine, self.capctl, self.index)
             if k in at:
                 models[k] = build_linear_model(self.engine, self.lin.injection_nodes,
-                                               branches=True)
+                                               branches=True, flows=self._flows)
             for e, f in flows.items():
                 c.SetActiveElement(e)
                 pw = np.asarray(c.ActiveCktElement.Powers)
@@ -310,12 +343,14 @@ class ACNetwork:
                           losses_kw=col.losses_kw, losses_kvar=col.losses_kvar,
                           converged=col.converged, control_mode=self.control_mode)
         self._last_flows = (out, flows)
+        self._last_caps = (out, cap_on, ctl_kvar)
         return out, models
 
     def _reference(self, res: QSTSResult, p_kw, q_kvar) -> Reference:
         flows = self._last_flows[1] if self._last_flows[0] is res else {}
+        caps = self._last_caps[1:] if self._last_caps[0] is res else (None, None)
         return Reference(p_kw, q_kvar, res.v_pu, res.i_a.astype(float),
-                         res.head_p_kw.sum(axis=1), dict(flows))
+                         res.head_p_kw.sum(axis=1), dict(flows), *caps)
 
     def reference(self, sched: Schedule, res: QSTSResult | None = None
                   ) -> tuple[Reference, QSTSResult]:
@@ -359,6 +394,10 @@ class ACNetwork:
         t0 = time.perf_counter()
         res, models = self._run(ref.p_kw, ref.q_kvar, picks)
         parts = tuple(der_sensitivity(models[int(k)], self.fleet) for k in picks)
+        if self.capctl.n:
+            W = der_map(self.lin, self.fleet)
+            self._cap_parts = tuple(cap_sensitivity(models[int(k)], W, self.capctl)
+                                    for k in picks)
         if THERMAL_FROM_LOADED:
             parts = thermal_rows_from_loaded_points(parts, np.asarray(res.i_a)[picks])
         log.info("dispatch operating_points=%d intervals=%s head_kw=%s s=%.2f", len(picks),
@@ -382,6 +421,9 @@ class ACNetwork:
         sens = self._sens
         coef = {e: self.element_coef(e, sens) for e in self.watched}
         rows_sens = self.operating_points(uncontrolled, points) if points > 1 else sens
+        if points <= 1 and self.capctl.n:
+            self._cap_parts = (cap_sensitivity(self.lin, der_map(self.lin, self.fleet),
+                                               self.capctl),)
         return GridContext(rows_sens, self.net_limits, *self._names, uncontrolled,
                            loss_p=np.asarray(self._loss[0]).ravel(),
                            loss_q=np.asarray(self._loss[1]).ravel(),
@@ -439,9 +481,9 @@ def repair_movers(planner: Planner, over: dict[str, np.ndarray], res: QSTSResult
     ``lim``) its ``top`` most sensitive DERs (the interval's own sensitivities), in every
     interval; and where those together could not move the row by its excess (a row every
     DER acts on alike: the substation bus), every DER in that row's interval when
-    ``REPAIR_WIDE`` (off: on IEEE 8500 with the thermal rows from the loaded points it
-    left 46 violations against 37 without, the wide moves flipping the substation
-    regulator's taps)."""
+    ``REPAIR_WIDE`` (on since the capacitor holds: IEEE 8500 2,406 -> 20 against 38
+    without the holds and 30 with neither; before the step-up guard it left 46 against
+    37, the wide moves flipping the substation regulator's taps)."""
     net = planner.net
     T, n = planner.lay.T, len(planner.fleet.ders)
     span = np.max(net.box[1] - net.box[0], axis=0)           # kW per DER
@@ -502,6 +544,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                                              OPERATING_POINTS if big else 1), objective)
     timing["build_s"] = time.perf_counter() - t1
     planner.solve_linear(2 * LARGE_LINEAR_ROUNDS if big else None)
+    hold = CapHold(planner, ac.capctl, ac._cap_parts, ac.base.cap_on) if (
+        CAP_HOLD and ac.capctl.n and ac.base.cap_on is not None) else None
     ac_s, seen = 0.0, {k: np.zeros(m.shape, dtype=bool) for k, m in planner.net.margin.items()}
     log_rounds: list[dict] = []
     notes: list[str] = []
@@ -531,6 +575,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                  rep.counts["violations_thermal"], planner.lp.n_rows, improved,
                  time.perf_counter() - t0)
         over = ac.over_limit(res)
+        log.debug("dispatch ac_round=%d intervals_over=%s", rounds, np.flatnonzero(
+            np.logical_or.reduce([m.any(axis=1) for m in over.values()])).tolist())
         if improved:
             best = (key, rounds, sched, res, rep, ref,
                     None if planner.x is None else planner.x.copy(), over)
@@ -553,6 +599,11 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                 frac *= 0.7
         if HOLD_REGULATOR_BANDS and planner.net.lim.band_node.size:
             planner.net.band_on |= np.logical_or.reduce([m.any(axis=1) for m in over.values()])
+        if hold is not None and centre_ref.cap_on is not None:
+            if rounds >= HOLD_FROM_ROUND:  # what the centre's AC run found
+                hold.note(centre_ref, over if improved else best[7],
+                          res if improved else best[3], ac.net_limits)
+            centre_ref = hold.offset(centre_ref)
         planner.recenter(centre_ref)
         for kind, mask in over.items():
             val = res.v_pu if kind != "i_max" else res.i_a
@@ -564,11 +615,15 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             seen[kind] |= mask
             planner.net.add(kind, mask, score=np.abs(val - lim))
         planner.recenter(centre_ref)  # margins enter the bounds
+        if hold is not None:
+            hold.recenter(centre_ref)
         if large and centre_x is not None:
             movers = None
             if LOCAL_REPAIR and rounds >= 2:  # only the DERs that act on what is left
                 movers = repair_movers(planner, over if improved else best[7],
                                        res if improved else best[3], ac.net_limits)
+                if hold is not None:
+                    movers[:, hold.movers(HOLD_TOP)] = True
             planner.trust_region(centre_x, frac, movers)
         # large feeders: a warm re-solve with dense rows costs more than an AC round, and
         # the AC round finds most of what more linear rounds would: fewer of them
