@@ -23,7 +23,11 @@ def _planner(T: int, n_der: int, hv_p: np.ndarray):
                            fleet=SimpleNamespace(ders=[None] * n_der))
 
 
-def test_every_der_moves_where_the_top_ones_cannot_fix_a_row():
+def test_every_der_moves_where_the_top_ones_cannot_fix_a_row(monkeypatch):
+    """With ``REPAIR_WIDE`` (off by default: see its docstring) every DER moves in the
+    interval of a row the top 10 cannot fix; without it only the top ones do."""
+    import derms.dispatch.verify as verify
+
     T, n = 4, 30
     hv = np.full((2, n), 1e-5)        # node 0: every DER alike (10 x 10 kW x 1e-5 = 1e-3)
     hv[1, :3] = 1e-3                  # node 1: three DERs act on it
@@ -35,6 +39,10 @@ def test_every_der_moves_where_the_top_ones_cannot_fix_a_row():
     over = {"v_max": v > lim.v_max, "v_min": np.zeros((T, 2), dtype=bool),
             "i_max": np.zeros((T, 1), dtype=bool)}
     res = SimpleNamespace(v_pu=v, i_a=np.zeros((T, 1)))
+    monkeypatch.setattr(verify, "REPAIR_WIDE", False)
+    narrow = repair_movers(pl, over, res, lim)
+    assert not narrow[1].all() and narrow[1].sum() == narrow[0].sum()
+    monkeypatch.setattr(verify, "REPAIR_WIDE", True)
     m = repair_movers(pl, over, res, lim)
     assert m[1].all()                 # the substation-like row: every DER in its interval
     assert m[[0, 2, 3]][:, :3].all()  # the local ones in every interval

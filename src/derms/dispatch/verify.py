@@ -36,8 +36,8 @@ A kvar-type capacitor control whose capacitor, in a plan's AC run, is in another
 than in the base case where that difference makes up the violations of an interval is
 held at the base case's state there (``CAP_HOLD``, :mod:`derms.dispatch.control_rows`):
 the rows see the capacitor's linear effect in that state and one row keeps its monitored
-kvar on that side of its setting; a local repair also moves every DER in an interval whose
-violated rows its 10 most sensitive DERs cannot fix (``REPAIR_WIDE``).
+kvar on that side of its setting; ``REPAIR_WIDE`` (off) would also move every DER in an
+interval whose violated rows its 10 most sensitive DERs cannot fix.
 
 Two options, off by default (one IEEE 8500 run each made the rounds worse, see
 bench/README.md): ``LEARN_MARGINS`` gives a row the AC check finds violated a back-off
@@ -111,7 +111,7 @@ STEP_GUARD_PU = 0.0005  # ... this much above the band's lower edge
 THERMAL_FROM_LOADED = True  # thermal rows from the point where the branch is most loaded
 OPERATING_POINTS = 4  # large feeders: operating points of the row sensitivities
 LOCAL_REPAIR = True  # large feeders, from the 2nd AC round: only DERs acting on what is left
-REPAIR_WIDE = True  # ... and every DER in the intervals of rows those cannot fix
+REPAIR_WIDE = False  # ... and every DER in the intervals of rows those cannot fix
 REPAIR_TOP = 10  # ... the most sensitive ones of each violated row
 CAP_HOLD = True  # hold kvar-controlled capacitors at the base case's state (control_rows)
 HOLD_FROM_ROUND = 2  # ... from this AC round on (the local repair's)
@@ -481,9 +481,11 @@ def repair_movers(planner: Planner, over: dict[str, np.ndarray], res: QSTSResult
     ``lim``) its ``top`` most sensitive DERs (the interval's own sensitivities), in every
     interval; and where those together could not move the row by its excess (a row every
     DER acts on alike: the substation bus), every DER in that row's interval when
-    ``REPAIR_WIDE`` (on since the capacitor holds: IEEE 8500 2,406 -> 20 against 38
-    without the holds and 30 with neither; before the step-up guard it left 46 against
-    37, the wide moves flipping the substation regulator's taps)."""
+    ``REPAIR_WIDE``. Off: with the capacitor holds and the thermal rows' kvar rule
+    (``NetworkRows.q_abs``) IEEE 8500 ends at 23 without it and 31 with it (20 with it
+    before the kvar rule, 38 without the holds; before the step-up guard it left 46
+    against 37, the wide moves flipping the substation regulator's taps). The rounds
+    are chaotic: one switching moved reshuffles every later round."""
     net = planner.net
     T, n = planner.lay.T, len(planner.fleet.ders)
     span = np.max(net.box[1] - net.box[0], axis=0)           # kW per DER
