@@ -26,7 +26,7 @@ def _planner(T: int, n_der: int, hv_p: np.ndarray):
 def test_every_der_moves_where_the_top_ones_cannot_fix_a_row(monkeypatch):
     """With ``REPAIR_WIDE`` (off by default: see its docstring) every DER moves in the
     interval of a row the top 10 cannot fix; without it only the top ones do."""
-    import derms.dispatch.verify as verify
+    from derms.dispatch import verify
 
     T, n = 4, 30
     hv = np.full((2, n), 1e-5)        # node 0: every DER alike (10 x 10 kW x 1e-5 = 1e-3)
