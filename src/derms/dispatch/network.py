@@ -16,7 +16,7 @@ Reactive power relieves a thermal row only where it cannot overshoot: ``|I|`` is
 the injections, and the tangent ``d|I|/dQ x Q`` promises ever more relief from kvar that
 cancels a branch's reactive flow, past the point where that flow reverses and the
 current grows again. Where the DERs' kvar could inject more reactive current than the
-branch carries (``q_overshoot``: their full kvar times the magnitude of their current
+branch carries (``NetworkRows.q_abs``: their full kvar times the magnitude of their current
 sensitivity, against the reference current times the branch's reactive share, estimated
 from the same sensitivities), the row takes a DER's kvar as ``|d|I|/dQ| x |Q|``
 (absorbed and injected alike, the LP's ``pv_qa + pv_qi``: the triangle inequality's
@@ -393,9 +393,7 @@ class NetworkRows:
         """Thermal rows' kvar term (k, n_branch): ``|S_q| |q|`` where ``q_abs``, else
         ``S_q q``."""
         absolute = times_t_abs(q, sq)
-        if self.q_abs is None:
-            return absolute
-        if self.q_abs.all():
+        if self.q_abs is None or self.q_abs.all():
             return absolute
         return np.where(self.q_abs[None, :], absolute, times_t(q, sq))
 
