@@ -14,11 +14,11 @@ from derms.analysis.interconnection import (
     flexible_connection,
     new_connection,
 )
-from derms.studies.device_profiles import device_profile
 from derms.errors import InputError
 from derms.grid.bundled import resolve_master
 from derms.grid.opendss_import import read_feeder
 from derms.powerflow.engine import OpenDSSEngine
+from derms.studies.device_profiles import device_profile
 from derms.studies.qsts_study import StudyConfig, study_profiles
 
 START = datetime(2026, 6, 1, 8, tzinfo=UTC)
@@ -66,3 +66,23 @@ def test_bad_input():
             resolve_sites(eng, ["nosuch"])
         with pytest.raises(InputError, match="has no phase"):
             resolve_sites(eng, ["11.2"])
+
+
+
+def test_battery_export_curtailment_follows_the_reference_on_ieee13():
+    """An independent sweep: a 2.5 MW battery at IEEE 13's bus 675 over 2 days, where the
+    fast method stopped refining 0.002 pu short of the limit and curtailed 17,100 kWh of
+    export against the reference's 9,302 (+84 %); it now refines to 0.0002 pu (9.7 %)."""
+    start = datetime(2026, 1, 1, 8, tzinfo=UTC)
+    cfg = StudyConfig(days=2, step=timedelta(hours=1), start=start)
+    out = {}
+    for name, fn in (("fast", flexible_connection), ("ref", curtailment_reference)):
+        with OpenDSSEngine(resolve_master("ieee13")) as eng:
+            eng.solve_snapshot()
+            prof, _ = study_profiles(read_feeder(eng.ctx, eng.source_master), cfg)
+            site = resolve_sites(eng, ["675"])[0]
+            pu = device_profile("battery", start, cfg.n_steps, cfg.step, seed=0)
+            out[name] = fn(eng, prof, site, "battery", 2500.0, pu).annual()["export"]
+    f, r = out["fast"]["curtailed_kwh"], out["ref"]["curtailed_kwh"]
+    assert r > 0.05 * out["ref"]["available_kwh"], "the case must curtail"
+    assert abs(f - r) <= 0.15 * r, (f, r)

