@@ -71,8 +71,10 @@ def test_bad_input():
 
 def test_battery_export_curtailment_follows_the_reference_on_ieee13():
     """An independent sweep: a 2.5 MW battery at IEEE 13's bus 675 over 2 days, where the
-    fast method stopped refining 0.002 pu short of the limit and curtailed 17,100 kWh of
-    export against the reference's 9,302 (+84 %); it now refines to 0.0002 pu (9.7 %)."""
+    fast method stopped refining 0.002 pu short of the limit and curtailed 13,110 kWh of
+    export against the reference's 6,556 (+100 %, accepting 0.0005 pu beyond DESIGN.md's
+    tolerance); it now refines to 0.0001 pu and aims that far inside the tolerance: 7,164
+    (+9.3 %). Conservative, as on IEEE 123 over a year (+0.6 to +2.7 %, bench)."""
     start = datetime(2026, 1, 1, 8, tzinfo=UTC)
     cfg = StudyConfig(days=2, step=timedelta(hours=1), start=start)
     out = {}
@@ -85,4 +87,4 @@ def test_battery_export_curtailment_follows_the_reference_on_ieee13():
             out[name] = fn(eng, prof, site, "battery", 2500.0, pu).annual()["export"]
     f, r = out["fast"]["curtailed_kwh"], out["ref"]["curtailed_kwh"]
     assert r > 0.05 * out["ref"]["available_kwh"], "the case must curtail"
-    assert abs(f - r) <= 0.15 * r, (f, r)
+    assert r <= f <= 1.15 * r, (f, r)
