@@ -145,8 +145,9 @@ class ACNetwork:
         nodes = sorted({n for d in fleet.ders for n in d.connection.injection_terminals})
         # kvar-type capacitor controls: their capacitors' nodes are injection columns and
         # their monitored flows are linearised too (``control_rows``)
-        self.capctl = read_cap_controls(engine, build_index(engine)) if CAP_HOLD else \
-            CapControls.empty()
+        # (the index only for its branch names; self.index is built after the DER loads)
+        self.capctl = (read_cap_controls(engine, build_index(engine))
+                       if CAP_HOLD and engine.circuit.CapControls.Count else CapControls.empty())
         extra = [n for n in dict.fromkeys(self.capctl.node) if n not in set(nodes)]
         self._flows = self.capctl.flow_rows if self.capctl.n else None
         self.lin = build_linear_model(engine, nodes + extra, branches=True, flows=self._flows)
@@ -577,8 +578,9 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                  rep.counts["violations_thermal"], planner.lp.n_rows, improved,
                  time.perf_counter() - t0)
         over = ac.over_limit(res)
-        log.debug("dispatch ac_round=%d intervals_over=%s", rounds, np.flatnonzero(
-            np.logical_or.reduce([m.any(axis=1) for m in over.values()])).tolist())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("dispatch ac_round=%d intervals_over=%s", rounds, np.flatnonzero(
+                np.logical_or.reduce([m.any(axis=1) for m in over.values()])).tolist())
         if improved:
             best = (key, rounds, sched, res, rep, ref,
                     None if planner.x is None else planner.x.copy(), over)

@@ -96,18 +96,22 @@ class QuantileModel:
         has them (``series_offsets``), the global ones otherwise.
         """
         raw = self._raw(x)
+        groups = (np.unique(np.asarray(series_ids, dtype=str), return_inverse=True)
+                  if series_ids is not None and self.series_offsets else None)
         for q, c in self.offsets.items():
-            c = self._row_offsets(q, c, series_ids)
+            c = self._row_offsets(q, c, groups)
             shift = c * (envelope if envelope is not None else 1.0)
             raw[q] = raw[q] - shift if q < 0.5 else raw[q] + shift
         stacked = np.sort(np.stack([raw[q] for q in self.quantiles]), axis=0)
         return {q: stacked[i] for i, q in enumerate(self.quantiles)}
 
-    def _row_offsets(self, q: float, default: float, series_ids: np.ndarray | None
-                     ) -> float | np.ndarray:
-        if series_ids is None or not self.series_offsets:
+    def _row_offsets(self, q: float, default: float,
+                     groups: tuple[np.ndarray, np.ndarray] | None) -> float | np.ndarray:
+        """Offset of quantile ``q`` per row: its series' own (``groups``: the unique series
+        ids and each row's index into them), else ``default``."""
+        if groups is None:
             return default
-        uniq, inv = np.unique(np.asarray(series_ids, dtype=str), return_inverse=True)
+        uniq, inv = groups
         per = np.array([self.series_offsets.get(u, {}).get(q, default) for u in uniq], float)
         return per[inv]
 
