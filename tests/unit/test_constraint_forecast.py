@@ -72,3 +72,22 @@ def test_misaligned_load_and_pv_forecasts_are_rejected():
     with pytest.raises(InputError, match="expected 'grid' or 'copula'"):
         build_scenarios(_q(1, 1, 1), _q(0, 0, 0), method="mc")
     assert list(quantile_levels(_q(1, 1, 1), "x")) == [0.1, 0.5, 0.9]
+
+
+def test_normalisers_use_only_the_history_before_the_origin():
+    """A forecast at an origin inside the history must not see later data: a load that
+    grows 60 % after the origin (or a brighter PV summer) changed the multipliers of the
+    forecast made before it (found by an independent test with --origin)."""
+    from derms.analysis.constraint_forecast import normalise_histories
+
+    t = pd.date_range("2026-01-01", periods=20, freq="h", tz="UTC")
+    load = pd.Series(np.r_[np.full(10, 100.0), np.full(10, 160.0)], index=t)
+    pv = pd.Series(np.r_[np.full(10, 5.0), np.full(10, 50.0)], index=t)
+    origin = t[10]
+    lm, pu = normalise_histories(load, pv, before=origin)
+    assert np.allclose(lm[lm.index < origin], 1.0)
+    assert np.allclose(pu[pu.index < origin], 1.0)
+    lm_all, _ = normalise_histories(load, pv)           # no origin: the whole history
+    assert np.isclose(lm_all.iloc[0], 100.0 / 160.0)
+    with pytest.raises(InputError, match="no values before the origin"):
+        normalise_histories(load, pv, before=t[0])

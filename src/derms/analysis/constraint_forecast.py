@@ -439,10 +439,14 @@ def score_hours(predicted: pd.DatetimeIndex, truth_margin: pd.Series, band: floa
 
 
 def normalise_histories(load_history: pd.Series, pv_history: pd.Series,
-                        pv_capacity: float | None = None) -> tuple[pd.Series, pd.Series]:
+                        pv_capacity: float | None = None,
+                        before: pd.Timestamp | None = None) -> tuple[pd.Series, pd.Series]:
     """Load history -> multiplier of each load's base (peak) kW: ``value / max``; PV
     history -> per unit of capacity: ``value / pv_capacity`` (default: the 99.9th
-    percentile of the history, robust to spikes). Units of the inputs cancel."""
+    percentile of the history, robust to spikes). Units of the inputs cancel.
+
+    ``before`` (tz-aware): the peak and the default capacity come from the values before
+    it only (a forecast at that origin must not see later data)."""
     out = []
     for name, s in (("load history", load_history), ("pv history", pv_history)):
         if not isinstance(s, pd.Series) or len(s) < 2:
@@ -451,10 +455,18 @@ def normalise_histories(load_history: pd.Series, pv_history: pd.Series,
             raise InputError(f"{name}: index must be timezone-aware timestamps")
         out.append(s.astype(float).sort_index().tz_convert("UTC"))
     load, pv = out
-    peak = float(load.max())
+    if before is not None:
+        load_seen, pv_seen = load[load.index < before], pv[pv.index < before]
+        for name, s in (("load history", load_seen), ("pv history", pv_seen)):
+            if s.dropna().empty:
+                raise InputError(f"{name}: no values before the origin {before.isoformat()} "
+                                 "(a forecast uses only data before its origin)")
+    else:
+        load_seen, pv_seen = load, pv
+    peak = float(load_seen.max())
     if not np.isfinite(peak) or peak <= 0:
         raise InputError(f"load history: its peak must be positive, got {peak:g}")
-    cap = float(pv.quantile(0.999)) if pv_capacity is None else float(pv_capacity)
+    cap = float(pv_seen.quantile(0.999)) if pv_capacity is None else float(pv_capacity)
     if not np.isfinite(cap) or cap <= 0:
         raise InputError(f"pv capacity must be positive, got {cap:g}")
     return load / peak, (pv / cap).clip(lower=0.0)
@@ -492,7 +504,7 @@ def forecast_constraints_from_history(
     if origin.tzinfo is None:
         raise InputError(f"origin {origin} must be timezone-aware")
     origin = origin.tz_convert("UTC")
-    load, pv = normalise_histories(load_history, pv_history, pv_capacity)
+    load, pv = normalise_histories(load_history, pv_history, pv_capacity, before=origin)
     heard: list[str] = []
     for name, hist in (("load", load), ("pv", pv)):
         with warnings.catch_warnings(record=True) as got:  # the forecasters' warnings
