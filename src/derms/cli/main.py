@@ -230,9 +230,16 @@ def token_create(
     from derms.api.auth import SCOPES, mint_token
     from derms.config import get_settings
 
+    from derms.store.migrate import current_revision, head_revision
+
     if scope not in SCOPES:
         raise InputError(f"--scope {scope!r}: expected one of {', '.join(SCOPES)}")
-    typer.echo(mint_token(get_settings().database_url, scope, name))
+    url = get_settings().database_url
+    rev, head = current_revision(url), head_revision()
+    if rev != head:   # an empty or older database: no api_tokens table yet (was a traceback)
+        raise InputError(f"the database is at schema {rev}, expected {head}: run "
+                         "`derms db upgrade` first")
+    typer.echo(mint_token(url, scope, name))
 
 
 @app.command()

@@ -1,0 +1,16 @@
+"""`derms token create` on a database that was never migrated: a message, exit 2."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from derms.cli.main import app
+
+
+def test_token_create_before_db_upgrade_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("DERMS_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("DERMS_DATABASE_URL", raising=False)
+    res = CliRunner().invoke(app, ["token", "create", "--scope", "admin"])
+    assert res.exit_code == 2, res.output
+    assert "derms db upgrade" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
