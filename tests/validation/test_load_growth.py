@@ -8,6 +8,7 @@ transformer phase loading found by the screened study must match the brute-force
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from derms.grid.bundled import resolve_master
@@ -18,6 +19,7 @@ from derms.powerflow.qsts import run_qsts
 from derms.studies.load_growth import (
     GrowthScenario,
     NewConnection,
+    ScreenSettings,
     add_new_connections,
     growth_network,
     prepare,
@@ -26,6 +28,7 @@ from derms.studies.load_growth import (
 )
 
 TOL_PCT = 1.0
+V_TOL_PU = 1e-3  # DESIGN.md's voltage tolerance
 CASES = {
     "ieee13": GrowthScenario.simple(
         6, ev_final=0.6, hp_final=0.4, pv_final=0.5, seed=2,
@@ -128,3 +131,38 @@ def test_unconverged_solves_are_left_out_of_the_tables(monkeypatch):
     over = out.first_exceeded[out.first_exceeded["limit"] == "overvoltage"]
     assert (over["value"].astype(float) < 1.1).all()
     assert (out.extremes["v_max_pu"] < 1.1).all()
+
+
+def test_pre_existing_undervoltage_first_year_matches_a_chained_qsts_ieee34():
+    """IEEE 34's bus 890 is under 0.95 pu in the base year (pre-existing, held to 0.9144
+    pu). Solved as candidates chained through unrelated intervals, or each from the base
+    taps with too short a warm-up, the study said it got worse in 2027 (0.9130 / 0.9141
+    pu) while a QSTS of every hour of the years, regulators acting and taps carried from
+    hour to hour, never finds it below 0.9150 after the base year (found by an
+    independent test)."""
+    from tests.conftest import shared_master
+
+    master = shared_master("ieee34")
+    sc = GrowthScenario.simple(3, seed=1, growth_pct=1.0, start_year=2026, step_min=60,
+                               customer_peak_kw=10.0)
+    with OpenDSSEngine(master, SolveSettings(max_control_iterations=1000)) as engine:
+        model = read_feeder(engine.ctx, engine.source_master)
+        engine.solve_snapshot()
+        inputs = prepare(model, sc)
+        add_new_connections(engine, inputs)
+        index = build_index(engine)
+        nodes = np.flatnonzero(index.node_bus == "890")
+        v_min = np.array([run_qsts(engine, year_profiles(inputs, y), index=index)
+                          .v_pu[:, nodes].min() for y in range(sc.years + 1)])
+    worse = np.flatnonzero(v_min[1:] < v_min[0] - V_TOL_PU)
+    brute_year = sc.start_year + 1 + worse[0] if worse.size else None
+    for warmup_h in (0.0, ScreenSettings().warmup_h):
+        res = run_load_growth(master, sc, screen=ScreenSettings(warmup_h=warmup_h))
+        row = res.first_exceeded.query("element == '890' and limit == 'undervoltage'").iloc[0]
+        assert bool(row["pre_existing"])
+        got = None if pd.isna(row["year"]) else int(row["year"])
+        if warmup_h == 0.0:
+            assert got != brute_year  # the premise: without the warm-up it is wrong
+        else:
+            assert got == brute_year
+            assert row["base_value"] == pytest.approx(v_min[0], abs=1e-4)

@@ -9,7 +9,7 @@ solve plus three vectorised reads. Elements without a profile are held at their 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import numpy as np
@@ -17,6 +17,7 @@ import pandas as pd
 
 from derms.errors import ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector, build_index
+from derms.powerflow.control_state import ControlState, restore_control_state
 from derms.powerflow.engine import ControlMode, OpenDSSEngine
 from derms.powerflow.profiles import SUPPORTED_CLASSES, Profiles, shared_shapes
 
@@ -47,6 +48,13 @@ class QSTSResult:
     @property
     def n_steps(self) -> int:
         return len(self.t)
+
+    def take(self, steps: np.ndarray) -> QSTSResult:
+        """The result restricted to ``steps`` (indices or a bool mask), in that order."""
+        return replace(self, t=self.t[steps], v_pu=self.v_pu[steps], i_a=self.i_a[steps],
+                       head_p_kw=self.head_p_kw[steps], head_q_kvar=self.head_q_kvar[steps],
+                       losses_kw=self.losses_kw[steps], losses_kvar=self.losses_kvar[steps],
+                       converged=self.converged[steps])
 
     @property
     def dt_h(self) -> float:
@@ -157,13 +165,20 @@ def run_qsts(
     control_mode: ControlMode = "static",
     index: NetworkIndex | None = None,
     on_step: Callable[[int], None] | None = None,
+    restart: ControlState | None = None,
+    restart_at: np.ndarray | None = None,
 ) -> QSTSResult:
     """Run a QSTS study over ``profiles`` and collect every step.
 
     ``control_mode`` "static" lets regulators and capacitors act within each step (taps
     carry over between steps), "time" applies their delays, "off" freezes them.
-    ``on_step(k)`` is called after step k (e.g. to advance a progress bar). Steps that do
-    not converge are kept and flagged in ``converged``.
+    ``restart``: the steps flagged in ``restart_at`` ((n_steps,) bool; default every step)
+    start from these taps and capacitor states instead of the last step's, so each run of
+    steps from one restart to the next depends on its own loads only, not on what was
+    solved before it (a regulator settles anywhere inside its band, so a chained run's
+    voltages carry the earlier steps' history). ``on_step(k)`` is called
+    after step k (e.g. to advance a progress bar). Steps that do not converge are kept
+    and flagged in ``converged``.
     """
     load_profiles_into_engine(engine, profiles)
     index = index or build_index(engine)
@@ -173,7 +188,11 @@ def run_qsts(
     engine.command("set time=(0,0)")
     col = StepCollector(engine, index, profiles.n_steps)
     sol = engine.circuit.Solution
+    at = np.ones(profiles.n_steps, dtype=bool) if restart_at is None else np.asarray(
+        restart_at, dtype=bool)
     for k in range(profiles.n_steps):
+        if restart is not None and at[k]:
+            restore_control_state(engine, restart)
         sol.Solve()
         col.collect(k)
         if on_step is not None:
