@@ -61,6 +61,8 @@ def test_backtest_writes_recomputable_outputs(tmp_path):
     ("timestamp,value\n2024-01-01T00:00:00Z,abc\n", "'abc' is not a number"),
     ("time,value\n2024-01-01T00:00:00Z,1\n", "missing column(s) timestamp"),
     ("timestamp,value\nnot-a-date+01:00,1\n", "bad timestamp"),
+    ("timestamp,value\n2024-01-01T00:00:00Z,1\n2024-01-01T01:00:00Z,inf\n",
+     "row 3: value 'inf' is not finite"),
     (("timestamp,value\n2024-01-01T00:00:00Z,1\n2024-01-01T01:00:00Z,2\n"
       "2024-01-01T02:00:00Z,3\n"), "a backtest needs at least"),
 ])
@@ -261,3 +263,32 @@ def test_methods_are_also_scored_on_common_rows(tmp_path):
     scored = {k: m for k, m in methods.items() if m.get("n")}
     n_common = {m["n_common"] for m in scored.values()}
     assert len(n_common) == 1 and n_common.pop() < max(m["n"] for m in scored.values())
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("timestamp,temp\n2024-03-01T00:00:00Z,\n2024-03-01T01:00:00Z,\n", "column 'temp' has no values"),
+    ("timestamp,temp\n2024-03-01T00:00:00Z,1\n2024-03-01T01:00:00Z,-Infinity\n",
+     "row 3: value '-Infinity' is not finite"),
+])
+def test_bad_weather_files_exit_2(tmp_path, content, message):
+    """An all-empty or infinite weather column was taken without a word (independent test)."""
+    csv = _write_series(tmp_path / "load.csv", days=30)
+    wx = tmp_path / "wx.csv"
+    wx.write_text(content)
+    res = runner.invoke(app, ["forecast", "backtest", "--series", str(csv), "--out",
+                              str(tmp_path / "o"), "--weather", str(wx)])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()), res.output
+
+
+def test_repeated_weather_timestamps_are_warned(tmp_path):
+    csv = _write_series(tmp_path / "load.csv", days=45, tz="UTC")
+    idx = pd.date_range("2024-03-01", periods=45 * 24, freq="h", tz="UTC")
+    wx = _frame_csv(tmp_path / "wx.csv", idx.append(idx[5:6]), np.r_[np.ones(len(idx)), 3.0])
+    pd.read_csv(wx).rename(columns={"value": "temp"}).to_csv(wx, index=False)
+    res = runner.invoke(app, ["forecast", "backtest", "--series", str(csv), "--out",
+                              str(tmp_path / "o"), "--weather", str(wx), "--rounds", "10",
+                              "--test-days", "5"])
+    assert res.exit_code == 0, res.output
+    assert "1 repeated timestamp(s), first 2024-03-01T05:00:00+00:00" in \
+        " ".join(res.output.split()), res.output

@@ -91,3 +91,15 @@ def test_normalisers_use_only_the_history_before_the_origin():
     assert np.isclose(lm_all.iloc[0], 100.0 / 160.0)
     with pytest.raises(InputError, match="no values before the origin"):
         normalise_histories(load, pv, before=t[0])
+
+
+def test_infinite_history_values_are_named():
+    """An Infinity in the load history said "its peak must be positive, got inf"."""
+    from derms.analysis.constraint_forecast import normalise_histories
+
+    t = pd.date_range("2026-01-01", periods=5, freq="h", tz="UTC")
+    load = pd.Series([1.0, 2.0, np.inf, 1.0, 1.0], index=t)
+    pv = pd.Series(np.ones(5), index=t)
+    with pytest.raises(InputError, match=r"load history: value inf at 2026-01-01T02:00:00\+00:00"
+                       r" is not finite"):
+        normalise_histories(load, pv)

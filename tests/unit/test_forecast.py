@@ -91,6 +91,10 @@ def test_origin_off_grid_and_naive_origin_are_refused():
         forecast_quantiles(s, kind="load", origin=pd.Timestamp("2024-01-29"))
     with pytest.raises(InputError, match="not on the series"):
         forecast_quantiles(s, kind="load", origin=pd.Timestamp("2024-01-29 00:20", tz="UTC"))
+    # a horizon of half an hourly step was reported as an origin off the grid
+    with pytest.raises(InputError, match="horizon 0 days 00:30:00 is not a whole number"):
+        forecast_quantiles(s, kind="load", origin=pd.Timestamp("2024-01-29", tz="UTC"),
+                           horizon=pd.Timedelta("30min"))
 
 
 # ------------------------------------------------------------------ forecasting

@@ -453,7 +453,12 @@ def normalise_histories(load_history: pd.Series, pv_history: pd.Series,
             raise InputError(f"{name}: expected a time series with at least 2 values")
         if not isinstance(s.index, pd.DatetimeIndex) or s.index.tz is None:
             raise InputError(f"{name}: index must be timezone-aware timestamps")
-        out.append(s.astype(float).sort_index().tz_convert("UTC"))
+        s = s.astype(float)
+        inf = np.isinf(s.to_numpy())
+        if inf.any():
+            raise InputError(f"{name}: value {s.iloc[int(np.flatnonzero(inf)[0])]} at "
+                             f"{s.index[int(np.flatnonzero(inf)[0])].isoformat()} is not finite")
+        out.append(s.sort_index().tz_convert("UTC"))
     load, pv = out
     if before is not None:
         load_seen, pv_seen = load[load.index < before], pv[pv.index < before]

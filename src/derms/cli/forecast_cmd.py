@@ -22,7 +22,11 @@ from derms.cli.common import (
 from derms.errors import InputError
 from derms.forecast import ForecastSpec, backtest
 from derms.reports.forecast_html import write_backtest_outputs
-from derms.studies.series_files import read_series_csv, read_weather_csv
+from derms.studies.series_files import (
+    duplicate_times_note,
+    read_series_csv,
+    read_weather_csv,
+)
 from derms.timeutil import parse_duration
 
 app = typer.Typer(help="Load and PV forecasts: backtests.", no_args_is_help=True)
@@ -65,6 +69,9 @@ def backtest_cmd(
                           "hours; pass --tz (e.g. America/New_York) for local midnights",
                           highlight=False)
     exog = read_weather_csv(weather) if weather is not None else None
+    note = None if exog is None else duplicate_times_note(exog, weather)
+    if note:
+        err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
     with warnings.catch_warnings(), Progress(console=err_console, transient=True) as bar:
         warnings.simplefilter("ignore", RuntimeWarning)
         task = bar.add_task("backtest (model refits)", total=None)

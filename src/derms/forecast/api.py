@@ -111,6 +111,9 @@ def forecast_many(series: dict[str, CleanSeries], spec: ForecastSpec, origin: pd
     origin = _check_origin(origin)
     panel = panel_from_series(series, spec, capacity=capacity, train_end=origin,
                               extend_to=origin + spec.horizon, weather=weather)
+    if spec.horizon < panel.step or spec.horizon % panel.step != pd.Timedelta(0):
+        raise InputError(f"horizon {spec.horizon} is not a whole number of the series' "
+                         f"{panel.step} steps")
     o = int(panel.times.searchsorted(origin))
     if o >= len(panel.times) or panel.times[o] != origin:
         raise InputError(f"origin {origin} is not on the series' {panel.step} grid")

@@ -3,7 +3,7 @@
 Timestamps must be ISO 8601 with a zone (offset or Z): local times without one are
 ambiguous at daylight-saving changes and are refused. Problems name the file, the row
 (1-based, header = row 1) and the value. Unreadable numbers are errors; empty values
-are kept as gaps (the forecaster warns about them).
+are kept as gaps (the forecaster warns about them); infinite values are errors.
 """
 
 from __future__ import annotations
@@ -55,8 +55,20 @@ def read_weather_csv(path: Path) -> pd.DataFrame:
     for col in df.columns.drop("timestamp"):
         one = read_series_csv_frame(path, df[["timestamp", col]].rename(columns={col: "value"}),
                                     f"column {col!r}")
+        if one.isna().all():
+            raise InputError(f"weather file {path}: column {col!r} has no values")
         out[col] = one
     return pd.DataFrame(out)
+
+
+def duplicate_times_note(frame: pd.DataFrame | pd.Series, path: Path) -> str | None:
+    """A warning naming the first repeated timestamp of ``frame`` (the forecaster
+    averages repeated rows), or None."""
+    dup = frame.index.duplicated()
+    if not dup.any():
+        return None
+    return (f"{path}: {int(dup.sum())} repeated timestamp(s), first "
+            f"{frame.index[dup][0].isoformat()}: their values are averaged")
 
 
 def read_series_csv_frame(path: Path, df: pd.DataFrame, what: str = "") -> pd.Series:
@@ -84,4 +96,9 @@ def read_series_csv_frame(path: Path, df: pd.DataFrame, what: str = "") -> pd.Se
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(f"file {where}: row {row + 2}: value {raw.iloc[row]!r} is not "
                          "a number")
+    inf = np.isinf(num.to_numpy(float))
+    if inf.any():
+        row = int(np.flatnonzero(inf)[0])
+        raise InputError(f"file {where}: row {row + 2}: value {raw.iloc[row]!r} is not "
+                         "finite")
     return pd.Series(num.to_numpy(float), index=pd.DatetimeIndex(t), name="value")
