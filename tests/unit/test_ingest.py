@@ -104,3 +104,30 @@ def test_quality_flags():
     assert flags[17] & Quality.OUT_OF_RANGE
     clean = [0, 1, 2, 3, 10 - 8, 19]
     assert not any(flags[i] & Quality.SPIKE for i in clean)
+
+
+def _one(t="2026-11-25T10:00:00Z", value=1.0, quantity="v", unit="pu"):
+    return json.dumps([{"series": "m1", "quantity": quantity, "unit": unit, "t": t,
+                        "value": value}])
+
+
+@pytest.mark.parametrize("t", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00"])
+def test_timestamp_out_of_range_in_utc_is_a_row_error(t):
+    """The UTC instant must be a datetime (years 1..9999): the read routes refuse such
+    times ("out of range in UTC"), so ingest must not store them."""
+    with pytest.raises(BatchError) as exc:
+        parse_json(_one(t=t))
+    assert exc.value.errors[0].field == "t"
+    assert "out of range" in exc.value.errors[0].detail
+
+
+def test_value_outside_physical_range_is_flagged_out_of_range():
+    """A voltage of 120 pu (volts sent as pu) is stored flagged OUT_OF_RANGE, so the
+    monitor's good-quality reads skip it; values inside the range stay good."""
+    rows = [{"series": "m1", "quantity": "v", "unit": "pu", "t": "2026-11-25T10:00:00Z",
+             "value": v} for v in (120.0, -1.0, 1.02)]
+    rows.append({"series": "m1", "quantity": "p", "unit": "kW", "t": "2026-11-25T10:00:00Z",
+                 "value": 1e12})
+    b = parse_json(json.dumps(rows))
+    flagged = (b.quality & int(Quality.OUT_OF_RANGE)) != 0
+    assert flagged.tolist() == [True, True, False, True]

@@ -34,6 +34,7 @@ import pandas as pd
 
 from derms.errors import InputError
 from derms.ingest.units import QUANTITIES, canonical
+from derms.store.timeseries import Quality
 
 MAX_ROWS = 1_000_000
 KnownSeries = Collection[str] | Callable[[np.ndarray], np.ndarray] | None
@@ -42,6 +43,8 @@ _ZONE = r"(?:Z|z|[+-]\d{2}:?\d{2})$"
 _ALIASES = {"device": "series", "meter": "series", "series_id": "series", "timestamp": "t",
             "time": "t"}
 _REQUIRED = ("series", "quantity", "t", "value")
+_T_MIN_US = -62135596800 * 10**6  # 0001-01-01T00:00:00Z
+_T_MAX_US = 253402300799999999  # 9999-12-31T23:59:59.999999Z
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -250,6 +253,11 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
     bad_t = t.isna().to_numpy() & ~no_zone
     chk.flag(bad_t, "t", lambda r: f"timestamp {t_str.iloc[r]!r} is not ISO 8601")
     t_us = t.dt.tz_convert(None).to_numpy().astype("datetime64[us]").astype(np.int64)
+    # the UTC instant must be a datetime (years 1..9999): pandas parses '0001-01-01+05:00'
+    # to year 0 and '9999-12-31T23:59-05:00' to year 10000, which no reader can return
+    out_t = ~t.isna().to_numpy() & ((t_us < _T_MIN_US) | (t_us > _T_MAX_US))
+    chk.flag(out_t, "t", lambda r: f"timestamp {t_str.iloc[r]!r} is out of range in UTC "
+                                   "(years 1..9999)")
 
     if "quality" in frame.columns:
         raw_q = frame["quality"]
@@ -260,6 +268,15 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
         quality = np.nan_to_num(qual).astype(np.int16)
     else:
         quality = np.zeros(n, dtype=np.int16)
+
+    # outside the quantity's physical range: stored, flagged OUT_OF_RANGE (readers of good
+    # data, e.g. the monitor, skip it), as derms.ingest.quality defines the flag
+    lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
+    for name, spec in QUANTITIES.items():
+        at = quantity == name
+        lo[at], hi[at] = spec.lo, spec.hi
+    out_range = np.isfinite(value) & ((value < lo) | (value > hi))
+    quality = np.where(out_range, quality | int(Quality.OUT_OF_RANGE), quality).astype(np.int16)
 
     if chk.errors:
         raise BatchError(sorted(chk.errors, key=lambda e: (e.row, e.field)), n)
