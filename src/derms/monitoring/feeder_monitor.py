@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,9 @@ class MonitorConfig:
     # let the regulators and switched capacitors act at the estimated loads, freeze them
     # there and re-estimate, up to this many times (0: frozen at the base case)
     settle_controls: int = 3
+    # largest-normalised-residual elimination: AMI voltage rows flagged as bad data are
+    # left out and the estimate repeated, at most this many times per run
+    bad_data_removals: int = 3
 
     def multiplier(self, now: datetime) -> float:
         m = self.load_multiplier
@@ -211,7 +214,7 @@ class FeederMonitor:
         failed = None
         if meas is not None:
             try:
-                est = self._estimate(meas, notes, telemetered)
+                est = self._estimate_without_bad_data(meas, notes, telemetered)
             except (ConvergenceError, ModelError) as exc:  # the cycle goes on: the
                 # availability and alarms below do not depend on the estimate
                 log.warning("monitor_estimation_failed feeder=%s error=%s", self.feeder_id,
@@ -324,6 +327,42 @@ class FeederMonitor:
             notes.append(f"regulators/capacitors moved at the estimated loads and fit the "
                          f"meters better there; re-estimated at their new positions "
                          f"({moves} time(s))")
+        return est
+
+    def _estimate_without_bad_data(self, meas: Measurements, notes: list[str],
+                                   taps: dict[str, float] | None = None):
+        """:meth:`_estimate`, then largest-normalised-residual elimination: while the
+        estimate flags bad data on an AMI voltage row, that node's voltage is left out and
+        the estimate repeated (``bad_data_removals`` times at most; a note names each).
+        One meter reading 0 V (or volts sent as pu) on an energised node otherwise pulled
+        the loads around it: on the European LV feeder one 0 V reading of 55 took the
+        largest voltage error from 0.0015 to 0.0098 pu, one 120 pu reading to 0.41 pu
+        with 1,713 limit alarms."""
+        est = self._estimate(meas, notes, taps)
+        removed = []
+        for _ in range(self.config.bad_data_removals):
+            label = est.largest_nr_label
+            if not (est.converged and est.bad_data and label.startswith("v:")):
+                break
+            node = label[2:].lower()
+            keep = np.array([str(n).lower() != node for n in meas.v_nodes], dtype=bool)
+            if keep.all() or not keep.any():
+                break
+            trial = replace(meas, v_nodes=[n for n, k in zip(meas.v_nodes, keep) if k],
+                            v_pu=np.asarray(meas.v_pu)[keep],
+                            v_sigma_pu=np.asarray(meas.v_sigma_pu)[keep])
+            try:
+                again = self._estimate(trial, notes, taps)
+            except (ConvergenceError, ModelError) as exc:
+                log.warning("monitor_bad_data_removal_failed feeder=%s node=%s error=%s",
+                            self.feeder_id, node, exc)
+                break
+            nr = float(est.normalised_residual[est.largest_nr_row])
+            removed.append(f"{node} (normalised residual {nr:.1f})")
+            meas, est = trial, again
+        if removed:
+            notes.append("bad data: voltage reading(s) left out of the estimate: "
+                         + ", ".join(removed))
         return est
 
     def _settle_controls(self, est, taps: dict[str, float] | None = None) -> bool:
