@@ -745,3 +745,36 @@ def test_a_gross_voltage_reading_is_left_out_of_the_estimate(feeder, bad_value):
     finally:
         monitor.close()
         truth.close()
+
+
+def test_silent_head_scada_raises_a_stale_alarm(feeder):
+    """The head meter's P/Q stopped while the AMI kept reporting: the estimate dropped its
+    only power measurement without a word (no alarm, no note; IEEE 37 and the European LV
+    feeder through `derms serve`), where a silent AMI meter gets a telemetry_stale alarm."""
+    fid, db = feeder
+    rng = np.random.default_rng(5)
+    truth = Truth()
+    monitor = FeederMonitor(fid, MASTER, db, MonitorConfig(v_sigma_pu=0.003,
+                                                           head_sigma_frac=0.005))
+    head = head_meter_id(fid)
+    try:
+        truth.solve(rng.uniform(0.8, 1.2, len(truth.base)))
+        t1 = T0 + timedelta(hours=5)
+        write_readings(db, _prefixed(telemetry(fid, truth, t1 - timedelta(seconds=2), rng), fid))
+        st1 = monitor.run_once(t1)
+        assert st1.estimation["n_head"] == 3
+        assert ("telemetry_stale", None, head) not in _open_alarms(db, fid)
+        t2 = t1 + timedelta(minutes=20)  # AMI fresh, head silent since t1
+        frame = telemetry(fid, truth, t2 - timedelta(seconds=2), rng)
+        write_readings(db, _prefixed(frame[frame["meter_id"] != head], fid))
+        st2 = monitor.run_once(t2)
+        assert st2.estimation["n_head"] == 0
+        assert ("telemetry_stale", None, head) in _open_alarms(db, fid)
+        assert any("head SCADA" in n for n in st2.notes), st2.notes
+        t3 = t2 + timedelta(minutes=1)  # back: the alarm clears
+        write_readings(db, _prefixed(telemetry(fid, truth, t3 - timedelta(seconds=2), rng), fid))
+        monitor.run_once(t3)
+        assert ("telemetry_stale", None, head) not in _open_alarms(db, fid)
+    finally:
+        monitor.close()
+        truth.close()

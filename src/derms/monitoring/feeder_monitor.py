@@ -467,6 +467,15 @@ class FeederMonitor:
         cfg = self.config
         v_nodes, v_pu, v_sigma, stale_meters = self._voltage_rows(meters, m_series, m_last, notes)
         head = self._head_rows(m_last, notes)
+        head_id = head_meter_id(self.feeder_id)
+        if head is None and head_id not in set(m_last["meter_id"]) and (
+                (m_series["meter_id"] == head_id) & m_series["quantity"].isin(
+                    HEAD_P + HEAD_Q)).any():
+            # the head's SCADA has reported before and is silent now: the estimate loses
+            # its only power measurement; as stale as a silent AMI meter, and said so
+            stale_meters = [*stale_meters, head_id]
+            notes.append(f"head SCADA ({head_id}): no reading in the last "
+                         f"{cfg.meter_window_s:.0f} s: not used")
         ami = self._power_rows(meters, m_last, notes)
         mult = cfg.multiplier(now)
         info: dict[str, Any] = {"load_multiplier": mult, "n_voltage": len(v_nodes),
@@ -701,10 +710,12 @@ class FeederMonitor:
                     kind="telemetry_stale", der_id=r.der_id,
                     severity=Severity.CRITICAL if r.state == OFFLINE else Severity.WARNING,
                     message=f"device {r.der_id} telemetry {r.state}: {age}"))
+        head_id = head_meter_id(self.feeder_id)
         for m in stale_meters:
+            what = "head P/Q" if m == head_id else "voltage"
             out.append(AlarmCondition(
                 kind="telemetry_stale", meter_id=m, severity=Severity.WARNING,
-                message=f"meter {m}: no voltage reading in the last {cfg.meter_window_s:.0f} s"))
+                message=f"meter {m}: no {what} reading in the last {cfg.meter_window_s:.0f} s"))
         if failed is not None:
             out.append(AlarmCondition(
                 kind="estimation_failed", severity=Severity.WARNING,
