@@ -374,3 +374,16 @@ def test_405_lists_every_method_of_the_path(api):
         assert r.status_code == 405, (method, path)
         assert r.headers["allow"] == allow, (method, path)
         assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_ids_with_a_slash_are_refused_they_could_never_be_addressed(api):
+    """A feeder registered as "f/x" got 201, yet /v1/feeders/f%2Fx/models and /state are
+    404 (the path is decoded before routing: /v1/feeders/f/x/models), so it could never
+    get a model nor be monitored; a device "a/b" could never be read back."""
+    r = api.post("/v1/feeders", headers=api.admin, json={"feeder_id": "f/x"})
+    assert r.status_code == 422, r.text
+    r = api.post("/v1/devices", headers=api.admin, json={
+        "der_id": "a/b", "site_id": "s-slash", "der_type": "pv", "s_max_kva": 5})
+    assert r.status_code == 422, r.text
+    r = api.post("/v1/meters", headers=api.admin, json={"meter_id": "m/1"})
+    assert r.status_code == 422, r.text

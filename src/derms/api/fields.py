@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import StringConstraints
 
 _NO_NUL = r"^[^\x00]*$"
-_ID = r"^[^\x00\s](?:[^\x00]*[^\x00\s])?$"
+_ID = r"^[^\x00\s/](?:[^\x00/]*[^\x00\s/])?$"  # "/" could not be addressed in a URL path
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=_ID)]
 Text64 = Annotated[str, StringConstraints(max_length=64, pattern=_NO_NUL)]
