@@ -42,7 +42,7 @@ import numpy as np
 
 LEVEL_STEP = 0.02
 LEVEL_RANGE = (0.02, 10.0)  # of Q, and of P where the head imports
-LEVEL_P_MIN = -2.0  # P: below 0 the loads as a whole export (generation not modelled)
+LEVEL_P_MIN = -10.0  # P: below 0 the loads as a whole export (generation not modelled)
 MISMATCH_SIGMAS = 3.0
 MAX_SOLVES = 8
 UNEXPLAINED_SIGMAS = 10.0  # head mismatch left after the fit beyond which no level is applied
