@@ -59,6 +59,12 @@ def test_registry_and_audit(api):
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
     fields = {e["field"] for e in r.json()["errors"]}
     assert {"body.der_type", "body.s_max_kva"} <= fields
+    # a 500 kW generator on a 5 kVA inverter was registered (independent test)
+    r = api.post("/v1/devices", headers=api.admin, json={
+        "der_id": "x-big", "site_id": "s", "der_type": "pv", "s_max_kva": 5,
+        "p_gen_max_kw": 500})
+    assert r.status_code == 422, r.text
+    assert "p_gen_max_kw 500 is beyond s_max_kva 5" in r.json()["errors"][0]["detail"]
     page = api.get("/v1/devices?limit=1", headers=api.reader).json()
     assert page["limit"] == 1 and len(page["items"]) == 1 and page["total"] >= 1
     assert api.get("/v1/devices/nosuch", headers=api.reader).status_code == 404
@@ -353,6 +359,7 @@ def test_serve_refuses_bad_and_busy_ports_before_starting(tmp_path):
     env = {**os.environ, "DERMS_DATA_DIR": str(tmp_path)}
     base = [sys.executable, "-m", "derms.cli.main", "serve", "--no-mqtt"]
     res = subprocess.run([*base, "--port", "99999"], env=env, capture_output=True, text=True,
+                         check=False,
                          timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     with socket.socket() as busy:
@@ -360,6 +367,7 @@ def test_serve_refuses_bad_and_busy_ports_before_starting(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         res = subprocess.run([*base, "--port", str(port)], env=env, capture_output=True,
+                             check=False,
                              text=True, timeout=60)
     assert res.returncode == 2 and "--port" in res.stderr and "Traceback" not in res.stderr
 

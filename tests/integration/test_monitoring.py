@@ -376,7 +376,7 @@ def test_monitor_process_runs_and_reacts_to_topology(feeder, db_url):
     assert not proc.alive
 
 
-def test_a_feeder_registered_while_serving_is_monitored(feeder, db_url):
+def test_a_feeder_registered_while_serving_is_monitored(feeder, db_url, tmp_path):
     """There was no way to register a feeder's model but writing to the database, and the
     monitoring child built its monitors once, at start: a feeder added later was never
     monitored until a restart. POST /v1/feeders/{id}/models registers a version and the
@@ -410,6 +410,17 @@ def test_a_feeder_registered_while_serving_is_monitored(feeder, db_url):
         r = client.post(f"/v1/feeders/{fid2}/models", headers=hdr,
                         json={"source_uri": "/no/such/Master.dss"})
         assert r.status_code == 422 and "not found" in r.json()["detail"]
+        # a file that is no OpenDSS model was registered (201) and the monitor only
+        # logged the compile error (found by an independent test): now 422, not stored
+        bad = tmp_path / "Master.dss"
+        bad.write_text("New Circuit.x basekv=12.47\nNew Line.l1 bus1=a bus2=b linecode=nosuch\n")
+        r = client.post(f"/v1/feeders/{fid2}/models", headers=hdr,
+                        json={"source_uri": str(bad)})
+        assert r.status_code == 422, r.text
+        assert "not a usable OpenDSS model" in r.json()["detail"]
+        assert r.json()["errors"][0]["field"] == "body.source_uri"
+        items = client.get(f"/v1/feeders/{fid2}/models", headers=hdr).json()["items"]
+        assert [v["version"] for v in items] == [1, 2]
     finally:
         proc.close()
 

@@ -152,6 +152,30 @@ def test_payloads_that_broke_the_parser_are_rejected_and_ingest_carries_on():
     assert all(e["detail"] for e in errors)
 
 
+def test_a_payload_above_the_size_limit_is_refused():
+    """MQTT had no size limit (a 42.8 MB message was taken; the API says 413 above
+    DERMS_MAX_BODY_BYTES): a larger message is reported on the errors topic and the next
+    one is stored."""
+    sink = KeyedSink()
+    ingest, client_id, root = _run_ingest(sink, max_delay_s=0.05, max_payload_bytes=2_000)
+    pub, errors = _error_listener(root)
+    big = _rows(1, per_msg=40)
+    assert len(big) > 2_000
+    infos = [pub.publish(root + "/telemetry/der", big, qos=1),
+             pub.publish(root + "/telemetry/der", _rows(2), qos=1)]
+    for info in infos:
+        info.wait_for_publish(timeout=10)
+    deadline = time.monotonic() + 20
+    while (len(sink.rows) < 5 or not errors) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ingest.stop()
+    pub.loop_stop()
+    pub.disconnect()
+    drop_session(client_id)
+    assert len(sink.rows) == 5 and ingest.stats.rejected == 1, (len(sink.rows), errors)
+    assert "larger than 2000" in errors[0]["detail"]
+
+
 def test_many_small_messages_arrive_without_loss():
     """Acknowledging after each batch's commit held messages unacknowledged for a batch
     period; under MQTT 3.1.1 the broker then sent only 20 at a time (its

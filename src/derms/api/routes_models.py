@@ -15,11 +15,14 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
 from derms.api.fields import Text500
 from derms.api.problems import Problem
+from derms.errors import DermsError
 from derms.grid.bundled import resolve_master
+from derms.powerflow.engine import OpenDSSEngine
 from derms.store.audit import append_audit
 from derms.store.models import Feeder, FeederModelVersion
 from derms.store.types import ensure_utc, utcnow
@@ -47,12 +50,22 @@ def _stored_utc(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
+def check_model(master: str) -> int:
+    """Compile ``master`` and solve its base case (in the engine worker); the number of
+    buses. DermsError when it does not compile, defines no circuit or does not solve."""
+    with OpenDSSEngine(master) as engine:
+        engine.solve_snapshot()
+        return int(engine.circuit.NumBuses)
+
+
 @router.post("/feeders/{feeder_id}/models", status_code=201)
-def add_model_version(request: Request, feeder_id: str, body: ModelIn,
-                      principal: Annotated[Principal, Depends(require("admin"))]
-                      ) -> dict[str, Any]:
+async def add_model_version(request: Request, feeder_id: str, body: ModelIn,
+                            principal: Annotated[Principal, Depends(require("admin"))]
+                            ) -> dict[str, Any]:
     """Register the next model version of a feeder (404 for an unknown feeder, 422 for a
-    master file that does not exist); the file's SHA-256 is kept with it."""
+    master file that does not exist, does not compile or whose base case does not solve:
+    before, such a version was registered and the monitor only logged the error); the
+    file's SHA-256 is kept with it."""
     if body.valid_from is not None and body.valid_from.tzinfo is None:
         raise Problem(422, "valid_from has no time zone")
     master = resolve_master(body.source_uri.removeprefix("file://"))
@@ -63,8 +76,15 @@ def add_model_version(request: Request, feeder_id: str, body: ModelIn,
     except OSError as exc:
         raise Problem(422, f"source_uri {body.source_uri!r}: cannot read it "
                            f"({exc.strerror or exc})") from None
+    await run_in_threadpool(_feeder_exists, request, feeder_id)  # 404 before compiling
     try:
-        out = _register(request, feeder_id, body, digest, principal)
+        await request.app.state.engine_pool.run(check_model, str(master))
+    except DermsError as exc:
+        detail = f"source_uri {body.source_uri!r}: not a usable OpenDSS model: {exc}"
+        raise Problem(422, detail, errors=[{"field": "body.source_uri", "detail": detail}]
+                      ) from None
+    try:
+        out = await run_in_threadpool(_register, request, feeder_id, body, digest, principal)
     except IntegrityError:  # another registration took this version number meanwhile
         raise Problem(409, f"feeder {feeder_id!r}: another model version was registered "
                            "at the same time; send the request again") from None
@@ -72,6 +92,12 @@ def add_model_version(request: Request, feeder_id: str, body: ModelIn,
     if monitor is not None and hasattr(monitor, "notify_models_changed"):
         monitor.notify_models_changed()
     return out
+
+
+def _feeder_exists(request: Request, feeder_id: str) -> None:
+    with request.app.state.sessions() as s:
+        if s.get(Feeder, feeder_id) is None:
+            raise Problem(404, f"unknown feeder {feeder_id!r}")
 
 
 def _register(request: Request, feeder_id: str, body: ModelIn, digest: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 
 from derms.api.auth import Principal, require
@@ -57,6 +57,17 @@ class DeviceIn(BaseModel):
     protocol: Protocol = Protocol.NONE
     endpoint: Text500 | None = None
     status: DeviceStatus = DeviceStatus.COMMISSIONING
+
+    @model_validator(mode="after")
+    def _within_apparent_power(self) -> DeviceIn:
+        """Every P and Q limit within the nameplate kVA (a 500 kW generator on a 5 kVA
+        inverter was accepted)."""
+        for name in ("p_gen_max_kw", "p_charge_max_kw", "q_max_kvar", "q_min_kvar"):
+            value = abs(getattr(self, name))
+            if value > self.s_max_kva * (1 + 1e-9):
+                raise ValueError(f"{name} {getattr(self, name):g} is beyond s_max_kva "
+                                 f"{self.s_max_kva:g}")
+        return self
 
 
 class MeterIn(BaseModel):

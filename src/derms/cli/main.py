@@ -229,7 +229,6 @@ def token_create(
     """Mint an API token; it is printed once and stored only as a hash."""
     from derms.api.auth import SCOPES, mint_token
     from derms.config import get_settings
-
     from derms.store.migrate import current_revision, head_revision
 
     if scope not in SCOPES:
@@ -347,7 +346,8 @@ def serve(
         sink = api.state.sink
         ingest = MqttIngest(sink, host=settings.mqtt_host, port=settings.mqtt_port,
                             client_id=settings.mqtt_client_id, known_series=sink.is_known,
-                            topic_root=settings.mqtt_topic_root)
+                            topic_root=settings.mqtt_topic_root,
+                            max_payload_bytes=settings.max_body_bytes)
         ingest.start()
     loop = None
     if monitor_period_s > 0:

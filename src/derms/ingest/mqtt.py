@@ -84,14 +84,18 @@ class MqttIngest(QueuedSubscriber):
     rejects readings of unknown series.
     ``max_batch`` readings or ``max_delay_s`` seconds, whichever first, close a write batch.
     ``topic_root`` replaces ``derms/v1`` (e.g. one root per site or per test run).
+    ``max_payload_bytes``: a larger message is refused (reported on the errors topic),
+    like a request body above the API's limit.
     """
 
     def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 1883,
                  client_id: str = "derms-ingest", known_series: KnownSeries = None,
                  max_batch: int = 50_000, max_delay_s: float = 0.2,
-                 topic_root: str = TOPIC_ROOT) -> None:
+                 topic_root: str = TOPIC_ROOT, max_payload_bytes: int = 32 * 1024 * 1024
+                 ) -> None:
         super().__init__(host, port, client_id, max_inflight=1000)
         self.sink, self.known_series = sink, known_series
+        self.max_payload_bytes = max_payload_bytes  # larger messages are refused
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self.max_batch_bytes = 16 * 1024 * 1024  # payload bytes that close a write batch
         self.stats = IngestStats()
@@ -175,6 +179,9 @@ class MqttIngest(QueuedSubscriber):
                 if not _SOURCE.match(source):
                     raise InputError(f"topic source {source!r}: expected 1-32 characters "
                                      "[A-Za-z0-9_.:-]")
+                if len(msg.payload) > self.max_payload_bytes:  # as the API's 413
+                    raise InputError(f"payload of {len(msg.payload)} bytes is larger than "
+                                     f"{self.max_payload_bytes} (DERMS_MAX_BODY_BYTES)")
                 batch = parse_json(msg.payload, source=source, known_series=self.known_series)
             except InputError as exc:
                 self._reject(msg, source, exc)
