@@ -519,6 +519,27 @@ def test_estimates_keep_working_after_a_switch_opens_and_closes(feeder):
         truth.close()
 
 
+def test_closing_a_tie_the_model_leaves_disabled_energises_it(feeder, tmp_path):
+    """ckt7's tie line.175012 is disabled in the model: an ADMS "closed" was reported as
+    closed and the line stayed out of the circuit (independent test). Here IEEE 13 with
+    line 671692 disabled: 692 is dead until the switch is reported closed."""
+    fid, db = feeder
+    master = tmp_path / "Master.dss"
+    master.write_text(f"Redirect {MASTER}\nDisable Line.671692\n")
+    monitor = FeederMonitor(fid, master, db)
+    try:
+        st = monitor.run_once(T0)
+        assert dict(zip(st.node_names, st.v_pu))["692.1"] < 0.1
+        with make_session_factory(db).begin() as s:
+            s.add(TopologyEvent(feeder_id=fid, switch="671692", state=SwitchState.CLOSED,
+                                t=T0 + timedelta(seconds=5)))
+        st = monitor.run_once(T0 + timedelta(minutes=1))
+        assert st.topology == {"671692": "closed"}
+        assert dict(zip(st.node_names, st.v_pu))["692.1"] > 0.9, st.notes
+    finally:
+        monitor.close()
+
+
 def test_a_failed_estimate_is_said_and_a_failed_run_is_not_served_as_fresh(feeder, db_url,
                                                                           monkeypatch):
     """When the estimator fails, the run still computes availability and alarms (from the

@@ -499,7 +499,9 @@ class FeederMonitor:
 
     # -- pieces ---------------------------------------------------------------------------
     def _apply_topology(self, now: datetime, notes: list[str]) -> None:
-        """Apply the latest switch state of each switch (events with ``t <= now``)."""
+        """Apply the latest switch state of each switch (events with ``t <= now``). Closing
+        also enables the element: a tie switch a model leaves disabled (EPRI ckt7's
+        line.175012) was reported closed and stayed out of the circuit."""
         last = (select(TopologyEvent.switch, func.max(TopologyEvent.t).label("t"))
                 .where(TopologyEvent.feeder_id == self.feeder_id, TopologyEvent.t <= now)
                 .group_by(TopologyEvent.switch).subquery())
@@ -516,6 +518,8 @@ class FeederMonitor:
             verb = "open" if state == SwitchState.OPEN else "close"
             element = switch if "." in switch else f"line.{switch}"
             try:
+                if verb == "close":  # a tie the model leaves disabled (normally open)
+                    self.engine.command(f"enable {element}")
                 self.engine.command(f"{verb} {element} term=1")
             except ModelError as exc:
                 log.warning("monitor_topology feeder=%s switch=%s error=%s",
