@@ -810,3 +810,55 @@ def test_silent_head_scada_raises_a_stale_alarm(feeder):
     finally:
         monitor.close()
         truth.close()
+
+
+def test_line_to_line_meters_on_an_ungrounded_feeder(db_url):
+    """IEEE 37 is a 3-wire delta feeder: its node voltages are measured line to line. A
+    meter registered with phase ``ab`` sending its one line-to-line value was skipped, and
+    a ``v_v`` there was divided by the line-to-neutral base, sqrt 3 too high (independent
+    test). Now both read what the node measures: the estimate matches the truth."""
+    from derms.powerflow.collect import StepCollector, build_index
+    from tests.conftest import shared_master
+
+    master = shared_master("ieee37")
+    with OpenDSSEngine(master) as eng:
+        eng.solve_snapshot()
+        ix = build_index(eng)
+        col = StepCollector(eng, ix, 1)
+        col.collect(0)
+    v_true = col.v_pu[0]
+    pos = {(b, int(p)): k for k, (b, p) in enumerate(zip(ix.node_bus, ix.node_phase))}
+    buses = sorted({b for (b, p), k in pos.items()
+                    if p == 1 and ix.v_pair[k] >= 0 and ix.v_pair[k] == pos.get((b, 2))})[:12]
+    assert len(buses) == 12
+    fid = f"f37-{uuid.uuid4().hex[:6]}"
+    db = make_engine(db_url)
+    rows = []
+    with make_session_factory(db).begin() as s:
+        s.add(Feeder(feeder_id=fid, name="IEEE 37"))
+        s.flush()
+        s.add(FeederModelVersion(feeder_id=fid, version=1, source_uri=str(master),
+                                 valid_from=T0 - timedelta(days=1)))
+        for k, b in enumerate(buses):
+            s.add(Meter(meter_id=f"{fid}-m{k}", feeder_id=fid, bus=b, phase=Phase.AB))
+            i = pos[(b, 1)]
+            if k % 2:  # volts, line to line
+                rows.append((f"{fid}-m{k}", "v_v",
+                             v_true[i] * np.sqrt(3) * ix.node_kv_base_ln[i] * 1000))
+            else:
+                rows.append((f"{fid}-m{k}", "v_pu", v_true[i]))
+    write_readings(db, pd.DataFrame({
+        "meter_id": [r[0] for r in rows], "quantity": [r[1] for r in rows],
+        "value": [float(r[2]) for r in rows],
+        "t": pd.Series([T0 - timedelta(seconds=10)] * len(rows), dtype=object),
+        "source": "ami"}))
+    monitor = FeederMonitor(fid, master, db, MonitorConfig(alarms=False, v_sigma_pu=0.001))
+    try:
+        st = monitor.run_once(T0)
+    finally:
+        monitor.close()
+        db.dispose()
+    assert not any("meters skipped" in n for n in st.notes), st.notes
+    est = dict(zip(st.node_names, st.v_pu))
+    err = max(abs(est[f"{b}.1"] - v_true[pos[(b, 1)]]) for b in buses)
+    assert err < 2e-3, err

@@ -13,6 +13,7 @@ from derms.monitoring.feeder_monitor import (
     MonitorConfig,
     _load_table,
     _loads_by_bus,
+    node_base_v,
 )
 from derms.powerflow.engine import OpenDSSEngine
 from derms.store.db import make_session_factory
@@ -32,9 +33,9 @@ class StoreMeasurements(FeederMonitor):
         self.index = build_index(engine)
         self.node_names = engine.node_names()
         self._node_pos = {s: i for i, s in enumerate(self.node_names)}
-        self._node_base_v = self.index.node_kv_base_ln * 1000.0
+        self._node_base_v = node_base_v(self.index)
         self.load_names, self.base_p_kw, self.base_q_kvar = _load_table(engine)
-        self._loads_at_bus = _loads_by_bus(engine, self.load_names)
+        self._loads_at_bus, self._load_nodes = _loads_by_bus(engine, self.load_names)
         self.topology: dict[str, str] = {}
 
     def close(self) -> None:  # the engine is the loop's

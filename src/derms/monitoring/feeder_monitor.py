@@ -173,11 +173,11 @@ class FeederMonitor:
         self.index = build_index(self.engine)
         self.node_names = self.engine.node_names()
         self._node_pos = {s: i for i, s in enumerate(self.node_names)}
-        self._node_base_v = self.index.node_kv_base_ln * 1000.0
+        self._node_base_v = node_base_v(self.index)
         self.branch_names = [f"{e}.{p}" for e, p in
                              zip(self.index.branch_element, self.index.branch_phase)]
         self.load_names, self.base_p_kw, self.base_q_kvar = _load_table(self.engine)
-        self._loads_at_bus = _loads_by_bus(self.engine, self.load_names)
+        self._loads_at_bus, self._load_nodes = _loads_by_bus(self.engine, self.load_names)
         self.topology: dict[str, str] = {}
         # what successive estimates say of the loads' spread around the pseudo-loads
         self.scale_tracker = ScaleTracker()
@@ -555,10 +555,16 @@ class FeederMonitor:
                 skipped.append(m.meter_id)
                 continue
             phase = str(getattr(m.phase, "value", m.phase))
-            for letter in phase:
-                name = f"{m.bus.strip().lower()}.{PHASE_NODE[letter]}"
+            bus = m.bus.strip().lower()
+            letters = phase
+            ll = self._line_to_line_node(bus, phase)
+            if ll is not None and not any((m.meter_id, f"v_{x}_{u}") in last
+                                          for x in phase for u in ("pu", "v")):
+                letters = phase[0]  # one line-to-line value: the node measured across
+            for letter in letters:
+                name = f"{bus}.{PHASE_NODE[letter]}"
                 wanted = (f"v_{letter}_pu", f"v_{letter}_v")
-                if len(phase) == 1:
+                if len(letters) == 1:
                     wanted = ("v_pu", "v_v", *wanted)
                 q = next((q for q in wanted if (m.meter_id, q) in last), None)
                 if q is None:
@@ -584,8 +590,20 @@ class FeederMonitor:
         sig = np.array([self.config.v_sigma_pu / np.sqrt(len(rows[s])) for s in names])
         return names, v, sig, stale
 
+    def _line_to_line_node(self, bus: str, phase: str) -> int | None:
+        """Index of node ``bus.<phase[0]>`` where a two-phase meter (``ab``, ``bc``,
+        ``ca``) reads what that node measures: the line-to-line voltage to its pair on
+        an ungrounded area; None elsewhere."""
+        pair = self.index.v_pair
+        if len(phase) != 2 or pair is None:
+            return None
+        i = self._node_pos.get(f"{bus}.{PHASE_NODE[phase[0]]}")
+        j = self._node_pos.get(f"{bus}.{PHASE_NODE[phase[1]]}")
+        return i if i is not None and j is not None and pair[i] == j else None
+
     def _power_rows(self, meters, m_last: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
-        """AMI p_kw / q_kvar as measurements of the single load at each meter's bus."""
+        """AMI p_kw / q_kvar as measurements of the single load at each meter's bus, or of
+        the one on the meter's phases where the bus has several (one per phase)."""
         cfg = self.config
         last = m_last[m_last["quantity"].isin(POWER_QUANTITIES)].sort_values("t")
         latest = last.groupby(["meter_id", "quantity"])["value"].last()
@@ -595,19 +613,21 @@ class FeederMonitor:
         for m in meters:
             if not m.bus:
                 continue
-            loads = self._loads_at_bus.get(m.bus.strip().lower(), [])
+            load = _meter_load(self._loads_at_bus.get(m.bus.strip().lower(), []),
+                               self._load_nodes, m.phase)
             for kind, q in (("p", "p_kw"), ("q", "q_kvar")):
                 if (m.meter_id, q) not in latest.index:
                     continue
-                if len(loads) != 1:
+                if load is None:
                     ambiguous.append(m.meter_id)
                     continue
-                if loads[0] in out[f"ami_{kind}_loads"]:
+                if load in out[f"ami_{kind}_loads"]:
                     continue  # two meters on one load: the first one
-                out[f"ami_{kind}_loads"].append(loads[0])
+                out[f"ami_{kind}_loads"].append(load)
                 vals[kind].append(float(latest[(m.meter_id, q)]))
         if ambiguous:
-            notes.append(f"AMI power not used (no single load at the meter's bus): "
+            notes.append(f"AMI power not used (no single load at the meter's bus and "
+                         f"phase): "
                          f"{sorted(set(ambiguous))[:20]}")
         for kind, unit in (("p", "kw"), ("q", "kvar")):
             if not out[f"ami_{kind}_loads"]:
@@ -740,15 +760,43 @@ def _load_table(engine: OpenDSSEngine) -> tuple[list[str], np.ndarray, np.ndarra
     return names, p, q
 
 
-def _loads_by_bus(engine: OpenDSSEngine, names: list[str]) -> dict[str, list[str]]:
-    """Bus (lower case, no nodes) -> names of the loads connected there."""
+def _loads_by_bus(engine: OpenDSSEngine, names: list[str]
+                  ) -> tuple[dict[str, list[str]], dict[str, frozenset[int]]]:
+    """Bus (lower case, no nodes) -> names of the loads connected there; load name -> its
+    phase nodes (1-3; all three where the bus name gives none)."""
     c = engine.circuit
     out: dict[str, list[str]] = {}
+    nodes: dict[str, frozenset[int]] = {}
     for name in names:
         c.SetActiveElement(f"load.{name}")
-        bus = c.ActiveCktElement.BusNames[0].split(".")[0].lower()
+        bus, *given = c.ActiveCktElement.BusNames[0].lower().split(".")
         out.setdefault(bus, []).append(name)
-    return out
+        ph = frozenset(int(n) for n in given if n.isdigit() and 1 <= int(n) <= 3)
+        nodes[name] = ph or frozenset({1, 2, 3})
+    return out, nodes
+
+
+def node_base_v(index) -> np.ndarray:
+    """Base [V] of each node's measured voltage: line to neutral, or line to line (x sqrt 3)
+    on ungrounded areas, where ``v_pu`` is ``|V_a - V_b| / (sqrt 3 V_base_ln)``; a meter's
+    ``v_v`` there is the line-to-line volts (divided by the line-to-neutral base it read
+    sqrt 3 too high)."""
+    base = index.node_kv_base_ln * 1000.0
+    if index.v_pair is not None:
+        base = base * np.where(index.v_pair >= 0, np.sqrt(3.0), 1.0)
+    return base
+
+
+def _meter_load(loads: list[str], load_nodes: dict[str, frozenset[int]], phase) -> str | None:
+    """The one load at a meter's bus: the only one there, or the only one on exactly the
+    meter's phases (a bus with a load per phase); None when that does not single one out."""
+    if len(loads) == 1:
+        return loads[0]
+    if not phase:
+        return None
+    want = frozenset("abc".index(ch) + 1 for ch in str(getattr(phase, "value", phase)))
+    same = [ld for ld in loads if load_nodes.get(ld) == want]
+    return same[0] if len(same) == 1 else None
 
 
 def _set_loads(loads, p: np.ndarray, q: np.ndarray) -> None:
