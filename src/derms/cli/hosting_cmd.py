@@ -59,7 +59,9 @@ def hosting_capacity(
     ] = None,
     max_kw: Annotated[float, typer.Option(
         help="Largest size searched [kW] (total over the site's phases).")] = 10_000.0,
-    tol_kw: Annotated[float, typer.Option(help="Resolution of the search [kW].")] = 1.0,
+    tol_kw: Annotated[float, typer.Option(
+        help="Resolution of the search [kW]: the brute-force bisection's; the fast methods "
+             "stop within 2 % + this of their AC-verified root, on the safe side.")] = 1.0,
     v_deviation_pu: Annotated[float, typer.Option(
         help="Largest voltage change from the base case [pu], e.g. 0.03; 0 (default) = not "
              "checked, as in the DESIGN.md definition (voltage band and thermal only).")
