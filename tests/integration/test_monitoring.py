@@ -540,6 +540,25 @@ def test_closing_a_tie_the_model_leaves_disabled_energises_it(feeder, tmp_path):
         monitor.close()
 
 
+def test_a_switch_the_model_does_not_have_raises_an_alarm(feeder):
+    """An ADMS switching of an element the model does not have was accepted (201) and only
+    noted in the state (independent test): it is an alarm until the model takes it."""
+    fid, db = feeder
+    monitor = FeederMonitor(fid, MASTER, db)
+    try:
+        with make_session_factory(db).begin() as s:
+            s.add(TopologyEvent(feeder_id=fid, switch="nosuchswitch", state=SwitchState.OPEN,
+                                t=T0 - timedelta(seconds=5)))
+        st = monitor.run_once(T0)
+        assert any("nosuchswitch" in n and "not applied" in n for n in st.notes)
+        with make_session_factory(db)() as s:
+            kinds = [a.kind for a in s.scalars(select(Alarm).where(
+                Alarm.feeder_id == fid, Alarm.t_cleared.is_(None)))]
+        assert "topology_not_applied:nosuchswitch" in kinds, kinds
+    finally:
+        monitor.close()
+
+
 def test_a_failed_estimate_is_said_and_a_failed_run_is_not_served_as_fresh(feeder, db_url,
                                                                           monkeypatch):
     """When the estimator fails, the run still computes availability and alarms (from the

@@ -193,7 +193,7 @@ class FeederMonitor:
         t0 = time.perf_counter()
         cfg = self.config
         notes: list[str] = []
-        self._apply_topology(now, notes)
+        unapplied = self._apply_topology(now, notes)
         with self.db.connect() as conn:
             meters, m_series, m_last = self.read_meters(conn, now)
             taps = self.read_taps(conn, now)
@@ -258,7 +258,7 @@ class FeederMonitor:
         if cfg.alarms:
             conds = self._conditions(report.events, avail, devices, stale_meters,
                                      model_only=estimation["method"] == "pseudo_power_flow",
-                                     failed=failed)
+                                     failed=failed, unapplied=unapplied)
             with self.sessions.begin() as session:
                 sync = sync_alarms(session, self.feeder_id, conds, now)
             alarm_info = {"raised": sync.raised, "cleared": sync.cleared, "open": sync.open}
@@ -498,10 +498,12 @@ class FeederMonitor:
         return meas, stale_meters, info
 
     # -- pieces ---------------------------------------------------------------------------
-    def _apply_topology(self, now: datetime, notes: list[str]) -> None:
+    def _apply_topology(self, now: datetime, notes: list[str]) -> dict[str, str]:
         """Apply the latest switch state of each switch (events with ``t <= now``). Closing
         also enables the element: a tie switch a model leaves disabled (EPRI ckt7's
-        line.175012) was reported closed and stayed out of the circuit."""
+        line.175012) was reported closed and stayed out of the circuit. Returns the
+        switches the model could not take (name -> engine message): retried every run,
+        each an alarm until then."""
         last = (select(TopologyEvent.switch, func.max(TopologyEvent.t).label("t"))
                 .where(TopologyEvent.feeder_id == self.feeder_id, TopologyEvent.t <= now)
                 .group_by(TopologyEvent.switch).subquery())
@@ -511,6 +513,7 @@ class FeederMonitor:
         with self.db.connect() as conn:
             latest = {r.switch.lower(): r.state for r in conn.execute(stmt)}
         changed = False
+        unapplied: dict[str, str] = {}
         for switch, state in latest.items():
             state = SwitchState(state)
             if self.topology.get(switch) == state.value:
@@ -525,11 +528,13 @@ class FeederMonitor:
                 log.warning("monitor_topology feeder=%s switch=%s error=%s",
                             self.feeder_id, switch, exc)
                 notes.append(f"switch {switch!r} not applied: {exc}")
+                unapplied[switch] = str(exc)
                 continue
             self.topology[switch] = state.value
             changed = True
         if changed:
             self.engine.solve()  # energised nodes of the new topology (meters on dead ones skip)
+        return unapplied
 
     def _voltage_rows(self, meters, m_series: pd.DataFrame, m_last: pd.DataFrame,
                       notes: list[str]):
@@ -706,10 +711,14 @@ class FeederMonitor:
 
     def _conditions(self, events: pd.DataFrame, avail: pd.DataFrame, devices,
                     stale_meters: list[str], *, model_only: bool = False,
-                    failed: str | None = None) -> list[AlarmCondition]:
+                    failed: str | None = None, unapplied: dict[str, str] | None = None
+                    ) -> list[AlarmCondition]:
         """Alarm conditions of one run. ``model_only``: the voltages and loadings come from
         the pseudo-measurements alone (no telemetry, or the estimate failed), which the
-        messages say; ``failed``: the estimator's error (an ``estimation_failed`` alarm)."""
+        messages say; ``failed``: the estimator's error (an ``estimation_failed`` alarm);
+        ``unapplied``: switch states the model could not take (a ``topology_not_applied``
+        alarm each: an ADMS switching of an element the model does not have was accepted
+        and only noted)."""
         cfg = self.config
         out = []
         basis = " (model only: no telemetry in the estimate)" if model_only else ""
@@ -740,6 +749,11 @@ class FeederMonitor:
             out.append(AlarmCondition(
                 kind="telemetry_stale", meter_id=m, severity=Severity.WARNING,
                 message=f"meter {m}: no {what} reading in the last {cfg.meter_window_s:.0f} s"))
+        for switch, err in (unapplied or {}).items():
+            out.append(AlarmCondition(
+                kind=f"topology_not_applied:{switch}"[:64], severity=Severity.WARNING,
+                message=f"switch {switch}: its reported state is not in the estimate "
+                        f"({err[:200]})"))
         if failed is not None:
             out.append(AlarmCondition(
                 kind="estimation_failed", severity=Severity.WARNING,
