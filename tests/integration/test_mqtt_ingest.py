@@ -110,6 +110,15 @@ def _error_listener(root: str):
     return pub, errors
 
 
+def _wait(infos, done, timeout_s: float = 20.0) -> None:
+    """Wait for the publishes to be acknowledged, then until ``done()`` (or the timeout)."""
+    for info in infos:
+        info.wait_for_publish(timeout=10)
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _rows(m: int, per_msg: int = 5) -> str:
     return json.dumps([{"series": f"dev-{k}", "quantity": "p", "unit": "kW",
                         "t": f"2026-11-25T{m // 3600:02d}:{m // 60 % 60:02d}:{m % 60:02d}Z",
@@ -163,11 +172,7 @@ def test_a_payload_above_the_size_limit_is_refused():
     assert len(big) > 2_000
     infos = [pub.publish(root + "/telemetry/der", big, qos=1),
              pub.publish(root + "/telemetry/der", _rows(2), qos=1)]
-    for info in infos:
-        info.wait_for_publish(timeout=10)
-    deadline = time.monotonic() + 20
-    while (len(sink.rows) < 5 or not errors) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait(infos, lambda: len(sink.rows) >= 5 and errors)
     ingest.stop()
     pub.loop_stop()
     pub.disconnect()
@@ -230,11 +235,7 @@ def test_a_refused_message_costs_only_itself_and_a_sink_failure_is_retried():
              pub.publish(root + "/telemetry/site1", ghost, qos=1),
              pub.publish(root + "/telemetry/site1", _rows(2), qos=1),
              pub.publish(root + "/telemetry/site2", _rows(3), qos=1)]
-    for info in infos:
-        info.wait_for_publish(timeout=10)
-    deadline = time.monotonic() + 20
-    while (len(sink.rows) < 15 or not errors) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait(infos, lambda: len(sink.rows) >= 15 and errors)
     writer_alive = all(t.is_alive() for t in ingest._threads)
     infos = [pub.publish(root + "/telemetry/site2", _rows(4), qos=1)]  # still flowing
     infos[0].wait_for_publish(timeout=10)
