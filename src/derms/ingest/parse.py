@@ -271,10 +271,11 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
 
     # outside the quantity's physical range: stored, flagged OUT_OF_RANGE (readers of good
     # data, e.g. the monitor, skip it), as derms.ingest.quality defines the flag
-    lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
-    for name, spec in QUANTITIES.items():
-        at = quantity == name
-        lo[at], hi[at] = spec.lo, spec.hi
+    # one lookup per distinct quantity/unit pair (``codes``), not a pass over the rows
+    # per quantity (that cost 0.6 s per million rows)
+    spec_of = [QUANTITIES.get(q) for q in names]
+    lo = np.array([-np.inf if s is None else s.lo for s in spec_of])[codes]
+    hi = np.array([np.inf if s is None else s.hi for s in spec_of])[codes]
     out_range = np.isfinite(value) & ((value < lo) | (value > hi))
     quality = np.where(out_range, quality | int(Quality.OUT_OF_RANGE), quality).astype(np.int16)
 
