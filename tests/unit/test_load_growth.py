@@ -134,3 +134,14 @@ def test_first_exceeded_holds_pre_existing_to_base_value():
     assert first.tolist() == [2, 3, -1]
     assert val.tolist() == [105.0, 112.0, 110.0]
     assert pre.tolist() == [False, True, True]
+
+
+def test_warmup_runs_merge_overlapping_windows_and_flag_restarts():
+    from derms.studies.load_growth import warmup_runs
+
+    solve, start, cand = warmup_runs(np.array([10, 12, 40, 2]), 3, stride=2)
+    assert solve.tolist() == [0, 2, 4, 6, 8, 10, 12, 34, 36, 38, 40]
+    assert solve[start].tolist() == [0, 4, 34]   # 2's window [0, 2]; 10 and 12 share one
+    assert solve[cand].tolist() == [2, 10, 12, 40]
+    solve, start, cand = warmup_runs(np.array([5]), 0)
+    assert solve.tolist() == [5] and start.tolist() == [True] and cand.tolist() == [True]

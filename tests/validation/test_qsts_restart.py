@@ -48,4 +48,19 @@ def test_chained_steps_carry_the_taps_and_restarted_steps_do_not():
     np.testing.assert_allclose(restarted[3], restarted[1], atol=2e-4)  # the engine's own tolerance (1e-4)
     lone = _run([1.0], restart=True)
     np.testing.assert_allclose(restarted[1], lone[0], atol=2e-4)  # the engine's own tolerance (1e-4)
-    np.testing.assert_allclose(restarted[0], chained[0], atol=1e-9)  # the first is the same
+
+
+def test_a_step_whose_controls_hunt_is_flagged_and_the_run_goes_on():
+    """OpenDSS raises #485 when the controls do not settle within the iteration limit, and
+    then refuses every later solve (#99) with its clock stopped: a load-growth study on
+    IEEE 8500 died with the raw exception (review). The step is flagged not converged and
+    the next steps take their own profile rows."""
+    levels = [1.0, 0.3, 1.6, 0.3, 1.0]
+    with OpenDSSEngine(resolve_master("ieee13"), SolveSettings(max_control_iterations=2)
+                       ) as engine:
+        index = build_index(engine)
+        res = run_qsts(engine, _profiles(engine, levels), index=index)
+    head = res.head_p_kw.sum(axis=1)
+    assert not res.converged.all()
+    assert head[2] > 1.4 * head[0] and head[1] < 0.4 * head[0]  # rows kept their loads
+    assert abs(head[4] - head[0]) < 0.01 * head[0] and abs(head[3] - head[1]) < 0.01 * head[1]

@@ -130,6 +130,17 @@ class QSTSResult:
         })
 
 
+def _resume_yearly(engine: OpenDSSEngine, step_s: float) -> None:
+    """After a step's solve raised (the engine then refuses every later solve, error #99,
+    and its clock stops), restart yearly mode at the clock the failed step had reached, so
+    the next solve takes the next profile row. The failed step's values stay as solved
+    and it is flagged not converged."""
+    sol = engine.circuit.Solution
+    hour, sec = sol.Hour, sol.Seconds
+    engine.command(f"set mode=yearly stepsize={step_s}s number=1")
+    engine.command(f"set time=({hour},{sec})")
+
+
 def load_profiles_into_engine(engine: OpenDSSEngine, profiles: Profiles) -> None:
     """Create one OpenDSS load shape per distinct profile and assign it (``yearly=``).
 
@@ -177,8 +188,9 @@ def run_qsts(
     steps from one restart to the next depends on its own loads only, not on what was
     solved before it (a regulator settles anywhere inside its band, so a chained run's
     voltages carry the earlier steps' history). ``on_step(k)`` is called
-    after step k (e.g. to advance a progress bar). Steps that do not converge are kept
-    and flagged in ``converged``.
+    after step k (e.g. to advance a progress bar). Steps that do not converge, or whose
+    controls do not settle within the iteration limit (OpenDSS error #485), are kept and
+    flagged in ``converged``.
     """
     load_profiles_into_engine(engine, profiles)
     index = index or build_index(engine)
@@ -190,13 +202,23 @@ def run_qsts(
     sol = engine.circuit.Solution
     at = np.ones(profiles.n_steps, dtype=bool) if restart_at is None else np.asarray(
         restart_at, dtype=bool)
+    if at.shape != (profiles.n_steps,):
+        raise ValueError(f"restart_at has shape {at.shape}, expected ({profiles.n_steps},)")
+    from dss import DSSException  # lazily, as the engine: it loads the native library
+
+    unsettled = []
     for k in range(profiles.n_steps):
         if restart is not None and at[k]:
             restore_control_state(engine, restart)
-        sol.Solve()
+        try:
+            sol.Solve()
+        except DSSException:  # e.g. #485, controls hunting past the iteration limit
+            _resume_yearly(engine, sec)
+            unsettled.append(k)
         col.collect(k)
         if on_step is not None:
             on_step(k)
+    col.converged[unsettled] = False
     return QSTSResult(
         t=profiles.times, step=profiles.step, index=index, v_pu=col.v_pu, i_a=col.i_a,
         head_p_kw=col.head_p_kw, head_q_kvar=col.head_q_kvar, losses_kw=col.losses_kw,
