@@ -419,6 +419,14 @@ def test_a_feeder_registered_while_serving_is_monitored(feeder, db_url, tmp_path
         assert r.status_code == 422, r.text
         assert "not a usable OpenDSS model" in r.json()["detail"]
         assert r.json()["errors"][0]["field"] == "body.source_uri"
+        # a master that redirects to itself crashes the engine (segfault): checked in a
+        # child process, it is a 422 about the file (it was a 503 at every retry)
+        loop_dir = tmp_path / "loop"
+        loop_dir.mkdir()
+        (loop_dir / "Master.dss").write_text("Clear\nRedirect Master.dss\n")
+        r = client.post(f"/v1/feeders/{fid2}/models", headers=hdr,
+                        json={"source_uri": str(loop_dir / "Master.dss")})
+        assert r.status_code == 422, r.text
         items = client.get(f"/v1/feeders/{fid2}/models", headers=hdr).json()["items"]
         assert [v["version"] for v in items] == [1, 2]
     finally:

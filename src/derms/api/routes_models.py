@@ -19,10 +19,9 @@ from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
 from derms.api.fields import Text500
+from derms.api.model_check import model_problem
 from derms.api.problems import Problem
-from derms.errors import DermsError
 from derms.grid.bundled import resolve_master
-from derms.powerflow.engine import OpenDSSEngine
 from derms.store.audit import append_audit
 from derms.store.models import Feeder, FeederModelVersion
 from derms.store.types import ensure_utc, utcnow
@@ -50,20 +49,13 @@ def _stored_utc(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
-def check_model(master: str) -> int:
-    """Compile ``master`` and solve its base case (in the engine worker); the number of
-    buses. DermsError when it does not compile, defines no circuit or does not solve."""
-    with OpenDSSEngine(master) as engine:
-        engine.solve_snapshot()
-        return int(engine.circuit.NumBuses)
-
-
 @router.post("/feeders/{feeder_id}/models", status_code=201)
 async def add_model_version(request: Request, feeder_id: str, body: ModelIn,
                             principal: Annotated[Principal, Depends(require("admin"))]
                             ) -> dict[str, Any]:
     """Register the next model version of a feeder (404 for an unknown feeder, 422 for a
-    master file that does not exist, does not compile or whose base case does not solve:
+    master file that does not exist, does not compile, crashes the engine or whose base
+    case does not solve, checked in a child process (:mod:`derms.api.model_check`);
     before, such a version was registered and the monitor only logged the error); the
     file's SHA-256 is kept with it."""
     if body.valid_from is not None and body.valid_from.tzinfo is None:
@@ -77,12 +69,10 @@ async def add_model_version(request: Request, feeder_id: str, body: ModelIn,
         raise Problem(422, f"source_uri {body.source_uri!r}: cannot read it "
                            f"({exc.strerror or exc})") from None
     await run_in_threadpool(_feeder_exists, request, feeder_id)  # 404 before compiling
-    try:
-        await request.app.state.engine_pool.run(check_model, str(master))
-    except DermsError as exc:
-        detail = f"source_uri {body.source_uri!r}: not a usable OpenDSS model: {exc}"
-        raise Problem(422, detail, errors=[{"field": "body.source_uri", "detail": detail}]
-                      ) from None
+    problem = await model_problem(str(master))
+    if problem is not None:
+        detail = f"source_uri {body.source_uri!r}: not a usable OpenDSS model: {problem}"
+        raise Problem(422, detail, errors=[{"field": "body.source_uri", "detail": detail}])
     try:
         out = await run_in_threadpool(_register, request, feeder_id, body, digest, principal)
     except IntegrityError:  # another registration took this version number meanwhile
