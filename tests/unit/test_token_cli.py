@@ -14,3 +14,12 @@ def test_token_create_before_db_upgrade_says_so(tmp_path, monkeypatch):
     assert res.exit_code == 2, res.output
     assert "derms db upgrade" in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_token_create_on_an_unreachable_database_says_so(monkeypatch):
+    """A PostgreSQL server that does not answer printed a traceback (review)."""
+    monkeypatch.setenv("DERMS_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    res = CliRunner().invoke(app, ["token", "create", "--scope", "admin"])
+    assert res.exit_code == 2, res.output
+    assert "cannot open the database" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)

@@ -227,6 +227,8 @@ def token_create(
     name: Annotated[str, typer.Option(help="What the token is for.")] = "",
 ) -> None:
     """Mint an API token; it is printed once and stored only as a hash."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from derms.api.auth import SCOPES, mint_token
     from derms.config import get_settings
     from derms.store.migrate import current_revision, head_revision
@@ -234,8 +236,15 @@ def token_create(
     if scope not in SCOPES:
         raise InputError(f"--scope {scope!r}: expected one of {', '.join(SCOPES)}")
     url = get_settings().database_url
-    rev, head = current_revision(url), head_revision()
-    if rev != head:   # an empty or older database: no api_tokens table yet (was a traceback)
+    try:
+        rev, head = current_revision(url), head_revision()
+    except SQLAlchemyError as exc:  # unreachable server, a folder that does not exist
+        raise InputError(f"cannot open the database {url!r}: "
+                         f"{str(getattr(exc, 'orig', exc) or exc).splitlines()[0]}") from None
+    if rev is None:   # an empty database: no api_tokens table yet (was a traceback)
+        raise InputError("the database has no derms schema yet: run `derms db upgrade` "
+                         "first")
+    if rev != head:
         raise InputError(f"the database is at schema {rev}, expected {head}: run "
                          "`derms db upgrade` first")
     typer.echo(mint_token(url, scope, name))
