@@ -376,6 +376,7 @@ class FeederMonitor:
         if removed:
             notes.append("bad data: voltage reading(s) left out of the estimate: "
                          + ", ".join(removed))
+        notes[:] = list(dict.fromkeys(notes))  # each repeat says the same of the controls
         return est
 
     def _settle_controls(self, est, taps: dict[str, float] | None = None) -> bool:
