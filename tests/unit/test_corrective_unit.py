@@ -212,3 +212,21 @@ def test_device_command_checks_and_sink():
     assert sink.active(T0 + timedelta(minutes=1)) == {"bat1": c}
     assert sink.active(T0 + timedelta(minutes=6)) == {}
     assert c.to_dict()["mode"] == "p_setpoint"
+
+
+def test_a_der_moved_to_hold_a_guard_row_names_it():
+    # d0 clears the violated row a.3 but pushes the guard row b.1 (at its target) up; d2 is
+    # moved only to hold b.1: its explanation names that row instead of "no acted row"
+    d = ders(n=3, p=-20.0, point=[0, 1, 2])
+    v = VoltageRows(np.array(["a.3", "b.1"]), np.array([1.06, 1.047]), np.full(2, 0.95),
+                    np.full(2, 1.05), np.array([[-0.001, 0.0, 0.0], [0.0005, 0.0, -0.001]]),
+                    np.zeros((2, 3)), violated=np.array([True, False]))
+    res = solve_corrective(d, v, None)
+    assert res.status == "resolved"
+    assert res.dp_kw[0] == pytest.approx(13.0, rel=0.01)  # u-form: ~13 kW
+    assert res.dp_kw[2] == pytest.approx(res.dp_kw[0] / 2, rel=0.01)
+    assert not res.moved[1]
+    why = res.explanations()
+    assert "relieves v_max at a.3" in why["d0"]
+    assert "no acted row" not in why["d2"]
+    assert "holds v_max at b.1 at its target" in why["d2"]

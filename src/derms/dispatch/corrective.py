@@ -150,7 +150,9 @@ class CorrectiveResult:
 
     Per DER (n,): new setpoints ``p_kw``/``q_kvar`` (net import), changes ``dp_kw``/
     ``dq_kvar``, ``moved``; ``relieved_row`` the row (index into the row arrays, -1: none)
-    its change relieves most and ``relief`` by how much [the row's unit].
+    its change relieves most and ``relief`` by how much [the row's unit]: an acted row, or
+    for a DER moved only to hold a guard row the other moves pushed to its target, that
+    guard row.
     Per row (m; voltage rows first, then current rows): ``row_label``, ``row_kind``
     ("v_max", "v_min", "i_max"), ``row_unit`` ("pu", "A"), present ``row_value``,
     ``row_limit``, ``row_target``; ``acted`` (beyond target: the reason to act);
@@ -190,9 +192,15 @@ class CorrectiveResult:
         out = {}
         for j in np.flatnonzero(self.moved):
             r = int(self.relieved_row[j])
-            what = ("no acted row" if r < 0 else
-                    f"relieves {self.row_kind[r]} at {self.row_label[r]} by "
-                    f"{self.relief[j]:.4g} {self.row_unit[r]}")
+            if r < 0:
+                what = "no acted row"
+            elif self.acted[r]:
+                what = (f"relieves {self.row_kind[r]} at {self.row_label[r]} by "
+                        f"{self.relief[j]:.4g} {self.row_unit[r]}")
+            else:  # a guard row the other DERs' moves pushed to its target
+                what = (f"holds {self.row_kind[r]} at {self.row_label[r]} at its target "
+                        f"(pushed by the other moves; relief {self.relief[j]:.4g} "
+                        f"{self.row_unit[r]})")
             out[str(self.der_id[j])] = (f"dp {self.dp_kw[j]:+.3f} kW, dq {self.dq_kvar[j]:+.3f} "
                                         f"kvar: {what}")
         return out
@@ -260,6 +268,14 @@ def solve_corrective(ders: DerState, vrows: VoltageRows | None, irows: CurrentRo
                      f"{'' if remaining else ' but stay within the limit'}: "
                      f"{', '.join(rows['label'][unresolved][:10])}")
     relieved, relief = _explain(rows, d["point"], dp, dq, acted, moved)
+    # a DER moved only to hold a guard row that other moves pushed to its target: name it
+    guard = ~acted & (after <= 1e-6)
+    rest = moved & (relieved < 0)
+    if guard.any() and rest.any():
+        g_rel, g_relief = _explain(rows, d["point"], np.where(rest, dp, 0.0),
+                                   np.where(rest, dq, 0.0), guard, rest)
+        relieved = np.where(rest, g_rel, relieved)
+        relief = np.where(rest, g_relief, relief)
     res = CorrectiveResult(
         status=status, method=method if moved.any() or method != "none" else "none",
         der_id=np.asarray(ders.der_id), p_kw=d["p"] + dp, q_kvar=d["q"] + dq, dp_kw=dp,
