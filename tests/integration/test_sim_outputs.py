@@ -47,3 +47,21 @@ def test_unreachable_ieee2030_5_server_is_a_clear_error(tmp_path):
                                  "--pki", str(tmp_path / "pki")])
     assert r.exit_code == 2, r.output
     assert "unreachable" in r.output.lower() and "Event loop is closed" not in r.output
+
+
+def test_the_twin_sun_follows_the_given_site(tmp_path):
+    """The twin's location was fixed at 37 N -120 E (UTC-8): a European feeder's run at
+    local noon had no PV at all, without a warning (independent test)."""
+    import pandas as pd
+
+    def pv_kw(*extra):
+        out = tmp_path / f"sim{len(extra)}"
+        r = CliRunner().invoke(app, ["sim", "--out", str(out), "--devices", "20", "--seed", "1",
+                                     "--duration", "5min", "--step", "60s", "--speed", "10000",
+                                     "--mix", "pv=1", "--start", "2026-06-21T12:00:00Z",
+                                     *extra])
+        assert r.exit_code == 0, r.output
+        return pd.read_csv(out / "timeseries.csv")["pv_avail_kw"].mean()
+
+    assert pv_kw() == 0.0                                  # 04:00 at -120 deg: night
+    assert pv_kw("--latitude", "51.5", "--longitude", "0") > 50.0  # noon in London

@@ -116,6 +116,15 @@ def sim(
         "--wall-clock/--sim-clock", help="Stamp mirrored readings with wall-clock UTC or "
                                          "simulated time (default: wall clock with "
                                          "--feeder-id, else simulated).")] = None,
+    latitude: Annotated[float, typer.Option(
+        min=-90.0, max=90.0, help="Site latitude of the PV [deg] (the sun's path).")] = 37.0,
+    longitude: Annotated[float, typer.Option(
+        min=-180.0, max=180.0, help="Site longitude of the PV [deg, east positive].")
+    ] = -120.0,
+    utc_offset_h: Annotated[float | None, typer.Option(
+        "--utc-offset-h", min=-12.0, max=14.0,
+        help="Local standard time of the load shapes [h from UTC]; default: the "
+             "longitude's (-120 deg: -8).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Run a feeder in real time or faster with a simulated DER fleet (PV with IEEE 1547
@@ -137,7 +146,10 @@ def sim(
                     subscribe=subscribe, volt_watt=volt_watt, telemetry=telemetry,
                     mqtt_host=_endpoint(mqtt, "--mqtt")[0],
                     mqtt_port=_endpoint(mqtt, "--mqtt")[1], mqtt_topic_root=mqtt_topic_root, mix=_mix(mix), scenario=scen,
-                    feeder_id=feeder_id, wall_clock=wall_clock)
+                    feeder_id=feeder_id, wall_clock=wall_clock, latitude_deg=latitude,
+                    longitude_deg=longitude,
+                    utc_offset_h=round(longitude / 15.0) if utc_offset_h is None
+                    else utc_offset_h)
     if feeder_id is not None and (api is None or ieee2030_5 is None):
         raise InputError("--feeder-id needs --api and --ieee2030-5 (the fleet is registered "
                          "on the feeder and reports over IEEE 2030.5)")
