@@ -24,9 +24,10 @@ in force at ``t_m − grace_s`` (the newest with ``valid_from <= t_m − grace_s
 had time to follow. A reading that does not obey that command but obeys a newer one
 already in force at ``t_m`` (the DER was re-commanded, e.g. in the opposite direction, and
 followed at once) does not count against it: the older command becomes ``superseded``.
-With ``tol = max(abs_tol_kw, rel_tol × rating_kw)`` (defaults 0.5 kW and 5 % of the DER's
-rating: metering class, inverter regulation and the change of sun or demand between the
-command and the reading):
+With ``tol = max(min(abs_tol_kw, 10 % of the rating), rel_tol × rating_kw)`` (defaults
+0.5 kW and 5 % of the DER's rating: metering class, inverter regulation and the change of
+sun or demand between the command and the reading; the 0.5 kW floor is capped at a tenth
+of the rating, so a 1.5 kW device is held to 0.15 kW):
 
 * ``p_setpoint``: delivered when ``|p_m − p_kw| <= tol``;
 * ``export_limit`` (generate at most ``−p_kw``): delivered when ``p_m >= p_kw − tol``
@@ -79,6 +80,7 @@ class TrackingConfig:
     grace_cycles: float = 2.0
     abs_tol_kw: float = 0.5
     rel_tol: float = 0.05
+    abs_cap_frac: float = 0.1  # the absolute floor at most this share of the rating
     score_window: int = 20
     prior_score: float = 0.8
     prior_weight: float = 2.0
@@ -96,7 +98,12 @@ class TrackingConfig:
 
 
 def tolerance_kw(rating_kw: float, config: TrackingConfig) -> float:
-    return max(config.abs_tol_kw, config.rel_tol * max(float(rating_kw), 0.0))
+    """``max(min(abs_tol_kw, abs_cap_frac x rating), rel_tol x rating)`` [kW]: the absolute
+    floor never exceeds a tenth of the rating (0.5 kW on a 0.2-1.5 kW LV device passed a PV
+    told to export nothing as delivered at up to 0.5 kW of export)."""
+    rating = max(float(rating_kw), 0.0)
+    return max(min(config.abs_tol_kw, config.abs_cap_frac * rating) if rating > 0
+               else config.abs_tol_kw, config.rel_tol * rating)
 
 
 def obeyed(mode: str | CommandMode, p_cmd_kw: float, p_meas_kw: float, tol_kw: float) -> bool:
