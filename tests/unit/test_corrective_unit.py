@@ -230,3 +230,26 @@ def test_a_der_moved_to_hold_a_guard_row_names_it():
     assert "relieves v_max at a.3" in why["d0"]
     assert "no acted row" not in why["d2"]
     assert "holds v_max at b.1 at its target" in why["d2"]
+
+
+def test_a_der_whose_whole_range_barely_moves_the_row_is_not_swung():
+    """Live on EPRI ckt7 and IEEE 34 (independent test): with the EVs' range used up, a
+    battery was swung from full discharge to full charge for a 1.1e-5 pu cross-phase
+    relief of an undervoltage the others could not clear, every row unit beyond target
+    being priced at 1e4. A DER direction whose whole range moves no row by
+    ``min_effect`` (0.05 units: 5e-5 pu) is left out."""
+    d = DerState(
+        der_id=np.array(["ev", "bat"]), point=np.array([0, 1]),
+        p_kw=np.array([7.0, -5.0]), p_min_kw=np.array([0.0, -5.0]),
+        p_max_kw=np.array([7.0, 5.0]), q_kvar=np.zeros(2), q_min_kvar=np.zeros(2),
+        q_max_kvar=np.zeros(2), weight=np.ones(2), fixed=np.zeros(2, bool))
+    # 0.02 pu below target: the EV (1e-3 pu/kW) clears 0.007 of it; charging the battery
+    # lifts this phase by 1e-6 pu/kW (1e-5 pu over its whole 10 kW swing)
+    rows = VoltageRows(np.array(["n1.2"]), np.array([0.935]), np.array([0.95]),
+                       np.array([1.05]), np.array([[-1e-3, 1e-6]]), np.zeros((1, 2)))
+    res = solve_corrective(d, rows, None)
+    assert res.dp_kw[0] == pytest.approx(-7.0)      # the EV stops charging
+    assert res.dp_kw[1] == pytest.approx(0.0)       # the battery keeps discharging
+    assert res.status == "partial"
+    swung = solve_corrective(d, rows, None, CorrectiveConfig(min_effect=0.0))
+    assert swung.dp_kw[1] == pytest.approx(10.0)    # the swing, as it was
