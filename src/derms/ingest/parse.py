@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from derms.errors import InputError
+from derms.ingest.quality import Quality, out_of_range
 from derms.ingest.units import QUANTITIES, canonical
-from derms.store.timeseries import Quality
 
 MAX_ROWS = 1_000_000
 KnownSeries = Collection[str] | Callable[[np.ndarray], np.ndarray] | None
@@ -270,13 +270,8 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
         quality = np.zeros(n, dtype=np.int16)
 
     # outside the quantity's physical range: stored, flagged OUT_OF_RANGE (readers of good
-    # data, e.g. the monitor, skip it), as derms.ingest.quality defines the flag
-    # one lookup per distinct quantity/unit pair (``codes``), not a pass over the rows
-    # per quantity (that cost 0.6 s per million rows)
-    spec_of = [QUANTITIES.get(q) for q in names]
-    lo = np.array([-np.inf if s is None else s.lo for s in spec_of])[codes]
-    hi = np.array([np.inf if s is None else s.hi for s in spec_of])[codes]
-    out_range = np.isfinite(value) & ((value < lo) | (value > hi))
+    # data, e.g. the monitor, skip it); one lookup per distinct quantity/unit pair
+    out_range = out_of_range(value, names, codes)
     quality = np.where(out_range, quality | int(Quality.OUT_OF_RANGE), quality).astype(np.int16)
 
     if chk.errors:

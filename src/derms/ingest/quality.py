@@ -41,6 +41,18 @@ class QualityRules:
     spike_floor: float = 1e-6
 
 
+def out_of_range(value: np.ndarray, names, codes: np.ndarray) -> np.ndarray:
+    """(n,) bool: finite values outside their quantity's physical range
+    (:data:`~derms.ingest.units.QUANTITIES`; an unknown quantity has none). ``names``:
+    the distinct quantity names, ``codes`` (n,): each value's index into them (one
+    lookup per distinct quantity, not a pass over the rows per quantity)."""
+    spec = [QUANTITIES.get(q) for q in names]
+    lo = np.array([-np.inf if s is None else s.lo for s in spec])[codes]
+    hi = np.array([np.inf if s is None else s.hi for s in spec])[codes]
+    v = np.asarray(value, dtype=float)
+    return np.isfinite(v) & ((v < lo) | (v > hi))
+
+
 def quality_flags(series: np.ndarray, quantity: np.ndarray, t_us: np.ndarray,
                   value: np.ndarray, rules: QualityRules = QualityRules()) -> np.ndarray:
     """Quality bits for each reading (same order as the inputs), computed per
@@ -57,11 +69,10 @@ def quality_flags(series: np.ndarray, quantity: np.ndarray, t_us: np.ndarray,
     group = np.cumsum(first) - 1
 
     # out of range
-    lo = f["q"].map(lambda q: QUANTITIES[q].lo if q in QUANTITIES else -np.inf).to_numpy(float)
-    hi = f["q"].map(lambda q: QUANTITIES[q].hi if q in QUANTITIES else np.inf).to_numpy(float)
     v = f["v"].to_numpy(float)
+    codes, names = pd.factorize(f["q"].astype(str))
     out = np.zeros(n, dtype=np.int16)
-    out[(v < lo) | (v > hi)] |= Quality.OUT_OF_RANGE
+    out[out_of_range(v, names, codes)] |= Quality.OUT_OF_RANGE
 
     # gaps: interval above gap_factor x the group's median interval
     dt = np.diff(f["t"].to_numpy(np.int64), prepend=0).astype(float)
@@ -88,4 +99,4 @@ def quality_flags(series: np.ndarray, quantity: np.ndarray, t_us: np.ndarray,
     return flags
 
 
-__all__ = ["Quality", "QualityRules", "quality_flags"]
+__all__ = ["Quality", "QualityRules", "out_of_range", "quality_flags"]
