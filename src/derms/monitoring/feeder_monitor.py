@@ -822,7 +822,7 @@ def _meter_load(loads: list[str], load_nodes: dict[str, frozenset[int]], phase) 
         return loads[0]
     if not phase:
         return None
-    want = frozenset("abc".index(ch) + 1 for ch in str(getattr(phase, "value", phase)))
+    want = frozenset(PHASE_NODE[ch] for ch in str(getattr(phase, "value", phase)))
     same = [ld for ld in loads if load_nodes.get(ld) == want]
     return same[0] if len(same) == 1 else None
 
