@@ -451,6 +451,58 @@ def test_api_routes(scenario, db_url):
         loop.close()
 
 
+def test_feeder_state_is_the_control_loops_estimate_without_a_monitor(scenario, db_url):
+    """`derms serve --control-feeder F` without --monitor-period-s answered 503 at
+    GET /v1/feeders/F/state although the loop estimates F's state every cycle: the state
+    is now the loop's last estimate (source control_loop), marked stale when a later
+    cycle has none; the monitor's state, when there is one, still comes first."""
+    from derms.monitoring.cycle import MonitorResults, RunError
+
+    sc = scenario(n=20, seed=5)
+    loop = ControlLoop(sc.db, sc.fid)
+    app = create_app(get_settings(database_url=db_url))
+    client = TestClient(app, headers=mint_token(db_url, "read"))
+    try:
+        url = f"/v1/feeders/{sc.fid}/state"
+        r = client.get(url)
+        assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+        app.state.control_loop = loop
+        r = client.get(url)  # the loop runs but has not estimated yet
+        assert r.status_code == 404 and "no state computed yet" in r.json()["detail"]
+        assert client.get("/v1/feeders/other/state").status_code == 503  # not the loop's
+        sc.write(T0)
+        s1 = loop.run_once(T0)
+        r = client.get(url)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["source"] == "control_loop" and body["stale"] is False
+        assert body["feeder_id"] == sc.fid and body["t"] == T0.isoformat()
+        # the overvoltage the cycle acted on is in the state it serves
+        assert body["voltage"]["v_max_pu"] > 1.05
+        assert {v["kind"] for v in body["violations"]} >= {"overvoltage"}
+        assert body["estimation"]["method"] == "wls"
+        assert body["estimation"]["control"]["cycle_id"] == s1["cycle_id"]
+        assert body["availability"]["summary"]["n_online"] == 20
+        assert len(body["nodes"]["v_pu"]) == len(body["nodes"]["node"]) > 200
+        assert "nodes" not in client.get(url, params={"nodes": "false"}).json()
+        # a later cycle without telemetry: the last estimate, marked stale
+        s2 = loop.run_once(T0 + timedelta(hours=3))
+        assert s2["status"] == "no_telemetry"
+        body = client.get(url).json()
+        assert body["stale"] is True and body["t"] == T0.isoformat()
+        assert "no fresh telemetry" in body["last_error"]["error"]
+        # a monitoring cycle with a state for the feeder comes first
+        mon = MonitorResults()
+        mon.monitors = {sc.fid}
+        app.state.monitor = mon
+        mon.record(sc.fid, None, RunError(T0, "boom"))
+        assert client.get(url).json()["source"] == "control_loop"  # the monitor has none
+        mon.record(sc.fid, loop.latest_state(sc.fid), None)
+        assert client.get(url).json()["source"] == "monitor"
+    finally:
+        loop.close()
+
+
 def test_serve_runs_the_control_loop(scenario, db_url):
     """`derms serve --control-feeder` as a subprocess: the loop runs on its own thread,
     acts on the telemetry in the store, and its status and commands are served."""
@@ -495,6 +547,11 @@ def test_serve_runs_the_control_loop(scenario, db_url):
         time.sleep(1.5)  # more cycles: the same decisions are not re-issued
         again = httpx.get(f"{url}/v1/control/commands", headers=headers, timeout=5).json()
         assert again["total"] == r.json()["total"]
+        # no --monitor-period-s: the feeder's state is the loop's estimate (was 503)
+        st = httpx.get(f"{url}/v1/feeders/{sc.fid}/state", headers=headers,
+                       params={"nodes": "false"}, timeout=5)
+        assert st.status_code == 200, st.text
+        assert st.json()["source"] == "control_loop" and st.json()["violations"]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

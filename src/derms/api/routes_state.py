@@ -1,5 +1,11 @@
-"""Monitoring results: the latest state of a feeder (from the monitor loop in memory) and
-alarms (from the store)."""
+"""Monitoring results: the latest state of a feeder (in memory) and alarms (from the store).
+
+The state of a feeder comes from the monitoring cycle (``derms serve --monitor-period-s``)
+when it has one for the feeder, else from the control loop's last estimate when the loop
+runs on that feeder (``--control-feeder``; its fast cycle estimates the state every
+cycle, :mod:`derms.control.loop_state`). ``source`` says which (``"monitor"`` or
+``"control_loop"``). 503 only when the server runs neither for the feeder.
+"""
 
 from __future__ import annotations
 
@@ -17,31 +23,45 @@ router = APIRouter(tags=["monitoring"])
 
 
 
-def _monitor(request: Request):
+def _sources(request: Request, feeder_id: str) -> list[tuple[str, Any, Any]]:
+    """(name, latest, last_error) of each source that covers ``feeder_id``, in order of
+    preference: the monitoring cycle (alarms, every device), then the control loop."""
+    out: list[tuple[str, Any, Any]] = []
     monitor = getattr(request.app.state, "monitor", None)
-    if monitor is None:
-        raise Problem(503, "monitoring is not running on this server")
-    return monitor
+    if monitor is not None:
+        out.append(("monitor", monitor.latest, monitor.last_error))
+    loop = getattr(request.app.state, "control_loop", None)
+    if loop is not None and loop.feeder_id == feeder_id:
+        out.append(("control_loop", loop.latest_state, loop.latest_state_error))
+    return out
 
 
 @router.get("/feeders/{feeder_id}/state")
 def get_feeder_state(request: Request, feeder_id: str,
                      principal: Annotated[Principal, Depends(require("read"))],
                      nodes: bool = True) -> dict[str, Any]:
-    """The latest monitoring state of a feeder: node voltages (per node when ``nodes``),
-    branch loading, violations, DER availability and headroom, estimation statistics.
-    ``stale`` is true (with ``last_error``) when the runs since this state failed."""
-    monitor = _monitor(request)
-    state = monitor.latest(feeder_id)
-    if state is None:
-        known = feeder_id in monitor.monitors
-        err = monitor.last_error(feeder_id) if known else None
-        detail = (f"feeder {feeder_id!r} is not monitored" if not known else
-                  f"feeder {feeder_id!r}: no state computed yet"
-                  + (f" (last run failed: {err.error})" if err else ""))
-        raise Problem(404, detail)
-    out = state.to_dict(nodes=nodes)
-    err = monitor.last_error(feeder_id)
+    """The latest state of a feeder: node voltages (per node when ``nodes``), branch
+    loading, violations, DER availability and headroom, estimation statistics; from the
+    monitoring cycle, else the control loop's last estimate (``source``). ``stale`` is
+    true (with ``last_error``) when the runs since this state failed."""
+    sources = _sources(request, feeder_id)
+    if not sources:
+        raise Problem(503, "monitoring is not running on this server (derms serve "
+                           "--monitor-period-s SECONDS, or --control-feeder for one feeder)")
+    for name, latest, last_error in sources:
+        state = latest(feeder_id)
+        if state is not None:
+            break
+    else:
+        detail = f"feeder {feeder_id!r}: no state computed yet"
+        monitor = getattr(request.app.state, "monitor", None)
+        if len(sources) == 1 and sources[0][0] == "monitor" and \
+                feeder_id not in monitor.monitors:
+            detail = f"feeder {feeder_id!r} is not monitored"
+        err = next((e for e in (s[2](feeder_id) for s in sources) if e is not None), None)
+        raise Problem(404, detail + (f" (last run failed: {err.error})" if err else ""))
+    out = {"source": name, **state.to_dict(nodes=nodes)}
+    err = last_error(feeder_id)
     # a failed run leaves the last good state in place: say so, never serve it as fresh
     out["stale"] = err is not None and err.t >= state.t
     if out["stale"]:

@@ -257,8 +257,11 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8000,
     mqtt: Annotated[bool, typer.Option(help="Run the MQTT telemetry subscriber.")] = True,
     monitor_period_s: Annotated[float, typer.Option(
-        help="Seconds between feeder state estimates; 0 (default for now): no monitoring "
-             "cycle (see the known issue in docs/ARCHITECTURE.md).")] = 0.0,
+        help="Seconds between the monitoring cycle's state estimates (every feeder with an "
+             "OpenDSS model version; alarms); 0 (default): no monitoring cycle. Without it, "
+             "GET /v1/feeders/{id}/state serves the --control-feeder's state from the "
+             "control loop's last estimate (no alarms) and answers 503 for other "
+             "feeders.")] = 0.0,
     ieee2030_5_port: Annotated[int | None, typer.Option(
         "--ieee2030-5-port", min=0, max=65535,
         help="Serve IEEE 2030.5 (CSIP / CSIP-AUS) over mutual TLS on this port (off when "
@@ -287,7 +290,10 @@ def serve(
         "--control-feeder", metavar="FEEDER_ID",
         help="Run the control loop on this feeder (its registered OpenDSS model version, or "
              "a bundled feeder name); off when not given. With --ieee2030-5-port its "
-             "commands go out as DERControls of the 'derms control' program.")] = None,
+             "commands go out as DERControls of the 'derms control' program. Its state "
+             "estimate of every cycle is served at GET /v1/feeders/{id}/state "
+             "(source control_loop) unless the monitoring cycle has a state for the "
+             "feeder.")] = None,
     control_period_s: Annotated[float, typer.Option(
         "--control-period-s", min=0.5, help="Seconds between control cycles.")] = 5.0,
     control_replan_s: Annotated[float, typer.Option(
@@ -301,9 +307,11 @@ def serve(
              "posterior spread); default: act on the estimate alone (rows within the "
              "spread are reported, not acted on).")] = None,
 ) -> None:
-    """Run the API, the MQTT ingest, the monitoring cycle (a state estimate per feeder
-    with an OpenDSS model version registered), with --control-feeder the control loop and,
-    with --ieee2030-5-port, the IEEE 2030.5 server, on the database at DERMS_DATABASE_URL."""
+    """Run the API, the MQTT ingest, with --monitor-period-s the monitoring cycle (a state
+    estimate per feeder with an OpenDSS model version registered, alarms), with
+    --control-feeder the control loop (whose estimate of every cycle is the feeder's
+    state when no monitoring cycle runs for it) and, with --ieee2030-5-port, the IEEE
+    2030.5 server, on the database at DERMS_DATABASE_URL."""
     import logging
 
     import uvicorn

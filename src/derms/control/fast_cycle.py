@@ -284,6 +284,7 @@ class FastCycle:
         p_node, q_node = self._write_der_loads(f["p_kw"], f["q_kvar"])
         est_info = self._estimate(measurements, estimate, p_node, q_node)
         v, i_a = self._read_state()
+        loading_pct = self._loading(i_a)  # the estimated state, kept for the report
         tm["se_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -340,7 +341,8 @@ class FastCycle:
             cycle_id=cycle_id, t=now, timings=tm, violations=det["counts"],
             imminent=det["imminent"], violated_rows=det["violated_labels"],
             n_rows=det["n_rows"], status=status, corrective=result, commands=commands,
-            n_fixed=n_fixed, estimation=est_info, ac_check=ac_check, notes=notes)
+            n_fixed=n_fixed, estimation=est_info, ac_check=ac_check, notes=notes,
+            v_pu=v, branch_loading_pct=loading_pct)
 
     # -- stages -------------------------------------------------------------------------
     def _check_fleet(self, fleet: FleetNow) -> dict[str, np.ndarray]:

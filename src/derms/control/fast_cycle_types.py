@@ -114,7 +114,9 @@ class CycleReport:
     beyond a limit; their labels in ``violated_rows``), the corrective result (``None``
     when nothing was violated or imminent), ``ac_check`` (the model's AC solve with the
     new setpoints: ``rounds`` and the violation counts it predicts), commands issued,
-    and notes."""
+    and notes. ``v_pu`` (per node, the engine's node order) [pu] and
+    ``branch_loading_pct`` (per branch conductor) [% of the normal rating; 0 where there
+    is none] are the state the cycle detected on (the estimate, before any action)."""
 
     cycle_id: str
     t: datetime
@@ -130,3 +132,5 @@ class CycleReport:
     estimation: dict[str, Any]
     ac_check: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    v_pu: np.ndarray | None = None
+    branch_loading_pct: np.ndarray | None = None

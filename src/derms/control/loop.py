@@ -31,7 +31,11 @@ Each :meth:`ControlLoop.run_once` at ``now``:
    :class:`InMemorySink`).
 8. The cycle summary is kept for the API and written to the audit log (``entity="feeder"``,
    ``action="control_cycle"``) unless the cycle is quiet (clear, nothing issued, verified,
-   held or noted, as the cycle before).
+   held or noted, as the cycle before). The cycle's state estimate is kept as a
+   :class:`~derms.monitoring.FeederState` (:mod:`derms.control.loop_state`):
+   :meth:`ControlLoop.latest_state` / :meth:`ControlLoop.latest_state_error`, what
+   ``GET /v1/feeders/{id}/state`` serves when no monitoring cycle has a state for the
+   feeder; a cycle without an estimate records an error there (the state turns stale).
 
 9. **Re-plan** (``LoopConfig.replan``, off when None): every ``replan.period_s`` (default
    900 s; the first one period after the start) on the loop's thread, between fast
@@ -87,6 +91,7 @@ from derms.control.loop_config import (
 )
 from derms.control.loop_measurements import StoreMeasurements
 from derms.control.loop_replan import ReplanMixin, jsonable
+from derms.control.loop_state import cycle_state
 from derms.control.replan import Replanner, ReplanResult
 from derms.control.requests import DeviceLocation
 from derms.control.sep_sink import SepCommandSink
@@ -95,10 +100,11 @@ from derms.control.tracking import CommandTracker, TrackingSink
 from derms.errors import DermsError, InputError
 from derms.grid.bundled import resolve_master
 from derms.monitoring.background import BackgroundLoop
-from derms.monitoring.cycle import model_path_of
+from derms.monitoring.cycle import RunError, model_path_of
 from derms.monitoring.feeder_monitor import (
     PHASE_NODE,
 )
+from derms.monitoring.state import FeederState
 from derms.monitoring.telemetry import latest_readings, series_of
 from derms.powerflow.engine import OpenDSSEngine, SolveSettings
 from derms.powerflow.voltage_measure import delta_terms
@@ -184,6 +190,9 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
         self.last_summary: dict[str, Any] | None = None
         self.last_report: CycleReport | None = None
         self.last_error: dict[str, Any] | None = None
+        # the last cycle's state estimate for the API, and why a later cycle had none
+        self.state: FeederState | None = None
+        self.state_error: RunError | None = None
         self.replanner: Replanner | None = None
         self.last_replan: dict[str, Any] | None = None
         self.last_replan_result: ReplanResult | None = None
@@ -415,6 +424,7 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
                            timings={"total_s": time.perf_counter() - t0}, estimation={},
                            ac_check={})
             self.last_report = None
+            self.state_error = RunError(now, "no fresh telemetry on the feeder: no estimate")
         else:
             rep = self._cycle.run(now, fleet, measurements=meas)
             self.last_report = rep
@@ -430,11 +440,39 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
                 n_fixed=rep.n_fixed, timings={**rep.timings,
                                               "loop_total_s": time.perf_counter() - t0},
                 estimation=jsonable(rep.estimation), ac_check=jsonable(rep.ac_check))
+            self._keep_state(now, rep, tel, summary, notes)
         summary["notes"] = notes
         self._audit_cycle(now, summary, verdicts)
         self.cycles += 1
         self.last_summary = summary
         return summary
+
+    def _keep_state(self, now: datetime, rep: CycleReport, tel: dict, summary: dict,
+                    notes: list[str]) -> None:
+        """The cycle's estimate as the feeder's state for the API (module docstring)."""
+        if rep.v_pu is None or rep.branch_loading_pct is None:
+            return
+        d = self._ders
+        self.state = cycle_state(
+            self.feeder_id, now, index=self._cycle.index,
+            node_names=self._cycle.node_names.tolist(), v_pu=rep.v_pu,
+            branch_loading_pct=rep.branch_loading_pct, limits=self.fast_config.limits,
+            der_ids=[x.der_id for x in d], active=[x.active for x in d],
+            p_gen_max_kw=[x.p_gen_max_kw for x in d],
+            p_charge_max_kw=[x.p_charge_max_kw for x in d], telemetry=tel,
+            thresholds=self.config.monitor.availability, estimation=summary["estimation"],
+            control={k: summary[k] for k in ("cycle_id", "status", "violations", "imminent",
+                                             "commands")},
+            topology=self._meas.topology, notes=notes)
+        self.state_error = None
+
+    def latest_state(self, feeder_id: str) -> FeederState | None:
+        """The state of the last cycle that estimated one (None for another feeder)."""
+        return self.state if feeder_id == self.feeder_id else None
+
+    def latest_state_error(self, feeder_id: str) -> RunError | None:
+        """Why cycles since :meth:`latest_state` made no estimate (None: none failed)."""
+        return self.state_error if feeder_id == self.feeder_id else None
 
     def _audit_cycle(self, now: datetime, summary: dict, verdicts) -> None:
         key = (summary["status"], tuple(summary["stale"]), tuple(summary["escalated"]))
@@ -503,6 +541,7 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
                         log.warning("control_cycle_failed feeder=%s error=%s (again)",
                                     self.feeder_id, error)
                     self.last_error = {"t": utcnow().isoformat(), "error": error}
+                    self.state_error = RunError(self.clock(), error)
                 if self.config.replan is not None and self._cycle is not None \
                         and time.monotonic() >= replan_at:
                     replan_at = time.monotonic() + self.config.replan.period_s
