@@ -2,7 +2,11 @@
 
 A feeder is monitored (``derms serve --monitor-period-s``) once it has an OpenDSS model
 version whose ``valid_from`` has passed; registering one here tells a running monitoring
-cycle to pick it up at once (a new feeder, or a new version of a monitored one).
+cycle to pick it up at once (a new feeder, or a new version of a monitored one). The
+version keeps the model's buses and transformers; devices and meters already registered
+on the feeder at a bus, phase or transformer the version lacks get a
+``placement_unknown:<id>`` alarm each (:mod:`derms.monitoring.placement`; counts in the
+answer's ``placement_alarms``), and such alarms the new version resolves are cleared.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
 from derms.api.fields import Text500
-from derms.api.model_check import model_problem
+from derms.api.model_check import inspect_model
 from derms.api.problems import Problem
 from derms.grid.bundled import resolve_master
+from derms.grid.elements import ModelElements
+from derms.monitoring.placement import sync_placement_alarms
 from derms.store.audit import append_audit
 from derms.store.models import Feeder, FeederModelVersion
 from derms.store.types import ensure_utc, utcnow
@@ -57,7 +63,8 @@ async def add_model_version(request: Request, feeder_id: str, body: ModelIn,
     master file that does not exist, does not compile, crashes the engine or whose base
     case does not solve, checked in a child process (:mod:`derms.api.model_check`);
     before, such a version was registered and the monitor only logged the error); the
-    file's SHA-256 is kept with it."""
+    file's SHA-256 and the model's buses and transformers (what device and meter
+    registrations are checked against, :mod:`derms.api.placement`) are kept with it."""
     if body.valid_from is not None and body.valid_from.tzinfo is None:
         raise Problem(422, "valid_from has no time zone")
     master = resolve_master(body.source_uri.removeprefix("file://"))
@@ -69,12 +76,15 @@ async def add_model_version(request: Request, feeder_id: str, body: ModelIn,
         raise Problem(422, f"source_uri {body.source_uri!r}: cannot read it "
                            f"({exc.strerror or exc})") from None
     await run_in_threadpool(_feeder_exists, request, feeder_id)  # 404 before compiling
-    problem = await model_problem(str(master))
+    check = await inspect_model(str(master))
+    problem = check.problem
     if problem is not None:
         detail = f"source_uri {body.source_uri!r}: not a usable OpenDSS model: {problem}"
         raise Problem(422, detail, errors=[{"field": "body.source_uri", "detail": detail}])
     try:
-        out = await run_in_threadpool(_register, request, feeder_id, body, digest, principal)
+        out = await run_in_threadpool(_register, request, feeder_id, body, digest, principal,
+                                      None if check.elements is None
+                                      else check.elements.to_json())
     except IntegrityError:  # another registration took this version number meanwhile
         raise Problem(409, f"feeder {feeder_id!r}: another model version was registered "
                            "at the same time; send the request again") from None
@@ -91,7 +101,7 @@ def _feeder_exists(request: Request, feeder_id: str) -> None:
 
 
 def _register(request: Request, feeder_id: str, body: ModelIn, digest: str,
-              principal: Principal) -> dict[str, Any]:
+              principal: Principal, elements: dict[str, Any] | None) -> dict[str, Any]:
     with request.app.state.sessions.begin() as s:
         if s.get(Feeder, feeder_id) is None:
             raise Problem(404, f"unknown feeder {feeder_id!r}")
@@ -100,12 +110,18 @@ def _register(request: Request, feeder_id: str, body: ModelIn, digest: str,
         v = FeederModelVersion(feeder_id=feeder_id, version=last + 1, source_format="opendss",
                                source_uri=body.source_uri, sha256=digest,
                                valid_from=ensure_utc(body.valid_from or utcnow(),
-                                                     "valid_from"))
+                                                     "valid_from"),
+                               elements=elements)
         s.add(v)
         s.flush()
         out = _out(v)
         append_audit(s, actor=principal.token_id, action="create", entity="feeder_model",
                      entity_id=f"{feeder_id} v{v.version}", detail=out)
+        if elements is not None:  # devices and meters this version cannot place: alarms
+            sync = sync_placement_alarms(s, feeder_id, ModelElements.from_json(elements),
+                                         v.version, utcnow())
+            out["placement_alarms"] = {"raised": len(sync.raised),
+                                       "cleared": len(sync.cleared), "open": sync.open}
     return out
 
 

@@ -1,16 +1,25 @@
-"""Registry: feeders and DER devices (list with pagination, get, create). Writes are audited."""
+"""Registry: feeders and DER devices (list with pagination, get, create). Writes are audited.
+
+Where a device or meter sits is checked against its feeder's model when the feeder has
+one (:mod:`derms.api.placement`): a bus (``"671"``, or with node suffixes ``"671.1.2"``),
+phase or service transformer the model does not have is 422 problem+json naming the
+field, the value and, in a batch, the row; nothing is stored. A feeder without a model
+version accepts any name. Bus and transformer names are stored stripped and lower case,
+as OpenDSS reports them.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import func, select
 
 from derms.api.auth import Principal, require
 from derms.api.fields import Id, Text64, Text200, Text500
 from derms.api.paging import Limit, Offset
+from derms.api.placement import check_placement
 from derms.api.problems import Problem
 from derms.store.audit import append_audit
 from derms.store.models import (
@@ -58,6 +67,11 @@ class DeviceIn(BaseModel):
     endpoint: Text500 | None = None
     status: DeviceStatus = DeviceStatus.COMMISSIONING
 
+    @field_validator("bus", "service_transformer")
+    @classmethod
+    def _lower(cls, value: str | None) -> str | None:
+        return _opendss_name(value)
+
     @model_validator(mode="after")
     def _within_apparent_power(self) -> DeviceIn:
         """Every P and Q limit within the nameplate kVA (a 500 kW generator on a 5 kVA
@@ -70,6 +84,11 @@ class DeviceIn(BaseModel):
         return self
 
 
+def _opendss_name(value: str | None) -> str | None:
+    """An OpenDSS element name as OpenDSS reports it: stripped, lower case."""
+    return None if value is None else value.strip().lower()
+
+
 class MeterIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     meter_id: Id
@@ -77,6 +96,11 @@ class MeterIn(BaseModel):
     bus: Text64 | None = None
     service_transformer: Text64 | None = None
     phase: Phase | None = None
+
+    @field_validator("bus", "service_transformer")
+    @classmethod
+    def _lower(cls, value: str | None) -> str | None:
+        return _opendss_name(value)
 
 
 def _page(request: Request, model, order, limit: int, offset: int) -> dict:
@@ -129,7 +153,10 @@ def get_device(request: Request, der_id: str,
 @router.post("/devices", status_code=201)
 def create_device(request: Request, body: DeviceIn,
                   principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
-    """Register a device; its site is created on first use."""
+    """Register a device; its site is created on first use. Its bus, phase and service
+    transformer must be in its feeder's model when the feeder has one (module docstring)."""
+    check_placement(request.app.state.sessions, [body], f"device {body.der_id!r}",
+                    batch=False)
     data = body.model_dump()
     feeder_id = data.pop("feeder_id")
     with request.app.state.sessions.begin() as s:
@@ -180,6 +207,14 @@ def _unique_ids(rows, field: str, what: str) -> list[str]:
     return ids
 
 
+def _registered(request: Request, column, ids: list[str]) -> set[int]:
+    """Positions of the ids already registered (a batch leaves those as they are, so their
+    placement is not checked again)."""
+    with request.app.state.sessions() as s:
+        have = set(s.scalars(select(column).where(column.in_(ids))))
+    return {k for k, i in enumerate(ids) if i in have}
+
+
 def _check_feeders(s, rows, what: str) -> None:
     """422 when a row names a feeder the registry does not have."""
     wanted = {r.feeder_id for r in rows} - {None}
@@ -194,9 +229,12 @@ def create_devices(request: Request, body: DevicesIn,
                    principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
     """Register up to 10,000 devices in one transaction, all or nothing; sites are created
     on first use. Devices already registered are listed in ``existing`` and left as they
-    are; an unknown feeder or a ``der_id`` given twice is 422 and nothing is stored."""
+    are; an unknown feeder, a ``der_id`` given twice or a bus, phase or transformer the
+    feeder's model does not have (every such row listed) is 422 and nothing is stored."""
     rows = body.devices
     ids = _unique_ids(rows, "der_id", "devices")
+    check_placement(request.app.state.sessions, rows, "devices", batch=True,
+                    skip=_registered(request, DerDevice.der_id, ids))
     with request.app.state.sessions.begin() as s:
         _check_feeders(s, rows, "devices")
         existing = set(s.scalars(select(DerDevice.der_id).where(DerDevice.der_id.in_(ids))))
@@ -229,6 +267,8 @@ def create_meters(request: Request, body: MetersIn,
     """Register up to 10,000 meters in one transaction (as ``/devices/batch``)."""
     rows = body.meters
     ids = _unique_ids(rows, "meter_id", "meters")
+    check_placement(request.app.state.sessions, rows, "meters", batch=True,
+                    skip=_registered(request, Meter.meter_id, ids))
     with request.app.state.sessions.begin() as s:
         _check_feeders(s, rows, "meters")
         existing = set(s.scalars(select(Meter.meter_id).where(Meter.meter_id.in_(ids))))
@@ -243,6 +283,10 @@ def create_meters(request: Request, body: MetersIn,
 @router.post("/meters", status_code=201)
 def create_meter(request: Request, body: MeterIn,
                  principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
+    """Register a meter; its bus, phase and service transformer must be in its feeder's
+    model when the feeder has one (module docstring)."""
+    check_placement(request.app.state.sessions, [body], f"meter {body.meter_id!r}",
+                    batch=False)
     with request.app.state.sessions.begin() as s:
         if s.get(Meter, body.meter_id) is not None:
             raise Problem(409, f"meter {body.meter_id!r} exists")

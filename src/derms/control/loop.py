@@ -99,6 +99,7 @@ from derms.control.state import ControlState
 from derms.control.tracking import CommandTracker, TrackingSink
 from derms.errors import DermsError, InputError
 from derms.grid.bundled import resolve_master
+from derms.grid.elements import bus_of
 from derms.monitoring.background import BackgroundLoop
 from derms.monitoring.cycle import RunError, model_path_of
 from derms.monitoring.feeder_monitor import (
@@ -296,7 +297,7 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
         an ungrounded (3-wire) bus the node pairs between them (line to line)."""
         out, skipped = [], []
         for der_id, dtype, phase, dev_bus, site_bus, site_id, status, gmax, cmax, smax in rows:
-            bus = (dev_bus or site_bus or "").strip().lower()
+            bus = bus_of(dev_bus or site_bus or "")  # "671.1.2" -> "671"
             letters = str(getattr(phase, "value", phase) or "abc")
             pts = tuple(f"{bus}.{PHASE_NODE[x]}" for x in letters
                         if f"{bus}.{PHASE_NODE[x]}" in nodes)

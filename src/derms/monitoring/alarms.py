@@ -8,7 +8,8 @@ An alarm condition is identified by ``(kind, feeder_id, der_id, meter_id)``. The
 inserts a row for each condition that holds and has no open alarm (``t_cleared`` null) yet,
 and sets ``t_cleared`` on the open alarms of the monitor's own kinds
 (:data:`MONITOR_KINDS` prefixes) on this feeder whose condition no longer holds. Every raise
-and clear is audited (actor ``monitor``).
+and clear is audited (actor ``monitor``). Other owners sync their own prefixes (``kinds``), e.g. the registry's
+``placement_unknown:`` alarms (:mod:`derms.monitoring.placement`).
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ class AlarmSync:
 
 
 def sync_alarms(session: Session, feeder_id: str, conditions: list[AlarmCondition],
-                now: datetime) -> AlarmSync:
-    """Make the open monitor alarms of ``feeder_id`` match ``conditions`` (caller commits)."""
+                now: datetime, *, kinds: tuple[str, ...] = MONITOR_KINDS,
+                actor: str = "monitor") -> AlarmSync:
+    """Make the open alarms of ``feeder_id`` whose kind starts with one of ``kinds`` (the
+    monitor's by default) match ``conditions`` (caller commits)."""
     stmt = select(Alarm).where(
         Alarm.feeder_id == feeder_id, Alarm.t_cleared.is_(None),
-        or_(*[Alarm.kind.startswith(k) for k in MONITOR_KINDS]))
+        or_(*[Alarm.kind.startswith(k) for k in kinds]))
     open_alarms = {(a.kind, a.der_id, a.meter_id): a for a in session.scalars(stmt)}
     wanted = {c.key: c for c in conditions}
     raised, cleared = [], []
@@ -73,11 +76,11 @@ def sync_alarms(session: Session, feeder_id: str, conditions: list[AlarmConditio
     session.flush()
     for a in new:
         raised.append(a.id)
-        append_audit(session, actor="monitor", action="alarm_raise", entity="alarm",
+        append_audit(session, actor=actor, action="alarm_raise", entity="alarm",
                      entity_id=str(a.id), detail={"kind": a.kind, "feeder_id": feeder_id},
                      t=now)
     for a in cleared:
-        append_audit(session, actor="monitor", action="alarm_clear", entity="alarm",
+        append_audit(session, actor=actor, action="alarm_clear", entity="alarm",
                      entity_id=str(a.id), detail={"kind": a.kind, "feeder_id": feeder_id},
                      t=now)
     return AlarmSync(raised=raised, cleared=[a.id for a in cleared],

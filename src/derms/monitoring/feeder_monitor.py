@@ -64,6 +64,7 @@ from derms.analysis.se_posterior import describe_possible, possible_overloads
 from derms.analysis.se_prior import ScaleTracker
 from derms.analysis.state_estimation import Measurements, estimate_state
 from derms.errors import ConvergenceError, ModelError
+from derms.grid.elements import bus_of
 from derms.monitoring.alarms import AlarmCondition, sync_alarms
 from derms.monitoring.availability import (
     OFFLINE,
@@ -574,7 +575,7 @@ class FeederMonitor:
                 skipped.append(m.meter_id)
                 continue
             phase = str(getattr(m.phase, "value", m.phase))
-            bus = m.bus.strip().lower()
+            bus = bus_of(m.bus)  # node suffixes ("671.1") name the bus's nodes
             letters = phase
             ll = self._line_to_line_node(bus, phase)
             if ll is not None and not any((m.meter_id, f"v_{x}_{u}") in last
@@ -632,7 +633,7 @@ class FeederMonitor:
         for m in meters:
             if not m.bus:
                 continue
-            load = _meter_load(self._loads_at_bus.get(m.bus.strip().lower(), []),
+            load = _meter_load(self._loads_at_bus.get(bus_of(m.bus), []),
                                self._load_nodes, m.phase)
             for kind, q in (("p", "p_kw"), ("q", "q_kvar")):
                 if (m.meter_id, q) not in latest.index:

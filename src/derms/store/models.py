@@ -146,6 +146,10 @@ class FeederModelVersion(_Timestamps, Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     valid_from: Mapped[datetime] = mapped_column(default=utcnow)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # what the model has (derms.grid.elements.ModelElements.to_json: buses with their
+    # nodes, transformers), stored at registration; None for versions stored before
+    # migration 0009 or written directly (filled the first time it is needed)
+    elements: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     feeder: Mapped[Feeder] = relationship(back_populates="model_versions", lazy="raise")
 
 
