@@ -8,7 +8,9 @@ An alarm condition is identified by ``(kind, feeder_id, der_id, meter_id)``. The
 inserts a row for each condition that holds and has no open alarm (``t_cleared`` null) yet,
 and sets ``t_cleared`` on the open alarms of the monitor's own kinds
 (:data:`MONITOR_KINDS` prefixes) on this feeder whose condition no longer holds. Every raise
-and clear is audited (actor ``monitor``). Other owners sync their own prefixes (``kinds``), e.g. the registry's
+and clear is audited (actor ``monitor``). ``topology_not_applied:<switch>`` is one of the
+monitor's kinds: left out, every run had raised a new alarm for the same switch and none
+was ever cleared. Other owners sync their own prefixes (``kinds``), e.g. the registry's
 ``placement_unknown:`` alarms (:mod:`derms.monitoring.placement`).
 """
 
@@ -24,7 +26,7 @@ from derms.store.audit import append_audit
 from derms.store.models import Alarm, Severity
 
 MONITOR_KINDS = ("undervoltage:", "overvoltage:", "thermal:", "telemetry_stale",
-                 "estimation_failed")
+                 "estimation_failed", "topology_not_applied:")
 _KIND_LEN = 64
 
 
