@@ -45,3 +45,27 @@ def test_only_a_regulator_a_step_up_takes_over_the_limit_is_guarded(case):
     finally:
         engine.command("edit regcontrol.reg1 vreg=122 band=2 R=3 X=9")
         engine.command("edit regcontrol.reg2 vreg=122 band=2 R=3 X=9")
+
+
+def test_the_hazard_regulators_taps_are_recorded_in_every_reference():
+    """A regulator the guard covers gets its tap recorded per interval (``Reference.taps``,
+    what ``STEP_HOLD`` compares with the base case's); one set low is not recorded."""
+    from derms.dispatch.plan import uncontrolled_schedule
+    from derms.dispatch.verify import ACNetwork
+    from derms.grid.opendss_import import read_feeder
+    from derms.powerflow.engine import OpenDSSEngine
+    from derms.studies.dispatch_scenario import generate_scenario
+
+    with OpenDSSEngine(resolve_master("ieee13")) as eng:
+        eng.command("edit regcontrol.reg1 vreg=127 band=2 R=0 X=0")
+        sc = generate_scenario(read_feeder(eng.ctx, eng.source_master),
+                               ScenarioConfig(n_steps=24))
+        ac = ACNetwork(eng, sc.fleet, sc.customer_profiles)
+        assert ac.hazard_regs == ["reg1"]
+        assert ac.base.taps.shape == (24, 1)
+        ref, _res = ac.reference(uncontrolled_schedule(sc.fleet))
+        assert ref.taps.shape == (24, 1)
+        # the recorded tap is the one the engine ends the run with at the last interval
+        rc = eng.circuit.RegControls
+        rc.Name = "reg1"
+        assert ref.taps[-1, 0] == rc.TapNumber

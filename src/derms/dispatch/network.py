@@ -223,6 +223,9 @@ class Reference:
     # monitored kvar, (T, n_ctl); None when not recorded
     cap_on: np.ndarray | None = None
     ctl_kvar: np.ndarray | None = None
+    # tap positions of the regulators a step up from their band's lower edge takes over the
+    # voltage limit (``ACNetwork.hazard_regs``), (T, n_reg); None when not recorded
+    taps: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

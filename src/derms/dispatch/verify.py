@@ -30,7 +30,9 @@ most loaded), and from the second AC round on a re-plan is a local repair
 others keep the centre plan (a move of every DER flips taps and capacitors elsewhere).
 A regulator whose band sits so high that one tap step up from its lower edge lands above
 the voltage limit holds its monitored node above that edge (``STEP_UP_GUARD``,
-:meth:`ACNetwork._guard_step_up`).
+:meth:`ACNetwork._guard_step_up`); where the AC check still finds such a regulator's tap above
+the base case's in an interval with violations, that interval is re-centred on the base
+case with its guard tightened (``STEP_HOLD``, :mod:`derms.dispatch.step_hold`).
 
 A kvar-type capacitor control whose capacitor, in a plan's AC run, is in another state
 than in the base case where that difference makes up the violations of an interval is
@@ -86,6 +88,7 @@ from derms.dispatch.plan import (
     Schedule,
     uncontrolled_schedule,
 )
+from derms.dispatch.step_hold import hold_steps, step_movers, stepped_intervals, with_intervals
 from derms.errors import InfeasibleError, InputError
 from derms.powerflow.collect import StepCollector, build_index
 from derms.powerflow.control_state import (
@@ -108,6 +111,7 @@ BAND_KEEP = 0.7  # share of a regulator's band the LP may use (the rest absorbs 
 TRUST_FRAC = 0.5  # large feeders: share of each DER column's range a re-plan may move
 STEP_UP_GUARD = True  # lower limit at regulators a step up would take over v_max
 STEP_GUARD_PU = 0.0005  # ... this much above the band's lower edge
+STEP_HOLD = True  # such a regulator's tap the plan stepped up: centre on the base (step_hold)
 THERMAL_FROM_LOADED = True  # thermal rows from the point where the branch is most loaded
 OPERATING_POINTS = 4  # large feeders: operating points of the row sensitivities
 LOCAL_REPAIR = True  # large feeders, from the 2nd AC round: only DERs acting on what is left
@@ -157,6 +161,7 @@ class ACNetwork:
         self._last_flows: tuple[object, dict[str, np.ndarray]] = (None, {})
         self._last_caps: tuple[object, np.ndarray | None, np.ndarray | None] = (None, None,
                                                                                   None)
+        self._last_taps: tuple[object, np.ndarray | None] = (None, None)
         self._cap_parts: tuple = ()
         engine.set_control_mode(control_mode)
         self.shapes = []
@@ -180,6 +185,7 @@ class ACNetwork:
         # made). The state: where the base case leaves the controls after one pass over
         # the horizon (a warm-up; for a day it is the state a day of operation leads to)
         self.control_state = None
+        self.hazard_regs, self.hazard_node = self._step_up_hazards()
         T, n = h.n_steps, len(fleet.ders)
         self.simulate(np.zeros((T, n)), np.zeros((T, n)))
         self.control_state = capture_control_state(engine, regulated_transformers(engine))
@@ -194,6 +200,16 @@ class ACNetwork:
             if node.size:
                 self.net_limits = replace(self.net_limits, band_node=node, band_lo_pu=lo,
                                           band_hi_pu=hi)
+
+    def _step_up_hazards(self) -> tuple[list[str], np.ndarray]:
+        """RegControls (names) and their monitored nodes where one tap step up from the
+        band's lower edge lands above the upper voltage limit (``_guard_step_up``); their
+        taps are recorded in every simulation (``Reference.taps``) for ``STEP_HOLD``."""
+        if not (STEP_UP_GUARD and self.engine.circuit.RegControls.Count):
+            return [], np.zeros(0, dtype=np.int64)
+        node, lo, _hi, step, names = self.regulator_bands(keep=1.0, with_names=True)
+        hazard = lo + step > self.limits.v_max_pu
+        return [str(x) for x in names[hazard]], node[hazard]
 
     def _guard_step_up(self, lim: NetworkLimits, base_v: np.ndarray) -> NetworkLimits:
         """Raise the lower voltage limit of a regulator's monitored node to its band's
@@ -215,8 +231,8 @@ class ACNetwork:
                  np.round(guard, 4).tolist())
         return replace(lim, v_min=v_min)
 
-    def regulator_bands(self, keep: float | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def regulator_bands(self, keep: float | None = None, *, with_names: bool = False
+                        ) -> tuple[np.ndarray, ...]:
         """Monitored node (index order), band [pu] and tap step [pu] of every RegControl
         the LP can hold inside its band (no line-drop compensation, no remote bus, a wye
         winding, the PT on the winding's first node): ``vreg ± band/2`` [V on the PT's secondary] times the PT
@@ -225,12 +241,13 @@ class ACNetwork:
         simulation of the reference found (static control acts only outside the band), so
         the frozen-control sensitivities stay valid for the plan (IEEE 8500: with taps
         acting, the linear model was 0.006-0.016 pu optimistic on the plans' overvoltages;
-        with them frozen 0-0.006)."""
+        with them frozen 0-0.006). ``with_names``: the RegControls' names (lower case) as
+        a fifth array."""
         keep = BAND_KEEP if keep is None else keep
         c, ix = self.engine.circuit, self.index
         pos = {(b, int(p)): k for k, (b, p) in enumerate(zip(ix.node_bus, ix.node_phase))}
         rc, tr = c.RegControls, c.Transformers
-        nodes, lo, hi, step = [], [], [], []
+        nodes, lo, hi, step, names = [], [], [], [], []
         k = rc.First
         while k > 0:
             name = rc.Name.lower()
@@ -250,13 +267,15 @@ class ACNetwork:
                     lo.append(rc.ForwardVreg * scale - half)
                     hi.append(rc.ForwardVreg * scale + half)
                     step.append((tr.MaxTap - tr.MinTap) / max(tr.NumTaps, 1))
+                    names.append(name)
                     k = rc.Next
                     continue
             log.info("regulator %s: band not modelled (LDC, remote bus, delta or PT phase)",
                      name)
             k = rc.Next
-        return (np.asarray(nodes, dtype=np.int64), np.asarray(lo, dtype=float),
-                np.asarray(hi, dtype=float), np.asarray(step, dtype=float))
+        out = (np.asarray(nodes, dtype=np.int64), np.asarray(lo, dtype=float),
+               np.asarray(hi, dtype=float), np.asarray(step, dtype=float))
+        return (*out, np.asarray(names, dtype=object)) if with_names else out
 
     def _loss_weights(self) -> np.ndarray:
         """Per branch conductor ``2 R_k I0_k / 1000`` [kW of losses per A of |I| change]:
@@ -324,9 +343,14 @@ class ACNetwork:
                                                                              self.capctl.n))
         at = {int(k) for k in linearise_at}
         models: dict[int, object] = {}
+        rc = c.RegControls
+        taps = np.zeros((h.n_steps, len(self.hazard_regs)), dtype=np.int64)
         for k in range(h.n_steps):
             sol.Solve()
             col.collect(k)
+            for j, name in enumerate(self.hazard_regs):
+                rc.Name = name
+                taps[k, j] = rc.TapNumber
             if self.capctl.n:
                 cap_on[k] = cap_states(self.engine, self.capctl)
                 ctl_kvar[k] = monitored_kvar(self.engine, self.capctl, self.index)
@@ -345,13 +369,15 @@ class ACNetwork:
                           converged=col.converged, control_mode=self.control_mode)
         self._last_flows = (out, flows)
         self._last_caps = (out, cap_on, ctl_kvar)
+        self._last_taps = (out, taps)
         return out, models
 
     def _reference(self, res: QSTSResult, p_kw, q_kvar) -> Reference:
         flows = self._last_flows[1] if self._last_flows[0] is res else {}
         caps = self._last_caps[1:] if self._last_caps[0] is res else (None, None)
+        taps = self._last_taps[1] if self._last_taps[0] is res else None
         return Reference(p_kw, q_kvar, res.v_pu, res.i_a.astype(float),
-                         res.head_p_kw.sum(axis=1), dict(flows), *caps)
+                         res.head_p_kw.sum(axis=1), dict(flows), *caps, taps=taps)
 
     def reference(self, sched: Schedule, res: QSTSResult | None = None
                   ) -> tuple[Reference, QSTSResult]:
@@ -601,6 +627,12 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                 frac *= 0.5
             elif rounds > 1:
                 frac *= 0.7
+        step_hit, step_move = np.zeros(len(sched.p_kw), dtype=bool), None
+        if STEP_HOLD and ac.hazard_node.size:  # a tap the plan stepped up: see step_hold
+            step_hit = stepped_intervals(centre_ref, ac.base, over if improved else best[7])
+            if step_hit.any():
+                step_move = step_movers(centre_ref, step_hit)
+                centre_ref = with_intervals(centre_ref, ac.base, step_hit)
         if HOLD_REGULATOR_BANDS and planner.net.lim.band_node.size:
             planner.net.band_on |= np.logical_or.reduce([m.any(axis=1) for m in over.values()])
         if hold is not None and centre_ref.cap_on is not None:
@@ -609,10 +641,14 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                           res if improved else best[3], ac.net_limits)
             centre_ref = hold.offset(centre_ref)
         planner.recenter(centre_ref)
+        if step_hit.any():
+            hold_steps(planner.net, step_hit, ac.hazard_node)
         for kind, mask in over.items():
             val = res.v_pu if kind != "i_max" else res.i_a
             lim = getattr(ac.net_limits, kind)
             again = mask & seen[kind]  # the linear model was optimistic here twice
+            if kind == "v_max":  # a stepped tap's overvoltage is not the linear model's
+                again &= ~step_hit[:, None]
             if again.any() and not (large and LEARN_MARGINS):
                 planner.net.margin[kind][again] += np.abs(val - lim)[again] + (
                     5e-4 if kind != "i_max" else 0.5)
@@ -628,6 +664,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                                        res if improved else best[3], ac.net_limits)
                 if hold is not None:
                     movers[:, hold.movers(HOLD_TOP)] = True
+                if step_move is not None:
+                    movers[:, step_move] = True
             planner.trust_region(centre_x, frac, movers)
         # large feeders: a warm re-solve with dense rows costs more than an AC round, and
         # the AC round finds most of what more linear rounds would: fewer of them
