@@ -28,6 +28,7 @@ from derms.api import problems
 from derms.api.auth import TokenRecord
 from derms.api.engine_pool import EnginePool
 from derms.api.gate import RequestGate
+from derms.api.placement import ElementsCache
 from derms.api.routes_adms import router as adms_router
 from derms.api.routes_capacity import router as capacity_router
 from derms.api.routes_constraints import router as constraints_router
@@ -84,6 +85,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     app.state.engine_pool = pool = EnginePool()  # OpenDSS work of requests, in a process
     app.state.sessions = make_session_factory(engine)
+    # model versions' buses and transformers, read once each (registration checks)
+    app.state.model_elements = ElementsCache()
     app.state.sink = StoreSink(engine)
     app.state.metrics = metrics = Metrics()
     app.state.monitor = None  # a derms.monitoring.MonitorLoop when `derms serve` runs one

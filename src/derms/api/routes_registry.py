@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from derms.api.auth import Principal, require
 from derms.api.fields import Id, Text64, Text200, Text500
 from derms.api.paging import Limit, Offset
-from derms.api.placement import check_placement
+from derms.api.placement import ElementsCache, check_placement
 from derms.api.problems import Problem
 from derms.store.audit import append_audit
 from derms.store.models import (
@@ -156,7 +156,7 @@ def create_device(request: Request, body: DeviceIn,
     """Register a device; its site is created on first use. Its bus, phase and service
     transformer must be in its feeder's model when the feeder has one (module docstring)."""
     check_placement(request.app.state.sessions, [body], f"device {body.der_id!r}",
-                    batch=False)
+                    batch=False, cache=_elements_cache(request))
     data = body.model_dump()
     feeder_id = data.pop("feeder_id")
     with request.app.state.sessions.begin() as s:
@@ -207,6 +207,11 @@ def _unique_ids(rows, field: str, what: str) -> list[str]:
     return ids
 
 
+def _elements_cache(request: Request) -> ElementsCache | None:
+    """The app's cache of model versions' elements (``create_app``)."""
+    return getattr(request.app.state, "model_elements", None)
+
+
 def _registered(request: Request, column, ids: list[str]) -> set[int]:
     """Positions of the ids already registered (a batch leaves those as they are, so their
     placement is not checked again)."""
@@ -234,7 +239,8 @@ def create_devices(request: Request, body: DevicesIn,
     rows = body.devices
     ids = _unique_ids(rows, "der_id", "devices")
     check_placement(request.app.state.sessions, rows, "devices", batch=True,
-                    skip=_registered(request, DerDevice.der_id, ids))
+                    skip=_registered(request, DerDevice.der_id, ids),
+                    cache=_elements_cache(request))
     with request.app.state.sessions.begin() as s:
         _check_feeders(s, rows, "devices")
         existing = set(s.scalars(select(DerDevice.der_id).where(DerDevice.der_id.in_(ids))))
@@ -268,7 +274,8 @@ def create_meters(request: Request, body: MetersIn,
     rows = body.meters
     ids = _unique_ids(rows, "meter_id", "meters")
     check_placement(request.app.state.sessions, rows, "meters", batch=True,
-                    skip=_registered(request, Meter.meter_id, ids))
+                    skip=_registered(request, Meter.meter_id, ids),
+                    cache=_elements_cache(request))
     with request.app.state.sessions.begin() as s:
         _check_feeders(s, rows, "meters")
         existing = set(s.scalars(select(Meter.meter_id).where(Meter.meter_id.in_(ids))))
@@ -286,7 +293,7 @@ def create_meter(request: Request, body: MeterIn,
     """Register a meter; its bus, phase and service transformer must be in its feeder's
     model when the feeder has one (module docstring)."""
     check_placement(request.app.state.sessions, [body], f"meter {body.meter_id!r}",
-                    batch=False)
+                    batch=False, cache=_elements_cache(request))
     with request.app.state.sessions.begin() as s:
         if s.get(Meter, body.meter_id) is not None:
             raise Problem(409, f"meter {body.meter_id!r} exists")

@@ -50,8 +50,10 @@ class ModelElements:
             buses.setdefault(bus, set())
             if node.isdigit():
                 buses[bus].add(int(node))
-        return cls({b: frozenset(n) for b, n in buses.items()},
-                   frozenset(t.strip().lower() for t in transformers))
+        names = [t.strip().lower() for t in transformers]
+        if names == ["none"]:  # OpenDSS's AllNames of an empty collection
+            names = []
+        return cls({b: frozenset(n) for b, n in buses.items()}, frozenset(names))
 
     def to_json(self) -> dict[str, Any]:
         return {"buses": {b: sorted(n) for b, n in sorted(self.buses.items())},
