@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from derms.errors import InputError
+from derms.grid.elements import bus_of
 from derms.store.types import ensure_utc
 
 
@@ -85,8 +86,9 @@ class ScopeKind(enum.StrEnum):
 
 
 def normalise_bus(bus: str) -> str:
-    """Bus name as OpenDSS reports it: lower case, without node suffixes (``671.1.2`` → ``671``)."""
-    return bus.strip().lower().split(".", 1)[0]
+    """Bus name as OpenDSS reports it: lower case, without node suffixes (``671.1.2`` → ``671``;
+    :func:`derms.grid.elements.bus_of`, the one implementation)."""
+    return bus_of(bus)
 
 
 def _ident(value: Any, name: str) -> str:

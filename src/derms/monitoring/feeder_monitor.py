@@ -64,7 +64,7 @@ from derms.analysis.se_posterior import describe_possible, possible_overloads
 from derms.analysis.se_prior import ScaleTracker
 from derms.analysis.state_estimation import Measurements, estimate_state
 from derms.errors import ConvergenceError, ModelError
-from derms.grid.elements import bus_of
+from derms.grid.elements import PHASE_NODES, bus_of
 from derms.monitoring.alarms import AlarmCondition, sync_alarms
 from derms.monitoring.availability import (
     OFFLINE,
@@ -96,7 +96,7 @@ from derms.store.types import ensure_utc
 
 log = logging.getLogger(__name__)
 
-PHASE_NODE = {"a": 1, "b": 2, "c": 3}
+PHASE_NODE = PHASE_NODES  # phase letter -> OpenDSS node (derms.grid.elements)
 HEAD_P = ("p_a_kw", "p_b_kw", "p_c_kw")
 HEAD_Q = ("q_a_kvar", "q_b_kvar", "q_c_kvar")
 VOLTAGE_QUANTITIES = ("v_pu", "v_v")  # single-phase meters
@@ -712,10 +712,10 @@ class FeederMonitor:
         energised threshold) can deliver nothing: its headroom is 0 and ``energised``
         false, whatever its telemetry says (it reported "online" with 60 kW of headroom
         behind an open switch). Devices without a known bus count as energised."""
-        bus_of = {d.der_id: (d.bus or "").split(".")[0].lower() for d in devices}
+        bus_of_der = {d.der_id: bus_of(d.bus or "") for d in devices}
         live = pd.Series(np.asarray(v_pu) >= self.config.limits.energised_min_pu).groupby(
             self.index.node_bus).any()
-        energised = live.reindex([bus_of[i] for i in avail["der_id"]],
+        energised = live.reindex([bus_of_der[i] for i in avail["der_id"]],
                                  fill_value=True).to_numpy(dtype=bool)
         out = avail.assign(energised=energised)
         out.loc[~energised, ["headroom_up_kw", "headroom_down_kw"]] = 0.0
