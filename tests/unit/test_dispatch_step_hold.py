@@ -49,13 +49,16 @@ def test_with_intervals_takes_every_array_of_the_chosen_intervals_only():
     assert a.p_kw[1, 0] == 1.0  # the input is not changed
 
 
-def test_step_movers_are_the_ders_set_in_the_stepped_intervals():
-    c = _ref(0.0)
-    c.p_kw[2, 0] = 5.0   # DER 0 moves in a stepped interval
-    c.q_kvar[2, 2] = -3.0  # DER 2 absorbs kvar there
-    c.p_kw[0, 1] = 7.0   # DER 1 only outside it
+def test_step_movers_are_the_ders_pulling_the_voltage_down_in_the_stepped_intervals():
+    c = Reference(p_kw=np.zeros((T, 5)), q_kvar=np.zeros((T, 5)), v_pu=np.ones((T, N_NODE)),
+                  i_a=np.zeros((T, N_BR)), head_kw=np.zeros(T))
+    c.p_kw[2, 0] = 5.0     # DER 0 imports (charges) in the stepped interval
+    c.q_kvar[2, 2] = 3.0   # DER 2 absorbs kvar there
+    c.p_kw[0, 1] = 7.0     # DER 1 imports only outside it
+    c.p_kw[2, 3] = -4.0    # DER 3 exports there (a PV by day): raises the voltage
+    c.q_kvar[2, 4] = -2.0  # DER 4 injects kvar there
     np.testing.assert_array_equal(step_movers(c, np.array([False, False, True, False])),
-                                  [True, False, True])
+                                  [True, False, True, False, False])
 
 
 class _Net:

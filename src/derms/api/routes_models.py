@@ -117,11 +117,16 @@ def _register(request: Request, feeder_id: str, body: ModelIn, digest: str,
         out = _out(v)
         append_audit(s, actor=principal.token_id, action="create", entity="feeder_model",
                      entity_id=f"{feeder_id} v{v.version}", detail=out)
-        if elements is not None:  # devices and meters this version cannot place: alarms
+        now = utcnow()
+        if elements is not None and v.valid_from <= now:
+            # devices and meters this version cannot place: alarms (a version that is not
+            # in force yet is checked when the monitor takes it up, see monitoring.cycle)
             sync = sync_placement_alarms(s, feeder_id, ModelElements.from_json(elements),
-                                         v.version, utcnow())
+                                         v.version, now)
             out["placement_alarms"] = {"raised": len(sync.raised),
                                        "cleared": len(sync.cleared), "open": sync.open}
+        elif elements is not None:
+            out["placement_alarms"] = {"deferred_until": v.valid_from.isoformat()}
     return out
 
 

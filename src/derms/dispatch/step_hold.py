@@ -11,8 +11,8 @@ PV inverters at night), which makes the regulator step up again. :func:`hold_ste
 instead centres those intervals on the base case (the tap where the base has it; the
 rows of an interval depend on that interval's point only), adds the guard rows there,
 tightened by ``STEP_HOLD_MARGIN_PU`` each time (the linear model was optimistic about
-the guard), and names the DERs that moved in those intervals so a local repair can move
-them (:func:`step_movers`).
+the guard), and names the DERs that pull the voltage down in those intervals (import or
+absorbed kvar) so a local repair can move them (:func:`step_movers`).
 """
 
 from __future__ import annotations
@@ -63,12 +63,13 @@ def with_intervals(ref: Reference, other: Reference, rows: np.ndarray) -> Refere
 
 
 def step_movers(centre: Reference, hit: np.ndarray, tol: float = 0.1) -> np.ndarray:
-    """(n_der,) bool: DERs with a set point (|p| or |q| above ``tol`` kW/kvar) in the
-    stepped intervals ``hit`` of ``centre`` (before it is re-centred on the base)."""
+    """(n_der,) bool: DERs that pull the voltage down in the stepped intervals ``hit`` of
+    ``centre`` (before it is re-centred on the base): importing more than ``tol`` kW
+    (charging, consuming) or absorbing more than ``tol`` kvar (net import positive)."""
     if not hit.any():
         return np.zeros(centre.p_kw.shape[1], dtype=bool)
-    mag = np.abs(centre.p_kw[hit]) + np.abs(centre.q_kvar[hit])
-    return mag.max(axis=0) > tol
+    pull = np.maximum(centre.p_kw[hit], 0.0) + np.maximum(centre.q_kvar[hit], 0.0)
+    return pull.max(axis=0) > tol
 
 
 def hold_steps(net, hit: np.ndarray, nodes: np.ndarray) -> int:

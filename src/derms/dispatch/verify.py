@@ -185,7 +185,7 @@ class ACNetwork:
         # made). The state: where the base case leaves the controls after one pass over
         # the horizon (a warm-up; for a day it is the state a day of operation leads to)
         self.control_state = None
-        self.hazard_regs, self.hazard_node = self._step_up_hazards()
+        self.hazard_regs, self.hazard_node, _lo = self._step_up_hazards()
         T, n = h.n_steps, len(fleet.ders)
         self.simulate(np.zeros((T, n)), np.zeros((T, n)))
         self.control_state = capture_control_state(engine, regulated_transformers(engine))
@@ -201,15 +201,15 @@ class ACNetwork:
                 self.net_limits = replace(self.net_limits, band_node=node, band_lo_pu=lo,
                                           band_hi_pu=hi)
 
-    def _step_up_hazards(self) -> tuple[list[str], np.ndarray]:
-        """RegControls (names) and their monitored nodes where one tap step up from the
-        band's lower edge lands above the upper voltage limit (``_guard_step_up``); their
-        taps are recorded in every simulation (``Reference.taps``) for ``STEP_HOLD``."""
+    def _step_up_hazards(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """RegControls (names), their monitored nodes and band lower edges [pu] where one
+        tap step up from that edge lands above the upper voltage limit; their taps are
+        recorded in every simulation (``Reference.taps``) for ``STEP_HOLD``."""
         if not (STEP_UP_GUARD and self.engine.circuit.RegControls.Count):
-            return [], np.zeros(0, dtype=np.int64)
+            return [], np.zeros(0, dtype=np.int64), np.zeros(0)
         node, lo, _hi, step, names = self.regulator_bands(keep=1.0, with_names=True)
         hazard = lo + step > self.limits.v_max_pu
-        return [str(x) for x in names[hazard]], node[hazard]
+        return [str(x) for x in names[hazard]], node[hazard], lo[hazard]
 
     def _guard_step_up(self, lim: NetworkLimits, base_v: np.ndarray) -> NetworkLimits:
         """Raise the lower voltage limit of a regulator's monitored node to its band's
@@ -219,11 +219,10 @@ class ACNetwork:
         load pulls the bus under the edge makes the regulator step up into an
         overvoltage, which the frozen-tap rows cannot see. Never tighter than the base
         case's value."""
-        node, lo, _hi, step = self.regulator_bands(keep=1.0)
-        hazard = lo + step > self.limits.v_max_pu
-        if not hazard.any():
+        _names, node, lo = self._step_up_hazards()
+        if not node.size:
             return lim
-        node, guard = node[hazard], lo[hazard] + STEP_GUARD_PU
+        guard = lo + STEP_GUARD_PU
         v_min = lim.v_min.copy()
         v_min[:, node] = np.maximum(v_min[:, node],
                                     np.minimum(guard[None, :], base_v[:, node]))
@@ -619,17 +618,19 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             sched, res, rep = best[2], best[3], best[4]
             break
         centre_ref, centre_x = ref, planner.x
+        centre_over, centre_res = over, res  # the AC run the rows are re-centred on
         if large:
             if planner.x is not None and LEARN_MARGINS:
                 learn_margins(planner, res, over)
             if not improved:  # trust-region step rejected: back to the best plan, smaller
                 centre_ref, centre_x = best[5], best[6]
+                centre_over, centre_res = best[7], best[3]
                 frac *= 0.5
             elif rounds > 1:
                 frac *= 0.7
         step_hit, step_move = np.zeros(len(sched.p_kw), dtype=bool), None
         if STEP_HOLD and ac.hazard_node.size:  # a tap the plan stepped up: see step_hold
-            step_hit = stepped_intervals(centre_ref, ac.base, over if improved else best[7])
+            step_hit = stepped_intervals(centre_ref, ac.base, centre_over)
             if step_hit.any():
                 step_move = step_movers(centre_ref, step_hit)
                 centre_ref = with_intervals(centre_ref, ac.base, step_hit)
@@ -637,8 +638,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
             planner.net.band_on |= np.logical_or.reduce([m.any(axis=1) for m in over.values()])
         if hold is not None and centre_ref.cap_on is not None:
             if rounds >= HOLD_FROM_ROUND:  # what the centre's AC run found
-                hold.note(centre_ref, over if improved else best[7],
-                          res if improved else best[3], ac.net_limits)
+                hold.note(centre_ref, centre_over, centre_res, ac.net_limits)
             centre_ref = hold.offset(centre_ref)
         planner.recenter(centre_ref)
         if step_hit.any():

@@ -18,11 +18,14 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from derms.errors import DermsError
 from derms.grid.bundled import resolve_master
+from derms.grid.elements import ModelElements
 from derms.monitoring.background import BackgroundLoop
 from derms.monitoring.feeder_monitor import FeederMonitor, FeederState, MonitorConfig
+from derms.monitoring.placement import sync_placement_alarms
 from derms.store.models import FeederModelVersion
 from derms.store.types import utcnow
 
@@ -278,8 +281,28 @@ def monitors_from_store(db: Engine, config: MonitorConfig | None = None,
             out[fid].model_version = found[1]
         except DermsError as exc:
             log.warning("monitor_feeder_skipped feeder=%s error=%s", fid, exc)
+            continue
+        sync_version_placement(db, fid, found[1])
     return out
 
 
+def sync_version_placement(db: Engine, feeder_id: str, version: int) -> None:
+    """Raise and clear the feeder's ``placement_unknown:`` alarms against the stored buses
+    of model ``version``, the one now in force (registration checks a version only when
+    it is in force at once; one registered for later is checked here, when a monitor takes
+    it up). Nothing without stored buses; a failure is logged, never raised."""
+    try:
+        with Session(db) as s, s.begin():
+            el = s.scalar(select(FeederModelVersion.elements).where(
+                FeederModelVersion.feeder_id == feeder_id,
+                FeederModelVersion.version == version))
+            if el:
+                sync_placement_alarms(s, feeder_id, ModelElements.from_json(el), version,
+                                      utcnow())
+    except Exception as exc:  # noqa: BLE001 - alarms must not stop the monitor's start
+        log.warning("monitor_placement_sync_failed feeder=%s version=%s error=%s",
+                    feeder_id, version, exc)
+
+
 __all__ = ["MonitorLoop", "RunError", "model_path_of", "model_version_of",
-           "monitors_from_store"]
+           "monitors_from_store", "sync_version_placement"]

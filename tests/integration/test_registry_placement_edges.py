@@ -1,4 +1,5 @@
-"""Review findings on the registration placement check (derms.api.placement)."""
+"""Edge cases of the registration placement check (derms.api.placement) and of the
+placement alarms (derms.monitoring.placement), found by a review."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-import derms.api.placement as placement
+from derms.api import placement
 from derms.api.app import create_app
 from derms.config import get_settings
 from derms.grid.elements import ModelElements
@@ -106,8 +107,6 @@ def test_a_device_without_its_own_bus_is_checked_at_its_sites_bus(api):
     assert r.json()["errors"][0]["field"] == "body.phase"
 
 
-@pytest.mark.xfail(strict=True, reason="open: a future version's alarms should wait until "
-                   "it is in force (and be raised then); a design decision for the author")
 def test_a_future_version_does_not_alarm_on_devices_the_version_in_force_places(api):
     """Registering a version whose valid_from is in the future raised placement_unknown
     alarms saying the device "is left out of monitoring and control" although the version
@@ -128,6 +127,43 @@ def test_a_future_version_does_not_alarm_on_devices_the_version_in_force_places(
         open_ = s.scalars(select(Alarm.message).where(Alarm.feeder_id == fid,
                                                       Alarm.t_cleared.is_(None))).all()
     assert open_ == [], open_
+    assert "deferred_until" in r.json()["placement_alarms"]
+
+
+def test_a_version_coming_into_force_raises_its_placement_alarms(api):
+    """A version registered for later is checked when the monitor takes it up
+    (monitors_from_store builds a monitor for the feeder's new version in force)."""
+    from derms.monitoring.cycle import monitors_from_store
+
+    app, c, admin = api
+    fid = f"fut-{uuid.uuid4().hex[:6]}"
+    assert c.post("/v1/feeders", headers=admin, json={"feeder_id": fid}).status_code == 201
+    assert c.post(f"/v1/feeders/{fid}/models", headers=admin,
+                  json={"source_uri": "ieee13"}).status_code == 201
+    d = f"d-{uuid.uuid4().hex[:6]}"
+    assert c.post("/v1/devices", headers=admin,
+                  json=_dev(d, fid, bus="671")).status_code == 201
+    later = (utcnow() + timedelta(days=30)).isoformat()
+    assert c.post(f"/v1/feeders/{fid}/models", headers=admin,
+                  json={"source_uri": "ieee123", "valid_from": later}).status_code == 201
+    with app.state.sessions.begin() as s:  # the 30 days pass
+        v2 = s.scalar(select(FeederModelVersion).where(FeederModelVersion.feeder_id == fid,
+                                                       FeederModelVersion.version == 2))
+        v2.valid_from = utcnow() - timedelta(seconds=1)
+    db = app.state.engine
+    with app.state.sessions() as s:  # every other feeder of the shared test database: as is
+        rows = s.execute(select(FeederModelVersion.feeder_id,
+                                func.max(FeederModelVersion.version))
+                         .where(FeederModelVersion.valid_from <= utcnow())
+                         .group_by(FeederModelVersion.feeder_id)).all()
+    mons = monitors_from_store(db, known={f: v for f, v in rows} | {fid: 1})
+    assert fid in mons and mons[fid].model_version == 2
+    with app.state.sessions() as s:
+        open_ = s.scalars(select(Alarm.kind).where(Alarm.feeder_id == fid,
+                                                   Alarm.t_cleared.is_(None))).all()
+    assert open_ == [f"placement_unknown:{d}"]
+    for m in mons.values():
+        m.close()
 
 
 def test_a_model_without_transformers_has_none():
