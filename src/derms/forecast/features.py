@@ -23,6 +23,10 @@ FEATURES_COMMON = (
     "lag_d1", "lag_d2", "lag_w1", "mean_tod_7d", "last", "mean_prev_day", "max_prev_day",
 )
 FEATURES_PV = ("cs_emp", "cs_emp_prev", "kt_prev_day", "cs_ghi", "cs_ghi_prev")
+# load: the same information as changes from the reference the model corrects (the value
+# a day earlier), which trees split on directly, and the level changes known at the origin
+FEATURES_LOAD = ("d_lag_d2", "d_lag_w1", "d_mean_tod_7d", "d_last_d1", "d_prev_day_d1",
+                 "d_prev_day_w1")
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class Panel:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return (FEATURES_COMMON + (FEATURES_PV if self.kind == "pv" else ())
+        return (FEATURES_COMMON + (FEATURES_PV if self.kind == "pv" else FEATURES_LOAD)
                 + tuple(f"w_{name}" for name, _ in self.exog))
 
 
@@ -170,6 +174,28 @@ def _window_stats(y: np.ndarray, s: np.ndarray, o: np.ndarray, n: int
         return np.nanmean(block, axis=1), np.nanmax(block, axis=1)
 
 
+def _load_changes(y: np.ndarray, cols: dict[str, np.ndarray], su: np.ndarray, ou: np.ndarray,
+                  last_idx: np.ndarray, last_u: np.ndarray, inv: np.ndarray, n_day: int,
+                  mean_prev: np.ndarray) -> dict[str, np.ndarray]:
+    """Load features as changes (normalised units): the lags minus the value a day before the
+    target; the last value minus the one a day before it; the previous day's mean minus the
+    day before's and the same weekday a week earlier's. ``su, ou``: unique (series, origin)
+    pairs, ``inv`` maps rows to them; ``last_idx``, ``last_u``, ``mean_prev`` their last
+    known index and value and previous day's mean."""
+    ref = cols["lag_d1"]
+    mean_d2, _ = _window_stats(y, su, ou - n_day, n_day)
+    mean_w1, _ = _window_stats(y, su, ou - 7 * n_day, n_day)
+    last_d1 = np.where(last_idx >= 0, _take(y, su, last_idx - n_day), np.nan)
+    return {
+        "d_lag_d2": cols["lag_d2"] - ref,
+        "d_lag_w1": cols["lag_w1"] - ref,
+        "d_mean_tod_7d": cols["mean_tod_7d"] - ref,
+        "d_last_d1": (last_u - last_d1)[inv],
+        "d_prev_day_d1": (mean_prev - mean_d2)[inv],
+        "d_prev_day_w1": (mean_prev - mean_w1)[inv],
+    }
+
+
 def feature_rows(panel: Panel, s: np.ndarray, o: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Feature matrix (N, F) for rows (series index, origin index, lead in steps).
 
@@ -213,7 +239,11 @@ def feature_rows(panel: Panel, s: np.ndarray, o: np.ndarray, k: np.ndarray) -> n
     cols["mean_prev_day"], cols["max_prev_day"] = mean_u[inv], max_u[inv]
     # the last value known before the origin (o - 1 unless a gap: after one, the value
     # before it, not a missing value that the model's reference then took as 0)
-    cols["last"] = _take(y, su, _last_known(y, su, ou))[inv]
+    last_idx = _last_known(y, su, ou)
+    last_u = _take(y, su, last_idx)
+    cols["last"] = last_u[inv]
+    if panel.kind == "load":
+        cols.update(_load_changes(y, cols, su, ou, last_idx, last_u, inv, n_day, mean_u))
     if panel.kind == "pv":
         cs = panel.cs_emp
         day_start = o - (o % n_day)            # cs_emp of the origin's day: known at o
