@@ -314,3 +314,33 @@ def test_load_change_features_are_measured_from_the_value_a_day_earlier():
                                y[o - 24:o].mean() - y[o - 48:o - 24].mean(), rtol=1e-4)
     np.testing.assert_allclose(col["d_prev_day_w1"],
                                y[o - 24:o].mean() - y[o - 192:o - 168].mean(), rtol=1e-4)
+
+
+def test_auto_refit_trains_on_the_calibration_weeks_too(monkeypatch):
+    """refit=None: a small sample is refitted on the whole period (the last 28 days, the
+    calibration weeks, were never learnt: MAE -1 to -3 % on the evaluation set); above
+    AUTO_REFIT_ROWS one fit only (the fleet's time budget)."""
+    from derms.forecast import forecaster as fc
+    from derms.forecast.api import panel_from_series
+
+    clean = clean_series(daily_load(70))
+    spec = ForecastSpec(kind="load", n_rounds=10)
+    panel = panel_from_series({"a": clean}, spec)
+    end = len(panel.times) - 24
+    refitted = fc.GlobalForecaster(spec).fit(panel, train_end=end).model.n_train_rows
+    monkeypatch.setattr(fc, "AUTO_REFIT_ROWS", 0)
+    once = fc.GlobalForecaster(spec).fit(panel, train_end=end).model.n_train_rows
+    assert refitted > once + 2000    # the 28 calibration days: 4 origins x 24 leads each
+
+
+def test_model_with_other_features_is_refused():
+    from derms.forecast.api import panel_from_series
+    from derms.forecast.forecaster import GlobalForecaster
+
+    clean = clean_series(daily_load(40))
+    spec = ForecastSpec(kind="load", n_rounds=5)
+    panel = panel_from_series({"a": clean}, spec)
+    f = GlobalForecaster(spec).fit(panel, train_end=len(panel.times) - 24)
+    f.model.feature_names = f.model.feature_names[:-1]
+    with pytest.raises(InputError, match="retrain"):
+        f.predict(panel, np.array([len(panel.times) - 24]))

@@ -6,8 +6,10 @@ end; when there are more than ``max_train_rows`` a uniform random sample is draw
 model sees every series and season, not all 35 M rows of 1,000 series × a year at
 15 min). The last ``calibration_days`` of the training period calibrate the outer
 quantiles (see :mod:`derms.forecast.model`); with ``refit`` the boosters are then refitted
-on the whole period (twice the cost; by default they stop where the calibration starts,
-while every lag feature still reaches up to the origin). PV rows at night (no clear-sky output) are left out of training and forecast as 0.
+on the whole period (twice the cost; ``refit=None``, the default, does so when the first
+fit had at most :data:`AUTO_REFIT_ROWS` rows; otherwise they stop where the calibration
+starts, while every lag feature still reaches up to the origin). PV rows at night (no
+clear-sky output) are left out of training and forecast as 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ MIN_TRAIN = pd.Timedelta(days=14)
 _DAY = pd.Timedelta(hours=24)
 _SIX_HOURS = pd.Timedelta(hours=6)
 LOOKBACK_DAYS = 8     # the oldest lag reaches back 7 days before the first full day
+# refit=None refits on the whole period (the calibration weeks included) when the first fit
+# had at most this many rows: the last weeks matter most, and on such a sample a second fit
+# costs seconds; a fleet's 1.5 M-row sample keeps one fit (its time budget)
+AUTO_REFIT_ROWS = 400_000
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class ForecastSpec:
     max_train_rows: int = 1_500_000
     train_origin_every: pd.Timedelta = _SIX_HOURS
     calibration_days: int = 28
-    refit: bool = False
+    refit: bool | None = None
     seed: int = 7
 
     def __post_init__(self):
@@ -102,7 +108,9 @@ class GlobalForecaster:
         model.series_offsets = series_conformal_offsets(
             raw_n, y_cal / env, w_cal, np.asarray(panel.ids, dtype=object)[cal_rows[0]],
             model.offsets)
-        if self.spec.refit and cal_start < train_end:
+        refit = self.spec.refit if self.spec.refit is not None else \
+            len(fit_rows[0]) <= AUTO_REFIT_ROWS
+        if refit and cal_start < train_end:
             offsets, by_series = model.offsets, model.series_offsets
             all_rows = self._rows(panel, first, train_end, n_h, rng)
             x_all, y_all = self._xy(panel, all_rows)
@@ -172,6 +180,9 @@ class GlobalForecaster:
         """
         if self.model is None:
             raise InputError("the forecast model is not fitted")
+        if tuple(self.model.feature_names) != panel.feature_names:
+            raise InputError("the forecast model was fitted on other features than this "
+                             "version builds (saved by an older derms?): retrain it")
         n_h = self.steps(panel)
         ser = np.arange(panel.y.shape[0]) if series is None else np.asarray(series)
         s, oi, k = (a.ravel() for a in np.meshgrid(ser, np.arange(len(origins)), np.arange(n_h),
