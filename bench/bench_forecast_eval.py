@@ -52,7 +52,7 @@ def dss_shapes(path: Path) -> dict[str, np.ndarray]:
     """Inline ``mult=(...)`` lists of the ``New Loadshape`` lines of an OpenDSS file."""
     text = path.read_text()
     out = {}
-    for m in re.finditer(r"new\s+loadshape\.(\S+)[^(]*\(", text, re.I):
+    for m in re.finditer(r"new\s+loadshape\.(\S+)[^(]*\(", text, re.IGNORECASE):
         end = text.index(")", m.end())
         out[m.group(1)] = np.array(text[m.end():end].replace(",", " ").split(), float)
     return out
