@@ -420,6 +420,43 @@ def test_topology_change_is_picked_up_next_cycle(scenario):
         loop.close()
 
 
+def test_a_model_version_coming_into_force_rebuilds_the_loop_and_checks_placement(scenario):
+    """A version registered for later: the loop kept the model it was built on until a
+    topology or registry change. It now rebuilds when the version comes into force and
+    raises that version's placement alarms (no monitoring cycle needed)."""
+    from derms.store.models import Alarm
+
+    sc = scenario(n=6, seed=12, kw=(5.0, 10.0))
+    loop = ControlLoop(sc.db, sc.fid)
+    try:
+        sc.write(T0)
+        loop.run_once(T0)
+        assert loop.status()["model_version"] == 1
+        with make_session_factory(sc.db).begin() as s:  # v2 from T0 + 10 s, lacking buses
+            s.add(FeederModelVersion(feeder_id=sc.fid, version=2, source_uri="ieee123",
+                                     valid_from=T0 + timedelta(seconds=10),
+                                     elements={"buses": {"150": [1, 2, 3]},
+                                               "transformers": []}))
+        now = T0 + timedelta(seconds=5)
+        sc.write(now)
+        loop.run_once(now)
+        assert loop.status()["model_version"] == 1
+        now = T0 + timedelta(seconds=15)
+        sc.write(now)
+        loop.run_once(now)
+        assert loop.status()["model_version"] == 2
+        with make_session_factory(sc.db)() as s:
+            kinds = set(s.scalars(select(Alarm.kind).where(Alarm.feeder_id == sc.fid,
+                                                           Alarm.t_cleared.is_(None))).all())
+            ders = s.scalars(select(DerDevice.der_id).join(
+                DerSite, DerDevice.site_id == DerSite.site_id).where(
+                DerSite.feeder_id == sc.fid)).all()
+        assert len(ders) == 6
+        assert {f"placement_unknown:{d}" for d in ders} <= kinds  # (and the meters')
+    finally:
+        loop.close()
+
+
 def test_api_routes(scenario, db_url):
     sc = scenario(n=20, seed=5)
     loop = ControlLoop(sc.db, sc.fid)

@@ -101,7 +101,12 @@ from derms.errors import DermsError, InputError
 from derms.grid.bundled import resolve_master
 from derms.grid.elements import bus_of
 from derms.monitoring.background import BackgroundLoop
-from derms.monitoring.cycle import RunError, model_path_of
+from derms.monitoring.cycle import (
+    RunError,
+    model_path_of,
+    model_version_of,
+    sync_version_placement,
+)
 from derms.monitoring.feeder_monitor import (
     PHASE_NODE,
 )
@@ -183,6 +188,7 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
         self._ders: list[_Der] = []
         self._built_key: tuple | None = None
         self._topology_mark: tuple | None = None
+        self._model_version: int | None = None  # the version the cycle was built on
         self._topology_reload: dict[str, Any] | None = None
         self._started = False
         self._last_quiet: tuple | None = None
@@ -207,6 +213,14 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
         if path is None:
             raise InputError(f"feeder {self.feeder_id!r}: no OpenDSS model version registered")
         return path
+
+    def _version_in_force(self, now: datetime) -> int | None:
+        """The feeder's model version in force at ``now`` (None with a fixed ``master``):
+        a version registered for later makes the loop rebuild when it comes into force."""
+        if self.master is not None:
+            return None
+        found = model_version_of(self.db, self.feeder_id, now)
+        return None if found is None else found[1]
 
     def _topology_marker(self, now: datetime) -> tuple:
         with self.db.connect() as conn:
@@ -235,6 +249,10 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
         now = ensure_utc(now or self.clock(), "now")
         rows = self._load_ders()
         mark = self._topology_marker(now)
+        version = self._version_in_force(now)
+        if version is not None and version != self._model_version:
+            # its placement alarms (a version registered for later was not checked then)
+            sync_version_placement(self.db, self.feeder_id, version)
         self._close_engine()
         engine = OpenDSSEngine(self._master_path(now), SolveSettings(tolerance=1e-6))
         try:
@@ -277,6 +295,7 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
                              detail=self._topology_reload, t=now)
             reload = self._topology_reload
         self._topology_mark = mark
+        self._model_version = version
         if not self._started:
             self._started = True
             standing = self.tracker.standing(now)
@@ -381,7 +400,8 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
         t0 = time.perf_counter()
         reload = None
         if (self._cycle is None or self._topology_marker(now) != self._topology_mark
-                or tuple(self._load_ders()) != self._built_key):
+                or tuple(self._load_ders()) != self._built_key
+                or self._version_in_force(now) != self._model_version):
             reload = self.build(now)
         acks = 0
         if self.repo is not None:
@@ -501,6 +521,7 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
                         "import_limit_w": self.config.defaults.import_limit_w,
                         "gen_limit_w": self.config.defaults.gen_limit_w,
                         "set_grad_w": self.config.defaults.set_grad_w}},
+                "model_version": self._model_version,
                 "topology": {"events": None if self._topology_mark is None
                              else self._topology_mark[0],
                              "last_reload": self._topology_reload},
