@@ -249,12 +249,15 @@ class ControlLoop(ReplanMixin, BackgroundLoop):
         now = ensure_utc(now or self.clock(), "now")
         rows = self._load_ders()
         mark = self._topology_marker(now)
-        version = self._version_in_force(now)
+        found = None if self.master is not None else model_version_of(self.db,
+                                                                       self.feeder_id, now)
+        version = None if found is None else found[1]
         if version is not None and version != self._model_version:
             # its placement alarms (a version registered for later was not checked then)
             sync_version_placement(self.db, self.feeder_id, version)
         self._close_engine()
-        engine = OpenDSSEngine(self._master_path(now), SolveSettings(tolerance=1e-6))
+        master = self._master_path(now) if found is None else found[0]  # (one lookup)
+        engine = OpenDSSEngine(master, SolveSettings(tolerance=1e-6))
         try:
             engine.solve_snapshot()  # controls settle once on the base case, then freeze
             engine.set_control_mode("off")
