@@ -12,6 +12,16 @@ yet; a later version's registration raises ``placement_unknown`` alarms for what
 lacks, :func:`derms.monitoring.placement.sync_placement_alarms`); so does one whose model
 file cannot be read any more (logged).
 
+The check runs in the registration's own transaction (:func:`placement_transaction`),
+after taking the lock of the feeders it checks against (:func:`derms.store.locks.lock_feeders`;
+registering a model version and raising the alarms of one coming into force take it too):
+the version read is the one in force when the device or meter is stored, and a version
+registered or coming into force afterwards sees it and alarms on what it cannot place.
+(The check used to read the version in a session of its own before the insert's
+transaction: a version registered in between was missed by both.) Elements still to be
+worked out are worked out outside the transaction, with no lock held, and the
+registration runs again.
+
 Answers are RFC 9457 problems (422) whose ``errors`` name the field, the value and, for
 batches, the row.
 """
@@ -21,9 +31,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,12 +43,15 @@ from derms.api.problems import Problem
 from derms.errors import DermsError
 from derms.grid.bundled import resolve_master
 from derms.grid.elements import ModelElements
+from derms.store.locks import lock_feeders
 from derms.store.models import DerSite, FeederModelVersion
 from derms.store.types import utcnow
 
 log = logging.getLogger(__name__)
 
 RETRY_S = 600.0  # a version whose elements could not be worked out: tried again after this
+ATTEMPTS = 3  # transactions a registration may take when versions without elements appear
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,8 +91,28 @@ class ElementsCache:
                 self._failed.pop(vid, None)
 
 
-def _version_row(s: Session, feeder_id: str) -> tuple[int, int, str] | None:
-    """(row id, version, source_uri) of the feeder's model version (module docstring); its
+@dataclass(frozen=True)
+class _Version:
+    """A model version row, without its elements."""
+
+    vid: int
+    feeder_id: str
+    version: int
+    source_uri: str
+
+
+class ElementsNeeded(Exception):
+    """Model versions whose elements are neither cached nor stored: they are worked out
+    (a child process compiles each model) outside the registration's transaction, which
+    :func:`placement_transaction` then runs again."""
+
+    def __init__(self, versions: Sequence[_Version]) -> None:
+        super().__init__(", ".join(f"{v.feeder_id} v{v.version}" for v in versions))
+        self.versions = tuple(versions)
+
+
+def _version_row(s: Session, feeder_id: str) -> _Version | None:
+    """The feeder's model version (module docstring) at the time of the call; its
     elements are not loaded here."""
     base = select(FeederModelVersion.id, FeederModelVersion.version,
                   FeederModelVersion.source_uri).where(FeederModelVersion.feeder_id == feeder_id,
@@ -89,42 +122,42 @@ def _version_row(s: Session, feeder_id: str) -> tuple[int, int, str] | None:
                     .order_by(FeederModelVersion.version.desc()).limit(1)).first()
     if row is None:
         row = s.execute(base.order_by(FeederModelVersion.version.desc()).limit(1)).first()
-    return None if row is None else (row[0], row[1], row[2])
+    return None if row is None else _Version(row[0], feeder_id, row[1], row[2])
 
 
-def feeder_models(sessions: sessionmaker, feeder_ids: Iterable[str | None],
-                  cache: ElementsCache | None = None) -> dict[str, FeederModel]:
-    """The model of each feeder that has one (see the module docstring); a version without
-    stored elements gets them now (a child process compiles it) and keeps them."""
-    cache = cache or ElementsCache()
+def feeder_models(s: Session, feeder_ids: Iterable[str | None], cache: ElementsCache
+                  ) -> dict[str, FeederModel]:
+    """The model of each feeder that has one (module docstring), read in ``s``.
+
+    Raises :class:`ElementsNeeded` (every such version at once) when a version's elements
+    are neither in ``cache`` nor stored and were not found unworkable in the last
+    ``cache.retry_s``; a version whose elements are unworkable checks nothing."""
     out: dict[str, FeederModel] = {}
+    needed: list[_Version] = []
     for fid in sorted({f for f in feeder_ids if f is not None}):
-        with sessions() as s:
-            row = _version_row(s, fid)
-            if row is None:
-                continue
-            vid, version, uri = row
-            elements = cache.get(vid)
-            if elements is None:  # (JSON null or SQL NULL: not stored)
-                data = s.scalar(select(FeederModelVersion.elements)
-                                .where(FeederModelVersion.id == vid))
-                if data is not None:
-                    elements = ModelElements.from_json(data)
-                    cache.put(vid, elements)
-        if elements is None:
-            if cache.failed_recently(vid):
-                continue
-            data = _backfill(sessions, vid, fid, version, uri)
-            elements = None if data is None else ModelElements.from_json(data)
-            cache.put(vid, elements)
-            if elements is None:
-                continue
-        out[fid] = FeederModel(fid, version, elements)
+        v = _version_row(s, fid)
+        if v is None:
+            continue
+        elements = cache.get(v.vid)
+        if elements is None:  # (JSON null or SQL NULL: not stored)
+            data = s.scalar(select(FeederModelVersion.elements)
+                            .where(FeederModelVersion.id == v.vid))
+            if data is not None:
+                elements = ModelElements.from_json(data)
+                cache.put(v.vid, elements)
+        if elements is not None:
+            out[fid] = FeederModel(fid, v.version, elements)
+        elif not cache.failed_recently(v.vid):
+            needed.append(v)
+    if needed:
+        raise ElementsNeeded(needed)
     return out
 
 
-def _backfill(sessions: sessionmaker, vid: int, fid: str, version: int, uri: str
-              ) -> dict[str, Any] | None:
+def _backfill(sessions: sessionmaker, v: _Version) -> dict[str, Any] | None:
+    """Work out ``v``'s elements (a child process compiles its model) and store them;
+    None when the file is gone or the model is no longer usable (logged)."""
+    fid, version, uri = v.feeder_id, v.version, v.source_uri
     try:
         master = resolve_master((uri or "").removeprefix("file://"))
     except DermsError:  # the file is gone: nothing to check against (module docstring)
@@ -140,27 +173,40 @@ def _backfill(sessions: sessionmaker, vid: int, fid: str, version: int, uri: str
         return None
     data = check.elements.to_json()
     with sessions.begin() as s:
-        row = s.get(FeederModelVersion, vid)
+        row = s.get(FeederModelVersion, v.vid)
         if row is not None and row.elements is None:
             row.elements = data
     return data
 
 
-def site_feeders(sessions: sessionmaker, site_ids: Iterable[str]) -> dict[str, str | None]:
-    """The feeder of each registered site (a device on an existing site is on its feeder)."""
-    return {k: v[0] for k, v in _sites(sessions, site_ids).items()}
+def placement_transaction(sessions: sessionmaker, write: Callable[[Session], T],
+                          cache: ElementsCache) -> T:
+    """``write(session)`` in one transaction, committed when it returns; ``write`` calls
+    :func:`check_placement` on that session before it stores anything. When the check
+    meets versions whose elements must be worked out, the transaction is rolled back,
+    they are worked out (no lock held: compiling takes seconds) and ``write`` runs again in
+    a new one; 503 when versions without elements keep appearing (``ATTEMPTS``)."""
+    for _ in range(ATTEMPTS):
+        try:
+            with sessions.begin() as s:
+                return write(s)
+        except ElementsNeeded as exc:
+            for v in exc.versions:
+                data = _backfill(sessions, v)
+                cache.put(v.vid, None if data is None else ModelElements.from_json(data))
+    raise Problem(503, "the feeders' model versions changed while the registration was "
+                       "checked; nothing was stored, send it again",
+                  headers={"Retry-After": "1"})
 
 
-def _sites(sessions: sessionmaker, site_ids: Iterable[str]
-           ) -> dict[str, tuple[str | None, str | None]]:
+def _sites(s: Session, site_ids: Iterable[str]) -> dict[str, tuple[str | None, str | None]]:
     """(feeder, bus) of each registered site."""
     ids = sorted(set(site_ids))
     if not ids:
         return {}
-    with sessions() as s:
-        return {r[0]: (r[1], r[2]) for r in s.execute(
-            select(DerSite.site_id, DerSite.feeder_id, DerSite.bus)
-            .where(DerSite.site_id.in_(ids))).all()}
+    return {r[0]: (r[1], r[2]) for r in s.execute(
+        select(DerSite.site_id, DerSite.feeder_id, DerSite.bus)
+        .where(DerSite.site_id.in_(ids))).all()}
 
 
 def placement_errors(model: FeederModel, row: Any, site_bus: str | None = None
@@ -191,15 +237,19 @@ def placement_errors(model: FeederModel, row: Any, site_bus: str | None = None
     return errors
 
 
-def check_placement(sessions: sessionmaker, rows: Sequence[Any], what: str, *,
-                    batch: bool, skip: Collection[int] = (),
-                    cache: ElementsCache | None = None) -> None:
+def check_placement(s: Session, rows: Sequence[Any], what: str, *, batch: bool,
+                    cache: ElementsCache, skip: Collection[int] = ()) -> None:
     """422 problem+json when a row's bus, phase or service transformer is not in its
     feeder's model (every such row listed; ``row`` is its index in a batch; rows at the
     positions in ``skip`` are not checked). A row's feeder is its ``feeder_id``, else its
     site's (devices: the registered site, or the one an earlier row of the batch creates);
-    a device without a bus of its own is checked at its site's bus."""
-    sites = _sites(sessions, [r.site_id for r in rows if hasattr(r, "site_id")])
+    a device without a bus of its own is checked at its site's bus.
+
+    Runs in the registration's write transaction ``s`` (:func:`placement_transaction`):
+    takes the lock of the feeders it checks against, then reads their versions in force
+    (module docstring); raises :class:`ElementsNeeded` for versions whose elements are not
+    stored yet."""
+    sites = _sites(s, [r.site_id for r in rows if hasattr(r, "site_id")])
     feeder, site_bus = [], []
     for r in rows:
         sid = getattr(r, "site_id", None)
@@ -209,7 +259,8 @@ def check_placement(sessions: sessionmaker, rows: Sequence[Any], what: str, *,
         feeder.append(getattr(r, "feeder_id", None) or (known[0] if known else None))
         site_bus.append(known[1] if known else None)
     feeder = [None if k in skip else f for k, f in enumerate(feeder)]
-    models = feeder_models(sessions, feeder, cache)
+    lock_feeders(s, feeder)
+    models = feeder_models(s, feeder, cache)
     if not models:
         return
     errors: list[dict[str, Any]] = []
@@ -230,5 +281,5 @@ def check_placement(sessions: sessionmaker, rows: Sequence[Any], what: str, *,
     raise Problem(422, detail, type_="unknown-model-element", errors=errors)
 
 
-__all__ = ["ElementsCache", "FeederModel", "check_placement", "feeder_models",
-           "placement_errors"]
+__all__ = ["ElementsCache", "ElementsNeeded", "FeederModel", "check_placement",
+           "feeder_models", "placement_errors", "placement_transaction"]

@@ -29,6 +29,7 @@ from derms.grid.bundled import resolve_master
 from derms.grid.elements import ModelElements
 from derms.monitoring.placement import sync_placement_alarms
 from derms.store.audit import append_audit
+from derms.store.locks import lock_feeders
 from derms.store.models import Feeder, FeederModelVersion
 from derms.store.types import ensure_utc, utcnow
 
@@ -103,6 +104,9 @@ def _feeder_exists(request: Request, feeder_id: str) -> None:
 def _register(request: Request, feeder_id: str, body: ModelIn, digest: str,
               principal: Principal, elements: dict[str, Any] | None) -> dict[str, Any]:
     with request.app.state.sessions.begin() as s:
+        # registrations on the feeder wait (derms.api.placement): the alarms below see
+        # every device and meter checked against the version before this one
+        lock_feeders(s, [feeder_id])
         if s.get(Feeder, feeder_id) is None:
             raise Problem(404, f"unknown feeder {feeder_id!r}")
         last = s.scalar(select(func.max(FeederModelVersion.version)).where(

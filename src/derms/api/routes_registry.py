@@ -4,8 +4,9 @@ Where a device or meter sits is checked against its feeder's model when the feed
 one (:mod:`derms.api.placement`): a bus (``"671"``, or with node suffixes ``"671.1.2"``),
 phase or service transformer the model does not have is 422 problem+json naming the
 field, the value and, in a batch, the row; nothing is stored. A feeder without a model
-version accepts any name. Bus and transformer names are stored stripped and lower case,
-as OpenDSS reports them.
+version accepts any name. The check and the insert are one transaction, under the lock of
+the feeders checked against (:func:`derms.api.placement.placement_transaction`). Bus and
+transformer names are stored stripped and lower case, as OpenDSS reports them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from derms.api.auth import Principal, require
 from derms.api.fields import Id, Text64, Text200, Text500
 from derms.api.paging import Limit, Offset
-from derms.api.placement import ElementsCache, check_placement
+from derms.api.placement import ElementsCache, check_placement, placement_transaction
 from derms.api.problems import Problem
 from derms.store.audit import append_audit
 from derms.store.models import (
@@ -155,11 +157,12 @@ def create_device(request: Request, body: DeviceIn,
                   principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
     """Register a device; its site is created on first use. Its bus, phase and service
     transformer must be in its feeder's model when the feeder has one (module docstring)."""
-    check_placement(request.app.state.sessions, [body], f"device {body.der_id!r}",
-                    batch=False, cache=_elements_cache(request))
-    data = body.model_dump()
-    feeder_id = data.pop("feeder_id")
-    with request.app.state.sessions.begin() as s:
+    cache = _elements_cache(request)
+
+    def write(s: Session) -> dict:
+        check_placement(s, [body], f"device {body.der_id!r}", batch=False, cache=cache)
+        data = body.model_dump()
+        feeder_id = data.pop("feeder_id")
         if s.get(DerDevice, body.der_id) is not None:
             raise Problem(409, f"device {body.der_id!r} exists")
         if feeder_id is not None and s.get(Feeder, feeder_id) is None:
@@ -176,7 +179,9 @@ def create_device(request: Request, body: DeviceIn,
         out = {**body.model_dump(mode="json"), "feeder_id": feeder_id}
         append_audit(s, actor=principal.token_id, action="create", entity="der_device",
                      entity_id=body.der_id, detail=out)
-    return out
+        return out
+
+    return placement_transaction(request.app.state.sessions, write, cache)
 
 
 def _same_feeder(site: DerSite, feeder_id: str | None, der_id: str) -> None:
@@ -207,16 +212,18 @@ def _unique_ids(rows, field: str, what: str) -> list[str]:
     return ids
 
 
-def _elements_cache(request: Request) -> ElementsCache | None:
-    """The app's cache of model versions' elements (``create_app``)."""
-    return getattr(request.app.state, "model_elements", None)
+def _elements_cache(request: Request) -> ElementsCache:
+    """The app's cache of model versions' elements (``create_app`` makes it)."""
+    state = request.app.state
+    if getattr(state, "model_elements", None) is None:
+        state.model_elements = ElementsCache()
+    return state.model_elements
 
 
-def _registered(request: Request, column, ids: list[str]) -> set[int]:
+def _registered(s: Session, column, ids: list[str]) -> set[int]:
     """Positions of the ids already registered (a batch leaves those as they are, so their
     placement is not checked again)."""
-    with request.app.state.sessions() as s:
-        have = set(s.scalars(select(column).where(column.in_(ids))))
+    have = set(s.scalars(select(column).where(column.in_(ids))))
     return {k for k, i in enumerate(ids) if i in have}
 
 
@@ -238,10 +245,11 @@ def create_devices(request: Request, body: DevicesIn,
     feeder's model does not have (every such row listed) is 422 and nothing is stored."""
     rows = body.devices
     ids = _unique_ids(rows, "der_id", "devices")
-    check_placement(request.app.state.sessions, rows, "devices", batch=True,
-                    skip=_registered(request, DerDevice.der_id, ids),
-                    cache=_elements_cache(request))
-    with request.app.state.sessions.begin() as s:
+    cache = _elements_cache(request)
+
+    def write(s: Session) -> dict:
+        check_placement(s, rows, "devices", batch=True, cache=cache,
+                        skip=_registered(s, DerDevice.der_id, ids))
         _check_feeders(s, rows, "devices")
         existing = set(s.scalars(select(DerDevice.der_id).where(DerDevice.der_id.in_(ids))))
         sites = {x.site_id: x for x in s.scalars(select(DerSite).where(
@@ -264,7 +272,9 @@ def create_devices(request: Request, body: DevicesIn,
         s.flush()
         append_audit(s, actor=principal.token_id, action="create", entity="der_device",
                      entity_id=f"batch of {len(created)}", detail={"der_ids": created})
-    return {"created": created, "existing": sorted(existing)}
+        return {"created": created, "existing": sorted(existing)}
+
+    return placement_transaction(request.app.state.sessions, write, cache)
 
 
 @router.post("/meters/batch", status_code=201)
@@ -273,10 +283,11 @@ def create_meters(request: Request, body: MetersIn,
     """Register up to 10,000 meters in one transaction (as ``/devices/batch``)."""
     rows = body.meters
     ids = _unique_ids(rows, "meter_id", "meters")
-    check_placement(request.app.state.sessions, rows, "meters", batch=True,
-                    skip=_registered(request, Meter.meter_id, ids),
-                    cache=_elements_cache(request))
-    with request.app.state.sessions.begin() as s:
+    cache = _elements_cache(request)
+
+    def write(s: Session) -> dict:
+        check_placement(s, rows, "meters", batch=True, cache=cache,
+                        skip=_registered(s, Meter.meter_id, ids))
         _check_feeders(s, rows, "meters")
         existing = set(s.scalars(select(Meter.meter_id).where(Meter.meter_id.in_(ids))))
         created = [r.meter_id for r in rows if r.meter_id not in existing]
@@ -284,7 +295,9 @@ def create_meters(request: Request, body: MetersIn,
         s.flush()
         append_audit(s, actor=principal.token_id, action="create", entity="meter",
                      entity_id=f"batch of {len(created)}", detail={"meter_ids": created})
-    return {"created": created, "existing": sorted(existing)}
+        return {"created": created, "existing": sorted(existing)}
+
+    return placement_transaction(request.app.state.sessions, write, cache)
 
 
 @router.post("/meters", status_code=201)
@@ -292,9 +305,10 @@ def create_meter(request: Request, body: MeterIn,
                  principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
     """Register a meter; its bus, phase and service transformer must be in its feeder's
     model when the feeder has one (module docstring)."""
-    check_placement(request.app.state.sessions, [body], f"meter {body.meter_id!r}",
-                    batch=False, cache=_elements_cache(request))
-    with request.app.state.sessions.begin() as s:
+    cache = _elements_cache(request)
+
+    def write(s: Session) -> dict:
+        check_placement(s, [body], f"meter {body.meter_id!r}", batch=False, cache=cache)
         if s.get(Meter, body.meter_id) is not None:
             raise Problem(409, f"meter {body.meter_id!r} exists")
         if body.feeder_id is not None and s.get(Feeder, body.feeder_id) is None:
@@ -302,4 +316,6 @@ def create_meter(request: Request, body: MeterIn,
         s.add(Meter(**body.model_dump()))
         append_audit(s, actor=principal.token_id, action="create", entity="meter",
                      entity_id=body.meter_id, detail=body.model_dump(mode="json"))
-    return body.model_dump(mode="json")
+        return body.model_dump(mode="json")
+
+    return placement_transaction(request.app.state.sessions, write, cache)

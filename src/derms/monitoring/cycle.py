@@ -26,6 +26,7 @@ from derms.grid.elements import ModelElements
 from derms.monitoring.background import BackgroundLoop
 from derms.monitoring.feeder_monitor import FeederMonitor, FeederState, MonitorConfig
 from derms.monitoring.placement import sync_placement_alarms
+from derms.store.locks import lock_feeders
 from derms.store.models import FeederModelVersion
 from derms.store.types import utcnow
 
@@ -290,9 +291,13 @@ def sync_version_placement(db: Engine, feeder_id: str, version: int) -> None:
     """Raise and clear the feeder's ``placement_unknown:`` alarms against the stored buses
     of model ``version``, the one now in force (registration checks a version only when
     it is in force at once; one registered for later is checked here, when a monitor takes
-    it up). Nothing without stored buses; a failure is logged, never raised."""
+    it up). Nothing without stored buses; a failure is logged, never raised. Under the
+    feeder's lock (:func:`derms.store.locks.lock_feeders`): a registration checked against
+    the version before is stored before the alarms are worked out, or after, against this
+    one."""
     try:
         with Session(db) as s, s.begin():
+            lock_feeders(s, [feeder_id])
             el = s.scalar(select(FeederModelVersion.elements).where(
                 FeederModelVersion.feeder_id == feeder_id,
                 FeederModelVersion.version == version))
