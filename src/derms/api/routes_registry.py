@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from derms.api.auth import Principal, require
-from derms.api.fields import Id, Text64, Text200, Text500
+from derms.api.fields import ElementName, Id, Text64, Text200, Text500
 from derms.api.paging import Limit, Offset
 from derms.api.placement import ElementsCache, check_placement, placement_transaction
 from derms.api.problems import Problem
@@ -61,18 +61,13 @@ class DeviceIn(BaseModel):
     q_max_kvar: float = Field(default=0.0, ge=0)
     q_min_kvar: float = Field(default=0.0, le=0)
     phase: Phase = Phase.ABC
-    bus: Text64 | None = None
-    service_transformer: Text64 | None = None
+    bus: ElementName | None = None
+    service_transformer: ElementName | None = None
     owner: Text200 | None = None
     aggregator: Text200 | None = None
     protocol: Protocol = Protocol.NONE
     endpoint: Text500 | None = None
     status: DeviceStatus = DeviceStatus.COMMISSIONING
-
-    @field_validator("bus", "service_transformer")
-    @classmethod
-    def _lower(cls, value: str | None) -> str | None:
-        return _opendss_name(value)
 
     @model_validator(mode="after")
     def _within_apparent_power(self) -> DeviceIn:
@@ -86,23 +81,13 @@ class DeviceIn(BaseModel):
         return self
 
 
-def _opendss_name(value: str | None) -> str | None:
-    """An OpenDSS element name as OpenDSS reports it: stripped, lower case."""
-    return None if value is None else value.strip().lower()
-
-
 class MeterIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     meter_id: Id
     feeder_id: Id | None = None
-    bus: Text64 | None = None
-    service_transformer: Text64 | None = None
+    bus: ElementName | None = None
+    service_transformer: ElementName | None = None
     phase: Phase | None = None
-
-    @field_validator("bus", "service_transformer")
-    @classmethod
-    def _lower(cls, value: str | None) -> str | None:
-        return _opendss_name(value)
 
 
 def _page(request: Request, model, order, limit: int, offset: int) -> dict:
