@@ -205,11 +205,11 @@ def _elements_cache(request: Request) -> ElementsCache:
     return state.model_elements
 
 
-def _registered(s: Session, column, ids: list[str]) -> set[int]:
-    """Positions of the ids already registered (a batch leaves those as they are, so their
-    placement is not checked again)."""
+def _registered(s: Session, column, ids: list[str]) -> tuple[set[str], set[int]]:
+    """The ids already registered and their positions: a batch leaves those as they are
+    (not stored again, their placement not checked again). One query per request."""
     have = set(s.scalars(select(column).where(column.in_(ids))))
-    return {k for k, i in enumerate(ids) if i in have}
+    return have, {k for k, i in enumerate(ids) if i in have}
 
 
 def _check_feeders(s, rows, what: str) -> None:
@@ -233,10 +233,9 @@ def create_devices(request: Request, body: DevicesIn,
     cache = _elements_cache(request)
 
     def write(s: Session) -> dict:
-        check_placement(s, rows, "devices", batch=True, cache=cache,
-                        skip=_registered(s, DerDevice.der_id, ids))
+        existing, at = _registered(s, DerDevice.der_id, ids)
+        check_placement(s, rows, "devices", batch=True, cache=cache, skip=at)
         _check_feeders(s, rows, "devices")
-        existing = set(s.scalars(select(DerDevice.der_id).where(DerDevice.der_id.in_(ids))))
         sites = {x.site_id: x for x in s.scalars(select(DerSite).where(
             DerSite.site_id.in_({r.site_id for r in rows})))}
         created = []
@@ -271,10 +270,9 @@ def create_meters(request: Request, body: MetersIn,
     cache = _elements_cache(request)
 
     def write(s: Session) -> dict:
-        check_placement(s, rows, "meters", batch=True, cache=cache,
-                        skip=_registered(s, Meter.meter_id, ids))
+        existing, at = _registered(s, Meter.meter_id, ids)
+        check_placement(s, rows, "meters", batch=True, cache=cache, skip=at)
         _check_feeders(s, rows, "meters")
-        existing = set(s.scalars(select(Meter.meter_id).where(Meter.meter_id.in_(ids))))
         created = [r.meter_id for r in rows if r.meter_id not in existing]
         s.add_all(Meter(**r.model_dump()) for r in rows if r.meter_id not in existing)
         s.flush()
