@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from derms.api.model_check import inspect_model_sync
@@ -185,17 +186,26 @@ def placement_transaction(sessions: sessionmaker, write: Callable[[Session], T],
     :func:`check_placement` on that session before it stores anything. When the check
     meets versions whose elements must be worked out, the transaction is rolled back,
     they are worked out (no lock held: compiling takes seconds) and ``write`` runs again in
-    a new one; 503 when versions without elements keep appearing (``ATTEMPTS``)."""
-    for _ in range(ATTEMPTS):
+    a new one. When the insert breaks a unique key (an id or site another request stored
+    after ``write`` read that it was not there), the transaction is rolled back and
+    ``write`` runs again, reading what the other stored: it answers as it would have after
+    it (409 for an id, a batch's ``existing``), never the database's error. 503 when either
+    keeps happening (``ATTEMPTS``)."""
+    why = ""
+    for attempt in range(1, ATTEMPTS + 1):
         try:
             with sessions.begin() as s:
                 return write(s)
         except ElementsNeeded as exc:
+            why = "the feeders' model versions changed while the registration was checked"
             for v in exc.versions:
                 data = _backfill(sessions, v)
                 cache.put(v.vid, None if data is None else ModelElements.from_json(data))
-    raise Problem(503, "the feeders' model versions changed while the registration was "
-                       "checked; nothing was stored, send it again",
+        except IntegrityError as exc:
+            why = "other registrations stored the same ids or sites meanwhile"
+            log.warning("registration_conflict attempt=%d error=%s", attempt,
+                        str(exc.orig).splitlines()[0] if exc.orig else exc)
+    raise Problem(503, f"{why}; nothing was stored, send it again",
                   headers={"Retry-After": "1"})
 
 

@@ -7,11 +7,19 @@ field, the value and, in a batch, the row; nothing is stored. A feeder without a
 version accepts any name. The check and the insert are one transaction, under the lock of
 the feeders checked against (:func:`derms.api.placement.placement_transaction`). Bus and
 transformer names are stored stripped and lower case, as OpenDSS reports them.
+
+A repeated registration: ``POST /devices`` or ``/meters`` with an id already registered
+is 409 problem+json naming it (whatever its fields); a batch lists such ids in
+``existing`` and leaves them as they are. Two requests registering the same new id at once
+answer the same way: the one whose insert meets the other's row runs again and answers
+as if it came second (it had got the database's uniqueness error as a 500).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterable
+from operator import attrgetter
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,6 +44,7 @@ from derms.store.models import (
 )
 
 router = APIRouter(tags=["registry"])
+_Row = TypeVar("_Row")
 
 
 class FeederIn(BaseModel):
@@ -212,6 +221,14 @@ def _registered(s: Session, column, ids: list[str]) -> tuple[set[str], set[int]]
     return have, {k for k, i in enumerate(ids) if i in have}
 
 
+def _in_key_order(objs: Iterable[_Row], key: str) -> list[_Row]:
+    """``objs`` sorted by their ``key`` attribute. A batch inserts its new rows in key order,
+    not the request's: two batches sharing new ids in different orders each held one the
+    other was about to insert, and PostgreSQL ended one with a deadlock error (500); in
+    key order the later one waits, then runs again as a repeat (placement_transaction)."""
+    return sorted(objs, key=attrgetter(key))
+
+
 def _check_feeders(s, rows, what: str) -> None:
     """422 when a row names a feeder the registry does not have."""
     wanted = {r.feeder_id for r in rows} - {None}
@@ -238,7 +255,7 @@ def create_devices(request: Request, body: DevicesIn,
         _check_feeders(s, rows, "devices")
         sites = {x.site_id: x for x in s.scalars(select(DerSite).where(
             DerSite.site_id.in_({r.site_id for r in rows})))}
-        created = []
+        created, new_sites, devices = [], [], []
         for r in rows:
             if r.der_id in existing:
                 continue
@@ -247,12 +264,14 @@ def create_devices(request: Request, body: DevicesIn,
             if r.site_id not in sites:
                 site = DerSite(site_id=r.site_id, feeder_id=feeder_id, bus=r.bus,
                                service_transformer=r.service_transformer, owner=r.owner)
-                s.add(site)
+                new_sites.append(site)
                 sites[r.site_id] = site
             else:
                 _same_feeder(sites[r.site_id], feeder_id, r.der_id)
-            s.add(DerDevice(**data))
+            devices.append(DerDevice(**data))
             created.append(r.der_id)
+        s.add_all(_in_key_order(new_sites, "site_id"))  # (inserted before the devices)
+        s.add_all(_in_key_order(devices, "der_id"))
         s.flush()
         append_audit(s, actor=principal.token_id, action="create", entity="der_device",
                      entity_id=f"batch of {len(created)}", detail={"der_ids": created})
@@ -274,7 +293,8 @@ def create_meters(request: Request, body: MetersIn,
         check_placement(s, rows, "meters", batch=True, cache=cache, skip=at)
         _check_feeders(s, rows, "meters")
         created = [r.meter_id for r in rows if r.meter_id not in existing]
-        s.add_all(Meter(**r.model_dump()) for r in rows if r.meter_id not in existing)
+        s.add_all(Meter(**r.model_dump()) for r in _in_key_order(rows, "meter_id")
+                  if r.meter_id not in existing)
         s.flush()
         append_audit(s, actor=principal.token_id, action="create", entity="meter",
                      entity_id=f"batch of {len(created)}", detail={"meter_ids": created})
