@@ -62,21 +62,25 @@ def _feeder(app, c, admin, versions: list[tuple[ModelElements, timedelta]]) -> s
 
 
 def _after_check(monkeypatch, competitor: Callable[[], None],
-                 ready: threading.Event | None = None) -> list[threading.Thread]:
-    """Run ``competitor`` on a thread right after the registration's placement check and
-    let it work for up to ``WAIT_S`` (from when ``ready`` is set, when given) before the
-    registration goes on."""
+                 ready: threading.Event | None = None, wait_s: float = WAIT_S
+                 ) -> list[threading.Thread]:
+    """Run ``competitor`` on a thread right after the registration's first placement check
+    and let it work for up to ``wait_s`` (from when ``ready`` is set, when given) before
+    the registration goes on."""
     threads: list[threading.Thread] = []
     real = routes_registry.check_placement
 
     def hooked(*args, **kwargs):
-        real(*args, **kwargs)
+        out = real(*args, **kwargs)
+        if threads:  # the registration running again (placement_transaction)
+            return out
         t = threading.Thread(target=competitor, daemon=True)
         threads.append(t)
         t.start()
         if ready is not None:
             assert ready.wait(120)
-        t.join(WAIT_S)  # without the fix it is done by now; with it, it waits for us
+        t.join(wait_s)  # without the fix it is done by now; with it, it waits for us
+        return out
 
     monkeypatch.setattr(routes_registry, "check_placement", hooked)
     return threads
@@ -188,3 +192,40 @@ def test_a_batch_racing_a_new_version(api, monkeypatch):
         alarms = s.scalars(select(Alarm.kind).where(Alarm.feeder_id == fid,
                                                     Alarm.t_cleared.is_(None))).all()
     assert alarms == [f"placement_unknown:1-{u}"]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_site_stored_by_another_request_between_check_and_insert(api, monkeypatch, batch):
+    """A device naming no feeder, on a new site, at bus 692; meanwhile another request
+    stores the site on a feeder whose model (IEEE 13 without 692) is in force. The check
+    read the site as new (no feeder: nothing to check) and the insert read it again, found
+    it and stored the device on that feeder, at a bus its model lacks, with no alarm: the
+    check's reads came before any feeder lock and the insert did not use them. The rule:
+    the device is checked on the feeder it is stored on, so here it is refused."""
+    app, c, admin = api
+    fid = _feeder(app, c, admin, [(IEEE13, timedelta(seconds=-60))])
+    u = uuid.uuid4().hex[:6]
+    site = f"s-{u}"
+    answers: list = []
+
+    def competitor() -> None:  # it holds no lock the registration waits for, nor waits
+        answers.append(c.post("/v1/devices", headers=admin, json={
+            "der_id": f"a-{u}", "site_id": site, "feeder_id": fid, "der_type": "pv",
+            "s_max_kva": 5.0, "p_gen_max_kw": 5.0, "bus": "671"}))
+
+    threads = _after_check(monkeypatch, competitor, wait_s=60)
+    der_id = f"b-{u}"
+    row = {"der_id": der_id, "site_id": site, "der_type": "pv", "s_max_kva": 5.0,
+           "p_gen_max_kw": 5.0, "bus": "692"}
+    r = (c.post("/v1/devices/batch", headers=admin, json={"devices": [row]}) if batch else
+         c.post("/v1/devices", headers=admin, json=row))
+    monkeypatch.undo()
+    for t in threads:
+        t.join(60)
+    assert len(threads) == 1 and answers and answers[0].status_code == 201, answers
+    with app.state.sessions() as s:
+        stored = s.get(DerDevice, der_id) is not None
+    assert r.status_code == 422, (r.status_code, r.text, stored)
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("/unknown-model-element")
+    assert r.json()["errors"][0]["value"] == "692" and not stored

@@ -22,6 +22,12 @@ transaction: a version registered in between was missed by both.) Elements still
 worked out are worked out outside the transaction, with no lock held, and the
 registration runs again.
 
+What the check reads before the lock, the rows' sites (their feeders are what it locks)
+and a batch's ids already registered, is what the insert uses: sites and ids are never
+changed or removed, so a read can only miss one another request stores meanwhile, and
+then the insert breaks its key and the registration runs again
+(:func:`placement_transaction`), reading it.
+
 Answers are RFC 9457 problems (422) whose ``errors`` name the field, the value and, for
 batches, the row.
 """
@@ -209,14 +215,12 @@ def placement_transaction(sessions: sessionmaker, write: Callable[[Session], T],
                   headers={"Retry-After": "1"})
 
 
-def _sites(s: Session, site_ids: Iterable[str]) -> dict[str, tuple[str | None, str | None]]:
-    """(feeder, bus) of each registered site."""
+def _sites(s: Session, site_ids: Iterable[str]) -> dict[str, DerSite]:
+    """The registered sites among ``site_ids``."""
     ids = sorted(set(site_ids))
     if not ids:
         return {}
-    return {r[0]: (r[1], r[2]) for r in s.execute(
-        select(DerSite.site_id, DerSite.feeder_id, DerSite.bus)
-        .where(DerSite.site_id.in_(ids))).all()}
+    return {x.site_id: x for x in s.scalars(select(DerSite).where(DerSite.site_id.in_(ids)))}
 
 
 def placement_errors(model: FeederModel, row: Any, site_bus: str | None = None
@@ -248,7 +252,7 @@ def placement_errors(model: FeederModel, row: Any, site_bus: str | None = None
 
 
 def check_placement(s: Session, rows: Sequence[Any], what: str, *, batch: bool,
-                    cache: ElementsCache, skip: Collection[int] = ()) -> None:
+                    cache: ElementsCache, skip: Collection[int] = ()) -> dict[str, DerSite]:
     """422 problem+json when a row's bus, phase or service transformer is not in its
     feeder's model (every such row listed; ``row`` is its index in a batch; rows at the
     positions in ``skip`` are not checked). A row's feeder is its ``feeder_id``, else its
@@ -258,21 +262,27 @@ def check_placement(s: Session, rows: Sequence[Any], what: str, *, batch: bool,
     Runs in the registration's write transaction ``s`` (:func:`placement_transaction`):
     takes the lock of the feeders it checks against, then reads their versions in force
     (module docstring); raises :class:`ElementsNeeded` for versions whose elements are not
-    stored yet."""
+    stored yet. Returns the rows' registered sites as it read them: the insert takes them
+    from here and stores the others, never reads them again. (It did: a device naming no
+    feeder whose new site another request stored meanwhile, on a feeder with a model, was
+    stored on that feeder unchecked. Now its site's insert breaks the key and the
+    registration runs again, checked on that feeder.)"""
     sites = _sites(s, [r.site_id for r in rows if hasattr(r, "site_id")])
+    known: dict[str, tuple[str | None, str | None]] = {
+        k: (x.feeder_id, x.bus) for k, x in sites.items()}  # (feeder, bus) by site
     feeder, site_bus = [], []
     for r in rows:
         sid = getattr(r, "site_id", None)
-        known = sites.get(sid) if sid is not None else None
-        if sid is not None and known is None:  # created by this row: later rows use it
-            known = sites[sid] = (r.feeder_id, r.bus)
-        feeder.append(getattr(r, "feeder_id", None) or (known[0] if known else None))
-        site_bus.append(known[1] if known else None)
+        at = known.get(sid) if sid is not None else None
+        if sid is not None and at is None:  # created by this row: later rows use it
+            at = known[sid] = (r.feeder_id, r.bus)
+        feeder.append(getattr(r, "feeder_id", None) or (at[0] if at else None))
+        site_bus.append(at[1] if at else None)
     feeder = [None if k in skip else f for k, f in enumerate(feeder)]
     lock_feeders(s, feeder)
     models = feeder_models(s, feeder, cache)
     if not models:
-        return
+        return sites
     errors: list[dict[str, Any]] = []
     for k, (r, fid) in enumerate(zip(rows, feeder, strict=True)):
         if fid in models:
@@ -280,7 +290,7 @@ def check_placement(s: Session, rows: Sequence[Any], what: str, *, batch: bool,
                 errors.append({"row": k, **e} if batch else
                               {**e, "field": f"body.{e['field']}"})
     if not errors:
-        return
+        return sites
     if batch:
         n = len({e["row"] for e in errors})
         detail = (f"{what}: {n} row(s) name a bus, phase or transformer their feeder's model "

@@ -154,14 +154,15 @@ def create_device(request: Request, body: DeviceIn,
     cache = _elements_cache(request)
 
     def write(s: Session) -> dict:
-        check_placement(s, [body], f"device {body.der_id!r}", batch=False, cache=cache)
+        sites = check_placement(s, [body], f"device {body.der_id!r}", batch=False,
+                                cache=cache)
         data = body.model_dump()
         feeder_id = data.pop("feeder_id")
         if s.get(DerDevice, body.der_id) is not None:
             raise Problem(409, f"device {body.der_id!r} exists")
         if feeder_id is not None and s.get(Feeder, feeder_id) is None:
             raise Problem(422, f"unknown feeder {feeder_id!r}")
-        site = s.get(DerSite, body.site_id)
+        site = sites.get(body.site_id)  # as checked (placement.check_placement)
         if site is None:
             s.add(DerSite(site_id=body.site_id, feeder_id=feeder_id, bus=body.bus,
                           service_transformer=body.service_transformer, owner=body.owner))
@@ -251,10 +252,8 @@ def create_devices(request: Request, body: DevicesIn,
 
     def write(s: Session) -> dict:
         existing, at = _registered(s, DerDevice.der_id, ids)
-        check_placement(s, rows, "devices", batch=True, cache=cache, skip=at)
+        sites = check_placement(s, rows, "devices", batch=True, cache=cache, skip=at)
         _check_feeders(s, rows, "devices")
-        sites = {x.site_id: x for x in s.scalars(select(DerSite).where(
-            DerSite.site_id.in_({r.site_id for r in rows})))}
         created, new_sites, devices = [], [], []
         for r in rows:
             if r.der_id in existing:
