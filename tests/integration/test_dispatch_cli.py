@@ -191,3 +191,14 @@ def test_a_rolling_run_worse_than_uncontrolled_says_so(tmp_path):
     worse = r["peak_executed_kw"] > r["peak_uncontrolled_kw"]
     noted = any("above the uncontrolled" in n for n in s["plan_notes"])
     assert worse and noted
+
+
+def test_rolling_note_names_the_replan_period(tmp_path):
+    """optimised_note said "hourly re-plans" whatever --replan-every was (15 min by
+    default); it names the period the run used."""
+    code, text = _run("ieee123", "--horizon", "6h", "--step", "30min", "--seed", "2",
+                      "--forecast", "noisy", "--replan-every", "1h", "--out", tmp_path)
+    assert code == 0, text
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["rolling"]["replan_every"] == "1h"
+    assert "every 1h" in s["optimised_note"] and "hourly" not in s["optimised_note"]

@@ -248,7 +248,8 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     finally:
         engine.close()
     summary = _summary(feeder, scenario, scenario_config, objective, unc, rb, opt, vp,
-                       rolling_peak, mode, forecast)
+                       rolling_peak, mode, forecast,
+                       None if rolling_info is None else rolling_info["replan_every"])
     note = peak_rise_note(unc.head_kw, opt.head_kw, vp, ledger)
     if note:
         summary["plan_notes"].append(note)
@@ -306,7 +307,7 @@ def peak_rise_note(unc_head_kw: np.ndarray, opt_head_kw: np.ndarray, vp: Verifie
 def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
              objective: ObjectiveConfig, unc: CaseResult, rb: CaseResult, opt: CaseResult,
              vp: VerifiedPlan, rolling_peak: float | None, mode: str,
-             forecast: Forecast) -> dict[str, Any]:
+             forecast: Forecast, forecast_replan_every: str | None = None) -> dict[str, Any]:
     f = scenario.fleet
     h = f.horizon
     dt = h.dt_h
@@ -373,11 +374,17 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
                                "schedule.csv and opendss/ (run with --forecast noisy or "
                                "model for a rolling re-plan with forecasts)")
     else:
-        s["optimised_note"] = ("peak_optimised_kw is the executed peak of hourly re-plans "
-                               "with forecasts (block 'rolling'); schedule.csv, "
-                               "violations_optimised and opendss/ are the perfect-knowledge "
-                               "plan, whose peak is peak_perfect_foresight_kw")
+        s["optimised_note"] = rolling_note(forecast_replan_every)
     return s
+
+
+def rolling_note(replan_every: str | None) -> str:
+    """``optimised_note`` of a rolling run: re-planned every ``replan_every`` (the period
+    the run used, e.g. "15min"; it said "hourly" whatever the period was)."""
+    every = f"every {replan_every}" if replan_every else "rolling"
+    return (f"peak_optimised_kw is the executed peak of re-plans with forecasts ({every}, "
+            "block 'rolling'); schedule.csv, violations_optimised and opendss/ are the "
+            "perfect-knowledge plan, whose peak is peak_perfect_foresight_kw")
 
 
 def _rating_counts(res: QSTSResult) -> dict[str, int]:
