@@ -74,6 +74,7 @@ def test_profiles_file_sets_the_horizon(tmp_path):
     (("--direction", "sideways"), "--direction 'sideways'"),
     (("--voltage-range", "C"), "--voltage-range 'C'"),
     (("--step", "2h"), "step"),
+    (("--step", "7min"), "not a whole number of 7-min steps"),  # was rounded to 18 x 7 min
     (("--start", "yesterday"), "--start 'yesterday'"),
 ])
 def test_bad_input_exits_2(tmp_path, args, message):

@@ -58,6 +58,11 @@ class StudyConfig:
             raise InputError(f"step {self.step} is outside 1 minute .. 1 hour")
         if not 0 < self.days <= 366:
             raise InputError(f"days must be in (0, 366], got {self.days}")
+        steps = self.days * 86400 / self.step.total_seconds()
+        if abs(steps - round(steps)) > 1e-6 or round(steps) < 1:
+            # n_steps rounded it: 24 h of 7 min became 206 intervals ending at 24:02
+            raise InputError(f"the horizon ({self.days * 24:g} h) is not a whole number of "
+                             f"{self.step.total_seconds() / 60:g}-min steps ({steps:.4g})")
         if not 0.0 <= self.pv_penetration <= 1.0:
             raise InputError(f"pv penetration must be in [0, 1], got {self.pv_penetration}")
         if self.start.tzinfo is None:
