@@ -81,8 +81,22 @@ def test_tables(out):
 def test_files_match_the_data_formats_doc(out):
     for name in ("ders.csv", "schedule.csv", "schedule_rule_based.csv",
                  "schedule_uncontrolled.csv", "head.csv", "ledger_binding.csv",
-                 "ledger_moves.csv", "ledger_curtailment.csv"):
+                 "ledger_moves.csv", "ledger_curtailment.csv", "violations.csv"):
         check_file(out / name, "derms dispatch")
+
+
+def test_violations_table_names_what_the_counts_count(out):
+    """summary.json gave only counts: which elements the AC check still found in a plan
+    was nowhere in the outputs. violations.csv lists every event of the three cases."""
+    s = json.loads((out / "summary.json").read_text())
+    ev = pd.read_csv(out / "violations.csv")
+    assert set(ev["case"]) <= {"uncontrolled", "rule_based", "optimised"}
+    assert s["violations_uncontrolled"] > 0  # IEEE 123 at 12 h: the case has some
+    for case in ("uncontrolled", "rule_based", "optimised"):
+        g = ev[ev["case"] == case]
+        new = int(g.loc[~g["pre_existing"], "n_steps"].sum())
+        worse = int(g.loc[g["pre_existing"] & g["worsened"], "n_steps"].sum())
+        assert new <= s[f"violations_{case}"] <= new + worse, case
 
 
 def test_report_and_opendss_set(out):

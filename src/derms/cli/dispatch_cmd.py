@@ -142,7 +142,8 @@ def dispatch(
         f"{s['runtime_s']:.1f} s", highlight=False)
     if s["violations_optimised"]:
         err_console.print(f"[yellow]warning:[/] the optimised plan still has "
-                          f"{s['violations_optimised']} violations in the AC simulation")
+                          f"{s['violations_optimised']} violations in the AC simulation "
+                          "(violations.csv names them)")
     for note in s.get("plan_notes", ()):
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     if s.get("n_ev_short"):

@@ -105,6 +105,27 @@ def head_table(study: DispatchStudy) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def violations_table(study: DispatchStudy) -> pd.DataFrame:
+    """Every violation event of the three cases: ``case`` (uncontrolled, rule_based,
+    optimised), then the columns of ``derms study``'s violations.csv (``start``/``end``
+    UTC). Pre-existing runs are listed with ``pre_existing`` and count only where
+    ``worsened``; the summary gave counts only, so what the AC check left was unnamed."""
+    from derms.analysis.constraints import VIOLATION_COLUMNS
+
+    frames = []
+    for name, case in (("uncontrolled", study.uncontrolled),
+                       ("rule_based", study.rule_based), ("optimised", study.optimised)):
+        ev = case.violations.events
+        if len(ev):
+            ev = ev[VIOLATION_COLUMNS].copy()
+            ev["start"], ev["end"] = _iso_index(ev["start"]), _iso_index(ev["end"])
+            frames.append(ev.assign(case=name))
+    cols = ["case", *VIOLATION_COLUMNS]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+    return pd.concat(frames, ignore_index=True)[cols]
+
+
 def ledger_tables(ledger: Ledger) -> dict[str, pd.DataFrame]:
     """The ledger's three tables with ISO UTC timestamps (``t`` → ``timestamp``)."""
     out = {}
@@ -142,6 +163,7 @@ def write_dispatch_outputs(study: DispatchStudy, out: Path) -> dict[str, Path]:
     csv("schedule_rule_based", schedule_table(study.rule_based.schedule))
     csv("schedule_uncontrolled", schedule_table(study.uncontrolled.schedule))
     csv("head", head_table(study))
+    csv("violations", violations_table(study))
     for name, frame in ledger_tables(study.ledger).items():
         csv(f"ledger_{name}", frame)
     paths["summary"] = out / "summary.json"
@@ -189,6 +211,7 @@ EV {s['ev_penetration']}; curtailment policy `{s['curtailment_policy']}`, export
 | `schedule.csv` | optimised plan: `der_id, kind, timestamp, p_kw, q_kvar, soc_frac` (batteries, at the end of the interval), `curtail_kw` (PV: available − output) |
 | `schedule_rule_based.csv`, `schedule_uncontrolled.csv` | the same for the rule-based peak-shaving baseline (batteries discharge above {RULE_BASED_THRESHOLD_FRAC:.0%} of the uncontrolled peak) and the uncontrolled case (PV at available power, batteries idle, EVs charge at once) |
 | `head.csv` | substation import per interval: `p_<case>_kw`, `q_<case>_kvar` for uncontrolled, rule_based, optimised (AC) |
+| `violations.csv` | every violation event (a run of intervals) of the AC simulations: `case` (uncontrolled, rule_based, optimised), `kind, element, phase, start, end, duration_h, n_steps, worst, limit, pre_existing, worsened` (a pre-existing run counts only where it got worse) |
 | `ledger_binding.csv` | per interval the constraints that bind in the plan: `timestamp, kind (v_max, v_min [pu]; i_max [A]; peak, export_limit [kW]), element, limit, value (AC), dual` |
 | `ledger_moves.csv` | every DER moved against the uncontrolled schedule: `timestamp, der_id, kind, p_uncontrolled_kw, p_plan_kw, delta_kw, reason` (the binding constraint it serves most, `shift for …` for energy moved to serve a constraint elsewhere in the horizon, or `objective`) |
 | `ledger_curtailment.csv` | `timestamp, der_id, curtailed_kwh_cum, share_cum`: cumulative curtailed energy per PV and its share of all curtailment so far |
