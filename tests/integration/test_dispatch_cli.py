@@ -216,3 +216,11 @@ def test_rolling_note_names_the_replan_period(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["rolling"]["replan_every"] == "1h"
     assert "every 1h" in s["optimised_note"] and "hourly" not in s["optimised_note"]
+
+
+def test_out_below_a_file_names_the_file(tmp_path):
+    """--out some/file.txt/sub said "cannot write there (File exists)": which file?"""
+    (tmp_path / "file.txt").write_text("x")
+    code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--out",
+                      tmp_path / "file.txt" / "sub")
+    assert code == 2 and "file.txt is a file, not a folder" in text, text

@@ -109,7 +109,11 @@ def output_folder(out: Path, force: bool = False, *, feeder: Path | None = None,
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the folder a plain mkdir makes
     except OSError as exc:
-        raise InputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        # a file on the way ("File exists" from mkdir said nothing of which): name it
+        blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()),
+                       None)
+        why = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
+        raise InputError(f"--out {out}: cannot write there ({why})") from None
     try:
         yield tmp
         if not (tmp / "manifest.json").exists():
