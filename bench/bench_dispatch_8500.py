@@ -84,6 +84,7 @@ def main() -> None:
     out["optimised_counts"] = vp.violations.counts
     out["peak_optimised_kw"] = float(vp.result.head_p_kw.sum(axis=1).max())
     out["rounds_log"] = getattr(vp, "rounds_log", [])
+    out["repair_log"] = getattr(vp, "repair_log", [])
     if args.events:
         ev = vp.violations.events
         print(ev[~ev["pre_existing"]].to_string(), file=sys.stderr)
@@ -117,7 +118,7 @@ def main() -> None:
     row("LP rows x columns (nonzeros)", f"{out['lp_rows']:,} x {out['lp_cols']:,} "
         f"({out['lp_nnz']:,}); network rows {out['network_rows']:,}")
     row("AC rounds / LP solves", f"{out['ac_rounds']} / {out['lp_solves']}")
-    for k in ("uncontrolled_ac_s", "build_s", "solve_s", "ac_verify_s"):
+    for k in ("uncontrolled_ac_s", "build_s", "solve_s", "ac_verify_s", "ac_repair_s"):
         row(k, f"{tm.get(k, float('nan')):.2f} s", tm.get(k, float("nan")) / ref_s)
     row("plan + verify, total", f"{out['plan_and_verify_s']:.2f} s",
         out["plan_and_verify_s"] / ref_s)
@@ -137,6 +138,14 @@ def main() -> None:
               f"{r['network_rows']:,} | {r.get('lp_solves', '')} | "
               f"{r.get('lp_solve_s', float('nan')):.1f} | {r.get('ac_s', float('nan')):.1f} | "
               f"{r['elapsed_s']:.1f} |")
+    if out["repair_log"]:
+        print("\n| AC repair round | intervals corrected | PV kW / kvar moved | violations "
+              "before -> after | s |")
+        print("|---:|---:|---|---|---:|")
+        for r in out["repair_log"]:
+            print(f"| {r['round']} | {len(r['intervals'])} | {r['pv_kw_moved']:.0f} / "
+                  f"{r['pv_kvar_moved']:.0f} | {r['violations_before']} -> "
+                  f"{r['violations_after']} | {r['s']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=float))
 

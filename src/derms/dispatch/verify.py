@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -61,6 +62,7 @@ import pandas as pd
 
 from derms.analysis.constraints import Limits, ViolationReport, detect_violations
 from derms.der.models import Fleet
+from derms.dispatch.ac_repair import repair_plan
 from derms.dispatch.control_rows import (
     HOLD_TOP,
     CapControls,
@@ -118,6 +120,7 @@ LOCAL_REPAIR = True  # large feeders, from the 2nd AC round: only DERs acting on
 REPAIR_WIDE = False  # ... and every DER in the intervals of rows those cannot fix
 REPAIR_TOP = 10  # ... the most sensitive ones of each violated row
 CAP_HOLD = True  # hold kvar-controlled capacitors at the base case's state (control_rows)
+AC_REPAIR = True  # correct the intervals still violated at their own AC state (ac_repair)
 HOLD_FROM_ROUND = 2  # ... from this AC round on (the local repair's)
 
 
@@ -319,7 +322,15 @@ class ACNetwork:
         control state captured at set-up (``control_state``: regulator taps, capacitors)."""
         return self._run(p_kw, q_kvar, ())[0]
 
-    def _run(self, p_kw: np.ndarray, q_kvar: np.ndarray, linearise_at
+    def simulate_with(self, p_kw: np.ndarray, q_kvar: np.ndarray,
+                      at_step: dict[int, Callable[[OpenDSSEngine], None]]) -> QSTSResult:
+        """:meth:`simulate`, calling ``at_step[k](engine)`` right after interval ``k`` is
+        solved (controls as they acted there); the callback must leave the engine's state
+        as it found it (read only)."""
+        return self._run(p_kw, q_kvar, (), at_step)[0]
+
+    def _run(self, p_kw: np.ndarray, q_kvar: np.ndarray, linearise_at,
+             at_step: dict[int, Callable[[OpenDSSEngine], None]] | None = None
              ) -> tuple[QSTSResult, dict[int, object]]:
         """:meth:`simulate`, plus a linear model of the DER connection points built at the
         solved state (controls as they acted) of each interval in ``linearise_at``."""
@@ -356,6 +367,8 @@ class ACNetwork:
             if k in at:
                 models[k] = build_linear_model(self.engine, self.lin.injection_nodes,
                                                branches=True, flows=self._flows)
+            if at_step and k in at_step:
+                at_step[k](self.engine)
             for e, f in flows.items():
                 c.SetActiveElement(e)
                 pw = np.asarray(c.ActiveCktElement.Powers)
@@ -470,6 +483,7 @@ class VerifiedPlan:
     timing_s: dict[str, float] = field(default_factory=dict)
     rounds_log: list[dict] = field(default_factory=list)  # per AC round: counts, rows, s
     notes: list[str] = field(default_factory=list)  # why the loop stopped short of clean
+    repair_log: list[dict] = field(default_factory=list)  # AC repair rounds (ac_repair)
 
     @property
     def clean(self) -> bool:
@@ -685,6 +699,22 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     if large:
         planner.trust_region(None, 1.0)  # later re-plans (update) start unrestricted
     timing["solve_s"] = planner.lp.solve_s
+    left = rep.counts["violations_voltage"] + rep.counts["violations_thermal"]
+    repair_log: list[dict] = []
+    if AC_REPAIR and left:  # the last mile, interval by interval at its own AC state
+        t3 = time.perf_counter()
+        fixed = repair_plan(ac, sched, res)
+        timing["ac_repair_s"] = time.perf_counter() - t3
+        ac_s += timing["ac_repair_s"]
+        after = (fixed.report.counts["violations_voltage"]
+                 + fixed.report.counts["violations_thermal"])
+        if after < left:
+            notes.append(f"AC repair: the intervals still violated were corrected at their "
+                         f"own AC state with PV output and reactive power "
+                         f"({len(fixed.log)} round(s)): {left} -> {after} violations")
+            sched, res, rep = fixed.schedule, fixed.result, fixed.report
+            best = ((after, best[0][1]), *best[1:])
+        repair_log = fixed.log
     timing["ac_verify_s"] = ac_s
     timing["total_s"] = time.perf_counter() - t0
     left = rep.counts["violations_voltage"] + rep.counts["violations_thermal"]
@@ -726,4 +756,4 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         notes.append(f"{rounds} AC rounds used (the most allowed); the plan of round {best[1]}"
                      f", the one with the fewest AC violations, is kept")
     return VerifiedPlan(planner, sched, res, rep, rounds, timing, log_rounds,
-                        [*planner.notes, *notes])
+                        [*planner.notes, *notes], repair_log)

@@ -1,0 +1,254 @@
+"""Rows and DER ranges of one interval's AC repair (:mod:`derms.dispatch.ac_repair`).
+
+At an interval's AC state (controls as they acted), :class:`RepairRows` builds the
+corrective LP's input: the violated node-phases and branch conductors and, as guards, those
+near a limit; the regulators' monitored nodes inside their bands (their taps stay put); a
+hazard regulator that stepped up there held where the step would not have come; every
+kvar-type capacitor control on its side of its setting; the head import under the plan's
+peak. Sensitivities by adjoint solves at that state
+(:class:`~derms.powerflow.linear_rows.RowSensitivities`), the capacitor controls' from the
+plan's linear model. Net import, consumption positive (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from derms.der.models import fleet_arrays
+from derms.dispatch.control_rows import cap_sensitivity, cap_states, monitored_kvar
+from derms.dispatch.corrective import CurrentRows, DerState, VoltageRows
+from derms.dispatch.network import der_map
+from derms.powerflow.linear_rows import RowSensitivities
+from derms.powerflow.qsts import QSTSResult
+
+CAP_GUARD_MARGIN = 0.1  # share of a capacitor control's ON-OFF width its guard keeps inside
+
+
+class RepairRows:
+    """One fleet on one :class:`~derms.dispatch.verify.ACNetwork`: the corrective LP's rows
+    and DER ranges at any interval. ``guard_pu`` / ``guard_frac``: voltages and currents
+    that near a limit are guards (at most ``max_guards`` each, nearest first);
+    ``reg_move_pu``: how far a regulator's monitored voltage may move inside its band;
+    ``step_margin_pu``: above the band's lower edge a stepped hazard regulator's pre-step
+    voltage is held; ``peak_kw``: the plan's head import peak (a guard)."""
+
+    def __init__(self, ac, *, guard_pu: float, guard_frac: float, max_guards: int,
+                 reg_move_pu: float, step_margin_pu: float, peak_kw: float) -> None:
+        self.ac, self.fleet = ac, ac.fleet
+        self.guard_pu, self.guard_frac, self.max_guards = guard_pu, guard_frac, max_guards
+        self.reg_move_pu, self.step_margin_pu, self.peak_kw = reg_move_pu, step_margin_pu, \
+            peak_kw
+        points, self.point_of = _points(self.fleet)
+        self.first_der = np.array([np.flatnonzero(self.point_of == k)[0]
+                                   for k in range(len(points))], dtype=np.int64)
+        self.sens = RowSensitivities(ac.engine, points, ac.index)
+        a = fleet_arrays(self.fleet)
+        self.avail_kw = a.pv_avail_kw
+        self.q_cap_kvar = np.broadcast_to(a.pv_q_max_kvar, a.pv_avail_kw.shape)
+        self.band = ac.regulator_bands(1.0)  # (node, lo, hi, step): taps act outside it
+        self.hz = _hazards(ac, self.band)
+        parts = ac._cap_parts
+        if ac.capctl.n and not parts:  # no plan built them: the base-case linear model
+            parts = (cap_sensitivity(ac.lin, der_map(ac.lin, ac.fleet), ac.capctl),)
+        self.cap_part = parts[0] if parts else None
+
+    def taps(self, engine) -> np.ndarray:
+        """Present taps of the hazard regulators."""
+        return _taps(engine, self.hz[0])
+
+    def at(self, engine, t: int, res: QSTSResult, over: dict[str, np.ndarray],
+           now: np.ndarray, prev: np.ndarray | None
+           ) -> tuple[VoltageRows, CurrentRows] | None:
+        """Rows of interval ``t`` at the engine's present solution (``res`` its values,
+        ``over`` the rows beyond their limits, ``now``/``prev`` the hazard regulators'
+        taps here and an interval before); None when there is nothing to correct."""
+        ac, lim, band, hz = self.ac, self.ac.net_limits, self.band, self.hz
+        v, i_a = res.v_pu[t], res.i_a[t].astype(float)
+        vn, bi = self._near(v, i_a, t, over)
+        # a hazard regulator that stepped up here (above the base case's tap): its node
+        # is held where the step would not have come (pre-step voltage above the band's
+        # lower edge); where it stepped earlier its overvoltage is left alone
+        up = now > ac.base.taps[t] if now.size else np.zeros(0, bool)
+        stepped = up & (now > prev) if prev is not None else np.zeros_like(up)
+        vn = vn[~np.isin(vn, hz[1][up])]
+        if vn.size + bi.size == 0 and not stepped.any():
+            return None
+        held = hz[1][stepped]
+        keep = ~np.isin(band[0], np.r_[vn, held])  # regulators' nodes inside their bands
+        reg = band[0][keep].astype(np.int64)
+        v_lo = np.r_[lim.v_min[t, vn],
+                     np.minimum(np.maximum(band[1][keep], v[reg] - self.reg_move_pu), v[reg]),
+                     hz[2][stepped] + hz[3][stepped] + self.step_margin_pu]
+        v_hi = np.r_[lim.v_max[t, vn],
+                     np.maximum(np.minimum(band[2][keep], v[reg] + self.reg_move_pu), v[reg]),
+                     np.full(held.size, 2.0)]
+        rows_v = np.r_[vn, reg, held].astype(np.int64)
+        self.sens.linearise(engine)
+        _, dvp, dvq, _, dip, diq = self.sens.rows(rows_v, bi)
+        base_v, base_i = ac.base.v_pu[t], ac.base.i_a[t]
+        guards = np.ones(reg.size + held.size, bool)
+        vr = VoltageRows(np.asarray(ac.index.node_bus)[rows_v], v[rows_v], v_lo, v_hi, dvp, dvq,
+                         np.r_[(base_v[vn] > lim.v_max[t, vn] - 1e-9)
+                               | (base_v[vn] < lim.v_min[t, vn] + 1e-9), guards],
+                         np.r_[over["v_max"][t, vn] | over["v_min"][t, vn],
+                               np.zeros(reg.size, bool), np.ones(held.size, bool)])
+        extra = self._extra(engine, float(res.head_p_kw[t].sum()))
+        n_x = extra[0].size
+        ir = CurrentRows(np.r_[np.asarray(ac.index.branch_element)[bi], extra[0]],
+                         np.r_[i_a[bi], extra[1]], np.r_[lim.i_max[t, bi], extra[2]],
+                         np.vstack([dip, extra[3]]), np.vstack([diq, extra[4]]),
+                         np.r_[base_i[bi] >= lim.i_max[t, bi] - 1e-9, np.zeros(n_x, bool)],
+                         np.r_[over["i_max"][t, bi], np.zeros(n_x, bool)])
+        return vr, ir
+
+    def ders(self, t: int, p_kw: np.ndarray, q_kvar: np.ndarray) -> DerState:
+        """The fleet at interval ``t``: PV inverters free within their output and reactive
+        capability, every other DER fixed at the plan."""
+        return _der_state(self.fleet, self.point_of, p_kw, q_kvar, self.avail_kw[t],
+                          self.q_cap_kvar[t])
+
+    def _near(self, v: np.ndarray, i_a: np.ndarray, t: int, over: dict[str, np.ndarray]
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Voltage and current rows of interval ``t``: the violated ones and the nearest
+        guards (within the guard band of a limit), at most ``max_guards`` of each."""
+        lim = self.ac.net_limits
+        dist_v = np.minimum(lim.v_max[t] - v, v - lim.v_min[t])  # pu inside (< 0: beyond)
+        bad_v = over["v_max"][t] | over["v_min"][t]
+        near_v = np.flatnonzero(lim.node_ok & ~bad_v & (dist_v < self.guard_pu))
+        near_v = near_v[np.argsort(dist_v[near_v])[:self.max_guards]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(np.isfinite(lim.i_max[t]), 1 - i_a / lim.i_max[t], np.inf)
+        bad_i = over["i_max"][t]
+        near_i = np.flatnonzero(~bad_i & (frac < self.guard_frac))
+        near_i = near_i[np.argsort(frac[near_i])[:self.max_guards]]
+        return (np.union1d(np.flatnonzero(bad_v), near_v).astype(np.int64),
+                np.union1d(np.flatnonzero(bad_i), near_i).astype(np.int64))
+
+    def _extra(self, engine, head_kw: float) -> tuple[np.ndarray, ...]:
+        """Guard rows in the current-row form (labels, values, limits, sensitivities per
+        injection point): every kvar-type capacitor control on its side of its setting
+        (off: monitored kvar below ONsetting; on: above OFFsetting, as ``-kvar <= -OFF``),
+        ``CAP_GUARD_MARGIN`` of its width inside, and the head import [kW] under the plan's
+        peak (limits come first, as in the plan's LP: the row is elastic). Rows whose limit
+        is not positive are left out (the LP scales rows by it)."""
+        n_pt = self.first_der.size
+        lab, val, lim, sp, sq = [], [], [], [], []
+        ctl = self.ac.capctl
+        if ctl.n and self.cap_part is not None:
+            q = monitored_kvar(engine, ctl, self.ac.index)
+            on = cap_states(engine, ctl) >= 0.5
+            sign = np.where(on, -1.0, 1.0)
+            inside = CAP_GUARD_MARGIN * np.abs(ctl.on_kvar - ctl.off_kvar)
+            limit = np.where(on, -ctl.off_kvar - inside, ctl.on_kvar - inside)
+            ok = limit > 0
+            lab.append(np.array([f"capcontrol.{n}" for n in ctl.name[ok]], dtype=object))
+            val.append((sign * q)[ok])
+            lim.append(limit[ok])
+            sp.append((sign[:, None] * self.cap_part.dq_p[:, self.first_der])[ok])
+            sq.append((sign[:, None] * self.cap_part.dq_q[:, self.first_der])[ok])
+        if self.peak_kw > 0:
+            lab.append(np.array(["feeder_head"], dtype=object))
+            val.append(np.array([head_kw]))
+            lim.append(np.array([self.peak_kw]))
+            sp.append(np.ones((1, n_pt)))
+            sq.append(np.zeros((1, n_pt)))
+        if not lab:
+            return (np.zeros(0, object), np.zeros(0), np.zeros(0), np.zeros((0, n_pt)),
+                    np.zeros((0, n_pt)))
+        return (np.concatenate(lab), np.concatenate(val), np.concatenate(lim),
+                np.vstack(sp), np.vstack(sq))
+
+
+def _hazards(ac, band: tuple[np.ndarray, ...]) -> tuple[list[str], np.ndarray, np.ndarray,
+                                                         np.ndarray]:
+    """Hazard regulators (one step up from their band's lower edge breaks the voltage
+    limit): names, monitored nodes, band lower edges and tap steps [pu]."""
+    names, node = list(ac.hazard_regs), np.asarray(ac.hazard_node, dtype=np.int64)
+    if not names or ac.base.taps is None:
+        z = np.zeros(0)
+        return [], np.zeros(0, np.int64), z, z
+    k = np.array([int(np.flatnonzero(band[0] == n)[0]) for n in node])
+    return names, node, band[1][k], band[3][k]
+
+
+
+def step_intervals(ac, res: QSTSResult, bad_t: np.ndarray) -> set[int]:
+    """Intervals where a hazard regulator steps up above the base case's tap in ``res``
+    (its taps as recorded in that simulation) and stays up into a violated interval:
+    the step is where the overvoltage starts, even when that interval itself is clean."""
+    tp = ac._last_taps[1] if ac._last_taps[0] is res else None
+    if tp is None or tp.shape[1] == 0 or ac.base.taps is None:
+        return set()
+    up = tp > ac.base.taps                                     # (T, n_reg)
+    step = up & np.r_[np.zeros((1, tp.shape[1]), bool), tp[1:] > tp[:-1]]
+    bad = np.zeros(tp.shape[0], bool)
+    bad[bad_t] = True
+    out = set()
+    for t, j in zip(*np.nonzero(step)):
+        end = t + 1
+        while end < tp.shape[0] and up[end, j] and not step[end, j]:
+            end += 1
+        if bad[t:end].any():
+            out.add(int(t))
+    return out
+
+
+
+def _taps(engine, names: list[str]) -> np.ndarray:
+    """Present tap numbers of the named RegControls."""
+    rc = engine.circuit.RegControls
+    out = np.zeros(len(names), dtype=np.int64)
+    for j, n in enumerate(names):
+        rc.Name = n
+        out[j] = rc.TapNumber
+    return out
+
+
+
+def per_interval(ac, res: QSTSResult) -> np.ndarray:
+    """(T,) rows beyond their limits per interval (:func:`beyond`)."""
+    return np.sum([m.sum(axis=1) for m in beyond(ac, res).values()], axis=0)
+
+
+
+def beyond(ac, res: QSTSResult) -> dict[str, np.ndarray]:
+    """(T, n) masks of the rows that count as violations (DESIGN.md tolerances) against
+    the LP's limits (pre-existing ones held at their base-case values)."""
+    lim, tol = ac.net_limits, ac.limits
+    live = lim.node_ok[None, :]
+    return {"v_max": live & (res.v_pu > lim.v_max + 0.5 * tol.v_tol_pu),
+            "v_min": live & (res.v_pu < lim.v_min - 0.5 * tol.v_tol_pu),
+            "i_max": res.i_a > lim.i_max * (1 + 0.5 * tol.thermal_tol_pct / 100)}
+
+
+
+def _points(fleet) -> tuple[list[tuple[str, ...]], np.ndarray]:
+    """Unique injection points of the fleet's DERs and each DER's point (fleet order)."""
+    pos: dict[tuple[str, ...], int] = {}
+    of = np.empty(len(fleet.ders), dtype=np.int64)
+    for j, d in enumerate(fleet.ders):
+        key = tuple(d.connection.injection_terminals)
+        of[j] = pos.setdefault(key, len(pos))
+    return list(pos), of
+
+
+
+def _der_state(fleet, point_of: np.ndarray, p_kw: np.ndarray, q_kvar: np.ndarray,
+               avail_kw: np.ndarray, q_cap_kvar: np.ndarray) -> DerState:
+    """The fleet at one interval: PV inverters free within their output and reactive
+    capability, every other DER fixed at the plan."""
+    n, n_pv = len(fleet.ders), len(fleet.pv)
+    p_min, p_max = p_kw.copy(), p_kw.copy()
+    q_min, q_max = q_kvar.copy(), q_kvar.copy()
+    p_min[:n_pv], p_max[:n_pv] = -avail_kw, 0.0
+    q_min[:n_pv], q_max[:n_pv] = -q_cap_kvar, q_cap_kvar
+    # a plan value a hair outside the range (LP tolerance) would make the state invalid
+    p = np.clip(p_kw, p_min, p_max)
+    q = np.clip(q_kvar, q_min, q_max)
+    fixed = np.ones(n, dtype=bool)
+    fixed[:n_pv] = False
+    return DerState(np.array(fleet.der_ids, dtype=object), point_of, p, p_min, p_max, q, q_min,
+                    q_max, np.ones(n), fixed)
+
+
+__all__ = ["RepairRows", "beyond", "per_interval", "step_intervals"]
