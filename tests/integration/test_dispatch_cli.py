@@ -219,8 +219,13 @@ def test_rolling_note_names_the_replan_period(tmp_path):
 
 
 def test_out_below_a_file_names_the_file(tmp_path):
-    """--out some/file.txt/sub said "cannot write there (File exists)": which file?"""
-    (tmp_path / "file.txt").write_text("x")
-    code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--out",
-                      tmp_path / "file.txt" / "sub")
-    assert code == 2 and "file.txt is a file, not a folder" in text, text
+    """--out some/file.txt/sub said "cannot write there (File exists)": which file? The
+    message is one line, the path whole however long (rich folded it at the console's
+    width, mid-name)."""
+    deep = tmp_path / ("a_rather_long_folder_name_" * 4)
+    deep.mkdir()
+    (deep / "file.txt").write_text("x")
+    res = runner.invoke(app, ["ieee13", "--horizon", "2h", "--step", "1h",
+                              "--out", str(deep / "file.txt" / "sub")])
+    assert res.exit_code == 2
+    assert f"{deep / 'file.txt'} is a file, not a folder" in res.output, res.output

@@ -37,13 +37,11 @@ def handle_errors(func):
         _exit_on_sigterm()
         try:
             return func(*args, **kwargs)
-        except DermsError as exc:
+        except (DermsError, OSError) as exc:
+            # one line, never folded at the console's width: a path in the message must
+            # survive copy and paste (rich broke a long --out path mid-name)
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
-                              emoji=False)
-            raise typer.Exit(code=2) from None
-        except OSError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
-                              emoji=False)
+                              emoji=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
