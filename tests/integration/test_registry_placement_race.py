@@ -104,6 +104,19 @@ def _refused_or_alarmed(app, r, fid: str, der_id: str) -> str:
     return "alarmed"
 
 
+def _register_at_671(c, admin, fid, monkeypatch, threads):
+    """POST a PV device at bus 671 while the race's hooks are set, then undo them and wait
+    for the competitor; returns the response and the device's id."""
+    der_id = f"d-{uuid.uuid4().hex[:6]}"
+    r = c.post("/v1/devices", headers=admin, json={
+        "der_id": der_id, "site_id": f"s-{der_id}", "feeder_id": fid, "der_type": "pv",
+        "s_max_kva": 5.0, "p_gen_max_kw": 5.0, "bus": "671"})
+    monkeypatch.undo()
+    for t in threads:
+        t.join(60)
+    return r, der_id
+
+
 def test_a_version_registered_between_check_and_insert(api, monkeypatch):
     """Version 2 (IEEE 123, no bus 671) is registered through the API while a device at
     671 is being registered under version 1 (IEEE 13)."""
@@ -124,13 +137,7 @@ def test_a_version_registered_between_check_and_insert(api, monkeypatch):
                               json={"source_uri": "ieee123"}))
 
     threads = _after_check(monkeypatch, competitor, ready=registered)  # (compiled by then)
-    der_id = f"d-{uuid.uuid4().hex[:6]}"
-    r = c.post("/v1/devices", headers=admin, json={
-        "der_id": der_id, "site_id": f"s-{der_id}", "feeder_id": fid, "der_type": "pv",
-        "s_max_kva": 5.0, "p_gen_max_kw": 5.0, "bus": "671"})
-    monkeypatch.undo()
-    for t in threads:
-        t.join(60)
+    r, der_id = _register_at_671(c, admin, fid, monkeypatch, threads)
     assert len(threads) == 1 and answers and answers[0].status_code == 201, answers
     assert answers[0].json()["version"] == 2
     assert _refused_or_alarmed(app, r, fid, der_id) == "alarmed"  # it held the lock first
@@ -152,13 +159,7 @@ def test_a_version_coming_into_force_between_check_and_insert(api, monkeypatch):
         sync_version_placement(app.state.engine, fid, 2)  # the monitor takes it up
 
     threads = _after_check(monkeypatch, competitor)
-    der_id = f"d-{uuid.uuid4().hex[:6]}"
-    r = c.post("/v1/devices", headers=admin, json={
-        "der_id": der_id, "site_id": f"s-{der_id}", "feeder_id": fid, "der_type": "pv",
-        "s_max_kva": 5.0, "p_gen_max_kw": 5.0, "bus": "671"})
-    monkeypatch.undo()
-    for t in threads:
-        t.join(60)
+    r, der_id = _register_at_671(c, admin, fid, monkeypatch, threads)
     assert len(threads) == 1 and not threads[0].is_alive()
     assert _refused_or_alarmed(app, r, fid, der_id) == "alarmed"
 
