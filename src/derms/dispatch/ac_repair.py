@@ -1,6 +1,6 @@
 """Last-mile AC repair of a verified plan: the intervals the AC check still finds violated
-are corrected one by one at their own AC state, with the DERs whose move touches no
-other interval (PV output and reactive power), then the plan is simulated again.
+are corrected one by one at their own AC state, with PV output and reactive power and
+EV charging moved later in its session, then the plan is simulated again.
 
 The planning loop (:func:`derms.dispatch.verify.plan_and_verify`) sees the network through
 rows linearised with the controls frozen; on large feeders a regulator tap or a capacitor
@@ -18,10 +18,13 @@ rounding alone reshuffles the rounds). Here each such interval is corrected in p
   their settings, the head import under the plan's peak (elastic: limits come first);
   where a hazard regulator stepped up (:mod:`derms.dispatch.step_hold`) its node is held
   where the step would not have come, from the interval of the step on;
-* moves: :func:`~derms.dispatch.corrective.solve_corrective`, PV inverters only (output
-  between 0 and the available power, reactive power within the inverter's capability);
-  batteries, EVs, flexible loads and generators keep the plan (their energy ties the
-  interval to the others);
+* moves: :func:`~derms.dispatch.corrective.solve_corrective`: PV inverters (output
+  between 0 and the available power, reactive power within the inverter's capability)
+  and EV charging, which may drop by what the later intervals of its session can take
+  back, the energy then added there latest first (the night's end carries the least
+  load; :func:`~derms.dispatch.ac_repair_rows.shift_ev_energy`), at twice a PV kW's cost;
+  batteries, flexible loads and generators keep the plan (their energy ties the interval
+  to its neighbours through SOC and rebound);
 * the corrected plan is simulated again (taps and capacitors answer it); an interval it
   left worse gets the plan back and the plan is simulated once more; the round is kept
   only if it has fewer AC violations, at most ``rounds`` times.
@@ -42,7 +45,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from derms.dispatch.ac_repair_rows import RepairRows, beyond, per_interval, step_intervals
+from derms.dispatch.ac_repair_rows import (
+    RepairRows,
+    beyond,
+    per_interval,
+    shift_ev_energy,
+    step_intervals,
+)
 from derms.dispatch.corrective import CorrectiveConfig, solve_corrective
 from derms.dispatch.plan import Schedule
 from derms.powerflow.qsts import QSTSResult
@@ -111,7 +120,7 @@ def repair_plan(ac, sched: Schedule, res: QSTSResult, cfg: RepairConfig | None =
         worse = np.flatnonzero(per_interval(ac, res_n) > per_interval(ac, best.result))
         worse = worse[np.isin(worse, sorted(todo))]
         if worse.size:
-            p[worse], q[worse] = best.schedule.p_kw[worse], best.schedule.q_kvar[worse]
+            fix.revert(best.schedule, worse)
             new = _with_pv(best.schedule, p, q)
             res_n = ac.simulate(new.p_kw, new.q_kvar)
         rep_n = ac.violations(res_n)
@@ -134,16 +143,31 @@ def repair_plan(ac, sched: Schedule, res: QSTSResult, cfg: RepairConfig | None =
 
 class _Correction:
     """One repair round's corrections, made interval by interval during a QSTS of the
-    plan (called right after each interval is solved): new PV net import ``p``/``q``
-    (T, n_der) and what moved."""
+    plan (called right after each interval is solved): new net import ``p``/``q``
+    (T, n_der; PV and EV columns change), EV charging ``ev_kw`` and what moved."""
 
     def __init__(self, rows: RepairRows, best: RepairResult, over: dict[str, np.ndarray],
                  todo: set[int], cfg: CorrectiveConfig) -> None:
         self.rows, self.res, self.over, self.todo, self.cfg = rows, best.result, over, todo, cfg
         self.p, self.q = best.schedule.p_kw.copy(), best.schedule.q_kvar.copy()
+        self.ev_kw = best.schedule.ev_kw.copy()
+        self.ev_shift: dict[int, np.ndarray] = {}  # (T, n_ev) change each interval made
         self.prev: np.ndarray | None = None
         self.moved_kw = self.moved_kvar = 0.0
         self.partial = 0
+
+    def revert(self, plan: Schedule, worse: np.ndarray) -> None:
+        """Give the intervals ``worse`` their planned PV setpoints back and undo the EV
+        energy their corrections moved (wherever it went)."""
+        n_pv = plan.pv_kw.shape[1]
+        self.p[worse, :n_pv] = plan.p_kw[worse, :n_pv]
+        self.q[worse, :n_pv] = plan.q_kvar[worse, :n_pv]
+        for t in worse:
+            if int(t) in self.ev_shift:
+                self.ev_kw = self.ev_kw - self.ev_shift.pop(int(t))
+        n_ev = self.ev_kw.shape[1]
+        n0 = n_pv + plan.charge_kw.shape[1]
+        self.p[:, n0:n0 + n_ev] = self.ev_kw
 
     def __call__(self, engine, t: int) -> None:
         now = self.rows.taps(engine)
@@ -153,12 +177,22 @@ class _Correction:
         got = self.rows.at(engine, t, self.res, self.over, now, prev)
         if got is None:
             return
-        out = solve_corrective(self.rows.ders(t, self.p[t], self.q[t]), *got, self.cfg)
-        n_pv = len(self.rows.fleet.pv)
+        f = self.rows.fleet
+        n_pv, n_bat, n_ev = len(f.pv), len(f.batteries), len(f.evs)
+        ev = slice(n_pv + n_bat, n_pv + n_bat + n_ev)
+        out = solve_corrective(self.rows.ders(t, self.p[t], self.q[t],
+                                              self.rows.ev_room(t, self.ev_kw)), *got, self.cfg)
         dp = out.dp_kw[:n_pv]
         self.p[t, :n_pv] += dp
         self.q[t, :n_pv] = out.q_kvar[:n_pv]
-        self.moved_kw += float(np.abs(dp).sum())
+        cut = np.maximum(-out.dp_kw[ev], 0.0)
+        if (cut > 1e-9).any():  # the energy goes to the session's later intervals
+            shifted = shift_ev_energy(self.ev_kw, cut, self.rows.ev_window,
+                                      self.rows.ev_p_max_kw, t)
+            self.ev_shift[t] = shifted - self.ev_kw
+            self.ev_kw = shifted
+            self.p[:, ev] = self.ev_kw
+        self.moved_kw += float(np.abs(dp).sum() + cut.sum())
         self.moved_kvar += float(np.abs(out.dq_kvar).sum())
         self.partial += int(out.status == "partial")
 
@@ -169,11 +203,12 @@ def _count(rep) -> int:
 
 def _with_pv(s: Schedule, p_kw: np.ndarray, q_kvar: np.ndarray) -> Schedule:
     """``s`` with new net import ``p_kw``/``q_kvar``: PV output and curtailment follow the
-    PV columns (the other DERs are unchanged)."""
-    n_pv = s.pv_kw.shape[1]
+    PV columns, EV charging the EV columns (the other DERs are unchanged)."""
+    n_pv, n_bat, n_ev = s.pv_kw.shape[1], s.charge_kw.shape[1], s.ev_kw.shape[1]
     pv = -p_kw[:, :n_pv]
     return replace(s, p_kw=p_kw, q_kvar=q_kvar, pv_kw=pv,
-                   curtail_kw=np.maximum(s.pv_kw + s.curtail_kw - pv, 0.0))
+                   curtail_kw=np.maximum(s.pv_kw + s.curtail_kw - pv, 0.0),
+                   ev_kw=p_kw[:, n_pv + n_bat:n_pv + n_bat + n_ev].copy())
 
 
 __all__ = ["RepairConfig", "RepairResult", "repair_plan"]

@@ -12,6 +12,8 @@ plan's linear model. Net import, consumption positive (DESIGN.md).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from derms.der.models import fleet_arrays
@@ -22,6 +24,7 @@ from derms.powerflow.linear_rows import RowSensitivities
 from derms.powerflow.qsts import QSTSResult
 
 CAP_GUARD_MARGIN = 0.1  # share of a capacitor control's ON-OFF width its guard keeps inside
+EV_WEIGHT = 2.0  # cost of 1 kW of EV charging moved later, against 1 kW of PV curtailed
 
 
 class RepairRows:
@@ -44,6 +47,7 @@ class RepairRows:
         self.sens = RowSensitivities(ac.engine, points, ac.index)
         a = fleet_arrays(self.fleet)
         self.avail_kw = a.pv_avail_kw
+        self.ev_window, self.ev_p_max_kw = a.ev_window.astype(bool), a.ev_p_max_kw
         self.q_cap_kvar = np.broadcast_to(a.pv_q_max_kvar, a.pv_avail_kw.shape)
         self.band = ac.regulator_bands(1.0)  # (node, lo, hi, step): taps act outside it
         self.hz = _hazards(ac, self.band)
@@ -101,11 +105,29 @@ class RepairRows:
                          np.r_[over["i_max"][t, bi], np.zeros(n_x, bool)])
         return vr, ir
 
-    def ders(self, t: int, p_kw: np.ndarray, q_kvar: np.ndarray) -> DerState:
+    def ders(self, t: int, p_kw: np.ndarray, q_kvar: np.ndarray,
+             ev_room_kw: np.ndarray | None = None) -> DerState:
         """The fleet at interval ``t``: PV inverters free within their output and reactive
-        capability, every other DER fixed at the plan."""
-        return _der_state(self.fleet, self.point_of, p_kw, q_kvar, self.avail_kw[t],
-                          self.q_cap_kvar[t])
+        capability; EVs may charge less, by at most ``ev_room_kw`` (n_ev,) [kW] (what
+        later intervals of their session can take back), at ``EV_WEIGHT`` per kW; every
+        other DER fixed at the plan."""
+        st = _der_state(self.fleet, self.point_of, p_kw, q_kvar, self.avail_kw[t],
+                        self.q_cap_kvar[t])
+        if ev_room_kw is None or not ev_room_kw.size:
+            return st
+        n_pv, n_bat = len(self.fleet.pv), len(self.fleet.batteries)
+        ev = slice(n_pv + n_bat, n_pv + n_bat + ev_room_kw.size)
+        down = np.minimum(np.maximum(st.p_kw[ev], 0.0), ev_room_kw)
+        p_min = st.p_min_kw.copy()
+        p_min[ev] = st.p_kw[ev] - down
+        fixed, weight = st.fixed.copy(), st.weight.copy()
+        fixed[ev] = down <= 1e-9
+        weight[ev] = EV_WEIGHT
+        return replace(st, p_min_kw=p_min, fixed=fixed, weight=weight)
+
+    def ev_room(self, t: int, ev_kw: np.ndarray) -> np.ndarray:
+        """(n_ev,) kW each EV's charging at ``t`` could drop by (:func:`ev_room_kw`)."""
+        return ev_room_kw(ev_kw, self.ev_window, self.ev_p_max_kw, t)
 
     def _near(self, v: np.ndarray, i_a: np.ndarray, t: int, over: dict[str, np.ndarray]
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -251,4 +273,35 @@ def _der_state(fleet, point_of: np.ndarray, p_kw: np.ndarray, q_kvar: np.ndarray
                     q_max, np.ones(n), fixed)
 
 
-__all__ = ["RepairRows", "beyond", "per_interval", "step_intervals"]
+def ev_room_kw(ev_kw: np.ndarray, window: np.ndarray, p_max_kw: np.ndarray, t: int
+               ) -> np.ndarray:
+    """(n_ev,) kW each EV's charging at ``t`` could drop by and be made up later in its
+    session: the rate headroom of its window's intervals after ``t`` (equal steps, so kW
+    sums stand for energy)."""
+    if not ev_kw.shape[1]:
+        return np.zeros(0)
+    later = window[t + 1:]
+    return (np.maximum(p_max_kw[None, :] - ev_kw[t + 1:], 0.0) * later).sum(axis=0)
+
+
+def shift_ev_energy(ev_kw: np.ndarray, cut_kw: np.ndarray, window: np.ndarray,
+                    p_max_kw: np.ndarray, t: int) -> np.ndarray:
+    """``ev_kw`` (T, n_ev) with each EV's charging at ``t`` lowered by ``cut_kw`` (n_ev,)
+    and the same energy added back in its session's latest intervals after ``t`` that
+    have rate headroom (latest first: the night's end carries the least load). The
+    efficiency is the same in every interval, so equal kW x dt is equal energy stored."""
+    out = ev_kw.copy()
+    out[t] -= cut_kw
+    left = cut_kw.copy()
+    for k in range(ev_kw.shape[0] - 1, t, -1):
+        if not (left > 1e-12).any():
+            break
+        room = np.where(window[k], np.maximum(p_max_kw - out[k], 0.0), 0.0)
+        add = np.minimum(room, left)
+        out[k] += add
+        left -= add
+    return out
+
+
+__all__ = ["RepairRows", "beyond", "ev_room_kw", "per_interval", "shift_ev_energy",
+           "step_intervals"]
