@@ -51,7 +51,7 @@ class RepairRows:
         self.q_cap_kvar = np.broadcast_to(a.pv_q_max_kvar, a.pv_avail_kw.shape)
         self.band = ac.regulator_bands(1.0)  # (node, lo, hi, step): taps act outside it
         self.hz = _hazards(ac, self.band)
-        parts = ac._cap_parts
+        parts = ac.cap_parts
         if ac.capctl.n and not parts:  # no plan built them: the base-case linear model
             parts = (cap_sensitivity(ac.lin, der_map(ac.lin, ac.fleet), ac.capctl),)
         self.cap_part = parts[0] if parts else None
@@ -198,7 +198,7 @@ def step_intervals(ac, res: QSTSResult, bad_t: np.ndarray) -> set[int]:
     """Intervals where a hazard regulator steps up above the base case's tap in ``res``
     (its taps as recorded in that simulation) and stays up into a violated interval:
     the step is where the overvoltage starts, even when that interval itself is clean."""
-    tp = ac._last_taps[1] if ac._last_taps[0] is res else None
+    tp = ac.taps_of(res)
     if tp is None or tp.shape[1] == 0 or ac.base.taps is None:
         return set()
     up = tp > ac.base.taps                                     # (T, n_reg)

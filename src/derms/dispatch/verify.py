@@ -322,6 +322,17 @@ class ACNetwork:
         control state captured at set-up (``control_state``: regulator taps, capacitors)."""
         return self._run(p_kw, q_kvar, ())[0]
 
+    @property
+    def cap_parts(self) -> tuple:
+        """The capacitor controls' sensitivities of the last grid context (one per
+        operating point; empty before a plan was built)."""
+        return self._cap_parts
+
+    def taps_of(self, res: QSTSResult) -> np.ndarray | None:
+        """(T, n_hazard) hazard regulators' taps recorded in the simulation that gave
+        ``res`` (None when ``res`` is not the last simulation)."""
+        return self._last_taps[1] if self._last_taps[0] is res else None
+
     def simulate_with(self, p_kw: np.ndarray, q_kvar: np.ndarray,
                       at_step: dict[int, Callable[[OpenDSSEngine], None]]) -> QSTSResult:
         """:meth:`simulate`, calling ``at_step[k](engine)`` right after interval ``k`` is
