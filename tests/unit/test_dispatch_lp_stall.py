@@ -60,3 +60,38 @@ def test_a_callers_budget_is_kept():
     limit = lp.h.getOptionValue("time_limit")
     limit = limit[1] if isinstance(limit, tuple) else limit
     assert limit <= lp.h.getRunTime() + 0.5 + 1e-9 and lp._fallback == 0
+
+
+def test_a_stall_goes_to_interior_point_and_the_next_solve_back_to_simplex(monkeypatch,
+                                                                           caplog):
+    """EPRI ckt7 (seed 1): a warm dual simplex ran 212 k iterations (119-129 s) where the
+    interior point takes 19 s; the first fallback, presolve off, only restarted the same
+    simplex (HiGHS skips presolve when it has a basis) and stalled again, and the IPM that
+    followed was kept for every later solve (855 s in all). Now a solve after the second
+    gets a multiple of the model's longest warm solve so far (here made 0: it stalls), the
+    fallback is interior point at once, and the solve after it is dual simplex again, warm
+    from the crossover basis."""
+    monkeypatch.setattr(lp_mod, "STALL_MIN_S", 1e6)   # the first two solves: no stall
+    lp = _lp()
+    n = lp.h.getNumCol()
+    lp.solve()
+    monkeypatch.setattr(lp_mod, "STALL_FACTOR", 0.0, raising=False)  # later solves:
+    monkeypatch.setattr(lp_mod, "STALL_FLOOR_S", 0.0, raising=False)  # limit 0
+    lp.set_costs(np.arange(n), np.random.default_rng(4).uniform(1, 2, n))
+    lp.solve()                         # the cold first solve sets no limit
+    assert lp.h.getInfo().ipm_iteration_count == 0 and lp._fallback == 0
+    cost = np.random.default_rng(5).uniform(1, 2, n)
+    lp.set_costs(np.arange(n), cost)
+    with caplog.at_level("WARNING", logger="derms.dispatch.lp"):
+        x, _, _ = lp.solve()
+    stalls = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
+    assert len(stalls) == 1 and "'solver': 'ipm'" in stalls[0], stalls
+    assert lp.h.getInfo().ipm_iteration_count > 0
+    ref = _lp()
+    ref.set_costs(np.arange(n), cost)
+    np.testing.assert_allclose(cost @ x, cost @ ref.solve()[0], rtol=1e-7)
+    monkeypatch.setattr(lp_mod, "STALL_FACTOR", 1e6, raising=False)
+    lp.set_costs(np.arange(n), np.random.default_rng(6).uniform(1, 2, n))
+    lp.solve()
+    info = lp.h.getInfo()
+    assert lp._fallback == 0 and info.ipm_iteration_count == 0 and not lp._kept

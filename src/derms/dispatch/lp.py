@@ -27,11 +27,27 @@ from derms.der.models import Fleet, FleetArrays
 from derms.errors import InfeasibleError
 
 INF = highspy.kHighsInf
-STALL_MIN_S = 30.0  # the least time an attempt gets before the next fallback
-STALL_S_PER_NNZ = 5e-5  # ... per nonzero (generous: a slow but sound solve on a loaded
-# machine -- EPRI ckt24's first, 0.9 M nonzeros -- must not be cut short; a fallback
-# costs only time, its solution is as optimal)
-FALLBACKS = ({"presolve": "off"}, {"solver": "ipm", "presolve": "on"})
+STALL_MIN_S = 30.0  # a model's first two solves get at least this before the fallback
+STALL_S_PER_NNZ = 5e-5  # ... or this per nonzero (generous: a slow but sound solve on a
+# loaded machine -- EPRI ckt24's first, 0.9 M nonzeros -- must not be cut short; a fallback
+# costs only time, its solution is as optimal); the most any later solve gets
+STALL_FACTOR = 3.0  # later solves: this many times the model's longest warm attempt so
+STALL_FLOOR_S = 10.0  # far, at least this. 3x is about what the fallback costs: EPRI
+# ckt7's IPM took 1.4-5.7x the longest warm simplex before it (11-20 s); IEEE 8500's (36-40
+# s against 8-18 s warm) makes a false alarm there the dearest.
+# Interior point (crossover on, so the next solve warm-starts from its basis) comes first:
+# measured on the stalled LPs, 1 thread, each alone from the dumped model and basis --
+#   ckt7 seed 1 after the elastic columns (23,615 x 162,720, 2.6 M nnz): warm dual simplex
+#     100 s (212 k it. / 119-129 s in the loop), presolve off warm the same (HiGHS skips
+#     presolve when it has a basis: that fallback only restarted the stall), cold presolve
+#     on 64 s, off 83 s, IPM 19 s, primal simplex and PDLP > 300 s;
+#   IEEE 34, every DER at every customer (9,597 x 45,861): warm > 120 s (582 k it.), cold
+#     presolve on 1.3 s, off > 120 s, IPM 6.5 s (5-min steps, when the guard was added:
+#     presolve on stalled cold, off 0.3 s, IPM 4 s).
+FALLBACKS = ({"solver": "ipm", "presolve": "on"},)
+STICKY_AFTER = 2  # solves stalled in a row after which later ones go straight to the
+# last fallback (a model on which dual simplex keeps stalling)
+_SIMPLEX = {"solver": "choose", "presolve": "choose"}  # HiGHS's defaults
 log = logging.getLogger(__name__)
 Policy = Literal["cost_minimal", "equal_proportional", "proportional_to_capacity"]
 BLOCKS = ("pv_p", "pv_qa", "pv_qi", "bat_ch", "bat_dis", "bat_e", "ev_c", "fl_shed", "fl_rec",
@@ -286,7 +302,10 @@ class HighsLP:
         self.kind, self.element, self.t = rows.kind, rows.element, rows.t
         self.n_solves = 0
         self.solve_s = 0.0
-        self._fallback = 0  # FALLBACKS used so far
+        self._fallback = 0  # FALLBACKS used by the latest solve
+        self._longest_s: float | None = None  # longest finished attempt after the first
+        self._stalls_in_row = 0
+        self._kept = False  # STICKY_AFTER reached: the last fallback for good
 
     @property
     def n_rows(self) -> int:
@@ -340,36 +359,60 @@ class HighsLP:
         corrective step: 2 s), no stall guard and no fallback (a budget it runs out of is
         an InfeasibleError "Time limit reached").
 
-        Each attempt has a time limit (``STALL_S_PER_NNZ`` x nonzeros, at least
-        ``STALL_MIN_S``): HiGHS's dual simplex after presolve stalled on IEEE 34 at 5-min
-        steps (273,000 iterations in 60 s, the CLI never finished) where the same LP
-        solves in 0.3 s without presolve and in 4 s by interior point. An attempt that
-        hits the limit is followed by the next of ``FALLBACKS``, which later solves of
-        this model then keep."""
+        Otherwise the solve is a stall guard around HiGHS's default (dual simplex, warm
+        from the last basis): it gets :meth:`stall_limit_s`, and past it the next of
+        ``FALLBACKS`` (interior point, the last one without a limit). The next solve goes
+        back to dual simplex, warm from the fallback's crossover basis, unless
+        ``STICKY_AFTER`` solves in a row have stalled. Warm dual simplex stalled on EPRI
+        ckt7 (212 k iterations, 119-129 s, where IPM takes 19 s) and IEEE 34 (289 k
+        iterations in 61 s, IPM 6.5 s); the numbers are at ``FALLBACKS``."""
         import time
         t0 = time.perf_counter()
         if time_limit_s is not None:
             self.h.setOptionValue("time_limit", self.h.getRunTime() + max(time_limit_s, 0.0))
             self.h.run()
             return self._result(t0)
-        limit = max(STALL_MIN_S, STALL_S_PER_NNZ * self.h.getNumNz())
-        # HiGHS's time limit is on the run time of the object, summed over its runs; the
-        # last fallback (once reached) has none
-        self.h.setOptionValue("time_limit", self.h.getRunTime() + limit
-                              if self._fallback < len(FALLBACKS) else highspy.kHighsInf)
-        self.h.run()
-        while (self.h.getModelStatus() == highspy.HighsModelStatus.kTimeLimit
-               and self._fallback < len(FALLBACKS)):
+        limit = self.stall_limit_s()
+        if not self._kept:
+            self._fallback = 0
+            for k, v in _SIMPLEX.items():
+                self.h.setOptionValue(k, v)
+        while True:
+            last = self._fallback == len(FALLBACKS)
+            # HiGHS's time limit is on the run time of the object, summed over its runs;
+            # the last fallback has none
+            self.h.setOptionValue("time_limit", highspy.kHighsInf if last
+                                  else self.h.getRunTime() + limit)
+            ta = time.perf_counter()
+            self.h.run()
+            if self.h.getModelStatus() != highspy.HighsModelStatus.kTimeLimit or last:
+                break
             opts = FALLBACKS[self._fallback]
             self._fallback += 1
-            log.warning("dispatch_lp stalled after %.0f s (%d x %d); retrying with %s",
-                        time.perf_counter() - t0, self.n_rows, self.h.getNumCol(), opts)
+            log.warning("dispatch_lp stalled after %.0f s (limit %.0f s; %d x %d); retrying "
+                        "with %s", time.perf_counter() - t0, limit, self.n_rows,
+                        self.h.getNumCol(), opts)
             for k, v in opts.items():
                 self.h.setOptionValue(k, v)
-            self.h.setOptionValue("time_limit", self.h.getRunTime() + limit
-                                  if self._fallback < len(FALLBACKS) else highspy.kHighsInf)
-            self.h.run()
+        if self.n_solves:  # the first solve is cold and presolved: not a warm one's measure
+            self._longest_s = max(self._longest_s or 0.0, time.perf_counter() - ta)
+        if not self._kept:
+            self._stalls_in_row = self._stalls_in_row + 1 if self._fallback else 0
+            self._kept = self._stalls_in_row >= STICKY_AFTER
         return self._result(t0)
+
+    def stall_limit_s(self) -> float:
+        """Time [s] the next solve's dual simplex gets before the fallback: a model's first
+        two solves max(``STALL_MIN_S``, ``STALL_S_PER_NNZ`` x nonzeros); later ones
+        ``STALL_FACTOR`` x the longest attempt that finished since the first (any solver,
+        so an interior-point time raises it), at least ``STALL_FLOOR_S``, at most the first
+        rule. The first solve (cold, presolved) does not count: IEEE 8500's takes 3.8 s,
+        the next (warm) 8.3 s. On EPRI ckt7 the warm solves before the stall took
+        0.07-37 s, the stalled one would have run 119-129 s where IPM takes 19 s."""
+        cap = max(STALL_MIN_S, STALL_S_PER_NNZ * self.h.getNumNz())
+        if self._longest_s is None:
+            return cap
+        return min(cap, max(STALL_FLOOR_S, STALL_FACTOR * self._longest_s))
 
     def _result(self, t0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import time
