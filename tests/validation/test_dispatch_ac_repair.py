@@ -97,3 +97,24 @@ def test_ev_charging_moved_later_keeps_every_session_whole():
         assert _count(again) == _count(out.report)
     finally:
         engine.close()
+
+
+def test_under_an_export_limit_pv_output_only_goes_down(case):
+    """``pv_up=False`` (a plan with an export limit: the repair does not see the head's
+    export): a PV's net import may only rise (curtail), never fall below the plan's;
+    with ``pv_up`` it may go down to minus the available power."""
+    from derms.dispatch.ac_repair_rows import RepairRows
+
+    ac, sched, _res = case
+    n_pv = len(ac.fleet.pv)
+    t = int(np.argmax(sched.pv_kw.sum(axis=1)))
+    p = sched.p_kw[t].copy()
+    p[:n_pv] *= 0.5  # a plan that curtails half of every PV's output here
+    a = fleet_arrays(ac.fleet)
+    kw = {"guard_pu": 0.01, "guard_frac": 0.25, "max_guards": 10, "reg_move_pu": 0.003,
+          "step_margin_pu": 0.001, "peak_kw": 1.0}
+    capped = RepairRows(ac, **kw, pv_up=False).ders(t, p, sched.q_kvar[t])
+    free = RepairRows(ac, **kw, pv_up=True).ders(t, p, sched.q_kvar[t])
+    np.testing.assert_allclose(capped.p_min_kw[:n_pv], p[:n_pv])
+    np.testing.assert_allclose(free.p_min_kw[:n_pv], -a.pv_avail_kw[t])
+    np.testing.assert_allclose(capped.p_max_kw[:n_pv], 0.0)

@@ -71,6 +71,8 @@ class RepairConfig:
     max_guards: int = 1500
     reg_move_pu: float = 0.003
     step_margin_pu: float = 0.001
+    pv_up: bool = True  # PV output may rise back toward its available power (off under an
+    # export limit: the repair does not see the head's export)
     corrective: CorrectiveConfig = field(default_factory=lambda: CorrectiveConfig(
         v_margin_pu=0.002, i_margin_frac=0.01, time_limit_s=5.0, lp_rows_add=100,
         lp_rounds=20))
@@ -100,7 +102,7 @@ def repair_plan(ac, sched: Schedule, res: QSTSResult, cfg: RepairConfig | None =
     rows = RepairRows(ac, guard_pu=cfg.guard_pu, guard_frac=cfg.guard_frac,
                       max_guards=cfg.max_guards, reg_move_pu=cfg.reg_move_pu,
                       step_margin_pu=cfg.step_margin_pu,
-                      peak_kw=float(res.head_p_kw.sum(axis=1).max()))
+                      peak_kw=float(res.head_p_kw.sum(axis=1).max()), pv_up=cfg.pv_up)
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         over = beyond(ac, best.result)

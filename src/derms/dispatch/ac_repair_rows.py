@@ -33,14 +33,17 @@ class RepairRows:
     that near a limit are guards (at most ``max_guards`` each, nearest first);
     ``reg_move_pu``: how far a regulator's monitored voltage may move inside its band;
     ``step_margin_pu``: above the band's lower edge a stepped hazard regulator's pre-step
-    voltage is held; ``peak_kw``: the plan's head import peak (a guard)."""
+    voltage is held; ``peak_kw``: the plan's head import peak (a guard); ``pv_up``: PV
+    output may rise back toward its available power (not under an export limit)."""
 
     def __init__(self, ac, *, guard_pu: float, guard_frac: float, max_guards: int,
-                 reg_move_pu: float, step_margin_pu: float, peak_kw: float) -> None:
+                 reg_move_pu: float, step_margin_pu: float, peak_kw: float,
+                 pv_up: bool = True) -> None:
         self.ac, self.fleet = ac, ac.fleet
         self.guard_pu, self.guard_frac, self.max_guards = guard_pu, guard_frac, max_guards
         self.reg_move_pu, self.step_margin_pu, self.peak_kw = reg_move_pu, step_margin_pu, \
             peak_kw
+        self.pv_up = pv_up
         points, self.point_of = _points(self.fleet)
         self.first_der = np.array([np.flatnonzero(self.point_of == k)[0]
                                    for k in range(len(points))], dtype=np.int64)
@@ -113,6 +116,11 @@ class RepairRows:
         other DER fixed at the plan."""
         st = _der_state(self.fleet, self.point_of, p_kw, q_kvar, self.avail_kw[t],
                         self.q_cap_kvar[t])
+        if not self.pv_up:  # curtail only: PV net import may not fall below the plan's
+            n_pv = len(self.fleet.pv)
+            p_min = st.p_min_kw.copy()
+            p_min[:n_pv] = st.p_kw[:n_pv]
+            st = replace(st, p_min_kw=p_min)
         if ev_room_kw is None or not ev_room_kw.size:
             return st
         n_pv, n_bat = len(self.fleet.pv), len(self.fleet.batteries)

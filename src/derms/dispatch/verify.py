@@ -62,7 +62,7 @@ import pandas as pd
 
 from derms.analysis.constraints import Limits, ViolationReport, detect_violations
 from derms.der.models import Fleet
-from derms.dispatch.ac_repair import repair_plan
+from derms.dispatch.ac_repair import RepairConfig, repair_plan
 from derms.dispatch.control_rows import (
     HOLD_TOP,
     CapControls,
@@ -714,15 +714,17 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     repair_log: list[dict] = []
     if AC_REPAIR and left:  # the last mile, interval by interval at its own AC state
         t3 = time.perf_counter()
-        fixed = repair_plan(ac, sched, res)
+        fixed = repair_plan(ac, sched, res, RepairConfig(
+            pv_up=objective.export_limit_kw is None))
         timing["ac_repair_s"] = time.perf_counter() - t3
         ac_s += timing["ac_repair_s"]
         after = (fixed.report.counts["violations_voltage"]
                  + fixed.report.counts["violations_thermal"])
         if after < left:
             notes.append(f"AC repair: the intervals still violated were corrected at their "
-                         f"own AC state with PV output and reactive power "
-                         f"({len(fixed.log)} round(s)): {left} -> {after} violations")
+                         f"own AC state with PV output and reactive power and EV charging "
+                         f"moved later in its session ({len(fixed.log)} round(s)): {left} -> "
+                         f"{after} violations (the ledger is the plan's before it)")
             sched, res, rep = fixed.schedule, fixed.result, fixed.report
             best = ((after, best[0][1]), *best[1:])
         repair_log = fixed.log
