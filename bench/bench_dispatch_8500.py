@@ -139,12 +139,12 @@ def main() -> None:
               f"{r.get('lp_solve_s', float('nan')):.1f} | {r.get('ac_s', float('nan')):.1f} | "
               f"{r['elapsed_s']:.1f} |")
     if out["repair_log"]:
-        print("\n| AC repair round | intervals corrected | PV kW / kvar moved | violations "
+        print("\n| AC repair round | intervals corrected | kW (PV, EV) / kvar moved | violations "
               "before -> after | s |")
         print("|---:|---:|---|---|---:|")
         for r in out["repair_log"]:
-            print(f"| {r['round']} | {len(r['intervals'])} | {r['pv_kw_moved']:.0f} / "
-                  f"{r['pv_kvar_moved']:.0f} | {r['violations_before']} -> "
+            print(f"| {r['round']} | {len(r['intervals'])} | {r['kw_moved']:.0f} / "
+                  f"{r['kvar_moved']:.0f} | {r['violations_before']} -> "
                   f"{r['violations_after']} | {r['s']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=float))

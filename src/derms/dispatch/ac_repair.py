@@ -81,7 +81,7 @@ class RepairConfig:
 @dataclass
 class RepairResult:
     """The repaired schedule and its AC result; ``log`` one entry per round (intervals
-    corrected, PV kW and kvar moved, violations after)."""
+    corrected and reverted, kW (PV and EV) and kvar moved, violations before and after)."""
 
     schedule: Schedule
     result: QSTSResult
@@ -116,23 +116,23 @@ def repair_plan(ac, sched: Schedule, res: QSTSResult, cfg: RepairConfig | None =
         ac.simulate_with(best.schedule.p_kw, best.schedule.q_kvar,
                          {t: (lambda e, t=t, fix=fix: fix(e, t)) for t in range(len(fix.p))})
         p, q = fix.p, fix.q
-        new = _with_pv(best.schedule, p, q)
+        new = _with_moves(best.schedule, p, q)
         res_n = ac.simulate(new.p_kw, new.q_kvar)
         # an interval whose correction left it worse gets the plan back (once)
         worse = np.flatnonzero(per_interval(ac, res_n) > per_interval(ac, best.result))
         worse = worse[np.isin(worse, sorted(todo))]
         if worse.size:
             fix.revert(best.schedule, worse)
-            new = _with_pv(best.schedule, p, q)
+            new = _with_moves(best.schedule, p, q)
             res_n = ac.simulate(new.p_kw, new.q_kvar)
         rep_n = ac.violations(res_n)
         entry = {"round": rnd, "intervals": sorted(todo), "reverted": worse.tolist(),
-                 "pv_kw_moved": fix.moved_kw, "pv_kvar_moved": fix.moved_kvar,
+                 "kw_moved": fix.moved_kw, "kvar_moved": fix.moved_kvar,
                  "partial": fix.partial, "violations_before": _count(best.report),
                  "violations_after": _count(rep_n), "s": time.perf_counter() - t0}
         best.log.append(entry)
         log.info("dispatch ac_repair round=%d intervals=%d reverted=%d violations %d -> %d "
-                 "(pv %.1f kW, %.1f kvar moved) s=%.2f", rnd, len(todo), worse.size,
+                 "(%.1f kW, %.1f kvar moved) s=%.2f", rnd, len(todo), worse.size,
                  entry["violations_before"], entry["violations_after"], fix.moved_kw,
                  fix.moved_kvar, entry["s"])
         if _count(rep_n) >= _count(best.report):
@@ -167,6 +167,9 @@ class _Correction:
         for t in worse:
             if int(t) in self.ev_shift:
                 self.ev_kw = self.ev_kw - self.ev_shift.pop(int(t))
+        if (self.ev_kw < -1e-9).any():  # a later correction cut what one of these added:
+            self.ev_kw = plan.ev_kw.copy()  # no partial undo keeps every session whole,
+            self.ev_shift.clear()  # so the EVs go back to the plan altogether
         n_ev = self.ev_kw.shape[1]
         n0 = n_pv + plan.charge_kw.shape[1]
         self.p[:, n0:n0 + n_ev] = self.ev_kw
@@ -203,7 +206,7 @@ def _count(rep) -> int:
     return int(rep.counts["violations_voltage"] + rep.counts["violations_thermal"])
 
 
-def _with_pv(s: Schedule, p_kw: np.ndarray, q_kvar: np.ndarray) -> Schedule:
+def _with_moves(s: Schedule, p_kw: np.ndarray, q_kvar: np.ndarray) -> Schedule:
     """``s`` with new net import ``p_kw``/``q_kvar``: PV output and curtailment follow the
     PV columns, EV charging the EV columns (the other DERs are unchanged)."""
     n_pv, n_bat, n_ev = s.pv_kw.shape[1], s.charge_kw.shape[1], s.ev_kw.shape[1]

@@ -45,8 +45,7 @@ class RepairRows:
             peak_kw
         self.pv_up = pv_up
         points, self.point_of = _points(self.fleet)
-        self.first_der = np.array([np.flatnonzero(self.point_of == k)[0]
-                                   for k in range(len(points))], dtype=np.int64)
+        self.first_der = np.unique(self.point_of, return_index=True)[1]  # one per point
         self.sens = RowSensitivities(ac.engine, points, ac.index)
         a = fleet_arrays(self.fleet)
         self.avail_kw = a.pv_avail_kw
