@@ -292,3 +292,24 @@ def test_repeated_weather_timestamps_are_warned(tmp_path):
     assert res.exit_code == 0, res.output
     assert "1 repeated timestamp(s), first 2024-03-01T05:00:00+00:00" in \
         " ".join(res.output.split()), res.output
+
+
+def test_backtest_accepts_meter_timestamps_with_seconds_of_jitter(tmp_path):
+    # AMI/SCADA exports stamp readings a few seconds off the interval (00:15:02,
+    # 00:29:58, ...): snapped to the 15-min grid with one warning, not refused
+    idx = pd.date_range("2024-01-01", periods=38 * 96, freq="15min", tz="UTC")
+    rng = np.random.default_rng(4)
+    hour = idx.hour.to_numpy() + idx.minute.to_numpy() / 60
+    v = 50 + 20 * np.sin((hour - 7) / 24 * 2 * np.pi) + rng.normal(0, 2, len(idx))
+    stamped = idx + pd.to_timedelta(rng.integers(-5, 6, len(idx)), unit="s")
+    csv = tmp_path / "ami.csv"
+    pd.DataFrame({"timestamp": stamped.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "value": v.round(3)}).to_csv(csv, index=False)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["forecast", "backtest", "--series", str(csv), "--out", str(out),
+                              "--rounds", "10", "--test-days", "1"])
+    assert res.exit_code == 0, res.output
+    assert "moved to the nearest grid point" in " ".join(res.output.split()), res.output
+    assert json.loads((out / "metrics.json").read_text())["methods"]["persistence"]["n"] > 0
+    table = pd.read_csv(out / "forecasts.csv")
+    assert pd.to_datetime(table["timestamp"], utc=True).dt.second.eq(0).all()

@@ -24,6 +24,7 @@ from derms.cli.common import (
     refuse_non_empty,
 )
 from derms.errors import InputError
+from derms.forecast.series import clean_series
 from derms.studies.series_files import read_series_csv
 from derms.timeutil import parse_duration
 
@@ -32,10 +33,9 @@ app = typer.Typer(help="Constraint forecasts (predicted violations).", no_args_i
 
 def _parse_origin(text: str | None, load: pd.Series, pv: pd.Series) -> pd.Timestamp:
     """Given origin (UTC if no zone) or, by default, the end of the shorter history."""
-    if text is None:
-        end = min(load.index[-1], pv.index[-1])
-        step = load.index[-1] - load.index[-2]
-        return end + step
+    if text is None:   # on the histories' grid (timestamps with clock jitter snap to it)
+        cl, cp = clean_series(load, "load history"), clean_series(pv, "pv history")
+        return min(cl.values.index[-1], cp.values.index[-1]) + cl.step
     try:
         ts = pd.Timestamp(text)
     except ValueError:

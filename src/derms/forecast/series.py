@@ -1,8 +1,11 @@
 """Input series made safe to forecast: UTC index on a regular grid, with plain warnings.
 
 Every problem a real meter or SCADA series has is handled here, once, before any model
-sees it: timestamps without a zone (error), duplicate timestamps (averaged, warned), gaps
-(kept as NaN on the regular grid, warned), NaN or infinite values (treated as gaps,
+sees it: timestamps without a zone (error), duplicate timestamps (averaged, warned),
+clock jitter (timestamps within a tenth of a step of the grid, as AMI/SCADA exports stamp
+00:15:02, 00:29:58: moved onto the grid, warned once; readings farther off averaged into
+the interval that contains them, warned, naming the first; timestamps on no grid at all:
+error), gaps (kept as NaN on the regular grid, warned), NaN or infinite values (treated as gaps,
 warned), a constant series (warned: only the baselines are meaningful), a history too
 short for the forecast asked (error naming what is missing). DST needs no special case:
 timestamps are converted to UTC and calendar features are taken in the series' own
@@ -17,6 +20,13 @@ import numpy as np
 import pandas as pd
 
 from derms.errors import InputError
+
+#: A timestamp within this share of a step of a grid point is that point's reading, moved
+#: onto it (clock jitter: ±90 s at 15 min, ±6 min at 1 h). Anything farther is a reading
+#: of its own, averaged into the interval that contains it. A tenth keeps a snapped
+#: reading nine tenths of a step closer to its own point than to its neighbour.
+SNAP_TOLERANCE = 0.1
+_DAY_DIVISORS_S = np.arange(1, 86401, dtype=np.int64)[86400 % np.arange(1, 86401) == 0]
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,12 @@ def clean_series(series: pd.Series, name: str = "series", step: pd.Timedelta | N
                  ) -> CleanSeries:
     """Validate and regularise ``series`` (values indexed by tz-aware timestamps).
 
-    The step is the most common spacing of the timestamps unless given. Raises
-    :class:`InputError` for a naive index, an empty or all-missing series, or an
-    irregular spacing that matches no step.
+    The step is the most common spacing of the timestamps unless given; for timestamps
+    with clock jitter, the median spacing (see :func:`_grid`). Readings that end on one
+    grid point (duplicates, or snapped onto one) are averaged. Raises
+    :class:`InputError` for a naive index, an empty or all-missing series, or
+    timestamps on no regular grid (a step that does not divide a day, or more than half
+    of them beyond the jitter tolerance of the typical spacing's grid).
     """
     warnings: list[str] = []
     if not isinstance(series.index, pd.DatetimeIndex):
@@ -64,13 +77,11 @@ def clean_series(series: pd.Series, name: str = "series", step: pd.Timedelta | N
         warnings.append(f"{name}: {n_dup} duplicate timestamps; their values were averaged")
         values = values.groupby(level=0).mean()
     values = values.sort_index()
-    if step is None:
-        step = _infer_step(values.index, name)
-    off_grid = (values.index - values.index[0]) % step != pd.Timedelta(0)
-    if off_grid.any():
-        warnings.append(f"{name}: {int(off_grid.sum())} timestamps off the {step} grid were "
-                        "averaged into the interval that contains them")
-        values = values.groupby(values.index.floor(step)).mean()
+    if step is None and len(values) < 3:
+        raise InputError(f"{name}: {len(values)} timestamps are too few to tell the step")
+    step, anchor = _grid(values, name, None if step is None else pd.Timedelta(step),
+                         series.index.tz)
+    values = _onto_grid(values, step, anchor, name, series.index.tz, warnings)
     grid = pd.date_range(values.index[0], values.index[-1], freq=step)
     regular = values.reindex(grid)
     n_gap = int(regular.isna().sum())
@@ -94,16 +105,115 @@ def require_history(clean: CleanSeries, needed: pd.Timedelta, name: str, purpose
                          f"spans {span}")
 
 
-def _infer_step(index: pd.DatetimeIndex, name: str) -> pd.Timedelta:
-    if len(index) < 3:
-        raise InputError(f"{name}: {len(index)} timestamps are too few to tell the step")
-    diffs = pd.Series(np.diff(index.as_unit("ns").asi8)).value_counts()
-    step = pd.Timedelta(int(diffs.index[0]), unit="ns")
-    if step <= pd.Timedelta(0):
-        raise InputError(f"{name}: cannot tell the step from the timestamps")
-    if pd.Timedelta(hours=24) % step != pd.Timedelta(0):
-        raise InputError(f"{name}: step {step} does not divide a day; resample to 1–60 min")
-    return step
+def _grid(values: pd.Series, name: str, step: pd.Timedelta | None, tz
+          ) -> tuple[pd.Timedelta, pd.Timestamp]:
+    """The series' grid: its step and one grid point (``anchor``).
+
+    First the most common spacing (or the step given) from the first timestamp, when more
+    than half of the timestamps sit exactly on it: a regular series (any others are
+    repaired by :func:`_onto_grid`). Otherwise clock jitter: the step is the median
+    spacing rounded to a whole number of seconds dividing a day, the grid points on whole
+    minutes (whole seconds below a one-minute step) nearest the timestamps' median phase,
+    kept when more than half of the timestamps lie within :data:`SNAP_TOLERANCE` of it.
+    No grid either way is an :class:`InputError`.
+    """
+    index = values.index
+    ns = index.as_unit("ns").asi8
+    diffs = np.diff(ns)
+    mode = step
+    if mode is None:
+        counts = pd.Series(diffs).value_counts()
+        mode = pd.Timedelta(int(counts.index[0]), unit="ns")
+        if mode <= pd.Timedelta(0):
+            raise InputError(f"{name}: cannot tell the step from the timestamps")
+    divides = step is not None or pd.Timedelta(hours=24) % mode == pd.Timedelta(0)
+    if divides and np.mean((ns - ns[0]) % mode.value == 0) > 0.5:
+        return mode, index[0]
+    jitter_step = step if step is not None else _day_divisor(float(np.median(diffs)))
+    typical, anchor_ns = mode, int(ns[0])
+    if jitter_step is not None:
+        s = jitter_step.value
+        ref = int(ns[0])
+        for _ in range(2):   # twice: a first timestamp far off the grid cannot skew it
+            ref += int(np.median(_centred(ns - ref, s)))
+        unit = (pd.Timedelta(minutes=1) if jitter_step >= pd.Timedelta(minutes=1)
+                else pd.Timedelta(seconds=1)).value
+        typical, anchor_ns = jitter_step, (ref + unit // 2) // unit * unit
+        if np.mean(np.abs(_centred(ns - anchor_ns, s)) <= _tolerance(typical).value) > 0.5:
+            return jitter_step, pd.Timestamp(anchor_ns, unit="ns", tz="UTC")
+    if not divides and step is None and np.all(diffs % mode.value == 0):
+        raise InputError(f"{name}: step {mode} does not divide a day; resample to 1–60 min")
+    tol = _tolerance(typical)
+    far = np.flatnonzero(np.abs(_centred(ns - anchor_ns, typical.value)) > tol.value)
+    first = (f" (first {_stamp(index[far[0]], tz)}, value {values.iloc[far[0]]:g})"
+             if far.size else "")
+    raise InputError(f"{name}: the timestamps are on no regular grid: the typical spacing is "
+                     f"{typical}, but {far.size} of {len(index)} timestamps lie more than "
+                     f"{_seconds(tol)} from its grid{first}; resample the series to a "
+                     "regular step of 1–60 min")
+
+
+def _onto_grid(values: pd.Series, step: pd.Timedelta, anchor: pd.Timestamp, name: str, tz,
+               warnings: list[str]) -> pd.Series:
+    """``values`` moved onto the grid ``anchor + k * step``: a timestamp within the
+    tolerance of a grid point is that point's reading (snapped, warned once with the
+    count and the largest offset); one farther off is averaged into the interval that
+    contains it. Readings that end on one grid point are averaged, like duplicates."""
+    ns = values.index.as_unit("ns").asi8
+    s, a = step.value, anchor.as_unit("ns").value
+    off = _centred(ns - a, s)
+    if not off.any():
+        return values
+    tol = _tolerance(step)
+    far = np.abs(off) > tol.value
+    moved = (off != 0) & ~far
+    k = np.where(far, (ns - a) // s, (ns - off - a) // s)
+    target = pd.DatetimeIndex(a + k * s, tz="UTC").as_unit("ns")
+    if moved.any():
+        largest = pd.Timedelta(int(np.abs(off[moved]).max()), unit="ns")
+        warnings.append(f"{name}: {int(moved.sum())} timestamps up to {_seconds(largest)} off "
+                        f"the {step} grid (clock jitter, tolerance ±{_seconds(tol)}) were "
+                        "moved to the nearest grid point")
+        landed = target[~far]
+        n_hit = int(landed.duplicated().sum())
+        if n_hit:
+            warnings.append(f"{name}: {n_hit} readings landed on a grid point that already had "
+                            "one; their values were averaged")
+    if far.any():
+        i = int(np.flatnonzero(far)[0])
+        warnings.append(f"{name}: {int(far.sum())} timestamps more than {_seconds(tol)} off "
+                        f"the {step} grid (first {_stamp(values.index[i], tz)}, value "
+                        f"{values.iloc[i]:g}) were averaged into the interval that contains "
+                        "them")
+    out = pd.Series(values.to_numpy(), index=target.as_unit(values.index.unit))
+    return out.groupby(level=0).mean()
+
+
+def _centred(rel: np.ndarray, s: int) -> np.ndarray:
+    """Offsets (ns) of ``rel`` from the nearest multiple of ``s``, in [-s/2, s/2)."""
+    return (rel + s // 2) % s - s // 2
+
+
+def _tolerance(step: pd.Timedelta) -> pd.Timedelta:
+    return pd.Timedelta(int(step.value * SNAP_TOLERANCE), unit="ns")
+
+
+def _day_divisor(spacing_ns: float) -> pd.Timedelta | None:
+    """The whole number of seconds dividing a day nearest ``spacing_ns``, or None when the
+    spacing is under a second or over a day."""
+    if not 1e9 <= spacing_ns <= 86400e9:
+        return None
+    best = _DAY_DIVISORS_S[int(np.argmin(np.abs(_DAY_DIVISORS_S * 1e9 - spacing_ns)))]
+    return pd.Timedelta(seconds=int(best))
+
+
+def _seconds(td: pd.Timedelta) -> str:
+    return f"{td.total_seconds():g} s"
+
+
+def _stamp(t: pd.Timestamp, tz) -> str:
+    """``t`` as the input wrote it (its own zone), ISO 8601."""
+    return (t.tz_convert(tz) if tz is not None else t).isoformat()
 
 
 def _longest_run(mask: np.ndarray) -> int:
