@@ -43,10 +43,10 @@ def api(db_url):
 
 
 @contextmanager
-def _both_read_first(engine, table: str, column: str) -> Iterator[list[bool]]:
-    """Hold the first two id lookups on ``table`` (one per request) until both have run;
-    yields a list that holds True once both met (False: one waited alone)."""
-    barrier, met, arrived, lock = threading.Barrier(2), [], [0], threading.Lock()
+def _both_read_first(engine, table: str, column: str, n: int = 2) -> Iterator[list[bool]]:
+    """Hold the first ``n`` id lookups on ``table`` (one per request) until all have run;
+    yields a list that holds True once they met (False: one waited alone)."""
+    barrier, met, arrived, lock = threading.Barrier(n), [], [0], threading.Lock()
     pattern = f"FROM {table} WHERE {table}.{column}"
 
     def after(_conn, _cursor, statement, _params, _context, _many) -> None:
@@ -54,7 +54,7 @@ def _both_read_first(engine, table: str, column: str) -> Iterator[list[bool]]:
             return
         with lock:
             arrived[0] += 1
-            if arrived[0] > 2:  # a request's transaction running again
+            if arrived[0] > n:  # a request's transaction running again
                 return
         try:
             barrier.wait(BARRIER_S)

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
+from derms.api.conflicts import unique_transaction
 from derms.api.paging import Limit, Offset
 from derms.api.problems import Problem
 from derms.control import persistence
@@ -43,10 +44,12 @@ class WithdrawIn(BaseModel):
 
 
 def _write(request: Request, response: Response, fn) -> dict[str, Any]:
-    """Run ``fn(session)`` in one transaction; map conflicts and unknown ids; 200 on resend."""
+    """Run ``fn(session)`` in one transaction; map conflicts and unknown ids; 200 on resend.
+    Two requests storing the same new request id at once: the second runs again and
+    answers as a resend (200) or a conflict (409), never the database's error (500)."""
     try:
-        with request.app.state.sessions.begin() as s:
-            applied: Applied = fn(s)
+        applied: Applied = unique_transaction(request.app.state.sessions, fn,
+                                              "control request")
     except RequestConflict as exc:
         raise Problem(409, str(exc)) from None
     except persistence.UnknownRequest as exc:

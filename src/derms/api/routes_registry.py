@@ -8,11 +8,12 @@ version accepts any name. The check and the insert are one transaction, under th
 the feeders checked against (:func:`derms.api.placement.placement_transaction`). Bus and
 transformer names are stored stripped and lower case, as OpenDSS reports them.
 
-A repeated registration: ``POST /devices`` or ``/meters`` with an id already registered
-is 409 problem+json naming it (whatever its fields); a batch lists such ids in
+A repeated registration: ``POST /feeders``, ``/devices`` or ``/meters`` with an id already
+registered is 409 problem+json naming it (whatever its fields); a batch lists such ids in
 ``existing`` and leaves them as they are. Two requests registering the same new id at once
 answer the same way: the one whose insert meets the other's row runs again and answers
-as if it came second (it had got the database's uniqueness error as a 500).
+as if it came second (it had got the database's uniqueness error as a 500;
+:mod:`derms.api.conflicts`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from derms.api.auth import Principal, require
+from derms.api.conflicts import unique_transaction
 from derms.api.fields import ElementName, Id, Text64, Text200, Text500
 from derms.api.paging import Limit, Offset
 from derms.api.placement import ElementsCache, check_placement, placement_transaction
@@ -121,13 +123,19 @@ def list_feeders(request: Request, _p: Annotated[Principal, Depends(require("rea
 @router.post("/feeders", status_code=201)
 def create_feeder(request: Request, body: FeederIn,
                   principal: Annotated[Principal, Depends(require("admin"))]) -> dict:
-    with request.app.state.sessions.begin() as s:
+    """Register a feeder; 409 problem+json when its id is registered (module docstring)."""
+
+    def write(s: Session) -> dict:
         if s.get(Feeder, body.feeder_id) is not None:
             raise Problem(409, f"feeder {body.feeder_id!r} exists")
         s.add(Feeder(**body.model_dump()))
+        s.flush()
         append_audit(s, actor=principal.token_id, action="create", entity="feeder",
                      entity_id=body.feeder_id, detail=body.model_dump())
-    return body.model_dump()
+        return body.model_dump()
+
+    return unique_transaction(request.app.state.sessions, write,
+                              f"feeder {body.feeder_id!r}")
 
 
 @router.get("/devices")

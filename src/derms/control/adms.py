@@ -52,7 +52,6 @@ from derms.control.requests import (
 from derms.errors import InputError
 from derms.store.audit import append_audit
 from derms.store.models import (
-    ControlRequestRecord,
     DerDevice,
     DerSite,
     Feeder,
@@ -219,12 +218,11 @@ def _request(session: Session, *, prefix: str, ident: str | None, source: Source
                          f"{now.isoformat()}): every request needs a future expiry")
     _check_targets(session, scope)
     rid = f"{prefix}-{ident or uuid.uuid4().hex}"
-    if start is None:  # "now" at first arrival: a redelivery must not move the start
-        stored = session.get(ControlRequestRecord, rid)
-        start = stored.start if stored is not None else now
-    req = ControlRequest(rid, source, kind, scope, start, expiry, value_kw=value_kw,
+    # no start: "now" at first arrival; a redelivery must not move it (submit keeps it)
+    req = ControlRequest(rid, source, kind, scope, start or now, expiry, value_kw=value_kw,
                          issued_at=now, reason=reason, actor=actor)
-    stored, created = persistence.submit(session, req, actor=actor)
+    stored, created = persistence.submit(session, req, actor=actor,
+                                         start_defaulted=start is None)
     return Applied(requests=[stored], created=created)
 
 

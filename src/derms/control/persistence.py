@@ -59,13 +59,19 @@ def from_record(rec: ControlRequestRecord) -> ControlRequest:
                           withdrawn_at=rec.withdrawn_at)
 
 
-def submit(session: Session, req: ControlRequest, *, actor: str) -> tuple[ControlRequest, bool]:
+def submit(session: Session, req: ControlRequest, *, actor: str, start_defaulted: bool = False
+           ) -> tuple[ControlRequest, bool]:
     """Store ``req`` and audit it; returns the stored request and whether it is new.
     The same id with the same content is an idempotent resend (nothing written);
-    with other content :class:`RequestConflict`."""
+    with other content :class:`RequestConflict`. ``start_defaulted``: ``req``'s start is
+    "now at first arrival", so a stored request's start is compared instead (read once,
+    here: a second read could find a request stored since the first, and a resend whose
+    start was taken from the first answered 409)."""
     old = session.get(ControlRequestRecord, req.request_id)
     if old is not None:
         stored = from_record(old)
+        if start_defaulted:
+            req = replace(req, start=stored.start)
         if stored.same_content(req):
             return stored, False
         raise RequestConflict(f"control request {req.request_id!r} exists with other "

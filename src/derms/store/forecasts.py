@@ -152,29 +152,41 @@ def save_model_record(engine: Engine, *, name: str, kind: str, version: str,
 
     The same (name, version) — the same boosters, e.g. a retrain on unchanged data with the
     same seed — is not recorded twice: its ``trained_at``, ``train_end`` and ``metrics`` are
-    refreshed (so it becomes the latest of its name again) and ``created`` is False.
+    refreshed (so it becomes the latest of its name again) and ``created`` is False. The
+    insert skips a (name, version) already there (``ON CONFLICT DO NOTHING``): two retrains
+    recording the same version at once had both read "not there" and the second insert's
+    uniqueness error was answered 500; now the second refreshes the first's record.
     """
     if kind not in ("load", "pv"):
         raise InputError(f"kind {kind!r}: expected load or pv")
     trained_at, train_end = ensure_utc(trained_at, "trained_at"), ensure_utc(train_end, "train_end")
     cols = ForecastModel.__table__.c
     with engine.begin() as conn:
-        found = conn.execute(select(cols.id).where(cols.name == name, cols.version == version)
-                             ).scalar()
-        if found is not None:
-            conn.execute(update(ForecastModel).where(cols.id == found).values(
-                trained_at=trained_at, train_end=train_end, metrics=metrics or {}))
-            created = False
-            mid = int(found)
+        new = conn.execute(_insert(conn).on_conflict_do_nothing(
+            index_elements=[cols.name, cols.version]).returning(cols.id), {
+            "name": name, "kind": kind, "version": version, "trained_at": trained_at,
+            "train_end": train_end, "n_series": int(n_series), "path": path,
+            "spec": spec or {}, "metrics": metrics or {}, "created_at": utcnow()}).scalar()
+        created = new is not None
+        if created:
+            mid = int(new)
         else:
-            mid = int(conn.execute(insert(ForecastModel).returning(cols.id), {
-                "name": name, "kind": kind, "version": version, "trained_at": trained_at,
-                "train_end": train_end, "n_series": int(n_series), "path": path,
-                "spec": spec or {}, "metrics": metrics or {}, "created_at": utcnow()}).scalar_one())
-            created = True
+            mid = int(conn.execute(select(cols.id).where(
+                cols.name == name, cols.version == version)).scalar_one())
+            conn.execute(update(ForecastModel).where(cols.id == mid).values(
+                trained_at=trained_at, train_end=train_end, metrics=metrics or {}))
     info = get_model(engine, mid)
     assert info is not None
     return info, created
+
+
+def _insert(conn: Connection) -> Any:
+    """The dialect's ``insert(ForecastModel)`` (with ``on_conflict_do_nothing``)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(ForecastModel)
 
 
 def get_model(engine: Engine, model_id: int) -> ModelInfo | None:
