@@ -61,6 +61,17 @@ def test_plan_returns_summary_and_schedule_page(api):
     assert csv["timestamp"].str.endswith("Z").all()
 
 
+def test_grouped_plan_schedules_every_der(api):
+    r = api.post("/v1/dispatch/plan", headers=api.operator,
+                 json={**BODY, "pv_penetration": 1.0, "battery_penetration": 1.0,
+                       "group_size": 4})
+    assert r.status_code == 200, r.text
+    s = r.json()["summary"]
+    assert s["n_planned_ders"] < s["n_controllable_ders"]
+    assert s["violations_optimised"] == 0
+    assert r.json()["schedule"]["total"] == 24 * s["n_controllable_ders"]
+
+
 def test_auth(api):
     assert api.post("/v1/dispatch/plan", json=BODY).status_code == 401
     r = api.post("/v1/dispatch/plan", headers=api.reader, json=BODY)
@@ -80,7 +91,7 @@ def test_infeasible_is_422_with_the_explanation(api):
 @pytest.mark.parametrize("change", [
     {"feeder": "nosuch"}, {"pv_penetration": 1.5}, {"horizon": "25min"},
     {"step": "fortnight"}, {"policy": "random"}, {"unknown_field": 1}, {"horizon": "30d"},
-    {"replan_every": "often"}, {"replan_every": "5min"},
+    {"replan_every": "often"}, {"replan_every": "5min"}, {"group_size": 0},
 ])
 def test_bad_body_is_422(api, change):
     r = api.post("/v1/dispatch/plan", headers=api.operator, json={**BODY, **change})

@@ -121,6 +121,7 @@ def test_report_and_opendss_set(out):
     (["--horizon", "30d", "--step", "1h"], "--horizon"),
     (["--pv", "0", "--battery", "0", "--ev", "0"], "nothing to dispatch"),
     (["--seed", "-1"], "--seed"),                       # was numpy's traceback
+    (["--group", "0"], "--group"),
 ])
 def test_bad_input_exits_2(tmp_path, args, fragment):
     code, text = _run("ieee123", *args, "--out", tmp_path)
@@ -229,3 +230,19 @@ def test_out_below_a_file_names_the_file(tmp_path):
                               "--out", str(deep / "file.txt" / "sub")])
     assert res.exit_code == 2
     assert f"{deep / 'file.txt'} is a file, not a folder" in res.output, res.output
+
+
+def test_grouped_plan_is_clean_and_explained_per_der(tmp_path):
+    """``--group 4``: fewer planned DERs, the same DERs in the schedule and the ledger
+    (members named, never groups), clean in the AC check."""
+    code, text = _run("ieee123", "--horizon", "12h", "--step", "30min", "--seed", "1",
+                      "--group", "4", "--out", tmp_path)
+    assert code == 0, text
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["n_planned_ders"] < s["n_controllable_ders"]
+    assert s["violations_optimised"] == 0
+    ders = set(pd.read_csv(tmp_path / "ders.csv")["der_id"])
+    moves = pd.read_csv(tmp_path / "ledger_moves.csv")
+    assert len(moves) and set(moves["der_id"]) <= ders
+    sched = pd.read_csv(tmp_path / "schedule.csv")
+    assert set(sched["der_id"]) == ders

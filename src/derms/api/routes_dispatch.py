@@ -50,6 +50,9 @@ class PlanBody(BaseModel):
     replan_every: str | None = Field(
         None, description="Re-plan period of the rolling run (forecast noisy / model), a "
                           "whole number of steps; default 15 min (or one step if longer).")
+    group_size: int = Field(1, ge=1, le=1000, description=(
+        "Plan DERs in groups of about this many (compatible DERs near each other moving "
+        "in fixed proportion); 1: every DER on its own."))
     schedule_offset: int = Field(0, ge=0)
     schedule_limit: int = Field(5000, ge=0, le=100_000)
 
@@ -83,7 +86,7 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     objective = ObjectiveConfig(export_limit_kw=body.export_limit_kw,
                                 curtailment_policy=body.policy)
     study = run_dispatch_study(body.feeder, cfg, objective, forecast=body.forecast,
-                               replan_every=replan)
+                               replan_every=replan, group_size=body.group_size)
     sched = schedule_table(study.optimised.schedule)
     page = sched.iloc[body.schedule_offset: body.schedule_offset + body.schedule_limit]
     ders = ders_table(study.scenario)

@@ -80,6 +80,11 @@ def dispatch(
         "--replan-every", help="Re-plan period of the rolling run (--forecast noisy or "
                                "model), a whole number of steps, e.g. 15min or 1h. Default: "
                                "15min, or one step when steps are longer.")] = None,
+    group: Annotated[int, typer.Option(
+        "--group", help="Plan DERs in groups of about N (compatible DERs near each other "
+                        "moving in fixed proportion): a smaller LP for large fleets; the AC "
+                        "check, the repair, the schedule and the ledger stay per DER. "
+                        "1 = every DER on its own.")] = 1,
     force: ForceOpt = False,
 ) -> None:
     """Plan the DERs' dispatch within voltage and thermal limits, verify it on the AC
@@ -105,6 +110,8 @@ def dispatch(
         raise InputError(f"--export-limit-kw {export_limit_kw}: expected a finite number")
     if seed < 0:
         raise InputError(f"--seed {seed}: expected a non-negative integer")
+    if group < 1:
+        raise InputError(f"--group {group}: expected a group size of at least 1")
     step_td, n_steps = parse_horizon(horizon, step)
     if step_td < timedelta(minutes=1):
         raise InputError(f"--step {step!r}: expected at least 1 minute")
@@ -121,7 +128,8 @@ def dispatch(
         task = bar.add_task("starting", total=None)
         study = run_dispatch_study(master, cfg, objective, forecast=forecast.value,
                                    replan_every=replan_every, opendss_dir=tmp / "opendss",
-                                   on_stage=lambda s: bar.update(task, description=s))
+                                   on_stage=lambda s: bar.update(task, description=s),
+                                   group_size=group)
         bar.update(task, description="write outputs")
         write_dispatch_outputs(study, tmp)
     s = study.summary

@@ -19,7 +19,6 @@ import numpy as np
 from derms.der.models import fleet_arrays
 from derms.dispatch.control_rows import cap_sensitivity, cap_states, monitored_kvar
 from derms.dispatch.corrective import CurrentRows, DerState, VoltageRows
-from derms.dispatch.network import der_map
 from derms.powerflow.linear_rows import RowSensitivities
 from derms.powerflow.qsts import QSTSResult
 
@@ -44,9 +43,10 @@ class RepairRows:
         self.reg_move_pu, self.step_margin_pu, self.peak_kw = reg_move_pu, step_margin_pu, \
             peak_kw
         self.pv_up = pv_up
-        points, self.point_of = _points(self.fleet)
+        points, self.point_of = _points(ac)
         self.first_der = np.unique(self.point_of, return_index=True)[1]  # one per point
-        self.sens = RowSensitivities(ac.engine, points, ac.index)
+        self.sens = RowSensitivities(ac.engine, [[t for t, _w in p] for p in points],
+                                     ac.index, [[w for _t, w in p] for p in points])
         a = fleet_arrays(self.fleet)
         self.avail_kw = a.pv_avail_kw
         self.ev_window, self.ev_p_max_kw = a.ev_window.astype(bool), a.ev_p_max_kw
@@ -55,7 +55,7 @@ class RepairRows:
         self.hz = _hazards(ac, self.band)
         parts = ac.cap_parts
         if ac.capctl.n and not parts:  # no plan built them: the base-case linear model
-            parts = (cap_sensitivity(ac.lin, der_map(ac.lin, ac.fleet), ac.capctl),)
+            parts = (cap_sensitivity(ac.lin, ac.der_map(), ac.capctl),)
         self.cap_part = parts[0] if parts else None
 
     def taps(self, engine) -> np.ndarray:
@@ -251,15 +251,16 @@ def beyond(ac, res: QSTSResult) -> dict[str, np.ndarray]:
 
 
 
-def _points(fleet) -> tuple[list[tuple[str, ...]], np.ndarray]:
-    """Unique injection points of the fleet's DERs and each DER's point (fleet order)."""
-    pos: dict[tuple[str, ...], int] = {}
-    of = np.empty(len(fleet.ders), dtype=np.int64)
-    for j, d in enumerate(fleet.ders):
-        key = tuple(d.connection.injection_terminals)
+def _points(ac) -> tuple[list[tuple[tuple[str, float], ...]], np.ndarray]:
+    """Unique injection points of the planned DERs, as (terminal, share) pairs (a group of
+    DERs spreads over its members' terminals), and each DER's point (fleet order)."""
+    pos: dict[tuple[tuple[str, float], ...], int] = {}
+    of = np.empty(len(ac.fleet.ders), dtype=np.int64)
+    for j, parts in enumerate(ac.agg.parts):
+        key = tuple((t, w / len(c.injection_terminals)) for c, w in parts
+                    for t in c.injection_terminals)
         of[j] = pos.setdefault(key, len(pos))
     return list(pos), of
-
 
 
 def _der_state(fleet, point_of: np.ndarray, p_kw: np.ndarray, q_kvar: np.ndarray,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from derms.der.aggregate import Aggregation
+from derms.der.models import FleetArrays, fleet_arrays
 from derms.dispatch.network import rows_dense
 from derms.dispatch.plan import Planner, Schedule
 from derms.powerflow.qsts import QSTSResult
@@ -42,13 +44,18 @@ class Ledger:
 
 
 def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
-                 result: QSTSResult) -> Ledger:
-    """The ledger of a solved planner (see module docstring)."""
+                 result: QSTSResult, agg: Aggregation | None = None) -> Ledger:
+    """The ledger of a solved planner (see module docstring). ``agg``: the planner's DERs
+    are groups of ``agg`` and ``plan``/``uncontrolled`` are the members' schedules; every
+    member is then explained by its group's rows (its share of the group's sensitivity)."""
     lp, net, fleet = planner.lp, planner.net, planner.fleet
+    members = agg is not None and plan.fleet is agg.members and agg.fleet is not agg.members
+    col = agg.group_of if members else np.arange(len(fleet.ders))
+    own = plan.fleet
     T = planner.lay.T
     times = pd.date_range(fleet.horizon.start, periods=T, freq=fleet.horizon.step)
-    ids = np.array(fleet.der_ids, dtype=object)
-    kinds = np.array(fleet.kinds, dtype=object)
+    ids = np.array(own.der_ids, dtype=object)
+    kinds = np.array(own.kinds, dtype=object)
     duals = planner.duals
     n = min(duals.size, lp.n_rows)
     sel = np.flatnonzero(np.isin(lp.kind[:n], EXPLAINED) & (np.abs(duals[:n]) > _DUAL_TOL))
@@ -56,7 +63,7 @@ def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
     # physical limit and AC value of each binding row
     limit = np.full(sel.size, np.nan)
     value = np.full(sel.size, np.nan)
-    sens = np.zeros((sel.size, ids.size))
+    sens = np.zeros((sel.size, len(fleet.ders)))
     head = result.head_p_kw.sum(axis=1)
     z = planner.x[planner.lay.z]
     for kind in EXPLAINED:
@@ -85,7 +92,7 @@ def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
         limit[m], value[m] = lim, val
     binding = pd.DataFrame({"t": times[b_t], "kind": b_kind, "element": lp.element[sel],
                             "limit": limit, "value": value, "dual": duals[sel]})
-    score = np.abs(duals[sel][:, None] * sens)  # (n_bind, n_der)
+    score = np.abs(duals[sel][:, None] * sens)[:, col]  # (n_bind, n_der): each its group's
     label = np.array([f"{k}:{e}" for k, e in zip(b_kind, lp.element[sel])], dtype=object)
     delta = plan.p_kw - uncontrolled.p_kw
     tt, jj = np.nonzero(np.abs(delta) > _MOVE_KW)
@@ -109,15 +116,17 @@ def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
                           "p_plan_kw": plan.p_kw[tt, jj], "delta_kw": delta[tt, jj],
                           "reason": reason})
     return Ledger(binding, moves, curtailment_shares(plan),
-                  ev_shortfalls(planner, plan, score, b_t, label))
+                  ev_shortfalls(planner, plan, score, b_t, label,
+                                fleet_arrays(own) if members else None))
 
 
 def ev_shortfalls(planner: Planner, plan: Schedule, score: np.ndarray, b_t: np.ndarray,
-                  label: np.ndarray) -> pd.DataFrame:
+                  label: np.ndarray, arrays: FleetArrays | None = None) -> pd.DataFrame:
     """EV sessions that end short of their need [kWh], each with the binding constraint
     (``score``: |dual x sensitivity|, (n_bind, n_der), rows at intervals ``b_t``) that
-    weighs most on its charging inside its plug-in window."""
-    fleet, a = planner.fleet, planner.arrays
+    weighs most on its charging inside its plug-in window (``arrays``: those of
+    ``plan``'s fleet when it is not the planner's)."""
+    fleet, a = plan.fleet, planner.arrays if arrays is None else arrays
     short = plan.ev_short_kwh if plan.ev_short_kwh is not None else np.zeros(len(fleet.evs))
     k = np.flatnonzero(short > SHORT_KWH)
     j0 = len(fleet.pv) + len(fleet.batteries)

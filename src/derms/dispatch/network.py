@@ -30,13 +30,14 @@ remove (the re-centred rows kept the same tangent).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
 
 from derms.analysis.constraints import Limits
-from derms.der.models import Fleet, FleetArrays
+from derms.der.models import Connection, Fleet, FleetArrays
 from derms.dispatch.lp import INF, HighsLP, Layout, RowBlock
 from derms.powerflow.linear import LinearModel
 
@@ -105,23 +106,33 @@ def rows_dense(m: Sens, e: np.ndarray) -> np.ndarray:
     return m[e].toarray() if sp.issparse(m) else np.asarray(m[e])
 
 
-def der_map(lin: LinearModel, fleet: Fleet) -> sp.csc_matrix:
+def der_map(lin: LinearModel, fleet: Fleet,
+            parts: Sequence[Sequence[tuple[Connection, float]]] | None = None
+            ) -> sp.csc_matrix:
     """(n_inj, n_der): a DER's power shared equally by its phase nodes (``lin``'s
-    injection nodes; nodes of no DER get no column)."""
+    injection nodes; nodes of no DER get no column). ``parts`` (one per DER, fleet
+    order): the DER's power spread over several connections with those shares (an
+    aggregated DER, :mod:`derms.der.aggregate`); default its own connection."""
     pos = {n: k for k, n in enumerate(lin.injection_nodes)}
     rows, cols, vals = [], [], []
-    for j, d in enumerate(fleet.ders):
-        nodes = d.connection.injection_terminals
-        for n in nodes:
-            rows.append(pos[n])
-            cols.append(j)
-            vals.append(1.0 / len(nodes))
+    spread = parts if parts is not None else [((d.connection, 1.0),) for d in fleet.ders]
+    for j, der_parts in enumerate(spread):
+        for conn, share in der_parts:
+            nodes = conn.injection_terminals
+            for n in nodes:
+                rows.append(pos[n])
+                cols.append(j)
+                vals.append(share / len(nodes))
     return sp.csc_matrix((vals, (rows, cols)),
                          shape=(len(lin.injection_nodes), len(fleet.ders)))
 
 
-def der_sensitivity(lin: LinearModel, fleet: Fleet) -> DerSensitivity:
-    W = der_map(lin, fleet)
+def der_sensitivity(lin: LinearModel, fleet: Fleet,
+                    parts: Sequence[Sequence[tuple[Connection, float]]] | None = None, *,
+                    W: sp.spmatrix | None = None) -> DerSensitivity:
+    """Sensitivities of the fleet's DERs (``parts``: see :func:`der_map`; ``W``: the map
+    of ``lin``'s injection columns to DERs when given)."""
+    W = der_map(lin, fleet, parts) if W is None else W
     b = lin.branches
     dense = is_large(lin.dv_dp_pu_per_kw.shape[0], W.shape[1])
 

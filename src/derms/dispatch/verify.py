@@ -59,8 +59,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from derms.analysis.constraints import Limits, ViolationReport, detect_violations
+from derms.der.aggregate import Aggregation, AggregationConfig, aggregate, singletons
 from derms.der.models import Fleet
 from derms.dispatch.ac_repair import RepairConfig, repair_plan
 from derms.dispatch.control_rows import (
@@ -72,6 +74,7 @@ from derms.dispatch.control_rows import (
     monitored_kvar,
     read_cap_controls,
 )
+from derms.dispatch.members import MemberView, member_schedule
 from derms.dispatch.network import (
     NetworkLimits,
     Reference,
@@ -138,7 +141,8 @@ class ACNetwork:
     """
 
     def __init__(self, engine: OpenDSSEngine, fleet: Fleet, customer_profiles: Profiles, *,
-                 control_mode: ControlMode = "static", limits: Limits | None = None) -> None:
+                 control_mode: ControlMode = "static", limits: Limits | None = None,
+                 aggregation: AggregationConfig | None = None) -> None:
         h = fleet.horizon
         if customer_profiles.n_steps != h.n_steps or customer_profiles.step != h.step:
             raise InputError(f"customer profiles ({customer_profiles.n_steps} x "
@@ -158,6 +162,8 @@ class ACNetwork:
         extra = [n for n in dict.fromkeys(self.capctl.node) if n not in set(nodes)]
         self._flows = self.capctl.flow_rows if self.capctl.n else None
         self.lin = build_linear_model(engine, nodes + extra, branches=True, flows=self._flows)
+        self.agg = self._aggregate(fleet, aggregation)
+        self.members, self.fleet = fleet, self.agg.fleet
         self._loss_w = self._loss_weights()  # at the linearisation point (control off)
         self.head_lin_kw = float(-np.sum(np.asarray(engine.circuit.TotalPower)[0]))
         self.watched: list[str] = []
@@ -166,9 +172,10 @@ class ACNetwork:
                                                                                   None)
         self._last_taps: tuple[object, np.ndarray | None] = (None, None)
         self._cap_parts: tuple = ()
+        self._rhs: tuple[np.ndarray, list[str]] | None = None  # see _rhs_per_der
         engine.set_control_mode(control_mode)
         self.shapes = []
-        for k, d in enumerate(fleet.ders):
+        for k, d in enumerate(fleet.ders):  # one load per member DER
             c = d.connection
             bus = ".".join([c.bus, *(str(int(n)) for n in c.nodes)])
             engine.command(f"new load.{_PREFIX}{k} bus1={bus} phases={c.phases} kv={c.kv} "
@@ -189,7 +196,7 @@ class ACNetwork:
         # the horizon (a warm-up; for a day it is the state a day of operation leads to)
         self.control_state = None
         self.hazard_regs, self.hazard_node, _lo = self._step_up_hazards()
-        T, n = h.n_steps, len(fleet.ders)
+        T, n = h.n_steps, len(self.fleet.ders)
         self.simulate(np.zeros((T, n)), np.zeros((T, n)))
         self.control_state = capture_control_state(engine, regulated_transformers(engine))
         self.base_result = self.simulate(np.zeros((T, n)), np.zeros((T, n)))
@@ -203,6 +210,59 @@ class ACNetwork:
             if node.size:
                 self.net_limits = replace(self.net_limits, band_node=node, band_lo_pu=lo,
                                           band_hi_pu=hi)
+
+    def _aggregate(self, fleet: Fleet, cfg: AggregationConfig | None) -> Aggregation:
+        """Group the fleet's DERs (:mod:`derms.der.aggregate`), located by their columns of
+        the base-case voltage sensitivities at the primary nodes (above 1 kV to neutral;
+        every node on a feeder without any), projected on 32 random directions. (The
+        secondary nodes would keep apart DERs under two service transformers side by
+        side: each one's own transformer and service drop dominate its column there.)"""
+        if cfg is None or cfg.size <= 1 or not fleet.ders:
+            return singletons(fleet)
+        w = der_map(self.lin, fleet)
+        ix = build_index(self.engine)
+        kv_of = {f"{b}.{p}": kv for b, p, kv in zip(ix.node_bus, ix.node_phase,
+                                                    ix.node_kv_base_ln, strict=True)}
+        prim = np.array([kv_of.get(n, 0.0) > 1.0 for n in self.lin.node_names])
+        rows = self.lin.dv_dp_pu_per_kw[prim] if prim.any() else self.lin.dv_dp_pu_per_kw
+        cols = np.asarray(w.T @ rows.T)  # (n_der, n_primary_nodes)
+        proj = np.random.default_rng(cfg.seed).standard_normal((cols.shape[1], 32))
+        agg = aggregate(fleet, cols @ proj, cfg)
+        log.info("dispatch aggregation: %d DERs planned as %d groups (largest %d)",
+                 len(fleet.ders), len(agg.fleet.ders), int(agg.sizes.max()))
+        return agg
+
+    def der_map(self, lin=None) -> sp.csc_matrix:
+        """(n_inj, n_der) map of the planned DERs (groups spread over their members) to
+        ``lin``'s injection nodes (default the base-case linear model)."""
+        return der_map(lin or self.lin, self.fleet, self.agg.parts)
+
+    def _rhs_per_der(self) -> tuple[np.ndarray, list[str]] | None:
+        """Right-hand sides of a linearisation, one per planned DER (its injection pattern)
+        plus one per capacitor node, when that is fewer than one per injection node
+        (groups of DERs, or many nodes per DER): ``(groups, names)`` for
+        :func:`~derms.powerflow.linear.build_linear_model`, else None."""
+        W = self.der_map()
+        cap = list(dict.fromkeys(self.capctl.node)) if self.capctl.n else []
+        m = W.shape[1] + len(cap)
+        if m >= W.shape[0]:
+            return None
+        pos = {n: k for k, n in enumerate(self.lin.injection_nodes)}
+        g = np.zeros((W.shape[0], m))
+        g[:, :W.shape[1]] = W.toarray()
+        g[[pos[n] for n in cap], W.shape[1] + np.arange(len(cap))] = 1.0
+        return g, [f"der#{j}" for j in range(W.shape[1])] + cap
+
+    def simulate_schedule(self, sched: Schedule) -> QSTSResult:
+        """:meth:`simulate` of a schedule of the planned DERs or of their members."""
+        if sched.fleet is self.members and self.fleet is not self.members:
+            return self.simulate_members(sched.p_kw, sched.q_kvar)
+        return self.simulate(sched.p_kw, sched.q_kvar)
+
+    def simulate_members(self, p_kw: np.ndarray, q_kvar: np.ndarray) -> QSTSResult:
+        """:meth:`simulate` of a schedule of the member DERs (T, n_member)."""
+        return self._run(np.asarray(p_kw, float), np.asarray(q_kvar, float), (),
+                         members=True)[0]
 
     def _step_up_hazards(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """RegControls (names), their monitored nodes and band lower edges [pu] where one
@@ -334,20 +394,23 @@ class ACNetwork:
         return self._last_taps[1] if self._last_taps[0] is res else None
 
     def simulate_with(self, p_kw: np.ndarray, q_kvar: np.ndarray,
-                      at_step: dict[int, Callable[[OpenDSSEngine], None]]) -> QSTSResult:
+                      at_step: dict[int, Callable[[OpenDSSEngine], None]], *,
+                      members: bool = False) -> QSTSResult:
         """:meth:`simulate`, calling ``at_step[k](engine)`` right after interval ``k`` is
         solved (controls as they acted there); the callback must leave the engine's state
-        as it found it (read only)."""
-        return self._run(p_kw, q_kvar, (), at_step)[0]
+        as it found it (read only). ``members``: a schedule of the member DERs."""
+        return self._run(p_kw, q_kvar, (), at_step, members=members)[0]
 
     def _run(self, p_kw: np.ndarray, q_kvar: np.ndarray, linearise_at,
-             at_step: dict[int, Callable[[OpenDSSEngine], None]] | None = None
-             ) -> tuple[QSTSResult, dict[int, object]]:
+             at_step: dict[int, Callable[[OpenDSSEngine], None]] | None = None, *,
+             members: bool = False) -> tuple[QSTSResult, dict[int, object]]:
         """:meth:`simulate`, plus a linear model of the DER connection points built at the
         solved state (controls as they acted) of each interval in ``linearise_at``."""
         c = self.engine.circuit
         if self.control_state is not None:
             restore_control_state(self.engine, self.control_state)
+        if not members and self.agg.fleet is not self.members:  # each member its share
+            p_kw, q_kvar = self.agg.expand(p_kw), self.agg.expand(q_kvar)
         ls = c.LoadShapes
         for k, name in enumerate(self.shapes):
             ls.Name = name
@@ -376,8 +439,10 @@ class ACNetwork:
                 cap_on[k] = cap_states(self.engine, self.capctl)
                 ctl_kvar[k] = monitored_kvar(self.engine, self.capctl, self.index)
             if k in at:
+                g, names = self._rhs or (None, None)
                 models[k] = build_linear_model(self.engine, self.lin.injection_nodes,
-                                               branches=True, flows=self._flows)
+                                               branches=True, flows=self._flows, groups=g,
+                                               group_names=names)
             if at_step and k in at_step:
                 at_step[k](self.engine)
             for e, f in flows.items():
@@ -408,7 +473,11 @@ class ACNetwork:
         is re-simulated when watched element flows are missing for it)."""
         if res is not None and self.watched and self._last_flows[0] is not res:
             res = None
-        res = res or self.simulate(sched.p_kw, sched.q_kvar)
+        res = res or self.simulate_schedule(sched)
+        if sched.fleet is self.members and self.fleet is not self.members:
+            # a schedule of the member DERs (e.g. uncontrolled): the groups' totals
+            return self._reference(res, self.agg.collect(sched.p_kw),
+                                   self.agg.collect(sched.q_kvar)), res
         return self._reference(res, sched.p_kw, sched.q_kvar), res
 
     def violations(self, res: QSTSResult) -> ViolationReport:
@@ -442,10 +511,16 @@ class ACNetwork:
         picks = np.unique([int(np.argmin(np.abs(head - v))) for v in targets])
         of_t = np.argmin(np.abs(head[:, None] - head[picks][None, :]), axis=1)
         t0 = time.perf_counter()
-        res, models = self._run(ref.p_kw, ref.q_kvar, picks)
-        parts = tuple(der_sensitivity(models[int(k)], self.fleet) for k in picks)
+        self._rhs = self._rhs_per_der()
+        try:
+            res, models = self._run(ref.p_kw, ref.q_kvar, picks)
+        finally:
+            rhs, self._rhs = self._rhs, None
+        n_der = len(self.fleet.ders)
+        # per-DER columns already (one RHS per DER): the map is the identity
+        W = self.der_map() if rhs is None else sp.eye(rhs[0].shape[1], n_der, format="csc")
+        parts = tuple(der_sensitivity(models[int(k)], self.fleet, W=W) for k in picks)
         if self.capctl.n:
-            W = der_map(self.lin, self.fleet)
             self._cap_parts = tuple(cap_sensitivity(models[int(k)], W, self.capctl)
                                     for k in picks)
         if THERMAL_FROM_LOADED:
@@ -460,7 +535,7 @@ class ACNetwork:
         ``points`` > 1: row sensitivities from that many operating points of
         ``uncontrolled`` (:meth:`operating_points`); 1: the base-case linearisation."""
         if getattr(self, "_sens", None) is None:
-            self._sens = der_sensitivity(self.lin, self.fleet)
+            self._sens = der_sensitivity(self.lin, self.fleet, self.agg.parts)
             w = self._loss_w
             self._loss = (np.asarray(self._sens.hi_p.T @ w).ravel(),
                           np.asarray(self._sens.hi_q.T @ w).ravel())
@@ -472,8 +547,7 @@ class ACNetwork:
         coef = {e: self.element_coef(e, sens) for e in self.watched}
         rows_sens = self.operating_points(uncontrolled, points) if points > 1 else sens
         if points <= 1 and self.capctl.n:
-            self._cap_parts = (cap_sensitivity(self.lin, der_map(self.lin, self.fleet),
-                                               self.capctl),)
+            self._cap_parts = (cap_sensitivity(self.lin, self.der_map(), self.capctl),)
         return GridContext(rows_sens, self.net_limits, *self._names, uncontrolled,
                            loss_p=np.asarray(self._loss[0]).ravel(),
                            loss_q=np.asarray(self._loss[1]).ravel(),
@@ -582,6 +656,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     """
     objective = objective or ObjectiveConfig()
     fleet = fleet or ac.fleet
+    grouped = fleet is ac.fleet and ac.fleet is not ac.members
+    own = ac.members if grouped else fleet  # the DERs themselves (members of the groups)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     if objective.peak_element is not None and objective.peak_element.lower() not in ac.watched:
@@ -589,7 +665,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         uncontrolled = None  # its element flow is needed
     if uncontrolled is None or (ac.watched and not all(
             e in uncontrolled[0].element_kw for e in ac.watched)):
-        uncontrolled = ac.reference(uncontrolled_schedule(fleet))
+        uncontrolled = ac.reference(uncontrolled_schedule(own))
     timing["uncontrolled_ac_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     big = is_large(ac.index.n_nodes, len(fleet.ders))
@@ -714,8 +790,10 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     repair_log: list[dict] = []
     if AC_REPAIR and left:  # the last mile, interval by interval at its own AC state
         t3 = time.perf_counter()
-        fixed = repair_plan(ac, sched, res, RepairConfig(
-            pv_up=objective.export_limit_kw is None))
+        # each DER on its own (the members of a group need not move in proportion here)
+        fixed = repair_plan(MemberView(ac) if grouped else ac,
+                            member_schedule(ac.agg, sched) if grouped else sched, res,
+                            RepairConfig(pv_up=objective.export_limit_kw is None))
         timing["ac_repair_s"] = time.perf_counter() - t3
         ac_s += timing["ac_repair_s"]
         after = (fixed.report.counts["violations_voltage"]
@@ -745,7 +823,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                          "ledger's binding rows are those of the last linear plan)")
             log.warning("dispatch falls back to the uncontrolled schedule (%d < %d "
                         "violations)", u_key[0], best[0][0])
-            sched, res, rep = uncontrolled_schedule(fleet), uncontrolled[1], u_rep
+            sched, res, rep = uncontrolled_schedule(own), uncontrolled[1], u_rep
             left = u_key[0]
     elif objective.weights.price_per_kwh is None and objective.peak_element is None:
         # a clean plan whose head peak is above the uncontrolled one, when the uncontrolled
@@ -764,7 +842,9 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                          "schedule is returned (no DER is moved)")
             log.warning("dispatch falls back to the uncontrolled schedule (peak %.1f > %.1f "
                         "kW)", peak, u_peak)
-            sched, res, rep = uncontrolled_schedule(fleet), uncontrolled[1], u_rep
+            sched, res, rep = uncontrolled_schedule(own), uncontrolled[1], u_rep
+    if grouped and sched.fleet is not own:
+        sched = member_schedule(ac.agg, sched)
     if left and not notes:
         notes.append(f"{rounds} AC rounds used (the most allowed); the plan of round {best[1]}"
                      f", the one with the fewest AC violations, is kept")

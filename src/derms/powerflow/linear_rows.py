@@ -42,7 +42,8 @@ class RowSensitivities:
     engine : OpenDSSEngine
         Compiled; taps and capacitors frozen (``controlmode=off``) at their field state.
     points : sequence of sequences of "bus.node" or "bus.a.b"
-        Injection points: a DER at point ``k`` shares its power equally over the point's
+        Injection points: a DER at point ``k`` shares its power equally (or by
+        ``weights[k]``, summing to 1: an aggregated DER spread over its members) over the point's
         terms, node to ground or between two nodes (as
         :attr:`derms.der.models.Connection.injection_terminals`). Voltage rows of nodes on
         ungrounded areas are line to line (:mod:`derms.powerflow.voltage_measure`).
@@ -53,7 +54,8 @@ class RowSensitivities:
     here; build a new object after a tap or topology change.
     """
 
-    def __init__(self, engine, points: Sequence[Sequence[str]], index: NetworkIndex) -> None:
+    def __init__(self, engine, points: Sequence[Sequence[str]], index: NetworkIndex,
+                 weights: Sequence[Sequence[float]] | None = None) -> None:
         ckt = engine.circuit
         names = engine.node_names()
         y_names = [s.lower() for s in ckt.YNodeOrder]
@@ -72,7 +74,8 @@ class RowSensitivities:
             rows += [ypos[e[0]] for e in ends]
             to += [ypos[e[1]] if len(e) == 2 else -1 for e in ends]
             cols += [k] * len(terms)
-            vals += [1.0 / len(terms)] * len(terms)
+            vals += (list(weights[k]) if weights is not None
+                     else [1.0 / len(terms)] * len(terms))
         self.n_points = len(points)
         self._term = (np.asarray(rows, np.int64), np.asarray(to, np.int64),
                       np.asarray(cols, np.int64), np.asarray(vals, float))

@@ -134,7 +134,7 @@ class DispatchStudy:
 
 def _case(ac, sched: Schedule) -> CaseResult:
     """Simulate a schedule (from the AC network's own starting control state)."""
-    res = ac.simulate(sched.p_kw, sched.q_kvar)
+    res = ac.simulate_schedule(sched)
     return CaseResult(sched, res, ac.violations(res))
 
 
@@ -187,12 +187,17 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
 def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                        objective: ObjectiveConfig, *, forecast: Forecast = "perfect",
                        replan_every: str | None = None, opendss_dir: Path | None = None,
-                       on_stage: Callable[[str], None] | None = None) -> DispatchStudy:
+                       on_stage: Callable[[str], None] | None = None,
+                       group_size: int = 1) -> DispatchStudy:
     """Run a dispatch study on ``master`` (a path or bundled name; see module docstring).
 
     ``opendss_dir``: where to write the OpenDSS replay set (None: not written).
     ``replan_every``: re-plan period of the rolling run (``forecast`` noisy / model;
     None: :func:`parse_replan`'s default).
+    ``group_size`` > 1: the plan moves DERs in groups of about that many
+    (:mod:`derms.der.aggregate`: compatible, nearby DERs in fixed proportion; a smaller LP
+    on large fleets); the AC check, the last-mile repair, the schedule and the ledger are
+    per DER. The rolling run plans every DER on its own.
     ``on_stage(name)`` is called before each stage (progress display). Raises
     :class:`~derms.errors.InfeasibleError` (with the binding constraints) when no plan
     meets the constraints, :class:`~derms.errors.InputError` on bad input.
@@ -208,7 +213,10 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     path = resolve_master(master)
     stage("compile feeder and draw scenario")
     t0 = time.perf_counter()
-    engine, scenario, ac = open_dispatch_case(path, scenario_config)
+    from derms.der.aggregate import AggregationConfig
+
+    agg = AggregationConfig(size=group_size) if group_size > 1 else None
+    engine, scenario, ac = open_dispatch_case(path, scenario_config, aggregation=agg)
     setup_s = time.perf_counter() - t0
     try:
         fleet = scenario.fleet
@@ -228,7 +236,7 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                              uncontrolled=ac.reference(unc.schedule, unc.result))
         opt = _case(ac, vp.schedule)
         stage("ledger")
-        ledger = build_ledger(vp.planner, vp.schedule, unc.schedule, opt.result)
+        ledger = build_ledger(vp.planner, vp.schedule, unc.schedule, opt.result, ac.agg)
         rolling_peak, mode, rolling_info, rolling = None, "perfect_foresight", None, None
         if forecast in ("noisy", "model"):
             stage("rolling re-plan with forecasts")
@@ -355,6 +363,7 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
         "ac_rounds": int(vp.rounds),
         "plan_notes": list(vp.notes),
         "n_controllable_ders": int(movable.sum()),
+        "n_planned_ders": len(vp.planner.fleet.ders),  # groups when --group > 1
         "n_ders_outside_horizon": int((~movable).sum()),
         "n_pv": len(f.pv), "n_battery": len(f.batteries), "n_ev": len(f.evs),
         "n_flex": len(f.flex), "n_generator": len(f.generators),

@@ -176,8 +176,10 @@ def generate_scenario(model: FeederModel, config: ScenarioConfig | None = None
 
 
 def open_dispatch_case(master: str | Path, config: ScenarioConfig | None = None, *,
-                       control_mode: str = "static"):
-    """Compile ``master``, generate the scenario and prepare the AC network.
+                       control_mode: str = "static", aggregation=None):
+    """Compile ``master``, generate the scenario and prepare the AC network
+    (``aggregation``: an :class:`~derms.der.aggregate.AggregationConfig` to plan groups of
+    DERs, see :class:`~derms.dispatch.verify.ACNetwork`).
 
     Returns ``(engine, scenario, ac)``; the caller closes ``engine``.
     """
@@ -190,7 +192,7 @@ def open_dispatch_case(master: str | Path, config: ScenarioConfig | None = None,
         model = read_feeder(engine.ctx, engine.source_master)
         scenario = generate_scenario(model, config)
         ac = ACNetwork(engine, scenario.fleet, scenario.customer_profiles,
-                       control_mode=control_mode)
+                       control_mode=control_mode, aggregation=aggregation)
     except Exception:
         engine.close()
         raise
