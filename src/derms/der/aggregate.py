@@ -124,7 +124,7 @@ def _shape_key(y: np.ndarray, exact: bool) -> tuple:
     peak = float(y.max()) if y.size else 0.0
     if peak <= 0:
         return ("zero",)
-    return tuple(np.round(y / peak, 9 if exact else 4))
+    return tuple(np.round(y / peak, 9 if exact else 6))
 
 
 def _keys(fleet: Fleet, cfg: AggregationConfig) -> dict[str, list]:
