@@ -93,3 +93,21 @@ def test_peak_of_groups_is_the_single_der_plans_within_one_percent(grouped):
     peak_g = vp.result.head_p_kw.sum(axis=1).max()
     peak_s = vs.result.head_p_kw.sum(axis=1).max()
     assert peak_g <= 1.01 * peak_s, (peak_g, peak_s)
+
+
+def test_a_grouped_fleet_keeps_its_members_large_feeder_rules(grouped, monkeypatch):
+    """Fewer planned DERs must not switch a large feeder to the small-feeder rules (every
+    near-limit row kept: IEEE 8500, 882 DERs as 230 groups had 99,541 rows, infeasible)."""
+    import derms.dispatch.network as network
+
+    sc, ac = grouped
+    n_nodes = ac.index.n_nodes
+    # large by its members, not by its groups
+    monkeypatch.setattr(network, "_DENSE_ABOVE",
+                        n_nodes * (len(ac.fleet.ders) + len(sc.fleet.ders)) // 2)
+    ctx = ac.grid_context(ac.base)
+    assert ctx.large
+    from derms.dispatch.plan import Planner
+
+    pl = Planner(ac.fleet, ctx, ObjectiveConfig())
+    assert pl.net.elastic is not None and pl.net.near_pu < 0  # large-feeder rules

@@ -96,6 +96,10 @@ class GridContext:
     head_lin_kw: float = 0.0  # head import at the linearisation point [kW]
     element_coef: dict[str, np.ndarray] = field(default_factory=dict)  # (n_der,) 1 downstream
     v_nominal_pu: tuple[float, float] = (0.95, 1.05)  # the limits before the base-case hold
+    # a large feeder's planning rules (row screening, thinning) whatever the columns: a
+    # fleet planned as groups is as large as its members (it was planned with every
+    # near-limit row once 882 DERs became 230 groups: 99,541 rows, infeasible, 363 s)
+    large: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class Planner:
         self.lp = HighsLP(cost, lo, hi, rows)
         self._col_box = (lo, hi)  # the DER columns' own bounds (trust regions shrink them)
         self.ev_short_cols = self._add_ev_shortfall(rows.kind, a.ev_e_required_kwh)
-        big = is_large(len(grid.node_names), len(fleet.ders))
+        big = grid.large or is_large(len(grid.node_names), len(fleet.ders))
         self.net = NetworkRows(self.lp, lay, grid.sens, self.ep, self.eq, self.cp, grid.limits,
                                der_box(a, objective.allow_pv_q), objective.export_limit_kw,
                                grid.node_names, grid.branch_names,

@@ -552,7 +552,8 @@ class ACNetwork:
                            loss_p=np.asarray(self._loss[0]).ravel(),
                            loss_q=np.asarray(self._loss[1]).ravel(),
                            head_lin_kw=self.head_lin_kw, element_coef=coef,
-                           v_nominal_pu=(self.limits.v_min_pu, self.limits.v_max_pu))
+                           v_nominal_pu=(self.limits.v_min_pu, self.limits.v_max_pu),
+                           large=is_large(self.index.n_nodes, len(self.members.ders)))
 
 
 @dataclass
@@ -668,7 +669,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         uncontrolled = ac.reference(uncontrolled_schedule(own))
     timing["uncontrolled_ac_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    big = is_large(ac.index.n_nodes, len(fleet.ders))
+    big = is_large(ac.index.n_nodes, len(own.ders))  # the members: see GridContext.large
     planner = Planner(fleet, ac.grid_context(uncontrolled[0],
                                              OPERATING_POINTS if big else 1), objective)
     timing["build_s"] = time.perf_counter() - t1
