@@ -115,3 +115,23 @@ def test_bad_config_and_features_are_refused():
         AggregationConfig(size=0)
     with pytest.raises(InputError, match="one feature row per DER"):
         aggregate(fleet, feats[:3])
+
+
+def test_pv_by_capacity_groups_only_equal_kva_over_peak():
+    """The proportional_to_capacity policy: a member's share of its group's curtailment
+    must be its share of the group's kVA, which holds only for equal kVA over peak."""
+    fleet, feats = _fleet()
+    loose = aggregate(fleet, feats, AggregationConfig(size=8))
+    assert (loose.sizes[:len(loose.fleet.pv)] > 1).any()
+    assert not loose.pv_follows_capacity()  # kVA over peak differs inside its groups
+    strict = aggregate(fleet, feats, AggregationConfig(size=8, pv_by_capacity=True))
+    assert strict.pv_follows_capacity()
+    # PVs of equal kVA over peak (and shapes) still share a group, its kVA their sum
+    from dataclasses import replace
+    pv = tuple(replace(p, s_kva=1.25 * float(p.p_avail_kw.max())) for p in fleet.pv)
+    same = aggregate(replace(fleet, pv=pv), feats, AggregationConfig(size=8,
+                                                                     pv_by_capacity=True))
+    g, _w = same.of_kind("pv")
+    assert (np.bincount(g) > 1).any() and same.pv_follows_capacity()
+    s_g = np.array([p.s_kva for p in same.fleet.pv])
+    np.testing.assert_allclose(np.bincount(g, weights=[p.s_kva for p in pv]), s_g)

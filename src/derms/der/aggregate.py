@@ -52,12 +52,17 @@ class AggregationConfig:
     within that, k-means on ``size`` makes the groups local); ``ratio_step``: width
     of the bins (relative, log scale) of a battery's duration, a PV's kVA over its peak
     and an EV's energy need inside which DERs may share a group (the price of the
-    restriction: a member's power limit can be used only to ``1 / (1 + ratio_step)``)."""
+    restriction: a member's power limit can be used only to ``1 / (1 + ratio_step)``).
+    ``pv_by_capacity``: PV curtailment is to be shared in proportion to kVA (the
+    "proportional_to_capacity" policy): PVs then share a group only with the same kVA
+    over peak (to 1e-6), the one case where every member's share of its group's
+    curtailment is its own kVA's share (and the group's the sum of its members' kVA)."""
 
     size: int = 8
     spread: float = 1.0
     ratio_step: float = 0.1
     seed: int = 0
+    pv_by_capacity: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 < self.ratio_step < 1 or self.spread <= 0:
@@ -98,6 +103,17 @@ class Aggregation:
         n = len(getattr(self.members, kind))
         return self.group_of[m0:m0 + n] - g0, self.share[m0:m0 + n]
 
+    def pv_follows_capacity(self, rel_tol: float = 1e-5) -> bool:
+        """Whether every PV member's share of its group is its share of the group's kVA
+        (what the "proportional_to_capacity" curtailment policy needs of a group)."""
+        g, w = self.of_kind("pv")
+        s = np.array([p.s_kva for p in self.members.pv])
+        live = np.array([float(p.p_avail_kw.max()) > 0 for p in self.members.pv], bool)
+        if not live.any():
+            return True
+        tot = np.bincount(g[live], weights=s[live], minlength=len(self.fleet.pv))
+        return bool(np.allclose(w[live] * tot[g[live]], s[live], rtol=rel_tol, atol=0.0))
+
     @property
     def sizes(self) -> np.ndarray:
         return np.bincount(self.group_of, minlength=len(self.fleet.ders))
@@ -127,6 +143,16 @@ def _shape_key(y: np.ndarray, exact: bool) -> tuple:
     return tuple(np.round(y / peak, 9 if exact else 6))
 
 
+def _pv_ratio_key(p, cfg: AggregationConfig) -> object:
+    """A PV's kVA over its peak: its bin, or (``cfg.pv_by_capacity``) the ratio itself to
+    1e-6 relative (a PV that never produces: its kVA decides alone, as shares are then
+    equal)."""
+    peak = float(p.p_avail_kw.max())
+    if not cfg.pv_by_capacity:
+        return _bin(p.s_kva / max(peak, 1e-9), cfg.ratio_step)
+    return ("zero",) if peak <= 0 else float(f"{p.s_kva / peak:.6e}")
+
+
 def _keys(fleet: Fleet, cfg: AggregationConfig) -> dict[str, list]:
     """Compatibility key of every DER per kind (None: stays single)."""
     in_request = set()
@@ -137,7 +163,7 @@ def _keys(fleet: Fleet, cfg: AggregationConfig) -> dict[str, list]:
     keys: dict[str, list] = {}
     keys["pv"] = [None if p.der_id in in_request else
                   (_shape_key(p.p_avail_kw, False), p.q_max_frac, p.curtail_cost_per_kwh,
-                   _bin(p.s_kva / max(float(p.p_avail_kw.max()), 1e-9), s))
+                   _pv_ratio_key(p, cfg))
                   for p in fleet.pv]
     keys["batteries"] = [None if b.der_id in in_request else
                          (b.soc0_frac, b.soc_min_frac, b.soc_max_frac, b.reserve_frac,

@@ -659,6 +659,11 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     fleet = fleet or ac.fleet
     grouped = fleet is ac.fleet and ac.fleet is not ac.members
     own = ac.members if grouped else fleet  # the DERs themselves (members of the groups)
+    if (grouped and objective.curtailment_policy == "proportional_to_capacity"
+            and not ac.agg.pv_follows_capacity()):
+        raise InputError("the curtailment policy proportional_to_capacity needs PV groups "
+                         "whose members' shares are their shares of the group's kVA: build "
+                         "the ACNetwork with AggregationConfig(pv_by_capacity=True)")
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     if objective.peak_element is not None and objective.peak_element.lower() not in ac.watched:

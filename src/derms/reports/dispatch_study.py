@@ -215,7 +215,8 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     t0 = time.perf_counter()
     from derms.der.aggregate import AggregationConfig
 
-    agg = AggregationConfig(size=group_size) if group_size > 1 else None
+    agg = AggregationConfig(size=group_size, pv_by_capacity=(
+        objective.curtailment_policy == "proportional_to_capacity")) if group_size > 1 else None
     engine, scenario, ac = open_dispatch_case(path, scenario_config, aggregation=agg)
     setup_s = time.perf_counter() - t0
     try:
