@@ -135,3 +135,56 @@ def test_pv_by_capacity_groups_only_equal_kva_over_peak():
     assert (np.bincount(g) > 1).any() and same.pv_follows_capacity()
     s_g = np.array([p.s_kva for p in same.fleet.pv])
     np.testing.assert_allclose(np.bincount(g, weights=[p.s_kva for p in pv]), s_g)
+
+
+def test_ev_group_fits_the_whole_intervals_of_its_window():
+    """1-h steps, sessions plugged in mid-interval: the group charges from its last
+    arrival's next whole interval (18:00), not from 17:40; a group that its window's
+    whole intervals cannot charge is not formed (it used to be, and fleet_arrays refused
+    the group's fleet although every member can get its energy)."""
+    h = Horizon(T0, timedelta(hours=1), 24)
+    dep = T0 + timedelta(hours=20, minutes=30)
+    evs = (EVSession("ev0", _conn(0), T0 + timedelta(hours=17), dep, 14.0, 7.2),
+           EVSession("ev1", _conn(1), T0 + timedelta(hours=17, minutes=40), dep, 5.0, 7.2))
+    fleet = Fleet(h, evs=evs)
+    fleet_arrays(fleet)  # every member on its own is feasible
+    agg = aggregate(fleet, np.ones((2, 2)), AggregationConfig(size=4))
+    a = fleet_arrays(agg.fleet)  # so is every group
+    g, w = agg.of_kind("evs")
+    assert (a.ev_window[:, g] * a.ev_p_max_kw[g] * w <= fleet_arrays(fleet).ev_window
+            * fleet_arrays(fleet).ev_p_max_kw + 1e-9).all()
+    # the same sessions with room to spare still share a group
+    roomy = Fleet(h, evs=tuple(EVSession(e.der_id, e.connection, e.arrival, dep + timedelta(
+        hours=2), e.e_needed_kwh, e.p_max_kw) for e in evs))
+    assert len(aggregate(roomy, np.ones((2, 2)), AggregationConfig(size=4)).fleet.evs) == 1
+
+
+def test_member_shortfall_is_each_sessions_own():
+    """Sessions that leave after the horizon's end: the group's need within the horizon
+    (at the group's rate) is more than its members' shares of their own needs, so a
+    group short of its need leaves a member short only of what that member needs."""
+    from dataclasses import replace
+
+    from derms.dispatch.members import member_schedule
+    from derms.dispatch.plan import uncontrolled_schedule
+
+    h = Horizon(T0, timedelta(hours=1), 24)
+    arr, dep = T0 + timedelta(hours=18), T0 + timedelta(hours=30)
+    evs = (EVSession("ev0", _conn(0), arr, dep, 60.0, 7.2),
+           EVSession("ev1", _conn(1), arr, dep, 30.0, 7.2))
+    fleet = Fleet(h, evs=evs)
+    agg = aggregate(fleet, np.ones((2, 2)), AggregationConfig(size=4))
+    assert len(agg.fleet.evs) == 1
+    ga, ma = fleet_arrays(agg.fleet), fleet_arrays(fleet)
+    assert ma.ev_e_required_kwh[1] == 0.0 < ma.ev_e_required_kwh[0]
+    # the group's plan: 3 kWh short of its need, spread evenly over its window
+    s = uncontrolled_schedule(agg.fleet)
+    win = ga.ev_window[:, 0]
+    kw = (ga.ev_e_required_kwh[0] - 3.0) / (ga.ev_eta[0] * ga.dt_h * win.sum())
+    ev = np.where(win, kw, 0.0)[:, None]
+    s = replace(s, ev_kw=ev, p_kw=ev.copy(), ev_short_kwh=np.array([3.0]))
+    m = member_schedule(agg, s)
+    got = (m.ev_kw * ma.ev_eta).sum(axis=0) * ma.dt_h
+    np.testing.assert_allclose(m.ev_short_kwh, np.maximum(ma.ev_e_required_kwh - got, 0))
+    assert m.ev_short_kwh[1] == 0.0 and m.ev_short_kwh[0] > 0
+    assert (m.ev_short_kwh <= agg.share[agg.group_of] * 3.0 + 1e-9).all()

@@ -37,7 +37,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.cluster.vq import kmeans2
 from scipy.spatial.distance import cdist, squareform
 
-from derms.der.models import Connection, Fleet
+from derms.der.models import Connection, Fleet, Horizon, _window_mask
 from derms.errors import InputError
 
 _KINDS = ("pv", "batteries", "evs", "flex", "generators")
@@ -223,7 +223,7 @@ def _weights(kind: str, ders: list) -> np.ndarray:
     return w / w.sum() if w.sum() > 0 else np.full(len(ders), 1.0 / len(ders))
 
 
-def _merge(kind: str, ders: list, share: np.ndarray, gid: str):
+def _merge(kind: str, ders: list, share: np.ndarray, gid: str, horizon: Horizon):
     """One DER standing for ``ders`` moving in ``share`` (see the module docstring); None
     where the members cannot share one (EV sessions whose common window is too short)."""
     d0 = ders[int(np.argmax(share))]
@@ -241,7 +241,12 @@ def _merge(kind: str, ders: list, share: np.ndarray, gid: str):
         p = min(e.p_max_kw / w for e, w in zip(ders, share, strict=True))
         arr = max(e.arrival for e in ders)
         e_g = sum(e.e_needed_kwh for e in ders)
-        if e_g > _EV_FILL * p * d0.eta_charge * (d0.departure - arr) / timedelta(hours=1):
+        # the hours the plan can charge in: whole intervals of the horizon inside the
+        # shared window (an arrival or departure inside an interval loses it), then the
+        # hours after the horizon's end
+        hours = (_window_mask(horizon, arr, d0.departure).sum() * horizon.dt_h
+                 + max(0.0, (d0.departure - horizon.end) / timedelta(hours=1)))
+        if e_g > _EV_FILL * p * d0.eta_charge * hours:
             return None  # the shared window cannot take the energy comfortably
         return replace(d0, der_id=gid, e_needed_kwh=e_g, p_max_kw=p, arrival=arr)
     # flexible loads: proportional baselines, so the group's is their sum
@@ -277,7 +282,8 @@ def aggregate(fleet: Fleet, features: np.ndarray, config: AggregationConfig | No
             for cl in _clusters(np.asarray(members) + m0, features, cfg):
                 loc = [int(c) - m0 for c in cl]
                 w = _weights(kind, [ders[j] for j in loc])
-                merged = _merge(kind, [ders[j] for j in loc], w, f"group_{kind}_{len(parts)}")
+                merged = _merge(kind, [ders[j] for j in loc], w, f"group_{kind}_{len(parts)}",
+                                fleet.horizon)
                 for sub, ws, d in ([(loc, w, merged)] if merged is not None else
                                    [([j], np.ones(1), ders[j]) for j in loc]):
                     g = len(parts)

@@ -28,11 +28,17 @@ def member_schedule(agg: Aggregation, s: Schedule) -> Schedule:
 
     a = fleet_arrays(agg.members)
     pv = ex(s.pv_kw, "pv")
-    short = None if s.ev_short_kwh is None else ex(s.ev_short_kwh, "evs")
+    ev = ex(s.ev_kw, "evs")
+    short = None
+    if s.ev_short_kwh is not None:  # each session's own need less what it gets (a group's
+        # need within the horizon can be more than its members' shares of it: sessions
+        # that leave after the horizon's end need less of it at their own rate)
+        short = np.maximum(a.ev_e_required_kwh - (ev * a.ev_eta).sum(axis=0) * a.dt_h, 0.0)
+        short[short < 1e-9] = 0.0
     return Schedule(agg.members, agg.expand(s.p_kw), agg.expand(s.q_kvar), pv,
                     a.pv_avail_kw - pv, ex(s.charge_kw, "batteries"),
                     ex(s.discharge_kw, "batteries"), ex(s.e_kwh, "batteries"),
-                    ex(s.ev_kw, "evs"), ex(s.shed_kw, "flex"), ex(s.rebound_kw, "flex"),
+                    ev, ex(s.shed_kw, "flex"), ex(s.rebound_kw, "flex"),
                     ex(s.gen_kw, "generators"), ev_short_kwh=short)
 
 
