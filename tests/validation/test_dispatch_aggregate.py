@@ -139,3 +139,16 @@ def test_proportional_to_capacity_refused_on_groups_not_formed_for_it(grouped):
     assert not ac.agg.pv_follows_capacity()
     with pytest.raises(InputError, match="pv_by_capacity"):
         plan_and_verify(ac, ObjectiveConfig(curtailment_policy="proportional_to_capacity"))
+
+
+def test_a_member_schedule_is_not_taken_for_the_groups(grouped):
+    """simulate() takes the groups' schedule; the members' (wider) used to be read
+    column by column as groups, silently."""
+    from derms.errors import InputError
+
+    sc, ac = grouped
+    T, n = sc.fleet.horizon.n_steps, len(sc.fleet.ders)
+    with pytest.raises(InputError, match="simulate_members"):
+        ac.simulate(np.zeros((T, n)), np.zeros((T, n)))
+    with pytest.raises(InputError):
+        ac.simulate_members(np.zeros((T, len(ac.fleet.ders))), np.zeros((T, n)))

@@ -407,9 +407,17 @@ class ACNetwork:
         """:meth:`simulate`, plus a linear model of the DER connection points built at the
         solved state (controls as they acted) of each interval in ``linearise_at``."""
         c = self.engine.circuit
+        grouped = self.agg.fleet is not self.members
+        n = len((self.members if members else self.fleet).ders)
+        if np.shape(p_kw)[1:] != (n,) or np.shape(q_kvar)[1:] != (n,):
+            raise InputError(  # a member schedule given as the groups' would be misread
+                f"a schedule of {n} {'member ' if members and grouped else ''}DERs expected"
+                f" (T, {n}), got {np.shape(p_kw)} / {np.shape(q_kvar)}"
+                + (" (schedules of the members: simulate_members / simulate_schedule)"
+                   if grouped and not members else ""))
         if self.control_state is not None:
             restore_control_state(self.engine, self.control_state)
-        if not members and self.agg.fleet is not self.members:  # each member its share
+        if not members and grouped:  # each member its share
             p_kw, q_kvar = self.agg.expand(p_kw), self.agg.expand(q_kvar)
         ls = c.LoadShapes
         for k, name in enumerate(self.shapes):
