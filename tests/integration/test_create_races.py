@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from derms.api.app import create_app
 from derms.config import get_settings
@@ -33,7 +31,11 @@ from derms.store.db import make_engine
 from derms.store.forecasts import save_model_record
 from derms.store.models import AuditEntry, ControlRequestRecord, Feeder, ForecastModel
 from tests.integration.conftest import mint_token
-from tests.integration.test_registry_concurrent_ids import BARRIER_S, _at_once, _both_read_first
+from tests.integration.test_registry_concurrent_ids import (
+    _at_once,
+    _both_read_first,
+    _statements_meet,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -139,30 +141,12 @@ def test_the_same_new_operator_override_at_once(api, feeder_device):
     _one_request_stored(app, f"op-{oid}")
 
 
-@contextmanager
-def _both_insert_together(engine, table: str) -> Iterator[list[bool]]:
+def _both_insert_together(engine, table: str):
     """Hold the first two inserts into ``table`` until both are about to run (whatever each
-    read before); yields a list that holds True once both met."""
-    barrier, met, arrived, lock = threading.Barrier(2), [], [0], threading.Lock()
-
-    def before(_conn, _cursor, statement, _params, _context, _many) -> None:
-        if not statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()}"):
-            return
-        with lock:
-            arrived[0] += 1
-            if arrived[0] > 2:
-                return
-        try:
-            barrier.wait(BARRIER_S)
-            met.append(True)
-        except threading.BrokenBarrierError:
-            met.append(False)
-
-    event.listen(engine, "before_cursor_execute", before)
-    try:
-        yield met
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
+    read before)."""
+    head = f"INSERT INTO {table.upper()}"
+    return _statements_meet(engine, lambda s: s.lstrip().upper().startswith(head),
+                            when="before_cursor_execute")
 
 
 def test_the_same_model_version_recorded_at_once(db_url):

@@ -43,14 +43,15 @@ def api(db_url):
 
 
 @contextmanager
-def _both_read_first(engine, table: str, column: str, n: int = 2) -> Iterator[list[bool]]:
-    """Hold the first ``n`` id lookups on ``table`` (one per request) until all have run;
-    yields a list that holds True once they met (False: one waited alone)."""
+def _statements_meet(engine, matches: Callable[[str], bool], n: int = 2, *,
+                     when: str = "after_cursor_execute") -> Iterator[list[bool]]:
+    """Hold the first ``n`` statements ``matches`` accepts (one per request) at
+    ``when`` (a SQLAlchemy cursor event) until all have arrived; yields a list that holds
+    True once they met (False: one waited alone)."""
     barrier, met, arrived, lock = threading.Barrier(n), [], [0], threading.Lock()
-    pattern = f"FROM {table} WHERE {table}.{column}"
 
-    def after(_conn, _cursor, statement, _params, _context, _many) -> None:
-        if pattern not in " ".join(statement.split()):
+    def hold(_conn, _cursor, statement, _params, _context, _many) -> None:
+        if not matches(statement):
             return
         with lock:
             arrived[0] += 1
@@ -62,11 +63,17 @@ def _both_read_first(engine, table: str, column: str, n: int = 2) -> Iterator[li
         except threading.BrokenBarrierError:
             met.append(False)
 
-    event.listen(engine, "after_cursor_execute", after)
+    event.listen(engine, when, hold)
     try:
         yield met
     finally:
-        event.remove(engine, "after_cursor_execute", after)
+        event.remove(engine, when, hold)
+
+
+def _both_read_first(engine, table: str, column: str, n: int = 2):
+    """Hold the first ``n`` id lookups on ``table`` (one per request) until all have run."""
+    pattern = f"FROM {table} WHERE {table}.{column}"
+    return _statements_meet(engine, lambda s: pattern in " ".join(s.split()), n)
 
 
 def _at_once(*calls: Callable[[], httpx.Response]) -> list[httpx.Response]:
