@@ -21,6 +21,10 @@ best plan as they did: 380 -> 1,544 -> ... -> 11,428 on IEEE 8500); an accepted 
 shrinks it by 0.7. Each AC round re-solves with at most ``LARGE_LINEAR_ROUNDS`` linear
 rounds (twice that for the first solve).
 
+With ``ACNetwork(aggregation=...)`` the loop plans groups of DERs moving in fixed
+proportion (:mod:`derms.der.aggregate`) and the AC repair then moves each DER on its own
+(:class:`~derms.dispatch.members.MemberView`); the plan returned is per DER.
+
 Every simulation starts from one control state (``ACNetwork.control_state``: where a
 warm-up base-case pass leaves the taps and capacitors). On large feeders the rows use
 sensitivities from ``OPERATING_POINTS`` intervals of the uncontrolled QSTS
@@ -138,6 +142,11 @@ class ACNetwork:
         The DERs (their connections) and the horizon.
     customer_profiles : Profiles
         Multipliers of the feeder's own loads over the horizon (same start, step, length).
+    aggregation : AggregationConfig, optional
+        Plan DERs in groups (:mod:`derms.der.aggregate`): ``fleet`` is then the groups and
+        ``members`` the DERs given; schedules of the groups are injected member by member
+        (each its share, at its own bus), ``simulate_members`` / ``simulate_schedule``
+        take the members' own schedules.
     """
 
     def __init__(self, engine: OpenDSSEngine, fleet: Fleet, customer_profiles: Profiles, *,
