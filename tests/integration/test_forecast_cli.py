@@ -313,3 +313,30 @@ def test_backtest_accepts_meter_timestamps_with_seconds_of_jitter(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["methods"]["persistence"]["n"] > 0
     table = pd.read_csv(out / "forecasts.csv")
     assert pd.to_datetime(table["timestamp"], utc=True).dt.second.eq(0).all()
+
+
+def test_backtest_accepts_weather_timestamps_with_seconds_of_jitter(tmp_path):
+    # a weather export stamped a few seconds off its 15-min grid: snapped to it with the
+    # series' warning, the model sees the same weather as from exact timestamps
+    csv = _write_series(tmp_path / "load.csv", days=40, tz="UTC")
+    grid = pd.date_range("2024-03-01", periods=41 * 96, freq="15min", tz="UTC")
+    rng = np.random.default_rng(7)
+    hour = grid.hour.to_numpy() + grid.minute.to_numpy() / 60
+    temp = (10 + 5 * np.sin((hour - 9) / 24 * 2 * np.pi) + rng.normal(0, 1, len(grid))).round(2)
+    outs = {}
+    for name, stamps in (("exact", grid), ("jittered", grid + pd.to_timedelta(
+            rng.integers(-5, 6, len(grid)), unit="s"))):
+        wx = tmp_path / f"{name}.csv"
+        pd.DataFrame({"timestamp": stamps.strftime("%Y-%m-%dT%H:%M:%SZ"), "temp_air": temp,
+                      "ghi": np.clip(100 * temp - 900, 0, None)}).to_csv(wx, index=False)
+        outs[name] = res = runner.invoke(app, [
+            "forecast", "backtest", "--series", str(csv), "--out", str(tmp_path / name),
+            "--weather", str(wx), "--rounds", "10", "--test-days", "3"])
+        assert res.exit_code == 0, res.output
+        assert json.loads((tmp_path / name / "metrics.json").read_text()
+                          )["methods"][MODEL_NAME]["n"] > 0
+    text = " ".join(outs["jittered"].output.split())
+    assert "weather: " in text and "moved to the nearest grid point" in text, text
+    assert "moved to the nearest grid point" not in outs["exact"].output
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "jittered" / "forecasts.csv"),
+                                  pd.read_csv(tmp_path / "exact" / "forecasts.csv"))

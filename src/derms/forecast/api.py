@@ -15,7 +15,7 @@ import pandas as pd
 from derms.errors import InputError
 from derms.forecast.features import Panel, build_panel
 from derms.forecast.forecaster import LOOKBACK_DAYS, MIN_TRAIN, ForecastSpec, GlobalForecaster
-from derms.forecast.series import CleanSeries, clean_series
+from derms.forecast.series import CleanSeries, clean_series, clean_weather
 
 _DAY = pd.Timedelta(hours=24)
 
@@ -86,13 +86,17 @@ def forecast_quantiles(history: pd.Series, *, kind: str, origin: pd.Timestamp,
     (``p10``, ``p50``, ``p90``). Warnings about the input are issued as
     :class:`ForecastWarning`. Histories shorter than the model needs (about 22 days)
     raise :class:`InputError`. ``weather`` (optional, indexed by UTC time, through the
-    horizon) adds exogenous inputs such as a GHI or temperature forecast.
+    horizon) adds exogenous inputs such as a GHI or temperature forecast; timestamps with
+    clock jitter are snapped to its grid by the series' rule (warned likewise).
     """
     origin = _check_origin(origin)
     hist = history[history.index < origin] if isinstance(history.index, pd.DatetimeIndex) \
         and history.index.tz is not None else history
     clean = clean_series(hist, "history")
-    for msg in clean.warnings:
+    repaired: list[str] = []
+    if weather is not None:
+        weather, repaired = clean_weather(weather, "weather")
+    for msg in clean.warnings + repaired:
         _warnings.warn(msg, ForecastWarning, stacklevel=2)
     spec = ForecastSpec(kind=kind, horizon=pd.Timedelta(horizon), quantiles=tuple(quantiles),
                         tz=tz, latitude=latitude, longitude=longitude, **spec_options)
@@ -106,9 +110,14 @@ def forecast_many(series: dict[str, CleanSeries], spec: ForecastSpec, origin: pd
                   weather: pd.DataFrame | None = None) -> pd.DataFrame:
     """Fit (unless ``forecaster`` is already fitted) and forecast every series from ``origin``.
 
-    Returns the long table of :meth:`GlobalForecaster.predict`.
+    Returns the long table of :meth:`GlobalForecaster.predict`. Clock jitter in the
+    ``weather`` timestamps is repaired as in the series, with a :class:`ForecastWarning`.
     """
     origin = _check_origin(origin)
+    if weather is not None:
+        weather, repaired = clean_weather(weather, "weather")
+        for msg in repaired:
+            _warnings.warn(msg, ForecastWarning, stacklevel=2)
     panel = panel_from_series(series, spec, capacity=capacity, train_end=origin,
                               extend_to=origin + spec.horizon, weather=weather)
     if spec.horizon < panel.step or spec.horizon % panel.step != pd.Timedelta(0):

@@ -21,7 +21,7 @@ from derms.forecast.baselines import baseline_forecasts
 from derms.forecast.features import daylight, origin_indices
 from derms.forecast.forecaster import LOOKBACK_DAYS, MIN_TRAIN, ForecastSpec, GlobalForecaster
 from derms.forecast.metrics import metrics_from_table
-from derms.forecast.series import clean_series
+from derms.forecast.series import clean_series, clean_weather
 
 MODEL_NAME = "lightgbm_quantile"
 _MONTH = pd.Timedelta(days=30)
@@ -50,7 +50,8 @@ def backtest(series: pd.Series, spec: ForecastSpec, capacity: float | None = Non
 
     ``capacity`` (same unit as the series) normalises PV nRMSE; without it the largest
     value of the series is used and a warning says so. ``weather``: exogenous inputs
-    at target times (see :func:`derms.forecast.features.build_panel`).
+    at target times (see :func:`derms.forecast.features.build_panel`); clock jitter in
+    its timestamps is repaired as in the series (:func:`derms.forecast.series.clean_weather`).
     """
     clean = clean_series(series, "series")
     warnings = list(clean.warnings)
@@ -85,7 +86,8 @@ def backtest(series: pd.Series, spec: ForecastSpec, capacity: float | None = Non
                             "(same unit? W against kW?): forecasts are capped at the "
                             "capacity")
     if weather is not None:
-        warnings += _weather_coverage(weather, start, test_start, end)
+        weather, repaired = clean_weather(weather, "weather")
+        warnings += repaired + _weather_coverage(weather, start, test_start, end)
     panel = panel_from_series({"series": clean}, spec, capacity=capacity,
                               train_end=test_start, weather=weather)
     origins = origin_indices(panel.times, test_start, end - spec.horizon + clean.step, spec.tz)

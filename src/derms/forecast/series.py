@@ -7,7 +7,9 @@ clock jitter (timestamps within a tenth of a step of the grid, as AMI/SCADA expo
 the interval that contains them, warned, naming the first; timestamps on no grid at all:
 error), gaps (kept as NaN on the regular grid, warned), NaN or infinite values (treated as gaps,
 warned), a constant series (warned: only the baselines are meaningful), a history too
-short for the forecast asked (error naming what is missing). DST needs no special case:
+short for the forecast asked (error naming what is missing). Weather inputs get the same
+clock-jitter rule on their own grid (:func:`clean_weather`, through :func:`snap_to_grid`,
+which :func:`clean_series` uses too). DST needs no special case:
 timestamps are converted to UTC and calendar features are taken in the series' own
 time zone, so a 23- or 25-hour local day is just a day with fewer or more intervals.
 """
@@ -79,9 +81,8 @@ def clean_series(series: pd.Series, name: str = "series", step: pd.Timedelta | N
     values = values.sort_index()
     if step is None and len(values) < 3:
         raise InputError(f"{name}: {len(values)} timestamps are too few to tell the step")
-    step, anchor = _grid(values, name, None if step is None else pd.Timedelta(step),
-                         series.index.tz)
-    values = _onto_grid(values, step, anchor, name, series.index.tz, warnings)
+    values, step = snap_to_grid(values, name, series.index.tz, warnings,
+                                None if step is None else pd.Timedelta(step))
     grid = pd.date_range(values.index[0], values.index[-1], freq=step)
     regular = values.reindex(grid)
     n_gap = int(regular.isna().sum())
@@ -105,7 +106,55 @@ def require_history(clean: CleanSeries, needed: pd.Timedelta, name: str, purpose
                          f"spans {span}")
 
 
-def _grid(values: pd.Series, name: str, step: pd.Timedelta | None, tz
+def clean_weather(weather: pd.DataFrame, name: str = "weather"
+                  ) -> tuple[pd.DataFrame, list[str]]:
+    """``weather`` (one column per variable, tz-aware timestamps) with its clock jitter
+    repaired by the rule of :func:`clean_series` (:func:`snap_to_grid`, on the weather's
+    own grid, whose step need not be the series'), and the warnings saying what was done.
+
+    Returns ``(frame, warnings)``. A frame whose timestamps are all on their grid is
+    returned as given (the same object: regular weather is used bit for bit as before);
+    otherwise the frame is numeric, UTC, one row per timestamp (repeated timestamps and
+    readings moved onto one grid point averaged, column by column). Rows without any
+    value do not count towards the grid. Fewer than three timestamps, or timestamps all
+    on the grid of their most common spacing, are returned as given. Raises
+    :class:`InputError` when the timestamps are on no regular grid.
+    """
+    if not isinstance(weather.index, pd.DatetimeIndex) or weather.index.tz is None:
+        raise InputError(f"{name}: the index must be tz-aware timestamps")
+    frame = weather.apply(pd.to_numeric, errors="coerce").astype(float)
+    frame.index = weather.index.tz_convert("UTC")
+    frame = frame[np.isfinite(frame.to_numpy()).any(axis=1)]
+    if frame.index.has_duplicates:
+        frame = frame.groupby(level=0).mean()
+    frame = frame.sort_index()
+    if len(frame) < 3:
+        return weather, []
+    ns = frame.index.as_unit("ns").asi8
+    mode = int(pd.Series(np.diff(ns)).value_counts().index[0])
+    if not ((ns - ns[0]) % mode).any():
+        return weather, []   # regular (the weather's step need not divide a day)
+    warnings: list[str] = []
+    snapped, _ = snap_to_grid(frame, name, weather.index.tz, warnings)
+    if snapped is frame:   # every timestamp on the grid: nothing to repair
+        return weather, warnings
+    return snapped, warnings
+
+
+def snap_to_grid(values: pd.Series | pd.DataFrame, name: str, tz, warnings: list[str],
+                 step: pd.Timedelta | None = None
+                 ) -> tuple[pd.Series | pd.DataFrame, pd.Timedelta]:
+    """``values`` (UTC, sorted, unique timestamps; a series or a frame of columns sharing
+    them) on their regular grid, and its step: the grid inference of :func:`_grid` and the
+    jitter rule of :func:`_onto_grid`, shared by :func:`clean_series` and
+    :func:`clean_weather`. Warnings are appended to ``warnings`` (``tz``: the zone the
+    input wrote its timestamps in, for the messages). Values already on the grid are
+    returned as given (the same object)."""
+    step, anchor = _grid(values, name, step, tz)
+    return _onto_grid(values, step, anchor, name, tz, warnings), step
+
+
+def _grid(values: pd.Series | pd.DataFrame, name: str, step: pd.Timedelta | None, tz
           ) -> tuple[pd.Timedelta, pd.Timestamp]:
     """The series' grid: its step and one grid point (``anchor``).
 
@@ -145,7 +194,7 @@ def _grid(values: pd.Series, name: str, step: pd.Timedelta | None, tz
         raise InputError(f"{name}: step {mode} does not divide a day; resample to 1–60 min")
     tol = _tolerance(typical)
     far = np.flatnonzero(np.abs(_centred(ns - anchor_ns, typical.value)) > tol.value)
-    first = (f" (first {_stamp(index[far[0]], tz)}, value {values.iloc[far[0]]:g})"
+    first = (f" (first {_stamp(index[far[0]], tz)}, {_reading(values, int(far[0]))})"
              if far.size else "")
     raise InputError(f"{name}: the timestamps are on no regular grid: the typical spacing is "
                      f"{typical}, but {far.size} of {len(index)} timestamps lie more than "
@@ -153,8 +202,8 @@ def _grid(values: pd.Series, name: str, step: pd.Timedelta | None, tz
                      "regular step of 1–60 min")
 
 
-def _onto_grid(values: pd.Series, step: pd.Timedelta, anchor: pd.Timestamp, name: str, tz,
-               warnings: list[str]) -> pd.Series:
+def _onto_grid(values: pd.Series | pd.DataFrame, step: pd.Timedelta, anchor: pd.Timestamp,
+               name: str, tz, warnings: list[str]) -> pd.Series | pd.DataFrame:
     """``values`` moved onto the grid ``anchor + k * step``: a timestamp within the
     tolerance of a grid point is that point's reading (snapped, warned once with the
     count and the largest offset); one farther off is averaged into the interval that
@@ -182,11 +231,10 @@ def _onto_grid(values: pd.Series, step: pd.Timedelta, anchor: pd.Timestamp, name
     if far.any():
         i = int(np.flatnonzero(far)[0])
         warnings.append(f"{name}: {int(far.sum())} timestamps more than {_seconds(tol)} off "
-                        f"the {step} grid (first {_stamp(values.index[i], tz)}, value "
-                        f"{values.iloc[i]:g}) were averaged into the interval that contains "
-                        "them")
-    out = pd.Series(values.to_numpy(), index=target.as_unit(values.index.unit))
-    return out.groupby(level=0).mean()
+                        f"the {step} grid (first {_stamp(values.index[i], tz)}, "
+                        f"{_reading(values, i)}) were averaged into the interval that "
+                        "contains them")
+    return values.set_axis(target.as_unit(values.index.unit)).groupby(level=0).mean()
 
 
 def _centred(rel: np.ndarray, s: int) -> np.ndarray:
@@ -205,6 +253,16 @@ def _day_divisor(spacing_ns: float) -> pd.Timedelta | None:
         return None
     best = _DAY_DIVISORS_S[int(np.argmin(np.abs(_DAY_DIVISORS_S * 1e9 - spacing_ns)))]
     return pd.Timedelta(seconds=int(best))
+
+
+def _reading(values: pd.Series | pd.DataFrame, i: int) -> str:
+    """The ``i``-th reading for a message: ``value 77`` (a series) or ``values temp=3.5,
+    ghi=120`` (the columns of a frame)."""
+    if isinstance(values, pd.Series):
+        return f"value {values.iloc[i]:g}"
+    row = values.iloc[i]
+    return (f"value{'s' if len(row) > 1 else ''} "
+            + ", ".join(f"{c}={v:g}" for c, v in row.items()))
 
 
 def _seconds(td: pd.Timedelta) -> str:
