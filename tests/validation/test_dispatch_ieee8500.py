@@ -48,3 +48,41 @@ def test_uncontrolled_breaks_limits_and_the_plan_improves_it(verified):
 def test_optimised_plan_has_no_ac_violation(verified):
     _scenario, _ac, _unc, vp = verified
     assert vp.clean, (vp.violations.counts, vp.rounds_log)
+
+
+def test_group_linearisation_matches_the_per_node_one():
+    """One right-hand side per planned group (plus each capacitor node) gives the same
+    DER and capacitor-control sensitivities at the operating points as one per injection
+    node (IEEE 8500, 882 DERs as about 230 groups, 9 kvar capacitor controls: measured
+    within 1e-11 of values up to 500)."""
+    import numpy as np
+
+    from derms.der.aggregate import AggregationConfig
+    from derms.dispatch import verify
+
+    engine, sc, ac = open_dispatch_case(shared_master("ieee8500"), ScenarioConfig(),
+                                        aggregation=AggregationConfig(size=8))
+    try:
+        assert ac._rhs_per_der() is not None and ac.capctl.n
+        ref = ac.reference(uncontrolled_schedule(sc.fleet))[0]
+        grouped, cap_g = ac.operating_points(ref, 2), ac.cap_parts
+        ac._op = None
+        orig = verify.ACNetwork._rhs_per_der
+        verify.ACNetwork._rhs_per_der = lambda self: None
+        try:
+            per_node, cap_n = ac.operating_points(ref, 2), ac.cap_parts
+        finally:
+            verify.ACNetwork._rhs_per_der = orig
+    finally:
+        engine.close()
+
+    def close(x, y):
+        x, y = (np.asarray(m.toarray() if hasattr(m, "toarray") else m) for m in (x, y))
+        np.testing.assert_allclose(x, y, atol=1e-9 * max(float(np.abs(y).max()), 1.0))
+
+    for a, b in zip(grouped.parts, per_node.parts, strict=True):
+        for f in ("hv_p", "hv_q", "hi_p", "hi_q"):
+            close(getattr(a, f), getattr(b, f))
+    for a, b in zip(cap_g, cap_n, strict=True):
+        for f in a.__dataclass_fields__:
+            close(getattr(a, f), getattr(b, f))
