@@ -50,9 +50,9 @@ class AggregationConfig:
     relative distance between two members' location vectors (``|f_i - f_j|`` over their
     mean norm; the default 1.0 only keeps apart DERs on different parts of the feeder:
     within that, k-means on ``size`` makes the groups local); ``ratio_step``: width
-    of the bins (relative, log scale) of a battery's duration, a PV's kVA over its peak
-    and an EV's energy need inside which DERs may share a group (the price of the
-    restriction: a member's power limit can be used only to ``1 / (1 + ratio_step)``).
+    of the bins (relative, log scale) of a battery's duration and a PV's kVA over its
+    peak inside which DERs may share a group (the price of the restriction: a member's
+    power limit can be used only to ``1 / (1 + ratio_step)``).
     ``pv_by_capacity``: PV curtailment is to be shared in proportion to kVA (the
     "proportional_to_capacity" policy): PVs then share a group only with the same kVA
     over peak (to 1e-6), the one case where every member's share of its group's
