@@ -181,7 +181,6 @@ class ACNetwork:
                                                                                   None)
         self._last_taps: tuple[object, np.ndarray | None] = (None, None)
         self._cap_parts: tuple = ()
-        self._rhs: tuple[np.ndarray, list[str]] | None = None  # see _rhs_per_der
         engine.set_control_mode(control_mode)
         self.shapes = []
         for k, d in enumerate(fleet.ders):  # one load per member DER
@@ -412,9 +411,11 @@ class ACNetwork:
 
     def _run(self, p_kw: np.ndarray, q_kvar: np.ndarray, linearise_at,
              at_step: dict[int, Callable[[OpenDSSEngine], None]] | None = None, *,
-             members: bool = False) -> tuple[QSTSResult, dict[int, object]]:
+             members: bool = False, rhs: tuple[np.ndarray, list[str]] | None = None
+             ) -> tuple[QSTSResult, dict[int, object]]:
         """:meth:`simulate`, plus a linear model of the DER connection points built at the
-        solved state (controls as they acted) of each interval in ``linearise_at``."""
+        solved state (controls as they acted) of each interval in ``linearise_at`` (with
+        ``rhs``: one column per planned DER and capacitor node, :meth:`_rhs_per_der`)."""
         c = self.engine.circuit
         grouped = self.agg.fleet is not self.members
         n = len((self.members if members else self.fleet).ders)
@@ -456,7 +457,7 @@ class ACNetwork:
                 cap_on[k] = cap_states(self.engine, self.capctl)
                 ctl_kvar[k] = monitored_kvar(self.engine, self.capctl, self.index)
             if k in at:
-                g, names = self._rhs or (None, None)
+                g, names = rhs or (None, None)
                 models[k] = build_linear_model(self.engine, self.lin.injection_nodes,
                                                branches=True, flows=self._flows, groups=g,
                                                group_names=names)
@@ -528,11 +529,8 @@ class ACNetwork:
         picks = np.unique([int(np.argmin(np.abs(head - v))) for v in targets])
         of_t = np.argmin(np.abs(head[:, None] - head[picks][None, :]), axis=1)
         t0 = time.perf_counter()
-        self._rhs = self._rhs_per_der()
-        try:
-            res, models = self._run(ref.p_kw, ref.q_kvar, picks)
-        finally:
-            rhs, self._rhs = self._rhs, None
+        rhs = self._rhs_per_der()
+        res, models = self._run(ref.p_kw, ref.q_kvar, picks, rhs=rhs)
         n_der = len(self.fleet.ders)
         # per-DER columns already (one RHS per DER): the map is the identity
         W = self.der_map() if rhs is None else sp.eye(rhs[0].shape[1], n_der, format="csc")
