@@ -23,7 +23,7 @@ from derms.api.problems import Problem
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = 3  # transactions a create may take before it answers 503
+ATTEMPTS = 3  # transactions a create or registration may take before it answers 503
 T = TypeVar("T")
 
 

@@ -45,6 +45,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from derms.api.conflicts import ATTEMPTS, is_unique_violation
 from derms.api.model_check import inspect_model_sync
 from derms.api.problems import Problem
 from derms.errors import DermsError
@@ -57,7 +58,6 @@ from derms.store.types import utcnow
 log = logging.getLogger(__name__)
 
 RETRY_S = 600.0  # a version whose elements could not be worked out: tried again after this
-ATTEMPTS = 3  # transactions a registration may take when versions without elements appear
 T = TypeVar("T")
 
 
@@ -208,6 +208,8 @@ def placement_transaction(sessions: sessionmaker, write: Callable[[Session], T],
                 data = _backfill(sessions, v)
                 cache.put(v.vid, None if data is None else ModelElements.from_json(data))
         except IntegrityError as exc:
+            if not is_unique_violation(exc):  # another integrity rule: not a race
+                raise
             why = "other registrations stored the same ids or sites meanwhile"
             log.warning("registration_conflict attempt=%d error=%s", attempt,
                         str(exc.orig).splitlines()[0] if exc.orig else exc)

@@ -115,6 +115,16 @@ class Aggregation:
         return bool(np.allclose(w[live] * tot[g[live]], s[live], rtol=rel_tol, atol=0.0))
 
     @property
+    def grouped(self) -> bool:
+        """Whether any DERs were grouped (False: the identity, ``fleet is members``)."""
+        return self.fleet is not self.members
+
+    def of_members(self, fleet: Fleet) -> bool:
+        """Whether ``fleet`` is the members of real groups (a schedule of it is per DER,
+        not per planned group)."""
+        return self.grouped and fleet is self.members
+
+    @property
     def sizes(self) -> np.ndarray:
         return np.bincount(self.group_of, minlength=len(self.fleet.ders))
 

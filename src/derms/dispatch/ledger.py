@@ -49,7 +49,7 @@ def build_ledger(planner: Planner, plan: Schedule, uncontrolled: Schedule,
     are groups of ``agg`` and ``plan``/``uncontrolled`` are the members' schedules; every
     member is then explained by its group's rows (its share of the group's sensitivity)."""
     lp, net, fleet = planner.lp, planner.net, planner.fleet
-    members = agg is not None and plan.fleet is agg.members and agg.fleet is not agg.members
+    members = agg is not None and agg.of_members(plan.fleet)
     col = agg.group_of if members else np.arange(len(fleet.ders))
     own = plan.fleet
     T = planner.lay.T

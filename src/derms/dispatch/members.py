@@ -19,7 +19,7 @@ from derms.dispatch.plan import Schedule
 def member_schedule(agg: Aggregation, s: Schedule) -> Schedule:
     """The members' schedule of a schedule of ``agg.fleet`` (returned as is when the
     aggregation is the identity)."""
-    if agg.fleet is agg.members or s.fleet is agg.members:
+    if not agg.grouped or s.fleet is agg.members:
         return s
 
     def ex(x: np.ndarray, kind: str) -> np.ndarray:

@@ -171,8 +171,6 @@ class ACNetwork:
         extra = [n for n in dict.fromkeys(self.capctl.node) if n not in set(nodes)]
         self._flows = self.capctl.flow_rows if self.capctl.n else None
         self.lin = build_linear_model(engine, nodes + extra, branches=True, flows=self._flows)
-        self.agg = self._aggregate(fleet, aggregation)
-        self.members, self.fleet = fleet, self.agg.fleet
         self._loss_w = self._loss_weights()  # at the linearisation point (control off)
         self.head_lin_kw = float(-np.sum(np.asarray(engine.circuit.TotalPower)[0]))
         self.watched: list[str] = []
@@ -197,6 +195,8 @@ class ACNetwork:
         self.index = build_index(engine)
         if self.index.n_nodes != len(self.lin.node_names):
             raise InputError("node count changed after adding the DER loads")
+        self.agg = self._aggregate(fleet, aggregation)  # DER loads stay one per member
+        self.members, self.fleet = fleet, self.agg.fleet
         # every simulation starts from one control state (taps and capacitor states carry
         # over from one run's last step into the next otherwise: on IEEE 8500 the plan's
         # AC run started 1-3 taps away from its reference's, a difference the plan never
@@ -228,7 +228,7 @@ class ACNetwork:
         if cfg is None or cfg.size <= 1 or not fleet.ders:
             return singletons(fleet)
         w = der_map(self.lin, fleet)
-        ix = build_index(self.engine)
+        ix = self.index
         kv_of = {f"{b}.{p}": kv for b, p, kv in zip(ix.node_bus, ix.node_phase,
                                                     ix.node_kv_base_ln, strict=True)}
         prim = np.array([kv_of.get(n, 0.0) > 1.0 for n in self.lin.node_names])
@@ -263,7 +263,7 @@ class ACNetwork:
 
     def simulate_schedule(self, sched: Schedule) -> QSTSResult:
         """:meth:`simulate` of a schedule of the planned DERs or of their members."""
-        if sched.fleet is self.members and self.fleet is not self.members:
+        if self.agg.of_members(sched.fleet):
             return self.simulate_members(sched.p_kw, sched.q_kvar)
         return self.simulate(sched.p_kw, sched.q_kvar)
 
@@ -417,7 +417,7 @@ class ACNetwork:
         solved state (controls as they acted) of each interval in ``linearise_at`` (with
         ``rhs``: one column per planned DER and capacitor node, :meth:`_rhs_per_der`)."""
         c = self.engine.circuit
-        grouped = self.agg.fleet is not self.members
+        grouped = self.agg.grouped
         n = len((self.members if members else self.fleet).ders)
         if np.shape(p_kw)[1:] != (n,) or np.shape(q_kvar)[1:] != (n,):
             raise InputError(  # a member schedule given as the groups' would be misread
@@ -492,7 +492,7 @@ class ACNetwork:
         if res is not None and self.watched and self._last_flows[0] is not res:
             res = None
         res = res or self.simulate_schedule(sched)
-        if sched.fleet is self.members and self.fleet is not self.members:
+        if self.agg.of_members(sched.fleet):
             # a schedule of the member DERs (e.g. uncontrolled): the groups' totals
             return self._reference(res, self.agg.collect(sched.p_kw),
                                    self.agg.collect(sched.q_kvar)), res
@@ -672,7 +672,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     """
     objective = objective or ObjectiveConfig()
     fleet = fleet or ac.fleet
-    grouped = fleet is ac.fleet and ac.fleet is not ac.members
+    grouped = fleet is ac.fleet and ac.agg.grouped
     own = ac.members if grouped else fleet  # the DERs themselves (members of the groups)
     if (grouped and objective.curtailment_policy == "proportional_to_capacity"
             and not ac.agg.pv_follows_capacity()):

@@ -26,6 +26,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
 from derms.errors import InputError
+from derms.store.db import upsert_insert
 from derms.store.models import DerDevice, ForecastModel, ForecastRun, ForecastValue, Series
 from derms.store.types import (
     ensure_utc,
@@ -162,7 +163,7 @@ def save_model_record(engine: Engine, *, name: str, kind: str, version: str,
     trained_at, train_end = ensure_utc(trained_at, "trained_at"), ensure_utc(train_end, "train_end")
     cols = ForecastModel.__table__.c
     with engine.begin() as conn:
-        new = conn.execute(_insert(conn).on_conflict_do_nothing(
+        new = conn.execute(upsert_insert(conn, ForecastModel).on_conflict_do_nothing(
             index_elements=[cols.name, cols.version]).returning(cols.id), {
             "name": name, "kind": kind, "version": version, "trained_at": trained_at,
             "train_end": train_end, "n_series": int(n_series), "path": path,
@@ -178,15 +179,6 @@ def save_model_record(engine: Engine, *, name: str, kind: str, version: str,
     info = get_model(engine, mid)
     assert info is not None
     return info, created
-
-
-def _insert(conn: Connection) -> Any:
-    """The dialect's ``insert(ForecastModel)`` (with ``on_conflict_do_nothing``)."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(ForecastModel)
 
 
 def get_model(engine: Engine, model_id: int) -> ModelInfo | None:

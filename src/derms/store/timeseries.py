@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from derms.errors import InputError
+from derms.store.db import upsert_insert
 from derms.store.models import Series
 from derms.store.types import epoch_us_to_index, from_epoch_us, times_to_epoch_us, to_epoch_us
 
@@ -128,12 +129,8 @@ def resolve_series(conn: Connection, keys: Sequence[tuple[str, str, str, str]],
             _check_source(source)
         rows = [{"der_id": o if k == "der" else None, "meter_id": o if k == "meter" else None,
                  "quantity": q, "source": s} for k, o, q, s in missing]
-        if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
         try:
-            conn.execute(dialect_insert(Series).on_conflict_do_nothing(), rows)
+            conn.execute(upsert_insert(conn, Series).on_conflict_do_nothing(), rows)
         except IntegrityError as exc:
             owners = sorted({f"{k} {o}" for k, o, _, _ in missing})
             raise InputError(f"readings for unknown device or meter among {owners[:10]}") from exc
