@@ -4,8 +4,9 @@
   ``<root>/adms/<sender>/requests``, see :mod:`derms.control.adms`): block DER dispatch,
   export/import limits, abnormal configuration, switching (switch states → topology
   events, the monitor re-estimates), withdrawal. 201 when something new was stored, 200
-  for an idempotent resend (same ``message_id``, same content), 409 for a reused id with
-  other content.
+  for an idempotent resend (same ``message_id``, same content; or switching whose switch
+  states are all stored, also when two arrive at once), 409 for a reused id with other
+  content.
 * ``POST /v1/operator/overrides`` — an operator override (device setpoint in kW,
   import-positive; block; limit) with an expiry; ``POST /v1/operator/overrides/{id}/withdraw``.
 * ``GET /v1/control/requests``, ``GET /v1/control/requests/{id}`` — stored requests.

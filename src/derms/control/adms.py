@@ -8,8 +8,10 @@ The same ADMS message arrives by REST (``POST /v1/adms/messages``) or on the mes
   connection point or device;
 * ``abnormal_configuration`` — a feeder or section runs in an abnormal configuration;
 * ``switching`` — switch states reported by the ADMS (``switches``: name and ``open`` /
-  ``closed`` at ``t``); stored as topology events the monitor applies; with ``expiry``
-  also an ``abnormal_configuration`` of the feeder until then;
+  ``closed`` at ``t``); stored as topology events the monitor applies, each once (a
+  repeat, with or without ``message_id``, also two sent at once, stores nothing new;
+  another state of a switch at the same ``t`` is another event); with ``expiry`` also an
+  ``abnormal_configuration`` of the feeder until then;
 * ``withdraw`` — ends an ADMS request early (``request_id``).
 
 Every request message needs an ``expiry`` (aware time, in the future); ``start`` defaults
@@ -38,7 +40,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from derms.control import persistence
@@ -51,7 +53,9 @@ from derms.control.requests import (
 )
 from derms.errors import InputError
 from derms.store.audit import append_audit
+from derms.store.db import upsert_insert
 from derms.store.models import (
+    TOPOLOGY_EVENT_KEY,
     DerDevice,
     DerSite,
     Feeder,
@@ -241,26 +245,44 @@ def apply_adms(session: Session, msg: Any, *, actor: str, now: datetime) -> Appl
                     now=now)
 
 
+def _same_event(row: dict[str, Any]) -> Select[tuple[int]]:
+    """The query for the id of the topology event with ``row``'s key."""
+    return select(TopologyEvent.id).where(
+        *(getattr(TopologyEvent, c) == row[c] for c in TOPOLOGY_EVENT_KEY))
+
+
+def _store_event(session: Session, row: dict[str, Any]) -> tuple[int, bool]:
+    """The id of the topology event ``row`` (its key and nothing else) and whether this
+    call stored it. An insert that meets the same event stored by another transaction
+    meanwhile (on PostgreSQL after waiting for its commit) does nothing and reads that
+    one's id, as a repeat would."""
+    found = session.scalar(_same_event(row))
+    if found is not None:
+        return found, False
+    new = session.scalar(upsert_insert(session.connection(), TopologyEvent).values(**row)
+                         .on_conflict_do_nothing(index_elements=list(TOPOLOGY_EVENT_KEY))
+                         .returning(TopologyEvent.id))
+    if new is not None:
+        return new, True
+    return session.scalars(_same_event(row)).one(), False
+
+
 def _switching(session: Session, msg: Switching, *, actor: str, now: datetime) -> Applied:
+    """Store the switch states not stored yet (a repeat answers with the stored ids).
+    Inserted in key order (switch, then state): two messages with the same switches in
+    other orders would each wait on the other's insert, a deadlock on PostgreSQL. (A
+    switch listed in both states is stored twice, "open" last: the one the monitor
+    applies.)"""
     if session.get(Feeder, msg.feeder_id) is None:
         raise UnknownTarget(f"unknown feeder {msg.feeder_id!r}")
-    out = Applied()
-    new = []
-    for sw in msg.switches:
-        name, state = sw.switch.strip().lower(), SwitchState(sw.state)  # as OpenDSS names it
-        dup = session.scalar(select(TopologyEvent.id).where(
-            TopologyEvent.feeder_id == msg.feeder_id, TopologyEvent.switch == name,
-            TopologyEvent.state == state, TopologyEvent.t == msg.t,
-            TopologyEvent.source == "adms"))
-        if dup is not None:
-            out.topology_event_ids.append(dup)
-            continue
-        ev = TopologyEvent(feeder_id=msg.feeder_id, switch=name, state=state, t=msg.t,
-                           source="adms")
-        session.add(ev)
-        session.flush()
-        out.topology_event_ids.append(ev.id)
-        new.append({"switch": name, "state": state.value})
+    rows = [{"feeder_id": msg.feeder_id, "switch": sw.switch.strip().lower(),  # as OpenDSS
+             "t": msg.t, "state": SwitchState(sw.state), "source": "adms"}  # names it
+            for sw in msg.switches]
+    order = sorted(range(len(rows)), key=lambda k: (rows[k]["switch"], rows[k]["state"].value))
+    stored = {k: _store_event(session, rows[k]) for k in order}
+    out = Applied(topology_event_ids=[stored[k][0] for k in range(len(rows))])
+    new = [{"switch": r["switch"], "state": r["state"].value}
+           for k, r in enumerate(rows) if stored[k][1]]
     if new:
         out.feeders_switched.append(msg.feeder_id)
         out.created = True

@@ -273,11 +273,19 @@ class Reading(Base):
     quality: Mapped[int] = mapped_column(SmallInteger, default=0)
 
 
+TOPOLOGY_EVENT_KEY = ("feeder_id", "switch", "t", "state", "source")
+
+
 class TopologyEvent(_Timestamps, Base):
-    """A switch changing state (from ADMS, SCADA or an operator); names lower-case."""
+    """A switch changing state (from ADMS, SCADA or an operator); names lower-case.
+
+    One row per report: the same switch of a feeder in the same state at the same time
+    from the same source is one event (unique ``TOPOLOGY_EVENT_KEY``, migration 0010).
+    Another state at the same time is another event."""
 
     __tablename__ = "topology_events"
-    __table_args__ = (Index("ix_topology_events_feeder_t", "feeder_id", "t"),)
+    __table_args__ = (Index("ix_topology_events_feeder_t", "feeder_id", "t"),
+                      Index("uq_topology_events_report", *TOPOLOGY_EVENT_KEY, unique=True))
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     feeder_id: Mapped[str] = mapped_column(ForeignKey("feeders.feeder_id"))
     switch: Mapped[str] = mapped_column(String(64))
