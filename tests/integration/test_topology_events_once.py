@@ -184,3 +184,21 @@ def test_migration_0010_keeps_the_earliest_of_duplicate_events(empty_db_url):
         assert current_revision(url) == head_revision()
     finally:
         eng.dispose()
+
+
+def test_one_message_with_a_switch_in_both_states_is_refused(api, feeder):
+    """A switch is in one state at ``t``: 422 naming the entry, nothing stored; the same
+    state listed twice (another spelling) is one event."""
+    app, c, _, operator = api
+    body = _switching(feeder, [{"switch": "sw1", "state": "open"},
+                               {"switch": "sw7", "state": "closed"},
+                               {"switch": "SW1 ", "state": "closed"}])
+    r = c.post("/v1/adms/messages", headers=operator, json=body)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert "switches[2]" in r.text and "both" in r.text, r.text
+    assert _events(app, feeder) == []
+    twice = _switching(feeder, [{"switch": "sw1", "state": "open"},
+                                {"switch": "SW1", "state": "open"}])
+    r = c.post("/v1/adms/messages", headers=operator, json=twice)
+    assert r.status_code == 201, r.text
+    assert _events(app, feeder) == [("sw1", "open")]

@@ -130,6 +130,18 @@ class Switching(_Message):
     switches: list[SwitchIn] = Field(min_length=1, max_length=1000)
     expiry: AwareDatetime | None = None
 
+    @field_validator("switches")
+    @classmethod
+    def _one_state_each(cls, v: list[SwitchIn]) -> list[SwitchIn]:
+        """A switch is in one state at ``t``: listed in both is a contradiction (422)."""
+        seen: dict[str, str] = {}
+        for k, sw in enumerate(v):
+            name = sw.switch.strip().lower()
+            if seen.setdefault(name, sw.state) != sw.state:
+                raise ValueError(f"switches[{k}]: switch {sw.switch!r} is listed both "
+                                 f"'{seen[name]}' and '{sw.state}' at the same t")
+        return v
+
 
 class Withdraw(_Message):
     type: Literal["withdraw"]
@@ -271,8 +283,7 @@ def _switching(session: Session, msg: Switching, *, actor: str, now: datetime) -
     """Store the switch states not stored yet (a repeat answers with the stored ids).
     Inserted in key order (switch, then state): two messages with the same switches in
     other orders would each wait on the other's insert, a deadlock on PostgreSQL. (A
-    switch listed in both states is stored twice, "open" last: the one the monitor
-    applies.)"""
+    message listing a switch in both states is refused by :class:`Switching`.)"""
     if session.get(Feeder, msg.feeder_id) is None:
         raise UnknownTarget(f"unknown feeder {msg.feeder_id!r}")
     rows = [{"feeder_id": msg.feeder_id, "switch": sw.switch.strip().lower(),  # as OpenDSS
