@@ -17,12 +17,21 @@ from dataclasses import replace
 import numpy as np
 
 from derms.der.models import fleet_arrays
-from derms.dispatch.control_rows import cap_sensitivity, cap_states, monitored_kvar
+from derms.dispatch.control_rows import (
+    HOLD_MIN_PU,
+    cap_sensitivity,
+    cap_states,
+    monitored_kvar,
+)
 from derms.dispatch.corrective import CurrentRows, DerState, VoltageRows
+from derms.powerflow.collect import StepCollector
 from derms.powerflow.linear_rows import RowSensitivities
 from derms.powerflow.qsts import QSTSResult
 
+CAP_BACK_SPAN = True  # put a capacitor back over every interval from its switch (cap_holds)
+CAP_BACK_ACT = True  # ... its guard a row to act on (else only not to worsen)
 CAP_GUARD_MARGIN = 0.1  # share of a capacitor control's ON-OFF width its guard keeps inside
+CAP_BACK_MARGIN = 0.3  # ... and the guard of one put back (the linear kvar error: 20-40 %)
 EV_WEIGHT = 2.0  # cost of 1 kW of EV charging moved later, against 1 kW of PV curtailed
 
 
@@ -62,14 +71,80 @@ class RepairRows:
         """Present taps of the hazard regulators."""
         return _taps(engine, self.hz[0])
 
+    def cap_states(self, engine) -> np.ndarray:
+        """Present states of the kvar-controlled capacitors (share of steps on)."""
+        ctl = self.ac.capctl
+        return cap_states(engine, ctl) if ctl.n else np.zeros(0)
+
     def at(self, engine, t: int, res: QSTSResult, over: dict[str, np.ndarray],
-           now: np.ndarray, prev: np.ndarray | None
+           now: np.ndarray, prev: np.ndarray | None, back: np.ndarray | None = None
            ) -> tuple[VoltageRows, CurrentRows] | None:
         """Rows of interval ``t`` at the engine's present solution (``res`` its values,
         ``over`` the rows beyond their limits, ``now``/``prev`` the hazard regulators'
-        taps here and an interval before); None when there is nothing to correct."""
-        ac, lim, band, hz = self.ac, self.ac.net_limits, self.band, self.hz
+        taps here and an interval before); None when there is nothing to correct.
+        ``back`` (n_ctl,) bool: capacitors to put back in the base case's state here
+        (:func:`cap_holds`): the rows are then at that state and each one's guard keeps
+        it there; where ``t`` has violations only if that leaves less of them."""
         v, i_a = res.v_pu[t], res.i_a[t].astype(float)
+        head_kw = float(res.head_p_kw[t].sum())
+        plan = None
+        if back is not None and back.any():
+            plan = self._raw_states(engine)
+            self._set_caps(engine, np.where(back, self.ac.base.cap_on[t],
+                                            self.cap_states(engine)))
+            col = StepCollector(engine, self.ac.index, 1)
+            col.collect(0)
+            v2, i2 = col.v_pu[0], col.i_a[0].astype(float)
+            bad = any(m[t].any() for m in over.values())
+            if not bad or (_excess(self.ac.net_limits, t, v2, i2)
+                           < _excess(self.ac.net_limits, t, v, i_a)):
+                v, i_a, head_kw = v2, i2, float(col.head_p_kw[0].sum())
+            else:
+                self._put_raw(engine, plan)
+                plan = None
+        if plan is None:
+            return self._at(engine, t, v, i_a, head_kw, over, now, prev)
+        try:
+            return self._at(engine, t, v, i_a, head_kw, over, now, prev, back=back)
+        finally:
+            self._put_raw(engine, plan)  # the plan's own state, as found
+
+    def _raw_states(self, engine) -> list[list[int]]:
+        """Each controlled capacitor's step states, as OpenDSS holds them."""
+        cp = engine.circuit.Capacitors
+        out = []
+        for cap in self.ac.capctl.cap:
+            cp.Name = cap
+            out.append([int(x) for x in cp.States])
+        return out
+
+    def _put_raw(self, engine, raw: list[list[int]]) -> None:
+        """Step states back as :meth:`_raw_states` read them, then one solve without
+        control actions at the present time."""
+        cp = engine.circuit.Capacitors
+        for cap, st in zip(self.ac.capctl.cap, raw, strict=True):
+            cp.Name = cap
+            cp.States = st
+        engine.circuit.Solution.SolveNoControl()
+
+    def _set_caps(self, engine, states: np.ndarray) -> None:
+        """Capacitors to ``states`` (share of steps on, rounded per step), then one solve
+        without control actions at the present time."""
+        cp = engine.circuit.Capacitors
+        for cap, s in zip(self.ac.capctl.cap, states, strict=True):
+            cp.Name = cap
+            n = len(cp.States)
+            on = round(float(s) * n)
+            cp.States = [1] * on + [0] * (n - on)
+        engine.circuit.Solution.SolveNoControl()
+
+    def _at(self, engine, t: int, v: np.ndarray, i_a: np.ndarray, head_kw: float,
+            over: dict[str, np.ndarray], now: np.ndarray, prev: np.ndarray | None, *,
+            back: np.ndarray | None = None) -> tuple[VoltageRows, CurrentRows] | None:
+        """:meth:`at` at node voltages ``v`` [pu], branch currents ``i_a`` [A] and head
+        import ``head_kw``; ``back``: capacitors put back (their guards are rows to act
+        on, and there are rows even with nothing beyond a limit)."""
+        ac, lim, band, hz = self.ac, self.ac.net_limits, self.band, self.hz
         vn, bi = self._near(v, i_a, t, over)
         # a hazard regulator that stepped up here (above the base case's tap): its node
         # is held where the step would not have come (pre-step voltage above the band's
@@ -77,7 +152,8 @@ class RepairRows:
         up = now > ac.base.taps[t] if now.size else np.zeros(0, bool)
         stepped = up & (now > prev) if prev is not None else np.zeros_like(up)
         vn = vn[~np.isin(vn, hz[1][up])]
-        if vn.size + bi.size == 0 and not stepped.any():
+        force = back is not None and back.any()
+        if vn.size + bi.size == 0 and not stepped.any() and not force:
             return None
         held = hz[1][stepped]
         keep = ~np.isin(band[0], np.r_[vn, held])  # regulators' nodes inside their bands
@@ -98,13 +174,13 @@ class RepairRows:
                                | (base_v[vn] < lim.v_min[t, vn] + 1e-9), guards],
                          np.r_[over["v_max"][t, vn] | over["v_min"][t, vn],
                                np.zeros(reg.size, bool), np.ones(held.size, bool)])
-        extra = self._extra(engine, float(res.head_p_kw[t].sum()))
+        extra = self._extra(engine, head_kw, back if CAP_BACK_ACT else None)
         n_x = extra[0].size
         ir = CurrentRows(np.r_[np.asarray(ac.index.branch_element)[bi], extra[0]],
                          np.r_[i_a[bi], extra[1]], np.r_[lim.i_max[t, bi], extra[2]],
                          np.vstack([dip, extra[3]]), np.vstack([diq, extra[4]]),
                          np.r_[base_i[bi] >= lim.i_max[t, bi] - 1e-9, np.zeros(n_x, bool)],
-                         np.r_[over["i_max"][t, bi], np.zeros(n_x, bool)])
+                         np.r_[over["i_max"][t, bi], extra[5]])
         return vr, ir
 
     def ders(self, t: int, p_kw: np.ndarray, q_kvar: np.ndarray,
@@ -153,21 +229,26 @@ class RepairRows:
         return (np.union1d(np.flatnonzero(bad_v), near_v).astype(np.int64),
                 np.union1d(np.flatnonzero(bad_i), near_i).astype(np.int64))
 
-    def _extra(self, engine, head_kw: float) -> tuple[np.ndarray, ...]:
+    def _extra(self, engine, head_kw: float, act: np.ndarray | None = None
+               ) -> tuple[np.ndarray, ...]:
         """Guard rows in the current-row form (labels, values, limits, sensitivities per
         injection point): every kvar-type capacitor control on its side of its setting
         (off: monitored kvar below ONsetting; on: above OFFsetting, as ``-kvar <= -OFF``),
         ``CAP_GUARD_MARGIN`` of its width inside, and the head import [kW] under the plan's
         peak (limits come first, as in the plan's LP: the row is elastic). Rows whose limit
-        is not positive are left out (the LP scales rows by it)."""
+        is not positive are left out (the LP scales rows by it). The last array: rows to
+        act on (the guards of the controls in ``act``, capacitors put back), not only to
+        hold."""
         n_pt = self.first_der.size
-        lab, val, lim, sp, sq = [], [], [], [], []
+        lab, val, lim, sp, sq, acted = [], [], [], [], [], []
         ctl = self.ac.capctl
         if ctl.n and self.cap_part is not None:
             q = monitored_kvar(engine, ctl, self.ac.index)
             on = cap_states(engine, ctl) >= 0.5
             sign = np.where(on, -1.0, 1.0)
-            inside = CAP_GUARD_MARGIN * np.abs(ctl.on_kvar - ctl.off_kvar)
+            act = act if act is not None else np.zeros(ctl.n, bool)
+            inside = np.where(act, CAP_BACK_MARGIN, CAP_GUARD_MARGIN) * np.abs(
+                ctl.on_kvar - ctl.off_kvar)
             limit = np.where(on, -ctl.off_kvar - inside, ctl.on_kvar - inside)
             ok = limit > 0
             lab.append(np.array([f"capcontrol.{n}" for n in ctl.name[ok]], dtype=object))
@@ -175,17 +256,19 @@ class RepairRows:
             lim.append(limit[ok])
             sp.append((sign[:, None] * self.cap_part.dq_p[:, self.first_der])[ok])
             sq.append((sign[:, None] * self.cap_part.dq_q[:, self.first_der])[ok])
+            acted.append(act[ok])
         if self.peak_kw > 0:
             lab.append(np.array(["feeder_head"], dtype=object))
             val.append(np.array([head_kw]))
             lim.append(np.array([self.peak_kw]))
             sp.append(np.ones((1, n_pt)))
             sq.append(np.zeros((1, n_pt)))
+            acted.append(np.zeros(1, bool))
         if not lab:
             return (np.zeros(0, object), np.zeros(0), np.zeros(0), np.zeros((0, n_pt)),
-                    np.zeros((0, n_pt)))
+                    np.zeros((0, n_pt)), np.zeros(0, bool))
         return (np.concatenate(lab), np.concatenate(val), np.concatenate(lim),
-                np.vstack(sp), np.vstack(sq))
+                np.vstack(sp), np.vstack(sq), np.concatenate(acted))
 
 
 def _hazards(ac, band: tuple[np.ndarray, ...]) -> tuple[list[str], np.ndarray, np.ndarray,
@@ -221,6 +304,58 @@ def step_intervals(ac, res: QSTSResult, bad_t: np.ndarray) -> set[int]:
             out.add(int(t))
     return out
 
+
+
+def cap_holds(ac, res: QSTSResult, over: dict[str, np.ndarray], part) -> np.ndarray:
+    """(T, n_ctl) bool: where the repair puts a kvar-controlled capacitor back in the base
+    case's state. A capacitor the plan's run (``res``, states as recorded in that
+    simulation) has in another state than the base case at an interval with violations
+    (``over``), where its linear effect (``part``: :class:`CapSensitivity`, switching it
+    fully on) says the base case's state relieves a violated row there by at least
+    ``HOLD_MIN_PU`` (1 % of a rating counts as 0.001 pu), is held from the interval the
+    plan switched it on, when the base case stays as it was there: a capacitor step (IEEE 8500: 300 kvar
+    on one phase, +0.0056 pu at the substation bus) is beyond what DER moves at the
+    switched state take back, while keeping its monitored kvar on the other side of the
+    setting is a small move."""
+    caps, base = ac.caps_of(res), ac.base.cap_on
+    if caps is None or base is None or part is None or caps.shape[1] == 0:
+        return np.zeros((res.v_pu.shape[0], 0 if caps is None else caps.shape[1]), bool)
+    diff = np.abs(caps - base) > 1e-9                               # (T, n_ctl)
+    out = np.zeros_like(diff)
+    lim = ac.net_limits
+    for t, c in zip(*np.nonzero(diff), strict=True):
+        vh, vl, ih = over["v_max"][t], over["v_min"][t], over["i_max"][t]
+        if not (vh.any() or vl.any() or ih.any()):
+            continue
+        to_base = base[t, c] - caps[t, c]
+        dv, di = to_base * part.dv[:, c], to_base * part.di[:, c]
+        # the largest relief of a violated row [pu; 1 % of a rating counts as 0.001 pu]
+        relief = np.r_[-dv[vh], dv[vl], -0.1 * di[ih] / lim.i_max[t, ih]].max()
+        if relief < HOLD_MIN_PU:
+            continue
+        t0 = t
+        while t0 > 0 and diff[t0 - 1, c] and caps[t0 - 1, c] == caps[t, c]:
+            t0 -= 1
+        # only where the plan switched it and the base case stays as it was (keeping a
+        # capacitor as it was is a small move; making it switch is not)
+        if t0 > 0 and caps[t0 - 1, c] != caps[t0, c] and base[t0, c] == caps[t0 - 1, c]:
+            if CAP_BACK_SPAN:
+                out[t0:t + 1, c] = True
+            elif t0 == t:
+                out[t, c] = True
+    return out
+
+
+def _excess(lim, t: int, v: np.ndarray, i_a: np.ndarray) -> float:
+    """Violation beyond the LP's limits at interval ``t``: node-phase pu over and under
+    plus branch excess as a share of its rating (one 0.001 pu counts as 1 % of a
+    rating)."""
+    ok = lim.node_ok
+    dv = np.maximum(v - lim.v_max[t], 0.0) + np.maximum(lim.v_min[t] - v, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        di = np.where(np.isfinite(lim.i_max[t]),
+                      np.maximum(i_a / lim.i_max[t] - 1.0, 0.0), 0.0)
+    return float(dv[ok].sum() + 0.1 * di.sum())
 
 
 def _taps(engine, names: list[str]) -> np.ndarray:
@@ -311,5 +446,5 @@ def shift_ev_energy(ev_kw: np.ndarray, cut_kw: np.ndarray, window: np.ndarray,
     return out
 
 
-__all__ = ["RepairRows", "beyond", "ev_room_kw", "per_interval", "shift_ev_energy",
+__all__ = ["RepairRows", "beyond", "cap_holds", "ev_room_kw", "per_interval", "shift_ev_energy",
            "step_intervals"]

@@ -401,6 +401,11 @@ class ACNetwork:
         ``res`` (None when ``res`` is not the last simulation)."""
         return self._last_taps[1] if self._last_taps[0] is res else None
 
+    def caps_of(self, res: QSTSResult) -> np.ndarray | None:
+        """(T, n_ctl) kvar-controlled capacitors' states (share of steps on) recorded in
+        the simulation that gave ``res`` (None when ``res`` is not the last one)."""
+        return self._last_caps[1] if self._last_caps[0] is res else None
+
     def simulate_with(self, p_kw: np.ndarray, q_kvar: np.ndarray,
                       at_step: dict[int, Callable[[OpenDSSEngine], None]], *,
                       members: bool = False) -> QSTSResult:
