@@ -28,8 +28,6 @@ from derms.powerflow.collect import StepCollector
 from derms.powerflow.linear_rows import RowSensitivities
 from derms.powerflow.qsts import QSTSResult
 
-CAP_BACK_SPAN = True  # put a capacitor back over every interval from its switch (cap_holds)
-CAP_BACK_ACT = True  # ... its guard a row to act on (else only not to worsen)
 CAP_GUARD_MARGIN = 0.1  # share of a capacitor control's ON-OFF width its guard keeps inside
 CAP_BACK_MARGIN = 0.3  # ... and the guard of one put back (the linear kvar error: 20-40 %)
 EV_WEIGHT = 2.0  # cost of 1 kW of EV charging moved later, against 1 kW of PV curtailed
@@ -174,7 +172,7 @@ class RepairRows:
                                | (base_v[vn] < lim.v_min[t, vn] + 1e-9), guards],
                          np.r_[over["v_max"][t, vn] | over["v_min"][t, vn],
                                np.zeros(reg.size, bool), np.ones(held.size, bool)])
-        extra = self._extra(engine, head_kw, back if CAP_BACK_ACT else None)
+        extra = self._extra(engine, head_kw, back)
         n_x = extra[0].size
         ir = CurrentRows(np.r_[np.asarray(ac.index.branch_element)[bi], extra[0]],
                          np.r_[i_a[bi], extra[1]], np.r_[lim.i_max[t, bi], extra[2]],
@@ -313,10 +311,13 @@ def cap_holds(ac, res: QSTSResult, over: dict[str, np.ndarray], part) -> np.ndar
     (``over``), where its linear effect (``part``: :class:`CapSensitivity`, switching it
     fully on) says the base case's state relieves a violated row there by at least
     ``HOLD_MIN_PU`` (1 % of a rating counts as 0.001 pu), is held from the interval the
-    plan switched it on, when the base case stays as it was there: a capacitor step (IEEE 8500: 300 kvar
-    on one phase, +0.0056 pu at the substation bus) is beyond what DER moves at the
-    switched state take back, while keeping its monitored kvar on the other side of the
-    setting is a small move."""
+    plan switched it, when the base case stays as it was there: a capacitor step (IEEE
+    8500: 300 kvar on one phase, +0.0056 pu at the substation bus) is beyond what DER
+    moves at the switched state take back, while keeping its monitored kvar on the other
+    side of the setting is a small move. (Also putting back, into the state the base case
+    switched it to, a capacitor the plan kept as it was, its row then on the kvar the
+    control samples beyond the other setting, was measured on four IEEE 8500 plans: 173
+    violations left against 169; not kept.)"""
     caps, base = ac.caps_of(res), ac.base.cap_on
     if caps is None or base is None or part is None or caps.shape[1] == 0:
         return np.zeros((res.v_pu.shape[0], 0 if caps is None else caps.shape[1]), bool)
@@ -339,10 +340,7 @@ def cap_holds(ac, res: QSTSResult, over: dict[str, np.ndarray], part) -> np.ndar
         # only where the plan switched it and the base case stays as it was (keeping a
         # capacitor as it was is a small move; making it switch is not)
         if t0 > 0 and caps[t0 - 1, c] != caps[t0, c] and base[t0, c] == caps[t0 - 1, c]:
-            if CAP_BACK_SPAN:
-                out[t0:t + 1, c] = True
-            elif t0 == t:
-                out[t, c] = True
+            out[t0:t + 1, c] = True
     return out
 
 
