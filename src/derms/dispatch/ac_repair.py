@@ -38,7 +38,9 @@ rounding alone reshuffles the rounds). Here each such interval is corrected in p
 
 Measured (``bench/bench_dispatch_8500.py``): IEEE 8500 seed 0 140 -> 16, seed 1 28 -> 1,
 1,000 DERs 101 -> 50 violations in at most 3 rounds (3-10 s each); the head peak may rise
-where only curtailment clears a limit (seed 0: 7,723 -> 8,177 kW).
+where only curtailment clears a limit (seed 0: 7,723 -> 8,177 kW). With capacitors put
+back (bench/README.md, session 18): seed 3 127 -> 34, seed 4 with groups of 4 442 -> 6
+(442 without).
 
 Sign convention (DESIGN.md): net import, consumption positive; a PV inverter generating
 5 kW has ``p_kw = -5``.
