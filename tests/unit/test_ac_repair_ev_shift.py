@@ -59,19 +59,3 @@ def test_a_revert_that_would_break_a_session_gives_the_evs_the_plan_back():
     assert c.p[0, 0] == -2.0 and c.q[0, 0] == 0.0 and c.p[1, 0] == -1.0
     assert c.ev_shift == {}
 
-
-def test_an_interval_whose_ev_energy_went_into_one_left_worse_is_given_back():
-    """Interval 1 was corrected and its EVs' cut went to interval 4; interval 2 was
-    corrected with no EV move. Left worse: 4 (not corrected) and 2: culprits 1 and 2."""
-    from derms.dispatch.ac_repair import _Correction
-
-    c = object.__new__(_Correction)
-    shift = np.zeros((6, 1))
-    shift[1], shift[4] = -3.0, 3.0
-    c.todo, c.ev_shift = {1, 2, 5}, {1: shift}
-    worse = np.zeros(6, bool)
-    worse[[2, 4]] = True
-    assert c.culprits(worse).tolist() == [1, 2]
-    worse[:] = False
-    worse[3] = True  # nothing moved there, not corrected: nobody to blame
-    assert c.culprits(worse).tolist() == []

@@ -30,11 +30,12 @@ rounding alone reshuffles the rounds). Here each such interval is corrected in p
   batteries, flexible loads and generators keep the plan (their energy ties the interval
   to its neighbours through SOC and rebound);
 * the corrected plan is simulated again (taps and capacitors answer it); an interval it
-  left worse gets the plan back, as does one whose EV energy went into an interval left
-  worse, and the plan is simulated once more; the round is kept
+  left worse gets the plan back and the plan is simulated once more; the round is kept
   only if it has fewer AC violations, at most ``rounds`` times. (Giving back, instead,
   the latest correction at or before each interval left worse, up to three times, was
-  measured on two IEEE 8500 scenarios: 66 -> 66 and 6 -> 44 violations; not kept.)
+  measured on two IEEE 8500 scenarios: 66 -> 66 and 6 -> 44 violations; giving back also
+the corrections whose EV energy went into an interval left worse: seed 3 with groups of
+4 18 -> 65, 14 corrections given back for one interval each; neither kept.)
 
 Measured (``bench/bench_dispatch_8500.py``): IEEE 8500 seed 0 140 -> 16, seed 1 28 -> 1,
 1,000 DERs 101 -> 50 violations in at most 3 rounds (3-10 s each); the head peak may rise
@@ -132,9 +133,9 @@ def repair_plan(ac, sched: Schedule, res: QSTSResult, cfg: RepairConfig | None =
         p, q = fix.p, fix.q
         new = _with_moves(best.schedule, p, q)
         res_n = ac.simulate(new.p_kw, new.q_kvar)
-        # an interval whose correction left it worse gets the plan back (once), and so
-        # does one whose EV energy moved into an interval left worse
-        worse = fix.culprits(per_interval(ac, res_n) > per_interval(ac, best.result))
+        # an interval whose correction left it worse gets the plan back (once)
+        worse = np.flatnonzero(per_interval(ac, res_n) > per_interval(ac, best.result))
+        worse = worse[np.isin(worse, sorted(todo))]
         if worse.size:
             fix.revert(best.schedule, worse)
             new = _with_moves(best.schedule, p, q)
@@ -175,14 +176,6 @@ class _Correction:
         self.held_failed = 0  # intervals where a capacitor could not be kept back
         self.moved_kw = self.moved_kvar = 0.0
         self.partial = 0
-
-    def culprits(self, worse: np.ndarray) -> np.ndarray:
-        """Corrected intervals to give back, given the intervals ``worse`` ((T,) bool) the
-        corrected plan left with more violations: those among them this round corrected,
-        and those whose EV energy, moved later in the session, went into one of them."""
-        out = {int(t) for t in np.flatnonzero(worse) if int(t) in self.todo}
-        out |= {t for t, d in self.ev_shift.items() if (d[worse] > 1e-9).any()}
-        return np.array(sorted(out), dtype=np.int64)
 
     def revert(self, plan: Schedule, worse: np.ndarray) -> None:
         """Give the intervals ``worse`` their planned PV setpoints back and undo the EV
