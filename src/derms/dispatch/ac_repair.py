@@ -35,11 +35,10 @@ rounding alone reshuffles the rounds). Here each such interval is corrected in p
   with more is still worked on once (``uphill``, not counted in ``rounds``: the
   corrections change the taps the next intervals inherit, and the round after corrects
   those too; IEEE 8500 seed 2 with groups of 4: 66 -> 260 -> 7 -> 5), and the best is
-  returned. (Giving back, instead,
-  the latest correction at or before each interval left worse, up to three times, was
-  measured on two IEEE 8500 scenarios: 66 -> 66 and 6 -> 44 violations; giving back also
-the corrections whose EV energy went into an interval left worse: seed 3 with groups of
-4 18 -> 65, 14 corrections given back for one interval each; neither kept.)
+  returned. (Measured and not kept: giving back the latest correction at or before each
+  interval left worse, up to three times: 66 -> 66 and 6 -> 44 violations on two IEEE
+  8500 plans; giving back also the corrections whose EV energy went into an interval
+  left worse: seed 3 with groups of 4 18 -> 65, 14 corrections given back.)
 
 Measured (``bench/bench_dispatch_8500.py``): IEEE 8500 seed 0 140 -> 16, seed 1 28 -> 1,
 1,000 DERs 101 -> 50 violations in at most 3 rounds (3-10 s each); the head peak may rise

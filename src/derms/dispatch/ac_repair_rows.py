@@ -126,15 +126,13 @@ class RepairRows:
         engine.circuit.Solution.SolveNoControl()
 
     def _set_caps(self, engine, states: np.ndarray) -> None:
-        """Capacitors to ``states`` (share of steps on, rounded per step), then one solve
+        """Capacitors to ``states`` (share of steps on, the first steps on), then one solve
         without control actions at the present time."""
-        cp = engine.circuit.Capacitors
-        for cap, s in zip(self.ac.capctl.cap, states, strict=True):
-            cp.Name = cap
-            n = len(cp.States)
-            on = round(float(s) * n)
-            cp.States = [1] * on + [0] * (n - on)
-        engine.circuit.Solution.SolveNoControl()
+        raw = []
+        for s, r in zip(states, self._raw_states(engine), strict=True):
+            on = round(float(s) * len(r))
+            raw.append([1] * on + [0] * (len(r) - on))
+        self._put_raw(engine, raw)
 
     def _at(self, engine, t: int, v: np.ndarray, i_a: np.ndarray, head_kw: float,
             over: dict[str, np.ndarray], now: np.ndarray, prev: np.ndarray | None, *,
