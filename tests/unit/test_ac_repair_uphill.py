@@ -34,8 +34,9 @@ class _Net:
         return self.simulate(p_kw, q_kvar)
 
     def violations(self, res):
-        n = int(ac_repair.per_interval(self, res).sum())
-        return SimpleNamespace(counts={"violations_voltage": n, "violations_thermal": 0})
+        per_t = ac_repair.per_interval(self, res)
+        return SimpleNamespace(counts={"violations_voltage": int(per_t.sum()),
+                                       "violations_thermal": 0}, per_interval=per_t)
 
 
 def _scripted(monkeypatch, plans: list[list[float]]) -> None:

@@ -122,6 +122,9 @@ class ViolationReport:
     """``violations_*``: (element-phase x interval) pairs in violation, pre-existing ones that
     got worse than the base case included; ``pre_existing_*``: pairs already in violation in
     the base case (listed separately in ``events`` with ``pre_existing`` True)."""
+    per_interval: np.ndarray | None = None
+    """(T,) voltage and thermal pairs counted per interval (``violations_voltage`` +
+    ``violations_thermal`` interval by interval)."""
 
 
 def detect_violations(
@@ -156,6 +159,7 @@ def detect_violations(
     th = limits.thermal_pct + limits.thermal_tol_pct
     loading = np.nan_to_num(loading_pct, nan=0.0)
     frames: list[pd.DataFrame] = []
+    per_t = np.zeros(T, dtype=np.int64)  # voltage and thermal pairs counted per interval
 
     def one(kind, values, bad, limit_value, base, base_bad, worse, worst_is_max, names, phases):
         """Record events of one kind; return (new, pre-existing) counts."""
@@ -171,6 +175,8 @@ def detect_violations(
             worsened = pre & worse(values, base)
         frames.append(_events(kind, bad, values, limit, pre, worsened, names, phases, t, dt_h,
                               worst_is_max))
+        if kind != "reverse_power":
+            per_t[:] += (bad & ~pre).sum(axis=1) + worsened.sum(axis=1)
         return int((bad & ~pre).sum() + worsened.sum()), int(pre.sum())
 
     tol_v, tol_th, e_min = limits.v_tol_pu, limits.thermal_tol_pct, limits.energised_min_pu
@@ -206,7 +212,7 @@ def detect_violations(
     if "reverse" in counts:
         summary["violations_reverse_power"] = counts["reverse"][0]
         summary["pre_existing_reverse_power"] = counts["reverse"][1]
-    return ViolationReport(events=events, counts=summary)
+    return ViolationReport(events=events, counts=summary, per_interval=per_t)
 
 
 def snapshot_violations(res: SnapshotResult, limits: Limits = Limits()) -> ViolationReport:
