@@ -1,6 +1,6 @@
-"""The AC repair gives an interval its plan back when the correction left it worse by the
-count that matters: pairs counted as violations (DESIGN.md tolerances) first, rows beyond
-the LP's limits (half the tolerance) only between equal counts. A toy network (one node,
+"""The AC repair gives an interval its plan back when the correction left it worse: more
+rows beyond the LP's limits (half the tolerance), or as many and more pairs counted as
+violations (DESIGN.md tolerances). A toy network (one node,
 its voltage rising with the DER's net import) and scripted corrections stand in for
 OpenDSS and the corrective LP; the counting is the real :func:`detect_violations`."""
 
