@@ -32,6 +32,7 @@ from derms.dispatch.lp import (
     net_import_maps,
 )
 from derms.dispatch.network import (
+    NEAR_ROWS_PER_COL,
     DerSensitivity,
     NetworkLimits,
     NetworkRows,
@@ -163,14 +164,22 @@ class Planner:
         self.net = NetworkRows(self.lp, lay, grid.sens, self.ep, self.eq, self.cp, grid.limits,
                                der_box(a, objective.allow_pv_q), objective.export_limit_kw,
                                grid.node_names, grid.branch_names,
-                               near_pu=-1e-6 if big else 0.01,
-                               near_frac=-1e-6 if big else 0.1,
-                               drop_rel=0.02 if big else 0.0, thin=big)
+                               near_pu=0.01, near_frac=0.1, thin=big)
         self._add_element_peak()
         self.net.set_reference(grid.uncontrolled)
         self._set_extra_bounds()
-        self.n_initial_rows = self.net.initial_rows()
         self.notes: list[str] = []  # what the planner changed on its own, for the report
+        if not big:  # near-limit rows by the hundred thousand (a feeder held near a limit
+            # everywhere): rows beyond the limit first and the rest lazily, as on large ones
+            n_near = self.net.count_initial()
+            if n_near > NEAR_ROWS_PER_COL * lay.n_cols:
+                self.net.use_large_rules()
+                self.notes.append(
+                    f"{n_near:,} network rows are within 0.01 pu or 10 % of their limit in "
+                    f"the uncontrolled case ({n_near / lay.n_cols:.1f} per LP column): "
+                    "planned with the large-feeder rules (rows added where the plan "
+                    "reaches a limit)")
+        self.n_initial_rows = self.net.initial_rows()
         self.build_s = time.perf_counter() - t0
         self.x: np.ndarray | None = None
         self.duals: np.ndarray | None = None
