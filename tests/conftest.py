@@ -17,7 +17,6 @@ SHARED_MASTERS = {
     "ieee8500": "IEEETestCases/8500-Node/Master.dss",
     "ckt5": "EPRITestCircuits/ckt5/Master_ckt5.dss",
     "ckt24": "EPRITestCircuits/ckt24/master_ckt24.dss",
-    "eu_lv": "IEEETestCases/LVTestCase/Master.dss",
 }
 
 
