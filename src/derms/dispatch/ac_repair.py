@@ -31,10 +31,10 @@ rounding alone reshuffles the rounds). Here each such interval is corrected in p
   to its neighbours through SOC and rebound);
 * the corrected plan is simulated again (taps and capacitors answer it); an interval it
   left worse (more rows beyond the LP's limits, or as many and more pairs counted as
-  violations: ``_worse``) gets the plan back and the plan is simulated once more; a round with fewer
-  AC violations than the best so far becomes the best, at most ``rounds`` times; a round
-  with more is still worked on once (``uphill``, not counted in ``rounds``: the
-  corrections change the taps the next intervals inherit, and the round after corrects
+  violations: ``_worse``) gets the plan back and the plan is simulated once more; a round
+  with fewer AC violations than the best so far becomes the best, at most ``rounds``
+  times; a round with more is still worked on once (``uphill``, not counted in
+  ``rounds``: the corrections change the taps the next intervals inherit, and the round after corrects
   those too; IEEE 8500 seed 2 with groups of 4: 66 -> 260 -> 7 -> 5), and the best is
   returned. (Measured and not kept: giving back the latest correction at or before each
   interval left worse, up to three times: 66 -> 66 and 6 -> 44 violations on two IEEE
@@ -144,14 +144,15 @@ def repair_plan(ac, sched: Schedule, res: QSTSResult, cfg: RepairConfig | None =
         p, q = fix.p, fix.q
         new = _with_moves(cur.schedule, p, q)
         res_n = ac.simulate(new.p_kw, new.q_kvar)
+        rep_n = ac.violations(res_n)
         # an interval whose correction left it worse gets the plan back (once)
-        worse = np.flatnonzero(_worse(ac, res_n, ac.violations(res_n), cur.result, cur.report))
+        worse = np.flatnonzero(_worse(ac, res_n, rep_n, cur.result, cur.report))
         worse = worse[np.isin(worse, sorted(todo))]
         if worse.size:
             fix.revert(cur.schedule, worse)
             new = _with_moves(cur.schedule, p, q)
             res_n = ac.simulate(new.p_kw, new.q_kvar)
-        rep_n = ac.violations(res_n)
+            rep_n = ac.violations(res_n)
         entry = {"round": rnd, "intervals": sorted(todo), "reverted": worse.tolist(),
                  "kw_moved": fix.moved_kw, "kvar_moved": fix.moved_kvar,
                  "partial": fix.partial, "caps_held": int(holds.sum()),
