@@ -34,9 +34,9 @@ rounding alone reshuffles the rounds). Here each such interval is corrected in p
   violations: ``_worse``) gets the plan back and the plan is simulated once more; a round
   with fewer AC violations than the best so far becomes the best, at most ``rounds``
   times; a round with more is still worked on once (``uphill``, not counted in
-  ``rounds``: the corrections change the taps the next intervals inherit, and the round after corrects
-  those too; IEEE 8500 seed 2 with groups of 4: 66 -> 260 -> 7 -> 5), and the best is
-  returned. (Measured and not kept: giving back the latest correction at or before each
+  ``rounds``: the corrections change the taps the next intervals inherit, and the round
+  after corrects those too; IEEE 8500 seed 2 with groups of 4: 66 -> 260 -> 7 -> 5), and
+  the best is returned. (Measured and not kept: giving back the latest correction at or before each
   interval left worse, up to three times: 66 -> 66 and 6 -> 44 violations on two IEEE
   8500 plans; giving back also the corrections whose EV energy went into an interval
   left worse: seed 3 with groups of 4 18 -> 65, 14 corrections given back.)
