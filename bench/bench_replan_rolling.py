@@ -17,7 +17,12 @@ QSTS of the uncontrolled schedule over the scenario horizon. The feeder is compi
 the AC network prepared before timing.
 
     .venv/bin/python bench/bench_replan_rolling.py [ieee8500] [--group 4] [--seed 1]
-        [--replans 3] [--forecast noisy|perfect] [--window 96] [--cold]
+        [--replans 3] [--forecast noisy|perfect] [--window 96] [--cold] [--short 16]
+
+``--short N``: the first plan covers the window, the re-plans after it cover N intervals
+anchored to it (battery energy and EV energy at the short window's end from the first
+plan: ``run_rolling(anchor_every=..., short_window=...)``); the short model is built at
+the first re-plan (its row "built") and updated warm after.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from derms.dispatch.lp import HighsLP
 from derms.dispatch.plan import ObjectiveConfig, Planner, uncontrolled_schedule
 from derms.dispatch.rolling import (
     NoisyForecast,
+    _Anchor,
     _slice_limits,
     _slice_ref,
     _window_fleet,
@@ -80,6 +86,9 @@ def main() -> None:
                     "of 15 min)")
     ap.add_argument("--cold", action="store_true", help="clear the solver before each "
                     "re-plan (HiGHS from no basis)")
+    ap.add_argument("--short", type=int, default=0, help="re-plans over this many intervals "
+                    "anchored to the first (full) plan, as run_rolling(anchor_every=...) "
+                    "makes them between its full re-plans; 0: every re-plan is full")
     args = ap.parse_args()
     W = args.window
     print(f"load average at start: {os.getloadavg()}", file=sys.stderr)
@@ -99,15 +108,22 @@ def main() -> None:
     e_kwh = a.bat_e0_kwh.copy()
     need = np.array([e.e_needed_kwh for e in fleet.evs])
 
-    def window(k0: int):
-        h0, pv = head0[k0:k0 + W], a.pv_avail_kw[k0:k0 + W]
+    h = fleet.horizon
+    ev_arr = np.array([h.step_at(e.arrival, ceil=True) for e in fleet.evs], dtype=int)
+    ev_dep = np.array([h.step_at(e.departure, ceil=False) for e in fleet.evs], dtype=int)
+    done = np.zeros(len(fleet.evs))
+
+    def window(k0: int, n: int = W, anchor: _Anchor | None = None):
+        h0, pv = head0[k0:k0 + n], a.pv_avail_kw[k0:k0 + n]
         if args.forecast == "noisy":
             rng = np.random.default_rng([args.seed, k0])
-            h0 = h0 * (1 + noise.path(rng, W, noise.load_sigma))
-            pv = np.clip(pv * (1 + noise.path(rng, W, noise.pv_sigma))[:, None], 0.0,
+            h0 = h0 * (1 + noise.path(rng, n, noise.load_sigma))
+            pv = np.clip(pv * (1 + noise.path(rng, n, noise.pv_sigma))[:, None], 0.0,
                          a.pv_s_kva[None, :])
-        return (_window_fleet(fleet, k0, W, pv, e_kwh, need), _slice_ref(ref_u, k0, W, h0),
-                _slice_limits(ac.net_limits, k0, W))
+        e_end, need_w = (anchor.terminal(k0, n, e_kwh, done, need, fleet, a, ev_arr, ev_dep)
+                         if anchor is not None else (None, need))
+        return (_window_fleet(fleet, k0, n, pv, e_kwh, need_w, e_end),
+                _slice_ref(ref_u, k0, n, h0), _slice_limits(ac.net_limits, k0, n))
 
     count = _Count()
     fw, rw, lw = window(0)
@@ -117,23 +133,34 @@ def main() -> None:
     pl.solve_linear()
     first = (time.perf_counter() - t, count.solves, count.iterations)
     rows = [("first plan (cold)", *first, pl.lp.n_rows)]
+    anchor = _Anchor.of(0, pl.schedule(), e_kwh, done, a, h.dt_h) if args.short else None
+    short: Planner | None = None
     for r in range(1, args.replans + 1):
-        fw, rw, lw = window(r * args.shift)
+        k0 = r * args.shift
+        fw, rw, lw = window(k0, args.short or W, anchor)
         count.reset()
-        n0 = pl.lp.n_rows
         t = time.perf_counter()
-        pl.update(fw, rw, limits=lw)
-        if args.cold:
-            pl.lp.h.clearSolver()
-        pl.solve_linear()
-        rows.append((f"re-plan {r} ({'cold' if args.cold else 'warm'})",
-                     time.perf_counter() - t, count.solves, count.iterations,
-                     pl.lp.n_rows - n0))
+        if args.short and short is None:   # the short window's model, built once
+            short = Planner(fw, replace(grid, limits=lw, uncontrolled=rw), ObjectiveConfig())
+            n0, kind = 0, "short, built"
+        else:
+            p = short if args.short else pl
+            n0, kind = p.lp.n_rows, ("short, " if args.short else "") + (
+                "cold" if args.cold else "warm")
+            p.update(fw, rw, limits=lw)
+            if args.cold:
+                p.lp.h.clearSolver()
+        p = short if args.short else pl
+        p.solve_linear()
+        rows.append((f"re-plan {r} ({kind})", time.perf_counter() - t, count.solves,
+                     count.iterations, p.lp.n_rows - n0))
     engine.close()
     print(f"load average at end: {os.getloadavg()}", file=sys.stderr)
     print(f"\n{args.feeder}, seed {args.seed}, {len(fleet.ders)} planned DERs"
           f"{f' (groups of {args.group})' if agg else ''}, forecast {args.forecast}, "
-          f"window {W} intervals moved {args.shift} per re-plan; LP at the end "
+          f"window {W} intervals moved {args.shift} per re-plan"
+          f"{f', re-plans over {args.short} anchored to it' if args.short else ''}; "
+          "full LP at the end "
           f"{pl.lp.n_rows:,} x {pl.lp.h.getNumCol():,}, {pl.lp.h.getNumNz():,} nonzeros; "
           f"reference QSTS {ref_s:.2f} s\n")
     print("| step | wall s | / reference | LP solves | simplex iterations | rows (added) |")

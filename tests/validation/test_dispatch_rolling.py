@@ -81,3 +81,28 @@ def test_model_forecast_with_intraday_feedback_beats_the_day_ahead_model(midnigh
         ratios[steps] = r.reduction_ratio
     assert ratios[4] >= ratios[0] + 0.25, ratios
     assert ratios[4] >= 0.6, ratios
+
+
+def test_short_replans_between_hourly_full_ones_keep_the_perfect_reduction(case):
+    """15-min re-plans: the full lookahead every hour, 4-h windows anchored to it in
+    between (the default); with perfect forecasts they keep the full plan's reduction,
+    the state carries over and every EV that left got its energy."""
+    scenario, ac = case
+    r = run_rolling(ac, scenario, ObjectiveConfig(), forecast="perfect",
+                    replan_every="15min", days=1)
+    assert r.n_replans == 96 and r.fallbacks == 0
+    np.testing.assert_array_equal(r.full_replan, np.tile([True, False, False, False], 24))
+    assert r.reduction_ratio >= 0.95, (r.peak_kw, r.peak_perfect_kw, r.peak_uncontrolled_kw)
+    assert r.violations["violations_voltage"] + r.violations["violations_thermal"] == 0
+    delivered = np.cumsum(r.executed.ev_kw * 0.92 * 0.25, axis=0)
+    h = scenario.fleet.horizon
+    end = h.start + 96 * h.step
+    for j, e in enumerate(scenario.fleet.evs):
+        if e.departure <= end:
+            assert delivered[-1, j] == pytest.approx(e.e_needed_kwh, abs=1e-3)
+    e_max = np.array([b.e_max_kwh for b in scenario.fleet.batteries])
+    np.testing.assert_allclose(r.soc0_frac_at_replan[1:], r.executed.e_kwh[:-1] / e_max,
+                               atol=1e-9)
+    # every DER within its limits in the executed schedule
+    e_min = np.array([b.e_min_kwh for b in scenario.fleet.batteries])
+    assert (r.executed.e_kwh >= e_min - 1e-6).all() and (r.executed.e_kwh <= e_max + 1e-6).all()

@@ -1,0 +1,81 @@
+"""The short re-plans of the rolling loop are anchored to the last full plan
+(:class:`derms.dispatch.rolling._Anchor`): battery energy at the short window's end from
+the full plan, shifted by today's deviation, and EV energy by then; what the window
+fleet then requires (``fleet_arrays``) is checked, not only the numbers handed over."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from derms.der.models import Battery, Connection, EVSession, Fleet, Horizon, fleet_arrays
+from derms.dispatch.plan import uncontrolled_schedule
+from derms.dispatch.rolling import _Anchor, _window_fleet
+
+T0 = datetime(2026, 7, 1, tzinfo=UTC)
+DT = timedelta(minutes=15)
+CON = Connection("b1", (1,), 1, 0.24)
+
+
+def _fleet() -> Fleet:
+    h = Horizon(T0, DT, 96)
+    bats = (Battery("b1", CON, p_max_kw=4.0, e_max_kwh=10.0, soc0_frac=0.5),
+            Battery("b2", CON, p_max_kw=2.0, e_max_kwh=8.0, soc0_frac=0.5))
+    evs = (EVSession("late", CON, T0 + 2 * DT, T0 + 40 * DT, 20.0, 7.0),   # leaves at 40
+           EVSession("soon", CON, T0, T0 + 10 * DT, 5.0, 7.0))            # leaves at 10
+    return Fleet(h, batteries=bats, evs=evs)
+
+
+def _anchor(fleet: Fleet) -> _Anchor:
+    """A full plan from interval 0: battery 1 charges 1 kWh per interval, battery 2 holds;
+    EV 'late' takes 0.5 kWh per interval from its arrival, 'soon' 1 kWh."""
+    s = uncontrolled_schedule(fleet)
+    a = fleet_arrays(fleet)
+    e = np.column_stack([5.0 + np.arange(1, 97) * 1.0, np.full(96, 4.0)]).clip(max=10.0)
+    ev = np.zeros((96, 2))
+    ev[2:40, 0] = 0.5 / (a.ev_eta[0] * 0.25)
+    ev[0:5, 1] = 1.0 / (a.ev_eta[1] * 0.25)
+    s = type(s)(**{**{f: getattr(s, f) for f in s.__dataclass_fields__}, "e_kwh": e,
+                   "ev_kw": ev})
+    return _Anchor.of(0, s, np.array([5.0, 4.0]), np.zeros(2), a, 0.25)
+
+
+def test_terminal_follows_the_full_plan_shifted_by_the_deviation():
+    fleet = _fleet()
+    a = fleet_arrays(fleet)
+    anc = _anchor(fleet)
+    ev_arr, ev_dep = np.array([2, 0]), np.array([40, 10])
+    # at interval 2 battery 1 has 6.5 kWh where the full plan had 7 (-0.5); battery 2 as
+    # planned; EV 'late' got nothing yet, 'soon' 1.5 kWh of the 2 planned
+    e_now, done = np.array([6.5, 4.0]), np.array([0.0, 1.5])
+    need = np.array([20.0, 3.5])
+    e_end, need_w = anc.terminal(2, 4, e_now, done, need, fleet, a, ev_arr, ev_dep)
+    # full plan at the end of interval 5: battery 1 10 kWh (capped), 2 4 kWh; shifted
+    assert e_end == pytest.approx([9.5, 4.0])
+    # both leave after the window: 'late' must have 4 x 0.5 kWh by the end of interval 5,
+    # 'soon' what the plan delivered by then (5 kWh) less the 1.5 it has
+    fw = _window_fleet(fleet, 2, 4, np.zeros((4, 0)), e_now, need_w, e_end)
+    fa = fleet_arrays(fw)
+    assert fa.ev_e_required_kwh == pytest.approx([2.0, 3.5], abs=1e-9)
+    assert fa.bat_e_end_min_kwh == pytest.approx([9.5, 4.0])
+
+
+def test_terminal_stays_reachable_and_within_bounds():
+    fleet = _fleet()
+    a = fleet_arrays(fleet)
+    anc = _anchor(fleet)
+    ev_arr, ev_dep = np.array([2, 0]), np.array([40, 10])
+    # at interval 8 battery 1 is 9 kWh below the plan (ends at its e_min, not below);
+    # battery 2 4 kWh above it (ends at its e_max); EV 'late' is 4 kWh behind but is
+    # asked no more than the 2-interval window can give; 'soon' leaves at the window's
+    # end and keeps its whole need (the loop clips it to what it can still get)
+    e_now, done = np.array([1.0, 8.0]), np.array([0.0, 0.0])
+    need = np.array([20.0, 0.999 * 2 * 0.25 * 7.0 * 0.92])
+    e_end, need_w = anc.terminal(8, 2, e_now, done, need, fleet, a, ev_arr, ev_dep)
+    assert e_end == pytest.approx([1.0, 8.0])
+    fw = _window_fleet(fleet, 8, 2, np.zeros((2, 0)), e_now, need_w, e_end)
+    fa = fleet_arrays(fw)   # raises InfeasibleError if an EV is asked beyond the window
+    can = 2 * 0.25 * 7.0 * a.ev_eta
+    assert fa.ev_e_required_kwh == pytest.approx([0.999 * can[0], need[1]])
