@@ -17,7 +17,7 @@ QSTS of the uncontrolled schedule over the scenario horizon. The feeder is compi
 the AC network prepared before timing.
 
     .venv/bin/python bench/bench_replan_rolling.py [ieee8500] [--group 4] [--seed 1]
-        [--replans 3] [--forecast noisy|perfect] [--window 96] [--cold] [--short 16]
+        [--replans 3] [--flex 0.1] [--forecast noisy|perfect] [--window 96] [--cold] [--short 16]
 
 ``--short N``: the first plan covers the window, the re-plans after it cover N intervals
 anchored to it (battery energy and EV energy at the short window's end from the first
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4, help="plan DERs in groups of about N "
                     "(1 = every DER on its own)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--flex", type=float, default=0.0, help="flexible-load penetration "
+                    "(IEEE 8500: 0.1 takes the scenario from 882 to 1,000 DERs)")
     ap.add_argument("--replans", type=int, default=3)
     ap.add_argument("--shift", type=int, default=1, help="intervals between re-plans")
     ap.add_argument("--forecast", choices=("noisy", "perfect"), default="noisy")
@@ -95,7 +97,8 @@ def main() -> None:
     agg = AggregationConfig(size=args.group) if args.group > 1 else None
     engine, _sc, ac = open_dispatch_case(
         resolve_master(args.feeder),
-        ScenarioConfig(seed=args.seed, n_steps=W + args.shift * args.replans),
+        ScenarioConfig(seed=args.seed, n_steps=W + args.shift * args.replans,
+                       flex_penetration=args.flex),
         aggregation=agg)
     fleet = ac.fleet
     unc = uncontrolled_schedule(fleet)
@@ -157,7 +160,8 @@ def main() -> None:
     engine.close()
     print(f"load average at end: {os.getloadavg()}", file=sys.stderr)
     print(f"\n{args.feeder}, seed {args.seed}, {len(fleet.ders)} planned DERs"
-          f"{f' (groups of {args.group})' if agg else ''}, forecast {args.forecast}, "
+          f"{f' (groups of {args.group})' if agg else ''} of {len(_sc.fleet.ders)}, "
+          f"forecast {args.forecast}, "
           f"window {W} intervals moved {args.shift} per re-plan"
           f"{f', re-plans over {args.short} anchored to it' if args.short else ''}; "
           "full LP at the end "

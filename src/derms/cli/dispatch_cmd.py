@@ -84,8 +84,8 @@ def dispatch(
         "--group", help="Plan DERs in groups of about N (compatible DERs near each other "
                         "moving in fixed proportion): a smaller LP for large fleets; the AC "
                         "check, the repair, the schedule and the ledger stay per DER. "
-                        "The rolling run (--forecast noisy/model) plans every DER on its "
-                        "own. 1 = every DER on its own.")] = 1,
+                        "The rolling run (--forecast noisy/model) plans in the same "
+                        "groups. 1 = every DER on its own.")] = 1,
     force: ForceOpt = False,
 ) -> None:
     """Plan the DERs' dispatch within voltage and thermal limits, verify it on the AC

@@ -139,7 +139,7 @@ def _case(ac, sched: Schedule) -> CaseResult:
 
 
 def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: int,
-             forecast: str = "noisy", replan_every: str | None = None
+             forecast: str = "noisy", replan_every: str | None = None, aggregation=None
              ) -> tuple[float, str, dict[str, Any], Any]:
     """Rolling re-plans (every ``replan_every``) with forecasts over the study horizon.
 
@@ -155,7 +155,7 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
     replan_every = parse_replan(replan_every, cfg.step)
     horizon = cfg.step * cfg.n_steps
     long_cfg = replace(cfg, n_steps=2 * cfg.n_steps)
-    engine, scenario, ac = open_dispatch_case(path, long_cfg)
+    engine, scenario, ac = open_dispatch_case(path, long_cfg, aggregation=aggregation)
     try:
         fc: Any = forecast
         if forecast == "model":
@@ -204,7 +204,8 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     ``group_size`` > 1: the plan moves DERs in groups of about that many
     (:mod:`derms.der.aggregate`: compatible, nearby DERs in fixed proportion; a smaller LP
     on large fleets); the AC check, the last-mile repair, the schedule and the ledger are
-    per DER. The rolling run plans every DER on its own.
+    per DER. The rolling run plans in the same groups (its executed schedule is simulated
+    member by member; only its head import and peaks are reported).
     ``on_stage(name)`` is called before each stage (progress display). Raises
     :class:`~derms.errors.InfeasibleError` (with the binding constraints) when no plan
     meets the constraints, :class:`~derms.errors.InputError` on bad input.
@@ -249,7 +250,8 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         if forecast in ("noisy", "model"):
             stage("rolling re-plan with forecasts")
             rolling_peak, mode, rolling_info, rolling = _rolling(
-                path, scenario_config, objective, scenario_config.seed, forecast, replan_every)
+                path, scenario_config, objective, scenario_config.seed, forecast, replan_every,
+                agg)
         paths: dict[str, Path] = {}
         if opendss_dir is not None:
             stage("write OpenDSS replay set")
