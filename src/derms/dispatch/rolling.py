@@ -129,19 +129,23 @@ class RollingResult:
 class _Anchor:
     """The last full plan's trajectory, from its origin ``k0``: battery energy at the end
     of each interval ``e_kwh`` (W, n_bat) and at its start ``e0_kwh``; EV energy delivered
-    by the end of each interval ``ev_cum_kwh`` (W, n_ev) on top of ``done0_kwh``."""
+    by the end of each interval ``ev_cum_kwh`` (W, n_ev) on top of ``done0_kwh``; its peak
+    target ``target_kw`` (a short window's floor: a window short of the day's peak would
+    otherwise aim lower, and the real-time correction would spend the energy kept for
+    the peak on holding that lower target)."""
 
     k0: int
     e_kwh: np.ndarray
     e0_kwh: np.ndarray
     ev_cum_kwh: np.ndarray
     done0_kwh: np.ndarray
+    target_kw: float = -np.inf
 
     @classmethod
     def of(cls, k0: int, s: Schedule, e_kwh: np.ndarray, done: np.ndarray, a,
-           dt: float) -> _Anchor:
+           dt: float, target_kw: float = -np.inf) -> _Anchor:
         return cls(k0, s.e_kwh.copy(), e_kwh.copy(),
-                   np.cumsum(s.ev_kw * a.ev_eta * dt, axis=0), done.copy())
+                   np.cumsum(s.ev_kw * a.ev_eta * dt, axis=0), done.copy(), target_kw)
 
     def terminal(self, k0: int, n: int, e_kwh: np.ndarray, done: np.ndarray,
                  need: np.ndarray, fleet: Fleet, a, ev_arr: np.ndarray,
@@ -334,36 +338,34 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
         fw = _window_fleet(fleet, k0, n_w, pv_fc[:n_w], e_kwh, need_w, e_end)
         ref_w = _slice_ref(ref_u, k0, n_w, h0_fc[:n_w])
         lim_w = _slice_limits(ac.net_limits, k0, n_w)
-        obj_k = objective
-        if valley_price > 0:   # tie-break toward charging where the forecast load is low
-            w = objective.weights
-            h_w = h0_fc[:n_w]
-            price = valley_price * h_w / max(float(np.mean(np.abs(h_w))), 1e-9)
-            obj_k = replace(objective, weights=replace(w, price_per_kwh=price))
-        planner = planners.get(n_w)
+        obj_k = _valley(objective, h0_fc[:n_w], valley_price)
         try:
-            if planner is None or not warm:
-                grid = replace(ac.grid_context(ref_u), limits=lim_w, uncontrolled=ref_w)
-                planner = planners[n_w] = Planner(fw, grid, obj_k)
-            else:
-                planner.objective = obj_k
-                planner.update(fw, ref_w, limits=lim_w)
-            # the peak already reached is sunk: plan no lower than it
-            floor = peak_so_far if (k0 and sunk_peak) else -INF
-            planner.lp.set_col_bounds(np.array([planner.lay.z]), np.array([floor]),
-                                      np.array([INF]))
-            x = planner.solve_linear()
-            s = planner.schedule()
-            target = float(x[planner.lay.z])
-            if not short and k_anchor is not None:
-                anchor = _Anchor.of(k0, s, e_kwh, done, a, dt)
-        except InfeasibleError as err:  # keep going: this block runs uncontrolled
-            log.warning("rolling k0=%d infeasible, block runs uncontrolled: %s", k0, err)
-            fallbacks += 1
-            s = uncontrolled_schedule(fw)
-            target = float("inf")
-            if not short:
+            s, target = _plan_window(planners, n_w, fw, ref_w, lim_w, obj_k, ac, ref_u, warm,
+                                     peak_so_far if (k0 and sunk_peak) else -INF,
+                                     anchor.target_kw if short else -INF)
+        except InfeasibleError as err:
+            s = None
+            if short:   # the anchored window failed: re-plan the whole lookahead now
+                log.info("rolling k0=%d short window infeasible (%s); full re-plan", k0, err)
+                short, n_w = False, W
+                fw = _window_fleet(fleet, k0, W, pv_fc, e_kwh, need)
+                ref_w, lim_w = _slice_ref(ref_u, k0, W, h0_fc), _slice_limits(ac.net_limits,
+                                                                              k0, W)
+                obj_k = _valley(objective, h0_fc, valley_price)
+                try:
+                    s, target = _plan_window(planners, W, fw, ref_w, lim_w, obj_k, ac, ref_u,
+                                             warm, peak_so_far if (k0 and sunk_peak) else -INF,
+                                             -INF)
+                except InfeasibleError as err2:
+                    err = err2
+            if s is None:  # keep going: this block runs uncontrolled
+                log.warning("rolling k0=%d infeasible, block runs uncontrolled: %s", k0, err)
+                fallbacks += 1
+                s = uncontrolled_schedule(fw)
+                target = float("inf")
                 anchor = None
+        if s is not None and not short and k_anchor is not None and np.isfinite(target):
+            anchor = _Anchor.of(k0, s, e_kwh, done, a, dt, target)
         full_log.append(not short)
         replan_s.append(time.perf_counter() - t0)
         targets.append(target)
@@ -431,6 +433,36 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
                   "replan_max_s": float(np.max(replan_s))},
         target_kw_at_replan=np.array(targets), full_replan=np.array(full_log, dtype=bool),
     )
+
+
+def _valley(objective: ObjectiveConfig, h0_kw: np.ndarray, valley_price: float
+            ) -> ObjectiveConfig:
+    """``objective`` with import priced by the forecast load ``h0_kw`` (run_rolling's
+    ``valley_price``; 0 leaves it as it is)."""
+    if valley_price <= 0:
+        return objective
+    price = valley_price * h0_kw / max(float(np.mean(np.abs(h0_kw))), 1e-9)
+    return replace(objective, weights=replace(objective.weights, price_per_kwh=price))
+
+
+def _plan_window(planners: dict[int, Planner], n_w: int, fw: Fleet, ref_w: Reference,
+                 lim_w: NetworkLimits, obj: ObjectiveConfig, ac: ACNetwork, ref_u: Reference,
+                 warm: bool, floor_kw: float, target_floor_kw: float
+                 ) -> tuple[Schedule, float]:
+    """Plan one window on the kept model for its length (built at its first use; rebuilt
+    each time when not ``warm``) with the peak no lower than ``floor_kw`` (the peak already
+    reached) and ``target_floor_kw``; returns the schedule and its peak target [kW]."""
+    planner = planners.get(n_w)
+    if planner is None or not warm:
+        grid = replace(ac.grid_context(ref_u), limits=lim_w, uncontrolled=ref_w)
+        planner = planners[n_w] = Planner(fw, grid, obj)
+    else:
+        planner.objective = obj
+        planner.update(fw, ref_w, limits=lim_w)
+    planner.lp.set_col_bounds(np.array([planner.lay.z]),
+                              np.array([max(floor_kw, target_floor_kw)]), np.array([INF]))
+    x = planner.solve_linear()
+    return planner.schedule(), float(x[planner.lay.z])
 
 
 def _correct(excess_kw: float, ch: np.ndarray, dis: np.ndarray, e_kwh: np.ndarray, a,
