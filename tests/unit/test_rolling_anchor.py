@@ -42,40 +42,38 @@ def _anchor(fleet: Fleet) -> _Anchor:
     return _Anchor.of(0, s, np.array([5.0, 4.0]), np.zeros(2), a, 0.25)
 
 
-def test_terminal_follows_the_full_plan_shifted_by_the_deviation():
+def _window(k0: int, n: int, e_now, done, need):
+    """What the anchored window [k0, k0 + n) is given and what its fleet then requires."""
     fleet = _fleet()
     a = fleet_arrays(fleet)
-    anc = _anchor(fleet)
-    ev_arr, ev_dep = np.array([2, 0]), np.array([40, 10])
+    e_end, need_w = _anchor(fleet).terminal(k0, n, e_now, done, need, fleet, a,
+                                            np.array([2, 0]), np.array([40, 10]))
+    fw = _window_fleet(fleet, k0, n, np.zeros((n, 0)), e_now, need_w, e_end)
+    return e_end, fleet_arrays(fw), a   # raises InfeasibleError if an EV asks too much
+
+
+def test_terminal_follows_the_full_plan_shifted_by_the_deviation():
     # at interval 2 battery 1 has 6.5 kWh where the full plan had 7 (-0.5); battery 2 as
     # planned; EV 'late' got nothing yet, 'soon' 1.5 kWh of the 2 planned
     e_now, done = np.array([6.5, 4.0]), np.array([0.0, 1.5])
     need = np.array([20.0, 3.5])
-    e_end, need_w = anc.terminal(2, 4, e_now, done, need, fleet, a, ev_arr, ev_dep)
+    e_end, fa, _ = _window(2, 4, e_now, done, need)
     # full plan at the end of interval 5: battery 1 10 kWh (capped), 2 4 kWh; shifted
     assert e_end == pytest.approx([9.5, 4.0])
     # both leave after the window: 'late' must have 4 x 0.5 kWh by the end of interval 5,
     # 'soon' what the plan delivered by then (5 kWh) less the 1.5 it has
-    fw = _window_fleet(fleet, 2, 4, np.zeros((4, 0)), e_now, need_w, e_end)
-    fa = fleet_arrays(fw)
     assert fa.ev_e_required_kwh == pytest.approx([2.0, 3.5], abs=1e-9)
     assert fa.bat_e_end_min_kwh == pytest.approx([9.5, 4.0])
 
 
 def test_terminal_stays_reachable_and_within_bounds():
-    fleet = _fleet()
-    a = fleet_arrays(fleet)
-    anc = _anchor(fleet)
-    ev_arr, ev_dep = np.array([2, 0]), np.array([40, 10])
     # at interval 8 battery 1 is 9 kWh below the plan (ends at its e_min, not below);
     # battery 2 4 kWh above it (ends at its e_max); EV 'late' is 4 kWh behind but is
     # asked no more than the 2-interval window can give; 'soon' leaves at the window's
     # end and keeps its whole need (the loop clips it to what it can still get)
     e_now, done = np.array([1.0, 8.0]), np.array([0.0, 0.0])
     need = np.array([20.0, 0.999 * 2 * 0.25 * 7.0 * 0.92])
-    e_end, need_w = anc.terminal(8, 2, e_now, done, need, fleet, a, ev_arr, ev_dep)
+    e_end, fa, a = _window(8, 2, e_now, done, need)
     assert e_end == pytest.approx([1.0, 8.0])
-    fw = _window_fleet(fleet, 8, 2, np.zeros((2, 0)), e_now, need_w, e_end)
-    fa = fleet_arrays(fw)   # raises InfeasibleError if an EV is asked beyond the window
     can = 2 * 0.25 * 7.0 * a.ev_eta
     assert fa.ev_e_required_kwh == pytest.approx([0.999 * can[0], need[1]])
