@@ -722,12 +722,14 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                            "lp_rows": planner.lp.n_rows,
                            "network_rows": int(sum((r >= 0).sum()
                                                    for r in planner.net.row.values())),
+                           "lazy_near_rows": planner.net.n_lazy_near,
                            "lp_solve_s": planner.lp.solve_s, "lp_solves": planner.lp.n_solves,
                            "ac_s": ac_s, "accepted": improved, "trust_frac": frac,
                            "elapsed_s": time.perf_counter() - t0})
         log.info("dispatch ac_round=%d violations=%d (voltage %d, thermal %d) rows=%d "
-                 "accepted=%s elapsed_s=%.2f", rounds, n_viol, rep.counts["violations_voltage"],
-                 rep.counts["violations_thermal"], planner.lp.n_rows, improved,
+                 "(lazy near %d) accepted=%s elapsed_s=%.2f", rounds, n_viol,
+                 rep.counts["violations_voltage"], rep.counts["violations_thermal"],
+                 planner.lp.n_rows, planner.net.n_lazy_near, improved,
                  time.perf_counter() - t0)
         over = ac.over_limit(res)
         if log.isEnabledFor(logging.DEBUG):
@@ -780,7 +782,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                 planner.net.margin[kind][again] += np.abs(val - lim)[again] + (
                     5e-4 if kind != "i_max" else 0.5)
             seen[kind] |= mask
-            planner.net.add(kind, mask, score=np.abs(val - lim))
+            planner.net.add_lazy(kind, mask, score=np.abs(val - lim))
         planner.recenter(centre_ref)  # margins enter the bounds
         if hold is not None:
             hold.recenter(centre_ref)
