@@ -252,3 +252,12 @@ def test_small_feeder_rules_add_only_the_violated_rows():
     mask[3] = True
     assert p.net.add_lazy("i_max", mask) == 1
     assert (p.net.row["i_max"] >= 0).sum() == 1
+
+
+def test_a_ckt7_size_feeder_is_planned_with_the_large_feeder_rules():
+    """EPRI ckt7 with the default scenario (2,452 node-phases x 679 DERs, 1.66 M
+    sensitivity entries) takes the large-feeder rules; IEEE 123 (278 x 68) does not."""
+    from derms.dispatch.network import is_large
+
+    assert is_large(2452, 679)
+    assert not is_large(278, 68)

@@ -45,7 +45,13 @@ V_KINDS = ("v_max", "v_min")
 
 
 Sens = np.ndarray | sp.csr_matrix
-_DENSE_ABOVE = 2_000_000  # nodes x DERs above which sensitivities are kept dense
+_DENSE_ABOVE = 1_000_000  # nodes x DERs above which sensitivities are kept dense and the
+# large-feeder rules plan (:func:`is_large`). EPRI ckt7 (2,452 nodes x 679 DERs, 1.66 M)
+# was below the 2 M it had been: every near-limit row in the LP from the start, 136-320 s
+# a day with a stalling warm dual simplex; with the large-feeder rules (and their lazy
+# rows per element, :meth:`NetworkRows.add_lazy`) 0 violations on seeds 1-3 in about a
+# fifth of that (bench/README.md). IEEE 123 with 68 DERs is 0.02 M.
+
 # large feeders: thermal rows thinned by direction cluster too. Off: a service
 # transformer's row is its own (the EV behind it), and one row per (interval, cluster)
 # left dozens of them to later rounds. EPRI ckt24: 47 -> 40 thermal violations; IEEE
@@ -62,10 +68,10 @@ NEAR_ROWS_PER_COL = 2.0  # more near-limit rows at the reference than this many 
 
 
 def is_large(n_nodes: int, n_der: int) -> bool:
-    """The large-feeder mode (IEEE 8500 with hundreds of DERs): nodes x DERs above
-    ``_DENSE_ABOVE``. Sensitivities are then dense arrays and the planner and its AC
-    verification switch to elastic, thinned rows, operating-point sensitivities and
-    local repair."""
+    """The large-feeder mode (EPRI ckt5, ckt7 and ckt24, IEEE 8500 with hundreds of
+    DERs): nodes x DERs above ``_DENSE_ABOVE``. Sensitivities are then dense arrays and the
+    planner and its AC verification switch to elastic, thinned rows, operating-point
+    sensitivities and local repair."""
     return n_nodes * n_der > _DENSE_ABOVE
 
 
