@@ -77,3 +77,31 @@ def test_terminal_stays_reachable_and_within_bounds():
     assert e_end == pytest.approx([1.0, 8.0])
     can = 2 * 0.25 * 7.0 * a.ev_eta
     assert fa.ev_e_required_kwh == pytest.approx([0.999 * can[0], need[1]])
+
+
+def test_an_infeasible_short_window_falls_back_to_a_full_replan(monkeypatch):
+    """A short window that cannot be planned (here: every EV asked more than the window
+    can give) is re-planned over the whole lookahead at the same origin, not run
+    uncontrolled (IEEE 13, real OpenDSS, 6 h of 15-min re-plans)."""
+    from derms.dispatch import rolling
+    from derms.dispatch.plan import ObjectiveConfig
+    from derms.grid.bundled import resolve_master
+    from derms.studies.dispatch_scenario import ScenarioConfig, open_dispatch_case
+
+    engine, sc, ac = open_dispatch_case(resolve_master("ieee13"),
+                                        ScenarioConfig(n_steps=120, seed=2))
+    try:
+        if not sc.fleet.evs:
+            pytest.skip("scenario without EVs")
+        orig = rolling._Anchor.terminal
+
+        def impossible(self, *args, **kw):
+            e_end, need_w = orig(self, *args, **kw)
+            return e_end, need_w + 1e6
+        monkeypatch.setattr(rolling._Anchor, "terminal", impossible)
+        r = rolling.run_rolling(ac, sc, ObjectiveConfig(), forecast="perfect",
+                                replan_every="15min", days=0.25)
+    finally:
+        engine.close()
+    assert r.n_replans == 24 and r.fallbacks == 0
+    assert r.full_replan.all() and np.isfinite(r.target_kw_at_replan).all()

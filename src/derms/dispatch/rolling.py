@@ -335,33 +335,32 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
                                             ev_dep)
         else:
             e_end, need_w = None, need
-        fw = _window_fleet(fleet, k0, n_w, pv_fc[:n_w], e_kwh, need_w, e_end)
-        ref_w = _slice_ref(ref_u, k0, n_w, h0_fc[:n_w])
-        lim_w = _slice_limits(ac.net_limits, k0, n_w)
-        obj_k = _valley(objective, h0_fc[:n_w], valley_price)
+        floor = peak_so_far if (k0 and sunk_peak) else -INF
+
+        def plan(n: int, e_end, need_w, target_floor: float, k0=k0, pv_fc=pv_fc,
+                 h0_fc=h0_fc, e_kwh=e_kwh, floor=floor) -> tuple[Schedule, float]:
+            """The window [k0, k0 + n) with this origin's forecasts and state, planned."""
+            fw = _window_fleet(fleet, k0, n, pv_fc[:n], e_kwh, need_w, e_end)
+            return _plan_window(planners, n, fw, _slice_ref(ref_u, k0, n, h0_fc[:n]),
+                                    _slice_limits(ac.net_limits, k0, n),
+                                    _valley(objective, h0_fc[:n], valley_price), ac, ref_u,
+                                    warm, floor, target_floor)
+
         try:
-            s, target = _plan_window(planners, n_w, fw, ref_w, lim_w, obj_k, ac, ref_u, warm,
-                                     peak_so_far if (k0 and sunk_peak) else -INF,
-                                     anchor.target_kw if short else -INF)
+            s, target = plan(n_w, e_end, need_w, anchor.target_kw if short else -INF)
         except InfeasibleError as err:
             s = None
             if short:   # the anchored window failed: re-plan the whole lookahead now
                 log.info("rolling k0=%d short window infeasible (%s); full re-plan", k0, err)
-                short, n_w = False, W
-                fw = _window_fleet(fleet, k0, W, pv_fc, e_kwh, need)
-                ref_w, lim_w = _slice_ref(ref_u, k0, W, h0_fc), _slice_limits(ac.net_limits,
-                                                                              k0, W)
-                obj_k = _valley(objective, h0_fc, valley_price)
+                short = False
                 try:
-                    s, target = _plan_window(planners, W, fw, ref_w, lim_w, obj_k, ac, ref_u,
-                                             warm, peak_so_far if (k0 and sunk_peak) else -INF,
-                                             -INF)
+                    s, target = plan(W, None, need, -INF)
                 except InfeasibleError as err2:
                     err = err2
             if s is None:  # keep going: this block runs uncontrolled
                 log.warning("rolling k0=%d infeasible, block runs uncontrolled: %s", k0, err)
                 fallbacks += 1
-                s = uncontrolled_schedule(fw)
+                s = uncontrolled_schedule(_window_fleet(fleet, k0, W, pv_fc, e_kwh, need))
                 target = float("inf")
                 anchor = None
         if s is not None and not short and k_anchor is not None and np.isfinite(target):
