@@ -282,6 +282,12 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         summary["rolling"]["peak_perfect_foresight_note"] = (
             "the perfect-foresight peak of the rolling run's own horizon (its days from the "
             "same start); the top-level peak_perfect_foresight_kw is the single plan's")
+        if rolling_info["violations_executed"]:
+            summary["plan_notes"].append(
+                f"the rolling run's executed schedule has {rolling_info['violations_executed']} "
+                "violations in its AC simulation: its re-plans are linear (not AC-verified) "
+                f"and work on the {forecast} forecast; violations_optimised is the "
+                "perfect-knowledge plan's")
         if rolling.peak_kw > rolling.peak_uncontrolled_kw + 1e-6:
             summary["plan_notes"].append(
                 f"the rolling run's executed peak {rolling.peak_kw:.1f} kW is above the "
