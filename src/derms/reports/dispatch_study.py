@@ -180,7 +180,7 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
             "reduction_ratio": float(r.reduction_ratio),
             "violations_executed": int(r.violations.get("violations_voltage", 0)
                                        + r.violations.get("violations_thermal", 0)),
-            "replan_s_median": float(np.median(r.replan_s)) if r.replan_s else None,
+            "replan_s_median": _median(np.asarray(r.replan_s)),
             "replan_full_s_median": _median(np.asarray(r.replan_s)[r.full_replan]),
             "replan_short_s_median": _median(np.asarray(r.replan_s)[~r.full_replan]),
             "n_full_replans": int(r.full_replan.sum())}
