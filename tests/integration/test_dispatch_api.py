@@ -72,6 +72,21 @@ def test_grouped_plan_schedules_every_der(api):
     assert r.json()["schedule"]["total"] == 24 * s["n_controllable_ders"]
 
 
+def test_rolling_plan_reports_its_realtime_correction_or_its_absence(api):
+    """``realtime`` reaches the rolling run: a block of what the real-time correction
+    moved when on, null when the re-plans were executed as planned."""
+    body = {**BODY, "horizon": "6h", "forecast": "noisy"}
+    on = api.post("/v1/dispatch/plan", headers=api.operator, json=body)
+    off = api.post("/v1/dispatch/plan", headers=api.operator, json={**body, "realtime": False})
+    assert on.status_code == 200 and off.status_code == 200, (on.text, off.text)
+    rt = on.json()["summary"]["rolling"]["realtime_correction"]
+    assert set(rt) == {"intervals_corrected", "rows_beyond_before", "rows_beyond_after",
+                       "kw_moved", "kvar_moved", "s"}
+    assert off.json()["summary"]["rolling"]["realtime_correction"] is None
+    bad = api.post("/v1/dispatch/plan", headers=api.operator, json={**body, "realtime": "x"})
+    assert bad.status_code == 422
+
+
 def test_auth(api):
     assert api.post("/v1/dispatch/plan", json=BODY).status_code == 401
     r = api.post("/v1/dispatch/plan", headers=api.reader, json=BODY)

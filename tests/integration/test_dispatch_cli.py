@@ -175,6 +175,13 @@ def test_rolling_forecast_run_is_reported_with_its_targets(tmp_path):
     assert s["peak_optimised_at"].endswith(("Z", "+00:00"))
     html = (tmp_path / "report.html").read_text()
     assert "Rolling re-plans with forecasts" in html and "peak target" in html
+    assert r["realtime_correction"]["rows_beyond_after"] <= r["realtime_correction"][
+        "rows_beyond_before"]
+    code, text = _run("ieee123", "--horizon", "6h", "--step", "30min", "--seed", "2",
+                      "--forecast", "noisy", "--no-realtime", "--force", "--out", tmp_path)
+    assert code == 0, text
+    assert json.loads((tmp_path / "summary.json").read_text())["rolling"][
+        "realtime_correction"] is None
 
 
 def test_rolling_peak_time_is_the_executed_peaks():
@@ -269,15 +276,25 @@ def test_grouped_rolling_run_plans_the_groups_on_two_levels():
 
 def test_a_rolling_run_with_violations_says_so():
     """The rolling run's executed schedule is simulated once on the AC model; where it
-    breaks limits (IEEE 13 seed 3 with the noisy forecast) a plan note says how many and
-    why, next to the perfect-knowledge plan's clean count."""
+    breaks limits (IEEE 13 seed 3 with the noisy forecast, executed as planned) a plan
+    note says how many and why, next to the perfect-knowledge plan's clean count. With the
+    real-time correction (the default) the same run is clean and says what it moved."""
     from derms.dispatch.plan import ObjectiveConfig
     from derms.reports.dispatch_study import run_dispatch_study
     from derms.studies.dispatch_scenario import ScenarioConfig
 
     study = run_dispatch_study("ieee13", ScenarioConfig(seed=3), ObjectiveConfig(),
-                               forecast="noisy")
+                               forecast="noisy", realtime=False)
     s = study.summary
     n = s["rolling"]["violations_executed"]
     assert n > 0 and s["violations_optimised"] == 0
-    assert any(f"executed schedule has {n} violations" in note for note in s["plan_notes"])
+    assert s["rolling"]["realtime_correction"] is None
+    assert any(f"executed schedule has {n} violations" in note
+               and "without the real-time correction" in note for note in s["plan_notes"])
+    s = run_dispatch_study("ieee13", ScenarioConfig(seed=3), ObjectiveConfig(),
+                           forecast="noisy").summary
+    rt = s["rolling"]["realtime_correction"]
+    assert s["rolling"]["violations_executed"] == 0
+    assert rt["intervals_corrected"] > 0 and rt["rows_beyond_after"] == 0
+    assert rt["kw_moved"] + rt["kvar_moved"] > 0
+    assert not any("executed schedule has" in note for note in s["plan_notes"])

@@ -66,5 +66,5 @@ def scripted(monkeypatch, plans: list[list[float]], T: int) -> None:
     monkeypatch.setattr(ac_repair, "cap_holds",
                         lambda ac, res, over, part: np.zeros((T, 0), bool))
     monkeypatch.setattr(ac_repair, "step_intervals", lambda ac, res, bad: set())
-    monkeypatch.setattr(ac_repair, "_with_moves",
+    monkeypatch.setattr(ac_repair, "with_moves",
                         lambda s, p, q: SimpleNamespace(p_kw=p.copy(), q_kvar=q.copy()))

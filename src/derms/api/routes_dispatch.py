@@ -53,6 +53,9 @@ class PlanBody(BaseModel):
     group_size: int = Field(1, ge=1, le=1000, description=(
         "Plan DERs in groups of about this many (compatible DERs near each other moving "
         "in fixed proportion); 1: every DER on its own."))
+    realtime: bool = Field(True, description=(
+        "The rolling run (forecast noisy / model) executes each interval on the AC model "
+        "and corrects the ones that break a limit; false: as planned."))
     schedule_offset: int = Field(0, ge=0)
     schedule_limit: int = Field(5000, ge=0, le=100_000)
 
@@ -86,7 +89,8 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     objective = ObjectiveConfig(export_limit_kw=body.export_limit_kw,
                                 curtailment_policy=body.policy)
     study = run_dispatch_study(body.feeder, cfg, objective, forecast=body.forecast,
-                               replan_every=replan, group_size=body.group_size)
+                               replan_every=replan, group_size=body.group_size,
+                               realtime=body.realtime)
     sched = schedule_table(study.optimised.schedule)
     page = sched.iloc[body.schedule_offset: body.schedule_offset + body.schedule_limit]
     ders = ders_table(study.scenario)

@@ -86,6 +86,11 @@ def dispatch(
                         "check, the repair, the schedule and the ledger stay per DER. "
                         "The rolling run (--forecast noisy/model) plans in the same "
                         "groups. 1 = every DER on its own.")] = 1,
+    realtime: Annotated[bool, typer.Option(
+        "--realtime/--no-realtime", help="The rolling run (--forecast noisy/model) "
+        "executes each interval on the AC model and corrects the ones that break a limit "
+        "(PV, batteries, EV charging), as the fast corrective cycle does; "
+        "--no-realtime executes the re-plans as planned.")] = True,
     force: ForceOpt = False,
 ) -> None:
     """Plan the DERs' dispatch within voltage and thermal limits, verify it on the AC
@@ -130,7 +135,7 @@ def dispatch(
         study = run_dispatch_study(master, cfg, objective, forecast=forecast.value,
                                    replan_every=replan_every, opendss_dir=tmp / "opendss",
                                    on_stage=lambda s: bar.update(task, description=s),
-                                   group_size=group)
+                                   group_size=group, realtime=realtime)
         bar.update(task, description="write outputs")
         write_dispatch_outputs(study, tmp)
     s = study.summary

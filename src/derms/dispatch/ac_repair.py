@@ -142,7 +142,7 @@ def repair_plan(ac, sched: Schedule, res: QSTSResult, cfg: RepairConfig | None =
         ac.simulate_with(cur.schedule.p_kw, cur.schedule.q_kvar,
                          {t: (lambda e, t=t, fix=fix: fix(e, t)) for t in range(len(fix.p))})
         p, q = fix.p, fix.q
-        new = _with_moves(cur.schedule, p, q)
+        new = with_moves(cur.schedule, p, q)
         res_n = ac.simulate(new.p_kw, new.q_kvar)
         rep_n = ac.violations(res_n)
         # an interval whose correction left it worse gets the plan back (once)
@@ -150,7 +150,7 @@ def repair_plan(ac, sched: Schedule, res: QSTSResult, cfg: RepairConfig | None =
         worse = worse[np.isin(worse, sorted(todo))]
         if worse.size:
             fix.revert(cur.schedule, worse)
-            new = _with_moves(cur.schedule, p, q)
+            new = with_moves(cur.schedule, p, q)
             res_n = ac.simulate(new.p_kw, new.q_kvar)
             rep_n = ac.violations(res_n)
         entry = {"round": rnd, "intervals": sorted(todo), "reverted": worse.tolist(),
@@ -266,7 +266,7 @@ def _count(rep) -> int:
     return int(rep.counts["violations_voltage"] + rep.counts["violations_thermal"])
 
 
-def _with_moves(s: Schedule, p_kw: np.ndarray, q_kvar: np.ndarray) -> Schedule:
+def with_moves(s: Schedule, p_kw: np.ndarray, q_kvar: np.ndarray) -> Schedule:
     """``s`` with new net import ``p_kw``/``q_kvar``: PV output and curtailment follow the
     PV columns, EV charging the EV columns (the other DERs are unchanged)."""
     n_pv, n_bat, n_ev = s.pv_kw.shape[1], s.charge_kw.shape[1], s.ev_kw.shape[1]
@@ -276,4 +276,4 @@ def _with_moves(s: Schedule, p_kw: np.ndarray, q_kvar: np.ndarray) -> Schedule:
                    ev_kw=p_kw[:, n_pv + n_bat:n_pv + n_bat + n_ev].copy())
 
 
-__all__ = ["RepairConfig", "RepairResult", "repair_plan"]
+__all__ = ["RepairConfig", "RepairResult", "repair_plan", "with_moves"]

@@ -139,15 +139,16 @@ def _case(ac, sched: Schedule) -> CaseResult:
 
 
 def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: int,
-             forecast: str = "noisy", replan_every: str | None = None, aggregation=None
-             ) -> tuple[float, str, dict[str, Any], Any]:
+             forecast: str = "noisy", replan_every: str | None = None, aggregation=None,
+             realtime: bool = True) -> tuple[float, str, dict[str, Any], Any]:
     """Rolling re-plans (every ``replan_every``) with forecasts over the study horizon.
 
     Runs on the same scenario drawn over twice the horizon (the second half is the
     lookahead of the last re-plans; the first half is the study's horizon, same draws).
     Returns the executed peak, the mode name, a summary block (its own uncontrolled
     and perfect-foresight peaks over the same window, the reduction ratio, violations of
-    the executed schedule from the AC simulation, re-plan times) and the
+    the executed schedule from the AC simulation, re-plan times, the real-time
+    corrections when ``realtime``) and the
     :class:`~derms.dispatch.rolling.RollingResult`.
     """
     from derms.dispatch.rolling import run_rolling
@@ -165,7 +166,8 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
             fc = model_forecast(read_feeder(engine.ctx, engine.source_master), long_cfg,
                                 lookahead=horizon)
         r = run_rolling(ac, scenario, objective, forecast=fc, replan_every=replan_every,
-                        days=horizon / pd.Timedelta(days=1), lookahead=horizon, seed=seed)
+                        days=horizon / pd.Timedelta(days=1), lookahead=horizon, seed=seed,
+                        realtime=realtime)
     finally:
         engine.close()
     label = {"noisy": "noisy (AR(1) relative errors, see derms.dispatch.rolling)",
@@ -183,7 +185,9 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
             "replan_s_median": _median(np.asarray(r.replan_s)),
             "replan_full_s_median": _median(np.asarray(r.replan_s)[r.full_replan]),
             "replan_short_s_median": _median(np.asarray(r.replan_s)[~r.full_replan]),
-            "n_full_replans": int(r.full_replan.sum())}
+            "n_full_replans": int(r.full_replan.sum()),
+            "realtime_correction": ({k: (round(v, 3) if isinstance(v, float) else v)
+                                     for k, v in r.realtime.items()} if realtime else None)}
     return float(r.peak_kw), f"rolling_{forecast}_forecast", info, r
 
 
@@ -195,7 +199,7 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                        objective: ObjectiveConfig, *, forecast: Forecast = "perfect",
                        replan_every: str | None = None, opendss_dir: Path | None = None,
                        on_stage: Callable[[str], None] | None = None,
-                       group_size: int = 1) -> DispatchStudy:
+                       group_size: int = 1, realtime: bool = True) -> DispatchStudy:
     """Run a dispatch study on ``master`` (a path or bundled name; see module docstring).
 
     ``opendss_dir``: where to write the OpenDSS replay set (None: not written).
@@ -205,7 +209,9 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     (:mod:`derms.der.aggregate`: compatible, nearby DERs in fixed proportion; a smaller LP
     on large fleets); the AC check, the last-mile repair, the schedule and the ledger are
     per DER. The rolling run plans in the same groups (its executed schedule is simulated
-    member by member; only its head import and peaks are reported).
+    member by member; only its head import and peaks are reported). ``realtime``: the
+    rolling run executes each interval on the AC model and corrects the ones that break a
+    limit (:mod:`derms.dispatch.realtime`); False: as planned.
     ``on_stage(name)`` is called before each stage (progress display). Raises
     :class:`~derms.errors.InfeasibleError` (with the binding constraints) when no plan
     meets the constraints, :class:`~derms.errors.InputError` on bad input.
@@ -251,7 +257,7 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
             stage("rolling re-plan with forecasts")
             rolling_peak, mode, rolling_info, rolling = _rolling(
                 path, scenario_config, objective, scenario_config.seed, forecast, replan_every,
-                agg)
+                agg, realtime)
         paths: dict[str, Path] = {}
         if opendss_dir is not None:
             stage("write OpenDSS replay set")
@@ -286,8 +292,10 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
             summary["plan_notes"].append(
                 f"the rolling run's executed schedule has {rolling_info['violations_executed']} "
                 "violations in its AC simulation: its re-plans are linear (not AC-verified) "
-                f"and work on the {forecast} forecast; violations_optimised is the "
-                "perfect-knowledge plan's")
+                f"and work on the {forecast} forecast"
+                + ("; the real-time correction left them (rolling.realtime_correction)"
+                   if realtime else "; it ran without the real-time correction")
+                + "; violations_optimised is the perfect-knowledge plan's")
         if rolling.peak_kw > rolling.peak_uncontrolled_kw + 1e-6:
             summary["plan_notes"].append(
                 f"the rolling run's executed peak {rolling.peak_kw:.1f} kW is above the "
