@@ -11,8 +11,10 @@ separates them:
 * ``--replay FILE``: rebuild the case, simulate that schedule and run only the repair on
   it; the same file gives the same input to every version of the repair.
 
-Prints one table: violations before and after the repair, its rounds, and its time, also
-as a ratio to one 96-step AC QSTS of the captured schedule measured in the same run.
+Prints one table: violations before and after the repair, its rounds, and its time, then
+the last mile in sequence after it (:func:`~derms.dispatch.realtime.correct_in_sequence`,
+as ``plan_and_verify`` runs it when the repair leaves violations), each time also as a
+ratio to one 96-step AC QSTS of the captured schedule measured in the same run.
 
     .venv/bin/python bench/bench_ac_repair_replay.py --seed 2 --group 4 --capture s2g4.pkl
     .venv/bin/python bench/bench_ac_repair_replay.py --seed 2 --group 4 --replay s2g4.pkl
@@ -31,6 +33,7 @@ from derms.dispatch import verify
 from derms.dispatch.ac_repair import RepairConfig, repair_plan
 from derms.dispatch.members import MemberView
 from derms.dispatch.plan import ObjectiveConfig, uncontrolled_schedule
+from derms.dispatch.realtime import RealTimeConfig, correct_in_sequence
 from derms.grid.bundled import resolve_master
 from derms.studies.dispatch_scenario import ScenarioConfig, open_dispatch_case
 
@@ -77,6 +80,20 @@ def _replay(ac, path: Path, rounds: int) -> None:
     print("| rounds (violations after each) | "
           + " / ".join(str(e["violations_after"]) for e in out.log) + " | |")
     print(f"| repair time | {s:.2f} s | {s / ref_s:.1f} |")
+    left = _count(out.report)
+    if left and verify.AC_SEQUENTIAL:
+        for caps_out in (True, False):
+            t = time.perf_counter()
+            seq, corr = correct_in_sequence(
+                view, out.schedule, float(out.result.head_p_kw.sum(axis=1).max()),
+                RealTimeConfig(caps_out=caps_out))
+            after = _count(view.violations(view.simulate(seq.p_kw, seq.q_kvar)))
+            s = time.perf_counter() - t
+            what = "capacitors kept out" if caps_out else "capacitors left alone"
+            print(f"| in sequence after it ({what}): violations, intervals corrected | "
+                  f"{left} -> {after}, {len(corr)} | |")
+            print(f"| in-sequence time ({what}; with its QSTS check) | {s:.2f} s | "
+                  f"{s / ref_s:.1f} |")
 
 
 def main() -> None:
