@@ -100,7 +100,9 @@ class ACStepper:
     ``p_kw``/``q_kvar`` (n_der,) [kW], [kvar] (groups expanded to their members); called
     again, it solves the same interval again from the control state the interval started
     in; :meth:`advance` moves on. ``record`` (a :class:`StepCollector`) holds each
-    interval's last solve.
+    interval's last solve. The engine is the stepper's while it steps: a simulation run
+    on ``ac`` in between (which rewrites the load shapes and the time) makes the next
+    :meth:`solve` raise.
     """
 
     def __init__(self, ac, n_steps: int) -> None:
@@ -125,12 +127,17 @@ class ACStepper:
         self._regs = regulated_transformers(e)
         self.record = StepCollector(e, ac.index, n_steps)
         self.n_steps = n_steps
+        self._runs = ac.runs  # the engine is this stepper's until it is done
         self.k = 0
         self._start: tuple | None = None   # (hour, seconds, control state) of interval k
 
     def solve(self, p_kw: np.ndarray, q_kvar: np.ndarray) -> None:
         """Solve interval ``k`` with these setpoints (again, if it was solved already)."""
         e, k = self.engine, self.k
+        if self.ac.runs != self._runs:
+            raise RuntimeError("the AC network ran a simulation while this stepper was "
+                               "stepping it: its load shapes and time are no longer the "
+                               "stepper's (start a new ACStepper)")
         sol = e.circuit.Solution
         if self._start is None:
             self._start = (sol.Hour, sol.Seconds, capture_control_state(e, self._regs))

@@ -436,8 +436,8 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
             q_t[:n_pv] = q_pv
             if corrector is not None:  # executed on the AC model, corrected where it breaks
                 p_c, q_c = corrector.execute(
-                    p_t, q_t, ranges=_ranges(a, e_kwh, ev, plugged, ev_e - done, ev_dep - t - 1,
-                                             dt, realtime.battery),
+                    p_t, q_t, ranges=_ranges(a, e_kwh, ev, plugged, ev_e - done,
+                                             ev_dep - (k0 + k_re), dt, realtime.battery),
                     peak_kw=max(target, peak_so_far))
                 pv, q_pv = -p_c[:n_pv], q_c[:n_pv]
                 b_new = p_c[n_pv:n_pv + n_bat]
@@ -549,8 +549,9 @@ def _ranges(a, e_kwh: np.ndarray, ev_kw: np.ndarray, plugged: np.ndarray,
             ) -> DerRanges:
     """What the real-time correction may do with batteries and EVs in one interval:
     batteries within power and the energy they hold now; a plugged-in EV's charging down
-    by what its session's later intervals can make up at full rate, up to its rate or
-    what it still needs."""
+    by what its session can make up at full rate in ``steps_left`` intervals (those from
+    the next re-plan on: within a block the executed charging never exceeds the plan's),
+    up to its rate or what it still needs."""
     bat_max = np.minimum(a.bat_p_max_kw, np.maximum(a.bat_e_max_kwh - e_kwh, 0.0)
                          / (a.bat_eta_ch * dt))
     bat_min = -np.minimum(a.bat_p_max_kw, np.maximum(e_kwh - a.bat_e_min_kwh, 0.0)

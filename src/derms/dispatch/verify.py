@@ -205,6 +205,7 @@ class ACNetwork:
         # made). The state: where the base case leaves the controls after one pass over
         # the horizon (a warm-up; for a day it is the state a day of operation leads to)
         self.control_state = None
+        self.runs = 0  # simulations run (an ACStepper checks that none ran beside it)
         self.hazard_regs, self.hazard_node, _lo = self._step_up_hazards()
         T, n = h.n_steps, len(self.fleet.ders)
         self.simulate(np.zeros((T, n)), np.zeros((T, n)))
@@ -483,6 +484,7 @@ class ACNetwork:
         self._last_flows = (out, flows)
         self._last_caps = (out, cap_on, ctl_kvar)
         self._last_taps = (out, taps)
+        self.runs += 1
         return out, models
 
     def _reference(self, res: QSTSResult, p_kw, q_kvar) -> Reference:
@@ -847,11 +849,15 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         res_q = view.simulate(seq.p_kw, seq.q_kvar)
         rep_q = ac.violations(res_q)
         after = rep_q.counts["violations_voltage"] + rep_q.counts["violations_thermal"]
+        # it does not see the head's export: an EV charging cut may add to it
+        export_q = 0.0 if objective.export_limit_kw is None else max(float(
+            np.max(-res_q.head_p_kw.sum(axis=1)) - objective.export_limit_kw)
+            - EXPORT_TOL_KW, 0.0)
         timing["ac_sequence_s"] = time.perf_counter() - t3
         ac_s += timing["ac_sequence_s"]
         log.info("dispatch ac_sequence: %d intervals corrected, violations %d -> %d (%.1f s)",
                  len(corr), left, after, timing["ac_sequence_s"])
-        if after < left:
+        if after < left and export_q <= best[0][1] + 1e-9:
             notes.append(f"AC correction in sequence: each interval still violated was "
                          f"corrected at the state the corrected intervals before it left "
                          f"(PV, reactive power, EV charging moved later; {len(corr)} "
