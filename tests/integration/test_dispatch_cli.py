@@ -275,7 +275,7 @@ def test_grouped_rolling_run_plans_the_groups_on_two_levels():
     assert s["rolling"]["violations_executed"] == 0
 
 
-def test_a_rolling_run_with_violations_says_so():
+def test_a_rolling_run_with_violations_says_so(tmp_path):
     """The rolling run's executed schedule is simulated once on the AC model; where it
     breaks limits (IEEE 13 seed 3 with the noisy forecast, executed as planned) a plan
     note says how many and why, next to the perfect-knowledge plan's clean count. With the
@@ -292,9 +292,13 @@ def test_a_rolling_run_with_violations_says_so():
     assert s["rolling"]["realtime_correction"] is None
     assert any(f"executed schedule has {n} violations" in note
                and "without the real-time correction" in note for note in s["plan_notes"])
-    s = run_dispatch_study("ieee13", ScenarioConfig(seed=3), ObjectiveConfig(),
-                           forecast="noisy").summary
+    study = run_dispatch_study("ieee13", ScenarioConfig(seed=3), ObjectiveConfig(),
+                               forecast="noisy")
+    s = study.summary
     rt = s["rolling"]["realtime_correction"]
+    from derms.reports.dispatch_html import write_dispatch_report
+    html = write_dispatch_report(tmp_path / "report.html", study).read_text()
+    assert "real-time AC correction" in html and "rows beyond a limit" in html
     assert s["rolling"]["violations_executed"] == 0
     assert rt["intervals_corrected"] > 0 and rt["rows_beyond_after"] == 0
     assert rt["kw_moved"] + rt["kvar_moved"] > 0

@@ -133,6 +133,15 @@ def _rolling_fig(st: DispatchStudy) -> go.Figure:
                                 np.nan), every)[:n]
     fig.add_trace(go.Scatter(x=t[:n], y=target, mode="lines", name="plan's peak target",
                              line={"shape": "hv", "dash": "dot", "color": "#000000"}))
+    c = [x for x in r.corrections if x.t < n]
+    if c:  # the intervals the real-time AC correction acted on, and what it did
+        k = np.array([x.t for x in c])
+        fig.add_trace(go.Scatter(
+            x=t[k], y=r.head_kw[k], mode="markers", name="real-time AC correction",
+            marker={"symbol": "x", "size": 8, "color": "#d62728"},
+            text=[f"rows beyond a limit {x.rows_before} -> {x.rows_after}; moved "
+                  f"{x.kw_moved:.1f} kW, {x.kvar_moved:.1f} kvar" for x in c],
+            hovertemplate="%{x}<br>%{text}<extra></extra>"))
     return _layout(fig, "substation import kW")
 
 
