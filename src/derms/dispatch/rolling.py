@@ -36,8 +36,8 @@ Network rows are centred on the AC solve of the uncontrolled schedule with the a
 load (the state an estimator would give; only the objective and the DER bounds see the
 forecasts), so the re-plans are linear and not AC-verified; the real-time correction
 catches what they leave (executed violations, 1 day: IEEE 13 seed 3 noisy 8 -> 0, EPRI
-ckt5 seed 1 noisy 25 -> 0, IEEE 8500 seed 1 with groups of 4 1,008 -> 489:
-bench/README.md).
+ckt5 seed 1 noisy 25 -> 0, IEEE 8500 seed 1 with groups of 4 1,008 -> 489 with a perfect
+forecast but 1,355 -> 1,356 with the noisy one, its peak 557 kW higher: bench/README.md).
 
 Peaks (head import [kW], import positive) are over the executed ``days``: uncontrolled,
 rule-based (:func:`~derms.dispatch.baselines.rule_based_peak_shaving`, threshold 0.9 x the
