@@ -94,8 +94,8 @@ class RepairRows:
             col.collect(0)
             v2, i2 = col.v_pu[0], col.i_a[0].astype(float)
             bad = any(m[t].any() for m in over.values())
-            if not bad or (_excess(self.ac.net_limits, t, v2, i2)
-                           < _excess(self.ac.net_limits, t, v, i_a)):
+            if not bad or (excess(self.ac.net_limits, t, v2, i2)
+                           < excess(self.ac.net_limits, t, v, i_a)):
                 v, i_a, head_kw = v2, i2, float(col.head_p_kw[0].sum())
             else:
                 self._put_raw(engine, plan)
@@ -342,7 +342,7 @@ def cap_holds(ac, res: QSTSResult, over: dict[str, np.ndarray], part) -> np.ndar
     return out
 
 
-def _excess(lim, t: int, v: np.ndarray, i_a: np.ndarray) -> float:
+def excess(lim, t: int, v: np.ndarray, i_a: np.ndarray) -> float:
     """Violation beyond the LP's limits at interval ``t``: node-phase pu over and under
     plus branch excess as a share of its rating (one 0.001 pu counts as 1 % of a
     rating)."""
@@ -374,11 +374,24 @@ def per_interval(ac, res: QSTSResult) -> np.ndarray:
 def beyond(ac, res: QSTSResult) -> dict[str, np.ndarray]:
     """(T, n) masks of the rows that count as violations (DESIGN.md tolerances) against
     the LP's limits (pre-existing ones held at their base-case values)."""
-    lim, tol = ac.net_limits, ac.limits
-    live = lim.node_ok[None, :]
-    return {"v_max": live & (res.v_pu > lim.v_max + 0.5 * tol.v_tol_pu),
-            "v_min": live & (res.v_pu < lim.v_min - 0.5 * tol.v_tol_pu),
-            "i_max": res.i_a > lim.i_max * (1 + 0.5 * tol.thermal_tol_pct / 100)}
+    lim = ac.net_limits
+    return _beyond(ac, res.v_pu, res.i_a, lim.v_max, lim.v_min, lim.i_max)
+
+
+def beyond_at(ac, t: int, v: np.ndarray, i_a: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`beyond` of one interval ``t``: node voltages ``v`` [pu], branch currents
+    ``i_a`` [A] -> (n,) masks."""
+    lim = ac.net_limits
+    return _beyond(ac, v, i_a, lim.v_max[t], lim.v_min[t], lim.i_max[t])
+
+
+def _beyond(ac, v, i_a, v_max, v_min, i_max) -> dict[str, np.ndarray]:
+    """Rows beyond limits by half the counting tolerance (a count's rule, kept clear of
+    the solver's rounding); arrays broadcast, (T, n) or (n,)."""
+    tol, live = ac.limits, ac.net_limits.node_ok
+    return {"v_max": live & (v > v_max + 0.5 * tol.v_tol_pu),
+            "v_min": live & (v < v_min - 0.5 * tol.v_tol_pu),
+            "i_max": i_a > i_max * (1 + 0.5 * tol.thermal_tol_pct / 100)}
 
 
 

@@ -53,7 +53,14 @@ import numpy as np
 
 from derms.der.models import fleet_arrays
 from derms.dispatch.ac_repair import with_moves
-from derms.dispatch.ac_repair_rows import EV_WEIGHT, RepairRows, ev_room_kw, shift_ev_energy
+from derms.dispatch.ac_repair_rows import (
+    EV_WEIGHT,
+    RepairRows,
+    beyond_at,
+    ev_room_kw,
+    excess,
+    shift_ev_energy,
+)
 from derms.dispatch.control_rows import cap_states
 from derms.dispatch.corrective import CorrectiveConfig, solve_corrective
 from derms.dispatch.plan import Schedule
@@ -207,21 +214,16 @@ class RealTimeCorrector:
         return self._rows
 
     def _beyond(self, t: int) -> tuple[int, float]:
-        """Fill row ``t`` of the masks of rows beyond their limits (half the counting
-        tolerance); their number and the excess (pu over/under + 0.1 x overload share)."""
-        lim, tol, rec = self.ac.net_limits, self.ac.limits, self.stepper.record
+        """Fill row ``t`` of the masks of rows beyond their limits
+        (:func:`~derms.dispatch.ac_repair_rows.beyond_at`); their number and the excess
+        (:func:`~derms.dispatch.ac_repair_rows.excess`)."""
+        rec = self.stepper.record
         v, i_a = rec.v_pu[t], rec.i_a[t].astype(float)
-        ok = lim.node_ok
-        hi = ok & (v > lim.v_max[t] + 0.5 * tol.v_tol_pu)
-        lo = ok & (v < lim.v_min[t] - 0.5 * tol.v_tol_pu)
-        with np.errstate(invalid="ignore"):
-            ii = i_a > lim.i_max[t] * (1 + 0.5 * tol.thermal_tol_pct / 100)
-        self._over["v_max"][t], self._over["v_min"][t], self._over["i_max"][t] = hi, lo, ii
-        dv = np.maximum(v - lim.v_max[t], 0.0) + np.maximum(lim.v_min[t] - v, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            di = np.where(np.isfinite(lim.i_max[t]), np.maximum(i_a / lim.i_max[t] - 1, 0), 0)
-        n = int(hi.sum() + lo.sum() + ii.sum())
-        return n, float(dv[ok & (hi | lo)].sum() + 0.1 * di[ii].sum())
+        n = 0
+        for kind, m in beyond_at(self.ac, t, v, i_a).items():
+            self._over[kind][t] = m
+            n += int(m.sum())
+        return n, excess(self.ac.net_limits, t, v, i_a)
 
     def _switched(self, caps0: np.ndarray | None, t: int) -> np.ndarray | None:
         """(n_ctl,) kvar-controlled capacitors that switched in this interval's solve away

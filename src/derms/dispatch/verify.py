@@ -670,6 +670,14 @@ def repair_movers(planner: Planner, over: dict[str, np.ndarray], res: QSTSResult
     return out
 
 
+def _export_over(objective: ObjectiveConfig, head_kw: np.ndarray) -> float:
+    """Largest head export beyond the objective's export limit [kW] (0 without one;
+    negative when the export stays inside it)."""
+    if objective.export_limit_kw is None:
+        return 0.0
+    return float(np.max(-np.asarray(head_kw)) - objective.export_limit_kw)
+
+
 def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                     fleet: Fleet | None = None, uncontrolled: tuple | None = None,
                     max_ac_rounds: int = 8) -> VerifiedPlan:
@@ -717,8 +725,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         ref, res = ac.reference(sched)
         ac_s += time.perf_counter() - t2
         rep = ac.violations(res)
-        export_over = 0.0 if objective.export_limit_kw is None else float(
-            np.max(-ref.head_kw) - objective.export_limit_kw)
+        export_over = _export_over(objective, ref.head_kw)
         n_viol = rep.counts["violations_voltage"] + rep.counts["violations_thermal"]
         key = (n_viol, max(export_over - EXPORT_TOL_KW, 0.0))
         improved = best is None or key < best[0]
@@ -850,9 +857,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         rep_q = ac.violations(res_q)
         after = rep_q.counts["violations_voltage"] + rep_q.counts["violations_thermal"]
         # it does not see the head's export: an EV charging cut may add to it
-        export_q = 0.0 if objective.export_limit_kw is None else max(float(
-            np.max(-res_q.head_p_kw.sum(axis=1)) - objective.export_limit_kw)
-            - EXPORT_TOL_KW, 0.0)
+        export_q = max(_export_over(objective, res_q.head_p_kw.sum(axis=1)) - EXPORT_TOL_KW,
+                       0.0)
         timing["ac_sequence_s"] = time.perf_counter() - t3
         ac_s += timing["ac_sequence_s"]
         log.info("dispatch ac_sequence: %d intervals corrected, violations %d -> %d (%.1f s)",
@@ -870,8 +876,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     left = rep.counts["violations_voltage"] + rep.counts["violations_thermal"]
     if left:  # never hand out a plan the AC check finds worse than leaving the DERs alone
         u_rep = ac.violations(uncontrolled[1])
-        u_export = 0.0 if objective.export_limit_kw is None else float(
-            np.max(-uncontrolled[0].head_kw) - objective.export_limit_kw)
+        u_export = _export_over(objective, uncontrolled[0].head_kw)
         u_key = (u_rep.counts["violations_voltage"] + u_rep.counts["violations_thermal"],
                  max(u_export - EXPORT_TOL_KW, 0.0))
         b_key = best[0]  # no worse on both counts (violations, export excess), better on one
@@ -891,8 +896,7 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         # 2,514): the uncontrolled schedule is returned
         u_rep = ac.violations(uncontrolled[1])
         u_clean = u_rep.counts["violations_voltage"] + u_rep.counts["violations_thermal"] == 0
-        u_export_ok = objective.export_limit_kw is None or float(
-            np.max(-uncontrolled[0].head_kw)) <= objective.export_limit_kw + EXPORT_TOL_KW
+        u_export_ok = _export_over(objective, uncontrolled[0].head_kw) <= EXPORT_TOL_KW
         peak, u_peak = float(np.max(res.head_p_kw.sum(axis=1))), float(
             np.max(uncontrolled[1].head_p_kw.sum(axis=1)))
         if u_clean and u_export_ok and peak > u_peak + 1e-6:
