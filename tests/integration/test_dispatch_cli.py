@@ -175,6 +175,10 @@ def test_rolling_forecast_run_is_reported_with_its_targets(tmp_path):
     assert s["peak_optimised_at"].endswith(("Z", "+00:00"))
     html = (tmp_path / "report.html").read_text()
     assert "Rolling re-plans with forecasts" in html and "peak target" in html
+    # the key-figures table lists the rolling block figure by figure, not as a dict's text
+    assert "<th>rolling.reduction_ratio</th>" in html
+    assert "<th>rolling.realtime_correction.intervals_corrected</th>" in html
+    assert "{&#x27;forecast&#x27;" not in html and "{'forecast'" not in html
     assert set(r["realtime_correction"]) == {"intervals_corrected", "rows_beyond_before",
                                              "rows_beyond_after", "kw_moved", "kvar_moved",
                                              "s"}

@@ -81,9 +81,19 @@ def _page(st: DispatchStudy) -> str:
 
 
 def _kv_table(summary: dict) -> str:
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(fmt_value(v))}</td>"
-                   "</tr>" for k, v in summary.items() if k != "violation_definition")
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(fmt_value(v))}</td>"
+                   "</tr>" for k, v in _flat(summary) if k != "violation_definition")
     return f"<table class=\"summary\"><tbody>{body}</tbody></table>"
+
+
+def _flat(d: dict, prefix: str = ""):
+    """(dotted key, value) of a summary, nested blocks (e.g. ``rolling``) one row per
+    figure instead of one dict's text."""
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def _figure(fig: go.Figure) -> str:
