@@ -11,7 +11,14 @@ import pytest
 from derms.der.aggregate import AggregationConfig
 from derms.der.models import fleet_arrays
 from derms.dispatch.plan import ObjectiveConfig, uncontrolled_schedule
-from derms.dispatch.realtime import ACStepper, correct_in_sequence
+from derms.dispatch.realtime import (
+    PEAK_TOL_KW,
+    ACStepper,
+    DerRanges,
+    RealTimeConfig,
+    RealTimeCorrector,
+    correct_in_sequence,
+)
 from derms.dispatch.rolling import _ranges, run_rolling
 from derms.studies.dispatch_scenario import ScenarioConfig, open_dispatch_case
 from tests.conftest import shared_master
@@ -222,3 +229,32 @@ def test_stepper_refuses_to_go_on_after_another_simulation(grouped123):
     ac.simulate(p, q)   # rewrites every DER load shape and the engine's time
     with pytest.raises(RuntimeError, match="stepper"):
         st.solve(p[1], q[1])
+
+
+def test_a_correction_never_lifts_the_import_past_its_caps(ieee13_seed3):
+    """The peak rule of :meth:`RealTimeCorrector.execute`: a round that leaves rows beyond
+    a limit may not lift the head import above max(peak_kw, the import before) + 1 kW, one
+    that clears the interval not above max(clear_kw, ...). With both at 0 no correction
+    raises the import (IEEE 13 seed 3, uncontrolled: PV overvoltage at noon, where
+    curtailing PV is the easy answer); with clear_kw unbounded the clearing rounds do
+    raise it, so the cap is what holds it."""
+    _scenario, ac = ieee13_seed3
+    unc = uncontrolled_schedule(ac.fleet)
+    T = unc.p_kw.shape[0]
+    none = np.zeros(len(ac.fleet.batteries))
+
+    def run(clear_kw: float):
+        cor = RealTimeCorrector(ac, ACStepper(ac, T), RealTimeConfig(battery=False))
+        for t in range(T):
+            ranges = DerRanges(none, none, np.zeros_like(unc.ev_kw[t]), unc.ev_kw[t].copy(),
+                               battery=False)
+            cor.execute(unc.p_kw[t], unc.q_kvar[t], ranges=ranges, peak_kw=0.0,
+                        clear_kw=clear_kw)
+        return cor.log
+
+    free = run(np.inf)
+    assert any(c.rows_after == 0 and c.head_after_kw > c.head_before_kw + PEAK_TOL_KW
+               for c in free)
+    capped = run(0.0)
+    assert capped and all(c.head_after_kw <= c.head_before_kw + PEAK_TOL_KW + 1e-6
+                          for c in capped)
