@@ -27,8 +27,9 @@ excursion as it happens. Here the same answer is made in the study:
   battery power within what its energy allows now, and EV charging down by what the rest
   of the session can take back; the interval is solved again, at most ``rounds`` times,
   and the round with the fewest rows beyond a limit (then the least excess) is kept. A
-  round that clears the interval may lift the head import past the peak target (limits
-  first, as in the plan's LP); one that leaves rows beyond a limit may not: it is
+  round that clears the interval may lift the head import up to ``clear_kw`` (unbounded
+  by default: limits first, as in the plan's LP); one that leaves rows beyond a limit
+  only up to ``peak_kw`` (or the import before it, if higher): past that it is
   dropped and the next round starts again from the best one with no DER's import
   allowed to rise (reactive power, less import). Measured on IEEE 8500 (rolling, groups
   of 4): partial corrections that took 67 -> 17 rows by curtailing 2 MW of PV and
