@@ -58,3 +58,29 @@ def test_counted_implies_beyond_and_the_base_case_is_never_beyond():
     assert (n_beyond >= counted).all()   # every counted pair is beyond
     mb = beyond(ac, SimpleNamespace(v_pu=base, i_a=np.zeros((T, 1))))
     assert not (mb["v_min"] | mb["v_max"]).any()
+
+
+def test_counted_overload_is_beyond_thermal():
+    """The thermal analogue: a base loading inside the tolerance (100-101 %) holds the
+    limit at the base current, and half the tolerance past it (100.8 % -> 101.3 %) was
+    past the count's 101 %; a base loading above twice the rating, its + 1 point."""
+    rng = np.random.default_rng(5)
+    T, rating = 4000, 100.0
+    base_i = rng.uniform(95.0, 230.0, (T, 1))
+    i_a = base_i + rng.uniform(-3.0, 3.0, (T, 1))
+    ref = Reference(np.zeros((T, 0)), np.zeros((T, 0)), np.ones((T, 1)), base_i, np.zeros(T))
+    lim = network_limits(ref, np.ones(1, dtype=int), np.full(1, rating), Limits())
+    ac = SimpleNamespace(limits=Limits(), net_limits=lim)
+    m = beyond(ac, SimpleNamespace(v_pu=np.ones((T, 1)), i_a=i_a))["i_max"][:, 0]
+    rep = detect_violations(pd.date_range("2026-07-01", periods=T, freq="15min", tz="UTC"),
+                            0.25, v_pu=np.ones((T, 1)), node_names=np.array(["n"]),
+                            node_phases=np.ones(1, dtype=int),
+                            loading_pct=i_a / rating * 100, branch_names=np.array(["b"]),
+                            branch_phases=np.ones(1, dtype=int), limits=Limits(),
+                            base_v_pu=np.ones((T, 1)), base_loading_pct=base_i / rating * 100)
+    counted = rep.per_interval.astype(bool)
+    assert counted.sum() > 100
+    assert not (counted & ~m).any()   # every counted overload is beyond
+    # the base case itself is never beyond
+    mb = beyond(ac, SimpleNamespace(v_pu=np.ones((T, 1)), i_a=base_i))["i_max"]
+    assert not mb.any()

@@ -403,7 +403,23 @@ def _beyond(ac, v, i_a, v_max, v_min, i_max) -> dict[str, np.ndarray]:
     hi_at = np.where(v_max <= hi, np.minimum(v_max + half, hi), v_max + half)
     return {"v_max": live & (v > hi_at),
             "v_min": live & (v < lo_at),
-            "i_max": i_a > i_max * (1 + 0.5 * tol.thermal_tol_pct / 100)}
+            "i_max": i_a > _i_beyond(ac.net_limits.rating_a, i_max, tol)}
+
+
+def _i_beyond(rating_a: np.ndarray, i_max, tol) -> np.ndarray:
+    """Current [A] above which a branch is beyond its limit: half the thermal tolerance
+    past ``i_max``, never past the count's own threshold (DESIGN.md: the rating x
+    (thermal_pct + tol) %, or a pre-existing one's base current + tol % of the rating), so
+    a limit held at a base current inside the tolerance, or a base loading above twice
+    the rating, does not let a counted overload go unseen. Without ratings (``rating_a``
+    empty): the half tolerance alone."""
+    i_half = i_max * (1 + 0.5 * tol.thermal_tol_pct / 100)
+    if rating_a.size == 0 or rating_a.size != np.shape(i_max)[-1]:
+        return i_half
+    rated = np.where(rating_a > 0, rating_a, np.inf)
+    th = rated * (tol.thermal_pct + tol.thermal_tol_pct) / 100
+    count = np.where(i_max <= th, th, i_max + rated * tol.thermal_tol_pct / 100)
+    return np.minimum(i_half, count)
 
 
 

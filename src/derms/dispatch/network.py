@@ -269,6 +269,9 @@ class NetworkLimits:
     band_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     band_lo_pu: np.ndarray = field(default_factory=lambda: np.zeros(0))
     band_hi_pu: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # (n_br,) normal ratings [A] (<= 0: none), for the count's own thresholds
+    # (``ac_repair_rows``); empty where not known
+    rating_a: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def network_limits(base: Reference, node_phase: np.ndarray, rating_a: np.ndarray,
@@ -301,7 +304,8 @@ def network_limits(base: Reference, node_phase: np.ndarray, rating_a: np.ndarray
     rated = np.where(rating_a > 0, rating_a * limits.thermal_pct / 100.0, INF)
     i_max = np.maximum(base.i_a, rated)
     node_ok = (node_phase <= 3) & (v.min(axis=0) >= limits.energised_min_pu)
-    return NetworkLimits(v_max, v_min, i_max, node_ok)
+    return NetworkLimits(v_max, v_min, i_max, node_ok,
+                         rating_a=np.asarray(rating_a, dtype=float))
 
 
 def der_box(a: FleetArrays, allow_q: bool) -> tuple[np.ndarray, ...]:

@@ -251,7 +251,7 @@ def _slice_ref(ref: Reference, k0: int, n: int, head0_kw: np.ndarray) -> Referen
 
 def _slice_limits(lim: NetworkLimits, k0: int, n: int) -> NetworkLimits:
     return NetworkLimits(lim.v_max[k0:k0 + n], lim.v_min[k0:k0 + n], lim.i_max[k0:k0 + n],
-                         lim.node_ok)
+                         lim.node_ok, rating_a=lim.rating_a)
 
 
 def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = None, *,
