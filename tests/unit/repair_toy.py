@@ -12,6 +12,7 @@ import pandas as pd
 
 from derms.analysis.constraints import Limits, detect_violations
 from derms.dispatch import ac_repair
+from derms.dispatch.network import NetworkLimits
 
 
 class ToyNet:
@@ -21,7 +22,7 @@ class ToyNet:
     def __init__(self, T: int, slope: float, counted: bool) -> None:
         self.T, self.slope, self.counted = T, slope, counted
         self.limits = Limits()
-        self.net_limits = SimpleNamespace(
+        self.net_limits = NetworkLimits(
             v_max=np.full((T, 1), 1.05), v_min=np.full((T, 1), 0.95),
             i_max=np.full((T, 0), np.inf), node_ok=np.ones(1, bool))
         self.fleet = SimpleNamespace(pv=[object()])
