@@ -52,6 +52,21 @@ class Limits:
         if self.thermal_pct <= 0:
             raise InputError(f"thermal limit must be positive, got {self.thermal_pct}")
 
+    @property
+    def v_lo_count_pu(self) -> float:
+        """Voltage [pu] below which a node counts as a violation (limit - tolerance)."""
+        return self.v_min_pu - self.v_tol_pu
+
+    @property
+    def v_hi_count_pu(self) -> float:
+        """Voltage [pu] above which a node counts as a violation (limit + tolerance)."""
+        return self.v_max_pu + self.v_tol_pu
+
+    @property
+    def thermal_count_pct(self) -> float:
+        """Loading [% of the normal rating] above which a branch counts as a violation."""
+        return self.thermal_pct + self.thermal_tol_pct
+
     @classmethod
     def ansi_range_a(cls, **kw) -> Limits:
         """ANSI C84.1 Range A service voltage: 114-126 V on 120 V (0.95-1.05 pu)."""
@@ -154,9 +169,7 @@ def detect_violations(
         if arr.shape != (T, n):
             raise InputError(f"{name} has shape {arr.shape}; expected ({T}, {n})")
     live = (v_pu >= limits.energised_min_pu) & (node_phases <= 3)[None, :]
-    lo = limits.v_min_pu - limits.v_tol_pu
-    hi = limits.v_max_pu + limits.v_tol_pu
-    th = limits.thermal_pct + limits.thermal_tol_pct
+    lo, hi, th = limits.v_lo_count_pu, limits.v_hi_count_pu, limits.thermal_count_pct
     loading = np.nan_to_num(loading_pct, nan=0.0)
     frames: list[pd.DataFrame] = []
     per_t = np.zeros(T, dtype=np.int64)  # voltage and thermal pairs counted per interval

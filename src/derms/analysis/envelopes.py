@@ -261,7 +261,7 @@ def horizon_limits(base: HorizonStates, index: NetworkIndex, node_names: list[st
            & (index.node_phase <= 3))
     nodes = np.flatnonzero(mon)
     vb = v[:, nodes]
-    hi_band, lo_band = lim.v_max_pu + lim.v_tol_pu, lim.v_min_pu - lim.v_tol_pu
+    hi_band, lo_band = lim.v_hi_count_pu, lim.v_lo_count_pu
     pre_hi, pre_lo = vb > hi_band, vb < lo_band
     # the allocation's target: the tolerance less what the AC check accepts beyond it
     tol_v = max(lim.v_tol_pu - crit.accept_v_pu, 0.0)
@@ -278,7 +278,7 @@ def horizon_limits(base: HorizonStates, index: NetworkIndex, node_names: list[st
     branches = np.flatnonzero(rated)
     ib = base.i_a[:, branches]
     nb = norm[branches]
-    th = lim.thermal_pct + lim.thermal_tol_pct
+    th = lim.thermal_count_pct
     pre_th = ib / nb * 100.0 > th
     tol_th = max(lim.thermal_tol_pct - crit.accept_thermal_pct, 0.0)
     i_max = np.where(pre_th, ib + nb * tol_th / 100.0, nb * (lim.thermal_pct + tol_th) / 100.0)

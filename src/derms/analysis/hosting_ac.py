@@ -163,7 +163,7 @@ def constraint_limits(engine: OpenDSSEngine, index: NetworkIndex,
     i0 = col.i_a[0].astype(float)
     head0 = float(col.head_p_kw[0].sum())
     mon = (v0 >= lim.energised_min_pu) & (index.node_phase >= 1) & (index.node_phase <= 3)
-    hi_band, lo_band = lim.v_max_pu + lim.v_tol_pu, lim.v_min_pu - lim.v_tol_pu
+    hi_band, lo_band = lim.v_hi_count_pu, lim.v_lo_count_pu
     pre_hi, pre_lo = mon & (v0 > hi_band), mon & (v0 < lo_band)
     v_hi = np.where(pre_hi, v0 + lim.v_tol_pu, hi_band)
     v_lo = np.where(pre_lo, v0 - lim.v_tol_pu, lo_band)
@@ -177,7 +177,7 @@ def constraint_limits(engine: OpenDSSEngine, index: NetworkIndex,
     v_hi[~mon], v_lo[~mon] = np.nan, np.nan
 
     norm = index.branch_norm_a
-    th = lim.thermal_pct + lim.thermal_tol_pct
+    th = lim.thermal_count_pct
     rated = norm > 0
     if criteria.skip_default_ratings:
         default = ((norm == _DEFAULT_RATING_A[0]) & (index.branch_emerg_a == _DEFAULT_RATING_A[1])

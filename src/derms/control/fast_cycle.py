@@ -240,8 +240,8 @@ class FastCycle:
             bv = np.asarray(base_v, dtype=float)
             if bv.shape != (n,):
                 raise InputError(f"base_v_pu has shape {bv.shape}, expected ({n},)")
-            hi = bv > lim.v_max_pu + lim.v_tol_pu
-            lo = (bv < lim.v_min_pu - lim.v_tol_pu) & (bv >= lim.energised_min_pu)
+            hi = bv > lim.v_hi_count_pu
+            lo = (bv < lim.v_lo_count_pu) & (bv >= lim.energised_min_pu)
             self.v_max = np.where(hi, bv, self.v_max)
             self.v_min = np.where(lo, bv, self.v_min)
             self.v_pre = hi | lo
@@ -249,7 +249,7 @@ class FastCycle:
             bl = np.nan_to_num(np.asarray(base_load, dtype=float))
             if bl.shape != (nb,):
                 raise InputError(f"base_loading_pct has shape {bl.shape}, expected ({nb},)")
-            pre = rated & (bl > lim.thermal_pct + lim.thermal_tol_pct)
+            pre = rated & (bl > lim.thermal_count_pct)
             self.i_max = np.where(pre, ix.branch_norm_a * bl / 100.0, self.i_max)
             self.i_pre = pre
         self.phase_node = ix.node_phase <= 3

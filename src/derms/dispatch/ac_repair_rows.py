@@ -398,7 +398,7 @@ def _beyond(ac, v, i_a, v_max, v_min, i_max) -> dict[str, np.ndarray]:
     real-time correction never saw it and the executed schedule kept 1 violation)."""
     tol, live = ac.limits, ac.net_limits.node_ok
     half = 0.5 * tol.v_tol_pu
-    lo, hi = tol.v_min_pu - tol.v_tol_pu, tol.v_max_pu + tol.v_tol_pu  # the count's
+    lo, hi = tol.v_lo_count_pu, tol.v_hi_count_pu
     lo_at = np.where(v_min >= lo, np.maximum(v_min - half, lo), v_min - half)
     hi_at = np.where(v_max <= hi, np.minimum(v_max + half, hi), v_max + half)
     return {"v_max": live & (v > hi_at),
@@ -417,7 +417,7 @@ def _i_beyond(rating_a: np.ndarray, i_max, tol) -> np.ndarray:
     if rating_a.size == 0 or rating_a.size != np.shape(i_max)[-1]:
         return i_half
     rated = np.where(rating_a > 0, rating_a, np.inf)
-    th = rated * (tol.thermal_pct + tol.thermal_tol_pct) / 100
+    th = rated * tol.thermal_count_pct / 100
     count = np.where(i_max <= th, th, i_max + rated * tol.thermal_tol_pct / 100)
     return np.minimum(i_half, count)
 

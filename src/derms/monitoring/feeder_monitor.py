@@ -275,7 +275,7 @@ class FeederMonitor:
         :mod:`derms.analysis.se_posterior`): the probability that each one estimated at
         ``possible_from_pct`` or more, but not over the limit, is over it in truth."""
         cfg, lim = self.config, self.config.limits
-        limit = lim.thermal_pct + lim.thermal_tol_pct
+        limit = lim.thermal_count_pct
         ix = self.index
         cand = np.flatnonzero(np.isfinite(loading) & (loading >= cfg.possible_from_pct)
                               & (loading <= limit) & (ix.branch_norm_a > 0))

@@ -552,8 +552,8 @@ def _tables(inputs: GrowthInputs, net: GrowthNetwork, screens: list[YearScreen],
 def _first_table(inputs: GrowthInputs, net: GrowthNetwork, lim: Limits, el_year, el_min_kw,
                  head_min, vmin, vmax, bus_names) -> pd.DataFrame:
     sc, el, feeder = inputs.scenario, net.elements, inputs.model.name
-    th = lim.thermal_pct + lim.thermal_tol_pct
-    lo, hi = lim.v_min_pu - lim.v_tol_pu, lim.v_max_pu + lim.v_tol_pu
+    th = lim.thermal_count_pct
+    lo, hi = lim.v_lo_count_pu, lim.v_hi_count_pu
     rev = -lim.reverse_power_kw if lim.reverse_power_kw else 0.0  # (never -0.0 in a table)
     frames = []
 
