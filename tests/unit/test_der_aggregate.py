@@ -109,6 +109,25 @@ def test_vpp_request_members_stay_single_and_size_one_is_identity():
     assert singletons(fleet).fleet is fleet
 
 
+def test_auto_size_groups_large_fleets_only(monkeypatch):
+    """``size=None`` (auto): every DER on its own below ``AUTO_GROUP_MIN_DERS``, groups of
+    ``AUTO_GROUP_SIZE`` from it (the default threshold, 500, lowered to this fleet)."""
+    import derms.der.aggregate as aggmod
+
+    fleet, feats = _fleet(10)  # 40 DERs
+    n = len(fleet.ders)
+    assert AggregationConfig(size=None).resolved(n).size == 1
+    assert aggregate(fleet, feats, AggregationConfig(size=None)).fleet is fleet
+    monkeypatch.setattr(aggmod, "AUTO_GROUP_MIN_DERS", n)
+    assert AggregationConfig(size=None).resolved(n).size == aggmod.AUTO_GROUP_SIZE
+    assert AggregationConfig(size=None).resolved(n - 1).size == 1
+    assert AggregationConfig(size=2).resolved(n).size == 2  # a size given is kept
+    grouped = aggregate(fleet, feats, AggregationConfig(size=None))
+    assert len(grouped.fleet.ders) < n
+    assert len(grouped.fleet.ders) == len(aggregate(
+        fleet, feats, AggregationConfig(size=aggmod.AUTO_GROUP_SIZE)).fleet.ders)
+
+
 def test_bad_config_and_features_are_refused():
     fleet, feats = _fleet(4)
     with pytest.raises(InputError):
@@ -188,3 +207,18 @@ def test_member_shortfall_is_each_sessions_own():
     np.testing.assert_allclose(m.ev_short_kwh, np.maximum(ma.ev_e_required_kwh - got, 0))
     assert m.ev_short_kwh[1] == 0.0 and m.ev_short_kwh[0] > 0
     assert (m.ev_short_kwh <= agg.share[agg.group_of] * 3.0 + 1e-9).all()
+
+
+def test_ders_at_one_location_group_without_warnings():
+    """More DERs at one location than groups asked for (k-means++ seeding divided by
+    zero: NaN probabilities and empty clusters, printed as warnings by the CLI)."""
+    import warnings
+
+    fleet, _feats = _fleet(12)
+    n = len(fleet.ders)
+    feats = np.repeat(np.array([[1.0, 0.0], [0.0, 1.0]]), [n // 2, n - n // 2], axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agg = aggregate(fleet, feats, AggregationConfig(size=2))
+    assert len(agg.fleet.ders) < n
+    assert np.allclose(np.bincount(agg.group_of, weights=agg.share), 1.0)

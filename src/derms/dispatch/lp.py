@@ -370,7 +370,7 @@ class HighsLP:
         t0 = time.perf_counter()
         if time_limit_s is not None:
             self.h.setOptionValue("time_limit", self.h.getRunTime() + max(time_limit_s, 0.0))
-            self.h.run()
+            run_interruptible(self.h)
             return self._result(t0)
         limit = self.stall_limit_s()
         if not self._kept:
@@ -384,7 +384,7 @@ class HighsLP:
             self.h.setOptionValue("time_limit", highspy.kHighsInf if last
                                   else self.h.getRunTime() + limit)
             ta = time.perf_counter()
-            self.h.run()
+            run_interruptible(self.h)
             if self.h.getModelStatus() != highspy.HighsModelStatus.kTimeLimit or last:
                 break
             opts = FALLBACKS[self._fallback]
@@ -424,6 +424,35 @@ class HighsLP:
         sol = self.h.getSolution()
         return (np.asarray(sol.col_value), np.asarray(sol.row_value),
                 np.asarray(sol.row_dual))
+
+
+def run_interruptible(h: highspy.Highs) -> None:
+    """``h.run()`` so that a signal stops it: on the main thread HiGHS runs in its solver
+    thread while this one waits, so a signal handler (SIGTERM -> ``SystemExit`` in the
+    CLI, Ctrl-C -> ``KeyboardInterrupt``) runs during the solve; the solve is then
+    cancelled (HiGHS's interrupt callback, status ``kInterrupt``), waited for, and the
+    exception re-raised. Before, a handler waited for ``run()`` to return: minutes on a
+    large feeder, an unbounded interior-point fallback at worst. Elsewhere (a server's
+    worker thread, where no handler runs) it is ``h.run()``."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        h.run()
+        return
+    h.HandleUserInterrupt = True  # registers the interrupt callbacks (once per object)
+    thread = h.startSolve()
+    try:
+        while not h.wait(0.2)[0]:
+            pass
+    except BaseException:
+        h.cancelSolve()
+        while thread.is_alive():
+            try:
+                if h.wait(0.1)[0]:
+                    break
+            except BaseException:  # noqa: BLE001  a second signal: cancel again, keep waiting
+                h.cancelSolve()
+        raise
 
 
 def quiet_highs():
