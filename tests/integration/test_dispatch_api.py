@@ -70,6 +70,10 @@ def test_grouped_plan_schedules_every_der(api):
     assert s["n_planned_ders"] < s["n_controllable_ders"]
     assert s["violations_optimised"] == 0
     assert r.json()["schedule"]["total"] == 24 * s["n_controllable_ders"]
+    assert s["group_size"] == 4 and s["group_size_from"] == "given"
+    auto = api.post("/v1/dispatch/plan", headers=api.operator,
+                    json={**BODY, "group_size": "auto"}).json()["summary"]
+    assert auto["group_size"] == 1 and auto["group_size_from"] == "auto"
 
 
 def test_rolling_plan_reports_its_realtime_correction_or_its_absence(api):
@@ -107,6 +111,7 @@ def test_infeasible_is_422_with_the_explanation(api):
     {"feeder": "nosuch"}, {"pv_penetration": 1.5}, {"horizon": "25min"},
     {"step": "fortnight"}, {"policy": "random"}, {"unknown_field": 1}, {"horizon": "30d"},
     {"replan_every": "often"}, {"replan_every": "5min"}, {"group_size": 0},
+    {"group_size": "some"}, {"group_size": 1001},
 ])
 def test_bad_body_is_422(api, change):
     r = api.post("/v1/dispatch/plan", headers=api.operator, json={**BODY, **change})

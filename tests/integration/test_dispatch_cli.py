@@ -44,6 +44,9 @@ def test_summary(out):
     assert s["violations_optimised"] == 0
     assert s["peak_optimised_kw"] <= s["peak_uncontrolled_kw"] + 1e-6
     assert s["horizon_start"].endswith("Z")
+    # --group auto (the default): IEEE 123's 68 DERs are each planned on their own
+    assert s["group_size"] == 1 and s["group_size_from"] == "auto"
+    assert s["n_planned_ders"] == s["n_controllable_ders"]
     if s["optimised_mode"] == "perfect_foresight":
         assert s["peak_optimised_kw"] == s["peak_perfect_foresight_kw"]
 
@@ -122,6 +125,7 @@ def test_report_and_opendss_set(out):
     (["--pv", "0", "--battery", "0", "--ev", "0"], "nothing to dispatch"),
     (["--seed", "-1"], "--seed"),                       # was numpy's traceback
     (["--group", "0"], "--group"),
+    (["--group", "some"], "--group"),
 ])
 def test_bad_input_exits_2(tmp_path, args, fragment):
     code, text = _run("ieee123", *args, "--out", tmp_path)
@@ -258,6 +262,26 @@ def test_grouped_plan_is_clean_and_explained_per_der(tmp_path):
     assert len(moves) and set(moves["der_id"]) <= ders
     sched = pd.read_csv(tmp_path / "schedule.csv")
     assert set(sched["der_id"]) == ders
+
+
+def test_auto_groups_follow_the_fleet_size_in_both_runs(monkeypatch):
+    """``group_size`` None (auto) groups a fleet from ``AUTO_GROUP_MIN_DERS`` DERs (500,
+    lowered here to IEEE 123's fleet), and the rolling run plans in the same groups: its
+    own draw over twice the horizon is not sized again."""
+    import derms.der.aggregate as aggmod
+    from derms.dispatch.plan import ObjectiveConfig
+    from derms.reports.dispatch_study import run_dispatch_study
+    from derms.studies.dispatch_scenario import ScenarioConfig
+
+    monkeypatch.setattr(aggmod, "AUTO_GROUP_MIN_DERS", 20)
+    study = run_dispatch_study("ieee123", ScenarioConfig(seed=1, n_steps=8,
+                                                         step=pd.Timedelta("1h")),
+                               ObjectiveConfig(), forecast="noisy", replan_every="1h")
+    s = study.summary
+    assert s["group_size"] == aggmod.AUTO_GROUP_SIZE and s["group_size_from"] == "auto"
+    assert s["n_planned_ders"] < s["n_controllable_ders"]
+    assert study.rolling.executed.p_kw.shape[1] == s["n_planned_ders"]
+    assert s["violations_optimised"] == 0
 
 
 def test_grouped_rolling_run_plans_the_groups_on_two_levels():

@@ -50,9 +50,10 @@ class PlanBody(BaseModel):
     replan_every: str | None = Field(
         None, description="Re-plan period of the rolling run (forecast noisy / model), a "
                           "whole number of steps; default 15 min (or one step if longer).")
-    group_size: int = Field(1, ge=1, le=1000, description=(
+    group_size: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = Field("auto", description=(
         "Plan DERs in groups of about this many (compatible DERs near each other moving "
-        "in fixed proportion); 1: every DER on its own."))
+        "in fixed proportion), 1 to 1000; 1: every DER on its own; \"auto\": groups of 4 "
+        "from 500 DERs, else 1 (summary.group_size says which)."))
     realtime: bool = Field(True, description=(
         "The rolling run (forecast noisy / model) executes each interval on the AC model "
         "and corrects the ones that break a limit; false: as planned."))
@@ -89,7 +90,9 @@ def _plan(body: PlanBody) -> dict[str, Any]:
     objective = ObjectiveConfig(export_limit_kw=body.export_limit_kw,
                                 curtailment_policy=body.policy)
     study = run_dispatch_study(body.feeder, cfg, objective, forecast=body.forecast,
-                               replan_every=replan, group_size=body.group_size,
+                               replan_every=replan,
+                               group_size=None if body.group_size == "auto"
+                               else body.group_size,
                                realtime=body.realtime)
     sched = schedule_table(study.optimised.schedule)
     page = sched.iloc[body.schedule_offset: body.schedule_offset + body.schedule_limit]

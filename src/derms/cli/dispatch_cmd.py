@@ -80,12 +80,13 @@ def dispatch(
         "--replan-every", help="Re-plan period of the rolling run (--forecast noisy or "
                                "model), a whole number of steps, e.g. 15min or 1h. Default: "
                                "15min, or one step when steps are longer.")] = None,
-    group: Annotated[int, typer.Option(
+    group: Annotated[str, typer.Option(
         "--group", help="Plan DERs in groups of about N (compatible DERs near each other "
                         "moving in fixed proportion): a smaller LP for large fleets; the AC "
                         "check, the repair, the schedule and the ledger stay per DER. "
                         "The rolling run (--forecast noisy/model) plans in the same "
-                        "groups. 1 = every DER on its own.")] = 1,
+                        "groups. 1 = every DER on its own; auto = groups of 4 from 500 "
+                        "DERs, else 1.")] = "auto",
     realtime: Annotated[bool, typer.Option(
         "--realtime/--no-realtime", help="The rolling run (--forecast noisy/model) "
         "executes each interval on the AC model and corrects the ones that break a limit "
@@ -116,8 +117,7 @@ def dispatch(
         raise InputError(f"--export-limit-kw {export_limit_kw}: expected a finite number")
     if seed < 0:
         raise InputError(f"--seed {seed}: expected a non-negative integer")
-    if group < 1:
-        raise InputError(f"--group {group}: expected a group size of at least 1")
+    group_size = _group_size(group)
     step_td, n_steps = parse_horizon(horizon, step)
     if step_td < timedelta(minutes=1):
         raise InputError(f"--step {step!r}: expected at least 1 minute")
@@ -135,7 +135,7 @@ def dispatch(
         study = run_dispatch_study(master, cfg, objective, forecast=forecast.value,
                                    replan_every=replan_every, opendss_dir=tmp / "opendss",
                                    on_stage=lambda s: bar.update(task, description=s),
-                                   group_size=group, realtime=realtime)
+                                   group_size=group_size, realtime=realtime)
         bar.update(task, description="write outputs")
         write_dispatch_outputs(study, tmp)
     s = study.summary
@@ -144,7 +144,9 @@ def dispatch(
         f"batteries, {s['n_ev']} EVs"
         + (f"; {s['n_ders_outside_horizon']} outside the horizon, not counted"
            if s["n_ders_outside_horizon"] else "")
-        + f"), {s['n_steps']} intervals", highlight=False)
+        + f"), {s['n_steps']} intervals"
+        + (f", planned as {s['n_planned_ders']} groups of about {s['group_size']}"
+           f" ({s['group_size_from']})" if s["group_size"] > 1 else ""), highlight=False)
     out_console.print(
         f"peak kW: uncontrolled {s['peak_uncontrolled_kw']:.1f}, rule-based "
         f"{s['peak_rule_based_kw']:.1f}, optimised {s['peak_optimised_kw']:.1f} "
@@ -165,3 +167,18 @@ def dispatch(
                           f"{s['ev_short_kwh']:.1f} kWh short of their energy: a network "
                           "limit leaves no other way (ledger_ev_shortfalls.csv names it)")
     out_console.print(f"report: {(out / 'report.html').resolve()}", highlight=False)
+
+
+def _group_size(text: str) -> int | None:
+    """``--group``: "auto" -> None (chosen from the fleet's size), else a size >= 1."""
+    from derms.errors import InputError
+
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise InputError(f"--group {text!r}: expected 'auto' or a group size of at least 1")
+    return size

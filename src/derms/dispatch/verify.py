@@ -145,7 +145,8 @@ class ACNetwork:
     customer_profiles : Profiles
         Multipliers of the feeder's own loads over the horizon (same start, step, length).
     aggregation : AggregationConfig, optional
-        Plan DERs in groups (:mod:`derms.der.aggregate`): ``fleet`` is then the groups and
+        Plan DERs in groups (:mod:`derms.der.aggregate`; its ``size`` None: chosen from the
+        fleet's size, the choice in ``group_size``): ``fleet`` is then the groups and
         ``members`` the DERs given; schedules of the groups are injected member by member
         (each its share, at its own bus), ``simulate_members`` / ``simulate_schedule``
         take the members' own schedules.
@@ -228,6 +229,9 @@ class ACNetwork:
         every node on a feeder without any), projected on 32 random directions. (The
         secondary nodes would keep apart DERs under two service transformers side by
         side: each one's own transformer and service drop dominate its column there.)"""
+        if cfg is not None:
+            cfg = cfg.resolved(len(fleet.ders))
+        self.group_size = 1 if cfg is None else cfg.size  # as planned (auto resolved)
         if cfg is None or cfg.size <= 1 or not fleet.ders:
             return singletons(fleet)
         w = der_map(self.lin, fleet)

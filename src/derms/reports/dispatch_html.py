@@ -280,7 +280,7 @@ def _der_ledger(st: DispatchStudy) -> str:
     frame["moved kWh (Σ|Δ|·dt)"] = frame["der_id"].map(moved).fillna(0.0)
     total = frame["moved kWh (Σ|Δ|·dt)"].sum()
     frame["share of moves"] = frame["moved kWh (Σ|Δ|·dt)"] / total if total > 0 else 0.0
-    frame["main reason"] = frame["der_id"].map(reason).fillna("")
+    frame["main reason"] = frame["der_id"].map(reason).astype(object).fillna("")
     c = led.curtailment
     if len(c):
         last = c[c["t"] == c["t"].max()].set_index("der_id")

@@ -199,13 +199,16 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                        objective: ObjectiveConfig, *, forecast: Forecast = "perfect",
                        replan_every: str | None = None, opendss_dir: Path | None = None,
                        on_stage: Callable[[str], None] | None = None,
-                       group_size: int = 1, realtime: bool = True) -> DispatchStudy:
+                       group_size: int | None = None, realtime: bool = True
+                       ) -> DispatchStudy:
     """Run a dispatch study on ``master`` (a path or bundled name; see module docstring).
 
     ``opendss_dir``: where to write the OpenDSS replay set (None: not written).
     ``replan_every``: re-plan period of the rolling run (``forecast`` noisy / model;
     None: :func:`parse_replan`'s default).
-    ``group_size`` > 1: the plan moves DERs in groups of about that many
+    ``group_size`` > 1: the plan moves DERs in groups of about that many; None (the
+    default): chosen from the fleet's size (:func:`derms.der.aggregate.auto_group_size`:
+    groups of 4 from 500 DERs, the size used in the summary's ``group_size``)
     (:mod:`derms.der.aggregate`: compatible, nearby DERs in fixed proportion; a smaller LP
     on large fleets); the AC check, the last-mile repair, the schedule and the ledger are
     per DER. The rolling run plans in the same groups (its executed schedule is simulated
@@ -229,10 +232,15 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
     t0 = time.perf_counter()
     from derms.der.aggregate import AggregationConfig
 
-    agg = AggregationConfig(size=group_size, pv_by_capacity=(
-        objective.curtailment_policy == "proportional_to_capacity")) if group_size > 1 else None
+    by_capacity = objective.curtailment_policy == "proportional_to_capacity"
+    agg = AggregationConfig(size=group_size, pv_by_capacity=by_capacity) \
+        if group_size is None or group_size > 1 else None
     engine, scenario, ac = open_dispatch_case(path, scenario_config, aggregation=agg)
     setup_s = time.perf_counter() - t0
+    # the rolling run plans in the groups of this size (its longer draw could count
+    # another fleet size)
+    agg = AggregationConfig(size=ac.group_size, pv_by_capacity=by_capacity) \
+        if ac.group_size > 1 else None
     try:
         fleet = scenario.fleet
         if not fleet.ders:
@@ -304,6 +312,8 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                 f"saved (the plan with perfect knowledge: "
                 f"{rolling.peak_perfect_kw:.1f} kW)")
     summary["master"] = str(master)
+    summary["group_size"] = ac.group_size
+    summary["group_size_from"] = "auto" if group_size is None else "given"
     summary["setup_s"] = setup_s
     summary["runtime_s"] = time.perf_counter() - t_start
     return DispatchStudy(feeder, scenario, objective, unc, rb, opt, vp, ledger, summary, paths,
@@ -387,7 +397,7 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
         "ac_rounds": int(vp.rounds),
         "plan_notes": list(vp.notes),
         "n_controllable_ders": int(movable.sum()),
-        "n_planned_ders": len(vp.planner.fleet.ders),  # groups when --group > 1
+        "n_planned_ders": len(vp.planner.fleet.ders),  # groups when group_size > 1
         "n_ders_outside_horizon": int((~movable).sum()),
         "n_pv": len(f.pv), "n_battery": len(f.batteries), "n_ev": len(f.evs),
         "n_flex": len(f.flex), "n_generator": len(f.generators),
