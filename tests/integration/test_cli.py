@@ -52,6 +52,29 @@ def test_powerflow_writes_tables(tmp_path):
     assert (tmp_path / "manifest.json").exists() and not (tmp_path / "keep.txt").exists()
 
 
+def test_force_never_replaces_the_current_folder_or_the_inputs(tmp_path):
+    """``--out . --force`` deleted every file of the current folder, and ``--out`` set to
+    the feeder's own folder deleted the model (an independent sweep): both refused now,
+    whatever ``--force`` says, and nothing is touched."""
+    import shutil
+
+    from tests.conftest import shared_master
+
+    src = shared_master("ieee13")
+    feeder = tmp_path / "feeder"
+    shutil.copytree(src.parent, feeder)
+    master = feeder / src.name
+    before = sorted(p.name for p in feeder.iterdir())
+    for out, cwd, fragment in ((".", feeder, "current folder"),
+                               (str(tmp_path), feeder, "current folder"),
+                               (str(feeder), tmp_path, "holds")):
+        proc = subprocess.run([sys.executable, "-m", "derms.cli.main", "powerflow",
+                               str(master), "--out", out, "--force"], cwd=cwd,
+                              capture_output=True, text=True, timeout=300)
+        assert_clean_error(proc, fragment)
+        assert sorted(p.name for p in feeder.iterdir()) == before
+
+
 def test_model_json():
     proc = derms("model", "ieee13", "--json")
     info = json.loads(proc.stdout)

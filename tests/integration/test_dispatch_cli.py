@@ -153,9 +153,17 @@ def test_non_empty_out_needs_force(tmp_path):
     code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--out", tmp_path)
     assert code == 2 and "--force" in text
     code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--force", "--out",
+                      tmp_path)  # --force replaces derms output folders only
+    assert code == 2 and "manifest.json" in text and (tmp_path / "old.txt").exists()
+    (tmp_path / "old.txt").unlink()
+    code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--out", tmp_path)
+    assert code == 0, text
+    (tmp_path / "old.txt").write_text("x")
+    code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--force", "--out",
                       tmp_path)
     assert code == 0, text
     assert not (tmp_path / "old.txt").exists() and (tmp_path / "summary.json").is_file()
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # nothing left aside
 
 
 def test_out_pointing_at_a_file_is_refused_even_with_force(tmp_path):

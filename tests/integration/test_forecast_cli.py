@@ -128,6 +128,12 @@ def test_output_folder_rules(tmp_path):
     res = runner.invoke(app, [*args, "--out", str(out)])
     assert res.exit_code == 2 and "--force" in " ".join(res.output.split())
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    res = runner.invoke(app, [*args, "--out", str(out), "--force"])  # not a derms output
+    assert res.exit_code == 2 and "manifest.json" in " ".join(res.output.split())
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert runner.invoke(app, [*args, "--out", str(out)]).exit_code == 0
+    (out / "keep.txt").write_text("mine")  # beside a derms output: replaced with it
     res = runner.invoke(app, [*args, "--out", str(out), "--force"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["forecasts.csv", "forecasts.parquet",

@@ -76,15 +76,53 @@ ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Replace an output folder that exists and is not empty.")]
 
 
-def refuse_non_empty(out: Path, force: bool) -> None:
-    """InputError when ``out`` exists and is not empty and ``force`` is off (check early,
-    before long work), and always when it is a file: ``--force`` replaces output folders,
-    never a file someone pointed ``--out`` at by mistake."""
+def refuse_non_empty(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> None:
+    """InputError unless ``out`` may receive a command's outputs (check early, before long
+    work). Always refused: a file (``--force`` replaces output folders, never a file
+    someone pointed ``--out`` at by mistake), the current folder or one above it, and a
+    folder holding one of the ``protect`` paths (the feeder's master file, the input
+    files). An existing non-empty folder needs ``force``, and is replaced only when it
+    is a derms output folder (it holds ``manifest.json``, which every command writes):
+    ``--out . --force`` deleted everything in the current folder, and ``--out`` set to
+    the feeder's or the input series' folder deleted the model or the series."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is a file, not a folder (give a folder path)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"--out {out}: exists and is not empty (use --force to replace it)")
+    where = out.resolve()
+    cwd = Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise InputError(f"--out {out}: is the current folder or one above it (give the "
+                         "outputs a folder of their own, e.g. --out results)")
+    for path in protect:
+        held = Path(path).resolve()
+        if where == held or where in held.parents:
+            raise InputError(f"--out {out}: holds {path}, an input of this command (give "
+                             "the outputs a folder of their own)")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise InputError(f"--out {out}: exists and is not empty (use --force to replace "
+                             "it)")
+        if not (out / "manifest.json").is_file():
+            raise InputError(f"--out {out}: is not empty and holds no manifest.json, so it "
+                             "is not a derms output folder; --force replaces only those "
+                             "(empty it or give another folder)")
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted
+    only once the new folder is in place (put back if the rename fails)."""
+    if not out.is_dir():
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.resolve().parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -93,12 +131,14 @@ def output_folder(out: Path, force: bool = False, *, feeder: Path | None = None,
                   extra: dict | None = None):
     """Write a command's outputs atomically: yield a temporary sibling folder, then rename.
 
-    An existing non-empty ``out`` is refused without ``force`` (InputError → exit 2); an
-    unwritable parent is a clear error; on any failure nothing is left half-written.
-    ``manifest.json`` is added (:func:`write_manifest`) unless the command wrote one.
+    ``out`` is checked first (:func:`refuse_non_empty`, with the feeder's master file and
+    the ``inputs`` protected; InputError → exit 2); an unwritable parent is a clear error;
+    on any failure nothing is left half-written, and an old ``out`` is replaced only once
+    the new one is complete. ``manifest.json`` is added (:func:`write_manifest`) unless
+    the command wrote one.
     """
     out = Path(out)
-    refuse_non_empty(out, force)
+    refuse_non_empty(out, force, tuple(p for p in (feeder, *inputs) if p is not None))
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -116,9 +156,7 @@ def output_folder(out: Path, force: bool = False, *, feeder: Path | None = None,
         yield tmp
         if not (tmp / "manifest.json").exists():
             write_manifest(tmp, feeder=feeder, seed=seed, inputs=inputs, settings=extra)
-        if out.is_dir():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
