@@ -1,9 +1,10 @@
-"""Durations written as people write them ("15min", "1h", "300s")."""
+"""Durations written as people write them ("15min", "1h", "300s"); the years a study may
+start in."""
 
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from derms.errors import InputError
 
@@ -22,3 +23,15 @@ def parse_duration(text: str, name: str = "--step") -> timedelta:
     if not seconds <= MAX_DURATION_S:
         raise InputError(f"{name} {text!r}: longer than {MAX_DURATION_S // 86400} days")
     return timedelta(seconds=seconds)
+
+
+STUDY_YEARS = (1900, 2199)  # a study's start: the profiles are read hours around it, and
+# year 1 or 9999 ran off datetime's range (a traceback / a 500, an independent sweep)
+
+
+def check_study_start(start: datetime, name: str = "--start") -> datetime:
+    """``start`` if its year is within ``STUDY_YEARS``, else InputError naming ``name``."""
+    lo, hi = STUDY_YEARS
+    if not lo <= start.year <= hi:
+        raise InputError(f"{name} {start.isoformat()}: expected a year from {lo} to {hi}")
+    return start

@@ -94,6 +94,9 @@ def test_envelope_sets_are_stored_and_read_back(api):
     assert len(merged) == 2 * n_cp  # a second computation gives the same envelopes
     assert (merged["export_limit_kw"] - merged["export_limit_kw_w"]).abs().max() < 1e-6
     assert api.get("/v1/envelopes/sets/999999", headers=api.reader).status_code == 404
+    # past the database's 64-bit ids: a 422 at validation (was the driver's OverflowError)
+    r = api.get(f"/v1/envelopes/sets/{10**23}", headers=api.reader)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
     assert api.get("/v1/envelopes/sets", params={}).status_code == 401
 
 
@@ -130,3 +133,13 @@ def test_scopes_and_bad_bodies(api):
     r = api.post("/v1/hosting-capacity", headers=api.reader,
                  json={"feeder": "ieee13", "buses": ["611.1"]})
     assert r.status_code == 422 and "has no phase 1" in r.json()["detail"]
+    for method in ("fast-groups", "brute-force", "linear"):  # was 500 / an empty 200
+        r = api.post("/v1/hosting-capacity", headers=api.reader,
+                     json={"feeder": "ieee13", "buses": [], "method": method})
+        assert r.status_code == 422 and "bus list is empty" in r.json()["detail"], method
+    for route, extra in (("/v1/interconnect", {"bus": "675", "kw": 5, "days": 1}),
+                         ("/v1/envelopes", {"hours": 1})):
+        for start in ("0001-01-01T00:00:00Z", "9999-12-31T12:00:00Z"):  # were 500s
+            r = api.post(route, headers=api.operator,
+                         json={"feeder": "ieee13", "start": start, **extra})
+            assert r.status_code == 422 and "year from 1900" in r.text, (route, r.text)

@@ -116,6 +116,7 @@ def test_non_convergence(tmp_path):
     (["--step", "fast"], "--step"),
     (["--pv-penetration", "1.5"], "penetration"),
     (["--start", "yesterday"], "--start"),
+    (["--start", "0001-01-01"], "expected a year from 1900"),  # was a traceback
     (["--controls", "maybe"], "--controls"),
     (["--range", "C"], "--range"),
 ])
@@ -171,3 +172,15 @@ def test_study_end_to_end(tmp_path):
     for name in ("violations.csv", "violations.parquet", "voltages.parquet",
                  "branch_loading.parquet", "nodes.csv", "branches.csv", "head.csv"):
         check_file(out / name, "derms study")
+
+
+@pytest.mark.parametrize("args", [
+    ["study", "ieee13"], ["growth", "ieee13"], ["envelopes", "ieee13"],
+    ["interconnect", "ieee13", "--bus", "675", "--kw", "5"],
+    ["hosting-capacity", "ieee13"], ["dispatch", "ieee13"],
+])
+def test_a_negative_seed_is_a_usage_error(tmp_path, args):
+    """``--seed -1`` ended in numpy's traceback (exit 1) on five commands."""
+    proc = derms(*args, "--seed", "-1", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert "--seed" in proc.stderr + proc.stdout

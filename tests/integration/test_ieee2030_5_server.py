@@ -203,7 +203,8 @@ def test_device_cannot_see_another_devices_resources(dev1, server):
     program = server["program"].program_id
     for path in (f"/sep2/edev/{other}", f"/sep2/edev/{other}/rg", f"/sep2/edev/{other}/fsa",
                  f"/sep2/edev/{other}/fsa/1/derp", f"/sep2/edev/{other}/derp/{program}/derc",
-                 "/sep2/edev/999"):
+                 "/sep2/edev/999", f"/sep2/edev/{10**23}", f"/sep2/edev/{10**23}/fsa",
+                 f"/sep2/edev/{other}/derp/{10**23}/derc"):
         assert dev1.status("GET", path) == 404, path
     # dev2's site envelope is not reachable under dev1's own tree either
     own = server["dev1"].edev_id

@@ -158,6 +158,9 @@ def resolve_sites(engine: OpenDSSEngine, buses: Sequence[str] | None = None, *,
         if not out:
             raise ModelError("no energised bus besides the source bus: nothing to host on")
         return out
+    if not buses:
+        raise InputError("the bus list is empty: name at least one bus (or give none for "
+                         "every primary bus)")
     sites: list[Site] = []
     for spec in buses:
         text = str(spec).strip().lower()

@@ -16,11 +16,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from derms.analysis.constraints import MAX_SIZE_KW
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, columns_frame, table_response
+from derms.api.ids import DbId
 from derms.api.problems import Problem
 from derms.errors import DermsError, InfeasibleError
 
@@ -127,6 +128,11 @@ class EnvelopeBody(BaseModel):
     voltage_range: Literal["A", "B"] = "A"
     capacity_kw: float = Field(20.0, gt=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("start")
+    @classmethod
+    def _start_year(cls, v: datetime) -> datetime:
+        return _study_start(v)
     format: Literal["table", "site_controls"] = Field(
         "table", description="table: envelopes.csv columns [kW]; site_controls: one control "
                              "per connection point and interval [W] (CSIP-AUS opModExpLimW /"
@@ -216,7 +222,7 @@ def get_envelope_sets(request: Request,
 
 
 @router.get("/envelopes/sets/{set_id}", response_model=None)
-def get_envelope_set(request: Request, set_id: int,
+def get_envelope_set(request: Request, set_id: DbId,
                      principal: Annotated[Principal, Depends(require("read"))],
                      offset: int = Query(0, ge=0), limit: int = Query(10_000, ge=0, le=500_000),
                      download: Download | None = None) -> dict[str, Any] | Response:
@@ -249,6 +255,22 @@ class InterconnectBody(BaseModel):
     days: float = Field(365.0, gt=0, le=366, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     reference: bool = False
+
+    @field_validator("start")
+    @classmethod
+    def _start_year(cls, v: datetime) -> datetime:
+        return _study_start(v)
+
+
+def _study_start(start: datetime) -> datetime:
+    """A body's ``start``: a year :func:`derms.timeutil.check_study_start` accepts
+    (ValueError -> 422)."""
+    from derms.timeutil import check_study_start
+
+    try:
+        return check_study_start(start, "start")
+    except DermsError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _interconnect(body: InterconnectBody) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import select
 
 from derms.api.auth import Principal, require
+from derms.api.ids import DbId
 from derms.api.paging import LongLimit as Limit
 from derms.api.paging import Offset
 from derms.api.problems import Problem
@@ -197,7 +198,7 @@ def list_end_devices(repo: Repo, _p: Annotated[Principal, Depends(require("read"
 
 
 @router.get("/end-devices/{end_device_id}")
-def get_end_device(end_device_id: int, repo: Repo,
+def get_end_device(end_device_id: DbId, repo: Repo,
                    _p: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
     rec = repo.end_device(end_device_id)
     if rec is None:
@@ -210,7 +211,7 @@ DER_REPORTS = {"availability": "dera", "capability": "dercap", "settings": "derg
 
 
 @router.get("/end-devices/{end_device_id}/der/{report}")
-def get_der_report(end_device_id: int, report: Literal["availability", "capability",
+def get_der_report(end_device_id: DbId, report: Literal["availability", "capability",
                                                         "settings", "status"],
                    repo: Repo, _p: Annotated[Principal, Depends(require("read"))]
                    ) -> dict[str, Any]:
@@ -228,7 +229,7 @@ def get_der_report(end_device_id: int, report: Literal["availability", "capabili
 
 
 @router.get("/end-devices/{end_device_id}/mirror-usage-points")
-def list_mirror_usage_points(end_device_id: int, repo: Repo,
+def list_mirror_usage_points(end_device_id: DbId, repo: Repo,
                              _p: Annotated[Principal, Depends(require("read"))]
                              ) -> dict[str, Any]:
     """The MirrorUsagePoints posted for the end device and their reading types (the
@@ -343,7 +344,7 @@ def list_fsas(repo: Repo, _p: Annotated[Principal, Depends(require("read"))],
 
 
 @router.post("/function-set-assignments/{fsa_id}/end-devices")
-def assign_fsa(request: Request, fsa_id: int, body: FsaAssignIn, repo: Repo,
+def assign_fsa(request: Request, fsa_id: DbId, body: FsaAssignIn, repo: Repo,
                principal: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
     """Assign a function set to a group of end devices (ids and/or connection points); all
     or nothing: an unknown device or a connection point without devices is 422."""
@@ -386,10 +387,10 @@ class LimitsIn(BaseModel):
     load_limit_w: Power = None
     connect: bool | None = None
     energize: bool | None = None
-    volt_var_curve_id: int | None = Field(None, description="a volt-var DERCurve of the "
+    volt_var_curve_id: DbId | None = Field(None, description="a volt-var DERCurve of the "
                                           "program (POST …/programs/{id}/curves)")
-    volt_watt_curve_id: int | None = None
-    freq_watt_curve_id: int | None = None
+    volt_watt_curve_id: DbId | None = None
+    freq_watt_curve_id: DbId | None = None
 
     def limits(self) -> DerLimits:
         return DerLimits(exp_lim_w=self.export_limit_w, imp_lim_w=self.import_limit_w,
@@ -417,7 +418,7 @@ class ControlIn(LimitsIn):
     duration_s: int = Field(ge=1, le=UINT32)
     randomize_start_s: int | None = Field(None, ge=-32768, le=32767)
     randomize_duration_s: int | None = Field(None, ge=-32768, le=32767)
-    end_device_id: int | None = None
+    end_device_id: DbId | None = None
     connection_point: ConnectionPointId | None = None
     description: str = Field("", max_length=32)
     mrid: str | None = Field(None, pattern=MRID, description="default: assigned")
@@ -474,7 +475,7 @@ def _default_json(d: DefaultControlRecord) -> dict[str, Any]:
             "version": d.version, "set_grad_w": d.set_grad_w, **_limits_json(d.limits)}
 
 
-def _program_or_404(repo: SepAdminRepository, program_id: int) -> ProgramRecord:
+def _program_or_404(repo: SepAdminRepository, program_id: DbId) -> ProgramRecord:
     program = repo.program(program_id)
     if program is None:
         raise Problem(404, f"unknown DER program {program_id}")
@@ -482,7 +483,7 @@ def _program_or_404(repo: SepAdminRepository, program_id: int) -> ProgramRecord:
 
 
 @router.post("/programs/{program_id}/controls", status_code=201)
-def create_control(request: Request, program_id: int, body: ControlIn, repo: Repo,
+def create_control(request: Request, program_id: DbId, body: ControlIn, repo: Repo,
                    principal: Annotated[Principal, Depends(require("operate"))]
                    ) -> dict[str, Any]:
     """Schedule a DERControl; re-posting the same ``mrid`` with the same content is
@@ -499,9 +500,9 @@ def create_control(request: Request, program_id: int, body: ControlIn, repo: Rep
 
 
 @router.get("/programs/{program_id}/controls")
-def list_controls(program_id: int, repo: Repo,
+def list_controls(program_id: DbId, repo: Repo,
                   _p: Annotated[Principal, Depends(require("read"))],
-                  connection_point: str | None = None, end_device_id: int | None = None,
+                  connection_point: str | None = None, end_device_id: DbId | None = None,
                   limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
     """The program's controls by start (completed ones too), optionally one audience's."""
     _program_or_404(repo, program_id)
@@ -516,7 +517,7 @@ def list_controls(program_id: int, repo: Repo,
 
 
 @router.post("/controls/{control_id}/cancel")
-def cancel_control(request: Request, control_id: int, repo: Repo,
+def cancel_control(request: Request, control_id: DbId, repo: Repo,
                    principal: Annotated[Principal, Depends(require("operate"))]
                    ) -> dict[str, Any]:
     """Cancel a DERControl (devices see EventStatus 2 "cancelled")."""
@@ -533,7 +534,7 @@ RESPONSE_STATUS = {1: "received", 2: "started", 3: "completed", 4: "opt_out", 5:
 
 
 @router.get("/controls/{control_id}/responses")
-def list_responses(control_id: int, repo: Repo,
+def list_responses(control_id: DbId, repo: Repo,
                    _p: Annotated[Principal, Depends(require("read"))],
                    limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
     """What the devices answered to a DERControl (IEEE 2030.5 Response status codes)."""
@@ -546,7 +547,7 @@ def list_responses(control_id: int, repo: Repo,
 
 
 @router.put("/programs/{program_id}/default-control")
-def put_default_control(request: Request, program_id: int, body: DefaultControlIn, repo: Repo,
+def put_default_control(request: Request, program_id: DbId, body: DefaultControlIn, repo: Repo,
                         principal: Annotated[Principal, Depends(require("admin"))]
                         ) -> dict[str, Any]:
     """Set the program's DefaultDERControl (what devices apply when no event is active)."""
@@ -560,7 +561,7 @@ def put_default_control(request: Request, program_id: int, body: DefaultControlI
 
 
 @router.get("/programs/{program_id}/default-control")
-def get_default_control(program_id: int, repo: Repo,
+def get_default_control(program_id: DbId, repo: Repo,
                         _p: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
     _program_or_404(repo, program_id)
     rec = repo.default_control(program_id)

@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
+from derms.api.ids import DbId
 from derms.api.problems import Problem
 from derms.api.routes_ieee2030_5 import UINT32, Repo, _program_or_404, _write
 from derms.protocols.ieee2030_5.model import ControlSpec, DerLimits
@@ -64,13 +65,13 @@ def _step_s(der: np.ndarray, t: np.ndarray) -> int | None:
     return int(gaps.min()) if gaps.size else None
 
 
-def _mrid(program_id: int, der_id: str, start: int, step: int, limits: DerLimits) -> str:
+def _mrid(program_id: DbId, der_id: str, start: int, step: int, limits: DerLimits) -> str:
     key = f"{program_id}|{der_id}|{start}|{step}|{limits.target_w!r}|{limits.gen_lim_w!r}"
     return hashlib.sha256(key.encode()).hexdigest()[:32].upper()
 
 
 @router.post("/programs/{program_id}/dispatch")
-def publish_dispatch(request: Request, program_id: int, body: DispatchControlsIn, repo: Repo,
+def publish_dispatch(request: Request, program_id: DbId, body: DispatchControlsIn, repo: Repo,
                      principal: Annotated[Principal, Depends(require("operate"))]
                      ) -> dict[str, Any]:
     """Publish a dispatch plan's setpoints as DERControls (see the module doc). All or

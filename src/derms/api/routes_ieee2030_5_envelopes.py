@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
+from derms.api.ids import DbId
 from derms.api.problems import Problem
 from derms.api.routes_ieee2030_5 import UINT32, Repo, _program_or_404, _write
 from derms.protocols.ieee2030_5.model import ControlSpec, DerLimits, EndDeviceRecord
@@ -98,7 +99,7 @@ def _row_errors(k: int, row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @router.post("/programs/{program_id}/envelopes")
-def publish_envelopes(request: Request, program_id: int, body: EnvelopeControlsIn,
+def publish_envelopes(request: Request, program_id: DbId, body: EnvelopeControlsIn,
                       repo: Repo, principal: Annotated[Principal, Depends(require("operate"))]
                       ) -> dict[str, Any]:
     """Operating envelopes become DERControls: one per row (mRID = the row's ``mrid``,
@@ -137,7 +138,7 @@ def publish_envelopes(request: Request, program_id: int, body: EnvelopeControlsI
             "end_devices_without_program": without_program}
 
 
-def _has_program(repo: SepAdminRepository, rec: EndDeviceRecord, program_id: int) -> bool:
+def _has_program(repo: SepAdminRepository, rec: EndDeviceRecord, program_id: DbId) -> bool:
     for fsa_id in rec.fsa_ids:
         fsa = repo.fsa(fsa_id)
         if fsa is not None and program_id in fsa.program_ids:

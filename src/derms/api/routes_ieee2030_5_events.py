@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from derms.api.auth import Principal, require
+from derms.api.ids import DbId
 from derms.api.problems import Problem
 from derms.api.routes_ieee2030_5 import Limit, Offset, Repo, _iso, _page, _program_or_404, _write
 from derms.protocols.ieee2030_5.delivery import DeliveryRecord, delivery_record
@@ -55,7 +56,7 @@ def _curve_json(c: CurveRecord) -> dict[str, Any]:
 
 
 @router.post("/programs/{program_id}/curves", status_code=201)
-def create_curve(request: Request, program_id: int, body: CurveIn, repo: Repo,
+def create_curve(request: Request, program_id: DbId, body: CurveIn, repo: Repo,
                  principal: Annotated[Principal, Depends(require("admin"))]
                  ) -> dict[str, Any]:
     """Add a DERCurve to a program (curves are immutable: a new shape is a new curve)."""
@@ -72,13 +73,13 @@ def create_curve(request: Request, program_id: int, body: CurveIn, repo: Repo,
 
 
 @router.get("/programs/{program_id}/curves")
-def list_curves(program_id: int, repo: Repo, _p: Annotated[Principal, Depends(require("read"))],
+def list_curves(program_id: DbId, repo: Repo, _p: Annotated[Principal, Depends(require("read"))],
                 limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
     _program_or_404(repo, program_id)
     return _page(repo.curves(program_id), limit, offset, _curve_json)
 
 
-def _edev_or_404(repo, end_device_id: int):
+def _edev_or_404(repo, end_device_id: DbId):
     rec = repo.end_device(end_device_id)
     if rec is None:
         raise Problem(404, f"unknown end device {end_device_id}")
@@ -86,7 +87,7 @@ def _edev_or_404(repo, end_device_id: int):
 
 
 @router.get("/end-devices/{end_device_id}/log-events")
-def list_log_events(end_device_id: int, repo: Repo,
+def list_log_events(end_device_id: DbId, repo: Repo,
                     _p: Annotated[Principal, Depends(require("read"))],
                     limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
     """What the device logged (LogEvent POSTs), newest first."""
@@ -100,7 +101,7 @@ def list_log_events(end_device_id: int, repo: Repo,
 
 
 @router.get("/end-devices/{end_device_id}/subscriptions")
-def list_subscriptions(request: Request, end_device_id: int, repo: Repo,
+def list_subscriptions(request: Request, end_device_id: DbId, repo: Repo,
                        _p: Annotated[Principal, Depends(require("read"))],
                        limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
     """The device's subscriptions and how their notifications were delivered."""
@@ -129,7 +130,7 @@ def _delivery_json(d: DeliveryRecord) -> dict[str, Any]:
 
 
 @router.get("/end-devices/{end_device_id}/delivery")
-def get_delivery(end_device_id: int, repo: Repo,
+def get_delivery(end_device_id: DbId, repo: Repo,
                  _p: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
     """The device's delivery record: events due a response, how it answered, its score."""
     return _delivery_json(delivery_record(repo, _edev_or_404(repo, end_device_id),

@@ -64,6 +64,9 @@ def parse_start(text: str) -> datetime:
         dt = datetime.fromisoformat(text)
     except ValueError:
         raise InputError(f"--start {text!r}: expected an ISO 8601 date or datetime") from None
+    from derms.timeutil import check_study_start
+
+    check_study_start(dt, "--start")
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 

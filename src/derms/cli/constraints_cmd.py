@@ -69,7 +69,7 @@ def forecast(
     samples: Annotated[int, typer.Option(help="Samples of the copula method.")] = 100,
     threshold: Annotated[float, typer.Option(
         help="Probability at or above which an hour is predicted in violation.")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seed for PV placement and samples.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for PV placement and samples.")] = 0,
     force: ForceOpt = False,
 ) -> None:
     """Forecast violations (over/undervoltage, thermal) with their probability."""

@@ -60,7 +60,7 @@ def dispatch(
         "--battery", help="Share of customers with a battery, 0..1.")] = 0.25,
     ev: Annotated[float, typer.Option("--ev", help="Share of customers with an EV, 0..1.")
                   ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the placement and sizing draws.")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the placement and sizing draws.")] = 1,
     horizon: Annotated[str, typer.Option(
         help="Planning horizon, e.g. 24h (a whole number of steps).")] = "24h",
     step: Annotated[str, typer.Option(help="Interval length, e.g. 15min or 1h.")] = "15min",

@@ -65,7 +65,7 @@ def envelopes(
         help="CSV forecast: 'timestamp' + one column per element (load.x, pvsystem.y) with "
              "multipliers of the base value; sets --start, --hours and --step. Elements "
              "without a column get a bundled load shape.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for load shapes and picks.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for load shapes and picks.")] = 0,
     capacity_kw: Annotated[float, typer.Option(
         help="Smallest connection capacity [kW]; a connection point's capacity is the "
              "larger of this and 2 x its load's base kW.")] = 20.0,

@@ -59,7 +59,7 @@ def growth(
     pv_share_final: Annotated[float, typer.Option(help="PV share, last year.")] = 0.4,
     growth_pct: Annotated[float, typer.Option(
         help="Organic growth of existing base load, %/yr.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the customer and device draws.")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the customer and device draws.")] = 1,
     step_min: Annotated[int, typer.Option(help="Profile step: 15, 30 or 60 minutes.")] = 60,
     customer_peak_kw: Annotated[float, typer.Option(
         help="Peak kW of one customer: a load stands for max(1, round(kW / this)) "

@@ -82,7 +82,7 @@ def hosting_capacity(
     days: Annotated[float, typer.Option(help="With --over-time: horizon [days].")] = 1.0,
     step: Annotated[str, typer.Option(help="With --over-time: interval (1min .. 1h).")
                     ] = "1h",
-    seed: Annotated[int, typer.Option(help="With --over-time: seed of the load shapes.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="With --over-time: seed of the load shapes.")] = 0,
     max_iterations: MaxIterOpt = 100,
     force: ForceOpt = False,
 ) -> None:

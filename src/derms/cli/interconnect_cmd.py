@@ -40,7 +40,7 @@ def interconnect(
     start: Annotated[str, typer.Option(help="Horizon start, ISO 8601 (UTC if no zone).")
                      ] = "2026-01-01T08:00:00Z",
     days: Annotated[float, typer.Option(help="Horizon [days] (365 = a year).")] = 365.0,
-    seed: Annotated[int, typer.Option(help="Seed for the load shapes and EV sessions.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for the load shapes and EV sessions.")] = 0,
     reference: Annotated[bool, typer.Option(
         "--reference", help="Also run the reference (QSTS with AC bisection of every "
                             "limited interval) and report the difference.")] = False,

@@ -143,7 +143,7 @@ def study(
     step: Annotated[str, typer.Option(help="Time step, 1min .. 1h (e.g. 15min, 1h).")] = "15min",
     pv_penetration: Annotated[float, typer.Option(
         help="Share of customers (loads) that get PV, 0..1.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed for profile and PV draws.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for profile and PV draws.")] = 0,
     start: Annotated[str, typer.Option(help="Start, ISO 8601 (UTC if no zone).")] = "2026-07-01",
     controls: Annotated[str, typer.Option(help="static, time or off.")] = "static",
     voltage_range: Annotated[str, typer.Option(

@@ -51,7 +51,7 @@ def sim(
         help="Bundled feeder (ieee13, ieee123, ieee8500) or an OpenDSS master file.")
     ] = "ieee123",
     devices: Annotated[int, typer.Option(min=1, max=200_000, help="Simulated devices.")] = 50,
-    seed: Annotated[int, typer.Option(help="Placement, sizes, shapes, randomisation.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Placement, sizes, shapes, randomisation.")] = 0,
     speed: Annotated[float, typer.Option(
         min=0.001, help="Simulated seconds per wall-clock second (60: an hour per minute).")
     ] = 60.0,
