@@ -59,3 +59,40 @@ def test_a_revert_that_would_break_a_session_gives_the_evs_the_plan_back():
     assert c.p[0, 0] == -2.0 and c.q[0, 0] == 0.0 and c.p[1, 0] == -1.0
     assert c.ev_shift == {}
 
+
+
+def test_the_shift_fills_to_the_plans_own_rate_before_the_chargers():
+    """An EV the plan held to 4 kW (its service transformer's limit; the charger takes 11)
+    gets a cut back at up to 4 kW per interval, latest first, and only what does not fit
+    there at the charger's rate (IEEE 8500 seed 3: 9.7 kW in the session's last interval,
+    203 % of a 5 kVA transformer, where the plan had about 4 kW)."""
+    window, p_max = np.ones((5, 1), bool), np.array([11.0])
+    ev = np.array([[4.0], [4.0], [1.0], [0.0], [0.0]])
+    out = shift_ev_energy(ev, np.array([4.0]), window, p_max, 0)
+    np.testing.assert_allclose(out[:, 0], [0.0, 4.0, 1.0, 0.0, 4.0])  # not [.., 0, 0, 4]
+    ev = np.array([[4.0], [1.0], [0.0], [0.0], [3.0]])
+    out = shift_ev_energy(ev, np.array([4.0]), window, p_max, 0)  # t=4 takes 1, t=3 3
+    np.testing.assert_allclose(out[:, 0], [0.0, 1.0, 0.0, 3.0, 4.0])
+    full = np.full((5, 1), 4.0)  # no room at the plan's rate: the charger's
+    out = shift_ev_energy(full, np.array([4.0]), window, p_max, 0)
+    np.testing.assert_allclose(out[:, 0], [0.0, 4.0, 4.0, 4.0, 8.0])
+    for plan in (ev, full):
+        np.testing.assert_allclose(
+            shift_ev_energy(plan, np.array([2.5]), window, p_max, 0).sum(), plan.sum())
+
+
+def test_a_repair_may_move_the_cut_earlier_in_the_session():
+    """``earlier`` (the whole-plan repair): a cut in the session's last interval with room
+    at the plan's rate only before it goes there, nearest first; without ``earlier`` (an
+    execution in sequence: the past is done) it can only go later, at the charger's rate."""
+    window, p_max = np.ones((5, 1), bool), np.array([11.0])
+    ev = np.array([[4.0], [0.0], [1.0], [4.0], [0.0]])
+    out = shift_ev_energy(ev, np.array([3.0]), window, p_max, 3, earlier=True)
+    np.testing.assert_allclose(out[:, 0], [4.0, 0.0, 1.0, 1.0, 3.0])  # later first
+    full = np.array([[4.0], [0.0], [1.0], [4.0], [4.0]])
+    out = shift_ev_energy(full, np.array([4.0]), window, p_max, 4, earlier=True)
+    np.testing.assert_allclose(out[:, 0], [4.0, 1.0, 4.0, 4.0, 0.0])  # t=2 then t=1
+    np.testing.assert_allclose(ev_room_kw(full, window, p_max, 4, earlier=True), [7.0])
+    np.testing.assert_allclose(ev_room_kw(full, window, p_max, 4), [0.0])
+    np.testing.assert_allclose(ev_room_kw(full, window, p_max, 2, earlier=True),
+                               [7.0 + 7.0 + 0.0 + 4.0])  # later to 11 kW, earlier to 4

@@ -24,9 +24,11 @@ rounding alone reshuffles the rounds). Here each such interval is corrected in p
   without control actions) and its guard keeps its monitored kvar on that side;
 * moves: :func:`~derms.dispatch.corrective.solve_corrective`: PV inverters (output
   between 0 and the available power, reactive power within the inverter's capability)
-  and EV charging, which may drop by what the later intervals of its session can take
-  back, the energy then added there latest first (the night's end carries the least
-  load; :func:`~derms.dispatch.ac_repair_rows.shift_ev_energy`), at twice a PV kW's cost;
+  and EV charging, which may drop by what the other intervals of its session can take
+  back, the energy then added later in the session up to the plan's own highest rate for
+  that EV (latest first: the night's end carries the least load), then earlier (nearest
+  first) up to that rate, then later up to the charger's rate
+  (:func:`~derms.dispatch.ac_repair_rows.shift_ev_energy`), at twice a PV kW's cost;
   batteries, flexible loads and generators keep the plan (their energy ties the interval
   to its neighbours through SOC and rebound);
 * the corrected plan is simulated again (taps and capacitors answer it); an interval it
@@ -238,7 +240,7 @@ class _Correction:
         cut = np.maximum(-out.dp_kw[ev], 0.0)
         if (cut > 1e-9).any():  # the energy goes to the session's later intervals
             shifted = shift_ev_energy(self.ev_kw, cut, self.rows.ev_window,
-                                      self.rows.ev_p_max_kw, t)
+                                      self.rows.ev_p_max_kw, t, earlier=True)
             self.ev_shift[t] = shifted - self.ev_kw
             self.ev_kw = shifted
             self.p[:, ev] = self.ev_kw

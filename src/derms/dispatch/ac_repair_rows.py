@@ -205,8 +205,9 @@ class RepairRows:
         return replace(st, p_min_kw=p_min, fixed=fixed, weight=weight)
 
     def ev_room(self, t: int, ev_kw: np.ndarray) -> np.ndarray:
-        """(n_ev,) kW each EV's charging at ``t`` could drop by (:func:`ev_room_kw`)."""
-        return ev_room_kw(ev_kw, self.ev_window, self.ev_p_max_kw, t)
+        """(n_ev,) kW each EV's charging at ``t`` could drop by (:func:`ev_room_kw`, later
+        and earlier in its session: the repair works on the whole plan)."""
+        return ev_room_kw(ev_kw, self.ev_window, self.ev_p_max_kw, t, earlier=True)
 
     def _near(self, v: np.ndarray, i_a: np.ndarray, t: int, over: dict[str, np.ndarray]
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -453,33 +454,59 @@ def _der_state(fleet, point_of: np.ndarray, p_kw: np.ndarray, q_kvar: np.ndarray
                     q_max, np.ones(n), fixed)
 
 
-def ev_room_kw(ev_kw: np.ndarray, window: np.ndarray, p_max_kw: np.ndarray, t: int
-               ) -> np.ndarray:
-    """(n_ev,) kW each EV's charging at ``t`` could drop by and be made up later in its
-    session: the rate headroom of its window's intervals after ``t`` (equal steps, so kW
-    sums stand for energy)."""
+def _plan_max_kw(ev_kw: np.ndarray, window: np.ndarray, p_max_kw: np.ndarray) -> np.ndarray:
+    """(n_ev,) the highest rate ``ev_kw`` gives each EV in its session (at most its
+    charger's): what its service transformer and drop are taken to carry."""
+    return np.minimum(np.where(window, ev_kw, 0.0).max(axis=0, initial=0.0), p_max_kw)
+
+
+def ev_room_kw(ev_kw: np.ndarray, window: np.ndarray, p_max_kw: np.ndarray, t: int,
+               earlier: bool = False) -> np.ndarray:
+    """(n_ev,) kW each EV's charging at ``t`` could drop by and be made up elsewhere in
+    its session (equal steps, so kW sums stand for energy): the rate headroom of its
+    window's intervals after ``t``; with ``earlier`` (a whole plan being repaired, not
+    one executed in sequence) also that of the intervals before ``t`` up to the plan's
+    own highest rate (:func:`shift_ev_energy`)."""
     if not ev_kw.shape[1]:
         return np.zeros(0)
     later = window[t + 1:]
-    return (np.maximum(p_max_kw[None, :] - ev_kw[t + 1:], 0.0) * later).sum(axis=0)
+    room = (np.maximum(p_max_kw[None, :] - ev_kw[t + 1:], 0.0) * later).sum(axis=0)
+    if earlier:
+        cap = _plan_max_kw(ev_kw, window, p_max_kw)
+        room += (np.maximum(cap[None, :] - ev_kw[:t], 0.0) * window[:t]).sum(axis=0)
+    return room
 
 
 def shift_ev_energy(ev_kw: np.ndarray, cut_kw: np.ndarray, window: np.ndarray,
-                    p_max_kw: np.ndarray, t: int) -> np.ndarray:
+                    p_max_kw: np.ndarray, t: int, earlier: bool = False) -> np.ndarray:
     """``ev_kw`` (T, n_ev) with each EV's charging at ``t`` lowered by ``cut_kw`` (n_ev,)
-    and the same energy added back in its session's latest intervals after ``t`` that
-    have rate headroom (latest first: the night's end carries the least load). The
-    efficiency is the same in every interval, so equal kW x dt is equal energy stored."""
+    and the same energy added back elsewhere in its session, in this order:
+
+    1. its latest intervals after ``t`` (the night's end carries the least load) up to the
+       highest rate ``ev_kw`` gives the EV in its session;
+    2. with ``earlier``, its intervals before ``t``, nearest first, up to that rate;
+    3. its latest intervals after ``t`` up to ``p_max_kw``.
+
+    The plan's own highest rate stands for what the EV's service transformer and drop
+    carry: filling to the charger's rate at once put one IEEE 8500 EV's 9.7 kW into its
+    session's last interval, 203 % of its 5 kVA transformer, where the plan held it to
+    about 4 kW. The efficiency is the same in every interval, so equal kW x dt is equal
+    energy stored."""
     out = ev_kw.copy()
     out[t] -= cut_kw
     left = cut_kw.copy()
-    for k in range(ev_kw.shape[0] - 1, t, -1):
-        if not (left > 1e-12).any():
-            break
-        room = np.where(window[k], np.maximum(p_max_kw - out[k], 0.0), 0.0)
-        add = np.minimum(room, left)
-        out[k] += add
-        left -= add
+    cap = _plan_max_kw(ev_kw, window, p_max_kw)
+    later = range(ev_kw.shape[0] - 1, t, -1)
+    tiers = [(later, cap), *([(range(t - 1, -1, -1), cap)] if earlier else []),
+             (later, p_max_kw)]
+    for steps, cap_kw in tiers:
+        for k in steps:
+            if not (left > 1e-12).any():
+                break
+            room = np.where(window[k], np.maximum(cap_kw - out[k], 0.0), 0.0)
+            add = np.minimum(room, left)
+            out[k] += add
+            left -= add
     return out
 
 
