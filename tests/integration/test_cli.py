@@ -154,6 +154,13 @@ def test_study_profiles_bad_value(tmp_path):
                        "load.671", "row 6", "lots")
 
 
+def test_study_profiles_repeated_column(tmp_path):
+    """``load.671`` and ``"LOAD.671 "``: one element twice (a TypeError traceback)."""
+    csv = _profiles_csv(tmp_path / "p.csv", 96, ["load.671", "LOAD.671 "])
+    assert_clean_error(derms("study", "ieee13", "--profiles", csv, "--out", tmp_path / "o"),
+                       "more than once")
+
+
 def test_study_end_to_end(tmp_path):
     csv = _profiles_csv(tmp_path / "p.csv", 96, ["load.671"])
     proc = derms("study", "ieee13", "--pv-penetration", "0.5", "--profiles", csv,

@@ -192,6 +192,21 @@ def test_constant_zero_and_net_export_series(tmp_path):
     assert all(m["nrmse"] > 0 for m in methods.values() if m.get("n"))
 
 
+def test_a_huge_value_in_the_test_period_still_gives_a_report(tmp_path):
+    """A finite 1e200 in the test period overflowed the report's number format (a
+    traceback, exit 1); its infinite RMSE is written as null in metrics.json (strict
+    JSON: ``Infinity`` is not), as "inf" in the report."""
+    idx = pd.date_range("2024-03-01", periods=45 * 24, freq="h", tz="UTC")
+    v = 50 + 20 * np.sin(idx.hour.to_numpy() / 24 * 2 * np.pi)
+    v[-30] = 1e200
+    res = _bt(_frame_csv(tmp_path / "huge.csv", idx, v), tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "o" / "metrics.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    methods = json.loads(text)["methods"]
+    assert any(m.get("nrmse") is None for m in methods.values())
+
+
 def _pv(idx, scale=1.0):
     hour = (idx.hour + idx.minute / 60).to_numpy()
     sun = np.clip(np.sin((hour - 6) / 12 * np.pi), 0, None)

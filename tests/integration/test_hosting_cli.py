@@ -89,3 +89,18 @@ def test_over_time_writes_the_time_table(tmp_path):
     assert (h.set_index("bus")["hc_kw"] - smallest.loc[h["bus"]].to_numpy()).abs().max() < 1e-6
     code, text = _run("ieee13", "--over-time", "sometimes", "--out", tmp_path / "x")
     assert code == 2 and "--over-time 'sometimes'" in text
+
+
+def test_a_feeder_without_loads(tmp_path):
+    """A line and no load: IndexError (exit 1) in the load linearisation's empty case.
+    The site's capacity is the line's default rating (400 A at 12.47 kV, ≈ 8.6 MVA)."""
+    master = tmp_path / "feeder" / "noload.dss"
+    master.parent.mkdir()
+    master.write_text("Clear\nNew Circuit.noload basekv=12.47 pu=1.0 phases=3 bus1=src\n"
+                      "New Line.l1 bus1=src bus2=b1 phases=3 length=1 units=km\n"
+                      "Set voltagebases=[12.47]\nCalcvoltagebases\n")
+    code, text = _run(str(master), "--out", tmp_path / "out")
+    assert code == 0, text
+    hc = pd.read_csv(tmp_path / "out" / "hosting_capacity.csv")
+    assert list(hc["bus"]) == ["b1"] and hc["binding"].iloc[0] == "thermal"
+    assert 8000 < hc["hc_kw"].iloc[0] < 9500

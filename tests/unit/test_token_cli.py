@@ -23,3 +23,17 @@ def test_token_create_on_an_unreachable_database_says_so(monkeypatch):
     assert res.exit_code == 2, res.output
     assert "cannot open the database" in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_db_upgrade_on_a_database_it_cannot_open_says_so(tmp_path, monkeypatch):
+    """An unreachable server, a folder, a file that is no database: a traceback before."""
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(bytes(range(256)) * 12)
+    (tmp_path / "folder").mkdir()
+    for url in ("postgresql+psycopg://nobody@127.0.0.1:1/none",
+                f"sqlite:///{tmp_path / 'folder'}", f"sqlite:///{junk}"):
+        monkeypatch.setenv("DERMS_DATABASE_URL", url)
+        res = CliRunner().invoke(app, ["db", "upgrade"])
+        assert res.exit_code == 2, (url, res.output)
+        assert "cannot open the database" in res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)

@@ -211,13 +211,24 @@ app.add_typer(token_app, name="token")
 @_handle_errors
 def db_upgrade() -> None:
     """Create or migrate the database at DERMS_DATABASE_URL (default: SQLite in the data dir)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from derms.config import get_settings
     from derms.store.migrate import current_revision, upgrade
 
-    settings = get_settings()
-    upgrade(settings.database_url)
-    out_console.print(f"database at revision {current_revision(settings.database_url)}",
-                      highlight=False)
+    url = get_settings().database_url
+    try:
+        upgrade(url)
+        rev = current_revision(url)
+    except SQLAlchemyError as exc:  # unreachable server, a folder or a file not a database
+        raise _db_error(url, exc) from None
+    out_console.print(f"database at revision {rev}", highlight=False)
+
+
+def _db_error(url: str, exc: Exception) -> InputError:
+    """InputError naming the database URL and the driver's first line of the error."""
+    return InputError(f"cannot open the database {url!r}: "
+                      f"{str(getattr(exc, 'orig', exc) or exc).splitlines()[0]}")
 
 
 @token_app.command("create")
@@ -239,8 +250,7 @@ def token_create(
     try:
         rev, head = current_revision(url), head_revision()
     except SQLAlchemyError as exc:  # unreachable server, a folder that does not exist
-        raise InputError(f"cannot open the database {url!r}: "
-                         f"{str(getattr(exc, 'orig', exc) or exc).splitlines()[0]}") from None
+        raise _db_error(url, exc) from None
     if rev is None:   # an empty database: no api_tokens table yet (was a traceback)
         raise InputError("the database has no derms schema yet: run `derms db upgrade` "
                          "first")

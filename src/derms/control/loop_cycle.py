@@ -14,8 +14,8 @@ import numpy as np
 
 from derms.control.fast_cycle import CycleReport, FleetNow
 from derms.control.loop_config import assign_end_devices
-from derms.control.loop_replan import jsonable
 from derms.control.loop_state import cycle_state
+from derms.jsonutil import jsonable
 from derms.monitoring.cycle import RunError
 from derms.monitoring.telemetry import latest_readings, series_of
 from derms.store.audit import append_audit

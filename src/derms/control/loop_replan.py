@@ -17,6 +17,7 @@ from sqlalchemy import select
 from derms.control.loop_measurements import StoreMeasurements
 from derms.control.replan import ReplanConfig, ReplanDer, Replanner
 from derms.errors import DermsError
+from derms.jsonutil import jsonable
 from derms.monitoring.telemetry import latest_readings, series_of
 from derms.powerflow.engine import OpenDSSEngine
 from derms.store.audit import append_audit
@@ -119,16 +120,3 @@ class ReplanMixin:
                                 "status": "failed", "error": error}
 
 
-def jsonable(x: Any) -> Any:
-    """``x`` with numpy scalars/arrays as Python values and non-finite floats as None."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x

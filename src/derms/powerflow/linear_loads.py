@@ -144,8 +144,12 @@ def _add(rows: list, el, name: str, nph: int, delta: bool, law: tuple,
 
 def _to_arrays(rows: list[tuple]) -> Branches:
     fields = Branches.__slots__
-    if not rows:
-        return Branches(*(np.zeros((0, 7)) if f == "zipv" else np.zeros(0) for f in fields))
+    if not rows:  # typed as when filled: indices int, admittances complex (a feeder
+        # without loads raised IndexError where the node indices index arrays)
+        dtype = {"element": object, "node_i": np.int64, "node_j": np.int64,
+                 "model": np.int64, "y_sys_s": complex}
+        return Branches(*(np.zeros((0, 7)) if f == "zipv" else
+                          np.zeros(0, dtype=dtype.get(f, float)) for f in fields))
     cols = list(zip(*rows))
     # row layout: name, i, j, y, model, vbase, vlow, vmin, vmax, w, var, var_fixed, cp, cq, zipv
     order = ["element", "node_i", "node_j", "y_sys_s", "model", "v_base_v", "vlow_pu",

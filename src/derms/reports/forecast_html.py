@@ -43,7 +43,10 @@ def write_backtest_outputs(result: BacktestResult, out: Path, kind: str, unit: s
         "methods": result.metrics,
         "fits": result.fits,
     }
-    paths["metrics"].write_text(json.dumps(doc, indent=2, default=str))
+    from derms.jsonutil import jsonable
+
+    paths["metrics"].write_text(json.dumps(jsonable(doc), indent=2, default=str,
+                                           allow_nan=False))
     paths["report"].write_text(_report_html(result, kind, unit, source))
     return paths
 

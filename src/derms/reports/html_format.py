@@ -47,9 +47,15 @@ def fmt_fixed(value, decimals: int) -> str:
 
 
 def fmt_float(value: float) -> str:
+    """A table cell: "" for NaN, "inf" / "-inf", integers with thousands separators,
+    large or tiny magnitudes in scientific notation, else 1-4 decimals."""
     if np.isnan(value):
         return ""
-    if value == int(value) and abs(value) < 1e15:
+    if np.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if abs(value) >= 1e15 or (value != 0 and abs(value) < 1e-4):
+        return f"{value:.4g}"
+    if value == int(value):
         return f"{int(value):,}"
     if abs(value) >= 100:
         return f"{value:,.1f}"

@@ -7,6 +7,7 @@ reported with the file name, and the column or row at fault.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,11 @@ def read_profiles_csv(path: Path) -> Profiles:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"profiles file {path}: not a readable CSV ({exc})") from None
     cols = [str(c).strip() for c in df.columns]
+    n_of = Counter(c.lower() for c in cols)
+    twice = sorted({c for c in cols if n_of[c.lower()] > 1})
+    if twice:  # (element names are case-insensitive; a TypeError before)
+        raise InputError(f"profiles file {path}: column {twice[0]!r} appears more than once "
+                         "(names are compared without surrounding spaces and case)")
     df.columns = cols
     if "timestamp" not in cols:
         raise InputError(f"profiles file {path}: no 'timestamp' column (columns: "
