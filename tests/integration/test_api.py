@@ -370,6 +370,10 @@ def test_serve_refuses_bad_and_busy_ports_before_starting(tmp_path):
                              check=False,
                              text=True, timeout=60)
     assert res.returncode == 2 and "--port" in res.stderr and "Traceback" not in res.stderr
+    for bad in ("nan", "-1", "1e-9"):  # silently off / a busy loop before
+        res = subprocess.run([*base, "--monitor-period-s", bad], env=env, capture_output=True,
+                             check=False, text=True, timeout=60)
+        assert res.returncode == 2 and "--monitor-period-s" in res.stderr, bad
 
 
 def test_405_lists_every_method_of_the_path(api):

@@ -161,6 +161,16 @@ def test_study_profiles_repeated_column(tmp_path):
                        "more than once")
 
 
+def test_study_start_that_disagrees_with_the_profiles_file(tmp_path):
+    """--start was ignored without a word when --profiles set another start."""
+    csv = _profiles_csv(tmp_path / "p.csv", 96, ["load.671"])
+    assert_clean_error(derms("study", "ieee13", "--profiles", csv, "--start",
+                             "2025-07-01", "--out", tmp_path / "o"), "starts at 2026-07-01")
+    proc = derms("study", "ieee13", "--profiles", csv, "--start", "2026-07-01T00:00Z",
+                 "--out", tmp_path / "o2")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_study_end_to_end(tmp_path):
     csv = _profiles_csv(tmp_path / "p.csv", 96, ["load.671"])
     proc = derms("study", "ieee13", "--pv-penetration", "0.5", "--profiles", csv,

@@ -315,7 +315,12 @@ def test_rest_adms_operator_scopes_conflicts_and_withdrawal(api, grid):
            {"scope": {"kind": "device", "der_id": bat}, "expiry": _iso(now + H)},
            {"scope": {"kind": "device", "der_id": "nope"}, "value_kw": 1, "expiry": _iso(now + H)},
            {"kind": "optimisation_setpoint", "scope": {"kind": "device", "der_id": bat},
-            "value_kw": 1, "expiry": _iso(now + H)}]
+            "value_kw": 1, "expiry": _iso(now + H)},
+           # beyond the device's 10 kVA (1e308 was stored and "applied")
+           {"scope": {"kind": "device", "der_id": bat}, "value_kw": 1e308,
+            "expiry": _iso(now + H)},
+           {"scope": {"kind": "device", "der_id": bat}, "value_kw": -10.5,
+            "expiry": _iso(now + H)}]
     for body in bad:
         r = api.post("/v1/operator/overrides", headers=api.operator, json=body)
         assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text

@@ -79,7 +79,15 @@ def test_bad_options_exit_2(tmp_path):
     csv = _write_series(tmp_path / "load.csv", days=30)
     for extra, message in ((["--kind", "wind"], "expected load or pv"),
                            (["--tz", "Mars/Olympus"], "not a time zone"),
-                           (["--horizon", "soon"], "expected a duration")):
+                           (["--horizon", "soon"], "expected a duration"),
+                           # a lone or out-of-range location was ignored without a word
+                           (["--kind", "pv", "--latitude", "95"], "without --longitude"),
+                           (["--kind", "pv", "--latitude", "95", "--longitude", "5"],
+                            "--latitude 95"),
+                           (["--kind", "pv", "--latitude", "nan", "--longitude", "5"],
+                            "--latitude nan"),
+                           (["--kind", "pv", "--latitude", "45", "--longitude", "200"],
+                            "--longitude 200")):
         res = runner.invoke(app, ["forecast", "backtest", "--series", str(csv), "--out",
                                   str(tmp_path / "o"), *extra])
         assert res.exit_code == 2, res.output

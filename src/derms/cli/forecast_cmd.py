@@ -58,6 +58,7 @@ def backtest_cmd(
     if kind not in ("load", "pv"):
         raise InputError(f"--kind {kind!r}: expected load or pv")
     _check_tz(tz)
+    _check_location(kind, latitude, longitude)
     spec = ForecastSpec(kind=kind, horizon=pd.Timedelta(parse_duration(horizon, "--horizon")),
                         tz=tz, latitude=latitude, longitude=longitude, holidays=holidays,
                         n_rounds=rounds)
@@ -111,3 +112,25 @@ def _check_tz(tz: str) -> None:
     if tz not in available_timezones() and tz != "UTC":
         raise InputError(f"--tz {tz!r}: not a time zone name (e.g. UTC, Europe/Paris, "
                          "America/Denver, Etc/GMT+7)")
+
+
+def _check_location(kind: str, latitude: float | None, longitude: float | None) -> None:
+    """--latitude / --longitude: both or neither, finite and in range (one alone, or 95,
+    was ignored without a word); a warning where --kind load does not use them."""
+    import math
+
+    if (latitude is None) != (longitude is None):
+        given, other = (("--latitude", "--longitude") if latitude is not None
+                        else ("--longitude", "--latitude"))
+        raise InputError(f"{given} without {other}: give both (the site's location) or "
+                         "neither")
+    if latitude is None or longitude is None:
+        return
+    if not (math.isfinite(latitude) and -90 <= latitude <= 90):
+        raise InputError(f"--latitude {latitude:g}: expected degrees in [-90, 90]")
+    if not (math.isfinite(longitude) and -180 <= longitude <= 180):
+        raise InputError(f"--longitude {longitude:g}: expected degrees in [-180, 180]")
+    if kind != "pv":
+        err_console.print("[yellow]warning:[/] --latitude/--longitude are used with --kind pv "
+                          "only (the clear-sky features); ignored for --kind load",
+                          highlight=False)

@@ -6,6 +6,7 @@ Every :class:`~derms.errors.DermsError` becomes a one-line message on stderr and
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from datetime import datetime
@@ -28,6 +29,8 @@ from derms.cli.common import (  # shared with the sub-command modules
 )
 from derms.cli.common import handle_errors as _handle_errors
 from derms.errors import InputError
+
+MIN_PERIOD_S = 0.5  # serve's cycle periods: 0 (off) or at least this
 
 app = typer.Typer(
     help="derms: Distributed Energy Resource Management System (feeder studies).",
@@ -144,7 +147,9 @@ def study(
     pv_penetration: Annotated[float, typer.Option(
         help="Share of customers (loads) that get PV, 0..1.")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed for profile and PV draws.")] = 0,
-    start: Annotated[str, typer.Option(help="Start, ISO 8601 (UTC if no zone).")] = "2026-07-01",
+    start: Annotated[str | None, typer.Option(
+        help="Start, ISO 8601 (UTC if no zone); default 2026-07-01, or the --profiles "
+             "file's first timestamp.")] = None,
     controls: Annotated[str, typer.Option(help="static, time or off.")] = "static",
     voltage_range: Annotated[str, typer.Option(
         "--range", help="ANSI C84.1 voltage range: A (0.95-1.05) or B.")] = "A",
@@ -173,8 +178,13 @@ def study(
     limit_kw = {"reverse_power_kw": 0.0} if reverse_power else {}
     limits = Limits.ansi_range_a(**limit_kw) if rng == "A" else Limits.ansi_range_b(**limit_kw)
     user = read_profiles_csv(profiles) if profiles is not None else None
+    t0 = _parse_start(start if start is not None else "2026-07-01")
+    if user is not None and start is not None and t0 != user.start:
+        # (the file's start was taken and --start silently ignored)
+        raise InputError(f"--start {start}: the profiles file {profiles} starts at "
+                         f"{user.start.isoformat()} (leave --start out, or give that)")
     config = StudyConfig(days=days, step=parse_step(step),
-                         start=user.start if user else _parse_start(start), profiles=user,
+                         start=user.start if user else t0, profiles=user,
                          pv_penetration=pv_penetration, seed=seed,
                          control_mode=_control_mode(controls), limits=limits,
                          max_iterations=max_iterations)
@@ -333,6 +343,13 @@ def serve(
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    for name, value in (("--monitor-period-s", monitor_period_s),
+                        ("--control-period-s", control_period_s),
+                        ("--control-replan-s", control_replan_s)):
+        # nan or a negative period silently turned the cycle off, 1e-9 spun a busy loop
+        if not math.isfinite(value) or value < 0 or 0 < value < MIN_PERIOD_S:
+            raise InputError(f"{name} {value:g}: expected 0 (off) or at least "
+                             f"{MIN_PERIOD_S:g} s")
     replan_config = None  # checked before anything starts
     if control_feeder is not None and control_replan_s > 0:
         from derms.control.replan import ReplanConfig

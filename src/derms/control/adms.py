@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from derms.control import persistence
 from derms.control.requests import (
+    SETPOINT_KINDS,
     CommandKind,
     ControlRequest,
     Scope,
@@ -215,13 +216,24 @@ class Applied:
                 "feeders_switched": self.feeders_switched}
 
 
-def _check_targets(session: Session, scope: Scope) -> None:
+def _check_targets(session: Session, scope: Scope, kind: CommandKind | None = None,
+                   value_kw: float | None = None) -> None:
+    """UnknownTarget for a feeder, device or connection point the store does not know;
+    InputError for a device setpoint beyond the device's kVA rating (1e308 kW on a 5 kVA
+    PV was stored and "applied")."""
     if scope.kind in (ScopeKind.FEEDER, ScopeKind.SECTION):
         if session.get(Feeder, scope.feeder_id) is None:
             raise UnknownTarget(f"unknown feeder {scope.feeder_id!r}")
     elif scope.kind is ScopeKind.DEVICE:
-        if session.get(DerDevice, scope.der_id) is None:
+        dev = session.get(DerDevice, scope.der_id)
+        if dev is None:
             raise UnknownTarget(f"unknown device {scope.der_id!r}")
+        if (kind in SETPOINT_KINDS and isinstance(value_kw, int | float)
+                and not isinstance(value_kw, bool)
+                and abs(value_kw) > dev.s_max_kva * (1 + 1e-9)):
+            raise InputError(f"value_kw {value_kw:g}: beyond device {scope.der_id!r}'s "
+                             f"rating of {dev.s_max_kva:g} kVA (a setpoint is within "
+                             f"±{dev.s_max_kva:g} kW)")
     elif session.get(DerSite, scope.connection_point) is None:
         raise UnknownTarget(f"unknown connection point (DER site) {scope.connection_point!r}")
 
@@ -232,7 +244,7 @@ def _request(session: Session, *, prefix: str, ident: str | None, source: Source
     if expiry <= now:
         raise InputError(f"expiry {expiry.isoformat()} has already passed (now "
                          f"{now.isoformat()}): every request needs a future expiry")
-    _check_targets(session, scope)
+    _check_targets(session, scope, kind, value_kw)
     rid = f"{prefix}-{ident or uuid.uuid4().hex}"
     # no start: "now" at first arrival; a redelivery must not move it (submit keeps it)
     req = ControlRequest(rid, source, kind, scope, start or now, expiry, value_kw=value_kw,
