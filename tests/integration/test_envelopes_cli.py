@@ -77,6 +77,7 @@ def test_profiles_file_sets_the_horizon(tmp_path):
     (("--step", "7min"), "not a whole number of 7-min steps"),  # was rounded to 18 x 7 min
     (("--start", "yesterday"), "--start 'yesterday'"),
     (("--start", "9999-12-31T23:00Z"), "expected a year from 1900"),  # was year 10000
+    (("--capacity-kw", "inf"), "--capacity-kw inf: must be positive and finite"),
 ])
 def test_bad_input_exits_2(tmp_path, args, message):
     code, text = _run("ieee123", "--out", tmp_path / "x", "--hours", "2", *args)

@@ -61,6 +61,9 @@ def test_backtest_writes_recomputable_outputs(tmp_path):
     ("timestamp,value\n2024-01-01T00:00:00Z,abc\n", "'abc' is not a number"),
     ("time,value\n2024-01-01T00:00:00Z,1\n", "missing column(s) timestamp"),
     ("timestamp,value\nnot-a-date+01:00,1\n", "bad timestamp"),
+    # said "has no time zone" for text that is no timestamp at all, or a zone name
+    ("timestamp,value\nnot a time,1\n", "'not a time' is not an ISO 8601 timestamp"),
+    ("timestamp,value\n2024-02-01 00:00:00 CET,1\n", "zone names such as CET"),
     ("timestamp,value\n2024-01-01T00:00:00Z,1\n2024-01-01T01:00:00Z,inf\n",
      "row 3: value 'inf' is not finite"),
     (("timestamp,value\n2024-01-01T00:00:00Z,1\n2024-01-01T01:00:00Z,2\n"

@@ -56,6 +56,8 @@ def test_same_seed_same_tables(tmp_path):
     (["--connect", "675:x1:ev:2028"], ["--connect", "675:x1:ev:2028", "KW must be a number"]),
     (["--connect", "nosuchbus:10:ev:2028"], ["nosuchbus", "not a bus"]),
     (["--connect", "675:10:ev:1999"], ["new_connections[0].year", "1999"]),
+    (["--connect", "675:inf:ev:2028"], ["new_connections[0].p_kw", "finite"]),  # was a profile
+    # error naming load.growth_0
 ])
 def test_bad_input_exits_2_with_message(tmp_path, args, fragments):
     code, text = _run("ieee13", *args, "--out", tmp_path)

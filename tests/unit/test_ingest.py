@@ -56,6 +56,7 @@ def test_csv():
 @pytest.mark.parametrize("row,field,fragment", [
     ({"t": "2026-11-25T10:00:00"}, "t", "no zone"),
     ({"t": "yesterday Z"}, "t", "not ISO 8601"),
+    ({"t": "yesterday"}, "t", "not ISO 8601 with a zone"),  # said "no zone"
     ({"value": "NaN"}, "value", "finite"),
     ({"value": float("inf")}, "value", "finite"),
     ({"value": "abc"}, "value", "finite"),

@@ -5,6 +5,7 @@ Registered in main.py as ``app.command(name="envelopes")(envelopes_cmd.envelopes
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -103,10 +104,10 @@ def envelopes(
         raise InputError(f"--voltage-range {voltage_range!r}: expected A or B")
     if controls not in ("acting", "frozen"):
         raise InputError(f"--controls {controls!r}: expected acting or frozen")
-    if not capacity_kw > 0:
-        raise InputError(f"--capacity-kw {capacity_kw}: must be positive")
-    if not static_kw > 0:
-        raise InputError(f"--static-kw {static_kw}: must be positive")
+    if not 0 < capacity_kw < math.inf:
+        raise InputError(f"--capacity-kw {capacity_kw}: must be positive and finite")
+    if not 0 < static_kw < math.inf:
+        raise InputError(f"--static-kw {static_kw}: must be positive and finite")
     if not 0 < hours <= 168:
         raise InputError(f"--hours {hours}: must be in (0, 168]")
     dt = parse_step(step)

@@ -248,7 +248,14 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
 
     t_str = pd.Series(_text(frame["t"]), index=frame.index, dtype=object)
     no_zone = ~t_str.str.contains(_ZONE, regex=True).to_numpy()
-    chk.flag(no_zone, "t", lambda r: f"timestamp {t_str.iloc[r]!r} has no zone (use Z or ±hh:mm)")
+    # a text without a zone that is no timestamp either is "not ISO 8601" (it said "no zone")
+    naive_ok = pd.to_datetime(t_str.where(no_zone, None), errors="coerce",
+                              format="ISO8601").notna().to_numpy()
+    chk.flag(no_zone & naive_ok, "t",
+             lambda r: f"timestamp {t_str.iloc[r]!r} has no zone (use Z or ±hh:mm)")
+    chk.flag(no_zone & ~naive_ok, "t",
+             lambda r: f"timestamp {t_str.iloc[r]!r} is not ISO 8601 with a zone (e.g. "
+                       "2026-07-01T12:00:00Z)")
     t = pd.to_datetime(t_str.where(~no_zone, None), utc=True, errors="coerce", format="ISO8601")
     bad_t = t.isna().to_numpy() & ~no_zone
     chk.flag(bad_t, "t", lambda r: f"timestamp {t_str.iloc[r]!r} is not ISO 8601")

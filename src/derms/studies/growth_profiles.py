@@ -33,6 +33,7 @@ Device models (all consumption-positive kW; PV output ``p_gen_kw >= 0`` is subtr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -201,8 +202,8 @@ class GrowthScenario:
         last = self.start_year + self.years
         for i, nc in enumerate(self.new_connections):
             where = f"new_connections[{i}]"
-            if not nc.p_kw > 0:
-                _fail(f"{where}.p_kw", nc.p_kw, "a positive kW")
+            if not 0 < nc.p_kw < math.inf:
+                _fail(f"{where}.p_kw", nc.p_kw, "a positive, finite kW")
             if nc.profile not in PROFILE_KINDS:
                 _fail(f"{where}.profile", nc.profile, " | ".join(PROFILE_KINDS))
             if not self.start_year <= nc.year <= last:

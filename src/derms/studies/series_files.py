@@ -80,8 +80,13 @@ def read_series_csv_frame(path: Path, df: pd.DataFrame, what: str = "") -> pd.Se
     no_zone = ~stamps.str.contains(_ZONE)
     if no_zone.any():
         row = int(np.flatnonzero(no_zone.to_numpy())[0])
-        raise InputError(f"file {where}: row {row + 2}: timestamp {stamps.iloc[row]!r} "
-                         "has no time zone (write an offset such as +01:00, or Z)")
+        text = stamps.iloc[row]
+        naive = pd.to_datetime(pd.Series([text]), format="ISO8601", errors="coerce")
+        why = ("has no time zone" if naive.notna().all() else
+               "is not an ISO 8601 timestamp with an offset (zone names such as CET or "
+               "Europe/Paris are not read)")  # (it said "no time zone" for any text)
+        raise InputError(f"file {where}: row {row + 2}: timestamp {text!r} {why} (write "
+                         "e.g. 2024-03-01T00:00:00+01:00, or Z for UTC)")
     try:
         t = pd.to_datetime(stamps, utc=True, format="ISO8601")
     except (ValueError, TypeError):
