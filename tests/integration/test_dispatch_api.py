@@ -112,6 +112,7 @@ def test_infeasible_is_422_with_the_explanation(api):
     {"step": "fortnight"}, {"policy": "random"}, {"unknown_field": 1}, {"horizon": "30d"},
     {"replan_every": "often"}, {"replan_every": "5min"}, {"group_size": 0},
     {"group_size": "some"}, {"group_size": 1001},
+    {"pv_penetration": "0.3"}, {"pv_penetration": True}, {"realtime": "yes"}, {"seed": "1"},
 ])
 def test_bad_body_is_422(api, change):
     r = api.post("/v1/dispatch/plan", headers=api.operator, json={**BODY, **change})

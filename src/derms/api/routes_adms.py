@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Request, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.conflicts import unique_transaction
@@ -35,11 +35,12 @@ from derms.control import persistence
 from derms.control.adms import AdmsMessage, Applied, OperatorOverrideIn, apply_adms, apply_override
 from derms.control.arbiter import Arbiter, RequestConflict
 from derms.control.requests import Source
+from derms.strict import StrictScalars
 
 router = APIRouter(tags=["control"])
 
 
-class WithdrawIn(BaseModel):
+class WithdrawIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field("", max_length=500)
 

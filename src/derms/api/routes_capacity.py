@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from derms.analysis.constraints import MAX_SIZE_KW
 from derms.api.auth import Principal, require
@@ -24,6 +24,7 @@ from derms.api.downloads import Download, columns_frame, table_response
 from derms.api.ids import DbId
 from derms.api.problems import Problem
 from derms.errors import DermsError, InfeasibleError
+from derms.strict import StrictScalars
 
 router = APIRouter(tags=["capacity"])
 Feeder = Literal["ieee13", "ieee123", "ieee8500"]
@@ -53,7 +54,7 @@ def _columns(frame, offset: int, limit: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- hosting
 
 
-class HostingBody(BaseModel):
+class HostingBody(StrictScalars):
     """Snapshot hosting capacity at buses of a bundled feeder (DESIGN definition)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -111,7 +112,7 @@ async def post_hosting_capacity(request: Request, body: HostingBody,
 # ----------------------------------------------------------------------------- envelopes
 
 
-class EnvelopeBody(BaseModel):
+class EnvelopeBody(StrictScalars):
     """Operating envelopes over a horizon from the bundled load shapes (a seeded draw)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -242,7 +243,7 @@ def get_envelope_set(request: Request, set_id: DbId,
 # ----------------------------------------------------------------------------- interconnect
 
 
-class InterconnectBody(BaseModel):
+class InterconnectBody(StrictScalars):
     """Static and flexible interconnection check of one new device at a bus."""
 
     model_config = ConfigDict(extra="forbid")

@@ -12,18 +12,19 @@ from typing import Annotated, Any, Literal
 
 import pandas as pd
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from derms.api.auth import Principal, require
 from derms.api.problems import Problem
 from derms.errors import DermsError, InputError
 from derms.grid.bundled import resolve_master
+from derms.strict import StrictScalars
 
 router = APIRouter(tags=["constraints"])
 MAX_VIOLATION_ROWS = 5000
 
 
-class History(BaseModel):
+class History(StrictScalars):
     """A measured series: ISO 8601 timestamps with a zone, and values (same length)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -45,7 +46,7 @@ class History(BaseModel):
                          index=idx, dtype=float).dropna()
 
 
-class ConstraintForecastBody(BaseModel):
+class ConstraintForecastBody(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     feeder: Literal["ieee13", "ieee123", "ieee8500"]
     load_history: History

@@ -15,19 +15,20 @@ import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, columns_frame, table_response
 from derms.api.problems import Problem
 from derms.errors import InfeasibleError, InputError
+from derms.strict import StrictScalars
 
 router = APIRouter(tags=["dispatch"])
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-class PlanBody(BaseModel):
+class PlanBody(StrictScalars):
     """A dispatch study request. Penetrations are shares of the feeder's customers."""
 
     model_config = ConfigDict(extra="forbid")

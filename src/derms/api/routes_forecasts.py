@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import pandas as pd
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
@@ -31,6 +31,7 @@ from derms.store.forecasts import (
     list_runs,
     run_values,
 )
+from derms.strict import StrictScalars
 
 router = APIRouter(tags=["forecasts"])
 
@@ -142,7 +143,7 @@ def get_forecast_models(request: Request,
             "items": [m.to_dict() for m in models]}
 
 
-class RetrainBody(BaseModel):
+class RetrainBody(StrictScalars):
     """A retrain request: model name, target series and the forecast spec."""
 
     model_config = ConfigDict(extra="forbid")
@@ -173,7 +174,7 @@ class RetrainBody(BaseModel):
         return value
 
 
-class IssueBody(BaseModel):
+class IssueBody(StrictScalars):
     """An issue request: model name, optional origin (default now, floored to the step) and
     targets (default the model's)."""
 

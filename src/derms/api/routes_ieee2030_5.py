@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from lxml import etree
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import select
 
 from derms.api.auth import Principal, require
@@ -40,6 +40,7 @@ from derms.protocols.ieee2030_5.model import (
 )
 from derms.protocols.ieee2030_5.repository import SepAdminRepository
 from derms.store.audit import append_audit
+from derms.strict import StrictScalars
 
 router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
 LFDI = r"^[0-9A-Fa-f]{40}$"
@@ -90,7 +91,7 @@ def _aware(value: datetime, name: str = "start") -> datetime:
 # ----------------------------------------------------------------------------- end devices
 
 
-class EndDeviceIn(BaseModel):
+class EndDeviceIn(StrictScalars):
     """Pre-register an end device (it may then register itself over TLS with its LFDI)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -108,7 +109,7 @@ class EndDeviceIn(BaseModel):
         "(default: a meter whose id is the connection point)"))
 
 
-class AggregatorIn(BaseModel):
+class AggregatorIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     lfdi: str = Field(pattern=LFDI)
 
@@ -143,7 +144,7 @@ def create_end_device(request: Request, body: EndDeviceIn, repo: Repo,
     return _edev_json(rec)
 
 
-class EndDevicesIn(BaseModel):
+class EndDevicesIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     end_devices: list[EndDeviceIn] = Field(min_length=1, max_length=10_000)
 
@@ -273,19 +274,19 @@ def list_aggregators(repo: Repo, _p: Annotated[Principal, Depends(require("read"
 # ----------------------------------------------------------------------------- programs, FSAs
 
 
-class ProgramIn(BaseModel):
+class ProgramIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     description: str = Field("", max_length=32)
     primacy: int = Field(ge=0, le=255, description="Lower wins (IEEE 2030.5 primacy)")
 
 
-class FsaIn(BaseModel):
+class FsaIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     description: str = Field("", max_length=32)
     program_ids: list[int] = Field(default_factory=list, max_length=100)
 
 
-class FsaAssignIn(BaseModel):
+class FsaAssignIn(StrictScalars):
     """A group of end devices: by id and/or every device at the given connection points."""
 
     model_config = ConfigDict(extra="forbid")
@@ -377,7 +378,7 @@ def assign_fsa(request: Request, fsa_id: DbId, body: FsaAssignIn, repo: Repo,
 # ----------------------------------------------------------------------------- controls
 
 
-class LimitsIn(BaseModel):
+class LimitsIn(StrictScalars):
     """DERControlBase: CSIP-AUS limits in W (>= 0) and the connect/energize flags."""
 
     model_config = ConfigDict(extra="forbid")

@@ -26,20 +26,21 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
 from derms.api.problems import Problem
 from derms.api.routes_ieee2030_5 import UINT32, Repo, _program_or_404, _write
 from derms.protocols.ieee2030_5.model import ControlSpec, DerLimits
+from derms.strict import StrictScalars
 
 router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
 PV_KINDS = frozenset({"pv"})
 MIN_CURTAIL_KW = 0.001
 
 
-class ScheduleColumns(BaseModel):
+class ScheduleColumns(StrictScalars):
     """Columns of ``schedule.csv`` (equal lengths)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -50,7 +51,7 @@ class ScheduleColumns(BaseModel):
     curtail_kw: list[float | None] | None = None
 
 
-class DispatchControlsIn(BaseModel):
+class DispatchControlsIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     schedule: ScheduleColumns
     step_s: int | None = Field(None, ge=1, le=UINT32, description=(

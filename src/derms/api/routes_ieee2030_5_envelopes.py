@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
@@ -22,11 +22,12 @@ from derms.api.problems import Problem
 from derms.api.routes_ieee2030_5 import UINT32, Repo, _program_or_404, _write
 from derms.protocols.ieee2030_5.model import ControlSpec, DerLimits, EndDeviceRecord
 from derms.protocols.ieee2030_5.repository import SepAdminRepository
+from derms.strict import StrictScalars
 
 router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
 
 
-class SiteControlRow(BaseModel):
+class SiteControlRow(StrictScalars):
     """One row of ``EnvelopeResult.site_controls()``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -38,7 +39,7 @@ class SiteControlRow(BaseModel):
     import_limit_w: float | None = None
 
 
-class SiteControlColumns(BaseModel):
+class SiteControlColumns(StrictScalars):
     """The same rows as columns (the ``site_controls`` object ``POST /v1/envelopes``
     answers with; its paging fields are accepted and ignored)."""
 
@@ -64,7 +65,7 @@ class SiteControlColumns(BaseModel):
         return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
 
 
-class EnvelopeControlsIn(BaseModel):
+class EnvelopeControlsIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     site_controls: list[SiteControlRow] | SiteControlColumns = Field(description=(
         "rows (mrid, connection_point, start, duration_s, export_limit_w, import_limit_w "

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
@@ -22,6 +22,7 @@ from derms.api.problems import Problem
 from derms.api.routes_ieee2030_5 import Limit, Offset, Repo, _iso, _page, _program_or_404, _write
 from derms.protocols.ieee2030_5.delivery import DeliveryRecord, delivery_record
 from derms.protocols.ieee2030_5.model import CURVE_TYPES, CurveRecord
+from derms.strict import StrictScalars
 
 router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
 
@@ -31,7 +32,7 @@ Y_REFERENCES = {"set_max_w": 1, "set_max_var": 2, "stat_var_avail": 3, "set_effe
 Hundredths = Annotated[int | None, Field(None, ge=0, le=65535)]
 
 
-class CurveIn(BaseModel):
+class CurveIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["volt_var", "volt_watt", "freq_watt"]
     x: list[float] = Field(min_length=1, max_length=10, description=(

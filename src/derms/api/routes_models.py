@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
@@ -32,11 +32,12 @@ from derms.store.audit import append_audit
 from derms.store.locks import lock_feeders
 from derms.store.models import Feeder, FeederModelVersion
 from derms.store.types import ensure_utc, utcnow
+from derms.strict import StrictScalars
 
 router = APIRouter(tags=["registry"])
 
 
-class ModelIn(BaseModel):
+class ModelIn(StrictScalars):
     """``source_uri``: the OpenDSS master file on the server (absolute path, ``file://``
     allowed) or a bundled feeder's name ("ieee13"); ``valid_from`` (aware, default now)."""
 

@@ -23,7 +23,7 @@ from operator import attrgetter
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -44,19 +44,20 @@ from derms.store.models import (
     Phase,
     Protocol,
 )
+from derms.strict import StrictScalars
 
 router = APIRouter(tags=["registry"])
 _Row = TypeVar("_Row")
 
 
-class FeederIn(BaseModel):
+class FeederIn(StrictScalars):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     feeder_id: Id
     name: Text200 = ""
     substation: Text64 | None = None
 
 
-class DeviceIn(BaseModel):
+class DeviceIn(StrictScalars):
     """A DER device. Powers: ``p_gen_max_kw`` (output) and ``p_charge_max_kw`` (charging)
     are >= 0; ``q_max_kvar`` >= 0 >= ``q_min_kvar``."""
 
@@ -92,7 +93,7 @@ class DeviceIn(BaseModel):
         return self
 
 
-class MeterIn(BaseModel):
+class MeterIn(StrictScalars):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     meter_id: Id
     feeder_id: Id | None = None
@@ -195,12 +196,12 @@ def _same_feeder(site: DerSite, feeder_id: str | None, der_id: str) -> None:
                            f"{feeder_id!r}")
 
 
-class DevicesIn(BaseModel):
+class DevicesIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     devices: list[DeviceIn] = Field(min_length=1, max_length=10_000)
 
 
-class MetersIn(BaseModel):
+class MetersIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     meters: list[MeterIn] = Field(min_length=1, max_length=10_000)
 

@@ -33,7 +33,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
-    BaseModel,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -63,6 +62,7 @@ from derms.store.models import (
     SwitchState,
     TopologyEvent,
 )
+from derms.strict import StrictScalars
 
 MessageId = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9._:\-]+$")]
 Reason = Annotated[str, Field(default="", max_length=500)]
@@ -73,7 +73,7 @@ class UnknownTarget(InputError):
     """A message names a feeder, device or connection point the store does not know."""
 
 
-class ScopeIn(BaseModel):
+class ScopeIn(StrictScalars):
     """Where a request applies (see :class:`derms.control.requests.Scope`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -88,7 +88,7 @@ class ScopeIn(BaseModel):
         return Scope.from_dict(self.model_dump(exclude_none=True))
 
 
-class _Message(BaseModel):
+class _Message(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     message_id: MessageId | None = None
     reason: Reason = ""
@@ -118,7 +118,7 @@ class AbnormalConfiguration(_Request):
     type: Literal["abnormal_configuration"]
 
 
-class SwitchIn(BaseModel):
+class SwitchIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
     switch: str = Field(min_length=1, max_length=64)
     state: Literal["open", "closed"]
@@ -154,7 +154,7 @@ AdmsMessage = Annotated[BlockDispatch | LimitExport | LimitImport | AbnormalConf
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(AdmsMessage)
 
 
-class OperatorOverrideIn(BaseModel):
+class OperatorOverrideIn(StrictScalars):
     """An operator override: ``operator_setpoint`` (``value_kw`` import-positive at the
     device: > 0 charging/consuming, < 0 generating), ``block_dispatch``, or a limit
     (``value_kw >= 0``), until ``expiry``."""
