@@ -359,3 +359,26 @@ def test_rest_switching_notifies_the_monitor(api, grid):
         api.app.state.monitor = None
     assert r.status_code == 201 and rec.feeders == [grid["f"]]
     assert r.json()["requests"] == []  # no expiry: switch states only
+
+
+def test_a_section_must_name_buses_of_the_feeders_model(api, grid):
+    """A block for a section whose buses the feeder's model lacks was stored (201) and
+    matched nothing; with a model version registered, it is a 422 naming them."""
+    f, u = grid["f"], grid["u"]
+    now = datetime.now(UTC)
+    block = {"type": "block_dispatch", "expiry": _iso(now + timedelta(hours=1)),
+             "scope": {"kind": "section", "feeder_id": f, "section_id": "zone-9",
+                       "buses": ["671", "nosuchbus"]}}
+    # no model version yet: nothing to check against
+    r = api.post("/v1/adms/messages", headers=api.operator,
+                 json={**block, "message_id": f"s0-{u}"})
+    assert r.status_code == 201, r.text
+    r = api.post(f"/v1/feeders/{f}/models", headers=api.admin, json={"source_uri": "ieee13"})
+    assert r.status_code == 201, r.text
+    r = api.post("/v1/adms/messages", headers=api.operator,
+                 json={**block, "message_id": f"s1-{u}"})
+    assert r.status_code == 422 and "nosuchbus" in r.json()["detail"], r.text
+    good = {**block["scope"], "buses": ["671", "675.1.2.3"]}
+    r = api.post("/v1/adms/messages", headers=api.operator,
+                 json={**block, "scope": good, "message_id": f"s2-{u}"})
+    assert r.status_code == 201, r.text

@@ -52,6 +52,7 @@ from derms.control.requests import (
     Source,
 )
 from derms.errors import InputError
+from derms.grid.elements import ModelElements
 from derms.store.audit import append_audit
 from derms.store.db import upsert_insert
 from derms.store.models import (
@@ -59,9 +60,11 @@ from derms.store.models import (
     DerDevice,
     DerSite,
     Feeder,
+    FeederModelVersion,
     SwitchState,
     TopologyEvent,
 )
+from derms.store.types import utcnow
 from derms.strict import StrictScalars
 
 MessageId = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9._:\-]+$")]
@@ -224,6 +227,8 @@ def _check_targets(session: Session, scope: Scope, kind: CommandKind | None = No
     if scope.kind in (ScopeKind.FEEDER, ScopeKind.SECTION):
         if session.get(Feeder, scope.feeder_id) is None:
             raise UnknownTarget(f"unknown feeder {scope.feeder_id!r}")
+        if scope.kind is ScopeKind.SECTION:
+            _check_section_buses(session, scope)
     elif scope.kind is ScopeKind.DEVICE:
         dev = session.get(DerDevice, scope.der_id)
         if dev is None:
@@ -236,6 +241,27 @@ def _check_targets(session: Session, scope: Scope, kind: CommandKind | None = No
                              f"±{dev.s_max_kva:g} kW)")
     elif session.get(DerSite, scope.connection_point) is None:
         raise UnknownTarget(f"unknown connection point (DER site) {scope.connection_point!r}")
+
+
+def _check_section_buses(session: Session, scope: Scope) -> None:
+    """UnknownTarget when a section names buses its feeder's model lacks (the model
+    version in force, else the latest, as the registry's placement check reads it; a
+    section that matched nothing was stored and answered 201). Nothing is checked for a
+    feeder without a model version, or one whose elements are not worked out yet."""
+    base = (select(FeederModelVersion.elements, FeederModelVersion.version)
+            .where(FeederModelVersion.feeder_id == scope.feeder_id,
+                   FeederModelVersion.source_format == "opendss")
+            .order_by(FeederModelVersion.version.desc()).limit(1))
+    row = (session.execute(base.where(FeederModelVersion.valid_from <= utcnow())).first()
+           or session.execute(base).first())
+    if row is None or not row[0]:
+        return
+    known = ModelElements.from_json(row[0]).buses
+    unknown = sorted(b for b in scope.buses if b not in known)
+    if unknown:
+        raise UnknownTarget(f"section {scope.section_id!r}: bus(es) {', '.join(unknown[:5])}"
+                            f"{' …' if len(unknown) > 5 else ''} not in feeder "
+                            f"{scope.feeder_id!r}'s model (version {row[1]})")
 
 
 def _request(session: Session, *, prefix: str, ident: str | None, source: Source,
