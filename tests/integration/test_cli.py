@@ -94,6 +94,16 @@ def test_malformed_file(tmp_path):
     assert "derms-dss-" not in proc.stderr  # the user's file, not the private copy
 
 
+def test_a_bad_value_is_one_line_naming_it(tmp_path):
+    """OpenDSS's error for a bad value was eight lines of boilerplate ("Probable Cause")."""
+    bad = tmp_path / "bad.dss"
+    bad.write_text("Clear\nNew Circuit.c basekv=12.47 bus1=src\n"
+                   "New Load.l1 bus1=src kV=12.47 kW=100 kvar=NOT_A_NUM\n")
+    proc = derms("model", bad)
+    assert_clean_error(proc, "NOT_A_NUM", "line: 3", "New Load.l1")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Probable" not in proc.stderr
+
+
 def test_binary_file(tmp_path):
     bad = tmp_path / "bin.dss"
     bad.write_bytes(b"\x00\x01\x02garbage")

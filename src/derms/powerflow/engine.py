@@ -49,6 +49,27 @@ def _dss_module():
     return DSS
 
 
+def compact_dss_error(text: str) -> str:
+    """OpenDSS's error text on one line: its code, the error description, the command and
+    where it stands (``[file: …, line: N]``), without the "Probable Cause" boilerplate
+    (the CLI printed eight lines for one bad value)."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    m = re.match(r"\(#\d+\)", lines[0]) if lines else None
+    code = m.group(0) if m else ""
+
+    def after(label: str) -> str:
+        for k, ln in enumerate(lines[:-1]):
+            if ln.endswith(label):
+                return next((x for x in lines[k + 1:] if x), "")
+        return ""
+
+    desc, cmd = after("Error Description:"), after("Processing DSS Command:")
+    where = [ln for ln in lines if ln.startswith("[file:")]
+    if not desc:
+        return " ".join(ln for ln in lines if ln)
+    return " ".join(x for x in (code, desc, f"in `{cmd}`" if cmd else "", *where[-1:]) if x)
+
+
 class OpenDSSEngine:
     """An OpenDSS engine context holding one compiled feeder.
 
@@ -77,7 +98,7 @@ class OpenDSSEngine:
         except ModelError as exc:
             self.close()
             raise ModelError(f"{self.source_master}: cannot compile: "
-                             f"{self._user_paths(str(exc))}") from None
+                             f"{compact_dss_error(self._user_paths(str(exc)))}") from None
         if self.ctx.ActiveCircuit is None or self.ctx.NumCircuits == 0:
             self.close()
             raise ModelError(f"{self.source_master}: no circuit defined (no 'New Circuit' line)")
