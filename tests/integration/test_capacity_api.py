@@ -130,6 +130,9 @@ def test_scopes_and_bad_bodies(api):
     r = api.post("/v1/envelopes", headers=api.operator,
                  json={**body, "connection_points": ["nosuch"]})
     assert r.status_code == 422 and "no enabled load" in r.json()["detail"]
+    r = api.post("/v1/envelopes", headers=api.operator,  # said "no enabled loads"
+                 json={**body, "connection_points": []})
+    assert r.status_code == 422 and "connection-point list is empty" in r.json()["detail"]
     r = api.post("/v1/hosting-capacity", headers=api.reader,
                  json={"feeder": "ieee13", "buses": ["611.1"]})
     assert r.status_code == 422 and "has no phase 1" in r.json()["detail"]

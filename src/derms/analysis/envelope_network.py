@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from derms.errors import ConvergenceError, ModelError
+from derms.errors import ConvergenceError, InputError, ModelError
 from derms.grid.model import FeederModel
 from derms.powerflow.collect import NetworkIndex, StepCollector, build_index
 from derms.powerflow.control_state import (
@@ -103,6 +103,9 @@ def connection_points(model: FeederModel, loads: Sequence[str] | None = None, *,
             chosen.append(enabled[key])
         if len({ld.name for ld in chosen}) != len(chosen):
             raise ModelError("the connection-point list has duplicates")
+    if not chosen and loads is not None:  # (it said the feeder had no enabled loads)
+        raise InputError("the connection-point list is empty: name at least one load (or "
+                         "give none for every load)")
     if not chosen:
         raise ModelError(f"feeder {model.name} has no enabled loads to be connection points")
     caps = {k.lower().removeprefix("load."): v for k, v in (capacity_kw or {}).items()}
