@@ -84,11 +84,15 @@ def test_the_shift_fills_to_the_plans_own_rate_before_the_chargers():
 def test_a_repair_may_move_the_cut_earlier_in_the_session():
     """``earlier`` (the whole-plan repair): a cut in the session's last interval with room
     at the plan's rate only before it goes there, nearest first; without ``earlier`` (an
-    execution in sequence: the past is done) it can only go later, at the charger's rate."""
+    execution in sequence: the past is done) it can only go later, at the charger's rate.
+    A partial cut caps the other intervals at the rate it leaves (IEEE 8500 seed 3: the
+    plan's highest rate, 5.2 kW, was itself over the EV's transformer limit)."""
     window, p_max = np.ones((5, 1), bool), np.array([11.0])
     ev = np.array([[4.0], [0.0], [1.0], [4.0], [0.0]])
+    # the cut leaves 1 kW at t=3: up to 1 kW later (t=4), then earlier (t=1; t=2 has it),
+    # then the rest later at the charger's rate
     out = shift_ev_energy(ev, np.array([3.0]), window, p_max, 3, earlier=True)
-    np.testing.assert_allclose(out[:, 0], [4.0, 0.0, 1.0, 1.0, 3.0])  # later first
+    np.testing.assert_allclose(out[:, 0], [4.0, 1.0, 1.0, 1.0, 2.0])
     full = np.array([[4.0], [0.0], [1.0], [4.0], [4.0]])
     out = shift_ev_energy(full, np.array([4.0]), window, p_max, 4, earlier=True)
     np.testing.assert_allclose(out[:, 0], [4.0, 1.0, 4.0, 4.0, 0.0])  # t=2 then t=1

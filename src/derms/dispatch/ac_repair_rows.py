@@ -482,20 +482,23 @@ def shift_ev_energy(ev_kw: np.ndarray, cut_kw: np.ndarray, window: np.ndarray,
     """``ev_kw`` (T, n_ev) with each EV's charging at ``t`` lowered by ``cut_kw`` (n_ev,)
     and the same energy added back elsewhere in its session, in this order:
 
-    1. its latest intervals after ``t`` (the night's end carries the least load) up to the
-       highest rate ``ev_kw`` gives the EV in its session;
+    1. its latest intervals after ``t`` (the night's end carries the least load) up to
+       the rate left at ``t`` after the cut (what the interval's correction found the
+       EV's own service transformer and drop may carry), or, where the cut leaves
+       nothing, the highest rate ``ev_kw`` gives the EV in its session;
     2. with ``earlier``, its intervals before ``t``, nearest first, up to that rate;
     3. its latest intervals after ``t`` up to ``p_max_kw``.
 
-    The plan's own highest rate stands for what the EV's service transformer and drop
-    carry: filling to the charger's rate at once put one IEEE 8500 EV's 9.7 kW into its
+    Filling to the charger's rate at once put one IEEE 8500 EV's 9.7 kW into its
     session's last interval, 203 % of its 5 kVA transformer, where the plan held it to
-    about 4 kW. The efficiency is the same in every interval, so equal kW x dt is equal
-    energy stored."""
+    about 4.4 kW; filling to the plan's highest rate (5.2 kW, itself over the transformer's
+    limit where the repair cut it) left 118 %. The efficiency is the same in every
+    interval, so equal kW x dt is equal energy stored."""
     out = ev_kw.copy()
     out[t] -= cut_kw
     left = cut_kw.copy()
     cap = _plan_max_kw(ev_kw, window, p_max_kw)
+    cap = np.where(out[t] > 1e-9, np.minimum(cap, out[t]), cap)
     later = range(ev_kw.shape[0] - 1, t, -1)
     tiers = [(later, cap), *([(range(t - 1, -1, -1), cap)] if earlier else []),
              (later, p_max_kw)]
