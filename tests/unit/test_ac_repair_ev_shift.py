@@ -43,7 +43,6 @@ def test_a_revert_that_would_break_a_session_gives_the_evs_the_plan_back():
     ev1[2] += 3.0
     c = object.__new__(_Correction)  # the state revert works on, without an engine
     c.ev_kw, c.ev_shift = ev1, {0: after0 - plan_ev}
-    c.charge_kw, c.bat_shift = np.zeros((4, 0)), {}
 
     class Plan:  # the Schedule fields revert reads: 1 PV, 0 batteries, 1 EV
         pv_kw = np.zeros((4, 1))
@@ -101,24 +100,3 @@ def test_a_repair_may_move_the_cut_earlier_in_the_session():
     np.testing.assert_allclose(ev_room_kw(full, window, p_max, 4), [0.0])
     np.testing.assert_allclose(ev_room_kw(full, window, p_max, 2, earlier=True),
                                [7.0 + 7.0 + 0.0 + 4.0])  # later to 11 kW, earlier to 4
-
-
-def test_battery_charge_moves_within_its_charging_run():
-    """A battery's charging cut at ``t`` goes to the rest of the same charging run (latest
-    first, up to the rate the cut leaves, then the battery's rate): the energy stored
-    never falls below its value at ``t`` and is the plan's again after the run."""
-    from derms.dispatch.ac_repair_rows import battery_charge_room_kw, shift_battery_charge
-
-    charge = np.array([[0.0, 2.0], [6.5, 2.0], [6.5, 0.0], [6.3, 0.0], [0.2, 0.0],
-                       [0.0, 5.0]])
-    p_max = np.array([7.0, 5.0])
-    room = battery_charge_room_kw(charge, p_max, 1)
-    np.testing.assert_allclose(room, [0.5 + 0.7 + 6.8, 0.0])  # 2nd: its run ends at t=2
-    np.testing.assert_allclose(battery_charge_room_kw(charge, p_max, 0), [0.0, 3.0])
-    out = shift_battery_charge(charge, np.array([0.5, 0.0]), p_max, 1)
-    np.testing.assert_allclose(out[:, 0], [0.0, 6.0, 6.5, 6.3, 0.7, 0.0])  # t=4, to 6 kW
-    np.testing.assert_allclose(out[:, 1], charge[:, 1])
-    e = np.cumsum(out - charge, axis=0)  # energy change (efficiency 1)
-    assert (e <= 1e-12).all() and np.allclose(e[4:], 0.0)
-    big = shift_battery_charge(charge, np.array([6.5, 0.0]), p_max, 1)  # nothing left at t
-    np.testing.assert_allclose(big[:, 0], [0.0, 0.0, 6.5, 6.3, 6.7, 0.0])

@@ -67,11 +67,9 @@ import numpy as np
 
 from derms.dispatch.ac_repair_rows import (
     RepairRows,
-    battery_charge_room_kw,
     beyond,
     cap_holds,
     per_interval,
-    shift_battery_charge,
     shift_ev_energy,
     step_intervals,
 )
@@ -196,8 +194,6 @@ class _Correction:
         self.p, self.q = best.schedule.p_kw.copy(), best.schedule.q_kvar.copy()
         self.ev_kw = best.schedule.ev_kw.copy()
         self.ev_shift: dict[int, np.ndarray] = {}  # (T, n_ev) change each interval made
-        self.charge_kw = best.schedule.charge_kw.copy()
-        self.bat_shift: dict[int, np.ndarray] = {}  # (T, n_bat) the same for batteries
         self.prev: np.ndarray | None = None
         self.holds = holds
         self.held_failed = 0  # intervals where a capacitor could not be kept back
@@ -213,18 +209,12 @@ class _Correction:
         for t in worse:
             if int(t) in self.ev_shift:
                 self.ev_kw = self.ev_kw - self.ev_shift.pop(int(t))
-            if int(t) in self.bat_shift:
-                self.charge_kw = self.charge_kw - self.bat_shift.pop(int(t))
         if (self.ev_kw < -1e-9).any():  # a later correction cut what one of these added:
             self.ev_kw = plan.ev_kw.copy()  # no partial undo keeps every session whole,
             self.ev_shift.clear()  # so the EVs go back to the plan altogether
-        if (self.charge_kw < -1e-9).any():  # the same for the batteries' charging runs
-            self.charge_kw = plan.charge_kw.copy()
-            self.bat_shift.clear()
-        n_ev, n_bat = self.ev_kw.shape[1], plan.charge_kw.shape[1]
-        n0 = n_pv + n_bat
+        n_ev = self.ev_kw.shape[1]
+        n0 = n_pv + plan.charge_kw.shape[1]
         self.p[:, n0:n0 + n_ev] = self.ev_kw
-        self.p[:, n_pv:n0] = plan.p_kw[:, n_pv:n0] + (self.charge_kw - plan.charge_kw)
 
     def __call__(self, engine, t: int) -> None:
         now = self.rows.taps(engine)
@@ -238,10 +228,7 @@ class _Correction:
         f = self.rows.fleet
         n_pv, n_bat, n_ev = len(f.pv), len(f.batteries), len(f.evs)
         ev = slice(n_pv + n_bat, n_pv + n_bat + n_ev)
-        bat = slice(n_pv, n_pv + n_bat)
-        ders = self.rows.ders(t, self.p[t], self.q[t], self.rows.ev_room(t, self.ev_kw),
-                              battery_charge_room_kw(self.charge_kw, self.rows.bat_p_max_kw,
-                                                     t))
+        ders = self.rows.ders(t, self.p[t], self.q[t], self.rows.ev_room(t, self.ev_kw))
         out = solve_corrective(ders, *got, self.cfg)
         if back is not None:  # a capacitor the DERs cannot keep back: at the plan's state
             held = {f"capcontrol.{n}" for n in self.rows.ac.capctl.name[back]}
@@ -261,13 +248,7 @@ class _Correction:
             self.ev_shift[t] = shifted - self.ev_kw
             self.ev_kw = shifted
             self.p[:, ev] = self.ev_kw
-        cut_bat = np.minimum(np.maximum(-out.dp_kw[bat], 0.0), self.charge_kw[t])
-        if (cut_bat > 1e-9).any():  # the energy goes to the rest of the charging run
-            shifted = shift_battery_charge(self.charge_kw, cut_bat, self.rows.bat_p_max_kw, t)
-            self.bat_shift[t] = shifted - self.charge_kw
-            self.p[:, bat] += self.bat_shift[t]
-            self.charge_kw = shifted
-        self.moved_kw += float(np.abs(dp).sum() + cut.sum() + cut_bat.sum())
+        self.moved_kw += float(np.abs(dp).sum() + cut.sum())
         self.moved_kvar += float(np.abs(out.dq_kvar).sum())
         self.partial += int(out.status == "partial")
 
@@ -293,21 +274,12 @@ def _count(rep) -> int:
 
 def with_moves(s: Schedule, p_kw: np.ndarray, q_kvar: np.ndarray) -> Schedule:
     """``s`` with new net import ``p_kw``/``q_kvar``: PV output and curtailment follow the
-    PV columns, EV charging the EV columns, battery charging the battery columns' change
-    (charging moved within a run: :func:`~derms.dispatch.ac_repair_rows.shift_battery_charge`)
-    and the energy stored with it (the other DERs are unchanged)."""
+    PV columns, EV charging the EV columns (the other DERs are unchanged)."""
     n_pv, n_bat, n_ev = s.pv_kw.shape[1], s.charge_kw.shape[1], s.ev_kw.shape[1]
     pv = -p_kw[:, :n_pv]
-    d_charge = p_kw[:, n_pv:n_pv + n_bat] - s.p_kw[:, n_pv:n_pv + n_bat]
-    extra = {}
-    if n_bat and np.abs(d_charge).max() > 0:
-        eta = np.array([b.eta_charge for b in s.fleet.batteries])
-        dt_h = s.fleet.horizon.step.total_seconds() / 3600.0
-        extra = {"charge_kw": s.charge_kw + d_charge,
-                 "e_kwh": s.e_kwh + np.cumsum(d_charge * eta * dt_h, axis=0)}
     return replace(s, p_kw=p_kw, q_kvar=q_kvar, pv_kw=pv,
                    curtail_kw=np.maximum(s.pv_kw + s.curtail_kw - pv, 0.0),
-                   ev_kw=p_kw[:, n_pv + n_bat:n_pv + n_bat + n_ev].copy(), **extra)
+                   ev_kw=p_kw[:, n_pv + n_bat:n_pv + n_bat + n_ev].copy())
 
 
 __all__ = ["RepairConfig", "RepairResult", "repair_plan", "with_moves"]

@@ -57,7 +57,6 @@ class RepairRows:
         a = fleet_arrays(self.fleet)
         self.avail_kw = a.pv_avail_kw
         self.ev_window, self.ev_p_max_kw = a.ev_window.astype(bool), a.ev_p_max_kw
-        self.bat_p_max_kw = a.bat_p_max_kw
         self.q_cap_kvar = np.broadcast_to(a.pv_q_max_kvar, a.pv_avail_kw.shape)
         self.band = ac.regulator_bands(1.0)  # (node, lo, hi, step): taps act outside it
         self.hz = _hazards(ac, self.band)
@@ -181,14 +180,11 @@ class RepairRows:
         return vr, ir
 
     def ders(self, t: int, p_kw: np.ndarray, q_kvar: np.ndarray,
-             ev_room_kw: np.ndarray | None = None,
-             bat_room_kw: np.ndarray | None = None) -> DerState:
+             ev_room_kw: np.ndarray | None = None) -> DerState:
         """The fleet at interval ``t``: PV inverters free within their output and reactive
         capability; EVs may charge less, by at most ``ev_room_kw`` (n_ev,) [kW] (what
-        other intervals of their session can take back), and batteries too, by at most
-        ``bat_room_kw`` (n_bat,) [kW] (what the rest of the charging run takes back:
-        :func:`battery_charge_room_kw`), each at ``EV_WEIGHT`` per kW; every other DER
-        fixed at the plan."""
+        later intervals of their session can take back), at ``EV_WEIGHT`` per kW; every
+        other DER fixed at the plan."""
         st = _der_state(self.fleet, self.point_of, p_kw, q_kvar, self.avail_kw[t],
                         self.q_cap_kvar[t])
         if not self.pv_up:  # curtail only: PV net import may not fall below the plan's
@@ -196,19 +192,16 @@ class RepairRows:
             p_min = st.p_min_kw.copy()
             p_min[:n_pv] = st.p_kw[:n_pv]
             st = replace(st, p_min_kw=p_min)
+        if ev_room_kw is None or not ev_room_kw.size:
+            return st
         n_pv, n_bat = len(self.fleet.pv), len(self.fleet.batteries)
+        ev = slice(n_pv + n_bat, n_pv + n_bat + ev_room_kw.size)
+        down = np.minimum(np.maximum(st.p_kw[ev], 0.0), ev_room_kw)
         p_min = st.p_min_kw.copy()
+        p_min[ev] = st.p_kw[ev] - down
         fixed, weight = st.fixed.copy(), st.weight.copy()
-        for cols, room in ((slice(n_pv, n_pv + n_bat), bat_room_kw),
-                           (slice(n_pv + n_bat, n_pv + n_bat + (0 if ev_room_kw is None
-                                                                 else ev_room_kw.size)),
-                            ev_room_kw)):
-            if room is None or not room.size:
-                continue
-            down = np.minimum(np.maximum(st.p_kw[cols], 0.0), room)
-            p_min[cols] = st.p_kw[cols] - down
-            fixed[cols] = down <= 1e-9
-            weight[cols] = EV_WEIGHT
+        fixed[ev] = down <= 1e-9
+        weight[ev] = EV_WEIGHT
         return replace(st, p_min_kw=p_min, fixed=fixed, weight=weight)
 
     def ev_room(self, t: int, ev_kw: np.ndarray) -> np.ndarray:
@@ -520,47 +513,5 @@ def shift_ev_energy(ev_kw: np.ndarray, cut_kw: np.ndarray, window: np.ndarray,
     return out
 
 
-def _charging_run(charge_kw: np.ndarray, t: int) -> np.ndarray:
-    """(T - t - 1, n_bat) True at the intervals after ``t`` up to (not including) each
-    battery's first one without charging: the rest of the charging run ``t`` is in."""
-    later = charge_kw[t + 1:] > 1e-9
-    return np.cumprod(later, axis=0).astype(bool)
-
-
-def battery_charge_room_kw(charge_kw: np.ndarray, p_max_kw: np.ndarray, t: int
-                           ) -> np.ndarray:
-    """(n_bat,) kW each battery's charging at ``t`` could drop by and be made up in the
-    rest of its charging run (:func:`shift_battery_charge`): the rate headroom there."""
-    if not charge_kw.shape[1]:
-        return np.zeros(0)
-    run = _charging_run(charge_kw, t)
-    room = (np.maximum(p_max_kw[None, :] - charge_kw[t + 1:], 0.0) * run).sum(axis=0)
-    return np.where(charge_kw[t] > 1e-9, room, 0.0)
-
-
-def shift_battery_charge(charge_kw: np.ndarray, cut_kw: np.ndarray, p_max_kw: np.ndarray,
-                         t: int) -> np.ndarray:
-    """``charge_kw`` (T, n_bat) with each battery's charging at ``t`` lowered by
-    ``cut_kw`` and the same energy added in the rest of its charging run (latest first),
-    up to the rate the cut leaves at ``t``, then up to ``p_max_kw``. Within the run the
-    energy stored stays at or above its value at ``t`` and is the plan's again from the
-    run's end on, so no energy bound can break (one IEEE 8500 battery charging 6.5 kW
-    through its service drop, 101.4 % of its rating, was out of the repair's reach)."""
-    out = charge_kw.copy()
-    out[t] -= cut_kw
-    left = cut_kw.copy()
-    run = _charging_run(charge_kw, t)
-    cap = np.where(out[t] > 1e-9, out[t], p_max_kw)
-    for cap_kw in (np.minimum(cap, p_max_kw), p_max_kw):
-        for k in range(run.shape[0] - 1, -1, -1):
-            if not (left > 1e-12).any():
-                break
-            room = np.where(run[k], np.maximum(cap_kw - out[t + 1 + k], 0.0), 0.0)
-            add = np.minimum(room, left)
-            out[t + 1 + k] += add
-            left -= add
-    return out
-
-
-__all__ = ["RepairRows", "battery_charge_room_kw", "beyond", "cap_holds", "ev_room_kw",
-           "per_interval", "shift_battery_charge", "shift_ev_energy", "step_intervals"]
+__all__ = ["RepairRows", "beyond", "cap_holds", "ev_room_kw", "per_interval", "shift_ev_energy",
+           "step_intervals"]
