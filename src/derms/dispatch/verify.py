@@ -843,9 +843,8 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                  + fixed.report.counts["violations_thermal"])
         if after < left:
             notes.append(f"AC repair: the intervals still violated were corrected at their "
-                         f"own AC state with PV output and reactive power, EV charging moved "
-                         f"within its session and battery charging within its charging run "
-                         f"({len(fixed.log)} round(s)): {left} -> "
+                         f"own AC state with PV output and reactive power and EV charging "
+                         f"moved within its session ({len(fixed.log)} round(s)): {left} -> "
                          f"{after} violations (the ledger is the plan's before it)")
             sched, res, rep = fixed.schedule, fixed.result, fixed.report
             best = ((after, best[0][1]), *best[1:])
