@@ -100,3 +100,20 @@ def test_a_repair_may_move_the_cut_earlier_in_the_session():
     np.testing.assert_allclose(ev_room_kw(full, window, p_max, 4), [0.0])
     np.testing.assert_allclose(ev_room_kw(full, window, p_max, 2, earlier=True),
                                [7.0 + 7.0 + 0.0 + 4.0])  # later to 11 kW, earlier to 4
+
+
+def test_every_cut_the_room_allows_is_placed():
+    """The room counts earlier intervals up to the plan's highest rate; the shift caps
+    them at the rate the cut leaves first, and must still place the whole cut (energy
+    was left unplaced: an EV short of its need)."""
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        T = 8
+        ev = np.round(rng.uniform(0, 6, (T, 1)) * (rng.random((T, 1)) < 0.6), 2)
+        window, p_max = np.ones((T, 1), bool), np.array([7.0])
+        t = int(rng.integers(0, T))
+        room = ev_room_kw(ev, window, p_max, t, earlier=True)
+        cut = np.minimum(ev[t], room) * rng.uniform(0.1, 1.0)
+        out = shift_ev_energy(ev, cut, window, p_max, t, earlier=True)
+        np.testing.assert_allclose(out.sum(), ev.sum(), atol=1e-9)
+        assert (out <= p_max + 1e-9).all() and (out >= -1e-9).all()

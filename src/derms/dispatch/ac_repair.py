@@ -25,9 +25,9 @@ rounding alone reshuffles the rounds). Here each such interval is corrected in p
 * moves: :func:`~derms.dispatch.corrective.solve_corrective`: PV inverters (output
   between 0 and the available power, reactive power within the inverter's capability)
   and EV charging, which may drop by what the other intervals of its session can take
-  back, the energy then added later in the session up to the plan's own highest rate for
-  that EV (latest first: the night's end carries the least load), then earlier (nearest
-  first) up to that rate, then later up to the charger's rate
+  back, the energy then added later in the session up to the rate the cut leaves (latest
+  first: the night's end carries the least load), then earlier (nearest first) up to that
+  rate, then later up to the charger's rate
   (:func:`~derms.dispatch.ac_repair_rows.shift_ev_energy`), at twice a PV kW's cost;
   batteries, flexible loads and generators keep the plan (their energy ties the interval
   to its neighbours through SOC and rebound; letting a charging battery charge less and

@@ -487,7 +487,9 @@ def shift_ev_energy(ev_kw: np.ndarray, cut_kw: np.ndarray, window: np.ndarray,
        EV's own service transformer and drop may carry), or, where the cut leaves
        nothing, the highest rate ``ev_kw`` gives the EV in its session;
     2. with ``earlier``, its intervals before ``t``, nearest first, up to that rate;
-    3. its latest intervals after ``t`` up to ``p_max_kw``.
+    3. its latest intervals after ``t`` up to ``p_max_kw``;
+    4. with ``earlier``, its intervals before ``t`` up to its highest planned rate (what
+       :func:`ev_room_kw` counts there: no cut it allows is left unplaced).
 
     Filling to the charger's rate at once put one IEEE 8500 EV's 9.7 kW into its
     session's last interval, 203 % of its 5 kVA transformer, where the plan held it to
@@ -497,11 +499,11 @@ def shift_ev_energy(ev_kw: np.ndarray, cut_kw: np.ndarray, window: np.ndarray,
     out = ev_kw.copy()
     out[t] -= cut_kw
     left = cut_kw.copy()
-    cap = _plan_max_kw(ev_kw, window, p_max_kw)
-    cap = np.where(out[t] > 1e-9, np.minimum(cap, out[t]), cap)
-    later = range(ev_kw.shape[0] - 1, t, -1)
-    tiers = [(later, cap), *([(range(t - 1, -1, -1), cap)] if earlier else []),
-             (later, p_max_kw)]
+    plan_max = _plan_max_kw(ev_kw, window, p_max_kw)
+    cap = np.where(out[t] > 1e-9, np.minimum(plan_max, out[t]), plan_max)
+    later, before = range(ev_kw.shape[0] - 1, t, -1), range(t - 1, -1, -1)
+    tiers = ([(later, cap), (before, cap), (later, p_max_kw), (before, plan_max)] if earlier
+             else [(later, cap), (later, p_max_kw)])
     for steps, cap_kw in tiers:
         for k in steps:
             if not (left > 1e-12).any():
