@@ -76,6 +76,16 @@ def test_bad_requests_are_problems(api, mutate, status):
     assert r.headers["content-type"].startswith(PROBLEM)
 
 
+def test_an_all_zero_pv_history_asks_for_the_capacity(api):
+    """It said "pv capacity must be positive, got 0" though no capacity was given."""
+    load, pv, origin = _histories()
+    pv["values"] = [0.0] * len(pv["values"])
+    r = api.post("/v1/constraints/forecast", headers=api.headers_ok, json={
+        "feeder": "ieee13", "load_history": load, "pv_history": pv,
+        "origin": origin.isoformat(), "horizon_h": 6})
+    assert r.status_code == 422 and "give the PV capacity" in r.json()["detail"], r.text
+
+
 def test_token_required(api):
     r = api.post("/v1/constraints/forecast", json={})
     assert r.status_code == 401

@@ -472,6 +472,10 @@ def normalise_histories(load_history: pd.Series, pv_history: pd.Series,
     if not np.isfinite(peak) or peak <= 0:
         raise InputError(f"load history: its peak must be positive, got {peak:g}")
     cap = float(pv_seen.quantile(0.999)) if pv_capacity is None else float(pv_capacity)
+    if pv_capacity is None and not (np.isfinite(cap) and cap > 0):  # (it said "pv capacity
+        # must be positive, got 0" when none was given: the API's message; the CLI's own)
+        raise InputError("pv history: no PV output above 0 before the origin, so no "
+                         "capacity to scale by; give the PV capacity")
     if not np.isfinite(cap) or cap <= 0:
         raise InputError(f"pv capacity must be positive, got {cap:g}")
     return load / peak, (pv / cap).clip(lower=0.0)
