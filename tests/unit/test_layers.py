@@ -9,7 +9,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "derms"
 LAYER = {
-    "errors": 0, "config": 0, "naming": 0, "threads": 0, "grid": 1, "powerflow": 2, "der": 3, "analysis": 4,
+    "errors": 0, "config": 0, "naming": 0, "threads": 0, "jsonutil": 0, "strict": 0,
+    "grid": 1, "powerflow": 2, "der": 3, "analysis": 4,
     "forecast": 4, "dispatch": 4, "studies": 5, "store": 6, "devices": 6, "ingest": 6, "protocols": 7,
     "control": 8, "monitoring": 8, "timeutil": 0, "reports": 9, "api": 9, "ui": 9, "cli": 9, "sim": 9,
 }
