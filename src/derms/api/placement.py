@@ -52,8 +52,8 @@ from derms.errors import DermsError
 from derms.grid.bundled import resolve_master
 from derms.grid.elements import ModelElements
 from derms.store.locks import lock_feeders
+from derms.store.model_versions import VersionRow, stored_elements, version_in_force
 from derms.store.models import DerSite, FeederModelVersion
-from derms.store.types import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -98,38 +98,14 @@ class ElementsCache:
                 self._failed.pop(vid, None)
 
 
-@dataclass(frozen=True)
-class _Version:
-    """A model version row, without its elements."""
-
-    vid: int
-    feeder_id: str
-    version: int
-    source_uri: str
-
-
 class ElementsNeeded(Exception):
     """Model versions whose elements are neither cached nor stored: they are worked out
     (a child process compiles each model) outside the registration's transaction, which
     :func:`placement_transaction` then runs again."""
 
-    def __init__(self, versions: Sequence[_Version]) -> None:
+    def __init__(self, versions: Sequence[VersionRow]) -> None:
         super().__init__(", ".join(f"{v.feeder_id} v{v.version}" for v in versions))
         self.versions = tuple(versions)
-
-
-def _version_row(s: Session, feeder_id: str) -> _Version | None:
-    """The feeder's model version (module docstring) at the time of the call; its
-    elements are not loaded here."""
-    base = select(FeederModelVersion.id, FeederModelVersion.version,
-                  FeederModelVersion.source_uri).where(FeederModelVersion.feeder_id == feeder_id,
-                          FeederModelVersion.source_format == "opendss")
-    now = utcnow()
-    row = s.execute(base.where(FeederModelVersion.valid_from <= now)
-                    .order_by(FeederModelVersion.version.desc()).limit(1)).first()
-    if row is None:
-        row = s.execute(base.order_by(FeederModelVersion.version.desc()).limit(1)).first()
-    return None if row is None else _Version(row[0], feeder_id, row[1], row[2])
 
 
 def feeder_models(s: Session, feeder_ids: Iterable[str | None], cache: ElementsCache
@@ -140,15 +116,14 @@ def feeder_models(s: Session, feeder_ids: Iterable[str | None], cache: ElementsC
     are neither in ``cache`` nor stored and were not found unworkable in the last
     ``cache.retry_s``; a version whose elements are unworkable checks nothing."""
     out: dict[str, FeederModel] = {}
-    needed: list[_Version] = []
+    needed: list[VersionRow] = []
     for fid in sorted({f for f in feeder_ids if f is not None}):
-        v = _version_row(s, fid)
+        v = version_in_force(s, fid)
         if v is None:
             continue
         elements = cache.get(v.vid)
         if elements is None:  # (JSON null or SQL NULL: not stored)
-            data = s.scalar(select(FeederModelVersion.elements)
-                            .where(FeederModelVersion.id == v.vid))
+            data = stored_elements(s, v.vid)
             if data is not None:
                 elements = ModelElements.from_json(data)
                 cache.put(v.vid, elements)
@@ -161,7 +136,7 @@ def feeder_models(s: Session, feeder_ids: Iterable[str | None], cache: ElementsC
     return out
 
 
-def _backfill(sessions: sessionmaker, v: _Version) -> dict[str, Any] | None:
+def _backfill(sessions: sessionmaker, v: VersionRow) -> dict[str, Any] | None:
     """Work out ``v``'s elements (a child process compiles its model) and store them;
     None when the file is gone or the model is no longer usable (logged)."""
     fid, version, uri = v.feeder_id, v.version, v.source_uri

@@ -55,16 +55,15 @@ from derms.errors import InputError
 from derms.grid.elements import ModelElements
 from derms.store.audit import append_audit
 from derms.store.db import upsert_insert
+from derms.store.model_versions import stored_elements, version_in_force
 from derms.store.models import (
     TOPOLOGY_EVENT_KEY,
     DerDevice,
     DerSite,
     Feeder,
-    FeederModelVersion,
     SwitchState,
     TopologyEvent,
 )
-from derms.store.types import utcnow
 from derms.strict import StrictScalars
 
 MessageId = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9._:\-]+$")]
@@ -248,20 +247,16 @@ def _check_section_buses(session: Session, scope: Scope) -> None:
     version in force, else the latest, as the registry's placement check reads it; a
     section that matched nothing was stored and answered 201). Nothing is checked for a
     feeder without a model version, or one whose elements are not worked out yet."""
-    base = (select(FeederModelVersion.elements, FeederModelVersion.version)
-            .where(FeederModelVersion.feeder_id == scope.feeder_id,
-                   FeederModelVersion.source_format == "opendss")
-            .order_by(FeederModelVersion.version.desc()).limit(1))
-    row = (session.execute(base.where(FeederModelVersion.valid_from <= utcnow())).first()
-           or session.execute(base).first())
-    if row is None or not row[0]:
+    v = version_in_force(session, scope.feeder_id)
+    data = None if v is None else stored_elements(session, v.vid)
+    if not data:
         return
-    known = ModelElements.from_json(row[0]).buses
+    known = ModelElements.from_json(data).buses
     unknown = sorted(b for b in scope.buses if b not in known)
     if unknown:
         raise UnknownTarget(f"section {scope.section_id!r}: bus(es) {', '.join(unknown[:5])}"
                             f"{' …' if len(unknown) > 5 else ''} not in feeder "
-                            f"{scope.feeder_id!r}'s model (version {row[1]})")
+                            f"{scope.feeder_id!r}'s model (version {v.version})")
 
 
 def _request(session: Session, *, prefix: str, ident: str | None, source: Source,
