@@ -101,3 +101,57 @@ def test_sigterm_during_a_solve_cancels_it_and_exits(tmp_path):
             proc.kill()
     time.sleep(0.1)
     assert list(tmp_path.iterdir()) == [], os.listdir(tmp_path)
+
+
+def test_an_interrupted_solve_leaves_the_model_usable_and_errors_surface():
+    """After Ctrl-C cancelled a solve, the same HiGHS object solves again to its optimum
+    (HiGHS kept the interrupt set: every later run stopped at once); an exception raised
+    by the solve itself reaches the caller (highspy's solve thread only printed it, and the
+    status read 'Not Set', taken for an infeasibility)."""
+    code = textwrap.dedent("""
+        import signal, threading
+        import highspy
+        import numpy as np
+        import scipy.sparse as sp
+        from derms.dispatch.lp import quiet_highs, run_interruptible
+
+        m = n = 900
+        rng = np.random.default_rng(0)
+        supply = rng.uniform(50, 100, m)
+        col = np.arange(m * n)
+        a = sp.vstack([sp.csr_matrix((np.ones(m * n), (np.repeat(np.arange(m), n), col))),
+                       sp.csr_matrix((np.ones(m * n), (np.tile(np.arange(n), m), col)))
+                       ]).tocsr()
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = m * n, m + n
+        lp.col_cost_ = rng.uniform(1, 10, m * n)
+        lp.col_lower_, lp.col_upper_ = np.zeros(m * n), np.full(m * n, highspy.kHighsInf)
+        lp.row_lower_ = np.r_[np.full(m, -highspy.kHighsInf), np.full(n, supply.sum() / n * 0.95)]
+        lp.row_upper_ = np.r_[supply, np.full(n, highspy.kHighsInf)]
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+        h = quiet_highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("presolve", "off")
+        h.passModel(lp)
+        threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGINT)).start()
+        try:
+            run_interruptible(h)
+            print("finished before the signal")
+        except KeyboardInterrupt:
+            print(h.getModelStatus().name)
+        run_interruptible(h)
+        print(h.getModelStatus().name)
+
+        def broken(self):
+            raise MemoryError("from the solve")
+        highspy._core._Highs.run = broken
+        try:
+            run_interruptible(h)
+        except MemoryError as exc:
+            print("raised", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["kInterrupt", "kOptimal", "raised from the solve"]

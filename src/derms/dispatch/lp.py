@@ -427,32 +427,53 @@ class HighsLP:
 
 
 def run_interruptible(h: highspy.Highs) -> None:
-    """``h.run()`` so that a signal stops it: on the main thread HiGHS runs in its solver
-    thread while this one waits, so a signal handler (SIGTERM -> ``SystemExit`` in the
+    """``h.run()`` so that a signal stops it: on the main thread HiGHS runs in a thread of
+    its own while this one waits, so a signal handler (SIGTERM -> ``SystemExit`` in the
     CLI, Ctrl-C -> ``KeyboardInterrupt``) runs during the solve; the solve is then
     cancelled (HiGHS's interrupt callback, status ``kInterrupt``), waited for, and the
-    exception re-raised. Before, a handler waited for ``run()`` to return: minutes on a
-    large feeder, an unbounded interior-point fallback at worst. Elsewhere (a server's
-    worker thread, where no handler runs) it is ``h.run()``."""
+    signal's exception re-raised. An exception of the solve itself is re-raised here
+    (highspy's own ``startSolve`` thread only printed it). After a cancel the callbacks
+    are restarted: HiGHS kept the interrupt set, and every later run of the object
+    stopped at once. Before, a handler waited for ``run()`` to return: minutes on a large
+    feeder, an unbounded interior-point fallback at worst. Elsewhere (a server's worker
+    thread, where no handler runs) it is ``h.run()``."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         h.run()
         return
     h.HandleUserInterrupt = True  # registers the interrupt callbacks (once per object)
-    thread = h.startSolve()
+    h._Highs__solver_should_stop = False  # highspy's cancel flag (startSolve resets it)
+    failed: list[BaseException] = []
+    done = threading.Event()  # (not Thread.join: a signal during join marks the thread
+    # stopped while it still runs -- CPython's bpo-45274 handling -- and the process then
+    # exited under a running solve: "terminate called without an active exception")
+
+    def solve() -> None:
+        try:
+            h.run()
+        except BaseException as exc:  # noqa: BLE001  handed to the waiting thread
+            failed.append(exc)
+        finally:  # this thread's HiGHS scheduler (as highspy's startSolve does)
+            highspy._core._Highs.resetThreadScheduler(False)
+            done.set()
+
+    threading.Thread(target=solve, name="highs-solve", daemon=True).start()
     try:
-        while not h.wait(0.2)[0]:
+        while not done.wait(0.2):
             pass
     except BaseException:
         h.cancelSolve()
-        while thread.is_alive():
+        while not done.is_set():
             try:
-                if h.wait(0.1)[0]:
-                    break
+                done.wait(0.1)
             except BaseException:  # noqa: BLE001  a second signal: cancel again, keep waiting
                 h.cancelSolve()
+        h.disableCallbacks()  # clears the interrupt HiGHS keeps between runs
+        h.enableCallbacks()
         raise
+    if failed:
+        raise failed[0]
 
 
 def quiet_highs():
