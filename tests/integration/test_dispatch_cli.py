@@ -166,6 +166,24 @@ def test_non_empty_out_needs_force(tmp_path):
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # nothing left aside
 
 
+def test_out_as_a_symlink_writes_into_its_target(tmp_path):
+    """``--out link --force`` where ``link`` points at an earlier output folder: the renames
+    acted on the link (it was moved aside, a real folder took its name, the target kept
+    its old outputs)."""
+    target, link = tmp_path / "runs" / "res", tmp_path / "link"
+    args = ("ieee13", "--horizon", "2h", "--step", "1h")
+    code, text = _run(*args, "--out", target)
+    assert code == 0, text
+    (target / "old.txt").write_text("x")
+    link.symlink_to(target, target_is_directory=True)
+    code, text = _run(*args, "--seed", "2", "--force", "--out", link)
+    assert code == 0, text
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert not (target / "old.txt").exists()
+    assert json.loads((target / "summary.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["res"]  # nothing aside
+
+
 def test_out_pointing_at_a_file_is_refused_even_with_force(tmp_path):
     """--force replaces output folders, never a file (it deleted the file before)."""
     f = tmp_path / "notes.txt"

@@ -117,7 +117,7 @@ def _replace_folder(tmp: Path, out: Path) -> None:
     if not out.is_dir():
         tmp.rename(out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.resolve().parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
     old.rmdir()
     out.rename(old)
     try:
@@ -141,6 +141,8 @@ def output_folder(out: Path, force: bool = False, *, feeder: Path | None = None,
     the command wrote one.
     """
     out = Path(out)
+    if out.is_symlink():  # write into the folder it points at (the renames moved the link
+        out = out.resolve()  # itself aside and left the target's old outputs in place)
     refuse_non_empty(out, force, tuple(p for p in (feeder, *inputs) if p is not None))
     parent = out.resolve().parent
     try:
