@@ -2,54 +2,131 @@
 
 pydantic's lax mode, the default, turned ``true`` into ``1.0`` (a device registered with
 ``"s_max_kva": true`` got 1 kVA), ``"0.3"`` into ``0.3`` and ``"yes"`` into ``True``
-(an independent sweep). :class:`StrictScalars` refuses them before validation, naming the
-field; fields that also take text (``int | Literal["auto"]``) are left to their own types.
+(an independent sweep). :class:`StrictScalars` refuses, before pydantic validates the
+model, every field value that only those coercions would let through (:func:`lax`):
+a bool or text where the field takes a number, text or a number where it takes a
+boolean, through ``Optional``, unions, ``Annotated`` and lists (``int | Literal["auto"]``
+takes 4 or "auto", not ``true`` or "4"). Other mismatches are left to pydantic, which
+names the field.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import reprlib
 import types
 import typing
 from typing import Any
 
 from pydantic import BaseModel, model_validator
 
+_SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence)
 
-def _kinds(annotation: Any) -> set[type]:
-    """The scalar types an annotation admits (through Optional, unions, Annotated,
-    Literal)."""
-    origin = typing.get_origin(annotation)
+
+def fits(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` (as parsed from JSON) is of a type ``annotation`` admits, with
+    numbers and booleans kept apart (module docstring)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Annotated:
-        return _kinds(typing.get_args(annotation)[0])
+        return fits(value, args[0])
     if origin in (typing.Union, types.UnionType):
-        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+        return any(fits(value, a) for a in args)
     if origin is typing.Literal:
-        return {type(a) for a in typing.get_args(annotation)}
-    return {annotation} if isinstance(annotation, type) else set()
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in _SEQUENCES:
+        return isinstance(value, list | tuple) and (
+            not args or all(fits(v, args[0] if len(args) == 1 or args[-1] is Ellipsis
+                                 else args[min(k, len(args) - 1)]) for k, v in enumerate(value)))
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict) and (len(args) < 2 or all(fits(v, args[1])
+                                                                 for v in value.values()))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer())
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True  # datetimes, enums, models, Any: pydantic's own validation
+
+
+def _scalars(annotation: Any) -> tuple[set[type], Any]:
+    """The scalar types (bool, int, float, str) an annotation admits, and the element
+    annotation of a list it admits (None if it admits none)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _scalars(args[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds, elem = set(), None
+        for a in args:
+            k, e = _scalars(a)
+            kinds |= k
+            elem = elem if e is None else e
+        return kinds, elem
+    if origin in _SEQUENCES:
+        return set(), (args[0] if args else Any)
+    return ({annotation} if annotation in (bool, int, float, str) else set()), None
+
+
+def lax(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` would reach a field of ``annotation`` only through pydantic's lax
+    coercion: a bool or text for a number, text or a number for a boolean (inside lists
+    too). Other mismatches are pydantic's to refuse, with the field's location."""
+    if fits(value, annotation):
+        return False
+    kinds, elem = _scalars(annotation)
+    if isinstance(value, list) and elem is not None:
+        return any(lax(v, elem) for v in value)
+    if isinstance(value, bool):
+        return bool(kinds & {int, float})
+    if isinstance(value, str):
+        return bool(kinds & {int, float, bool}) and str not in kinds
+    if isinstance(value, int | float):
+        return bool in kinds and not kinds & {int, float}
+    return False
 
 
 class StrictScalars(BaseModel):
-    """A model whose number fields refuse booleans and text, and whose boolean fields
-    refuse anything but booleans (see the module docstring)."""
+    """A request model whose fields take numbers and booleans only as such (see the
+    module docstring). Checked before the model (a field validator may not touch the
+    discriminator of a tagged union, such as the ADMS messages' ``type``): every field
+    at fault is named in the one error; other mismatches are pydantic's, at the field."""
 
     @model_validator(mode="before")
     @classmethod
     def _strict_scalars(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        for name, field in cls.model_fields.items():
-            key = field.alias or name
-            if key not in data or data[key] is None:
-                continue
-            value, kinds = data[key], _kinds(field.annotation)
-            if str in kinds:
-                continue
-            if kinds == {bool} or kinds == {bool, type(None)}:
-                if not isinstance(value, bool):
-                    raise ValueError(f"{key}: expected true or false, got {value!r}")
-            elif kinds & {int, float} and isinstance(value, bool | str):
-                raise ValueError(f"{key}: expected a number, got {value!r}")
+        bad = [f"{key}: {reprlib.repr(data[key])} is not {_shown(field.annotation)}"
+               for name, field in cls.model_fields.items()
+               if (key := field.alias or name) in data and lax(data[key], field.annotation)]
+        if bad:
+            raise ValueError("; ".join(bad))
         return data
 
 
-__all__ = ["StrictScalars"]
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text",
+          type(None): "null"}
+
+
+def _shown(annotation: Any) -> str:
+    """What an annotation admits, as a reader would say it ("a number or null")."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _shown(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_shown(a) for a in args))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in _SEQUENCES:
+        return f"a list of ({_shown(args[0])})" if args else "a list"
+    if origin in (dict, collections.abc.Mapping):
+        return "an object"
+    return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+__all__ = ["StrictScalars", "fits", "lax"]

@@ -22,3 +22,18 @@ def test_text_and_booleans_are_not_numbers(change):
 def test_numbers_and_nulls_pass():
     d = DeviceIn(**{**GOOD, "e_max_kwh": None, "q_max_kvar": 2})
     assert d.s_max_kva == 5.0 and d.q_max_kvar == 2.0 and d.e_max_kwh is None
+
+
+def test_lists_and_text_or_number_fields_are_checked_too():
+    """Numbers inside lists (a volt-var curve's points) and a field that takes a number or
+    one word (``group_size``: 4 or "auto") were left lax: ``true`` became 1."""
+    from derms.api.routes_dispatch import PlanBody
+    from derms.api.routes_ieee2030_5_events import CurveIn
+
+    with pytest.raises(ValidationError, match="x: "):
+        CurveIn.model_validate({"kind": "volt_var", "x": [True, "95", 105], "y": [44, 0, 0]})
+    for bad in (True, "4", "some"):
+        with pytest.raises(ValidationError, match="group_size"):
+            PlanBody(feeder="ieee13", group_size=bad)
+    assert PlanBody(feeder="ieee13", group_size="auto").group_size == "auto"
+    assert PlanBody(feeder="ieee13", group_size=4).group_size == 4
