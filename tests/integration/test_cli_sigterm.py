@@ -11,6 +11,38 @@ import textwrap
 import time
 
 
+def _transport_lp(m: int) -> str:
+    """Child-process code that builds ``h``: an m x m transport LP in HiGHS with presolve
+    off (1,200: 10-20 s to its optimum here; 900: about 2 s), a solve to interrupt."""
+    return textwrap.dedent("""
+        import highspy
+        import numpy as np
+        import scipy.sparse as sp
+
+        from derms.dispatch.lp import quiet_highs, run_interruptible
+
+        m = n = M_SIZE
+        rng = np.random.default_rng(0)
+        supply = rng.uniform(50, 100, m)
+        col = np.arange(m * n)
+        a = sp.vstack([sp.csr_matrix((np.ones(m * n), (np.repeat(np.arange(m), n), col))),
+                       sp.csr_matrix((np.ones(m * n), (np.tile(np.arange(n), m), col)))
+                       ]).tocsr()
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = m * n, m + n
+        lp.col_cost_ = rng.uniform(1, 10, m * n)
+        lp.col_lower_, lp.col_upper_ = np.zeros(m * n), np.full(m * n, highspy.kHighsInf)
+        lp.row_lower_ = np.r_[np.full(m, -highspy.kHighsInf), np.full(n, supply.sum() / n * 0.95)]
+        lp.row_upper_ = np.r_[supply, np.full(n, highspy.kHighsInf)]
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+        h = quiet_highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("presolve", "off")
+        h.passModel(lp)
+    """).replace("M_SIZE", str(m))
+
+
 def test_sigterm_during_a_command_removes_its_temporary_output(tmp_path):
     out = tmp_path / "out"
     code = textwrap.dedent(f"""
@@ -47,35 +79,10 @@ def test_sigterm_during_a_solve_cancels_it_and_exits(tmp_path):
     waited for it), the output's ``finally`` blocks run, the exit code is 143. The LP is a
     1,200 x 1,200 transport problem with presolve off (≈ 10-20 s to its optimum here)."""
     out = tmp_path / "out"
-    code = textwrap.dedent(f"""
+    code = _transport_lp(1200) + textwrap.dedent(f"""
         from pathlib import Path
 
-        import highspy
-        import numpy as np
-        import scipy.sparse as sp
-
         from derms.cli.common import handle_errors, output_folder
-        from derms.dispatch.lp import quiet_highs, run_interruptible
-
-        m = n = 1200
-        rng = np.random.default_rng(0)
-        supply = rng.uniform(50, 100, m)
-        col = np.arange(m * n)
-        a = sp.vstack([sp.csr_matrix((np.ones(m * n), (np.repeat(np.arange(m), n), col))),
-                       sp.csr_matrix((np.ones(m * n), (np.tile(np.arange(n), m), col)))
-                       ]).tocsr()
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = m * n, m + n
-        lp.col_cost_ = rng.uniform(1, 10, m * n)
-        lp.col_lower_, lp.col_upper_ = np.zeros(m * n), np.full(m * n, highspy.kHighsInf)
-        lp.row_lower_ = np.r_[np.full(m, -highspy.kHighsInf), np.full(n, supply.sum() / n * 0.95)]
-        lp.row_upper_ = np.r_[supply, np.full(n, highspy.kHighsInf)]
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
-        h = quiet_highs()
-        h.setOptionValue("output_flag", False)
-        h.setOptionValue("presolve", "off")
-        h.passModel(lp)
 
         @handle_errors
         def long_job():
@@ -108,32 +115,8 @@ def test_an_interrupted_solve_leaves_the_model_usable_and_errors_surface():
     (HiGHS kept the interrupt set: every later run stopped at once); an exception raised
     by the solve itself reaches the caller (highspy's solve thread only printed it, and the
     status read 'Not Set', taken for an infeasibility)."""
-    code = textwrap.dedent("""
+    code = _transport_lp(900) + textwrap.dedent("""
         import signal, threading
-        import highspy
-        import numpy as np
-        import scipy.sparse as sp
-        from derms.dispatch.lp import quiet_highs, run_interruptible
-
-        m = n = 900
-        rng = np.random.default_rng(0)
-        supply = rng.uniform(50, 100, m)
-        col = np.arange(m * n)
-        a = sp.vstack([sp.csr_matrix((np.ones(m * n), (np.repeat(np.arange(m), n), col))),
-                       sp.csr_matrix((np.ones(m * n), (np.tile(np.arange(n), m), col)))
-                       ]).tocsr()
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = m * n, m + n
-        lp.col_cost_ = rng.uniform(1, 10, m * n)
-        lp.col_lower_, lp.col_upper_ = np.zeros(m * n), np.full(m * n, highspy.kHighsInf)
-        lp.row_lower_ = np.r_[np.full(m, -highspy.kHighsInf), np.full(n, supply.sum() / n * 0.95)]
-        lp.row_upper_ = np.r_[supply, np.full(n, highspy.kHighsInf)]
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
-        h = quiet_highs()
-        h.setOptionValue("output_flag", False)
-        h.setOptionValue("presolve", "off")
-        h.passModel(lp)
         threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGINT)).start()
         try:
             run_interruptible(h)
