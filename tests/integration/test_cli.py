@@ -75,6 +75,20 @@ def test_force_never_replaces_the_current_folder_or_the_inputs(tmp_path):
         assert sorted(p.name for p in feeder.iterdir()) == before
 
 
+def test_an_out_holding_the_feeder_is_refused_before_the_work(tmp_path):
+    """The refusal came from the output step, after the run: a feeder folder that looks
+    like an output (a manifest.json in it) with a master that cannot compile gave the
+    compile error, not the refusal."""
+    feeder = tmp_path / "feeder"
+    feeder.mkdir()
+    (feeder / "manifest.json").write_text("{}")
+    (feeder / "bad.dss").write_text("this is ((( not an OpenDSS script\n")
+    for cmd in (["powerflow"], ["study"], ["hosting-capacity"]):
+        proc = derms(*cmd, feeder / "bad.dss", "--out", feeder, "--force")
+        assert_clean_error(proc, "holds")
+        assert "cannot compile" not in proc.stderr
+
+
 def test_model_json():
     proc = derms("model", "ieee13", "--json")
     info = json.loads(proc.stdout)

@@ -111,6 +111,22 @@ def refuse_non_empty(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> 
                              "(empty it or give another folder)")
 
 
+def refuse_early(out: Path, force: bool, master: str | Path | None = None,
+                 inputs: tuple[Path | None, ...] = ()) -> None:
+    """:func:`refuse_non_empty` before a command's long work, with what
+    :func:`output_folder` will protect: the feeder's master file (a bundled name or a
+    path; one that does not resolve is the command's own error later) and the inputs."""
+    from derms.grid.bundled import resolve_master
+
+    protect = [Path(p) for p in inputs if p is not None]
+    if master is not None:
+        try:
+            protect.append(resolve_master(master))
+        except DermsError:
+            pass
+    refuse_non_empty(out, force, tuple(protect))
+
+
 def _replace_folder(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted
     only once the new folder is in place (put back if the rename fails)."""

@@ -21,7 +21,7 @@ from derms.cli.common import (
     handle_errors,
     out_console,
     output_folder,
-    refuse_non_empty,
+    refuse_early,
 )
 from derms.errors import InputError
 from derms.forecast.series import clean_series
@@ -77,7 +77,7 @@ def forecast(
     from derms.reports.constraint_forecast_html import write_constraint_forecast_report
     from derms.studies.constraint_study import run_constraint_forecast
 
-    refuse_non_empty(out, force)   # fail before the long work
+    refuse_early(out, force, master, (load_history, pv_history))  # before the long work
     if method not in ("grid", "copula"):
         raise InputError(f"--method {method!r}: expected grid or copula")
     load = read_series_csv(load_history).dropna()

@@ -22,7 +22,7 @@ from derms.cli.common import (
     output_folder,
     parse_start,
     parse_step,
-    refuse_non_empty,
+    refuse_early,
     stage_progress,
 )
 from derms.errors import InputError
@@ -111,7 +111,7 @@ def envelopes(
     if not 0 < hours <= 168:
         raise InputError(f"--hours {hours}: must be in (0, 168]")
     dt = parse_step(step)
-    refuse_non_empty(out, force)
+    refuse_early(out, force, master)
     from derms.analysis.constraints import Limits
     from derms.analysis.envelope_network import connection_points as make_cps
     from derms.analysis.envelopes import EnvelopeCriteria, compute_envelopes

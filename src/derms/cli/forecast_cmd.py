@@ -17,7 +17,7 @@ from derms.cli.common import (
     handle_errors,
     out_console,
     output_folder,
-    refuse_non_empty,
+    refuse_early,
 )
 from derms.errors import InputError
 from derms.forecast import ForecastSpec, backtest
@@ -62,7 +62,7 @@ def backtest_cmd(
     spec = ForecastSpec(kind=kind, horizon=pd.Timedelta(parse_duration(horizon, "--horizon")),
                         tz=tz, latitude=latitude, longitude=longitude, holidays=holidays,
                         n_rounds=rounds)
-    refuse_non_empty(out, force)   # fail before the long work
+    refuse_early(out, force, inputs=(series, weather))  # before the long work
     values = read_series_csv(series)
     if tz == "UTC" and (off := _local_offset(series)):
         err_console.print(f"[yellow]warning:[/] {series} carries the UTC offset {off}, but "

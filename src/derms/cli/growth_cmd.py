@@ -18,7 +18,7 @@ from derms.cli.common import (
     handle_errors,
     out_console,
     output_folder,
-    refuse_non_empty,
+    refuse_early,
 )
 from derms.errors import InputError
 
@@ -70,7 +70,7 @@ def growth(
 ) -> None:
     """Run a load-growth study; write peaks, first_exceeded and extremes (CSV + Parquet) and
     report.html to OUT."""
-    refuse_non_empty(out, force)
+    refuse_early(out, force, master)
     from rich.progress import BarColumn, Progress, TextColumn
 
     from derms.grid.bundled import resolve_master

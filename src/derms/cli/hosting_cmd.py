@@ -20,7 +20,7 @@ from derms.cli.common import (
     handle_errors,
     out_console,
     output_folder,
-    refuse_non_empty,
+    refuse_early,
 )
 from derms.errors import InputError
 
@@ -108,7 +108,7 @@ def hosting_capacity(
         raise InputError(f"--tol-kw {tol_kw}: the resolution must be positive")
     if v_deviation_pu < 0:
         raise InputError(f"--v-deviation-pu {v_deviation_pu}: must be >= 0 (0 = not checked)")
-    refuse_non_empty(out, force)
+    refuse_early(out, force, master)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from derms.analysis.constraints import Limits

@@ -21,7 +21,7 @@ from derms.cli.common import (
     out_console,
     output_folder,
     parse_start,
-    refuse_non_empty,
+    refuse_early,
     stage_progress,
 )
 from derms.errors import InputError
@@ -59,7 +59,7 @@ def interconnect(
     if not 0 < days <= 366:
         raise InputError(f"--days {days}: must be in (0, 366]")
     t0 = parse_start(start)
-    refuse_non_empty(out, force)
+    refuse_early(out, force, master)
     from derms.analysis.hosting_capacity import resolve_sites
     from derms.analysis.interconnection import curtailment_reference, flexible_connection
     from derms.grid.bundled import resolve_master

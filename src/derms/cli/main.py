@@ -25,7 +25,7 @@ from derms.cli.common import (  # shared with the sub-command modules
     out_console,
     output_folder,
     parse_step,
-    refuse_non_empty,
+    refuse_early,
 )
 from derms.cli.common import handle_errors as _handle_errors
 from derms.errors import InputError
@@ -107,7 +107,7 @@ def powerflow(
     from derms.powerflow.engine import OpenDSSEngine, SolveSettings
     from derms.powerflow.snapshot import solve_snapshot
 
-    refuse_non_empty(out, force)  # (it wrote into any folder, over what was there)
+    refuse_early(out, force, master)  # (it wrote into any folder, over what was there)
     settings = SolveSettings(max_iterations=max_iterations, control_mode=_control_mode(controls))
     path = resolve_master(master)
     with OpenDSSEngine(path, settings) as engine:
@@ -163,7 +163,7 @@ def study(
     force: ForceOpt = False,
 ) -> None:
     """Run a QSTS study with load profiles (and PV); write an HTML report, CSV and Parquet."""
-    refuse_non_empty(out, force)
+    refuse_early(out, force, master, (profiles,))
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from derms.analysis.constraints import Limits
