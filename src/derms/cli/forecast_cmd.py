@@ -115,22 +115,12 @@ def _check_tz(tz: str) -> None:
 
 
 def _check_location(kind: str, latitude: float | None, longitude: float | None) -> None:
-    """--latitude / --longitude: both or neither, finite and in range (one alone, or 95,
-    was ignored without a word); a warning where --kind load does not use them."""
-    import math
+    """--latitude / --longitude (:func:`derms.forecast.features.check_location`, named as
+    the options); a warning where --kind load does not use them."""
+    from derms.forecast.features import check_location
 
-    if (latitude is None) != (longitude is None):
-        given, other = (("--latitude", "--longitude") if latitude is not None
-                        else ("--longitude", "--latitude"))
-        raise InputError(f"{given} without {other}: give both (the site's location) or "
-                         "neither")
-    if latitude is None or longitude is None:
-        return
-    if not (math.isfinite(latitude) and -90 <= latitude <= 90):
-        raise InputError(f"--latitude {latitude:g}: expected degrees in [-90, 90]")
-    if not (math.isfinite(longitude) and -180 <= longitude <= 180):
-        raise InputError(f"--longitude {longitude:g}: expected degrees in [-180, 180]")
-    if kind != "pv":
+    check_location(latitude, longitude, ("--latitude", "--longitude"))
+    if latitude is not None and kind != "pv":
         err_console.print("[yellow]warning:[/] --latitude/--longitude are used with --kind pv "
                           "only (the clear-sky features); ignored for --kind load",
                           highlight=False)

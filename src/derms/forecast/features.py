@@ -117,14 +117,30 @@ def empirical_clear_sky(y: np.ndarray, n_day: int, window_days: int = 14) -> np.
     return np.nan_to_num(env, nan=0.0).reshape(s, -1)[:, :t]
 
 
+def check_location(latitude: float | None, longitude: float | None,
+                   names: tuple[str, str] = ("latitude", "longitude")) -> None:
+    """InputError unless the location is both coordinates or neither, finite and in range
+    (latitude [-90, 90], longitude [-180, 180] degrees); ``names`` name them in the
+    message (the CLI's options). One alone, 95 or NaN was ignored without a word."""
+    lat_name, lon_name = names
+    if (latitude is None) != (longitude is None):
+        given, other = (lat_name, lon_name) if latitude is not None else (lon_name, lat_name)
+        raise InputError(f"{given} without {other}: give both (the site's location) or "
+                         "neither")
+    if latitude is None or longitude is None:
+        return
+    if not (np.isfinite(latitude) and -90 <= latitude <= 90):
+        raise InputError(f"{lat_name} {latitude:g}: expected degrees in [-90, 90]")
+    if not (np.isfinite(longitude) and -180 <= longitude <= 180):
+        raise InputError(f"{lon_name} {longitude:g}: expected degrees in [-180, 180]")
+
+
 def clear_sky_ghi(times: pd.DatetimeIndex, step: pd.Timedelta, latitude: float,
                   longitude: float) -> np.ndarray:
     """(T,) Ineichen clear-sky GHI at interval mid-points, in kW/m² (GHI / 1000 W/m²)."""
     import pvlib
 
-    if not (-90 <= latitude <= 90 and -180 <= longitude <= 180):
-        raise InputError(f"location ({latitude}, {longitude}): latitude must be in [-90, 90] "
-                         "and longitude in [-180, 180]")
+    check_location(latitude, longitude)
     loc = pvlib.location.Location(latitude, longitude, tz="UTC")
     mid = times + step / 2
     ghi = loc.get_clearsky(mid, model="ineichen")["ghi"].to_numpy()

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from derms.errors import InputError
-from derms.forecast.features import Panel, daylight, feature_rows
+from derms.forecast.features import Panel, check_location, daylight, feature_rows
 from derms.forecast.model import QuantileModel
 
 MIN_TRAIN = pd.Timedelta(days=14)
@@ -62,6 +62,7 @@ class ForecastSpec:
             raise InputError(f"quantiles {self.quantiles!r}: values in (0, 1) including 0.5")
         if self.horizon <= pd.Timedelta(0) or self.horizon > pd.Timedelta(days=7):
             raise InputError(f"horizon {self.horizon}: expected more than 0 and at most 7 days")
+        check_location(self.latitude, self.longitude)
 
 
 @dataclass
