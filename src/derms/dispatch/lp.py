@@ -442,8 +442,8 @@ def run_interruptible(h: highspy.Highs) -> None:
     if threading.current_thread() is not threading.main_thread():
         h.run()
         return
-    h.HandleUserInterrupt = True  # registers the interrupt callbacks (once per object)
-    h._Highs__solver_should_stop = False  # highspy's cancel flag (startSolve resets it)
+    stop = _stop_flag(h)
+    stop.clear()
     failed: list[BaseException] = []
     done = threading.Event()  # (not Thread.join: a signal during join marks the thread
     # stopped while it still runs -- CPython's bpo-45274 handling -- and the process then
@@ -463,17 +463,36 @@ def run_interruptible(h: highspy.Highs) -> None:
         while not done.wait(0.2):
             pass
     except BaseException:
-        h.cancelSolve()
+        stop.set()
         while not done.is_set():
             try:
                 done.wait(0.1)
-            except BaseException:  # noqa: BLE001  a second signal: cancel again, keep waiting
-                h.cancelSolve()
+            except BaseException:  # noqa: BLE001  a second signal: keep waiting
+                stop.set()
         h.disableCallbacks()  # clears the interrupt HiGHS keeps between runs
         h.enableCallbacks()
         raise
     if failed:
         raise failed[0]
+
+
+def _stop_flag(h: highspy.Highs):
+    """The object's cancel flag (a ``threading.Event``), read by interrupt callbacks of
+    its simplex, interior-point and MIP solvers; registered once per object."""
+    import threading
+
+    stop = getattr(h, "_derms_stop", None)
+    if stop is None:
+        stop = h._derms_stop = threading.Event()
+
+        def interrupt(event) -> None:
+            if stop.is_set():
+                event.interrupt()
+
+        h.cbSimplexInterrupt += interrupt
+        h.cbIpmInterrupt += interrupt
+        h.cbMipInterrupt += interrupt
+    return stop
 
 
 def quiet_highs():
