@@ -17,7 +17,7 @@ COMMANDS = ["feeders", "model", "powerflow", "study"]
 
 def derms(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "derms.cli.main", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+                          check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -73,6 +73,40 @@ def test_force_never_replaces_the_current_folder_or_the_inputs(tmp_path):
                               capture_output=True, text=True, timeout=300, check=False)
         assert_clean_error(proc, fragment)
         assert sorted(p.name for p in feeder.iterdir()) == before
+
+
+def test_the_feeder_hash_leaves_output_folders_inside_it_out(tmp_path):
+    """The manifest's hash of the feeder's folder took in the run's own output when
+    ``--out`` was inside that folder, so a second run over it named another feeder hash
+    (an independent sweep). Output folders (the run's own, any earlier run's, whose
+    manifest.json marks it) are not the feeder's; everything else in the folder is."""
+    import hashlib
+    import shutil
+
+    from derms.grid.bundled import resolve_master
+
+    src = resolve_master("ieee13")
+    feeder = tmp_path / "feeder"
+    shutil.copytree(src.parent, feeder)
+    shutil.copy(src.parent.parent / "IEEELineCodes.DSS", tmp_path)  # its redirect's target
+    master = feeder / src.name
+    own = sorted(p for p in feeder.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in own:
+        h.update(str(p.relative_to(feeder)).encode() + b"\0")
+        h.update(p.read_bytes())
+    hashes = []
+    for args in (("--out", feeder / "runs" / "a"), ("--out", feeder / "runs" / "a", "--force"),
+                 ("--out", feeder / "b")):
+        assert derms("powerflow", master, *args).returncode == 0
+        man = json.loads((args[1] / "manifest.json").read_text())
+        hashes.append((man["feeder"]["folder_sha256"], man["feeder"]["n_files"]))
+    assert hashes == [(h.hexdigest(), len(own))] * 3
+    # a file that is not a run's output still counts
+    (feeder / "runs" / "notes.txt").write_text("x")
+    assert derms("powerflow", master, "--out", feeder / "c").returncode == 0
+    man = json.loads((feeder / "c" / "manifest.json").read_text())
+    assert man["feeder"]["n_files"] == len(own) + 1
 
 
 def test_an_out_holding_the_feeder_is_refused_before_the_work(tmp_path):

@@ -202,6 +202,25 @@ def stage_progress():
         yield progress
 
 
+def feeder_files(master: Path, out: Path) -> list[Path]:
+    """The files of the feeder's folder that its manifest hash covers, in sorted order:
+    every file under the master's folder except output folders of derms runs (``out``
+    itself, and any folder holding a ``manifest.json``), so writing ``--out`` inside the
+    feeder's folder, or running twice, leaves the feeder's hash unchanged."""
+    root = master.parent
+    out = out.resolve()
+    skip = {d for d in {m.parent for m in root.rglob("manifest.json") if m.is_file()} | {out}
+            if root in d.parents}
+    files = []
+    for p in root.rglob("*"):
+        if not p.is_file():
+            continue
+        if any(s == p or s in p.parents for s in skip):
+            continue
+        files.append(p)
+    return sorted(files)
+
+
 def write_manifest(folder: Path, *, feeder: Path | None = None, seed: int | None = None,
                    inputs: tuple[Path, ...] = (), settings: dict | None = None) -> Path:
     """``manifest.json``: derms version, command line, creation time (UTC), the feeder's
@@ -237,7 +256,7 @@ def write_manifest(folder: Path, *, feeder: Path | None = None, seed: int | None
     if feeder is not None:
         master = Path(feeder).resolve()
         h = hashlib.sha256()
-        files = sorted(p for p in master.parent.rglob("*") if p.is_file())
+        files = feeder_files(master, Path(folder))
         for p in files:
             h.update(str(p.relative_to(master.parent)).encode() + b"\0")
             h.update(p.read_bytes())
