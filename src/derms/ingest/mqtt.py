@@ -40,7 +40,13 @@ import numpy as np
 
 from derms.errors import InputError
 from derms.ingest.mqtt_session import QueuedSubscriber
-from derms.ingest.parse import BatchError, KnownSeries, ReadingBatch, parse_json
+from derms.ingest.parse import (
+    BatchError,
+    KnownSeries,
+    ReadingBatch,
+    json_document,
+    validate_documents,
+)
 from derms.store.timeseries import SOURCE_PATTERN
 
 log = logging.getLogger(__name__)
@@ -171,8 +177,11 @@ class MqttIngest(QueuedSubscriber):
 
     def _parse(self, msgs: list) -> tuple[list, dict[str, list[ReadingBatch]]]:
         """Valid batches grouped by source; invalid messages reported (and acknowledged
-        with the rest, after the write)."""
-        by_source: dict[str, list[tuple]] = {}
+        with the rest, after the write). The messages of one source are validated
+        together (:func:`~derms.ingest.parse.validate_documents`): one validation of a
+        5-reading message cost ≈ 6 ms, which held a parser thread to ≈ 160 small
+        messages per second, and the broker dropped what queued beyond that."""
+        docs: dict[str, list[tuple]] = {}
         for msg in msgs:
             source = msg.topic[len(self.telemetry_prefix):] or "mqtt"
             try:
@@ -182,15 +191,25 @@ class MqttIngest(QueuedSubscriber):
                 if len(msg.payload) > self.max_payload_bytes:  # as the API's 413
                     raise InputError(f"payload of {len(msg.payload)} bytes is larger than "
                                      f"{self.max_payload_bytes} (DERMS_MAX_BODY_BYTES)")
-                batch = parse_json(msg.payload, source=source, known_series=self.known_series)
+                docs.setdefault(source, []).append((msg, json_document(msg.payload)))
             except InputError as exc:
                 self._reject(msg, source, exc)
-                continue
             except Exception as exc:
                 log.exception("mqtt_parse_failed topic=%s", msg.topic)
                 self._reject(msg, source, InputError(f"payload not accepted: {exc!r}"[:500]))
-                continue
-            by_source.setdefault(source, []).append((msg, batch))
+        by_source: dict[str, list[tuple]] = {}
+        for source, items in docs.items():
+            try:
+                got = validate_documents([d for _m, d in items], source=source,
+                                         known_series=self.known_series)
+            except Exception as exc:
+                log.exception("mqtt_parse_failed source=%s messages=%d", source, len(items))
+                got = [InputError(f"payload not accepted: {exc!r}"[:500])] * len(items)
+            for (msg, _d), batch in zip(items, got):
+                if isinstance(batch, InputError):
+                    self._reject(msg, source, batch)
+                else:
+                    by_source.setdefault(source, []).append((msg, batch))
         return msgs, by_source
 
     def _write(self, msgs: list, by_source: dict[str, list[tuple]]) -> None:
