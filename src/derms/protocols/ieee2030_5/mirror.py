@@ -50,6 +50,12 @@ from derms.store.timeseries import ReadingRow
 log = logging.getLogger(__name__)
 
 
+def _named(mmr) -> None:
+    """A MirrorMeterReading needs a non-empty mRID (it names the reading type later)."""
+    if not mm.mmr_mrid(mmr):
+        raise HttpError(400, 1, "MirrorMeterReading: empty mRID")
+
+
 async def _resolved(result: Response | Awaitable[Response]) -> Response:
     return await result if inspect.isawaitable(result) else result
 
@@ -94,6 +100,8 @@ class MirrorUsagePoints:
     def _post_mup_list(self, request: Request) -> Response | Awaitable[Response]:
         doc = self._parse(request, "MirrorUsagePoint")
         fields = mm.mup_fields(doc)
+        if not fields["mrid"]:  # the schema allows an empty hexBinary; an identity it is not
+            raise HttpError(400, 1, "MirrorUsagePoint: empty mRID")
         rec = self.repo.end_device_by_lfdi(fields["device_lfdi"])
         client = request.client.lfdi
         if rec is None or (rec.lfdi != client and rec.owner_lfdi != client):
@@ -102,6 +110,7 @@ class MirrorUsagePoints:
         mmrs = mm.mirror_readings(doc)
         regs = []
         for el in mmrs:
+            _named(el)
             reg = mm.mmr_record(el)
             if reg is None:
                 raise HttpError(400, 1, f"MirrorMeterReading {mm.mmr_mrid(el)}: no "
@@ -127,6 +136,7 @@ class MirrorUsagePoints:
         mmrs = mm.mirror_readings(doc)
         regs: list[MirrorReadingRecord] = []
         for el in mmrs:
+            _named(el)
             reg = mm.mmr_record(el)
             known = mup.reading(mm.mmr_mrid(el))
             if reg is None and known is None:
