@@ -111,7 +111,7 @@ def test_infeasible_is_422_with_the_explanation(api):
     {"feeder": "nosuch"}, {"pv_penetration": 1.5}, {"horizon": "25min"},
     {"step": "fortnight"}, {"policy": "random"}, {"unknown_field": 1}, {"horizon": "30d"},
     {"replan_every": "often"}, {"replan_every": "5min"}, {"group_size": 0},
-    {"group_size": "some"}, {"group_size": 1001},
+    {"group_size": "some"}, {"group_size": 1001}, {"export_limit_kw": -1e20},
     {"pv_penetration": "0.3"}, {"pv_penetration": True}, {"realtime": "yes"}, {"seed": "1"},
 ])
 def test_bad_body_is_422(api, change):

@@ -126,6 +126,9 @@ def test_report_and_opendss_set(out):
     (["--seed", "-1"], "--seed"),                       # was numpy's traceback
     (["--group", "0"], "--group"),
     (["--group", "some"], "--group"),
+    # HiGHS reads a bound of 1e20 as none: this asked for an impossible import and got a
+    # plan worse than the uncontrolled one, exit 0 (an independent sweep)
+    (["--export-limit-kw=-1e20"], "within ±1e+09 kW"),
 ])
 def test_bad_input_exits_2(tmp_path, args, fragment):
     code, text = _run("ieee123", *args, "--out", tmp_path)

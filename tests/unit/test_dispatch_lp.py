@@ -284,3 +284,15 @@ def test_sessions_and_windows_outside_the_horizon_are_not_controllable():
     got = dict(zip(fleet.der_ids, mask.tolist()))
     assert got == {"pv_night": True, "b1": True, "in": True, "after": False, "before": False,
                    "short": False, "fl_in": True, "fl_out": False}
+
+
+@pytest.mark.parametrize("limit", [-1e20, 1e20, float("nan"), float("-inf")])
+def test_an_export_limit_highs_would_read_as_no_bound_is_refused(limit):
+    """-1e20 kW reached HiGHS as 'no bound' and the plan came out worse than leaving the
+    DERs alone (an independent sweep); every entry point builds an ObjectiveConfig."""
+    from derms.dispatch.plan import ObjectiveConfig
+    from derms.errors import InputError
+
+    with pytest.raises(InputError, match="export limit"):
+        ObjectiveConfig(export_limit_kw=limit)
+    assert ObjectiveConfig(export_limit_kw=-5e8).export_limit_kw == -5e8

@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, columns_frame, table_response
 from derms.api.problems import Problem
+from derms.dispatch import EXPORT_LIMIT_MAX_KW
 from derms.errors import InfeasibleError, InputError
 from derms.strict import StrictScalars
 
@@ -44,7 +45,7 @@ class PlanBody(StrictScalars):
     policy: Literal["cost_minimal", "equal_proportional", "proportional_to_capacity"] = \
         "cost_minimal"
     export_limit_kw: float | None = Field(
-        None, allow_inf_nan=False,
+        None, allow_inf_nan=False, gt=-EXPORT_LIMIT_MAX_KW, lt=EXPORT_LIMIT_MAX_KW,
         description="Largest substation export [kW]: head import >= -X (a negative X asks "
                     "for a minimum import). None: no limit.")
     forecast: Literal["noisy", "model", "perfect"] = "perfect"

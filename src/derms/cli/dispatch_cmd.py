@@ -100,6 +100,7 @@ def dispatch(
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from derms.dispatch import EXPORT_LIMIT_MAX_KW
     from derms.dispatch.plan import ObjectiveConfig
     from derms.errors import InputError
     from derms.reports.dispatch_outputs import (
@@ -113,8 +114,10 @@ def dispatch(
     for name, value in (("--pv", pv), ("--battery", battery), ("--ev", ev)):
         if not 0.0 <= value <= 1.0:
             raise InputError(f"{name} {value:g}: expected a share of customers in [0, 1]")
-    if export_limit_kw is not None and not math.isfinite(export_limit_kw):
-        raise InputError(f"--export-limit-kw {export_limit_kw}: expected a finite number")
+    if export_limit_kw is not None and not (math.isfinite(export_limit_kw)
+                                            and abs(export_limit_kw) < EXPORT_LIMIT_MAX_KW):
+        raise InputError(f"--export-limit-kw {export_limit_kw:g}: expected a finite number "
+                         f"within ±{EXPORT_LIMIT_MAX_KW:g} kW")
     if seed < 0:
         raise InputError(f"--seed {seed}: expected a non-negative integer")
     group_size = _group_size(group)

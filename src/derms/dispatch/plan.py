@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from derms.analysis.constraints import Limits
 from derms.der.models import Fleet, check_group_requests, fleet_arrays
+from derms.dispatch import EXPORT_LIMIT_MAX_KW
 from derms.dispatch.lp import (
     INF,
     HighsLP,
@@ -80,6 +81,14 @@ class ObjectiveConfig:
     loss_weight: float = 0.0
     peak_element: str | None = None
     peak_element_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        x = self.export_limit_kw
+        if x is not None and not (np.isfinite(x) and abs(x) < EXPORT_LIMIT_MAX_KW):
+            # HiGHS reads a bound of 1e20 or more as none: -1e20 asked for an impossible
+            # import and got a plan worse than leaving the DERs alone (an independent sweep)
+            raise InputError(f"export limit {x:g} kW: expected a finite number within "
+                             f"±{EXPORT_LIMIT_MAX_KW:g} kW")
 
 
 @dataclass(frozen=True)
