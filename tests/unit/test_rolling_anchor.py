@@ -105,3 +105,27 @@ def test_an_infeasible_short_window_falls_back_to_a_full_replan(monkeypatch):
         engine.close()
     assert r.n_replans == 24 and r.fallbacks == 0
     assert r.full_replan.all() and np.isfinite(r.target_kw_at_replan).all()
+
+
+def test_the_export_hold_uses_batteries_first_then_curtails_by_the_policy():
+    from types import SimpleNamespace
+
+    from derms.dispatch.rolling import _hold_export
+
+    a = SimpleNamespace(bat_p_max_kw=np.array([5.0, 5.0]), bat_e_max_kwh=np.array([10.0, 10.0]),
+                        bat_eta_ch=np.array([1.0, 1.0]), pv_s_kva=np.array([10.0, 5.0, 5.0]))
+    e = np.array([10.0, 0.0])  # the first battery is full
+    ch, dis, pv = _hold_export(3.0, np.zeros(2), np.array([2.0, 0.0]), np.array([6.0, 4.0, 1.0]),
+                               e, a, 0.25, "cost_minimal")
+    assert dis.sum() == 0 and ch.tolist() == [0.0, 1.0] and pv.tolist() == [6.0, 4.0, 1.0]
+    # batteries full: 4 kW of PV off, by policy
+    full = np.array([10.0, 10.0])
+    for policy, want in (("equal_proportional", [6 * 7 / 11, 4 * 7 / 11, 7 / 11]),
+                         ("proportional_to_capacity", [4.0, 3.0, 0.0])):
+        ch, dis, pv = _hold_export(4.0, np.zeros(2), np.zeros(2), np.array([6.0, 4.0, 1.0]),
+                                   full, a, 0.25, policy)
+        np.testing.assert_allclose(pv, want, atol=1e-9)
+    # what a PV cannot give goes to the others by kVA
+    _ch, _dis, pv = _hold_export(6.0, np.zeros(2), np.zeros(2), np.array([6.0, 4.0, 1.0]),
+                                 full, a, 0.25, "proportional_to_capacity")
+    np.testing.assert_allclose(pv, [6 - 3 - 1 / 3, 4 - 1.5 - 1 / 6, 0.0], atol=1e-9)

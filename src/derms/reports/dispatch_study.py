@@ -188,6 +188,10 @@ def _rolling(path: Path, cfg: ScenarioConfig, objective: ObjectiveConfig, seed: 
             "n_full_replans": int(r.full_replan.sum()),
             "realtime_correction": ({k: (round(v, 3) if isinstance(v, float) else v)
                                      for k, v in r.realtime.items()} if realtime else None)}
+    if "export_limit_missed_intervals" in r.violations:
+        info["export_limit_missed_intervals"] = r.violations["export_limit_missed_intervals"]
+        info["export_limit_missed_kw_max"] = round(r.violations["export_limit_missed_kw_max"],
+                                                   3)
     return float(r.peak_kw), f"rolling_{forecast}_forecast", info, r
 
 
@@ -296,6 +300,19 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
         summary["rolling"]["peak_perfect_foresight_note"] = (
             "the perfect-foresight peak of the rolling run's own horizon (its days from the "
             "same start); the top-level peak_perfect_foresight_kw is the single plan's")
+        summary["rolling"]["peaks_note"] = (
+            "peak_uncontrolled_kw and peak_rule_based_kw here are over the rolling run's "
+            "executed days, simulated with the scenario extended by the lookahead (EV "
+            "sessions running past the single plan's horizon are whole, and the rule-based "
+            "threshold is 0.9 x this uncontrolled peak), so they can differ from the "
+            "top-level ones by a few kW; reduction_ratio uses these")
+        if rolling_info.get("export_limit_missed_intervals"):
+            summary["plan_notes"].append(
+                f"the rolling run's executed schedule breaks the export limit in "
+                f"{rolling_info['export_limit_missed_intervals']} interval(s) of its AC "
+                f"simulation (by up to {rolling_info['export_limit_missed_kw_max']:.1f} kW): "
+                "PV above its forecast that the batteries and the curtailment in execution "
+                "could not absorb")
         if rolling_info["violations_executed"]:
             summary["plan_notes"].append(
                 f"the rolling run's executed schedule has {rolling_info['violations_executed']} "
