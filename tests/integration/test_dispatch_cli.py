@@ -129,6 +129,7 @@ def test_report_and_opendss_set(out):
     # HiGHS reads a bound of 1e20 as none: this asked for an impossible import and got a
     # plan worse than the uncontrolled one, exit 0 (an independent sweep)
     (["--export-limit-kw=-1e20"], "within ±1e+09 kW"),
+    (["--horizon", "24"], "a bare number is minutes"),  # it hid the missing unit
 ])
 def test_bad_input_exits_2(tmp_path, args, fragment):
     code, text = _run("ieee123", *args, "--out", tmp_path)

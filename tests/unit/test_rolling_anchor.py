@@ -129,3 +129,15 @@ def test_the_export_hold_uses_batteries_first_then_curtails_by_the_policy():
     _ch, _dis, pv = _hold_export(6.0, np.zeros(2), np.zeros(2), np.array([6.0, 4.0, 1.0]),
                                  full, a, 0.25, "proportional_to_capacity")
     np.testing.assert_allclose(pv, [6 - 3 - 1 / 3, 4 - 1.5 - 1 / 6, 0.0], atol=1e-9)
+
+
+def test_the_default_replan_period_is_said_like_a_step():
+    """It read "3600s" where the step was 1h ("15min" / "1h" elsewhere)."""
+    from datetime import timedelta
+
+    from derms.reports.dispatch_study import parse_replan
+
+    assert parse_replan(None, timedelta(minutes=5)) == "15min"
+    assert parse_replan(None, timedelta(hours=1)) == "1h"
+    assert parse_replan(None, timedelta(minutes=20)) == "20min"
+    assert parse_replan(None, timedelta(seconds=1000)) == "1000s"

@@ -124,6 +124,11 @@ def dispatch(
     step_td, n_steps = parse_horizon(horizon, step)
     if step_td < timedelta(minutes=1):
         raise InputError(f"--step {step!r}: expected at least 1 minute")
+    ignored = [o for o, given in (("--replan-every", replan_every is not None),
+                                  ("--no-realtime", not realtime)) if given]
+    if ignored and forecast.value == "perfect":
+        err_console.print(f"[yellow]note:[/] {' and '.join(ignored)} apply to the rolling "
+                          "run (--forecast noisy or model); ignored with --forecast perfect")
     replan_every = parse_replan(replan_every, step_td)
     cfg = ScenarioConfig(pv_penetration=pv, battery_penetration=battery, ev_penetration=ev,
                          seed=seed, step=step_td, n_steps=n_steps)

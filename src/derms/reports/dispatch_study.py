@@ -68,7 +68,9 @@ def parse_horizon(horizon: str, step: str, names: dict[str, str] | None = None
         raise input_error(f"{nh} {horizon!r} must be positive", "horizon")
     n = h / s
     if abs(n - round(n)) > 1e-9:
-        raise input_error(f"{nh} {horizon!r} is not a whole number of {ns} {step!r}",
+        bare = " (a bare number is minutes: give a unit, e.g. 24h)" if \
+            horizon.strip().replace(".", "", 1).isdigit() else ""
+        raise input_error(f"{nh} {horizon!r} is not a whole number of {ns} {step!r}{bare}",
                           "horizon")
     if not 1 <= round(n) <= MAX_STEPS:
         raise input_error(f"{nh} {horizon!r} / {ns} {step!r} gives {round(n)} intervals;"
@@ -83,8 +85,11 @@ def parse_replan(replan_every: str | None, step: timedelta, name: str = "--repla
     ``name``: how messages call the input; the error's ``field`` is ``replan_every``."""
     if replan_every is None:
         q = timedelta(minutes=15) / step
-        return "15min" if q >= 1 and abs(q - round(q)) < 1e-9 else \
-            f"{int(step.total_seconds())}s"
+        if q >= 1 and abs(q - round(q)) < 1e-9:
+            return "15min"
+        sec = int(step.total_seconds())  # one step, said as the step would be
+        return f"{sec // 3600}h" if sec % 3600 == 0 else (
+            f"{sec // 60}min" if sec % 60 == 0 else f"{sec}s")
     try:
         r = parse_duration(replan_every, name)
     except InputError as exc:
@@ -373,6 +378,7 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
     t = pd.date_range(h.start, periods=h.n_steps, freq=h.step)
     pf_peak = float(opt.head_kw.max())
     curtailed = float(opt.schedule.curtail_kw.sum() * dt)
+    curtailed = curtailed if abs(curtailed) > 1e-6 else 0.0  # solver round-off (1e-12 kWh)
     avail = float(sum(p.p_avail_kw.sum() for p in f.pv) * dt)
     plan_counts = vp.violations.counts
     short = vp.schedule.ev_short_kwh
