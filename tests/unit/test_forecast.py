@@ -348,3 +348,27 @@ def test_model_with_other_features_is_refused():
     f.model.feature_names = f.model.feature_names[:-1]
     with pytest.raises(InputError, match="retrain"):
         f.predict(panel, np.array([len(panel.times) - 24]))
+
+
+def test_a_mean_point_model_fits_least_squares_and_survives_save(tmp_path):
+    """``point="mean"`` (the rolling dispatch's point forecast): the 0.5 booster is a
+    least-squares one, so on a skewed target its column is the mean, not the median;
+    the choice is saved with the model."""
+    from derms.forecast.model import QuantileModel
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (4000, 2))
+    y = rng.exponential(1.0, 4000)  # mean 1, median ln 2
+    means = {}
+    for point in ("median", "mean"):
+        m = QuantileModel(quantiles=(0.5,), feature_names=("a", "b"), n_rounds=60,
+                          point=point).fit(x, y)
+        means[point] = float(m.predict(x)[0.5].mean())
+    assert means["mean"] == pytest.approx(1.0, abs=0.08)
+    assert means["median"] == pytest.approx(np.log(2), abs=0.08)
+    m.save(tmp_path)
+    assert QuantileModel.load(tmp_path)[0].point == "mean"
+    from derms.errors import InputError
+    from derms.forecast import ForecastSpec
+    with pytest.raises(InputError, match="point"):
+        ForecastSpec(kind="load", point="mode")

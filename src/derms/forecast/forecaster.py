@@ -17,6 +17,7 @@ clear-sky output) are left out of training and forecast as 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,9 @@ class ForecastSpec:
     calibration_days: int = 28
     refit: bool | None = False
     seed: int = 7
+    # "mean": the 0.5 column (p50) is a least-squares booster's conditional mean, not the
+    # median (see QuantileModel.point): the rolling dispatch's point forecast
+    point: Literal["median", "mean"] = "median"
 
     def __post_init__(self):
         if self.kind not in ("load", "pv"):
@@ -62,6 +66,8 @@ class ForecastSpec:
             raise InputError(f"quantiles {self.quantiles!r}: values in (0, 1) including 0.5")
         if self.horizon <= pd.Timedelta(0) or self.horizon > pd.Timedelta(days=7):
             raise InputError(f"horizon {self.horizon}: expected more than 0 and at most 7 days")
+        if self.point not in ("median", "mean"):
+            raise InputError(f"point {self.point!r}: expected median or mean")
         check_location(self.latitude, self.longitude)
 
 
@@ -92,7 +98,7 @@ class GlobalForecaster:
         n_cal = self.spec.calibration_days * panel.n_day
         cal_start = max(first + int(MIN_TRAIN / panel.step), train_end - n_cal)
         model = QuantileModel(quantiles=self.spec.quantiles, feature_names=panel.feature_names,
-                              n_rounds=self.spec.n_rounds)
+                              n_rounds=self.spec.n_rounds, point=self.spec.point)
         fit_rows = self._rows(panel, first, cal_start, n_h, rng)
         cal_rows = self._rows(panel, cal_start, train_end, n_h, rng,
                               cap=max(50_000, self.spec.max_train_rows // 5))

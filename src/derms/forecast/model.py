@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -60,6 +61,10 @@ class QuantileModel:
     offsets: dict = field(default_factory=dict)
     series_offsets: dict = field(default_factory=dict)  # series id -> {q: offset}
     shrink: float = 1.0
+    # "mean": the 0.5 booster minimises squared error (a conditional mean; smoother and
+    # less seed-dependent than the quantile objective's median, used as a point forecast
+    # by the rolling dispatch); "median": the quantile objective like the others
+    point: Literal["median", "mean"] = "median"
     trained_at: str = ""
     n_train_rows: int = 0
 
@@ -76,6 +81,8 @@ class QuantileModel:
                            free_raw_data=False, params={"max_bin": self.params["max_bin"]})
         for q in self.quantiles:
             params = dict(self.params, objective="quantile", alpha=q)
+            if q == 0.5 and self.point == "mean":
+                params = dict(self.params, objective="regression")
             self.boosters[q] = lgb.train(params, data, num_boost_round=self.n_rounds)
         self.trained_at = datetime.now(UTC).isoformat()
         return self
@@ -138,7 +145,7 @@ class QuantileModel:
         info = {"version": version, "quantiles": list(self.quantiles),
                 "feature_names": list(self.feature_names), "n_rounds": self.n_rounds,
                 "params": self.params, "offsets": offsets, "series_offsets": by_series,
-                "shrink": self.shrink,
+                "shrink": self.shrink, "point": self.point,
                 "trained_at": self.trained_at, "n_train_rows": self.n_train_rows,
                 **(meta or {})}
         (folder / "model.json").write_text(json.dumps(info, indent=2))
@@ -155,7 +162,7 @@ class QuantileModel:
         info = json.loads(meta_path.read_text())
         model = cls(quantiles=tuple(info["quantiles"]),
                     feature_names=tuple(info["feature_names"]), n_rounds=info["n_rounds"],
-                    params=info["params"])
+                    params=info["params"], point=info.get("point", "median"))
         for q in model.quantiles:
             path = folder / f"booster_q{round(q * 100):02d}.txt"
             model.boosters[q] = lgb.Booster(model_str=path.read_text())
