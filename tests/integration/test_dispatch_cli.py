@@ -152,6 +152,24 @@ def test_infeasible_exits_2_with_explanation(tmp_path):
     assert "head import at best" in flat and "minimum of 20000.0 kW" in flat
 
 
+def test_summary_counts_the_plans_export_limit_misses(tmp_path):
+    """With an export limit the summary counts the intervals whose AC head import is below
+    its minimum (beside the violations; none here), and proportional_to_capacity keeps
+    every PV's curtailment per kVA equal."""
+    code, text = _run("ieee13", "--horizon", "6h", "--step", "1h", "--pv", "1", "--battery",
+                      "0.2", "--ev", "0", "--policy", "proportional_to_capacity",
+                      "--export-limit-kw", "-1500", "--out", tmp_path)
+    assert code == 0, text
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["export_limit_missed_intervals"] == 0 and s["export_limit_missed_kw_max"] == 0.0
+    assert s["min_import_optimised_kw"] >= 1500.0 - 0.5
+    sched = pd.read_csv(tmp_path / "schedule.csv").query("kind == 'pv'")
+    kva = pd.read_csv(tmp_path / "ders.csv").set_index("der_id")["s_kva"]
+    per_kva = sched["curtail_kw"] / sched["der_id"].map(kva).to_numpy()
+    spread = per_kva.groupby(sched["timestamp"]).agg(lambda v: v.max() - v.min())
+    assert spread.max() <= 0.01 * max(per_kva.max(), 1e-9)
+
+
 def test_non_empty_out_needs_force(tmp_path):
     (tmp_path / "old.txt").write_text("x")
     code, text = _run("ieee13", "--horizon", "2h", "--step", "1h", "--out", tmp_path)

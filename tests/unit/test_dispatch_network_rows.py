@@ -261,3 +261,78 @@ def test_a_ckt7_size_feeder_is_planned_with_the_large_feeder_rules():
 
     assert is_large(2452, 679)
     assert not is_large(278, 68)
+
+
+def _pv_only(T=12):
+    """Two PVs of unequal kVA and no storage: the export limit is met by curtailment
+    alone (the policy's share column is the only way to move them together)."""
+    from datetime import timedelta
+
+    from derms.der.models import Fleet, Horizon, PVInverter
+    from tests.unit.test_dispatch_lp import T0, C
+
+    h = Horizon(T0, timedelta(hours=1), T)
+    sun = np.clip(np.sin(np.linspace(-0.5, 3.6, T)), 0, None)
+    pv = (PVInverter("pv1", C, 11.0, 10 * sun), PVInverter("pv2", C, 6.0, 5 * sun))
+    return Fleet(h, pv, (), ()), 20 + 8 * np.cos(np.linspace(0, 2 * np.pi, T))
+
+
+def test_capacity_share_column_is_bounded_by_what_the_policy_rows_admit():
+    """proportional_to_capacity: the share column's upper bound is the smallest avail /
+    kVA of the interval (finite: a trust region takes a share of each column's range)."""
+    from derms.dispatch.lp import capacity_share_max
+
+    fleet, load = _pv_only()
+    p = Planner(fleet, _grid(fleet, load, 1.0, 0.0)[0],
+                ObjectiveConfig(allow_pv_q=False, curtailment_policy="proportional_to_capacity"))
+    hi = p._col_box[1][p.lay.index("share").ravel()]
+    a = p.arrays
+    np.testing.assert_allclose(hi, (a.pv_avail_kw / a.pv_s_kva).min(axis=1))
+    np.testing.assert_allclose(capacity_share_max(a), hi)
+    assert np.isfinite(hi).all()
+
+
+def test_trust_region_lets_the_capacity_share_move():
+    """An AC round found the head import 1 kW below the linear model's (losses): the
+    re-plan in a trust region around the plan must curtail more. With an unbounded share
+    column the region held it (and with it every PV of proportional_to_capacity) at the
+    centre, and the re-plan was infeasible (EPRI ckt5, export limit -2500 kW: the plan
+    kept 12 kW short in 25 intervals, said "head import at best 2488.0 kW")."""
+    fleet, load = _pv_only()
+    grid, _unc = _grid(fleet, load, 1.0, 0.0)
+    obj = ObjectiveConfig(allow_pv_q=False, curtailment_policy="proportional_to_capacity",
+                          export_limit_kw=0.0)  # head import >= 0
+    p = Planner(fleet, grid, obj)
+    x0 = p.solve_linear().copy()
+    s0 = p.schedule()
+    head0 = load + s0.p_kw.sum(axis=1)
+    binding = head0 < 1e-6
+    assert binding.any() and s0.curtail_kw[binding].sum() > 0  # the limit curtails PV
+    # the AC result of the plan: 1 kW less import than the linear model said
+    ac = Reference(s0.p_kw, s0.q_kvar, grid.uncontrolled.v_pu, grid.uncontrolled.i_a,
+                   head0 - 1.0)
+    p.recenter(ac)
+    p.trust_region(x0, 0.5)
+    p.solve_linear()
+    s1 = p.schedule()
+    more = (s1.curtail_kw - s0.curtail_kw).sum(axis=1)
+    np.testing.assert_allclose(more[binding], 1.0, atol=1e-6)  # the 1 kW, by curtailment
+    # the policy holds: curtailment per kVA equal across the PVs in every interval
+    per_kva = s1.curtail_kw / np.array([pv.s_kva for pv in fleet.pv])
+    np.testing.assert_allclose(per_kva[:, 0], per_kva[:, 1], atol=1e-7)
+
+
+def test_kept_plan_note_says_what_it_leaves():
+    """The note of a kept plan names what its AC run leaves: violations, export-limit
+    misses (beyond EXPORT_TOL_KW), or nothing (it said "the violations it leaves" of a
+    plan with none)."""
+    from derms.dispatch.verify import _left_text, export_misses
+
+    obj = ObjectiveConfig(export_limit_kw=-2500.0)
+    head = np.array([2600.0, 2499.8, 2488.0, 2490.0])
+    assert export_misses(obj, head) == (2, 12.0)
+    assert export_misses(ObjectiveConfig(), head) == (0, 0.0)
+    text = _left_text(0, obj, head)
+    assert "violation" not in text and "2 interval(s)" in text and "12.0 kW" in text
+    assert "3 voltage/thermal violation(s)" in _left_text(3, obj, head)
+    assert "within every limit" in _left_text(0, obj, head + 20.0)

@@ -178,9 +178,25 @@ def der_columns(lay: Layout, a: FleetArrays, w: Weights, *, policy: Policy, allo
     lo[:, L("gen_p")] = a.gen_p_min_kw
     hi[:, L("gen_p")] = a.gen_p_max_kw
     c[:, L("gen_p")] = a.gen_cost * dt - price * dt
-    hi[:, L("share")] = {"cost_minimal": 0.0, "equal_proportional": 1.0,
-                         "proportional_to_capacity": INF}[policy]
+    hi[:, L("share")] = (capacity_share_max(a)[:, None] if policy == "proportional_to_capacity"
+                         else {"cost_minimal": 0.0, "equal_proportional": 1.0}[policy])
     return (np.r_[c.ravel(), w.peak], np.r_[lo.ravel(), -INF], np.r_[hi.ravel(), INF])
+
+
+def capacity_share_max(a: FleetArrays) -> np.ndarray:
+    """(T,) the largest curtailment per kVA the proportional_to_capacity rows admit in each
+    interval (``p = avail - s_kva * share >= 0`` for every PV: the smallest
+    ``avail / s_kva``; 0 without PV). An upper bound the rows imply anyway, given as the
+    share column's own so its range is finite: a trust region (``Planner.trust_region``,
+    a share of each column's range) held an unbounded share column fixed, so no PV's
+    curtailment could change in an AC round's re-plan (EPRI ckt5, export limit -2500 kW:
+    the head import stayed 12 kW short, the re-plan "infeasible")."""
+    s = np.asarray(a.pv_s_kva, dtype=float)
+    if s.size == 0:
+        return np.zeros(a.pv_avail_kw.shape[0])
+    ratio = np.where(s > 0, a.pv_avail_kw / np.where(s > 0, s, 1.0), INF)
+    out = ratio.min(axis=1)
+    return np.where(np.isfinite(out), np.maximum(out, 0.0), 0.0)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ from derms.dispatch.realtime import (
     RealTimeConfig,
     RealTimeCorrector,
 )
-from derms.dispatch.verify import EXPORT_TOL_KW, ACNetwork, plan_and_verify
+from derms.dispatch.verify import ACNetwork, export_misses, plan_and_verify
 from derms.errors import InfeasibleError, InputError
 
 log = logging.getLogger(__name__)
@@ -492,9 +492,9 @@ def run_rolling(ac: ACNetwork, scenario, objective: ObjectiveConfig | None = Non
 
     viol_x = _counts(ac, res_x, n_exec)
     if x_min_kw is not None:  # intervals whose AC head import broke the export limit
-        miss = x_min_kw - EXPORT_TOL_KW - head_x
-        viol_x = {**viol_x, "export_limit_missed_intervals": int((miss > 0).sum()),
-                  "export_limit_missed_kw_max": float(max(miss.max() + EXPORT_TOL_KW, 0.0))}
+        n_miss, miss_kw = export_misses(objective, head_x)
+        viol_x = {**viol_x, "export_limit_missed_intervals": n_miss,
+                  "export_limit_missed_kw_max": miss_kw}
     viol_u = _counts(ac, res_u, n_exec)
     head_u = ref_u.head_kw[:n_exec]
     t_pf = time.perf_counter()

@@ -682,6 +682,26 @@ def _export_over(objective: ObjectiveConfig, head_kw: np.ndarray) -> float:
     return float(np.max(-np.asarray(head_kw)) - objective.export_limit_kw)
 
 
+def export_misses(objective: ObjectiveConfig, head_kw: np.ndarray) -> tuple[int, float]:
+    """Intervals whose AC head import is below the export limit's minimum by more than
+    ``EXPORT_TOL_KW`` and the largest shortfall [kW] (0, 0.0 without a limit or a miss)."""
+    if objective.export_limit_kw is None:
+        return 0, 0.0
+    short = -objective.export_limit_kw - np.asarray(head_kw, dtype=float)
+    n = int((short > EXPORT_TOL_KW).sum())
+    return n, float(short.max()) if n else 0.0
+
+
+def _left_text(n_viol: int, objective: ObjectiveConfig, head_kw: np.ndarray) -> str:
+    """What a kept plan leaves in its AC simulation, for a note (or that it is clean)."""
+    n_miss, kw = export_misses(objective, head_kw)
+    parts = ([f"{n_viol} voltage/thermal violation(s)"] if n_viol else []) + (
+        [(f"the head import below the export limit's {-objective.export_limit_kw:g} kW in "
+          f"{n_miss} interval(s) (by up to {kw:.1f} kW)")] if n_miss else [])
+    return (", which leaves " + " and ".join(parts) + " in the AC simulation") if parts \
+        else ", which the AC simulation finds within every limit"
+
+
 def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
                     fleet: Fleet | None = None, uncontrolled: tuple | None = None,
                     max_ac_rounds: int = 8) -> VerifiedPlan:
@@ -814,15 +834,27 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
         # large feeders: a warm re-solve with dense rows costs more than an AC round, and
         # the AC round finds most of what more linear rounds would: fewer of them
         try:
-            planner.solve_linear(LARGE_LINEAR_ROUNDS if large else None)
+            try:
+                planner.solve_linear(LARGE_LINEAR_ROUNDS if large else None)
+            except InfeasibleError:
+                if not (large and centre_x is not None):
+                    raise
+                # the trust region (column bounds) may be what leaves no room: the
+                # DERs' own ranges once before giving up (the diagnosis then speaks of
+                # what the DERs can do, not of what the region let them do)
+                log.info("dispatch ac_round=%d re-plan infeasible in the trust region "
+                         "(frac %.3f): re-solved in the DERs' own ranges", rounds, frac)
+                log_rounds[-1]["trust_region_lifted"] = True
+                planner.trust_region(None, 1.0)
+                planner.solve_linear(LARGE_LINEAR_ROUNDS)
         except InfeasibleError as exc:
             # the rows and margins this loop added (what the AC check found the linear
             # model missed) left no room: the plan that met the linear model is still the
             # best one simulated, so report it with what is left instead of nothing
             sched, res, rep = best[2], best[3], best[4]
             notes.append(f"stopped after AC round {rounds}: the tightened re-plan has no "
-                         f"solution ({exc}); the plan of round {best[1]} is kept, with the "
-                         "violations it leaves in the AC simulation")
+                         f"solution ({exc}); the plan of round {best[1]} is kept"
+                         f"{_left_text(best[0][0], objective, best[5].head_kw)}")
             log.warning("dispatch ac_round=%d tightened LP infeasible; keeping round %d",
                         rounds, best[1])
             break
@@ -915,5 +947,10 @@ def plan_and_verify(ac: ACNetwork, objective: ObjectiveConfig | None = None, *,
     if left and not notes:
         notes.append(f"{rounds} AC rounds used (the most allowed); the plan of round {best[1]}"
                      f", the one with the fewest AC violations, is kept")
+    n_miss, miss_kw = export_misses(objective, res.head_p_kw.sum(axis=1))
+    if n_miss and not any("below the export limit" in n for n in notes):
+        notes.append(f"the plan's AC head import is below the export limit's "
+                     f"{-objective.export_limit_kw:g} kW in {n_miss} interval(s) (by up to "
+                     f"{miss_kw:.1f} kW)")
     return VerifiedPlan(planner, sched, res, rep, rounds, timing, log_rounds,
                         [*planner.notes, *notes], repair_log)

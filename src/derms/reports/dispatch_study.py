@@ -32,7 +32,7 @@ from derms.der.models import controllable_in_horizon
 from derms.dispatch import baselines
 from derms.dispatch.ledger import SHORT_KWH, Ledger, build_ledger
 from derms.dispatch.plan import ObjectiveConfig, Schedule, uncontrolled_schedule
-from derms.dispatch.verify import VerifiedPlan, plan_and_verify
+from derms.dispatch.verify import VerifiedPlan, export_misses, plan_and_verify
 from derms.errors import InputError, input_error
 from derms.powerflow.qsts import QSTSResult
 from derms.studies.dispatch_scenario import DispatchScenario, ScenarioConfig, open_dispatch_case
@@ -409,6 +409,7 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
         "violations_optimised": opt.n_violations,
         "violations_optimised_voltage": int(opt.violations.counts["violations_voltage"]),
         "violations_optimised_thermal": int(opt.violations.counts["violations_thermal"]),
+        **_export_missed(objective, opt.head_kw),
         "violations_in_verify_loop": int(plan_counts["violations_voltage"]
                                          + plan_counts["violations_thermal"]),
         "pre_existing_voltage": int(opt.violations.counts["pre_existing_voltage"]),
@@ -442,6 +443,16 @@ def _summary(feeder: str, scenario: DispatchScenario, cfg: ScenarioConfig,
     else:
         s["optimised_note"] = rolling_note(forecast_replan_every)
     return s
+
+
+def _export_missed(objective: ObjectiveConfig, head_kw: np.ndarray) -> dict[str, Any]:
+    """With an export limit: the intervals whose AC head import is below its minimum by
+    more than the verify loop's tolerance and the largest shortfall (the single plan's;
+    a rolling run's are in its block)."""
+    if objective.export_limit_kw is None:
+        return {}
+    n, kw = export_misses(objective, head_kw)
+    return {"export_limit_missed_intervals": n, "export_limit_missed_kw_max": kw}
 
 
 def rolling_note(replan_every: str | None) -> str:
