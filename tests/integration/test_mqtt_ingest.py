@@ -282,3 +282,46 @@ def test_a_refused_message_costs_only_itself_and_a_sink_failure_is_retried():
     assert writer_alive and sink.failed
     assert len(sink.rows) == 20, len(sink.rows)          # 4 valid messages x 5 readings
     assert len(errors) == 1 and "ghost" in errors[0]["detail"]
+
+
+def test_the_brokers_drops_are_watched_and_the_counters_scraped(caplog):
+    """Mosquitto drops QoS 1 messages it acknowledged to a publisher once a session's
+    queue is full, and derms heard nothing of it (an independent sweep). The ingest reads
+    the broker's $SYS drop rate (a warning when it starts), and /metrics shows the MQTT
+    counters, the queue and that rate."""
+    import logging
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from derms.api.app import Metrics
+    from derms.ingest.mqtt import BROKER_DROPS
+
+    sink = KeyedSink()
+    ingest, client_id, root = _run_ingest(sink, max_delay_s=0.05)
+    metrics = Metrics()
+    metrics.watch_mqtt(ingest)
+    pub = _publisher()
+    _wait([pub.publish(root + "/telemetry/der", _rows(m), qos=1) for m in range(20)],
+          lambda: ingest.stats.messages == 20)
+    deadline = time.monotonic() + 15  # the broker reports every sys_interval (10 s)
+    while ingest.stats.broker_dropped_per_min is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = generate_latest(metrics.registry).decode()
+    ingest.stop()
+    pub.loop_stop()
+    pub.disconnect()
+    drop_session(client_id)
+    assert "derms_mqtt_messages_total 20.0" in text
+    assert "derms_mqtt_readings_inserted_total 100.0" in text
+    assert "derms_mqtt_queue_messages 0.0" in text
+    assert ingest.stats.broker_dropped_per_min is not None
+    assert "derms_mqtt_broker_dropped_per_minute" in text
+    # what the broker says is read in the network thread, never queued as telemetry
+    with caplog.at_level(logging.WARNING, logger="derms.ingest.mqtt"):
+        for payload in (b"0.00", b"not a number", b"37.5", b"40.1"):
+            ingest._on_message(None, None, SimpleNamespace(topic=BROKER_DROPS,
+                                                           payload=payload))
+    assert ingest.queued() == 0 and ingest.stats.broker_dropped_per_min == 40.1
+    warned = [r for r in caplog.records if "mqtt_broker_dropping" in r.getMessage()]
+    assert len(warned) == 1 and "37.5" in warned[0].getMessage()

@@ -67,6 +67,38 @@ class Metrics:
         self.inserted = Counter("derms_readings_inserted_total", "Readings newly stored",
                                 ["path"], registry=self.registry)
 
+    def watch_mqtt(self, ingest) -> None:
+        """Expose an MQTT ingest's counters (read at each scrape): messages acknowledged
+        and rejected, readings written and newly stored, messages received and not yet
+        handled, and the broker's own rate of dropped messages (Mosquitto ``$SYS``,
+        broker-wide: above 0, a session's queue is full somewhere)."""
+        self.registry.register(_MqttCollector(ingest))
+
+
+class _MqttCollector:
+    def __init__(self, ingest) -> None:
+        self.ingest = ingest
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.ingest.stats
+        for name, doc, value in (
+                ("derms_mqtt_messages",
+                 "MQTT telemetry messages acknowledged (after their commit, or refused)",
+                 st.messages),
+                ("derms_mqtt_messages_rejected",
+                 "MQTT telemetry messages refused (reported on the errors topic)", st.rejected),
+                ("derms_mqtt_readings", "Readings written from MQTT", st.readings),
+                ("derms_mqtt_readings_inserted", "Readings from MQTT newly stored", st.inserted)):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("derms_mqtt_queue_messages", "MQTT messages received and not "
+                                "yet handled", value=self.ingest.queued())
+        if st.broker_dropped_per_min is not None:
+            yield GaugeMetricFamily("derms_mqtt_broker_dropped_per_minute", "The broker's "
+                                    "1-minute rate of dropped messages (broker-wide)",
+                                    value=st.broker_dropped_per_min)
+
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the API for ``settings`` (database URL, limits)."""

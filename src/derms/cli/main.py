@@ -393,6 +393,7 @@ def serve(
                             topic_root=settings.mqtt_topic_root,
                             max_payload_bytes=settings.max_body_bytes)
         ingest.start()
+        api.state.metrics.watch_mqtt(ingest)
     loop = None
     if monitor_period_s > 0:
         from derms.monitoring.process import MonitorProcess

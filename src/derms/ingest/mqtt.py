@@ -62,13 +62,21 @@ Sink = Callable[[ReadingBatch], int]
 
 @dataclass
 class IngestStats:
-    """Counters of the subscriber (messages and readings)."""
+    """Counters of the subscriber (messages and readings) and what the broker says of
+    its drops: ``broker_dropped_per_min`` (Mosquitto's ``$SYS`` 1-minute load of
+    messages dropped, broker-wide; None until the broker reports one)."""
 
     messages: int = 0
     rejected: int = 0
     readings: int = 0
     inserted: int = 0
     batches: int = 0
+    broker_dropped_per_min: float | None = None
+
+
+BROKER_DROPS = "$SYS/broker/load/publish/dropped/1min"
+"""Mosquitto's moving average of messages it dropped per minute (any client: a queue full
+for an offline or slow session), published every ``sys_interval`` (10 s by default)."""
 
 
 def concat(batches: list[ReadingBatch]) -> ReadingBatch:
@@ -109,6 +117,30 @@ class MqttIngest(QueuedSubscriber):
         self.error_prefix = topic_root.rstrip("/") + "/errors/"
         self.subscription = self.telemetry_prefix + "#"
         self._parsed: queue.Queue = queue.Queue(maxsize=4)  # parsed batches awaiting a write
+
+    def _on_message(self, _client, _userdata, msg) -> None:
+        if msg.topic == BROKER_DROPS:  # the broker's own report: read here, never queued
+            self._broker_drops(msg.payload)
+        else:
+            self._queue.put(msg)
+
+    def _broker_drops(self, payload: bytes) -> None:
+        """Keep the broker's drop rate; warn when it starts dropping (it drops QoS 1
+        messages it acknowledged to a publisher once a session's queue is full: derms
+        behind, or offline longer than ``max_queued_messages`` covers)."""
+        try:
+            rate = float(payload)
+        except ValueError:
+            return
+        was, self.stats.broker_dropped_per_min = self.stats.broker_dropped_per_min, rate
+        if rate >= 1.0 and not (was or 0.0) >= 1.0:
+            log.warning("mqtt_broker_dropping per_min=%.1f queued_here=%d: the broker drops "
+                        "messages (broker-wide; a session queue is full: is derms behind, "
+                        "or max_queued_messages too small for an outage?)", rate,
+                        self._queue.qsize())
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        return [*super()._subscriptions(), (BROKER_DROPS, 0)]
 
     def _workers(self) -> list[threading.Thread]:
         return [threading.Thread(target=self._run_parser, name="mqtt-ingest-parser",
@@ -235,5 +267,5 @@ class MqttIngest(QueuedSubscriber):
                             json.dumps(report, ensure_ascii=True, default=str), qos=1)
 
 
-__all__ = ["ERROR_PREFIX", "TOPIC_PREFIX", "TOPIC_ROOT", "BatchError", "IngestStats",
+__all__ = ["BROKER_DROPS", "ERROR_PREFIX", "TOPIC_PREFIX", "TOPIC_ROOT", "BatchError", "IngestStats",
            "MqttIngest", "Sink"]

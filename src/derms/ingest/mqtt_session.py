@@ -51,11 +51,23 @@ class QueuedSubscriber:
         if max_inflight is not None:
             self.client.max_inflight_messages_set(max_inflight)
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda _c, _u, msg: self._queue.put(msg)
+        self.client.on_message = self._on_message
         self._threads: list[threading.Thread] = []
 
     def _workers(self) -> list[threading.Thread]:
         raise NotImplementedError
+
+    def _on_message(self, _client, _userdata, msg) -> None:
+        """The network thread: queue the message for the workers."""
+        self._queue.put(msg)
+
+    def queued(self) -> int:
+        """Messages received and not yet taken by a worker."""
+        return self._queue.qsize()
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        """(topic filter, QoS) subscribed on every connect."""
+        return [(self.subscription, 1)]
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Connect and subscribe, then start the workers; InputError if the broker is
@@ -93,5 +105,6 @@ class QueuedSubscriber:
             log.error("mqtt_connect_failed subscription=%s reason=%s", self.subscription,
                       reason_code)
             return
-        client.subscribe(self.subscription, qos=1)
+        for topic, qos in self._subscriptions():
+            client.subscribe(topic, qos=qos)
         self._connected.set()
