@@ -113,3 +113,18 @@ def test_a_value_beyond_the_float_range_after_its_unit_is_a_row_error():
 def test_the_count_is_of_rows_not_of_problems():
     with pytest.raises(BatchError, match=r"^2 invalid row\(s\) of 3 \(3 problems\)"):
         parse_json(json.dumps([GOOD, dict(GOOD, t="x", value="y"), dict(GOOD, unit="?")]))
+
+
+def test_a_cut_error_list_still_gives_each_document_its_own():
+    """The checker lists at most 1,000 rows per check: together, the first document's 900
+    bad values left room for only 100 of the second's 300."""
+    bad = dict(GOOD, value="x")
+    bodies = [json.dumps([bad] * 900), json.dumps([GOOD] * 5), json.dumps([bad] * 300)]
+    got = validate_documents([json_document(b) for b in bodies], source="der")
+    for body, g in zip(bodies, got, strict=True):
+        try:
+            alone = parse_json(body, source="der")
+        except InputError as exc:
+            alone = exc
+        _same(g, alone)
+    assert len(got[2].errors) == 300

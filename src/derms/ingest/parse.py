@@ -93,9 +93,10 @@ class BatchError(InputError):
 @dataclass
 class _Checker:
     errors: list[RowError] = field(default_factory=list)
+    CAP = 1000  # rows listed per check
 
     def flag(self, mask: np.ndarray, name: str, detail_of) -> None:
-        for r in np.flatnonzero(mask)[:1000]:
+        for r in np.flatnonzero(mask)[:self.CAP]:
             self.errors.append(RowError(int(r), name, detail_of(int(r))))
 
 
@@ -225,12 +226,16 @@ def _validate_group(docs, idx: list[int], out: list, source: str,
         rows = np.array([e.row for e in exc.errors])
         owner = np.searchsorted(start, rows, side="right") - 1
         bad = set(owner.tolist())
-        for k in sorted(bad):
-            mine = [RowError(e.row - int(start[k]), e.field, e.detail)
-                    for e, o in zip(exc.errors, owner) if o == k]
-            out[idx[k]] = BatchError(mine, int(n[k]))
+        if len(exc.errors) >= _Checker.CAP:  # a check's list was cut: what each of these
+            for k in sorted(bad):  # documents alone says, all of it
+                _validate_group(docs, [idx[k]], out, source, known_series)
+        else:
+            for k in sorted(bad):
+                mine = [RowError(e.row - int(start[k]), e.field, e.detail)
+                        for e, o in zip(exc.errors, owner) if o == k]
+                out[idx[k]] = BatchError(mine, int(n[k]))
         rest = [i for k, i in enumerate(idx) if k not in bad]
-        if rest:  # (the checker lists at most 1,000 rows per check: the rest again)
+        if rest:  # (a cut list may have missed some: the others again, together)
             _validate_group(docs, rest, out, source, known_series)
         return
     except InputError:  # a frame-level refusal: each document alone says its own
