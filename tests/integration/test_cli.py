@@ -102,11 +102,16 @@ def test_the_feeder_hash_leaves_output_folders_inside_it_out(tmp_path):
         man = json.loads((args[1] / "manifest.json").read_text())
         hashes.append((man["feeder"]["folder_sha256"], man["feeder"]["n_files"]))
     assert hashes == [(h.hexdigest(), len(own))] * 3
-    # a file that is not a run's output still counts
+    # a file that is not a run's output still counts, and so does a folder whose
+    # manifest.json is not one derms wrote (a vendor's load shapes: a review found them
+    # left out)
     (feeder / "runs" / "notes.txt").write_text("x")
+    (feeder / "shapes").mkdir()
+    (feeder / "shapes" / "manifest.json").write_text('{"vendor": "x"}')
+    (feeder / "shapes" / "day.csv").write_text("1.0\n")
     assert derms("powerflow", master, "--out", feeder / "c").returncode == 0
     man = json.loads((feeder / "c" / "manifest.json").read_text())
-    assert man["feeder"]["n_files"] == len(own) + 1
+    assert man["feeder"]["n_files"] == len(own) + 3
 
 
 def test_an_out_holding_the_feeder_is_refused_before_the_work(tmp_path):

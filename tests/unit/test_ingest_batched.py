@@ -128,3 +128,17 @@ def test_a_cut_error_list_still_gives_each_document_its_own():
             alone = exc
         _same(g, alone)
     assert len(got[2].errors) == 300
+
+
+def test_texts_pandas_would_not_mix_cost_only_their_own_message():
+    """A naive time beside one whose offset the zone pattern misses raised pandas'
+    "Mixed timezones" (a ValueError): validated together, every message of the source
+    was refused with it (a review), and alone such a body was a 500 on the REST API."""
+    odd = [dict(GOOD, t="2026-07-01T00:00:00"), dict(GOOD, t="2026-07-01T00:00:00 +05:00")]
+    bodies = [json.dumps([GOOD])] * 4 + [json.dumps([r]) for r in odd] + [json.dumps(odd)]
+    got = validate_documents([json_document(b) for b in bodies], source="der")
+    assert all(not isinstance(g, InputError) for g in got[:4])
+    for g in got[4:]:
+        assert isinstance(g, BatchError) and g.errors[0].field == "t", g
+    with pytest.raises(BatchError):
+        parse_json(bodies[-1])

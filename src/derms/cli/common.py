@@ -205,12 +205,13 @@ def stage_progress():
 def feeder_files(master: Path, out: Path) -> list[Path]:
     """The files of the feeder's folder that its manifest hash covers, in sorted order:
     every file under the master's folder except output folders of derms runs (``out``
-    itself, and any folder holding a ``manifest.json``), so writing ``--out`` inside the
-    feeder's folder, or running twice, leaves the feeder's hash unchanged."""
+    itself, and any folder holding a ``manifest.json`` that derms wrote), so writing
+    ``--out`` inside the feeder's folder, or running twice, leaves the feeder's hash
+    unchanged."""
     root = master.parent
     out = out.resolve()
-    skip = {d for d in {m.parent for m in root.rglob("manifest.json") if m.is_file()} | {out}
-            if root in d.parents}
+    skip = {d for d in {m.parent for m in root.rglob("manifest.json") if _derms_manifest(m)}
+            | {out} if root in d.parents}
     files = []
     for p in root.rglob("*"):
         if not p.is_file():
@@ -219,6 +220,17 @@ def feeder_files(master: Path, out: Path) -> list[Path]:
             continue
         files.append(p)
     return sorted(files)
+
+
+def _derms_manifest(path: Path) -> bool:
+    """Whether ``path`` is a manifest.json derms wrote (not a vendor file of that name)."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"derms_version", "files"} <= doc.keys()
 
 
 def write_manifest(folder: Path, *, feeder: Path | None = None, seed: int | None = None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ import pandas as pd
 from derms.errors import InputError
 from derms.ingest.quality import Quality, out_of_range
 from derms.ingest.units import QUANTITIES, canonical
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 1_000_000
 KnownSeries = Collection[str] | Callable[[np.ndarray], np.ndarray] | None
@@ -218,6 +221,9 @@ def _validate_group(docs, idx: list[int], out: list, source: str,
                 out[i] = validate(_frame([docs[i]]), source=source, known_series=known_series)
             except InputError as exc:
                 out[i] = exc
+            except Exception as exc:  # a defect of the checks: this document alone pays
+                log.exception("validate_failed rows=%d", docs[i].n_rows)
+                out[i] = InputError(f"payload not accepted: {exc!r}"[:500])
         return
     start = np.r_[0, np.cumsum(n)]
     try:
@@ -225,20 +231,25 @@ def _validate_group(docs, idx: list[int], out: list, source: str,
     except BatchError as exc:
         rows = np.array([e.row for e in exc.errors])
         owner = np.searchsorted(start, rows, side="right") - 1
+        if len(exc.errors) >= _Checker.CAP:  # a check's list may have been cut: each
+            for i in idx:  # document alone (a batch this bad is validated the slow way)
+                _validate_group(docs, [i], out, source, known_series)
+            return
         bad = set(owner.tolist())
-        if len(exc.errors) >= _Checker.CAP:  # a check's list was cut: what each of these
-            for k in sorted(bad):  # documents alone says, all of it
-                _validate_group(docs, [idx[k]], out, source, known_series)
-        else:
-            for k in sorted(bad):
-                mine = [RowError(e.row - int(start[k]), e.field, e.detail)
-                        for e, o in zip(exc.errors, owner) if o == k]
-                out[idx[k]] = BatchError(mine, int(n[k]))
+        for k in sorted(bad):
+            mine = [RowError(e.row - int(start[k]), e.field, e.detail)
+                    for e, o in zip(exc.errors, owner) if o == k]
+            out[idx[k]] = BatchError(mine, int(n[k]))
         rest = [i for k, i in enumerate(idx) if k not in bad]
-        if rest:  # (a cut list may have missed some: the others again, together)
+        if rest:
             _validate_group(docs, rest, out, source, known_series)
         return
     except InputError:  # a frame-level refusal: each document alone says its own
+        for i in idx:
+            _validate_group(docs, [i], out, source, known_series)
+        return
+    except Exception:  # a defect of the checks: each document alone, and only the ones
+        log.exception("validate_failed documents=%d; one by one", len(idx))  # it hits pay
         for i in idx:
             _validate_group(docs, [i], out, source, known_series)
         return
@@ -364,7 +375,9 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
     t_str = pd.Series(_text(frame["t"]), index=frame.index, dtype=object)
     no_zone = ~t_str.str.contains(_ZONE, regex=True).to_numpy()
     # a text without a zone that is no timestamp either is "not ISO 8601" (it said "no zone")
-    naive_ok = pd.to_datetime(t_str.where(no_zone, None), errors="coerce",
+    # utc=True: a text the zone pattern misses may still carry an offset ("…00 +05:00"),
+    # and pandas refuses naive and aware texts in one column ("Mixed timezones": a 500)
+    naive_ok = pd.to_datetime(t_str.where(no_zone, None), errors="coerce", utc=True,
                               format="ISO8601").notna().to_numpy()
     chk.flag(no_zone & naive_ok, "t",
              lambda r: f"timestamp {t_str.iloc[r]!r} has no zone (use Z or ±hh:mm)")
