@@ -8,8 +8,9 @@ the origin). The point forecast is one least-squares booster's conditional mean
 energy on the sum of the load above its target, which the mean estimates, and the
 median's ratio swung by up to ±0.15 with LightGBM's seed alone (IEEE 123, seeds 0-9,
 three LightGBM seeds: mean ratio 0.764 -> 0.792, runs at or above 0.8 7 -> 13 of 30;
-IEEE 37 0.679 -> 0.755; bench/README.md, session 24). The backtests keep the median
-(the mean made their MAE 1.7-3.7 % worse). The non-DER head import is the forecast customer load times the ratio of
+IEEE 37 0.679 -> 0.755; EPRI ckt5 0.887 -> 0.889; but EPRI ckt7 0.800 -> 0.742 on two
+LightGBM seeds: bench/README.md, session 24). The backtests keep the median (the mean
+made their MAE 1.7-3.7 % worse). The non-DER head import is the forecast customer load times the ratio of
 head import to customer load measured in the last interval before the origin (losses). The intraday error feedback (:class:`~derms.forecast.feedback.ErrorFeedback`,
 fitted on the history per position of the origin in the day) then carries the error the
 model made over the last ``feedback_steps`` intervals before the origin (forecast from
