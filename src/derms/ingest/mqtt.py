@@ -64,7 +64,8 @@ Sink = Callable[[ReadingBatch], int]
 class IngestStats:
     """Counters of the subscriber (messages and readings) and what the broker says of
     its drops: ``broker_dropped_per_min`` (Mosquitto's ``$SYS`` 1-minute load of
-    messages dropped, broker-wide; None until the broker reports one)."""
+    messages dropped, broker-wide; None until the broker reports one: it publishes the
+    rate when it changes, that is after a drop, not while it stays 0)."""
 
     messages: int = 0
     rejected: int = 0
