@@ -316,8 +316,9 @@ def run_dispatch_study(master: str | Path, scenario_config: ScenarioConfig,
                 f"the rolling run's executed schedule breaks the export limit in "
                 f"{rolling_info['export_limit_missed_intervals']} interval(s) of its AC "
                 f"simulation (by up to {rolling_info['export_limit_missed_kw_max']:.1f} kW): "
-                "PV above its forecast that the batteries and the curtailment in execution "
-                "could not absorb")
+                "the execution holds the limit on an estimate of the import that the AC "
+                "losses move by a few kW (corrected from the interval after), or the DERs "
+                "could not absorb the PV above its forecast")
         if rolling_info["violations_executed"]:
             summary["plan_notes"].append(
                 f"the rolling run's executed schedule has {rolling_info['violations_executed']} "
