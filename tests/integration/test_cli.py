@@ -114,6 +114,18 @@ def test_the_feeder_hash_leaves_output_folders_inside_it_out(tmp_path):
     assert man["feeder"]["n_files"] == len(own) + 3
 
 
+def test_force_needs_a_manifest_derms_wrote(tmp_path):
+    """--force replaced any non-empty folder holding a file named manifest.json (a
+    vendor's too); the same check now decides it as the feeder hash's skip rule."""
+    out = tmp_path / "someone"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"vendor": "x"}')
+    (out / "data.csv").write_text("1\n")
+    assert_clean_error(derms("powerflow", "ieee13", "--out", out, "--force"),
+                       "not a derms output folder")
+    assert (out / "data.csv").exists()
+
+
 def test_an_out_holding_the_feeder_is_refused_before_the_work(tmp_path):
     """The refusal came from the output step, after the run: a feeder folder that looks
     like an output (a manifest.json in it) with a master that cannot compile gave the

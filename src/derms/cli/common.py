@@ -85,7 +85,8 @@ def refuse_non_empty(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> 
     someone pointed ``--out`` at by mistake), the current folder or one above it, and a
     folder holding one of the ``protect`` paths (the feeder's master file, the input
     files). An existing non-empty folder needs ``force``, and is replaced only when it
-    is a derms output folder (it holds ``manifest.json``, which every command writes):
+    is a derms output folder (:func:`is_output_folder`: the ``manifest.json`` every command
+    writes):
     ``--out . --force`` deleted everything in the current folder, and ``--out`` set to
     the feeder's or the input series' folder deleted the model or the series."""
     out = Path(out)
@@ -105,10 +106,10 @@ def refuse_non_empty(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> 
         if not force:
             raise InputError(f"--out {out}: exists and is not empty (use --force to replace "
                              "it)")
-        if not (out / "manifest.json").is_file():
-            raise InputError(f"--out {out}: is not empty and holds no manifest.json, so it "
-                             "is not a derms output folder; --force replaces only those "
-                             "(empty it or give another folder)")
+        if not is_output_folder(out):
+            raise InputError(f"--out {out}: is not empty and holds no manifest.json derms "
+                             "wrote, so it is not a derms output folder; --force replaces "
+                             "only those (empty it or give another folder)")
 
 
 def refuse_early(out: Path, force: bool, master: str | Path | None = None,
@@ -204,30 +205,24 @@ def stage_progress():
 
 def feeder_files(master: Path, out: Path) -> list[Path]:
     """The files of the feeder's folder that its manifest hash covers, in sorted order:
-    every file under the master's folder except output folders of derms runs (``out``
-    itself, and any folder holding a ``manifest.json`` that derms wrote), so writing
-    ``--out`` inside the feeder's folder, or running twice, leaves the feeder's hash
-    unchanged."""
+    every file under the master's folder except derms output folders inside it (``out``
+    itself, and any :func:`is_output_folder`), so writing ``--out`` inside the feeder's
+    folder, or running twice, leaves the feeder's hash unchanged."""
     root = master.parent
-    out = out.resolve()
-    skip = {d for d in {m.parent for m in root.rglob("manifest.json") if _derms_manifest(m)}
-            | {out} if root in d.parents}
-    files = []
-    for p in root.rglob("*"):
-        if not p.is_file():
-            continue
-        if any(s == p or s in p.parents for s in skip):
-            continue
-        files.append(p)
-    return sorted(files)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    skip = {p.parent for p in files if p.name == "manifest.json"
+            and root in p.parent.parents and is_output_folder(p.parent)}
+    skip.add(out.resolve())
+    return sorted(p for p in files if not any(s in p.parents for s in skip))
 
 
-def _derms_manifest(path: Path) -> bool:
-    """Whether ``path`` is a manifest.json derms wrote (not a vendor file of that name)."""
+def is_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``manifest.json`` derms wrote (:func:`write_manifest`),
+    not merely a file of that name (a vendor's)."""
     import json
 
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and {"derms_version", "files"} <= doc.keys()

@@ -600,8 +600,7 @@ def _hold_export(short_kw: float, ch: np.ndarray, dis: np.ndarray, pv: np.ndarra
     if give > 0:
         dis = dis - dis * (give / dis.sum())
         short_kw -= give
-    room = np.maximum(np.minimum(a.bat_p_max_kw, np.maximum(a.bat_e_max_kwh - e_kwh, 0.0)
-                                 / (a.bat_eta_ch * dt)) - ch, 0.0)
+    room = np.maximum(_charge_max(a, e_kwh, dt) - ch, 0.0)
     if short_kw > 0 and room.sum() > 0:
         add = room * min(1.0, short_kw / room.sum())
         ch, short_kw = ch + add, short_kw - add.sum()
@@ -620,6 +619,13 @@ def _hold_export(short_kw: float, ch: np.ndarray, dis: np.ndarray, pv: np.ndarra
     return ch, dis, pv * (1.0 - cut / pv.sum())
 
 
+def _charge_max(a, e_kwh: np.ndarray, dt: float) -> np.ndarray:
+    """Most each battery can charge in one interval [kW]: its power, and the energy room
+    above ``e_kwh`` through its charging efficiency."""
+    return np.minimum(a.bat_p_max_kw, np.maximum(a.bat_e_max_kwh - e_kwh, 0.0)
+                      / (a.bat_eta_ch * dt))
+
+
 def _ranges(a, e_kwh: np.ndarray, ev_kw: np.ndarray, plugged: np.ndarray,
             need_kwh: np.ndarray, steps_left: np.ndarray, dt: float, battery: bool
             ) -> DerRanges:
@@ -628,8 +634,7 @@ def _ranges(a, e_kwh: np.ndarray, ev_kw: np.ndarray, plugged: np.ndarray,
     by what its session can make up at full rate in ``steps_left`` intervals (those from
     the next re-plan on: within a block the executed charging never exceeds the plan's),
     up to its rate or what it still needs."""
-    bat_max = np.minimum(a.bat_p_max_kw, np.maximum(a.bat_e_max_kwh - e_kwh, 0.0)
-                         / (a.bat_eta_ch * dt))
+    bat_max = _charge_max(a, e_kwh, dt)
     bat_min = -np.minimum(a.bat_p_max_kw, np.maximum(e_kwh - a.bat_e_min_kwh, 0.0)
                           * a.bat_eta_dis / dt)
     eta = a.ev_eta
