@@ -9,13 +9,16 @@ readings' source. A rejected payload is reported on ``derms/v1/errors/<source>``
 ``{"mid": …, "detail": …, "errors": [{"row", "field", "detail"}]}``) and acknowledged, so
 it is not redelivered forever.
 
-Delivery: the client uses a persistent MQTT 5 session (``clean_start=False``, fixed client
-id, a large Receive Maximum: :mod:`derms.ingest.mqtt_session`) and ``manual_ack``: the
-network thread only queues messages; a parser thread validates them
-in batches while a writer thread writes the previous batch through the sink in one
-transaction and only then acknowledges every message of it. A crash before the commit leaves the messages
-unacknowledged, and the broker redelivers them; the sink must be idempotent (the store
-drops duplicates on its natural key), so redelivery never duplicates a reading.
+Delivery: a persistent MQTT 5 session (``clean_start=False``, fixed client id, a
+Receive Maximum of ``RECEIVE_MAXIMUM``) through the lean client of
+:mod:`derms.ingest.mqtt_wire`, which acknowledges nothing by itself: the reader thread
+only queues the messages of each chunk it reads; a parser thread validates them in
+batches while a writer thread writes the previous batch through the sink in one
+transaction and only then acknowledges every message of it. A crash before the commit
+leaves the messages unacknowledged, and the broker redelivers them; the sink must be
+idempotent (the store drops duplicates on its natural key), so redelivery never
+duplicates a reading. The reader stops reading (TCP holds the broker back) while more
+than ``max_held_bytes`` of payload are received and not yet acknowledged.
 
 A message is rejected (reported on the errors topic, then acknowledged) for anything
 wrong with it -- its payload, or a ``<source>`` that is not 1-32 characters of
@@ -39,7 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from derms.errors import InputError
-from derms.ingest.mqtt_session import QueuedSubscriber
+from derms.ingest.mqtt_session import SESSION_EXPIRY_S
+from derms.ingest.mqtt_wire import Message, WireSession
 from derms.ingest.parse import (
     BatchError,
     KnownSeries,
@@ -55,6 +59,12 @@ TOPIC_ROOT = "derms/v1"
 TOPIC_PREFIX = TOPIC_ROOT + "/telemetry/"
 ERROR_PREFIX = TOPIC_ROOT + "/errors/"
 _SOURCE = re.compile(SOURCE_PATTERN)
+
+RECEIVE_MAXIMUM = 10_000
+"""Unacknowledged QoS 1 messages the broker may send the ingest (MQTT 5 Receive Maximum).
+A message is acknowledged after its batch's commit, ≈ 0.3-0.5 s after it arrived, so this
+bounds the rate to ≈ 20,000-30,000 messages per second; 2,000 held it to ≈ 5,000, and
+the broker queued the rest (its ``max_queued_messages``) and then dropped it."""
 
 Sink = Callable[[ReadingBatch], int]
 """Writes a batch durably (commits) and returns how many readings were new."""
@@ -92,7 +102,7 @@ def concat(batches: list[ReadingBatch]) -> ReadingBatch:
     )
 
 
-class MqttIngest(QueuedSubscriber):
+class MqttIngest:
     """Subscribe to ``derms/v1/telemetry/#`` and write readings through ``sink``.
 
     ``known_series`` (a set, or a function giving a mask of known ids; None accepts any id)
@@ -100,30 +110,71 @@ class MqttIngest(QueuedSubscriber):
     ``max_batch`` readings or ``max_delay_s`` seconds, whichever first, close a write batch.
     ``topic_root`` replaces ``derms/v1`` (e.g. one root per site or per test run).
     ``max_payload_bytes``: a larger message is refused (reported on the errors topic),
-    like a request body above the API's limit.
+    like a request body above the API's limit. ``max_held_bytes``: payload received and
+    not yet acknowledged beyond which the socket is not read.
     """
 
     def __init__(self, sink: Sink, *, host: str = "127.0.0.1", port: int = 1883,
                  client_id: str = "derms-ingest", known_series: KnownSeries = None,
                  max_batch: int = 50_000, max_delay_s: float = 0.2,
-                 topic_root: str = TOPIC_ROOT, max_payload_bytes: int = 32 * 1024 * 1024
-                 ) -> None:
-        super().__init__(host, port, client_id, max_inflight=1000)
+                 topic_root: str = TOPIC_ROOT, max_payload_bytes: int = 32 * 1024 * 1024,
+                 max_held_bytes: int = 256 * 1024 * 1024) -> None:
+        self.host, self.port, self.client_id = host, port, client_id
         self.sink, self.known_series = sink, known_series
         self.max_payload_bytes = max_payload_bytes  # larger messages are refused
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self.max_batch_bytes = 16 * 1024 * 1024  # payload bytes that close a write batch
+        self.max_held_bytes = max_held_bytes
         self.stats = IngestStats()
         self.telemetry_prefix = topic_root.rstrip("/") + "/telemetry/"
         self.error_prefix = topic_root.rstrip("/") + "/errors/"
         self.subscription = self.telemetry_prefix + "#"
+        self._queue: queue.Queue = queue.Queue()  # lists of messages (one per chunk read)
         self._parsed: queue.Queue = queue.Queue(maxsize=4)  # parsed batches awaiting a write
+        self._lock = threading.Lock()
+        self._queued = 0       # messages received, not yet taken by the parser
+        self._held_bytes = 0   # payload bytes received, not yet acknowledged
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.session = WireSession(
+            host, port, client_id, subscriptions=self._subscriptions(),
+            on_messages=self._on_messages, receive_maximum=RECEIVE_MAXIMUM,
+            session_expiry_s=SESSION_EXPIRY_S,
+            pause=lambda: self._held_bytes > self.max_held_bytes)
 
-    def _on_message(self, _client, _userdata, msg) -> None:
-        if msg.topic == BROKER_DROPS:  # the broker's own report: read here, never queued
-            self._broker_drops(msg.payload)
-        else:
-            self._queue.put(msg)
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Connect and subscribe, then start the parser and writer; InputError if the
+        broker is unreachable or does not accept the session within ``timeout_s``."""
+        self.session.start(timeout_s)
+        self._threads = self._workers()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Let the workers finish what is queued (and acknowledge it), disconnect."""
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
+        self.session.stop()
+
+    def queued(self) -> int:
+        """Messages received and not yet taken by the parser."""
+        return self._queued
+
+    def _on_messages(self, msgs: list[Message]) -> None:
+        """The reader thread: queue a chunk's messages (the broker's own drop report is
+        read here, never queued)."""
+        mine = [m for m in msgs if m.topic != BROKER_DROPS]
+        for m in msgs:
+            if m.topic == BROKER_DROPS:
+                self._broker_drops(m.payload)
+        if mine:
+            size = sum(len(m.payload) for m in mine)
+            with self._lock:
+                self._queued += len(mine)
+                self._held_bytes += size
+            self._queue.put(mine)
 
     def _broker_drops(self, payload: bytes) -> None:
         """Keep the broker's drop rate; warn when it starts dropping (it drops QoS 1
@@ -138,10 +189,11 @@ class MqttIngest(QueuedSubscriber):
             log.warning("mqtt_broker_dropping per_min=%.1f queued_here=%d: the broker drops "
                         "messages (broker-wide; a session queue is full: is derms behind, "
                         "or max_queued_messages too small for an outage?)", rate,
-                        self._queue.qsize())
+                        self._queued)
 
     def _subscriptions(self) -> list[tuple[str, int]]:
-        return [*super()._subscriptions(), (BROKER_DROPS, 0)]
+        """(topic filter, QoS) subscribed on every connect."""
+        return [(self.subscription, 1), (BROKER_DROPS, 0)]
 
     def _workers(self) -> list[threading.Thread]:
         return [threading.Thread(target=self._run_parser, name="mqtt-ingest-parser",
@@ -190,20 +242,26 @@ class MqttIngest(QueuedSubscriber):
                     self._reject(msg, source, exc)
         return {}
 
-    def _take_batch(self) -> list:
-        msgs, n, size = [], 0, 0
+    def _take_batch(self) -> list[Message]:
+        """The messages of the next batch: ``max_batch`` readings (about), a quarter of
+        the receive window, ``max_batch_bytes`` or ``max_delay_s``, whichever first."""
+        msgs: list[Message] = []
+        n = size = 0
         deadline = time.monotonic() + self.max_delay_s
-        while n < self.max_batch:
+        while n < self.max_batch and len(msgs) < RECEIVE_MAXIMUM // 4:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 break
             try:
-                msg = self._queue.get(timeout=timeout)
+                chunk = self._queue.get(timeout=timeout)
             except queue.Empty:
                 break
-            msgs.append(msg)
-            size += len(msg.payload)
-            n += 1 + msg.payload.count(b"},") + msg.payload.count(b"}, ")  # ~ readings
+            with self._lock:
+                self._queued -= len(chunk)
+            msgs.extend(chunk)
+            for msg in chunk:
+                size += len(msg.payload)
+                n += 1 + msg.payload.count(b"},") + msg.payload.count(b"}, ")  # ~ readings
             if size >= self.max_batch_bytes:
                 break
         return msgs
@@ -252,8 +310,10 @@ class MqttIngest(QueuedSubscriber):
             self.stats.readings += len(batch)
         self.stats.batches += 1
         self.stats.messages += len(msgs)
-        for msg in msgs:
-            self.client.ack(msg.mid, msg.qos)
+        self.session.ack(msgs)
+        size = sum(len(m.payload) for m in msgs)
+        with self._lock:
+            self._held_bytes -= size
 
     def _reject(self, msg, source: str, exc: InputError) -> None:
         self.stats.rejected += 1
@@ -264,8 +324,8 @@ class MqttIngest(QueuedSubscriber):
         log.warning("mqtt_rejected topic=%s detail=%s", msg.topic, exc)
         # the errors topic carries a valid source only (a topic level may hold anything)
         where = source if _SOURCE.match(source) else "invalid-source"
-        self.client.publish(self.error_prefix + where,
-                            json.dumps(report, ensure_ascii=True, default=str), qos=1)
+        self.session.publish(self.error_prefix + where,
+                             json.dumps(report, ensure_ascii=True, default=str), qos=1)
 
 
 __all__ = ["BROKER_DROPS", "ERROR_PREFIX", "TOPIC_PREFIX", "TOPIC_ROOT", "BatchError", "IngestStats",

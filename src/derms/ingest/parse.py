@@ -50,6 +50,7 @@ _REQUIRED = ("series", "quantity", "t", "value")
 _T_MIN_US = -62135596800 * 10**6  # 0001-01-01T00:00:00Z
 _T_MAX_US = 253402300799999999  # 9999-12-31T23:59:59.999999Z
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_KEY_END = re.compile(rb'"[ \t\r\n]*:')  # ends every key (and maybe text in a string)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,7 @@ def _no_repeats(pairs: list[tuple[str, object]]) -> dict:
 def json_document(body: bytes | str) -> JsonDocument:
     """Decode a JSON batch (rows, columns or one reading object) without validating the
     readings; raises :class:`BatchError` / InputError for what is not such a batch."""
+    raw = body if isinstance(body, bytes | bytearray) else body.encode("utf-8", "replace")
     if isinstance(body, bytes | bytearray):  # strictly: json.loads(bytes) lets UTF-8
         # encoded surrogates (b"\xed\xa0\x80") through as lone surrogates
         try:
@@ -136,14 +138,16 @@ def json_document(body: bytes | str) -> JsonDocument:
         except UnicodeDecodeError as exc:
             raise InputError(f"body is not valid JSON text: {exc}") from None
     try:
-        doc = json.loads(body, object_pairs_hook=_no_repeats)
+        doc = json.loads(body)
+        if _key_ends(raw) != _n_keys(doc):  # maybe a field named twice:
+            doc = json.loads(body, object_pairs_hook=_no_repeats)  # the exact check
     except (ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InputError("body is not acceptable JSON: nested too deeply") from None
-    if _SURROGATE.search(body.encode("utf-8", "replace")):
+    if "\\u" in body and _SURROGATE.search(body.encode("utf-8", "replace")):
         try:  # an escaped UTF-16 surrogate that is not half of a pair is no character
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -159,13 +163,56 @@ def json_document(body: bytes | str) -> JsonDocument:
             raise InputError("column-form JSON needs lists of equal length for every field")
         return JsonDocument(None, doc, lengths.pop(), tuple(doc))
     if isinstance(doc, list):
-        if doc and not all(isinstance(r, dict) for r in doc):
-            bad = next(i for i, r in enumerate(doc) if not isinstance(r, dict))
-            raise BatchError([RowError(bad, "*", "row is not a JSON object")], len(doc))
+        if doc and not all(isinstance(r, dict) for r in doc):  # every such row, not the first
+            raise BatchError([RowError(i, "*", "row is not a JSON object")
+                              for i, r in enumerate(doc) if not isinstance(r, dict)], len(doc))
         keys = dict.fromkeys(k for r in doc for k in r) if len(doc) > 1 else (
             doc[0] if doc else {})
         return JsonDocument(doc, None, len(doc), tuple(keys))
     raise InputError("JSON body must be a list of readings or an object of columns")
+
+
+class _JsonText:
+    """A JSON string where a number belongs (``"value": "0.3"``): not a number, shown as
+    given."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+def _json_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """JSON text in the value column is no number (README: a number field takes a JSON
+    number, not "0.3"); CSV values are text by nature and are parsed as before."""
+    col = frame["value"] if "value" in frame.columns else None
+    if col is not None and col.dtype == object and any(isinstance(v, str) for v in col):
+        frame["value"] = pd.Series([_JsonText(v) if isinstance(v, str) else v for v in col],
+                                   index=col.index, dtype=object)  # (None stays None)
+    return frame
+
+
+def _key_ends(raw: bytes) -> int:
+    """Matches of ``_KEY_END`` in ``raw`` (counted without the regex where no quote is
+    followed by white space)."""
+    if any(ws in raw for ws in (b'" ', b'"\t', b'"\r', b'"\n')):
+        return len(_KEY_END.findall(raw))
+    return raw.count(b'":')
+
+
+def _n_keys(doc) -> int:
+    """Keys of the objects of a decoded batch's usual shapes (an object, a list of flat
+    objects, an object of columns, ``{"readings": …}``), nested ones not counted. Every
+    key of the text ends in a match of ``_KEY_END`` (so does text in a string that looks
+    like it): as many matches as keys counted here means no object names a field twice
+    (fewer keys here than matches only sends the document to the exact check)."""
+    if isinstance(doc, dict):
+        inner = doc.get("readings")
+        return len(doc) + (_n_keys(inner) if isinstance(inner, list) else 0)
+    if isinstance(doc, list):
+        return sum(len(r) for r in doc if isinstance(r, dict))
+    return 0
 
 
 def _frame(docs: list[JsonDocument]) -> pd.DataFrame:
@@ -191,7 +238,7 @@ def parse_json(body: bytes | str, *, source: str = "api",
                known_series: KnownSeries = None) -> ReadingBatch:
     """Parse a JSON batch (rows, columns or one reading object); raises
     :class:`BatchError` / InputError."""
-    return validate(_frame([json_document(body)]), source=source,
+    return validate(_json_numbers(_frame([json_document(body)])), source=source,
                     known_series=known_series)
 
 
@@ -218,7 +265,8 @@ def _validate_group(docs, idx: list[int], out: list, source: str,
     if len(idx) == 1 or n.sum() > MAX_ROWS:
         for i in idx:
             try:
-                out[i] = validate(_frame([docs[i]]), source=source, known_series=known_series)
+                out[i] = validate(_json_numbers(_frame([docs[i]])), source=source,
+                                  known_series=known_series)
             except InputError as exc:
                 out[i] = exc
             except Exception as exc:  # a defect of the checks: this document alone pays
@@ -227,7 +275,8 @@ def _validate_group(docs, idx: list[int], out: list, source: str,
         return
     start = np.r_[0, np.cumsum(n)]
     try:
-        batch = validate(_frame(group), source=source, known_series=known_series)
+        batch = validate(_json_numbers(_frame(group)), source=source,
+                         known_series=known_series)
     except BatchError as exc:
         rows = np.array([e.row for e in exc.errors])
         owner = np.searchsorted(start, rows, side="right") - 1
@@ -262,6 +311,8 @@ def _validate_group(docs, idx: list[int], out: list, source: str,
 
 def _json_encoding(body: bytes) -> str:
     """The encoding of JSON bytes without a BOM (RFC 8259 / json.detect_encoding)."""
+    if len(body) > 1 and body[0] in b"[{ \t\r\n" and body[1]:  # no BOM, no zero byte
+        return "utf-8"
     return json.detect_encoding(body)
 
 
