@@ -13,12 +13,18 @@ names the field.
 from __future__ import annotations
 
 import collections.abc
+import re
 import reprlib
 import types
 import typing
+from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import AwareDatetime, BaseModel, NaiveDatetime, model_validator
+
+_DATETIMES = (datetime, AwareDatetime, NaiveDatetime)
+_NUMERIC = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence)
 
@@ -51,6 +57,8 @@ def fits(value: Any, annotation: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
+    if annotation in _DATETIMES:  # ISO 8601 text only: 0 or "0.3" was taken as Unix time
+        return isinstance(value, str) and not _NUMERIC.match(value)
     return True  # datetimes, enums, models, Any: pydantic's own validation
 
 
@@ -69,6 +77,8 @@ def _scalars(annotation: Any) -> tuple[set[type], Any]:
         return kinds, elem
     if origin in _SEQUENCES:
         return set(), (args[0] if args else Any)
+    if annotation in _DATETIMES:
+        return {datetime}, None
     return ({annotation} if annotation in (bool, int, float, str) else set()), None
 
 
@@ -81,6 +91,10 @@ def lax(value: Any, annotation: Any) -> bool:
     kinds, elem = _scalars(annotation)
     if isinstance(value, list) and elem is not None:
         return any(lax(v, elem) for v in value)
+    if datetime in kinds and not kinds & {int, float, str} and (
+            (isinstance(value, int | float) and not isinstance(value, bool))
+            or (isinstance(value, str) and _NUMERIC.match(value))):
+        return True  # a datetime given as a number of seconds
     if isinstance(value, bool):
         return bool(kinds & {int, float})
     if isinstance(value, str):
@@ -101,12 +115,24 @@ class StrictScalars(BaseModel):
     def _strict_scalars(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        if _has_surrogate(data):  # unencodable: echoed back it was a 500 after the write
+            raise ValueError("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)")
         bad = [f"{key}: {reprlib.repr(data[key])} is not {_shown(field.annotation)}"
                for name, field in cls.model_fields.items()
                if (key := field.alias or name) in data and lax(data[key], field.annotation)]
         if bad:
             raise ValueError("; ".join(bad))
         return data
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_surrogate(v) for v in value)
+    return False
 
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text",

@@ -23,9 +23,10 @@ Text200 = Annotated[str, StringConstraints(max_length=200, pattern=_NO_NUL)]
 Text500 = Annotated[str, StringConstraints(max_length=500, pattern=_NO_NUL)]
 
 
-def _opendss_name(value: str) -> str:
-    """An OpenDSS element name as OpenDSS reports it: stripped, lower case."""
-    return value.strip().lower()
+def _opendss_name(value: str) -> str | None:
+    """An OpenDSS element name as OpenDSS reports it: stripped, lower case; blank -> None
+    (a blank bus was stored as "" and never checked against the feeder's model)."""
+    return value.strip().lower() or None
 
 
 # a bus ("671", "671.1.2") or service transformer name, at most 64 characters as given

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -108,6 +108,15 @@ def install(app: FastAPI) -> None:
         log.warning("api_data_error path=%s error=%s", request.url.path, exc.orig)
         return problem_response(request, 422, "a value does not fit its database column "
                                 "(too long, out of range or not representable)")
+
+    @app.exception_handler(StatementError)
+    async def _statement(request: Request, exc: StatementError):
+        # a column type refused a value while binding it (ensure_utc: year 1 at +05:00):
+        # SQLAlchemy wraps the DermsError it raised; answer as that error
+        if isinstance(exc.orig, DermsError):
+            return problem_response(request, _status_of(exc.orig), str(exc.orig))
+        log.error("api_unhandled path=%s error=%s", request.url.path, exc)
+        return problem_response(request, 500, "internal error; see the server log")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -35,6 +35,7 @@ from derms.control import persistence
 from derms.control.adms import AdmsMessage, Applied, OperatorOverrideIn, apply_adms, apply_override
 from derms.control.arbiter import Arbiter, RequestConflict
 from derms.control.requests import Source
+from derms.store.types import ensure_utc
 from derms.strict import StrictScalars
 
 router = APIRouter(tags=["control"])
@@ -135,7 +136,7 @@ def get_decision(request: Request, der_id: str,
     (import-positive kW), limits, and a ruling with the reason for every request. Built
     from the requests not ended now-or-at-``t``: for a past ``t`` requests withdrawn or
     expired since are left out (the audit log has what was decided then)."""
-    at = (t or datetime.now(UTC)).astimezone(UTC)
+    at = ensure_utc(t, "t") if t is not None else datetime.now(UTC)
     with request.app.state.sessions() as s:
         locs = persistence.device_locations(s, [der_id])
         if not locs:

@@ -22,6 +22,7 @@ from derms.analysis.constraints import MAX_SIZE_KW
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, columns_frame, table_response
 from derms.api.ids import DbId
+from derms.api.paging import Offset
 from derms.api.problems import Problem
 from derms.errors import DermsError, InfeasibleError
 from derms.strict import StrictScalars
@@ -214,7 +215,7 @@ async def post_envelopes(request: Request, body: EnvelopeBody,
 def get_envelope_sets(request: Request,
                       principal: Annotated[Principal, Depends(require("read"))],
                       feeder: str | None = None, limit: int = Query(100, ge=1, le=1000),
-                      offset: int = Query(0, ge=0)) -> dict[str, Any]:
+                      offset: Offset = 0) -> dict[str, Any]:
     """Stored envelope sets, newest first (paginated)."""
     from derms.store.envelopes import list_envelope_sets
 
@@ -225,7 +226,7 @@ def get_envelope_sets(request: Request,
 @router.get("/envelopes/sets/{set_id}", response_model=None)
 def get_envelope_set(request: Request, set_id: DbId,
                      principal: Annotated[Principal, Depends(require("read"))],
-                     offset: int = Query(0, ge=0), limit: int = Query(10_000, ge=0, le=500_000),
+                     offset: Offset = 0, limit: int = Query(10_000, ge=0, le=500_000),
                      download: Download | None = None) -> dict[str, Any] | Response:
     """A stored set: its summary and a page of its values (``connection_point, timestamp,
     export_limit_kw, import_limit_kw``); ``?download=csv|parquet``: all values as a file."""

@@ -15,7 +15,7 @@ Operating envelopes: :mod:`derms.api.routes_ieee2030_5_envelopes`.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -46,8 +46,12 @@ router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
 LFDI = r"^[0-9A-Fa-f]{40}$"
 MRID = r"^[0-9A-Fa-f]{32}$"
 UINT32 = 2**32 - 1
-Power = Annotated[float | None, Field(default=None, ge=0, allow_inf_nan=False)]
-ConnectionPointId = Annotated[str, Field(min_length=1, max_length=32)]
+MAX_W = 32767 * 10**9  # the largest ActivePower (Int16 value, multiplier 9): larger is a 500 to devices
+Power = Annotated[float | None, Field(default=None, ge=0, le=MAX_W, allow_inf_nan=False)]
+# text served to devices in IEEE 2030.5 XML: XML 1.0 holds no C0 control other than tab, LF,
+# CR (a description "a\x07b" was stored and every GET of the resource by a device was a 500)
+XML_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]*$"
+ConnectionPointId = Annotated[str, Field(min_length=1, max_length=32, pattern=XML_TEXT)]
 
 
 def _repo(request: Request) -> SepAdminRepository:
@@ -79,13 +83,18 @@ def _write(request: Request, principal: Principal, action: str, entity: str, fn,
 
 
 def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat, not strftime("%Y…"): glibc writes year 1 as "1-01-01T…", not ISO 8601
+    return None if t is None else \
+        t.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
 
 
 def _aware(value: datetime, name: str = "start") -> datetime:
     if value.tzinfo is None:
         raise ValueError(f"{name} must carry a time zone (e.g. 2026-01-01T00:00:00Z)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it: a ValueError is a 422
+        raise ValueError(f"{name} {value.isoformat()} is out of range in UTC") from None
 
 
 # ----------------------------------------------------------------------------- end devices
@@ -276,13 +285,13 @@ def list_aggregators(repo: Repo, _p: Annotated[Principal, Depends(require("read"
 
 class ProgramIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
-    description: str = Field("", max_length=32)
+    description: str = Field("", max_length=32, pattern=XML_TEXT)
     primacy: int = Field(ge=0, le=255, description="Lower wins (IEEE 2030.5 primacy)")
 
 
 class FsaIn(StrictScalars):
     model_config = ConfigDict(extra="forbid")
-    description: str = Field("", max_length=32)
+    description: str = Field("", max_length=32, pattern=XML_TEXT)
     program_ids: list[int] = Field(default_factory=list, max_length=100)
 
 
@@ -421,13 +430,21 @@ class ControlIn(LimitsIn):
     randomize_duration_s: int | None = Field(None, ge=-32768, le=32767)
     end_device_id: DbId | None = None
     connection_point: ConnectionPointId | None = None
-    description: str = Field("", max_length=32)
+    description: str = Field("", max_length=32, pattern=XML_TEXT)
     mrid: str | None = Field(None, pattern=MRID, description="default: assigned")
 
     @field_validator("start")
     @classmethod
     def _start_aware(cls, value: datetime) -> datetime:
         return _aware(value)
+
+    @model_validator(mode="after")
+    def _ends_in_range(self) -> ControlIn:
+        try:
+            self.start + timedelta(seconds=self.duration_s)
+        except OverflowError:
+            raise ValueError("start + duration_s is beyond year 9999") from None
+        return self
 
     @model_validator(mode="after")
     def _one_audience(self) -> ControlIn:
@@ -437,7 +454,7 @@ class ControlIn(LimitsIn):
 
 
 class DefaultControlIn(LimitsIn):
-    description: str = Field("", max_length=32)
+    description: str = Field("", max_length=32, pattern=XML_TEXT)
     set_grad_w: int | None = Field(None, ge=0, le=65535, description=(
         "ramp rate, hundredths of a percent of the rating per second"))
 

@@ -21,7 +21,7 @@ event that supersedes the old one for that interval (IEEE 2030.5 supersession).
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from pydantic import ConfigDict, Field
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
 from derms.api.problems import Problem
-from derms.api.routes_ieee2030_5 import UINT32, Repo, _program_or_404, _write
+from derms.api.routes_ieee2030_5 import MAX_W, UINT32, XML_TEXT, Repo, _program_or_404, _write
 from derms.protocols.ieee2030_5.model import ControlSpec, DerLimits
 from derms.strict import StrictScalars
 
@@ -56,7 +56,7 @@ class DispatchControlsIn(StrictScalars):
     schedule: ScheduleColumns
     step_s: int | None = Field(None, ge=1, le=UINT32, description=(
         "interval length; default: the smallest gap between a DER's timestamps"))
-    description: str = Field("dispatch", max_length=32)
+    description: str = Field("dispatch", max_length=32, pattern=XML_TEXT)
 
 
 def _step_s(der: np.ndarray, t: np.ndarray) -> int | None:
@@ -93,6 +93,19 @@ def publish_dispatch(request: Request, program_id: DbId, body: DispatchControlsI
               for k, t in enumerate(cols.timestamp) if t.tzinfo is None]
     errors += [{"row": k, "field": "p_kw", "detail": f"{p!r}: not a finite number"}
                for k, p in enumerate(cols.p_kw) if not np.isfinite(p)]
+    errors += [{"row": k, "field": "p_kw", "detail": f"{p!r}: beyond what IEEE 2030.5 "
+                f"ActivePower can carry ({MAX_W / 1000:g} kW)"}
+               for k, p in enumerate(cols.p_kw) if np.isfinite(p) and abs(p) * 1000.0 > MAX_W]
+    step_max = body.step_s or UINT32
+    for k, x in enumerate(cols.timestamp):
+        if x.tzinfo is None:
+            continue
+        try:
+            x.astimezone(UTC) - timedelta(seconds=1)
+            x.astimezone(UTC) + timedelta(seconds=step_max)
+        except OverflowError:
+            errors.append({"row": k, "field": "timestamp", "detail": f"{x.isoformat()}: "
+                           "the interval is out of range (years 1..9999 in UTC)"})
     if errors:
         raise Problem(422, f"{len(errors)} bad schedule row(s); nothing published",
                       type_="invalid-batch", errors=errors[:1000], rows=n, accepted=0)

@@ -10,7 +10,8 @@ Scope ``operate``; audited (see :mod:`derms.api.routes_ieee2030_5`).
 from __future__ import annotations
 
 import math
-from datetime import datetime
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -19,7 +20,7 @@ from pydantic import ConfigDict, Field
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
 from derms.api.problems import Problem
-from derms.api.routes_ieee2030_5 import UINT32, Repo, _program_or_404, _write
+from derms.api.routes_ieee2030_5 import MAX_W, UINT32, XML_TEXT, Repo, _program_or_404, _write
 from derms.protocols.ieee2030_5.model import ControlSpec, DerLimits, EndDeviceRecord
 from derms.protocols.ieee2030_5.repository import SepAdminRepository
 from derms.strict import StrictScalars
@@ -70,7 +71,7 @@ class EnvelopeControlsIn(StrictScalars):
     site_controls: list[SiteControlRow] | SiteControlColumns = Field(description=(
         "rows (mrid, connection_point, start, duration_s, export_limit_w, import_limit_w "
         "[W]) or the same as columns"))
-    description: str = Field("operating envelope", max_length=32)
+    description: str = Field("operating envelope", max_length=32, pattern=XML_TEXT)
 
 
 def _row_errors(k: int, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,16 +85,24 @@ def _row_errors(k: int, row: dict[str, Any]) -> list[dict[str, Any]]:
         bad("mrid", f"{mrid!r}: expected 32 hex digits")
     if not 0 < len(row["connection_point"]) <= 32:
         bad("connection_point", "expected 1..32 characters")
+    elif not re.match(XML_TEXT, row["connection_point"]):
+        bad("connection_point", "holds a control character XML cannot carry")
     if row["start"].tzinfo is None:
         bad("start", "must carry a time zone")
+    else:
+        try:
+            row["start"].astimezone(UTC) + timedelta(seconds=max(0, row["duration_s"]))
+        except OverflowError:
+            bad("start", f"{row['start'].isoformat()}: start or start + duration_s is out of "
+                "range")
     if not 1 <= row["duration_s"] <= UINT32:
         bad("duration_s", f"{row['duration_s']}: expected 1 .. 2^32-1")
     for name in ("export_limit_w", "import_limit_w"):
         value = row[name]
         if value is not None and math.isnan(value):  # NaN: a direction not computed
             row[name] = value = None
-        if value is not None and not (abs(value) != float("inf") and value >= 0):
-            bad(name, f"{value!r}: expected a finite value >= 0 W or null")
+        if value is not None and not (abs(value) != float("inf") and 0 <= value <= MAX_W):
+            bad(name, f"{value!r}: expected a finite value from 0 to {MAX_W:g} W or null")
     if row["export_limit_w"] is None and row["import_limit_w"] is None:
         bad("export_limit_w", "neither export_limit_w nor import_limit_w is given")
     return errors

@@ -19,7 +19,16 @@ from pydantic import ConfigDict, Field
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
 from derms.api.problems import Problem
-from derms.api.routes_ieee2030_5 import Limit, Offset, Repo, _iso, _page, _program_or_404, _write
+from derms.api.routes_ieee2030_5 import (
+    XML_TEXT,
+    Limit,
+    Offset,
+    Repo,
+    _iso,
+    _page,
+    _program_or_404,
+    _write,
+)
 from derms.protocols.ieee2030_5.delivery import DeliveryRecord, delivery_record
 from derms.protocols.ieee2030_5.model import CURVE_TYPES, CurveRecord
 from derms.strict import StrictScalars
@@ -40,7 +49,7 @@ class CurveIn(StrictScalars):
     y: list[float] = Field(min_length=1, max_length=10, description="% of y_reference")
     y_reference: Literal[tuple(Y_REFERENCES)] | None = Field(None, description=(
         "default: set_max_var for volt-var, set_max_w otherwise"))
-    description: str = Field("", max_length=32)
+    description: str = Field("", max_length=32, pattern=XML_TEXT)
     ramp_dec_tms: Hundredths = None
     ramp_inc_tms: Hundredths = None
     open_loop_tms: Hundredths = Field(None, description="response time (rampPT1Tms), "

@@ -24,8 +24,12 @@ def resolve_master(spec: str | Path) -> Path:
     key = str(spec).strip().lower()
     if key in BUNDLED_FEEDERS:
         return data_dir() / "feeders" / BUNDLED_FEEDERS[key]
-    path = Path(spec).expanduser()
-    if not path.exists():
+    try:
+        path = Path(spec).expanduser()
+        exists = path.exists()
+    except (OSError, RuntimeError) as exc:  # name too long, unknown ~user, no permission
+        raise InputError(f"feeder file {str(spec)[:200]!r}: not usable ({exc})") from None
+    if not exists:
         names = ", ".join(BUNDLED_FEEDERS)
         raise InputError(f"feeder file not found: {path} (bundled feeders: {names})")
     return path

@@ -47,7 +47,7 @@ def _due(control: ControlRecord, now: datetime, grace_s: float) -> bool:
         return False
     if control.cancelled_time is not None and control.cancelled_time <= control.start:
         return False
-    return control.start + timedelta(seconds=grace_s) <= now
+    return control.start <= now - timedelta(seconds=grace_s)  # (start + grace overflows at 9999)
 
 
 def delivery_record(repo, edev: EndDeviceRecord, now: datetime, *, grace_s: float = 60.0
