@@ -187,7 +187,7 @@ def _json_numbers(frame: pd.DataFrame) -> pd.DataFrame:
     """JSON text in the value column is no number (README: a number field takes a JSON
     number, not "0.3"); CSV values are text by nature and are parsed as before."""
     col = frame["value"] if "value" in frame.columns else None
-    if col is not None and col.dtype == object and any(isinstance(v, str) for v in col):
+    if col is not None and col.dtype == object and str in set(map(type, col.to_numpy())):
         frame["value"] = pd.Series([_JsonText(v) if isinstance(v, str) else v for v in col],
                                    index=col.index, dtype=object)  # (None stays None)
     return frame
@@ -196,7 +196,7 @@ def _json_numbers(frame: pd.DataFrame) -> pd.DataFrame:
 def _key_ends(raw: bytes) -> int:
     """Matches of ``_KEY_END`` in ``raw`` (counted without the regex where no quote is
     followed by white space)."""
-    if any(ws in raw for ws in (b'" ', b'"\t', b'"\r', b'"\n')):
+    if b'" ' in raw or b'"\t' in raw or b'"\r' in raw or b'"\n' in raw:
         return len(_KEY_END.findall(raw))
     return raw.count(b'":')
 
@@ -344,7 +344,7 @@ def _numbers(col: pd.Series) -> np.ndarray:
     integers beyond the float range become NaN (flagged by the caller)."""
     if col.dtype == bool:
         return np.full(len(col), np.nan)
-    if col.dtype == object:
+    if col.dtype == object and bool in set(map(type, col.to_numpy())):
         col = col.map(lambda v: np.nan if isinstance(v, bool) else v)
     try:
         return pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
@@ -361,6 +361,17 @@ def _text(col: pd.Series) -> np.ndarray:
     """A raw column as stripped strings ('' for missing) (object array)."""
     out = col.astype(object).where(col.notna(), "")
     return out.astype(str).str.strip().to_numpy(dtype=object)
+
+
+def _distinct_text(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, texts)``: a raw column's distinct values as :func:`_text` gives them, and
+    per row the index of its own (missing values: the last text, ''), so that checks run
+    once per distinct value (a batch of many devices shares a few times and quantities)."""
+    raw = col.to_numpy(dtype=object)
+    if not set(map(type, raw)) <= {str, type(None)}:  # 1, 1.0 and True hash alike: per row
+        return np.arange(len(raw)), np.append(_text(col), "")
+    codes, uniq = pd.factorize(raw, use_na_sentinel=True)
+    return codes, np.append(_text(pd.Series(uniq, dtype=object)), "")
 
 
 def _shown(v) -> str:
@@ -398,7 +409,9 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
         chk.flag(~known & ~blank, "series", lambda r: f"unknown series id {series[r]!r}")
 
     unit = frame["unit"] if "unit" in frame.columns else pd.Series([""] * n, index=frame.index)
-    q_raw, u_raw = _text(frame["quantity"]), _text(unit)
+    qc, qt = _distinct_text(frame["quantity"])
+    uc, ut = _distinct_text(unit)
+    q_raw, u_raw = qt[qc], ut[uc]
     no_q = q_raw == ""
     chk.flag(no_q, "quantity", lambda r: "missing quantity")
     codes, uniq = pd.factorize(pd.Series(q_raw, dtype=object) + "\x1f" +
@@ -423,27 +436,31 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
              lambda r: f"{_shown(frame['value'].iloc[r])} {u_raw[r]} is beyond the float "
                        f"range once converted to {quantity[r]}")
 
-    t_str = pd.Series(_text(frame["t"]), index=frame.index, dtype=object)
-    no_zone = ~t_str.str.contains(_ZONE, regex=True).to_numpy()
+    # times: checked and parsed once per distinct text, then given to each row
+    tc, tt = _distinct_text(frame["t"])
+    t_str = pd.Series(tt, dtype=object)
+    no_zone_u = ~t_str.str.contains(_ZONE, regex=True).to_numpy()
     # a text without a zone that is no timestamp either is "not ISO 8601" (it said "no zone")
     # utc=True: a text the zone pattern misses may still carry an offset ("…00 +05:00"),
     # and pandas refuses naive and aware texts in one column ("Mixed timezones": a 500)
-    naive_ok = pd.to_datetime(t_str.where(no_zone, None), errors="coerce", utc=True,
-                              format="ISO8601").notna().to_numpy()
+    naive_ok = pd.to_datetime(t_str.where(no_zone_u, None), errors="coerce", utc=True,
+                              format="ISO8601").notna().to_numpy()[tc]
+    no_zone = no_zone_u[tc]
     chk.flag(no_zone & naive_ok, "t",
-             lambda r: f"timestamp {t_str.iloc[r]!r} has no zone (use Z or ±hh:mm)")
+             lambda r: f"timestamp {tt[tc[r]]!r} has no zone (use Z or ±hh:mm)")
     chk.flag(no_zone & ~naive_ok, "t",
-             lambda r: f"timestamp {t_str.iloc[r]!r} is not ISO 8601 with a zone (e.g. "
+             lambda r: f"timestamp {tt[tc[r]]!r} is not ISO 8601 with a zone (e.g. "
                        "2026-07-01T12:00:00Z)")
-    t = pd.to_datetime(t_str.where(~no_zone, None).str.upper(),  # ISO 8601's 't' and 'z'
-                       utc=True, errors="coerce", format="ISO8601")
-    bad_t = t.isna().to_numpy() & ~no_zone
-    chk.flag(bad_t, "t", lambda r: f"timestamp {t_str.iloc[r]!r} is not ISO 8601")
-    t_us = t.dt.tz_convert(None).to_numpy().astype("datetime64[us]").astype(np.int64)
+    t_u = pd.to_datetime(t_str.where(~no_zone_u, None).str.upper(),  # ISO 8601's 't', 'z'
+                         utc=True, errors="coerce", format="ISO8601")
+    t_na = t_u.isna().to_numpy()[tc]
+    bad_t = t_na & ~no_zone
+    chk.flag(bad_t, "t", lambda r: f"timestamp {tt[tc[r]]!r} is not ISO 8601")
+    t_us = t_u.dt.tz_convert(None).to_numpy().astype("datetime64[us]").astype(np.int64)[tc]
     # the UTC instant must be a datetime (years 1..9999): pandas parses '0001-01-01+05:00'
     # to year 0 and '9999-12-31T23:59-05:00' to year 10000, which no reader can return
-    out_t = ~t.isna().to_numpy() & ((t_us < _T_MIN_US) | (t_us > _T_MAX_US))
-    chk.flag(out_t, "t", lambda r: f"timestamp {t_str.iloc[r]!r} is out of range in UTC "
+    out_t = ~t_na & ((t_us < _T_MIN_US) | (t_us > _T_MAX_US))
+    chk.flag(out_t, "t", lambda r: f"timestamp {tt[tc[r]]!r} is out of range in UTC "
                                    "(years 1..9999)")
 
     if "quality" in frame.columns:
