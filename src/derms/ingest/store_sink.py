@@ -29,7 +29,7 @@ class StoreSink:
         self._meters: set[str] = set()
         self._known: set[str] = set()
         self._loaded = -1e9
-        self._series: dict[tuple[str, str, str, str], int] = {}
+        self._series: dict[str, int] = {}  # write_readings's series cache
         self.last: WriteResult | None = None
 
     def _refresh(self, force: bool = False) -> None:

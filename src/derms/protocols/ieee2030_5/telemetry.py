@@ -31,7 +31,7 @@ class StoreReadingSink:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._series: dict[tuple[str, str, str, str], int] = {}
+        self._series: dict[str, int] = {}  # write_readings's series cache
 
     def write(self, rows: Sequence[ReadingRow]) -> WriteResult:
         return write_readings(self.engine, rows, series_cache=self._series)
