@@ -100,4 +100,21 @@ def require(scope: str):
             raise Problem(403, f"token scope {principal.scope!r} does not allow {scope!r}")
         return principal
 
+    dependency.scope_needed = scope  # read by the request gate (403 before the body is read)
     return dependency
+
+
+def scope_needed(route) -> str | None:
+    """The highest scope a route's :func:`require` dependencies need (None: no token
+    needed, or not a FastAPI route)."""
+    found: list[str] = []
+    stack = [getattr(route, "dependant", None)]
+    while stack:
+        dep = stack.pop()
+        if dep is None:
+            continue
+        needed = getattr(dep.call, "scope_needed", None)
+        if needed in SCOPES:
+            found.append(needed)
+        stack.extend(dep.dependencies)
+    return max(found, key=SCOPES.index) if found else None

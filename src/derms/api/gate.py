@@ -4,6 +4,10 @@
   answered 401 at once: FastAPI reads and parses a route's body before its dependencies
   run, so an anonymous client could otherwise make the server read (and hold) any body,
   and got 422 for a malformed one instead of 401.
+* A write with a token that is unknown, revoked or malformed is answered 401, and one
+  with a valid token lacking the route's scope 403 (the principal is left in the scope
+  for :class:`derms.api.json_body.StrictJsonRoute`, which knows the route), also before
+  the body is read (a malformed body with a wrong token or scope was a 422).
 * A URL with a NUL character (``%00``) is answered 422 (PostgreSQL's text cannot hold one:
   a lookup by such an id was a 500).
 * A body above ``max_body_bytes`` is answered 413: at once when ``Content-Length`` says
@@ -23,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from derms.api.problems import PROBLEM, TYPE_BASE
 
+PRINCIPAL = "derms.principal"  # the scope key of a write's authenticated Principal
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -60,11 +65,14 @@ class RequestGate:
             if lookup is not None:
                 value = headers.get(b"authorization", b"").decode("latin-1")
                 try:
-                    await run_in_threadpool(authenticate, value, lookup)
+                    principal = await run_in_threadpool(authenticate, value, lookup)
                 except Problem as exc:
                     await _problem(send, path, exc.status, exc.detail,
                                    [(b"www-authenticate", b'Bearer realm="derms"')])
                     return
+                # the route's scope is checked before its body is read too, by
+                # derms.api.json_body.StrictJsonRoute (403, not 422 for a malformed body)
+                scope[PRINCIPAL] = principal
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             await _problem(send, path, 413, f"body of {int(declared)} bytes exceeds the "

@@ -29,6 +29,7 @@ from pydantic import AwareDatetime, ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.conflicts import unique_transaction
+from derms.api.json_body import StrictJsonRoute
 from derms.api.paging import Limit, Offset
 from derms.api.problems import Problem
 from derms.control import persistence
@@ -38,7 +39,7 @@ from derms.control.requests import Source
 from derms.store.types import ensure_utc
 from derms.strict import StrictScalars
 
-router = APIRouter(tags=["control"])
+router = APIRouter(tags=["control"], route_class=StrictJsonRoute)
 
 
 class WithdrawIn(StrictScalars):

@@ -22,12 +22,13 @@ from derms.analysis.constraints import MAX_SIZE_KW
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, columns_frame, table_response
 from derms.api.ids import DbId
+from derms.api.json_body import StrictJsonRoute
 from derms.api.paging import Offset
 from derms.api.problems import Problem
 from derms.errors import DermsError, InfeasibleError
 from derms.strict import StrictScalars
 
-router = APIRouter(tags=["capacity"])
+router = APIRouter(tags=["capacity"], route_class=StrictJsonRoute)
 Feeder = Literal["ieee13", "ieee123", "ieee8500"]
 
 

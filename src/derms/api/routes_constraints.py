@@ -15,12 +15,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ConfigDict, Field, model_validator
 
 from derms.api.auth import Principal, require
+from derms.api.json_body import StrictJsonRoute
 from derms.api.problems import Problem
 from derms.errors import DermsError, InputError
 from derms.grid.bundled import resolve_master
 from derms.strict import StrictScalars
 
-router = APIRouter(tags=["constraints"])
+router = APIRouter(tags=["constraints"], route_class=StrictJsonRoute)
 MAX_VIOLATION_ROWS = 5000
 
 

@@ -19,12 +19,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from derms.api.auth import Principal, require
+from derms.api.json_body import StrictJsonRoute
 from derms.api.paging import Offset
 from derms.api.problems import Problem
 from derms.store import commands as store
 from derms.store.models import DerDevice
 
-router = APIRouter(tags=["control"])
+router = APIRouter(tags=["control"], route_class=StrictJsonRoute)
 
 State = StrEnum("State", {s: s for s in store.COMMAND_STATES})  # type: ignore[misc]
 

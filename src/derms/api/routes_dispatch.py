@@ -19,12 +19,13 @@ from pydantic import ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, columns_frame, table_response
+from derms.api.json_body import StrictJsonRoute
 from derms.api.problems import Problem
 from derms.dispatch import EXPORT_LIMIT_MAX_KW
 from derms.errors import InfeasibleError, InputError
 from derms.strict import StrictScalars
 
-router = APIRouter(tags=["dispatch"])
+router = APIRouter(tags=["dispatch"], route_class=StrictJsonRoute)
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 

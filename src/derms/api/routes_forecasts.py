@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
 from derms.api.downloads import Download, table_response
+from derms.api.json_body import StrictJsonRoute
 from derms.api.paging import Limit, Offset
 from derms.api.problems import Problem
 from derms.errors import InputError
@@ -33,7 +34,7 @@ from derms.store.forecasts import (
 )
 from derms.strict import StrictScalars
 
-router = APIRouter(tags=["forecasts"])
+router = APIRouter(tags=["forecasts"], route_class=StrictJsonRoute)
 
 _SPEC_FIELDS = {"kind": "kind", "horizon": "horizon_s", "quantiles": "quantiles",
                 "location": "latitude", "holidays": "holidays", "step_s": "step_s",

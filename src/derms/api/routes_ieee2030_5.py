@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
+from derms.api.json_body import StrictJsonRoute
 from derms.api.paging import LongLimit as Limit
 from derms.api.paging import Offset
 from derms.api.problems import Problem
@@ -42,7 +43,8 @@ from derms.protocols.ieee2030_5.repository import SepAdminRepository
 from derms.store.audit import append_audit
 from derms.strict import StrictScalars
 
-router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
+router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"],
+                   route_class=StrictJsonRoute)
 LFDI = r"^[0-9A-Fa-f]{40}$"
 MRID = r"^[0-9A-Fa-f]{32}$"
 UINT32 = 2**32 - 1

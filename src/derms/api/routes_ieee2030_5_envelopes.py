@@ -19,13 +19,15 @@ from pydantic import ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
+from derms.api.json_body import StrictJsonRoute
 from derms.api.problems import Problem
 from derms.api.routes_ieee2030_5 import MAX_W, UINT32, XML_TEXT, Repo, _program_or_404, _write
 from derms.protocols.ieee2030_5.model import ControlSpec, DerLimits, EndDeviceRecord
 from derms.protocols.ieee2030_5.repository import SepAdminRepository
 from derms.strict import StrictScalars
 
-router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
+router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"],
+                   route_class=StrictJsonRoute)
 
 
 class SiteControlRow(StrictScalars):

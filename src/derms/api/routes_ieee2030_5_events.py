@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field
 
 from derms.api.auth import Principal, require
 from derms.api.ids import DbId
+from derms.api.json_body import StrictJsonRoute
 from derms.api.problems import Problem
 from derms.api.routes_ieee2030_5 import (
     XML_TEXT,
@@ -33,7 +34,8 @@ from derms.protocols.ieee2030_5.delivery import DeliveryRecord, delivery_record
 from derms.protocols.ieee2030_5.model import CURVE_TYPES, CurveRecord
 from derms.strict import StrictScalars
 
-router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"])
+router = APIRouter(prefix="/ieee2030-5", tags=["ieee2030.5"],
+                   route_class=StrictJsonRoute)
 
 #: DERUnitRefType codes by name
 Y_REFERENCES = {"set_max_w": 1, "set_max_var": 2, "stat_var_avail": 3, "set_effective_v": 4,

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
 from derms.api.fields import Text500
+from derms.api.json_body import StrictJsonRoute
 from derms.api.model_check import inspect_model
 from derms.api.problems import Problem
 from derms.grid.bundled import resolve_master
@@ -34,7 +35,7 @@ from derms.store.models import Feeder, FeederModelVersion
 from derms.store.types import ensure_utc, utcnow
 from derms.strict import StrictScalars
 
-router = APIRouter(tags=["registry"])
+router = APIRouter(tags=["registry"], route_class=StrictJsonRoute)
 
 
 class ModelIn(StrictScalars):

@@ -9,13 +9,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from derms.api.auth import Principal, require
+from derms.api.json_body import StrictJsonRoute
 from derms.api.problems import Problem
 from derms.ingest.parse import parse_csv, parse_json
 from derms.store.timeseries import check_quantity, read_readings
 from derms.store.types import ensure_utc
 from derms.timeutil import parse_duration
 
-router = APIRouter(tags=["readings"])
+router = APIRouter(tags=["readings"], route_class=StrictJsonRoute)
 
 
 async def _body(request: Request) -> bytes:

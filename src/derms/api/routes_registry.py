@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from derms.api.auth import Principal, require
 from derms.api.conflicts import unique_transaction
 from derms.api.fields import ElementName, Id, Text64, Text200, Text500
+from derms.api.json_body import StrictJsonRoute
 from derms.api.paging import Limit, Offset
 from derms.api.placement import ElementsCache, check_placement, placement_transaction
 from derms.api.problems import Problem
@@ -46,7 +47,7 @@ from derms.store.models import (
 )
 from derms.strict import StrictScalars
 
-router = APIRouter(tags=["registry"])
+router = APIRouter(tags=["registry"], route_class=StrictJsonRoute)
 _Row = TypeVar("_Row")
 
 

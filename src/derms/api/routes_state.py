@@ -15,11 +15,12 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import func, select
 
 from derms.api.auth import Principal, require
+from derms.api.json_body import StrictJsonRoute
 from derms.api.paging import Limit, Offset
 from derms.api.problems import Problem
 from derms.store.models import Alarm
 
-router = APIRouter(tags=["monitoring"])
+router = APIRouter(tags=["monitoring"], route_class=StrictJsonRoute)
 
 
 
