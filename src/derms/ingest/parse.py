@@ -328,8 +328,10 @@ def parse_csv(text: str | bytes, *, source: str = "api",
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
                             skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        _structure(text)  # a BatchError naming the rows, when it can
         raise InputError(f"body is not readable CSV: {exc}") from None
     if not isinstance(frame.index, pd.RangeIndex):  # pandas made the first column the index
+        _structure(text)
         raise InputError("CSV rows have more fields than the header (first data row: "
                          f"{len(frame.columns) + 1} or more against {len(frame.columns)})")
     header = [h.strip().lower() for h in next(csv.reader(io.StringIO(text.lstrip("\ufeff"))),
@@ -337,6 +339,34 @@ def parse_csv(text: str | bytes, *, source: str = "api",
     if len(set(header)) != len(header):
         raise InputError(f"CSV header repeats a name: {header}")
     return validate(frame, source=source, known_series=known_series)
+
+
+def _structure(text: str) -> None:
+    """Raise a :class:`BatchError` listing the data rows (0-based, as every other row
+    error) that pandas could not read: more fields than the header, or a quote left open
+    (one error, at the row it opens in; the rest of the body is in that field). Called
+    only once pandas has refused the text; returns when it finds neither."""
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")), skipinitialspace=True,
+                        strict=True)
+    errors: list[RowError] = []
+    row = -1
+    try:
+        header = next(reader, None)
+        if not header:
+            return
+        for fields in reader:
+            if not fields:  # a blank line (pandas skips it too)
+                continue
+            row += 1
+            if len(fields) > len(header) and len(errors) < _Checker.CAP:
+                errors.append(RowError(row, "*", f"{len(fields)} fields, the header has "
+                                                 f"{len(header)}"))
+    except csv.Error as exc:
+        errors.append(RowError(row + 1, "*", f"not readable CSV ({exc}): a quote left "
+                                             "open?"))
+        row += 1
+    if errors:
+        raise BatchError(errors, row + 1)
 
 
 def _numbers(col: pd.Series) -> np.ndarray:
