@@ -18,6 +18,7 @@ stored to the microsecond; intervals are ``[start, end)``.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -365,6 +366,13 @@ def read_readings(engine: Engine, *, quantity: str, start: datetime, end: dateti
     return frame.sort_values(["source", "t"], kind="stable", ignore_index=True)
 
 
+# A bucket's mean without overflow: PostgreSQL's avg(float8) also sums the squares (a stored
+# 1e308 made every bucketed read of its window fail "value out of range: overflow", a 422),
+# SQLite's avg of two 1e308 is Inf. The sum scaled by 2**-64 (exact: a power of two) holds
+# 2**64 readings of the largest float; only magnitudes below ~1e-289 lose bits.
+_MEAN = "sum(value * :lo) / count(*) * :hi"
+
+
 def _query(conn: Connection, ids: list[int], t0: int, t1: int, b_us: int | None) -> list:
     pg = conn.dialect.name == "postgresql"
     t_col = "(extract(epoch from t) * 1000000)::int8" if pg else "t"
@@ -374,16 +382,16 @@ def _query(conn: Connection, ids: list[int], t0: int, t1: int, b_us: int | None)
     elif pg:
         tb = ("(extract(epoch from date_bin(:b * interval '1 microsecond', t, to_timestamp(0)))"
               " * 1000000)::int8")
-        sql = (f"SELECT series_id, {tb} AS tb, avg(value), count(*) FROM readings "
+        sql = (f"SELECT series_id, {tb} AS tb, {_MEAN}, count(*) FROM readings "
                f"WHERE {where} GROUP BY series_id, tb")
     else:
         tb = "(t - (((t % :b) + :b) % :b))"
-        sql = (f"SELECT series_id, {tb} AS tb, avg(value), count(*) FROM readings "
+        sql = (f"SELECT series_id, {tb} AS tb, {_MEAN}, count(*) FROM readings "
                f"WHERE {where} GROUP BY series_id, tb")
     params: dict[str, Any] = {"ids": ids, "t0": t0, "t1": t1}
     if pg:  # timestamptz parameters (exact), not arithmetic on microseconds
         params["t0"], params["t1"] = from_epoch_us(t0), from_epoch_us(t1)
     if b_us is not None:
-        params["b"] = b_us
+        params.update(b=b_us, lo=math.ldexp(1.0, -64), hi=math.ldexp(1.0, 64))
     stmt = text(sql).bindparams(bindparam("ids", expanding=True))
     return conn.execute(stmt, params).all()
