@@ -7,7 +7,9 @@ model, every field value that only those coercions would let through (:func:`lax
 a bool or text where the field takes a number, text or a number where it takes a
 boolean, through ``Optional``, unions, ``Annotated`` and lists (``int | Literal["auto"]``
 takes 4 or "auto", not ``true`` or "4"). Other mismatches are left to pydantic, which
-names the field.
+names the field. A number is no datetime either (it was taken as Unix time). Text with a
+lone UTF-16 surrogate or a NUL character (``\u0000``: PostgreSQL's text cannot hold it,
+SQLite stored it) is refused in any field, naming the first one.
 """
 
 from __future__ import annotations
@@ -124,6 +126,18 @@ class StrictScalars(BaseModel):
             raise ValueError("; ".join(bad))
         return data
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _no_nul(cls, data: Any, handler: Any) -> Any:
+        # after the fields' own checks (those naming a field keep their place): text with
+        # a NUL that no field refused. PostgreSQL's text cannot hold one (a generic 422
+        # naming no field there; SQLite stored it)
+        model = handler(data)
+        if (isinstance(data, dict) and "\\x00" in repr(data)  # (repr: C speed; rarely true)
+                and (where := _nul_at(data)) is not None):
+            raise ValueError(f"{where}: text holds a NUL character (\\u0000)")
+        return model
+
 
 def _has_surrogate(value: Any) -> bool:
     if isinstance(value, str):
@@ -133,6 +147,25 @@ def _has_surrogate(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_has_surrogate(v) for v in value)
     return False
+
+
+def _nul_at(value: Any, path: str = "") -> str | None:
+    """Where (``site_controls[2].connection_point``) the first string holding ``\\x00`` is,
+    keys included; None if none does."""
+    if isinstance(value, str):
+        return (path or "value") if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                return here
+            if (found := _nul_at(item, here)) is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for k, item in enumerate(value):
+            if (found := _nul_at(item, f"{path}[{k}]")) is not None:
+                return found
+    return None
 
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text",
