@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from lxml import etree
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import select
@@ -503,19 +503,21 @@ def _program_or_404(repo: SepAdminRepository, program_id: DbId) -> ProgramRecord
 
 
 @router.post("/programs/{program_id}/controls", status_code=201)
-def create_control(request: Request, program_id: DbId, body: ControlIn, repo: Repo,
-                   principal: Annotated[Principal, Depends(require("operate"))]
+def create_control(request: Request, response: Response, program_id: DbId, body: ControlIn,
+                   repo: Repo, principal: Annotated[Principal, Depends(require("operate"))]
                    ) -> dict[str, Any]:
-    """Schedule a DERControl; re-posting the same ``mrid`` with the same content is
-    idempotent (200 semantics, same record), with other content 409."""
+    """Schedule a DERControl (201); re-posting the same ``mrid`` with the same content is
+    idempotent: 200 and the same record (it was a 201 too), with other content 409."""
     _program_or_404(repo, program_id)
     spec = ControlSpec(program_id, body.start, body.duration_s, body.limits(),
                        body.description, body.end_device_id, body.connection_point,
                        body.randomize_start_s, body.randomize_duration_s, body.mrid)
-    (rec, _created), = _write(request, principal, "create", "ieee2030_5_control",
-                              lambda: repo.add_controls([spec]),
-                              entity_id=lambda r: r[0][0].mrid,
-                              detail=body.model_dump(mode="json"))
+    (rec, created), = _write(request, principal, "create", "ieee2030_5_control",
+                             lambda: repo.add_controls([spec]),
+                             entity_id=lambda r: r[0][0].mrid,
+                             detail=body.model_dump(mode="json"))
+    if not created:
+        response.status_code = 200
     return _control_json(rec)
 
 
