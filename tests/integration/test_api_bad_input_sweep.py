@@ -333,3 +333,129 @@ def test_d17_year_one_is_echoed_as_iso_8601(api, program):
     r = _control(api, program, start="0001-01-01T00:00:00Z")
     assert r.status_code == 201, r.text
     assert r.json()["start"] == "0001-01-01T00:00:00Z"
+
+
+# ============================================================================ not in the
+# sweep's patches: fixed after it (D9's 403, D13's CSV rows, D14, D15, D16, control replay)
+
+
+@pytest.mark.parametrize("path,scope", [("/v1/devices", "reader"), ("/v1/devices", "operator"),
+                                        ("/v1/feeders", "reader"),
+                                        (f"{SEP}/programs/1/controls", "reader")])
+def test_d09_a_valid_token_without_the_scope_and_a_malformed_body_is_403(api, program, path,
+                                                                         scope):
+    """D9: the scope dependency ran after FastAPI decoded the body: '{' got 422, not 403."""
+    r = api.post(path, headers={**getattr(api, scope), **JSON}, content=b"{")
+    assert "does not allow" in _problem(r, 403)["detail"]
+    # with the scope, the malformed body is still a 422
+    r = api.post("/v1/devices", headers={**api.admin, **JSON}, content=b"{")
+    _problem(r, 422)
+
+
+_CSV_HEAD = "series,quantity,unit,t,value\n"
+
+
+@pytest.mark.parametrize("rows,bad", [
+    (["sweep-m1,p,kW,2026-05-02T00:00:00Z,1", "sweep-m1,p,kW,2026-05-02T00:00:01Z,1,extra",
+      "sweep-m1,p,kW,2026-05-02T00:00:02Z,1", "sweep-m1,p,kW,2026-05-02T00:00:03Z,1,x,y"],
+     [1, 3]),
+    (["sweep-m1,p,kW,2026-05-02T00:00:00Z,1,extra", "sweep-m1,p,kW,2026-05-02T00:00:01Z,1"],
+     [0]),  # pandas took the first column as the index
+    (["sweep-m1,p,kW,2026-05-02T00:00:00Z,1", 'sweep-m1,p,"kW,2026-05-02T00:00:01Z,1',
+      "sweep-m1,p,kW,2026-05-02T00:00:02Z,1"], [1]),  # a quote left open
+])
+def test_d13_csv_structural_errors_list_the_rows(api, meter, rows, bad):
+    """D13: an extra field or an open quote was a 422 without an ``errors`` list."""
+    r = api.post("/v1/readings", headers={**api.operator, "Content-Type": "text/csv"},
+                 content=_CSV_HEAD + "\n".join(rows) + "\n")
+    p = _problem(r)
+    assert [e["row"] for e in p["errors"]] == bad, p
+    assert p["accepted"] == 0 and all(e["field"] == "*" for e in p["errors"])
+    q = {"series": meter, "quantity": "p_kw", "start": "2026-05-02T00:00:00Z",
+         "end": "2026-05-02T00:01:00Z"}
+    assert api.get("/v1/readings", headers=api.reader, params=q).json()["rows"] == 0
+
+
+def test_d14_duplicate_json_keys_are_422_on_every_json_route(api, program):
+    """D14: outside /v1/readings an object naming a field twice kept the last value."""
+    i = _u()
+    r = api.post("/v1/feeders", headers={**api.admin, **JSON},
+                 content=f'{{"feeder_id": "dupA{i}", "feeder_id": "dupB{i}"}}')
+    assert "'feeder_id' twice" in _problem(r)["detail"]
+    for f in (f"dupA{i}", f"dupB{i}"):
+        assert api.get(f"/v1/feeders/{f}/models", headers=api.reader).status_code == 404
+    # nested, and with white space around the colon
+    body = json.dumps({"start": _soon(), "duration_s": 60, "export_limit_w": 5.0,
+                       "end_device_id": program["edev"]})
+    body = body[:-1] + ', "export_limit_w" :  6.0}'
+    r = api.post(f"{SEP}/programs/{program['program_id']}/controls",
+                 headers={**api.operator, **JSON}, content=body)
+    assert "'export_limit_w' twice" in _problem(r)["detail"]
+    # /v1/readings keeps its own check
+    r = api.post("/v1/readings", headers={**api.operator, **JSON},
+                 content=json.dumps([_reading(t="2026-05-02T00:05:00Z")])[:-2]
+                 + ', "value": 2}]')
+    assert "twice" in _problem(r)["detail"]
+    # text that looks like a key inside a string value is no duplicate
+    r = api.post("/v1/feeders", headers=api.admin,
+                 json={"feeder_id": f"ok{i}", "name": 'x", "feeder_id": y'})
+    assert r.status_code == 201, r.text
+
+
+def test_d15_a_huge_reading_does_not_break_bucketed_reads(api):
+    """D15: PostgreSQL's avg(float8) overflowed (it sums squares too): every bucketed read of
+    the window was a 422; SQLite's avg of two 1e308 was Inf (null in the JSON)."""
+    m = f"d15-{_u()}"
+    assert api.post("/v1/meters", headers=api.admin, json={"meter_id": m}).status_code == 201
+    rows = [_reading(series=m, t="2026-05-03T00:00:00Z", value=1e308),
+            _reading(series=m, t="2026-05-03T00:00:01Z", value=1.7e308),
+            _reading(series=m, t="2026-05-03T00:20:00Z", value=0.1),
+            _reading(series=m, t="2026-05-03T00:20:01Z", value=0.2)]
+    r = api.post("/v1/readings", headers=api.operator, json=rows)
+    assert r.status_code == 200, r.text
+    q = {"series": m, "quantity": "p_kw", "start": "2026-05-03T00:00:00Z",
+         "end": "2026-05-03T01:00:00Z", "bucket": "15min"}
+    r = api.get("/v1/readings", headers=api.reader, params=q)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["n"] == [2, 2]
+    assert got["value"] == [pytest.approx(1.35e308, rel=1e-15), pytest.approx(0.15, rel=1e-15)]
+
+
+def test_d16_nul_characters_are_422_naming_the_field(api, program):
+    """D16: text fields without a NUL check: SQLite stored "a\\x00b", PostgreSQL gave a
+    generic 422 naming no field."""
+    h = datetime.now(UTC) + timedelta(hours=1)
+    der = f"d16-{_u()}"
+    r = api.post("/v1/devices", headers=api.admin, json={
+        "der_id": der, "site_id": f"s-{der}", "der_type": "battery", "s_max_kva": 10,
+        "p_gen_max_kw": 5, "p_charge_max_kw": 5, "e_max_kwh": 10})
+    assert r.status_code == 201, r.text
+    cases = [
+        ("/v1/operator/overrides", {"scope": {"kind": "device", "der_id": der},
+                                    "value_kw": 1.0, "expiry": h.isoformat(),
+                                    "reason": "a\u0000b"}, "reason"),
+        (f"{SEP}/programs/{program['program_id']}/dispatch",
+         {"schedule": {"der_id": ["a\u0000b"], "timestamp": [_soon()], "p_kw": [1.0]},
+          "step_s": 900}, "der_id"),
+        (f"{SEP}/function-set-assignments/1/end-devices",
+         {"connection_points": ["NMI\u0000"]}, "connection_points"),
+    ]
+    for path, body, field in cases:
+        p = _problem(api.post(path, headers=api.admin, json=body))
+        assert any(field in e["field"] + e["detail"] for e in p.get("errors", [])), (path, p)
+    listed = api.get("/v1/control/requests", headers=api.reader,
+                     params={"open": "true"}).json()["items"]
+    assert not [x for x in listed if der in json.dumps(x)]
+
+
+def test_reposting_an_identical_control_is_200_with_the_same_record(api, program):
+    """The docstring promised 200 semantics for an identical re-post; it answered 201."""
+    body = {"mrid": _hex32(), "description": "replay"}
+    first = _control(api, program, **body)
+    assert first.status_code == 201, first.text
+    again = _control(api, program, **body, start=first.json()["start"])
+    assert again.status_code == 200, again.text
+    assert again.json()["control_id"] == first.json()["control_id"]
+    other = _control(api, program, **body, start=first.json()["start"], export_limit_w=7.0)
+    _problem(other, 409)
