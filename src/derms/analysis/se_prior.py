@@ -153,7 +153,7 @@ def calibrate_prior(a_lower: np.ndarray, r_diag: np.ndarray, d: np.ndarray,
         return PriorScale(beta=float(np.exp(m0)), beta_ml=float(np.exp(m0)),
                           sd_log_beta=float("inf"), at_bound=False, log_beta_post=m0,
                           sd_log_beta_post=s0)
-    spec = _Spectrum(at, min(K_TOP, at.shape[0]))
+    spec = _Spectrum(at, min(K_TOP, at.shape[0]))  # (zeroes at's upper triangle)
     beta = 1.0
     for _ in range(3):  # clip at beta = 1, then twice at the estimate
         lim = CLIP_SIGMAS * np.sqrt(beta * spec.diag + 1.0)
@@ -202,13 +202,24 @@ class ScaleTracker:
         self.mean, self.sd, self.n_updates = 0.0, PRIOR_SD_LOG_BETA, 0
 
 
+def tril_inplace(a: np.ndarray, block: int = 64) -> np.ndarray:
+    """Zero the strictly upper triangle of the square ``a`` in place; returns ``a``
+    (``np.tril`` without its copy: a memset of the upper blocks)."""
+    m = a.shape[0]
+    for lo in range(0, m, block):
+        hi = min(lo + block, m)
+        a[lo:hi, hi:] = 0.0
+        a[lo:hi, lo:hi][np.triu_indices(hi - lo, 1)] = 0.0
+    return a
+
+
 class _Spectrum:
     """Top eigenpairs of a whitened symmetric PSD matrix (lower triangle given) and the
     first two spectral moments of the rest (``tr1`` = sum lam, ``tr2`` = sum lam^2)."""
 
     def __init__(self, at_lower: np.ndarray, k: int) -> None:
         m = at_lower.shape[0]
-        self._a = np.tril(at_lower)
+        self._a = tril_inplace(at_lower)  # (the caller's whitened copy)
         self.diag = np.diag(self._a).copy()
         if k >= m // 3:  # small: the whole spectrum, exactly
             lam, u = np.linalg.eigh(self._a, UPLO="L")
@@ -265,4 +276,4 @@ class _Spectrum:
 
 
 __all__ = ["BETA_MAX", "BETA_MIN", "CLIP_SIGMAS", "K_TOP", "MIN_ROWS", "PRIOR_SD_LOG_BETA",
-           "SHADE_SD", "PriorScale", "ScaleTracker", "calibrate_prior"]
+           "SHADE_SD", "PriorScale", "ScaleTracker", "calibrate_prior", "tril_inplace"]
