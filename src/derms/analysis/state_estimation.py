@@ -170,7 +170,7 @@ from derms.analysis.se_jacobian import (
 )
 from derms.analysis.se_level import LEVEL_P_MIN, LEVEL_RANGE, LoadLevel, fit_load_level
 from derms.analysis.se_posterior import Posterior
-from derms.analysis.se_prior import MIN_ROWS, calibrate_prior
+from derms.analysis.se_prior import MIN_ROWS, calibrate_prior, tril_inplace
 from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector
 from derms.powerflow.linear_loads import read_branches
@@ -390,6 +390,7 @@ def estimate_state(
         np.add.at(info_a, a_cols, f0**2 / s_a**2)
         pf = 1.0 / (1.0 / p_diag + info_a)
         g = h_mat * np.sqrt(pf)  # H Pf^(1/2)
+        g_scale = np.ones(2 * k)  # H Pf^(1/2) as used is g x g_scale (by column)
         s_mat = _gram_lower(engine, h_mat, pf, g)  # m x m, lower triangle of H Pf H^T
         z = np.r_[z_v, z_h]
         mv_e = np.fromiter((pos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
@@ -404,7 +405,7 @@ def estimate_state(
                                   prior=scale_prior)
             post = None if cal.at_bound else (cal.log_beta_post, cal.sd_log_beta_post)
             beta, scale = cal.beta, float(np.sqrt(cal.beta))
-            s_mat, p_diag, sp_, g = _scale_prior(g, fixed, beta, p_diag, sp_, a_free, a_fix)
+            s_mat, p_diag, sp_, g_scale = _scale_prior(fixed, beta, p_diag, sp_, a_free, a_fix)
             pf = p_diag
             if cal.at_bound:
                 notes.append(f"maximum-likelihood prior scale {np.sqrt(cal.beta_ml):.3g} at "
@@ -414,7 +415,7 @@ def estimate_state(
                       cal.sd_log_beta)
         if m:
             s_mat[np.diag_indices(m)] += r_diag
-            chol = sla.cho_factor(s_mat, lower=True, check_finite=False)
+            chol = sla.cho_factor(s_mat, lower=True, check_finite=False, overwrite_a=True)
         converged, it, f_k = False, 0, f0
         for it in range(1, max_iterations + 1):
             xf = xp
@@ -454,7 +455,7 @@ def estimate_state(
         r_ami = z_a - f_k * x[a_cols]
         r_pseudo = xp - x
         if m:
-            l_inv, info = sla.lapack.dtrtri(np.tril(chol[0]), lower=1)
+            l_inv, info = sla.lapack.dtrtri(tril_inplace(chol[0]), lower=1)
             if info != 0:
                 raise ModelError("state estimation: singular measurement covariance")
             om_meas = r_diag**2 * np.einsum("ij,ij->j", l_inv, l_inv)  # R diag(S^-1) R
@@ -462,7 +463,7 @@ def estimate_state(
             l_inv, om_meas = np.zeros((0, 0)), np.zeros(0)
         # posterior variance of a state: Sigma_ii = pf_i - pf_i^2 d_i, d = diag(H^T S^-1 H)
         need = np.arange(2 * k) if check_pseudo else np.unique(a_cols)
-        lg = l_inv @ g[:, need]
+        lg = l_inv @ (g[:, need] * g_scale[need])
         sig_post = np.zeros(2 * k)
         sig_post[need] = pf[need] - pf[need] * np.einsum("ij,ij->j", lg, lg)
         om_ami = s_a**2 - f0**2 * sig_post[a_cols]
@@ -573,13 +574,17 @@ def _solve_from_init(engine, loads, load_idx, x: np.ndarray) -> None:
         engine.solve()
 
 
-def _scale_prior(g, fixed, beta, p_diag, sp_, a_free, a_fix):
+def _scale_prior(fixed, beta, p_diag, sp_, a_free, a_fix):
     """Scale the prior variance of the non-telemetry states by ``beta`` (no AMI power rows,
-    so ``Pf`` is ``P``): ``(H P H^T lower, P diag, sigmas, H P^1/2)``, where ``a_free`` and
-    ``a_fix`` (None without telemetry states) split ``H P H^T`` by the states."""
+    so ``Pf`` is ``P``): ``(H P H^T lower, P diag, sigmas, column factors on H P^1/2)``,
+    where ``a_free`` (scaled in place: a fresh array) and ``a_fix`` (None without telemetry
+    states) split ``H P H^T`` by the states. ``H P^1/2`` itself is not rescaled (a 2k x m
+    pass): the few columns used later take the factors."""
     f = np.where(fixed, 1.0, beta)
-    s_mat = beta * a_free if a_fix is None else beta * a_free + a_fix
-    return s_mat, p_diag * f, sp_ * np.sqrt(f), g * np.sqrt(f)
+    a_free *= beta
+    if a_fix is not None:
+        a_free += a_fix
+    return a_free, p_diag * f, sp_ * np.sqrt(f), np.sqrt(f)
 
 
 def _gram_lower(engine, h_mat: np.ndarray, pf: np.ndarray, g: np.ndarray) -> np.ndarray:
