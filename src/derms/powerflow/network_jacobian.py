@@ -99,29 +99,45 @@ def _chain_rounds(adj: sp.csr_matrix, max_rounds: int) -> np.ndarray:
     whose elimination joins its two neighbours (one fill edge). Each round takes an
     independent set of them (no two adjacent; leaves first, then by index), so a radial
     feeder shrinks geometrically (rake and compress) instead of by one bus per chain and
-    round; it stops when a round removes less than 2 % of the buses left."""
+    round; it stops when a round removes less than 2 % of the buses left.
+
+    On an edge list (both directions, self loops dropped), one round a few vectorised
+    passes over the live edges (sparse matrix products per round took ≈ 25 ms on IEEE
+    8500's 16 rounds)."""
     nb = adj.shape[0]
     rnd = np.full(nb, max_rounds)
     alive = np.ones(nb, dtype=bool)
-    adj = (adj + adj.T).tocsr().astype(float)  # the pattern is symmetric: make sure
-    adj.data[:] = 1.0
+    sym = (adj + adj.T).tocoo()  # the pattern is symmetric: make sure
+    off = sym.row != sym.col
+    u, v = _unique_edges(sym.row[off].astype(np.int64), sym.col[off].astype(np.int64), nb)
     top = float(3 * nb + 1)
+    idx = np.arange(nb)
     for r in range(max_rounds):
-        deg = adj @ alive.astype(float)
+        deg = np.bincount(u, minlength=nb)  # live neighbours (only live edges are kept)
         cand = alive & (deg >= 1) & (deg <= 2)
-        rank = np.where(cand, top - (deg * nb + np.arange(nb)), 0.0)  # larger = first
-        best = adj.multiply(rank[None, :]).tocsr().max(axis=1).toarray().ravel()
+        rank = np.where(cand, top - (deg * nb + idx), 0.0)  # larger = first
+        best = np.zeros(nb)
+        np.maximum.at(best, u, rank[v])
         pick = cand & (rank > best)
         if pick.sum() < 0.02 * alive.sum():
             break
         rnd[pick], alive = r, alive & ~pick
-        a_s = adj[:, pick]
-        keep = sp.diags(alive.astype(float))
-        adj = (keep @ (adj + a_s @ a_s.T) @ keep).tocsr()
-        adj.setdiag(0)
-        adj.eliminate_zeros()
-        adj.data[:] = 1.0
+        # a picked bus with two neighbours joins them (picked buses are never adjacent)
+        at = pick[u]
+        pu, pv = u[at], v[at]
+        order = np.argsort(pu, kind="stable")
+        pu, pv = pu[order], pv[order]
+        two = np.flatnonzero((pu[1:] == pu[:-1]))
+        fa, fb = pv[two], pv[two + 1]
+        keep = ~at & ~pick[v]
+        u, v = _unique_edges(np.r_[u[keep], fa, fb], np.r_[v[keep], fb, fa], nb)
     return rnd
+
+
+def _unique_edges(u: np.ndarray, v: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct directed edges ``(u, v)``, sorted by ``u`` then ``v``."""
+    key = np.unique(u * nb + v)
+    return key // nb, key % nb
 
 
 def block_inverse(jss: sp.coo_matrix, bus: np.ndarray) -> sp.coo_matrix:
