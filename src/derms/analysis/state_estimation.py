@@ -342,10 +342,10 @@ def estimate_state(
     engine.set_control_mode("off")
     done = False
     try:
-        level = LoadLevel()
+        level, start = LoadLevel(), []
         if fit_level and n_ph and z_h.size and (~fixed).any():
             try:
-                level = _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph)
+                level = _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph, start)
             except ConvergenceError as exc:  # a trial level the feeder cannot carry
                 notes.append(f"load level not fitted (an AC solve failed: {exc})")
             if level.unexplained:
@@ -367,6 +367,9 @@ def estimate_state(
         x = xp.copy()
         if level.solves != 1:  # (one solve: the fit's own at k = 1, the engine is at x)
             write_loads(loads, load_idx, x)
+            v0 = start[0](level.p, level.q) if start else None
+            if v0 is not None:  # predicted from the fit's trials
+                engine.start_voltages(v0)
             engine.solve()
         v_y = complex_pairs(ckt.YNodeVarray)
         mv_y = np.fromiter((ypos[s] for s in v_nodes), dtype=np.int64, count=len(v_nodes))
@@ -624,21 +627,43 @@ def _measure(engine, mv_e: np.ndarray, n_ph: int) -> np.ndarray:
     return np.r_[v, p, q]
 
 
-def _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph: int) -> LoadLevel:
+def _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph: int, start: list):
     """:func:`~derms.analysis.se_level.fit_load_level` on the engine: the free pseudo
-    loads scaled, one AC solve per trial (the loads are written back by the caller)."""
+    loads scaled, one AC solve per trial (the loads are written back by the caller).
+
+    Each trial solve starts from the node voltages predicted at its factors (affine in
+    ``(k_p, k_q)`` through the first three solved trials, before that the nearest one
+    solved): ``start`` is filled with the predictor, for the caller's solve at the
+    level chosen. It saves OpenDSS iterations only (the same solution to its tolerance:
+    IEEE 8500 ≈ 35 -> 10 per trial after the first three)."""
     k = xp.size // 2
     free_p, free_q = ~fixed[:k], ~fixed[k:]
+    solved: list[tuple[float, float, np.ndarray]] = []  # (k_p, k_q, Y-order voltages)
+
+    def predict(kp: float, kq: float) -> np.ndarray | None:
+        if len(solved) >= 3:
+            a = np.array([[1.0, p, q] for p, q, _ in solved[:3]])
+            if abs(np.linalg.det(a)) > 1e-12:
+                c = np.linalg.solve(a, np.array([v for *_, v in solved[:3]]))
+                return c[0] + kp * c[1] + kq * c[2]
+        if not solved:
+            return None
+        return min(solved, key=lambda t: abs(t[0] - kp) + abs(t[1] - kq))[2]
 
     def head(kp: float, kq: float) -> tuple[float, float]:
         x = xp.copy()
         x[:k][free_p] *= kp
         x[k:][free_q] *= kq
         write_loads(loads, load_idx, x)
+        v0 = predict(kp, kq)
+        if v0 is not None:
+            engine.start_voltages(v0)
         engine.solve()
+        solved.append((kp, kq, complex_pairs(engine.circuit.YNodeVarray)))
         p, q = _head_now(engine, n_ph)
         return float(p.sum()), float(q.sum())
 
+    start.append(predict)
     return fit_load_level(head, float(z_h[:n_ph].sum()), float(z_h[n_ph:].sum()),
                           float(np.sqrt(np.sum(s_h[:n_ph] ** 2))),
                           float(np.sqrt(np.sum(s_h[n_ph:] ** 2))),

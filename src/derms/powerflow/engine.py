@@ -201,6 +201,22 @@ class OpenDSSEngine:
                 "try a larger max_iterations or check the model"
             )
 
+    def start_voltages(self, v_y: np.ndarray) -> None:
+        """Start the next solve from the node voltages ``v_y`` [V] (complex, Y-node order as
+        ``YNodeVarray``) instead of the present solution. OpenDSS's fixed-point iteration
+        converges linearly: a start close to the solution (a prediction) saves iterations
+        (IEEE 8500 at a 1e-8 tolerance: 30 from the last solution of a +-30 % load change,
+        15 from a start 0.1 % of the change off); the solution is the same to the
+        solve's tolerance. Call after writing the loads (a change that adds nodes
+        reallocates the voltages)."""
+        v_y = np.asarray(v_y, dtype=complex)
+        n = int(self.circuit.NumNodes)
+        if v_y.shape != (n,) or not np.isfinite(v_y).all():
+            raise ValueError(f"start voltages: {n} finite complex values expected")
+        ym = self.ctx.YMatrix
+        ptr = ym.GetVPointer()  # the solver's node voltages, ground first
+        np.frombuffer(ym._api_util.ffi.buffer(ptr, 16 * (n + 1)), dtype=complex)[1:] = v_y
+
     # -- vectorised getters ----------------------------------------------------------------
     def node_names(self) -> list[str]:
         """Node names "bus.node" in the engine's node order (lower case)."""
