@@ -75,8 +75,9 @@ def read_branches(engine, v_y: np.ndarray) -> Branches:
     v_y : ndarray of complex, (n_nodes,)
         Solved node voltages [V] in the engine's Y-node order.
 
-    Loops over elements, not nodes (≈ 50 ms for the 1,177 loads of IEEE 8500). Nominal
-    powers are calibrated to each element's solved power (see :func:`_calibrate`).
+    Loops over elements, not nodes (≈ 50 ms for the 1,177 loads of IEEE 8500, mostly the
+    engine reads). Nominal powers are calibrated to each element's solved power (see
+    :func:`_calibrate`).
     """
     ckt = engine.circuit
     el = ckt.ActiveCktElement
@@ -125,21 +126,22 @@ def read_branches(engine, v_y: np.ndarray) -> Branches:
 
 def _add(rows: list, el, name: str, nph: int, delta: bool, law: tuple,
          n_terminals: int | None = None) -> complex:
-    """Append the element's branches to ``rows``; return its solved total power [VA]."""
-    node_ref = np.asarray(el.NodeRef, dtype=int)
+    """Append the element's branches to ``rows``; return its solved total power [VA].
+
+    Python scalars and lists throughout (a handful of values per element: numpy's
+    per-call overhead was half of :func:`read_branches`' time)."""
+    node_ref = el.NodeRef.tolist()
     n_terms = int(el.NumTerminals) if n_terminals is None else n_terminals
-    n_conds = node_ref.size // n_terms
-    refs = node_ref[:n_conds] - 1  # 1-based refs, 0 = ground
-    yp = np.asarray(el.Yprim, dtype=float)
-    yprim = (yp[0::2] + 1j * yp[1::2]).reshape(n_conds * n_terms, -1)
-    if delta:
-        pairs = [(k, (k + 1) % n_conds) for k in range(nph)]
-    else:
-        pairs = [(k, n_conds - 1) for k in range(nph)]
-    for a, b in pairs:
-        rows.append((name, refs[a], refs[b], -yprim[a, b], *law))
-    p = np.asarray(el.Powers, dtype=float)
-    return 1000.0 * complex(p[0::2].sum(), p[1::2].sum())
+    n_conds = len(node_ref) // n_terms
+    n_cols = n_conds * n_terms  # Yprim is (n_cols x n_cols), row-major (re, im) pairs
+    yp = el.Yprim.tolist()
+    for k in range(nph):
+        a, b = (k, (k + 1) % n_conds) if delta else (k, n_conds - 1)
+        o = 2 * (a * n_cols + b)
+        # 1-based refs, 0 = ground
+        rows.append((name, node_ref[a] - 1, node_ref[b] - 1, -complex(yp[o], yp[o + 1]), *law))
+    p = el.Powers.tolist()
+    return 1000.0 * complex(sum(p[0::2]), sum(p[1::2]))
 
 
 def _to_arrays(rows: list[tuple]) -> Branches:
@@ -162,7 +164,7 @@ def _to_arrays(rows: list[tuple]) -> Branches:
     for f in order[5:14]:
         data[f] = data[f].astype(float)
     data["y_sys_s"] = data["y_sys_s"].astype(complex)
-    data["zipv"] = np.vstack(cols[14]).astype(float)
+    data["zipv"] = np.array(cols[14], dtype=float).reshape(-1, 7)
     return Branches(**data)
 
 
