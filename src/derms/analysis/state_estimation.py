@@ -436,7 +436,9 @@ def estimate_state(
                 bad = lnames[int(np.flatnonzero(~np.isfinite(x_new))[0]) % k]
                 raise ConvergenceError(f"state estimation diverged at iteration {it} (load "
                                        f"{bad!r} not finite)")
-            x_new, damped = _damped_solve(engine, loads, load_idx, x, x_new)
+            v_here = complex_pairs(ckt.YNodeVarray)
+            x_new, damped = _damped_solve(engine, loads, load_idx, x, x_new,
+                                          _predict(parts, v_here, x_new - x), v_here)
             if damped > MAX_HALVINGS:  # no step from x solves: stop there, not converged
                 notes.append(f"iteration {it}: the AC solve failed at every step down to "
                              f"{0.5 ** MAX_HALVINGS:g} of it; the last state that solved is "
@@ -543,17 +545,29 @@ def estimate_state(
 MAX_HALVINGS = 6
 
 
-def _damped_solve(engine, loads, load_idx, x: np.ndarray, x_new: np.ndarray
+def _damped_solve(engine, loads, load_idx, x: np.ndarray, x_new: np.ndarray,
+                  v_start: np.ndarray | None = None, v_here: np.ndarray | None = None
                   ) -> tuple[np.ndarray, int]:
     """Write ``x_new`` and solve; where the AC solve fails (a step the network cannot
     carry: reverse flow from generation the model does not know of), halve the step
     from ``x``, up to ``MAX_HALVINGS`` times. Returns the state solved at and the number
     of halvings; ``MAX_HALVINGS + 1`` when every step failed and the engine is back at
     ``x`` (the estimate stalls there). Raises :class:`ConvergenceError` only when ``x``
-    itself no longer solves."""
+    itself no longer solves.
+
+    ``v_start``: the voltages predicted at ``x_new`` (Y order), the full step's start;
+    where the solve from it fails, the step is solved again from ``v_here`` (the
+    solution at ``x``) before any halving, as without a prediction."""
     for halvings in range(MAX_HALVINGS + 1):
         write_loads(loads, load_idx, x_new)
         try:
+            if halvings == 0 and v_start is not None:
+                try:
+                    engine.start_voltages(v_start)
+                    engine.solve()
+                    return x_new, 0
+                except ConvergenceError:
+                    engine.start_voltages(v_here)
             engine.solve()
             return x_new, halvings
         except ConvergenceError:
@@ -564,6 +578,21 @@ def _damped_solve(engine, loads, load_idx, x: np.ndarray, x_new: np.ndarray
                 return x, MAX_HALVINGS + 1
             x_new = x + 0.5 * (x_new - x)
     raise AssertionError("unreachable")
+
+
+def _predict(parts: dict, v_y: np.ndarray, dx: np.ndarray) -> np.ndarray | None:
+    """Node voltages (Y order) predicted after the load step ``dx`` from the solution
+    ``v_y``: ``v_y + J^-1 E dx``, with the KCL Jacobian and load injections H was built
+    from (one transposed solve of its factors). None without them. A start for the next
+    AC solve only (OpenDSS iterates to its tolerance from it)."""
+    solver, e_mat = parts.get("solver"), parts.get("e_mat")
+    if solver is None or e_mat is None:
+        return None
+    rhs = np.asarray(e_mat @ dx, dtype=float)
+    dv = np.empty_like(rhs)
+    dv[solver.perm] = solver.solve_transposed(rhs[solver.perm])
+    v = v_y + (dv[0::2] + 1j * dv[1::2])
+    return v if np.isfinite(v).all() else None
 
 
 def _solve_from_init(engine, loads, load_idx, x: np.ndarray) -> None:

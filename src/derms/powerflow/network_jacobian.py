@@ -78,6 +78,21 @@ class LeafSolver:
         return b
 
 
+    def solve_transposed(self, b: np.ndarray) -> np.ndarray:
+        """Solve ``J^T x = b`` in place (``b``: 2n or 2n x k, permuted order); returns ``b``.
+
+        The same factors taken in transposed order: forward through the rounds with each
+        round's ``(A^-1 B)^T``, the core by SuperLU's transposed solve, back with
+        ``A^-T`` and ``(C A^-1)^T``."""
+        for a, c, _, m_mat, _, _ in self.rounds:
+            b[c:] -= m_mat.T @ b[a:c]
+        core = b[self.core :]
+        core[...] = self.lu.solve(np.asfortranarray(core), trans="T")
+        for a, c, inv, _, rows, f in reversed(self.rounds):
+            b[a:c] = inv.T @ b[a:c] - f.T @ b[rows]
+        return b
+
+
 def _leaf_rounds(adj: sp.csr_matrix, max_rounds: int) -> np.ndarray:
     """Elimination round of each bus (``max_rounds`` = the core): leaves, in rounds, while a
     round removes at least 5 % of the buses left."""
