@@ -145,15 +145,14 @@ def calibrate_prior(a_lower: np.ndarray, r_diag: np.ndarray, d: np.ndarray,
     if not (np.isfinite(m0) and np.isfinite(s0) and s0 > 0):
         raise ValueError(f"prior on log beta must be finite with a positive sd, got {prior}")
     rs = 1.0 / np.sqrt(r_diag)
-    at = a_lower * rs[:, None]
-    at *= rs[None, :]  # whitened, lower triangle valid
+    at = _whiten_lower(a_lower, rs)
     e_w = d * rs
     if not float(np.trace(at)) > _NO_INFORMATION * max(at.shape[0], 1):
         # the measurements do not see the prior at all: nothing to learn, keep the prior
         return PriorScale(beta=float(np.exp(m0)), beta_ml=float(np.exp(m0)),
                           sd_log_beta=float("inf"), at_bound=False, log_beta_post=m0,
                           sd_log_beta_post=s0)
-    spec = _Spectrum(at, min(K_TOP, at.shape[0]))  # (zeroes at's upper triangle)
+    spec = _Spectrum(at, min(K_TOP, at.shape[0]))
     beta = 1.0
     for _ in range(3):  # clip at beta = 1, then twice at the estimate
         lim = CLIP_SIGMAS * np.sqrt(beta * spec.diag + 1.0)
@@ -213,13 +212,29 @@ def tril_inplace(a: np.ndarray, block: int = 64) -> np.ndarray:
     return a
 
 
+def _whiten_lower(a_lower: np.ndarray, rs: np.ndarray, block: int = 64) -> np.ndarray:
+    """``diag(rs) A diag(rs)``'s lower triangle from ``A``'s (upper not read), upper zero:
+    a fresh array, one pass over the lower half by row blocks (same arithmetic as
+    ``a * rs[:, None] * rs[None, :]``, without its two full passes and ``np.tril``)."""
+    m = a_lower.shape[0]
+    at = np.empty((m, m))
+    for lo in range(0, m, block):
+        hi = min(lo + block, m)
+        np.multiply(a_lower[lo:hi, :hi], rs[lo:hi, None], out=at[lo:hi, :hi])
+        at[lo:hi, :hi] *= rs[None, :hi]
+        at[lo:hi, hi:] = 0.0
+        at[lo:hi, lo:hi][np.triu_indices(hi - lo, 1)] = 0.0
+    return at
+
+
 class _Spectrum:
-    """Top eigenpairs of a whitened symmetric PSD matrix (lower triangle given) and the
-    first two spectral moments of the rest (``tr1`` = sum lam, ``tr2`` = sum lam^2)."""
+    """Top eigenpairs of a whitened symmetric PSD matrix (its lower triangle, the upper
+    zero) and the first two spectral moments of the rest (``tr1`` = sum lam, ``tr2`` =
+    sum lam^2)."""
 
     def __init__(self, at_lower: np.ndarray, k: int) -> None:
         m = at_lower.shape[0]
-        self._a = tril_inplace(at_lower)  # (the caller's whitened copy)
+        self._a = at_lower
         self.diag = np.diag(self._a).copy()
         if k >= m // 3:  # small: the whole spectrum, exactly
             lam, u = np.linalg.eigh(self._a, UPLO="L")
