@@ -61,6 +61,7 @@ class LeafSolver:
             self.rounds.append((a, b, inv.tocsr(), m_mat, f_rows + b, f_mat[f_rows]))
             cur = (cur[b - a :, b - a :] - jrs @ m_mat).tocsr()
         self.core = n - cur.shape[0]
+        self._transposed = None  # solve_transposed's factors, built on first use
         try:
             self.lu = spla.splu(cur.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.1)
         except RuntimeError as exc:
@@ -84,12 +85,16 @@ class LeafSolver:
         The same factors taken in transposed order: forward through the rounds with each
         round's ``(A^-1 B)^T``, the core by SuperLU's transposed solve, back with
         ``A^-T`` and ``(C A^-1)^T``."""
-        for a, c, _, m_mat, _, _ in self.rounds:
-            b[c:] -= m_mat.T @ b[a:c]
+        if self._transposed is None:  # the rounds' factors transposed (CSC views), once
+            self._transposed = [(m_mat.T, inv.T, f.T)
+                                for _, _, inv, m_mat, _, f in self.rounds]
+        for (a, c, *_), (m_t, _, _) in zip(self.rounds, self._transposed):
+            b[c:] -= m_t @ b[a:c]
         core = b[self.core :]
         core[...] = self.lu.solve(np.asfortranarray(core), trans="T")
-        for a, c, inv, _, rows, f in reversed(self.rounds):
-            b[a:c] = inv.T @ b[a:c] - f.T @ b[rows]
+        for (a, c, _, _, rows, _), (_, inv_t, f_t) in zip(reversed(self.rounds),
+                                                          reversed(self._transposed)):
+            b[a:c] = inv_t @ b[a:c] - f_t @ b[rows]
         return b
 
 
