@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache, wraps
 from typing import ParamSpec, TypeVar
@@ -93,3 +94,16 @@ def blas_single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         with blas_single_thread():
             return fn(*args, **kwargs)
     return run
+
+
+@lru_cache(maxsize=1)
+def _beside_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="derms-beside")
+
+
+def run_beside(fn: Callable[..., _R], *args: object) -> Future:
+    """Run ``fn(*args)`` in one background thread (shared, one job at a time) while the
+    caller goes on, e.g. dense algebra (numpy/LAPACK release the GIL) beside OpenDSS
+    solves (cffi releases it too). The caller takes ``.result()``; ``fn`` must only read
+    what the caller may touch meanwhile."""
+    return _beside_pool().submit(fn, *args)

@@ -175,7 +175,7 @@ from derms.errors import ConvergenceError, InputError, ModelError
 from derms.powerflow.collect import NetworkIndex, StepCollector
 from derms.powerflow.linear_loads import read_branches
 from derms.powerflow.network_jacobian import complex_pairs
-from derms.threads import blas_single_threaded
+from derms.threads import blas_single_threaded, run_beside
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +419,8 @@ def estimate_state(
         if m:
             s_mat[np.diag_indices(m)] += r_diag
             chol = sla.cho_factor(s_mat, lower=True, check_finite=False, overwrite_a=True)
+            # diag(S^-1) for the residual statistics, computed beside the AC solves
+            inv_job = run_beside(_inv_lower, tril_inplace(chol[0]))
         converged, it, f_k = False, 0, f0
         for it in range(1, max_iterations + 1):
             xf = xp
@@ -460,10 +462,8 @@ def estimate_state(
         r_ami = z_a - f_k * x[a_cols]
         r_pseudo = xp - x
         if m:
-            l_inv, info = sla.lapack.dtrtri(tril_inplace(chol[0]), lower=1)
-            if info != 0:
-                raise ModelError("state estimation: singular measurement covariance")
-            om_meas = r_diag**2 * np.einsum("ij,ij->j", l_inv, l_inv)  # R diag(S^-1) R
+            l_inv, diag_s_inv = inv_job.result()
+            om_meas = r_diag**2 * diag_s_inv  # R diag(S^-1) R
         else:
             l_inv, om_meas = np.zeros((0, 0)), np.zeros(0)
         # posterior variance of a state: Sigma_ii = pf_i - pf_i^2 d_i, d = diag(H^T S^-1 H)
@@ -595,6 +595,15 @@ def _predict(parts: dict, v_y: np.ndarray, dx: np.ndarray) -> np.ndarray | None:
     return v if np.isfinite(v).all() else None
 
 
+def _inv_lower(chol_l: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(L^-1, diag(S^-1))`` from the lower Cholesky factor ``L`` of ``S`` (upper zero;
+    read only)."""
+    l_inv, info = sla.lapack.dtrtri(chol_l, lower=1)
+    if info != 0:
+        raise ModelError("state estimation: singular measurement covariance")
+    return l_inv, np.einsum("ij,ij->j", l_inv, l_inv)
+
+
 def _solve_from_init(engine, loads, load_idx, x: np.ndarray) -> None:
     """Write ``x`` and solve it, from the present voltages and else from OpenDSS's initial
     point (after a failed solve the present voltages can be far off)."""
@@ -663,8 +672,8 @@ def _fit_level(engine, loads, load_idx, xp, fixed, z_h, s_h, n_ph: int, start: l
     Each trial solve starts from the node voltages predicted at its factors (affine in
     ``(k_p, k_q)`` through the first three solved trials, before that the nearest one
     solved): ``start`` is filled with the predictor, for the caller's solve at the
-    level chosen. It saves OpenDSS iterations only (the same solution to its tolerance:
-    IEEE 8500 ≈ 35 -> 10 per trial after the first three)."""
+    level chosen (IEEE 8500: 35 -> 29 OpenDSS iterations there). It saves OpenDSS
+    iterations only (the same solution to its tolerance)."""
     k = xp.size // 2
     free_p, free_q = ~fixed[:k], ~fixed[k:]
     solved: list[tuple[float, float, np.ndarray]] = []  # (k_p, k_q, Y-order voltages)
