@@ -432,7 +432,8 @@ def estimate_state(
             x_new = xf.copy()
             if m:
                 hx = _measure(engine, mv_e, n_ph)
-                innov = z - hx + h_mat @ (x - xf)
+                dx_f = x - xf
+                innov = z - hx + h_mat @ dx_f if dx_f.any() else z - hx  # (0 at the prior)
                 x_new += pf * (h_mat.T @ sla.cho_solve(chol, innov, check_finite=False))
             if not np.isfinite(x_new).all():  # never write a NaN load into the engine
                 bad = lnames[int(np.flatnonzero(~np.isfinite(x_new))[0]) % k]
