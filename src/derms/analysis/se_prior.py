@@ -145,18 +145,19 @@ def calibrate_prior(a_lower: np.ndarray, r_diag: np.ndarray, d: np.ndarray,
     if not (np.isfinite(m0) and np.isfinite(s0) and s0 > 0):
         raise ValueError(f"prior on log beta must be finite with a positive sd, got {prior}")
     rs = 1.0 / np.sqrt(r_diag)
-    at = _whiten_lower(a_lower, rs)
     e_w = d * rs
-    if not float(np.trace(at)) > _NO_INFORMATION * max(at.shape[0], 1):
+    if not float(np.sum((np.diag(a_lower) * rs) * rs)) > _NO_INFORMATION * max(rs.size, 1):
         # the measurements do not see the prior at all: nothing to learn, keep the prior
         return PriorScale(beta=float(np.exp(m0)), beta_ml=float(np.exp(m0)),
                           sd_log_beta=float("inf"), at_bound=False, log_beta_post=m0,
                           sd_log_beta_post=s0)
-    spec = _Spectrum(at, min(K_TOP, at.shape[0]))
+    spec = _Spectrum(a_lower, rs, min(K_TOP, rs.size))
+    ae = spec.mul(e_w[:, None])[:, 0]
     beta = 1.0
     for _ in range(3):  # clip at beta = 1, then twice at the estimate
         lim = CLIP_SIGMAS * np.sqrt(beta * spec.diag + 1.0)
-        beta = spec.ml_beta(np.clip(e_w, -lim, lim))
+        e_c = np.clip(e_w, -lim, lim)
+        beta = spec.ml_beta(e_c, spec.mul_changed(e_w, ae, e_c))
     sd = spec.sd_log_beta(beta)
     # posterior of log beta: the data's estimate (sd ``sd``) combined with the prior; the
     # shading is the data's share w of the posterior sd (none where the data say nothing)
@@ -214,8 +215,7 @@ def tril_inplace(a: np.ndarray, block: int = 64) -> np.ndarray:
 
 def _whiten_lower(a_lower: np.ndarray, rs: np.ndarray, block: int = 64) -> np.ndarray:
     """``diag(rs) A diag(rs)``'s lower triangle from ``A``'s (upper not read), upper zero:
-    a fresh array, one pass over the lower half by row blocks (same arithmetic as
-    ``a * rs[:, None] * rs[None, :]``, without its two full passes and ``np.tril``)."""
+    a fresh array, one pass over the lower half by row blocks."""
     m = a_lower.shape[0]
     at = np.empty((m, m))
     for lo in range(0, m, block):
@@ -227,29 +227,48 @@ def _whiten_lower(a_lower: np.ndarray, rs: np.ndarray, block: int = 64) -> np.nd
     return at
 
 
-class _Spectrum:
-    """Top eigenpairs of a whitened symmetric PSD matrix (its lower triangle, the upper
-    zero) and the first two spectral moments of the rest (``tr1`` = sum lam, ``tr2`` =
-    sum lam^2)."""
+def _whitened_frob2(a_lower: np.ndarray, rs: np.ndarray, block: int = 64) -> float:
+    """``|diag(rs) A diag(rs)|_F^2`` from ``A``'s lower triangle, by row blocks (no m x m
+    temporary; the upper triangle is not read)."""
+    m = a_lower.shape[0]
+    lower, diag = 0.0, 0.0
+    for lo in range(0, m, block):
+        hi = min(lo + block, m)
+        w = a_lower[lo:hi, :hi] * rs[lo:hi, None]
+        w *= rs[None, :hi]
+        w[:, lo:hi][np.triu_indices(hi - lo, 1)] = 0.0
+        lower += float(np.einsum("ij,ij->", w, w))
+        d = np.diagonal(w[:, lo:hi])
+        diag += float(d @ d)
+    return 2.0 * lower - diag
 
-    def __init__(self, at_lower: np.ndarray, k: int) -> None:
-        m = at_lower.shape[0]
-        self._a = at_lower
-        self.diag = np.diag(self._a).copy()
+
+class _Spectrum:
+    """Top eigenpairs of the whitened ``A~ = diag(rs) A diag(rs)`` (``A``'s lower triangle
+    given, the upper not read; ``A~`` is never formed on large feeders: products scale
+    their operand and result by ``rs``) and the first two spectral moments of the rest
+    (``tr1`` = sum lam, ``tr2`` = sum lam^2)."""
+
+    def __init__(self, a_lower: np.ndarray, rs: np.ndarray, k: int) -> None:
+        m = a_lower.shape[0]
+        self._a, self._rs = a_lower, rs
+        self.diag = (np.diag(a_lower) * rs) * rs
         if k >= m // 3:  # small: the whole spectrum, exactly
-            lam, u = np.linalg.eigh(self._a, UPLO="L")
+            at = _whiten_lower(a_lower, rs)
+            lam, u = np.linalg.eigh(at, UPLO="L")
+            frob2 = 2.0 * float(np.sum(at * at)) - float(self.diag @ self.diag)
             k = m
         else:  # randomised range finder with power iterations (seeded: deterministic)
             rng = np.random.default_rng(0)
-            q = np.linalg.qr(self._mul(rng.standard_normal((m, k + _OVERSAMPLE))))[0]
+            q = np.linalg.qr(self.mul(rng.standard_normal((m, k + _OVERSAMPLE))))[0]
             for _ in range(_POWER_ITERATIONS):
-                q = np.linalg.qr(self._mul(q))[0]
-            lam, v = np.linalg.eigh(q.T @ self._mul(q))
+                q = np.linalg.qr(self.mul(q))[0]
+            lam, v = np.linalg.eigh(q.T @ self.mul(q))
             u = q @ v
+            frob2 = _whitened_frob2(a_lower, rs)
         order = np.argsort(lam)[::-1][:k]
         self.lam_top = np.maximum(lam[order], 0.0)
         self.u_top = u[:, order]
-        frob2 = 2.0 * float(np.sum(self._a * self._a)) - float(self.diag @ self.diag)
         tr1 = max(float(self.diag.sum()) - float(self.lam_top.sum()), 0.0)
         tr2 = max(frob2 - float(self.lam_top @ self.lam_top), 0.0)
         # the rest as n_t equal directions matching its first two moments (sum lam, sum
@@ -266,14 +285,28 @@ class _Spectrum:
         info = 0.5 * float(np.sum((x / (x + 1.0)) ** 2) + self.n_t * (x_t / (x_t + 1.0)) ** 2)
         return 1.0 / np.sqrt(max(info, 1e-12))
 
-    def _mul(self, x: np.ndarray) -> np.ndarray:
-        return sla.blas.dsymm(1.0, self._a, x, side=0, lower=1)
+    def mul(self, x: np.ndarray) -> np.ndarray:
+        """``A~ x`` for ``x`` (m, p)."""
+        rs = self._rs[:, None]
+        return rs * sla.blas.dsymm(1.0, self._a, rs * x, side=0, lower=1)
 
-    def ml_beta(self, e_w: np.ndarray) -> float:
-        """Minimiser of the negative log-likelihood for a whitened innovation ``e_w``."""
+    def mul_changed(self, e: np.ndarray, ae: np.ndarray, e_new: np.ndarray) -> np.ndarray:
+        """``A~ e_new`` from ``ae = A~ e`` where ``e_new`` differs from ``e`` in few
+        entries (the clipped ones): their columns only, instead of a pass over ``A``."""
+        idx = np.flatnonzero(e_new != e)
+        if idx.size > max(1, e.size // 20):
+            return self.mul(e_new[:, None])[:, 0]
+        cols = np.empty((e.size, idx.size))
+        for c, j in enumerate(idx):  # column j of the symmetric A from its lower triangle
+            cols[j:, c] = self._a[j:, j]
+            cols[:j, c] = self._a[j, :j]
+        return ae + self._rs * (cols @ (self._rs[idx] * (e_new[idx] - e[idx])))
+
+    def ml_beta(self, e_w: np.ndarray, ae: np.ndarray) -> float:
+        """Minimiser of the negative log-likelihood for a whitened innovation ``e_w``
+        (``ae = A~ e_w``)."""
         e_top = self.u_top.T @ e_w
         lam = self.lam_top
-        ae = self._mul(e_w[:, None])[:, 0]
         s1 = max(float(e_w @ ae) - float(np.sum(lam * e_top**2)), 0.0)  # rest: sum lam e^2
         lam_t, n_t = self.lam_t, self.n_t
         e2_t = s1 / self.tr1 if n_t > 0 else 0.0  # the rest's innovation, matching s1
