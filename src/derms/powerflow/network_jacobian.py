@@ -36,14 +36,19 @@ class LeafSolver:
     def __init__(self, jac: sp.csr_matrix, bus_of_dim: np.ndarray, max_rounds: int = 6,
                  chains: bool = False) -> None:
         n, nb = jac.shape[0], int(bus_of_dim.max()) + 1
-        g = sp.csr_matrix((np.ones(n), (np.arange(n), bus_of_dim)), shape=(n, nb))
-        pattern = sp.csr_matrix((np.ones(jac.nnz), jac.indices, jac.indptr), shape=jac.shape)
-        adj = (g.T @ pattern @ g).tocsr()
-        adj.setdiag(0)
-        adj.eliminate_zeros()
-        adj.data[:] = 1.0
-        rnd = (_chain_rounds(adj, max_rounds) if chains
-               else _leaf_rounds(adj, max_rounds))
+        if chains:  # the bus graph as an edge list, straight from the pattern
+            rows = np.repeat(np.arange(n), np.diff(jac.indptr))
+            bu, bv = bus_of_dim[rows], bus_of_dim[jac.indices]
+            rnd = _chain_rounds_edges(np.r_[bu, bv], np.r_[bv, bu], nb, max_rounds)
+        else:
+            g = sp.csr_matrix((np.ones(n), (np.arange(n), bus_of_dim)), shape=(n, nb))
+            pattern = sp.csr_matrix((np.ones(jac.nnz), jac.indices, jac.indptr),
+                                    shape=jac.shape)
+            adj = (g.T @ pattern @ g).tocsr()
+            adj.setdiag(0)
+            adj.eliminate_zeros()
+            adj.data[:] = 1.0
+            rnd = _leaf_rounds(adj, max_rounds)
         self.perm = perm = np.lexsort((np.arange(n), bus_of_dim, rnd[bus_of_dim]))
         self.pos = np.empty(n, dtype=np.int64)
         self.pos[perm] = np.arange(n)
@@ -54,7 +59,7 @@ class LeafSolver:
         for a, b in zip(edges[:-1], edges[1:]):
             if b == a:
                 continue
-            inv = block_inverse(cur[: b - a, : b - a].tocoo(), bus_p[a:b])
+            inv = block_inverse(cur[: b - a, : b - a], bus_p[a:b])
             jsr, jrs = cur[: b - a, b - a :], cur[b - a :, : b - a]
             m_mat, f_mat = (inv @ jsr).tocsr(), (jrs @ inv).tocsr()
             f_rows = np.flatnonzero(np.diff(f_mat.indptr))
@@ -124,12 +129,18 @@ def _chain_rounds(adj: sp.csr_matrix, max_rounds: int) -> np.ndarray:
     On an edge list (both directions, self loops dropped), one round a few vectorised
     passes over the live edges (sparse matrix products per round took ≈ 25 ms on IEEE
     8500's 16 rounds)."""
-    nb = adj.shape[0]
+    sym = (adj + adj.T).tocoo()  # the pattern is symmetric: make sure
+    return _chain_rounds_edges(sym.row, sym.col, adj.shape[0], max_rounds)
+
+
+def _chain_rounds_edges(u: np.ndarray, v: np.ndarray, nb: int, max_rounds: int
+                        ) -> np.ndarray:
+    """:func:`_chain_rounds` of the graph with edges ``(u, v)`` over ``nb`` buses (given in
+    both directions; repeats and self loops are dropped)."""
+    off = u != v
+    u, v = _unique_edges(u[off].astype(np.int64), v[off].astype(np.int64), nb)
     rnd = np.full(nb, max_rounds)
     alive = np.ones(nb, dtype=bool)
-    sym = (adj + adj.T).tocoo()  # the pattern is symmetric: make sure
-    off = sym.row != sym.col
-    u, v = _unique_edges(sym.row[off].astype(np.int64), sym.col[off].astype(np.int64), nb)
     top = float(3 * nb + 1)
     idx = np.arange(nb)
     for r in range(max_rounds):
@@ -160,31 +171,35 @@ def _unique_edges(u: np.ndarray, v: np.ndarray, nb: int) -> tuple[np.ndarray, np
     return key // nb, key % nb
 
 
-def block_inverse(jss: sp.coo_matrix, bus: np.ndarray) -> sp.coo_matrix:
-    """Inverse of a block-diagonal matrix whose blocks are the runs of equal ``bus``."""
+def block_inverse(jss: sp.spmatrix, bus: np.ndarray) -> sp.csr_matrix:
+    """Inverse of a block-diagonal matrix whose blocks are the runs of equal ``bus``
+    (CSR, each block stored dense: its rows hold its columns in order). The blocks'
+    local indices are found once, and the result is written straight into CSR arrays."""
+    jss = jss.tocoo()
+    n = bus.size
     start = np.flatnonzero(np.r_[True, bus[1:] != bus[:-1]])
-    size = np.diff(np.r_[start, bus.size])
-    blk = np.repeat(np.arange(start.size), size)
-    rows, cols, vals = [], [], []
+    size = np.diff(np.r_[start, n])
+    blk_of_row = np.repeat(np.arange(start.size), size)
+    blk = blk_of_row[jss.row]
+    loc_r, loc_c, blk_size = jss.row - start[blk], jss.col - start[blk], size[blk]
+    row_len = size[blk_of_row]
+    indptr = np.r_[0, np.cumsum(row_len)]
+    indices = np.repeat(start[blk_of_row], row_len) + (
+        np.arange(indptr[-1]) - np.repeat(indptr[:-1], row_len))
+    data = np.empty(indptr[-1])
     for d in np.unique(size):
         sel = np.flatnonzero(size == d)
         slot = np.full(start.size, -1)
         slot[sel] = np.arange(sel.size)
+        e = blk_size == d
         dense = np.zeros((sel.size, d, d))
-        e = slot[blk[jss.row]] >= 0
-        dense[slot[blk[jss.row[e]]], jss.row[e] - start[blk[jss.row[e]]],
-              jss.col[e] - start[blk[jss.row[e]]]] = jss.data[e]
+        dense[slot[blk[e]], loc_r[e], loc_c[e]] = jss.data[e]
         try:
             inv = np.linalg.inv(dense)
         except np.linalg.LinAlgError:
             raise ModelError("network Jacobian is singular at a leaf bus") from None
-        li, lj = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
-        rows.append((start[sel][:, None, None] + li).ravel())
-        cols.append((start[sel][:, None, None] + lj).ravel())
-        vals.append(inv.ravel())
-    n = bus.size
-    return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                         shape=(n, n))
+        data[(indptr[start[sel]][:, None] + np.arange(d * d)).ravel()] = inv.ravel()
+    return sp.csr_matrix((data, indices, indptr), shape=(n, n))
 
 
 def system_y(engine, n: int) -> sp.csc_matrix:
