@@ -250,7 +250,8 @@ def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix,
 
     Same arithmetic as ``LeafSolver.solve`` but the forward elimination of the leaf
     rounds runs on the *sparse* right-hand sides (a meter's functional touches one node
-    and stays local until it reaches the core), and only ``E``'s rows are read back.
+    and stays local until it reaches the core), and the back substitution produces only
+    the rows ``E`` reads and the rows those depend on (:func:`_needed_rows`).
     Batches of columns run in ``workers`` threads (default
     :func:`~derms.threads.solve_workers`; ≈ 1.8x faster on IEEE 8500 with two); each batch
     writes its own rows of the result, so the result does not depend on the threads.
@@ -262,9 +263,7 @@ def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix,
     sel = [sp.csr_matrix((np.ones(r.size), (r, np.arange(r.size))), shape=(n2, r.size))
            for *_, r, _ in solver.rounds]
     h_mat = np.empty((m, e_mat.shape[1]))
-    need = np.unique(e_p.indices)
-    if solver.rounds:
-        need = need[need < solver.rounds[0][1]]
+    back = _needed_rows(solver, np.unique(e_p.indices))
 
     def one(lo: int, hi: int) -> None:
         b = c_p[:, lo:hi].tocsr()
@@ -272,11 +271,8 @@ def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix,
             b = (b - s_r @ (f @ b[a:cc])).tocsr()
         y = b.toarray()
         y[solver.core:] = solver.lu.solve(b[solver.core:].toarray(order="F"))
-        for r, (a, cc, inv, m_mat, _, _) in enumerate(reversed(solver.rounds)):
-            if r == len(solver.rounds) - 1 and a == 0:  # outermost leaves: E's rows only
-                y[need] = inv[need] @ y[a:cc] - m_mat[need] @ y[cc:]
-            else:
-                y[a:cc] = inv @ y[a:cc] - m_mat @ y[cc:]
+        for a, cc, need, inv_n, m_n in reversed(back):
+            y[need] = inv_n @ y[a:cc] - m_n @ y[cc:]
         h_mat[lo:hi] = (e_p @ y).T
 
     workers = solve_workers() if workers is None else max(1, int(workers))
@@ -291,6 +287,23 @@ def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix,
             for fut in [pool.submit(one, lo, hi) for lo, hi in spans]:
                 fut.result()
     return h_mat
+
+
+def _needed_rows(solver: LeafSolver, rows_read: np.ndarray) -> list[tuple]:
+    """Per round (solver order): ``(a, c, need, inv[need], m_mat[need])``, ``need`` the
+    positions (in ``a:c``) whose solution the back substitution must produce for the
+    rows ``rows_read`` (solver positions): those read themselves, and the positions the
+    needed rows of every outer round read through their ``A^-1 B`` (IEEE 8500, E's rows:
+    13,170 of 17,056, a fifth less work)."""
+    needed = np.zeros(solver.perm.size, dtype=bool)
+    needed[rows_read] = True
+    back = []
+    for a, cc, inv, m_mat, _, _ in solver.rounds:
+        loc = np.flatnonzero(needed[a:cc])
+        m_n = m_mat[loc]
+        needed[m_n.indices + cc] = True
+        back.append((a, cc, loc + a, inv[loc], m_n))
+    return back
 
 
 def y_bases_v(engine, y_of_e: np.ndarray, n: int | None = None) -> np.ndarray:
