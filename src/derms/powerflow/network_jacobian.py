@@ -260,19 +260,25 @@ def adjoint_rows(solver: LeafSolver, c: sp.csc_matrix, e_mat: sp.csc_matrix,
     c_p = c.tocsr()[solver.perm]
     e_p = e_mat.tocsr()[solver.perm].T.tocsr()  # (2k x 2n), columns in solver positions
     n2 = c.shape[0]
-    sel = [sp.csr_matrix((np.ones(r.size), (r, np.arange(r.size))), shape=(n2, r.size))
-           for *_, r, _ in solver.rounds]
     h_mat = np.empty((m, e_mat.shape[1]))
     back = _needed_rows(solver, np.unique(e_p.indices))
 
     def one(lo: int, hi: int) -> None:
         b = c_p[:, lo:hi].tocsr()
-        for (a, cc, _, _, _, f), s_r in zip(solver.rounds, sel):
-            b = (b - s_r @ (f @ b[a:cc])).tocsr()
+        for a, cc, _, _, rows, f in solver.rounds:
+            upd = (f @ b[a:cc]).tocsr()  # the rows `rows` (ascending) of the update
+            ptr = np.zeros(n2 + 1, dtype=upd.indptr.dtype)
+            ptr[rows + 1] = np.diff(upd.indptr)
+            b = b - sp.csr_matrix((upd.data, upd.indices, np.cumsum(ptr)), shape=b.shape)
         y = b.toarray()
         y[solver.core:] = solver.lu.solve(b[solver.core:].toarray(order="F"))
         for a, cc, need, inv_n, m_n in reversed(back):
-            y[need] = inv_n @ y[a:cc] - m_n @ y[cc:]
+            out = inv_n @ y[a:cc]
+            out -= m_n @ y[cc:]
+            if need.size == cc - a:
+                y[a:cc] = out
+            else:
+                y[need] = out
         h_mat[lo:hi] = (e_p @ y).T
 
     workers = solve_workers() if workers is None else max(1, int(workers))
