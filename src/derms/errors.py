@@ -33,3 +33,8 @@ class ConvergenceError(DermsError):
 
 class InfeasibleError(DermsError):
     """An optimisation with no feasible solution."""
+
+
+class StoreUnavailable(DermsError):
+    """The store (or a lookup in it) failed for a reason that is not the input's: the
+    caller keeps what it has and retries (HTTP 503); nothing is refused or acknowledged."""

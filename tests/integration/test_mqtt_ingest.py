@@ -326,3 +326,60 @@ def test_the_brokers_drops_are_watched_and_the_counters_scraped(caplog):
     assert len(warned) == 1 and "37.5" in warned[0].getMessage()
     assert "derms_mqtt_broker_dropped_per_minute 40.1" in \
         generate_latest(metrics.registry).decode()
+
+
+def test_a_store_lookup_that_fails_keeps_the_messages_unacknowledged_until_it_works():
+    """The ingest's known-series lookup reads the database; when it failed, every message
+    of the batch was refused as 'payload not accepted' and acknowledged, unwritten (an
+    independent review). Now the batch is kept and validated again once the lookup
+    works: every reading arrives, nothing is reported as rejected."""
+    sink = KeyedSink()
+    down = [True]
+
+    def known(ids):
+        if down[0]:
+            raise OSError("connection refused")  # as the database going away
+        return [True] * len(ids)
+
+    ingest, client_id, root = _run_ingest(sink, known_series=known, max_delay_s=0.05)
+    pub, errors = _error_listener(root)
+    infos = [pub.publish(root + "/telemetry/der", _rows(m), qos=1) for m in range(20)]
+    _wait(infos, lambda: False, timeout_s=2.0)
+    assert len(sink.rows) == 0 and ingest.stats.rejected == 0
+    down[0] = False
+    _wait([], lambda: len(sink.rows) == 100)
+    ingest.stop()
+    pub.loop_stop()
+    pub.disconnect()
+    drop_session(client_id)
+    assert len(sink.rows) == 100 and ingest.stats.rejected == 0 and errors == []
+
+
+def test_stop_under_traffic_drains_what_was_read_and_stops():
+    """stop() while messages keep coming waited on a queue the reader kept filling (60 s,
+    and the workers went on writing after the session was closed: an independent review);
+    now the reader stops reading and the workers drain what it had read."""
+    import subprocess
+
+    class SlowSink(KeyedSink):  # slower than the messages come
+        def __call__(self, batch):
+            time.sleep(0.5)
+            return super().__call__(batch)
+
+    sink = SlowSink()
+    ingest, client_id, root = _run_ingest(sink, max_delay_s=0.05)
+    lines = "\n".join(_rows(m) for m in range(30_000)) + "\n"
+    feeder = subprocess.Popen(["mosquitto_pub", "-l", "-q", "1", "-t", root + "/telemetry/der"],
+                              stdin=subprocess.PIPE)
+    threading.Thread(target=lambda: feeder.communicate(lines.encode()), daemon=True).start()
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    ingest.stop()
+    took = time.monotonic() - t0
+    n_after_stop = sink.writes
+    time.sleep(0.5)
+    feeder.kill()
+    drop_session(client_id)
+    assert not any(t.is_alive() for t in ingest._threads)
+    assert sink.writes == n_after_stop  # nothing written after stop() returned
+    assert took < 30, took

@@ -136,3 +136,44 @@ def test_ingest_through_a_lost_connection_stores_every_reading_once():
     drop_session(client_id)
     assert len(sink.rows) == 5 * 600
     assert ingest.session.conn >= 2
+
+
+def test_a_client_id_taken_over_backs_off_instead_of_taking_it_back_at_once():
+    """Two sessions with one client id (a second ingest started by mistake): each used to
+    take the session back from the other at once, thousands of CONNECTs a second (an
+    independent review). The one taken over now waits before re-connecting."""
+    client_id = f"wire-take-{uuid.uuid4().hex[:8]}"
+    a = _session(f"test/{client_id}/#", Collector(), client_id=client_id)
+    b = _session(f"test/{client_id}/#", Collector(), client_id=client_id)
+    time.sleep(4.0)
+    conns = a.conn + b.conn
+    a.stop()
+    b.stop()
+    drop_session(client_id)
+    assert conns <= 6, conns
+
+
+def test_a_malformed_publish_or_a_failing_callback_reconnects_instead_of_killing_the_reader():
+    """A callback that raises (or a packet the reader cannot decode) ended the reader
+    thread for good: nothing more was read or acknowledged (an independent review). The
+    reader now re-connects; the message, never acknowledged, comes again."""
+    topic = f"test/wire-{uuid.uuid4().hex[:8]}/t"
+    got, calls = Collector(), []
+
+    def flaky(msgs):
+        calls.append(len(msgs))
+        if len(calls) == 1:
+            raise RuntimeError("a defect in the callback")
+        got(msgs)
+
+    s = _session(topic, flaky)
+    pub = _publisher()
+    _wait([pub.publish(topic, "one", qos=1)], lambda: len(got.msgs) >= 1, timeout_s=10)
+    assert [m.payload for m in got.msgs] == [b"one"] and got.msgs[0].dup
+    assert s.conn == 2 and s._thread.is_alive()
+    s.ack(got.msgs)
+    client_id = s.client_id
+    s.stop()
+    pub.loop_stop()
+    pub.disconnect()
+    drop_session(client_id)

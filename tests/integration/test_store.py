@@ -290,3 +290,19 @@ def test_settings_defaults_and_env(tmp_path, monkeypatch):
     assert get_settings().database_url == "postgresql://u@h/db"
     assert make_engine(get_settings().database_url).dialect.driver == "psycopg"
     assert get_settings(database_url="sqlite:///x.db").database_url == "sqlite:///x.db"
+
+
+def test_a_quantity_holding_the_series_key_separator_names_no_other_series(engine, device, uid):
+    """Series keys are text joined by \\x1f; an owner may hold one (the split is from the
+    right), but a quantity holding one would name another device's series (an independent
+    review of the text-keyed cache): refused."""
+    with make_session_factory(engine).begin() as s:
+        s.add(DerDevice(der_id=f"{device}\x1fx", site_id=f"s-{uid}", der_type=DerType.PV,
+                        s_max_kva=1.0, p_gen_max_kw=1.0))
+    other = pd.DataFrame({"t": pd.DatetimeIndex([T0]), "value": [1.0], "quantity": "p_kw",
+                          "der_id": [f"{device}\x1fx"]})
+    assert write_readings(engine, other, series_cache={}).inserted == 1
+    bad = pd.DataFrame({"t": pd.DatetimeIndex([T0 + timedelta(minutes=1)]), "value": [2.0],
+                        "quantity": "x\x1fp_kw", "der_id": [device]})
+    with pytest.raises(InputError, match="is not a quantity"):
+        write_readings(engine, bad, series_cache={})

@@ -142,3 +142,17 @@ def test_texts_pandas_would_not_mix_cost_only_their_own_message():
         assert isinstance(g, BatchError) and g.errors[0].field == "t", g
     with pytest.raises(BatchError):
         parse_json(bodies[-1])
+
+
+def test_a_field_named_twice_is_refused_in_utf_16_too():
+    """The duplicate-key fast path counted key ends in the raw bytes: in UTF-16 a key ends
+    in '"\\x00:\\x00' (never counted) while U+3A22 encodes as '":': a repeated key passed
+    (an independent review). Bodies that are not UTF-8 take the exact check."""
+    for enc, ch in (("utf-16-le", "\u3a22"), ("utf-16-be", "\u223a"), ("utf-16", "\u3a22")):
+        # five keys decoded, five '":' in the raw bytes (all inside the string)
+        text = ('{"series": "%s", "series": "inv-2", "quantity": "p", "unit": "kW", '
+                '"t": "2026-07-01T00:00:00Z", "value": 1.0}' % (ch * 5))
+        with pytest.raises(InputError, match="'series' twice"):
+            json_document(text.encode(enc))
+        one = text.replace('"series": "inv-2", ', "")
+        assert json_document(one.encode(enc)).n_rows == 1

@@ -19,7 +19,14 @@ from sqlalchemy.exc import DataError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from derms.errors import ConvergenceError, DermsError, InfeasibleError, InputError, ModelError
+from derms.errors import (
+    ConvergenceError,
+    DermsError,
+    InfeasibleError,
+    InputError,
+    ModelError,
+    StoreUnavailable,
+)
 from derms.ingest.parse import BatchError
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,8 @@ def problem_response(request: Request, status: int, detail: str, *, type_: str |
 
 
 def _status_of(exc: DermsError) -> int:
+    if isinstance(exc, StoreUnavailable):
+        return 503
     if isinstance(exc, InfeasibleError):
         return 409
     if isinstance(exc, ModelError) and "unknown" in str(exc).lower():

@@ -7,14 +7,15 @@ Topic scheme (QoS 1)
 columns). ``<source>`` (e.g. ``scada``, ``ami``, ``der``, an aggregator id) is stored as the
 readings' source. A rejected payload is reported on ``derms/v1/errors/<source>`` (JSON:
 ``{"mid": …, "detail": …, "errors": [{"row", "field", "detail"}]}``) and acknowledged, so
-it is not redelivered forever.
+it is not redelivered forever (the report is re-sent after a lost connection until the
+broker has it, but not after a crash of the process).
 
 Delivery: a persistent MQTT 5 session (``clean_start=False``, fixed client id, a
 Receive Maximum of ``RECEIVE_MAXIMUM``) through the lean client of
 :mod:`derms.ingest.mqtt_wire`, which acknowledges nothing by itself: the reader thread
 only queues the messages of each chunk it reads; a parser thread validates them in
-batches while a writer thread writes the previous batch through the sink in one
-transaction and only then acknowledges every message of it. A crash before the commit
+batches while a writer thread writes the previous batch through the sink (one
+transaction per source) and only then acknowledges every message of it. A crash before the commit
 leaves the messages unacknowledged, and the broker redelivers them; the sink must be
 idempotent (the store drops duplicates on its natural key), so redelivery never
 duplicates a reading. The reader stops reading (TCP holds the broker back) while more
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from derms.errors import InputError
+from derms.errors import InputError, StoreUnavailable
 from derms.ingest.mqtt_session import SESSION_EXPIRY_S
 from derms.ingest.mqtt_wire import Message, WireSession
 from derms.ingest.parse import (
@@ -140,15 +141,24 @@ class MqttIngest:
             host, port, client_id, subscriptions=self._subscriptions(),
             on_messages=self._on_messages, receive_maximum=RECEIVE_MAXIMUM,
             session_expiry_s=SESSION_EXPIRY_S,
-            pause=lambda: self._held_bytes > self.max_held_bytes)
+            # stopping: what was read is drained, nothing more is read
+            pause=lambda: self._stop.is_set() or self._held_bytes > self.max_held_bytes)
 
     def start(self, timeout_s: float = 10.0) -> None:
-        """Connect and subscribe, then start the parser and writer; InputError if the
-        broker is unreachable or does not accept the session within ``timeout_s``."""
-        self.session.start(timeout_s)
+        """Start the parser and writer, then connect and subscribe; InputError if the
+        broker is unreachable or does not accept the session within ``timeout_s``. (The
+        workers first: the broker sends a session's backlog before the SUBACK, and past
+        ``max_held_bytes`` of it the reader waits for them.)"""
         self._threads = self._workers()
         for thread in self._threads:
             thread.start()
+        try:
+            self.session.start(timeout_s)
+        except InputError:
+            self._stop.set()
+            for thread in self._threads:
+                thread.join(timeout=30)
+            raise
 
     def stop(self) -> None:
         """Let the workers finish what is queued (and acknowledge it), disconnect."""
@@ -203,11 +213,19 @@ class MqttIngest:
 
     # -- pipeline: parser thread -> writer thread ----------------------------------------
     def _run_parser(self) -> None:
-        """Parse batches of messages while the writer waits on the database."""
+        """Parse batches of messages while the writer waits on the database. Where the
+        store's id lookup fails (it is down), the batch is kept and parsed again: its
+        messages were refused, and so acknowledged, unwritten."""
         while not (self._stop.is_set() and self._queue.empty()):
             msgs = self._take_batch()
-            if msgs:
-                self._parsed.put(self._parse(msgs))
+            while msgs:
+                try:
+                    self._parsed.put(self._parse(msgs))
+                    break
+                except StoreUnavailable as exc:
+                    log.warning("mqtt_store_unavailable messages=%d: %s; retrying",
+                                len(msgs), exc)
+                    time.sleep(1.0)
         self._parsed.put(None)
 
     def _run_writer(self) -> None:
@@ -271,8 +289,10 @@ class MqttIngest:
         with the rest, after the write). The messages of one source are validated
         together (:func:`~derms.ingest.parse.validate_documents`): one validation of a
         5-reading message cost ≈ 6 ms, which held a parser thread to ≈ 160 small
-        messages per second, and the broker dropped what queued beyond that."""
+        messages per second, and the broker dropped what queued beyond that. Raises
+        :class:`StoreUnavailable` (nothing reported yet) when the id lookup fails."""
         docs: dict[str, list[tuple]] = {}
+        rejects: list[tuple] = []  # reported once the whole batch is validated
         for msg in msgs:
             source = msg.topic[len(self.telemetry_prefix):] or "mqtt"
             try:
@@ -284,23 +304,28 @@ class MqttIngest:
                                      f"{self.max_payload_bytes} (DERMS_MAX_BODY_BYTES)")
                 docs.setdefault(source, []).append((msg, json_document(msg.payload)))
             except InputError as exc:
-                self._reject(msg, source, exc)
+                rejects.append((msg, source, exc))
             except Exception as exc:
                 log.exception("mqtt_parse_failed topic=%s", msg.topic)
-                self._reject(msg, source, InputError(f"payload not accepted: {exc!r}"[:500]))
+                rejects.append((msg, source,
+                                InputError(f"payload not accepted: {exc!r}"[:500])))
         by_source: dict[str, list[tuple]] = {}
         for source, items in docs.items():
             try:
                 got = validate_documents([d for _m, d in items], source=source,
                                          known_series=self.known_series)
+            except StoreUnavailable:
+                raise
             except Exception as exc:
                 log.exception("mqtt_parse_failed source=%s messages=%d", source, len(items))
                 got = [InputError(f"payload not accepted: {exc!r}"[:500])] * len(items)
             for (msg, _d), batch in zip(items, got):
                 if isinstance(batch, InputError):
-                    self._reject(msg, source, batch)
+                    rejects.append((msg, source, batch))
                 else:
                     by_source.setdefault(source, []).append((msg, batch))
+        for msg, source, exc in rejects:
+            self._reject(msg, source, exc)
         return msgs, by_source
 
     def _write(self, msgs: list, by_source: dict[str, list[tuple]]) -> None:

@@ -14,8 +14,8 @@ received at QoS 0/1 (properties skipped: no Topic Alias Maximum is sent, so the 
 sends no aliases); PUBACK sent by the caller after its commit (:meth:`WireSession.ack`);
 QoS 1 PUBLISH sent (error reports), kept until the broker's PUBACK and sent again with
 DUP after a reconnect; PINGREQ for the keep-alive (the broker's Server Keep Alive
-honoured); DISCONNECT both ways. A lost connection is re-opened (with back-off) and the
-session resumed; the broker then re-sends what was not acknowledged, so acknowledgements
+honoured); DISCONNECT both ways. A lost connection (or a defect in reading) is re-opened
+after a back-off and the session resumed; the broker then re-sends what was not acknowledged, so acknowledgements
 of messages from an earlier connection are dropped (:attr:`Message.conn`) rather than
 sent on the new one, where their packet ids mean other messages.
 """
@@ -48,6 +48,13 @@ _PROPS: dict[int, int | str] = {
 class ProtocolError(Exception):
     """The broker sent something this session does not accept (the connection is
     closed and re-opened)."""
+
+
+class TakenOver(ProtocolError):
+    """The broker closed the connection because another one took the client id over."""
+
+
+STABLE_S = 10.0  # a connection that lived this long resets the re-connect back-off
 
 
 class Message:
@@ -155,7 +162,8 @@ class WireSession:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_id = 0
-        self._outgoing: dict[int, tuple[str, bytes]] = {}  # our QoS 1 PUBLISHes unacked
+        # our QoS 1 PUBLISHes not yet acknowledged: id -> [topic, payload, sent once]
+        self._outgoing: dict[int, list] = {}
         self._topics: dict[bytes, str] = {}
         self._last_sent = self._last_recv = time.monotonic()
         self._ping_out = False
@@ -196,15 +204,21 @@ class WireSession:
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         with self._send_lock:
-            if qos:
-                self._next_id = self._next_id % 65535 + 1
-                while self._next_id in self._outgoing:
-                    self._next_id = self._next_id % 65535 + 1
-                mid = self._next_id
-                self._outgoing[mid] = (topic, payload)
-            else:
-                mid = 0
-        self._send(self._publish_packet(topic, payload, mid, dup=False), self.conn)
+            mid = self._new_id() if qos else 0
+            if mid:
+                self._outgoing[mid] = [topic, payload, False]
+        sent = self._send(self._publish_packet(topic, payload, mid, dup=False), self.conn)
+        if mid and sent:
+            with self._send_lock:
+                if mid in self._outgoing:
+                    self._outgoing[mid][2] = True
+
+    def _new_id(self) -> int:
+        """A packet id no unacknowledged PUBLISH of ours holds (call under the lock)."""
+        self._next_id = self._next_id % 65535 + 1
+        while self._next_id in self._outgoing:
+            self._next_id = self._next_id % 65535 + 1
+        return self._next_id
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Disconnect normally (the broker keeps the session) and stop reading."""
@@ -235,8 +249,10 @@ class WireSession:
         keepalive = int(props.get(0x13, self.keepalive_s))  # Server Keep Alive
         subs = b"".join(_string(f) + bytes([q]) for f, q in self.subscriptions)
         # the SUBACK is read by the reader (the broker may send the session's queued
-        # PUBLISHes before it)
-        sock.sendall(_packet(SUBSCRIBE, struct.pack("!H", 1) + b"\x00" + subs))
+        # PUBLISHes before it); its packet id is none of our unacknowledged reports'
+        with self._send_lock:
+            sub_id = self._new_id()
+        sock.sendall(_packet(SUBSCRIBE, struct.pack("!H", sub_id) + b"\x00" + subs))
         sock.settimeout(1.0)
         with self._send_lock:
             self.conn += 1
@@ -244,9 +260,12 @@ class WireSession:
             self._ka = max(keepalive, 0)
             self._last_sent = self._last_recv = time.monotonic()
             self._ping_out = False
-            resend = list(self._outgoing.items())
-        for mid, (topic, payload) in resend:  # our reports the broker did not acknowledge
-            self._send(self._publish_packet(topic, payload, mid, dup=True), self.conn)
+            resend = [(mid, list(item)) for mid, item in self._outgoing.items()]
+        for mid, (topic, payload, sent) in resend:  # reports the broker did not acknowledge
+            if self._send(self._publish_packet(topic, payload, mid, dup=sent), self.conn):
+                with self._send_lock:
+                    if mid in self._outgoing:
+                        self._outgoing[mid][2] = True
         self.connected.set()
 
     @staticmethod
@@ -274,15 +293,25 @@ class WireSession:
             except OSError:
                 pass
 
-    def _send(self, data: bytes, conn: int) -> None:
+    def _send(self, data: bytes, conn: int) -> bool:
+        """Write ``data`` on connection ``conn``; False if not connected or it failed. A
+        failed (maybe partial) write leaves the stream broken: the connection is shut, and
+        the reader re-connects (what was not acknowledged is re-sent by the broker)."""
         with self._send_lock:
             if self._sock is None or conn != self.conn:
-                return  # not connected, or meant for an older connection
+                return False  # not connected, or meant for an older connection
             try:
                 self._sock.sendall(data)
                 self._last_sent = time.monotonic()
-            except OSError as exc:  # the reader notices and re-connects
-                log.warning("mqtt_send_failed client=%s: %s", self.client_id, exc)
+                return True
+            except OSError as exc:
+                log.warning("mqtt_send_failed client=%s: %s; re-connecting", self.client_id,
+                            exc)
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return False
 
     def _publish_packet(self, topic: str, payload: bytes, mid: int, dup: bool) -> bytes:
         head = PUBLISH | (0x02 if mid else 0) | (0x08 if dup else 0)
@@ -291,13 +320,17 @@ class WireSession:
 
     # -- reader thread -----------------------------------------------------------------
     def _run(self) -> None:
+        """Read; after a lost connection, wait (doubling from 0.5 s to 30 s; reset once a
+        connection has lived ``STABLE_S``) and re-open. A client id taken over by another
+        connection waits the longest."""
         backoff = 0.5
+        opened = time.monotonic()
         while not self._stop.is_set():
             if self._sock is None:
                 try:
                     self._open(10.0)
+                    opened = time.monotonic()
                     log.info("mqtt_reconnected client=%s", self.client_id)
-                    backoff = 0.5
                 except (OSError, ProtocolError) as exc:
                     self._close()
                     log.warning("mqtt_reconnect_failed client=%s: %s; retry in %.1f s",
@@ -307,10 +340,22 @@ class WireSession:
                     continue
             try:
                 self._read_loop()
+                continue  # stopping
+            except TakenOver as exc:
+                log.error("mqtt_session_taken_over client=%s: %s (another client uses this "
+                          "client id)", self.client_id, exc)
+                backoff = 30.0
             except (OSError, ProtocolError) as exc:
-                if not self._stop.is_set():
-                    log.warning("mqtt_connection_lost client=%s: %s", self.client_id, exc)
-                self._close()
+                if self._stop.is_set():
+                    continue
+                log.warning("mqtt_connection_lost client=%s: %s", self.client_id, exc)
+            except Exception:  # a defect here, or in on_messages: nothing acknowledged
+                log.exception("mqtt_reader_failed client=%s; re-connecting", self.client_id)
+            self._close()
+            if time.monotonic() - opened >= STABLE_S:
+                backoff = 0.5
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
 
     def _read_loop(self) -> None:
         sock, buf = self._sock, self._buf
@@ -358,26 +403,37 @@ class WireSession:
             if end > n:
                 break
             if kind & 0xF0 == PUBLISH:
+                if length < 2 or start + 2 + ((buf[start] << 8) | buf[start + 1]) > end:
+                    raise ProtocolError("malformed PUBLISH (topic beyond the packet)")
                 qos = (kind >> 1) & 3
                 tlen = (buf[start] << 8) | buf[start + 1]
                 p = start + 2 + tlen
                 raw = bytes(buf[start + 2:p])
                 topic = topics.get(raw)
                 if topic is None:
-                    topic = raw.decode("utf-8")
+                    try:
+                        topic = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise ProtocolError("PUBLISH topic is not UTF-8") from None
                     if len(topics) < 10_000:
                         topics[raw] = topic
                 mid = 0
                 if qos:
                     if qos == 2:
                         raise ProtocolError("QoS 2 PUBLISH on a QoS 1 subscription")
+                    if p + 2 > end:
+                        raise ProtocolError("malformed PUBLISH (no packet id)")
                     mid = (buf[p] << 8) | buf[p + 1]
                     p += 2
+                if p >= end:
+                    raise ProtocolError("malformed PUBLISH (no properties length)")
                 if buf[p] < 0x80:  # properties length (skipped)
                     p += 1 + buf[p]
                 else:
                     plen, pused = _read_varint(buf, p) or (0, 1)
                     p += pused + plen
+                if p > end:
+                    raise ProtocolError("malformed PUBLISH (properties beyond the packet)")
                 msgs.append(Message(topic, bytes(buf[p:end]), mid, qos, bool(kind & 0x08),
                                     conn))
             elif kind == PUBACK:  # of our own QoS 1 PUBLISH
@@ -387,6 +443,8 @@ class WireSession:
                 self._ping_out = False
             elif kind == DISCONNECT:
                 reason = buf[start] if length else 0
+                if reason == 0x8E:  # Session taken over
+                    raise TakenOver("the broker disconnected: session taken over (0x8e)")
                 raise ProtocolError(f"the broker disconnected (reason 0x{reason:02x})")
             elif kind == SUBACK:
                 _props, p = _properties(buf, start + 2)

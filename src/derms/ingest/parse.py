@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from derms.errors import InputError
+from derms.errors import DermsError, InputError, StoreUnavailable
 from derms.ingest.quality import Quality, out_of_range
 from derms.ingest.units import QUANTITIES, canonical
 
@@ -132,11 +132,13 @@ def json_document(body: bytes | str) -> JsonDocument:
     raw = body if isinstance(body, bytes | bytearray) else body.encode("utf-8", "replace")
     if isinstance(body, bytes | bytearray):  # strictly: json.loads(bytes) lets UTF-8
         # encoded surrogates (b"\xed\xa0\x80") through as lone surrogates
+        enc = "utf-8-sig" if body[:3] == b"\xef\xbb\xbf" else _json_encoding(body)
         try:
-            body = bytes(body).decode("utf-8-sig" if body[:3] == b"\xef\xbb\xbf" else
-                                      _json_encoding(body))
+            body = bytes(body).decode(enc)
         except UnicodeDecodeError as exc:
             raise InputError(f"body is not valid JSON text: {exc}") from None
+        if enc not in ("utf-8", "utf-8-sig"):  # the key count below reads UTF-8 bytes
+            raw = body.encode("utf-8", "replace")
     try:
         doc = json.loads(body)
         if _key_ends(raw) != _n_keys(doc):  # maybe a field named twice:
@@ -248,7 +250,8 @@ def validate_documents(docs: list[JsonDocument], *, source: str = "api",
     """Validate many small documents (MQTT messages) at the cost of a few: documents with
     the same fields are validated as one frame (the checks are row by row), then split
     back. Returns, per document, its batch or the error it alone would have raised (row
-    numbers its own). Equal to :func:`validate` of each document alone."""
+    numbers its own). Equal to :func:`validate` of each document alone. Raises
+    :class:`StoreUnavailable` when ``known_series`` fails (no document is at fault)."""
     out: list[ReadingBatch | InputError | None] = [None] * len(docs)
     groups: dict[frozenset, list[int]] = {}
     for i, d in enumerate(docs):
@@ -267,6 +270,8 @@ def _validate_group(docs, idx: list[int], out: list, source: str,
             try:
                 out[i] = validate(_json_numbers(_frame([docs[i]])), source=source,
                                   known_series=known_series)
+            except StoreUnavailable:
+                raise
             except InputError as exc:
                 out[i] = exc
             except Exception as exc:  # a defect of the checks: this document alone pays
@@ -297,6 +302,8 @@ def _validate_group(docs, idx: list[int], out: list, source: str,
         for i in idx:
             _validate_group(docs, [i], out, source, known_series)
         return
+    except StoreUnavailable:
+        raise
     except Exception:  # a defect of the checks: each document alone, and only the ones
         log.exception("validate_failed documents=%d; one by one", len(idx))  # it hits pay
         for i in idx:
@@ -432,7 +439,13 @@ def validate(frame: pd.DataFrame, *, source: str = "api",
     blank = series == ""
     chk.flag(blank, "series", lambda r: "missing series id")
     if callable(known_series):
-        known = np.asarray(known_series(series), dtype=bool)
+        try:
+            known = np.asarray(known_series(series), dtype=bool)
+        except DermsError:
+            raise
+        except Exception as exc:  # the store's id lookup failed: not the batch's fault
+            raise StoreUnavailable(f"the ids readings may name could not be read: "
+                                   f"{exc!r}"[:500]) from exc
     elif known_series is not None:
         known = pd.Series(series).isin(known_series).to_numpy()  # hashed, not np.isin
     if known_series is not None:

@@ -214,8 +214,16 @@ class OpenDSSEngine:
         if v_y.shape != (n,) or not np.isfinite(v_y).all():
             raise ValueError(f"start voltages: {n} finite complex values expected")
         ym = self.ctx.YMatrix
-        ptr = ym.GetVPointer()  # the solver's node voltages, ground first
-        np.frombuffer(ym._api_util.ffi.buffer(ptr, 16 * (n + 1)), dtype=complex)[1:] = v_y
+        try:  # dss-python's cffi buffer (not public API): without it, the usual start
+            ptr = ym.GetVPointer()  # the solver's node voltages, ground first
+            buf = ym._api_util.ffi.buffer(ptr, 16 * (n + 1))
+        except (AttributeError, TypeError) as exc:
+            if not getattr(self, "_start_warned", False):
+                log.warning("opendss_start_voltages_unavailable: %s; solving from the last "
+                            "solution", exc)
+                self._start_warned = True
+            return
+        np.frombuffer(buf, dtype=complex)[1:] = v_y
 
     # -- vectorised getters ----------------------------------------------------------------
     def node_names(self) -> list[str]:

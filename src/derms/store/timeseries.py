@@ -233,6 +233,10 @@ def _series_keys(frame: pd.DataFrame, der: pd.Series, met: pd.Series, has_der: n
            else np.full(n, "telemetry", dtype=object))
     if pd.isna(q).any() or pd.isna(src).any():
         raise InputError("readings: missing quantity or source")
+    for name, col in (("quantity", q), ("source", src)):  # few distinct values
+        bad = [v for v in pd.unique(col) if "\x1f" in str(v)]
+        if bad:  # the key's separator: it would name another series
+            raise InputError(f"readings: {name} {bad[0]!r} is not a {name}")
     kind = pd.Series(np.where(has_der, "der\x1f", "meter\x1f"), dtype=object)
     text = (kind + owner.astype(str) + "\x1f" + pd.Series(q, dtype=object).astype(str) + "\x1f"
             + pd.Series(src, dtype=object).astype(str))
