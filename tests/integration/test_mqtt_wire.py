@@ -51,6 +51,15 @@ def _session(topic: str, on_messages, client_id: str | None = None, **kw) -> Wir
     return s
 
 
+def _end(s: WireSession, pub) -> None:
+    """Stop the session and the publisher; drop the session the broker keeps."""
+    client_id = s.client_id
+    s.stop()
+    pub.loop_stop()
+    pub.disconnect()
+    drop_session(client_id)
+
+
 def test_unacknowledged_messages_come_again_after_a_lost_connection_and_acked_ones_not():
     """Messages are acknowledged only when the caller says so; after the connection is
     lost, the broker re-sends (DUP) what was not acknowledged, and nothing else; an
@@ -109,11 +118,7 @@ def test_the_keep_alive_holds_an_idle_session_and_reports_are_published():
     assert s.conn == 1 and got.msgs[0].payload == b"late" and reports == [b'{"detail": "x"}']
     assert not s._outgoing  # the broker acknowledged the report
     s.ack(got.msgs)
-    client_id = s.client_id
-    s.stop()
-    pub.loop_stop()
-    pub.disconnect()
-    drop_session(client_id)
+    _end(s, pub)
 
 
 def test_ingest_through_a_lost_connection_stores_every_reading_once():
@@ -172,8 +177,4 @@ def test_a_malformed_publish_or_a_failing_callback_reconnects_instead_of_killing
     assert [m.payload for m in got.msgs] == [b"one"] and got.msgs[0].dup
     assert s.conn == 2 and s._thread.is_alive()
     s.ack(got.msgs)
-    client_id = s.client_id
-    s.stop()
-    pub.loop_stop()
-    pub.disconnect()
-    drop_session(client_id)
+    _end(s, pub)
