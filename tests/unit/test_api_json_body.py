@@ -35,6 +35,19 @@ def test_no_false_alarm(doc):
     assert decode(json.dumps(doc).encode()) == doc
 
 
+@pytest.mark.parametrize("enc", ["utf-16-le", "utf-16-be", "utf-16", "utf-32"])
+def test_a_repeated_key_is_refused_in_utf_16_and_32_bodies(enc):
+    """Key ends were counted in the raw bytes: in UTF-16 a key ends in '"\\x00:\\x00'
+    (never counted) while U+3A22 (LE) or U+223A (BE) encodes as '":', so one such
+    character made the counts agree and the repeated key pass (as in the ingest's
+    json_document, an independent review). Counted on the UTF-8 text now."""
+    ch = "\u223a" if enc == "utf-16-be" else "\u3a22"
+    text = '{"a": "%s", "a": 1}' % ch
+    with pytest.raises(InputError, match="twice"):
+        decode(text.encode(enc))
+    assert decode(('{"a": "%s"}' % ch).encode(enc)) == {"a": ch}
+
+
 def test_invalid_json_is_left_to_fastapi():
     with pytest.raises(ValueError) as info:
         decode(b"{")

@@ -25,7 +25,7 @@ from derms.api.auth import scope_needed
 from derms.api.gate import PRINCIPAL
 from derms.api.problems import Problem
 from derms.errors import InputError
-from derms.ingest.parse import _key_ends, _no_repeats
+from derms.ingest.parse import loads_unique
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -53,14 +53,12 @@ def _keys(doc: Any) -> int:
 
 
 def decode(body: bytes) -> Any:
-    """``json.loads(body)``, refusing an object that names a field twice (InputError).
-
-    Every key of the text ends in a quote and a colon (so may text inside a string): as
-    many of those as keys decoded means no object repeats one; otherwise the exact check."""
-    doc = json.loads(body)
-    if _key_ends(body) != _keys(doc):
-        doc = json.loads(body, object_pairs_hook=_no_repeats)
-    return doc
+    """``json.loads(body)``, refusing an object that names a field twice (InputError);
+    the text's encoding found as ``json.loads`` finds it (UTF-8, -16 or -32)."""
+    enc = json.detect_encoding(body)
+    text = body.decode(enc, "surrogatepass")
+    return loads_unique(text, body if enc == "utf-8" else text.encode("utf-8", "surrogatepass"),
+                        _keys)
 
 
 class StrictJsonRoute(APIRoute):
