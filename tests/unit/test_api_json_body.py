@@ -42,10 +42,10 @@ def test_a_repeated_key_is_refused_in_utf_16_and_32_bodies(enc):
     character made the counts agree and the repeated key pass (as in the ingest's
     json_document, an independent review). Counted on the UTF-8 text now."""
     ch = "\u223a" if enc == "utf-16-be" else "\u3a22"
-    text = '{"a": "%s", "a": 1}' % ch
+    text = '{"a": "' + ch + '", "a": 1}'
     with pytest.raises(InputError, match="twice"):
         decode(text.encode(enc))
-    assert decode(('{"a": "%s"}' % ch).encode(enc)) == {"a": ch}
+    assert decode(('{"a": "' + ch + '"}').encode(enc)) == {"a": ch}
 
 
 def test_invalid_json_is_left_to_fastapi():
