@@ -1,5 +1,6 @@
-"""A persistent, at-least-once MQTT subscription whose messages are queued for worker
-threads (the shared lifecycle of the telemetry ingest and the ADMS interface).
+"""A persistent, at-least-once MQTT subscription (paho) whose messages are queued for
+worker threads: the ADMS interface's. (The telemetry ingest, thousands of messages a
+second, has its own lean client: :mod:`derms.ingest.mqtt_wire`.)
 
 MQTT 5, a persistent session (``clean_start=False``, a fixed client id, a session expiry of
 ``SESSION_EXPIRY_S``) and ``manual_ack``: the network thread only queues messages; the
