@@ -190,13 +190,14 @@ class WireSession:
 
     def ack(self, msgs: Iterable[Message]) -> int:
         """Acknowledge the QoS 1 messages of ``msgs`` that came on the current connection
-        (one write); returns how many were sent. Older ones are re-sent by the broker."""
+        (one write); returns how many were sent (0 if the write failed). The others are
+        re-sent by the broker."""
         conn = self.conn
         ids = [m.mid for m in msgs if m.qos == 1 and m.conn == conn]
-        if ids:
-            data = b"".join(struct.pack("!BBH", PUBACK, 2, mid) for mid in ids)
-            self._send(data, conn)
-        return len(ids)
+        if not ids:
+            return 0
+        data = b"".join(struct.pack("!BBH", PUBACK, 2, mid) for mid in ids)
+        return len(ids) if self._send(data, conn) else 0
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
         """Publish (QoS 0 or 1). A QoS 1 message is kept until the broker acknowledges
