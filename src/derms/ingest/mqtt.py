@@ -283,7 +283,7 @@ class MqttIngest:
             msgs.extend(chunk)
             for msg in chunk:
                 size += len(msg.payload)
-                n += 1 + msg.payload.count(b"},") + msg.payload.count(b"}, ")  # ~ readings
+                n += 1 + msg.payload.count(b"},")  # ~ readings (rows form)
             if size >= self.max_batch_bytes:
                 break
         return msgs

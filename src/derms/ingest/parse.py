@@ -105,7 +105,7 @@ class _Checker:
             self.errors.append(RowError(int(r), name, detail_of(int(r))))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JsonDocument:
     """A decoded JSON batch before validation: ``rows`` (a list of reading objects) or
     ``columns`` (field -> list); ``n_rows`` readings; ``keys`` the field names it uses."""
@@ -156,13 +156,16 @@ def json_document(body: bytes | str) -> JsonDocument:
                              f"escape (\\u{ord(exc.object[exc.start]):04x})") from None
     if isinstance(doc, dict) and "readings" in doc:
         doc = doc["readings"]
-    if isinstance(doc, dict) and doc and not any(isinstance(v, list) for v in doc.values()):
-        doc = [doc]  # one reading object
     if isinstance(doc, dict):
-        lengths = {len(v) if isinstance(v, list) else -1 for v in doc.values()}
-        if -1 in lengths or len(lengths) != 1:
-            raise InputError("column-form JSON needs lists of equal length for every field")
-        return JsonDocument(None, doc, lengths.pop(), tuple(doc))
+        kinds = set(map(type, doc.values()))
+        if doc and list not in kinds:
+            doc = [doc]  # one reading object
+        else:
+            lengths = set(map(len, doc.values())) if kinds == {list} else {-1}
+            if -1 in lengths or len(lengths) != 1:
+                raise InputError("column-form JSON needs lists of equal length for every "
+                                 "field")
+            return JsonDocument(None, doc, lengths.pop(), tuple(doc))
     if isinstance(doc, list):
         if doc and not all(isinstance(r, dict) for r in doc):  # every such row, not the first
             raise BatchError([RowError(i, "*", "row is not a JSON object")
