@@ -90,12 +90,19 @@ def authenticate(header: str | None, lookup: Callable[[str], TokenRecord | None]
     return Principal(record.token_id, record.scope)
 
 
+PRINCIPAL = "derms.principal"
+"""The ASGI scope key of a write's Principal, authenticated by the request gate before the
+body is read (:mod:`derms.api.gate`); :func:`require` takes it instead of a second lookup."""
+
+
 def require(scope: str):
     """FastAPI dependency: the caller's :class:`Principal`, with at least ``scope``."""
 
     def dependency(request: Request) -> Principal:
-        lookup = request.app.state.token_lookup
-        principal = authenticate(request.headers.get("authorization"), lookup)
+        principal = request.scope.get(PRINCIPAL)
+        if principal is None:
+            lookup = request.app.state.token_lookup
+            principal = authenticate(request.headers.get("authorization"), lookup)
         if not principal.allows(scope):
             raise Problem(403, f"token scope {principal.scope!r} does not allow {scope!r}")
         return principal

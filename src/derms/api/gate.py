@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from derms.api.problems import PROBLEM, TYPE_BASE
 
-PRINCIPAL = "derms.principal"  # the scope key of a write's authenticated Principal
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -59,7 +58,7 @@ class RequestGate:
             # wrong token could make the server read 32 MiB)
             from starlette.concurrency import run_in_threadpool
 
-            from derms.api.auth import authenticate
+            from derms.api.auth import PRINCIPAL, authenticate
             from derms.api.problems import Problem
             lookup = getattr(getattr(scope.get("app"), "state", None), "token_lookup", None)
             if lookup is not None:

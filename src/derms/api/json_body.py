@@ -21,8 +21,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.routing import APIRoute
 
-from derms.api.auth import scope_needed
-from derms.api.gate import PRINCIPAL
+from derms.api.auth import PRINCIPAL, scope_needed
 from derms.api.problems import Problem
 from derms.errors import InputError
 from derms.ingest.parse import loads_unique
