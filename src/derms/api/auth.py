@@ -95,6 +95,12 @@ PRINCIPAL = "derms.principal"
 body is read (:mod:`derms.api.gate`); :func:`require` takes it instead of a second lookup."""
 
 
+def check_scope(principal: Principal, scope: str) -> None:
+    """403 (a Problem) unless ``principal`` has at least ``scope``."""
+    if not principal.allows(scope):
+        raise Problem(403, f"token scope {principal.scope!r} does not allow {scope!r}")
+
+
 def require(scope: str):
     """FastAPI dependency: the caller's :class:`Principal`, with at least ``scope``."""
 
@@ -103,8 +109,7 @@ def require(scope: str):
         if principal is None:
             lookup = request.app.state.token_lookup
             principal = authenticate(request.headers.get("authorization"), lookup)
-        if not principal.allows(scope):
-            raise Problem(403, f"token scope {principal.scope!r} does not allow {scope!r}")
+        check_scope(principal, scope)
         return principal
 
     dependency.scope_needed = scope  # read by the request gate (403 before the body is read)

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.routing import APIRoute
 
-from derms.api.auth import PRINCIPAL, scope_needed
+from derms.api.auth import PRINCIPAL, check_scope, scope_needed
 from derms.api.problems import Problem
 from derms.errors import InputError
 from derms.ingest.parse import loads_unique
@@ -71,11 +71,10 @@ class StrictJsonRoute(APIRoute):
 
         async def strict(request: Request):
             principal = request.scope.get(PRINCIPAL)  # a write's, authenticated by the gate
-            if needed is not None and principal is not None and not principal.allows(needed):
+            if needed is not None and principal is not None:
                 # 403 before the body is read: FastAPI decodes and validates a body before
                 # the route's dependencies run (a read token with '{' was a 422)
-                raise Problem(403, f"token scope {principal.scope!r} does not allow "
-                              f"{needed!r}")
+                check_scope(principal, needed)
             body = await request.body()
             if body and _is_json(request.headers.get("content-type")):
                 try:
